@@ -1,0 +1,92 @@
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+
+#include "sdrpn/pseudo_label_math.h"
+#include "sdrpn/pseudo_labels.h"
+
+namespace sdrpn::ops {
+namespace {
+
+template <typename scalar_t>
+void label_samples(const at::Tensor& grounding, const at::Tensor& sink, at::Tensor& labels,
+                   int64_t grid_w, const PseudoLabelOptions& opt) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const int64_t num_cells = grounding.size(1);
+  const int64_t grid_h = num_cells / grid_w;
+  const scalar_t* g_data = grounding.const_data_ptr<scalar_t>();
+  const scalar_t* s_data = sink.const_data_ptr<scalar_t>();
+  const int64_t g_stride0 = grounding.stride(0), g_stride1 = grounding.stride(1);
+  const int64_t s_stride0 = sink.stride(0), s_stride1 = sink.stride(1);
+  int64_t* out = labels.data_ptr<int64_t>();
+  const opmath_t tau = static_cast<opmath_t>(opt.sink_threshold);
+
+  at::parallel_for(0, grounding.size(0), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const scalar_t* g = g_data + b * g_stride0;
+      const scalar_t* s = s_data + b * s_stride0;
+      int64_t* row_out = out + b * num_cells;
+      auto value = [&](int64_t i) {
+        return math::suppress_sink(static_cast<opmath_t>(g[i * g_stride1]),
+                                   static_cast<opmath_t>(s[i * s_stride1]), tau);
+      };
+
+      bool finite = true;
+      opmath_t max_value = -std::numeric_limits<opmath_t>::infinity();
+      for (int64_t i = 0; i < num_cells; ++i) {
+        finite = finite && std::isfinite(static_cast<opmath_t>(g[i * g_stride1])) &&
+                 std::isfinite(static_cast<opmath_t>(s[i * s_stride1]));
+        max_value = std::max(max_value, value(i));
+      }
+      if (!finite) {
+        std::fill(row_out, row_out + num_cells, opt.ignore_index);
+        continue;
+      }
+      const opmath_t fg_threshold = static_cast<opmath_t>(opt.fg_ratio) * max_value;
+      const opmath_t bg_threshold = static_cast<opmath_t>(opt.bg_ratio) * max_value;
+
+      auto box = math::GridBox::empty();
+      for (int64_t i = 0; i < num_cells; ++i) {
+        if (value(i) > fg_threshold) box.add(i / grid_w, i % grid_w);
+      }
+      box = box.or_whole_grid(grid_h, grid_w);
+      if (math::box_too_large(box.area(), num_cells, opt.max_box_fraction)) {
+        std::fill(row_out, row_out + num_cells, opt.ignore_index);
+        continue;
+      }
+      for (int64_t i = 0; i < num_cells; ++i) {
+        row_out[i] = math::cell_label(value(i), fg_threshold, bg_threshold,
+                                      box.contains(i / grid_w, i % grid_w), opt.ignore_index);
+      }
+    }
+  });
+}
+
+at::Tensor pseudo_labels_kernel(const at::Tensor& grounding, const at::Tensor& sink, int64_t grid_h,
+                                int64_t grid_w, double sink_threshold, double fg_ratio,
+                                double bg_ratio, double max_box_fraction, int64_t ignore_index) {
+  check_pseudo_labels_inputs(grounding, sink, grid_h, grid_w, sink_threshold, fg_ratio, bg_ratio,
+                             max_box_fraction);
+  auto labels = at::empty(grounding.sizes(), grounding.options().dtype(at::kLong));
+  if (labels.numel() == 0) return labels;
+  const PseudoLabelOptions options{sink_threshold, fg_ratio, bg_ratio, max_box_fraction,
+                                   ignore_index};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grounding.scalar_type(),
+                                  "pseudo_labels_cpu", [&] {
+                                    label_samples<scalar_t>(grounding, sink, labels, grid_w,
+                                                            options);
+                                  });
+  return labels;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(sdrpn, CPU, m) { m.impl("pseudo_labels", &pseudo_labels_kernel); }
+
+}  // namespace sdrpn::ops

@@ -1,0 +1,94 @@
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/ops/tensor.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+#include "sdrpn/massive_activation_math.h"
+#include "sdrpn/massive_activation_sinks.h"
+
+namespace sdrpn::ops {
+namespace {
+
+constexpr int kWarpSize = 32;
+constexpr int kWarpsPerBlock = 8;
+constexpr int64_t kMaxBlocks = 65535;
+
+template <typename T, typename Op>
+__device__ T warp_all_reduce(T value, Op op) {
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+    value = op(value, __shfl_xor_sync(0xffffffffu, value, offset));
+  }
+  return value;
+}
+
+// One warp per token: one coalesced pass over the hidden state gives both the sum of
+// squares (for the RMS) and the largest |h_d| over the probed dimensions.
+template <typename scalar_t>
+__global__ void massive_activation_sinks_cuda_kernel(
+    const scalar_t* __restrict__ hidden, int64_t num_tokens, int64_t seq_len, int64_t hidden_size,
+    int64_t stride_b, int64_t stride_l, int64_t stride_d, const int64_t* __restrict__ dims,
+    int64_t num_dims, double tau, double eps, bool* __restrict__ sinks) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const int lane = threadIdx.x % kWarpSize;
+  const int64_t warps_in_grid = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
+  for (int64_t token = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarpSize;
+       token < num_tokens; token += warps_in_grid) {
+    const scalar_t* h = hidden + (token / seq_len) * stride_b + (token % seq_len) * stride_l;
+    opmath_t sum_squares = 0;
+    for (int64_t d = lane; d < hidden_size; d += kWarpSize) {
+      const auto v = static_cast<opmath_t>(h[d * stride_d]);
+      sum_squares += v * v;
+    }
+    opmath_t max_abs = 0;
+    for (int64_t k = lane; k < num_dims; k += kWarpSize) {
+      max_abs = max(max_abs, abs(static_cast<opmath_t>(h[dims[k] * stride_d])));
+    }
+    sum_squares = warp_all_reduce(sum_squares, [](opmath_t a, opmath_t b) { return a + b; });
+    max_abs = warp_all_reduce(max_abs, [](opmath_t a, opmath_t b) { return a > b ? a : b; });
+    if (lane == 0) {
+      sinks[token] = math::is_massive_activation<opmath_t>(
+          max_abs, sum_squares, static_cast<opmath_t>(hidden_size), static_cast<opmath_t>(tau),
+          static_cast<opmath_t>(eps));
+    }
+  }
+}
+
+at::Tensor massive_activation_sinks_kernel(const at::Tensor& hidden, c10::IntArrayRef dims,
+                                           double tau, double eps) {
+  check_massive_activation_sinks_inputs(hidden, dims, tau, eps);
+  const c10::cuda::CUDAGuard device_guard(hidden.device());
+  auto sinks = at::empty({hidden.size(0), hidden.size(1)}, hidden.options().dtype(at::kBool));
+  if (sinks.numel() == 0) return sinks;
+  // The probed dimensions are a handful of indices: one small copy to the device.
+  const auto dims_device = at::tensor(dims, hidden.options().dtype(at::kLong));
+  const int64_t num_tokens = sinks.numel();
+  const int64_t blocks_needed = (num_tokens + kWarpsPerBlock - 1) / kWarpsPerBlock;
+  const auto blocks = static_cast<unsigned int>(std::min(blocks_needed, kMaxBlocks));
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, hidden.scalar_type(), "massive_activation_sinks_cuda", [&] {
+        massive_activation_sinks_cuda_kernel<scalar_t>
+            <<<blocks, kWarpsPerBlock * kWarpSize, 0, stream>>>(
+                hidden.const_data_ptr<scalar_t>(), num_tokens, hidden.size(1), hidden.size(2),
+                hidden.stride(0), hidden.stride(1), hidden.stride(2),
+                dims_device.const_data_ptr<int64_t>(), dims_device.numel(), tau, eps,
+                sinks.data_ptr<bool>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+  return sinks;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(sdrpn, CUDA, m) {
+  m.impl("massive_activation_sinks", &massive_activation_sinks_kernel);
+}
+
+}  // namespace sdrpn::ops

@@ -1,0 +1,71 @@
+#include "sdrpn/pseudo_labels.h"
+
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <cmath>
+
+namespace sdrpn {
+namespace ops {
+namespace {
+
+bool is_supported_float(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+}
+
+void check_ratio(const char* name, double value) {
+  TORCH_CHECK(std::isfinite(value) && value >= 0.0, name,
+              " must be a finite, non-negative number, got ", value);
+}
+
+}  // namespace
+
+void check_pseudo_labels_inputs(const at::Tensor& grounding, const at::Tensor& sink, int64_t grid_h,
+                                int64_t grid_w, double sink_threshold, double fg_ratio,
+                                double bg_ratio, double max_box_fraction) {
+  TORCH_CHECK(grounding.dim() == 2, "grounding must be (B, N), got shape ", grounding.sizes());
+  TORCH_CHECK(sink.dim() == 2, "sink must be (B, N), got shape ", sink.sizes());
+  TORCH_CHECK(is_supported_float(grounding.scalar_type()),
+              "grounding must be float32, float64, float16 or bfloat16, got ",
+              grounding.scalar_type());
+  TORCH_CHECK(sink.scalar_type() == grounding.scalar_type(),
+              "sink must have the dtype of grounding (", grounding.scalar_type(), "), got ",
+              sink.scalar_type());
+  TORCH_CHECK(sink.device() == grounding.device(),
+              "sink must be on the device of grounding (", grounding.device(), "), got ",
+              sink.device());
+  TORCH_CHECK(sink.sizes() == grounding.sizes(), "sink must have the shape of grounding (",
+              grounding.sizes(), "), got ", sink.sizes());
+  TORCH_CHECK(grid_h >= 1, "grid_h must be >= 1, got ", grid_h);
+  TORCH_CHECK(grid_w >= 1, "grid_w must be >= 1, got ", grid_w);
+  TORCH_CHECK(grounding.size(1) == grid_h * grid_w, "grounding has N = ", grounding.size(1),
+              " cells but grid_h * grid_w = ", grid_h, " * ", grid_w, " = ", grid_h * grid_w);
+  TORCH_CHECK(std::isfinite(sink_threshold), "sink_threshold must be finite, got ",
+              sink_threshold);
+  check_ratio("fg_ratio", fg_ratio);
+  check_ratio("bg_ratio", bg_ratio);
+  TORCH_CHECK(std::isfinite(max_box_fraction) && max_box_fraction > 0.0,
+              "max_box_fraction must be a finite number > 0, got ", max_box_fraction);
+}
+
+TORCH_LIBRARY_FRAGMENT(sdrpn, m) {
+  m.def(
+      "pseudo_labels(Tensor grounding, Tensor sink, int grid_h, int grid_w, "
+      "float sink_threshold=0.001, float fg_ratio=0.2, float bg_ratio=0.1, "
+      "float max_box_fraction=0.5, int ignore_index=-100) -> Tensor");
+}
+
+}  // namespace ops
+
+at::Tensor pseudo_labels(const at::Tensor& grounding, const at::Tensor& sink, int64_t grid_h,
+                         int64_t grid_w, const PseudoLabelOptions& options) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("sdrpn::pseudo_labels", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, int64_t,
+                                         double, double, double, double, int64_t)>();
+  return op.call(grounding, sink, grid_h, grid_w, options.sink_threshold, options.fg_ratio,
+                 options.bg_ratio, options.max_box_fraction, options.ignore_index);
+}
+
+}  // namespace sdrpn

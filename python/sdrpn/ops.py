@@ -1,0 +1,113 @@
+"""Typed wrappers, fake kernels and helpers for the ops under ``torch.ops.sdrpn``.
+
+Every op runs on CPU and CUDA, for float32, float64, float16 and bfloat16 inputs,
+batched over the leading dimension; thresholds are applied in the input's math type
+(float32 for float16/bfloat16, the input type otherwise).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from . import _C  # noqa: F401  (registers the ops)
+
+__all__ = ["pseudo_labels", "pseudo_label_stats", "massive_activation_sinks"]
+
+IGNORE_INDEX = -100
+
+
+def pseudo_labels(
+    grounding: Tensor,
+    sink: Tensor,
+    grid_h: int,
+    grid_w: int,
+    *,
+    sink_threshold: float = 1e-3,
+    fg_ratio: float = 0.2,
+    bg_ratio: float = 0.1,
+    max_box_fraction: float = 0.5,
+    ignore_index: int = IGNORE_INDEX,
+) -> Tensor:
+    """Denoised pseudo labels from attention maps (SPEC Stage 1, "Labelling").
+
+    Per sample: zero the cells whose sink map is ``>= sink_threshold``; with ``m`` the
+    maximum of what is left, foreground is ``value > fg_ratio * m``; the box is the tight
+    grid box of the foreground (the whole grid when there is none); background is
+    ``value < bg_ratio * m`` outside the box; a box of ``>= max_box_fraction * N`` cells
+    makes the sample all-ignore, and so does any NaN or Inf in either map.
+
+    Args:
+        grounding: (B, N) grounding attention map, N == grid_h * grid_w, row-major cells.
+            float32, float64, float16 or bfloat16.
+        sink: (B, N) sink-probe attention map, same dtype and device as ``grounding``.
+        grid_h: grid rows.
+        grid_w: grid columns.
+        sink_threshold: sink map value from which a cell is a sink (tau_sink).
+        fg_ratio: foreground ratio alpha (>= 0).
+        bg_ratio: background ratio beta (>= 0).
+        max_box_fraction: rho (> 0); values above 1 turn the box-size rule off.
+        ignore_index: label of cells that carry no signal.
+
+    Returns:
+        (B, N) int64: 1 foreground, 0 background, ``ignore_index`` elsewhere.
+    """
+    return torch.ops.sdrpn.pseudo_labels.default(
+        grounding, sink, grid_h, grid_w, sink_threshold, fg_ratio, bg_ratio, max_box_fraction,
+        ignore_index,
+    )
+
+
+def pseudo_label_stats(labels: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
+    """Per-sample label counts.
+
+    Args:
+        labels: (B, N) int64 labels from :func:`pseudo_labels`.
+        ignore_index: the value used for ignored cells.
+
+    Returns:
+        (B, 3) int64: foreground, background and ignored cells of each sample.
+    """
+    if labels.dim() != 2:
+        raise ValueError(f"labels must be (B, N), got shape {tuple(labels.shape)}")
+    return torch.stack(
+        [(labels == 1).sum(1), (labels == 0).sum(1), (labels == ignore_index).sum(1)], dim=1
+    )
+
+
+def massive_activation_sinks(
+    hidden: Tensor, dims: Sequence[int], *, tau: float = 20.0, eps: float = 1e-6
+) -> Tensor:
+    """Sink tokens by massive activations (the VisAttnSink detector), in one pass.
+
+    A token is a sink where ``max_{d in dims} |h_d| / sqrt(mean(h^2) + eps) > tau``.
+
+    Args:
+        hidden: (B, L, D) hidden states entering a decoder layer; float32, float64,
+            float16 or bfloat16.
+        dims: the sink dimensions, e.g. (2533, 1415) for LLaMA-2-7B, (2100, 4743) for 13B.
+        tau: threshold on the RMS-normalised activation.
+        eps: added to the mean square, as in RMSNorm.
+
+    Returns:
+        (B, L) bool.
+    """
+    return torch.ops.sdrpn.massive_activation_sinks.default(hidden, list(dims), tau, eps)
+
+
+@torch.library.register_fake("sdrpn::pseudo_labels")
+def _pseudo_labels_fake(grounding, sink, grid_h, grid_w, sink_threshold=1e-3, fg_ratio=0.2,
+                        bg_ratio=0.1, max_box_fraction=0.5, ignore_index=IGNORE_INDEX):
+    torch._check(grounding.dim() == 2, lambda: f"grounding must be (B, N), got {grounding.shape}")
+    torch._check(sink.shape == grounding.shape, lambda: "sink must have the shape of grounding")
+    torch._check(grounding.shape[1] == grid_h * grid_w,
+                 lambda: f"grounding has N = {grounding.shape[1]} cells but grid is {grid_h}x{grid_w}")
+    return grounding.new_empty(grounding.shape, dtype=torch.long)
+
+
+@torch.library.register_fake("sdrpn::massive_activation_sinks")
+def _massive_activation_sinks_fake(hidden, dims, tau=20.0, eps=1e-6):
+    torch._check(hidden.dim() == 3, lambda: f"hidden must be (B, L, D), got {hidden.shape}")
+    return hidden.new_empty(hidden.shape[:2], dtype=torch.bool)

@@ -1,0 +1,79 @@
+"""Pictures of maps and labels: small PNG grids for people to look at."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw
+from torch import Tensor
+
+LABEL_COLOURS = {1: (230, 60, 40), 0: (40, 90, 200)}  # foreground red, background blue
+IGNORE_COLOUR = (150, 150, 150)
+
+
+def heat_rgb(values: np.ndarray) -> np.ndarray:
+    """(H, W) float -> (H, W, 3) uint8, dark blue (low) through yellow (high)."""
+    v = values.astype(np.float64)
+    span = v.max() - v.min()
+    t = (v - v.min()) / span if span > 0 else np.zeros_like(v)
+    rgb = np.stack([t ** 0.5, t, 0.35 * (1 - t) + 0.1], axis=-1)
+    return (rgb * 255).clip(0, 255).astype(np.uint8)
+
+
+def label_rgb(labels: np.ndarray) -> np.ndarray:
+    """(H, W) int labels -> (H, W, 3) uint8."""
+    out = np.empty((*labels.shape, 3), dtype=np.uint8)
+    out[:] = IGNORE_COLOUR
+    for value, colour in LABEL_COLOURS.items():
+        out[labels == value] = colour
+    return out
+
+
+def sink_rgb(is_sink: np.ndarray) -> np.ndarray:
+    out = np.full((*is_sink.shape, 3), 20, dtype=np.uint8)
+    out[is_sink] = (255, 255, 255)
+    return out
+
+
+def _tile(rgb: np.ndarray, cell: int) -> Image.Image:
+    return Image.fromarray(rgb).resize((rgb.shape[1] * cell, rgb.shape[0] * cell), Image.NEAREST)
+
+
+def save_atomic(image: Image.Image, path: str) -> None:
+    """Write through a temporary file in the same folder, then rename: never a half PNG."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".png.tmp")
+    os.close(fd)
+    try:
+        image.save(tmp, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def label_grid(grounding: Tensor, is_sink: Tensor, labels: Tensor, grid_h: int, grid_w: int,
+               regions: Sequence[Sequence[int]] | None = None, cell: int = 6) -> Image.Image:
+    """One row per sample: attention map, sink tokens, labels (planted region outlined)."""
+    batch = grounding.shape[0]
+    pad = 4
+    tile_w, tile_h = grid_w * cell, grid_h * cell
+    sheet = Image.new("RGB", (3 * tile_w + 4 * pad, batch * (tile_h + pad) + pad), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    for b in range(batch):
+        g = grounding[b].float().cpu().numpy().reshape(grid_h, grid_w)
+        s = is_sink[b].cpu().numpy().reshape(grid_h, grid_w)
+        lab = labels[b].cpu().numpy().reshape(grid_h, grid_w)
+        y = pad + b * (tile_h + pad)
+        for col, rgb in enumerate((heat_rgb(g), sink_rgb(s), label_rgb(lab))):
+            x = pad + col * (tile_w + pad)
+            sheet.paste(_tile(rgb, cell), (x, y))
+            if regions is not None:
+                r0, c0, r1, c1 = (int(v) for v in regions[b])
+                draw.rectangle([x + c0 * cell, y + r0 * cell, x + c1 * cell - 1, y + r1 * cell - 1],
+                               outline=(0, 220, 0))
+    return sheet

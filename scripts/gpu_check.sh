@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# On the GPU machine: its python3 already has torch with CUDA; there is no network, so
+# nothing is downloaded (scripts/gpu_prepare.sh, run beforehand elsewhere, fills
+# .gpu_carry/). Builds the extension and the C++ suite with CUDA for this GPU's
+# architecture, runs the CUDA tests and the benchmarks, and writes logs and JSON under $OUT.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+OUT=${OUT:-$ROOT/build/gpu_check}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16}
+failed=()
+
+step() {  # step NAME COMMAND...: run, keep the log, show its tail, remember failures
+  local name=$1; shift
+  local start=$SECONDS
+  echo "=== $name"
+  "$@" >"$OUT/$name.log" 2>&1
+  local rc=$?
+  tail -n 25 "$OUT/$name.log"
+  echo "=== $name: rc=$rc in $((SECONDS - start)) s"
+  [ $rc -eq 0 ] || failed+=("$name")
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+arch=$(python3 -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
+export SDRPN_CUDA_ARCHS=${SDRPN_CUDA_ARCHS:-$arch} TORCH_CUDA_ARCH_LIST=${SDRPN_CUDA_ARCHS:-$arch}
+echo "arch $SDRPN_CUDA_ARCHS, $(python3 -c 'import torch; print(torch.__version__)')"
+
+if ls .gpu_carry/wheels/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --target /tmp/sdrpn_site .gpu_carry/wheels/*.whl
+  export PYTHONPATH=/tmp/sdrpn_site
+fi
+export PYTHONPATH=$ROOT/python${PYTHONPATH:+:$PYTHONPATH}
+
+step build_python env SDRPN_FORCE_CUDA=1 python3 setup.py build_ext --inplace
+gtest_arg=()
+[ -d .gpu_carry/googletest ] && gtest_arg=(-DSDRPN_GTEST_SOURCE_DIR="$ROOT/.gpu_carry/googletest")
+step build_cpp bash -c "cmake -S . -B build/gpu -G Ninja -DCMAKE_BUILD_TYPE=Release \
+  -DPython3_EXECUTABLE=$(command -v python3) -DSDRPN_WITH_CUDA=ON -DSDRPN_CUDA_ARCHS=$SDRPN_CUDA_ARCHS \
+  ${gtest_arg[*]} && cmake --build build/gpu -j $MAX_JOBS"
+step ctest ctest --test-dir build/gpu --output-on-failure
+step pytest python3 -m pytest tests/python -q -p no:cacheprovider -x
+for bench in benchmarks/bench_*.py; do
+  name=$(basename "$bench" .py)
+  step "${name}_cuda" python3 "$bench" --device cuda --json "$OUT/${name}_cuda.json"
+  step "${name}_cpu" python3 "$bench" --device cpu --json "$OUT/${name}_cpu.json"
+done
+
+if ((${#failed[@]})); then
+  echo "FAILED: ${failed[*]}"
+  exit 1
+fi
+echo "gpu_check: all steps passed"

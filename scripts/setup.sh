@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Idempotent set-up on a fresh machine: Debian packages, the .venv with the pinned Python
+# dependencies, and an editable build of the extension. A second run with nothing
+# changed only compares stamps.
+#
+#   SDRPN_VENV=DIR      where the virtual environment lives (default .venv)
+#   SDRPN_CPU_ONLY=1    build the Python extension without CUDA (the default on a machine
+#                       without a GPU: CMake still compiles and links every .cu file)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+VENV=${SDRPN_VENV:-$ROOT/.venv}
+PYTHON=${PYTHON:-python3}
+log() { echo "[setup] $*"; }
+
+# Debian packages: the C++ toolchain, CMake + ninja, GoogleTest and Google Benchmark.
+missing=()
+for pkg in g++ cmake ninja-build libgtest-dev libgmock-dev libbenchmark-dev; do
+  dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
+done
+"$PYTHON" -c "import venv, ensurepip" 2>/dev/null || missing+=(python3-venv)
+if ((${#missing[@]})); then
+  log "installing Debian packages: ${missing[*]}"
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO=sudo
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+if [ ! -x "$VENV/bin/python" ]; then
+  log "creating $VENV"
+  "$PYTHON" -m venv "$VENV"
+fi
+req_stamp="$VENV/.sdrpn-requirements"
+req_hash=$(sha256sum requirements.txt | cut -d' ' -f1)
+if [ "$(cat "$req_stamp" 2>/dev/null)" != "$req_hash" ]; then
+  log "installing pinned Python dependencies"
+  "$VENV/bin/python" -m pip install -q --upgrade pip
+  "$VENV/bin/python" -m pip install -q -r requirements.txt
+  echo "$req_hash" >"$req_stamp"
+fi
+
+# The Python extension: rebuilt only when a source, the build files or the flags change.
+if [ -z "${SDRPN_CPU_ONLY:-}" ] && ! command -v nvidia-smi >/dev/null 2>&1; then
+  export SDRPN_CPU_ONLY=1
+fi
+build_stamp="$VENV/.sdrpn-build"
+build_hash=$( (find csrc include -type f -print0 | sort -z | xargs -0 sha256sum
+               sha256sum setup.py pyproject.toml
+               env | grep -E '^(SDRPN_|TORCH_CUDA_ARCH_LIST=)' | sort) | sha256sum | cut -d' ' -f1)
+if [ "$(cat "$build_stamp" 2>/dev/null)" != "$build_hash" ] || ! ls python/sdrpn/_C*.so >/dev/null 2>&1; then
+  log "building the extension (SDRPN_CPU_ONLY=${SDRPN_CPU_ONLY:-0})"
+  MAX_JOBS=${MAX_JOBS:-$(nproc)} "$VENV/bin/python" -m pip install -q --no-build-isolation --no-deps -e .
+  echo "$build_hash" >"$build_stamp"
+fi
+log "ready: $("$VENV/bin/python" -c 'import sdrpn; print(sdrpn.build_info())')"

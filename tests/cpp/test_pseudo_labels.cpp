@@ -1,0 +1,124 @@
+#include "sdrpn/pseudo_labels.h"
+
+#include <gtest/gtest.h>
+#include <torch/cuda.h>
+#include <torch/torch.h>
+
+#include <limits>
+#include <vector>
+#include <string>
+
+namespace {
+
+constexpr int64_t I = -100;
+
+// The 4x4 example of tests/python/test_pseudo_labels.py, worked by hand.
+std::pair<at::Tensor, at::Tensor> hand_example() {
+  auto g = torch::tensor({0.00f, 0.05f, 0.00f, 0.50f, 0.05f, 1.00f, 0.30f, 0.00f,
+                          0.00f, 0.15f, 0.90f, 0.00f, 0.15f, 0.00f, 0.00f, 0.05f})
+               .view({1, 16});
+  auto s = torch::zeros({1, 16});
+  s[0][3] = 0.01f;
+  return {g, s};
+}
+
+at::Tensor hand_expected() {
+  const std::vector<int64_t> labels{0, 0, 0, 0, 0, 1, 1, 0, 0, I, 1, 0, I, 0, 0, 0};
+  return torch::tensor(labels, torch::kLong).view({1, 16});
+}
+
+std::string error_of(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const c10::Error& e) {
+    return e.what_without_backtrace();
+  }
+  return "";
+}
+
+TEST(PseudoLabels, HandWorkedExample) {
+  auto [g, s] = hand_example();
+  EXPECT_TRUE(torch::equal(sdrpn::pseudo_labels(g, s, 4, 4), hand_expected()));
+}
+
+TEST(PseudoLabels, DtypesAgreeOnTheExample) {
+  auto [g, s] = hand_example();
+  for (auto dtype : {torch::kDouble, torch::kHalf, torch::kBFloat16}) {
+    EXPECT_TRUE(torch::equal(sdrpn::pseudo_labels(g.to(dtype), s.to(dtype), 4, 4), hand_expected()))
+        << dtype;
+  }
+}
+
+TEST(PseudoLabels, NonSquareGridAndStridedInput) {
+  // 2x8 grid, foreground at (1, 6); stored transposed so the input is not contiguous.
+  auto g = torch::zeros({16, 3}).t();
+  g[0][14] = 1.0f;
+  g[1][0] = 1.0f;
+  g[1][15] = 1.0f;  // box 1x2 on row 0/1 col 0 and 7 -> whole width: area 16 -> ignore
+  ASSERT_FALSE(g.is_contiguous());
+  auto labels = sdrpn::pseudo_labels(g, torch::zeros({3, 16}), 2, 8);
+  EXPECT_EQ(labels[0][14].item<int64_t>(), 1);
+  EXPECT_EQ((labels[0] == 0).sum().item<int64_t>(), 15);
+  EXPECT_TRUE((labels[1] == I).all().item<bool>());
+  EXPECT_TRUE((labels[2] == I).all().item<bool>());  // all-zero map
+}
+
+TEST(PseudoLabels, NonFiniteSampleIsIgnored) {
+  auto [g, s] = hand_example();
+  auto batch_g = torch::cat({g, g});
+  auto batch_s = torch::cat({s, s});
+  batch_g[1][7] = std::numeric_limits<float>::quiet_NaN();
+  auto labels = sdrpn::pseudo_labels(batch_g, batch_s, 4, 4);
+  EXPECT_TRUE(torch::equal(labels[0], hand_expected()[0]));
+  EXPECT_TRUE((labels[1] == I).all().item<bool>());
+}
+
+TEST(PseudoLabels, OptionsAreHonoured) {
+  auto [g, s] = hand_example();
+  sdrpn::PseudoLabelOptions options;
+  options.ignore_index = -1;
+  options.sink_threshold = 1.0;     // no sinks: the 0.50 cell becomes foreground,
+  options.max_box_fraction = 0.75;  // the box grows to 3x3 = 9 of 16 cells
+  auto labels = sdrpn::pseudo_labels(g, s, 4, 4, options);
+  EXPECT_EQ(labels[0][3].item<int64_t>(), 1);
+  EXPECT_EQ(labels[0][12].item<int64_t>(), -1);
+}
+
+TEST(PseudoLabels, EmptyBatch) {
+  auto g = torch::empty({0, 6});
+  auto labels = sdrpn::pseudo_labels(g, g, 2, 3);
+  EXPECT_EQ(labels.size(0), 0);
+  EXPECT_EQ(labels.scalar_type(), torch::kLong);
+}
+
+TEST(PseudoLabels, BadInputsNameTheArgument) {
+  auto g = torch::rand({2, 6});
+  auto s = torch::zeros({2, 6});
+  EXPECT_NE(error_of([&] { sdrpn::pseudo_labels(g, s, 2, 4); })
+                .find("grounding has N = 6 cells but grid_h * grid_w = 2 * 4 = 8"),
+            std::string::npos);
+  EXPECT_NE(error_of([&] { sdrpn::pseudo_labels(g.view({12}), s, 2, 3); })
+                .find("grounding must be (B, N), got shape [12]"),
+            std::string::npos);
+  EXPECT_NE(error_of([&] { sdrpn::pseudo_labels(g, s.to(torch::kHalf), 2, 3); })
+                .find("sink must have the dtype of grounding"),
+            std::string::npos);
+  sdrpn::PseudoLabelOptions negative;
+  negative.bg_ratio = -0.5;
+  EXPECT_NE(error_of([&] { sdrpn::pseudo_labels(g, s, 2, 3, negative); })
+                .find("bg_ratio must be a finite, non-negative number, got -0.5"),
+            std::string::npos);
+}
+
+TEST(PseudoLabelsCuda, MatchesCpu) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
+  auto g = torch::rand({512, 576}).pow(4);
+  auto s = (torch::rand({512, 576}) < 0.02).to(torch::kFloat) * 0.01;
+  for (auto dtype : {torch::kFloat, torch::kDouble, torch::kHalf, torch::kBFloat16}) {
+    auto cpu = sdrpn::pseudo_labels(g.to(dtype), s.to(dtype), 24, 24);
+    auto cuda = sdrpn::pseudo_labels(g.to(dtype).cuda(), s.to(dtype).cuda(), 24, 24);
+    EXPECT_TRUE(torch::equal(cpu, cuda.cpu())) << dtype;
+  }
+}
+
+}  // namespace

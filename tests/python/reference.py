@@ -1,0 +1,90 @@
+"""Slow, obvious references of every sdrpn op, written from SPEC.md, one sample at a time.
+
+They trade speed for readability: plain Python loops over the grid, no vectorisation
+tricks. Thresholds use the same math type as the ops (float32 for float16/bfloat16
+inputs, the input type otherwise), so ties at a threshold resolve the same way.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def math_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def pseudo_labels_one(
+    grounding: Tensor,
+    sink: Tensor,
+    grid_h: int,
+    grid_w: int,
+    sink_threshold: float = 1e-3,
+    fg_ratio: float = 0.2,
+    bg_ratio: float = 0.1,
+    max_box_fraction: float = 0.5,
+    ignore_index: int = -100,
+) -> Tensor:
+    """SPEC Stage 1 steps 1-6 for one (N,) sample; returns (N,) int64 on the CPU."""
+    dt = math_dtype(grounding.dtype)
+    g = grounding.detach().cpu().to(dt).tolist()
+    s = sink.detach().cpu().to(dt).tolist()
+    n = grid_h * grid_w
+    labels = [ignore_index] * n
+    if not all(math.isfinite(v) for v in g + s):
+        return torch.tensor(labels, dtype=torch.long)
+
+    def in_math_type(x: float) -> float:
+        return torch.tensor(x, dtype=dt).item()
+
+    tau = in_math_type(sink_threshold)
+    # 1. zero the sink tokens
+    gs = [0.0 if s[i] >= tau else g[i] for i in range(n)]
+    # 2. foreground: value > alpha * max (the product rounded like the op's math type)
+    m = max(gs)
+    fg_thr = in_math_type(in_math_type(fg_ratio) * m)
+    bg_thr = in_math_type(in_math_type(bg_ratio) * m)
+    fg = {i for i in range(n) if gs[i] > fg_thr}
+    # 3. tight box of the foreground, the whole grid when empty
+    if fg:
+        rows = [i // grid_w for i in fg]
+        cols = [i % grid_w for i in fg]
+        r0, r1, c0, c1 = min(rows), max(rows), min(cols), max(cols)
+    else:
+        r0, r1, c0, c1 = 0, grid_h - 1, 0, grid_w - 1
+    # 5. a large box means no signal
+    if (r1 - r0 + 1) * (c1 - c0 + 1) >= max_box_fraction * n:
+        return torch.tensor(labels, dtype=torch.long)
+    # 4. and 6.
+    for i in range(n):
+        r, c = divmod(i, grid_w)
+        inside = r0 <= r <= r1 and c0 <= c <= c1
+        if i in fg:
+            labels[i] = 1
+        elif not inside and gs[i] < bg_thr:
+            labels[i] = 0
+    return torch.tensor(labels, dtype=torch.long)
+
+
+def pseudo_labels(grounding: Tensor, sink: Tensor, grid_h: int, grid_w: int, **kwargs) -> Tensor:
+    """The per-sample loop over a (B, N) batch."""
+    out = [pseudo_labels_one(grounding[b], sink[b], grid_h, grid_w, **kwargs)
+           for b in range(grounding.shape[0])]
+    if not out:
+        return torch.empty(0, grid_h * grid_w, dtype=torch.long)
+    return torch.stack(out)
+
+
+def massive_activation_sinks(hidden: Tensor, dims, tau: float = 20.0, eps: float = 1e-6) -> Tensor:
+    """RMS-normalise each (D,) hidden state, flag max over dims of |h_d| > tau; (B, L) bool."""
+    h = hidden.detach().cpu().to(torch.float64)
+    out = torch.zeros(h.shape[:2], dtype=torch.bool)
+    for b in range(h.shape[0]):
+        for t in range(h.shape[1]):
+            x = h[b, t]
+            normed = x / torch.sqrt((x * x).mean() + eps)
+            out[b, t] = bool(normed[list(dims)].abs().max() > tau)
+    return out

@@ -1,0 +1,90 @@
+import pytest
+import torch
+
+import reference
+import sdrpn
+from conftest import DEVICES, FLOAT_DTYPES, needs_cuda
+from sink_samples import SINK_DIMS, make_hidden
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided"])
+def test_parity_with_reference(device, dtype, strided):
+    hidden = make_hidden(3, 37, dtype=dtype, device=device, seed=1, strided=strided)
+    assert hidden.is_contiguous() != strided
+    got = sdrpn.ops.massive_activation_sinks(hidden, SINK_DIMS)
+    want = reference.massive_activation_sinks(hidden, SINK_DIMS)
+    assert got.dtype == torch.bool and got.shape == (3, 37)
+    assert torch.equal(got.cpu(), want)
+    assert 0 < int(want.sum()) < want.numel()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_only_the_probed_dims_count(device):
+    hidden = torch.randn(1, 4, 1024, device=device)
+    hidden[0, 1, 5] = 1000.0
+    hidden[0, 2, 6] = 1000.0
+    assert sdrpn.ops.massive_activation_sinks(hidden, [5]).tolist() == [[False, True, False, False]]
+    assert sdrpn.ops.massive_activation_sinks(hidden, [6, 5]).tolist() == [[False, True, True, False]]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_tau_and_eps(device):
+    hidden = make_hidden(2, 16, device=device, seed=2)
+    for tau in (0.0, 5.0, 20.0, 40.0):
+        got = sdrpn.ops.massive_activation_sinks(hidden, SINK_DIMS, tau=tau, eps=1e-3)
+        assert torch.equal(got.cpu(), reference.massive_activation_sinks(hidden, SINK_DIMS, tau, 1e-3))
+    # A zero hidden state is never a sink (0 > tau * sqrt(eps) is false).
+    zero = torch.zeros(1, 2, 8, device=device)
+    assert not sdrpn.ops.massive_activation_sinks(zero, [0], tau=0.0).any()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(0, 5, 8), (2, 0, 8)])
+def test_empty_inputs(device, shape):
+    out = sdrpn.ops.massive_activation_sinks(torch.empty(shape, device=device), [1])
+    assert out.shape == shape[:2] and out.dtype == torch.bool
+
+
+BAD_INPUTS = [
+    (lambda h: (h[0], [1], {}), "hidden must be (B, L, D), got shape [4, 8]"),
+    (lambda h: (h.int(), [1], {}), "hidden must be float32, float64, float16 or bfloat16, got Int"),
+    (lambda h: (h, [], {}), "dims must name at least one hidden dimension"),
+    (lambda h: (h, [1, 8], {}), "dims must lie in [0, D) with D = 8, got 8"),
+    (lambda h: (h, [-1], {}), "dims must lie in [0, D) with D = 8, got -1"),
+    (lambda h: (h, [1], {"tau": -1.0}), "tau must be a finite number >= 0, got -1"),
+    (lambda h: (h, [1], {"eps": float("nan")}), "eps must be a finite number >= 0, got nan"),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("make,message", BAD_INPUTS)
+def test_bad_inputs_name_the_argument(device, make, message):
+    hidden = torch.randn(2, 4, 8, device=device)
+    h, dims, kwargs = make(hidden)
+    with pytest.raises(RuntimeError) as err:
+        sdrpn.ops.massive_activation_sinks(h, dims, **kwargs)
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    hidden = make_hidden(2, 6, hidden_size=1024, device=device, seed=3)
+    torch.library.opcheck(torch.ops.sdrpn.massive_activation_sinks.default, (hidden, list(SINK_DIMS)))
+
+
+def test_torch_compile_fullgraph():
+    hidden = make_hidden(2, 6, seed=4)
+    fn = lambda h: sdrpn.ops.massive_activation_sinks(h + 0.0, SINK_DIMS)  # noqa: E731
+    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
+    assert torch.equal(compiled(hidden), fn(hidden))
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_cuda_matches_cpu_on_llama_shapes(dtype):
+    hidden = make_hidden(2, 640, hidden_size=4096, dims=(2533, 1415), dtype=dtype, seed=5)
+    cpu = sdrpn.ops.massive_activation_sinks(hidden, (2533, 1415))
+    cuda = sdrpn.ops.massive_activation_sinks(hidden.cuda(), (2533, 1415))
+    assert torch.equal(cpu, cuda.cpu())
