@@ -14,7 +14,7 @@ from torch import Tensor
 
 from . import _C  # noqa: F401  (registers the ops)
 
-__all__ = ["pseudo_labels", "pseudo_label_stats", "massive_activation_sinks"]
+__all__ = ["pseudo_labels", "pseudo_label_stats", "massive_activation_sinks", "attention_rows"]
 
 IGNORE_INDEX = -100
 
@@ -95,6 +95,49 @@ def massive_activation_sinks(
         (B, L) bool.
     """
     return torch.ops.sdrpn.massive_activation_sinks.default(hidden, list(dims), tau, eps)
+
+
+def attention_rows(
+    query: Tensor,
+    key: Tensor,
+    query_positions: Tensor,
+    key_start: Tensor,
+    key_length: int,
+    *,
+    key_padding_mask: Tensor | None = None,
+    scale: float | None = None,
+) -> Tensor:
+    """Softmax attention rows of selected queries, kept on a window of key columns.
+
+    The attention weights that eager attention would return for these rows, without
+    materialising them for every query: the softmax runs over ALL visible keys, and only
+    columns ``key_start[b] .. key_start[b] + key_length - 1`` are kept (no
+    renormalisation). Scores are accumulated in float32 (float64 for float64 inputs).
+
+    Args:
+        query: (B, H, Q, d) post-RoPE queries of the wanted rows.
+        key: (B, Hk, L, d) post-RoPE keys of the whole sequence; Hk divides H (GQA).
+        query_positions: (B, Q) int64 sequence position of each query; key j is visible
+            to it iff ``j <= position`` and ``key_padding_mask[b, j]``.
+        key_start: (B,) int64 first kept column of each sample (moves with left padding).
+        key_length: number of kept columns.
+        key_padding_mask: optional (B, L) bool, True for real tokens.
+        scale: score scale, default ``1 / sqrt(d)``.
+
+    Returns:
+        (B, H, Q, key_length) float32; 0 for columns a query cannot see.
+    """
+    return torch.ops.sdrpn.attention_rows.default(
+        query, key, query_positions, key_start, key_length, key_padding_mask, scale)
+
+
+@torch.library.register_fake("sdrpn::attention_rows")
+def _attention_rows_fake(query, key, query_positions, key_start, key_length,
+                         key_padding_mask=None, scale=None):
+    torch._check(query.dim() == 4, lambda: f"query must be (B, H, Q, d), got {query.shape}")
+    torch._check(key.dim() == 4, lambda: f"key must be (B, Hk, L, d), got {key.shape}")
+    b, h, q, _ = query.shape
+    return query.new_empty((b, h, q, key_length), dtype=torch.float32)
 
 
 @torch.library.register_fake("sdrpn::pseudo_labels")

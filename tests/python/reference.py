@@ -88,3 +88,30 @@ def massive_activation_sinks(hidden: Tensor, dims, tau: float = 20.0, eps: float
             normed = x / torch.sqrt((x * x).mean() + eps)
             out[b, t] = bool(normed[list(dims)].abs().max() > tau)
     return out
+
+
+def attention_rows(query: Tensor, key: Tensor, query_positions: Tensor, key_start: Tensor,
+                   key_length: int, key_padding_mask: Tensor | None = None,
+                   scale: float | None = None) -> Tensor:
+    """softmax(q k^T * scale + mask) in float64, one sample and head at a time, then the
+    window of columns; (B, H, Q, key_length) float32 on the CPU."""
+    q_all = query.detach().cpu().double()
+    k_all = key.detach().cpu().double()
+    b_size, heads, rows, d = q_all.shape
+    group = heads // k_all.shape[1]
+    seq_len = k_all.shape[2]
+    scale = d ** -0.5 if scale is None else scale
+    out = torch.zeros(b_size, heads, rows, key_length, dtype=torch.float64)
+    for b in range(b_size):
+        real = (torch.ones(seq_len, dtype=torch.bool) if key_padding_mask is None
+                else key_padding_mask[b].cpu())
+        start = int(key_start[b])
+        for h in range(heads):
+            scores = q_all[b, h] @ k_all[b, h // group].T * scale  # (Q, L)
+            for i in range(rows):
+                visible = (torch.arange(seq_len) <= int(query_positions[b, i])) & real
+                if not visible.any():
+                    continue
+                row = torch.softmax(scores[i].masked_fill(~visible, float("-inf")), dim=0)
+                out[b, h, i] = row[start:start + key_length]
+    return out.float()

@@ -1,0 +1,142 @@
+#include "sdrpn/attention_rows.h"
+
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/aminmax.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/matmul.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+
+namespace sdrpn {
+namespace ops {
+namespace {
+
+bool is_supported_float(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+}
+
+void check_same_device(const at::Tensor& t, const char* name, const at::Tensor& query) {
+  TORCH_CHECK(t.device() == query.device(), name, " must be on the device of query (",
+              query.device(), "), got ", t.device());
+}
+
+}  // namespace
+
+void check_attention_rows_inputs(const at::Tensor& query, const at::Tensor& key,
+                                 const at::Tensor& query_positions, const at::Tensor& key_start,
+                                 int64_t key_length,
+                                 const std::optional<at::Tensor>& key_padding_mask,
+                                 std::optional<double> scale) {
+  TORCH_CHECK(query.dim() == 4, "query must be (B, H, Q, d), got shape ", query.sizes());
+  TORCH_CHECK(key.dim() == 4, "key must be (B, Hk, L, d), got shape ", key.sizes());
+  TORCH_CHECK(is_supported_float(query.scalar_type()),
+              "query must be float32, float64, float16 or bfloat16, got ", query.scalar_type());
+  TORCH_CHECK(key.scalar_type() == query.scalar_type(), "key must have the dtype of query (",
+              query.scalar_type(), "), got ", key.scalar_type());
+  check_same_device(key, "key", query);
+  const int64_t batch = query.size(0), heads = query.size(1), rows = query.size(2);
+  TORCH_CHECK(key.size(0) == batch, "key must have the batch size of query (", batch, "), got ",
+              key.size(0));
+  TORCH_CHECK(key.size(3) == query.size(3), "key must have the head dim of query (",
+              query.size(3), "), got ", key.size(3));
+  TORCH_CHECK(key.size(1) >= 1 && heads % key.size(1) == 0,
+              "key heads must divide query heads (grouped-query attention), got Hk = ",
+              key.size(1), " for H = ", heads);
+  TORCH_CHECK(query_positions.dim() == 2 && query_positions.size(0) == batch &&
+                  query_positions.size(1) == rows,
+              "query_positions must be (B, Q) = (", batch, ", ", rows, "), got shape ",
+              query_positions.sizes());
+  TORCH_CHECK(query_positions.scalar_type() == at::kLong, "query_positions must be int64, got ",
+              query_positions.scalar_type());
+  check_same_device(query_positions, "query_positions", query);
+  TORCH_CHECK(key_start.dim() == 1 && key_start.size(0) == batch, "key_start must be (B,) = (",
+              batch, ",), got shape ", key_start.sizes());
+  TORCH_CHECK(key_start.scalar_type() == at::kLong, "key_start must be int64, got ",
+              key_start.scalar_type());
+  check_same_device(key_start, "key_start", query);
+  const int64_t seq_len = key.size(2);
+  TORCH_CHECK(key_length >= 0 && key_length <= seq_len, "key_length must lie in [0, L] with L = ",
+              seq_len, ", got ", key_length);
+  if (key_padding_mask.has_value()) {
+    const auto& mask = *key_padding_mask;
+    TORCH_CHECK(mask.dim() == 2 && mask.size(0) == batch && mask.size(1) == seq_len,
+                "key_padding_mask must be (B, L) = (", batch, ", ", seq_len, "), got shape ",
+                mask.sizes());
+    TORCH_CHECK(mask.scalar_type() == at::kBool, "key_padding_mask must be bool, got ",
+                mask.scalar_type());
+    check_same_device(mask, "key_padding_mask", query);
+  }
+  if (scale.has_value()) {
+    TORCH_CHECK(std::isfinite(*scale), "scale must be finite, got ", *scale);
+  }
+  if (batch > 0) {
+    // The one host synchronisation of the op: a window outside the keys would read
+    // out of bounds, so its bounds are checked before any kernel runs.
+    const auto [lo, hi] = at::aminmax(key_start);
+    const int64_t min_start = lo.item<int64_t>(), max_start = hi.item<int64_t>();
+    TORCH_CHECK(min_start >= 0 && max_start + key_length <= seq_len,
+                "key_start + key_length must stay within [0, L] with L = ", seq_len,
+                ", got key_start in [", min_start, ", ", max_start, "] and key_length ",
+                key_length);
+  }
+}
+
+at::Tensor attention_rows_by_chunks(const at::Tensor& query, const at::Tensor& key,
+                                   const at::Tensor& query_positions, const at::Tensor& key_start,
+                                   int64_t key_length,
+                                   const std::optional<at::Tensor>& key_padding_mask,
+                                   std::optional<double> scale, WindowSoftmaxFn window_softmax,
+                                   int64_t score_budget) {
+  check_attention_rows_inputs(query, key, query_positions, key_start, key_length,
+                              key_padding_mask, scale);
+  const int64_t batch = query.size(0), heads = query.size(1), rows = query.size(2);
+  const int64_t kv_heads = key.size(1), seq_len = key.size(2), head_dim = query.size(3);
+  auto out = at::empty({batch, heads, rows, key_length}, query.options().dtype(at::kFloat));
+  if (out.numel() == 0) return out;
+  const double s = scale.value_or(1.0 / std::sqrt(static_cast<double>(head_dim)));
+  const auto compute = query.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+
+  // Query heads sharing a key head are contiguous (h = kv * group + g), so a chunk of
+  // whole key heads needs no repeated keys: (B, Hk, group*Q, d) x (B, Hk, d, L).
+  const int64_t group = heads / kv_heads;
+  const int64_t per_kv_head = batch * group * rows * seq_len;
+  const int64_t kv_chunk = std::max<int64_t>(1, std::min(kv_heads, score_budget / per_kv_head));
+  for (int64_t kv0 = 0; kv0 < kv_heads; kv0 += kv_chunk) {
+    const int64_t kvc = std::min(kv_chunk, kv_heads - kv0);
+    const auto q = query.narrow(1, kv0 * group, kvc * group).to(compute).mul(s)
+                       .reshape({batch, kvc, group * rows, head_dim});
+    const auto k = key.narrow(1, kv0, kvc).to(compute);
+    auto scores = at::matmul(q, k.transpose(2, 3))
+                      .view({batch, kvc * group, rows, seq_len})
+                      .to(at::kFloat)
+                      .contiguous();
+    auto window = out.narrow(1, kv0 * group, kvc * group);
+    window_softmax(scores, query_positions, key_start, key_padding_mask, window);
+  }
+  return out;
+}
+
+TORCH_LIBRARY_FRAGMENT(sdrpn, m) {
+  m.def(
+      "attention_rows(Tensor query, Tensor key, Tensor query_positions, Tensor key_start, "
+      "int key_length, Tensor? key_padding_mask=None, float? scale=None) -> Tensor");
+}
+
+}  // namespace ops
+
+at::Tensor attention_rows(const at::Tensor& query, const at::Tensor& key,
+                          const at::Tensor& query_positions, const at::Tensor& key_start,
+                          int64_t key_length, const std::optional<at::Tensor>& key_padding_mask,
+                          std::optional<double> scale) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("sdrpn::attention_rows", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                         const at::Tensor&, int64_t,
+                                         const std::optional<at::Tensor>&, std::optional<double>)>();
+  return op.call(query, key, query_positions, key_start, key_length, key_padding_mask, scale);
+}
+
+}  // namespace sdrpn

@@ -1,0 +1,111 @@
+"""Capture post-RoPE queries and keys of chosen decoder layers without changing outputs.
+
+The probe registers one attention function with transformers' AttentionInterface (and
+the SDPA mask builder under the same name with AttentionMaskInterface), selects it for
+the text decoder only, and delegates the real attention to SDPA: the model computes
+exactly what it computes with SDPA, and the probe keeps q and k of the probed layers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor, nn
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+PROBE_ATTENTION = "sdrpn_probe"
+_CAPTURE_ATTR = "_sdrpn_capture"
+
+
+def _probe_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
+                     attention_mask: Tensor | None, **kwargs):
+    capture = getattr(module, _CAPTURE_ATTR, None)
+    if capture is not None:
+        capture(query, key)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+AttentionInterface.register(PROBE_ATTENTION, _probe_attention)
+AttentionMaskInterface.register(PROBE_ATTENTION, sdpa_mask)
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layers of a LLaVA-style model (transformers 5.x layout)."""
+    return model.get_decoder().layers
+
+
+class AttentionProbe:
+    """Context manager: while active, ``captured[layer]`` holds (query, key) of the last
+    forward through each probed layer, shapes (B, H, L, d) and (B, Hk, L, d).
+
+    Example::
+
+        with AttentionProbe(model, layers=[2, 14]) as probe:
+            model(**inputs)
+        q14, k14 = probe.captured[14]
+    """
+
+    def __init__(self, model: nn.Module, layers: Iterable[int]):
+        self.model = model
+        self.layers = sorted(set(layers))
+        self.captured: dict[int, tuple[Tensor, Tensor]] = {}
+        n = len(decoder_layers(model))
+        bad = [layer for layer in self.layers if not 0 <= layer < n]
+        if bad:
+            raise ValueError(f"layers must lie in [0, {n}) for this model, got {bad}")
+        self._saved_impl: str | None = None
+
+    def _attention_module(self, layer: int) -> nn.Module:
+        return decoder_layers(self.model)[layer].self_attn
+
+    def __enter__(self) -> "AttentionProbe":
+        config = self.model.get_decoder().config
+        self._saved_impl = config._attn_implementation
+        config._attn_implementation = PROBE_ATTENTION
+        for layer in self.layers:
+            setattr(self._attention_module(layer), _CAPTURE_ATTR, self._capturer(layer))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for layer in self.layers:
+            module = self._attention_module(layer)
+            if hasattr(module, _CAPTURE_ATTR):
+                delattr(module, _CAPTURE_ATTR)
+        self.model.get_decoder().config._attn_implementation = self._saved_impl
+
+    def _capturer(self, layer: int):
+        def capture(query: Tensor, key: Tensor) -> None:
+            self.captured[layer] = (query.detach(), key.detach())
+        return capture
+
+
+class EarlyExit:
+    """Context manager: run only decoder layers [0, num_layers) (later layers are skipped;
+    the decoder's final norm still runs on the last computed hidden state)."""
+
+    def __init__(self, model: nn.Module, num_layers: int):
+        self.config = model.get_decoder().config
+        total = len(decoder_layers(model))
+        if not 1 <= num_layers <= total:
+            raise ValueError(f"num_layers must lie in [1, {total}], got {num_layers}")
+        self.num_layers = num_layers
+        self._saved: int | None = None
+
+    def __enter__(self) -> "EarlyExit":
+        self._saved = self.config.num_hidden_layers
+        self.config.num_hidden_layers = self.num_layers
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.config.num_hidden_layers = self._saved
+
+
+@torch.no_grad()
+def probe_once(model: nn.Module, layers: Iterable[int], **inputs) -> dict[int, tuple[Tensor, Tensor]]:
+    """One forward of the LLaVA backbone (no LM head) through the deepest probed layer."""
+    with AttentionProbe(model, layers) as probe, EarlyExit(model, max(probe.layers) + 1):
+        model.model(**inputs, use_cache=False)
+    return probe.captured
