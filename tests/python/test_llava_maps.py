@@ -1,0 +1,154 @@
+import pytest
+import torch
+
+import sdrpn
+from sdrpn.llava import (AttentionProbe, HeadSelection, LlavaPreset, attention_maps, get_preset,
+                         probe_once)
+from sdrpn.llava.maps import answer_queries, image_columns, position_ids_from_mask
+from tiny_llava import (EOS, make_tiny_llava, prompt_ids, random_tokens, row_slice,
+                        teacher_forced_batch)
+
+PRESET = LlavaPreset("tiny", grounding=HeadSelection(((2, 1), (2, 3), (1, 0))),
+                     sink=HeadSelection(((0, None),)))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return make_tiny_llava()
+
+
+def sample_batch(tiny, padding="left", answer_lengths=(5, 1, 3), seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    questions = [random_tokens(gen, n) for n in (4, 7, 2)][:len(answer_lengths)]
+    answers = [random_tokens(gen, n - 1) + [EOS] for n in answer_lengths]
+    return teacher_forced_batch(tiny, questions, answers, padding=padding, seed=seed)
+
+
+def eager_attentions(tiny, batch):
+    model = tiny.model
+    model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                        pixel_values=batch.pixel_values, output_attentions=True,
+                        position_ids=position_ids_from_mask(batch.attention_mask))
+    finally:
+        model.set_attn_implementation("sdpa")
+    return out.attentions
+
+
+@pytest.mark.parametrize("padding", ["left", "right"])
+def test_attention_rows_equal_eager_output_attentions(tiny, padding):
+    batch = sample_batch(tiny, padding)
+    attentions = eager_attentions(tiny, batch)
+    n = tiny.num_cells
+    start = image_columns(batch.input_ids, 3, n)
+    positions, _ = answer_queries(batch.answer_start, batch.answer_length)
+    captured = probe_once(tiny.model, [0, 1, 2, 3], input_ids=batch.input_ids,
+                          attention_mask=batch.attention_mask, pixel_values=batch.pixel_values,
+                          position_ids=position_ids_from_mask(batch.attention_mask))
+    for layer in range(4):
+        q, k = captured[layer]
+        idx = positions[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[-1])
+        rows = sdrpn.ops.attention_rows(q.gather(2, idx), k, positions, start, n,
+                                        key_padding_mask=batch.attention_mask.bool())
+        for b in range(batch.input_ids.shape[0]):
+            s = int(start[b])
+            want = attentions[layer][b][:, positions[b], s:s + n]
+            torch.testing.assert_close(rows[b], want, rtol=1e-5, atol=1e-5)
+
+
+def test_probe_leaves_logits_unchanged(tiny):
+    batch = sample_batch(tiny)
+    kwargs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                  pixel_values=batch.pixel_values)
+    with torch.no_grad():
+        plain = tiny.model(**kwargs).logits
+        with AttentionProbe(tiny.model, [1, 2]) as probe:
+            probed = tiny.model(**kwargs).logits
+    assert torch.equal(plain, probed)
+    assert sorted(probe.captured) == [1, 2]
+    assert tiny.model.get_decoder().config._attn_implementation == "sdpa"
+
+
+def test_maps_match_a_hand_average_of_eager_attention(tiny):
+    batch = sample_batch(tiny, "left")
+    maps = attention_maps(tiny.model, batch, PRESET, tiny.num_cells)
+    attentions = eager_attentions(tiny, batch)
+    n = tiny.num_cells
+    positions, valid = answer_queries(batch.answer_start, batch.answer_length)
+    for b in range(3):
+        pos = positions[b][valid[b]]
+        s = int(maps.image_start[b])
+        g = torch.stack([attentions[layer][b, head][pos, s:s + n].mean(0)
+                         for layer, head in ((2, 1), (2, 3), (1, 0))]).mean(0)
+        sink = attentions[0][b][:, pos, s:s + n].mean((0, 1))
+        torch.testing.assert_close(maps.grounding[b], g, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(maps.sink[b], sink, rtol=1e-5, atol=1e-6)
+
+
+def test_batch_with_padding_equals_one_sample_at_a_time(tiny):
+    for padding in ("left", "right"):
+        batch = sample_batch(tiny, padding, seed=3)
+        maps = attention_maps(tiny.model, batch, PRESET, tiny.num_cells)
+        for b in range(3):
+            alone = attention_maps(tiny.model, row_slice(batch, b), PRESET, tiny.num_cells)
+            torch.testing.assert_close(maps.grounding[b], alone.grounding[0], rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(maps.sink[b], alone.sink[0], rtol=1e-4, atol=1e-6)
+
+
+def test_self_generated_answer_maps_equal_step_by_step_generate(tiny):
+    # The reference reads output_attentions while decoding: the rows of each fed-back
+    # answer token a_0 .. a_{n-2}. One teacher-forced pass must give the same maps.
+    gen = torch.Generator().manual_seed(11)
+    question = random_tokens(gen, 5)
+    prompt = torch.tensor([prompt_ids(tiny.num_cells, question)])
+    pixels = torch.randn(1, 3, tiny.image_size, tiny.image_size, generator=gen)
+    model = tiny.model
+    model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            out = model.generate(input_ids=prompt, pixel_values=pixels, max_new_tokens=6,
+                                 min_new_tokens=6, do_sample=False, output_attentions=True,
+                                 return_dict_in_generate=True)
+    finally:
+        model.set_attn_implementation("sdpa")
+    answer = out.sequences[0, prompt.shape[1]:]
+    s, n = 2, tiny.num_cells
+    steps = out.attentions[1:len(answer)]  # decoding steps fed a_0 .. a_{n-2}
+    g = torch.stack([torch.stack([step[layer][0, head, -1, s:s + n] for step in steps]).mean(0)
+                     for layer, head in ((2, 1), (2, 3), (1, 0))]).mean(0)
+    batch = sdrpn.llava.TeacherForcedBatch(
+        torch.cat([prompt[0], answer])[None], torch.ones(1, prompt.shape[1] + len(answer), dtype=torch.long),
+        pixels, torch.tensor([prompt.shape[1]]), torch.tensor([len(answer)]))
+    maps = attention_maps(model, batch, PRESET, n)
+    torch.testing.assert_close(maps.grounding[0], g, rtol=1e-4, atol=1e-6)
+
+
+def test_answer_queries():
+    positions, valid = answer_queries(torch.tensor([10, 7, 4]), torch.tensor([4, 1, 2]))
+    assert positions.tolist() == [[10, 11, 12], [6, 6, 6], [4, 4, 4]]
+    assert valid.tolist() == [[True, True, True], [True, False, False], [True, False, False]]
+
+
+def test_image_columns_errors():
+    ids = torch.tensor([[1, 3, 3, 3, 3, 5], [1, 3, 3, 5, 3, 3]])
+    assert image_columns(ids[:1], 3, 4).tolist() == [1]
+    with pytest.raises(ValueError, match="image tokens of a sample must be contiguous"):
+        image_columns(ids, 3, 4)
+    with pytest.raises(ValueError, match=r"grid_h \* grid_w = 6 image tokens"):
+        image_columns(ids, 3, 6)
+
+
+def test_presets_and_head_selection():
+    p7 = get_preset("llava15-7b")
+    assert p7.grounding.heads_of(14, 32) == [13, 24, 26]
+    assert p7.sink.heads_of(2, 32) == list(range(32))
+    assert p7.probed_layers == (2, 14)
+    assert get_preset("llava15-13b").grounding.count(40) == 7
+    with pytest.raises(ValueError, match="preset must be one of"):
+        get_preset("llava-2")
+    with pytest.raises(ValueError, match="head 40 of layer 13 does not exist"):
+        HeadSelection(((13, 40),)).heads_of(13, 40)
+    with pytest.raises(ValueError, match="layers must lie in"):
+        AttentionProbe(make_tiny_llava(num_layers=3).model, [3])
