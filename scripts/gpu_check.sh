@@ -41,11 +41,13 @@ step build_cpp bash -c "cmake -S . -B build/gpu -G Ninja -DCMAKE_BUILD_TYPE=Rele
   ${gtest_arg[*]} && cmake --build build/gpu -j $MAX_JOBS"
 step ctest ctest --test-dir build/gpu --output-on-failure
 step pytest python3 -m pytest tests/python -q -p no:cacheprovider -x
-for bench in benchmarks/bench_*.py; do
-  name=$(basename "$bench" .py)
-  step "${name}_cuda" python3 "$bench" --device cuda --json "$OUT/${name}_cuda.json"
-  step "${name}_cpu" python3 "$bench" --device cpu --json "$OUT/${name}_cpu.json"
+for dev in cuda cpu; do
+  step "bench_labels_$dev" python3 benchmarks/bench_labels.py --device $dev --json "$OUT/bench_labels_$dev.json"
+  step "bench_sinks_$dev" python3 benchmarks/bench_sinks.py --device $dev --json "$OUT/bench_sinks_$dev.json"
 done
+step bench_label_pipeline_7b python3 benchmarks/bench_label_pipeline.py --size 7b --device cuda \
+  --samples 32 --reference-samples 4 --answer-tokens 8 32 --batch-sizes 1 16 \
+  --json "$OUT/bench_label_pipeline_7b.json"
 
 if ((${#failed[@]})); then
   echo "FAILED: ${failed[*]}"

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import sys
 
 from .label_demo import LabelDemoConfig, run_label_demo, summary_line
@@ -35,7 +37,62 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--grid", type=_grid, default=(24, 24), help="grid as HxW")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--device", default="cpu")
+
+    label = sub.add_parser("label", help="pseudo labels from a LLaVA model's own attention")
+    label.add_argument("--model", required=True, help="LLaVA checkpoint folder (HF format)")
+    label.add_argument("--data", required=True, help="LLaVA-format JSON list of samples")
+    label.add_argument("--image-folder", required=True)
+    label.add_argument("--out", required=True, help="output folder (resumable)")
+    label.add_argument("--answers", choices=["self", "given"], default="self")
+    label.add_argument("--preset", default="llava15-7b")
+    label.add_argument("--batch-size", type=_positive, default=8)
+    label.add_argument("--max-new-tokens", type=_positive, default=128)
+    label.add_argument("--limit", type=_positive, default=None)
+    label.add_argument("--shard-size", type=_positive, default=1000)
+    label.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    label.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
+
+    convert = sub.add_parser("convert-labels", help="import a reference-implementation label pickle")
+    convert.add_argument("pickle", help="IN.pkl")
+    convert.add_argument("out", help="OUT_DIR")
+    convert.add_argument("--grid", type=_grid, default=None, help="HxW when the maps are not square")
+
+    viz = sub.add_parser("viz-labels", help="draw the first samples of a label folder")
+    viz.add_argument("labels", help="label folder")
+    viz.add_argument("--out", required=True, help="PNG folder")
+    viz.add_argument("--num", type=_positive, default=16)
+    viz.add_argument("--image-folder", default=None)
     return parser
+
+
+def _run_label(args) -> dict:
+    import torch
+    import torch.distributed as dist
+
+    from .labels import LabelJob, LabelJobConfig, merge_summaries
+    from .llava.loading import load_llava
+    from .llava.presets import get_preset
+
+    # torchrun sets these; each rank labels every world_size-th sample into its own shards.
+    rank = int(os.environ.get("RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    device = args.device or (f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    preset = get_preset(args.preset)
+    model, tokenizer = load_llava(args.model, args.dtype, device)
+    cfg = LabelJobConfig(data=args.data, image_folder=args.image_folder, out=args.out,
+                         answers=args.answers, batch_size=args.batch_size,
+                         max_new_tokens=args.max_new_tokens, limit=args.limit,
+                         shard_size=args.shard_size, rank=rank, world_size=world)
+    LabelJob(cfg, model, tokenizer, preset).run()
+    if world > 1:
+        dist.barrier()
+    summary = merge_summaries(args.out) if rank == 0 else {}
+    if world > 1:
+        dist.destroy_process_group()
+    return summary
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,6 +102,19 @@ def main(argv: list[str] | None = None) -> int:
         cfg = LabelDemoConfig(out=args.out, batch=args.batch, grid_h=args.grid[0],
                               grid_w=args.grid[1], seed=args.seed, device=args.device)
         print(summary_line(run_label_demo(cfg)))
+    elif args.command == "label":
+        summary = _run_label(args)
+        if summary:
+            print(json.dumps(summary))
+    elif args.command == "convert-labels":
+        from .convert import convert_reference_pickle
+
+        print(json.dumps(convert_reference_pickle(args.pickle, args.out, args.grid)))
+    elif args.command == "viz-labels":
+        from .viz_labels import visualise_labels
+
+        paths = visualise_labels(args.labels, args.out, args.num, args.image_folder)
+        print(f"wrote {len(paths)} pictures to {args.out}")
     return 0
 
 

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import tempfile
 from dataclasses import asdict, dataclass
 
 import torch
 
 from . import ops
+from .io_utils import write_json
 from .synthetic_maps import make_synthetic_maps
 from .viz import label_grid, save_atomic
 
@@ -25,15 +24,6 @@ class LabelDemoConfig:
     grid_w: int = 24
     seed: int = 0
     device: str = "cpu"
-
-
-def write_json_atomic(payload: dict, path: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".json.tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=2)
-    os.replace(tmp, path)
 
 
 def region_iou(labels: torch.Tensor, regions: torch.Tensor, grid_h: int, grid_w: int) -> torch.Tensor:
@@ -71,7 +61,7 @@ def run_label_demo(cfg: LabelDemoConfig) -> dict:
                   "ignore": int(stats[:, 2].sum())},
         "png": png,
     }
-    write_json_atomic(summary, os.path.join(cfg.out, "summary.json"))
+    write_json(os.path.join(cfg.out, "summary.json"), summary)
     return summary
 
 

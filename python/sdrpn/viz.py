@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
 from torch import Tensor
+
+from .io_utils import write_atomic
 
 LABEL_COLOURS = {1: (230, 60, 40), 0: (40, 90, 200)}  # foreground red, background blue
 IGNORE_COLOUR = (150, 150, 150)
@@ -44,16 +44,7 @@ def _tile(rgb: np.ndarray, cell: int) -> Image.Image:
 
 def save_atomic(image: Image.Image, path: str) -> None:
     """Write through a temporary file in the same folder, then rename: never a half PNG."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".png.tmp")
-    os.close(fd)
-    try:
-        image.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    write_atomic(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
 def label_grid(grounding: Tensor, is_sink: Tensor, labels: Tensor, grid_h: int, grid_w: int,
@@ -77,3 +68,24 @@ def label_grid(grounding: Tensor, is_sink: Tensor, labels: Tensor, grid_h: int, 
                 draw.rectangle([x + c0 * cell, y + r0 * cell, x + c1 * cell - 1, y + r1 * cell - 1],
                                outline=(0, 220, 0))
     return sheet
+
+
+def overlay_panel(image: Image.Image, grounding: np.ndarray, labels: np.ndarray,
+                  is_sink: np.ndarray, size: int = 336) -> Image.Image:
+    """The (already padded-to-square) image with the grounding heat map blended in, sink
+    cells crossed and the label of every cell as a coloured outline."""
+    base = image.convert("RGB").resize((size, size), Image.BICUBIC)
+    heat = Image.fromarray(heat_rgb(grounding)).resize((size, size), Image.BILINEAR)
+    panel = Image.blend(base, heat, 0.45)
+    draw = ImageDraw.Draw(panel)
+    grid_h, grid_w = grounding.shape
+    ch, cw = size / grid_h, size / grid_w
+    for r in range(grid_h):
+        for c in range(grid_w):
+            box = [c * cw + 1, r * ch + 1, (c + 1) * cw - 2, (r + 1) * ch - 2]
+            if labels[r, c] == 1:
+                draw.rectangle(box, outline=LABEL_COLOURS[1], width=2)
+            if is_sink[r, c]:
+                draw.line([box[0], box[1], box[2], box[3]], fill=(255, 255, 255), width=2)
+                draw.line([box[0], box[3], box[2], box[1]], fill=(255, 255, 255), width=2)
+    return panel

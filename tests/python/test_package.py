@@ -50,7 +50,7 @@ def test_label_demo_writes_outputs(tmp_path, capsys):
     assert summary["mean_fg_iou_with_region"] > 0.5
     png = out / "labels_grid.png"
     assert png.stat().st_size > 0
-    assert not [p for p in os.listdir(out) if p.endswith(".tmp")]
+    assert not [p for p in os.listdir(out) if p.startswith(".tmp-")]
 
 
 @pytest.mark.parametrize("argv,message", [

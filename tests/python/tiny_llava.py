@@ -88,3 +88,33 @@ def row_slice(batch: TeacherForcedBatch, b: int) -> TeacherForcedBatch:
                               batch.answer_length[b:b + 1])
 
 
+
+
+WORDS = ["USER", "ASSISTANT", ":", "what", "is", "the", "colour", "of", "tag", "red", "blue",
+         "green", "written", "on", "?", "a", "b", "c", "1", "2", "3"]
+
+
+def make_tokenizer():
+    """A word-level tokenizer whose special ids match the tiny model's (pad 0, bos 1, eos 2,
+    image 3)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": PAD, "<s>": BOS, "</s>": EOS, "<image>": IMAGE, "<unk>": 4}
+    for word in WORDS:
+        vocab[word] = len(vocab)
+    assert len(vocab) <= VOCAB
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", BOS)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>", pad_token="<pad>",
+                                   additional_special_tokens=["<image>"])
+
+
+def save_tiny_llava(folder: str, **kwargs) -> TinyLlava:
+    """Write a tiny model and its tokenizer as a Hugging Face checkpoint folder."""
+    tiny = make_tiny_llava(**kwargs)
+    tiny.model.save_pretrained(folder)
+    make_tokenizer().save_pretrained(folder)
+    return tiny

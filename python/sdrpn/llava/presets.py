@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass, field
 
 
@@ -76,8 +78,28 @@ LLAVA15_13B = LlavaPreset(
 PRESETS = {p.name: p for p in (LLAVA15_7B, LLAVA15_13B)}
 
 
-def get_preset(name: str) -> LlavaPreset:
+def preset_from_dict(spec: dict, name: str = "custom") -> LlavaPreset:
+    """A custom preset: {"grounding": [[layer, head], ...], "sink": [[layer, null], ...],
+    optional "branch_layer", "depth", "sink_threshold"}; a null head means all heads."""
     try:
+        return LlavaPreset(
+            name=spec.get("name", name),
+            grounding=HeadSelection(tuple((int(l), None if h is None else int(h)) for l, h in spec["grounding"])),
+            sink=HeadSelection(tuple((int(l), None if h is None else int(h)) for l, h in spec["sink"])),
+            branch_layer=int(spec.get("branch_layer", 15)),
+            depth=int(spec.get("depth", 3)),
+            sink_threshold=float(spec.get("sink_threshold", 1e-3)),
+        )
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"a custom preset needs grounding and sink lists of [layer, head] "
+                         f"pairs, got {spec!r}: {err}") from None
+
+
+def get_preset(name: str) -> LlavaPreset:
+    """A named preset, or a custom one from a JSON file (see preset_from_dict)."""
+    if name in PRESETS:
         return PRESETS[name]
-    except KeyError:
-        raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {name!r}") from None
+    if os.path.isfile(name):
+        with open(name) as f:
+            return preset_from_dict(json.load(f), name=os.path.basename(name))
+    raise ValueError(f"preset must be one of {sorted(PRESETS)} or a JSON file, got {name!r}")

@@ -1,0 +1,76 @@
+"""Image and prompt preprocessing as LLaVA-1.5 does it, recorded so boxes map back."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+PROMPT_TEMPLATE = "USER: <image>\n{question} ASSISTANT:"
+IMAGE_PLACEHOLDER = "<image>"
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How one image became the encoder's input: "pad" (LLaVA-1.5: pad to a square with the
+    mean colour, then resize) from a source of width x height to size x size."""
+
+    mode: str
+    width: int
+    height: int
+    size: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def pad_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
+    """Centre the image on a square canvas of the mean colour (LLaVA-1.5's expand2square)."""
+    w, h = image.size
+    if w == h:
+        return image
+    side = max(w, h)
+    canvas = Image.new("RGB", (side, side), fill)
+    canvas.paste(image, ((side - w) // 2, (side - h) // 2))
+    return canvas
+
+
+def load_rgb(path: str) -> Image.Image:
+    """Open and decode an image as RGB (grayscale, palette and RGBA images are converted)."""
+    with Image.open(path) as img:
+        img.load()
+        return img.convert("RGB")
+
+
+def preprocess_image(image: Image.Image, size: int, mean=CLIP_MEAN, std=CLIP_STD) -> tuple[Tensor, Preprocessing]:
+    """(3, size, size) float32 pixel values and the record of how they were made."""
+    if image.width < 1 or image.height < 1:
+        raise ValueError(f"image must be at least 1x1 pixels, got {image.width}x{image.height}")
+    fill = tuple(int(round(255 * m)) for m in mean)
+    square = pad_to_square(image.convert("RGB"), fill)
+    resized = square.resize((size, size), Image.BICUBIC)
+    pixels = torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    pixels = (pixels - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+    return pixels, Preprocessing("pad", image.width, image.height, size)
+
+
+def prompt_token_ids(tokenizer, question: str, image_token_id: int, num_image_tokens: int,
+                     template: str = PROMPT_TEMPLATE) -> list[int]:
+    """The prompt with its image placeholder expanded to num_image_tokens image tokens.
+
+    The text around the placeholder is tokenized on its own, so the image tokens never
+    merge with neighbouring text whatever the tokenizer.
+    """
+    text = template.format(question=question.strip())
+    before, sep, after = text.partition(IMAGE_PLACEHOLDER)
+    if not sep:
+        raise ValueError(f"template must contain {IMAGE_PLACEHOLDER}, got {template!r}")
+    ids = tokenizer(before, add_special_tokens=True)["input_ids"]
+    ids += [image_token_id] * num_image_tokens
+    ids += tokenizer(after, add_special_tokens=False)["input_ids"]
+    return ids

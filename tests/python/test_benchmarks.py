@@ -1,0 +1,33 @@
+"""The benchmark scripts must keep running: each is run once on a small size."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
+
+
+def run(script, *args):
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script), *args],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout[out.stdout.index("{"):])
+
+
+@pytest.mark.parametrize("script,args,key", [
+    ("bench_labels.py", ["--batch", "64"], "speedup_vs_reference_loop"),
+    ("bench_sinks.py", ["--batch", "1", "--seq-len", "32"], "speedup_vs_torch"),
+])
+def test_op_benchmarks_print_ratios(script, args, key):
+    assert run(script, *args)[key] > 0
+
+
+def test_label_pipeline_benchmark_runs_on_a_tiny_model():
+    result = run("bench_label_pipeline.py", "--size", "tiny", "--samples", "4",
+                 "--reference-samples", "1", "--batch-sizes", "1", "2")
+    row = result["results"][0]
+    assert row["given"]["best_batch_size"] in (1, 2)
+    assert row["self"]["speedup_best_vs_reference"] > 0

@@ -1,0 +1,151 @@
+import json
+import os
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from sdrpn.cli import main
+from tiny_llava import save_tiny_llava
+
+Q = "<image>\nwhat is the colour of the tag ?"
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("label_job")
+    save_tiny_llava(str(root / "model"))
+    images = root / "images"
+    images.mkdir()
+    gen = torch.Generator().manual_seed(0)
+    entries = []
+    for i, size in enumerate([(80, 40), (40, 90), (56, 56), (120, 60), (33, 71), (64, 64), (90, 30)]):
+        pixels = torch.randint(0, 256, (size[1], size[0], 3), generator=gen, dtype=torch.uint8)
+        mode = "L" if i == 2 else "RGBA" if i == 3 else "RGB"
+        Image.fromarray(pixels.numpy()).convert(mode).save(images / f"img{i}.png")
+        entries.append({"id": f"s{i}", "image": f"img{i}.png", "conversations": [
+            {"from": "human", "value": Q}, {"from": "gpt", "value": "red tag"}]})
+    (images / "corrupt.png").write_bytes(b"not a png at all")
+    (root / "secret.png").write_bytes(b"")
+    bad = [
+        {"id": "missing", "image": "nope.png", "conversations": entries[0]["conversations"]},
+        {"id": "corrupt", "image": "corrupt.png", "conversations": entries[0]["conversations"]},
+        {"id": "imageless", "conversations": entries[0]["conversations"]},
+        {"id": "escape", "image": "../secret.png", "conversations": entries[0]["conversations"]},
+        {"id": "blank", "image": "img0.png", "conversations": [{"from": "human", "value": "<image>\n  "}]},
+    ]
+    data = entries[:3] + bad[:3] + entries[3:5] + bad[3:] + entries[5:]
+    (root / "data.json").write_text(json.dumps(data))
+    return root
+
+
+def run_label(ws, out, *extra):
+    return main(["label", "--model", str(ws / "model"), "--data", str(ws / "data.json"),
+                 "--image-folder", str(ws / "images"), "--out", str(out), "--dtype", "fp32",
+                 "--preset", "llava15-7b", "--batch-size", "3", "--shard-size", "2", *extra])
+
+
+def read_rows(out):
+    rows = []
+    for name in sorted(os.listdir(out)):
+        if name.endswith(".jsonl") and not name.endswith(".skipped.jsonl"):
+            rows += [json.loads(line) for line in open(out / name)]
+    return rows
+
+
+def all_tensors(out):
+    parts = [load_file(out / n) for n in sorted(os.listdir(out)) if n.endswith(".safetensors")]
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+@pytest.fixture(autouse=True)
+def small_preset(monkeypatch):
+    # The tiny model has 4 layers: probe layers 1-2 instead of LLaVA-7B's 2 and 14.
+    from sdrpn.llava import presets
+    tiny = presets.LlavaPreset("llava15-7b", grounding=presets.HeadSelection(((2, 1), (2, 3))),
+                               sink=presets.HeadSelection(((1, None),)))
+    monkeypatch.setitem(presets.PRESETS, "llava15-7b", tiny)
+
+
+@pytest.mark.parametrize("answers", ["given", "self"])
+def test_label_job_writes_shards_and_counts_skips(workspace, tmp_path, answers, capsys):
+    out = tmp_path / "labels"
+    assert run_label(workspace, out, "--answers", answers, "--max-new-tokens", "4") == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["labelled"] == 7
+    assert summary["skipped"] == 5
+    assert summary["skipped_by_reason"] == {"empty question": 1, "image missing": 1,
+                                            "image outside --image-folder": 1,
+                                            "image unreadable": 1, "no image": 1}
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == summary
+    rows = read_rows(out)
+    assert [r["id"] for r in rows] == [f"s{i}" for i in range(7)]
+    assert rows[0]["image_size"] == [80, 40] and rows[0]["preprocessing"]["mode"] == "pad"
+    tensors = all_tensors(out)
+    assert tensors["grounding"].shape == (7, 16) and tensors["labels"].dtype == torch.int8
+    assert set(tensors["labels"].unique().tolist()) <= {-100, 0, 1}
+    assert (tensors["grid"] == 4).all()
+    assert (tensors["grounding"] > 0).all()
+    if answers == "given":
+        assert rows[0]["answer"] == "red tag"
+    assert not [n for n in os.listdir(out) if n.startswith(".tmp-")]
+
+
+def test_interrupted_run_resumes_without_duplicates(workspace, tmp_path):
+    whole = tmp_path / "whole"
+    run_label(workspace, whole, "--answers", "given")
+    part = tmp_path / "part"
+    run_label(workspace, part, "--answers", "given", "--limit", "7")
+    first = read_rows(part)
+    # A crash between a shard's files and its completion marker: that shard is redone.
+    markers = sorted(n for n in os.listdir(part) if n.endswith(".done.json"))
+    os.unlink(part / markers[-1])
+    run_label(workspace, part, "--answers", "given")
+    rows = read_rows(part)
+    ids = [r["id"] for r in rows]
+    assert len(ids) == len(set(ids)) == 7
+    assert len(first) < 7
+    assert json.loads((part / "summary.json").read_text()) == json.loads((whole / "summary.json").read_text())
+    a, b = all_tensors(part), all_tensors(whole)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key])
+
+
+def test_viz_labels(workspace, tmp_path, capsys):
+    out = tmp_path / "labels"
+    run_label(workspace, out, "--answers", "given")
+    pngs = tmp_path / "png"
+    assert main(["viz-labels", str(out), "--out", str(pngs), "--num", "3",
+                 "--image-folder", str(workspace / "images")]) == 0
+    assert "wrote 3 pictures" in capsys.readouterr().out
+    names = sorted(os.listdir(pngs))
+    assert names[0] == "0000_s0.png"
+    with Image.open(pngs / names[0]) as im:
+        assert im.width > 2 * im.height  # image panel beside the grid panels
+
+
+def test_torchrun_splits_the_data_by_rank(workspace, tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "dist"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", "29517", "-m", "sdrpn", "label", "--model", str(workspace / "model"),
+           "--data", str(workspace / "data.json"), "--image-folder", str(workspace / "images"),
+           "--out", str(out), "--dtype", "fp32", "--answers", "given", "--preset", "llava15-13b"]
+    # llava15-13b probes layer 16: too deep for the tiny model, so the run must fail cleanly...
+    failed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert failed.returncode != 0 and "layers must lie in [0, 4)" in failed.stderr
+    # ...and with a preset that fits, two gloo ranks share the samples.
+    custom = tmp_path / "tiny-preset.json"
+    custom.write_text(json.dumps({"grounding": [[2, 1], [2, 3]], "sink": [[1, None]]}))
+    cmd[cmd.index("llava15-13b")] = str(custom)
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["labelled"] == 7 and summary["skipped"] == 5
+    ranks = {n.split("-")[0] for n in os.listdir(out) if n.endswith(".done.json")}
+    assert ranks == {"rank000", "rank001"}
+    assert sorted(r["id"] for r in read_rows(out)) == [f"s{i}" for i in range(7)]
