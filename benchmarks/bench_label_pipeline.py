@@ -22,6 +22,7 @@ sys.path.insert(0, HERE)
 
 import sdrpn  # noqa: E402
 from sdrpn.llava import LLAVA15_7B, HeadSelection, LlavaPreset, TeacherForcedBatch, attention_maps  # noqa: E402
+from sdrpn.llava.maps import left_pad  # noqa: E402
 from timing import emit, machine, sync  # noqa: E402
 
 IMAGE_TOKEN = 32000
@@ -60,30 +61,20 @@ def make_prompts(n: int, question_tokens: int, gen: torch.Generator) -> list[lis
             for _ in range(n)]
 
 
-def left_pad(seqs, device):
-    width = max(len(s) for s in seqs)
-    ids = torch.zeros(len(seqs), width, dtype=torch.long)
-    mask = torch.zeros(len(seqs), width, dtype=torch.long)
-    for b, s in enumerate(seqs):
-        ids[b, width - len(s):] = torch.tensor(s)
-        mask[b, width - len(s):] = 1
-    return ids.to(device), mask.to(device)
-
-
 @torch.no_grad()
 def ours(model, preset, prompts, pixels, answer_tokens, batch_size, self_answers, gen):
     device = pixels.device
     for i in range(0, len(prompts), batch_size):
         chunk, px = prompts[i:i + batch_size], pixels[i:i + batch_size]
         if self_answers:
-            ids, mask = left_pad(chunk, device)
+            ids, mask = left_pad(chunk, 0, device)
             out = model.generate(input_ids=ids, attention_mask=mask, pixel_values=px,
                                  max_new_tokens=answer_tokens, min_new_tokens=answer_tokens,
                                  do_sample=False, pad_token_id=0)
             answers = out[:, ids.shape[1]:].tolist()
         else:
             answers = [torch.randint(100, 30000, (answer_tokens,), generator=gen).tolist() for _ in chunk]
-        ids, mask = left_pad([p + a for p, a in zip(chunk, answers)], device)
+        ids, mask = left_pad([p + a for p, a in zip(chunk, answers)], 0, device)
         width = ids.shape[1]
         batch = TeacherForcedBatch(ids, mask, px, torch.full((len(chunk),), width - answer_tokens, device=device),
                                    torch.full((len(chunk),), answer_tokens, device=device))

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from . import ops
 from .data import QASample, SkipSample, load_entries, parse_entry, resolve_image
 from .io_utils import read_json, write_atomic, write_json, write_jsonl
-from .llava.maps import TeacherForcedBatch, attention_maps
+from .llava.maps import TeacherForcedBatch, attention_maps, left_pad
 from .llava.presets import LlavaPreset
 from .preprocess import Preprocessing, load_rgb, preprocess_image, prompt_token_ids
 
@@ -119,13 +119,7 @@ class LabelJob:
         return Prepared(sample, pixels, prep, prompt)
 
     def _left_pad(self, seqs: list[list[int]]) -> tuple[Tensor, Tensor]:
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros(len(seqs), width, dtype=torch.long)
-        for b, s in enumerate(seqs):
-            ids[b, width - len(s):] = torch.tensor(s)
-            mask[b, width - len(s):] = 1
-        return ids.to(self.device), mask.to(self.device)
+        return left_pad(seqs, self.pad_id, self.device)
 
     def _pixels(self, items: list[Prepared]) -> Tensor:
         return torch.stack([p.pixels for p in items]).to(self.device, self.dtype)

@@ -152,3 +152,15 @@ def test_presets_and_head_selection():
         HeadSelection(((13, 40),)).heads_of(13, 40)
     with pytest.raises(ValueError, match="layers must lie in"):
         AttentionProbe(make_tiny_llava(num_layers=3).model, [3])
+
+
+def test_maps_label_on_a_non_square_grid(tiny):
+    # The maps never assume a square grid: the same 16 image tokens read as a 2x8 grid
+    # label exactly like the reference labels them.
+    import reference
+
+    batch = sample_batch(tiny, "left", seed=5)
+    maps = attention_maps(tiny.model, batch, PRESET, 16)
+    labels = sdrpn.ops.pseudo_labels(maps.grounding, maps.sink, 2, 8, sink_threshold=0.2)
+    assert torch.equal(labels, reference.pseudo_labels(maps.grounding, maps.sink, 2, 8,
+                                                        sink_threshold=0.2))

@@ -68,6 +68,18 @@ def answer_queries(answer_start: Tensor, answer_length: Tensor) -> tuple[Tensor,
     return positions, valid
 
 
+def left_pad(seqs: list[list[int]], pad_id: int, device=None) -> tuple[Tensor, Tensor]:
+    """Token lists padded on the left to one length, as batched generation wants them:
+    ids and attention mask, both (B, L) int64."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(seqs), width, dtype=torch.long)
+    for b, s in enumerate(seqs):
+        ids[b, width - len(s):] = torch.tensor(s, dtype=torch.long)
+        mask[b, width - len(s):] = 1
+    return ids.to(device), mask.to(device)
+
+
 def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
     """Positions that skip left padding, as generate() numbers them."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
