@@ -9,6 +9,7 @@ import os
 import sys
 
 from .label_demo import LabelDemoConfig, run_label_demo, summary_line
+from .preprocess import PROMPT_TEMPLATE
 
 
 def _grid(text: str) -> tuple[int, int]:
@@ -50,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     label.add_argument("--limit", type=_positive, default=None)
     label.add_argument("--shard-size", type=_positive, default=1000)
     label.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    label.add_argument("--prompt-template", default=PROMPT_TEMPLATE,
+                       help="prompt around the question; must hold <image> and {question}")
     label.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
 
     convert = sub.add_parser("convert-labels", help="import a reference-implementation label pickle")
@@ -77,15 +80,19 @@ def _run_label(args) -> dict:
     rank = int(os.environ.get("RANK", 0))
     world = int(os.environ.get("WORLD_SIZE", 1))
     local = int(os.environ.get("LOCAL_RANK", 0))
-    device = args.device or (f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+    device = args.device or (f"cuda:{local % torch.cuda.device_count()}"
+                             if torch.cuda.is_available() else "cpu")
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        # Ranks only meet at the end (a barrier before the summary): gloo serves on any
+        # device, also when several ranks share one GPU.
+        dist.init_process_group("gloo")
     preset = get_preset(args.preset)
     model, tokenizer = load_llava(args.model, args.dtype, device)
     cfg = LabelJobConfig(data=args.data, image_folder=args.image_folder, out=args.out,
                          answers=args.answers, batch_size=args.batch_size,
                          max_new_tokens=args.max_new_tokens, limit=args.limit,
-                         shard_size=args.shard_size, rank=rank, world_size=world)
+                         shard_size=args.shard_size, rank=rank, world_size=world,
+                         prompt_template=args.prompt_template)
     LabelJob(cfg, model, tokenizer, preset).run()
     if world > 1:
         dist.barrier()

@@ -29,7 +29,7 @@ from .data import QASample, SkipSample, load_entries, parse_entry, resolve_image
 from .io_utils import read_json, write_atomic, write_json, write_jsonl
 from .llava.maps import TeacherForcedBatch, attention_maps, left_pad
 from .llava.presets import LlavaPreset
-from .preprocess import Preprocessing, load_rgb, preprocess_image, prompt_token_ids
+from .preprocess import PROMPT_TEMPLATE, Preprocessing, load_rgb, preprocess_image, prompt_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,7 @@ class LabelJobConfig:
     fg_ratio: float = 0.2
     bg_ratio: float = 0.1
     max_box_fraction: float = 0.5
+    prompt_template: str = PROMPT_TEMPLATE
 
     def __post_init__(self):
         if self.answers not in ("self", "given"):
@@ -57,6 +58,8 @@ class LabelJobConfig:
         for name in ("batch_size", "max_new_tokens", "shard_size", "world_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if "<image>" not in self.prompt_template or "{question}" not in self.prompt_template:
+            raise ValueError(f"prompt_template must hold <image> and {{question}}, got {self.prompt_template!r}")
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank must lie in [0, world_size={self.world_size}), got {self.rank}")
 
@@ -115,7 +118,8 @@ class LabelJob:
         except Exception as err:  # a corrupt file must not stop the job
             raise SkipSample("image unreadable") from err
         pixels, prep = preprocess_image(image, self.image_size)
-        prompt = prompt_token_ids(self.tokenizer, sample.question, self.image_token_id, self.num_cells)
+        prompt = prompt_token_ids(self.tokenizer, sample.question, self.image_token_id,
+                                  self.num_cells, self.cfg.prompt_template)
         return Prepared(sample, pixels, prep, prompt)
 
     def _left_pad(self, seqs: list[list[int]]) -> tuple[Tensor, Tensor]:

@@ -11,7 +11,10 @@ from torch import Tensor
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-PROMPT_TEMPLATE = "USER: <image>\n{question} ASSISTANT:"
+# LLaVA-1.5's conversation (llava_v1): system text, then the image, the question, "ASSISTANT:".
+SYSTEM_TEXT = ("A chat between a curious human and an artificial intelligence assistant. "
+               "The assistant gives helpful, detailed, and polite answers to the human's questions.")
+PROMPT_TEMPLATE = SYSTEM_TEXT + " USER: <image>\n{question} ASSISTANT:"
 IMAGE_PLACEHOLDER = "<image>"
 
 

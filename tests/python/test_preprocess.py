@@ -1,0 +1,61 @@
+import pytest
+import torch
+from PIL import Image
+
+from sdrpn.data import SkipSample, parse_entry, resolve_image
+from sdrpn.preprocess import CLIP_MEAN, PROMPT_TEMPLATE, pad_to_square, preprocess_image, prompt_token_ids
+from tiny_llava import IMAGE, make_tokenizer
+
+FILL = tuple(int(round(255 * m)) for m in CLIP_MEAN)
+
+
+@pytest.mark.parametrize("size,offset", [((80, 40), (0, 20)), ((30, 90), (30, 0)), ((50, 50), (0, 0))])
+def test_pad_to_square_centres_the_image(size, offset):
+    image = Image.new("RGB", size, (255, 0, 0))
+    square = pad_to_square(image, FILL)
+    assert square.size == (max(size), max(size))
+    assert square.getpixel(offset) == (255, 0, 0)  # the image's top-left corner
+    corner = square.getpixel((0, 0))
+    assert corner == (FILL if offset != (0, 0) else (255, 0, 0))
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "P", "RGB"])
+def test_preprocess_any_mode_and_tiny_images(mode):
+    image = Image.new(mode, (1, 1))
+    pixels, prep = preprocess_image(image, 28)
+    assert pixels.shape == (3, 28, 28) and pixels.dtype == torch.float32
+    assert (prep.mode, prep.width, prep.height, prep.size) == ("pad", 1, 1, 28)
+
+
+def test_mean_colour_padding_normalises_to_zero():
+    pixels, _ = preprocess_image(Image.new("RGB", (40, 10), FILL), 28)
+    assert pixels.abs().max() < 0.02
+
+
+def test_prompt_has_system_text_and_contiguous_image_tokens():
+    tok = make_tokenizer()
+    ids = prompt_token_ids(tok, "what is the tag ?", IMAGE, 16, template="USER : <image>\n{question} ASSISTANT :")
+    first = ids.index(IMAGE)
+    assert ids[first:first + 16] == [IMAGE] * 16 and ids.count(IMAGE) == 16
+    assert ids[0] == tok.bos_token_id
+    assert PROMPT_TEMPLATE.startswith("A chat between a curious human")
+    with pytest.raises(ValueError, match="template must contain <image>"):
+        prompt_token_ids(tok, "q", IMAGE, 4, template="{question}")
+
+
+def test_parse_entry_and_resolve_image(tmp_path):
+    entry = {"id": 7, "image": "a.png", "conversations": [
+        {"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "A cat."}]}
+    sample = parse_entry(entry, 3)
+    assert (sample.id, sample.question, sample.answer, sample.index) == ("7", "What is it?", "A cat.", 3)
+    for bad, reason in [([], "not an object"), ({"conversations": []}, "no image"),
+                        ({"image": "a.png"}, "no conversations"),
+                        ({"image": "a.png", "conversations": [{"from": "gpt", "value": "x"}]}, "no question")]:
+        with pytest.raises(SkipSample, match=reason):
+            parse_entry(bad, 0)
+    (tmp_path / "a.png").write_bytes(b"x")
+    assert resolve_image(str(tmp_path), "a.png") == str((tmp_path / "a.png").resolve())
+    with pytest.raises(SkipSample, match="outside"):
+        resolve_image(str(tmp_path / "sub"), "../a.png")
+    with pytest.raises(SkipSample, match="missing"):
+        resolve_image(str(tmp_path), "b.png")
