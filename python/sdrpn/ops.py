@@ -14,7 +14,8 @@ from torch import Tensor
 
 from . import _C  # noqa: F401  (registers the ops)
 
-__all__ = ["pseudo_labels", "pseudo_label_stats", "massive_activation_sinks", "attention_rows"]
+__all__ = ["pseudo_labels", "pseudo_label_stats", "massive_activation_sinks", "attention_rows",
+           "rpn_scores"]
 
 IGNORE_INDEX = -100
 
@@ -154,3 +155,76 @@ def _pseudo_labels_fake(grounding, sink, grid_h, grid_w, sink_threshold=1e-3, fg
 def _massive_activation_sinks_fake(hidden, dims, tau=20.0, eps=1e-6):
     torch._check(hidden.dim() == 3, lambda: f"hidden must be (B, L, D), got {hidden.shape}")
     return hidden.new_empty(hidden.shape[:2], dtype=torch.bool)
+
+
+def rpn_scores(
+    query_states: Tensor,
+    visual_states: Tensor,
+    q_weight: Tensor,
+    k_weight: Tensor,
+    num_heads: int,
+    *,
+    q_bias: Tensor | None = None,
+    k_bias: Tensor | None = None,
+    visual_mask: Tensor | None = None,
+) -> Tensor:
+    """RPN head scores of the visual tokens against the last prompt token, differentiable.
+
+    ``score_i = mean_h (q_h . k_{h,i}) / sqrt(d) = ((Wq x + bq) . (Wk v_i + bk)) / (H sqrt(d))``,
+    computed as ``u = Wk^T qg``, ``score_i = (u . v_i + qg . bk) / (H sqrt(d))`` (qg: the
+    query heads sharing a key head, summed), so the visual tokens are never projected.
+
+    Args:
+        query_states: (B, D) normalised hidden state of the last prompt token.
+        visual_states: (B, N, D) normalised hidden states of the visual tokens.
+        q_weight: (H*d, D) query projection, as in ``nn.Linear``.
+        k_weight: (Hk*d, D) key projection; Hk divides H (grouped-query attention).
+        num_heads: H.
+        q_bias: optional (H*d,).
+        k_bias: optional (Hk*d,).
+        visual_mask: optional (B, N) bool; False cells (padding of a smaller grid) score
+            -inf and receive no gradient.
+
+    Returns:
+        (B, N) scores (logits) in the input dtype.
+    """
+    return torch.ops.sdrpn.rpn_scores.default(query_states, visual_states, q_weight, k_weight,
+                                              num_heads, q_bias, k_bias, visual_mask)
+
+
+@torch.library.register_fake("sdrpn::rpn_scores")
+def _rpn_scores_fake(query_states, visual_states, q_weight, k_weight, num_heads, q_bias=None,
+                     k_bias=None, visual_mask=None):
+    torch._check(visual_states.dim() == 3, lambda: f"visual_states must be (B, N, D), got {visual_states.shape}")
+    return visual_states.new_empty(visual_states.shape[:2])
+
+
+@torch.library.register_fake("sdrpn::rpn_scores_backward")
+def _rpn_scores_backward_fake(grad, query_states, visual_states, q_weight, k_weight, num_heads,
+                              q_bias, k_bias, visual_mask):
+    def bias_grad(bias):
+        return torch.empty_like(bias) if bias is not None else query_states.new_empty(0)
+    return (torch.empty_like(query_states), torch.empty_like(visual_states),
+            torch.empty_like(q_weight), torch.empty_like(k_weight), bias_grad(q_bias),
+            bias_grad(k_bias))
+
+
+def _rpn_scores_setup_context(ctx, inputs, output):
+    query_states, visual_states, q_weight, k_weight, num_heads, q_bias, k_bias, visual_mask = inputs
+    ctx.num_heads = num_heads
+    ctx.has_bias = (q_bias is not None, k_bias is not None)
+    ctx.save_for_backward(query_states, visual_states, q_weight, k_weight, q_bias, k_bias, visual_mask)
+
+
+def _rpn_scores_backward(ctx, grad):
+    query_states, visual_states, q_weight, k_weight, q_bias, k_bias, visual_mask = ctx.saved_tensors
+    grads = torch.ops.sdrpn.rpn_scores_backward.default(
+        grad, query_states, visual_states, q_weight, k_weight, ctx.num_heads, q_bias, k_bias,
+        visual_mask)
+    gq, gv, gqw, gkw, gqb, gkb = grads
+    return (gq, gv, gqw, gkw, None, gqb if ctx.has_bias[0] else None,
+            gkb if ctx.has_bias[1] else None, None)
+
+
+torch.library.register_autograd("sdrpn::rpn_scores", _rpn_scores_backward,
+                                setup_context=_rpn_scores_setup_context)

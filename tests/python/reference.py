@@ -115,3 +115,19 @@ def attention_rows(query: Tensor, key: Tensor, query_positions: Tensor, key_star
                 row = torch.softmax(scores[i].masked_fill(~visible, float("-inf")), dim=0)
                 out[b, h, i] = row[start:start + key_length]
     return out.float()
+
+
+def rpn_scores(query_states: Tensor, visual_states: Tensor, q_weight: Tensor, k_weight: Tensor,
+               num_heads: int, q_bias: Tensor | None = None, k_bias: Tensor | None = None,
+               visual_mask: Tensor | None = None) -> Tensor:
+    """The naive head: project every visual token to keys, per-head dot, mean over heads."""
+    b, n, _ = visual_states.shape
+    d = q_weight.shape[0] // num_heads
+    kv_heads = k_weight.shape[0] // d
+    q = torch.nn.functional.linear(query_states, q_weight, q_bias).view(b, num_heads, d)
+    k = torch.nn.functional.linear(visual_states, k_weight, k_bias).view(b, n, kv_heads, d)
+    k = k.repeat_interleave(num_heads // kv_heads, dim=2)
+    scores = torch.einsum("bhd,bnhd->bnh", q, k).mean(-1) / math.sqrt(d)
+    if visual_mask is not None:
+        scores = scores.masked_fill(~visual_mask, float("-inf"))
+    return scores

@@ -1,0 +1,127 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sdrpn.llava.maps import position_ids_from_mask
+from sdrpn.rpn import RegionProposalNetwork, gather_visual, last_real_token, rpn_loss
+from tiny_llava import EOS, IMAGE, make_tiny_llava, random_tokens, teacher_forced_batch
+
+K, T = 1, 3
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return make_tiny_llava(num_layers=4)
+
+
+def backbone_hidden(tiny, batch):
+    with torch.no_grad():
+        out = tiny.model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                               pixel_values=batch.pixel_values, output_hidden_states=True,
+                               position_ids=position_ids_from_mask(batch.attention_mask))
+    return out.hidden_states
+
+
+def prompt_batch(tiny, padding="left", seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    questions = [random_tokens(gen, n) for n in (3, 6, 1)]
+    return teacher_forced_batch(tiny, questions, [[], [], []], padding=padding, seed=seed)
+
+
+def test_copied_layers_reproduce_the_backbone(tiny):
+    rpn = RegionProposalNetwork.from_llava(tiny.model, branch_layer=K, depth=T).eval()
+    batch = prompt_batch(tiny)
+    hs = backbone_hidden(tiny, batch)
+    pos = position_ids_from_mask(batch.attention_mask)
+    with torch.no_grad():
+        got = rpn.run_layers(hs[K], batch.attention_mask, pos)
+    assert torch.equal(got, hs[K + T - 1])
+
+
+def test_logits_equal_the_naive_head(tiny):
+    rpn = RegionProposalNetwork.from_llava(tiny.model, branch_layer=K, depth=T).eval()
+    batch = prompt_batch(tiny, seed=1)
+    hs = backbone_hidden(tiny, batch)
+    pos = position_ids_from_mask(batch.attention_mask)
+    visual = batch.input_ids == IMAGE
+    with torch.no_grad():
+        logits = rpn(hs[K], batch.attention_mask, pos, visual)
+        head_layer = tiny.model.get_decoder().layers[K + T - 1]
+        x = head_layer.input_layernorm(tiny.model.get_decoder().norm(hs[K + T - 1]))
+        heads, d = 4, 16
+        for b in range(3):
+            q = head_layer.self_attn.q_proj(x[b, -1]).view(heads, d)
+            k = head_layer.self_attn.k_proj(x[b][visual[b]]).view(-1, 2, d).repeat_interleave(2, 1)
+            want = torch.einsum("hd,nhd->nh", q, k).mean(-1) / math.sqrt(d)
+            torch.testing.assert_close(logits[b], want, rtol=1e-5, atol=1e-5)
+    assert logits.shape == (3, tiny.num_cells)
+
+
+def test_padding_side_does_not_change_logits(tiny):
+    rpn = RegionProposalNetwork.from_llava(tiny.model, branch_layer=K, depth=T).eval()
+    out = []
+    for padding in ("left", "right"):
+        batch = prompt_batch(tiny, padding, seed=2)
+        hs = backbone_hidden(tiny, batch)
+        with torch.no_grad():
+            out.append(rpn(hs[K], batch.attention_mask, position_ids_from_mask(batch.attention_mask),
+                           batch.input_ids == IMAGE))
+    torch.testing.assert_close(out[0], out[1], rtol=1e-4, atol=1e-5)
+
+
+def test_samples_with_different_grids():
+    states = torch.arange(2 * 6 * 1, dtype=torch.float32).view(2, 6, 1)
+    mask = torch.tensor([[0, 1, 1, 1, 0, 0], [1, 0, 0, 1, 0, 0]], dtype=torch.bool)
+    gathered, cells = gather_visual(states, mask)
+    assert gathered[0, :, 0].tolist() == [1, 2, 3] and gathered[1, :2, 0].tolist() == [6, 9]
+    assert cells.tolist() == [[True, True, True], [True, True, False]]
+    assert last_real_token(torch.tensor([[0, 1, 1], [1, 1, 0]])).tolist() == [2, 1]
+
+
+def test_rpn_loss():
+    logits = torch.tensor([[2.0, -1.0, 0.5, float("-inf")]], requires_grad=True)
+    labels = torch.tensor([[1, 0, -100, -100]])
+    want = F.binary_cross_entropy_with_logits(torch.tensor([2.0, -1.0]), torch.tensor([1.0, 0.0]))
+    torch.testing.assert_close(rpn_loss(logits, labels), want)
+    empty = rpn_loss(logits, torch.full((1, 4), -100))
+    assert empty.item() == 0.0 and empty.requires_grad
+    empty.backward()
+    assert torch.equal(logits.grad, torch.zeros(1, 4))
+    with pytest.raises(ValueError, match="logits and labels must have one shape"):
+        rpn_loss(logits, labels[:, :2])
+
+
+def test_save_load_round_trip_and_refusal(tiny, tmp_path):
+    rpn = RegionProposalNetwork.from_llava(tiny.model, branch_layer=K, depth=T, preset="tiny")
+    with torch.no_grad():
+        rpn.q_proj.weight.add_(0.5)
+    rpn.save(str(tmp_path / "rpn"))
+    loaded = RegionProposalNetwork.load(str(tmp_path / "rpn"), tiny.model)
+    for (k1, v1), (k2, v2) in zip(rpn.trainable_state_dict().items(), loaded.trainable_state_dict().items()):
+        assert k1 == k2 and torch.equal(v1, v2)
+    assert loaded.config.preset == "tiny" and loaded.config.grid == [4, 4]
+    other = make_tiny_llava(num_layers=4, seed=1)
+    with pytest.raises(ValueError, match="was trained on another base model"):
+        RegionProposalNetwork.load(str(tmp_path / "rpn"), other.model)
+
+
+def test_from_llava_checks_the_branch(tiny):
+    with pytest.raises(ValueError, match=r"K \+ depth <= 4"):
+        RegionProposalNetwork.from_llava(tiny.model, branch_layer=2, depth=3)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny):
+    batch = prompt_batch(tiny, seed=4)
+    hs = backbone_hidden(tiny, batch)
+    pos = position_ids_from_mask(batch.attention_mask)
+    visual = batch.input_ids == IMAGE
+    grads = []
+    for ckpt in (False, True):
+        rpn = RegionProposalNetwork.from_llava(tiny.model, branch_layer=K, depth=T).train()
+        if ckpt:
+            rpn.gradient_checkpointing_enable()
+        rpn(hs[K], batch.attention_mask, pos, visual).sum().backward()
+        grads.append(rpn.layers[0].mlp.up_proj.weight.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1])
