@@ -8,6 +8,7 @@
 #include <ATen/ops/mm.h>
 #include <ATen/ops/mv.h>
 #include <ATen/ops/zeros.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
@@ -122,6 +123,8 @@ at::Tensor rpn_scores_forward_impl(const at::Tensor& query_states, const at::Ten
                                    RpnEpilogueFn epilogue) {
   check_rpn_scores_inputs(query_states, visual_states, q_weight, k_weight, num_heads, q_bias,
                           k_bias, visual_mask);
+  // The op computes in its inputs' dtype: autocast must not recast its inner GEMMs.
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const int64_t batch = visual_states.size(0), cells = visual_states.size(1);
   auto out = at::empty({batch, cells}, visual_states.options());
   if (out.numel() == 0) return out;
@@ -143,6 +146,7 @@ rpn_scores_backward_impl(const at::Tensor& grad, const at::Tensor& query_states,
                          RpnGradPrologueFn prologue) {
   check_rpn_scores_inputs(query_states, visual_states, q_weight, k_weight, num_heads, q_bias,
                           k_bias, visual_mask);
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   TORCH_CHECK(grad.sizes() == at::IntArrayRef({visual_states.size(0), visual_states.size(1)}),
               "grad must be (B, N) = (", visual_states.size(0), ", ", visual_states.size(1),
               "), got shape ", grad.sizes());

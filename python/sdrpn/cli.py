@@ -55,6 +55,29 @@ def build_parser() -> argparse.ArgumentParser:
                        help="prompt around the question; must hold <image> and {question}")
     label.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
 
+    train = sub.add_parser("train", help="train the RPN on a label folder")
+    train.add_argument("--model", required=True, help="LLaVA checkpoint folder (HF format)")
+    train.add_argument("--labels", required=True, help="label folder of sdrpn label / convert-labels")
+    train.add_argument("--out", required=True)
+    train.add_argument("--image-folder", default=None, help="default: the one the labels record")
+    train.add_argument("--epochs", type=_positive, default=1)
+    train.add_argument("--lr", type=float, default=5e-5)
+    train.add_argument("--batch-size", type=_positive, default=8)
+    train.add_argument("--grad-accum", type=_positive, default=1)
+    train.add_argument("--max-samples", type=_positive, default=None)
+    train.add_argument("--bf16", action="store_true", help="backbone in bf16, RPN under bf16 autocast")
+    train.add_argument("--gradient-checkpointing", action="store_true")
+    train.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    train.add_argument("--branch-layer", type=_positive, default=15)
+    train.add_argument("--depth", type=_positive, default=3)
+    train.add_argument("--warmup-ratio", type=float, default=0.03)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--held-out-fraction", type=float, default=0.05)
+    train.add_argument("--save-every", type=_positive, default=200, help="optimizer steps")
+    train.add_argument("--stop-after-steps", type=_positive, default=None)
+    train.add_argument("--num-workers", type=int, default=0)
+    train.add_argument("--device", default=None)
+
     convert = sub.add_parser("convert-labels", help="import a reference-implementation label pickle")
     convert.add_argument("pickle", help="IN.pkl")
     convert.add_argument("out", help="OUT_DIR")
@@ -68,24 +91,55 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _run_label(args) -> dict:
+def _distributed(device_arg: str | None, backend: str | None = None) -> tuple[int, int, str]:
+    """Rank, world size and device under torchrun (rank 0 of 1 otherwise)."""
     import torch
+    import torch.distributed as dist
+
+    rank = int(os.environ.get("RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    device = device_arg or (f"cuda:{local % torch.cuda.device_count()}"
+                            if torch.cuda.is_available() else "cpu")
+    if world > 1 and not dist.is_initialized():
+        if backend is None:  # NCCL needs a GPU of its own for every rank
+            backend = "nccl" if device.startswith("cuda") and torch.cuda.device_count() >= world else "gloo"
+        dist.init_process_group(backend)
+    return rank, world, device
+
+
+def _run_train(args) -> dict:
+    import torch.distributed as dist
+
+    from .llava.loading import load_llava
+    from .train import RPNTrainer, TrainConfig
+
+    rank, world, device = _distributed(args.device)
+    model, tokenizer = load_llava(args.model, "bf16" if args.bf16 else "fp32", device)
+    cfg = TrainConfig(labels=args.labels, out=args.out, image_folder=args.image_folder,
+                      epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+                      grad_accum=args.grad_accum, max_samples=args.max_samples, bf16=args.bf16,
+                      gradient_checkpointing=args.gradient_checkpointing, resume=args.resume,
+                      branch_layer=args.branch_layer, depth=args.depth,
+                      warmup_ratio=args.warmup_ratio, seed=args.seed,
+                      held_out_fraction=args.held_out_fraction, save_every=args.save_every,
+                      stop_after_steps=args.stop_after_steps, num_workers=args.num_workers)
+    result = RPNTrainer(cfg, model, tokenizer, rank=rank, world_size=world, device=device).run()
+    if world > 1:
+        dist.destroy_process_group()
+    return result if rank == 0 else {}
+
+
+def _run_label(args) -> dict:
     import torch.distributed as dist
 
     from .labels import LabelJob, LabelJobConfig, merge_summaries
     from .llava.loading import load_llava
     from .llava.presets import get_preset
 
-    # torchrun sets these; each rank labels every world_size-th sample into its own shards.
-    rank = int(os.environ.get("RANK", 0))
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    device = args.device or (f"cuda:{local % torch.cuda.device_count()}"
-                             if torch.cuda.is_available() else "cpu")
-    if world > 1 and not dist.is_initialized():
-        # Ranks only meet at the end (a barrier before the summary): gloo serves on any
-        # device, also when several ranks share one GPU.
-        dist.init_process_group("gloo")
+    # Each rank labels every world_size-th sample into its own shards; ranks only meet at a
+    # barrier before the summary, which gloo serves on any device.
+    rank, world, device = _distributed(args.device, backend="gloo")
     preset = get_preset(args.preset)
     model, tokenizer = load_llava(args.model, args.dtype, device)
     cfg = LabelJobConfig(data=args.data, image_folder=args.image_folder, out=args.out,
@@ -113,6 +167,10 @@ def main(argv: list[str] | None = None) -> int:
         summary = _run_label(args)
         if summary:
             print(json.dumps(summary))
+    elif args.command == "train":
+        result = _run_train(args)
+        if result:
+            print(json.dumps(result))
     elif args.command == "convert-labels":
         from .convert import convert_reference_pickle
 

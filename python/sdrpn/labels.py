@@ -27,11 +27,14 @@ from tqdm import tqdm
 from . import ops
 from .data import QASample, SkipSample, load_entries, parse_entry, resolve_image
 from .io_utils import read_json, write_atomic, write_json, write_jsonl
+from .label_data import LABEL_CONFIG
 from .llava.maps import TeacherForcedBatch, attention_maps, left_pad
 from .llava.presets import LlavaPreset
 from .preprocess import PROMPT_TEMPLATE, Preprocessing, load_rgb, preprocess_image, prompt_token_ids
 
 log = logging.getLogger(__name__)
+
+
 
 
 
@@ -191,9 +194,23 @@ class LabelJob:
         write_json(base + ".done.json", marker)  # last: the shard now counts as complete
         return marker
 
+    def _write_label_config(self) -> None:
+        """What training needs to rebuild each sample's input exactly as it was labelled."""
+        write_json(os.path.join(self.cfg.out, LABEL_CONFIG), {
+            "model": getattr(self.model.config, "_name_or_path", None),
+            "image_folder": os.path.abspath(self.cfg.image_folder),
+            "prompt_template": self.cfg.prompt_template,
+            "preset": self.preset.name,
+            "answers": self.cfg.answers,
+            "image_size": self.image_size,
+            "grid": [self.grid, self.grid],
+            "image_token_id": self.image_token_id,
+        })
+
     # ---- driver ---------------------------------------------------------------------------
     def run(self) -> dict:
         cfg = self.cfg
+        self._write_label_config()
         entries = load_entries(cfg.data)
         if cfg.limit is not None:
             entries = entries[:cfg.limit]

@@ -160,9 +160,14 @@ class RegionProposalNetwork(nn.Module):
         batch = torch.arange(h.shape[0], device=h.device)
         query = h[batch, last_real_token(attention_mask)]
         visual, cells = gather_visual(h, visual_mask)
-        return ops.rpn_scores(query, visual, self.q_proj.weight, self.k_proj.weight,
-                              self.config.num_heads, q_bias=self.q_proj.bias,
-                              k_bias=self.k_proj.bias,
+        # The op takes one dtype: under autocast, the autocast dtype (the parameters stay
+        # float32 masters and receive float32 gradients through the casts).
+        device = h.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
+        like = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+        return ops.rpn_scores(like(query), like(visual), like(self.q_proj.weight), like(self.k_proj.weight),
+                              self.config.num_heads, q_bias=like(self.q_proj.bias),
+                              k_bias=like(self.k_proj.bias),
                               visual_mask=None if bool(cells.all()) else cells)
 
     # ---- persistence ----------------------------------------------------------------------

@@ -1,0 +1,32 @@
+"""The frozen backbone's part of RPN training and inference: hidden states entering the
+branch layer K, computed through layers 0 .. K-1 only."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .llava.maps import position_ids_from_mask
+from .llava.probe import EarlyExit, decoder_layers
+
+
+@torch.no_grad()
+def branch_hidden_states(model: nn.Module, input_ids: Tensor, attention_mask: Tensor,
+                         pixel_values: Tensor, branch_layer: int) -> tuple[Tensor, Tensor]:
+    """(hidden states entering layer K (B, L, D), position ids (B, L)).
+
+    Equal to ``hidden_states[K]`` of a full forward, but layers >= K never run: the output
+    of layer K-1 is taken by a forward hook, and the decoder stops there.
+    """
+    captured: list[Tensor] = []
+    hook = decoder_layers(model)[branch_layer - 1].register_forward_hook(
+        lambda _m, _i, out: captured.append(out[0] if isinstance(out, tuple) else out))
+    position_ids = position_ids_from_mask(attention_mask)
+    try:
+        with EarlyExit(model, branch_layer):
+            model.model(input_ids=input_ids, attention_mask=attention_mask,
+                        pixel_values=pixel_values.to(next(model.parameters()).dtype),
+                        position_ids=position_ids, use_cache=False)
+    finally:
+        hook.remove()
+    return captured[-1], position_ids

@@ -1,0 +1,1 @@
+"""Adapters that let SD-RPN pieces run inside other training frameworks."""

@@ -1,0 +1,62 @@
+"""SD-RPN inside a Hugging Face `Trainer` loop.
+
+    from sdrpn.integrations.hf_trainer import RPNForTraining, label_collator
+    from sdrpn.label_data import LabelShardDataset
+
+    rpn = RegionProposalNetwork.from_llava(llava, branch_layer=15, depth=3)
+    module = RPNForTraining(llava, rpn)          # only the RPN's parameters train
+    data = LabelShardDataset("labels/", tokenizer, llava.config.image_token_id, split="train")
+    Trainer(model=module, args=TrainingArguments(..., remove_unused_columns=False),
+            train_dataset=data, data_collator=label_collator(tokenizer.pad_token_id)).train()
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from ..features import branch_hidden_states
+from ..label_data import LabelCollator
+from ..rpn import RegionProposalNetwork, rpn_loss
+
+
+class RPNForTraining(nn.Module):
+    """The RPN with the frozen backbone that feeds it, as one module for `Trainer`.
+
+    The backbone is held outside the module's parameters and state dict, so `Trainer`
+    optimises and saves the RPN alone; place the backbone on its device yourself.
+    """
+
+    def __init__(self, backbone: nn.Module, rpn: RegionProposalNetwork):
+        super().__init__()
+        self.rpn = rpn
+        backbone.requires_grad_(False).eval()
+        self._backbone = (backbone,)  # a tuple: not registered as a submodule
+        self.image_token_id = backbone.config.image_token_id
+
+    @property
+    def backbone(self) -> nn.Module:
+        return self._backbone[0]
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor,
+                labels: Tensor | None = None) -> dict[str, Tensor]:
+        hidden, pos = branch_hidden_states(self.backbone, input_ids, attention_mask, pixel_values,
+                                           self.rpn.config.branch_layer)
+        logits = self.rpn(hidden, attention_mask, pos, input_ids == self.image_token_id)
+        out = {"logits": logits}
+        if labels is not None:
+            out["loss"] = rpn_loss(logits.float(), labels)
+        return out
+
+
+def label_collator(pad_id: int):
+    """A `data_collator` for LabelShardDataset that returns the dict `Trainer` expects."""
+    collate = LabelCollator(pad_id)
+
+    def collator(samples):
+        batch = collate(samples)
+        if batch is None:
+            raise ValueError("every sample of this batch lost its image since it was labelled")
+        return {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
+                "pixel_values": batch.pixel_values, "labels": batch.labels}
+
+    return collator

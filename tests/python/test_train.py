@@ -1,0 +1,122 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sdrpn.cli import main
+from sdrpn.features import branch_hidden_states
+from sdrpn.label_data import LabelCollator, LabelShardDataset
+from sdrpn.llava.loading import load_llava
+from sdrpn.rpn import RegionProposalNetwork, rpn_loss
+from sdrpn.train import RPNTrainer, TrainConfig, evaluate
+from synthetic_labels import write_region_labels
+from tiny_llava import IMAGE, save_tiny_llava
+
+GRID = 4
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    save_tiny_llava(str(root / "model"), grid=GRID, num_layers=4)
+    write_region_labels(root / "labels", root / "images", num=240, grid=GRID, image_size=14 * GRID)
+    return root
+
+
+def train_args(ws, out, *extra):
+    return ["train", "--model", str(ws / "model"), "--labels", str(ws / "labels"), "--out", str(out),
+            "--branch-layer", "1", "--depth", "2", "--batch-size", "16", "--lr", "2e-3",
+            "--held-out-fraction", "0.2", "--seed", "3", *extra]
+
+
+def test_early_exit_features_equal_full_forward_hidden_states(ws):
+    model, tok = load_llava(str(ws / "model"), "fp32")
+    ds = LabelShardDataset(str(ws / "labels"), tok, IMAGE)
+    batch = LabelCollator(tok.pad_token_id)([ds[i] for i in range(3)])
+    hidden, pos = branch_hidden_states(model, batch.input_ids, batch.attention_mask, batch.pixel_values, 2)
+    with torch.no_grad():
+        full = model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                           pixel_values=batch.pixel_values, position_ids=pos, output_hidden_states=True)
+    assert torch.equal(hidden, full.hidden_states[2])
+    rpn = RegionProposalNetwork.from_llava(model, 2, 2)
+    loss_early = rpn_loss(rpn(hidden, batch.attention_mask, pos, batch.input_ids == IMAGE), batch.labels)
+    loss_full = rpn_loss(rpn(full.hidden_states[2], batch.attention_mask, pos, batch.input_ids == IMAGE),
+                         batch.labels)
+    assert torch.equal(loss_early, loss_full)
+
+
+def test_the_rpn_learns_the_region(ws, tmp_path):
+    model, tok = load_llava(str(ws / "model"), "fp32")
+    held = LabelShardDataset(str(ws / "labels"), tok, IMAGE, split="held_out", held_out_fraction=0.2)
+    chunks = [list(range(i, min(i + 16, len(held)))) for i in range(0, len(held), 16)]
+    loader = torch.utils.data.DataLoader(held, batch_sampler=chunks, collate_fn=LabelCollator(0))
+    rpn = RegionProposalNetwork.from_llava(model, 1, 2)
+    before = evaluate(model, rpn, loader, IMAGE, "cpu", lambda: torch.autocast("cpu", enabled=False))
+    out = tmp_path / "run"
+    assert main(train_args(ws, out, "--epochs", "4")) == 0
+    after = json.loads((out / "metrics-epoch3.json").read_text())
+    assert after["iou"] > before["iou"] + 0.3, (before, after)
+    assert after["bce"] < before["bce"]
+    assert (out / "rpn.safetensors").exists() and (out / "rpn_config.json").exists()
+    loaded = RegionProposalNetwork.load(str(out), model)
+    assert loaded.config.branch_layer == 1
+
+
+def test_resume_gives_the_same_weights(ws, tmp_path):
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    common = ("--epochs", "2", "--max-samples", "96", "--save-every", "3", "--grad-accum", "2")
+    assert main(train_args(ws, whole, *common)) == 0
+    assert main(train_args(ws, part, *common, "--stop-after-steps", "4")) == 0
+    assert not (part / "rpn.safetensors").exists()
+    assert main(train_args(ws, part, *common, "--resume")) == 0
+    a, b = load_file(whole / "rpn.safetensors"), load_file(part / "rpn.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+    steps = sorted(os.listdir(part / "checkpoints"))
+    assert "latest.json" in steps and len([s for s in steps if s.startswith("step-")]) <= 2
+
+
+def test_bf16_and_gradient_checkpointing_run(ws, tmp_path):
+    assert main(train_args(ws, tmp_path / "bf16", "--max-samples", "32", "--bf16",
+                           "--gradient-checkpointing")) == 0
+    assert json.loads((tmp_path / "bf16" / "metrics-epoch0.json").read_text())["cells"] > 0
+
+
+def test_torchrun_data_parallel(ws, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           "29533", "-m", "sdrpn", *train_args(ws, out, "--max-samples", "64")]
+    done = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    state = json.loads(open(out / "checkpoints" / "latest.json").read())
+    trainer = json.loads(open(out / "checkpoints" / state["path"] / "trainer_state.json").read())
+    assert trainer["progress"]["global_step"] == 2  # 64 samples over 2 ranks at batch 16
+
+
+def test_bad_config():
+    with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
+        TrainConfig(labels="x", out="y", batch_size=0)
+    with pytest.raises(ValueError, match="held_out_fraction must lie in"):
+        TrainConfig(labels="x", out="y", held_out_fraction=1.0)
+
+
+
+
+def test_hf_trainer_example(ws, tmp_path):
+    out = tmp_path / "hf"
+    script = os.path.join(os.path.dirname(__file__), "..", "..", "scripts", "train_rpn_with_hf_trainer.py")
+    done = subprocess.run([sys.executable, script, "--model", str(ws / "model"), "--labels",
+                           str(ws / "labels"), "--out", str(out), "--branch-layer", "1", "--depth", "2",
+                           "--steps", "3", "--batch-size", "4", "--lr", "1e-3"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    weights = load_file(out / "rpn.safetensors")
+    model, _ = load_llava(str(ws / "model"), "fp32")
+    fresh = RegionProposalNetwork.from_llava(model, 1, 2).trainable_state_dict()
+    assert not torch.equal(weights["q_proj.weight"], fresh["q_proj.weight"])  # it trained
+    assert not any(k.startswith("_backbone") for k in weights)
