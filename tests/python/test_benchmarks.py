@@ -31,3 +31,14 @@ def test_label_pipeline_benchmark_runs_on_a_tiny_model():
     row = result["results"][0]
     assert row["given"]["best_batch_size"] in (1, 2)
     assert row["self"]["speedup_best_vs_reference"] > 0
+
+
+def test_rpn_scores_benchmark():
+    result = run("bench_rpn_scores.py", "--batches", "2", "--cells", "16", "--hidden", "64", "--heads", "4")
+    row = result["results"][0]
+    assert row["forward"]["speedup"] > 0 and row["max_abs_diff_vs_naive"] < 1e-4
+
+
+def test_train_benchmark_runs_on_a_tiny_model():
+    result = run("bench_train_rpn.py", "--batch", "2", "--steps", "1")
+    assert result["results"]["checkpointing"]["samples_per_s"] > 0

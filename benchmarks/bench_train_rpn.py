@@ -1,0 +1,83 @@
+"""RPN training throughput and peak memory on LLaVA-1.5 shapes with random weights: one
+optimizer step = early-exit backbone (layers < K, no grad) + RPN forward/backward +
+AdamW, with and without gradient checkpointing, in one run. Also extrapolates the time of
+one epoch of 10K samples.
+
+    python benchmarks/bench_train_rpn.py --size 7b --device cuda --batch 8
+    python benchmarks/bench_train_rpn.py --size tiny                       # CPU smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+from bench_label_pipeline import IMAGE_TOKEN, build_model, make_prompts  # noqa: E402
+from sdrpn.features import branch_hidden_states  # noqa: E402
+from sdrpn.llava.maps import left_pad  # noqa: E402
+from sdrpn.rpn import RegionProposalNetwork, rpn_loss  # noqa: E402
+from timing import emit, machine, sync  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--size", choices=["7b", "tiny"], default="tiny")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    cuda = args.device.startswith("cuda")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    model, _ = build_model(args.size, args.device, dtype)
+    branch, depth = (15, 3) if args.size == "7b" else (1, 2)
+    gen = torch.Generator().manual_seed(0)
+    ids, mask = left_pad(make_prompts(args.batch, 20, gen), 0, args.device)
+    pixels = torch.randn(args.batch, 3, 336, 336, generator=gen).to(args.device, dtype)
+    labels = torch.randint(-1, 2, (args.batch, 576), generator=gen).to(args.device)
+    labels[labels == -1] = -100
+    results = {}
+    for ckpt in (False, True):
+        rpn = RegionProposalNetwork.from_llava(model, branch, depth).to(args.device, torch.float32).train()
+        if ckpt:
+            rpn.gradient_checkpointing_enable()
+        opt = torch.optim.AdamW(rpn.parameters(), lr=5e-5, betas=(0.9, 0.98))
+
+        def step():
+            hidden, pos = branch_hidden_states(model, ids, mask, pixels, branch)
+            with torch.autocast(args.device.split(":")[0], dtype=torch.bfloat16, enabled=cuda):
+                logits = rpn(hidden, mask, pos, ids == IMAGE_TOKEN)
+            rpn_loss(logits.float(), labels).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        step()  # warm-up
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        sync(args.device)
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            step()
+        sync(args.device)
+        seconds = (time.perf_counter() - start) / args.steps
+        per_s = args.batch / seconds
+        results["checkpointing" if ckpt else "plain"] = {
+            "step_s": round(seconds, 4), "samples_per_s": round(per_s, 2),
+            "peak_GiB": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+            "epoch_10k_minutes": round(10_000 / per_s / 60, 2)}
+        del rpn, opt
+        if cuda:
+            torch.cuda.empty_cache()
+    emit({"benchmark": "train_rpn", "machine": machine(args.device), "size": args.size,
+          "batch": args.batch, "branch_layer": branch, "depth": depth, "results": results}, args.json)
+
+
+if __name__ == "__main__":
+    main()
