@@ -14,5 +14,5 @@ cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release \
   -DSDRPN_WITH_CUDA="${SDRPN_WITH_CUDA:-AUTO}" -DSDRPN_CUDA_ARCHS="${SDRPN_CUDA_ARCHS:-8.0;9.0}" \
   ${SDRPN_CMAKE_ARGS:-}
 cmake --build "$BUILD" -j "${MAX_JOBS:-$(nproc)}"
-ctest --test-dir "$BUILD" --output-on-failure
+ctest --test-dir "$BUILD" --output-on-failure --no-tests=error
 python -m pytest tests/python "$@"

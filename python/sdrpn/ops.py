@@ -15,7 +15,7 @@ from torch import Tensor
 from . import _C  # noqa: F401  (registers the ops)
 
 __all__ = ["pseudo_labels", "pseudo_label_stats", "massive_activation_sinks", "attention_rows",
-           "rpn_scores"]
+           "rpn_scores", "roi_boxes"]
 
 IGNORE_INDEX = -100
 
@@ -228,3 +228,45 @@ def _rpn_scores_backward(ctx, grad):
 
 torch.library.register_autograd("sdrpn::rpn_scores", _rpn_scores_backward,
                                 setup_context=_rpn_scores_setup_context)
+
+
+def roi_boxes(
+    prob: Tensor,
+    *,
+    threshold: float = 0.15,
+    sigma: float = 1.0,
+    min_area: int = 4,
+    max_area: int = 225,
+    max_boxes: int = 2,
+    drop_singletons: bool = True,
+    reference_clamp: bool = True,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """RoI boxes from RPN probabilities (SPEC Stage 3, step 2), for every sample at once.
+
+    Per sample: 3x3 Gaussian blur (reflect padding); cells with blurred value above
+    ``threshold`` (a negative threshold is relative: above ``max * |threshold|``); their
+    8-connected components in the row-major order of their first cell; singletons dropped,
+    components under ``min_area`` cells grown around their centre to at least 3 cells a
+    side (the reference's arithmetic, including its clamp of the exclusive end to size - 1
+    unless ``reference_clamp=False``), components over ``max_area`` cells dropped; a sample
+    left with 0 or more than ``max_boxes`` boxes gets none.
+
+    Args:
+        prob: (B, H, W) probabilities (sigmoid already applied), any floating dtype.
+
+    Returns:
+        boxes: (M, 4) int64 ``[x0, y0, x1, y1)`` in grid cells.
+        batch_index: (M,) int64 sample of each box.
+        blurred: (B, H, W) float32 blurred maps.
+    """
+    return torch.ops.sdrpn.roi_boxes.default(prob, threshold, sigma, min_area, max_area, max_boxes,
+                                             drop_singletons, reference_clamp)
+
+
+@torch.library.register_fake("sdrpn::roi_boxes")
+def _roi_boxes_fake(prob, threshold=0.15, sigma=1.0, min_area=4, max_area=225, max_boxes=2,
+                    drop_singletons=True, reference_clamp=True):
+    torch._check(prob.dim() == 3, lambda: f"prob must be (B, H, W), got {prob.shape}")
+    count = torch.library.get_ctx().new_dynamic_size()
+    boxes = prob.new_empty((count, 4), dtype=torch.long)
+    return boxes, prob.new_empty((count,), dtype=torch.long), prob.new_empty(prob.shape, dtype=torch.float32)

@@ -131,3 +131,69 @@ def rpn_scores(query_states: Tensor, visual_states: Tensor, q_weight: Tensor, k_
     if visual_mask is not None:
         scores = scores.masked_fill(~visual_mask, float("-inf"))
     return scores
+
+
+def roi_boxes(prob: Tensor, threshold: float = 0.15, sigma: float = 1.0, min_area: int = 4,
+              max_area: int = 225, max_boxes: int = 2, drop_singletons: bool = True,
+              reference_clamp: bool = True):
+    """Blur, threshold, BFS over the grid from each unvisited cell in row-major order, and
+    the reference's box rules, one sample at a time."""
+    p = prob.detach().cpu().float()
+    b_size, h, w = p.shape
+    side = math.exp(-1.0 / (2 * sigma * sigma))
+    c = torch.tensor(1.0 / (1.0 + 2.0 * side), dtype=torch.float32)
+    s = (1.0 - c) / 2.0
+
+    def refl(i, n):
+        return 0 if n == 1 else (-i if i < 0 else (2 * (n - 1) - i if i >= n else i))
+
+    blurred = torch.empty(b_size, h, w)
+    boxes, index = [], []
+    for b in range(b_size):
+        rows = torch.empty(h, w)
+        for y in range(h):
+            for x in range(w):
+                rows[y, x] = c * p[b, y, x] + s * (p[b, y, refl(x - 1, w)] + p[b, y, refl(x + 1, w)])
+        for y in range(h):
+            for x in range(w):
+                blurred[b, y, x] = c * rows[y, x] + s * (rows[refl(y - 1, h), x] + rows[refl(y + 1, h), x])
+        thr = threshold if threshold >= 0 else float(blurred[b].max()) * -threshold
+        on = blurred[b] > thr
+        seen = torch.zeros(h, w, dtype=torch.bool)
+        kept = []
+        for y0 in range(h):
+            for x0 in range(w):
+                if seen[y0, x0] or not on[y0, x0]:
+                    continue
+                queue, cells = [(y0, x0)], []
+                seen[y0, x0] = True
+                while queue:
+                    y, x = queue.pop(0)
+                    cells.append((y, x))
+                    for dy in (-1, 0, 1):
+                        for dx in (-1, 0, 1):
+                            ny, nx = y + dy, x + dx
+                            if 0 <= ny < h and 0 <= nx < w and on[ny, nx] and not seen[ny, nx]:
+                                seen[ny, nx] = True
+                                queue.append((ny, nx))
+                area = len(cells)
+                bx0 = min(x for _, x in cells)
+                bx1 = max(x for _, x in cells) + 1
+                by0 = min(y for y, _ in cells)
+                by1 = max(y for y, _ in cells) + 1
+                if drop_singletons and area == 1:
+                    continue
+                if area > max_area:
+                    continue
+                if area < min_area:
+                    cx, cy = (bx0 + bx1) / 2, (by0 + by1) / 2
+                    bw, bh = max(3, bx1 - bx0 + 1), max(3, by1 - by0 + 1)
+                    end_x, end_y = (w - 1, h - 1) if reference_clamp else (w, h)
+                    bx0, bx1 = max(0, int(cx - bw / 2)), min(end_x, int(cx + bw / 2))
+                    by0, by1 = max(0, int(cy - bh / 2)), min(end_y, int(cy + bh / 2))
+                kept.append([bx0, by0, bx1, by1])
+        if 1 <= len(kept) <= max_boxes:
+            boxes += kept
+            index += [b] * len(kept)
+    return (torch.tensor(boxes, dtype=torch.long).view(-1, 4), torch.tensor(index, dtype=torch.long),
+            blurred)

@@ -1,0 +1,75 @@
+#include "sdrpn/roi_boxes.h"
+
+#include <ATen/TensorOperators.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/arange.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <cmath>
+
+namespace sdrpn {
+namespace ops {
+
+void check_roi_boxes_inputs(const at::Tensor& prob, double threshold, double sigma,
+                            int64_t min_area, int64_t max_area, int64_t max_boxes) {
+  TORCH_CHECK(prob.dim() == 3, "prob must be (B, H, W), got shape ", prob.sizes());
+  const auto t = prob.scalar_type();
+  TORCH_CHECK(t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16,
+              "prob must be float32, float64, float16 or bfloat16, got ", t);
+  TORCH_CHECK(prob.size(1) >= 1 && prob.size(2) >= 1, "prob's grid must be at least 1x1, got ",
+              prob.size(1), "x", prob.size(2));
+  TORCH_CHECK(prob.size(1) * prob.size(2) < (int64_t{1} << 31),
+              "prob's grid must have fewer than 2^31 cells, got ", prob.size(1) * prob.size(2));
+  TORCH_CHECK(std::isfinite(threshold), "threshold must be finite, got ", threshold);
+  TORCH_CHECK(std::isfinite(sigma) && sigma > 0.0, "sigma must be a finite number > 0, got ", sigma);
+  TORCH_CHECK(min_area >= 0, "min_area must be >= 0, got ", min_area);
+  TORCH_CHECK(max_area >= 1, "max_area must be >= 1, got ", max_area);
+  TORCH_CHECK(max_boxes >= 1, "max_boxes must be >= 1, got ", max_boxes);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> roi_boxes_impl(const at::Tensor& prob,
+                                                              const RoiBoxOptions& options,
+                                                              RoiLabelFn label) {
+  check_roi_boxes_inputs(prob, options.threshold, options.sigma, options.min_area,
+                         options.max_area, options.max_boxes);
+  const int64_t batch = prob.size(0);
+  const auto longs = prob.options().dtype(at::kLong);
+  auto blurred = at::empty(prob.sizes(), prob.options().dtype(at::kFloat));
+  auto slots = at::empty({batch, options.max_boxes + 1, 4}, longs);
+  auto counts = at::empty({batch}, longs);
+  if (batch == 0) {
+    return {at::empty({0, 4}, longs), at::empty({0}, longs), blurred};
+  }
+  label(prob.contiguous(), options, blurred, slots, counts);
+  // A sample keeps its boxes only when it has between 1 and max_boxes of them.
+  const auto keep_sample = (counts >= 1) & (counts <= options.max_boxes);
+  const auto slot = at::arange(options.max_boxes + 1, longs).unsqueeze(0);
+  const auto keep = (slot < counts.unsqueeze(1)) & keep_sample.unsqueeze(1);
+  const auto boxes = slots.index({keep});
+  const auto batch_index = at::arange(batch, longs).unsqueeze(1).expand_as(keep).index({keep});
+  return {boxes, batch_index, blurred};
+}
+
+TORCH_LIBRARY_FRAGMENT(sdrpn, m) {
+  m.def(
+      "roi_boxes(Tensor prob, float threshold=0.15, float sigma=1.0, int min_area=4, "
+      "int max_area=225, int max_boxes=2, bool drop_singletons=True, bool reference_clamp=True) "
+      "-> (Tensor, Tensor, Tensor)");
+}
+
+}  // namespace ops
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> roi_boxes(const at::Tensor& prob,
+                                                         const RoiBoxOptions& options) {
+  using Result = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("sdrpn::roi_boxes", "")
+                       .typed<Result(const at::Tensor&, double, double, int64_t, int64_t, int64_t,
+                                     bool, bool)>();
+  return op.call(prob, options.threshold, options.sigma, options.min_area, options.max_area,
+                 options.max_boxes, options.drop_singletons, options.reference_clamp);
+}
+
+}  // namespace sdrpn

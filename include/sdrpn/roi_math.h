@@ -1,0 +1,70 @@
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "sdrpn/macros.h"
+
+namespace sdrpn::math {
+
+// Separable 3-tap Gaussian weight of the centre tap for a given sigma (the side taps are
+// (1 - centre) / 2): sigma 1 gives [0.274, 0.452, 0.274].
+SDRPN_HOST_DEVICE float gaussian_centre_weight(float sigma) {
+  const float side = expf(-1.0f / (2.0f * sigma * sigma));
+  return 1.0f / (1.0f + 2.0f * side);
+}
+
+// Reflect padding without repeating the edge (-1 -> 1, n -> n - 2); a length-1 axis
+// has nothing to reflect and keeps its only cell.
+SDRPN_HOST_DEVICE int64_t reflect_index(int64_t i, int64_t n) {
+  if (n == 1) return 0;
+  if (i < 0) return -i;
+  if (i >= n) return 2 * (n - 1) - i;
+  return i;
+}
+
+// One tap of the separable blur: centre weight c, side weight s = (1 - c) / 2.
+SDRPN_HOST_DEVICE float blur_tap(float left, float mid, float right, float c, float s) {
+  return c * mid + s * (left + right);
+}
+
+// The threshold on the blurred map: absolute, or relative to the map's max when negative.
+SDRPN_HOST_DEVICE float roi_threshold(double threshold, float blurred_max) {
+  return threshold >= 0.0 ? static_cast<float>(threshold)
+                          : blurred_max * static_cast<float>(-threshold);
+}
+
+// A component's box [x0, y0, x1, y1) in grid cells and its size in cells.
+struct CellBox {
+  int64_t x0, y0, x1, y1, area;
+};
+
+enum class BoxVerdict { kKeep, kDrop };
+
+// The reference's treatment of one component: singletons dropped (noise or a sink),
+// small ones grown around their centre to at least 3 cells a side (with the reference's
+// clamp of the exclusive end to size - 1), large ones dropped.
+SDRPN_HOST_DEVICE BoxVerdict filter_box(CellBox& box, int64_t grid_h, int64_t grid_w, int64_t min_area,
+                                        int64_t max_area, bool drop_singletons,
+                                        bool reference_clamp) {
+  if (drop_singletons && box.area == 1) return BoxVerdict::kDrop;
+  if (box.area > max_area) return BoxVerdict::kDrop;
+  if (box.area < min_area) {
+    const double cx = (box.x0 + box.x1) / 2.0, cy = (box.y0 + box.y1) / 2.0;
+    const double w = fmax(3.0, static_cast<double>(box.x1 - box.x0 + 1));
+    const double h = fmax(3.0, static_cast<double>(box.y1 - box.y0 + 1));
+    const auto x0 = static_cast<int64_t>(trunc(cx - w / 2.0));
+    const auto x1 = static_cast<int64_t>(trunc(cx + w / 2.0));
+    const auto y0 = static_cast<int64_t>(trunc(cy - h / 2.0));
+    const auto y1 = static_cast<int64_t>(trunc(cy + h / 2.0));
+    box.x0 = x0 > 0 ? x0 : 0;
+    box.y0 = y0 > 0 ? y0 : 0;
+    const int64_t x_end = reference_clamp ? grid_w - 1 : grid_w;
+    const int64_t y_end = reference_clamp ? grid_h - 1 : grid_h;
+    box.x1 = x1 < x_end ? x1 : x_end;
+    box.y1 = y1 < y_end ? y1 : y_end;
+  }
+  return BoxVerdict::kKeep;
+}
+
+}  // namespace sdrpn::math

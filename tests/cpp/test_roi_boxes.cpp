@@ -1,0 +1,58 @@
+#include "sdrpn/roi_boxes.h"
+
+#include <gtest/gtest.h>
+#include <torch/cuda.h>
+#include <torch/torch.h>
+
+#include <string>
+
+namespace {
+
+TEST(RoiBoxes, OneBlobOneBox) {
+  auto prob = torch::zeros({2, 24, 24});
+  prob.index_put_({0, torch::indexing::Slice(5, 9), torch::indexing::Slice(10, 16)}, 1.0);
+  auto [boxes, index, blurred] = sdrpn::roi_boxes(prob);
+  ASSERT_EQ(boxes.size(0), 1);
+  EXPECT_EQ(index[0].item<int64_t>(), 0);
+  EXPECT_EQ(boxes[0][0].item<int64_t>(), 9);
+  EXPECT_EQ(boxes[0][1].item<int64_t>(), 4);
+  EXPECT_EQ(boxes[0][2].item<int64_t>(), 17);
+  EXPECT_EQ(boxes[0][3].item<int64_t>(), 10);
+  EXPECT_EQ(blurred.sizes(), prob.sizes());
+}
+
+TEST(RoiBoxes, TooManyComponentsMeansNone) {
+  auto prob = torch::zeros({1, 24, 24});
+  for (int64_t x : {2, 10, 18}) {
+    prob.index_put_({0, torch::indexing::Slice(10, 13), torch::indexing::Slice(x, x + 3)}, 1.0);
+  }
+  EXPECT_EQ(std::get<0>(sdrpn::roi_boxes(prob)).size(0), 0);
+  sdrpn::RoiBoxOptions three;
+  three.max_boxes = 3;
+  EXPECT_EQ(std::get<0>(sdrpn::roi_boxes(prob, three)).size(0), 3);
+}
+
+TEST(RoiBoxes, BadSigmaIsNamed) {
+  sdrpn::RoiBoxOptions bad;
+  bad.sigma = -1.0;
+  try {
+    sdrpn::roi_boxes(torch::rand({1, 4, 4}), bad);
+    FAIL() << "expected an error";
+  } catch (const c10::Error& e) {
+    EXPECT_NE(std::string(e.what_without_backtrace()).find("sigma must be a finite number > 0, got -1"),
+              std::string::npos);
+  }
+}
+
+TEST(RoiBoxesCuda, MatchesCpu) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
+  torch::manual_seed(0);
+  auto prob = torch::rand({64, 24, 24}).pow(8);
+  auto cpu = sdrpn::roi_boxes(prob);
+  auto cuda = sdrpn::roi_boxes(prob.cuda());
+  EXPECT_TRUE(torch::equal(std::get<0>(cpu), std::get<0>(cuda).cpu()));
+  EXPECT_TRUE(torch::equal(std::get<1>(cpu), std::get<1>(cuda).cpu()));
+  EXPECT_TRUE(torch::allclose(std::get<2>(cpu), std::get<2>(cuda).cpu(), 1e-6, 1e-6));
+}
+
+}  // namespace

@@ -1,0 +1,139 @@
+import pytest
+import torch
+
+import reference
+import sdrpn
+from conftest import DEVICES, FLOAT_DTYPES, needs_cuda
+
+
+def structured_maps(h, w, seed):
+    """Blobs, touching diagonals, border blobs, empty, all-on and speckle maps."""
+    gen = torch.Generator().manual_seed(seed)
+    maps = []
+    blob = torch.zeros(h, w)
+    for _ in range(3):
+        y, x = int(torch.randint(0, h, (1,), generator=gen)), int(torch.randint(0, w, (1,), generator=gen))
+        sy, sx = int(torch.randint(1, 4, (1,), generator=gen)), int(torch.randint(1, 4, (1,), generator=gen))
+        blob[y:y + sy, x:x + sx] = 0.9
+    maps.append(blob)
+    diag = torch.zeros(h, w)
+    for i in range(min(h, w)):
+        diag[i, i] = 1.0  # one 8-connected component, no 4-connected one
+    maps.append(diag)
+    border = torch.zeros(h, w)
+    border[0, :2] = 1.0
+    border[-1, -2:] = 1.0
+    maps.append(border)
+    maps.append(torch.zeros(h, w))
+    maps.append(torch.ones(h, w))
+    maps.append((torch.rand(h, w, generator=gen) > 0.8).float())
+    maps.append(torch.rand(h, w, generator=gen) ** 3)
+    return torch.stack(maps)
+
+
+GRIDS = [(24, 24), (16, 40), (7, 3), (1, 6), (1, 1), (5, 1)]
+SETTINGS = [{}, {"threshold": -0.5}, {"threshold": 0.05, "max_boxes": 3},
+            {"drop_singletons": False, "min_area": 6, "max_area": 20},
+            {"reference_clamp": False, "sigma": 0.7}]
+
+
+def check(prob, **kwargs):
+    boxes, index, blurred = sdrpn.ops.roi_boxes(prob, **kwargs)
+    want_boxes, want_index, want_blurred = reference.roi_boxes(prob, **kwargs)
+    torch.testing.assert_close(blurred.cpu(), want_blurred, rtol=1e-6, atol=1e-6)
+    assert torch.equal(boxes.cpu(), want_boxes), (boxes, want_boxes)
+    assert torch.equal(index.cpu(), want_index)
+    return boxes, index
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("grid", GRIDS, ids=[f"{h}x{w}" for h, w in GRIDS])
+@pytest.mark.parametrize("settings", SETTINGS, ids=["spec", "relative", "lenient", "areas", "no-clamp"])
+def test_parity_with_bfs_reference(device, grid, settings):
+    check(structured_maps(*grid, seed=grid[0] * 100 + grid[1]).to(device), **settings)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_random_maps_all_dtypes(device, dtype):
+    gen = torch.Generator().manual_seed(7)
+    prob = (torch.rand(32, 24, 24, generator=gen) ** 6).to(device, dtype)
+    boxes, index = check(prob)
+    assert boxes.shape[0] == index.shape[0]
+
+
+def test_known_boxes():
+    prob = torch.zeros(1, 24, 24)
+    prob[0, 5:9, 10:16] = 1.0  # 4x6 blob: blurred spreads one cell, box grows by one
+    boxes, index, blurred = sdrpn.ops.roi_boxes(prob)
+    assert index.tolist() == [0]
+    x0, y0, x1, y1 = boxes[0].tolist()
+    assert (x0, y0, x1, y1) == (9, 4, 17, 10)
+    # A single hot cell: only its centre stays above 0.15 after the blur (0.452^2 = 0.204,
+    # the neighbours 0.452 * 0.274 = 0.124): a singleton, dropped as noise or a sink.
+    prob = torch.zeros(1, 24, 24)
+    prob[0, 12, 12] = 1.0
+    assert sdrpn.ops.roi_boxes(prob)[0].tolist() == []
+    assert sdrpn.ops.roi_boxes(prob, drop_singletons=False)[0].tolist() == [[11, 11, 14, 14]]
+    # Three separate blobs: more than max_boxes, so none.
+    prob = torch.zeros(1, 24, 24)
+    for x in (2, 10, 18):
+        prob[0, 10:13, x:x + 3] = 1.0
+    assert sdrpn.ops.roi_boxes(prob)[0].shape == (0, 4)
+    assert sdrpn.ops.roi_boxes(prob, max_boxes=3)[0].shape == (3, 4)
+
+
+def test_small_component_growth_follows_the_reference():
+    # Two cells survive the threshold (0.452 * (0.452 + 0.274) = 0.328): area 2 < 4, grown
+    # around the centre (5, 4.5) to 3x3.
+    prob = torch.zeros(1, 10, 10)
+    prob[0, 4, 4:6] = 1.0
+    boxes, _, _ = sdrpn.ops.roi_boxes(prob, threshold=0.3)
+    want, _, _ = reference.roi_boxes(prob, threshold=0.3)
+    assert torch.equal(boxes, want)
+    assert boxes.tolist() == [[3, 3, 6, 6]]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_batch(device):
+    boxes, index, blurred = sdrpn.ops.roi_boxes(torch.empty(0, 24, 24, device=device))
+    assert boxes.shape == (0, 4) and index.shape == (0,) and blurred.shape == (0, 24, 24)
+
+
+BAD = [
+    (dict(prob=torch.rand(24, 24)), "prob must be (B, H, W), got shape [24, 24]"),
+    (dict(prob=torch.ones(1, 4, 4, dtype=torch.long)), "prob must be float32, float64, float16 or bfloat16, got Long"),
+    (dict(prob=torch.rand(1, 0, 4)), "prob's grid must be at least 1x1, got 0x4"),
+    (dict(threshold=float("nan")), "threshold must be finite, got nan"),
+    (dict(sigma=0.0), "sigma must be a finite number > 0, got 0"),
+    (dict(min_area=-1), "min_area must be >= 0, got -1"),
+    (dict(max_area=0), "max_area must be >= 1, got 0"),
+    (dict(max_boxes=0), "max_boxes must be >= 1, got 0"),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("change,message", BAD)
+def test_bad_inputs_name_the_argument(device, change, message):
+    kwargs = dict(prob=torch.rand(2, 4, 4))
+    kwargs.update(change)
+    prob = kwargs.pop("prob").to(device)
+    with pytest.raises(RuntimeError) as err:
+        sdrpn.ops.roi_boxes(prob, **kwargs)
+    assert message in str(err.value)
+
+
+def test_opcheck():
+    prob = structured_maps(8, 8, seed=1)
+    torch.library.opcheck(torch.ops.sdrpn.roi_boxes.default, (prob,),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+@needs_cuda
+def test_cuda_matches_cpu_on_a_large_batch():
+    gen = torch.Generator().manual_seed(3)
+    prob = torch.rand(512, 24, 24, generator=gen) ** 8
+    cpu = sdrpn.ops.roi_boxes(prob)
+    cuda = sdrpn.ops.roi_boxes(prob.cuda())
+    for a, b in zip(cpu, cuda):
+        torch.testing.assert_close(b.cpu(), a, rtol=1e-6, atol=1e-6)
