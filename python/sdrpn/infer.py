@@ -1,0 +1,253 @@
+"""Answering with RoI (SPEC Stage 3): SD-RPN as a drop-in for LLaVA-1.5's greedy generate.
+
+Pass 1 wastes nothing: the shared prefix (system text + image tokens) runs through the
+whole model once into a KV cache; the question tokens run on top of it through layers < K
+only; the RPN reads the layer-K hidden states of the whole prompt; the cache is cut back
+to the prefix. Boxes come from ``sdrpn.ops.roi_boxes``, are mapped to source pixels,
+cropped from the full-resolution image, encoded by the model's own vision tower and
+projector, and pass 2 feeds [crop tokens, question] on top of the prefix cache and decodes.
+A sample without a box is answered exactly as by the base model.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor, nn
+from transformers import DynamicCache
+
+from . import ops
+from .boxes import grid_box_to_pixels
+from .llava.maps import left_pad
+from .llava.probe import EarlyExit, decoder_layers
+from .preprocess import CLIP_MEAN, CLIP_STD, IMAGE_PLACEHOLDER, PROMPT_TEMPLATE, preprocess_image
+from .rpn import RegionProposalNetwork
+
+
+@dataclass
+class RoiPrediction:
+    boxes: list[tuple[int, int, int, int]]       # source pixels [x0, y0, x1, y1)
+    grid_boxes: list[tuple[int, int, int, int]]  # grid cells [x0, y0, x1, y1)
+    prob: Tensor                                 # (grid_h, grid_w) sigmoid of the RPN logits
+    blurred: Tensor                              # (grid_h, grid_w)
+
+
+@dataclass
+class SDRPNAnswer:
+    text: str
+    tokens: list[int]
+    rois: RoiPrediction
+    timings: dict = field(default_factory=dict)
+
+
+@dataclass
+class _Pass1:
+    cache: DynamicCache
+    prefix_mask: Tensor       # (B, Lp)
+    suffixes: list[list[int]]
+    rois: list[RoiPrediction]
+    timings: dict
+
+
+def _crop_pixels(image: Image.Image, box, size: int) -> Tensor:
+    """A source-image crop resized to the encoder's input (PIL bilinear, antialiased when
+    shrinking) and CLIP-normalised: (3, size, size)."""
+    x0, y0, x1, y1 = box
+    crop = image.crop((x0, y0, max(x1, x0 + 1), max(y1, y0 + 1))).resize((size, size), Image.BILINEAR)
+    pixels = torch.from_numpy(np.asarray(crop, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    return (pixels - torch.tensor(CLIP_MEAN)[:, None, None]) / torch.tensor(CLIP_STD)[:, None, None]
+
+
+class SDRPNLlava:
+    """LLaVA-1.5 with a trained RPN: ``predict_rois`` and greedy ``generate`` for batches."""
+
+    def __init__(self, model: nn.Module, tokenizer, rpn: RegionProposalNetwork, *, threshold: float = 0.15,
+                 max_boxes: int = 2, token_ratio: float = -1, preprocessing: str = "pad",
+                 prompt_template: str = PROMPT_TEMPLATE):
+        if preprocessing != "pad":
+            raise ValueError(f"preprocessing must be 'pad' (LLaVA-1.5's), got {preprocessing!r}")
+        self.model, self.tokenizer, self.rpn = model.eval(), tokenizer, rpn.eval()
+        self.threshold, self.max_boxes, self.token_ratio = threshold, max_boxes, token_ratio
+        self.template = prompt_template
+        vision = model.config.vision_config
+        self.size = vision.image_size
+        self.grid = vision.image_size // vision.patch_size
+        self.num_cells = self.grid * self.grid
+        self.image_token_id = model.config.image_token_id
+        self.branch = rpn.config.branch_layer
+        self.eos_id = tokenizer.eos_token_id
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    # ---- inputs ---------------------------------------------------------------------------
+    def _split_prompt(self, question: str) -> tuple[list[int], list[int]]:
+        if not isinstance(question, str) or not question.strip():
+            raise ValueError(f"question must be a non-empty string, got {question!r}")
+        text = self.template.format(question=question.strip())
+        before, _, after = text.partition(IMAGE_PLACEHOLDER)
+        prefix = self.tokenizer(before, add_special_tokens=True)["input_ids"] + [self.image_token_id] * self.num_cells
+        suffix = self.tokenizer(after, add_special_tokens=False)["input_ids"]
+        return prefix, suffix
+
+    def _images(self, images) -> list[Image.Image]:
+        out = []
+        for i, image in enumerate(images):
+            if not isinstance(image, Image.Image):
+                raise TypeError(f"images[{i}] must be a PIL image, got {type(image).__name__}")
+            if image.width < 1 or image.height < 1:
+                raise ValueError(f"images[{i}] must be at least 1x1 pixels, got {image.width}x{image.height}")
+            out.append(image.convert("RGB"))
+        return out
+
+    # ---- pass 1 ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def _pass1(self, images, questions) -> tuple[_Pass1, list[Image.Image]]:
+        if len(images) != len(questions):
+            raise ValueError(f"images and questions must pair up, got {len(images)} and {len(questions)}")
+        t = {}
+        start = time.perf_counter()
+        images = self._images(images)
+        prompts = [self._split_prompt(q) for q in questions]
+        pixels = torch.stack([preprocess_image(im, self.size)[0] for im in images]).to(self.device, self.dtype)
+        prefix_ids, prefix_mask = left_pad([p for p, _ in prompts], self.pad_id, self.device)
+        # The prefix is the same length for every sample (system text + image tokens).
+        # Suffixes differ in length: padded on their left, i.e. between prefix and question.
+        suffix_ids, suffix_mask = left_pad([s for _, s in prompts], self.pad_id, self.device)
+        layer = decoder_layers(self.model)[self.branch - 1]
+        captured: list[Tensor] = []
+        hook = layer.register_forward_hook(lambda _m, _i, out: captured.append(out[0] if isinstance(out, tuple) else out))
+        try:
+            cache = DynamicCache(config=self.model.config.get_text_config())
+            prefix_pos = (prefix_mask.cumsum(-1) - 1).clamp(min=0)
+            self.model.model(input_ids=prefix_ids, attention_mask=prefix_mask, pixel_values=pixels,
+                             position_ids=prefix_pos, past_key_values=cache, use_cache=True)
+            t["prefix"] = _lap(start, self.device)
+            full_mask = torch.cat([prefix_mask, suffix_mask], 1)
+            suffix_pos = prefix_mask.sum(1, keepdim=True) + (suffix_mask.cumsum(-1) - 1).clamp(min=0)
+            with EarlyExit(self.model, self.branch):
+                self.model.model(input_ids=suffix_ids, attention_mask=full_mask, position_ids=suffix_pos,
+                                 past_key_values=cache, use_cache=True)
+            t["early_exit"] = _lap(start, self.device) - t["prefix"]
+        finally:
+            hook.remove()
+        for cache_layer in cache.layers[: self.branch]:
+            cache_layer.crop(-suffix_ids.shape[1])
+        hidden = torch.cat([captured[0], captured[1]], 1)
+        positions = torch.cat([prefix_pos, suffix_pos], 1)
+        ids = torch.cat([prefix_ids, suffix_ids], 1)
+        logits = self.rpn(hidden.to(self.rpn.q_proj.weight.dtype), full_mask, positions, ids == self.image_token_id)
+        prob = torch.sigmoid(logits.float()).view(-1, self.grid, self.grid)
+        t["rpn"] = _lap(start, self.device) - t["prefix"] - t["early_exit"]
+        boxes, index, blurred = ops.roi_boxes(prob, threshold=self.threshold, max_boxes=self.max_boxes)
+        rois = []
+        boxes, index = boxes.tolist(), index.tolist()
+        for b, image in enumerate(images):
+            grid_boxes = [tuple(bx) for bx, i in zip(boxes, index) if i == b]
+            rois.append(RoiPrediction(
+                [grid_box_to_pixels(gb, self.grid, self.grid, image.width, image.height, self.size) for gb in grid_boxes],
+                grid_boxes, prob[b].cpu(), blurred[b].cpu()))
+        t["boxes"] = _lap(start, self.device) - sum(t.values())
+        return _Pass1(cache, prefix_mask, [s for _, s in prompts], rois, t), images
+
+    def predict_rois(self, images, questions) -> list[RoiPrediction]:
+        """RoIs for a batch: boxes in source pixels, probabilities and blurred maps."""
+        p1, _ = self._pass1(images, questions)
+        return p1.rois
+
+    # ---- pass 2 ---------------------------------------------------------------------------
+    def _crop_tokens(self, images: list[Image.Image], rois: list[RoiPrediction]) -> list[Tensor]:
+        """Per sample, the projected crop features (n_crops * tokens, D), empty without boxes."""
+        crops, owner, grid_boxes = [], [], []
+        for b, (image, roi) in enumerate(zip(images, rois)):
+            for box, gbox in zip(roi.boxes, roi.grid_boxes):
+                crops.append(_crop_pixels(image, box, self.size))
+                owner.append(b)
+                grid_boxes.append(gbox)
+        hidden = self.model.config.text_config.hidden_size
+        per_sample = [torch.empty(0, hidden, device=self.device, dtype=self.dtype) for _ in images]
+        if not crops:
+            return per_sample
+        feats = self.model.model.get_image_features(pixel_values=torch.stack(crops).to(self.device, self.dtype))
+        feats = feats.pooler_output if hasattr(feats, "pooler_output") else feats
+        for b, f, gbox in zip(owner, feats, grid_boxes):
+            per_sample[b] = torch.cat([per_sample[b], self._resample(f, gbox)])
+        return per_sample
+
+    def _resample(self, features: Tensor, grid_box) -> Tensor:
+        """Optionally fewer crop tokens: (box_h * r, box_w * r), capped at the base grid."""
+        if self.token_ratio is None or self.token_ratio <= 0:
+            return features
+        x0, y0, x1, y1 = grid_box
+        th = max(1, min(self.grid, round((y1 - y0) * self.token_ratio)))
+        tw = max(1, min(self.grid, round((x1 - x0) * self.token_ratio)))
+        grid = features.view(self.grid, self.grid, -1).permute(2, 0, 1)[None].float()
+        out = F.interpolate(grid, size=(th, tw), mode="bilinear", align_corners=False)
+        return out[0].permute(1, 2, 0).reshape(th * tw, -1).to(features.dtype)
+
+    @torch.no_grad()
+    def generate(self, images, questions, max_new_tokens: int = 128) -> list[SDRPNAnswer]:
+        """Greedy answers with the RoI crops; one SDRPNAnswer per sample."""
+        start = time.perf_counter()
+        p1, images = self._pass1(images, questions)
+        crop_tokens = self._crop_tokens(images, p1.rois)
+        t_crop = _lap(start, self.device) - sum(p1.timings.values())
+        embed = self.model.get_input_embeddings()
+        parts = [torch.cat([c, embed(torch.tensor(s, device=self.device))]) for c, s in zip(crop_tokens, p1.suffixes)]
+        width = max(p.shape[0] for p in parts)
+        batch, hidden = len(parts), parts[0].shape[1]
+        new = torch.zeros(batch, width, hidden, device=self.device, dtype=self.dtype)
+        new_mask = torch.zeros(batch, width, dtype=torch.long, device=self.device)
+        for b, p in enumerate(parts):  # right-aligned: padding sits between prefix and new tokens
+            new[b, width - p.shape[0]:] = p
+            new_mask[b, width - p.shape[0]:] = 1
+        mask = torch.cat([p1.prefix_mask, new_mask], 1)
+        pos = p1.prefix_mask.sum(1, keepdim=True) + (new_mask.cumsum(-1) - 1).clamp(min=0)
+        tokens = _greedy(self.model, p1.cache, new, mask, pos, max_new_tokens, self.eos_id)
+        t_total = _lap(start, self.device)
+        timings = dict(p1.timings, crop_encode=t_crop, pass2_decode=t_total - sum(p1.timings.values()) - t_crop,
+                       total=t_total)
+        return [SDRPNAnswer(self.tokenizer.decode(tok, skip_special_tokens=True), tok, roi, timings)
+                for tok, roi in zip(tokens, p1.rois)]
+
+
+def _lap(start: float, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def _greedy(model, cache, embeds: Tensor, mask: Tensor, positions: Tensor, max_new_tokens: int,
+            eos_id: int) -> list[list[int]]:
+    """Greedy decoding on top of a cache: the first step feeds `embeds`, later steps the
+    chosen tokens; a sample stops at its end-of-sequence token (kept in its output)."""
+    out = model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                use_cache=True)
+    batch = embeds.shape[0]
+    done = torch.zeros(batch, dtype=torch.bool, device=embeds.device)
+    tokens: list[list[int]] = [[] for _ in range(batch)]
+    next_pos = positions[:, -1:] + 1
+    for _ in range(max_new_tokens):
+        nxt = out.logits[:, -1].argmax(-1)
+        for b, tok in enumerate(nxt.tolist()):
+            if not done[b]:
+                tokens[b].append(tok)
+        done |= nxt == eos_id
+        if bool(done.all()):
+            break
+        mask = torch.cat([mask, torch.ones(batch, 1, dtype=mask.dtype, device=mask.device)], 1)
+        out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=next_pos, past_key_values=cache,
+                    use_cache=True)
+        next_pos = next_pos + 1
+    return tokens

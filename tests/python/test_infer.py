@@ -1,0 +1,152 @@
+import pytest
+import torch
+from PIL import Image
+
+from sdrpn.boxes import grid_box_to_pixels, pixel_box_to_grid
+from sdrpn.infer import SDRPNLlava
+from sdrpn.llava.maps import position_ids_from_mask
+from sdrpn.preprocess import preprocess_image
+from sdrpn.rpn import RegionProposalNetwork
+from tiny_llava import IMAGE, make_tiny_llava, make_tokenizer
+
+GRID = 4
+TEMPLATE = "USER : <image>\n{question} ASSISTANT :"
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return make_tiny_llava(num_layers=4, grid=GRID)
+
+
+def pipeline(tiny, forced=None, **kwargs):
+    rpn = RegionProposalNetwork.from_llava(tiny.model, branch_layer=2, depth=2)
+    if forced is not None:
+        calls = []
+
+        def forward(hidden, mask, pos, visual):
+            calls.append(hidden)
+            return forced.to(hidden.device)
+        rpn.forward = forward
+    return SDRPNLlava(tiny.model, make_tokenizer(), rpn, prompt_template=TEMPLATE, **kwargs)
+
+
+def blob_logits(*boxes):
+    """Logits (B, 16) that are high on the given [r0, c0, r1, c1) regions (None: no box)."""
+    out = torch.full((len(boxes), GRID, GRID), -10.0)
+    for b, box in enumerate(boxes):
+        if box is not None:
+            r0, c0, r1, c1 = box
+            out[b, r0:r1, c0:c1] = 10.0
+    return out.view(len(boxes), -1)
+
+
+def images(n, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    sizes = [(120, 60), (50, 100), (80, 80), (33, 71)]
+    return [Image.fromarray((torch.rand(h, w, 3, generator=gen) * 255).byte().numpy())
+            for w, h in sizes[:n]]
+
+
+QUESTIONS = ["what is the tag ?", "what colour is it ?", "is the tag red ?"]
+
+
+def full_sequence_generate(sdrpn, image, question, crops, max_new_tokens):
+    """The answer built from scratch: [prefix, crop image tokens, question] through HF generate."""
+    prefix, suffix = sdrpn._split_prompt(question)
+    ids = torch.tensor([prefix + [IMAGE] * (16 * len(crops)) + suffix])
+    pixels = torch.stack([preprocess_image(image.convert("RGB"), 56)[0]] + crops)
+    out = sdrpn.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels,
+                               max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0)
+    return out[0, ids.shape[1]:].tolist()
+
+
+def test_prefix_reuse_equals_full_recompute_for_the_rpn(tiny):
+    sd = pipeline(tiny)
+    ims = images(2)
+    got = sd.predict_rois(ims, QUESTIONS[:2])
+    # From scratch: the whole prompt through the backbone, hidden_states[K] into the RPN.
+    for b in range(2):
+        prefix, suffix = sd._split_prompt(QUESTIONS[b])
+        ids = torch.tensor([prefix + suffix])
+        pixels = preprocess_image(ims[b], 56)[0][None]
+        with torch.no_grad():
+            hs = tiny.model.model(input_ids=ids, pixel_values=pixels, output_hidden_states=True).hidden_states
+            mask = torch.ones_like(ids)
+            logits = sd.rpn(hs[2], mask, position_ids_from_mask(mask), ids == IMAGE)
+        torch.testing.assert_close(got[b].prob.flatten(), torch.sigmoid(logits[0]), rtol=1e-4, atol=1e-5)
+
+
+def test_answer_equals_full_sequence_generate_and_batch_equals_single(tiny):
+    forced = blob_logits((0, 0, 2, 2), None, (2, 2, 4, 4))
+    sd = pipeline(tiny, forced)
+    ims = images(3, seed=1)
+    answers = sd.generate(ims, QUESTIONS, max_new_tokens=5)
+    assert [len(a.rois.boxes) for a in answers] == [1, 0, 1]
+    for b, ans in enumerate(answers):
+        crops = []
+        from sdrpn.infer import _crop_pixels
+        for box in ans.rois.boxes:
+            crops.append(_crop_pixels(ims[b].convert("RGB"), box, 56))
+        assert ans.tokens == full_sequence_generate(sd, ims[b], QUESTIONS[b], crops, 5)
+        alone = pipeline(tiny, forced[b:b + 1]).generate([ims[b]], [QUESTIONS[b]], max_new_tokens=5)[0]
+        assert alone.tokens == ans.tokens and alone.rois.boxes == ans.rois.boxes
+
+
+def test_no_box_is_answered_as_by_the_base_model(tiny):
+    sd = pipeline(tiny, blob_logits(None, None))
+    ims = images(2, seed=2)
+    answers = sd.generate(ims, QUESTIONS[:2], max_new_tokens=6)
+    for b, ans in enumerate(answers):
+        assert ans.rois.boxes == []
+        assert ans.tokens == full_sequence_generate(sd, ims[b], QUESTIONS[b], [], 6)
+    assert set(answers[0].timings) >= {"prefix", "early_exit", "rpn", "boxes", "crop_encode", "pass2_decode", "total"}
+
+
+def test_two_boxes_and_token_ratio(tiny):
+    forced = blob_logits((0, 0, 1, 4), None)
+    forced.view(2, 4, 4)[0, 3, :] = 10.0  # a second band: two boxes for sample 0
+    sd = pipeline(tiny, forced, token_ratio=0.5, threshold=0.3)  # the blur would join the bands at 0.15
+    ans = sd.generate(images(2, seed=3), QUESTIONS[:2], max_new_tokens=3)
+    assert len(ans[0].rois.boxes) == 2 and ans[1].rois.boxes == []
+
+
+@pytest.mark.parametrize("size", [(800, 400), (300, 900), (500, 500)], ids=["landscape", "portrait", "square"])
+@pytest.mark.parametrize("mode", ["pad", "crop"])
+def test_box_mapping_round_trips(size, mode):
+    w, h = size
+    # A box well inside the visible image maps to the grid and back within a pixel.
+    box = (w * 0.3, h * 0.4, w * 0.6, h * 0.7)
+    g = pixel_box_to_grid(box, 24, 24, w, h, 336, mode)
+    back = grid_box_to_pixels(g, 24, 24, w, h, 336, mode)
+    for a, b in zip(back, box):
+        assert abs(a - b) <= max(w, h) / 336 + 1
+    # The whole grid maps to the whole image (pad) or to the centre crop (crop), within
+    # the pixel that the reference's truncation can lose.
+    x0, y0, x1, y1 = grid_box_to_pixels((0, 0, 24, 24), 24, 24, w, h, 336, mode)
+    if mode == "pad":
+        assert (x0, y0) == (0, 0) and w - 1 <= x1 <= w and h - 1 <= y1 <= h
+    else:
+        assert min(w, h) - 1 <= min(x1 - x0, y1 - y0) <= min(w, h)
+
+
+def test_bad_inputs(tiny):
+    sd = pipeline(tiny, blob_logits(None))
+    with pytest.raises(ValueError, match="question must be a non-empty string"):
+        sd.predict_rois(images(1), ["   "])
+    with pytest.raises(ValueError, match="images and questions must pair up"):
+        sd.predict_rois(images(2), QUESTIONS[:1])
+    with pytest.raises(TypeError, match=r"images\[0\] must be a PIL image"):
+        sd.predict_rois([torch.zeros(3, 4, 4)], QUESTIONS[:1])
+    with pytest.raises(ValueError, match="mode must be one of"):
+        grid_box_to_pixels((0, 0, 1, 1), 4, 4, 10, 10, mode="stretch")
+
+
+@pytest.mark.parametrize("image", [Image.new("L", (40, 30), 100), Image.new("RGBA", (30, 40)),
+                                   Image.new("RGB", (1, 1)), Image.new("RGB", (4000, 30))],
+                         ids=["grayscale", "rgba", "one-pixel", "huge-strip"])
+def test_odd_images_are_handled(tiny, image):
+    sd = pipeline(tiny, blob_logits((1, 1, 3, 3)))
+    ans = sd.generate([image], QUESTIONS[:1], max_new_tokens=2)[0]
+    assert len(ans.tokens) >= 1
+    for x0, y0, x1, y1 in ans.rois.boxes:
+        assert 0 <= x0 <= x1 <= image.width and 0 <= y0 <= y1 <= image.height
