@@ -14,7 +14,6 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -22,10 +21,10 @@ from torch import Tensor, nn
 from transformers import DynamicCache
 
 from . import ops
-from .boxes import grid_box_to_pixels
+from .boxes import PREPROCESSING_MODES, grid_box_to_pixels
 from .llava.maps import left_pad
 from .llava.probe import EarlyExit, decoder_layers
-from .preprocess import CLIP_MEAN, CLIP_STD, IMAGE_PLACEHOLDER, PROMPT_TEMPLATE, preprocess_image
+from .preprocess import IMAGE_PLACEHOLDER, PROMPT_TEMPLATE, normalise, preprocess_image
 from .rpn import RegionProposalNetwork
 
 
@@ -59,8 +58,7 @@ def _crop_pixels(image: Image.Image, box, size: int) -> Tensor:
     shrinking) and CLIP-normalised: (3, size, size)."""
     x0, y0, x1, y1 = box
     crop = image.crop((x0, y0, max(x1, x0 + 1), max(y1, y0 + 1))).resize((size, size), Image.BILINEAR)
-    pixels = torch.from_numpy(np.asarray(crop, dtype=np.float32) / 255.0).permute(2, 0, 1)
-    return (pixels - torch.tensor(CLIP_MEAN)[:, None, None]) / torch.tensor(CLIP_STD)[:, None, None]
+    return normalise(crop)
 
 
 class SDRPNLlava:
@@ -69,8 +67,9 @@ class SDRPNLlava:
     def __init__(self, model: nn.Module, tokenizer, rpn: RegionProposalNetwork, *, threshold: float = 0.15,
                  max_boxes: int = 2, token_ratio: float = -1, preprocessing: str = "pad",
                  prompt_template: str = PROMPT_TEMPLATE):
-        if preprocessing != "pad":
-            raise ValueError(f"preprocessing must be 'pad' (LLaVA-1.5's), got {preprocessing!r}")
+        if preprocessing not in PREPROCESSING_MODES:
+            raise ValueError(f"preprocessing must be one of {PREPROCESSING_MODES}, got {preprocessing!r}")
+        self.preprocessing = preprocessing
         self.model, self.tokenizer, self.rpn = model.eval(), tokenizer, rpn.eval()
         self.threshold, self.max_boxes, self.token_ratio = threshold, max_boxes, token_ratio
         self.template = prompt_template
@@ -120,7 +119,8 @@ class SDRPNLlava:
         start = time.perf_counter()
         images = self._images(images)
         prompts = [self._split_prompt(q) for q in questions]
-        pixels = torch.stack([preprocess_image(im, self.size)[0] for im in images]).to(self.device, self.dtype)
+        pixels = torch.stack([preprocess_image(im, self.size, mode=self.preprocessing)[0]
+                              for im in images]).to(self.device, self.dtype)
         prefix_ids, prefix_mask = left_pad([p for p, _ in prompts], self.pad_id, self.device)
         # The prefix is the same length for every sample (system text + image tokens).
         # Suffixes differ in length: padded on their left, i.e. between prefix and question.
@@ -156,7 +156,8 @@ class SDRPNLlava:
         for b, image in enumerate(images):
             grid_boxes = [tuple(bx) for bx, i in zip(boxes, index) if i == b]
             rois.append(RoiPrediction(
-                [grid_box_to_pixels(gb, self.grid, self.grid, image.width, image.height, self.size) for gb in grid_boxes],
+                [grid_box_to_pixels(gb, self.grid, self.grid, image.width, image.height, self.size,
+                                    self.preprocessing) for gb in grid_boxes],
                 grid_boxes, prob[b].cpu(), blurred[b].cpu()))
         t["boxes"] = _lap(start, self.device) - sum(t.values())
         return _Pass1(cache, prefix_mask, [s for _, s in prompts], rois, t), images

@@ -50,16 +50,38 @@ def load_rgb(path: str) -> Image.Image:
         return img.convert("RGB")
 
 
-def preprocess_image(image: Image.Image, size: int, mean=CLIP_MEAN, std=CLIP_STD) -> tuple[Tensor, Preprocessing]:
-    """(3, size, size) float32 pixel values and the record of how they were made."""
+def centre_crop_square(image: Image.Image, size: int) -> Image.Image:
+    """Hugging Face's default CLIP preprocessing: shortest edge resized to size, centre cut."""
+    w, h = image.size
+    ratio = max(size / w, size / h)
+    resized = image.resize((max(size, int(w * ratio)), max(size, int(h * ratio))), Image.BICUBIC)
+    left = (resized.width - size) // 2
+    top = (resized.height - size) // 2
+    return resized.crop((left, top, left + size, top + size))
+
+
+def normalise(image: Image.Image, mean=CLIP_MEAN, std=CLIP_STD) -> Tensor:
+    """(3, H, W) float32 CLIP-normalised pixel values of an RGB image."""
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    return (pixels - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+
+
+def preprocess_image(image: Image.Image, size: int, mean=CLIP_MEAN, std=CLIP_STD,
+                     mode: str = "pad") -> tuple[Tensor, Preprocessing]:
+    """(3, size, size) float32 pixel values and the record of how they were made: "pad"
+    (LLaVA-1.5: pad to a square with the mean colour, resize) or "crop" (resize the
+    shortest edge, cut the centre)."""
     if image.width < 1 or image.height < 1:
         raise ValueError(f"image must be at least 1x1 pixels, got {image.width}x{image.height}")
-    fill = tuple(int(round(255 * m)) for m in mean)
-    square = pad_to_square(image.convert("RGB"), fill)
-    resized = square.resize((size, size), Image.BICUBIC)
-    pixels = torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255.0).permute(2, 0, 1)
-    pixels = (pixels - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
-    return pixels, Preprocessing("pad", image.width, image.height, size)
+    rgb = image.convert("RGB")
+    if mode == "pad":
+        fill = tuple(int(round(255 * m)) for m in mean)
+        square = pad_to_square(rgb, fill).resize((size, size), Image.BICUBIC)
+    elif mode == "crop":
+        square = centre_crop_square(rgb, size)
+    else:
+        raise ValueError(f"mode must be 'pad' or 'crop', got {mode!r}")
+    return normalise(square, mean, std), Preprocessing(mode, image.width, image.height, size)
 
 
 def prompt_token_ids(tokenizer, question: str, image_token_id: int, num_image_tokens: int,

@@ -102,6 +102,15 @@ def test_no_box_is_answered_as_by_the_base_model(tiny):
     assert set(answers[0].timings) >= {"prefix", "early_exit", "rpn", "boxes", "crop_encode", "pass2_decode", "total"}
 
 
+def test_centre_crop_preprocessing(tiny):
+    sd = pipeline(tiny, blob_logits((0, 0, 4, 4)), preprocessing="crop")
+    roi = sd.predict_rois(images(1), QUESTIONS[:1])[0]
+    # The whole grid is the centre square of the 120x60 image.
+    assert roi.boxes == [(30, 0, 90, 60)]
+    with pytest.raises(ValueError, match="preprocessing must be one of"):
+        pipeline(tiny, preprocessing="stretch")
+
+
 def test_two_boxes_and_token_ratio(tiny):
     forced = blob_logits((0, 0, 1, 4), None)
     forced.view(2, 4, 4)[0, 3, :] = 10.0  # a second band: two boxes for sample 0
