@@ -78,6 +78,27 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--num-workers", type=int, default=0)
     train.add_argument("--device", default=None)
 
+    infer = sub.add_parser("infer", help="answer with RoI crops (one image, or a whole file)")
+    infer.add_argument("--model", required=True, help="LLaVA checkpoint folder (HF format)")
+    infer.add_argument("--rpn", required=True, help="folder of a trained RPN (sdrpn train --out)")
+    infer.add_argument("--image", default=None)
+    infer.add_argument("--question", default=None)
+    infer.add_argument("--data", default=None, help="LLaVA-format JSON to answer as a whole")
+    infer.add_argument("--image-folder", default=None)
+    infer.add_argument("--out", default=None, help="JSONL answers for --data (resumable)")
+    infer.add_argument("--viz", default=None, help="PNG with the RoI heat map and boxes")
+    infer.add_argument("--json", action="store_true", help="print one JSON object")
+    infer.add_argument("--threshold", type=float, default=0.15)
+    infer.add_argument("--max-boxes", type=_positive, default=2)
+    infer.add_argument("--token-ratio", type=float, default=-1)
+    infer.add_argument("--preprocessing", choices=["pad", "crop"], default="pad")
+    infer.add_argument("--max-new-tokens", type=_positive, default=128)
+    infer.add_argument("--batch-size", type=_positive, default=8)
+    infer.add_argument("--limit", type=_positive, default=None)
+    infer.add_argument("--prompt-template", default=PROMPT_TEMPLATE)
+    infer.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="fp16")
+    infer.add_argument("--device", default=None)
+
     convert = sub.add_parser("convert-labels", help="import a reference-implementation label pickle")
     convert.add_argument("pickle", help="IN.pkl")
     convert.add_argument("out", help="OUT_DIR")
@@ -130,6 +151,48 @@ def _run_train(args) -> dict:
     return result if rank == 0 else {}
 
 
+def _run_infer(args) -> None:
+    import torch
+
+    from .infer import SDRPNLlava
+    from .infer_job import InferFileConfig, answer_file, answer_record
+    from .llava.loading import load_llava
+    from .preprocess import load_rgb
+    from .rpn import RegionProposalNetwork
+    from .viz import roi_overlay, save_atomic
+
+    single = args.image is not None or args.question is not None
+    if single == (args.data is not None):
+        raise SystemExit("sdrpn infer: give either --image and --question, or --data (with --image-folder and --out)")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer = load_llava(args.model, args.dtype, device)
+    rpn = RegionProposalNetwork.load(args.rpn, model)
+    pipe = SDRPNLlava(model, tokenizer, rpn, threshold=args.threshold, max_boxes=args.max_boxes,
+                      token_ratio=args.token_ratio, preprocessing=args.preprocessing,
+                      prompt_template=args.prompt_template)
+    if not single:
+        if not args.image_folder or not args.out:
+            raise SystemExit("sdrpn infer --data needs --image-folder and --out")
+        cfg = InferFileConfig(args.data, args.image_folder, args.out, args.batch_size,
+                              args.max_new_tokens, args.limit)
+        print(json.dumps(answer_file(pipe, cfg)))
+        return
+    if args.image is None or args.question is None:
+        raise SystemExit("sdrpn infer: --image and --question go together")
+    image = load_rgb(args.image)
+    answer = pipe.generate([image], [args.question], args.max_new_tokens)[0]
+    record = answer_record(answer)
+    if args.viz:
+        save_atomic(roi_overlay(image, answer.rois.prob.numpy(), answer.rois.boxes, args.preprocessing), args.viz)
+        record["viz"] = args.viz
+    if args.json:
+        print(json.dumps(record))
+    else:
+        print(f"answer: {record['answer']}")
+        print(f"boxes (pixels): {record['boxes'] or 'none (answered as the base model)'}")
+        print("timing: " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in record["timings_s"].items()))
+
+
 def _run_label(args) -> dict:
     import torch.distributed as dist
 
@@ -171,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
         result = _run_train(args)
         if result:
             print(json.dumps(result))
+    elif args.command == "infer":
+        _run_infer(args)
     elif args.command == "convert-labels":
         from .convert import convert_reference_pickle
 

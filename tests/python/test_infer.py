@@ -159,3 +159,62 @@ def test_odd_images_are_handled(tiny, image):
     assert len(ans.tokens) >= 1
     for x0, y0, x1, y1 in ans.rois.boxes:
         assert 0 <= x0 <= x1 <= image.width and 0 <= y0 <= y1 <= image.height
+
+
+@pytest.fixture(scope="module")
+def infer_ws(tmp_path_factory):
+    from tiny_llava import save_tiny_llava
+
+    root = tmp_path_factory.mktemp("infer")
+    tiny = save_tiny_llava(str(root / "model"), grid=GRID, num_layers=4)
+    RegionProposalNetwork.from_llava(tiny.model, branch_layer=2, depth=2).save(str(root / "rpn"))
+    (root / "images").mkdir()
+    for i, im in enumerate(images(3, seed=5)):
+        im.save(root / "images" / f"{i}.png")
+    import json
+    data = [{"id": f"q{i}", "image": f"{i}.png", "conversations": [{"from": "human", "value": "<image>\n" + q}]}
+            for i, q in enumerate(QUESTIONS)]
+    data.insert(1, {"id": "gone", "image": "missing.png", "conversations": [{"from": "human", "value": "x ?"}]})
+    (root / "data.json").write_text(json.dumps(data))
+    return root
+
+
+def infer_cli(ws, *extra):
+    from sdrpn.cli import main
+
+    return main(["infer", "--model", str(ws / "model"), "--rpn", str(ws / "rpn"), "--dtype", "fp32",
+                 "--prompt-template", TEMPLATE, "--max-new-tokens", "3", "--threshold", "-0.9", *extra])
+
+
+def test_infer_cli_single_image_with_viz(infer_ws, tmp_path, capsys):
+    import json
+
+    viz = tmp_path / "roi.png"
+    assert infer_cli(infer_ws, "--image", str(infer_ws / "images" / "0.png"), "--question", QUESTIONS[0],
+                     "--viz", str(viz), "--json") == 0
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(record) >= {"answer", "boxes", "timings_s", "viz"}
+    with Image.open(viz) as im:
+        assert im.size == (120, 60)
+    assert infer_cli(infer_ws, "--image", str(infer_ws / "images" / "0.png"), "--question", QUESTIONS[0]) == 0
+    assert "answer:" in capsys.readouterr().out
+
+
+def test_infer_cli_whole_file_is_resumable(infer_ws, tmp_path, capsys):
+    import json
+
+    out = tmp_path / "answers.jsonl"
+    assert infer_cli(infer_ws, "--data", str(infer_ws / "data.json"), "--image-folder",
+                     str(infer_ws / "images"), "--out", str(out), "--limit", "2", "--batch-size", "2") == 0
+    first = [json.loads(line)["id"] for line in open(out)]
+    assert first == ["q0"]
+    with open(out, "a") as f:
+        f.write('{"id": "q1", "ans')  # a crash mid-line
+    assert infer_cli(infer_ws, "--data", str(infer_ws / "data.json"), "--image-folder",
+                     str(infer_ws / "images"), "--out", str(out), "--batch-size", "2") == 0
+    ids = [json.loads(line)["id"] for line in open(out)]
+    assert ids == ["q0", "q1", "q2"]
+    summary = json.loads((tmp_path / "answers.jsonl.summary.json").read_text())
+    assert summary == {"answered": 2, "already_done": 1, "skipped": 1, "skipped_by_reason": {"image missing": 1}}
+    with pytest.raises(SystemExit, match="either --image and --question, or --data"):
+        infer_cli(infer_ws)
