@@ -51,6 +51,8 @@ for dev in cuda cpu; do
 done
 step bench_train_rpn_7b python3 benchmarks/bench_train_rpn.py --size 7b --device cuda --batch 8 \
   --json "$LOGS/bench_train_rpn_7b.json"
+step bench_infer_7b python3 benchmarks/bench_infer.py --size 7b --device cuda \
+  --json "$LOGS/bench_infer_7b.json"
 step bench_label_pipeline_7b python3 benchmarks/bench_label_pipeline.py --size 7b --device cuda \
   --samples 32 --reference-samples 4 --answer-tokens 8 32 --batch-sizes 1 16 \
   --json "$LOGS/bench_label_pipeline_7b.json"

@@ -42,3 +42,10 @@ def test_rpn_scores_benchmark():
 def test_train_benchmark_runs_on_a_tiny_model():
     result = run("bench_train_rpn.py", "--batch", "2", "--steps", "1")
     assert result["results"]["checkpointing"]["samples_per_s"] > 0
+
+
+def test_infer_benchmark_runs_on_a_tiny_model():
+    result = run("bench_infer.py", "--answer-tokens", "2", "--batch-sizes", "2", "--repeats", "1")
+    row = result["results"][0]
+    assert row["2_box"]["throughput_vs_baseline"] > 0
+    assert set(row["1_box"]["stages_s"]) >= {"prefix", "early_exit", "rpn", "boxes", "crop_encode", "pass2_decode"}
