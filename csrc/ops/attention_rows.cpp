@@ -10,13 +10,11 @@
 #include <algorithm>
 #include <cmath>
 
+#include "checks.h"
+
 namespace sdrpn {
 namespace ops {
 namespace {
-
-bool is_supported_float(at::ScalarType t) {
-  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
-}
 
 void check_same_device(const at::Tensor& t, const char* name, const at::Tensor& query) {
   TORCH_CHECK(t.device() == query.device(), name, " must be on the device of query (",
@@ -32,8 +30,7 @@ void check_attention_rows_inputs(const at::Tensor& query, const at::Tensor& key,
                                  std::optional<double> scale) {
   TORCH_CHECK(query.dim() == 4, "query must be (B, H, Q, d), got shape ", query.sizes());
   TORCH_CHECK(key.dim() == 4, "key must be (B, Hk, L, d), got shape ", key.sizes());
-  TORCH_CHECK(is_supported_float(query.scalar_type()),
-              "query must be float32, float64, float16 or bfloat16, got ", query.scalar_type());
+  check_floating(query, "query");
   TORCH_CHECK(key.scalar_type() == query.scalar_type(), "key must have the dtype of query (",
               query.scalar_type(), "), got ", key.scalar_type());
   check_same_device(key, "key", query);

@@ -6,16 +6,15 @@
 
 #include <cmath>
 
+#include "checks.h"
+
 namespace sdrpn {
 namespace ops {
 
 void check_massive_activation_sinks_inputs(const at::Tensor& hidden, c10::IntArrayRef dims,
                                            double tau, double eps) {
   TORCH_CHECK(hidden.dim() == 3, "hidden must be (B, L, D), got shape ", hidden.sizes());
-  const auto dtype = hidden.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
-                  dtype == at::kBFloat16,
-              "hidden must be float32, float64, float16 or bfloat16, got ", dtype);
+  check_floating(hidden, "hidden");
   TORCH_CHECK(!dims.empty(), "dims must name at least one hidden dimension, got []");
   const int64_t hidden_size = hidden.size(2);
   for (const int64_t d : dims) {

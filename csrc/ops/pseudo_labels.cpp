@@ -6,13 +6,11 @@
 
 #include <cmath>
 
+#include "checks.h"
+
 namespace sdrpn {
 namespace ops {
 namespace {
-
-bool is_supported_float(at::ScalarType t) {
-  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
-}
 
 void check_ratio(const char* name, double value) {
   TORCH_CHECK(std::isfinite(value) && value >= 0.0, name,
@@ -26,9 +24,7 @@ void check_pseudo_labels_inputs(const at::Tensor& grounding, const at::Tensor& s
                                 double bg_ratio, double max_box_fraction) {
   TORCH_CHECK(grounding.dim() == 2, "grounding must be (B, N), got shape ", grounding.sizes());
   TORCH_CHECK(sink.dim() == 2, "sink must be (B, N), got shape ", sink.sizes());
-  TORCH_CHECK(is_supported_float(grounding.scalar_type()),
-              "grounding must be float32, float64, float16 or bfloat16, got ",
-              grounding.scalar_type());
+  check_floating(grounding, "grounding");
   TORCH_CHECK(sink.scalar_type() == grounding.scalar_type(),
               "sink must have the dtype of grounding (", grounding.scalar_type(), "), got ",
               sink.scalar_type());

@@ -9,15 +9,15 @@
 
 #include <cmath>
 
+#include "checks.h"
+
 namespace sdrpn {
 namespace ops {
 
 void check_roi_boxes_inputs(const at::Tensor& prob, double threshold, double sigma,
                             int64_t min_area, int64_t max_area, int64_t max_boxes) {
   TORCH_CHECK(prob.dim() == 3, "prob must be (B, H, W), got shape ", prob.sizes());
-  const auto t = prob.scalar_type();
-  TORCH_CHECK(t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16,
-              "prob must be float32, float64, float16 or bfloat16, got ", t);
+  check_floating(prob, "prob");
   TORCH_CHECK(prob.size(1) >= 1 && prob.size(2) >= 1, "prob's grid must be at least 1x1, got ",
               prob.size(1), "x", prob.size(2));
   TORCH_CHECK(prob.size(1) * prob.size(2) < (int64_t{1} << 31),

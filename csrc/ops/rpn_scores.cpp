@@ -14,13 +14,11 @@
 
 #include <cmath>
 
+#include "checks.h"
+
 namespace sdrpn {
 namespace ops {
 namespace {
-
-bool is_supported_float(at::ScalarType t) {
-  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
-}
 
 void check_like(const at::Tensor& t, const char* name, const at::Tensor& query) {
   TORCH_CHECK(t.scalar_type() == query.scalar_type(), name, " must have the dtype of query_states (",
@@ -69,9 +67,7 @@ void check_rpn_scores_inputs(const at::Tensor& query_states, const at::Tensor& v
                              const std::optional<at::Tensor>& visual_mask) {
   TORCH_CHECK(query_states.dim() == 2, "query_states must be (B, D), got shape ",
               query_states.sizes());
-  TORCH_CHECK(is_supported_float(query_states.scalar_type()),
-              "query_states must be float32, float64, float16 or bfloat16, got ",
-              query_states.scalar_type());
+  check_floating(query_states, "query_states");
   const int64_t batch = query_states.size(0), hidden = query_states.size(1);
   TORCH_CHECK(visual_states.dim() == 3 && visual_states.size(0) == batch &&
                   visual_states.size(2) == hidden,

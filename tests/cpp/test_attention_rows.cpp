@@ -1,6 +1,8 @@
 #include "sdrpn/attention_rows.h"
 
 #include <gtest/gtest.h>
+
+#include "error_text.h"
 #include <torch/cuda.h>
 #include <torch/torch.h>
 
@@ -53,14 +55,11 @@ TEST(AttentionRows, ChunkingOverKeyHeadsChangesNothing) {
 
 TEST(AttentionRows, WindowOutsideTheKeysIsRejected) {
   const auto in = make_inputs(2, 2);
-  try {
+  const auto message = sdrpn::testing::error_of([&] {
     sdrpn::attention_rows(in.query, in.key, in.positions, torch::tensor({0, 8}, torch::kLong), 6);
-    FAIL() << "expected an error";
-  } catch (const c10::Error& e) {
-    EXPECT_NE(std::string(e.what_without_backtrace())
-                  .find("key_start + key_length must stay within [0, L] with L = 12"),
-              std::string::npos);
-  }
+  });
+  EXPECT_NE(message.find("key_start + key_length must stay within [0, L] with L = 12"),
+            std::string::npos) << message;
 }
 
 TEST(AttentionRowsCuda, MatchesCpu) {

@@ -1,6 +1,8 @@
 #include "sdrpn/pseudo_labels.h"
 
 #include <gtest/gtest.h>
+
+#include "error_text.h"
 #include <torch/cuda.h>
 #include <torch/torch.h>
 
@@ -10,6 +12,7 @@
 
 namespace {
 
+using sdrpn::testing::error_of;
 constexpr int64_t I = -100;
 
 // The 4x4 example of tests/python/test_pseudo_labels.py, worked by hand.
@@ -25,15 +28,6 @@ std::pair<at::Tensor, at::Tensor> hand_example() {
 at::Tensor hand_expected() {
   const std::vector<int64_t> labels{0, 0, 0, 0, 0, 1, 1, 0, 0, I, 1, 0, I, 0, 0, 0};
   return torch::tensor(labels, torch::kLong).view({1, 16});
-}
-
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const c10::Error& e) {
-    return e.what_without_backtrace();
-  }
-  return "";
 }
 
 TEST(PseudoLabels, HandWorkedExample) {

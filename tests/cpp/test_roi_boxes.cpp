@@ -1,6 +1,8 @@
 #include "sdrpn/roi_boxes.h"
 
 #include <gtest/gtest.h>
+
+#include "error_text.h"
 #include <torch/cuda.h>
 #include <torch/torch.h>
 
@@ -35,13 +37,8 @@ TEST(RoiBoxes, TooManyComponentsMeansNone) {
 TEST(RoiBoxes, BadSigmaIsNamed) {
   sdrpn::RoiBoxOptions bad;
   bad.sigma = -1.0;
-  try {
-    sdrpn::roi_boxes(torch::rand({1, 4, 4}), bad);
-    FAIL() << "expected an error";
-  } catch (const c10::Error& e) {
-    EXPECT_NE(std::string(e.what_without_backtrace()).find("sigma must be a finite number > 0, got -1"),
-              std::string::npos);
-  }
+  const auto message = sdrpn::testing::error_of([&] { sdrpn::roi_boxes(torch::rand({1, 4, 4}), bad); });
+  EXPECT_NE(message.find("sigma must be a finite number > 0, got -1"), std::string::npos) << message;
 }
 
 TEST(RoiBoxesCuda, MatchesCpu) {
