@@ -64,12 +64,15 @@ def _crop_pixels(image: Image.Image, box, size: int) -> Tensor:
 class SDRPNLlava:
     """LLaVA-1.5 with a trained RPN: ``predict_rois`` and greedy ``generate`` for batches."""
 
-    def __init__(self, model: nn.Module, tokenizer, rpn: RegionProposalNetwork, *, threshold: float = 0.15,
+    def __init__(self, model: nn.Module, processor, rpn: RegionProposalNetwork, *, threshold: float = 0.15,
                  max_boxes: int = 2, token_ratio: float = -1, preprocessing: str = "pad",
                  prompt_template: str = PROMPT_TEMPLATE):
         if preprocessing not in PREPROCESSING_MODES:
             raise ValueError(f"preprocessing must be one of {PREPROCESSING_MODES}, got {preprocessing!r}")
         self.preprocessing = preprocessing
+        # A Hugging Face processor or its tokenizer: only the tokenizer is needed, the images
+        # are preprocessed here so that the boxes can be mapped back.
+        tokenizer = getattr(processor, "tokenizer", processor)
         self.model, self.tokenizer, self.rpn = model.eval(), tokenizer, rpn.eval()
         self.threshold, self.max_boxes, self.token_ratio = threshold, max_boxes, token_ratio
         self.template = prompt_template
@@ -198,8 +201,18 @@ class SDRPNLlava:
         return out[0].permute(1, 2, 0).reshape(th * tw, -1).to(features.dtype)
 
     @torch.no_grad()
-    def generate(self, images, questions, max_new_tokens: int = 128) -> list[SDRPNAnswer]:
-        """Greedy answers with the RoI crops; one SDRPNAnswer per sample."""
+    def generate(self, images, questions, max_new_tokens: int = 128, **generate_kwargs) -> list[SDRPNAnswer]:
+        """Greedy answers with the RoI crops; one SDRPNAnswer per sample.
+
+        Decoding is greedy (as SD-RPN evaluates); other `generate` options are refused
+        rather than silently ignored.
+        """
+        greedy = {"do_sample": False, "num_beams": 1}
+        other = {k: v for k, v in generate_kwargs.items() if greedy.get(k, object()) != v}
+        if other:
+            raise NotImplementedError(f"only greedy decoding is supported, got {other}")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         start = time.perf_counter()
         p1, images = self._pass1(images, questions)
         crop_tokens = self._crop_tokens(images, p1.rois)

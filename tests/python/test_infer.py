@@ -146,6 +146,11 @@ def test_bad_inputs(tiny):
         sd.predict_rois(images(2), QUESTIONS[:1])
     with pytest.raises(TypeError, match=r"images\[0\] must be a PIL image"):
         sd.predict_rois([torch.zeros(3, 4, 4)], QUESTIONS[:1])
+    with pytest.raises(NotImplementedError, match="only greedy decoding is supported, got {'do_sample': True}"):
+        sd.generate(images(1), QUESTIONS[:1], do_sample=True)
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 1, got 0"):
+        sd.generate(images(1), QUESTIONS[:1], max_new_tokens=0)
+    assert len(sd.generate(images(1), QUESTIONS[:1], max_new_tokens=1, do_sample=False)[0].tokens) == 1
     with pytest.raises(ValueError, match="mode must be one of"):
         grid_box_to_pixels((0, 0, 1, 1), 4, 4, 10, 10, mode="stretch")
 
@@ -218,3 +223,13 @@ def test_infer_cli_whole_file_is_resumable(infer_ws, tmp_path, capsys):
     assert summary == {"answered": 2, "already_done": 1, "skipped": 1, "skipped_by_reason": {"image missing": 1}}
     with pytest.raises(SystemExit, match="either --image and --question, or --data"):
         infer_cli(infer_ws)
+
+
+def test_accepts_a_processor_holding_the_tokenizer(tiny):
+    class Processor:
+        tokenizer = make_tokenizer()
+
+    rpn = RegionProposalNetwork.from_llava(tiny.model, branch_layer=2, depth=2)
+    sd = SDRPNLlava(tiny.model, Processor(), rpn, prompt_template=TEMPLATE)
+    assert sd.tokenizer is Processor.tokenizer
+    assert len(sd.predict_rois(images(1), QUESTIONS[:1])) == 1

@@ -74,8 +74,8 @@ def test_resume_gives_the_same_weights(ws, tmp_path):
     assert not (part / "rpn.safetensors").exists()
     assert main(train_args(ws, part, *common, "--resume")) == 0
     a, b = load_file(whole / "rpn.safetensors"), load_file(part / "rpn.safetensors")
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+    for key in a:  # bit-identical on the CPU; a GPU's GEMMs may differ in the last bit
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0 if not torch.cuda.is_available() else 1e-6)
     steps = sorted(os.listdir(part / "checkpoints"))
     assert "latest.json" in steps and len([s for s in steps if s.startswith("step-")]) <= 2
 
