@@ -46,7 +46,7 @@ fi
 build_stamp="$VENV/.sdrpn-build"
 build_hash=$( (find csrc include -type f -print0 | sort -z | xargs -0 sha256sum
                sha256sum setup.py pyproject.toml
-               env | grep -E '^(SDRPN_|TORCH_CUDA_ARCH_LIST=)' | sort) | sha256sum | cut -d' ' -f1)
+               env | grep -E '^(SDRPN_CPU_ONLY|SDRPN_FORCE_CUDA|SDRPN_CUDA_ARCHS|TORCH_CUDA_ARCH_LIST)=' | sort) | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$build_stamp" 2>/dev/null)" != "$build_hash" ] || ! ls python/sdrpn/_C*.so >/dev/null 2>&1; then
   log "building the extension (SDRPN_CPU_ONLY=${SDRPN_CPU_ONLY:-0})"
   MAX_JOBS=${MAX_JOBS:-$(nproc)} "$VENV/bin/python" -m pip install -q --no-build-isolation --no-deps -e .
