@@ -1,0 +1,118 @@
+"""The task generator: deterministic from a seed, with the ground-truth box of the target.
+
+Each image (default 448x448, four times a 112 px encoder input) holds a noisy background,
+clutter shapes, and one small coloured tag carrying a two-character code in a small font:
+unreadable in the thumbnail, readable in a crop. Questions ask for the code (the
+fine-detail question) or for things the thumbnail shows (the tag's colour, where it is,
+how many circles), so a model learns where to look.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+
+from PIL import Image, ImageDraw, ImageFont
+
+from ..io_utils import write_atomic, write_json
+
+COLOURS = {"red": (215, 40, 40), "blue": (40, 80, 215), "green": (35, 160, 60),
+           "yellow": (225, 195, 30), "purple": (140, 55, 185)}
+CODE_CHARS = "ABCDEFHKLMNPRTUVXY345789"
+KINDS = ("read", "colour", "where", "count")
+SPLITS = {"train": 0, "val": 10_000_000, "test": 20_000_000}  # disjoint seed ranges
+
+
+@dataclass
+class SynthSample:
+    id: str
+    image: Image.Image
+    question: str
+    answer: str
+    kind: str
+    box: tuple[int, int, int, int]  # the tag, pixels [x0, y0, x1, y1)
+
+    def record(self, image_path: str) -> dict:
+        """The LLaVA-format entry; the box is kept for evaluation only."""
+        return {"id": self.id, "image": image_path, "kind": self.kind, "gt_box": list(self.box),
+                "conversations": [{"from": "human", "value": "<image>\n" + self.question},
+                                  {"from": "gpt", "value": self.answer}]}
+
+
+def split_seeds(split: str, count: int) -> range:
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {sorted(SPLITS)}, got {split!r}")
+    return range(SPLITS[split], SPLITS[split] + count)
+
+
+def _where(box, size: int) -> str:
+    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+    return ("top" if cy < size / 2 else "bottom") + " " + ("left" if cx < size / 2 else "right")
+
+
+def make_sample(seed: int, size: int = 448, tag_font_px: int = 9, kind: str | None = None) -> SynthSample:
+    """One sample, identical for the same arguments on any machine."""
+    rng = random.Random(seed)
+    image = Image.new("RGB", (size, size))
+    pixels = image.load()
+    base = rng.randint(90, 160)
+    for y in range(0, size, 4):  # coarse noise: cheap, and no thumbnail shortcut
+        for x in range(0, size, 4):
+            v = base + rng.randint(-25, 25)
+            for dy in range(4):
+                for dx in range(4):
+                    pixels[x + dx, y + dy] = (v, v, v)
+    draw = ImageDraw.Draw(image)
+    circles = rng.randint(1, 4)
+    palette = list(COLOURS.values())
+    for i in range(circles + rng.randint(2, 5)):
+        r = rng.randint(size // 20, size // 9)
+        x, y = rng.randint(r, size - r), rng.randint(r, size - r)
+        colour = palette[rng.randrange(len(palette))]
+        if i < circles:
+            draw.ellipse([x - r, y - r, x + r, y + r], fill=colour)
+        else:
+            draw.rectangle([x - r, y - r // 2, x + r, y + r // 2], fill=colour, outline=(30, 30, 30))
+    font = ImageFont.load_default(size=tag_font_px)
+    code = "".join(rng.choice(CODE_CHARS) for _ in range(2))
+    tag_colour = rng.choice(sorted(COLOURS))
+    left, top, right, bottom = draw.textbbox((0, 0), code, font=font)
+    tw, th = right - left + 4, bottom - top + 4
+    x0, y0 = rng.randint(2, size - tw - 2), rng.randint(2, size - th - 2)
+    box = (x0, y0, x0 + tw, y0 + th)
+    draw.rectangle([box[0], box[1], box[2] - 1, box[3] - 1], fill=COLOURS[tag_colour])
+    draw.text((x0 + 2 - left, y0 + 2 - top), code, font=font, fill=(255, 255, 255))
+    kind = kind or rng.choice(KINDS)
+    if kind == "read":
+        question, answer = f"What is written on the {tag_colour} tag?", code
+    elif kind == "colour":
+        question, answer = "What colour is the tag?", tag_colour
+    elif kind == "where":
+        question, answer = "Where is the tag?", _where(box, size)
+    elif kind == "count":
+        question, answer = "How many circles are there?", str(circles)
+    else:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    return SynthSample(f"synth-{seed}", image, question, answer, kind, box)
+
+
+def write_dataset(folder: str, split: str, count: int, **kwargs) -> str:
+    """Images under folder/images and folder/{split}.json in LLaVA's format; returns the JSON
+    path. Existing images are kept, so a rerun only adds what is missing."""
+    images = os.path.join(folder, "images")
+    os.makedirs(images, exist_ok=True)
+    records = []
+    for seed in split_seeds(split, count):
+        sample = make_sample(seed, **kwargs)
+        name = f"{sample.id}.png"
+        path = os.path.join(images, name)
+        if not os.path.exists(path):
+            write_atomic(path, lambda tmp, im=sample.image: im.save(tmp, format="PNG"))
+        records.append(sample.record(name))
+    out = os.path.join(folder, f"{split}.json")
+    write_json(out, records)
+    return out
+
+
+__all__ = ["COLOURS", "KINDS", "SynthSample", "make_sample", "split_seeds", "write_dataset"]

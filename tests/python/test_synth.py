@@ -1,0 +1,59 @@
+import json
+
+import numpy as np
+import pytest
+
+from sdrpn.data import parse_entry
+from sdrpn.synth import COLOURS, make_char_tokenizer, make_sample, split_seeds, write_dataset
+from sdrpn.synth.task import KINDS
+
+
+def test_same_seed_same_sample():
+    a, b = make_sample(11), make_sample(11)
+    assert (a.question, a.answer, a.box) == (b.question, b.answer, b.box)
+    assert np.array_equal(np.asarray(a.image), np.asarray(b.image))
+    assert make_sample(12).image.tobytes() != a.image.tobytes()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_kind_and_the_tag_lies_in_its_box(kind):
+    for seed in range(5):
+        s = make_sample(seed, kind=kind)
+        assert s.kind == kind and s.answer
+        x0, y0, x1, y1 = s.box
+        assert 0 <= x0 < x1 <= 448 and 0 <= y0 < y1 <= 448
+        assert (x1 - x0) * (y1 - y0) < 448 * 448 / 400  # a small detail
+        patch = np.asarray(s.image)[y0:y1, x0:x1].reshape(-1, 3)
+        colours = [np.all(patch == c, axis=1).mean() for c in COLOURS.values()]
+        assert max(colours) > 0.4  # mostly the tag's colour, the rest the code's white
+        if kind == "read":
+            assert len(s.answer) == 2
+        if kind == "where":
+            assert s.answer in {"top left", "top right", "bottom left", "bottom right"}
+
+
+def test_splits_are_disjoint():
+    train, val, test = (set(split_seeds(s, 1000)) for s in ("train", "val", "test"))
+    assert not (train & val or train & test or val & test)
+    with pytest.raises(ValueError, match="split must be one of"):
+        split_seeds("dev", 3)
+
+
+def test_write_dataset_is_llava_format(tmp_path):
+    path = write_dataset(str(tmp_path), "val", 4)
+    data = json.loads(open(path).read())
+    assert len(data) == 4 and (tmp_path / "images" / data[0]["image"]).exists()
+    sample = parse_entry(data[0], 0)
+    assert sample.question and sample.answer and "gt_box" in data[0]
+    before = (tmp_path / "images" / data[0]["image"]).stat().st_mtime_ns
+    write_dataset(str(tmp_path), "val", 4)  # a rerun keeps the existing images
+    assert (tmp_path / "images" / data[0]["image"]).stat().st_mtime_ns == before
+
+
+def test_char_tokenizer_round_trip():
+    tok = make_char_tokenizer()
+    text = "What is written on the red tag? K7"
+    ids = tok(text)["input_ids"]
+    assert ids[0] == tok.bos_token_id and len(ids) == len(text) + 1
+    assert tok.decode(ids, skip_special_tokens=True) == text
+    assert (tok.pad_token_id, tok.eos_token_id, tok.convert_tokens_to_ids("<image>")) == (0, 2, 3)
