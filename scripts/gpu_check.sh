@@ -31,7 +31,7 @@ export SDRPN_CUDA_ARCHS=${SDRPN_CUDA_ARCHS:-$arch} TORCH_CUDA_ARCH_LIST=${SDRPN_
 echo "arch $SDRPN_CUDA_ARCHS, $(python3 -c 'import torch; print(torch.__version__)')"
 
 if ls .gpu_carry/wheels/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --target /tmp/sdrpn_site .gpu_carry/wheels/*.whl
+  python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/sdrpn_site .gpu_carry/wheels/*.whl
   export PYTHONPATH=/tmp/sdrpn_site
 fi
 export PYTHONPATH=$ROOT/python${PYTHONPATH:+:$PYTHONPATH}

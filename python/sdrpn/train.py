@@ -198,6 +198,9 @@ class RPNTrainer:
         optimizer = torch.optim.AdamW(rpn.parameters(), lr=cfg.lr, betas=cfg.betas,
                                       weight_decay=cfg.weight_decay)
         per_rank = len(train_set) // self.world
+        if per_rank == 0:
+            raise ValueError(f"the train split has {len(train_set)} samples, fewer than the "
+                             f"{self.world} ranks")
         micro_per_epoch = math.ceil(per_rank / cfg.batch_size)
         steps_per_epoch = math.ceil(micro_per_epoch / cfg.grad_accum)
         total = steps_per_epoch * cfg.epochs
