@@ -57,3 +57,38 @@ def test_char_tokenizer_round_trip():
     assert ids[0] == tok.bos_token_id and len(ids) == len(text) + 1
     assert tok.decode(ids, skip_special_tokens=True) == text
     assert (tok.pad_token_id, tok.eos_token_id, tok.convert_tokens_to_ids("<image>")) == (0, 2, 3)
+
+
+def test_tiny_llava_runs_the_whole_pipeline_on_a_task_sample(tmp_path):
+    import torch
+
+    from sdrpn.infer import SDRPNLlava
+    from sdrpn.rpn import RegionProposalNetwork
+    from sdrpn.synth import build_tiny_llava
+
+    model, tok = build_tiny_llava()
+    params = sum(p.numel() for p in model.parameters())
+    assert 1.5e6 < params < 4e6  # the size the recipe was measured with
+    assert model.config.image_seq_length == 64
+    rpn = RegionProposalNetwork.from_llava(model, branch_layer=3, depth=2)
+    sample = make_sample(4, kind="read")
+    pipe = SDRPNLlava(model, tok, rpn, threshold=-0.5)
+    answer = pipe.generate([sample.image], [sample.question], max_new_tokens=3)[0]
+    assert len(answer.tokens) >= 1 and answer.rois.prob.shape == (8, 8)
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    from sdrpn.llava.loading import load_llava
+    loaded, loaded_tok = load_llava(str(tmp_path / "m"), "fp32")
+    assert loaded_tok("K7")["input_ids"] == tok("K7")["input_ids"]
+    assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
+
+
+def test_metrics():
+    from sdrpn.synth import accuracy, box_iou, hit
+
+    assert accuracy([" K7.", "red", "blue"], ["k7", "Red", "green"]) == 2 / 3
+    with pytest.raises(ValueError, match="must pair up"):
+        accuracy(["a"], [])
+    assert box_iou((0, 0, 2, 2), (1, 1, 3, 3)) == pytest.approx(1 / 7)
+    assert box_iou((0, 0, 1, 1), (2, 2, 3, 3)) == 0.0
+    assert hit([(0, 0, 10, 10)], (2, 2, 5, 5)) and not hit([(3, 3, 10, 10)], (2, 2, 5, 5))

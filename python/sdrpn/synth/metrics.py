@@ -1,0 +1,33 @@
+"""Scoring on the synthetic task: answer accuracy and localisation against the true box."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+def normalise_answer(text: str) -> str:
+    return " ".join(text.strip().lower().rstrip(".").split())
+
+
+def accuracy(predictions: Sequence[str], answers: Sequence[str]) -> float:
+    """Exact match after trimming, lower-casing and dropping a final full stop."""
+    if len(predictions) != len(answers):
+        raise ValueError(f"predictions and answers must pair up, got {len(predictions)} and {len(answers)}")
+    if not answers:
+        return 0.0
+    return sum(normalise_answer(p) == normalise_answer(a) for p, a in zip(predictions, answers)) / len(answers)
+
+
+def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
+    """IoU of two [x0, y0, x1, y1) boxes."""
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def hit(boxes: Sequence[Sequence[float]], target: Sequence[float]) -> bool:
+    """Whether some predicted box contains the whole target."""
+    return any(b[0] <= target[0] and b[1] <= target[1] and b[2] >= target[2] and b[3] >= target[3]
+               for b in boxes)
