@@ -33,6 +33,7 @@ class SynthSample:
     answer: str
     kind: str
     box: tuple[int, int, int, int]  # the tag, pixels [x0, y0, x1, y1)
+    code: str                       # the tag's code, whatever the question
 
     def record(self, image_path: str) -> dict:
         """The LLaVA-format entry; the box is kept for evaluation only."""
@@ -91,7 +92,7 @@ def make_sample(seed: int, size: int = 448, tag_font_px: int = 9, kind: str | No
         question, answer = "How many circles are there?", str(circles)
     else:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    return SynthSample(f"synth-{seed}", image, question, answer, kind, box)
+    return SynthSample(f"synth-{seed}", image, question, answer, kind, box, code)
 
 
 def write_dataset(folder: str, split: str, count: int, **kwargs) -> str:

@@ -1,0 +1,72 @@
+"""Accuracy of a model on the synthetic task's held-out split, from the thumbnail alone or
+with a second view (the ground-truth crop, the upper bound, or a random crop of the same
+size), answered greedily in the same format SD-RPN uses: [thumbnail, view, question]."""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+
+import torch
+
+from ..infer import _crop_pixels
+from ..llava.maps import left_pad
+from ..preprocess import preprocess_image, prompt_token_ids
+from .metrics import normalise_answer
+from .task import make_sample, split_seeds
+from .train_base import TEMPLATE
+
+
+def view_box(box, size: int, scale: float = 4.0, rng: random.Random | None = None):
+    """A square `scale` tag widths wide: centred on the box, or placed at random."""
+    x0, y0, x1, y1 = box
+    side = min(size, int(max(x1 - x0, y1 - y0) * scale))
+    if rng is None:
+        cx, cy = (x0 + x1) // 2 - side // 2, (y0 + y1) // 2 - side // 2
+    else:
+        cx, cy = rng.randint(0, size - side), rng.randint(0, size - side)
+    cx, cy = min(max(cx, 0), size - side), min(max(cy, 0), size - side)
+    return cx, cy, cx + side, cy + side
+
+
+@torch.no_grad()
+def answer_with_views(model, tokenizer, samples, views: str, batch_size: int = 32, seed: int = 0,
+                      max_new_tokens: int = 6) -> list[str]:
+    """views: "none" (thumbnail only), "gt" (plus the ground-truth crop) or "random"."""
+    rng = random.Random(seed)
+    size = model.config.vision_config.image_size
+    grid = size // model.config.vision_config.patch_size
+    device = next(model.parameters()).device
+    image_id = model.config.image_token_id
+    out: list[str] = []
+    for i in range(0, len(samples), batch_size):
+        chunk = samples[i:i + batch_size]
+        pixels, ids = [], []
+        for s in chunk:
+            pixels.append(preprocess_image(s.image, size)[0])
+            n = 1
+            if views != "none":
+                box = view_box(s.box, s.image.width, rng=rng if views == "random" else None)
+                pixels.append(_crop_pixels(s.image, box, size))
+                n = 2
+            ids.append(prompt_token_ids(tokenizer, s.question, image_id, grid * grid * n, TEMPLATE))
+        input_ids, mask = left_pad(ids, tokenizer.pad_token_id, device)
+        gen = model.generate(input_ids=input_ids, attention_mask=mask,
+                             pixel_values=torch.stack(pixels).to(device, next(model.parameters()).dtype),
+                             max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        out += tokenizer.batch_decode(gen[:, input_ids.shape[1]:], skip_special_tokens=True)
+    return out
+
+
+def accuracy_table(model, tokenizer, count: int = 200, split: str = "test") -> dict:
+    """Accuracy by question kind for the thumbnail alone, the ground-truth crop and a random crop."""
+    samples = [make_sample(seed) for seed in split_seeds(split, count)]
+    table: dict = {}
+    for views in ("none", "gt", "random"):
+        answers = answer_with_views(model, tokenizer, samples, views)
+        right = defaultdict(list)
+        for s, a in zip(samples, answers):
+            right[s.kind].append(normalise_answer(a) == normalise_answer(s.answer))
+        table[views] = {k: round(sum(v) / len(v), 3) for k, v in sorted(right.items())}
+    return table
