@@ -31,7 +31,7 @@ def view_box(box, size: int, scale: float = 4.0, rng: random.Random | None = Non
 
 @torch.no_grad()
 def answer_with_views(model, tokenizer, samples, views: str, batch_size: int = 32, seed: int = 0,
-                      max_new_tokens: int = 6) -> list[str]:
+                      max_new_tokens: int = 16) -> list[str]:
     """views: "none" (thumbnail only), "gt" (plus the ground-truth crop) or "random"."""
     rng = random.Random(seed)
     size = model.config.vision_config.image_size
