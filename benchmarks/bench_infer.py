@@ -20,7 +20,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 from bench_label_pipeline import IMAGE_TOKEN, build_model  # noqa: E402
-from sdrpn.infer import SDRPNLlava, _crop_pixels  # noqa: E402
+from sdrpn.infer import SDRPNLlava  # noqa: E402
+from sdrpn.preprocess import crop_pixels  # noqa: E402
 from sdrpn.preprocess import preprocess_image  # noqa: E402
 from sdrpn.rpn import RegionProposalNetwork  # noqa: E402
 from timing import emit, machine, sync  # noqa: E402
@@ -105,7 +106,7 @@ def main() -> None:
 def full_recompute(pipe, imgs, prompts, answers, tokens, args):
     """Pass 2 without the prefix cache: [prefix, crop tokens, question] from scratch."""
     for b, (im, ans) in enumerate(zip(imgs, answers)):
-        crops = [_crop_pixels(im.convert("RGB"), box, pipe.size) for box in ans.rois.boxes]
+        crops = [crop_pixels(im.convert("RGB"), box, pipe.size) for box in ans.rois.boxes]
         prefix_len = prompts[b].index(IMAGE_TOKEN) + pipe.num_cells
         ids = prompts[b][:prefix_len] + [IMAGE_TOKEN] * (pipe.num_cells * len(crops)) + prompts[b][prefix_len:]
         ids = torch.tensor([ids], device=args.device)

@@ -14,14 +14,6 @@
 
 namespace sdrpn {
 namespace ops {
-namespace {
-
-void check_same_device(const at::Tensor& t, const char* name, const at::Tensor& query) {
-  TORCH_CHECK(t.device() == query.device(), name, " must be on the device of query (",
-              query.device(), "), got ", t.device());
-}
-
-}  // namespace
 
 void check_attention_rows_inputs(const at::Tensor& query, const at::Tensor& key,
                                  const at::Tensor& query_positions, const at::Tensor& key_start,
@@ -33,7 +25,7 @@ void check_attention_rows_inputs(const at::Tensor& query, const at::Tensor& key,
   check_floating(query, "query");
   TORCH_CHECK(key.scalar_type() == query.scalar_type(), "key must have the dtype of query (",
               query.scalar_type(), "), got ", key.scalar_type());
-  check_same_device(key, "key", query);
+  check_same_device(key, "key", query, "query");
   const int64_t batch = query.size(0), heads = query.size(1), rows = query.size(2);
   TORCH_CHECK(key.size(0) == batch, "key must have the batch size of query (", batch, "), got ",
               key.size(0));
@@ -48,12 +40,12 @@ void check_attention_rows_inputs(const at::Tensor& query, const at::Tensor& key,
               query_positions.sizes());
   TORCH_CHECK(query_positions.scalar_type() == at::kLong, "query_positions must be int64, got ",
               query_positions.scalar_type());
-  check_same_device(query_positions, "query_positions", query);
+  check_same_device(query_positions, "query_positions", query, "query");
   TORCH_CHECK(key_start.dim() == 1 && key_start.size(0) == batch, "key_start must be (B,) = (",
               batch, ",), got shape ", key_start.sizes());
   TORCH_CHECK(key_start.scalar_type() == at::kLong, "key_start must be int64, got ",
               key_start.scalar_type());
-  check_same_device(key_start, "key_start", query);
+  check_same_device(key_start, "key_start", query, "query");
   const int64_t seq_len = key.size(2);
   TORCH_CHECK(key_length >= 0 && key_length <= seq_len, "key_length must lie in [0, L] with L = ",
               seq_len, ", got ", key_length);
@@ -64,7 +56,7 @@ void check_attention_rows_inputs(const at::Tensor& query, const at::Tensor& key,
                 mask.sizes());
     TORCH_CHECK(mask.scalar_type() == at::kBool, "key_padding_mask must be bool, got ",
                 mask.scalar_type());
-    check_same_device(mask, "key_padding_mask", query);
+    check_same_device(mask, "key_padding_mask", query, "query");
   }
   if (scale.has_value()) {
     TORCH_CHECK(std::isfinite(*scale), "scale must be finite, got ", *scale);

@@ -16,4 +16,11 @@ inline void check_floating(const at::Tensor& t, const char* name) {
               " must be float32, float64, float16 or bfloat16, got ", t.scalar_type());
 }
 
+// "<name> must be on the device of <ref_name> (<device>), got <device>".
+inline void check_same_device(const at::Tensor& t, const char* name, const at::Tensor& ref,
+                              const char* ref_name) {
+  TORCH_CHECK(t.device() == ref.device(), name, " must be on the device of ", ref_name, " (",
+              ref.device(), "), got ", t.device());
+}
+
 }  // namespace sdrpn::ops

@@ -28,9 +28,7 @@ void check_pseudo_labels_inputs(const at::Tensor& grounding, const at::Tensor& s
   TORCH_CHECK(sink.scalar_type() == grounding.scalar_type(),
               "sink must have the dtype of grounding (", grounding.scalar_type(), "), got ",
               sink.scalar_type());
-  TORCH_CHECK(sink.device() == grounding.device(),
-              "sink must be on the device of grounding (", grounding.device(), "), got ",
-              sink.device());
+  check_same_device(sink, "sink", grounding, "grounding");
   TORCH_CHECK(sink.sizes() == grounding.sizes(), "sink must have the shape of grounding (",
               grounding.sizes(), "), got ", sink.sizes());
   TORCH_CHECK(grid_h >= 1, "grid_h must be >= 1, got ", grid_h);

@@ -23,8 +23,7 @@ namespace {
 void check_like(const at::Tensor& t, const char* name, const at::Tensor& query) {
   TORCH_CHECK(t.scalar_type() == query.scalar_type(), name, " must have the dtype of query_states (",
               query.scalar_type(), "), got ", t.scalar_type());
-  TORCH_CHECK(t.device() == query.device(), name, " must be on the device of query_states (",
-              query.device(), "), got ", t.device());
+  check_same_device(t, name, query, "query_states");
 }
 
 struct Heads {
@@ -105,9 +104,7 @@ void check_rpn_scores_inputs(const at::Tensor& query_states, const at::Tensor& v
                 "), got shape ", visual_mask->sizes());
     TORCH_CHECK(visual_mask->scalar_type() == at::kBool, "visual_mask must be bool, got ",
                 visual_mask->scalar_type());
-    TORCH_CHECK(visual_mask->device() == query_states.device(),
-                "visual_mask must be on the device of query_states (", query_states.device(),
-                "), got ", visual_mask->device());
+    check_same_device(*visual_mask, "visual_mask", query_states, "query_states");
   }
 }
 

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from .llava.maps import position_ids_from_mask
-from .llava.probe import EarlyExit, decoder_layers
+from .llava.probe import EarlyExit, capture_outputs, decoder_layers
 
 
 @torch.no_grad()
@@ -18,15 +18,9 @@ def branch_hidden_states(model: nn.Module, input_ids: Tensor, attention_mask: Te
     Equal to ``hidden_states[K]`` of a full forward, but layers >= K never run: the output
     of layer K-1 is taken by a forward hook, and the decoder stops there.
     """
-    captured: list[Tensor] = []
-    hook = decoder_layers(model)[branch_layer - 1].register_forward_hook(
-        lambda _m, _i, out: captured.append(out[0] if isinstance(out, tuple) else out))
     position_ids = position_ids_from_mask(attention_mask)
-    try:
-        with EarlyExit(model, branch_layer):
-            model.model(input_ids=input_ids, attention_mask=attention_mask,
-                        pixel_values=pixel_values.to(next(model.parameters()).dtype),
-                        position_ids=position_ids, use_cache=False)
-    finally:
-        hook.remove()
+    with capture_outputs(decoder_layers(model)[branch_layer - 1]) as captured, EarlyExit(model, branch_layer):
+        model.model(input_ids=input_ids, attention_mask=attention_mask,
+                    pixel_values=pixel_values.to(next(model.parameters()).dtype),
+                    position_ids=position_ids, use_cache=False)
     return captured[-1], position_ids

@@ -22,9 +22,10 @@ from transformers import DynamicCache
 
 from . import ops
 from .boxes import PREPROCESSING_MODES, grid_box_to_pixels
-from .llava.maps import left_pad
-from .llava.probe import EarlyExit, decoder_layers
-from .preprocess import IMAGE_PLACEHOLDER, PROMPT_TEMPLATE, normalise, preprocess_image
+from .llava.loading import pad_token_id
+from .llava.maps import left_pad, position_ids_from_mask
+from .llava.probe import EarlyExit, capture_outputs, decoder_layers
+from .preprocess import PROMPT_TEMPLATE, crop_pixels, preprocess_image, split_prompt_ids
 from .rpn import RegionProposalNetwork
 
 
@@ -53,14 +54,6 @@ class _Pass1:
     timings: dict
 
 
-def _crop_pixels(image: Image.Image, box, size: int) -> Tensor:
-    """A source-image crop resized to the encoder's input (PIL bilinear, antialiased when
-    shrinking) and CLIP-normalised: (3, size, size)."""
-    x0, y0, x1, y1 = box
-    crop = image.crop((x0, y0, max(x1, x0 + 1), max(y1, y0 + 1))).resize((size, size), Image.BILINEAR)
-    return normalise(crop)
-
-
 class SDRPNLlava:
     """LLaVA-1.5 with a trained RPN: ``predict_rois`` and greedy ``generate`` for batches."""
 
@@ -83,7 +76,7 @@ class SDRPNLlava:
         self.image_token_id = model.config.image_token_id
         self.branch = rpn.config.branch_layer
         self.eos_id = tokenizer.eos_token_id
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
+        self.pad_id = pad_token_id(tokenizer)
 
     @property
     def device(self) -> torch.device:
@@ -97,11 +90,8 @@ class SDRPNLlava:
     def _split_prompt(self, question: str) -> tuple[list[int], list[int]]:
         if not isinstance(question, str) or not question.strip():
             raise ValueError(f"question must be a non-empty string, got {question!r}")
-        text = self.template.format(question=question.strip())
-        before, _, after = text.partition(IMAGE_PLACEHOLDER)
-        prefix = self.tokenizer(before, add_special_tokens=True)["input_ids"] + [self.image_token_id] * self.num_cells
-        suffix = self.tokenizer(after, add_special_tokens=False)["input_ids"]
-        return prefix, suffix
+        return split_prompt_ids(self.tokenizer, question, self.image_token_id, self.num_cells,
+                                self.template)
 
     def _images(self, images) -> list[Image.Image]:
         out = []
@@ -128,23 +118,18 @@ class SDRPNLlava:
         # The prefix is the same length for every sample (system text + image tokens).
         # Suffixes differ in length: padded on their left, i.e. between prefix and question.
         suffix_ids, suffix_mask = left_pad([s for _, s in prompts], self.pad_id, self.device)
-        layer = decoder_layers(self.model)[self.branch - 1]
-        captured: list[Tensor] = []
-        hook = layer.register_forward_hook(lambda _m, _i, out: captured.append(out[0] if isinstance(out, tuple) else out))
-        try:
+        with capture_outputs(decoder_layers(self.model)[self.branch - 1]) as captured:
             cache = DynamicCache(config=self.model.config.get_text_config())
-            prefix_pos = (prefix_mask.cumsum(-1) - 1).clamp(min=0)
+            prefix_pos = position_ids_from_mask(prefix_mask)
             self.model.model(input_ids=prefix_ids, attention_mask=prefix_mask, pixel_values=pixels,
                              position_ids=prefix_pos, past_key_values=cache, use_cache=True)
             t["prefix"] = _lap(start, self.device)
             full_mask = torch.cat([prefix_mask, suffix_mask], 1)
-            suffix_pos = prefix_mask.sum(1, keepdim=True) + (suffix_mask.cumsum(-1) - 1).clamp(min=0)
+            suffix_pos = prefix_mask.sum(1, keepdim=True) + position_ids_from_mask(suffix_mask)
             with EarlyExit(self.model, self.branch):
                 self.model.model(input_ids=suffix_ids, attention_mask=full_mask, position_ids=suffix_pos,
                                  past_key_values=cache, use_cache=True)
             t["early_exit"] = _lap(start, self.device) - t["prefix"]
-        finally:
-            hook.remove()
         for cache_layer in cache.layers[: self.branch]:
             cache_layer.crop(-suffix_ids.shape[1])
         hidden = torch.cat([captured[0], captured[1]], 1)
@@ -176,7 +161,7 @@ class SDRPNLlava:
         crops, owner, grid_boxes = [], [], []
         for b, (image, roi) in enumerate(zip(images, rois)):
             for box, gbox in zip(roi.boxes, roi.grid_boxes):
-                crops.append(_crop_pixels(image, box, self.size))
+                crops.append(crop_pixels(image, box, self.size))
                 owner.append(b)
                 grid_boxes.append(gbox)
         hidden = self.model.config.text_config.hidden_size
@@ -227,7 +212,7 @@ class SDRPNLlava:
             new[b, width - p.shape[0]:] = p
             new_mask[b, width - p.shape[0]:] = 1
         mask = torch.cat([p1.prefix_mask, new_mask], 1)
-        pos = p1.prefix_mask.sum(1, keepdim=True) + (new_mask.cumsum(-1) - 1).clamp(min=0)
+        pos = p1.prefix_mask.sum(1, keepdim=True) + position_ids_from_mask(new_mask)
         tokens = _greedy(self.model, p1.cache, new, mask, pos, max_new_tokens, self.eos_id)
         t_total = _lap(start, self.device)
         timings = dict(p1.timings, crop_encode=t_crop, pass2_decode=t_total - sum(p1.timings.values()) - t_crop,

@@ -28,6 +28,7 @@ from . import ops
 from .data import QASample, SkipSample, load_entries, parse_entry, resolve_image
 from .io_utils import read_json, write_atomic, write_json, write_jsonl
 from .label_data import LABEL_CONFIG
+from .llava.loading import pad_token_id
 from .llava.maps import TeacherForcedBatch, attention_maps, left_pad
 from .llava.presets import LlavaPreset
 from .preprocess import PROMPT_TEMPLATE, Preprocessing, load_rgb, preprocess_image, prompt_token_ids
@@ -100,7 +101,7 @@ class LabelJob:
         self.num_cells = self.grid * self.grid
         self.image_token_id = config.image_token_id
         self.eos_id = tokenizer.eos_token_id
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
+        self.pad_id = pad_token_id(tokenizer)
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.prefix = f"rank{cfg.rank:03d}"

@@ -32,6 +32,11 @@ class Preprocessing:
         return asdict(self)
 
 
+def mean_fill(mean=CLIP_MEAN) -> tuple[int, int, int]:
+    """The normalisation mean as an 8-bit colour: what padding is filled with."""
+    return tuple(int(round(255 * m)) for m in mean)
+
+
 def pad_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
     """Centre the image on a square canvas of the mean colour (LLaVA-1.5's expand2square)."""
     w, h = image.size
@@ -75,8 +80,7 @@ def preprocess_image(image: Image.Image, size: int, mean=CLIP_MEAN, std=CLIP_STD
         raise ValueError(f"image must be at least 1x1 pixels, got {image.width}x{image.height}")
     rgb = image.convert("RGB")
     if mode == "pad":
-        fill = tuple(int(round(255 * m)) for m in mean)
-        square = pad_to_square(rgb, fill).resize((size, size), Image.BICUBIC)
+        square = pad_to_square(rgb, mean_fill(mean)).resize((size, size), Image.BICUBIC)
     elif mode == "crop":
         square = centre_crop_square(rgb, size)
     else:
@@ -84,9 +88,10 @@ def preprocess_image(image: Image.Image, size: int, mean=CLIP_MEAN, std=CLIP_STD
     return normalise(square, mean, std), Preprocessing(mode, image.width, image.height, size)
 
 
-def prompt_token_ids(tokenizer, question: str, image_token_id: int, num_image_tokens: int,
-                     template: str = PROMPT_TEMPLATE) -> list[int]:
-    """The prompt with its image placeholder expanded to num_image_tokens image tokens.
+def split_prompt_ids(tokenizer, question: str, image_token_id: int, num_image_tokens: int,
+                     template: str = PROMPT_TEMPLATE) -> tuple[list[int], list[int]]:
+    """The prompt as (prefix, suffix): the prefix ends with the num_image_tokens image
+    tokens that replace the placeholder, the suffix holds the question and what follows.
 
     The text around the placeholder is tokenized on its own, so the image tokens never
     merge with neighbouring text whatever the tokenizer.
@@ -95,7 +100,20 @@ def prompt_token_ids(tokenizer, question: str, image_token_id: int, num_image_to
     before, sep, after = text.partition(IMAGE_PLACEHOLDER)
     if not sep:
         raise ValueError(f"template must contain {IMAGE_PLACEHOLDER}, got {template!r}")
-    ids = tokenizer(before, add_special_tokens=True)["input_ids"]
-    ids += [image_token_id] * num_image_tokens
-    ids += tokenizer(after, add_special_tokens=False)["input_ids"]
-    return ids
+    prefix = tokenizer(before, add_special_tokens=True)["input_ids"] + [image_token_id] * num_image_tokens
+    return prefix, tokenizer(after, add_special_tokens=False)["input_ids"]
+
+
+def prompt_token_ids(tokenizer, question: str, image_token_id: int, num_image_tokens: int,
+                     template: str = PROMPT_TEMPLATE) -> list[int]:
+    """The whole prompt of split_prompt_ids as one list."""
+    prefix, suffix = split_prompt_ids(tokenizer, question, image_token_id, num_image_tokens, template)
+    return prefix + suffix
+
+
+def crop_pixels(image: Image.Image, box, size: int) -> Tensor:
+    """A source-image crop [x0, y0, x1, y1) (at least one pixel) resized to the encoder's
+    input with PIL bilinear (antialiased when shrinking) and CLIP-normalised: (3, size, size)."""
+    x0, y0, x1, y1 = box
+    crop = image.crop((x0, y0, max(x1, x0 + 1), max(y1, y0 + 1))).resize((size, size), Image.BILINEAR)
+    return normalise(crop)

@@ -28,6 +28,7 @@ from transformers import get_cosine_schedule_with_warmup
 from .features import branch_hidden_states
 from .io_utils import read_json, write_json
 from .label_data import LabelBatch, LabelCollator, LabelShardDataset
+from .llava.loading import pad_token_id
 from .rpn import RegionProposalNetwork, rpn_loss
 
 log = logging.getLogger(__name__)
@@ -164,8 +165,7 @@ class RPNTrainer:
         self.cfg, self.model, self.tokenizer = cfg, model, tokenizer
         self.rank, self.world, self.device = rank, world_size, torch.device(device)
         self.image_token_id = model.config.image_token_id
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.collator = LabelCollator(pad)
+        self.collator = LabelCollator(pad_token_id(tokenizer))
 
     def _autocast(self):
         if self.cfg.bf16:

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from .data import SkipSample, resolve_image
 from .io_utils import read_jsonl
-from .preprocess import CLIP_MEAN, load_rgb, pad_to_square
+from .preprocess import load_rgb, mean_fill, pad_to_square
 from .viz import label_grid, overlay_panel, save_atomic
 
 
@@ -40,8 +40,7 @@ def visualise_labels(label_dir: str, out: str, num: int = 16, image_folder: str 
             if image_folder and row.get("image"):
                 try:
                     image = load_rgb(resolve_image(image_folder, row["image"]))
-                    fill = tuple(int(round(255 * m)) for m in CLIP_MEAN)
-                    panels.insert(0, overlay_panel(pad_to_square(image, fill),
+                    panels.insert(0, overlay_panel(pad_to_square(image, mean_fill()),
                                                    g.view(gh, gw).numpy(),
                                                    labels.view(gh, gw).numpy(),
                                                    sink.view(gh, gw).numpy(), size=grid_png.height))

@@ -5,7 +5,7 @@ from PIL import Image
 from sdrpn.boxes import grid_box_to_pixels, pixel_box_to_grid
 from sdrpn.infer import SDRPNLlava
 from sdrpn.llava.maps import position_ids_from_mask
-from sdrpn.preprocess import preprocess_image
+from sdrpn.preprocess import crop_pixels, preprocess_image
 from sdrpn.rpn import RegionProposalNetwork
 from tiny_llava import IMAGE, make_tiny_llava, make_tokenizer
 
@@ -84,9 +84,8 @@ def test_answer_equals_full_sequence_generate_and_batch_equals_single(tiny):
     assert [len(a.rois.boxes) for a in answers] == [1, 0, 1]
     for b, ans in enumerate(answers):
         crops = []
-        from sdrpn.infer import _crop_pixels
         for box in ans.rois.boxes:
-            crops.append(_crop_pixels(ims[b].convert("RGB"), box, 56))
+            crops.append(crop_pixels(ims[b].convert("RGB"), box, 56))
         assert ans.tokens == full_sequence_generate(sd, ims[b], QUESTIONS[b], crops, 5)
         alone = pipeline(tiny, forced[b:b + 1]).generate([ims[b]], [QUESTIONS[b]], max_new_tokens=5)[0]
         assert alone.tokens == ans.tokens and alone.rois.boxes == ans.rois.boxes

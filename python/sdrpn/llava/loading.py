@@ -16,6 +16,11 @@ def parse_dtype(name: str) -> torch.dtype:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {name!r}") from None
 
 
+def pad_token_id(tokenizer) -> int:
+    """The tokenizer's padding id, or its end-of-sequence id when it has none (LLaMA's)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def load_llava(model_dir: str, dtype: str = "bf16", device: str = "cpu") -> tuple[nn.Module, object]:
     """A frozen LlavaForConditionalGeneration in eval mode on SDPA attention, and its tokenizer.
     Local folders only: nothing is downloaded."""

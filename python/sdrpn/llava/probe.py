@@ -8,6 +8,7 @@ exactly what it computes with SDPA, and the probe keeps q and k of the probed la
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 
 import torch
@@ -80,6 +81,19 @@ class AttentionProbe:
         def capture(query: Tensor, key: Tensor) -> None:
             self.captured[layer] = (query.detach(), key.detach())
         return capture
+
+
+@contextlib.contextmanager
+def capture_outputs(module: nn.Module):
+    """Context manager yielding a list that receives the module's output tensor (the hidden
+    states, for a decoder layer) at each forward while the context lasts."""
+    captured: list[Tensor] = []
+    hook = module.register_forward_hook(
+        lambda _m, _i, out: captured.append(out[0] if isinstance(out, tuple) else out))
+    try:
+        yield captured
+    finally:
+        hook.remove()
 
 
 class EarlyExit:

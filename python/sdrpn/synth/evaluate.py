@@ -9,9 +9,8 @@ from collections import defaultdict
 
 import torch
 
-from ..infer import _crop_pixels
 from ..llava.maps import left_pad
-from ..preprocess import preprocess_image, prompt_token_ids
+from ..preprocess import crop_pixels, preprocess_image, prompt_token_ids
 from .metrics import normalise_answer
 from .task import make_sample, split_seeds
 from .train_base import TEMPLATE
@@ -47,7 +46,7 @@ def answer_with_views(model, tokenizer, samples, views: str, batch_size: int = 3
             n = 1
             if views != "none":
                 box = view_box(s.box, s.image.width, rng=rng if views == "random" else None)
-                pixels.append(_crop_pixels(s.image, box, size))
+                pixels.append(crop_pixels(s.image, box, size))
                 n = 2
             ids.append(prompt_token_ids(tokenizer, s.question, image_id, grid * grid * n, TEMPLATE))
         input_ids, mask = left_pad(ids, tokenizer.pad_token_id, device)

@@ -20,10 +20,9 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from ..infer import _crop_pixels
 from ..io_utils import write_atomic, write_json
 from ..llava.maps import left_pad
-from ..preprocess import preprocess_image, prompt_token_ids
+from ..preprocess import crop_pixels, preprocess_image, prompt_token_ids
 from .model import TinyLlavaSpec, build_tiny_llava
 from .task import CODE_CHARS, SynthSample, make_sample, split_seeds
 
@@ -101,10 +100,10 @@ class BaseTrainer:
         for s in samples:
             thumbs.append(preprocess_image(s.image, self.size)[0])
             x0, y0, x1, y1 = s.box
-            crops.append(_crop_pixels(s.image, (x0 - 2, y0 - 2, x1 + 2, y1 + 2), self.size))
+            crops.append(crop_pixels(s.image, (x0 - 2, y0 - 2, x1 + 2, y1 + 2), self.size))
             n_images = 1
             if zoom:
-                views.append(_crop_pixels(s.image, zoom_box(s, rng, rng.random() < self.cfg.zoom_on_tag,
+                views.append(crop_pixels(s.image, zoom_box(s, rng, rng.random() < self.cfg.zoom_on_tag,
                                                             s.image.width), self.size))
                 n_images = 2
             prompt = prompt_token_ids(self.tok, s.question, self.image_id, self.grid ** 2 * n_images, TEMPLATE)
