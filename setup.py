@@ -10,6 +10,9 @@ Environment:
 import glob
 import os
 import shutil
+import subprocess
+import sysconfig
+import tempfile
 
 from setuptools import find_packages, setup
 import torch
@@ -42,6 +45,42 @@ def _sources(pattern: str) -> list[str]:
     return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern), recursive=True))
 
 
+def _loaded_libstdcxx() -> str | None:
+    """The libstdc++ this process (and so torch) runs with, from the loader's map."""
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                path = line.split()[-1]
+                if os.path.basename(path).startswith("libstdc++.so"):
+                    return path
+    except OSError:
+        pass
+    return None
+
+
+def _libstdcxx_link_args() -> list[str]:
+    """Some toolchains (a GCC whose library folder holds only libstdc++.a, for one) put a
+    private copy of libstdc++ into every shared object. Loaded into a process whose
+    libstdc++ came with torch, that copy's locale is never set up, and the first error
+    message an op formats (an ostream insertion) crashes the process. A probe library
+    shows whether the compiler does that; if it does, the process's own libstdc++.so is
+    linked explicitly, ahead of the compiler's implicit one."""
+    cxx = (os.environ.get("CXX") or sysconfig.get_config_var("CXX") or "c++").split()
+    with tempfile.TemporaryDirectory() as tmp:
+        src, lib = os.path.join(tmp, "probe.cpp"), os.path.join(tmp, "probe.so")
+        with open(src, "w") as f:
+            f.write("#include <sstream>\nint probe(long v) { std::ostringstream s; s << v; return (int)s.str().size(); }\n")
+        try:
+            subprocess.run(cxx + ["-shared", "-fPIC", src, "-o", lib], check=True, capture_output=True)
+            dynamic = subprocess.run(["readelf", "-d", lib], check=True, capture_output=True, text=True).stdout
+        except (OSError, subprocess.CalledProcessError):
+            return []  # no probe possible: leave the toolchain's default alone
+    if "libstdc++" in dynamic:
+        return []
+    runtime = _loaded_libstdcxx()
+    return [runtime] if runtime else []
+
+
 def _extension():
     with_cuda = _want_cuda()
     archs = os.environ.get("SDRPN_CUDA_ARCHS", "8.0;9.0")
@@ -55,10 +94,12 @@ def _extension():
         sources += _sources("csrc/ops/cuda/*.cu")
         define_macros += [("SDRPN_WITH_CUDA", None), ("SDRPN_CUDA_ARCHS", f'"{archs}"')]
         extra["nvcc"] = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+    link_args = _libstdcxx_link_args()
     print(
         f"sdrpn build: version={VERSION} torch={torch.__version__} torch.cuda={torch.version.cuda} "
         f"cuda_home={CUDA_HOME} with_cuda={with_cuda} "
-        f"archs={archs if with_cuda else '-'} sources={len(sources)}"
+        f"archs={archs if with_cuda else '-'} sources={len(sources)} "
+        f"libstdc++={'linked explicitly: ' + link_args[0] if link_args else 'toolchain default'}"
     )
     kind = CUDAExtension if with_cuda else CppExtension
     return kind(
@@ -67,6 +108,7 @@ def _extension():
         include_dirs=[os.path.join(ROOT, "include")],
         define_macros=define_macros,
         extra_compile_args=extra,
+        extra_link_args=link_args,
     )
 
 
@@ -74,6 +116,8 @@ setup(
     version=VERSION,
     packages=find_packages("python"),
     package_dir={"": "python"},
+    # The synthetic task's trained stand-in model (a few MB), so the demo starts at once.
+    package_data={"sdrpn.synth": ["base_model/*"]},
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension},
 )

@@ -29,6 +29,9 @@ from .preprocess import PROMPT_TEMPLATE, crop_pixels, preprocess_image, split_pr
 from .rpn import RegionProposalNetwork
 
 
+ROI_OPTIONS = {"sigma", "min_area", "max_area", "drop_singletons", "reference_clamp"}
+
+
 @dataclass
 class RoiPrediction:
     boxes: list[tuple[int, int, int, int]]       # source pixels [x0, y0, x1, y1)
@@ -59,7 +62,9 @@ class SDRPNLlava:
 
     def __init__(self, model: nn.Module, processor, rpn: RegionProposalNetwork, *, threshold: float = 0.15,
                  max_boxes: int = 2, token_ratio: float = -1, preprocessing: str = "pad",
-                 prompt_template: str = PROMPT_TEMPLATE):
+                 prompt_template: str = PROMPT_TEMPLATE, roi_options: dict | None = None):
+        """roi_options: further box rules for ops.roi_boxes (sigma, min_area, max_area,
+        drop_singletons, reference_clamp); the defaults are SPEC's, made for 24x24 grids."""
         if preprocessing not in PREPROCESSING_MODES:
             raise ValueError(f"preprocessing must be one of {PREPROCESSING_MODES}, got {preprocessing!r}")
         self.preprocessing = preprocessing
@@ -68,6 +73,10 @@ class SDRPNLlava:
         tokenizer = getattr(processor, "tokenizer", processor)
         self.model, self.tokenizer, self.rpn = model.eval(), tokenizer, rpn.eval()
         self.threshold, self.max_boxes, self.token_ratio = threshold, max_boxes, token_ratio
+        self.roi_options = dict(roi_options or {})
+        unknown = set(self.roi_options) - ROI_OPTIONS
+        if unknown:
+            raise ValueError(f"roi_options may hold {sorted(ROI_OPTIONS)}, got {sorted(unknown)}")
         self.template = prompt_template
         vision = model.config.vision_config
         self.size = vision.image_size
@@ -138,7 +147,8 @@ class SDRPNLlava:
         logits = self.rpn(hidden.to(self.rpn.q_proj.weight.dtype), full_mask, positions, ids == self.image_token_id)
         prob = torch.sigmoid(logits.float()).view(-1, self.grid, self.grid)
         t["rpn"] = _lap(start, self.device) - t["prefix"] - t["early_exit"]
-        boxes, index, blurred = ops.roi_boxes(prob, threshold=self.threshold, max_boxes=self.max_boxes)
+        boxes, index, blurred = ops.roi_boxes(prob, threshold=self.threshold, max_boxes=self.max_boxes,
+                                              **self.roi_options)
         rois = []
         boxes, index = boxes.tolist(), index.tolist()
         for b, image in enumerate(images):

@@ -30,6 +30,13 @@ def write_json(path: str, payload) -> None:
     write_atomic(path, write)
 
 
+def write_text(path: str, text: str) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            f.write(text)
+    write_atomic(path, write)
+
+
 def write_jsonl(path: str, rows: Iterable[dict]) -> None:
     def write(tmp: str) -> None:
         with open(tmp, "w") as f:

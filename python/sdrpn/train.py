@@ -29,6 +29,7 @@ from .features import branch_hidden_states
 from .io_utils import read_json, write_json
 from .label_data import LabelBatch, LabelCollator, LabelShardDataset
 from .llava.loading import pad_token_id
+from .optim_state import load_optimizer_tensors, optimizer_tensors
 from .rpn import RegionProposalNetwork, rpn_loss
 
 log = logging.getLogger(__name__)
@@ -72,21 +73,6 @@ class TrainConfig:
 
 
 # ---- checkpoints ----------------------------------------------------------------------------
-def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
-    state = optimizer.state_dict()
-    tensors = {f"{idx}.{name}": value.detach().cpu().contiguous()
-               for idx, slots in state["state"].items() for name, value in slots.items()}
-    return tensors, {"param_groups": state["param_groups"]}
-
-
-def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict, meta: dict) -> None:
-    state: dict[int, dict] = {}
-    for key, value in tensors.items():
-        idx, name = key.split(".", 1)
-        state.setdefault(int(idx), {})[name] = value
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-
-
 def save_checkpoint(folder: str, rpn: RegionProposalNetwork, optimizer, scheduler, progress: dict,
                     keep: int) -> str:
     """Write checkpoints/step-N as a whole (temporary folder, then rename) and point
@@ -96,7 +82,7 @@ def save_checkpoint(folder: str, rpn: RegionProposalNetwork, optimizer, schedule
     tmp = final + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     rpn.save(tmp)
-    tensors, meta = _optimizer_tensors(optimizer)
+    tensors, meta = optimizer_tensors(optimizer)
     save_file(tensors, os.path.join(tmp, "optimizer.safetensors"))
     write_json(os.path.join(tmp, "trainer_state.json"),
                {"progress": progress, "optimizer": meta, "scheduler": scheduler.state_dict()})
@@ -209,7 +195,7 @@ class RPNTrainer:
         if cfg.resume and (ckpt := latest_checkpoint(cfg.out)) is not None:
             state = read_json(os.path.join(ckpt, "trainer_state.json"))
             rpn.load_state_dict(load_file(os.path.join(ckpt, "rpn.safetensors")), strict=False)
-            _load_optimizer(optimizer, load_file(os.path.join(ckpt, "optimizer.safetensors")), state["optimizer"])
+            load_optimizer_tensors(optimizer, load_file(os.path.join(ckpt, "optimizer.safetensors")), state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             progress = state["progress"]
             log.info("resumed from %s at step %d", ckpt, progress["global_step"])

@@ -1,9 +1,12 @@
 """Accuracy of a model on the synthetic task's held-out split, from the thumbnail alone or
 with a second view (the ground-truth crop, the upper bound, or a random crop of the same
-size), answered greedily in the same format SD-RPN uses: [thumbnail, view, question]."""
+size), answered greedily in the same format SD-RPN uses: [thumbnail, view, question].
+The ground-truth crop is the target's box widened to whole cells of the encoder's grid,
+the crop SD-RPN takes when its RPN finds the target exactly."""
 
 from __future__ import annotations
 
+import math
 import random
 from collections import defaultdict
 
@@ -16,16 +19,29 @@ from .task import make_sample, split_seeds
 from .train_base import TEMPLATE
 
 
-def view_box(box, size: int, scale: float = 4.0, rng: random.Random | None = None):
-    """A square `scale` tag widths wide: centred on the box, or placed at random."""
-    x0, y0, x1, y1 = box
-    side = min(size, int(max(x1 - x0, y1 - y0) * scale))
-    if rng is None:
-        cx, cy = (x0 + x1) // 2 - side // 2, (y0 + y1) // 2 - side // 2
-    else:
-        cx, cy = rng.randint(0, size - side), rng.randint(0, size - side)
-    cx, cy = min(max(cx, 0), size - side), min(max(cy, 0), size - side)
-    return cx, cy, cx + side, cy + side
+def cell_box(box, size: int, grid: int) -> tuple[int, int, int, int]:
+    """The cells of the encoder's grid that the box overlaps, in source pixels: the crop an
+    RPN that found the target exactly would take (the ground-truth crop)."""
+    cell = size / grid
+    x0, y0 = int(box[0] // cell), int(box[1] // cell)
+    x1, y1 = min(grid, math.ceil(box[2] / cell)), min(grid, math.ceil(box[3] / cell))
+    return round(x0 * cell), round(y0 * cell), round(x1 * cell), round(y1 * cell)
+
+
+def view_box(sample, views: str, grid: int, rng: random.Random) -> tuple[int, int, int, int] | None:
+    """The second view of an evaluation: none, the ground-truth crop, or a crop of the same
+    size placed at random."""
+    if views == "none":
+        return None
+    size = sample.image.width
+    x0, y0, x1, y1 = cell_box(sample.box, size, grid)
+    if views == "gt":
+        return x0, y0, x1, y1
+    if views == "random":
+        w, h = x1 - x0, y1 - y0
+        cx, cy = rng.randint(0, size - w), rng.randint(0, size - h)
+        return cx, cy, cx + w, cy + h
+    raise ValueError(f"views must be 'none', 'gt' or 'random', got {views!r}")
 
 
 @torch.no_grad()
@@ -44,8 +60,8 @@ def answer_with_views(model, tokenizer, samples, views: str, batch_size: int = 3
         for s in chunk:
             pixels.append(preprocess_image(s.image, size)[0])
             n = 1
-            if views != "none":
-                box = view_box(s.box, s.image.width, rng=rng if views == "random" else None)
+            box = view_box(s, views, grid, rng)
+            if box is not None:
                 pixels.append(crop_pixels(s.image, box, size))
                 n = 2
             ids.append(prompt_token_ids(tokenizer, s.question, image_id, grid * grid * n, TEMPLATE))

@@ -21,6 +21,7 @@ from ..io_utils import write_atomic, write_json
 COLOURS = {"red": (215, 40, 40), "blue": (40, 80, 215), "green": (35, 160, 60),
            "yellow": (225, 195, 30), "purple": (140, 55, 185)}
 CODE_CHARS = "ABCDEFHKLMNPRTUVXY345789"
+CODE_LENGTH = 1  # characters on the tag
 KINDS = ("read", "colour", "where", "count")
 SPLITS = {"train": 0, "val": 10_000_000, "test": 20_000_000}  # disjoint seed ranges
 
@@ -53,7 +54,8 @@ def _where(box, size: int) -> str:
     return ("top" if cy < size / 2 else "bottom") + " " + ("left" if cx < size / 2 else "right")
 
 
-def make_sample(seed: int, size: int = 448, tag_font_px: int = 9, kind: str | None = None) -> SynthSample:
+def make_sample(seed: int, size: int = 448, tag_font_px: int = 13, kind: str | None = None,
+                code_length: int = CODE_LENGTH) -> SynthSample:
     """One sample, identical for the same arguments on any machine."""
     rng = random.Random(seed)
     base = rng.randint(90, 160)
@@ -73,7 +75,7 @@ def make_sample(seed: int, size: int = 448, tag_font_px: int = 9, kind: str | No
         else:
             draw.rectangle([x - r, y - r // 2, x + r, y + r // 2], fill=colour, outline=(30, 30, 30))
     font = ImageFont.load_default(size=tag_font_px)
-    code = "".join(rng.choice(CODE_CHARS) for _ in range(2))
+    code = "".join(rng.choice(CODE_CHARS) for _ in range(code_length))
     tag_colour = rng.choice(sorted(COLOURS))
     left, top, right, bottom = draw.textbbox((0, 0), code, font=font)
     tw, th = right - left + 4, bottom - top + 4
@@ -113,4 +115,4 @@ def write_dataset(folder: str, split: str, count: int, **kwargs) -> str:
     return out
 
 
-__all__ = ["COLOURS", "KINDS", "SynthSample", "make_sample", "split_seeds", "write_dataset"]
+__all__ = ["CODE_CHARS", "CODE_LENGTH", "COLOURS", "KINDS", "SynthSample", "make_sample", "split_seeds", "write_dataset"]

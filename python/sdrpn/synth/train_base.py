@@ -8,23 +8,27 @@ SD-RPN places them. Ground-truth boxes train this base model only, never the RPN
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 import random
+import time
 from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
-from ..io_utils import write_atomic, write_json
+from ..io_utils import read_json, write_atomic, write_json
+from ..optim_state import load_optimizer_tensors, optimizer_tensors
 from ..llava.maps import left_pad
 from ..preprocess import crop_pixels, preprocess_image, prompt_token_ids
 from .model import TinyLlavaSpec, build_tiny_llava
-from .task import CODE_CHARS, SynthSample, make_sample, split_seeds
+from .task import CODE_CHARS, CODE_LENGTH, SynthSample, make_sample, split_seeds
 
 log = logging.getLogger(__name__)
 
@@ -40,35 +44,50 @@ class BaseTrainConfig:
     seed: int = 0
     zoom_fraction: float = 0.4     # batches that carry a zoomed second view
     zoom_on_tag: float = 0.7       # of those views, the share centred on the tag
+    read_share_zoomed: float = 0.5  # in zoomed batches, the share of code questions (else as drawn)
     tag_pos_weight: float = 8.0
     aux_weight: float = 1.0
     bf16: bool = True
     device: str = "cpu"
+    workers: int = 0               # DataLoader processes making batches (0: in the training loop)
+    log_every: int = 50
+    save_every: int = 500
     spec: TinyLlavaSpec = field(default_factory=TinyLlavaSpec)
 
 
 class AuxHeads(nn.Module):
-    """Per-token "part of the tag" logit, and the two code characters from a crop's mean token."""
+    """Per-token "part of the tag" logit, and the code's characters from the mean of a view's tag tokens."""
 
     def __init__(self, hidden: int):
         super().__init__()
         self.tag = nn.Linear(hidden, 1)
-        self.chars = nn.Linear(hidden, 2 * len(CODE_CHARS))
+        self.chars = nn.Linear(hidden, CODE_LENGTH * len(CODE_CHARS))
 
 
 def tag_cells(box, image_size: int, grid: int) -> Tensor:
-    """(grid*grid,) 1.0 on the thumbnail cells that the tag box overlaps."""
+    """(grid*grid,) 1.0 on the cells of an image_size square grid that the box overlaps."""
     cell = image_size / grid
     out = torch.zeros(grid, grid)
     x0, y0, x1, y1 = box
-    out[int(y0 // cell):int(math.ceil(y1 / cell)), int(x0 // cell):int(math.ceil(x1 / cell))] = 1.0
+    rows = slice(max(0, int(y0 // cell)), min(grid, int(math.ceil(y1 / cell))))
+    cols = slice(max(0, int(x0 // cell)), min(grid, int(math.ceil(x1 / cell))))
+    out[rows, cols] = 1.0
     return out.flatten()
 
 
-def zoom_box(sample: SynthSample, rng: random.Random, on_tag: bool, size: int) -> tuple[int, int, int, int]:
-    """A square view 2-6 tag widths wide, around the tag or anywhere."""
+def view_coordinates(box, view) -> tuple[float, float, float, float]:
+    """box [x0, y0, x1, y1) in the pixels of view (a crop [vx0, vy0, vx1, vy1) of the same image)."""
+    return box[0] - view[0], box[1] - view[1], box[2] - view[0], box[3] - view[1]
+
+
+def zoom_box(sample: SynthSample, rng: random.Random, on_tag: bool, size: int,
+             sides: tuple[int, int] = (48, 120)) -> tuple[int, int, int, int]:
+    """A square view with a side drawn from `sides` (pixels; never less than 1.5 tag sizes),
+    holding the tag or anywhere. The default spans the crops SD-RPN takes on this task: one
+    or two cells of the 8x8 grid (56 or 112 px of the 448 px source)."""
     x0, y0, x1, y1 = sample.box
-    side = int(max(x1 - x0, y1 - y0) * rng.uniform(2.0, 6.0))
+    tag = max(x1 - x0, y1 - y0)
+    side = min(size, max(int(1.5 * tag), rng.randint(*sides)))
     if on_tag:
         cx = rng.randint(max(0, x1 - side), min(x0, size - side)) if side < size else 0
         cy = rng.randint(max(0, y1 - side), min(y0, size - side)) if side < size else 0
@@ -77,95 +96,188 @@ def zoom_box(sample: SynthSample, rng: random.Random, on_tag: bool, size: int) -
     return cx, cy, cx + side, cy + side
 
 
+@dataclass
+class Batch:
+    thumbs: Tensor           # (B, 3, S, S) thumbnails
+    views: Tensor | None     # (B, 3, S, S) zoomed second views, or None for a thumbnail-only batch
+    crops: Tensor            # (B, 3, S, S) views around the tag, for the code-character loss
+    crop_cells: Tensor       # (B, grid*grid) the cells of those views that hold the tag
+    ids: list[list[int]]
+    labels: list[list[int]]
+    tags: Tensor             # (B, grid*grid) tag cells
+    chars: Tensor            # (B, CODE_LENGTH) code-character classes
+
+
+def make_batch(step: int, cfg: BaseTrainConfig, tokenizer, image_token_id: int) -> Batch:
+    """Training batch `step`: the same on any machine and in any worker (its randomness is
+    seeded by the run's seed and the step alone), so a resumed run sees the same data."""
+    size = cfg.spec.image_size
+    grid = size // cfg.spec.patch_size
+    rng = random.Random(cfg.seed * 1_000_003 + step)
+    seeds = split_seeds("train", (step + 1) * cfg.batch_size)[step * cfg.batch_size:]
+    zoom = rng.random() < cfg.zoom_fraction
+    thumbs, views, crops, crop_cells, ids, labels, tags, chars = [], [], [], [], [], [], [], []
+    for seed in seeds:
+        # Zoomed batches ask mostly for the code: reading from crop tokens is what they teach.
+        s = make_sample(seed, kind="read" if zoom and rng.random() < cfg.read_share_zoomed else None)
+        thumbs.append(preprocess_image(s.image, size)[0])
+        # The code-character loss reads the tag's tokens in a view around it, from tight
+        # (large glyphs, learnt first) to the scale of the crops taken at answer time.
+        crop = zoom_box(s, rng, True, s.image.width, sides=(16, 120))
+        crops.append(crop_pixels(s.image, crop, size))
+        crop_cells.append(tag_cells(view_coordinates(s.box, crop), crop[2] - crop[0], grid))
+        n_images = 1
+        if zoom:
+            views.append(crop_pixels(s.image, zoom_box(s, rng, rng.random() < cfg.zoom_on_tag, s.image.width),
+                                     size))
+            n_images = 2
+        prompt = prompt_token_ids(tokenizer, s.question, image_token_id, grid ** 2 * n_images, TEMPLATE)
+        answer = tokenizer(s.answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        ids.append(prompt + answer)
+        labels.append([-100] * len(prompt) + answer)
+        tags.append(tag_cells(s.box, s.image.width, grid))
+        chars.append([CODE_CHARS.index(c) for c in s.code])
+    return Batch(torch.stack(thumbs), torch.stack(views) if views else None, torch.stack(crops),
+                 torch.stack(crop_cells), ids, labels, torch.stack(tags), torch.tensor(chars))
+
+
+class _BatchStream(IterableDataset):
+    """Batches start..stop-1 in order; worker w of n makes steps w, w+n, ... (the DataLoader
+    takes one batch from each worker in turn, so the order holds)."""
+
+    def __init__(self, cfg: BaseTrainConfig, tokenizer, image_token_id: int, start: int, stop: int):
+        self.cfg, self.tokenizer, self.image_token_id = cfg, tokenizer, image_token_id
+        self.start, self.stop = start, stop
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        torch.set_num_threads(1)
+        for step in range(self.start + worker, self.stop, workers):
+            yield make_batch(step, self.cfg, self.tokenizer, self.image_token_id)
+
+
+def _collate(batch: Batch) -> Batch:
+    return batch
+
+
 class BaseTrainer:
+    """Trains, checkpoints to cfg.out/checkpoint every cfg.save_every steps, and resumes from
+    there: a resumed run continues with the same batches, learning rate and optimiser state."""
+
     def __init__(self, cfg: BaseTrainConfig):
         self.cfg = cfg
         self.model, self.tok = build_tiny_llava(cfg.spec, seed=cfg.seed)
         self.model.to(cfg.device).train()
         self.heads = AuxHeads(self.model.config.text_config.hidden_size).to(cfg.device)
-        self.size = cfg.spec.image_size
-        self.grid = self.size // cfg.spec.patch_size
         self.image_id = self.model.config.image_token_id
-        params = list(self.model.parameters()) + list(self.heads.parameters())
-        self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+        self.params = list(self.model.parameters()) + list(self.heads.parameters())
+        self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=0.0)
         warmup = max(1, cfg.steps // 30)
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / cfg.steps))))
+        self.done_steps = 0
 
-    def _batch(self, step: int, rng: random.Random):
-        samples = [make_sample(seed) for seed in
-                   split_seeds("train", (step + 1) * self.cfg.batch_size)[step * self.cfg.batch_size:]]
-        zoom = rng.random() < self.cfg.zoom_fraction
-        thumbs, views, crops, ids, labels, tags, chars = [], [], [], [], [], [], []
-        for s in samples:
-            thumbs.append(preprocess_image(s.image, self.size)[0])
-            x0, y0, x1, y1 = s.box
-            crops.append(crop_pixels(s.image, (x0 - 2, y0 - 2, x1 + 2, y1 + 2), self.size))
-            n_images = 1
-            if zoom:
-                views.append(crop_pixels(s.image, zoom_box(s, rng, rng.random() < self.cfg.zoom_on_tag,
-                                                            s.image.width), self.size))
-                n_images = 2
-            prompt = prompt_token_ids(self.tok, s.question, self.image_id, self.grid ** 2 * n_images, TEMPLATE)
-            answer = self.tok(s.answer, add_special_tokens=False)["input_ids"] + [self.tok.eos_token_id]
-            ids.append(prompt + answer)
-            labels.append([-100] * len(prompt) + answer)
-            tags.append(tag_cells(s.box, s.image.width, self.grid))
-            chars.append([CODE_CHARS.index(c) for c in s.code])
-        return samples, thumbs, views, crops, ids, labels, torch.stack(tags), chars
-
-    def _features(self, pixels: list[Tensor]) -> Tensor:
-        stacked = torch.stack(pixels).to(self.cfg.device)
-        out = self.model.model.get_image_features(pixel_values=stacked)
+    def _features(self, pixels: Tensor) -> Tensor:
+        out = self.model.model.get_image_features(pixel_values=pixels.to(self.cfg.device, non_blocking=True))
         feats = out.pooler_output if hasattr(out, "pooler_output") else out
         return torch.stack(list(feats))  # (n, grid*grid, D)
 
-    def step(self, step: int, rng: random.Random) -> dict:
-        cfg = self.cfg
-        samples, thumbs, views, crops, ids, labels, tags, chars = self._batch(step, rng)
-        device_type = cfg.device.split(":")[0]
-        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=cfg.bf16):
-            thumb_f = self._features(thumbs)
-            image_f = torch.cat([thumb_f, self._features(views)], 1) if views else thumb_f
-            input_ids, mask = left_pad(ids, self.tok.pad_token_id, cfg.device)
-            label_ids, _ = left_pad(labels, -100, cfg.device)
+    def step(self, batch: Batch) -> dict:
+        cfg, device = self.cfg, self.cfg.device
+        with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=cfg.bf16):
+            thumb_f = self._features(batch.thumbs)
+            image_f = thumb_f if batch.views is None else torch.cat([thumb_f, self._features(batch.views)], 1)
+            input_ids, mask = left_pad(batch.ids, self.tok.pad_token_id, device)
+            label_ids, _ = left_pad(batch.labels, -100, device)
             embeds = self.model.get_input_embeddings()(input_ids)
             is_image = input_ids == self.image_id
             embeds = embeds.masked_scatter(is_image[..., None], image_f.reshape(-1, image_f.shape[-1]).to(embeds.dtype))
             lm = self.model(inputs_embeds=embeds, attention_mask=mask, labels=label_ids).loss
             tag_logits = self.heads.tag(thumb_f).squeeze(-1).float()
             tag_loss = F.binary_cross_entropy_with_logits(
-                tag_logits, tags.to(cfg.device), pos_weight=torch.tensor(cfg.tag_pos_weight, device=cfg.device))
-            crop_mean = self._features(crops).mean(1)
-            char_logits = self.heads.chars(crop_mean).float().view(-1, 2, len(CODE_CHARS))
-            targets = torch.tensor(chars, device=cfg.device)
-            char_loss = F.cross_entropy(char_logits.reshape(-1, len(CODE_CHARS)), targets.flatten())
+                tag_logits, batch.tags.to(device), pos_weight=torch.tensor(cfg.tag_pos_weight, device=device))
+            cells = batch.crop_cells.to(device)[..., None]
+            tag_mean = (self._features(batch.crops) * cells).sum(1) / cells.sum(1).clamp_min(1.0)
+            char_logits = self.heads.chars(tag_mean).float().view(-1, CODE_LENGTH, len(CODE_CHARS))
+            char_loss = F.cross_entropy(char_logits.reshape(-1, len(CODE_CHARS)), batch.chars.to(device).flatten())
             loss = lm + cfg.aux_weight * (tag_loss + char_loss)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(list(self.model.parameters()) + list(self.heads.parameters()), 1.0)
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
         self.opt.step()
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
-        return {"loss": float(loss.detach()), "lm": float(lm.detach()), "tag": float(tag_loss.detach()),
-                "chars": float(char_loss.detach())}
+        self.done_steps += 1
+        return {"loss": loss.detach(), "lm": lm.detach(), "tag": tag_loss.detach(), "chars": char_loss.detach()}
 
-    def run(self) -> list[dict]:
-        rng = random.Random(self.cfg.seed)
-        history = []
-        for step in tqdm(range(self.cfg.steps), desc="train-base", disable=None):
-            history.append(self.step(step, rng))
-        self.save()
+    def run(self, resume: bool = False, max_seconds: float | None = None) -> list[dict]:
+        """Train up to cfg.steps, or until max_seconds pass (checkpointing first); saves the
+        model to cfg.out and returns this call's history."""
+        cfg = self.cfg
+        if resume and os.path.exists(os.path.join(cfg.out, "checkpoint", "state.json")):
+            self.load_checkpoint()
+        history_path = os.path.join(cfg.out, "history.jsonl")
+        os.makedirs(cfg.out, exist_ok=True)
+        loader = DataLoader(_BatchStream(cfg, self.tok, self.image_id, self.done_steps, cfg.steps), batch_size=None,
+                            num_workers=cfg.workers, collate_fn=_collate, pin_memory=cfg.device.startswith("cuda"),
+                            prefetch_factor=4 if cfg.workers else None, persistent_workers=False)
+        start, history, pending = time.monotonic(), [], []
+        with open(history_path, "a") as log_file:
+            bar = tqdm(total=cfg.steps, initial=self.done_steps, desc="train-base", disable=None)
+            for batch in loader:
+                pending.append((self.done_steps, self.step(batch)))
+                bar.update(1)
+                due = self.done_steps % cfg.log_every == 0 or self.done_steps == cfg.steps
+                out_of_time = max_seconds is not None and time.monotonic() - start > max_seconds
+                if due or out_of_time:  # one host sync per log interval, not per step
+                    for step, row in pending:
+                        row = {"step": step, **{k: round(float(v), 4) for k, v in row.items()},
+                               "seconds": round(time.monotonic() - start, 1)}
+                        history.append(row)
+                        log_file.write(json.dumps(row) + "\n")
+                    log_file.flush()
+                    pending = []
+                if self.done_steps % cfg.save_every == 0 or out_of_time:
+                    self.save_checkpoint()
+                if out_of_time:
+                    log.warning("train-base: stopped at step %d of %d after %.0f s; resume to go on",
+                                self.done_steps, cfg.steps, time.monotonic() - start)
+                    break
+            bar.close()
+        self.save()  # also when stopped early: usable, and train_base_config.json says how far it got
         return history
+
+    # ---- checkpoints and the final model ------------------------------------------------------
+    def save_checkpoint(self) -> None:
+        folder = os.path.join(self.cfg.out, "checkpoint")
+        tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
+        tensors.update({f"heads.{k}": v for k, v in self.heads.state_dict().items()})
+        opt_tensors, opt_meta = optimizer_tensors(self.opt)
+        tensors.update({f"opt.{k}": v for k, v in opt_tensors.items()})
+        tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        write_atomic(os.path.join(folder, "state.safetensors"), lambda tmp: save_file(tensors, tmp))
+        write_json(os.path.join(folder, "state.json"),  # written last: it names a complete state
+                   {"step": self.done_steps, "optimizer": opt_meta, "scheduler": self.sched.state_dict()})
+
+    def load_checkpoint(self) -> None:
+        folder = os.path.join(self.cfg.out, "checkpoint")
+        meta = read_json(os.path.join(folder, "state.json"))
+        tensors = load_file(os.path.join(folder, "state.safetensors"), device=str(self.cfg.device))
+        part = lambda prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}  # noqa: E731
+        self.model.load_state_dict(part("model."))
+        self.heads.load_state_dict(part("heads."))
+        load_optimizer_tensors(self.opt, part("opt."), meta["optimizer"])
+        self.sched.load_state_dict(meta["scheduler"])
+        self.done_steps = int(meta["step"])
+        log.info("train-base: resumed at step %d", self.done_steps)
 
     def save(self) -> None:
         out = self.cfg.out
-        os.makedirs(out, exist_ok=True)
         self.model.save_pretrained(out)
         self.tok.save_pretrained(out)
         heads = {k: v.detach().cpu().contiguous() for k, v in self.heads.state_dict().items()}
         write_atomic(os.path.join(out, "aux_heads.safetensors"), lambda tmp: save_file(heads, tmp))
-        write_json(os.path.join(out, "train_base_config.json"),
-                   {k: (v if not hasattr(v, "__dataclass_fields__") else asdict(v)) for k, v in asdict(self.cfg).items()})
+        write_json(os.path.join(out, "train_base_config.json"), {**asdict(self.cfg), "steps_done": self.done_steps})
 
 
-__all__ = ["BaseTrainConfig", "BaseTrainer", "TEMPLATE", "tag_cells", "zoom_box"]
+__all__ = ["Batch", "BaseTrainConfig", "BaseTrainer", "make_batch", "TEMPLATE", "tag_cells", "zoom_box"]

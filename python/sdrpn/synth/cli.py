@@ -1,0 +1,133 @@
+"""`sdrpn-synth`: the synthetic fine-detail task's own commands (train the stand-in base
+model, score it). The SD-RPN pipeline on top of it runs through `sdrpn` itself."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+
+import torch
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sdrpn-synth", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train-base", help="train the tiny LLaVA stand-in on the synthetic task")
+    train.add_argument("--out", required=True, help="folder for the model, checkpoint and history")
+    train.add_argument("--steps", type=int, default=2200)
+    train.add_argument("--batch-size", type=int, default=32)
+    train.add_argument("--lr", type=float, default=1e-3)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    train.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                       help="processes making batches")
+    train.add_argument("--save-every", type=int, default=500)
+    train.add_argument("--max-minutes", type=float, default=None,
+                       help="checkpoint and stop after this long; --resume goes on")
+    train.add_argument("--resume", action="store_true")
+    train.add_argument("--no-bf16", action="store_true")
+
+    score = sub.add_parser("eval-base", help="accuracy by question kind: thumbnail, true crop, random crop")
+    score.add_argument("--model", required=True)
+    score.add_argument("--count", type=int, default=400)
+    score.add_argument("--split", default="test", choices=["val", "test"])
+    score.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    score.add_argument("--json", default=None, help="also write the table here")
+    inspect = sub.add_parser("inspect", help="where a base model's answer attention lands, per layer")
+    inspect.add_argument("--model", required=True)
+    inspect.add_argument("--count", type=int, default=256, help="validation samples")
+
+    export = sub.add_parser("export-base", help="ship a trained base model: float16 weights, tokenizer, "
+                                                "training record and the preset SD-RPN reads")
+    export.add_argument("--model", required=True, help="train-base output folder")
+    export.add_argument("--to", required=True)
+    export.add_argument("--grounding-layer", type=int, required=True)
+    export.add_argument("--sink-layer", type=int, default=0)
+    export.add_argument("--sink-threshold", type=float, required=True)
+    export.add_argument("--branch-layer", type=int, required=True)
+    export.add_argument("--depth", type=int, default=2)
+
+    run = sub.add_parser("run", help="SD-RPN on the task: label, train the RPN, evaluate, write the report")
+    run.add_argument("--out", default="outputs/synth", help="working folder (resumable) and report")
+    run.add_argument("--model", default=None, help="base model folder (default: the shipped one)")
+    run.add_argument("--train-count", type=int, default=10_000, help="samples labelled for the RPN")
+    run.add_argument("--test-count", type=int, default=400)
+    run.add_argument("--rpn-epochs", type=int, default=2)
+    run.add_argument("--examples", type=int, default=8, help="test images drawn in examples.png")
+    run.add_argument("--title", default="SD-RPN on the synthetic fine-detail task")
+    run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # batch-making processes fork
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.command == "train-base":
+        from .train_base import BaseTrainConfig, BaseTrainer
+
+        cfg = BaseTrainConfig(out=args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                              seed=args.seed, device=args.device, workers=args.workers,
+                              save_every=args.save_every, bf16=not args.no_bf16)
+        trainer = BaseTrainer(cfg)
+        history = trainer.run(resume=args.resume,
+                              max_seconds=None if args.max_minutes is None else args.max_minutes * 60)
+        print(json.dumps({"steps_done": trainer.done_steps, "steps": cfg.steps,
+                          "last": history[-1] if history else None}))
+        return 0
+    if args.command == "eval-base":
+        from ..io_utils import write_json
+        from ..llava.loading import load_llava
+        from .evaluate import accuracy_table
+
+        model, tok = load_llava(args.model, "fp32", args.device)
+        start = time.monotonic()
+        table = accuracy_table(model, tok, count=args.count, split=args.split)
+        table["seconds"] = round(time.monotonic() - start, 1)
+        print(json.dumps(table))
+        if args.json:
+            write_json(args.json, table)
+        return 0
+    if args.command == "inspect":
+        from ..llava.loading import load_llava
+        from .attention_check import layer_localisation
+        from .task import make_sample, split_seeds
+
+        model, tok = load_llava(args.model, "fp32")
+        samples = [make_sample(seed) for seed in split_seeds("val", args.count)]
+        for row in layer_localisation(model, tok, samples):
+            print(json.dumps(row))
+        return 0
+    if args.command == "export-base":
+        from .export import export_base
+
+        preset = {"name": "synth-tiny", "grounding": [[args.grounding_layer, None]],
+                  "sink": [[args.sink_layer, None]], "sink_threshold": args.sink_threshold,
+                  "branch_layer": args.branch_layer, "depth": args.depth}
+        print(json.dumps(export_base(args.model, args.to, preset)))
+        return 0
+    if args.command == "run":
+        from .pipeline import BASE_MODEL, PipelineConfig, run_pipeline
+        from .report import write_report
+
+        for name in ("train_count", "test_count", "rpn_epochs"):
+            if getattr(args, name) < 1:
+                raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+        cfg = PipelineConfig(out=args.out, model=args.model or BASE_MODEL, train_count=args.train_count,
+                             test_count=args.test_count, rpn_epochs=args.rpn_epochs, device=args.device)
+        start = time.monotonic()
+        result = run_pipeline(cfg)
+        metrics = write_report(result, args.out, args.title, cfg.path("labels_test"), args.examples)
+        print(json.dumps({"accuracy": metrics["accuracy"], "localisation": metrics["localisation"],
+                          "seconds": round(time.monotonic() - start, 1),
+                          "report": os.path.join(args.out, "report.md")}))
+        return 0
+    raise AssertionError(args.command)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

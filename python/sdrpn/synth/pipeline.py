@@ -1,0 +1,230 @@
+"""SD-RPN end to end on the synthetic task, the way a user runs it on LLaVA-1.5:
+
+  data      train/test splits written in LLaVA's format (images + JSON)
+  labels    `sdrpn label --answers self`: pseudo labels from the base model's own attention
+  labels    the same maps labelled raw (no sink removal, no ignore region), for the ablation
+  rpn       `sdrpn train` on each label folder (no ground-truth box is read anywhere here)
+  evaluate  test accuracy of the base model, SD-RPN, a random crop and the ground-truth
+            crop; IoU and hit rate of the pseudo labels' and the RPN's boxes
+
+Every stage writes its outputs atomically and is skipped when they are already complete,
+so a rerun after an interruption goes on where it stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import shutil
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..boxes import grid_box_to_pixels
+from ..infer import SDRPNLlava
+from ..io_utils import read_json, read_jsonl, write_atomic, write_json
+from ..label_data import LABEL_CONFIG, complete_shards
+from ..labels import LabelJob, LabelJobConfig, merge_summaries
+from ..llava.presets import get_preset
+from ..rpn import RegionProposalNetwork
+from ..train import RPNTrainer, TrainConfig
+from .attention_check import layer_localisation
+from .evaluate import answer_with_views, cell_box
+from .metrics import box_iou, hit, normalise_answer
+from .task import make_sample, split_seeds, write_dataset
+from .train_base import TEMPLATE
+
+log = logging.getLogger(__name__)
+
+PRESET_FILE = "sdrpn_preset.json"  # which layers SD-RPN reads, shipped beside the base model
+BASE_MODEL = os.path.join(os.path.dirname(__file__), "base_model")
+
+
+@dataclass
+class PipelineConfig:
+    out: str
+    model: str = BASE_MODEL
+    train_count: int = 10_000      # samples labelled for the RPN (the issue allows at most 10K)
+    test_count: int = 400
+    device: str = "cpu"
+    label_batch: int = 32
+    rpn_epochs: int = 2
+    rpn_lr: float = 1e-3
+    rpn_batch: int = 32
+    eval_batch: int = 32
+    max_new_tokens: int = 12
+    # Box rules for an 8x8 grid: a one-cell RoI is the target here (SPEC's rules drop
+    # singletons and grow boxes to 3x3 cells, sized for LLaVA's 24x24 grid).
+    threshold: float = 0.3
+    max_boxes: int = 2
+    roi_options: dict = field(default_factory=lambda: {"sigma": 0.5, "min_area": 1, "max_area": 16,
+                                                       "drop_singletons": False})
+    seed: int = 0
+
+    def path(self, *parts: str) -> str:
+        return os.path.join(self.out, *parts)
+
+
+# ---- stages -----------------------------------------------------------------------------------
+def write_splits(cfg: PipelineConfig) -> dict[str, str]:
+    data = cfg.path("data")
+    return {split: write_dataset(data, split, count)
+            for split, count in (("train", cfg.train_count), ("test", cfg.test_count))}
+
+
+def make_labels(cfg: PipelineConfig, model, tokenizer, split_json: str, out: str) -> None:
+    preset = get_preset(os.path.join(cfg.model, PRESET_FILE))
+    job = LabelJobConfig(data=split_json, image_folder=cfg.path("data", "images"), out=out, answers="self",
+                         batch_size=cfg.label_batch, max_new_tokens=cfg.max_new_tokens,
+                         shard_size=2000, prompt_template=TEMPLATE)
+    LabelJob(job, model, tokenizer, preset).run()
+    merge_summaries(out)
+
+
+def raw_labels(labels_dir: str, out: str, fg_ratio: float = 0.2) -> None:
+    """The ablation's labels from the same maps: 1 where G > fg_ratio * max(G), 0 elsewhere;
+    no sink removal, no ignored cells, no "box too large" rule."""
+    os.makedirs(out, exist_ok=True)
+    for name in os.listdir(labels_dir):
+        if name.endswith((".jsonl", ".done.json")) or name == LABEL_CONFIG:
+            shutil.copyfile(os.path.join(labels_dir, name), os.path.join(out, name))
+    for base in complete_shards(labels_dir):
+        target = os.path.join(out, os.path.basename(base) + ".safetensors")
+        if not os.path.exists(base + ".safetensors") or os.path.exists(target):
+            continue
+        tensors = load_file(base + ".safetensors")
+        g = tensors["grounding"]
+        tensors["labels"] = (g > fg_ratio * g.amax(1, keepdim=True)).to(torch.int8)
+        write_atomic(target, lambda tmp, t=tensors: save_file(t, tmp))
+
+
+def train_rpn(cfg: PipelineConfig, model, tokenizer, labels_dir: str, out: str) -> None:
+    if os.path.exists(os.path.join(out, "train_config.json")):
+        return  # trained already
+    preset = read_json(os.path.join(cfg.model, PRESET_FILE))
+    train = TrainConfig(labels=labels_dir, out=out, epochs=cfg.rpn_epochs, lr=cfg.rpn_lr,
+                        batch_size=cfg.rpn_batch, branch_layer=preset["branch_layer"],
+                        depth=preset["depth"], seed=cfg.seed, save_every=10_000, resume=True)
+    RPNTrainer(train, model, tokenizer, device=cfg.device).run()
+
+
+# ---- evaluation -------------------------------------------------------------------------------
+def label_box_pixels(labels: torch.Tensor, grid: int, width: int, height: int, size: int):
+    """The box of a sample's foreground cells in source pixels, or None without foreground."""
+    fg = (labels.view(grid, grid) == 1).nonzero()
+    if fg.numel() == 0:
+        return None
+    y0, x0 = fg.min(0).values.tolist()
+    y1, x1 = fg.max(0).values.tolist()
+    return grid_box_to_pixels((x0, y0, x1 + 1, y1 + 1), grid, grid, width, height, size, "pad")
+
+
+def localisation(boxes_per_sample: list[list], samples, grid: int) -> dict:
+    """IoU with the target's cells (the best a grid box can do) and with the target itself,
+    and the hit rate (some box holds the whole target); no box counts as a miss."""
+    ious_cells, ious, hits, empty = [], [], [], 0
+    for boxes, s in zip(boxes_per_sample, samples):
+        target_cells = cell_box(s.box, s.image.width, grid)
+        empty += not boxes
+        ious_cells.append(max((box_iou(b, target_cells) for b in boxes), default=0.0))
+        ious.append(max((box_iou(b, s.box) for b in boxes), default=0.0))
+        hits.append(hit(boxes, s.box))
+    n = max(1, len(samples))
+    return {"iou_cells": round(sum(ious_cells) / n, 3), "iou_target": round(sum(ious) / n, 3),
+            "hit_rate": round(sum(hits) / n, 3), "no_box": round(empty / n, 3)}
+
+
+def accuracy_by_kind(samples, answers: list[str]) -> dict:
+    right = defaultdict(list)
+    for s, a in zip(samples, answers):
+        right[s.kind].append(normalise_answer(a) == normalise_answer(s.answer))
+    table = {k: round(sum(v) / len(v), 3) for k, v in sorted(right.items())}
+    table["all"] = round(sum(sum(v) for v in right.values()) / max(1, len(samples)), 3)
+    return table
+
+
+def sdrpn_answers(cfg: PipelineConfig, model, tokenizer, rpn_dir: str, samples):
+    rpn = RegionProposalNetwork.load(rpn_dir, model).to(cfg.device).eval()
+    pipe = SDRPNLlava(model, tokenizer, rpn, threshold=cfg.threshold, max_boxes=cfg.max_boxes,
+                      prompt_template=TEMPLATE, roi_options=cfg.roi_options)
+    answers = []
+    for i in range(0, len(samples), cfg.eval_batch):
+        chunk = samples[i:i + cfg.eval_batch]
+        answers += pipe.generate([s.image for s in chunk], [s.question for s in chunk], cfg.max_new_tokens)
+    return answers
+
+
+def pseudo_label_boxes(labels_dir: str, samples, grid: int, size: int, raw: bool = False) -> list[list]:
+    """Per test sample, the box of its pseudo labels (denoised, or raw from the same maps)."""
+    by_id = {}
+    for base in complete_shards(labels_dir):
+        rows = read_jsonl(base + ".jsonl")
+        if not rows:
+            continue
+        tensors = load_file(base + ".safetensors")
+        labels = tensors["labels"]
+        if raw:
+            g = tensors["grounding"]
+            labels = (g > 0.2 * g.amax(1, keepdim=True)).to(torch.int8)
+        for row in rows:
+            by_id[row["id"]] = labels[row["row"]]
+    out = []
+    for s in samples:
+        lab = by_id.get(s.id)
+        box = None if lab is None else label_box_pixels(lab, grid, s.image.width, s.image.height, size)
+        out.append([box] if box is not None else [])
+    return out
+
+
+@torch.no_grad()
+def evaluate(cfg: PipelineConfig, model, tokenizer) -> dict:
+    samples = [make_sample(seed) for seed in split_seeds("test", cfg.test_count)]
+    size = model.config.vision_config.image_size
+    grid = size // model.config.vision_config.patch_size
+    accuracy, answers = {}, {}
+    for name, views in (("base", "none"), ("random_crop", "random"), ("gt_crop", "gt")):
+        answers[name] = answer_with_views(model, tokenizer, samples, views, cfg.eval_batch, cfg.seed,
+                                          cfg.max_new_tokens)
+        accuracy[name] = accuracy_by_kind(samples, answers[name])
+    loc, rois = {}, {}
+    for name, rpn_dir in (("sdrpn", cfg.path("rpn")), ("sdrpn_raw_labels", cfg.path("rpn_raw"))):
+        result = sdrpn_answers(cfg, model, tokenizer, rpn_dir, samples)
+        answers[name] = [a.text for a in result]
+        rois[name] = [a.rois for a in result]
+        accuracy[name] = accuracy_by_kind(samples, answers[name])
+        loc[f"rpn ({'raw' if 'raw' in name else 'denoised'} labels)"] = localisation(
+            [r.boxes for r in rois[name]], samples, grid)
+    for raw in (False, True):
+        boxes = pseudo_label_boxes(cfg.path("labels_test"), samples, grid, size, raw=raw)
+        loc[f"pseudo labels ({'raw' if raw else 'denoised'})"] = localisation(boxes, samples, grid)
+    return {"accuracy": accuracy, "localisation": loc, "samples": samples, "answers": answers, "rois": rois}
+
+
+def run_pipeline(cfg: PipelineConfig) -> dict:
+    """All stages; returns the evaluation (metrics, and per-sample answers and RoIs)."""
+    from ..llava.loading import load_llava
+
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    model, tokenizer = load_llava(cfg.model, "fp32", cfg.device)
+    splits = write_splits(cfg)
+    make_labels(cfg, model, tokenizer, splits["train"], cfg.path("labels"))
+    make_labels(cfg, model, tokenizer, splits["test"], cfg.path("labels_test"))
+    raw_labels(cfg.path("labels"), cfg.path("labels_raw"))
+    train_rpn(cfg, model, tokenizer, cfg.path("labels"), cfg.path("rpn"))
+    train_rpn(cfg, model, tokenizer, cfg.path("labels_raw"), cfg.path("rpn_raw"))
+    result = evaluate(cfg, model, tokenizer)
+    result["label_summary"] = {name: read_json(cfg.path(name, "summary.json"))
+                               for name in ("labels", "labels_test")
+                               if os.path.exists(cfg.path(name, "summary.json"))}
+    result["config"] = asdict(cfg)
+    probe = [make_sample(seed) for seed in split_seeds("val", 128)]
+    result["base_model"] = {"layers": layer_localisation(model, tokenizer, probe),
+                            "preset": read_json(os.path.join(cfg.model, PRESET_FILE))}
+    result["model"] = model
+    result["tokenizer"] = tokenizer
+    return result
+

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Retrains the synthetic task's base model exactly as the shipped one in
+# python/sdrpn/synth/base_model/ was made (its train_base_config.json and history.jsonl
+# record the run), then exports it there: float16 weights, the tokenizer, the preset of the
+# layers SD-RPN reads, and the training record. About 75 minutes on 2 CPU cores; on a GPU
+# pass --device cuda --batch-size 256 --workers 12 for the larger recipe (minutes).
+#   scripts/train_synth_base.sh [train-base options...]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source "${SDRPN_VENV:-.venv}/bin/activate"
+out=outputs/synth_base
+python -m sdrpn.synth train-base --out "$out" --steps 4500 --batch-size 32 --workers 1 --seed 0 \
+  --save-every 250 --resume "$@"
+python -m sdrpn.synth export-base --model "$out" --to python/sdrpn/synth/base_model
