@@ -84,9 +84,14 @@ def make_labels(cfg: PipelineConfig, model, tokenizer, split_json: str, out: str
     merge_summaries(out)
 
 
+def raw_label_rule(grounding: torch.Tensor, fg_ratio: float = 0.2) -> torch.Tensor:
+    """1 where G > fg_ratio * max(G), 0 elsewhere: no sink removal, no ignored cells, no
+    "box too large" rule."""
+    return (grounding > fg_ratio * grounding.amax(-1, keepdim=True)).to(torch.int8)
+
+
 def raw_labels(labels_dir: str, out: str, fg_ratio: float = 0.2) -> None:
-    """The ablation's labels from the same maps: 1 where G > fg_ratio * max(G), 0 elsewhere;
-    no sink removal, no ignored cells, no "box too large" rule."""
+    """The ablation's label folder: the same maps labelled by raw_label_rule."""
     os.makedirs(out, exist_ok=True)
     for name in os.listdir(labels_dir):
         if name.endswith((".jsonl", ".done.json")) or name == LABEL_CONFIG:
@@ -96,8 +101,7 @@ def raw_labels(labels_dir: str, out: str, fg_ratio: float = 0.2) -> None:
         if not os.path.exists(base + ".safetensors") or os.path.exists(target):
             continue
         tensors = load_file(base + ".safetensors")
-        g = tensors["grounding"]
-        tensors["labels"] = (g > fg_ratio * g.amax(1, keepdim=True)).to(torch.int8)
+        tensors["labels"] = raw_label_rule(tensors["grounding"], fg_ratio)
         write_atomic(target, lambda tmp, t=tensors: save_file(t, tmp))
 
 
@@ -157,24 +161,28 @@ def sdrpn_answers(cfg: PipelineConfig, model, tokenizer, rpn_dir: str, samples):
     return answers
 
 
-def pseudo_label_boxes(labels_dir: str, samples, grid: int, size: int, raw: bool = False) -> list[list]:
-    """Per test sample, the box of its pseudo labels (denoised, or raw from the same maps)."""
-    by_id = {}
+def labelled_maps(labels_dir: str) -> dict[str, dict[str, torch.Tensor]]:
+    """Per labelled sample id: its rows of grounding, sink and labels."""
+    out = {}
     for base in complete_shards(labels_dir):
         rows = read_jsonl(base + ".jsonl")
         if not rows:
             continue
         tensors = load_file(base + ".safetensors")
-        labels = tensors["labels"]
-        if raw:
-            g = tensors["grounding"]
-            labels = (g > 0.2 * g.amax(1, keepdim=True)).to(torch.int8)
         for row in rows:
-            by_id[row["id"]] = labels[row["row"]]
+            out[row["id"]] = {k: tensors[k][row["row"]] for k in ("grounding", "sink", "labels")}
+    return out
+
+
+def pseudo_label_boxes(labels_dir: str, samples, grid: int, size: int, raw: bool = False) -> list[list]:
+    """Per test sample, the box of its pseudo labels (denoised, or raw from the same maps)."""
+    maps = labelled_maps(labels_dir)
     out = []
     for s in samples:
-        lab = by_id.get(s.id)
-        box = None if lab is None else label_box_pixels(lab, grid, s.image.width, s.image.height, size)
+        box = None
+        if s.id in maps:
+            labels = raw_label_rule(maps[s.id]["grounding"]) if raw else maps[s.id]["labels"]
+            box = label_box_pixels(labels, grid, s.image.width, s.image.height, size)
         out.append([box] if box is not None else [])
     return out
 

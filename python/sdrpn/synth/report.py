@@ -8,12 +8,11 @@ import os
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
-from safetensors.torch import load_file
 
-from ..io_utils import read_jsonl, write_json, write_text
-from ..label_data import complete_shards
+from ..io_utils import write_json, write_text
 from ..viz import heat_rgb, label_rgb, roi_overlay, save_atomic
 from .metrics import normalise_answer
+from .pipeline import labelled_maps
 
 SETTINGS = [("base", "base model (thumbnail only)"), ("random_crop", "random crop of the same size"),
             ("sdrpn_raw_labels", "SD-RPN, RPN trained on raw-attention labels"),
@@ -69,18 +68,6 @@ def markdown(metrics: dict, title: str, examples_png: str | None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _maps_by_id(labels_dir: str) -> dict:
-    out = {}
-    for base in complete_shards(labels_dir):
-        rows = read_jsonl(base + ".jsonl")
-        if not rows:
-            continue
-        t = load_file(base + ".safetensors")
-        for row in rows:
-            out[row["id"]] = (t["grounding"][row["row"]], t["labels"][row["row"]])
-    return out
-
-
 def _grid_picture(rgb: np.ndarray) -> Image.Image:
     return Image.fromarray(rgb).resize((PANEL, PANEL), Image.NEAREST)
 
@@ -88,7 +75,7 @@ def _grid_picture(rgb: np.ndarray) -> Image.Image:
 def example_grid(result: dict, labels_dir: str, count: int = 8) -> Image.Image:
     """Rows of code-reading test images: pictures, then the question and the answers."""
     samples = result["samples"]
-    maps = _maps_by_id(labels_dir)
+    maps = labelled_maps(labels_dir)
     picked = [i for i, s in enumerate(samples) if s.kind == "read" and s.id in maps][:count]
     font = ImageFont.load_default(size=13)
     text_w, pad = 250, 6
@@ -98,7 +85,7 @@ def example_grid(result: dict, labels_dir: str, count: int = 8) -> Image.Image:
     for row, i in enumerate(picked):
         s = samples[i]
         y = pad + row * (PANEL + pad)
-        grounding, labels = maps[s.id]
+        grounding, labels = maps[s.id]["grounding"], maps[s.id]["labels"]
         grid = int(round(grounding.numel() ** 0.5))
         roi = result["rois"]["sdrpn"][i]
         encoder = result["model"].config.vision_config.image_size
