@@ -51,3 +51,20 @@ def layer_localisation(model, tokenizer, samples, batch_size: int = 32) -> list[
             sums[layer]["argmax_hit"] += float(cells.gather(1, g.argmax(1, keepdim=True)).sum())
     return [{"layer": layer, **{k: round(v / len(samples), 3) for k, v in row.items()}}
             for layer, row in enumerate(sums)]
+
+
+@torch.no_grad()
+def attention_quantiles(model, tokenizer, samples, layer: int, batch_size: int = 32) -> dict:
+    """Quantiles of one layer's answer-to-image attention per image token (all heads), the
+    values S that a sink threshold is set against."""
+    device = next(model.parameters()).device
+    grid = model.config.vision_config.image_size // model.config.vision_config.patch_size
+    every_head = HeadSelection(((layer, None),))
+    preset = LlavaPreset(name=f"layer{layer}", grounding=every_head, sink=every_head)
+    values = []
+    for i in range(0, len(samples), batch_size):
+        batch = teacher_forced_batch(model, tokenizer, samples[i:i + batch_size], device)
+        values.append(attention_maps(model, batch, preset, grid * grid).sink.float().flatten().cpu())
+    v = torch.cat(values)
+    qs = (0.5, 0.9, 0.99, 0.999, 1.0)
+    return {"layer": layer, **{f"q{q}": round(float(torch.quantile(v, q)), 5) for q in qs}}

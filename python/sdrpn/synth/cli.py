@@ -94,13 +94,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "inspect":
         from ..llava.loading import load_llava
-        from .attention_check import layer_localisation
+        from .attention_check import attention_quantiles, layer_localisation
         from .task import make_sample, split_seeds
 
         model, tok = load_llava(args.model, "fp32")
         samples = [make_sample(seed) for seed in split_seeds("val", args.count)]
         for row in layer_localisation(model, tok, samples):
             print(json.dumps(row))
+        for layer in range(model.config.text_config.num_hidden_layers):
+            print(json.dumps(attention_quantiles(model, tok, samples, layer)))
         return 0
     if args.command == "export-base":
         from .export import export_base
