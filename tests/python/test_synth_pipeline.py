@@ -41,6 +41,7 @@ def test_raw_labels_keep_every_cell(tmp_path):
                "grid": torch.tensor([[2, 2], [2, 2]])}, str(src / "rank000-shard00000.safetensors"))
     (src / "rank000-shard00000.jsonl").write_text("")
     (src / "rank000-shard00000.done.json").write_text(json.dumps({"shard": 0}))
+    (src / "label_config.json").write_text("{}")
     raw_labels(str(src), str(out))
     labels = load_file(str(out / "rank000-shard00000.safetensors"))["labels"]
     assert labels.tolist() == [[0, 0, 1, 0], [1, 1, 0, 0]]  # > 0.2 * max: no ignore, no sinks

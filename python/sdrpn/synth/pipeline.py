@@ -91,18 +91,21 @@ def raw_label_rule(grounding: torch.Tensor, fg_ratio: float = 0.2) -> torch.Tens
 
 
 def raw_labels(labels_dir: str, out: str, fg_ratio: float = 0.2) -> None:
-    """The ablation's label folder: the same maps labelled by raw_label_rule."""
+    """The ablation's label folder: the same maps labelled by raw_label_rule. Shard by shard,
+    the done marker is copied last, so an interrupted run leaves no shard half made."""
     os.makedirs(out, exist_ok=True)
-    for name in os.listdir(labels_dir):
-        if name.endswith((".jsonl", ".done.json")) or name == LABEL_CONFIG:
-            shutil.copyfile(os.path.join(labels_dir, name), os.path.join(out, name))
+    shutil.copyfile(os.path.join(labels_dir, LABEL_CONFIG), os.path.join(out, LABEL_CONFIG))
     for base in complete_shards(labels_dir):
-        target = os.path.join(out, os.path.basename(base) + ".safetensors")
-        if not os.path.exists(base + ".safetensors") or os.path.exists(target):
+        name = os.path.basename(base)
+        if os.path.exists(os.path.join(out, name + ".done.json")):
             continue
-        tensors = load_file(base + ".safetensors")
-        tensors["labels"] = raw_label_rule(tensors["grounding"], fg_ratio)
-        write_atomic(target, lambda tmp, t=tensors: save_file(t, tmp))
+        if os.path.exists(base + ".safetensors"):
+            tensors = load_file(base + ".safetensors")
+            tensors["labels"] = raw_label_rule(tensors["grounding"], fg_ratio)
+            write_atomic(os.path.join(out, name + ".safetensors"), lambda tmp, t=tensors: save_file(t, tmp))
+        for suffix in (".jsonl", ".skipped.jsonl", ".done.json"):
+            if os.path.exists(base + suffix):
+                shutil.copyfile(base + suffix, os.path.join(out, name + suffix))
 
 
 def train_rpn(cfg: PipelineConfig, model, tokenizer, labels_dir: str, out: str) -> None:
