@@ -96,3 +96,18 @@ def test_markdown_reports_the_gain():
                     "t", None)
     assert "+75.0 points over the base model, 10.0 points under the ground-truth crop" in text
     assert "| **SD-RPN** | 80.0 | 100.0 | 100.0 | 50.0 | 80.0 |" in text
+
+
+def test_shipped_base_model_loads_with_its_preset():
+    from sdrpn.llava.loading import load_llava
+    from sdrpn.llava.presets import get_preset
+    from sdrpn.synth.pipeline import BASE_MODEL
+
+    model, tok = load_llava(BASE_MODEL, "fp32")
+    preset = get_preset(os.path.join(BASE_MODEL, PRESET_FILE))
+    layers = model.config.text_config.num_hidden_layers
+    assert max(preset.probed_layers) < layers and preset.branch_layer + preset.depth <= layers
+    record = json.load(open(os.path.join(BASE_MODEL, "train_base_config.json")))
+    assert record["steps_done"] == record["steps"]  # a finished run, as its record says
+    assert sum(os.path.getsize(os.path.join(BASE_MODEL, f)) for f in os.listdir(BASE_MODEL)) < 8e6
+    assert tok.decode(tok("K7", add_special_tokens=False)["input_ids"]) == "K7"
