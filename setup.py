@@ -114,10 +114,11 @@ def _extension():
 
 setup(
     version=VERSION,
-    packages=find_packages("python"),
+    # The synthetic task's trained stand-in model (a few MB) ships as package data, so the
+    # demo starts at once; its folder is listed as a package of its own for that.
+    packages=find_packages("python") + ["sdrpn.synth.base_model"],
     package_dir={"": "python"},
-    # The synthetic task's trained stand-in model (a few MB), so the demo starts at once.
-    package_data={"sdrpn.synth": ["base_model/*"]},
+    package_data={"sdrpn.synth.base_model": ["*.json", "*.jsonl", "*.safetensors"]},
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension},
 )
