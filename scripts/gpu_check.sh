@@ -89,7 +89,9 @@ step pytest_cuda python3 -m pytest tests/python -q -p no:cacheprovider -k cuda "
 
 if [ -n "$train_pid" ]; then
   wait "$train_pid"
-  echo "=== train_base: rc=$?" | tee -a "$LOGS/steps.txt"
+  rc=$?
+  echo "=== train_base: rc=$rc" | tee -a "$LOGS/steps.txt"
+  [ $rc -eq 0 ] || failed+=("train_base")
   tail -n 3 build/base_model/history.jsonl
   step eval_base python3 -m sdrpn.synth eval-base --model build/base_model --count 400 \
     --json "$LOGS/eval_base.json"

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from sdrpn.synth import make_sample
-from sdrpn.synth.pipeline import (PRESET_FILE, PipelineConfig, accuracy_by_kind, label_box_pixels,
-                                  localisation, raw_labels, run_pipeline)
+from sdrpn.synth.metrics import accuracy_by_kind
+from sdrpn.synth.pipeline import PRESET_FILE, PipelineConfig, label_box_pixels, localisation, raw_labels, run_pipeline
 from sdrpn.synth.report import markdown, write_report
 
 
@@ -29,6 +29,8 @@ def test_label_box_and_localisation_scores():
     table = accuracy_by_kind([make_sample(1, kind="read"), make_sample(2, kind="count")],
                              [make_sample(1, kind="read").answer, "nine"])
     assert table == {"count": 0.0, "read": 1.0, "all": 0.5}
+    with pytest.raises(ValueError, match="must pair up"):
+        accuracy_by_kind([make_sample(1)], [])
 
 
 def test_raw_labels_keep_every_cell(tmp_path):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from ..llava.loading import pad_token_id
 from ..llava.maps import TeacherForcedBatch, attention_maps, left_pad
 from ..llava.presets import HeadSelection, LlavaPreset
 from ..preprocess import preprocess_image, prompt_token_ids
@@ -23,7 +24,7 @@ def teacher_forced_batch(model, tokenizer, samples, device) -> TeacherForcedBatc
         answer = tokenizer(s.answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         seqs.append(prompt + answer)
         lengths.append(len(answer))
-    ids, mask = left_pad(seqs, tokenizer.pad_token_id, device)
+    ids, mask = left_pad(seqs, pad_token_id(tokenizer), device)
     lengths_t = torch.tensor(lengths, device=device)
     pixels = torch.stack([preprocess_image(s.image, size)[0] for s in samples]).to(device, model.dtype)
     return TeacherForcedBatch(ids, mask, pixels, ids.shape[1] - lengths_t, lengths_t)

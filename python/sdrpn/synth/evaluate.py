@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import math
 import random
-from collections import defaultdict
 
 import torch
 
+from ..llava.loading import pad_token_id
 from ..llava.maps import left_pad
 from ..preprocess import crop_pixels, preprocess_image, prompt_token_ids
-from .metrics import normalise_answer
+from .metrics import accuracy_by_kind
 from .task import make_sample, split_seeds
 from .train_base import TEMPLATE
 
@@ -53,6 +53,7 @@ def answer_with_views(model, tokenizer, samples, views: str, batch_size: int = 3
     grid = size // model.config.vision_config.patch_size
     device = next(model.parameters()).device
     image_id = model.config.image_token_id
+    pad_id = pad_token_id(tokenizer)
     out: list[str] = []
     for i in range(0, len(samples), batch_size):
         chunk = samples[i:i + batch_size]
@@ -65,11 +66,11 @@ def answer_with_views(model, tokenizer, samples, views: str, batch_size: int = 3
                 pixels.append(crop_pixels(s.image, box, size))
                 n = 2
             ids.append(prompt_token_ids(tokenizer, s.question, image_id, grid * grid * n, TEMPLATE))
-        input_ids, mask = left_pad(ids, tokenizer.pad_token_id, device)
+        input_ids, mask = left_pad(ids, pad_id, device)
         gen = model.generate(input_ids=input_ids, attention_mask=mask,
                              pixel_values=torch.stack(pixels).to(device, next(model.parameters()).dtype),
                              max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+                             pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id)
         out += tokenizer.batch_decode(gen[:, input_ids.shape[1]:], skip_special_tokens=True)
     return out
 
@@ -77,11 +78,5 @@ def answer_with_views(model, tokenizer, samples, views: str, batch_size: int = 3
 def accuracy_table(model, tokenizer, count: int = 200, split: str = "test") -> dict:
     """Accuracy by question kind for the thumbnail alone, the ground-truth crop and a random crop."""
     samples = [make_sample(seed) for seed in split_seeds(split, count)]
-    table: dict = {}
-    for views in ("none", "gt", "random"):
-        answers = answer_with_views(model, tokenizer, samples, views)
-        right = defaultdict(list)
-        for s, a in zip(samples, answers):
-            right[s.kind].append(normalise_answer(a) == normalise_answer(s.answer))
-        table[views] = {k: round(sum(v) / len(v), 3) for k, v in sorted(right.items())}
-    return table
+    return {views: accuracy_by_kind(samples, answer_with_views(model, tokenizer, samples, views))
+            for views in ("none", "gt", "random")}

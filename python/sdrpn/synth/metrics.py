@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Sequence
 
 
@@ -16,6 +17,18 @@ def accuracy(predictions: Sequence[str], answers: Sequence[str]) -> float:
     if not answers:
         return 0.0
     return sum(normalise_answer(p) == normalise_answer(a) for p, a in zip(predictions, answers)) / len(answers)
+
+
+def accuracy_by_kind(samples, answers: Sequence[str]) -> dict:
+    """Exact-match accuracy per question kind of the samples, and over all of them ("all")."""
+    if len(samples) != len(answers):
+        raise ValueError(f"samples and answers must pair up, got {len(samples)} and {len(answers)}")
+    right = defaultdict(list)
+    for s, a in zip(samples, answers):
+        right[s.kind].append(normalise_answer(a) == normalise_answer(s.answer))
+    table = {k: round(sum(v) / len(v), 3) for k, v in sorted(right.items())}
+    table["all"] = round(sum(sum(v) for v in right.values()) / max(1, len(samples)), 3)
+    return table
 
 
 def box_iou(a: Sequence[float], b: Sequence[float]) -> float:

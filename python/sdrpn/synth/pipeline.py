@@ -17,7 +17,6 @@ import logging
 import os
 import random
 import shutil
-from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -33,7 +32,7 @@ from ..rpn import RegionProposalNetwork
 from ..train import RPNTrainer, TrainConfig
 from .attention_check import layer_localisation
 from .evaluate import answer_with_views, cell_box
-from .metrics import box_iou, hit, normalise_answer
+from .metrics import accuracy_by_kind, box_iou, hit
 from .task import make_sample, split_seeds, write_dataset
 from .train_base import TEMPLATE
 
@@ -142,15 +141,6 @@ def localisation(boxes_per_sample: list[list], samples, grid: int) -> dict:
     n = max(1, len(samples))
     return {"iou_cells": round(sum(ious_cells) / n, 3), "iou_target": round(sum(ious) / n, 3),
             "hit_rate": round(sum(hits) / n, 3), "no_box": round(empty / n, 3)}
-
-
-def accuracy_by_kind(samples, answers: list[str]) -> dict:
-    right = defaultdict(list)
-    for s, a in zip(samples, answers):
-        right[s.kind].append(normalise_answer(a) == normalise_answer(s.answer))
-    table = {k: round(sum(v) / len(v), 3) for k, v in sorted(right.items())}
-    table["all"] = round(sum(sum(v) for v in right.values()) / max(1, len(samples)), 3)
-    return table
 
 
 def sdrpn_answers(cfg: PipelineConfig, model, tokenizer, rpn_dir: str, samples):
