@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "attention_rows_impl.h"
 #include "checks.h"
 
 namespace sdrpn {
@@ -29,11 +30,11 @@ void check_attention_rows_inputs(const at::Tensor& query, const at::Tensor& key,
   const int64_t batch = query.size(0), heads = query.size(1), rows = query.size(2);
   TORCH_CHECK(key.size(0) == batch, "key must have the batch size of query (", batch, "), got ",
               key.size(0));
-  TORCH_CHECK(key.size(3) == query.size(3), "key must have the head dim of query (",
-              query.size(3), "), got ", key.size(3));
+  TORCH_CHECK(key.size(3) == query.size(3), "key must have the head dim of query (", query.size(3),
+              "), got ", key.size(3));
   TORCH_CHECK(key.size(1) >= 1 && heads % key.size(1) == 0,
-              "key heads must divide query heads (grouped-query attention), got Hk = ",
-              key.size(1), " for H = ", heads);
+              "key heads must divide query heads (grouped-query attention), got Hk = ", key.size(1),
+              " for H = ", heads);
   TORCH_CHECK(query_positions.dim() == 2 && query_positions.size(0) == batch &&
                   query_positions.size(1) == rows,
               "query_positions must be (B, Q) = (", batch, ", ", rows, "), got shape ",
@@ -47,8 +48,8 @@ void check_attention_rows_inputs(const at::Tensor& query, const at::Tensor& key,
               key_start.scalar_type());
   check_same_device(key_start, "key_start", query, "query");
   const int64_t seq_len = key.size(2);
-  TORCH_CHECK(key_length >= 0 && key_length <= seq_len, "key_length must lie in [0, L] with L = ",
-              seq_len, ", got ", key_length);
+  TORCH_CHECK(key_length >= 0 && key_length <= seq_len,
+              "key_length must lie in [0, L] with L = ", seq_len, ", got ", key_length);
   if (key_padding_mask.has_value()) {
     const auto& mask = *key_padding_mask;
     TORCH_CHECK(mask.dim() == 2 && mask.size(0) == batch && mask.size(1) == seq_len,
@@ -74,13 +75,13 @@ void check_attention_rows_inputs(const at::Tensor& query, const at::Tensor& key,
 }
 
 at::Tensor attention_rows_by_chunks(const at::Tensor& query, const at::Tensor& key,
-                                   const at::Tensor& query_positions, const at::Tensor& key_start,
-                                   int64_t key_length,
-                                   const std::optional<at::Tensor>& key_padding_mask,
-                                   std::optional<double> scale, WindowSoftmaxFn window_softmax,
-                                   int64_t score_budget) {
-  check_attention_rows_inputs(query, key, query_positions, key_start, key_length,
-                              key_padding_mask, scale);
+                                    const at::Tensor& query_positions, const at::Tensor& key_start,
+                                    int64_t key_length,
+                                    const std::optional<at::Tensor>& key_padding_mask,
+                                    std::optional<double> scale, WindowSoftmaxFn window_softmax,
+                                    int64_t score_budget) {
+  check_attention_rows_inputs(query, key, query_positions, key_start, key_length, key_padding_mask,
+                              scale);
   const int64_t batch = query.size(0), heads = query.size(1), rows = query.size(2);
   const int64_t kv_heads = key.size(1), seq_len = key.size(2), head_dim = query.size(3);
   auto out = at::empty({batch, heads, rows, key_length}, query.options().dtype(at::kFloat));
@@ -95,7 +96,9 @@ at::Tensor attention_rows_by_chunks(const at::Tensor& query, const at::Tensor& k
   const int64_t kv_chunk = std::max<int64_t>(1, std::min(kv_heads, score_budget / per_kv_head));
   for (int64_t kv0 = 0; kv0 < kv_heads; kv0 += kv_chunk) {
     const int64_t kvc = std::min(kv_chunk, kv_heads - kv0);
-    const auto q = query.narrow(1, kv0 * group, kvc * group).to(compute).mul(s)
+    const auto q = query.narrow(1, kv0 * group, kvc * group)
+                       .to(compute)
+                       .mul(s)
                        .reshape({batch, kvc, group * rows, head_dim});
     const auto k = key.narrow(1, kv0, kvc).to(compute);
     auto scores = at::matmul(q, k.transpose(2, 3))
@@ -122,9 +125,7 @@ at::Tensor attention_rows(const at::Tensor& query, const at::Tensor& key,
                           std::optional<double> scale) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("sdrpn::attention_rows", "")
-                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                         const at::Tensor&, int64_t,
-                                         const std::optional<at::Tensor>&, std::optional<double>)>();
+                       .typed<decltype(attention_rows)>();
   return op.call(query, key, query_positions, key_start, key_length, key_padding_mask, scale);
 }
 

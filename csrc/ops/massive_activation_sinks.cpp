@@ -7,6 +7,7 @@
 #include <cmath>
 
 #include "checks.h"
+#include "massive_activation_sinks_impl.h"
 
 namespace sdrpn {
 namespace ops {
@@ -26,7 +27,9 @@ void check_massive_activation_sinks_inputs(const at::Tensor& hidden, c10::IntArr
 }
 
 TORCH_LIBRARY_FRAGMENT(sdrpn, m) {
-  m.def("massive_activation_sinks(Tensor hidden, int[] dims, float tau=20.0, float eps=1e-06) -> Tensor");
+  m.def(
+      "massive_activation_sinks(Tensor hidden, int[] dims, float tau=20.0, float eps=1e-06) "
+      "-> Tensor");
 }
 
 }  // namespace ops
@@ -35,7 +38,7 @@ at::Tensor massive_activation_sinks(const at::Tensor& hidden, c10::IntArrayRef d
                                     double eps) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("sdrpn::massive_activation_sinks", "")
-                       .typed<at::Tensor(const at::Tensor&, c10::IntArrayRef, double, double)>();
+                       .typed<decltype(massive_activation_sinks)>();
   return op.call(hidden, dims, tau, eps);
 }
 

@@ -7,6 +7,7 @@
 #include <cmath>
 
 #include "checks.h"
+#include "pseudo_labels_impl.h"
 
 namespace sdrpn {
 namespace ops {
@@ -35,8 +36,7 @@ void check_pseudo_labels_inputs(const at::Tensor& grounding, const at::Tensor& s
   TORCH_CHECK(grid_w >= 1, "grid_w must be >= 1, got ", grid_w);
   TORCH_CHECK(grounding.size(1) == grid_h * grid_w, "grounding has N = ", grounding.size(1),
               " cells but grid_h * grid_w = ", grid_h, " * ", grid_w, " = ", grid_h * grid_w);
-  TORCH_CHECK(std::isfinite(sink_threshold), "sink_threshold must be finite, got ",
-              sink_threshold);
+  TORCH_CHECK(std::isfinite(sink_threshold), "sink_threshold must be finite, got ", sink_threshold);
   check_ratio("fg_ratio", fg_ratio);
   check_ratio("bg_ratio", bg_ratio);
   TORCH_CHECK(std::isfinite(max_box_fraction) && max_box_fraction > 0.0,
@@ -50,16 +50,24 @@ TORCH_LIBRARY_FRAGMENT(sdrpn, m) {
       "float max_box_fraction=0.5, int ignore_index=-100) -> Tensor");
 }
 
+at::Tensor pseudo_labels_dispatch(const at::Tensor& grounding, const at::Tensor& sink,
+                                  int64_t grid_h, int64_t grid_w, double sink_threshold,
+                                  double fg_ratio, double bg_ratio, double max_box_fraction,
+                                  int64_t ignore_index) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("sdrpn::pseudo_labels", "")
+                       .typed<decltype(pseudo_labels_dispatch)>();
+  return op.call(grounding, sink, grid_h, grid_w, sink_threshold, fg_ratio, bg_ratio,
+                 max_box_fraction, ignore_index);
+}
+
 }  // namespace ops
 
 at::Tensor pseudo_labels(const at::Tensor& grounding, const at::Tensor& sink, int64_t grid_h,
                          int64_t grid_w, const PseudoLabelOptions& options) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("sdrpn::pseudo_labels", "")
-                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, int64_t,
-                                         double, double, double, double, int64_t)>();
-  return op.call(grounding, sink, grid_h, grid_w, options.sink_threshold, options.fg_ratio,
-                 options.bg_ratio, options.max_box_fraction, options.ignore_index);
+  return ops::pseudo_labels_dispatch(grounding, sink, grid_h, grid_w, options.sink_threshold,
+                                     options.fg_ratio, options.bg_ratio, options.max_box_fraction,
+                                     options.ignore_index);
 }
 
 }  // namespace sdrpn

@@ -10,6 +10,7 @@
 #include <cmath>
 
 #include "checks.h"
+#include "roi_boxes_impl.h"
 
 namespace sdrpn {
 namespace ops {
@@ -23,29 +24,37 @@ void check_roi_boxes_inputs(const at::Tensor& prob, double threshold, double sig
   TORCH_CHECK(prob.size(1) * prob.size(2) < (int64_t{1} << 31),
               "prob's grid must have fewer than 2^31 cells, got ", prob.size(1) * prob.size(2));
   TORCH_CHECK(std::isfinite(threshold), "threshold must be finite, got ", threshold);
-  TORCH_CHECK(std::isfinite(sigma) && sigma > 0.0, "sigma must be a finite number > 0, got ", sigma);
+  TORCH_CHECK(std::isfinite(sigma) && sigma > 0.0, "sigma must be a finite number > 0, got ",
+              sigma);
   TORCH_CHECK(min_area >= 0, "min_area must be >= 0, got ", min_area);
   TORCH_CHECK(max_area >= 1, "max_area must be >= 1, got ", max_area);
   TORCH_CHECK(max_boxes >= 1, "max_boxes must be >= 1, got ", max_boxes);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> roi_boxes_impl(const at::Tensor& prob,
-                                                              const RoiBoxOptions& options,
-                                                              RoiLabelFn label) {
-  check_roi_boxes_inputs(prob, options.threshold, options.sigma, options.min_area,
-                         options.max_area, options.max_boxes);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> roi_boxes_impl(
+    const at::Tensor& prob, double threshold, double sigma, int64_t min_area, int64_t max_area,
+    int64_t max_boxes, bool drop_singletons, bool reference_clamp, RoiLabelFn label) {
+  check_roi_boxes_inputs(prob, threshold, sigma, min_area, max_area, max_boxes);
+  RoiBoxOptions options;
+  options.threshold = threshold;
+  options.sigma = sigma;
+  options.min_area = min_area;
+  options.max_area = max_area;
+  options.max_boxes = max_boxes;
+  options.drop_singletons = drop_singletons;
+  options.reference_clamp = reference_clamp;
   const int64_t batch = prob.size(0);
   const auto longs = prob.options().dtype(at::kLong);
   auto blurred = at::empty(prob.sizes(), prob.options().dtype(at::kFloat));
-  auto slots = at::empty({batch, options.max_boxes + 1, 4}, longs);
+  auto slots = at::empty({batch, max_boxes + 1, 4}, longs);
   auto counts = at::empty({batch}, longs);
   if (batch == 0) {
     return {at::empty({0, 4}, longs), at::empty({0}, longs), blurred};
   }
   label(prob.contiguous(), options, blurred, slots, counts);
   // A sample keeps its boxes only when it has between 1 and max_boxes of them.
-  const auto keep_sample = (counts >= 1) & (counts <= options.max_boxes);
-  const auto slot = at::arange(options.max_boxes + 1, longs).unsqueeze(0);
+  const auto keep_sample = (counts >= 1) & (counts <= max_boxes);
+  const auto slot = at::arange(max_boxes + 1, longs).unsqueeze(0);
   const auto keep = (slot < counts.unsqueeze(1)) & keep_sample.unsqueeze(1);
   const auto boxes = slots.index({keep});
   const auto batch_index = at::arange(batch, longs).unsqueeze(1).expand_as(keep).index({keep});
@@ -59,17 +68,23 @@ TORCH_LIBRARY_FRAGMENT(sdrpn, m) {
       "-> (Tensor, Tensor, Tensor)");
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> roi_boxes_dispatch(
+    const at::Tensor& prob, double threshold, double sigma, int64_t min_area, int64_t max_area,
+    int64_t max_boxes, bool drop_singletons, bool reference_clamp) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("sdrpn::roi_boxes", "")
+                       .typed<decltype(roi_boxes_dispatch)>();
+  return op.call(prob, threshold, sigma, min_area, max_area, max_boxes, drop_singletons,
+                 reference_clamp);
+}
+
 }  // namespace ops
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> roi_boxes(const at::Tensor& prob,
                                                          const RoiBoxOptions& options) {
-  using Result = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("sdrpn::roi_boxes", "")
-                       .typed<Result(const at::Tensor&, double, double, int64_t, int64_t, int64_t,
-                                     bool, bool)>();
-  return op.call(prob, options.threshold, options.sigma, options.min_area, options.max_area,
-                 options.max_boxes, options.drop_singletons, options.reference_clamp);
+  return ops::roi_boxes_dispatch(prob, options.threshold, options.sigma, options.min_area,
+                                 options.max_area, options.max_boxes, options.drop_singletons,
+                                 options.reference_clamp);
 }
 
 }  // namespace sdrpn

@@ -15,14 +15,16 @@
 #include <cmath>
 
 #include "checks.h"
+#include "rpn_scores_impl.h"
 
 namespace sdrpn {
 namespace ops {
 namespace {
 
 void check_like(const at::Tensor& t, const char* name, const at::Tensor& query) {
-  TORCH_CHECK(t.scalar_type() == query.scalar_type(), name, " must have the dtype of query_states (",
-              query.scalar_type(), "), got ", t.scalar_type());
+  TORCH_CHECK(t.scalar_type() == query.scalar_type(), name,
+              " must have the dtype of query_states (", query.scalar_type(), "), got ",
+              t.scalar_type());
   check_same_device(t, name, query, "query_states");
 }
 
@@ -68,10 +70,10 @@ void check_rpn_scores_inputs(const at::Tensor& query_states, const at::Tensor& v
               query_states.sizes());
   check_floating(query_states, "query_states");
   const int64_t batch = query_states.size(0), hidden = query_states.size(1);
-  TORCH_CHECK(visual_states.dim() == 3 && visual_states.size(0) == batch &&
-                  visual_states.size(2) == hidden,
-              "visual_states must be (B, N, D) = (", batch, ", N, ", hidden, "), got shape ",
-              visual_states.sizes());
+  TORCH_CHECK(
+      visual_states.dim() == 3 && visual_states.size(0) == batch && visual_states.size(2) == hidden,
+      "visual_states must be (B, N, D) = (", batch, ", N, ", hidden, "), got shape ",
+      visual_states.sizes());
   check_like(visual_states, "visual_states", query_states);
   TORCH_CHECK(num_heads >= 1, "num_heads must be >= 1, got ", num_heads);
   TORCH_CHECK(q_weight.dim() == 2 && q_weight.size(1) == hidden && q_weight.size(0) >= num_heads &&
@@ -84,8 +86,7 @@ void check_rpn_scores_inputs(const at::Tensor& query_states, const at::Tensor& v
                   k_weight.size(0) % head_dim == 0 &&
                   num_heads % (k_weight.size(0) / head_dim) == 0,
               "k_weight must be (kv_heads * ", head_dim, ", ", hidden,
-              ") with kv_heads dividing num_heads = ", num_heads, ", got shape ",
-              k_weight.sizes());
+              ") with kv_heads dividing num_heads = ", num_heads, ", got shape ", k_weight.sizes());
   check_like(k_weight, "k_weight", query_states);
   if (q_bias.has_value()) {
     TORCH_CHECK(q_bias->dim() == 1 && q_bias->size(0) == q_weight.size(0), "q_bias must be (",
@@ -123,8 +124,8 @@ at::Tensor rpn_scores_forward_impl(const at::Tensor& query_states, const at::Ten
   if (out.numel() == 0) return out;
   const auto h = head_layout(q_weight, k_weight, num_heads);
   const auto qg = grouped_query(query_states, q_weight, q_bias, h);
-  const auto u = at::mm(qg, k_weight);                                          // (B, D)
-  const auto raw = at::bmm(visual_states, u.unsqueeze(2)).squeeze(2);           // (B, N)
+  const auto u = at::mm(qg, k_weight);                                 // (B, D)
+  const auto raw = at::bmm(visual_states, u.unsqueeze(2)).squeeze(2);  // (B, N)
   epilogue(raw, bias_term(qg, k_bias), visual_mask, score_scale(h), out);
   return out;
 }
@@ -135,8 +136,7 @@ rpn_scores_backward_impl(const at::Tensor& grad, const at::Tensor& query_states,
                          const at::Tensor& k_weight, int64_t num_heads,
                          const std::optional<at::Tensor>& q_bias,
                          const std::optional<at::Tensor>& k_bias,
-                         const std::optional<at::Tensor>& visual_mask,
-                         RpnGradPrologueFn prologue) {
+                         const std::optional<at::Tensor>& visual_mask, RpnGradPrologueFn prologue) {
   check_rpn_scores_inputs(query_states, visual_states, q_weight, k_weight, num_heads, q_bias,
                           k_bias, visual_mask);
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
@@ -162,8 +162,8 @@ rpn_scores_backward_impl(const at::Tensor& grad, const at::Tensor& query_states,
 
   const auto grad_u = at::bmm(grad_scaled.unsqueeze(1), visual_states).squeeze(1);  // (B, D)
   auto grad_visual = at::bmm(grad_scaled.unsqueeze(2), u.unsqueeze(1));             // (B, N, D)
-  auto grad_qg = at::mm(grad_u, k_weight.t());                                       // (B, Hk*d)
-  auto grad_k_weight = at::mm(qg.t(), grad_u);                                       // (Hk*d, D)
+  auto grad_qg = at::mm(grad_u, k_weight.t());                                      // (B, Hk*d)
+  auto grad_k_weight = at::mm(qg.t(), grad_u);                                      // (Hk*d, D)
   at::Tensor grad_k_bias = at::empty({0}, query_states.options());
   if (k_bias.has_value()) {
     const auto gb = grad_bias_term.unsqueeze(1);
@@ -175,16 +175,18 @@ rpn_scores_backward_impl(const at::Tensor& grad, const at::Tensor& query_states,
   const auto grad_q = grad_qg.view({batch, h.kv_heads, 1, h.head_dim})
                           .expand({batch, h.kv_heads, group, h.head_dim})
                           .reshape({batch, h.heads * h.head_dim});
-  auto grad_query = at::mm(grad_q, q_weight);                                        // (B, D)
-  auto grad_q_weight = at::mm(grad_q.t(), query_states);                             // (H*d, D)
-  at::Tensor grad_q_bias = q_bias.has_value() ? grad_q.sum(0) : at::empty({0}, query_states.options());
+  auto grad_query = at::mm(grad_q, q_weight);             // (B, D)
+  auto grad_q_weight = at::mm(grad_q.t(), query_states);  // (H*d, D)
+  at::Tensor grad_q_bias =
+      q_bias.has_value() ? grad_q.sum(0) : at::empty({0}, query_states.options());
   return {grad_query, grad_visual, grad_q_weight, grad_k_weight, grad_q_bias, grad_k_bias};
 }
 
 TORCH_LIBRARY_FRAGMENT(sdrpn, m) {
   m.def(
       "rpn_scores(Tensor query_states, Tensor visual_states, Tensor q_weight, Tensor k_weight, "
-      "int num_heads, Tensor? q_bias=None, Tensor? k_bias=None, Tensor? visual_mask=None) -> Tensor");
+      "int num_heads, Tensor? q_bias=None, Tensor? k_bias=None, Tensor? visual_mask=None) -> "
+      "Tensor");
   m.def(
       "rpn_scores_backward(Tensor grad, Tensor query_states, Tensor visual_states, "
       "Tensor q_weight, Tensor k_weight, int num_heads, Tensor? q_bias, Tensor? k_bias, "
@@ -200,11 +202,7 @@ at::Tensor rpn_scores(const at::Tensor& query_states, const at::Tensor& visual_s
                       const std::optional<at::Tensor>& visual_mask) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("sdrpn::rpn_scores", "")
-                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                         const at::Tensor&, int64_t,
-                                         const std::optional<at::Tensor>&,
-                                         const std::optional<at::Tensor>&,
-                                         const std::optional<at::Tensor>&)>();
+                       .typed<decltype(rpn_scores)>();
   return op.call(query_states, visual_states, q_weight, k_weight, num_heads, q_bias, k_bias,
                  visual_mask);
 }
@@ -216,14 +214,9 @@ rpn_scores_backward(const at::Tensor& grad, const at::Tensor& query_states,
                     const std::optional<at::Tensor>& q_bias,
                     const std::optional<at::Tensor>& k_bias,
                     const std::optional<at::Tensor>& visual_mask) {
-  using Result = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("sdrpn::rpn_scores_backward", "")
-                       .typed<Result(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                     const at::Tensor&, const at::Tensor&, int64_t,
-                                     const std::optional<at::Tensor>&,
-                                     const std::optional<at::Tensor>&,
-                                     const std::optional<at::Tensor>&)>();
+                       .typed<decltype(rpn_scores_backward)>();
   return op.call(grad, query_states, visual_states, q_weight, k_weight, num_heads, q_bias, k_bias,
                  visual_mask);
 }

@@ -18,7 +18,8 @@ SDRPN_HOST_DEVICE float shifted_exp(float score, float row_max) { return expf(sc
 
 // One probability of a row whose visible scores have maximum `row_max` and
 // sum of shifted_exp `row_sum`; a row with no visible key is all zeros.
-SDRPN_HOST_DEVICE float window_probability(float score, bool visible, float row_max, float row_sum) {
+SDRPN_HOST_DEVICE float window_probability(float score, bool visible, float row_max,
+                                           float row_sum) {
   return visible && row_sum > 0.0f ? shifted_exp(score, row_max) / row_sum : 0.0f;
 }
 

@@ -14,10 +14,4 @@ namespace sdrpn {
 at::Tensor massive_activation_sinks(const at::Tensor& hidden, c10::IntArrayRef dims,
                                     double tau = 20.0, double eps = 1e-6);
 
-namespace ops {
-
-void check_massive_activation_sinks_inputs(const at::Tensor& hidden, c10::IntArrayRef dims,
-                                           double tau, double eps);
-
-}  // namespace ops
 }  // namespace sdrpn

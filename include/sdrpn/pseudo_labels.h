@@ -8,10 +8,14 @@ namespace sdrpn {
 
 // Thresholds of SPEC Stage 1 ("Labelling"); the defaults are the reference values.
 struct PseudoLabelOptions {
-  double sink_threshold = 1e-3;    // tau_sink: sink map value at which a token is a sink
-  double fg_ratio = 0.2;           // alpha: foreground where value > alpha * max
-  double bg_ratio = 0.1;           // beta: background where value < beta * max, outside the box
-  double max_box_fraction = 0.5;   // rho: a box covering >= rho * N cells makes the sample all-ignore
+  // tau_sink: sink map value at which a token is a sink.
+  double sink_threshold = 1e-3;
+  // alpha: foreground where value > alpha * max.
+  double fg_ratio = 0.2;
+  // beta: background where value < beta * max, outside the box.
+  double bg_ratio = 0.1;
+  // rho: a box covering >= rho * N cells makes the sample all-ignore.
+  double max_box_fraction = 0.5;
   int64_t ignore_index = -100;
 };
 
@@ -23,12 +27,4 @@ struct PseudoLabelOptions {
 at::Tensor pseudo_labels(const at::Tensor& grounding, const at::Tensor& sink, int64_t grid_h,
                          int64_t grid_w, const PseudoLabelOptions& options = {});
 
-namespace ops {
-
-// Argument checks shared by every device's kernel.
-void check_pseudo_labels_inputs(const at::Tensor& grounding, const at::Tensor& sink, int64_t grid_h,
-                                int64_t grid_w, double sink_threshold, double fg_ratio,
-                                double bg_ratio, double max_box_fraction);
-
-}  // namespace ops
 }  // namespace sdrpn

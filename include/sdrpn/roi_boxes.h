@@ -28,22 +28,4 @@ struct RoiBoxOptions {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> roi_boxes(const at::Tensor& prob,
                                                          const RoiBoxOptions& options = {});
 
-namespace ops {
-
-void check_roi_boxes_inputs(const at::Tensor& prob, double threshold, double sigma,
-                            int64_t min_area, int64_t max_area, int64_t max_boxes);
-
-// The device half: blurs into `blurred` (B, H, W) float32, labels the components and writes
-// each sample's first max_boxes + 1 kept boxes into `slots` (B, max_boxes + 1, 4) int64 and
-// how many it kept (capped at max_boxes + 1) into `counts` (B,) int64. No host sync.
-using RoiLabelFn = void (*)(const at::Tensor& prob, const RoiBoxOptions& options,
-                            at::Tensor& blurred, at::Tensor& slots, at::Tensor& counts);
-
-// The device-independent half: validation, allocation and the final compaction (the
-// op's one host synchronisation: the number of boxes).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> roi_boxes_impl(const at::Tensor& prob,
-                                                              const RoiBoxOptions& options,
-                                                              RoiLabelFn label);
-
-}  // namespace ops
 }  // namespace sdrpn

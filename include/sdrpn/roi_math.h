@@ -39,17 +39,25 @@ struct CellBox {
   int64_t x0, y0, x1, y1, area;
 };
 
+// The reference's rules for turning components into boxes.
+struct BoxRules {
+  int64_t min_area;
+  int64_t max_area;
+  int64_t max_boxes;
+  bool drop_singletons;
+  bool reference_clamp;  // grown boxes end at size - 1 as the reference's do
+};
+
 enum class BoxVerdict { kKeep, kDrop };
 
 // The reference's treatment of one component: singletons dropped (noise or a sink),
 // small ones grown around their centre to at least 3 cells a side (with the reference's
 // clamp of the exclusive end to size - 1), large ones dropped.
-SDRPN_HOST_DEVICE BoxVerdict filter_box(CellBox& box, int64_t grid_h, int64_t grid_w, int64_t min_area,
-                                        int64_t max_area, bool drop_singletons,
-                                        bool reference_clamp) {
-  if (drop_singletons && box.area == 1) return BoxVerdict::kDrop;
-  if (box.area > max_area) return BoxVerdict::kDrop;
-  if (box.area < min_area) {
+SDRPN_HOST_DEVICE BoxVerdict filter_box(CellBox& box, int64_t grid_h, int64_t grid_w,
+                                        const BoxRules& rules) {
+  if (rules.drop_singletons && box.area == 1) return BoxVerdict::kDrop;
+  if (box.area > rules.max_area) return BoxVerdict::kDrop;
+  if (box.area < rules.min_area) {
     const double cx = (box.x0 + box.x1) / 2.0, cy = (box.y0 + box.y1) / 2.0;
     const double w = fmax(3.0, static_cast<double>(box.x1 - box.x0 + 1));
     const double h = fmax(3.0, static_cast<double>(box.y1 - box.y0 + 1));
@@ -59,12 +67,29 @@ SDRPN_HOST_DEVICE BoxVerdict filter_box(CellBox& box, int64_t grid_h, int64_t gr
     const auto y1 = static_cast<int64_t>(trunc(cy + h / 2.0));
     box.x0 = x0 > 0 ? x0 : 0;
     box.y0 = y0 > 0 ? y0 : 0;
-    const int64_t x_end = reference_clamp ? grid_w - 1 : grid_w;
-    const int64_t y_end = reference_clamp ? grid_h - 1 : grid_h;
+    const int64_t x_end = rules.reference_clamp ? grid_w - 1 : grid_w;
+    const int64_t y_end = rules.reference_clamp ? grid_h - 1 : grid_h;
     box.x1 = x1 < x_end ? x1 : x_end;
     box.y1 = y1 < y_end ? y1 : y_end;
   }
   return BoxVerdict::kKeep;
+}
+
+// The write step of both devices' kernels, called once per component in row-major order
+// of their first cell: a box the rules keep goes as [x0, y0, x1, y1) into the next of the
+// sample's max_boxes + 1 slots. Returns the new number of kept boxes, which stops at
+// max_boxes + 1: that is enough for the host to tell a sample with too many boxes from
+// one it keeps, whatever the number of components.
+SDRPN_HOST_DEVICE int64_t write_box(CellBox box, int64_t grid_h, int64_t grid_w,
+                                    const BoxRules& rules, int64_t kept, int64_t* slots) {
+  if (filter_box(box, grid_h, grid_w, rules) == BoxVerdict::kDrop) return kept;
+  if (kept > rules.max_boxes) return kept;
+  int64_t* slot = slots + kept * 4;
+  slot[0] = box.x0;
+  slot[1] = box.y0;
+  slot[2] = box.x1;
+  slot[3] = box.y1;
+  return kept + 1;
 }
 
 }  // namespace sdrpn::math

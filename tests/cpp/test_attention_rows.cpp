@@ -1,12 +1,13 @@
 #include "sdrpn/attention_rows.h"
 
 #include <gtest/gtest.h>
-
-#include "error_text.h"
 #include <torch/cuda.h>
 #include <torch/torch.h>
 
 #include <string>
+
+#include "error_text.h"
+#include "ops/attention_rows_impl.h"
 
 namespace {
 
@@ -47,9 +48,9 @@ TEST(AttentionRows, ChunkingOverKeyHeadsChangesNothing) {
   const auto in = make_inputs(6, 3);
   auto whole = sdrpn::attention_rows(in.query, in.key, in.positions, in.starts, 6, in.mask);
   // A budget of one score element forces one key head per chunk.
-  auto chunked = sdrpn::ops::attention_rows_by_chunks(in.query, in.key, in.positions, in.starts, 6,
-                                                      in.mask, std::nullopt,
-                                                      &sdrpn::ops::window_softmax_cpu, 1);
+  auto chunked =
+      sdrpn::ops::attention_rows_by_chunks(in.query, in.key, in.positions, in.starts, 6, in.mask,
+                                           std::nullopt, &sdrpn::ops::window_softmax_cpu, 1);
   EXPECT_TRUE(torch::equal(whole, chunked));
 }
 
@@ -59,7 +60,8 @@ TEST(AttentionRows, WindowOutsideTheKeysIsRejected) {
     sdrpn::attention_rows(in.query, in.key, in.positions, torch::tensor({0, 8}, torch::kLong), 6);
   });
   EXPECT_NE(message.find("key_start + key_length must stay within [0, L] with L = 12"),
-            std::string::npos) << message;
+            std::string::npos)
+      << message;
 }
 
 TEST(AttentionRowsCuda, MatchesCpu) {

@@ -1,12 +1,12 @@
 #include "sdrpn/massive_activation_sinks.h"
 
 #include <gtest/gtest.h>
-
-#include "error_text.h"
 #include <torch/cuda.h>
 #include <torch/torch.h>
 
 #include <string>
+
+#include "error_text.h"
 
 namespace {
 
@@ -37,9 +37,11 @@ TEST(MassiveActivationSinks, StridedHalfInput) {
 }
 
 TEST(MassiveActivationSinks, BadDimIsNamed) {
-  const auto message = sdrpn::testing::error_of(
-      [] { sdrpn::massive_activation_sinks(torch::zeros({1, 2, 8}), {3, 8}); });
-  EXPECT_NE(message.find("dims must lie in [0, D) with D = 8, got 8"), std::string::npos) << message;
+  const auto message = sdrpn::testing::error_of([] {
+    sdrpn::massive_activation_sinks(torch::zeros({1, 2, 8}), {3, 8});
+  });
+  EXPECT_NE(message.find("dims must lie in [0, D) with D = 8, got 8"), std::string::npos)
+      << message;
 }
 
 TEST(MassiveActivationSinksCuda, MatchesCpu) {

@@ -1,14 +1,14 @@
 #include "sdrpn/pseudo_labels.h"
 
 #include <gtest/gtest.h>
-
-#include "error_text.h"
 #include <torch/cuda.h>
 #include <torch/torch.h>
 
 #include <limits>
-#include <vector>
 #include <string>
+#include <vector>
+
+#include "error_text.h"
 
 namespace {
 
@@ -17,8 +17,8 @@ constexpr int64_t I = -100;
 
 // The 4x4 example of tests/python/test_pseudo_labels.py, worked by hand.
 std::pair<at::Tensor, at::Tensor> hand_example() {
-  auto g = torch::tensor({0.00f, 0.05f, 0.00f, 0.50f, 0.05f, 1.00f, 0.30f, 0.00f,
-                          0.00f, 0.15f, 0.90f, 0.00f, 0.15f, 0.00f, 0.00f, 0.05f})
+  auto g = torch::tensor({0.00f, 0.05f, 0.00f, 0.50f, 0.05f, 1.00f, 0.30f, 0.00f, 0.00f, 0.15f,
+                          0.90f, 0.00f, 0.15f, 0.00f, 0.00f, 0.05f})
                .view({1, 16});
   auto s = torch::zeros({1, 16});
   s[0][3] = 0.01f;
@@ -88,20 +88,20 @@ TEST(PseudoLabels, EmptyBatch) {
 TEST(PseudoLabels, BadInputsNameTheArgument) {
   auto g = torch::rand({2, 6});
   auto s = torch::zeros({2, 6});
-  EXPECT_NE(error_of([&] { sdrpn::pseudo_labels(g, s, 2, 4); })
-                .find("grounding has N = 6 cells but grid_h * grid_w = 2 * 4 = 8"),
-            std::string::npos);
-  EXPECT_NE(error_of([&] { sdrpn::pseudo_labels(g.view({12}), s, 2, 3); })
-                .find("grounding must be (B, N), got shape [12]"),
-            std::string::npos);
-  EXPECT_NE(error_of([&] { sdrpn::pseudo_labels(g, s.to(torch::kHalf), 2, 3); })
-                .find("sink must have the dtype of grounding"),
-            std::string::npos);
+  const auto wrong_grid = error_of([&] { sdrpn::pseudo_labels(g, s, 2, 4); });
+  EXPECT_NE(wrong_grid.find("grounding has N = 6 cells but grid_h * grid_w = 2 * 4 = 8"),
+            std::string::npos)
+      << wrong_grid;
+  const auto flat = error_of([&] { sdrpn::pseudo_labels(g.view({12}), s, 2, 3); });
+  EXPECT_NE(flat.find("grounding must be (B, N), got shape [12]"), std::string::npos) << flat;
+  const auto mixed = error_of([&] { sdrpn::pseudo_labels(g, s.to(torch::kHalf), 2, 3); });
+  EXPECT_NE(mixed.find("sink must have the dtype of grounding"), std::string::npos) << mixed;
   sdrpn::PseudoLabelOptions negative;
   negative.bg_ratio = -0.5;
-  EXPECT_NE(error_of([&] { sdrpn::pseudo_labels(g, s, 2, 3, negative); })
-                .find("bg_ratio must be a finite, non-negative number, got -0.5"),
-            std::string::npos);
+  const auto bad_ratio = error_of([&] { sdrpn::pseudo_labels(g, s, 2, 3, negative); });
+  EXPECT_NE(bad_ratio.find("bg_ratio must be a finite, non-negative number, got -0.5"),
+            std::string::npos)
+      << bad_ratio;
 }
 
 TEST(PseudoLabelsCuda, MatchesCpu) {

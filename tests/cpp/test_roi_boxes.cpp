@@ -1,12 +1,12 @@
 #include "sdrpn/roi_boxes.h"
 
 #include <gtest/gtest.h>
-
-#include "error_text.h"
 #include <torch/cuda.h>
 #include <torch/torch.h>
 
 #include <string>
+
+#include "error_text.h"
 
 namespace {
 
@@ -37,8 +37,11 @@ TEST(RoiBoxes, TooManyComponentsMeansNone) {
 TEST(RoiBoxes, BadSigmaIsNamed) {
   sdrpn::RoiBoxOptions bad;
   bad.sigma = -1.0;
-  const auto message = sdrpn::testing::error_of([&] { sdrpn::roi_boxes(torch::rand({1, 4, 4}), bad); });
-  EXPECT_NE(message.find("sigma must be a finite number > 0, got -1"), std::string::npos) << message;
+  const auto message = sdrpn::testing::error_of([&] {
+    sdrpn::roi_boxes(torch::rand({1, 4, 4}), bad);
+  });
+  EXPECT_NE(message.find("sigma must be a finite number > 0, got -1"), std::string::npos)
+      << message;
 }
 
 TEST(RoiBoxesCuda, MatchesCpu) {

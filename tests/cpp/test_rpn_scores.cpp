@@ -9,11 +9,12 @@
 namespace {
 
 // The naive head: every visual token projected to keys, per-head dot, mean over heads.
-at::Tensor naive(const at::Tensor& x, const at::Tensor& v, const at::Tensor& wq, const at::Tensor& wk,
-                 int64_t heads, int64_t head_dim) {
+at::Tensor naive(const at::Tensor& x, const at::Tensor& v, const at::Tensor& wq,
+                 const at::Tensor& wk, int64_t heads, int64_t head_dim) {
   const int64_t kv_heads = wk.size(0) / head_dim;
   auto q = torch::matmul(x, wq.t()).view({x.size(0), heads, head_dim});
-  auto k = torch::matmul(v, wk.t()).view({v.size(0), v.size(1), kv_heads, head_dim})
+  auto k = torch::matmul(v, wk.t())
+               .view({v.size(0), v.size(1), kv_heads, head_dim})
                .repeat_interleave(heads / kv_heads, 2);
   return torch::einsum("bhd,bnhd->bnh", {q, k}).mean(-1) / std::sqrt(static_cast<double>(head_dim));
 }

@@ -5,7 +5,7 @@
 #include <algorithm>
 #include <limits>
 
-#include "sdrpn/attention_rows.h"
+#include "../attention_rows_impl.h"
 #include "sdrpn/attention_rows_math.h"
 
 namespace sdrpn::ops {

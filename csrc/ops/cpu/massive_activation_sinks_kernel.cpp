@@ -9,8 +9,8 @@
 #include <cmath>
 #include <vector>
 
+#include "../massive_activation_sinks_impl.h"
 #include "sdrpn/massive_activation_math.h"
-#include "sdrpn/massive_activation_sinks.h"
 
 namespace sdrpn::ops {
 namespace {
@@ -23,7 +23,8 @@ void flag_sinks(const at::Tensor& hidden, c10::IntArrayRef dims, double tau, dou
   using opmath_t = at::opmath_type<scalar_t>;
   const int64_t seq_len = hidden.size(1);
   const int64_t hidden_size = hidden.size(2);
-  const int64_t stride_b = hidden.stride(0), stride_l = hidden.stride(1), stride_d = hidden.stride(2);
+  const int64_t stride_b = hidden.stride(0), stride_l = hidden.stride(1),
+                stride_d = hidden.stride(2);
   const scalar_t* data = hidden.const_data_ptr<scalar_t>();
   bool* out = sinks.data_ptr<bool>();
   const std::vector<int64_t> dim_list(dims.begin(), dims.end());

@@ -8,6 +8,7 @@
 #include <cmath>
 #include <limits>
 
+#include "../pseudo_labels_impl.h"
 #include "sdrpn/pseudo_label_math.h"
 #include "sdrpn/pseudo_labels.h"
 
@@ -77,11 +78,9 @@ at::Tensor pseudo_labels_kernel(const at::Tensor& grounding, const at::Tensor& s
   if (labels.numel() == 0) return labels;
   const PseudoLabelOptions options{sink_threshold, fg_ratio, bg_ratio, max_box_fraction,
                                    ignore_index};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grounding.scalar_type(),
-                                  "pseudo_labels_cpu", [&] {
-                                    label_samples<scalar_t>(grounding, sink, labels, grid_w,
-                                                            options);
-                                  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, grounding.scalar_type(), "pseudo_labels_cpu",
+      [&] { label_samples<scalar_t>(grounding, sink, labels, grid_w, options); });
   return labels;
 }
 

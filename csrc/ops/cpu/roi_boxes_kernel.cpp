@@ -7,6 +7,7 @@
 #include <limits>
 #include <vector>
 
+#include "../roi_boxes_impl.h"
 #include "sdrpn/roi_boxes.h"
 #include "sdrpn/roi_math.h"
 
@@ -23,9 +24,10 @@ void label_sample(const scalar_t* p, int64_t h, int64_t w, const RoiBoxOptions& 
   std::vector<float> rows(h * w);
   for (int64_t y = 0; y < h; ++y) {
     for (int64_t x = 0; x < w; ++x) {
-      rows[y * w + x] = math::blur_tap(static_cast<float>(p[y * w + math::reflect_index(x - 1, w)]),
-                                       static_cast<float>(p[y * w + x]),
-                                       static_cast<float>(p[y * w + math::reflect_index(x + 1, w)]), c, s);
+      rows[y * w + x] =
+          math::blur_tap(static_cast<float>(p[y * w + math::reflect_index(x - 1, w)]),
+                         static_cast<float>(p[y * w + x]),
+                         static_cast<float>(p[y * w + math::reflect_index(x + 1, w)]), c, s);
     }
   }
   float max_value = -std::numeric_limits<float>::infinity();
@@ -38,6 +40,7 @@ void label_sample(const scalar_t* p, int64_t h, int64_t w, const RoiBoxOptions& 
     }
   }
   const float thr = math::roi_threshold(opt.threshold, max_value);
+  const math::BoxRules rules = box_rules(opt);
   std::vector<char> seen(h * w, 0);
   std::vector<int64_t> stack;
   int64_t kept = 0;
@@ -67,18 +70,7 @@ void label_sample(const scalar_t* p, int64_t h, int64_t w, const RoiBoxOptions& 
         }
       }
     }
-    if (math::filter_box(box, h, w, opt.min_area, opt.max_area, opt.drop_singletons,
-                         opt.reference_clamp) == math::BoxVerdict::kDrop) {
-      continue;
-    }
-    if (kept <= opt.max_boxes) {
-      int64_t* slot = slots + kept * 4;
-      slot[0] = box.x0;
-      slot[1] = box.y0;
-      slot[2] = box.x1;
-      slot[3] = box.y1;
-      ++kept;
-    }
+    kept = math::write_box(box, h, w, rules, kept, slots);
   }
   *count = kept;
 }
@@ -86,26 +78,27 @@ void label_sample(const scalar_t* p, int64_t h, int64_t w, const RoiBoxOptions& 
 void roi_label_cpu(const at::Tensor& prob, const RoiBoxOptions& opt, at::Tensor& blurred,
                    at::Tensor& slots, at::Tensor& counts) {
   const int64_t h = prob.size(1), w = prob.size(2);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, prob.scalar_type(), "roi_boxes_cpu", [&] {
-    const scalar_t* p = prob.const_data_ptr<scalar_t>();
-    float* b = blurred.data_ptr<float>();
-    int64_t* sl = slots.data_ptr<int64_t>();
-    int64_t* ct = counts.data_ptr<int64_t>();
-    at::parallel_for(0, prob.size(0), 1, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        label_sample(p + i * h * w, h, w, opt, b + i * h * w, sl + i * (opt.max_boxes + 1) * 4, ct + i);
-      }
-    });
-  });
+  const int64_t cells = h * w, slots_per_sample = (opt.max_boxes + 1) * 4;
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, prob.scalar_type(), "roi_boxes_cpu", [&] {
+        const scalar_t* p = prob.const_data_ptr<scalar_t>();
+        float* b = blurred.data_ptr<float>();
+        int64_t* sl = slots.data_ptr<int64_t>();
+        int64_t* ct = counts.data_ptr<int64_t>();
+        at::parallel_for(0, prob.size(0), 1, [&](int64_t begin, int64_t end) {
+          for (int64_t i = begin; i < end; ++i) {
+            label_sample(p + i * cells, h, w, opt, b + i * cells, sl + i * slots_per_sample,
+                         ct + i);
+          }
+        });
+      });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> roi_boxes_kernel(const at::Tensor& prob, double threshold,
-                                                                double sigma, int64_t min_area,
-                                                                int64_t max_area, int64_t max_boxes,
-                                                                bool drop_singletons, bool reference_clamp) {
-  const RoiBoxOptions options{threshold, sigma, min_area, max_area, max_boxes, drop_singletons,
-                              reference_clamp};
-  return roi_boxes_impl(prob, options, &roi_label_cpu);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> roi_boxes_kernel(
+    const at::Tensor& prob, double threshold, double sigma, int64_t min_area, int64_t max_area,
+    int64_t max_boxes, bool drop_singletons, bool reference_clamp) {
+  return roi_boxes_impl(prob, threshold, sigma, min_area, max_area, max_boxes, drop_singletons,
+                        reference_clamp, &roi_label_cpu);
 }
 
 }  // namespace

@@ -6,25 +6,12 @@
 
 #include <math_constants.h>
 
-#include <algorithm>
-
-#include "sdrpn/attention_rows.h"
+#include "../attention_rows_impl.h"
+#include "launch.h"
 #include "sdrpn/attention_rows_math.h"
 
 namespace sdrpn::ops {
 namespace {
-
-constexpr int kWarpSize = 32;
-constexpr int kWarpsPerBlock = 8;
-constexpr int64_t kMaxBlocks = 65535;
-
-template <typename Op>
-__device__ float warp_all_reduce(float value, Op op) {
-  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
-    value = op(value, __shfl_xor_sync(0xffffffffu, value, offset));
-  }
-  return value;
-}
 
 struct OutLayout {
   int64_t stride_b, stride_h, stride_q, stride_k;
@@ -75,10 +62,8 @@ void window_softmax_cuda(const at::Tensor& scores, const at::Tensor& query_posit
   const auto starts = key_start.contiguous();
   const auto mask = key_padding_mask.has_value() ? key_padding_mask->contiguous() : at::Tensor();
   const int64_t num_rows = scores.size(0) * scores.size(1) * scores.size(2);
-  const int64_t blocks_needed = (num_rows + kWarpsPerBlock - 1) / kWarpsPerBlock;
-  const auto blocks = static_cast<unsigned int>(std::min(blocks_needed, kMaxBlocks));
   const OutLayout layout{out.stride(0), out.stride(1), out.stride(2), out.stride(3)};
-  attention_rows_cuda_kernel<<<blocks, kWarpsPerBlock * kWarpSize, 0,
+  attention_rows_cuda_kernel<<<grid_size(num_rows, kWarpsPerBlock), kThreadsPerBlock, 0,
                                at::cuda::getCurrentCUDAStream()>>>(
       scores.const_data_ptr<float>(), num_rows, scores.size(1), scores.size(2), scores.size(3),
       positions.const_data_ptr<int64_t>(), starts.const_data_ptr<int64_t>(),

@@ -1,32 +1,19 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
 #include <ATen/cuda/CUDAContext.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/tensor.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include <algorithm>
-
+#include "../massive_activation_sinks_impl.h"
+#include "launch.h"
 #include "sdrpn/massive_activation_math.h"
-#include "sdrpn/massive_activation_sinks.h"
 
 namespace sdrpn::ops {
 namespace {
-
-constexpr int kWarpSize = 32;
-constexpr int kWarpsPerBlock = 8;
-constexpr int64_t kMaxBlocks = 65535;
-
-template <typename T, typename Op>
-__device__ T warp_all_reduce(T value, Op op) {
-  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
-    value = op(value, __shfl_xor_sync(0xffffffffu, value, offset));
-  }
-  return value;
-}
 
 // One warp per token: one coalesced pass over the hidden state gives both the sum of
 // squares (for the RMS) and the largest |h_d| over the probed dimensions.
@@ -69,17 +56,15 @@ at::Tensor massive_activation_sinks_kernel(const at::Tensor& hidden, c10::IntArr
   // The probed dimensions are a handful of indices: one small copy to the device.
   const auto dims_device = at::tensor(dims, hidden.options().dtype(at::kLong));
   const int64_t num_tokens = sinks.numel();
-  const int64_t blocks_needed = (num_tokens + kWarpsPerBlock - 1) / kWarpsPerBlock;
-  const auto blocks = static_cast<unsigned int>(std::min(blocks_needed, kMaxBlocks));
+  const unsigned int blocks = grid_size(num_tokens, kWarpsPerBlock);
   const auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, hidden.scalar_type(), "massive_activation_sinks_cuda", [&] {
-        massive_activation_sinks_cuda_kernel<scalar_t>
-            <<<blocks, kWarpsPerBlock * kWarpSize, 0, stream>>>(
-                hidden.const_data_ptr<scalar_t>(), num_tokens, hidden.size(1), hidden.size(2),
-                hidden.stride(0), hidden.stride(1), hidden.stride(2),
-                dims_device.const_data_ptr<int64_t>(), dims_device.numel(), tau, eps,
-                sinks.data_ptr<bool>());
+        massive_activation_sinks_cuda_kernel<scalar_t><<<blocks, kThreadsPerBlock, 0, stream>>>(
+            hidden.const_data_ptr<scalar_t>(), num_tokens, hidden.size(1), hidden.size(2),
+            hidden.stride(0), hidden.stride(1), hidden.stride(2),
+            dims_device.const_data_ptr<int64_t>(), dims_device.numel(), tau, eps,
+            sinks.data_ptr<bool>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
   return sinks;

@@ -1,30 +1,28 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
 #include <ATen/cuda/CUDAContext.h>
+#include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include <cub/block/block_reduce.cuh>
 #include <math_constants.h>
+#include <cub/block/block_reduce.cuh>
 
-#include <algorithm>
-
+#include "../pseudo_labels_impl.h"
+#include "launch.h"
 #include "sdrpn/pseudo_label_math.h"
 #include "sdrpn/pseudo_labels.h"
 
 namespace sdrpn::ops {
 namespace {
 
-constexpr int kThreads = 256;
-// Blocks loop over samples, so the grid never needs more blocks than this.
-constexpr int64_t kMaxBlocks = 65535;
-
 struct MaxOp {
   template <typename T>
-  __device__ T operator()(const T& a, const T& b) const { return a > b ? a : b; }
+  __device__ T operator()(const T& a, const T& b) const {
+    return a > b ? a : b;
+  }
 };
 
 struct MergeBoxOp {
@@ -43,8 +41,8 @@ __global__ void pseudo_labels_cuda_kernel(const scalar_t* __restrict__ grounding
                                           int64_t g_stride1, int64_t s_stride0, int64_t s_stride1,
                                           PseudoLabelOptions opt, int64_t* __restrict__ labels) {
   using opmath_t = at::opmath_type<scalar_t>;
-  using MaxReduce = cub::BlockReduce<opmath_t, kThreads>;
-  using BoxReduce = cub::BlockReduce<math::GridBox, kThreads>;
+  using MaxReduce = cub::BlockReduce<opmath_t, kThreadsPerBlock>;
+  using BoxReduce = cub::BlockReduce<math::GridBox, kThreadsPerBlock>;
   __shared__ union {
     typename MaxReduce::TempStorage max_storage;
     typename BoxReduce::TempStorage box_storage;
@@ -66,7 +64,7 @@ __global__ void pseudo_labels_cuda_kernel(const scalar_t* __restrict__ grounding
 
     bool finite = true;
     opmath_t local_max = -CUDART_INF_F;
-    for (int64_t i = threadIdx.x; i < num_cells; i += kThreads) {
+    for (int64_t i = threadIdx.x; i < num_cells; i += kThreadsPerBlock) {
       const auto gi = static_cast<opmath_t>(g[i * g_stride1]);
       const auto si = static_cast<opmath_t>(s[i * s_stride1]);
       finite = finite && isfinite(gi) && isfinite(si);
@@ -81,7 +79,7 @@ __global__ void pseudo_labels_cuda_kernel(const scalar_t* __restrict__ grounding
     const opmath_t bg_threshold = static_cast<opmath_t>(opt.bg_ratio) * max_value;
 
     auto local_box = math::GridBox::empty();
-    for (int64_t i = threadIdx.x; i < num_cells; i += kThreads) {
+    for (int64_t i = threadIdx.x; i < num_cells; i += kThreadsPerBlock) {
       if (value(i) > fg_threshold) local_box.add(i / grid_w, i % grid_w);
     }
     const auto block_box = BoxReduce(temp.box_storage).Reduce(local_box, MergeBoxOp{});
@@ -91,11 +89,10 @@ __global__ void pseudo_labels_cuda_kernel(const scalar_t* __restrict__ grounding
 
     const bool no_signal =
         !all_finite || math::box_too_large(box.area(), num_cells, opt.max_box_fraction);
-    for (int64_t i = threadIdx.x; i < num_cells; i += kThreads) {
+    for (int64_t i = threadIdx.x; i < num_cells; i += kThreadsPerBlock) {
       out[i] = no_signal ? opt.ignore_index
                          : math::cell_label(value(i), fg_threshold, bg_threshold,
-                                            box.contains(i / grid_w, i % grid_w),
-                                            opt.ignore_index);
+                                            box.contains(i / grid_w, i % grid_w), opt.ignore_index);
     }
     // The shared scalars are rewritten for the next sample only after every thread read them.
     __syncthreads();
@@ -113,11 +110,10 @@ at::Tensor pseudo_labels_kernel(const at::Tensor& grounding, const at::Tensor& s
   const PseudoLabelOptions options{sink_threshold, fg_ratio, bg_ratio, max_box_fraction,
                                    ignore_index};
   const int64_t batch = grounding.size(0);
-  const auto blocks = static_cast<unsigned int>(std::min(batch, kMaxBlocks));
   const auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, grounding.scalar_type(), "pseudo_labels_cuda", [&] {
-        pseudo_labels_cuda_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
+        pseudo_labels_cuda_kernel<scalar_t><<<grid_size(batch), kThreadsPerBlock, 0, stream>>>(
             grounding.const_data_ptr<scalar_t>(), sink.const_data_ptr<scalar_t>(), batch,
             grounding.size(1), grid_w, grounding.stride(0), grounding.stride(1), sink.stride(0),
             sink.stride(1), options, labels.data_ptr<int64_t>());

@@ -6,132 +6,166 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include <cub/block/block_reduce.cuh>
 #include <math_constants.h>
+#include <cub/block/block_reduce.cuh>
 
-#include <algorithm>
-
+#include "../roi_boxes_impl.h"
+#include "launch.h"
 #include "sdrpn/roi_boxes.h"
 #include "sdrpn/roi_math.h"
 
 namespace sdrpn::ops {
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int64_t kMaxBlocks = 65535;
+// The label of a cell below the threshold: larger than every cell index, so the min-label
+// propagation never spreads it.
 constexpr int kNotOn = 0x7fffffff;
 
+using BlockMax = cub::BlockReduce<float, kThreadsPerBlock>;
+
+// Block-shared scratch of the blur's max reduction; reused by every sample of the block.
+struct BlurShared {
+  BlockMax::TempStorage reduce;
+  float max;
+};
+
+// Global scratch, H*W entries per sample for each array.
 struct Workspace {
-  float* rows;   // (B, H*W) horizontal blur pass
-  int* label;    // (B, H*W) component label = smallest cell index of the component
-  int* x0;       // per-root statistics, (B, H*W) each
+  float* rows;  // horizontal blur pass
+  int* label;   // component label = smallest cell index of the component
+  int* x0;      // per-root statistics, indexed by the root's cell
   int* y0;
   int* x1;
   int* y1;
   int* area;
+
+  // The arrays of sample b of a batch of n-cell grids.
+  __device__ Workspace sample(int64_t b, int n) const {
+    const int64_t o = b * n;
+    return {rows + o, label + o, x0 + o, y0 + o, x1 + o, y1 + o, area + o};
+  }
 };
 
-// One block per sample: blur, threshold, label propagation (every cell takes the
-// smallest label among its 8 neighbours until nothing changes, so a component's label is
-// its first cell in row-major order), per-root box statistics by atomics, then one
-// thread walks the roots in order and applies the reference's box rules.
+// Phase 1, blur: the separable 3x3 Gaussian (rows, then columns, reflect padding) of one
+// sample into `out`. Returns the blurred map's max to every thread of the block.
 template <typename scalar_t>
-__global__ void roi_boxes_cuda_kernel(const scalar_t* __restrict__ prob, int64_t batch, int h, int w,
-                                      RoiBoxOptions opt, Workspace ws, float* __restrict__ blurred,
-                                      int64_t* __restrict__ slots, int64_t* __restrict__ counts) {
-  using BlockReduce = cub::BlockReduce<float, kThreads>;
-  __shared__ typename BlockReduce::TempStorage temp;
-  __shared__ float shared_max;
+__device__ float blur(const scalar_t* p, int h, int w, float sigma, float* rows, float* out,
+                      BlurShared& shared) {
   const int n = h * w;
-  const float c = math::gaussian_centre_weight(static_cast<float>(opt.sigma));
+  const float c = math::gaussian_centre_weight(sigma);
   const float s = (1.0f - c) / 2.0f;
+  for (int i = threadIdx.x; i < n; i += kThreadsPerBlock) {
+    const int y = i / w, x = i % w;
+    rows[i] = math::blur_tap(static_cast<float>(p[y * w + math::reflect_index(x - 1, w)]),
+                             static_cast<float>(p[i]),
+                             static_cast<float>(p[y * w + math::reflect_index(x + 1, w)]), c, s);
+  }
+  __syncthreads();
+  float local_max = -CUDART_INF_F;
+  for (int i = threadIdx.x; i < n; i += kThreadsPerBlock) {
+    const int y = i / w, x = i % w;
+    const float v = math::blur_tap(rows[math::reflect_index(y - 1, h) * w + x], rows[i],
+                                   rows[math::reflect_index(y + 1, h) * w + x], c, s);
+    out[i] = v;
+    local_max = fmaxf(local_max, v);
+  }
+  const float block_max =
+      BlockMax(shared.reduce).Reduce(local_max, [](float a, float b) { return fmaxf(a, b); });
+  if (threadIdx.x == 0) shared.max = block_max;
+  __syncthreads();
+  return shared.max;
+}
+
+// Phase 2, label: 8-connected components of the cells above `threshold`. Every cell takes
+// the smallest label among its neighbours until nothing changes, so a component's label is
+// its first cell in row-major order, the order the CPU kernel finds components in.
+__device__ void label_components(const float* blurred, float threshold, int h, int w, int* label) {
+  const int n = h * w;
+  for (int i = threadIdx.x; i < n; i += kThreadsPerBlock) {
+    label[i] = blurred[i] > threshold ? i : kNotOn;
+  }
+  __syncthreads();
+  bool changed = true;
+  while (changed) {
+    bool local_change = false;
+    for (int i = threadIdx.x; i < n; i += kThreadsPerBlock) {
+      int best = label[i];
+      if (best == kNotOn) continue;
+      const int y = i / w, x = i % w;
+      for (int dy = -1; dy <= 1; ++dy) {
+        for (int dx = -1; dx <= 1; ++dx) {
+          const int ny = y + dy, nx = x + dx;
+          if (ny < 0 || ny >= h || nx < 0 || nx >= w) continue;
+          best = min(best, label[ny * w + nx]);
+        }
+      }
+      best = min(best, label[best]);  // pointer jumping: converges in fewer rounds
+      if (best < label[i]) {
+        label[i] = best;
+        local_change = true;
+      }
+    }
+    changed = __syncthreads_or(local_change);
+  }
+}
+
+// Phase 3, measure: each component's bounding box and size, gathered at its root cell.
+__device__ void measure_components(int h, int w, const Workspace& ws) {
+  const int n = h * w;
+  for (int i = threadIdx.x; i < n; i += kThreadsPerBlock) {
+    ws.x0[i] = w;
+    ws.y0[i] = h;
+    ws.x1[i] = -1;
+    ws.y1[i] = -1;
+    ws.area[i] = 0;
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < n; i += kThreadsPerBlock) {
+    const int root = ws.label[i];
+    if (root == kNotOn) continue;
+    const int y = i / w, x = i % w;
+    atomicMin(ws.x0 + root, x);
+    atomicMin(ws.y0 + root, y);
+    atomicMax(ws.x1 + root, x + 1);
+    atomicMax(ws.y1 + root, y + 1);
+    atomicAdd(ws.area + root, 1);
+  }
+  __syncthreads();
+}
+
+// Phase 4, write: the roots in row-major order through the box rules the CPU kernel uses.
+// Sequential, as the rules number the kept boxes; one thread runs it. Returns the count.
+__device__ int64_t write_boxes(int h, int w, const Workspace& ws, const math::BoxRules& rules,
+                               int64_t* slots) {
+  int64_t kept = 0;
+  for (int i = 0; i < h * w; ++i) {
+    if (ws.label[i] != i) continue;
+    const math::CellBox box{ws.x0[i], ws.y0[i], ws.x1[i], ws.y1[i], ws.area[i]};
+    kept = math::write_box(box, h, w, rules, kept, slots);
+  }
+  return kept;
+}
+
+// One block per sample, the four phases in turn; no host synchronisation.
+template <typename scalar_t>
+__global__ void roi_boxes_cuda_kernel(const scalar_t* __restrict__ prob, int64_t batch, int h,
+                                      int w, RoiBoxOptions opt, Workspace ws,
+                                      float* __restrict__ blurred, int64_t* __restrict__ slots,
+                                      int64_t* __restrict__ counts) {
+  __shared__ BlurShared shared;
+  const int n = h * w;
+  const math::BoxRules rules = box_rules(opt);
   for (int64_t b = blockIdx.x; b < batch; b += gridDim.x) {
-    const scalar_t* p = prob + b * n;
-    float* rows = ws.rows + b * n;
+    const Workspace sample = ws.sample(b, n);
     float* out = blurred + b * n;
-    int* label = ws.label + b * n;
-    for (int i = threadIdx.x; i < n; i += kThreads) {
-      const int y = i / w, x = i % w;
-      rows[i] = math::blur_tap(static_cast<float>(p[y * w + math::reflect_index(x - 1, w)]),
-                               static_cast<float>(p[i]),
-                               static_cast<float>(p[y * w + math::reflect_index(x + 1, w)]), c, s);
-    }
-    __syncthreads();
-    float local_max = -CUDART_INF_F;
-    for (int i = threadIdx.x; i < n; i += kThreads) {
-      const int y = i / w, x = i % w;
-      const float v = math::blur_tap(rows[math::reflect_index(y - 1, h) * w + x], rows[i],
-                                     rows[math::reflect_index(y + 1, h) * w + x], c, s);
-      out[i] = v;
-      local_max = fmaxf(local_max, v);
-    }
-    const float block_max = BlockReduce(temp).Reduce(local_max, [](float a, float b2) { return fmaxf(a, b2); });
-    if (threadIdx.x == 0) shared_max = block_max;
-    __syncthreads();
-    const float thr = math::roi_threshold(opt.threshold, shared_max);
-    for (int i = threadIdx.x; i < n; i += kThreads) {
-      label[i] = out[i] > thr ? i : kNotOn;
-      ws.x0[b * n + i] = w;
-      ws.y0[b * n + i] = h;
-      ws.x1[b * n + i] = -1;
-      ws.y1[b * n + i] = -1;
-      ws.area[b * n + i] = 0;
-    }
-    __syncthreads();
-    bool changed = true;
-    while (changed) {
-      bool local_change = false;
-      for (int i = threadIdx.x; i < n; i += kThreads) {
-        int best = label[i];
-        if (best == kNotOn) continue;
-        const int y = i / w, x = i % w;
-        for (int dy = -1; dy <= 1; ++dy) {
-          for (int dx = -1; dx <= 1; ++dx) {
-            const int ny = y + dy, nx = x + dx;
-            if (ny < 0 || ny >= h || nx < 0 || nx >= w) continue;
-            best = min(best, label[ny * w + nx]);
-          }
-        }
-        best = min(best, label[best]);  // pointer jumping: converges in fewer rounds
-        if (best < label[i]) {
-          label[i] = best;
-          local_change = true;
-        }
-      }
-      changed = __syncthreads_or(local_change);
-    }
-    for (int i = threadIdx.x; i < n; i += kThreads) {
-      const int root = label[i];
-      if (root == kNotOn) continue;
-      const int y = i / w, x = i % w;
-      atomicMin(ws.x0 + b * n + root, x);
-      atomicMin(ws.y0 + b * n + root, y);
-      atomicMax(ws.x1 + b * n + root, x + 1);
-      atomicMax(ws.y1 + b * n + root, y + 1);
-      atomicAdd(ws.area + b * n + root, 1);
-    }
-    __syncthreads();
+    const float max_value =
+        blur(prob + b * n, h, w, static_cast<float>(opt.sigma), sample.rows, out, shared);
+    label_components(out, math::roi_threshold(opt.threshold, max_value), h, w, sample.label);
+    measure_components(h, w, sample);
     if (threadIdx.x == 0) {
-      int64_t kept = 0;
-      int64_t* slot = slots + b * (opt.max_boxes + 1) * 4;
-      for (int i = 0; i < n; ++i) {
-        if (label[i] != i) continue;
-        math::CellBox box{ws.x0[b * n + i], ws.y0[b * n + i], ws.x1[b * n + i], ws.y1[b * n + i],
-                          ws.area[b * n + i]};
-        if (math::filter_box(box, h, w, opt.min_area, opt.max_area, opt.drop_singletons,
-                             opt.reference_clamp) == math::BoxVerdict::kDrop) {
-          continue;
-        }
-        if (kept <= opt.max_boxes) {
-          slot[kept * 4 + 0] = box.x0;
-          slot[kept * 4 + 1] = box.y0;
-          slot[kept * 4 + 2] = box.x1;
-          slot[kept * 4 + 3] = box.y1;
-          ++kept;
-        }
-      }
-      counts[b] = kept;
+      counts[b] = write_boxes(h, w, sample, rules, slots + b * (rules.max_boxes + 1) * 4);
     }
+    // The next sample reuses the shared scratch only once every thread is done with this one.
     __syncthreads();
   }
 }
@@ -143,26 +177,30 @@ void roi_label_cuda(const at::Tensor& prob, const RoiBoxOptions& opt, at::Tensor
   const int64_t cells = batch * h * w;
   auto rows = at::empty({cells}, prob.options().dtype(at::kFloat));
   auto ints = at::empty({6, cells}, prob.options().dtype(at::kInt));
-  int* base = ints.data_ptr<int>();
-  const Workspace ws{rows.data_ptr<float>(), base, base + cells, base + 2 * cells,
-                     base + 3 * cells, base + 4 * cells, base + 5 * cells};
-  const auto blocks = static_cast<unsigned int>(std::min(batch, kMaxBlocks));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, prob.scalar_type(), "roi_boxes_cuda", [&] {
-    roi_boxes_cuda_kernel<scalar_t><<<blocks, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-        prob.const_data_ptr<scalar_t>(), batch, h, w, opt, ws, blurred.data_ptr<float>(),
-        slots.data_ptr<int64_t>(), counts.data_ptr<int64_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+  Workspace ws;
+  ws.rows = rows.data_ptr<float>();
+  ws.label = ints[0].data_ptr<int>();
+  ws.x0 = ints[1].data_ptr<int>();
+  ws.y0 = ints[2].data_ptr<int>();
+  ws.x1 = ints[3].data_ptr<int>();
+  ws.y1 = ints[4].data_ptr<int>();
+  ws.area = ints[5].data_ptr<int>();
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, prob.scalar_type(), "roi_boxes_cuda", [&] {
+        roi_boxes_cuda_kernel<scalar_t><<<grid_size(batch), kThreadsPerBlock, 0, stream>>>(
+            prob.const_data_ptr<scalar_t>(), batch, h, w, opt, ws, blurred.data_ptr<float>(),
+            slots.data_ptr<int64_t>(), counts.data_ptr<int64_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> roi_boxes_kernel(const at::Tensor& prob, double threshold,
-                                                                double sigma, int64_t min_area,
-                                                                int64_t max_area, int64_t max_boxes,
-                                                                bool drop_singletons, bool reference_clamp) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> roi_boxes_kernel(
+    const at::Tensor& prob, double threshold, double sigma, int64_t min_area, int64_t max_area,
+    int64_t max_boxes, bool drop_singletons, bool reference_clamp) {
   const c10::cuda::CUDAGuard device_guard(prob.device());
-  const RoiBoxOptions options{threshold, sigma, min_area, max_area, max_boxes, drop_singletons,
-                              reference_clamp};
-  return roi_boxes_impl(prob, options, &roi_label_cuda);
+  return roi_boxes_impl(prob, threshold, sigma, min_area, max_area, max_boxes, drop_singletons,
+                        reference_clamp, &roi_label_cuda);
 }
 
 }  // namespace
