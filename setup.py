@@ -14,9 +14,9 @@ import subprocess
 import sysconfig
 import tempfile
 
-from setuptools import find_packages, setup
 import torch
-from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension, CUDA_HOME
+from setuptools import find_packages, setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
 VERSION = "0.1.0"
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -69,7 +69,9 @@ def _libstdcxx_link_args() -> list[str]:
     with tempfile.TemporaryDirectory() as tmp:
         src, lib = os.path.join(tmp, "probe.cpp"), os.path.join(tmp, "probe.so")
         with open(src, "w") as f:
-            f.write("#include <sstream>\nint probe(long v) { std::ostringstream s; s << v; return (int)s.str().size(); }\n")
+            f.write(
+                "#include <sstream>\nint probe(long v) { std::ostringstream s; s << v; return (int)s.str().size(); }\n"
+            )
         try:
             subprocess.run(cxx + ["-shared", "-fPIC", src, "-o", lib], check=True, capture_output=True)
             dynamic = subprocess.run(["readelf", "-d", lib], check=True, capture_output=True, text=True).stdout
@@ -118,7 +120,7 @@ setup(
     # demo starts at once; its folder is listed as a package of its own for that.
     packages=find_packages("python") + ["sdrpn.synth.base_model"],
     package_dir={"": "python"},
-    package_data={"sdrpn.synth.base_model": ["*.json", "*.jsonl", "*.safetensors"]},
+    package_data={"sdrpn.synth.base_model": ["*.json", "*.safetensors"]},
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension},
 )

@@ -19,12 +19,11 @@ from PIL import Image
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from bench_label_pipeline import IMAGE_TOKEN, build_model  # noqa: E402
-from sdrpn.infer import SDRPNLlava  # noqa: E402
-from sdrpn.preprocess import crop_pixels  # noqa: E402
-from sdrpn.preprocess import preprocess_image  # noqa: E402
-from sdrpn.rpn import RegionProposalNetwork  # noqa: E402
-from timing import emit, machine, sync  # noqa: E402
+from bench_label_pipeline import IMAGE_TOKEN, build_model
+from sdrpn.infer.pipeline import SDRPNLlava
+from sdrpn.llava.inputs import crop_pixels, preprocess_image
+from sdrpn.rpn.model import RegionProposalNetwork
+from timing import emit, machine, sync
 
 
 class IdTokenizer:
@@ -81,9 +80,17 @@ def main() -> None:
         ids = torch.tensor(prompts, device=args.device)
         pixels = torch.stack([preprocess_image(im, 336)[0] for im in imgs]).to(args.device, dtype)
         for tokens in args.answer_tokens:
+
             def baseline():
-                model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels,
-                               max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=0)
+                model.generate(
+                    input_ids=ids,
+                    attention_mask=torch.ones_like(ids),
+                    pixel_values=pixels,
+                    max_new_tokens=tokens,
+                    min_new_tokens=tokens,
+                    do_sample=False,
+                    pad_token_id=0,
+                )
 
             row = {"batch": batch, "answer_tokens": tokens, "baseline_s": timed(baseline, args)}
             for n_boxes in (1, 2):
@@ -94,13 +101,24 @@ def main() -> None:
                 stages = {k: round(v, 5) for k, v in answers[-1][0].timings.items()}
                 recompute = timed(lambda: full_recompute(pipe, imgs, prompts, answers[-1], tokens, args), args)
                 row[f"{n_boxes}_box"] = {
-                    "sdrpn_s": seconds, "throughput_vs_baseline": round(row["baseline_s"] / seconds, 3),
-                    "stages_s": stages, "full_recompute_s": recompute,
-                    "prefix_reuse_saving": round(1 - seconds / recompute, 3)}
+                    "sdrpn_s": seconds,
+                    "throughput_vs_baseline": round(row["baseline_s"] / seconds, 3),
+                    "stages_s": stages,
+                    "full_recompute_s": recompute,
+                    "prefix_reuse_saving": round(1 - seconds / recompute, 3),
+                }
             results.append(row)
             del pipe.rpn.forward
-    emit({"benchmark": "infer", "machine": machine(args.device), "size": args.size,
-          "dtype": str(dtype).replace("torch.", ""), "results": results}, args.json)
+    emit(
+        {
+            "benchmark": "infer",
+            "machine": machine(args.device),
+            "size": args.size,
+            "dtype": str(dtype).replace("torch.", ""),
+            "results": results,
+        },
+        args.json,
+    )
 
 
 def full_recompute(pipe, imgs, prompts, answers, tokens, args):
@@ -111,8 +129,15 @@ def full_recompute(pipe, imgs, prompts, answers, tokens, args):
         ids = prompts[b][:prefix_len] + [IMAGE_TOKEN] * (pipe.num_cells * len(crops)) + prompts[b][prefix_len:]
         ids = torch.tensor([ids], device=args.device)
         pixels = torch.stack([preprocess_image(im, pipe.size)[0]] + crops).to(args.device, pipe.dtype)
-        pipe.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels,
-                            max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=0)
+        pipe.model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            pixel_values=pixels,
+            max_new_tokens=tokens,
+            min_new_tokens=tokens,
+            do_sample=False,
+            pad_token_id=0,
+        )
 
 
 def timed(fn, args) -> float:

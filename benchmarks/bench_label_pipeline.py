@@ -20,10 +20,10 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForCon
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-import sdrpn  # noqa: E402
-from sdrpn.llava import LLAVA15_7B, HeadSelection, LlavaPreset, TeacherForcedBatch, attention_maps  # noqa: E402
-from sdrpn.llava.maps import left_pad  # noqa: E402
-from timing import emit, machine, sync  # noqa: E402
+import sdrpn
+from sdrpn.llava import LLAVA15_7B, HeadSelection, LlavaPreset, TeacherForcedBatch, attention_maps
+from sdrpn.llava.inputs import left_pad
+from timing import emit, machine, sync
 
 IMAGE_TOKEN = 32000
 TINY_PRESET = LlavaPreset("tiny", grounding=HeadSelection(((2, 1), (2, 3))), sink=HeadSelection(((1, None),)))
@@ -31,17 +31,41 @@ TINY_PRESET = LlavaPreset("tiny", grounding=HeadSelection(((2, 1), (2, 3))), sin
 
 def build_model(size: str, device: str, dtype: torch.dtype):
     if size == "7b":
-        vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-                                  num_attention_heads=16, image_size=336, patch_size=14)
-        text = LlamaConfig(vocab_size=32064, hidden_size=4096, intermediate_size=11008,
-                           num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
-                           max_position_embeddings=4096)
+        vision = CLIPVisionConfig(
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_hidden_layers=24,
+            num_attention_heads=16,
+            image_size=336,
+            patch_size=14,
+        )
+        text = LlamaConfig(
+            vocab_size=32064,
+            hidden_size=4096,
+            intermediate_size=11008,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=32,
+            max_position_embeddings=4096,
+        )
         preset = LLAVA15_7B
     else:
-        vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                  num_attention_heads=2, image_size=336, patch_size=14)
-        text = LlamaConfig(vocab_size=32064, hidden_size=64, intermediate_size=128,
-                           num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2)
+        vision = CLIPVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=336,
+            patch_size=14,
+        )
+        text = LlamaConfig(
+            vocab_size=32064,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
         preset = TINY_PRESET
     config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN)
     config._attn_implementation = "sdpa"
@@ -57,27 +81,40 @@ def build_model(size: str, device: str, dtype: torch.dtype):
 
 def make_prompts(n: int, question_tokens: int, gen: torch.Generator) -> list[list[int]]:
     system = torch.randint(100, 30000, (35,), generator=gen).tolist()
-    return [[1] + system + [IMAGE_TOKEN] * 576 + torch.randint(100, 30000, (question_tokens,), generator=gen).tolist()
-            for _ in range(n)]
+    return [
+        [1] + system + [IMAGE_TOKEN] * 576 + torch.randint(100, 30000, (question_tokens,), generator=gen).tolist()
+        for _ in range(n)
+    ]
 
 
 @torch.no_grad()
 def ours(model, preset, prompts, pixels, answer_tokens, batch_size, self_answers, gen):
     device = pixels.device
     for i in range(0, len(prompts), batch_size):
-        chunk, px = prompts[i:i + batch_size], pixels[i:i + batch_size]
+        chunk, px = prompts[i : i + batch_size], pixels[i : i + batch_size]
         if self_answers:
             ids, mask = left_pad(chunk, 0, device)
-            out = model.generate(input_ids=ids, attention_mask=mask, pixel_values=px,
-                                 max_new_tokens=answer_tokens, min_new_tokens=answer_tokens,
-                                 do_sample=False, pad_token_id=0)
-            answers = out[:, ids.shape[1]:].tolist()
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                pixel_values=px,
+                max_new_tokens=answer_tokens,
+                min_new_tokens=answer_tokens,
+                do_sample=False,
+                pad_token_id=0,
+            )
+            answers = out[:, ids.shape[1] :].tolist()
         else:
             answers = [torch.randint(100, 30000, (answer_tokens,), generator=gen).tolist() for _ in chunk]
         ids, mask = left_pad([p + a for p, a in zip(chunk, answers)], 0, device)
         width = ids.shape[1]
-        batch = TeacherForcedBatch(ids, mask, px, torch.full((len(chunk),), width - answer_tokens, device=device),
-                                   torch.full((len(chunk),), answer_tokens, device=device))
+        batch = TeacherForcedBatch(
+            ids,
+            mask,
+            px,
+            torch.full((len(chunk),), width - answer_tokens, device=device),
+            torch.full((len(chunk),), answer_tokens, device=device),
+        )
         maps = attention_maps(model, batch, preset, 576)
         sdrpn.ops.pseudo_labels(maps.grounding, maps.sink, 24, 24)
 
@@ -88,15 +125,26 @@ def reference_way(model, preset, prompts, pixels, answer_tokens):
     try:
         for i, prompt in enumerate(prompts):
             ids = torch.tensor([prompt], device=pixels.device)
-            out = model.generate(input_ids=ids, pixel_values=pixels[i:i + 1], max_new_tokens=answer_tokens,
-                                 min_new_tokens=answer_tokens, do_sample=False, pad_token_id=0,
-                                 output_attentions=True, return_dict_in_generate=True)
+            out = model.generate(
+                input_ids=ids,
+                pixel_values=pixels[i : i + 1],
+                max_new_tokens=answer_tokens,
+                min_new_tokens=answer_tokens,
+                do_sample=False,
+                pad_token_id=0,
+                output_attentions=True,
+                return_dict_in_generate=True,
+            )
             s = prompt.index(IMAGE_TOKEN)
             steps = out.attentions[1:] or out.attentions[:1]
-            g = torch.stack([torch.stack([step[layer][0, head, -1, s:s + 576] for step in steps]).mean(0)
-                             for layer, head in preset.grounding.pairs]).mean(0)
+            g = torch.stack(
+                [
+                    torch.stack([step[layer][0, head, -1, s : s + 576] for step in steps]).mean(0)
+                    for layer, head in preset.grounding.pairs
+                ]
+            ).mean(0)
             sink_layer = preset.sink.layers[0]
-            sk = torch.stack([step[sink_layer][0, :, -1, s:s + 576].mean(0) for step in steps]).mean(0)
+            sk = torch.stack([step[sink_layer][0, :, -1, s : s + 576].mean(0) for step in steps]).mean(0)
             sdrpn.ops.pseudo_labels(g[None].float(), sk[None].float(), 24, 24)
     finally:
         model.set_attn_implementation("sdpa")
@@ -112,8 +160,11 @@ def measure(fn, device, n_samples):
     sync(device)
     seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
-    return {"samples_per_s": round(n_samples / seconds, 2), "seconds": round(seconds, 3),
-            "peak_GiB": None if peak is None else round(peak, 2)}
+    return {
+        "samples_per_s": round(n_samples / seconds, 2),
+        "seconds": round(seconds, 3),
+        "peak_GiB": None if peak is None else round(peak, 2),
+    }
 
 
 def main() -> None:
@@ -129,7 +180,8 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[
-        args.dtype or ("fp16" if args.device.startswith("cuda") else "fp32")]
+        args.dtype or ("fp16" if args.device.startswith("cuda") else "fp32")
+    ]
     gen = torch.Generator().manual_seed(0)
     model, preset = build_model(args.size, args.device, dtype)
     prompts = make_prompts(args.samples, args.question_tokens, gen)
@@ -137,23 +189,43 @@ def main() -> None:
     results = []
     for tokens in args.answer_tokens:
         ours(model, preset, prompts[:2], pixels[:2], tokens, 2, True, gen)  # warm-up
-        ref = measure(lambda: reference_way(model, preset, prompts[:args.reference_samples],
-                                            pixels[:args.reference_samples], tokens),
-                      args.device, args.reference_samples)
+        ref = measure(
+            lambda: reference_way(
+                model, preset, prompts[: args.reference_samples], pixels[: args.reference_samples], tokens
+            ),
+            args.device,
+            args.reference_samples,
+        )
         row = {"answer_tokens": tokens, "reference_batch1": ref}
         for mode in ("given", "self"):
             per_batch = {}
             for bs in args.batch_sizes:
-                per_batch[bs] = measure(lambda: ours(model, preset, prompts, pixels, tokens, bs, mode == "self", gen),
-                                        args.device, args.samples)
+                per_batch[bs] = measure(
+                    lambda: ours(model, preset, prompts, pixels, tokens, bs, mode == "self", gen),
+                    args.device,
+                    args.samples,
+                )
             best = max(per_batch, key=lambda b: per_batch[b]["samples_per_s"])
-            row[mode] = {"by_batch_size": per_batch, "best_batch_size": best,
-                         "speedup_best_vs_reference": round(per_batch[best]["samples_per_s"] / ref["samples_per_s"], 1),
-                         "speedup_batch1_vs_reference": round(per_batch[args.batch_sizes[0]]["samples_per_s"] / ref["samples_per_s"], 1)}
+            row[mode] = {
+                "by_batch_size": per_batch,
+                "best_batch_size": best,
+                "speedup_best_vs_reference": round(per_batch[best]["samples_per_s"] / ref["samples_per_s"], 1),
+                "speedup_batch1_vs_reference": round(
+                    per_batch[args.batch_sizes[0]]["samples_per_s"] / ref["samples_per_s"], 1
+                ),
+            }
         results.append(row)
-    emit({"benchmark": "label_pipeline", "machine": machine(args.device), "size": args.size,
-          "dtype": str(dtype).replace("torch.", ""), "prompt_tokens": len(prompts[0]),
-          "results": results}, args.json)
+    emit(
+        {
+            "benchmark": "label_pipeline",
+            "machine": machine(args.device),
+            "size": args.size,
+            "dtype": str(dtype).replace("torch.", ""),
+            "prompt_tokens": len(prompts[0]),
+            "results": results,
+        },
+        args.json,
+    )
 
 
 if __name__ == "__main__":

@@ -15,11 +15,10 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-sys.path.insert(0, os.path.join(HERE, "..", "tests", "python"))
 
-import reference  # noqa: E402
-import sdrpn  # noqa: E402
-from timing import emit, machine, median_ms  # noqa: E402
+import sdrpn
+from baselines import rpn_scores_naive
+from timing import emit, machine, median_ms
 
 
 def inputs(batch, cells, hidden, heads, dtype, device, grad):
@@ -28,8 +27,13 @@ def inputs(batch, cells, hidden, heads, dtype, device, grad):
     def rand(*shape, scale=1.0):
         return (torch.randn(*shape, generator=gen) * scale).to(device, dtype).requires_grad_(grad)
 
-    return (rand(batch, hidden), rand(batch, cells, hidden), rand(hidden, hidden, scale=hidden ** -0.5),
-            rand(hidden, hidden, scale=hidden ** -0.5), heads)
+    return (
+        rand(batch, hidden),
+        rand(batch, cells, hidden),
+        rand(hidden, hidden, scale=hidden**-0.5),
+        rand(hidden, hidden, scale=hidden**-0.5),
+        heads,
+    )
 
 
 def main() -> None:
@@ -56,19 +60,33 @@ def main() -> None:
                     out = fn(*x)
                     if grad:
                         out.float().square().sum().backward()
+
                 return go
 
             op_ms = median_ms(run(sdrpn.ops.rpn_scores), args.device, repeats=10 if cuda else 3)
-            naive_ms = median_ms(run(reference.rpn_scores), args.device, repeats=10 if cuda else 3)
-            row[mode] = {"op_ms": round(op_ms, 3), "naive_ms": round(naive_ms, 3),
-                         "speedup": round(naive_ms / op_ms, 1)}
+            naive_ms = median_ms(run(rpn_scores_naive), args.device, repeats=10 if cuda else 3)
+            row[mode] = {
+                "op_ms": round(op_ms, 3),
+                "naive_ms": round(naive_ms, 3),
+                "speedup": round(naive_ms / op_ms, 1),
+            }
         with torch.no_grad():
             x = inputs(b, args.cells, args.hidden, args.heads, dtype, args.device, False)
-            diff = (sdrpn.ops.rpn_scores(*x).float() - reference.rpn_scores(*x).float()).abs().max()
+            diff = (sdrpn.ops.rpn_scores(*x).float() - rpn_scores_naive(*x).float()).abs().max()
         row["max_abs_diff_vs_naive"] = float(diff)
         rows.append(row)
-    emit({"benchmark": "rpn_scores", "machine": machine(args.device), "dtype": str(dtype).replace("torch.", ""),
-          "cells": args.cells, "hidden": args.hidden, "heads": args.heads, "results": rows}, args.json)
+    emit(
+        {
+            "benchmark": "rpn_scores",
+            "machine": machine(args.device),
+            "dtype": str(dtype).replace("torch.", ""),
+            "cells": args.cells,
+            "hidden": args.hidden,
+            "heads": args.heads,
+            "results": rows,
+        },
+        args.json,
+    )
 
 
 if __name__ == "__main__":

@@ -15,9 +15,9 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-import sdrpn  # noqa: E402
-from baselines import massive_activation_sinks_torch  # noqa: E402
-from timing import emit, machine, median_ms  # noqa: E402
+import sdrpn
+from baselines import massive_activation_sinks_torch
+from timing import emit, machine, median_ms
 
 DIMS = (2533, 1415)
 
@@ -42,15 +42,19 @@ def main() -> None:
     op_ms = median_ms(op, args.device, repeats=20, warmup=3)
     torch_ms = median_ms(baseline, args.device, repeats=20, warmup=3)
     bytes_read = h.numel() * h.element_size()
-    emit({
-        "benchmark": "massive_activation_sinks",
-        "machine": machine(args.device),
-        "shape": list(h.shape), "dtype": args.dtype,
-        "op_ms": round(op_ms, 4),
-        "torch_ms": round(torch_ms, 4),
-        "op_GBps": round(bytes_read / op_ms / 1e6, 1),
-        "speedup_vs_torch": round(torch_ms / op_ms, 2),
-    }, args.json)
+    emit(
+        {
+            "benchmark": "massive_activation_sinks",
+            "machine": machine(args.device),
+            "shape": list(h.shape),
+            "dtype": args.dtype,
+            "op_ms": round(op_ms, 4),
+            "torch_ms": round(torch_ms, 4),
+            "op_GBps": round(bytes_read / op_ms / 1e6, 1),
+            "speedup_vs_torch": round(torch_ms / op_ms, 2),
+        },
+        args.json,
+    )
 
 
 if __name__ == "__main__":

@@ -19,11 +19,11 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from bench_label_pipeline import IMAGE_TOKEN, build_model, make_prompts  # noqa: E402
-from sdrpn.features import branch_hidden_states  # noqa: E402
-from sdrpn.llava.maps import left_pad  # noqa: E402
-from sdrpn.rpn import RegionProposalNetwork, rpn_loss  # noqa: E402
-from timing import emit, machine, sync  # noqa: E402
+from bench_label_pipeline import IMAGE_TOKEN, build_model, make_prompts
+from sdrpn.llava.backbone import branch_hidden_states
+from sdrpn.llava.inputs import left_pad
+from sdrpn.rpn.model import RegionProposalNetwork, rpn_loss
+from timing import emit, machine, sync
 
 
 def main() -> None:
@@ -50,7 +50,7 @@ def main() -> None:
             rpn.gradient_checkpointing_enable()
         opt = torch.optim.AdamW(rpn.parameters(), lr=5e-5, betas=(0.9, 0.98))
 
-        def step():
+        def step(rpn, opt):
             hidden, pos = branch_hidden_states(model, ids, mask, pixels, branch)
             with torch.autocast(args.device.split(":")[0], dtype=torch.bfloat16, enabled=cuda):
                 logits = rpn(hidden, mask, pos, ids == IMAGE_TOKEN)
@@ -58,25 +58,37 @@ def main() -> None:
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-        step()  # warm-up
+        step(rpn, opt)  # warm-up
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         sync(args.device)
         start = time.perf_counter()
         for _ in range(args.steps):
-            step()
+            step(rpn, opt)
         sync(args.device)
         seconds = (time.perf_counter() - start) / args.steps
         per_s = args.batch / seconds
         results["checkpointing" if ckpt else "plain"] = {
-            "step_s": round(seconds, 4), "samples_per_s": round(per_s, 2),
+            "step_s": round(seconds, 4),
+            "samples_per_s": round(per_s, 2),
             "peak_GiB": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
-            "epoch_10k_minutes": round(10_000 / per_s / 60, 2)}
+            "epoch_10k_minutes": round(10_000 / per_s / 60, 2),
+        }
         del rpn, opt
         if cuda:
             torch.cuda.empty_cache()
-    emit({"benchmark": "train_rpn", "machine": machine(args.device), "size": args.size,
-          "batch": args.batch, "branch_layer": branch, "depth": depth, "results": results}, args.json)
+    emit(
+        {
+            "benchmark": "train_rpn",
+            "machine": machine(args.device),
+            "size": args.size,
+            "batch": args.batch,
+            "branch_layer": branch,
+            "depth": depth,
+            "results": results,
+        },
+        args.json,
+    )
 
 
 if __name__ == "__main__":

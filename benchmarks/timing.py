@@ -30,8 +30,12 @@ def median_ms(fn: Callable[[], object], device: str, *, repeats: int = 5, warmup
 
 
 def machine(device: str) -> dict:
-    info = {"host": platform.node(), "cpu_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "device": device}
+    info = {
+        "host": platform.node(),
+        "cpu_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "device": device,
+    }
     if device.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name(device)
     return info

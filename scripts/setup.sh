@@ -13,9 +13,9 @@ VENV=${SDRPN_VENV:-$ROOT/.venv}
 PYTHON=${PYTHON:-python3}
 log() { echo "[setup] $*"; }
 
-# Debian packages: the C++ toolchain, CMake + ninja, GoogleTest and Google Benchmark.
+# Debian packages: the C++ toolchain, CMake + ninja, GoogleTest, clang-format.
 missing=()
-for pkg in g++ cmake ninja-build libgtest-dev libgmock-dev libbenchmark-dev; do
+for pkg in g++ cmake ninja-build libgtest-dev libgmock-dev clang-format git; do
   dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
 done
 "$PYTHON" -c "import venv, ensurepip" 2>/dev/null || missing+=(python3-venv)

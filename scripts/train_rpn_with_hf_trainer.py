@@ -1,16 +1,16 @@
 """Train the SD-RPN head inside a Hugging Face Trainer loop, as a LLaVA training script would.
 
-    python scripts/train_rpn_with_hf_trainer.py --model DIR --labels LABELS --out OUT [--steps 100]
+python scripts/train_rpn_with_hf_trainer.py --model DIR --labels LABELS --out OUT [--steps 100]
 """
 
 import argparse
 
 from transformers import Trainer, TrainingArguments
 
-from sdrpn.integrations.hf_trainer import RPNForTraining, label_collator
-from sdrpn.label_data import LabelShardDataset
 from sdrpn.llava.loading import load_llava
-from sdrpn.rpn import RegionProposalNetwork
+from sdrpn.rpn.dataset import LabelShardDataset
+from sdrpn.rpn.hf_trainer import RPNForTraining, label_collator
+from sdrpn.rpn.model import RegionProposalNetwork
 
 
 def main() -> None:
@@ -30,11 +30,21 @@ def main() -> None:
     data = LabelShardDataset(args.labels, tokenizer, llava.config.image_token_id, split="train")
     trainer = Trainer(
         model=RPNForTraining(llava, rpn),
-        args=TrainingArguments(output_dir=args.out, max_steps=args.steps,
-                               per_device_train_batch_size=args.batch_size, learning_rate=args.lr,
-                               adam_beta2=0.98, weight_decay=0.0, lr_scheduler_type="cosine",
-                               warmup_steps=0.03, remove_unused_columns=False, report_to=[],
-                               save_strategy="no", logging_steps=10, use_cpu=not llava.device.type == "cuda"),
+        args=TrainingArguments(
+            output_dir=args.out,
+            max_steps=args.steps,
+            per_device_train_batch_size=args.batch_size,
+            learning_rate=args.lr,
+            adam_beta2=0.98,
+            weight_decay=0.0,
+            lr_scheduler_type="cosine",
+            warmup_steps=0.03,
+            remove_unused_columns=False,
+            report_to=[],
+            save_strategy="no",
+            logging_steps=10,
+            use_cpu=not llava.device.type == "cuda",
+        ),
         train_dataset=data,
         data_collator=label_collator(tokenizer.pad_token_id),
     )

@@ -1,15 +1,23 @@
-"""The ``sdrpn`` command line."""
+"""The ``sdrpn`` command line: flags in, option objects out, stage packages called.
+
+Option flags are made from the fields of the option dataclasses (sdrpn.options,
+labels.options, rpn.train), so every field has a flag and --help shows its default.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
 import sys
+import types
+import typing
 
-from .label_demo import LabelDemoConfig, run_label_demo, summary_line
-from .preprocess import PROMPT_TEMPLATE
+from .labels.demo import LabelDemoConfig, run_label_demo, summary_line
+from .labels.options import LabelOptions
+from .options import RoiOptions
 
 
 def _grid(text: str) -> tuple[int, int]:
@@ -29,54 +37,84 @@ def _positive(text: str) -> int:
     return value
 
 
+def _plain_type(hint):
+    """int for ``int | None``, and so on."""
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        (hint,) = [a for a in typing.get_args(hint) if a is not type(None)]
+    return hint
+
+
+def add_options(parser: argparse.ArgumentParser, cls, *, overrides_from: str | None = None) -> None:
+    """One flag per field of an option dataclass (fields with metadata cli=False excepted).
+
+    overrides_from: every flag defaults to None, meaning "take the value from there"
+    (for instance "the RPN folder"); the help shows the dataclass default as the fallback.
+    """
+    group = parser.add_argument_group(f"{cls.__name__} ({cls.__doc__.strip().splitlines()[0]})")
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if not f.metadata.get("cli", True):
+            continue
+        kind = _plain_type(hints[f.name])
+        default = None if f.default is dataclasses.MISSING else f.default
+        shown = f"{overrides_from}, else {default!r}" if overrides_from else repr(default)
+        kwargs = {"dest": f.name, "help": f"{f.metadata.get('help', '')} (default: {shown})"}
+        if f.metadata.get("required") and not overrides_from:
+            kwargs.update(required=True, help=f.metadata.get("help", ""))
+        if kind is bool:
+            kwargs.update(action=argparse.BooleanOptionalAction)
+        else:
+            kwargs.update(type=kind, choices=f.metadata.get("choices"))
+        group.add_argument("--" + f.name.replace("_", "-"), default=None if overrides_from else default, **kwargs)
+
+
+def options_from_args(cls, args: argparse.Namespace, base=None, **extra):
+    """The option object from parsed flags: on top of `base` (flags left at None keep its
+    values) or of the dataclass defaults."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+    if base is not None:
+        return base.updated(**values, **extra)
+    return cls(**{k: v for k, v in values.items() if v is not None}, **extra)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sdrpn", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="sdrpn", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("label-demo", help="label synthetic attention maps and draw them")
-    demo.add_argument("--out", default="outputs/demo", help="output folder")
-    demo.add_argument("--batch", type=_positive, default=12, help="number of maps")
-    demo.add_argument("--grid", type=_grid, default=(24, 24), help="grid as HxW")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--device", default="cpu")
+    demo.add_argument("--out", default="outputs/demo", help="output folder (default: %(default)s)")
+    demo.add_argument("--batch", type=_positive, default=12, help="number of maps (default: %(default)s)")
+    demo.add_argument("--grid", type=_grid, default=(24, 24), help="grid as HxW (default: 24x24)")
+    demo.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    demo.add_argument("--device", default="cpu", help="(default: %(default)s)")
 
     label = sub.add_parser("label", help="pseudo labels from a LLaVA model's own attention")
     label.add_argument("--model", required=True, help="LLaVA checkpoint folder (HF format)")
     label.add_argument("--data", required=True, help="LLaVA-format JSON list of samples")
     label.add_argument("--image-folder", required=True)
-    label.add_argument("--out", required=True, help="output folder (resumable)")
-    label.add_argument("--answers", choices=["self", "given"], default="self")
-    label.add_argument("--preset", default="llava15-7b")
-    label.add_argument("--batch-size", type=_positive, default=8)
-    label.add_argument("--max-new-tokens", type=_positive, default=128)
-    label.add_argument("--limit", type=_positive, default=None)
-    label.add_argument("--shard-size", type=_positive, default=1000)
-    label.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
-    label.add_argument("--prompt-template", default=PROMPT_TEMPLATE,
-                       help="prompt around the question; must hold <image> and {question}")
+    label.add_argument("--out", required=True, help="label folder (resumable with the same settings)")
+    label.add_argument(
+        "--preset",
+        default="auto",
+        help="heads, sink threshold and template: a preset name, a JSON file, or 'auto' (the "
+        "model folder's sdrpn_preset.json, else the LLaVA-1.5 preset of its depth) "
+        "(default: %(default)s)",
+    )
+    label.add_argument("--batch-size", type=_positive, default=8, help="(default: %(default)s)")
+    label.add_argument("--limit", type=_positive, default=None, help="only the first N entries")
+    label.add_argument("--shard-size", type=_positive, default=1000, help="(default: %(default)s)")
+    label.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="(default: %(default)s)")
     label.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
+    add_options(label, LabelOptions)
 
     train = sub.add_parser("train", help="train the RPN on a label folder")
     train.add_argument("--model", required=True, help="LLaVA checkpoint folder (HF format)")
-    train.add_argument("--labels", required=True, help="label folder of sdrpn label / convert-labels")
-    train.add_argument("--out", required=True)
-    train.add_argument("--image-folder", default=None, help="default: the one the labels record")
-    train.add_argument("--epochs", type=_positive, default=1)
-    train.add_argument("--lr", type=float, default=5e-5)
-    train.add_argument("--batch-size", type=_positive, default=8)
-    train.add_argument("--grad-accum", type=_positive, default=1)
-    train.add_argument("--max-samples", type=_positive, default=None)
-    train.add_argument("--bf16", action="store_true", help="backbone in bf16, RPN under bf16 autocast")
-    train.add_argument("--gradient-checkpointing", action="store_true")
-    train.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
-    train.add_argument("--branch-layer", type=_positive, default=15)
-    train.add_argument("--depth", type=_positive, default=3)
-    train.add_argument("--warmup-ratio", type=float, default=0.03)
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--held-out-fraction", type=float, default=0.05)
-    train.add_argument("--save-every", type=_positive, default=200, help="optimizer steps")
-    train.add_argument("--stop-after-steps", type=_positive, default=None)
-    train.add_argument("--num-workers", type=int, default=0)
     train.add_argument("--device", default=None)
+    from .rpn.train import TrainConfig
+
+    add_options(train, TrainConfig)
+    add_options(train, RoiOptions, overrides_from="the preset")
 
     infer = sub.add_parser("infer", help="answer with RoI crops (one image, or a whole file)")
     infer.add_argument("--model", required=True, help="LLaVA checkpoint folder (HF format)")
@@ -88,16 +126,16 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("--out", default=None, help="JSONL answers for --data (resumable)")
     infer.add_argument("--viz", default=None, help="PNG with the RoI heat map and boxes")
     infer.add_argument("--json", action="store_true", help="print one JSON object")
-    infer.add_argument("--threshold", type=float, default=0.15)
-    infer.add_argument("--max-boxes", type=_positive, default=2)
-    infer.add_argument("--token-ratio", type=float, default=-1)
-    infer.add_argument("--preprocessing", choices=["pad", "crop"], default="pad")
-    infer.add_argument("--max-new-tokens", type=_positive, default=128)
-    infer.add_argument("--batch-size", type=_positive, default=8)
+    infer.add_argument(
+        "--preprocessing", choices=["pad", "crop"], default=None, help="image preprocessing (default: the RPN folder's)"
+    )
+    infer.add_argument("--prompt-template", default=None, help="prompt template (default: the RPN folder's)")
+    infer.add_argument("--max-new-tokens", type=_positive, default=128, help="(default: %(default)s)")
+    infer.add_argument("--batch-size", type=_positive, default=8, help="(default: %(default)s)")
     infer.add_argument("--limit", type=_positive, default=None)
-    infer.add_argument("--prompt-template", default=PROMPT_TEMPLATE)
-    infer.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="fp16")
+    infer.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="fp16", help="(default: %(default)s)")
     infer.add_argument("--device", default=None)
+    add_options(infer, RoiOptions, overrides_from="the RPN folder")
 
     convert = sub.add_parser("convert-labels", help="import a reference-implementation label pickle")
     convert.add_argument("pickle", help="IN.pkl")
@@ -107,8 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     viz = sub.add_parser("viz-labels", help="draw the first samples of a label folder")
     viz.add_argument("labels", help="label folder")
     viz.add_argument("--out", required=True, help="PNG folder")
-    viz.add_argument("--num", type=_positive, default=16)
-    viz.add_argument("--image-folder", default=None)
+    viz.add_argument("--num", type=_positive, default=16, help="(default: %(default)s)")
+    viz.add_argument("--image-folder", default=None, help="default: the one the labels record")
     return parser
 
 
@@ -120,8 +158,7 @@ def _distributed(device_arg: str | None, backend: str | None = None) -> tuple[in
     rank = int(os.environ.get("RANK", 0))
     world = int(os.environ.get("WORLD_SIZE", 1))
     local = int(os.environ.get("LOCAL_RANK", 0))
-    device = device_arg or (f"cuda:{local % torch.cuda.device_count()}"
-                            if torch.cuda.is_available() else "cpu")
+    device = device_arg or (f"cuda:{local % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu")
     if world > 1 and not dist.is_initialized():
         if backend is None:  # NCCL needs a GPU of its own for every rank
             backend = "nccl" if device.startswith("cuda") and torch.cuda.device_count() >= world else "gloo"
@@ -133,19 +170,14 @@ def _run_train(args) -> dict:
     import torch.distributed as dist
 
     from .llava.loading import load_llava
-    from .train import RPNTrainer, TrainConfig
+    from .rpn.train import RPNTrainer, TrainConfig
 
     rank, world, device = _distributed(args.device)
     model, tokenizer = load_llava(args.model, "bf16" if args.bf16 else "fp32", device)
-    cfg = TrainConfig(labels=args.labels, out=args.out, image_folder=args.image_folder,
-                      epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
-                      grad_accum=args.grad_accum, max_samples=args.max_samples, bf16=args.bf16,
-                      gradient_checkpointing=args.gradient_checkpointing, resume=args.resume,
-                      branch_layer=args.branch_layer, depth=args.depth,
-                      warmup_ratio=args.warmup_ratio, seed=args.seed,
-                      held_out_fraction=args.held_out_fraction, save_every=args.save_every,
-                      stop_after_steps=args.stop_after_steps, num_workers=args.num_workers)
-    result = RPNTrainer(cfg, model, tokenizer, rank=rank, world_size=world, device=device).run()
+    cfg = options_from_args(TrainConfig, args)
+    roi_overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(RoiOptions)}
+    trainer = RPNTrainer(cfg, model, tokenizer, rank=rank, world_size=world, device=device, roi_overrides=roi_overrides)
+    result = trainer.run()
     if world > 1:
         dist.destroy_process_group()
     return result if rank == 0 else {}
@@ -154,12 +186,13 @@ def _run_train(args) -> dict:
 def _run_infer(args) -> None:
     import torch
 
-    from .infer import SDRPNLlava
-    from .infer_job import InferFileConfig, answer_file, answer_record
+    from .infer.job import InferFileConfig, answer_file, answer_record
+    from .infer.pipeline import SDRPNLlava
+    from .infer.viz import roi_overlay
+    from .llava.inputs import load_rgb
     from .llava.loading import load_llava
-    from .preprocess import load_rgb
-    from .rpn import RegionProposalNetwork
-    from .viz import roi_overlay, save_atomic
+    from .pictures import save_atomic
+    from .rpn.model import RegionProposalNetwork
 
     single = args.image is not None or args.question is not None
     if single == (args.data is not None):
@@ -167,14 +200,14 @@ def _run_infer(args) -> None:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = load_llava(args.model, args.dtype, device)
     rpn = RegionProposalNetwork.load(args.rpn, model)
-    pipe = SDRPNLlava(model, tokenizer, rpn, threshold=args.threshold, max_boxes=args.max_boxes,
-                      token_ratio=args.token_ratio, preprocessing=args.preprocessing,
-                      prompt_template=args.prompt_template)
+    roi = options_from_args(RoiOptions, args, base=rpn.config.roi_options)
+    pipe = SDRPNLlava(
+        model, tokenizer, rpn, roi=roi, preprocessing=args.preprocessing, prompt_template=args.prompt_template
+    )
     if not single:
         if not args.image_folder or not args.out:
             raise SystemExit("sdrpn infer --data needs --image-folder and --out")
-        cfg = InferFileConfig(args.data, args.image_folder, args.out, args.batch_size,
-                              args.max_new_tokens, args.limit)
+        cfg = InferFileConfig(args.data, args.image_folder, args.out, args.batch_size, args.max_new_tokens, args.limit)
         print(json.dumps(answer_file(pipe, cfg)))
         return
     if args.image is None or args.question is None:
@@ -183,7 +216,7 @@ def _run_infer(args) -> None:
     answer = pipe.generate([image], [args.question], args.max_new_tokens)[0]
     record = answer_record(answer)
     if args.viz:
-        save_atomic(roi_overlay(image, answer.rois.prob.numpy(), answer.rois.boxes, args.preprocessing), args.viz)
+        save_atomic(roi_overlay(image, answer.rois.prob.numpy(), answer.rois.boxes, pipe.preprocessing), args.viz)
         record["viz"] = args.viz
     if args.json:
         print(json.dumps(record))
@@ -196,24 +229,31 @@ def _run_infer(args) -> None:
 def _run_label(args) -> dict:
     import torch.distributed as dist
 
-    from .labels import LabelJob, LabelJobConfig, merge_summaries
+    from .labels.folder import LabelFolder
+    from .labels.job import LabelJob, LabelJobConfig
     from .llava.loading import load_llava
-    from .llava.presets import get_preset
+    from .llava.presets import resolve_preset
 
     # Each rank labels every world_size-th sample into its own shards; ranks only meet at a
     # barrier before the summary, which gloo serves on any device.
     rank, world, device = _distributed(args.device, backend="gloo")
-    preset = get_preset(args.preset)
     model, tokenizer = load_llava(args.model, args.dtype, device)
-    cfg = LabelJobConfig(data=args.data, image_folder=args.image_folder, out=args.out,
-                         answers=args.answers, batch_size=args.batch_size,
-                         max_new_tokens=args.max_new_tokens, limit=args.limit,
-                         shard_size=args.shard_size, rank=rank, world_size=world,
-                         prompt_template=args.prompt_template)
+    preset = resolve_preset(args.preset, model)
+    cfg = LabelJobConfig(
+        data=args.data,
+        image_folder=args.image_folder,
+        out=args.out,
+        options=options_from_args(LabelOptions, args),
+        batch_size=args.batch_size,
+        limit=args.limit,
+        shard_size=args.shard_size,
+        rank=rank,
+        world_size=world,
+    )
     LabelJob(cfg, model, tokenizer, preset).run()
     if world > 1:
         dist.barrier()
-    summary = merge_summaries(args.out) if rank == 0 else {}
+    summary = LabelFolder(args.out).write_summary() if rank == 0 else {}
     if world > 1:
         dist.destroy_process_group()
     return summary
@@ -223,8 +263,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     if args.command == "label-demo":
-        cfg = LabelDemoConfig(out=args.out, batch=args.batch, grid_h=args.grid[0],
-                              grid_w=args.grid[1], seed=args.seed, device=args.device)
+        cfg = LabelDemoConfig(
+            out=args.out, batch=args.batch, grid_h=args.grid[0], grid_w=args.grid[1], seed=args.seed, device=args.device
+        )
         print(summary_line(run_label_demo(cfg)))
     elif args.command == "label":
         summary = _run_label(args)
@@ -237,11 +278,11 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "infer":
         _run_infer(args)
     elif args.command == "convert-labels":
-        from .convert import convert_reference_pickle
+        from .labels.convert import convert_reference_pickle
 
         print(json.dumps(convert_reference_pickle(args.pickle, args.out, args.grid)))
     elif args.command == "viz-labels":
-        from .viz_labels import visualise_labels
+        from .labels.viz import visualise_labels
 
         paths = visualise_labels(args.labels, args.out, args.num, args.image_folder)
         print(f"wrote {len(paths)} pictures to {args.out}")

@@ -14,10 +14,20 @@ from torch import Tensor
 
 from . import _C  # noqa: F401  (registers the ops)
 
-__all__ = ["pseudo_labels", "pseudo_label_stats", "massive_activation_sinks", "attention_rows",
-           "rpn_scores", "roi_boxes"]
+__all__ = [
+    "pseudo_labels",
+    "pseudo_label_stats",
+    "massive_activation_sinks",
+    "attention_rows",
+    "rpn_scores",
+    "roi_boxes",
+]
 
+# The label of cells that carry no signal (PyTorch's loss convention), and tau_sink: from
+# this sink-probe value a token is an attention sink (SPEC Stage 1). Every layer of the
+# package takes these two from here.
 IGNORE_INDEX = -100
+SINK_THRESHOLD = 1e-3
 
 
 def pseudo_labels(
@@ -26,7 +36,7 @@ def pseudo_labels(
     grid_h: int,
     grid_w: int,
     *,
-    sink_threshold: float = 1e-3,
+    sink_threshold: float = SINK_THRESHOLD,
     fg_ratio: float = 0.2,
     bg_ratio: float = 0.1,
     max_box_fraction: float = 0.5,
@@ -56,7 +66,14 @@ def pseudo_labels(
         (B, N) int64: 1 foreground, 0 background, ``ignore_index`` elsewhere.
     """
     return torch.ops.sdrpn.pseudo_labels.default(
-        grounding, sink, grid_h, grid_w, sink_threshold, fg_ratio, bg_ratio, max_box_fraction,
+        grounding,
+        sink,
+        grid_h,
+        grid_w,
+        sink_threshold,
+        fg_ratio,
+        bg_ratio,
+        max_box_fraction,
         ignore_index,
     )
 
@@ -73,14 +90,10 @@ def pseudo_label_stats(labels: Tensor, ignore_index: int = IGNORE_INDEX) -> Tens
     """
     if labels.dim() != 2:
         raise ValueError(f"labels must be (B, N), got shape {tuple(labels.shape)}")
-    return torch.stack(
-        [(labels == 1).sum(1), (labels == 0).sum(1), (labels == ignore_index).sum(1)], dim=1
-    )
+    return torch.stack([(labels == 1).sum(1), (labels == 0).sum(1), (labels == ignore_index).sum(1)], dim=1)
 
 
-def massive_activation_sinks(
-    hidden: Tensor, dims: Sequence[int], *, tau: float = 20.0, eps: float = 1e-6
-) -> Tensor:
+def massive_activation_sinks(hidden: Tensor, dims: Sequence[int], *, tau: float = 20.0, eps: float = 1e-6) -> Tensor:
     """Sink tokens by massive activations (the VisAttnSink detector), in one pass.
 
     A token is a sink where ``max_{d in dims} |h_d| / sqrt(mean(h^2) + eps) > tau``.
@@ -129,12 +142,12 @@ def attention_rows(
         (B, H, Q, key_length) float32; 0 for columns a query cannot see.
     """
     return torch.ops.sdrpn.attention_rows.default(
-        query, key, query_positions, key_start, key_length, key_padding_mask, scale)
+        query, key, query_positions, key_start, key_length, key_padding_mask, scale
+    )
 
 
 @torch.library.register_fake("sdrpn::attention_rows")
-def _attention_rows_fake(query, key, query_positions, key_start, key_length,
-                         key_padding_mask=None, scale=None):
+def _attention_rows_fake(query, key, query_positions, key_start, key_length, key_padding_mask=None, scale=None):
     torch._check(query.dim() == 4, lambda: f"query must be (B, H, Q, d), got {query.shape}")
     torch._check(key.dim() == 4, lambda: f"key must be (B, Hk, L, d), got {key.shape}")
     b, h, q, _ = query.shape
@@ -142,12 +155,23 @@ def _attention_rows_fake(query, key, query_positions, key_start, key_length,
 
 
 @torch.library.register_fake("sdrpn::pseudo_labels")
-def _pseudo_labels_fake(grounding, sink, grid_h, grid_w, sink_threshold=1e-3, fg_ratio=0.2,
-                        bg_ratio=0.1, max_box_fraction=0.5, ignore_index=IGNORE_INDEX):
+def _pseudo_labels_fake(
+    grounding,
+    sink,
+    grid_h,
+    grid_w,
+    sink_threshold=SINK_THRESHOLD,
+    fg_ratio=0.2,
+    bg_ratio=0.1,
+    max_box_fraction=0.5,
+    ignore_index=IGNORE_INDEX,
+):
     torch._check(grounding.dim() == 2, lambda: f"grounding must be (B, N), got {grounding.shape}")
     torch._check(sink.shape == grounding.shape, lambda: "sink must have the shape of grounding")
-    torch._check(grounding.shape[1] == grid_h * grid_w,
-                 lambda: f"grounding has N = {grounding.shape[1]} cells but grid is {grid_h}x{grid_w}")
+    torch._check(
+        grounding.shape[1] == grid_h * grid_w,
+        lambda: f"grounding has N = {grounding.shape[1]} cells but grid is {grid_h}x{grid_w}",
+    )
     return grounding.new_empty(grounding.shape, dtype=torch.long)
 
 
@@ -188,25 +212,34 @@ def rpn_scores(
     Returns:
         (B, N) scores (logits) in the input dtype.
     """
-    return torch.ops.sdrpn.rpn_scores.default(query_states, visual_states, q_weight, k_weight,
-                                              num_heads, q_bias, k_bias, visual_mask)
+    return torch.ops.sdrpn.rpn_scores.default(
+        query_states, visual_states, q_weight, k_weight, num_heads, q_bias, k_bias, visual_mask
+    )
 
 
 @torch.library.register_fake("sdrpn::rpn_scores")
-def _rpn_scores_fake(query_states, visual_states, q_weight, k_weight, num_heads, q_bias=None,
-                     k_bias=None, visual_mask=None):
+def _rpn_scores_fake(
+    query_states, visual_states, q_weight, k_weight, num_heads, q_bias=None, k_bias=None, visual_mask=None
+):
     torch._check(visual_states.dim() == 3, lambda: f"visual_states must be (B, N, D), got {visual_states.shape}")
     return visual_states.new_empty(visual_states.shape[:2])
 
 
 @torch.library.register_fake("sdrpn::rpn_scores_backward")
-def _rpn_scores_backward_fake(grad, query_states, visual_states, q_weight, k_weight, num_heads,
-                              q_bias, k_bias, visual_mask):
+def _rpn_scores_backward_fake(
+    grad, query_states, visual_states, q_weight, k_weight, num_heads, q_bias, k_bias, visual_mask
+):
     def bias_grad(bias):
         return torch.empty_like(bias) if bias is not None else query_states.new_empty(0)
-    return (torch.empty_like(query_states), torch.empty_like(visual_states),
-            torch.empty_like(q_weight), torch.empty_like(k_weight), bias_grad(q_bias),
-            bias_grad(k_bias))
+
+    return (
+        torch.empty_like(query_states),
+        torch.empty_like(visual_states),
+        torch.empty_like(q_weight),
+        torch.empty_like(k_weight),
+        bias_grad(q_bias),
+        bias_grad(k_bias),
+    )
 
 
 def _rpn_scores_setup_context(ctx, inputs, output):
@@ -219,15 +252,13 @@ def _rpn_scores_setup_context(ctx, inputs, output):
 def _rpn_scores_backward(ctx, grad):
     query_states, visual_states, q_weight, k_weight, q_bias, k_bias, visual_mask = ctx.saved_tensors
     grads = torch.ops.sdrpn.rpn_scores_backward.default(
-        grad, query_states, visual_states, q_weight, k_weight, ctx.num_heads, q_bias, k_bias,
-        visual_mask)
+        grad, query_states, visual_states, q_weight, k_weight, ctx.num_heads, q_bias, k_bias, visual_mask
+    )
     gq, gv, gqw, gkw, gqb, gkb = grads
-    return (gq, gv, gqw, gkw, None, gqb if ctx.has_bias[0] else None,
-            gkb if ctx.has_bias[1] else None, None)
+    return (gq, gv, gqw, gkw, None, gqb if ctx.has_bias[0] else None, gkb if ctx.has_bias[1] else None, None)
 
 
-torch.library.register_autograd("sdrpn::rpn_scores", _rpn_scores_backward,
-                                setup_context=_rpn_scores_setup_context)
+torch.library.register_autograd("sdrpn::rpn_scores", _rpn_scores_backward, setup_context=_rpn_scores_setup_context)
 
 
 def roi_boxes(
@@ -259,13 +290,15 @@ def roi_boxes(
         batch_index: (M,) int64 sample of each box.
         blurred: (B, H, W) float32 blurred maps.
     """
-    return torch.ops.sdrpn.roi_boxes.default(prob, threshold, sigma, min_area, max_area, max_boxes,
-                                             drop_singletons, reference_clamp)
+    return torch.ops.sdrpn.roi_boxes.default(
+        prob, threshold, sigma, min_area, max_area, max_boxes, drop_singletons, reference_clamp
+    )
 
 
 @torch.library.register_fake("sdrpn::roi_boxes")
-def _roi_boxes_fake(prob, threshold=0.15, sigma=1.0, min_area=4, max_area=225, max_boxes=2,
-                    drop_singletons=True, reference_clamp=True):
+def _roi_boxes_fake(
+    prob, threshold=0.15, sigma=1.0, min_area=4, max_area=225, max_boxes=2, drop_singletons=True, reference_clamp=True
+):
     torch._check(prob.dim() == 3, lambda: f"prob must be (B, H, W), got {prob.shape}")
     count = torch.library.get_ctx().new_dynamic_size()
     boxes = prob.new_empty((count, 4), dtype=torch.long)

@@ -8,8 +8,11 @@ import torch
 def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
     """({"<param index>.<slot>": tensor}, JSON-able rest of the state dict)."""
     state = optimizer.state_dict()
-    tensors = {f"{idx}.{name}": value.detach().cpu().contiguous()
-               for idx, slots in state["state"].items() for name, value in slots.items()}
+    tensors = {
+        f"{idx}.{name}": value.detach().cpu().contiguous()
+        for idx, slots in state["state"].items()
+        for name, value in slots.items()
+    }
     return tensors, {"param_groups": state["param_groups"]}
 
 

@@ -21,9 +21,21 @@ class AttentionInputs:
         return (self.query, self.key, self.query_positions, self.key_start, self.key_length)
 
 
-def make_attention_inputs(batch=3, heads=4, kv_heads=2, rows=5, seq_len=23, head_dim=8,
-                          key_length=9, *, padding: str = "none", dtype=torch.float32,
-                          device="cpu", seed: int = 0, strided: bool = False) -> AttentionInputs:
+def make_attention_inputs(
+    batch=3,
+    heads=4,
+    kv_heads=2,
+    rows=5,
+    seq_len=23,
+    head_dim=8,
+    key_length=9,
+    *,
+    padding: str = "none",
+    dtype=torch.float32,
+    device="cpu",
+    seed: int = 0,
+    strided: bool = False,
+) -> AttentionInputs:
     """Random q/k with a window of image columns per sample. padding: "none", "left"
     (real tokens at the end, window shifted right) or "right" (real tokens first).
     Positions cover rows before the window, inside it and after it, and one query
@@ -42,7 +54,7 @@ def make_attention_inputs(batch=3, heads=4, kv_heads=2, rows=5, seq_len=23, head
             mask[b, :p] = False
             start[b] = torch.randint(p, seq_len - key_length + 1, (1,), generator=gen)
         elif padding == "right" and p:
-            mask[b, seq_len - p:] = False
+            mask[b, seq_len - p :] = False
             start[b] = torch.randint(0, seq_len - p - key_length + 1, (1,), generator=gen)
     positions = torch.randint(0, seq_len, (batch, rows), generator=gen)
     if positions.numel():
@@ -51,6 +63,11 @@ def make_attention_inputs(batch=3, heads=4, kv_heads=2, rows=5, seq_len=23, head
         query = query.transpose(2, 3).contiguous().transpose(2, 3)
         key = key[:, :, :, :].transpose(1, 2).contiguous().transpose(1, 2)
     to = dict(device=device)
-    return AttentionInputs(query.to(dtype=dtype, **to), key.to(dtype=dtype, **to),
-                           positions.to(**to), start.to(**to), key_length,
-                           None if padding == "none" else mask.to(**to))
+    return AttentionInputs(
+        query.to(dtype=dtype, **to),
+        key.to(dtype=dtype, **to),
+        positions.to(**to),
+        start.to(**to),
+        key_length,
+        None if padding == "none" else mask.to(**to),
+    )

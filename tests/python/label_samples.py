@@ -27,8 +27,9 @@ def _strided(x: Tensor) -> Tensor:
     return out.copy_(x)
 
 
-def make_label_inputs(batch: int, grid_h: int, grid_w: int, *, dtype=torch.float32, device="cpu",
-                      seed: int = 0, strided: bool = False) -> LabelInputs:
+def make_label_inputs(
+    batch: int, grid_h: int, grid_w: int, *, dtype=torch.float32, device="cpu", seed: int = 0, strided: bool = False
+) -> LabelInputs:
     """A batch mixing the cases that matter: random quantised maps with ties, blobs of
     attention in a box, all-zero maps, all-sink maps, and continuous random maps."""
     gen = torch.Generator().manual_seed(seed)
@@ -46,7 +47,7 @@ def make_label_inputs(batch: int, grid_h: int, grid_w: int, *, dtype=torch.float
         c = int(torch.randint(0, grid_w - w + 1, (1,), generator=gen))
         grid = grounding[b].view(grid_h, grid_w)
         grid.mul_(0.05)
-        grid[r:r + h, c:c + w] += 1.0
+        grid[r : r + h, c : c + w] += 1.0
     grounding[kind == 2] = 0.0
     sink[kind == 3] = 1.0
     grounding = grounding.to(dtype=dtype, device=device)

@@ -71,8 +71,7 @@ def pseudo_labels_one(
 
 def pseudo_labels(grounding: Tensor, sink: Tensor, grid_h: int, grid_w: int, **kwargs) -> Tensor:
     """The per-sample loop over a (B, N) batch."""
-    out = [pseudo_labels_one(grounding[b], sink[b], grid_h, grid_w, **kwargs)
-           for b in range(grounding.shape[0])]
+    out = [pseudo_labels_one(grounding[b], sink[b], grid_h, grid_w, **kwargs) for b in range(grounding.shape[0])]
     if not out:
         return torch.empty(0, grid_h * grid_w, dtype=torch.long)
     return torch.stack(out)
@@ -90,9 +89,15 @@ def massive_activation_sinks(hidden: Tensor, dims, tau: float = 20.0, eps: float
     return out
 
 
-def attention_rows(query: Tensor, key: Tensor, query_positions: Tensor, key_start: Tensor,
-                   key_length: int, key_padding_mask: Tensor | None = None,
-                   scale: float | None = None) -> Tensor:
+def attention_rows(
+    query: Tensor,
+    key: Tensor,
+    query_positions: Tensor,
+    key_start: Tensor,
+    key_length: int,
+    key_padding_mask: Tensor | None = None,
+    scale: float | None = None,
+) -> Tensor:
     """softmax(q k^T * scale + mask) in float64, one sample and head at a time, then the
     window of columns; (B, H, Q, key_length) float32 on the CPU."""
     q_all = query.detach().cpu().double()
@@ -100,11 +105,10 @@ def attention_rows(query: Tensor, key: Tensor, query_positions: Tensor, key_star
     b_size, heads, rows, d = q_all.shape
     group = heads // k_all.shape[1]
     seq_len = k_all.shape[2]
-    scale = d ** -0.5 if scale is None else scale
+    scale = d**-0.5 if scale is None else scale
     out = torch.zeros(b_size, heads, rows, key_length, dtype=torch.float64)
     for b in range(b_size):
-        real = (torch.ones(seq_len, dtype=torch.bool) if key_padding_mask is None
-                else key_padding_mask[b].cpu())
+        real = torch.ones(seq_len, dtype=torch.bool) if key_padding_mask is None else key_padding_mask[b].cpu()
         start = int(key_start[b])
         for h in range(heads):
             scores = q_all[b, h] @ k_all[b, h // group].T * scale  # (Q, L)
@@ -113,13 +117,20 @@ def attention_rows(query: Tensor, key: Tensor, query_positions: Tensor, key_star
                 if not visible.any():
                     continue
                 row = torch.softmax(scores[i].masked_fill(~visible, float("-inf")), dim=0)
-                out[b, h, i] = row[start:start + key_length]
+                out[b, h, i] = row[start : start + key_length]
     return out.float()
 
 
-def rpn_scores(query_states: Tensor, visual_states: Tensor, q_weight: Tensor, k_weight: Tensor,
-               num_heads: int, q_bias: Tensor | None = None, k_bias: Tensor | None = None,
-               visual_mask: Tensor | None = None) -> Tensor:
+def rpn_scores(
+    query_states: Tensor,
+    visual_states: Tensor,
+    q_weight: Tensor,
+    k_weight: Tensor,
+    num_heads: int,
+    q_bias: Tensor | None = None,
+    k_bias: Tensor | None = None,
+    visual_mask: Tensor | None = None,
+) -> Tensor:
     """The naive head: project every visual token to keys, per-head dot, mean over heads."""
     b, n, _ = visual_states.shape
     d = q_weight.shape[0] // num_heads
@@ -133,9 +144,16 @@ def rpn_scores(query_states: Tensor, visual_states: Tensor, q_weight: Tensor, k_
     return scores
 
 
-def roi_boxes(prob: Tensor, threshold: float = 0.15, sigma: float = 1.0, min_area: int = 4,
-              max_area: int = 225, max_boxes: int = 2, drop_singletons: bool = True,
-              reference_clamp: bool = True):
+def roi_boxes(
+    prob: Tensor,
+    threshold: float = 0.15,
+    sigma: float = 1.0,
+    min_area: int = 4,
+    max_area: int = 225,
+    max_boxes: int = 2,
+    drop_singletons: bool = True,
+    reference_clamp: bool = True,
+):
     """Blur, threshold, BFS over the grid from each unvisited cell in row-major order, and
     the reference's box rules, one sample at a time."""
     p = prob.detach().cpu().float()
@@ -195,5 +213,4 @@ def roi_boxes(prob: Tensor, threshold: float = 0.15, sigma: float = 1.0, min_are
         if 1 <= len(kept) <= max_boxes:
             boxes += kept
             index += [b] * len(kept)
-    return (torch.tensor(boxes, dtype=torch.long).view(-1, 4), torch.tensor(index, dtype=torch.long),
-            blurred)
+    return (torch.tensor(boxes, dtype=torch.long).view(-1, 4), torch.tensor(index, dtype=torch.long), blurred)

@@ -9,8 +9,17 @@ HIDDEN = 1024
 SINK_DIMS = (17, 400, 1000)
 
 
-def make_hidden(batch: int, seq_len: int, *, hidden_size: int = HIDDEN, dims=SINK_DIMS,
-                dtype=torch.float32, device="cpu", seed: int = 0, strided: bool = False) -> Tensor:
+def make_hidden(
+    batch: int,
+    seq_len: int,
+    *,
+    hidden_size: int = HIDDEN,
+    dims=SINK_DIMS,
+    dtype=torch.float32,
+    device="cpu",
+    seed: int = 0,
+    strided: bool = False,
+) -> Tensor:
     """Unit-normal hidden states; about a quarter of the tokens carry a value of +-1000 in
     one of `dims` (normalised ~32, clearly a sink at tau=20) and another quarter +-10
     (normalised ~9.5, clearly not), so no token sits near the threshold."""

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 import torch
 from PIL import Image
-from safetensors.torch import save_file
 
-from sdrpn.preprocess import PROMPT_TEMPLATE
+from sdrpn.labels.folder import LabelFolder, LabelFolderConfig, shard_name
+from sdrpn.labels.options import LabelOptions
 
 
-def write_region_labels(folder, image_folder, num: int, grid: int, image_size: int, seed: int = 0,
-                        shard_size: int = 64) -> None:
+def write_region_labels(
+    folder, image_folder, num: int, grid: int, image_size: int, seed: int = 0, shard_size: int = 64
+) -> None:
     """`num` images of image_size pixels (already square) with a white square on a dark
     noisy background covering 1x1 or 2x2 grid cells; labels 1 on those cells, 0 elsewhere."""
     os.makedirs(folder, exist_ok=True)
@@ -26,30 +26,42 @@ def write_region_labels(folder, image_folder, num: int, grid: int, image_size: i
         r = int(torch.randint(0, grid - side + 1, (1,), generator=gen))
         c = int(torch.randint(0, grid - side + 1, (1,), generator=gen))
         pixels = (torch.rand(image_size, image_size, 3, generator=gen) * 60).to(torch.uint8)
-        pixels[r * cell:(r + side) * cell, c * cell:(c + side) * cell] = 255
+        pixels[r * cell : (r + side) * cell, c * cell : (c + side) * cell] = 255
         Image.fromarray(pixels.numpy()).save(os.path.join(image_folder, f"{i}.png"))
         lab = torch.zeros(grid, grid, dtype=torch.int8)
-        lab[r:r + side, c:c + side] = 1
+        lab[r : r + side, c : c + side] = 1
         labels.append(lab.flatten())
-        rows.append({"id": f"r{i}", "index": i, "image": f"{i}.png", "question": "where is the tag ?",
-                     "answer": "here", "answer_source": "given", "image_size": [image_size, image_size],
-                     "preprocessing": {"mode": "pad", "width": image_size, "height": image_size,
-                                       "size": image_size}})
+        rows.append(
+            {
+                "id": f"r{i}",
+                "index": i,
+                "image": f"{i}.png",
+                "question": "where is the tag ?",
+                "answer": "here",
+                "answer_source": "given",
+                "image_size": [image_size, image_size],
+                "preprocessing": {"mode": "pad", "width": image_size, "height": image_size, "size": image_size},
+            }
+        )
     n_cells = grid * grid
+    labels_folder = LabelFolder(str(folder))
     for shard, start in enumerate(range(0, num, shard_size)):
-        part = rows[start:start + shard_size]
-        base = os.path.join(folder, f"rank000-shard{shard:05d}")
-        for j, row in enumerate(part):
-            row.update(row=j, shard=os.path.basename(base) + ".safetensors")
-        lab = torch.stack(labels[start:start + shard_size])
-        save_file({"grounding": torch.zeros(len(part), n_cells), "sink": torch.zeros(len(part), n_cells),
-                   "labels": lab, "grid": torch.tensor([[grid, grid]] * len(part))}, base + ".safetensors")
-        with open(base + ".jsonl", "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in part)
-        open(base + ".skipped.jsonl", "w").close()
-        with open(base + ".done.json", "w") as f:
-            json.dump({"shard": shard, "first_index": start, "last_index": start + len(part) - 1,
-                       "labelled": len(part), "all_ignore": 0, "skipped": {}}, f)
-    with open(os.path.join(folder, "label_config.json"), "w") as f:
-        json.dump({"image_folder": os.path.abspath(image_folder), "prompt_template": PROMPT_TEMPLATE,
-                   "image_size": image_size, "grid": [grid, grid]}, f)
+        part = rows[start : start + shard_size]
+        lab = torch.stack(labels[start : start + shard_size])
+        tensors = {
+            "grounding": torch.zeros(len(part), n_cells),
+            "sink": torch.zeros(len(part), n_cells),
+            "labels": lab,
+            "grid": torch.tensor([[grid, grid]] * len(part)),
+        }
+        for row, cells in zip(part, lab):
+            row.update(fg=int((cells == 1).sum()), bg=int((cells == 0).sum()), ignore=0)
+        labels_folder.write_shard(shard_name(0, shard), part, tensors, [], start, start + len(part) - 1, shard)
+    labels_folder.write_config(
+        LabelFolderConfig(
+            options=LabelOptions(answers="given"),
+            image_folder=os.path.abspath(image_folder),
+            image_size=image_size,
+            grid=[grid, grid],
+        )
+    )

@@ -23,8 +23,9 @@ def check_parity(inputs, **kwargs):
 @pytest.mark.parametrize("padding", ["none", "left", "right"])
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2), (6, 1)], ids=["mha", "gqa", "mqa"])
 def test_parity_with_reference(device, dtype, padding, heads, kv_heads):
-    inputs = make_attention_inputs(heads=heads, kv_heads=kv_heads, padding=padding, dtype=dtype,
-                                   device=device, seed=heads * 10 + kv_heads)
+    inputs = make_attention_inputs(
+        heads=heads, kv_heads=kv_heads, padding=padding, dtype=dtype, device=device, seed=heads * 10 + kv_heads
+    )
     got = check_parity(inputs)
     assert (got[0, :, 0] == 0).all()  # position -1 sees no key
 
@@ -43,8 +44,9 @@ def test_whole_row_sums_to_one(device):
     out = sdrpn.ops.attention_rows(*inputs.args())
     sums = out.sum(-1)
     seen = inputs.query_positions >= 0
-    torch.testing.assert_close(sums[seen[:, None].expand_as(sums)].cpu(),
-                               torch.ones(int(seen.sum()) * 4), rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        sums[seen[:, None].expand_as(sums)].cpu(), torch.ones(int(seen.sum()) * 4), rtol=0, atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -52,8 +54,7 @@ def test_large_scores_do_not_overflow(device):
     inputs = make_attention_inputs(device=device, seed=6)
     inputs.query.mul_(300.0)  # scores in the thousands: float32 keeps ~1e-4 relative
     got = sdrpn.ops.attention_rows(*inputs.args())
-    torch.testing.assert_close(got.cpu(), reference.attention_rows(*inputs.args()), rtol=1e-3,
-                               atol=1e-5)
+    torch.testing.assert_close(got.cpu(), reference.attention_rows(*inputs.args()), rtol=1e-3, atol=1e-5)
     assert torch.isfinite(got).all()
 
 
@@ -62,26 +63,40 @@ def test_large_scores_do_not_overflow(device):
 def test_empty_outputs(device, shape):
     inputs = make_attention_inputs(device=device, **shape)
     out = sdrpn.ops.attention_rows(*inputs.args())
-    assert out.shape == (inputs.query.shape[0], inputs.query.shape[1], inputs.query.shape[2],
-                         inputs.key_length)
+    assert out.shape == (inputs.query.shape[0], inputs.query.shape[1], inputs.query.shape[2], inputs.key_length)
 
 
 BAD_INPUTS = [
     (lambda i: dict(query=i.query[0]), "query must be (B, H, Q, d), got shape [4, 5, 8]"),
     (lambda i: dict(key=i.key[0]), "key must be (B, Hk, L, d), got shape [2, 23, 8]"),
-    (lambda i: dict(query=i.query.long(), key=i.key.long()), "query must be float32, float64, float16 or bfloat16, got Long"),
+    (
+        lambda i: dict(query=i.query.long(), key=i.key.long()),
+        "query must be float32, float64, float16 or bfloat16, got Long",
+    ),
     (lambda i: dict(key=i.key.double()), "key must have the dtype of query (Float), got Double"),
     (lambda i: dict(key=i.key[:2]), "key must have the batch size of query (3), got 2"),
     (lambda i: dict(key=i.key[..., :4]), "key must have the head dim of query (8), got 4"),
-    (lambda i: dict(key=torch.cat([i.key, i.key[:, :1]], 1)), "key heads must divide query heads (grouped-query attention), got Hk = 3 for H = 4"),
-    (lambda i: dict(query_positions=i.query_positions[:, :2]), "query_positions must be (B, Q) = (3, 5), got shape [3, 2]"),
+    (
+        lambda i: dict(key=torch.cat([i.key, i.key[:, :1]], 1)),
+        "key heads must divide query heads (grouped-query attention), got Hk = 3 for H = 4",
+    ),
+    (
+        lambda i: dict(query_positions=i.query_positions[:, :2]),
+        "query_positions must be (B, Q) = (3, 5), got shape [3, 2]",
+    ),
     (lambda i: dict(query_positions=i.query_positions.int()), "query_positions must be int64, got Int"),
     (lambda i: dict(key_start=i.key_start[:, None]), "key_start must be (B,) = (3,), got shape [3, 1]"),
     (lambda i: dict(key_start=i.key_start.float()), "key_start must be int64, got Float"),
     (lambda i: dict(key_length=24), "key_length must lie in [0, L] with L = 23, got 24"),
-    (lambda i: dict(key_start=torch.tensor([0, 15, 2])), "key_start + key_length must stay within [0, L] with L = 23, got key_start in [0, 15] and key_length 9"),
+    (
+        lambda i: dict(key_start=torch.tensor([0, 15, 2])),
+        "key_start + key_length must stay within [0, L] with L = 23, got key_start in [0, 15] and key_length 9",
+    ),
     (lambda i: dict(key_start=torch.tensor([-1, 0, 0])), "got key_start in [-1, 0]"),
-    (lambda i: dict(key_padding_mask=torch.ones(3, 22, dtype=torch.bool)), "key_padding_mask must be (B, L) = (3, 23), got shape [3, 22]"),
+    (
+        lambda i: dict(key_padding_mask=torch.ones(3, 22, dtype=torch.bool)),
+        "key_padding_mask must be (B, L) = (3, 23), got shape [3, 22]",
+    ),
     (lambda i: dict(key_padding_mask=torch.ones(3, 23)), "key_padding_mask must be bool, got Float"),
     (lambda i: dict(scale=float("nan")), "scale must be finite, got nan"),
 ]
@@ -91,10 +106,14 @@ BAD_INPUTS = [
 @pytest.mark.parametrize("change,message", BAD_INPUTS)
 def test_bad_inputs_name_the_argument(device, change, message):
     inputs = make_attention_inputs(device=device)
-    kwargs = dict(query=inputs.query, key=inputs.key, query_positions=inputs.query_positions,
-                  key_start=inputs.key_start, key_length=inputs.key_length)
-    kwargs.update({k: (v.to(device) if isinstance(v, torch.Tensor) else v)
-                   for k, v in change(inputs).items()})
+    kwargs = dict(
+        query=inputs.query,
+        key=inputs.key,
+        query_positions=inputs.query_positions,
+        key_start=inputs.key_start,
+        key_length=inputs.key_length,
+    )
+    kwargs.update({k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in change(inputs).items()})
     with pytest.raises(RuntimeError) as err:
         sdrpn.ops.attention_rows(**kwargs)
     assert message in str(err.value)
@@ -104,24 +123,26 @@ def test_bad_inputs_name_the_argument(device, change, message):
 def test_inputs_on_different_devices():
     inputs = make_attention_inputs(device="cuda")
     with pytest.raises(RuntimeError, match="key_start must be on the device of query"):
-        sdrpn.ops.attention_rows(inputs.query, inputs.key, inputs.query_positions,
-                                 inputs.key_start.cpu(), inputs.key_length)
+        sdrpn.ops.attention_rows(
+            inputs.query, inputs.key, inputs.query_positions, inputs.key_start.cpu(), inputs.key_length
+        )
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck(device):
     inputs = make_attention_inputs(device=device, padding="left", seed=7)
-    torch.library.opcheck(torch.ops.sdrpn.attention_rows.default,
-                          inputs.args() + (inputs.key_padding_mask, None))
+    torch.library.opcheck(torch.ops.sdrpn.attention_rows.default, inputs.args() + (inputs.key_padding_mask, None))
 
 
 @needs_cuda
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 def test_cuda_matches_cpu_on_llava_shapes(dtype):
-    inputs = make_attention_inputs(batch=2, heads=32, kv_heads=32, rows=16, seq_len=640,
-                                   head_dim=128, key_length=576, padding="left", dtype=dtype)
+    inputs = make_attention_inputs(
+        batch=2, heads=32, kv_heads=32, rows=16, seq_len=640, head_dim=128, key_length=576, padding="left", dtype=dtype
+    )
     cpu = sdrpn.ops.attention_rows(*inputs.args(), key_padding_mask=inputs.key_padding_mask)
-    cuda = sdrpn.ops.attention_rows(*(t.cuda() if isinstance(t, torch.Tensor) else t
-                                      for t in inputs.args()),
-                                    key_padding_mask=inputs.key_padding_mask.cuda())
+    cuda = sdrpn.ops.attention_rows(
+        *(t.cuda() if isinstance(t, torch.Tensor) else t for t in inputs.args()),
+        key_padding_mask=inputs.key_padding_mask.cuda(),
+    )
     torch.testing.assert_close(cuda.cpu(), cpu, rtol=1e-4, atol=1e-6)

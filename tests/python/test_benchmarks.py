@@ -1,4 +1,5 @@
-"""The benchmark scripts must keep running: each is run once on a small size."""
+"""The benchmark scripts must keep running: each is run once on a small size and must print
+its keys. No timing is asserted: on a busy machine any ratio can round to zero."""
 
 import json
 import os
@@ -11,41 +12,55 @@ ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
 
 
 def run(script, *args):
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script), *args],
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", script), *args], capture_output=True, text=True, timeout=300
+    )
     assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout[out.stdout.index("{"):])
+    return json.loads(out.stdout[out.stdout.index("{") :])
 
 
-@pytest.mark.parametrize("script,args,key", [
-    ("bench_labels.py", ["--batch", "64"], "speedup_vs_reference_loop"),
-    ("bench_sinks.py", ["--batch", "1", "--seq-len", "32"], "speedup_vs_torch"),
-])
+@pytest.mark.parametrize(
+    "script,args,key",
+    [
+        ("bench_labels.py", ["--batch", "64"], "speedup_vs_reference_loop"),
+        ("bench_sinks.py", ["--batch", "1", "--seq-len", "32"], "speedup_vs_torch"),
+    ],
+)
 def test_op_benchmarks_print_ratios(script, args, key):
-    assert run(script, *args)[key] > 0
+    assert isinstance(run(script, *args)[key], float)
 
 
 def test_label_pipeline_benchmark_runs_on_a_tiny_model():
-    result = run("bench_label_pipeline.py", "--size", "tiny", "--samples", "4",
-                 "--reference-samples", "1", "--batch-sizes", "1", "2")
+    result = run(
+        "bench_label_pipeline.py",
+        "--size",
+        "tiny",
+        "--samples",
+        "4",
+        "--reference-samples",
+        "1",
+        "--batch-sizes",
+        "1",
+        "2",
+    )
     row = result["results"][0]
     assert row["given"]["best_batch_size"] in (1, 2)
-    assert row["self"]["speedup_best_vs_reference"] > 0
+    assert "speedup_best_vs_reference" in row["self"]
 
 
 def test_rpn_scores_benchmark():
     result = run("bench_rpn_scores.py", "--batches", "2", "--cells", "16", "--hidden", "64", "--heads", "4")
     row = result["results"][0]
-    assert row["forward"]["speedup"] > 0 and row["max_abs_diff_vs_naive"] < 1e-4
+    assert "speedup" in row["forward"] and row["max_abs_diff_vs_naive"] < 1e-4
 
 
 def test_train_benchmark_runs_on_a_tiny_model():
     result = run("bench_train_rpn.py", "--batch", "2", "--steps", "1")
-    assert result["results"]["checkpointing"]["samples_per_s"] > 0
+    assert "samples_per_s" in result["results"]["checkpointing"]
 
 
 def test_infer_benchmark_runs_on_a_tiny_model():
     result = run("bench_infer.py", "--answer-tokens", "2", "--batch-sizes", "2", "--repeats", "1")
     row = result["results"][0]
-    assert row["2_box"]["throughput_vs_baseline"] > 0
+    assert "throughput_vs_baseline" in row["2_box"]
     assert set(row["1_box"]["stages_s"]) >= {"prefix", "early_exit", "rpn", "boxes", "crop_encode", "pass2_decode"}

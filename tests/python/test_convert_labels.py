@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 import reference
 from sdrpn.cli import main
-from sdrpn.convert import load_reference_pickle
+from sdrpn.labels.convert import load_reference_pickle
 
 
 def write_pickle(path, records):
@@ -19,10 +19,17 @@ def write_pickle(path, records):
 
 def test_valid_pickle_is_imported(tmp_path, capsys):
     rng = np.random.default_rng(0)
-    records = [{"question_id": q, "image": f"{q}.jpg", "prompt": "what?", "text": "K7",
-                "sink_attn": (rng.random(576) * 2e-3).astype(np.float32),
-                "grounding_attn_o2i": rng.random((1, 576)).astype(np.float32) ** 6}
-               for q in (10, 11, 12)]
+    records = [
+        {
+            "question_id": q,
+            "image": f"{q}.jpg",
+            "prompt": "what?",
+            "text": "K7",
+            "sink_attn": (rng.random(576) * 2e-3).astype(np.float32),
+            "grounding_attn_o2i": rng.random((1, 576)).astype(np.float32) ** 6,
+        }
+        for q in (10, 11, 12)
+    ]
     write_pickle(tmp_path / "in.pkl", records)
     assert main(["convert-labels", str(tmp_path / "in.pkl"), str(tmp_path / "out")]) == 0
     summary = json.loads(capsys.readouterr().out)
@@ -48,8 +55,9 @@ def test_malicious_pickle_is_refused(tmp_path):
 
 
 def test_non_square_maps_need_a_grid(tmp_path):
-    records = [{"question_id": 1, "sink_attn": np.zeros(640, np.float32),
-                "grounding_attn_o2i": np.ones(640, np.float32)}]
+    records = [
+        {"question_id": 1, "sink_attn": np.zeros(640, np.float32), "grounding_attn_o2i": np.ones(640, np.float32)}
+    ]
     write_pickle(tmp_path / "in.pkl", records)
     with pytest.raises(ValueError, match="not a square grid"):
         main(["convert-labels", str(tmp_path / "in.pkl"), str(tmp_path / "out")])

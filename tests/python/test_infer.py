@@ -2,11 +2,11 @@ import pytest
 import torch
 from PIL import Image
 
-from sdrpn.boxes import grid_box_to_pixels, pixel_box_to_grid
-from sdrpn.infer import SDRPNLlava
-from sdrpn.llava.maps import position_ids_from_mask
-from sdrpn.preprocess import crop_pixels, preprocess_image
-from sdrpn.rpn import RegionProposalNetwork
+from sdrpn.infer.pipeline import SDRPNLlava
+from sdrpn.llava.geometry import grid_box_to_pixels
+from sdrpn.llava.inputs import crop_pixels, position_ids_from_mask, preprocess_image
+from sdrpn.options import RoiOptions
+from sdrpn.rpn.model import RegionProposalNetwork
 from tiny_llava import IMAGE, make_tiny_llava, make_tokenizer
 
 GRID = 4
@@ -26,8 +26,31 @@ def pipeline(tiny, forced=None, **kwargs):
         def forward(hidden, mask, pos, visual):
             calls.append(hidden)
             return forced.to(hidden.device)
+
         rpn.forward = forward
     return SDRPNLlava(tiny.model, make_tokenizer(), rpn, prompt_template=TEMPLATE, **kwargs)
+
+
+def pixel_box_to_grid(
+    box, grid_h: int, grid_w: int, width: int, height: int, size: int = 336, mode: str = "pad"
+) -> tuple[float, float, float, float]:
+    """The inverse of grid_box_to_pixels, written out independently: source pixels to
+    fractional grid cells."""
+    if mode == "pad":
+        ratio = min(size / width, size / height)
+        off_x = (size - int(width * ratio)) / 2
+        off_y = (size - int(height * ratio)) / 2
+    else:
+        ratio = max(size / width, size / height)
+        off_x = -((int(width * ratio) - size) // 2)
+        off_y = -((int(height * ratio) - size) // 2)
+    x0, y0, x1, y1 = box
+    return (
+        (x0 * ratio + off_x) * grid_w / size,
+        (y0 * ratio + off_y) * grid_h / size,
+        (x1 * ratio + off_x) * grid_w / size,
+        (y1 * ratio + off_y) * grid_h / size,
+    )
 
 
 def blob_logits(*boxes):
@@ -43,8 +66,7 @@ def blob_logits(*boxes):
 def images(n, seed=0):
     gen = torch.Generator().manual_seed(seed)
     sizes = [(120, 60), (50, 100), (80, 80), (33, 71)]
-    return [Image.fromarray((torch.rand(h, w, 3, generator=gen) * 255).byte().numpy())
-            for w, h in sizes[:n]]
+    return [Image.fromarray((torch.rand(h, w, 3, generator=gen) * 255).byte().numpy()) for w, h in sizes[:n]]
 
 
 QUESTIONS = ["what is the tag ?", "what colour is it ?", "is the tag red ?"]
@@ -55,9 +77,15 @@ def full_sequence_generate(sdrpn, image, question, crops, max_new_tokens):
     prefix, suffix = sdrpn._split_prompt(question)
     ids = torch.tensor([prefix + [IMAGE] * (16 * len(crops)) + suffix])
     pixels = torch.stack([preprocess_image(image.convert("RGB"), 56)[0]] + crops)
-    out = sdrpn.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels,
-                               max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0)
-    return out[0, ids.shape[1]:].tolist()
+    out = sdrpn.model.generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        pixel_values=pixels,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=0,
+    )
+    return out[0, ids.shape[1] :].tolist()
 
 
 def test_prefix_reuse_equals_full_recompute_for_the_rpn(tiny):
@@ -87,7 +115,7 @@ def test_answer_equals_full_sequence_generate_and_batch_equals_single(tiny):
         for box in ans.rois.boxes:
             crops.append(crop_pixels(ims[b].convert("RGB"), box, 56))
         assert ans.tokens == full_sequence_generate(sd, ims[b], QUESTIONS[b], crops, 5)
-        alone = pipeline(tiny, forced[b:b + 1]).generate([ims[b]], [QUESTIONS[b]], max_new_tokens=5)[0]
+        alone = pipeline(tiny, forced[b : b + 1]).generate([ims[b]], [QUESTIONS[b]], max_new_tokens=5)[0]
         assert alone.tokens == ans.tokens and alone.rois.boxes == ans.rois.boxes
 
 
@@ -113,7 +141,7 @@ def test_centre_crop_preprocessing(tiny):
 def test_two_boxes_and_token_ratio(tiny):
     forced = blob_logits((0, 0, 1, 4), None)
     forced.view(2, 4, 4)[0, 3, :] = 10.0  # a second band: two boxes for sample 0
-    sd = pipeline(tiny, forced, token_ratio=0.5, threshold=0.3)  # the blur would join the bands at 0.15
+    sd = pipeline(tiny, forced, roi=RoiOptions(token_ratio=0.5, threshold=0.3))  # the blur would join the bands at 0.15
     ans = sd.generate(images(2, seed=3), QUESTIONS[:2], max_new_tokens=3)
     assert len(ans[0].rois.boxes) == 2 and ans[1].rois.boxes == []
 
@@ -154,9 +182,16 @@ def test_bad_inputs(tiny):
         grid_box_to_pixels((0, 0, 1, 1), 4, 4, 10, 10, mode="stretch")
 
 
-@pytest.mark.parametrize("image", [Image.new("L", (40, 30), 100), Image.new("RGBA", (30, 40)),
-                                   Image.new("RGB", (1, 1)), Image.new("RGB", (4000, 30))],
-                         ids=["grayscale", "rgba", "one-pixel", "huge-strip"])
+@pytest.mark.parametrize(
+    "image",
+    [
+        Image.new("L", (40, 30), 100),
+        Image.new("RGBA", (30, 40)),
+        Image.new("RGB", (1, 1)),
+        Image.new("RGB", (4000, 30)),
+    ],
+    ids=["grayscale", "rgba", "one-pixel", "huge-strip"],
+)
 def test_odd_images_are_handled(tiny, image):
     sd = pipeline(tiny, blob_logits((1, 1, 3, 3)))
     ans = sd.generate([image], QUESTIONS[:1], max_new_tokens=2)[0]
@@ -176,8 +211,11 @@ def infer_ws(tmp_path_factory):
     for i, im in enumerate(images(3, seed=5)):
         im.save(root / "images" / f"{i}.png")
     import json
-    data = [{"id": f"q{i}", "image": f"{i}.png", "conversations": [{"from": "human", "value": "<image>\n" + q}]}
-            for i, q in enumerate(QUESTIONS)]
+
+    data = [
+        {"id": f"q{i}", "image": f"{i}.png", "conversations": [{"from": "human", "value": "<image>\n" + q}]}
+        for i, q in enumerate(QUESTIONS)
+    ]
     data.insert(1, {"id": "gone", "image": "missing.png", "conversations": [{"from": "human", "value": "x ?"}]})
     (root / "data.json").write_text(json.dumps(data))
     return root
@@ -186,16 +224,43 @@ def infer_ws(tmp_path_factory):
 def infer_cli(ws, *extra):
     from sdrpn.cli import main
 
-    return main(["infer", "--model", str(ws / "model"), "--rpn", str(ws / "rpn"), "--dtype", "fp32",
-                 "--prompt-template", TEMPLATE, "--max-new-tokens", "3", "--threshold", "-0.9", *extra])
+    return main(
+        [
+            "infer",
+            "--model",
+            str(ws / "model"),
+            "--rpn",
+            str(ws / "rpn"),
+            "--dtype",
+            "fp32",
+            "--prompt-template",
+            TEMPLATE,
+            "--max-new-tokens",
+            "3",
+            "--threshold",
+            "-0.9",
+            *extra,
+        ]
+    )
 
 
 def test_infer_cli_single_image_with_viz(infer_ws, tmp_path, capsys):
     import json
 
     viz = tmp_path / "roi.png"
-    assert infer_cli(infer_ws, "--image", str(infer_ws / "images" / "0.png"), "--question", QUESTIONS[0],
-                     "--viz", str(viz), "--json") == 0
+    assert (
+        infer_cli(
+            infer_ws,
+            "--image",
+            str(infer_ws / "images" / "0.png"),
+            "--question",
+            QUESTIONS[0],
+            "--viz",
+            str(viz),
+            "--json",
+        )
+        == 0
+    )
     record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(record) >= {"answer", "boxes", "timings_s", "viz"}
     with Image.open(viz) as im:
@@ -208,14 +273,40 @@ def test_infer_cli_whole_file_is_resumable(infer_ws, tmp_path, capsys):
     import json
 
     out = tmp_path / "answers.jsonl"
-    assert infer_cli(infer_ws, "--data", str(infer_ws / "data.json"), "--image-folder",
-                     str(infer_ws / "images"), "--out", str(out), "--limit", "2", "--batch-size", "2") == 0
+    assert (
+        infer_cli(
+            infer_ws,
+            "--data",
+            str(infer_ws / "data.json"),
+            "--image-folder",
+            str(infer_ws / "images"),
+            "--out",
+            str(out),
+            "--limit",
+            "2",
+            "--batch-size",
+            "2",
+        )
+        == 0
+    )
     first = [json.loads(line)["id"] for line in open(out)]
     assert first == ["q0"]
     with open(out, "a") as f:
         f.write('{"id": "q1", "ans')  # a crash mid-line
-    assert infer_cli(infer_ws, "--data", str(infer_ws / "data.json"), "--image-folder",
-                     str(infer_ws / "images"), "--out", str(out), "--batch-size", "2") == 0
+    assert (
+        infer_cli(
+            infer_ws,
+            "--data",
+            str(infer_ws / "data.json"),
+            "--image-folder",
+            str(infer_ws / "images"),
+            "--out",
+            str(out),
+            "--batch-size",
+            "2",
+        )
+        == 0
+    )
     ids = [json.loads(line)["id"] for line in open(out)]
     assert ids == ["q0", "q1", "q2"]
     summary = json.loads((tmp_path / "answers.jsonl.summary.json").read_text())

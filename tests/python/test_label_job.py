@@ -7,6 +7,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from sdrpn.cli import main
+from sdrpn.labels.folder import LabelFolder
+from sdrpn.llava.inputs import PROMPT_TEMPLATE
 from tiny_llava import save_tiny_llava
 
 Q = "<image>\nwhat is the colour of the tag ?"
@@ -24,8 +26,13 @@ def workspace(tmp_path_factory):
         pixels = torch.randint(0, 256, (size[1], size[0], 3), generator=gen, dtype=torch.uint8)
         mode = "L" if i == 2 else "RGBA" if i == 3 else "RGB"
         Image.fromarray(pixels.numpy()).convert(mode).save(images / f"img{i}.png")
-        entries.append({"id": f"s{i}", "image": f"img{i}.png", "conversations": [
-            {"from": "human", "value": Q}, {"from": "gpt", "value": "red tag"}]})
+        entries.append(
+            {
+                "id": f"s{i}",
+                "image": f"img{i}.png",
+                "conversations": [{"from": "human", "value": Q}, {"from": "gpt", "value": "red tag"}],
+            }
+        )
     (images / "corrupt.png").write_bytes(b"not a png at all")
     (root / "secret.png").write_bytes(b"")
     bad = [
@@ -41,9 +48,28 @@ def workspace(tmp_path_factory):
 
 
 def run_label(ws, out, *extra):
-    return main(["label", "--model", str(ws / "model"), "--data", str(ws / "data.json"),
-                 "--image-folder", str(ws / "images"), "--out", str(out), "--dtype", "fp32",
-                 "--preset", "llava15-7b", "--batch-size", "3", "--shard-size", "2", *extra])
+    return main(
+        [
+            "label",
+            "--model",
+            str(ws / "model"),
+            "--data",
+            str(ws / "data.json"),
+            "--image-folder",
+            str(ws / "images"),
+            "--out",
+            str(out),
+            "--dtype",
+            "fp32",
+            "--preset",
+            "llava15-7b",
+            "--batch-size",
+            "3",
+            "--shard-size",
+            "2",
+            *extra,
+        ]
+    )
 
 
 def read_rows(out):
@@ -63,8 +89,14 @@ def all_tensors(out):
 def small_preset(monkeypatch):
     # The tiny model has 4 layers: probe layers 1-2 instead of LLaVA-7B's 2 and 14.
     from sdrpn.llava import presets
-    tiny = presets.LlavaPreset("llava15-7b", grounding=presets.HeadSelection(((2, 1), (2, 3))),
-                               sink=presets.HeadSelection(((1, None),)))
+
+    tiny = presets.LlavaPreset(
+        "llava15-7b",
+        grounding=presets.HeadSelection(((2, 1), (2, 3))),
+        sink=presets.HeadSelection(((1, None),)),
+        branch_layer=1,
+        depth=2,
+    )
     monkeypatch.setitem(presets.PRESETS, "llava15-7b", tiny)
 
 
@@ -75,9 +107,13 @@ def test_label_job_writes_shards_and_counts_skips(workspace, tmp_path, answers, 
     summary = json.loads((out / "summary.json").read_text())
     assert summary["labelled"] == 7
     assert summary["skipped"] == 5
-    assert summary["skipped_by_reason"] == {"empty question": 1, "image missing": 1,
-                                            "image outside --image-folder": 1,
-                                            "image unreadable": 1, "no image": 1}
+    assert summary["skipped_by_reason"] == {
+        "empty question": 1,
+        "image missing": 1,
+        "image outside --image-folder": 1,
+        "image unreadable": 1,
+        "no image": 1,
+    }
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == summary
     rows = read_rows(out)
     assert [r["id"] for r in rows] == [f"s{i}" for i in range(7)]
@@ -116,13 +152,114 @@ def test_viz_labels(workspace, tmp_path, capsys):
     out = tmp_path / "labels"
     run_label(workspace, out, "--answers", "given")
     pngs = tmp_path / "png"
-    assert main(["viz-labels", str(out), "--out", str(pngs), "--num", "3",
-                 "--image-folder", str(workspace / "images")]) == 0
+    assert (
+        main(["viz-labels", str(out), "--out", str(pngs), "--num", "3", "--image-folder", str(workspace / "images")])
+        == 0
+    )
     assert "wrote 3 pictures" in capsys.readouterr().out
     names = sorted(os.listdir(pngs))
     assert names[0] == "0000_s0.png"
     with Image.open(pngs / names[0]) as im:
         assert im.width > 2 * im.height  # image panel beside the grid panels
+
+
+def test_viz_labels_draws_sinks_at_the_recorded_threshold(workspace, tmp_path, monkeypatch):
+    from sdrpn.labels import viz
+
+    preset = tmp_path / "preset.json"
+    preset.write_text(
+        json.dumps({"grounding": [[2, 1]], "sink": [[1, None]], "branch_layer": 1, "depth": 2, "sink_threshold": 0.05})
+    )
+    out = tmp_path / "labels"
+    run_label(workspace, out, "--answers", "given")
+    out_custom = tmp_path / "labels_custom"
+    assert (
+        main(
+            [
+                "label",
+                "--model",
+                str(workspace / "model"),
+                "--data",
+                str(workspace / "data.json"),
+                "--image-folder",
+                str(workspace / "images"),
+                "--out",
+                str(out_custom),
+                "--dtype",
+                "fp32",
+                "--preset",
+                str(preset),
+                "--answers",
+                "given",
+            ]
+        )
+        == 0
+    )
+    assert LabelFolder(str(out_custom)).config.sink_threshold == 0.05
+    drawn = []
+    real = viz.label_grid
+    monkeypatch.setattr(viz, "label_grid", lambda g, s, *a, **k: drawn.append(s.clone()) or real(g, s, *a, **k))
+    for folder, threshold in ((out, 1e-3), (out_custom, 0.05)):
+        drawn.clear()
+        viz.visualise_labels(str(folder), str(tmp_path / "png"), num=7)
+        sink = all_tensors(folder)["sink"]
+        assert torch.equal(torch.cat(drawn), sink >= threshold)
+    assert not torch.equal(all_tensors(out_custom)["sink"] >= 0.05, all_tensors(out_custom)["sink"] >= 1e-3)
+
+
+def test_resume_refuses_changed_settings(workspace, tmp_path):
+    out = tmp_path / "labels"
+    run_label(workspace, out, "--answers", "given")
+    with pytest.raises(ValueError, match=r"options.prompt_template.*differ"):
+        run_label(workspace, out, "--answers", "given", "--prompt-template", "USER: <image> {question} A:")
+    with pytest.raises(ValueError, match=r"image_folder.*differ"):
+        assert (
+            main(
+                [
+                    "label",
+                    "--model",
+                    str(workspace / "model"),
+                    "--data",
+                    str(workspace / "data.json"),
+                    "--image-folder",
+                    str(tmp_path),
+                    "--out",
+                    str(out),
+                    "--dtype",
+                    "fp32",
+                    "--preset",
+                    "llava15-7b",
+                    "--answers",
+                    "given",
+                ]
+            )
+            == 0
+        )
+    assert run_label(workspace, out, "--answers", "given") == 0  # the same settings resume
+
+
+def test_format1_label_folders_still_read(workspace, tmp_path):
+    out = tmp_path / "labels"
+    run_label(workspace, out, "--answers", "given")
+    config = json.loads((out / "label_config.json").read_text())
+    (out / "label_config.json").write_text(
+        json.dumps(
+            {
+                "model": "m",
+                "image_folder": config["image_folder"],
+                "prompt_template": PROMPT_TEMPLATE,
+                "preset": "llava15-13b",
+                "answers": "given",
+                "image_size": 56,
+                "grid": [4, 4],
+                "image_token_id": 3,
+            }
+        )
+    )
+    old = LabelFolder(str(out)).config
+    assert old.format_version == 1 and old.sink_threshold == 1e-3 and old.preset["name"] == "llava15-13b"
+    assert old.prompt_template == PROMPT_TEMPLATE and old.options.answers == "given"
+    assert sum(len(shard.rows) for shard in LabelFolder(str(out)).shards()) == 7
 
 
 def test_torchrun_splits_the_data_by_rank(workspace, tmp_path):
@@ -131,16 +268,38 @@ def test_torchrun_splits_the_data_by_rank(workspace, tmp_path):
 
     out = tmp_path / "dist"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", "29517", "-m", "sdrpn", "label", "--model", str(workspace / "model"),
-           "--data", str(workspace / "data.json"), "--image-folder", str(workspace / "images"),
-           "--out", str(out), "--dtype", "fp32", "--answers", "given", "--preset", "llava15-13b"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29517",
+        "-m",
+        "sdrpn",
+        "label",
+        "--model",
+        str(workspace / "model"),
+        "--data",
+        str(workspace / "data.json"),
+        "--image-folder",
+        str(workspace / "images"),
+        "--out",
+        str(out),
+        "--dtype",
+        "fp32",
+        "--answers",
+        "given",
+        "--preset",
+        "llava15-13b",
+    ]
     # llava15-13b probes layer 16: too deep for the tiny model, so the run must fail cleanly...
     failed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert failed.returncode != 0 and "layers must lie in [0, 4)" in failed.stderr
+    assert failed.returncode != 0 and "but the model has 4 layers" in failed.stderr
     # ...and with a preset that fits, two gloo ranks share the samples.
     custom = tmp_path / "tiny-preset.json"
-    custom.write_text(json.dumps({"grounding": [[2, 1], [2, 3]], "sink": [[1, None]]}))
+    custom.write_text(json.dumps({"grounding": [[2, 1], [2, 3]], "sink": [[1, None]], "branch_layer": 1, "depth": 2}))
     cmd[cmd.index("llava15-13b")] = str(custom)
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

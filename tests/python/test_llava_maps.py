@@ -2,14 +2,12 @@ import pytest
 import torch
 
 import sdrpn
-from sdrpn.llava import (AttentionProbe, HeadSelection, LlavaPreset, attention_maps, get_preset,
-                         probe_once)
-from sdrpn.llava.maps import answer_queries, image_columns, position_ids_from_mask
-from tiny_llava import (EOS, make_tiny_llava, prompt_ids, random_tokens, row_slice,
-                        teacher_forced_batch)
+from sdrpn.llava import AttentionProbe, HeadSelection, LlavaPreset, attention_maps, get_preset, probe_once
+from sdrpn.llava.inputs import position_ids_from_mask
+from sdrpn.llava.maps import answer_queries, image_columns
+from tiny_llava import EOS, make_tiny_llava, prompt_ids, random_tokens, row_slice, teacher_forced_batch
 
-PRESET = LlavaPreset("tiny", grounding=HeadSelection(((2, 1), (2, 3), (1, 0))),
-                     sink=HeadSelection(((0, None),)))
+PRESET = LlavaPreset("tiny", grounding=HeadSelection(((2, 1), (2, 3), (1, 0))), sink=HeadSelection(((0, None),)))
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +17,7 @@ def tiny():
 
 def sample_batch(tiny, padding="left", answer_lengths=(5, 1, 3), seed=0):
     gen = torch.Generator().manual_seed(seed)
-    questions = [random_tokens(gen, n) for n in (4, 7, 2)][:len(answer_lengths)]
+    questions = [random_tokens(gen, n) for n in (4, 7, 2)][: len(answer_lengths)]
     answers = [random_tokens(gen, n - 1) + [EOS] for n in answer_lengths]
     return teacher_forced_batch(tiny, questions, answers, padding=padding, seed=seed)
 
@@ -29,9 +27,13 @@ def eager_attentions(tiny, batch):
     model.set_attn_implementation("eager")
     try:
         with torch.no_grad():
-            out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                        pixel_values=batch.pixel_values, output_attentions=True,
-                        position_ids=position_ids_from_mask(batch.attention_mask))
+            out = model(
+                input_ids=batch.input_ids,
+                attention_mask=batch.attention_mask,
+                pixel_values=batch.pixel_values,
+                output_attentions=True,
+                position_ids=position_ids_from_mask(batch.attention_mask),
+            )
     finally:
         model.set_attn_implementation("sdpa")
     return out.attentions
@@ -44,24 +46,29 @@ def test_attention_rows_equal_eager_output_attentions(tiny, padding):
     n = tiny.num_cells
     start = image_columns(batch.input_ids, 3, n)
     positions, _ = answer_queries(batch.answer_start, batch.answer_length)
-    captured = probe_once(tiny.model, [0, 1, 2, 3], input_ids=batch.input_ids,
-                          attention_mask=batch.attention_mask, pixel_values=batch.pixel_values,
-                          position_ids=position_ids_from_mask(batch.attention_mask))
+    captured = probe_once(
+        tiny.model,
+        [0, 1, 2, 3],
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        pixel_values=batch.pixel_values,
+        position_ids=position_ids_from_mask(batch.attention_mask),
+    )
     for layer in range(4):
         q, k = captured[layer]
         idx = positions[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[-1])
-        rows = sdrpn.ops.attention_rows(q.gather(2, idx), k, positions, start, n,
-                                        key_padding_mask=batch.attention_mask.bool())
+        rows = sdrpn.ops.attention_rows(
+            q.gather(2, idx), k, positions, start, n, key_padding_mask=batch.attention_mask.bool()
+        )
         for b in range(batch.input_ids.shape[0]):
             s = int(start[b])
-            want = attentions[layer][b][:, positions[b], s:s + n]
+            want = attentions[layer][b][:, positions[b], s : s + n]
             torch.testing.assert_close(rows[b], want, rtol=1e-5, atol=1e-5)
 
 
 def test_probe_leaves_logits_unchanged(tiny):
     batch = sample_batch(tiny)
-    kwargs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                  pixel_values=batch.pixel_values)
+    kwargs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, pixel_values=batch.pixel_values)
     with torch.no_grad():
         plain = tiny.model(**kwargs).logits
         with AttentionProbe(tiny.model, [1, 2]) as probe:
@@ -80,9 +87,10 @@ def test_maps_match_a_hand_average_of_eager_attention(tiny):
     for b in range(3):
         pos = positions[b][valid[b]]
         s = int(maps.image_start[b])
-        g = torch.stack([attentions[layer][b, head][pos, s:s + n].mean(0)
-                         for layer, head in ((2, 1), (2, 3), (1, 0))]).mean(0)
-        sink = attentions[0][b][:, pos, s:s + n].mean((0, 1))
+        g = torch.stack(
+            [attentions[layer][b, head][pos, s : s + n].mean(0) for layer, head in ((2, 1), (2, 3), (1, 0))]
+        ).mean(0)
+        sink = attentions[0][b][:, pos, s : s + n].mean((0, 1))
         torch.testing.assert_close(maps.grounding[b], g, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(maps.sink[b], sink, rtol=1e-5, atol=1e-6)
 
@@ -108,19 +116,33 @@ def test_self_generated_answer_maps_equal_step_by_step_generate(tiny):
     model.set_attn_implementation("eager")
     try:
         with torch.no_grad():
-            out = model.generate(input_ids=prompt, pixel_values=pixels, max_new_tokens=6,
-                                 min_new_tokens=6, do_sample=False, output_attentions=True,
-                                 return_dict_in_generate=True)
+            out = model.generate(
+                input_ids=prompt,
+                pixel_values=pixels,
+                max_new_tokens=6,
+                min_new_tokens=6,
+                do_sample=False,
+                output_attentions=True,
+                return_dict_in_generate=True,
+            )
     finally:
         model.set_attn_implementation("sdpa")
-    answer = out.sequences[0, prompt.shape[1]:]
+    answer = out.sequences[0, prompt.shape[1] :]
     s, n = 2, tiny.num_cells
-    steps = out.attentions[1:len(answer)]  # decoding steps fed a_0 .. a_{n-2}
-    g = torch.stack([torch.stack([step[layer][0, head, -1, s:s + n] for step in steps]).mean(0)
-                     for layer, head in ((2, 1), (2, 3), (1, 0))]).mean(0)
+    steps = out.attentions[1 : len(answer)]  # decoding steps fed a_0 .. a_{n-2}
+    g = torch.stack(
+        [
+            torch.stack([step[layer][0, head, -1, s : s + n] for step in steps]).mean(0)
+            for layer, head in ((2, 1), (2, 3), (1, 0))
+        ]
+    ).mean(0)
     batch = sdrpn.llava.TeacherForcedBatch(
-        torch.cat([prompt[0], answer])[None], torch.ones(1, prompt.shape[1] + len(answer), dtype=torch.long),
-        pixels, torch.tensor([prompt.shape[1]]), torch.tensor([len(answer)]))
+        torch.cat([prompt[0], answer])[None],
+        torch.ones(1, prompt.shape[1] + len(answer), dtype=torch.long),
+        pixels,
+        torch.tensor([prompt.shape[1]]),
+        torch.tensor([len(answer)]),
+    )
     maps = attention_maps(model, batch, PRESET, n)
     torch.testing.assert_close(maps.grounding[0], g, rtol=1e-4, atol=1e-6)
 
@@ -162,5 +184,4 @@ def test_maps_label_on_a_non_square_grid(tiny):
     batch = sample_batch(tiny, "left", seed=5)
     maps = attention_maps(tiny.model, batch, PRESET, 16)
     labels = sdrpn.ops.pseudo_labels(maps.grounding, maps.sink, 2, 8, sink_threshold=0.2)
-    assert torch.equal(labels, reference.pseudo_labels(maps.grounding, maps.sink, 2, 8,
-                                                        sink_threshold=0.2))
+    assert torch.equal(labels, reference.pseudo_labels(maps.grounding, maps.sink, 2, 8, sink_threshold=0.2))

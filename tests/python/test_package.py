@@ -6,8 +6,8 @@ import torch
 
 import sdrpn
 from sdrpn.cli import build_parser, main
-from sdrpn.label_demo import region_iou
-from sdrpn.synthetic_maps import make_synthetic_maps
+from sdrpn.labels.demo import region_iou
+from sdrpn.labels.synthetic_maps import make_synthetic_maps
 
 
 def test_build_info():
@@ -53,11 +53,14 @@ def test_label_demo_writes_outputs(tmp_path, capsys):
     assert not [p for p in os.listdir(out) if p.startswith(".tmp-")]
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["label-demo", "--grid", "24"], "--grid must look like 24x24"),
-    (["label-demo", "--grid", "0x4"], "--grid must be at least 1x1"),
-    (["label-demo", "--batch", "0"], "must be >= 1, got 0"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["label-demo", "--grid", "24"], "--grid must look like 24x24"),
+        (["label-demo", "--grid", "0x4"], "--grid must be at least 1x1"),
+        (["label-demo", "--batch", "0"], "must be >= 1, got 0"),
+    ],
+)
 def test_cli_rejects_bad_arguments(argv, message, capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(argv)

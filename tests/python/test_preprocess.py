@@ -2,8 +2,15 @@ import pytest
 import torch
 from PIL import Image
 
-from sdrpn.data import SkipSample, parse_entry, resolve_image
-from sdrpn.preprocess import CLIP_MEAN, PROMPT_TEMPLATE, pad_to_square, preprocess_image, prompt_token_ids
+from sdrpn.llava.data import SkipSample, parse_entry, resolve_image
+from sdrpn.llava.inputs import (
+    CLIP_MEAN,
+    PROMPT_TEMPLATE,
+    check_template,
+    pad_to_square,
+    preprocess_image,
+    prompt_token_ids,
+)
 from tiny_llava import IMAGE, make_tokenizer
 
 FILL = tuple(int(round(255 * m)) for m in CLIP_MEAN)
@@ -36,21 +43,43 @@ def test_prompt_has_system_text_and_contiguous_image_tokens():
     tok = make_tokenizer()
     ids = prompt_token_ids(tok, "what is the tag ?", IMAGE, 16, template="USER : <image>\n{question} ASSISTANT :")
     first = ids.index(IMAGE)
-    assert ids[first:first + 16] == [IMAGE] * 16 and ids.count(IMAGE) == 16
+    assert ids[first : first + 16] == [IMAGE] * 16 and ids.count(IMAGE) == 16
     assert ids[0] == tok.bos_token_id
     assert PROMPT_TEMPLATE.startswith("A chat between a curious human")
-    with pytest.raises(ValueError, match="template must contain <image>"):
+    with pytest.raises(ValueError, match="prompt_template must hold <image> once"):
         prompt_token_ids(tok, "q", IMAGE, 4, template="{question}")
 
 
+@pytest.mark.parametrize(
+    "template",
+    [
+        "<image> {question.__class__}",
+        "<image> {question} {other}",
+        "<image> {question!r}",
+        "<image> {0}",
+        "<image> {question",
+        "<image>",
+    ],
+)
+def test_templates_accept_only_a_plain_question_field(template):
+    with pytest.raises(ValueError, match="prompt_template"):
+        check_template(template)
+
+
 def test_parse_entry_and_resolve_image(tmp_path):
-    entry = {"id": 7, "image": "a.png", "conversations": [
-        {"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "A cat."}]}
+    entry = {
+        "id": 7,
+        "image": "a.png",
+        "conversations": [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "A cat."}],
+    }
     sample = parse_entry(entry, 3)
     assert (sample.id, sample.question, sample.answer, sample.index) == ("7", "What is it?", "A cat.", 3)
-    for bad, reason in [([], "not an object"), ({"conversations": []}, "no image"),
-                        ({"image": "a.png"}, "no conversations"),
-                        ({"image": "a.png", "conversations": [{"from": "gpt", "value": "x"}]}, "no question")]:
+    for bad, reason in [
+        ([], "not an object"),
+        ({"conversations": []}, "no image"),
+        ({"image": "a.png"}, "no conversations"),
+        ({"image": "a.png", "conversations": [{"from": "gpt", "value": "x"}]}, "no question"),
+    ]:
         with pytest.raises(SkipSample, match=reason):
             parse_entry(bad, 0)
     (tmp_path / "a.png").write_bytes(b"x")

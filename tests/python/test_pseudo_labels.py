@@ -10,23 +10,19 @@ GRIDS = [(24, 24), (16, 40), (40, 16), (1, 1), (3, 5), (7, 2)]
 
 
 def run_both(inputs, **kwargs):
-    got = sdrpn.ops.pseudo_labels(inputs.grounding, inputs.sink, inputs.grid_h, inputs.grid_w,
-                                  **kwargs)
-    want = reference.pseudo_labels(inputs.grounding, inputs.sink, inputs.grid_h, inputs.grid_w,
-                                   **kwargs)
+    got = sdrpn.ops.pseudo_labels(inputs.grounding, inputs.sink, inputs.grid_h, inputs.grid_w, **kwargs)
+    want = reference.pseudo_labels(inputs.grounding, inputs.sink, inputs.grid_h, inputs.grid_w, **kwargs)
     return got, want
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided"])
-@pytest.mark.parametrize("ratios", [{}, {"fg_ratio": 0.25, "bg_ratio": 0.125}],
-                         ids=["spec-ratios", "tie-ratios"])
+@pytest.mark.parametrize("ratios", [{}, {"fg_ratio": 0.25, "bg_ratio": 0.125}], ids=["spec-ratios", "tie-ratios"])
 def test_parity_with_reference(device, dtype, strided, ratios):
     total = 0
     for seed, (grid_h, grid_w) in enumerate(GRIDS):
-        inputs = make_label_inputs(48, grid_h, grid_w, dtype=dtype, device=device, seed=seed,
-                                   strided=strided)
+        inputs = make_label_inputs(48, grid_h, grid_w, dtype=dtype, device=device, seed=seed, strided=strided)
         assert inputs.grounding.is_contiguous() != strided
         got, want = run_both(inputs, **ratios)
         assert got.dtype == torch.int64 and got.device.type == device
@@ -39,8 +35,7 @@ def test_samples_cover_every_label_kind():
     # The generator must produce samples with foreground, background and all-ignore rows,
     # or the parity test proves little.
     inputs = make_label_inputs(256, 24, 24, seed=1)
-    stats = sdrpn.ops.pseudo_label_stats(
-        sdrpn.ops.pseudo_labels(inputs.grounding, inputs.sink, 24, 24))
+    stats = sdrpn.ops.pseudo_label_stats(sdrpn.ops.pseudo_labels(inputs.grounding, inputs.sink, 24, 24))
     assert (stats[:, 0] > 0).sum() > 20
     assert (stats[:, 1] > 0).sum() > 20
     assert (stats[:, 2] == 576).sum() > 20
@@ -48,18 +43,14 @@ def test_samples_cover_every_label_kind():
 
 def test_hand_worked_example():
     # 4x4 grid, max after sink removal 1.0 -> fg > 0.2, bg < 0.1 outside the box.
-    g = torch.tensor([[0.00, 0.05, 0.00, 0.50],
-                      [0.05, 1.00, 0.30, 0.00],
-                      [0.00, 0.15, 0.90, 0.00],
-                      [0.15, 0.00, 0.00, 0.05]])
+    g = torch.tensor(
+        [[0.00, 0.05, 0.00, 0.50], [0.05, 1.00, 0.30, 0.00], [0.00, 0.15, 0.90, 0.00], [0.15, 0.00, 0.00, 0.05]]
+    )
     s = torch.zeros(4, 4)
     s[0, 3] = 0.01  # the 0.50 cell is a sink: zeroed before anything else
     labels = sdrpn.ops.pseudo_labels(g.view(1, 16), s.view(1, 16), 4, 4).view(4, 4)
-    I = -100
-    expected = torch.tensor([[0, 0, 0, 0],
-                             [0, 1, 1, 0],
-                             [0, I, 1, 0],
-                             [I, 0, 0, 0]])
+    ig = -100
+    expected = torch.tensor([[0, 0, 0, 0], [0, 1, 1, 0], [0, ig, 1, 0], [ig, 0, 0, 0]])
     assert torch.equal(labels, expected)
 
 
@@ -69,8 +60,7 @@ def test_threshold_ties_are_strict(device):
     # sink == sink_threshold is a sink.
     g = torch.tensor([[1.0, 0.25, 0.125, 0.0, 0.0, 0.0, 0.0, 0.5]], device=device)
     s = torch.tensor([[0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.25]], device=device)
-    labels = sdrpn.ops.pseudo_labels(g, s, 1, 8, fg_ratio=0.25, bg_ratio=0.125,
-                                     sink_threshold=0.25)
+    labels = sdrpn.ops.pseudo_labels(g, s, 1, 8, fg_ratio=0.25, bg_ratio=0.125, sink_threshold=0.25)
     assert labels.tolist() == [[1, -100, -100, 0, 0, 0, 0, 0]]
 
 
@@ -178,9 +168,11 @@ def test_stats_rejects_bad_rank():
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck(device):
     inputs = make_label_inputs(5, 4, 6, device=device, seed=7)
-    torch.library.opcheck(torch.ops.sdrpn.pseudo_labels.default,
-                          (inputs.grounding, inputs.sink, 4, 6),
-                          {"fg_ratio": 0.25, "bg_ratio": 0.125})
+    torch.library.opcheck(
+        torch.ops.sdrpn.pseudo_labels.default,
+        (inputs.grounding, inputs.sink, 4, 6),
+        {"fg_ratio": 0.25, "bg_ratio": 0.125},
+    )
 
 
 def test_torch_compile_fullgraph():

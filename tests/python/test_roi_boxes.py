@@ -14,7 +14,7 @@ def structured_maps(h, w, seed):
     for _ in range(3):
         y, x = int(torch.randint(0, h, (1,), generator=gen)), int(torch.randint(0, w, (1,), generator=gen))
         sy, sx = int(torch.randint(1, 4, (1,), generator=gen)), int(torch.randint(1, 4, (1,), generator=gen))
-        blob[y:y + sy, x:x + sx] = 0.9
+        blob[y : y + sy, x : x + sx] = 0.9
     maps.append(blob)
     diag = torch.zeros(h, w)
     for i in range(min(h, w)):
@@ -32,9 +32,13 @@ def structured_maps(h, w, seed):
 
 
 GRIDS = [(24, 24), (16, 40), (7, 3), (1, 6), (1, 1), (5, 1)]
-SETTINGS = [{}, {"threshold": -0.5}, {"threshold": 0.05, "max_boxes": 3},
-            {"drop_singletons": False, "min_area": 6, "max_area": 20},
-            {"reference_clamp": False, "sigma": 0.7}]
+SETTINGS = [
+    {},
+    {"threshold": -0.5},
+    {"threshold": 0.05, "max_boxes": 3},
+    {"drop_singletons": False, "min_area": 6, "max_area": 20},
+    {"reference_clamp": False, "sigma": 0.7},
+]
 
 
 def check(prob, **kwargs):
@@ -78,7 +82,7 @@ def test_known_boxes():
     # Three separate blobs: more than max_boxes, so none.
     prob = torch.zeros(1, 24, 24)
     for x in (2, 10, 18):
-        prob[0, 10:13, x:x + 3] = 1.0
+        prob[0, 10:13, x : x + 3] = 1.0
     assert sdrpn.ops.roi_boxes(prob)[0].shape == (0, 4)
     assert sdrpn.ops.roi_boxes(prob, max_boxes=3)[0].shape == (3, 4)
 
@@ -125,8 +129,11 @@ def test_bad_inputs_name_the_argument(device, change, message):
 
 def test_opcheck():
     prob = structured_maps(8, 8, seed=1)
-    torch.library.opcheck(torch.ops.sdrpn.roi_boxes.default, (prob,),
-                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    torch.library.opcheck(
+        torch.ops.sdrpn.roi_boxes.default,
+        (prob,),
+        test_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
+    )
 
 
 @needs_cuda

@@ -4,9 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sdrpn.llava.maps import position_ids_from_mask
-from sdrpn.rpn import RegionProposalNetwork, gather_visual, last_real_token, rpn_loss
-from tiny_llava import EOS, IMAGE, make_tiny_llava, random_tokens, teacher_forced_batch
+from sdrpn.llava.inputs import position_ids_from_mask
+from sdrpn.rpn.model import RegionProposalNetwork, gather_visual, last_real_token, rpn_loss
+from tiny_llava import IMAGE, make_tiny_llava, random_tokens, teacher_forced_batch
 
 K, T = 1, 3
 
@@ -18,9 +18,13 @@ def tiny():
 
 def backbone_hidden(tiny, batch):
     with torch.no_grad():
-        out = tiny.model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                               pixel_values=batch.pixel_values, output_hidden_states=True,
-                               position_ids=position_ids_from_mask(batch.attention_mask))
+        out = tiny.model.model(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            pixel_values=batch.pixel_values,
+            output_hidden_states=True,
+            position_ids=position_ids_from_mask(batch.attention_mask),
+        )
     return out.hidden_states
 
 
@@ -66,8 +70,9 @@ def test_padding_side_does_not_change_logits(tiny):
         batch = prompt_batch(tiny, padding, seed=2)
         hs = backbone_hidden(tiny, batch)
         with torch.no_grad():
-            out.append(rpn(hs[K], batch.attention_mask, position_ids_from_mask(batch.attention_mask),
-                           batch.input_ids == IMAGE))
+            out.append(
+                rpn(hs[K], batch.attention_mask, position_ids_from_mask(batch.attention_mask), batch.input_ids == IMAGE)
+            )
     torch.testing.assert_close(out[0], out[1], rtol=1e-4, atol=1e-5)
 
 
@@ -105,6 +110,65 @@ def test_save_load_round_trip_and_refusal(tiny, tmp_path):
     other = make_tiny_llava(num_layers=4, seed=1)
     with pytest.raises(ValueError, match="was trained on another base model"):
         RegionProposalNetwork.load(str(tmp_path / "rpn"), other.model)
+
+
+def test_rpn_folders_record_their_settings_and_refuse_contradictions(tiny, tmp_path):
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from sdrpn.options import RoiOptions
+
+    folder = tmp_path / "rpn"
+    rpn = RegionProposalNetwork.from_llava(
+        tiny.model,
+        K,
+        T,
+        prompt_template="Q: <image> {question} A:",
+        preprocessing="crop",
+        roi=RoiOptions(threshold=0.4, min_area=1),
+    )
+    rpn.save(str(folder))
+    loaded = RegionProposalNetwork.load(str(folder), tiny.model).config
+    assert loaded.prompt_template == "Q: <image> {question} A:" and loaded.preprocessing == "crop"
+    assert loaded.roi_options == RoiOptions(threshold=0.4, min_area=1)
+    assert loaded.base_config_fingerprint and loaded.image_size == 56
+    config = json.loads((folder / "rpn_config.json").read_text())
+
+    # A folder of the first format (no template, preprocessing, RoI options or fingerprint).
+    old = {
+        k: config[k]
+        for k in (
+            "branch_layer",
+            "depth",
+            "preset",
+            "base_model",
+            "grid",
+            "num_heads",
+            "hidden_size",
+            "base_fingerprint",
+        )
+    }
+    (folder / "rpn_config.json").write_text(json.dumps(old))
+    first = RegionProposalNetwork.load(str(folder), tiny.model).config
+    assert first.roi_options == RoiOptions() and first.preprocessing == "pad"
+
+    for field, value, message in (
+        ("num_heads", 2, "num_heads=2"),
+        ("grid", [8, 8], "grid"),
+        ("heads", 4, "unknown fields"),
+        ("preprocessing", "stretch", "preprocessing"),
+        ("prompt_template", "{question.__class__}", "prompt_template"),
+    ):
+        (folder / "rpn_config.json").write_text(json.dumps(dict(config, **{field: value})))
+        with pytest.raises(ValueError, match=message):
+            RegionProposalNetwork.load(str(folder), tiny.model)
+    (folder / "rpn_config.json").write_text(json.dumps(config))
+    weights = load_file(str(folder / "rpn.safetensors"))
+    weights["q_proj.weight"][0, 0] = float("nan")
+    save_file(weights, str(folder / "rpn.safetensors"))
+    with pytest.raises(ValueError, match=r"NaN or Inf values: \['q_proj.weight'\]"):
+        RegionProposalNetwork.load(str(folder), tiny.model)
 
 
 def test_from_llava_checks_the_branch(tiny):

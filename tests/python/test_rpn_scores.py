@@ -37,8 +37,18 @@ def test_low_precision_matches_naive_in_float32(device, dtype):
 @pytest.mark.parametrize("layout", LAYOUTS, ids=["mha", "gqa", "mqa"])
 @pytest.mark.parametrize("bias,mask", [(True, True), (False, False)])
 def test_gradcheck_float64(device, layout, bias, mask):
-    args, kwargs = make_rpn_inputs(batch=2, cells=5, hidden=6, head_dim=3, bias=bias, mask=mask,
-                                   dtype=torch.float64, device=device, requires_grad=True, **layout)
+    args, kwargs = make_rpn_inputs(
+        batch=2,
+        cells=5,
+        hidden=6,
+        head_dim=3,
+        bias=bias,
+        mask=mask,
+        dtype=torch.float64,
+        device=device,
+        requires_grad=True,
+        **layout,
+    )
     if mask:
         # -inf outputs have no finite difference: compare on the real cells only.
         m = kwargs["visual_mask"]
@@ -64,8 +74,7 @@ def test_gradients_match_naive_projection(device):
 @pytest.mark.parametrize("bias", [False, True])
 def test_opcheck(device, bias):
     args, kwargs = make_rpn_inputs(bias=bias, mask=True, device=device, requires_grad=True)
-    torch.library.opcheck(torch.ops.sdrpn.rpn_scores.default, tuple(args),
-                          {k: v for k, v in kwargs.items()})
+    torch.library.opcheck(torch.ops.sdrpn.rpn_scores.default, tuple(args), {k: v for k, v in kwargs.items()})
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -93,16 +102,40 @@ def test_torch_compile_fullgraph_with_backward():
 
 BAD = [
     (lambda a, k: ((a[0][0],) + tuple(a[1:]), k), "query_states must be (B, D), got shape [16]"),
-    (lambda a, k: ((a[0].long(),) + tuple(a[1:]), k), "query_states must be float32, float64, float16 or bfloat16, got Long"),
-    (lambda a, k: ((a[0], a[1][:, :, :8]) + tuple(a[2:]), k), "visual_states must be (B, N, D) = (3, N, 16), got shape [3, 7, 8]"),
-    (lambda a, k: ((a[0], a[1].double()) + tuple(a[2:]), k), "visual_states must have the dtype of query_states (Float), got Double"),
+    (
+        lambda a, k: ((a[0].long(),) + tuple(a[1:]), k),
+        "query_states must be float32, float64, float16 or bfloat16, got Long",
+    ),
+    (
+        lambda a, k: ((a[0], a[1][:, :, :8]) + tuple(a[2:]), k),
+        "visual_states must be (B, N, D) = (3, N, 16), got shape [3, 7, 8]",
+    ),
+    (
+        lambda a, k: ((a[0], a[1].double()) + tuple(a[2:]), k),
+        "visual_states must have the dtype of query_states (Float), got Double",
+    ),
     (lambda a, k: (tuple(a[:4]) + (0,), k), "num_heads must be >= 1, got 0"),
-    (lambda a, k: (tuple(a[:4]) + (5,), k), "q_weight must be (num_heads * head_dim, D) = (5 * d, 16), got shape [16, 16]"),
-    (lambda a, k: (tuple(a[:3]) + (a[3][:6],) + (4,), k), "k_weight must be (kv_heads * 4, 16) with kv_heads dividing num_heads = 4, got shape [6, 16]"),
-    (lambda a, k: (tuple(a[:3]) + (torch.cat([a[3], a[3][:4]]),) + (4,), k), "with kv_heads dividing num_heads = 4, got shape [12, 16]"),
+    (
+        lambda a, k: (tuple(a[:4]) + (5,), k),
+        "q_weight must be (num_heads * head_dim, D) = (5 * d, 16), got shape [16, 16]",
+    ),
+    (
+        lambda a, k: (tuple(a[:3]) + (a[3][:6],) + (4,), k),
+        "k_weight must be (kv_heads * 4, 16) with kv_heads dividing num_heads = 4, got shape [6, 16]",
+    ),
+    (
+        lambda a, k: (tuple(a[:3]) + (torch.cat([a[3], a[3][:4]]),) + (4,), k),
+        "with kv_heads dividing num_heads = 4, got shape [12, 16]",
+    ),
     (lambda a, k: (tuple(a), dict(k, q_bias=k["q_bias"][:3])), "q_bias must be (16,), got shape [3]"),
-    (lambda a, k: (tuple(a), dict(k, k_bias=k["k_bias"].half())), "k_bias must have the dtype of query_states (Float), got Half"),
-    (lambda a, k: (tuple(a), dict(k, visual_mask=torch.ones(3, 6, dtype=torch.bool))), "visual_mask must be (B, N) = (3, 7), got shape [3, 6]"),
+    (
+        lambda a, k: (tuple(a), dict(k, k_bias=k["k_bias"].half())),
+        "k_bias must have the dtype of query_states (Float), got Half",
+    ),
+    (
+        lambda a, k: (tuple(a), dict(k, visual_mask=torch.ones(3, 6, dtype=torch.bool))),
+        "visual_mask must be (B, N) = (3, 7), got shape [3, 6]",
+    ),
     (lambda a, k: (tuple(a), dict(k, visual_mask=torch.ones(3, 7))), "visual_mask must be bool, got Float"),
 ]
 
@@ -121,8 +154,9 @@ def test_bad_inputs_name_the_argument(device, change, message):
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_matches_cpu_on_llava_shapes(dtype):
-    args, kwargs = make_rpn_inputs(batch=2, cells=576, hidden=4096, heads=32, kv_heads=32,
-                                   head_dim=128, dtype=dtype, bias=False)
+    args, kwargs = make_rpn_inputs(
+        batch=2, cells=576, hidden=4096, heads=32, kv_heads=32, head_dim=128, dtype=dtype, bias=False
+    )
     cpu = sdrpn.ops.rpn_scores(*args, **kwargs).float()
     cuda_args = [a.cuda() if isinstance(a, torch.Tensor) else a for a in args]
     cuda = sdrpn.ops.rpn_scores(*cuda_args).float().cpu()

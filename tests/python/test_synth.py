@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 
-from sdrpn.data import parse_entry
+from sdrpn.llava.data import parse_entry
 from sdrpn.synth import COLOURS, make_char_tokenizer, make_sample, split_seeds, write_dataset
 from sdrpn.synth.task import KINDS
 
@@ -63,8 +63,9 @@ def test_char_tokenizer_round_trip():
 def test_tiny_llava_runs_the_whole_pipeline_on_a_task_sample(tmp_path):
     import torch
 
-    from sdrpn.infer import SDRPNLlava
-    from sdrpn.rpn import RegionProposalNetwork
+    from sdrpn.infer.pipeline import SDRPNLlava
+    from sdrpn.options import RoiOptions
+    from sdrpn.rpn.model import RegionProposalNetwork
     from sdrpn.synth import build_tiny_llava
 
     model, tok = build_tiny_llava()
@@ -73,12 +74,13 @@ def test_tiny_llava_runs_the_whole_pipeline_on_a_task_sample(tmp_path):
     assert model.config.image_seq_length == 64
     rpn = RegionProposalNetwork.from_llava(model, branch_layer=3, depth=2)
     sample = make_sample(4, kind="read")
-    pipe = SDRPNLlava(model, tok, rpn, threshold=-0.5)
+    pipe = SDRPNLlava(model, tok, rpn, roi=RoiOptions(threshold=-0.5))
     answer = pipe.generate([sample.image], [sample.question], max_new_tokens=3)[0]
     assert len(answer.tokens) >= 1 and answer.rois.prob.shape == (8, 8)
     model.save_pretrained(tmp_path / "m")
     tok.save_pretrained(tmp_path / "m")
     from sdrpn.llava.loading import load_llava
+
     loaded, loaded_tok = load_llava(str(tmp_path / "m"), "fp32")
     assert loaded_tok("K7")["input_ids"] == tok("K7")["input_ids"]
     assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
@@ -101,8 +103,7 @@ def test_base_training_learns_and_evaluates(tmp_path):
     from sdrpn.synth.train_base import BaseTrainConfig, BaseTrainer, tag_cells
 
     spec = TinyLlavaSpec(vision_layers=2, text_layers=3)
-    cfg = BaseTrainConfig(out=str(tmp_path / "base"), steps=40, batch_size=8, lr=2e-3, spec=spec,
-                          zoom_fraction=0.5)
+    cfg = BaseTrainConfig(out=str(tmp_path / "base"), steps=40, batch_size=8, lr=2e-3, spec=spec, zoom_fraction=0.5)
     history = BaseTrainer(cfg).run()
     # The answer loss falls first (answers are short and few); the auxiliary ones follow.
     first = sum(h["lm"] for h in history[:4]) / 4
@@ -110,6 +111,7 @@ def test_base_training_learns_and_evaluates(tmp_path):
     assert last < 0.8 * first, (first, last)
     assert (tmp_path / "base" / "aux_heads.safetensors").exists()
     from sdrpn.llava.loading import load_llava
+
     model, tok = load_llava(str(tmp_path / "base"), "fp32")
     table = accuracy_table(model, tok, count=4)
     assert set(table) == {"none", "gt", "random"}
@@ -117,6 +119,7 @@ def test_base_training_learns_and_evaluates(tmp_path):
     assert cell_box((100, 100, 120, 108), 448, 8) == (56, 56, 168, 112)
     assert cell_box((60, 60, 70, 70), 448, 8) == (56, 56, 112, 112)
     import random
+
     sample = make_sample(2)
     assert view_box(sample, "none", 8, random.Random(0)) is None
     x0, y0, x1, y1 = view_box(sample, "random", 8, random.Random(0))

@@ -7,9 +7,12 @@ import os
 import pytest
 import torch
 
+from sdrpn.labels.folder import LabelFolder, LabelFolderConfig, shard_name
+from sdrpn.labels.options import LabelOptions
+from sdrpn.llava.presets import PRESET_FILE
 from sdrpn.synth import make_sample
 from sdrpn.synth.metrics import accuracy_by_kind
-from sdrpn.synth.pipeline import PRESET_FILE, PipelineConfig, label_box_pixels, localisation, raw_labels, run_pipeline
+from sdrpn.synth.pipeline import PipelineConfig, label_box_pixels, localisation, raw_labels, run_pipeline
 from sdrpn.synth.report import markdown, write_report
 
 
@@ -26,28 +29,32 @@ def test_label_box_and_localisation_scores():
     scores = localisation([[exact], [], [far]], [s, s, s], 8)
     assert scores["iou_cells"] == pytest.approx(1 / 3, abs=1e-3)
     assert scores["hit_rate"] == pytest.approx(1 / 3, abs=1e-3) and scores["no_box"] == pytest.approx(1 / 3, abs=1e-3)
-    table = accuracy_by_kind([make_sample(1, kind="read"), make_sample(2, kind="count")],
-                             [make_sample(1, kind="read").answer, "nine"])
+    table = accuracy_by_kind(
+        [make_sample(1, kind="read"), make_sample(2, kind="count")], [make_sample(1, kind="read").answer, "nine"]
+    )
     assert table == {"count": 0.0, "read": 1.0, "all": 0.5}
     with pytest.raises(ValueError, match="must pair up"):
         accuracy_by_kind([make_sample(1)], [])
 
 
 def test_raw_labels_keep_every_cell(tmp_path):
-    from safetensors.torch import load_file, save_file
-
-    src, out = tmp_path / "labels", tmp_path / "raw"
-    src.mkdir()
+    src, out = LabelFolder(str(tmp_path / "labels")), tmp_path / "raw"
     g = torch.tensor([[0.0, 0.1, 1.0, 0.15], [0.3, 0.3, 0.0, 0.05]])
-    save_file({"grounding": g, "sink": torch.zeros_like(g), "labels": torch.full((2, 4), -100, dtype=torch.int8),
-               "grid": torch.tensor([[2, 2], [2, 2]])}, str(src / "rank000-shard00000.safetensors"))
-    (src / "rank000-shard00000.jsonl").write_text("")
-    (src / "rank000-shard00000.done.json").write_text(json.dumps({"shard": 0}))
-    (src / "label_config.json").write_text("{}")
-    raw_labels(str(src), str(out))
-    labels = load_file(str(out / "rank000-shard00000.safetensors"))["labels"]
-    assert labels.tolist() == [[0, 0, 1, 0], [1, 1, 0, 0]]  # > 0.2 * max: no ignore, no sinks
-    assert (out / "rank000-shard00000.done.json").exists()
+    tensors = {
+        "grounding": g,
+        "sink": torch.zeros_like(g),
+        "labels": torch.full((2, 4), -100, dtype=torch.int8),
+        "grid": torch.tensor([[2, 2], [2, 2]]),
+    }
+    rows = [{"id": f"s{i}", "question": "q", "fg": 0, "bg": 0, "ignore": 4} for i in range(2)]
+    src.write_config(LabelFolderConfig(options=LabelOptions(sink_threshold=0.5), grid=[2, 2]))
+    src.write_shard(shard_name(0, 0), rows, tensors, [{"index": 2, "reason": "no image"}], 0, 2, 0)
+    raw_labels(src.path, str(out))
+    raw = LabelFolder(str(out))
+    shard = raw.read_shard(raw.complete_shards()[0])
+    assert shard.tensors["labels"].tolist() == [[0, 0, 1, 0], [1, 1, 0, 0]]  # > 0.2 * max: no ignore, no sinks
+    assert raw.config.sink_threshold == 0.5 and raw.skipped(shard.name) == [{"index": 2, "reason": "no image"}]
+    assert raw.write_summary()["skipped"] == 1
 
 
 @pytest.fixture(scope="module")
@@ -59,14 +66,26 @@ def tiny_model_dir(tmp_path_factory):
     model, tok = build_tiny_llava(spec, seed=1)
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
-    (folder / PRESET_FILE).write_text(json.dumps(
-        {"grounding": [[1, None]], "sink": [[0, None]], "branch_layer": 1, "depth": 2, "sink_threshold": 0.5}))
+    (folder / PRESET_FILE).write_text(
+        json.dumps(
+            {"grounding": [[1, None]], "sink": [[0, None]], "branch_layer": 1, "depth": 2, "sink_threshold": 0.5}
+        )
+    )
     return str(folder)
 
 
 def test_pipeline_runs_every_stage_and_resumes(tmp_path, tiny_model_dir):
-    cfg = PipelineConfig(out=str(tmp_path / "run"), model=tiny_model_dir, train_count=24, test_count=8,
-                         rpn_epochs=1, label_batch=8, rpn_batch=8, eval_batch=8, max_new_tokens=3)
+    cfg = PipelineConfig(
+        out=str(tmp_path / "run"),
+        model=tiny_model_dir,
+        train_count=24,
+        test_count=8,
+        rpn_epochs=1,
+        label_batch=8,
+        rpn_batch=8,
+        eval_batch=8,
+        max_new_tokens=3,
+    )
     result = run_pipeline(cfg)
     for folder in ("labels", "labels_raw", "labels_test", "rpn", "rpn_raw"):
         assert os.path.isdir(cfg.path(folder)), folder
@@ -74,8 +93,12 @@ def test_pipeline_runs_every_stage_and_resumes(tmp_path, tiny_model_dir):
     acc = result["accuracy"]
     assert set(acc) == {"base", "random_crop", "gt_crop", "sdrpn", "sdrpn_raw_labels"}
     assert all(0.0 <= v <= 1.0 for row in acc.values() for v in row.values())
-    assert set(result["localisation"]) == {"rpn (denoised labels)", "rpn (raw labels)",
-                                           "pseudo labels (denoised)", "pseudo labels (raw)"}
+    assert set(result["localisation"]) == {
+        "rpn (denoised labels)",
+        "rpn (raw labels)",
+        "pseudo labels (denoised)",
+        "pseudo labels (raw)",
+    }
     assert len(result["base_model"]["layers"]) == 3
     metrics = write_report(result, cfg.out, "test run", cfg.path("labels_test"), examples=2)
     text = open(os.path.join(cfg.out, "report.md")).read()
@@ -90,26 +113,129 @@ def test_pipeline_runs_every_stage_and_resumes(tmp_path, tiny_model_dir):
 
 
 def test_markdown_reports_the_gain():
-    acc = {k: {"read": r, "colour": 1.0, "where": 1.0, "count": 0.5, "all": 0.8}
-           for k, r in (("base", 0.05), ("random_crop", 0.1), ("sdrpn", 0.8), ("sdrpn_raw_labels", 0.4),
-                        ("gt_crop", 0.9))}
+    acc = {
+        k: {"read": r, "colour": 1.0, "where": 1.0, "count": 0.5, "all": 0.8}
+        for k, r in (("base", 0.05), ("random_crop", 0.1), ("sdrpn", 0.8), ("sdrpn_raw_labels", 0.4), ("gt_crop", 0.9))
+    }
     loc = {"rpn (denoised labels)": {"iou_cells": 0.7, "iou_target": 0.05, "hit_rate": 0.8, "no_box": 0.1}}
-    text = markdown({"accuracy": acc, "localisation": loc, "test_samples": 10, "config": {"train_count": 5}},
-                    "t", None)
+    text = markdown({"accuracy": acc, "localisation": loc, "test_samples": 10, "config": {"train_count": 5}}, "t", None)
     assert "+75.0 points over the base model, 10.0 points under the ground-truth crop" in text
     assert "| **SD-RPN** | 80.0 | 100.0 | 100.0 | 50.0 | 80.0 |" in text
 
 
 def test_shipped_base_model_loads_with_its_preset():
     from sdrpn.llava.loading import load_llava
-    from sdrpn.llava.presets import get_preset
+    from sdrpn.llava.presets import get_preset, resolve_preset
     from sdrpn.synth.pipeline import BASE_MODEL
+    from sdrpn.synth.train_base import TEMPLATE
 
     model, tok = load_llava(BASE_MODEL, "fp32")
     preset = get_preset(os.path.join(BASE_MODEL, PRESET_FILE))
-    layers = model.config.text_config.num_hidden_layers
-    assert max(preset.probed_layers) < layers and preset.branch_layer + preset.depth <= layers
+    assert resolve_preset(None, model) == preset  # the model folder's own preset is the default
+    assert preset.prompt_template == TEMPLATE and not preset.roi.drop_singletons
     record = json.load(open(os.path.join(BASE_MODEL, "train_base_config.json")))
     assert record["steps_done"] == record["steps"]  # a finished run, as its record says
     assert sum(os.path.getsize(os.path.join(BASE_MODEL, f)) for f in os.listdir(BASE_MODEL)) < 8e6
     assert tok.decode(tok("K7", add_special_tokens=False)["input_ids"]) == "K7"
+
+
+def test_an_rpn_folder_alone_carries_the_settings_to_use_it(tmp_path, capsys):
+    """label -> train -> infer on the shipped model with no template or box-rule flags: the
+    label folder records the model's preset, the RPN folder what inference needs."""
+    from sdrpn.cli import main
+    from sdrpn.infer.pipeline import SDRPNLlava
+    from sdrpn.llava.loading import load_llava
+    from sdrpn.options import RoiOptions
+    from sdrpn.rpn.model import RegionProposalNetwork
+    from sdrpn.synth.export import GRID8_ROI
+    from sdrpn.synth.pipeline import BASE_MODEL
+    from sdrpn.synth.task import write_dataset
+    from sdrpn.synth.train_base import TEMPLATE
+
+    data = write_dataset(str(tmp_path / "data"), "train", 24)
+    images = str(tmp_path / "data" / "images")
+    labels, rpn_dir = str(tmp_path / "labels"), str(tmp_path / "rpn")
+    assert (
+        main(
+            [
+                "label",
+                "--model",
+                BASE_MODEL,
+                "--data",
+                data,
+                "--image-folder",
+                images,
+                "--out",
+                labels,
+                "--dtype",
+                "fp32",
+                "--batch-size",
+                "12",
+                "--max-new-tokens",
+                "12",
+            ]
+        )
+        == 0
+    )
+    recorded = LabelFolder(labels).config
+    assert recorded.prompt_template == TEMPLATE and recorded.sink_threshold == 0.1
+    assert recorded.preset["name"] == "synth-tiny" and recorded.model["config_fingerprint"]
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                BASE_MODEL,
+                "--labels",
+                labels,
+                "--out",
+                rpn_dir,
+                "--epochs",
+                "1",
+                "--batch-size",
+                "8",
+                "--lr",
+                "1e-3",
+                "--held-out-fraction",
+                "0",
+            ]
+        )
+        == 0
+    )
+    config = json.load(open(os.path.join(rpn_dir, "rpn_config.json")))
+    assert (config["branch_layer"], config["depth"], config["grid"]) == (3, 2, [8, 8])
+    assert config["prompt_template"] == TEMPLATE and config["preprocessing"] == "pad"
+    assert config["roi"] == RoiOptions.from_dict(GRID8_ROI).to_dict()
+
+    capsys.readouterr()
+    image = os.path.join(images, sorted(os.listdir(images))[0])
+    question = json.load(open(data))[0]["conversations"][0]["value"].replace("<image>", "").strip()
+    assert (
+        main(
+            [
+                "infer",
+                "--model",
+                BASE_MODEL,
+                "--rpn",
+                rpn_dir,
+                "--image",
+                image,
+                "--question",
+                question,
+                "--dtype",
+                "fp32",
+                "--max-new-tokens",
+                "12",
+                "--json",
+            ]
+        )
+        == 0
+    )
+    by_cli = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    model, tok = load_llava(BASE_MODEL, "fp32")
+    rpn = RegionProposalNetwork.load(rpn_dir, model)
+    explicit = SDRPNLlava(model, tok, rpn, roi=RoiOptions.from_dict(GRID8_ROI), prompt_template=TEMPLATE)
+    from sdrpn.llava.inputs import load_rgb
+
+    answer = explicit.generate([load_rgb(image)], [question], 12)[0]
+    assert by_cli["answer"] == answer.text and by_cli["boxes"] == [list(b) for b in answer.rois.boxes]

@@ -8,11 +8,11 @@ import torch
 from safetensors.torch import load_file
 
 from sdrpn.cli import main
-from sdrpn.features import branch_hidden_states
-from sdrpn.label_data import LabelCollator, LabelShardDataset
+from sdrpn.llava.backbone import branch_hidden_states
 from sdrpn.llava.loading import load_llava
-from sdrpn.rpn import RegionProposalNetwork, rpn_loss
-from sdrpn.train import RPNTrainer, TrainConfig, evaluate
+from sdrpn.rpn.dataset import LabelCollator, LabelShardDataset
+from sdrpn.rpn.model import RegionProposalNetwork, rpn_loss
+from sdrpn.rpn.train import TrainConfig, evaluate
 from synthetic_labels import write_region_labels
 from tiny_llava import IMAGE, save_tiny_llava
 
@@ -28,9 +28,28 @@ def ws(tmp_path_factory):
 
 
 def train_args(ws, out, *extra):
-    return ["train", "--model", str(ws / "model"), "--labels", str(ws / "labels"), "--out", str(out),
-            "--branch-layer", "1", "--depth", "2", "--batch-size", "16", "--lr", "2e-3",
-            "--held-out-fraction", "0.2", "--seed", "3", *extra]
+    return [
+        "train",
+        "--model",
+        str(ws / "model"),
+        "--labels",
+        str(ws / "labels"),
+        "--out",
+        str(out),
+        "--branch-layer",
+        "1",
+        "--depth",
+        "2",
+        "--batch-size",
+        "16",
+        "--lr",
+        "2e-3",
+        "--held-out-fraction",
+        "0.2",
+        "--seed",
+        "3",
+        *extra,
+    ]
 
 
 def test_early_exit_features_equal_full_forward_hidden_states(ws):
@@ -39,13 +58,17 @@ def test_early_exit_features_equal_full_forward_hidden_states(ws):
     batch = LabelCollator(tok.pad_token_id)([ds[i] for i in range(3)])
     hidden, pos = branch_hidden_states(model, batch.input_ids, batch.attention_mask, batch.pixel_values, 2)
     with torch.no_grad():
-        full = model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                           pixel_values=batch.pixel_values, position_ids=pos, output_hidden_states=True)
+        full = model.model(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            pixel_values=batch.pixel_values,
+            position_ids=pos,
+            output_hidden_states=True,
+        )
     assert torch.equal(hidden, full.hidden_states[2])
     rpn = RegionProposalNetwork.from_llava(model, 2, 2)
     loss_early = rpn_loss(rpn(hidden, batch.attention_mask, pos, batch.input_ids == IMAGE), batch.labels)
-    loss_full = rpn_loss(rpn(full.hidden_states[2], batch.attention_mask, pos, batch.input_ids == IMAGE),
-                         batch.labels)
+    loss_full = rpn_loss(rpn(full.hidden_states[2], batch.attention_mask, pos, batch.input_ids == IMAGE), batch.labels)
     assert torch.equal(loss_early, loss_full)
 
 
@@ -81,17 +104,25 @@ def test_resume_gives_the_same_weights(ws, tmp_path):
 
 
 def test_bf16_and_gradient_checkpointing_run(ws, tmp_path):
-    assert main(train_args(ws, tmp_path / "bf16", "--max-samples", "32", "--bf16",
-                           "--gradient-checkpointing")) == 0
+    assert main(train_args(ws, tmp_path / "bf16", "--max-samples", "32", "--bf16", "--gradient-checkpointing")) == 0
     assert json.loads((tmp_path / "bf16" / "metrics-epoch0.json").read_text())["cells"] > 0
 
 
 def test_torchrun_data_parallel(ws, tmp_path):
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           "29533", "-m", "sdrpn", *train_args(ws, out, "--max-samples", "64")]
-    done = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
-                          text=True, timeout=600)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29533",
+        "-m",
+        "sdrpn",
+        *train_args(ws, out, "--max-samples", "64"),
+    ]
+    done = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     state = json.loads(open(out / "checkpoints" / "latest.json").read())
     trainer = json.loads(open(out / "checkpoints" / state["path"] / "trainer_state.json").read())
@@ -105,15 +136,34 @@ def test_bad_config():
         TrainConfig(labels="x", out="y", held_out_fraction=1.0)
 
 
-
-
 def test_hf_trainer_example(ws, tmp_path):
     out = tmp_path / "hf"
     script = os.path.join(os.path.dirname(__file__), "..", "..", "scripts", "train_rpn_with_hf_trainer.py")
-    done = subprocess.run([sys.executable, script, "--model", str(ws / "model"), "--labels",
-                           str(ws / "labels"), "--out", str(out), "--branch-layer", "1", "--depth", "2",
-                           "--steps", "3", "--batch-size", "4", "--lr", "1e-3"],
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [
+            sys.executable,
+            script,
+            "--model",
+            str(ws / "model"),
+            "--labels",
+            str(ws / "labels"),
+            "--out",
+            str(out),
+            "--branch-layer",
+            "1",
+            "--depth",
+            "2",
+            "--steps",
+            "3",
+            "--batch-size",
+            "4",
+            "--lr",
+            "1e-3",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     weights = load_file(out / "rpn.safetensors")
     model, _ = load_llava(str(ws / "model"), "fp32")

@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 from sdrpn.llava import TeacherForcedBatch
@@ -17,7 +16,7 @@ VOCAB = 64
 @dataclass
 class TinyLlava:
     model: LlavaForConditionalGeneration
-    grid: int          # image tokens per side
+    grid: int  # image tokens per side
     image_size: int
 
     @property
@@ -25,17 +24,30 @@ class TinyLlava:
         return self.grid * self.grid
 
 
-def make_tiny_llava(num_layers: int = 4, grid: int = 4, seed: int = 0,
-                    attn_implementation: str = "sdpa") -> TinyLlava:
+def make_tiny_llava(num_layers: int = 4, grid: int = 4, seed: int = 0, attn_implementation: str = "sdpa") -> TinyLlava:
     torch.manual_seed(seed)
     image_size = 14 * grid
     config = LlavaConfig(
-        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                       num_attention_heads=2, image_size=image_size, patch_size=14),
-        text_config=LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
-                                num_hidden_layers=num_layers, num_attention_heads=4,
-                                num_key_value_heads=2, max_position_embeddings=512,
-                                pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS),
+        vision_config=CLIPVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=image_size,
+            patch_size=14,
+        ),
+        text_config=LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=num_layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            pad_token_id=PAD,
+            bos_token_id=BOS,
+            eos_token_id=EOS,
+        ),
         image_token_index=IMAGE,
         image_seq_length=grid * grid,
     )
@@ -53,8 +65,9 @@ def prompt_ids(num_cells: int, question: list[int]) -> list[int]:
     return [BOS, 5] + [IMAGE] * num_cells + question + [6]
 
 
-def teacher_forced_batch(tiny: TinyLlava, questions: list[list[int]], answers: list[list[int]],
-                         padding: str = "left", seed: int = 0) -> TeacherForcedBatch:
+def teacher_forced_batch(
+    tiny: TinyLlava, questions: list[list[int]], answers: list[list[int]], padding: str = "left", seed: int = 0
+) -> TeacherForcedBatch:
     """[prompt, answer] per sample, padded to one length on the given side."""
     gen = torch.Generator().manual_seed(seed)
     seqs, starts, lengths = [], [], []
@@ -68,8 +81,8 @@ def teacher_forced_batch(tiny: TinyLlava, questions: list[list[int]], answers: l
     mask = torch.zeros(len(seqs), width, dtype=torch.long)
     for b, s in enumerate(seqs):
         off = width - len(s) if padding == "left" else 0
-        ids[b, off:off + len(s)] = torch.tensor(s)
-        mask[b, off:off + len(s)] = 1
+        ids[b, off : off + len(s)] = torch.tensor(s)
+        mask[b, off : off + len(s)] = 1
         starts[b] += off
     pixels = torch.randn(len(seqs), 3, tiny.image_size, tiny.image_size, generator=gen)
     return TeacherForcedBatch(ids, mask, pixels, torch.tensor(starts), torch.tensor(lengths))
@@ -83,15 +96,38 @@ def row_slice(batch: TeacherForcedBatch, b: int) -> TeacherForcedBatch:
     """Sample b alone, its padding removed."""
     keep = batch.attention_mask[b].bool()
     first = int(keep.int().argmax())
-    return TeacherForcedBatch(batch.input_ids[b:b + 1, keep], batch.attention_mask[b:b + 1, keep],
-                              batch.pixel_values[b:b + 1], batch.answer_start[b:b + 1] - first,
-                              batch.answer_length[b:b + 1])
+    return TeacherForcedBatch(
+        batch.input_ids[b : b + 1, keep],
+        batch.attention_mask[b : b + 1, keep],
+        batch.pixel_values[b : b + 1],
+        batch.answer_start[b : b + 1] - first,
+        batch.answer_length[b : b + 1],
+    )
 
 
-
-
-WORDS = ["USER", "ASSISTANT", ":", "what", "is", "the", "colour", "of", "tag", "red", "blue",
-         "green", "written", "on", "?", "a", "b", "c", "1", "2", "3"]
+WORDS = [
+    "USER",
+    "ASSISTANT",
+    ":",
+    "what",
+    "is",
+    "the",
+    "colour",
+    "of",
+    "tag",
+    "red",
+    "blue",
+    "green",
+    "written",
+    "on",
+    "?",
+    "a",
+    "b",
+    "c",
+    "1",
+    "2",
+    "3",
+]
 
 
 def make_tokenizer():
@@ -107,9 +143,14 @@ def make_tokenizer():
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", BOS)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                   unk_token="<unk>", pad_token="<pad>",
-                                   additional_special_tokens=["<image>"])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        additional_special_tokens=["<image>"],
+    )
 
 
 def save_tiny_llava(folder: str, **kwargs) -> TinyLlava:

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
+from .inputs import position_ids_from_mask
 from .presets import HeadSelection, LlavaPreset
 from .probe import probe_once
 
@@ -38,7 +39,7 @@ class TeacherForcedBatch:
 @dataclass
 class AttentionMaps:
     grounding: Tensor  # (B, N) float32
-    sink: Tensor       # (B, N) float32
+    sink: Tensor  # (B, N) float32
     image_start: Tensor  # (B,) int64 position of the first image token
 
 
@@ -47,8 +48,10 @@ def image_columns(input_ids: Tensor, image_token_id: int, num_cells: int) -> Ten
     is_image = input_ids == image_token_id
     counts = is_image.sum(1)
     if not bool((counts == num_cells).all()):
-        raise ValueError(f"every sample must hold grid_h * grid_w = {num_cells} image tokens "
-                         f"(id {image_token_id}), got counts {counts.tolist()}")
+        raise ValueError(
+            f"every sample must hold grid_h * grid_w = {num_cells} image tokens "
+            f"(id {image_token_id}), got counts {counts.tolist()}"
+        )
     start = is_image.int().argmax(1)
     offsets = torch.arange(num_cells, device=input_ids.device)
     if not bool(is_image.gather(1, start[:, None] + offsets).all()):
@@ -68,53 +71,50 @@ def answer_queries(answer_start: Tensor, answer_length: Tensor) -> tuple[Tensor,
     return positions, valid
 
 
-def left_pad(seqs: list[list[int]], pad_id: int, device=None) -> tuple[Tensor, Tensor]:
-    """Token lists padded on the left to one length, as batched generation wants them:
-    ids and attention mask, both (B, L) int64."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(seqs), width, dtype=torch.long)
-    for b, s in enumerate(seqs):
-        ids[b, width - len(s):] = torch.tensor(s, dtype=torch.long)
-        mask[b, width - len(s):] = 1
-    return ids.to(device), mask.to(device)
-
-
-def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
-    """Positions that skip left padding, as generate() numbers them."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-def _selection_map(captured: dict, selection: HeadSelection, num_heads: int, positions: Tensor,
-                   valid: Tensor, image_start: Tensor, num_cells: int, mask: Tensor) -> Tensor:
+def _selection_map(
+    captured: dict,
+    selection: HeadSelection,
+    num_heads: int,
+    positions: Tensor,
+    valid: Tensor,
+    image_start: Tensor,
+    num_cells: int,
+    mask: Tensor,
+) -> Tensor:
     total = None
     for layer in selection.layers:
         query, key = captured[layer]
         heads = selection.heads_of(layer, num_heads)
         group = query.shape[1] // key.shape[1]
         idx = positions[:, None, :, None].expand(-1, len(heads), -1, query.shape[-1])
-        q = query[:, heads].gather(2, idx)                       # (B, Hs, Q, d)
-        k = key[:, [h // group for h in heads]]                  # (B, Hs, L, d)
+        q = query[:, heads].gather(2, idx)  # (B, Hs, Q, d)
+        k = key[:, [h // group for h in heads]]  # (B, Hs, L, d)
         rows = ops.attention_rows(q, k, positions, image_start, num_cells, key_padding_mask=mask)
-        per_query = rows.sum(1)                                   # (B, Q, N): summed over heads
-        summed = (per_query * valid[..., None]).sum(1)            # (B, N)
+        per_query = rows.sum(1)  # (B, Q, N): summed over heads
+        summed = (per_query * valid[..., None]).sum(1)  # (B, N)
         total = summed if total is None else total + summed
     return total / (valid.sum(1, keepdim=True) * selection.count(num_heads))
 
 
 @torch.no_grad()
-def attention_maps(model: nn.Module, batch: TeacherForcedBatch, preset: LlavaPreset,
-                   num_cells: int) -> AttentionMaps:
+def attention_maps(model: nn.Module, batch: TeacherForcedBatch, preset: LlavaPreset, num_cells: int) -> AttentionMaps:
     """G and S for a teacher-forced batch (SPEC Stage 1) with the preset's head selections."""
     config = model.config
     num_heads = config.text_config.num_attention_heads
     image_start = image_columns(batch.input_ids, config.image_token_id, num_cells)
     positions, valid = answer_queries(batch.answer_start, batch.answer_length)
     mask = batch.attention_mask.bool()
-    captured = probe_once(model, preset.probed_layers, input_ids=batch.input_ids,
-                          attention_mask=batch.attention_mask, pixel_values=batch.pixel_values,
-                          position_ids=position_ids_from_mask(batch.attention_mask))
+    captured = probe_once(
+        model,
+        preset.probed_layers,
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        pixel_values=batch.pixel_values,
+        position_ids=position_ids_from_mask(batch.attention_mask),
+    )
     args = (num_heads, positions, valid, image_start, num_cells, mask)
-    return AttentionMaps(grounding=_selection_map(captured, preset.grounding, *args),
-                         sink=_selection_map(captured, preset.sink, *args),
-                         image_start=image_start)
+    return AttentionMaps(
+        grounding=_selection_map(captured, preset.grounding, *args),
+        sink=_selection_map(captured, preset.sink, *args),
+        image_start=image_start,
+    )

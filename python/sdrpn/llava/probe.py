@@ -21,8 +21,9 @@ PROBE_ATTENTION = "sdrpn_probe"
 _CAPTURE_ATTR = "_sdrpn_capture"
 
 
-def _probe_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
-                     attention_mask: Tensor | None, **kwargs):
+def _probe_attention(
+    module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None, **kwargs
+):
     capture = getattr(module, _CAPTURE_ATTR, None)
     if capture is not None:
         capture(query, key)
@@ -62,7 +63,7 @@ class AttentionProbe:
     def _attention_module(self, layer: int) -> nn.Module:
         return decoder_layers(self.model)[layer].self_attn
 
-    def __enter__(self) -> "AttentionProbe":
+    def __enter__(self) -> AttentionProbe:
         config = self.model.get_decoder().config
         self._saved_impl = config._attn_implementation
         config._attn_implementation = PROBE_ATTENTION
@@ -80,6 +81,7 @@ class AttentionProbe:
     def _capturer(self, layer: int):
         def capture(query: Tensor, key: Tensor) -> None:
             self.captured[layer] = (query.detach(), key.detach())
+
         return capture
 
 
@@ -88,8 +90,7 @@ def capture_outputs(module: nn.Module):
     """Context manager yielding a list that receives the module's output tensor (the hidden
     states, for a decoder layer) at each forward while the context lasts."""
     captured: list[Tensor] = []
-    hook = module.register_forward_hook(
-        lambda _m, _i, out: captured.append(out[0] if isinstance(out, tuple) else out))
+    hook = module.register_forward_hook(lambda _m, _i, out: captured.append(out[0] if isinstance(out, tuple) else out))
     try:
         yield captured
     finally:
@@ -108,7 +109,7 @@ class EarlyExit:
         self.num_layers = num_layers
         self._saved: int | None = None
 
-    def __enter__(self) -> "EarlyExit":
+    def __enter__(self) -> EarlyExit:
         self._saved = self.config.num_hidden_layers
         self.config.num_hidden_layers = self.num_layers
         return self

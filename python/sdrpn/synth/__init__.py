@@ -5,5 +5,16 @@ from .model import TinyLlavaSpec, build_tiny_llava
 from .task import COLOURS, SynthSample, make_sample, split_seeds, write_dataset
 from .tokenizer import make_char_tokenizer
 
-__all__ = ["COLOURS", "SynthSample", "TinyLlavaSpec", "accuracy", "box_iou", "build_tiny_llava", "hit",
-           "make_char_tokenizer", "make_sample", "split_seeds", "write_dataset"]
+__all__ = [
+    "COLOURS",
+    "SynthSample",
+    "TinyLlavaSpec",
+    "accuracy",
+    "box_iou",
+    "build_tiny_llava",
+    "hit",
+    "make_char_tokenizer",
+    "make_sample",
+    "split_seeds",
+    "write_dataset",
+]

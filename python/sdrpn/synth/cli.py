@@ -23,11 +23,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--lr", type=float, default=1e-3)
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    train.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
-                       help="processes making batches")
+    train.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="processes making batches")
     train.add_argument("--save-every", type=int, default=500)
-    train.add_argument("--max-minutes", type=float, default=None,
-                       help="checkpoint and stop after this long; --resume goes on")
+    train.add_argument(
+        "--max-minutes", type=float, default=None, help="checkpoint and stop after this long; --resume goes on"
+    )
     train.add_argument("--resume", action="store_true")
     train.add_argument("--no-bf16", action="store_true")
 
@@ -41,8 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--model", required=True)
     inspect.add_argument("--count", type=int, default=256, help="validation samples")
 
-    export = sub.add_parser("export-base", help="ship a trained base model: float16 weights, tokenizer, "
-                                                "training record and the preset SD-RPN reads")
+    export = sub.add_parser(
+        "export-base",
+        help="ship a trained base model: float16 weights, tokenizer, training record and the preset SD-RPN reads",
+    )
     export.add_argument("--model", required=True, help="train-base output folder")
     export.add_argument("--to", required=True)
     export.add_argument("--grounding-layer", type=int, required=True)
@@ -70,14 +72,24 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "train-base":
         from .train_base import BaseTrainConfig, BaseTrainer
 
-        cfg = BaseTrainConfig(out=args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                              seed=args.seed, device=args.device, workers=args.workers,
-                              save_every=args.save_every, bf16=not args.no_bf16)
+        cfg = BaseTrainConfig(
+            out=args.out,
+            steps=args.steps,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            seed=args.seed,
+            device=args.device,
+            workers=args.workers,
+            save_every=args.save_every,
+            bf16=not args.no_bf16,
+        )
         trainer = BaseTrainer(cfg)
-        history = trainer.run(resume=args.resume,
-                              max_seconds=None if args.max_minutes is None else args.max_minutes * 60)
-        print(json.dumps({"steps_done": trainer.done_steps, "steps": cfg.steps,
-                          "last": history[-1] if history else None}))
+        history = trainer.run(
+            resume=args.resume, max_seconds=None if args.max_minutes is None else args.max_minutes * 60
+        )
+        print(
+            json.dumps({"steps_done": trainer.done_steps, "steps": cfg.steps, "last": history[-1] if history else None})
+        )
         return 0
     if args.command == "eval-base":
         from ..io_utils import write_json
@@ -105,11 +117,19 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(attention_quantiles(model, tok, samples, layer)))
         return 0
     if args.command == "export-base":
-        from .export import export_base
+        from .export import GRID8_ROI, export_base
+        from .train_base import TEMPLATE
 
-        preset = {"name": "synth-tiny", "grounding": [[args.grounding_layer, None]],
-                  "sink": [[args.sink_layer, None]], "sink_threshold": args.sink_threshold,
-                  "branch_layer": args.branch_layer, "depth": args.depth}
+        preset = {
+            "name": "synth-tiny",
+            "grounding": [[args.grounding_layer, None]],
+            "sink": [[args.sink_layer, None]],
+            "sink_threshold": args.sink_threshold,
+            "branch_layer": args.branch_layer,
+            "depth": args.depth,
+            "prompt_template": TEMPLATE,
+            "roi": GRID8_ROI,
+        }
         print(json.dumps(export_base(args.model, args.to, preset)))
         return 0
     if args.command == "run":
@@ -119,14 +139,27 @@ def main(argv: list[str] | None = None) -> int:
         for name in ("train_count", "test_count", "rpn_epochs"):
             if getattr(args, name) < 1:
                 raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-        cfg = PipelineConfig(out=args.out, model=args.model or BASE_MODEL, train_count=args.train_count,
-                             test_count=args.test_count, rpn_epochs=args.rpn_epochs, device=args.device)
+        cfg = PipelineConfig(
+            out=args.out,
+            model=args.model or BASE_MODEL,
+            train_count=args.train_count,
+            test_count=args.test_count,
+            rpn_epochs=args.rpn_epochs,
+            device=args.device,
+        )
         start = time.monotonic()
         result = run_pipeline(cfg)
         metrics = write_report(result, args.out, args.title, cfg.path("labels_test"), args.examples)
-        print(json.dumps({"accuracy": metrics["accuracy"], "localisation": metrics["localisation"],
-                          "seconds": round(time.monotonic() - start, 1),
-                          "report": os.path.join(args.out, "report.md")}))
+        print(
+            json.dumps(
+                {
+                    "accuracy": metrics["accuracy"],
+                    "localisation": metrics["localisation"],
+                    "seconds": round(time.monotonic() - start, 1),
+                    "report": os.path.join(args.out, "report.md"),
+                }
+            )
+        )
         return 0
     raise AssertionError(args.command)
 

@@ -11,9 +11,9 @@ import random
 
 import torch
 
-from ..llava.loading import pad_token_id
-from ..llava.maps import left_pad
-from ..preprocess import crop_pixels, preprocess_image, prompt_token_ids
+from ..llava.geometry import model_grid
+from ..llava.inputs import crop_pixels, left_pad, preprocess_image, prompt_token_ids
+from ..llava.loading import model_device, model_dtype, pad_token_id
 from .metrics import accuracy_by_kind
 from .task import make_sample, split_seeds
 from .train_base import TEMPLATE
@@ -45,18 +45,19 @@ def view_box(sample, views: str, grid: int, rng: random.Random) -> tuple[int, in
 
 
 @torch.no_grad()
-def answer_with_views(model, tokenizer, samples, views: str, batch_size: int = 32, seed: int = 0,
-                      max_new_tokens: int = 16) -> list[str]:
+def answer_with_views(
+    model, tokenizer, samples, views: str, batch_size: int = 32, seed: int = 0, max_new_tokens: int = 16
+) -> list[str]:
     """views: "none" (thumbnail only), "gt" (plus the ground-truth crop) or "random"."""
     rng = random.Random(seed)
     size = model.config.vision_config.image_size
-    grid = size // model.config.vision_config.patch_size
-    device = next(model.parameters()).device
+    grid, _ = model_grid(model.config)
+    device = model_device(model)
     image_id = model.config.image_token_id
     pad_id = pad_token_id(tokenizer)
     out: list[str] = []
     for i in range(0, len(samples), batch_size):
-        chunk = samples[i:i + batch_size]
+        chunk = samples[i : i + batch_size]
         pixels, ids = [], []
         for s in chunk:
             pixels.append(preprocess_image(s.image, size)[0])
@@ -67,16 +68,23 @@ def answer_with_views(model, tokenizer, samples, views: str, batch_size: int = 3
                 n = 2
             ids.append(prompt_token_ids(tokenizer, s.question, image_id, grid * grid * n, TEMPLATE))
         input_ids, mask = left_pad(ids, pad_id, device)
-        gen = model.generate(input_ids=input_ids, attention_mask=mask,
-                             pixel_values=torch.stack(pixels).to(device, next(model.parameters()).dtype),
-                             max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id)
-        out += tokenizer.batch_decode(gen[:, input_ids.shape[1]:], skip_special_tokens=True)
+        gen = model.generate(
+            input_ids=input_ids,
+            attention_mask=mask,
+            pixel_values=torch.stack(pixels).to(device, model_dtype(model)),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        out += tokenizer.batch_decode(gen[:, input_ids.shape[1] :], skip_special_tokens=True)
     return out
 
 
 def accuracy_table(model, tokenizer, count: int = 200, split: str = "test") -> dict:
     """Accuracy by question kind for the thumbnail alone, the ground-truth crop and a random crop."""
     samples = [make_sample(seed) for seed in split_seeds(split, count)]
-    return {views: accuracy_by_kind(samples, answer_with_views(model, tokenizer, samples, views))
-            for views in ("none", "gt", "random")}
+    return {
+        views: accuracy_by_kind(samples, answer_with_views(model, tokenizer, samples, views))
+        for views in ("none", "gt", "random")
+    }

@@ -7,28 +7,47 @@ import shutil
 
 import torch
 
-from ..io_utils import read_json, write_json
+from ..io_utils import read_json, read_jsonl, write_json
 from ..llava.loading import load_llava
-from ..llava.presets import preset_from_dict
-from .pipeline import PRESET_FILE
+from ..llava.presets import PRESET_FILE, preset_from_dict
+
+HISTORY_SUMMARY = "history_summary.json"
+# RoI options for the synthetic model's 8x8 grid, recorded in its preset: a one-cell RoI is
+# the target here, so singletons stay and nothing is grown (SPEC's rules drop singletons and
+# grow boxes to 3x3 cells, sized for LLaVA's 24x24 grid).
+GRID8_ROI = {"threshold": 0.3, "sigma": 0.5, "min_area": 1, "max_area": 16, "max_boxes": 2, "drop_singletons": False}
+
+
+def summarise_history(rows: list[dict], every: int = 250) -> dict:
+    """A training history kept small enough to ship: every `every`-th logged step and the last."""
+    kept = [r for r in rows if r["step"] % every == 0]
+    if rows and (not kept or kept[-1] is not rows[-1]):
+        kept.append(rows[-1])
+    return {"steps_logged": len(rows), "every": every, "rows": kept}
 
 
 def export_base(model_dir: str, to: str, preset: dict) -> dict:
-    """float16 weights and config (save_pretrained), tokenizer, train_base_config.json and
-    history.jsonl of the run, and the preset of the layers SD-RPN reads; returns a summary."""
+    """float16 weights and config (save_pretrained), tokenizer, train_base_config.json and a
+    summary of the run's history, and the model's preset; returns a summary."""
     preset_from_dict(preset)  # refuses a malformed preset before anything is written
     model, tokenizer = load_llava(model_dir, "fp32")
     tmp = to.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     model.to(torch.float16).save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    for name in ("train_base_config.json", "history.jsonl"):
-        if os.path.exists(os.path.join(model_dir, name)):
-            shutil.copyfile(os.path.join(model_dir, name), os.path.join(tmp, name))
+    if os.path.exists(os.path.join(model_dir, "train_base_config.json")):
+        shutil.copyfile(os.path.join(model_dir, "train_base_config.json"), os.path.join(tmp, "train_base_config.json"))
+    if os.path.exists(os.path.join(model_dir, "history.jsonl")):
+        write_json(
+            os.path.join(tmp, HISTORY_SUMMARY), summarise_history(read_jsonl(os.path.join(model_dir, "history.jsonl")))
+        )
     write_json(os.path.join(tmp, PRESET_FILE), preset)
     shutil.rmtree(to, ignore_errors=True)
     os.replace(tmp, to)
-    record = read_json(os.path.join(to, "train_base_config.json")) if os.path.exists(
-        os.path.join(to, "train_base_config.json")) else {}
+    record = (
+        read_json(os.path.join(to, "train_base_config.json"))
+        if os.path.exists(os.path.join(to, "train_base_config.json"))
+        else {}
+    )
     size = sum(os.path.getsize(os.path.join(to, f)) for f in os.listdir(to))
     return {"to": to, "bytes": size, "steps_done": record.get("steps_done"), "preset": preset}

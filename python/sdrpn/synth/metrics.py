@@ -42,5 +42,4 @@ def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
 
 def hit(boxes: Sequence[Sequence[float]], target: Sequence[float]) -> bool:
     """Whether some predicted box contains the whole target."""
-    return any(b[0] <= target[0] and b[1] <= target[1] and b[2] >= target[2] and b[3] >= target[3]
-               for b in boxes)
+    return any(b[0] <= target[0] and b[1] <= target[1] and b[2] >= target[2] and b[3] >= target[3] for b in boxes)

@@ -14,8 +14,8 @@ from .tokenizer import make_char_tokenizer
 class TinyLlavaSpec:
     """Sizes of the stand-in model (about 2.5M parameters with the defaults)."""
 
-    image_size: int = 112          # the encoder's input: a quarter of the 448 px source
-    patch_size: int = 14           # -> an 8x8 token grid
+    image_size: int = 112  # the encoder's input: a quarter of the 448 px source
+    patch_size: int = 14  # -> an 8x8 token grid
     vision_hidden: int = 128
     vision_layers: int = 4
     vision_heads: int = 4
@@ -34,16 +34,26 @@ def build_tiny_llava(spec: TinyLlavaSpec | None = None, seed: int = 0):
     tokenizer = make_char_tokenizer()
     grid = spec.image_size // spec.patch_size
     config = LlavaConfig(
-        vision_config=CLIPVisionConfig(hidden_size=spec.vision_hidden, intermediate_size=4 * spec.vision_hidden,
-                                       num_hidden_layers=spec.vision_layers,
-                                       num_attention_heads=spec.vision_heads,
-                                       image_size=spec.image_size, patch_size=spec.patch_size),
-        text_config=LlamaConfig(vocab_size=len(tokenizer), hidden_size=spec.text_hidden,
-                                intermediate_size=4 * spec.text_hidden, num_hidden_layers=spec.text_layers,
-                                num_attention_heads=spec.text_heads, num_key_value_heads=spec.text_kv_heads,
-                                max_position_embeddings=spec.max_positions,
-                                pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                                eos_token_id=tokenizer.eos_token_id),
+        vision_config=CLIPVisionConfig(
+            hidden_size=spec.vision_hidden,
+            intermediate_size=4 * spec.vision_hidden,
+            num_hidden_layers=spec.vision_layers,
+            num_attention_heads=spec.vision_heads,
+            image_size=spec.image_size,
+            patch_size=spec.patch_size,
+        ),
+        text_config=LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=spec.text_hidden,
+            intermediate_size=4 * spec.text_hidden,
+            num_hidden_layers=spec.text_layers,
+            num_attention_heads=spec.text_heads,
+            num_key_value_heads=spec.text_kv_heads,
+            max_position_embeddings=spec.max_positions,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        ),
         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
         image_seq_length=grid * grid,
     )

@@ -16,29 +16,27 @@ from __future__ import annotations
 import logging
 import os
 import random
-import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
-from safetensors.torch import load_file, save_file
 
-from ..boxes import grid_box_to_pixels
-from ..infer import SDRPNLlava
-from ..io_utils import read_json, read_jsonl, write_atomic, write_json
-from ..label_data import LABEL_CONFIG, complete_shards
-from ..labels import LabelJob, LabelJobConfig, merge_summaries
-from ..llava.presets import get_preset
-from ..rpn import RegionProposalNetwork
-from ..train import RPNTrainer, TrainConfig
+from ..infer.pipeline import SDRPNLlava
+from ..labels.folder import LabelFolder
+from ..labels.job import LabelJob, LabelJobConfig
+from ..labels.options import LabelOptions
+from ..llava.geometry import grid_box_to_pixels, model_grid
+from ..llava.presets import resolve_preset
+from ..rpn.model import RegionProposalNetwork
+from ..rpn.train import RPNTrainer, TrainConfig
 from .attention_check import layer_localisation
 from .evaluate import answer_with_views, cell_box
 from .metrics import accuracy_by_kind, box_iou, hit
 from .task import make_sample, split_seeds, write_dataset
-from .train_base import TEMPLATE
 
 log = logging.getLogger(__name__)
 
-PRESET_FILE = "sdrpn_preset.json"  # which layers SD-RPN reads, shipped beside the base model
+# The shipped base model; its sdrpn_preset.json holds the layers SD-RPN reads, its prompt
+# template and the RoI options for its 8x8 grid (a one-cell RoI is the target here).
 BASE_MODEL = os.path.join(os.path.dirname(__file__), "base_model")
 
 
@@ -46,7 +44,7 @@ BASE_MODEL = os.path.join(os.path.dirname(__file__), "base_model")
 class PipelineConfig:
     out: str
     model: str = BASE_MODEL
-    train_count: int = 10_000      # samples labelled for the RPN (the issue allows at most 10K)
+    train_count: int = 10_000  # samples labelled for the RPN (the issue allows at most 10K)
     test_count: int = 400
     device: str = "cpu"
     label_batch: int = 32
@@ -55,12 +53,6 @@ class PipelineConfig:
     rpn_batch: int = 32
     eval_batch: int = 32
     max_new_tokens: int = 12
-    # Box rules for an 8x8 grid: a one-cell RoI is the target here (SPEC's rules drop
-    # singletons and grow boxes to 3x3 cells, sized for LLaVA's 24x24 grid).
-    threshold: float = 0.3
-    max_boxes: int = 2
-    roi_options: dict = field(default_factory=lambda: {"sigma": 0.5, "min_area": 1, "max_area": 16,
-                                                       "drop_singletons": False})
     seed: int = 0
 
     def path(self, *parts: str) -> str:
@@ -70,17 +62,25 @@ class PipelineConfig:
 # ---- stages -----------------------------------------------------------------------------------
 def write_splits(cfg: PipelineConfig) -> dict[str, str]:
     data = cfg.path("data")
-    return {split: write_dataset(data, split, count)
-            for split, count in (("train", cfg.train_count), ("test", cfg.test_count))}
+    return {
+        split: write_dataset(data, split, count)
+        for split, count in (("train", cfg.train_count), ("test", cfg.test_count))
+    }
 
 
 def make_labels(cfg: PipelineConfig, model, tokenizer, split_json: str, out: str) -> None:
-    preset = get_preset(os.path.join(cfg.model, PRESET_FILE))
-    job = LabelJobConfig(data=split_json, image_folder=cfg.path("data", "images"), out=out, answers="self",
-                         batch_size=cfg.label_batch, max_new_tokens=cfg.max_new_tokens,
-                         shard_size=2000, prompt_template=TEMPLATE)
-    LabelJob(job, model, tokenizer, preset).run()
-    merge_summaries(out)
+    """`sdrpn label --answers self` with the model's own preset."""
+    options = LabelOptions(answers="self", max_new_tokens=cfg.max_new_tokens)
+    job = LabelJobConfig(
+        data=split_json,
+        image_folder=cfg.path("data", "images"),
+        out=out,
+        options=options,
+        batch_size=cfg.label_batch,
+        shard_size=2000,
+    )
+    LabelJob(job, model, tokenizer, resolve_preset(None, model)).run()
+    LabelFolder(out).write_summary()
 
 
 def raw_label_rule(grounding: torch.Tensor, fg_ratio: float = 0.2) -> torch.Tensor:
@@ -90,30 +90,38 @@ def raw_label_rule(grounding: torch.Tensor, fg_ratio: float = 0.2) -> torch.Tens
 
 
 def raw_labels(labels_dir: str, out: str, fg_ratio: float = 0.2) -> None:
-    """The ablation's label folder: the same maps labelled by raw_label_rule. Shard by shard,
-    the done marker is copied last, so an interrupted run leaves no shard half made."""
-    os.makedirs(out, exist_ok=True)
-    shutil.copyfile(os.path.join(labels_dir, LABEL_CONFIG), os.path.join(out, LABEL_CONFIG))
-    for base in complete_shards(labels_dir):
-        name = os.path.basename(base)
-        if os.path.exists(os.path.join(out, name + ".done.json")):
+    """The ablation's label folder: the same maps labelled by raw_label_rule, shard by shard
+    (a shard already complete in `out` is kept, so an interrupted run goes on)."""
+    source, target = LabelFolder(labels_dir), LabelFolder(out)
+    target.write_config(source.config)
+    done = set(target.complete_shards())
+    for marker, name in zip(source.done_markers(), source.complete_shards()):
+        if name in done:
             continue
-        if os.path.exists(base + ".safetensors"):
-            tensors = load_file(base + ".safetensors")
+        shard = source.read_shard(name)
+        tensors = dict(shard.tensors)
+        if shard.rows:
             tensors["labels"] = raw_label_rule(tensors["grounding"], fg_ratio)
-            write_atomic(os.path.join(out, name + ".safetensors"), lambda tmp, t=tensors: save_file(t, tmp))
-        for suffix in (".jsonl", ".skipped.jsonl", ".done.json"):
-            if os.path.exists(base + suffix):
-                shutil.copyfile(base + suffix, os.path.join(out, name + suffix))
+        skipped = source.skipped(name)
+        target.write_shard(
+            name, shard.rows, tensors, skipped, marker["first_index"], marker["last_index"], marker["shard"]
+        )
 
 
 def train_rpn(cfg: PipelineConfig, model, tokenizer, labels_dir: str, out: str) -> None:
+    """`sdrpn train` with the defaults the label folder's preset gives."""
     if os.path.exists(os.path.join(out, "train_config.json")):
         return  # trained already
-    preset = read_json(os.path.join(cfg.model, PRESET_FILE))
-    train = TrainConfig(labels=labels_dir, out=out, epochs=cfg.rpn_epochs, lr=cfg.rpn_lr,
-                        batch_size=cfg.rpn_batch, branch_layer=preset["branch_layer"],
-                        depth=preset["depth"], seed=cfg.seed, save_every=10_000, resume=True)
+    train = TrainConfig(
+        labels=labels_dir,
+        out=out,
+        epochs=cfg.rpn_epochs,
+        lr=cfg.rpn_lr,
+        batch_size=cfg.rpn_batch,
+        seed=cfg.seed,
+        save_every=10_000,
+        resume=True,
+    )
     RPNTrainer(train, model, tokenizer, device=cfg.device).run()
 
 
@@ -139,32 +147,28 @@ def localisation(boxes_per_sample: list[list], samples, grid: int) -> dict:
         ious.append(max((box_iou(b, s.box) for b in boxes), default=0.0))
         hits.append(hit(boxes, s.box))
     n = max(1, len(samples))
-    return {"iou_cells": round(sum(ious_cells) / n, 3), "iou_target": round(sum(ious) / n, 3),
-            "hit_rate": round(sum(hits) / n, 3), "no_box": round(empty / n, 3)}
+    return {
+        "iou_cells": round(sum(ious_cells) / n, 3),
+        "iou_target": round(sum(ious) / n, 3),
+        "hit_rate": round(sum(hits) / n, 3),
+        "no_box": round(empty / n, 3),
+    }
 
 
 def sdrpn_answers(cfg: PipelineConfig, model, tokenizer, rpn_dir: str, samples):
+    """Answers with the settings the RPN folder records (as `sdrpn infer` gives them)."""
     rpn = RegionProposalNetwork.load(rpn_dir, model).to(cfg.device).eval()
-    pipe = SDRPNLlava(model, tokenizer, rpn, threshold=cfg.threshold, max_boxes=cfg.max_boxes,
-                      prompt_template=TEMPLATE, roi_options=cfg.roi_options)
+    pipe = SDRPNLlava(model, tokenizer, rpn)
     answers = []
     for i in range(0, len(samples), cfg.eval_batch):
-        chunk = samples[i:i + cfg.eval_batch]
+        chunk = samples[i : i + cfg.eval_batch]
         answers += pipe.generate([s.image for s in chunk], [s.question for s in chunk], cfg.max_new_tokens)
     return answers
 
 
 def labelled_maps(labels_dir: str) -> dict[str, dict[str, torch.Tensor]]:
     """Per labelled sample id: its rows of grounding, sink and labels."""
-    out = {}
-    for base in complete_shards(labels_dir):
-        rows = read_jsonl(base + ".jsonl")
-        if not rows:
-            continue
-        tensors = load_file(base + ".safetensors")
-        for row in rows:
-            out[row["id"]] = {k: tensors[k][row["row"]] for k in ("grounding", "sink", "labels")}
-    return out
+    return {row["id"]: shard.row_tensors(row) for shard in LabelFolder(labels_dir).shards() for row in shard.rows}
 
 
 def pseudo_label_boxes(labels_dir: str, samples, grid: int, size: int, raw: bool = False) -> list[list]:
@@ -184,11 +188,12 @@ def pseudo_label_boxes(labels_dir: str, samples, grid: int, size: int, raw: bool
 def evaluate(cfg: PipelineConfig, model, tokenizer) -> dict:
     samples = [make_sample(seed) for seed in split_seeds("test", cfg.test_count)]
     size = model.config.vision_config.image_size
-    grid = size // model.config.vision_config.patch_size
+    grid, _ = model_grid(model.config)
     accuracy, answers = {}, {}
     for name, views in (("base", "none"), ("random_crop", "random"), ("gt_crop", "gt")):
-        answers[name] = answer_with_views(model, tokenizer, samples, views, cfg.eval_batch, cfg.seed,
-                                          cfg.max_new_tokens)
+        answers[name] = answer_with_views(
+            model, tokenizer, samples, views, cfg.eval_batch, cfg.seed, cfg.max_new_tokens
+        )
         accuracy[name] = accuracy_by_kind(samples, answers[name])
     loc, rois = {}, {}
     for name, rpn_dir in (("sdrpn", cfg.path("rpn")), ("sdrpn_raw_labels", cfg.path("rpn_raw"))):
@@ -197,7 +202,8 @@ def evaluate(cfg: PipelineConfig, model, tokenizer) -> dict:
         rois[name] = [a.rois for a in result]
         accuracy[name] = accuracy_by_kind(samples, answers[name])
         loc[f"rpn ({'raw' if 'raw' in name else 'denoised'} labels)"] = localisation(
-            [r.boxes for r in rois[name]], samples, grid)
+            [r.boxes for r in rois[name]], samples, grid
+        )
     for raw in (False, True):
         boxes = pseudo_label_boxes(cfg.path("labels_test"), samples, grid, size, raw=raw)
         loc[f"pseudo labels ({'raw' if raw else 'denoised'})"] = localisation(boxes, samples, grid)
@@ -218,14 +224,13 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     train_rpn(cfg, model, tokenizer, cfg.path("labels"), cfg.path("rpn"))
     train_rpn(cfg, model, tokenizer, cfg.path("labels_raw"), cfg.path("rpn_raw"))
     result = evaluate(cfg, model, tokenizer)
-    result["label_summary"] = {name: read_json(cfg.path(name, "summary.json"))
-                               for name in ("labels", "labels_test")
-                               if os.path.exists(cfg.path(name, "summary.json"))}
+    result["label_summary"] = {name: LabelFolder(cfg.path(name)).write_summary() for name in ("labels", "labels_test")}
     result["config"] = asdict(cfg)
     probe = [make_sample(seed) for seed in split_seeds("val", 128)]
-    result["base_model"] = {"layers": layer_localisation(model, tokenizer, probe),
-                            "preset": read_json(os.path.join(cfg.model, PRESET_FILE))}
+    result["base_model"] = {
+        "layers": layer_localisation(model, tokenizer, probe),
+        "preset": resolve_preset(None, model).to_dict(),
+    }
     result["model"] = model
     result["tokenizer"] = tokenizer
     return result
-

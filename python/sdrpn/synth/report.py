@@ -9,22 +9,32 @@ import os
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from ..infer.viz import roi_overlay
 from ..io_utils import write_json, write_text
-from ..viz import heat_rgb, label_rgb, roi_overlay, save_atomic
+from ..pictures import heat_rgb, label_rgb, save_atomic
 from .metrics import normalise_answer
 from .pipeline import labelled_maps
 
-SETTINGS = [("base", "base model (thumbnail only)"), ("random_crop", "random crop of the same size"),
-            ("sdrpn_raw_labels", "SD-RPN, RPN trained on raw-attention labels"),
-            ("sdrpn", "**SD-RPN**"), ("gt_crop", "ground-truth crop (upper bound)")]
+SETTINGS = [
+    ("base", "base model (thumbnail only)"),
+    ("random_crop", "random crop of the same size"),
+    ("sdrpn_raw_labels", "SD-RPN, RPN trained on raw-attention labels"),
+    ("sdrpn", "**SD-RPN**"),
+    ("gt_crop", "ground-truth crop (upper bound)"),
+]
 KINDS = ["read", "colour", "where", "count", "all"]
 PANEL = 168  # pixels per picture in the example grid
 
 
 def metrics_payload(result: dict) -> dict:
-    return {"accuracy": result["accuracy"], "localisation": result["localisation"],
-            "label_summary": result.get("label_summary", {}), "test_samples": len(result["samples"]),
-            "config": result.get("config", {}), "base_model": result.get("base_model", {})}
+    return {
+        "accuracy": result["accuracy"],
+        "localisation": result["localisation"],
+        "label_summary": result.get("label_summary", {}),
+        "test_samples": len(result["samples"]),
+        "config": result.get("config", {}),
+        "base_model": result.get("base_model", {}),
+    }
 
 
 def _pct(v: float) -> str:
@@ -35,10 +45,13 @@ def markdown(metrics: dict, title: str, examples_png: str | None) -> str:
     acc, loc = metrics["accuracy"], metrics["localisation"]
     lines = [f"# {title}", ""]
     cfg = metrics.get("config", {})
-    lines += [f"{metrics['test_samples']} held-out test images; RPN trained on "
-              f"{cfg.get('train_count', '?')} samples labelled by `sdrpn label --answers self` "
-              "(the base model's own answers and attention; no ground-truth box anywhere in the "
-              "RPN's training). Accuracy in % (exact match), greedy decoding.", ""]
+    lines += [
+        f"{metrics['test_samples']} held-out test images; RPN trained on "
+        f"{cfg.get('train_count', '?')} samples labelled by `sdrpn label --answers self` "
+        "(the base model's own answers and attention; no ground-truth box anywhere in the "
+        "RPN's training). Accuracy in % (exact match), greedy decoding.",
+        "",
+    ]
     lines += ["| setting | " + " | ".join(KINDS) + " |", "|---|" + "---:|" * len(KINDS)]
     for key, name in SETTINGS:
         if key in acc:
@@ -46,25 +59,45 @@ def markdown(metrics: dict, title: str, examples_png: str | None) -> str:
     if "sdrpn" in acc and "base" in acc:
         gain = acc["sdrpn"]["read"] - acc["base"]["read"]
         gap = acc["gt_crop"]["read"] - acc["sdrpn"]["read"]
-        lines += ["", f"Reading the tag: SD-RPN {gain * 100:+.1f} points over the base model, "
-                      f"{gap * 100:.1f} points under the ground-truth crop."]
-    lines += ["", "Localisation on the same images (a box per sample; IoU with the target's grid "
-              "cells, which is the best a grid box can reach, and with the target itself; hit = a box "
-              "holds the whole target):", "",
-              "| boxes from | IoU (cells) | IoU (target) | hit rate | no box |", "|---|---:|---:|---:|---:|"]
+        lines += [
+            "",
+            f"Reading the tag: SD-RPN {gain * 100:+.1f} points over the base model, "
+            f"{gap * 100:.1f} points under the ground-truth crop.",
+        ]
+    lines += [
+        "",
+        "Localisation on the same images (a box per sample; IoU with the target's grid "
+        "cells, which is the best a grid box can reach, and with the target itself; hit = a box "
+        "holds the whole target):",
+        "",
+        "| boxes from | IoU (cells) | IoU (target) | hit rate | no box |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for name, row in loc.items():
-        lines.append(f"| {name} | {row['iou_cells']:.3f} | {row['iou_target']:.3f} | "
-                     f"{_pct(row['hit_rate'])} | {_pct(row['no_box'])} |")
+        lines.append(
+            f"| {name} | {row['iou_cells']:.3f} | {row['iou_target']:.3f} | "
+            f"{_pct(row['hit_rate'])} | {_pct(row['no_box'])} |"
+        )
     base = metrics.get("base_model") or {}
     if base.get("layers"):
-        lines += ["", "Where the base model looks (answer tokens' attention to the image, all heads "
-                  "of a layer; mass = share on the target's cells over their share of the grid):", "",
-                  "| layer | mass ratio | argmax on target |", "|---:|---:|---:|"]
+        lines += [
+            "",
+            "Where the base model looks (answer tokens' attention to the image, all heads "
+            "of a layer; mass = share on the target's cells over their share of the grid):",
+            "",
+            "| layer | mass ratio | argmax on target |",
+            "|---:|---:|---:|",
+        ]
         lines += [f"| {r['layer']} | {r['mass_ratio']:.2f} | {_pct(r['argmax_hit'])} |" for r in base["layers"]]
     if examples_png:
-        lines += ["", "Examples (columns: image with the true box in green; attention map; pseudo "
-                  "labels, red foreground / blue background / grey ignored; RPN map with its boxes; "
-                  "the crop SD-RPN adds):", "", f"![examples]({os.path.basename(examples_png)})"]
+        lines += [
+            "",
+            "Examples (columns: image with the true box in green; attention map; pseudo "
+            "labels, red foreground / blue background / grey ignored; RPN map with its boxes; "
+            "the crop SD-RPN adds):",
+            "",
+            f"![examples]({os.path.basename(examples_png)})",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -92,19 +125,29 @@ def example_grid(result: dict, labels_dir: str, count: int = 8) -> Image.Image:
         scale = PANEL / s.image.width
         image = s.image.resize((PANEL, PANEL), Image.BICUBIC)
         ImageDraw.Draw(image).rectangle([v * scale for v in s.box], outline=(0, 220, 0), width=2)
-        crop = (s.image.crop(roi.boxes[0]).resize((PANEL, PANEL), Image.BILINEAR) if roi.boxes
-                else Image.new("RGB", (PANEL, PANEL), (235, 235, 235)))
-        pictures = [image, _grid_picture(heat_rgb(grounding.float().view(grid, grid).numpy())),
-                    _grid_picture(label_rgb(labels.view(grid, grid).numpy())),
-                    roi_overlay(s.image, roi.prob.numpy(), roi.boxes, size=encoder, max_side=PANEL), crop]
+        crop = (
+            s.image.crop(roi.boxes[0]).resize((PANEL, PANEL), Image.BILINEAR)
+            if roi.boxes
+            else Image.new("RGB", (PANEL, PANEL), (235, 235, 235))
+        )
+        pictures = [
+            image,
+            _grid_picture(heat_rgb(grounding.float().view(grid, grid).numpy())),
+            _grid_picture(label_rgb(labels.view(grid, grid).numpy())),
+            roi_overlay(s.image, roi.prob.numpy(), roi.boxes, size=encoder, max_side=PANEL),
+            crop,
+        ]
         for col, pic in enumerate(pictures):
             sheet.paste(pic.resize((PANEL, PANEL)), (pad + col * (PANEL + pad), y))
         x = pad + 5 * (PANEL + pad)
         ok = {k: normalise_answer(result["answers"][k][i]) == normalise_answer(s.answer) for k in ("base", "sdrpn")}
-        text = [s.question, f"truth: {s.answer}",
-                f"base: {result['answers']['base'][i]!r} {'right' if ok['base'] else 'wrong'}",
-                f"SD-RPN: {result['answers']['sdrpn'][i]!r} {'right' if ok['sdrpn'] else 'wrong'}",
-                f"boxes: {len(roi.boxes)}"]
+        text = [
+            s.question,
+            f"truth: {s.answer}",
+            f"base: {result['answers']['base'][i]!r} {'right' if ok['base'] else 'wrong'}",
+            f"SD-RPN: {result['answers']['sdrpn'][i]!r} {'right' if ok['sdrpn'] else 'wrong'}",
+            f"boxes: {len(roi.boxes)}",
+        ]
         for k, line in enumerate(text):
             colour = (0, 130, 0) if (k == 3 and ok["sdrpn"]) else (170, 0, 0) if k == 3 else (20, 20, 20)
             draw.text((x, y + 8 + 20 * k), line, fill=colour, font=font)

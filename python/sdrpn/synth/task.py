@@ -18,8 +18,13 @@ from PIL import Image, ImageDraw, ImageFont
 
 from ..io_utils import write_atomic, write_json
 
-COLOURS = {"red": (215, 40, 40), "blue": (40, 80, 215), "green": (35, 160, 60),
-           "yellow": (225, 195, 30), "purple": (140, 55, 185)}
+COLOURS = {
+    "red": (215, 40, 40),
+    "blue": (40, 80, 215),
+    "green": (35, 160, 60),
+    "yellow": (225, 195, 30),
+    "purple": (140, 55, 185),
+}
 CODE_CHARS = "ABCDEFHKLMNPRTUVXY345789"
 CODE_LENGTH = 1  # characters on the tag
 KINDS = ("read", "colour", "where", "count")
@@ -34,13 +39,20 @@ class SynthSample:
     answer: str
     kind: str
     box: tuple[int, int, int, int]  # the tag, pixels [x0, y0, x1, y1)
-    code: str                       # the tag's code, whatever the question
+    code: str  # the tag's code, whatever the question
 
     def record(self, image_path: str) -> dict:
         """The LLaVA-format entry; the box is kept for evaluation only."""
-        return {"id": self.id, "image": image_path, "kind": self.kind, "gt_box": list(self.box),
-                "conversations": [{"from": "human", "value": "<image>\n" + self.question},
-                                  {"from": "gpt", "value": self.answer}]}
+        return {
+            "id": self.id,
+            "image": image_path,
+            "kind": self.kind,
+            "gt_box": list(self.box),
+            "conversations": [
+                {"from": "human", "value": "<image>\n" + self.question},
+                {"from": "gpt", "value": self.answer},
+            ],
+        }
 
 
 def split_seeds(split: str, count: int) -> range:
@@ -54,8 +66,9 @@ def _where(box, size: int) -> str:
     return ("top" if cy < size / 2 else "bottom") + " " + ("left" if cx < size / 2 else "right")
 
 
-def make_sample(seed: int, size: int = 448, tag_font_px: int = 13, kind: str | None = None,
-                code_length: int = CODE_LENGTH) -> SynthSample:
+def make_sample(
+    seed: int, size: int = 448, tag_font_px: int = 13, kind: str | None = None, code_length: int = CODE_LENGTH
+) -> SynthSample:
     """One sample, identical for the same arguments on any machine."""
     rng = random.Random(seed)
     base = rng.randint(90, 160)
@@ -115,4 +128,13 @@ def write_dataset(folder: str, split: str, count: int, **kwargs) -> str:
     return out
 
 
-__all__ = ["CODE_CHARS", "CODE_LENGTH", "COLOURS", "KINDS", "SynthSample", "make_sample", "split_seeds", "write_dataset"]
+__all__ = [
+    "CODE_CHARS",
+    "CODE_LENGTH",
+    "COLOURS",
+    "KINDS",
+    "SynthSample",
+    "make_sample",
+    "split_seeds",
+    "write_dataset",
+]

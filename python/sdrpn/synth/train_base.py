@@ -24,9 +24,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
 from ..io_utils import read_json, write_atomic, write_json
+from ..llava.inputs import crop_pixels, left_pad, preprocess_image, prompt_token_ids
 from ..optim_state import load_optimizer_tensors, optimizer_tensors
-from ..llava.maps import left_pad
-from ..preprocess import crop_pixels, preprocess_image, prompt_token_ids
 from .model import TinyLlavaSpec, build_tiny_llava
 from .task import CODE_CHARS, CODE_LENGTH, SynthSample, make_sample, split_seeds
 
@@ -42,14 +41,14 @@ class BaseTrainConfig:
     batch_size: int = 32
     lr: float = 1e-3
     seed: int = 0
-    zoom_fraction: float = 0.4     # batches that carry a zoomed second view
-    zoom_on_tag: float = 0.7       # of those views, the share centred on the tag
+    zoom_fraction: float = 0.4  # batches that carry a zoomed second view
+    zoom_on_tag: float = 0.7  # of those views, the share centred on the tag
     read_share_zoomed: float = 0.5  # in zoomed batches, the share of code questions (else as drawn)
     tag_pos_weight: float = 8.0
     aux_weight: float = 1.0
     bf16: bool = True
     device: str = "cpu"
-    workers: int = 0               # DataLoader processes making batches (0: in the training loop)
+    workers: int = 0  # DataLoader processes making batches (0: in the training loop)
     log_every: int = 50
     save_every: int = 500
     spec: TinyLlavaSpec = field(default_factory=TinyLlavaSpec)
@@ -80,8 +79,9 @@ def view_coordinates(box, view) -> tuple[float, float, float, float]:
     return box[0] - view[0], box[1] - view[1], box[2] - view[0], box[3] - view[1]
 
 
-def zoom_box(sample: SynthSample, rng: random.Random, on_tag: bool, size: int,
-             sides: tuple[int, int] = (48, 120)) -> tuple[int, int, int, int]:
+def zoom_box(
+    sample: SynthSample, rng: random.Random, on_tag: bool, size: int, sides: tuple[int, int] = (48, 120)
+) -> tuple[int, int, int, int]:
     """A square view with a side drawn from `sides` (pixels; never less than 1.5 tag sizes),
     holding the tag or anywhere. The default spans the crops SD-RPN takes on this task: one
     or two cells of the 8x8 grid (56 or 112 px of the 448 px source)."""
@@ -98,14 +98,14 @@ def zoom_box(sample: SynthSample, rng: random.Random, on_tag: bool, size: int,
 
 @dataclass
 class Batch:
-    thumbs: Tensor           # (B, 3, S, S) thumbnails
-    views: Tensor | None     # (B, 3, S, S) zoomed second views, or None for a thumbnail-only batch
-    crops: Tensor            # (B, 3, S, S) views around the tag, for the code-character loss
-    crop_cells: Tensor       # (B, grid*grid) the cells of those views that hold the tag
+    thumbs: Tensor  # (B, 3, S, S) thumbnails
+    views: Tensor | None  # (B, 3, S, S) zoomed second views, or None for a thumbnail-only batch
+    crops: Tensor  # (B, 3, S, S) views around the tag, for the code-character loss
+    crop_cells: Tensor  # (B, grid*grid) the cells of those views that hold the tag
     ids: list[list[int]]
     labels: list[list[int]]
-    tags: Tensor             # (B, grid*grid) tag cells
-    chars: Tensor            # (B, CODE_LENGTH) code-character classes
+    tags: Tensor  # (B, grid*grid) tag cells
+    chars: Tensor  # (B, CODE_LENGTH) code-character classes
 
 
 def make_batch(step: int, cfg: BaseTrainConfig, tokenizer, image_token_id: int) -> Batch:
@@ -114,7 +114,7 @@ def make_batch(step: int, cfg: BaseTrainConfig, tokenizer, image_token_id: int) 
     size = cfg.spec.image_size
     grid = size // cfg.spec.patch_size
     rng = random.Random(cfg.seed * 1_000_003 + step)
-    seeds = split_seeds("train", (step + 1) * cfg.batch_size)[step * cfg.batch_size:]
+    seeds = split_seeds("train", (step + 1) * cfg.batch_size)[step * cfg.batch_size :]
     zoom = rng.random() < cfg.zoom_fraction
     thumbs, views, crops, crop_cells, ids, labels, tags, chars = [], [], [], [], [], [], [], []
     for seed in seeds:
@@ -128,17 +128,24 @@ def make_batch(step: int, cfg: BaseTrainConfig, tokenizer, image_token_id: int) 
         crop_cells.append(tag_cells(view_coordinates(s.box, crop), crop[2] - crop[0], grid))
         n_images = 1
         if zoom:
-            views.append(crop_pixels(s.image, zoom_box(s, rng, rng.random() < cfg.zoom_on_tag, s.image.width),
-                                     size))
+            views.append(crop_pixels(s.image, zoom_box(s, rng, rng.random() < cfg.zoom_on_tag, s.image.width), size))
             n_images = 2
-        prompt = prompt_token_ids(tokenizer, s.question, image_token_id, grid ** 2 * n_images, TEMPLATE)
+        prompt = prompt_token_ids(tokenizer, s.question, image_token_id, grid**2 * n_images, TEMPLATE)
         answer = tokenizer(s.answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         ids.append(prompt + answer)
         labels.append([-100] * len(prompt) + answer)
         tags.append(tag_cells(s.box, s.image.width, grid))
         chars.append([CODE_CHARS.index(c) for c in s.code])
-    return Batch(torch.stack(thumbs), torch.stack(views) if views else None, torch.stack(crops),
-                 torch.stack(crop_cells), ids, labels, torch.stack(tags), torch.tensor(chars))
+    return Batch(
+        torch.stack(thumbs),
+        torch.stack(views) if views else None,
+        torch.stack(crops),
+        torch.stack(crop_cells),
+        ids,
+        labels,
+        torch.stack(tags),
+        torch.tensor(chars),
+    )
 
 
 class _BatchStream(IterableDataset):
@@ -175,7 +182,8 @@ class BaseTrainer:
         self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=0.0)
         warmup = max(1, cfg.steps // 30)
         self.sched = torch.optim.lr_scheduler.LambdaLR(
-            self.opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / cfg.steps))))
+            self.opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / cfg.steps)))
+        )
         self.done_steps = 0
 
     def _features(self, pixels: Tensor) -> Tensor:
@@ -196,7 +204,8 @@ class BaseTrainer:
             lm = self.model(inputs_embeds=embeds, attention_mask=mask, labels=label_ids).loss
             tag_logits = self.heads.tag(thumb_f).squeeze(-1).float()
             tag_loss = F.binary_cross_entropy_with_logits(
-                tag_logits, batch.tags.to(device), pos_weight=torch.tensor(cfg.tag_pos_weight, device=device))
+                tag_logits, batch.tags.to(device), pos_weight=torch.tensor(cfg.tag_pos_weight, device=device)
+            )
             cells = batch.crop_cells.to(device)[..., None]
             tag_mean = (self._features(batch.crops) * cells).sum(1) / cells.sum(1).clamp_min(1.0)
             char_logits = self.heads.chars(tag_mean).float().view(-1, CODE_LENGTH, len(CODE_CHARS))
@@ -218,9 +227,15 @@ class BaseTrainer:
             self.load_checkpoint()
         history_path = os.path.join(cfg.out, "history.jsonl")
         os.makedirs(cfg.out, exist_ok=True)
-        loader = DataLoader(_BatchStream(cfg, self.tok, self.image_id, self.done_steps, cfg.steps), batch_size=None,
-                            num_workers=cfg.workers, collate_fn=_collate, pin_memory=cfg.device.startswith("cuda"),
-                            prefetch_factor=4 if cfg.workers else None, persistent_workers=False)
+        loader = DataLoader(
+            _BatchStream(cfg, self.tok, self.image_id, self.done_steps, cfg.steps),
+            batch_size=None,
+            num_workers=cfg.workers,
+            collate_fn=_collate,
+            pin_memory=cfg.device.startswith("cuda"),
+            prefetch_factor=4 if cfg.workers else None,
+            persistent_workers=False,
+        )
         start, history, pending = time.monotonic(), [], []
         with open(history_path, "a") as log_file:
             bar = tqdm(total=cfg.steps, initial=self.done_steps, desc="train-base", disable=None)
@@ -231,8 +246,11 @@ class BaseTrainer:
                 out_of_time = max_seconds is not None and time.monotonic() - start > max_seconds
                 if due or out_of_time:  # one host sync per log interval, not per step
                     for step, row in pending:
-                        row = {"step": step, **{k: round(float(v), 4) for k, v in row.items()},
-                               "seconds": round(time.monotonic() - start, 1)}
+                        row = {
+                            "step": step,
+                            **{k: round(float(v), 4) for k, v in row.items()},
+                            "seconds": round(time.monotonic() - start, 1),
+                        }
                         history.append(row)
                         log_file.write(json.dumps(row) + "\n")
                     log_file.flush()
@@ -240,8 +258,12 @@ class BaseTrainer:
                 if self.done_steps % cfg.save_every == 0 or out_of_time:
                     self.save_checkpoint()
                 if out_of_time:
-                    log.warning("train-base: stopped at step %d of %d after %.0f s; resume to go on",
-                                self.done_steps, cfg.steps, time.monotonic() - start)
+                    log.warning(
+                        "train-base: stopped at step %d of %d after %.0f s; resume to go on",
+                        self.done_steps,
+                        cfg.steps,
+                        time.monotonic() - start,
+                    )
                     break
             bar.close()
         self.save()  # also when stopped early: usable, and train_base_config.json says how far it got
@@ -256,14 +278,16 @@ class BaseTrainer:
         tensors.update({f"opt.{k}": v for k, v in opt_tensors.items()})
         tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
         write_atomic(os.path.join(folder, "state.safetensors"), lambda tmp: save_file(tensors, tmp))
-        write_json(os.path.join(folder, "state.json"),  # written last: it names a complete state
-                   {"step": self.done_steps, "optimizer": opt_meta, "scheduler": self.sched.state_dict()})
+        write_json(
+            os.path.join(folder, "state.json"),  # written last: it names a complete state
+            {"step": self.done_steps, "optimizer": opt_meta, "scheduler": self.sched.state_dict()},
+        )
 
     def load_checkpoint(self) -> None:
         folder = os.path.join(self.cfg.out, "checkpoint")
         meta = read_json(os.path.join(folder, "state.json"))
         tensors = load_file(os.path.join(folder, "state.safetensors"), device=str(self.cfg.device))
-        part = lambda prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}  # noqa: E731
+        part = lambda prefix: {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}  # noqa: E731
         self.model.load_state_dict(part("model."))
         self.heads.load_state_dict(part("heads."))
         load_optimizer_tensors(self.opt, part("opt."), meta["optimizer"])

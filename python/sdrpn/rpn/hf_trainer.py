@@ -1,22 +1,22 @@
 """SD-RPN inside a Hugging Face `Trainer` loop.
 
-    from sdrpn.integrations.hf_trainer import RPNForTraining, label_collator
-    from sdrpn.label_data import LabelShardDataset
+from sdrpn.rpn import LabelShardDataset, RegionProposalNetwork
+from sdrpn.rpn.hf_trainer import RPNForTraining, label_collator
 
-    rpn = RegionProposalNetwork.from_llava(llava, branch_layer=15, depth=3)
-    module = RPNForTraining(llava, rpn)          # only the RPN's parameters train
-    data = LabelShardDataset("labels/", tokenizer, llava.config.image_token_id, split="train")
-    Trainer(model=module, args=TrainingArguments(..., remove_unused_columns=False),
-            train_dataset=data, data_collator=label_collator(tokenizer.pad_token_id)).train()
+rpn = RegionProposalNetwork.from_llava(llava, branch_layer=15, depth=3)
+module = RPNForTraining(llava, rpn)          # only the RPN's parameters train
+data = LabelShardDataset("labels/", tokenizer, llava.config.image_token_id, split="train")
+Trainer(model=module, args=TrainingArguments(..., remove_unused_columns=False),
+        train_dataset=data, data_collator=label_collator(tokenizer.pad_token_id)).train()
 """
 
 from __future__ import annotations
 
 from torch import Tensor, nn
 
-from ..features import branch_hidden_states
-from ..label_data import LabelCollator
-from ..rpn import RegionProposalNetwork, rpn_loss
+from ..llava.backbone import branch_hidden_states
+from .dataset import LabelCollator
+from .model import RegionProposalNetwork, rpn_loss
 
 
 class RPNForTraining(nn.Module):
@@ -37,10 +37,12 @@ class RPNForTraining(nn.Module):
     def backbone(self) -> nn.Module:
         return self._backbone[0]
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor,
-                labels: Tensor | None = None) -> dict[str, Tensor]:
-        hidden, pos = branch_hidden_states(self.backbone, input_ids, attention_mask, pixel_values,
-                                           self.rpn.config.branch_layer)
+    def forward(
+        self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor, labels: Tensor | None = None
+    ) -> dict[str, Tensor]:
+        hidden, pos = branch_hidden_states(
+            self.backbone, input_ids, attention_mask, pixel_values, self.rpn.config.branch_layer
+        )
         logits = self.rpn(hidden, attention_mask, pos, input_ids == self.image_token_id)
         out = {"logits": logits}
         if labels is not None:
@@ -56,7 +58,11 @@ def label_collator(pad_id: int):
         batch = collate(samples)
         if batch is None:
             raise ValueError("every sample of this batch lost its image since it was labelled")
-        return {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
-                "pixel_values": batch.pixel_values, "labels": batch.labels}
+        return {
+            "input_ids": batch.input_ids,
+            "attention_mask": batch.attention_mask,
+            "pixel_values": batch.pixel_values,
+            "labels": batch.labels,
+        }
 
     return collator

@@ -6,13 +6,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .llava.maps import position_ids_from_mask
-from .llava.probe import EarlyExit, capture_outputs, decoder_layers
+from .inputs import position_ids_from_mask
+from .loading import model_dtype
+from .probe import EarlyExit, capture_outputs, decoder_layers
 
 
 @torch.no_grad()
-def branch_hidden_states(model: nn.Module, input_ids: Tensor, attention_mask: Tensor,
-                         pixel_values: Tensor, branch_layer: int) -> tuple[Tensor, Tensor]:
+def branch_hidden_states(
+    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor, branch_layer: int
+) -> tuple[Tensor, Tensor]:
     """(hidden states entering layer K (B, L, D), position ids (B, L)).
 
     Equal to ``hidden_states[K]`` of a full forward, but layers >= K never run: the output
@@ -20,7 +22,11 @@ def branch_hidden_states(model: nn.Module, input_ids: Tensor, attention_mask: Te
     """
     position_ids = position_ids_from_mask(attention_mask)
     with capture_outputs(decoder_layers(model)[branch_layer - 1]) as captured, EarlyExit(model, branch_layer):
-        model.model(input_ids=input_ids, attention_mask=attention_mask,
-                    pixel_values=pixel_values.to(next(model.parameters()).dtype),
-                    position_ids=position_ids, use_cache=False)
+        model.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            pixel_values=pixel_values.to(model_dtype(model)),
+            position_ids=position_ids,
+            use_cache=False,
+        )
     return captured[-1], position_ids

@@ -16,18 +16,18 @@ from torch import Tensor
 @dataclass
 class SyntheticMaps:
     grounding: Tensor  # (B, N) float32
-    sink: Tensor       # (B, N) float32
-    regions: Tensor    # (B, 4) int64 [row0, col0, row1, col1) planted region, grid cells
+    sink: Tensor  # (B, N) float32
+    regions: Tensor  # (B, 4) int64 [row0, col0, row1, col1) planted region, grid cells
     grid_h: int
     grid_w: int
 
 
-def make_synthetic_maps(batch: int, grid_h: int = 24, grid_w: int = 24, *, num_sinks: int = 3,
-                        seed: int = 0) -> SyntheticMaps:
+def make_synthetic_maps(
+    batch: int, grid_h: int = 24, grid_w: int = 24, *, num_sinks: int = 3, seed: int = 0
+) -> SyntheticMaps:
     """A batch of normalised attention maps; one region per map, sized 1/16 to 1/4 of the grid."""
     if batch < 0 or grid_h < 1 or grid_w < 1:
-        raise ValueError(f"batch must be >= 0 and the grid >= 1x1, got batch={batch}, "
-                         f"grid={grid_h}x{grid_w}")
+        raise ValueError(f"batch must be >= 0 and the grid >= 1x1, got batch={batch}, grid={grid_h}x{grid_w}")
     gen = torch.Generator().manual_seed(seed)
     n = grid_h * grid_w
     rows = torch.arange(grid_h, dtype=torch.float32)[:, None]

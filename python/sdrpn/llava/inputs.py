@@ -1,7 +1,10 @@
-"""Image and prompt preprocessing as LLaVA-1.5 does it, recorded so boxes map back."""
+"""The model's inputs as LLaVA-1.5 builds them: images (preprocessed, and recorded so that
+boxes map back), prompts (template, split around the image tokens), batches (left padding,
+position ids)."""
 
 from __future__ import annotations
 
+import string
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -12,10 +15,15 @@ from torch import Tensor
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # LLaVA-1.5's conversation (llava_v1): system text, then the image, the question, "ASSISTANT:".
-SYSTEM_TEXT = ("A chat between a curious human and an artificial intelligence assistant. "
-               "The assistant gives helpful, detailed, and polite answers to the human's questions.")
+SYSTEM_TEXT = (
+    "A chat between a curious human and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the human's questions."
+)
 PROMPT_TEMPLATE = SYSTEM_TEXT + " USER: <image>\n{question} ASSISTANT:"
 IMAGE_PLACEHOLDER = "<image>"
+# "pad": LLaVA-1.5 (pad to a square with the mean colour, resize); "crop": Hugging Face's
+# default CLIP processing (resize the shortest edge, cut the centre).
+PREPROCESSING_MODES = ("pad", "crop")
 
 
 @dataclass(frozen=True)
@@ -71,8 +79,9 @@ def normalise(image: Image.Image, mean=CLIP_MEAN, std=CLIP_STD) -> Tensor:
     return (pixels - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
 
 
-def preprocess_image(image: Image.Image, size: int, mean=CLIP_MEAN, std=CLIP_STD,
-                     mode: str = "pad") -> tuple[Tensor, Preprocessing]:
+def preprocess_image(
+    image: Image.Image, size: int, mean=CLIP_MEAN, std=CLIP_STD, mode: str = "pad"
+) -> tuple[Tensor, Preprocessing]:
     """(3, size, size) float32 pixel values and the record of how they were made: "pad"
     (LLaVA-1.5: pad to a square with the mean colour, resize) or "crop" (resize the
     shortest edge, cut the centre)."""
@@ -84,28 +93,43 @@ def preprocess_image(image: Image.Image, size: int, mean=CLIP_MEAN, std=CLIP_STD
     elif mode == "crop":
         square = centre_crop_square(rgb, size)
     else:
-        raise ValueError(f"mode must be 'pad' or 'crop', got {mode!r}")
+        raise ValueError(f"mode must be one of {PREPROCESSING_MODES}, got {mode!r}")
     return normalise(square, mean, std), Preprocessing(mode, image.width, image.height, size)
 
 
-def split_prompt_ids(tokenizer, question: str, image_token_id: int, num_image_tokens: int,
-                     template: str = PROMPT_TEMPLATE) -> tuple[list[int], list[int]]:
+def check_template(template: str) -> str:
+    """A prompt template holds the image placeholder once and one plain {question} field,
+    nothing else that str.format would act on (no attribute access, no other fields)."""
+    if not isinstance(template, str) or template.count(IMAGE_PLACEHOLDER) != 1:
+        raise ValueError(f"prompt_template must hold {IMAGE_PLACEHOLDER} once, got {template!r}")
+    try:
+        fields = [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(template) if name is not None]
+    except ValueError as err:
+        raise ValueError(f"prompt_template is not a valid format string ({err}), got {template!r}") from None
+    if fields != [("question", "", None)]:
+        raise ValueError(
+            f"prompt_template must hold exactly one plain {{question}} field and no other braces, got {template!r}"
+        )
+    return template
+
+
+def split_prompt_ids(
+    tokenizer, question: str, image_token_id: int, num_image_tokens: int, template: str = PROMPT_TEMPLATE
+) -> tuple[list[int], list[int]]:
     """The prompt as (prefix, suffix): the prefix ends with the num_image_tokens image
     tokens that replace the placeholder, the suffix holds the question and what follows.
 
     The text around the placeholder is tokenized on its own, so the image tokens never
     merge with neighbouring text whatever the tokenizer.
     """
-    text = template.format(question=question.strip())
-    before, sep, after = text.partition(IMAGE_PLACEHOLDER)
-    if not sep:
-        raise ValueError(f"template must contain {IMAGE_PLACEHOLDER}, got {template!r}")
+    before, _, after = check_template(template).format(question=question.strip()).partition(IMAGE_PLACEHOLDER)
     prefix = tokenizer(before, add_special_tokens=True)["input_ids"] + [image_token_id] * num_image_tokens
     return prefix, tokenizer(after, add_special_tokens=False)["input_ids"]
 
 
-def prompt_token_ids(tokenizer, question: str, image_token_id: int, num_image_tokens: int,
-                     template: str = PROMPT_TEMPLATE) -> list[int]:
+def prompt_token_ids(
+    tokenizer, question: str, image_token_id: int, num_image_tokens: int, template: str = PROMPT_TEMPLATE
+) -> list[int]:
     """The whole prompt of split_prompt_ids as one list."""
     prefix, suffix = split_prompt_ids(tokenizer, question, image_token_id, num_image_tokens, template)
     return prefix + suffix
@@ -117,3 +141,20 @@ def crop_pixels(image: Image.Image, box, size: int) -> Tensor:
     x0, y0, x1, y1 = box
     crop = image.crop((x0, y0, max(x1, x0 + 1), max(y1, y0 + 1))).resize((size, size), Image.BILINEAR)
     return normalise(crop)
+
+
+def left_pad(seqs: list[list[int]], pad_id: int, device=None) -> tuple[Tensor, Tensor]:
+    """Token lists padded on the left to one length, as batched generation wants them:
+    ids and attention mask, both (B, L) int64."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(seqs), width, dtype=torch.long)
+    for b, s in enumerate(seqs):
+        ids[b, width - len(s) :] = torch.tensor(s, dtype=torch.long)
+        mask[b, width - len(s) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
+    """Positions that skip left padding, as generate() numbers them."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)

@@ -8,10 +8,12 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from . import ops
-from .io_utils import write_json
+from .. import ops
+from ..io_utils import write_json
+from ..ops import SINK_THRESHOLD
+from ..pictures import save_atomic
 from .synthetic_maps import make_synthetic_maps
-from .viz import label_grid, save_atomic
+from .viz import label_grid
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +48,7 @@ def run_label_demo(cfg: LabelDemoConfig) -> dict:
     stats = ops.pseudo_label_stats(labels)
     with_signal = stats[:, 2] < labels.shape[1]
     iou = region_iou(labels, maps.regions, cfg.grid_h, cfg.grid_w)
-    is_sink = maps.sink >= 1e-3
+    is_sink = maps.sink >= SINK_THRESHOLD
 
     png = os.path.join(cfg.out, "labels_grid.png")
     save_atomic(label_grid(maps.grounding, is_sink, labels, cfg.grid_h, cfg.grid_w, maps.regions), png)
@@ -57,8 +59,11 @@ def run_label_demo(cfg: LabelDemoConfig) -> dict:
         "all_ignore": int((~with_signal).sum()),
         "sinks_removed": int(is_sink.sum()),
         "mean_fg_iou_with_region": round(float(iou[with_signal].mean()) if with_signal.any() else 0.0, 4),
-        "cells": {"foreground": int(stats[:, 0].sum()), "background": int(stats[:, 1].sum()),
-                  "ignore": int(stats[:, 2].sum())},
+        "cells": {
+            "foreground": int(stats[:, 0].sum()),
+            "background": int(stats[:, 1].sum()),
+            "ignore": int(stats[:, 2].sum()),
+        },
         "png": png,
     }
     write_json(os.path.join(cfg.out, "summary.json"), summary)
@@ -67,7 +72,9 @@ def run_label_demo(cfg: LabelDemoConfig) -> dict:
 
 def summary_line(summary: dict) -> str:
     cfg = summary["config"]
-    return (f"labelled {summary['samples']} maps ({cfg['grid_h']}x{cfg['grid_w']}): "
-            f"{summary['with_signal']} with signal, {summary['all_ignore']} all-ignore, "
-            f"{summary['sinks_removed']} sink tokens removed, mean foreground IoU with the planted "
-            f"region {summary['mean_fg_iou_with_region']:.3f}; wrote {summary['png']}")
+    return (
+        f"labelled {summary['samples']} maps ({cfg['grid_h']}x{cfg['grid_w']}): "
+        f"{summary['with_signal']} with signal, {summary['all_ignore']} all-ignore, "
+        f"{summary['sinks_removed']} sink tokens removed, mean foreground IoU with the planted "
+        f"region {summary['mean_fg_iou_with_region']:.3f}; wrote {summary['png']}"
+    )

@@ -1,38 +1,39 @@
-"""Reading label folders for training: a map-style dataset and its collator."""
+"""Label folders as training data: a map-style dataset of labelled samples and its collator."""
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import logging
-import os
 from dataclasses import dataclass
 
 import torch
-from safetensors.torch import load_file
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from .data import SkipSample, resolve_image
-from .io_utils import read_json, read_jsonl
-from .llava.maps import left_pad
-from .preprocess import PROMPT_TEMPLATE, load_rgb, preprocess_image, prompt_token_ids
+from ..labels.folder import LabelFolder
+from ..llava.data import SkipSample, resolve_image
+from ..llava.inputs import left_pad, load_rgb, preprocess_image, prompt_token_ids
+from ..ops import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 
-LABEL_CONFIG = "label_config.json"
-
-
-def complete_shards(label_dir: str) -> list[str]:
-    """Base paths of the shards whose completion marker exists, in order."""
-    markers = sorted(glob.glob(os.path.join(label_dir, "rank*-shard*.done.json")))
-    return [m[: -len(".done.json")] for m in markers]
+# The reference shuffles its labelled set with this seed before taking the first N samples.
+SUBSET_SEED = 42
 
 
 def in_held_out(sample_id: str, fraction: float) -> bool:
     """A stable split: the same id is always on the same side, whatever the run."""
     digest = hashlib.sha256(str(sample_id).encode()).digest()
     return int.from_bytes(digest[:4], "little") / 2**32 < fraction
+
+
+def seeded_subset(count: int, max_samples: int | None, seed: int = SUBSET_SEED) -> list[int]:
+    """Indices of a random subset of max_samples of count items (all of them, in order, when
+    max_samples is None or not smaller), the same for the same seed."""
+    if max_samples is None or max_samples >= count:
+        return list(range(count))
+    order = torch.randperm(count, generator=torch.Generator().manual_seed(seed))
+    return sorted(order[:max_samples].tolist())
 
 
 @dataclass
@@ -49,35 +50,42 @@ class LabelShardDataset(Dataset):
     template. A sample whose image can no longer be read yields None (the collator drops
     it and counts it)."""
 
-    def __init__(self, label_dir: str, tokenizer, image_token_id: int, *, image_folder: str | None = None,
-                 split: str = "all", held_out_fraction: float = 0.05, max_samples: int | None = None):
+    def __init__(
+        self,
+        label_dir: str,
+        tokenizer,
+        image_token_id: int,
+        *,
+        image_folder: str | None = None,
+        split: str = "all",
+        held_out_fraction: float = 0.05,
+        max_samples: int | None = None,
+        subset_seed: int = SUBSET_SEED,
+    ):
+        """max_samples: a random subset of that many samples of the split (seeded, as the
+        reference takes its "trained on N samples" subsets), not the first ones."""
         if split not in ("all", "train", "held_out"):
             raise ValueError(f"split must be 'all', 'train' or 'held_out', got {split!r}")
-        config_path = os.path.join(label_dir, LABEL_CONFIG)
-        config = read_json(config_path) if os.path.exists(config_path) else {}
-        self.image_folder = image_folder or config.get("image_folder")
+        folder = LabelFolder(label_dir)
+        self.config = folder.config
+        self.image_folder = image_folder or self.config.image_folder
         if self.image_folder is None:
             raise ValueError(f"{label_dir} records no image folder: pass image_folder")
-        self.template = config.get("prompt_template", PROMPT_TEMPLATE)
+        self.template = self.config.prompt_template
         self.tokenizer = tokenizer
         self.image_token_id = image_token_id
-        self.rows: list[dict] = []
+        rows: list[dict] = []
         labels: list[Tensor] = []
-        for base in complete_shards(label_dir):
-            rows = read_jsonl(base + ".jsonl")
-            if not rows:
-                continue
-            shard_labels = load_file(base + ".safetensors")["labels"]
-            for row in rows:
+        for shard in folder.shards():
+            for row in shard.rows:
                 held = in_held_out(row["id"], held_out_fraction)
                 if split == "all" or (split == "held_out") == held:
-                    self.rows.append(row)
-                    labels.append(shard_labels[row["row"]].long())
-        if max_samples is not None:
-            self.rows, labels = self.rows[:max_samples], labels[:max_samples]
+                    rows.append(row)
+                    labels.append(shard.tensors["labels"][row["row"]].long())
+        keep = seeded_subset(len(rows), max_samples, subset_seed)
+        self.rows, self.labels = [rows[i] for i in keep], [labels[i] for i in keep]
         if not self.rows:
             raise ValueError(f"{label_dir} has no labelled samples in split {split!r}")
-        self.labels = labels
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -94,19 +102,19 @@ class LabelShardDataset(Dataset):
         if prep and (image.width, image.height) != (prep["width"], prep["height"]):
             log.warning("skipping %s: image changed since it was labelled", row["id"])
             return None
-        size = prep.get("size") or 336
-        pixels, _ = preprocess_image(image, size)
+        size = prep.get("size") or self.config.image_size or 336
+        pixels, _ = preprocess_image(image, size, mode=prep.get("mode", "pad"))
         ids = prompt_token_ids(self.tokenizer, row["question"], self.image_token_id, num_cells, self.template)
         return LabelledSample(ids, pixels, self.labels[i], row["id"])
 
 
 @dataclass
 class LabelBatch:
-    input_ids: Tensor       # (B, L) left-padded prompts
+    input_ids: Tensor  # (B, L) left-padded prompts
     attention_mask: Tensor  # (B, L)
-    pixel_values: Tensor    # (B, 3, S, S)
-    labels: Tensor          # (B, N) int64, -100 ignored
-    dropped: int            # samples of the batch whose image could not be read
+    pixel_values: Tensor  # (B, 3, S, S)
+    labels: Tensor  # (B, N) int64, IGNORE_INDEX on ignored cells
+    dropped: int  # samples of the batch whose image could not be read
 
 
 class LabelCollator:
@@ -119,8 +127,7 @@ class LabelCollator:
             return None
         ids, mask = left_pad([s.input_ids for s in kept], self.pad_id)
         width = max(s.labels.numel() for s in kept)
-        labels = torch.full((len(kept), width), -100, dtype=torch.long)
+        labels = torch.full((len(kept), width), IGNORE_INDEX, dtype=torch.long)
         for b, s in enumerate(kept):
             labels[b, : s.labels.numel()] = s.labels
-        return LabelBatch(ids, mask, torch.stack([s.pixel_values for s in kept]), labels,
-                          len(samples) - len(kept))
+        return LabelBatch(ids, mask, torch.stack([s.pixel_values for s in kept]), labels, len(samples) - len(kept))

@@ -9,18 +9,21 @@ from dataclasses import dataclass
 
 from tqdm import tqdm
 
-from .data import SkipSample, load_entries, parse_entry, resolve_image
-from .infer import SDRPNAnswer, SDRPNLlava
-from .io_utils import write_json, write_jsonl
-from .preprocess import load_rgb
+from ..io_utils import write_json, write_jsonl
+from ..llava.data import SkipSample, load_entries, parse_entry, resolve_image
+from ..llava.inputs import load_rgb
+from .pipeline import SDRPNAnswer, SDRPNLlava
 
 log = logging.getLogger(__name__)
 
 
 def answer_record(answer: SDRPNAnswer) -> dict:
-    return {"answer": answer.text, "boxes": [list(b) for b in answer.rois.boxes],
-            "grid_boxes": [list(b) for b in answer.rois.grid_boxes],
-            "timings_s": {k: round(v, 5) for k, v in answer.timings.items()}}
+    return {
+        "answer": answer.text,
+        "boxes": [list(b) for b in answer.rois.boxes],
+        "grid_boxes": [list(b) for b in answer.rois.grid_boxes],
+        "timings_s": {k: round(v, 5) for k, v in answer.timings.items()},
+    }
 
 
 def _finished_ids(out: str) -> set[str]:
@@ -86,7 +89,11 @@ def answer_file(pipe: SDRPNLlava, cfg: InferFileConfig) -> dict:
             if len(pending) == cfg.batch_size:
                 flush(f)
         flush(f)
-    summary = {"answered": answered, "already_done": len(done), "skipped": sum(skipped.values()),
-               "skipped_by_reason": skipped}
+    summary = {
+        "answered": answered,
+        "already_done": len(done),
+        "skipped": sum(skipped.values()),
+        "skipped_by_reason": skipped,
+    }
     write_json(cfg.out + ".summary.json", summary)
     return summary

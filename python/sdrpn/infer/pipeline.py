@@ -20,24 +20,29 @@ from PIL import Image
 from torch import Tensor, nn
 from transformers import DynamicCache
 
-from . import ops
-from .boxes import PREPROCESSING_MODES, grid_box_to_pixels
-from .llava.loading import pad_token_id
-from .llava.maps import left_pad, position_ids_from_mask
-from .llava.probe import EarlyExit, capture_outputs, decoder_layers
-from .preprocess import PROMPT_TEMPLATE, crop_pixels, preprocess_image, split_prompt_ids
-from .rpn import RegionProposalNetwork
-
-
-ROI_OPTIONS = {"sigma", "min_area", "max_area", "drop_singletons", "reference_clamp"}
+from .. import ops
+from ..llava.geometry import grid_box_to_pixels, model_grid
+from ..llava.inputs import (
+    PREPROCESSING_MODES,
+    check_template,
+    crop_pixels,
+    left_pad,
+    position_ids_from_mask,
+    preprocess_image,
+    split_prompt_ids,
+)
+from ..llava.loading import model_device, model_dtype, pad_token_id
+from ..llava.probe import EarlyExit, capture_outputs, decoder_layers
+from ..options import RoiOptions
+from ..rpn.model import RegionProposalNetwork
 
 
 @dataclass
 class RoiPrediction:
-    boxes: list[tuple[int, int, int, int]]       # source pixels [x0, y0, x1, y1)
+    boxes: list[tuple[int, int, int, int]]  # source pixels [x0, y0, x1, y1)
     grid_boxes: list[tuple[int, int, int, int]]  # grid cells [x0, y0, x1, y1)
-    prob: Tensor                                 # (grid_h, grid_w) sigmoid of the RPN logits
-    blurred: Tensor                              # (grid_h, grid_w)
+    prob: Tensor  # (grid_h, grid_w) sigmoid of the RPN logits
+    blurred: Tensor  # (grid_h, grid_w)
 
 
 @dataclass
@@ -48,40 +53,65 @@ class SDRPNAnswer:
     timings: dict = field(default_factory=dict)
 
 
+class Stopwatch:
+    """Stage timings of one call: ``lap(name)`` records the seconds since the previous lap
+    (the device synchronised first, so GPU work is counted where it happens)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.start = self.last = time.perf_counter()
+        self.laps: dict[str, float] = {}
+
+    def lap(self, name: str) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.laps[name] = now - self.last
+        self.last = now
+
+    def total(self) -> dict[str, float]:
+        return dict(self.laps, total=self.last - self.start)
+
+
 @dataclass
 class _Pass1:
     cache: DynamicCache
-    prefix_mask: Tensor       # (B, Lp)
+    prefix_mask: Tensor  # (B, Lp)
     suffixes: list[list[int]]
     rois: list[RoiPrediction]
-    timings: dict
+    clock: Stopwatch
 
 
 class SDRPNLlava:
-    """LLaVA-1.5 with a trained RPN: ``predict_rois`` and greedy ``generate`` for batches."""
+    """LLaVA-1.5 with a trained RPN: ``predict_rois`` and greedy ``generate`` for batches.
 
-    def __init__(self, model: nn.Module, processor, rpn: RegionProposalNetwork, *, threshold: float = 0.15,
-                 max_boxes: int = 2, token_ratio: float = -1, preprocessing: str = "pad",
-                 prompt_template: str = PROMPT_TEMPLATE, roi_options: dict | None = None):
-        """roi_options: further box rules for ops.roi_boxes (sigma, min_area, max_area,
-        drop_singletons, reference_clamp); the defaults are SPEC's, made for 24x24 grids."""
-        if preprocessing not in PREPROCESSING_MODES:
-            raise ValueError(f"preprocessing must be one of {PREPROCESSING_MODES}, got {preprocessing!r}")
-        self.preprocessing = preprocessing
+    The prompt template, the image preprocessing and the RoI options default to what the
+    RPN records (its labels' template and preprocessing, its preset's RoI options); pass
+    them to override.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        processor,
+        rpn: RegionProposalNetwork,
+        *,
+        roi: RoiOptions | None = None,
+        preprocessing: str | None = None,
+        prompt_template: str | None = None,
+    ):
+        self.roi = roi if roi is not None else rpn.config.roi_options
+        self.preprocessing = preprocessing or rpn.config.preprocessing
+        if self.preprocessing not in PREPROCESSING_MODES:
+            raise ValueError(f"preprocessing must be one of {PREPROCESSING_MODES}, got {self.preprocessing!r}")
+        self.template = check_template(prompt_template or rpn.config.prompt_template)
         # A Hugging Face processor or its tokenizer: only the tokenizer is needed, the images
         # are preprocessed here so that the boxes can be mapped back.
         tokenizer = getattr(processor, "tokenizer", processor)
         self.model, self.tokenizer, self.rpn = model.eval(), tokenizer, rpn.eval()
-        self.threshold, self.max_boxes, self.token_ratio = threshold, max_boxes, token_ratio
-        self.roi_options = dict(roi_options or {})
-        unknown = set(self.roi_options) - ROI_OPTIONS
-        if unknown:
-            raise ValueError(f"roi_options may hold {sorted(ROI_OPTIONS)}, got {sorted(unknown)}")
-        self.template = prompt_template
-        vision = model.config.vision_config
-        self.size = vision.image_size
-        self.grid = vision.image_size // vision.patch_size
-        self.num_cells = self.grid * self.grid
+        self.size = model.config.vision_config.image_size
+        self.grid_h, self.grid_w = model_grid(model.config)
+        self.num_cells = self.grid_h * self.grid_w
         self.image_token_id = model.config.image_token_id
         self.branch = rpn.config.branch_layer
         self.eos_id = tokenizer.eos_token_id
@@ -89,18 +119,17 @@ class SDRPNLlava:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        return model_device(self.model)
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
+        return model_dtype(self.model)
 
     # ---- inputs ---------------------------------------------------------------------------
     def _split_prompt(self, question: str) -> tuple[list[int], list[int]]:
         if not isinstance(question, str) or not question.strip():
             raise ValueError(f"question must be a non-empty string, got {question!r}")
-        return split_prompt_ids(self.tokenizer, question, self.image_token_id, self.num_cells,
-                                self.template)
+        return split_prompt_ids(self.tokenizer, question, self.image_token_id, self.num_cells, self.template)
 
     def _images(self, images) -> list[Image.Image]:
         out = []
@@ -117,12 +146,12 @@ class SDRPNLlava:
     def _pass1(self, images, questions) -> tuple[_Pass1, list[Image.Image]]:
         if len(images) != len(questions):
             raise ValueError(f"images and questions must pair up, got {len(images)} and {len(questions)}")
-        t = {}
-        start = time.perf_counter()
+        clock = Stopwatch(self.device)
         images = self._images(images)
         prompts = [self._split_prompt(q) for q in questions]
-        pixels = torch.stack([preprocess_image(im, self.size, mode=self.preprocessing)[0]
-                              for im in images]).to(self.device, self.dtype)
+        pixels = torch.stack([preprocess_image(im, self.size, mode=self.preprocessing)[0] for im in images]).to(
+            self.device, self.dtype
+        )
         prefix_ids, prefix_mask = left_pad([p for p, _ in prompts], self.pad_id, self.device)
         # The prefix is the same length for every sample (system text + image tokens).
         # Suffixes differ in length: padded on their left, i.e. between prefix and question.
@@ -130,35 +159,54 @@ class SDRPNLlava:
         with capture_outputs(decoder_layers(self.model)[self.branch - 1]) as captured:
             cache = DynamicCache(config=self.model.config.get_text_config())
             prefix_pos = position_ids_from_mask(prefix_mask)
-            self.model.model(input_ids=prefix_ids, attention_mask=prefix_mask, pixel_values=pixels,
-                             position_ids=prefix_pos, past_key_values=cache, use_cache=True)
-            t["prefix"] = _lap(start, self.device)
+            self.model.model(
+                input_ids=prefix_ids,
+                attention_mask=prefix_mask,
+                pixel_values=pixels,
+                position_ids=prefix_pos,
+                past_key_values=cache,
+                use_cache=True,
+            )
+            clock.lap("prefix")
             full_mask = torch.cat([prefix_mask, suffix_mask], 1)
             suffix_pos = prefix_mask.sum(1, keepdim=True) + position_ids_from_mask(suffix_mask)
             with EarlyExit(self.model, self.branch):
-                self.model.model(input_ids=suffix_ids, attention_mask=full_mask, position_ids=suffix_pos,
-                                 past_key_values=cache, use_cache=True)
-            t["early_exit"] = _lap(start, self.device) - t["prefix"]
+                self.model.model(
+                    input_ids=suffix_ids,
+                    attention_mask=full_mask,
+                    position_ids=suffix_pos,
+                    past_key_values=cache,
+                    use_cache=True,
+                )
+            clock.lap("early_exit")
         for cache_layer in cache.layers[: self.branch]:
             cache_layer.crop(-suffix_ids.shape[1])
         hidden = torch.cat([captured[0], captured[1]], 1)
         positions = torch.cat([prefix_pos, suffix_pos], 1)
         ids = torch.cat([prefix_ids, suffix_ids], 1)
         logits = self.rpn(hidden.to(self.rpn.q_proj.weight.dtype), full_mask, positions, ids == self.image_token_id)
-        prob = torch.sigmoid(logits.float()).view(-1, self.grid, self.grid)
-        t["rpn"] = _lap(start, self.device) - t["prefix"] - t["early_exit"]
-        boxes, index, blurred = ops.roi_boxes(prob, threshold=self.threshold, max_boxes=self.max_boxes,
-                                              **self.roi_options)
+        prob = torch.sigmoid(logits.float()).view(-1, self.grid_h, self.grid_w)
+        clock.lap("rpn")
+        boxes, index, blurred = ops.roi_boxes(prob, **self.roi.box_rules())
         rois = []
         boxes, index = boxes.tolist(), index.tolist()
         for b, image in enumerate(images):
             grid_boxes = [tuple(bx) for bx, i in zip(boxes, index) if i == b]
-            rois.append(RoiPrediction(
-                [grid_box_to_pixels(gb, self.grid, self.grid, image.width, image.height, self.size,
-                                    self.preprocessing) for gb in grid_boxes],
-                grid_boxes, prob[b].cpu(), blurred[b].cpu()))
-        t["boxes"] = _lap(start, self.device) - sum(t.values())
-        return _Pass1(cache, prefix_mask, [s for _, s in prompts], rois, t), images
+            rois.append(
+                RoiPrediction(
+                    [
+                        grid_box_to_pixels(
+                            gb, self.grid_h, self.grid_w, image.width, image.height, self.size, self.preprocessing
+                        )
+                        for gb in grid_boxes
+                    ],
+                    grid_boxes,
+                    prob[b].cpu(),
+                    blurred[b].cpu(),
+                )
+            )
+        clock.lap("boxes")
+        return _Pass1(cache, prefix_mask, [s for _, s in prompts], rois, clock), images
 
     def predict_rois(self, images, questions) -> list[RoiPrediction]:
         """RoIs for a batch: boxes in source pixels, probabilities and blurred maps."""
@@ -186,12 +234,13 @@ class SDRPNLlava:
 
     def _resample(self, features: Tensor, grid_box) -> Tensor:
         """Optionally fewer crop tokens: (box_h * r, box_w * r), capped at the base grid."""
-        if self.token_ratio is None or self.token_ratio <= 0:
+        ratio = self.roi.token_ratio
+        if ratio <= 0:
             return features
         x0, y0, x1, y1 = grid_box
-        th = max(1, min(self.grid, round((y1 - y0) * self.token_ratio)))
-        tw = max(1, min(self.grid, round((x1 - x0) * self.token_ratio)))
-        grid = features.view(self.grid, self.grid, -1).permute(2, 0, 1)[None].float()
+        th = max(1, min(self.grid_h, round((y1 - y0) * ratio)))
+        tw = max(1, min(self.grid_w, round((x1 - x0) * ratio)))
+        grid = features.view(self.grid_h, self.grid_w, -1).permute(2, 0, 1)[None].float()
         out = F.interpolate(grid, size=(th, tw), mode="bilinear", align_corners=False)
         return out[0].permute(1, 2, 0).reshape(th * tw, -1).to(features.dtype)
 
@@ -208,10 +257,10 @@ class SDRPNLlava:
             raise NotImplementedError(f"only greedy decoding is supported, got {other}")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        start = time.perf_counter()
         p1, images = self._pass1(images, questions)
+        clock = p1.clock
         crop_tokens = self._crop_tokens(images, p1.rois)
-        t_crop = _lap(start, self.device) - sum(p1.timings.values())
+        clock.lap("crop_encode")
         embed = self.model.get_input_embeddings()
         parts = [torch.cat([c, embed(torch.tensor(s, device=self.device))]) for c, s in zip(crop_tokens, p1.suffixes)]
         width = max(p.shape[0] for p in parts)
@@ -219,30 +268,27 @@ class SDRPNLlava:
         new = torch.zeros(batch, width, hidden, device=self.device, dtype=self.dtype)
         new_mask = torch.zeros(batch, width, dtype=torch.long, device=self.device)
         for b, p in enumerate(parts):  # right-aligned: padding sits between prefix and new tokens
-            new[b, width - p.shape[0]:] = p
-            new_mask[b, width - p.shape[0]:] = 1
+            new[b, width - p.shape[0] :] = p
+            new_mask[b, width - p.shape[0] :] = 1
         mask = torch.cat([p1.prefix_mask, new_mask], 1)
         pos = p1.prefix_mask.sum(1, keepdim=True) + position_ids_from_mask(new_mask)
         tokens = _greedy(self.model, p1.cache, new, mask, pos, max_new_tokens, self.eos_id)
-        t_total = _lap(start, self.device)
-        timings = dict(p1.timings, crop_encode=t_crop, pass2_decode=t_total - sum(p1.timings.values()) - t_crop,
-                       total=t_total)
-        return [SDRPNAnswer(self.tokenizer.decode(tok, skip_special_tokens=True), tok, roi, timings)
-                for tok, roi in zip(tokens, p1.rois)]
+        clock.lap("pass2_decode")
+        timings = clock.total()
+        return [
+            SDRPNAnswer(self.tokenizer.decode(tok, skip_special_tokens=True), tok, roi, timings)
+            for tok, roi in zip(tokens, p1.rois)
+        ]
 
 
-def _lap(start: float, device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
-
-
-def _greedy(model, cache, embeds: Tensor, mask: Tensor, positions: Tensor, max_new_tokens: int,
-            eos_id: int) -> list[list[int]]:
+def _greedy(
+    model, cache, embeds: Tensor, mask: Tensor, positions: Tensor, max_new_tokens: int, eos_id: int
+) -> list[list[int]]:
     """Greedy decoding on top of a cache: the first step feeds `embeds`, later steps the
     chosen tokens; a sample stops at its end-of-sequence token (kept in its output)."""
-    out = model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                use_cache=True)
+    out = model(
+        inputs_embeds=embeds, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
+    )
     batch = embeds.shape[0]
     done = torch.zeros(batch, dtype=torch.bool, device=embeds.device)
     tokens: list[list[int]] = [[] for _ in range(batch)]
@@ -256,7 +302,8 @@ def _greedy(model, cache, embeds: Tensor, mask: Tensor, positions: Tensor, max_n
         if bool(done.all()):
             break
         mask = torch.cat([mask, torch.ones(batch, 1, dtype=mask.dtype, device=mask.device)], 1)
-        out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=next_pos, past_key_values=cache,
-                    use_cache=True)
+        out = model(
+            input_ids=nxt[:, None], attention_mask=mask, position_ids=next_pos, past_key_values=cache, use_cache=True
+        )
         next_pos = next_pos + 1
     return tokens

@@ -1,12 +1,21 @@
-"""Mapping RoI boxes between the RPN's grid and source-image pixels."""
+"""Where things are: the model's token grid, and RoI boxes mapped between that grid and
+source-image pixels for either preprocessing mode."""
 
 from __future__ import annotations
 
-PREPROCESSING_MODES = ("pad", "crop")
+from .inputs import PREPROCESSING_MODES
 
 
-def grid_box_to_pixels(box, grid_h: int, grid_w: int, width: int, height: int, size: int = 336,
-                       mode: str = "pad") -> tuple[int, int, int, int]:
+def model_grid(config) -> tuple[int, int]:
+    """(grid_h, grid_w) of the vision tower's patch tokens: image_size // patch_size a side."""
+    vision = config.vision_config
+    side = vision.image_size // vision.patch_size
+    return side, side
+
+
+def grid_box_to_pixels(
+    box, grid_h: int, grid_w: int, width: int, height: int, size: int = 336, mode: str = "pad"
+) -> tuple[int, int, int, int]:
     """A grid box [x0, y0, x1, y1) to source pixels, for the preprocessing that was used.
 
     "pad" (LLaVA-1.5): the image was padded to a square and resized to size, so the
@@ -34,19 +43,3 @@ def grid_box_to_pixels(box, grid_h: int, grid_w: int, width: int, height: int, s
         return int(min(max((v + off) / ratio, 0.0), float(limit)))
 
     return px(x0, off_x, width), px(y0, off_y, height), px(x1, off_x, width), px(y1, off_y, height)
-
-
-def pixel_box_to_grid(box, grid_h: int, grid_w: int, width: int, height: int, size: int = 336,
-                      mode: str = "pad") -> tuple[float, float, float, float]:
-    """The inverse mapping (for tests and pictures): source pixels to fractional grid cells."""
-    if mode == "pad":
-        ratio = min(size / width, size / height)
-        off_x = (size - int(width * ratio)) / 2
-        off_y = (size - int(height * ratio)) / 2
-    else:
-        ratio = max(size / width, size / height)
-        off_x = -((int(width * ratio) - size) // 2)
-        off_y = -((int(height * ratio) - size) // 2)
-    x0, y0, x1, y1 = box
-    return ((x0 * ratio + off_x) * grid_w / size, (y0 * ratio + off_y) * grid_h / size,
-            (x1 * ratio + off_x) * grid_w / size, (y1 * ratio + off_y) * grid_h / size)

@@ -6,7 +6,7 @@ import json
 import os
 from dataclasses import dataclass
 
-from .preprocess import IMAGE_PLACEHOLDER
+from .inputs import IMAGE_PLACEHOLDER
 
 
 class SkipSample(Exception):
@@ -15,10 +15,10 @@ class SkipSample(Exception):
 
 @dataclass(frozen=True)
 class QASample:
-    index: int          # position in the data file
+    index: int  # position in the data file
     id: str
-    image: str          # as written in the data file
-    question: str       # the first human turn, placeholder removed
+    image: str  # as written in the data file
+    question: str  # the first human turn, placeholder removed
     answer: str | None  # the first gpt turn, if any
 
 

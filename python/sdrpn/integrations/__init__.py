@@ -1,1 +1,0 @@
-"""Adapters that let SD-RPN pieces run inside other training frameworks."""

@@ -1,0 +1,293 @@
+"""The label folder: Stage 1's output and Stage 2's input. This module alone names, writes
+and reads its files.
+
+  label_config.json              every setting the labels were made with (LabelFolderConfig)
+  rank{R}-shard{K}.safetensors   grounding, sink (float32 (n, N)), labels (int8 (n, N)),
+                                 grid (int64 (n, 2))
+  rank{R}-shard{K}.jsonl         one line per labelled sample: id, index, image, question,
+                                 answer, answer_source, image_size, preprocessing, shard,
+                                 row, fg/bg/ignore counts
+  rank{R}-shard{K}.skipped.jsonl samples skipped in that shard's span, with the reason
+  rank{R}-shard{K}.done.json     written last: the shard is complete; data indices covered
+  summary.json                   counts over every complete shard
+
+Every file is written atomically; a shard counts only once its done marker exists. Folders
+written before label_config.json recorded every setting (format 1) still read: the
+settings they lack take the reference defaults.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from ..io_utils import read_json, read_jsonl, write_atomic, write_json, write_jsonl
+from ..llava.inputs import PROMPT_TEMPLATE
+from ..llava.presets import PRESETS
+from ..ops import IGNORE_INDEX, SINK_THRESHOLD
+from .options import LabelOptions
+
+log = logging.getLogger(__name__)
+
+CONFIG_NAME = "label_config.json"
+SUMMARY_NAME = "summary.json"
+FORMAT_VERSION = 2
+TENSOR_NAMES = ("grounding", "sink", "labels", "grid")
+
+
+def shard_name(rank: int, shard: int) -> str:
+    return f"rank{rank:03d}-shard{shard:05d}"
+
+
+@dataclass
+class LabelFolderConfig:
+    """What a label folder records: enough to rebuild every sample's input exactly as it
+    was labelled, and to draw or judge the labels with the thresholds that made them."""
+
+    options: LabelOptions  # resolved: sink threshold and template filled in
+    preset: dict | None = None  # the whole preset (None: imported labels)
+    model: dict | None = None  # llava.loading.model_identity of the base model
+    dtype: str | None = None  # the model's dtype while labelling
+    image_folder: str | None = None  # absolute
+    image_size: int | None = None  # the encoder's input side
+    grid: list[int] | None = None  # [grid_h, grid_w]
+    image_token_id: int | None = None
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def sink_threshold(self) -> float:
+        return self.options.sink_threshold if self.options.sink_threshold is not None else SINK_THRESHOLD
+
+    @property
+    def prompt_template(self) -> str:
+        return self.options.prompt_template or PROMPT_TEMPLATE
+
+    def to_dict(self) -> dict:
+        return {
+            "format_version": self.format_version,
+            "options": self.options.to_dict(),
+            "preset": self.preset,
+            "model": self.model,
+            "dtype": self.dtype,
+            "image_folder": self.image_folder,
+            "image_size": self.image_size,
+            "grid": self.grid,
+            "image_token_id": self.image_token_id,
+        }
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> LabelFolderConfig:
+        if raw.get("format_version", 1) >= 2:
+            return cls(
+                options=LabelOptions.from_dict(raw["options"]),
+                **{
+                    k: raw.get(k)
+                    for k in ("preset", "model", "dtype", "image_folder", "image_size", "grid", "image_token_id")
+                },
+                format_version=raw["format_version"],
+            )
+        # Format 1: flat keys, the preset by name, thresholds implied by the reference defaults.
+        preset = PRESETS.get(raw.get("preset")) if isinstance(raw.get("preset"), str) else None
+        sink = preset.sink_threshold if preset else SINK_THRESHOLD
+        options = LabelOptions(
+            answers=raw.get("answers", "self"), sink_threshold=sink, prompt_template=raw.get("prompt_template")
+        )
+        model = {"name": raw["model"], "config_fingerprint": None} if raw.get("model") else None
+        return cls(
+            options=options,
+            preset=preset.to_dict() if preset else None,
+            model=model,
+            image_folder=raw.get("image_folder"),
+            image_size=raw.get("image_size"),
+            grid=raw.get("grid"),
+            image_token_id=raw.get("image_token_id"),
+            format_version=1,
+        )
+
+    def differences(self, other: LabelFolderConfig) -> list[str]:
+        """Names of the recorded settings that differ between two configs."""
+        mine, theirs = self.to_dict(), other.to_dict()
+        out = [f"options.{k}" for k in mine["options"] if mine["options"][k] != theirs["options"].get(k)]
+        return out + [k for k in mine if k != "options" and mine[k] != theirs[k]]
+
+
+@dataclass
+class Shard:
+    """One complete shard as read: its valid rows and their tensors."""
+
+    name: str
+    rows: list[dict]
+    tensors: dict[str, Tensor]
+    bad_rows: Counter = field(default_factory=Counter)
+
+    def row_tensors(self, row: dict) -> dict[str, Tensor]:
+        return {k: v[row["row"]] for k, v in self.tensors.items()}
+
+
+class LabelFolder:
+    """A label folder on disk (see the module docstring)."""
+
+    def __init__(self, path: str):
+        self.path = str(path)
+
+    def file(self, name: str) -> str:
+        return os.path.join(self.path, name)
+
+    # ---- config ---------------------------------------------------------------------------
+    def read_config(self) -> LabelFolderConfig | None:
+        path = self.file(CONFIG_NAME)
+        return LabelFolderConfig.from_dict(read_json(path)) if os.path.exists(path) else None
+
+    @property
+    def config(self) -> LabelFolderConfig:
+        config = self.read_config()
+        if config is None:
+            raise ValueError(f"{self.path} is not a label folder: it has no {CONFIG_NAME}")
+        return config
+
+    def write_config(self, config: LabelFolderConfig) -> None:
+        write_json(self.file(CONFIG_NAME), config.to_dict())
+
+    def start(self, config: LabelFolderConfig) -> None:
+        """Record the config of a new job, or check that a resumed one uses the same."""
+        old = self.read_config()
+        if old is not None and self.done_markers():
+            diff = old.differences(config)
+            if diff:
+                raise ValueError(
+                    f"{self.path} holds labels made with other settings ({', '.join(diff)} "
+                    f"differ): resume with the same settings, or pass another --out"
+                )
+        self.write_config(config)
+
+    # ---- shards ---------------------------------------------------------------------------
+    def done_markers(self, rank: int | None = None) -> list[dict]:
+        pattern = "rank*-shard*" if rank is None else f"rank{rank:03d}-shard*"
+        return [read_json(p) for p in sorted(glob.glob(self.file(pattern + ".done.json")))]
+
+    def complete_shards(self) -> list[str]:
+        """Names of the shards whose done marker exists, in order."""
+        markers = sorted(glob.glob(self.file("rank*-shard*.done.json")))
+        return [os.path.basename(m)[: -len(".done.json")] for m in markers]
+
+    def write_shard(
+        self,
+        name: str,
+        rows: list[dict],
+        tensors: dict[str, Tensor],
+        skipped: list[dict],
+        first_index: int | None,
+        last_index: int,
+        shard: int,
+    ) -> dict:
+        """Write one shard, its done marker last; returns the marker."""
+        for i, row in enumerate(rows):
+            row["shard"], row["row"] = name + ".safetensors", i
+        base = self.file(name)
+        if rows:
+            tensors = {k: tensors[k].contiguous() for k in TENSOR_NAMES}
+            write_atomic(base + ".safetensors", lambda tmp: save_file(tensors, tmp))
+        write_jsonl(base + ".jsonl", rows)
+        write_jsonl(base + ".skipped.jsonl", skipped)
+        marker = {
+            "shard": shard,
+            "first_index": first_index,
+            "last_index": last_index,
+            "labelled": len(rows),
+            "all_ignore": sum(1 for r in rows if r["fg"] == 0 and r["bg"] == 0),
+            "skipped": dict(Counter(s["reason"] for s in skipped)),
+        }
+        write_json(base + ".done.json", marker)
+        return marker
+
+    def skipped(self, name: str) -> list[dict]:
+        """The samples skipped in a shard's span, with their reasons."""
+        return read_jsonl(self.file(name + ".skipped.jsonl"))
+
+    def read_shard(self, name: str) -> Shard:
+        """A complete shard with its rows checked against its tensors; rows that do not fit
+        are left out and counted by reason. A shard whose tensors are unusable raises."""
+        base = self.file(name)
+        rows = read_jsonl(base + ".jsonl")
+        if not rows:
+            return Shard(name, [], {})
+        try:
+            tensors = load_file(base + ".safetensors")
+        except (OSError, SafetensorError) as err:
+            raise ValueError(f"shard {base}.safetensors cannot be read: {err}") from None
+        n = _check_shard_tensors(base, tensors)
+        labels = tensors["labels"]
+        row_ok = ((labels == 0) | (labels == 1) | (labels == IGNORE_INDEX)).all(1)
+        kept, bad = [], Counter()
+        for row in rows:
+            index = row.get("row") if isinstance(row, dict) else None
+            if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < n:
+                bad["row index out of range"] += 1
+            elif not isinstance(row.get("id"), str) or not isinstance(row.get("question", ""), str):
+                bad["malformed row"] += 1
+            elif not bool(row_ok[index]):
+                bad["label values other than 0, 1 and ignore"] += 1
+            else:
+                kept.append(row)
+        if bad:
+            log.warning("%s: left out %s", base, dict(bad))
+        return Shard(name, kept, tensors, bad)
+
+    def shards(self) -> Iterator[Shard]:
+        for name in self.complete_shards():
+            yield self.read_shard(name)
+
+    # ---- summary --------------------------------------------------------------------------
+    def write_summary(self) -> dict:
+        """Counts over every rank's complete shards, written to summary.json."""
+        summary = summarize(self.done_markers())
+        write_json(self.file(SUMMARY_NAME), summary)
+        return summary
+
+
+def _check_shard_tensors(base: str, tensors: dict[str, Tensor]) -> int:
+    missing = [k for k in TENSOR_NAMES if k not in tensors]
+    if missing:
+        raise ValueError(f"shard {base} lacks tensors {missing}")
+    labels, grid = tensors["labels"], tensors["grid"]
+    if labels.dtype not in (torch.int8, torch.int16, torch.int32, torch.int64) or labels.dim() != 2:
+        raise ValueError(
+            f"shard {base}: labels must be an integer (n, N) tensor, got {labels.dtype} {tuple(labels.shape)}"
+        )
+    n, cells = labels.shape
+    for key in ("grounding", "sink"):
+        if not tensors[key].is_floating_point() or tuple(tensors[key].shape) != (n, cells):
+            raise ValueError(
+                f"shard {base}: {key} must be a float ({n}, {cells}) tensor, got "
+                f"{tensors[key].dtype} {tuple(tensors[key].shape)}"
+            )
+    if (
+        grid.dtype != torch.int64
+        or tuple(grid.shape) != (n, 2)
+        or not bool((grid.prod(1) == cells).all())
+        or not bool((grid > 0).all())
+    ):
+        raise ValueError(f"shard {base}: grid must be int64 ({n}, 2) with grid_h * grid_w = {cells}")
+    return n
+
+
+def summarize(markers: list[dict]) -> dict:
+    skipped = Counter()
+    for m in markers:
+        skipped.update(m["skipped"])
+    return {
+        "shards": len(markers),
+        "labelled": sum(m["labelled"] for m in markers),
+        "all_ignore": sum(m["all_ignore"] for m in markers),
+        "skipped": sum(skipped.values()),
+        "skipped_by_reason": dict(sorted(skipped.items())),
+    }

@@ -1,0 +1,231 @@
+"""The label job: LLaVA-format data in, SD-RPN pseudo labels out (SPEC Stage 1), written
+into a label folder (see labels/folder.py) shard by shard; a rerun resumes after the last
+complete shard."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from .. import ops
+from ..llava.data import QASample, SkipSample, load_entries, parse_entry, resolve_image
+from ..llava.geometry import model_grid
+from ..llava.inputs import Preprocessing, left_pad, load_rgb, preprocess_image, prompt_token_ids
+from ..llava.loading import DTYPES, model_device, model_dtype, model_identity, pad_token_id
+from ..llava.maps import TeacherForcedBatch, attention_maps
+from ..llava.presets import LlavaPreset
+from .folder import LabelFolder, LabelFolderConfig, shard_name, summarize
+from .options import LabelOptions
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LabelJobConfig:
+    """One rank's labelling job: where the data is and goes, how it is split, and the
+    labelling options."""
+
+    data: str
+    image_folder: str
+    out: str
+    options: LabelOptions = field(default_factory=LabelOptions)
+    batch_size: int = 8
+    limit: int | None = None  # only the first `limit` entries of the data
+    shard_size: int = 1000  # labelled samples per shard (at least; whole batches)
+    rank: int = 0
+    world_size: int = 1
+
+    def __post_init__(self):
+        for name in ("batch_size", "shard_size", "world_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank must lie in [0, world_size={self.world_size}), got {self.rank}")
+
+
+@dataclass
+class Prepared:
+    sample: QASample
+    pixels: Tensor
+    preprocessing: Preprocessing
+    prompt: list[int]
+
+
+@dataclass
+class ShardBuffer:
+    rows: list[dict] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)
+    tensors: dict[str, list[Tensor]] = field(
+        default_factory=lambda: {"grounding": [], "sink": [], "labels": [], "grid": []}
+    )
+    first_index: int | None = None
+    last_index: int = -1
+
+    def cover(self, index: int) -> None:
+        self.first_index = index if self.first_index is None else self.first_index
+        self.last_index = max(self.last_index, index)
+
+
+class LabelJob:
+    """Labels one rank's share of the data; `run()` returns the rank's summary."""
+
+    def __init__(self, cfg: LabelJobConfig, model: nn.Module, tokenizer, preset: LlavaPreset):
+        preset.check_fits(model.config)
+        self.cfg, self.model, self.tokenizer, self.preset = cfg, model, tokenizer, preset
+        self.options = cfg.options.resolved(preset)
+        self.image_size = model.config.vision_config.image_size
+        self.grid = model_grid(model.config)
+        self.num_cells = self.grid[0] * self.grid[1]
+        self.image_token_id = model.config.image_token_id
+        self.eos_id = tokenizer.eos_token_id
+        self.pad_id = pad_token_id(tokenizer)
+        self.device = model_device(model)
+        self.dtype = model_dtype(model)
+        self.folder = LabelFolder(cfg.out)
+
+    # ---- stages ---------------------------------------------------------------------------
+    def _prepare(self, entry, index: int) -> Prepared:
+        sample = parse_entry(entry, index)
+        if self.options.answers == "given" and not sample.answer:
+            raise SkipSample("no answer")
+        path = resolve_image(self.cfg.image_folder, sample.image)
+        try:
+            image = load_rgb(path)
+        except Exception as err:  # a corrupt file must not stop the job
+            raise SkipSample("image unreadable") from err
+        pixels, prep = preprocess_image(image, self.image_size, mode=self.options.preprocessing)
+        prompt = prompt_token_ids(
+            self.tokenizer, sample.question, self.image_token_id, self.num_cells, self.options.prompt_template
+        )
+        return Prepared(sample, pixels, prep, prompt)
+
+    def _left_pad(self, seqs: list[list[int]]) -> tuple[Tensor, Tensor]:
+        return left_pad(seqs, self.pad_id, self.device)
+
+    def _pixels(self, items: list[Prepared]) -> Tensor:
+        return torch.stack([p.pixels for p in items]).to(self.device, self.dtype)
+
+    @torch.no_grad()
+    def _answers(self, items: list[Prepared]) -> list[list[int]]:
+        if self.options.answers == "given":
+            return [
+                self.tokenizer(p.sample.answer, add_special_tokens=False)["input_ids"] + [self.eos_id] for p in items
+            ]
+        ids, mask = self._left_pad([p.prompt for p in items])
+        out = self.model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            pixel_values=self._pixels(items),
+            max_new_tokens=self.options.max_new_tokens,
+            do_sample=False,
+            pad_token_id=self.pad_id,
+            eos_token_id=self.eos_id,
+        )
+        answers = []
+        for row in out[:, ids.shape[1] :].tolist():
+            cut = row.index(self.eos_id) + 1 if self.eos_id in row else len(row)
+            answers.append(row[:cut])
+        return answers
+
+    def _label_batch(self, items: list[Prepared], buf: ShardBuffer) -> None:
+        answers = self._answers(items)
+        ids, mask = self._left_pad([p.prompt + a for p, a in zip(items, answers)])
+        width = ids.shape[1]
+        starts = torch.tensor([width - len(a) for a in answers], device=self.device)
+        lengths = torch.tensor([len(a) for a in answers], device=self.device)
+        batch = TeacherForcedBatch(ids, mask, self._pixels(items), starts, lengths)
+        maps = attention_maps(self.model, batch, self.preset, self.num_cells)
+        opts = self.options
+        labels = ops.pseudo_labels(
+            maps.grounding,
+            maps.sink,
+            *self.grid,
+            sink_threshold=opts.sink_threshold,
+            fg_ratio=opts.fg_ratio,
+            bg_ratio=opts.bg_ratio,
+            max_box_fraction=opts.max_box_fraction,
+        )
+        stats = ops.pseudo_label_stats(labels).tolist()
+        for b, (p, answer) in enumerate(zip(items, answers)):
+            fg, bg, ignore = stats[b]
+            buf.rows.append(
+                {
+                    "id": p.sample.id,
+                    "index": p.sample.index,
+                    "image": p.sample.image,
+                    "question": p.sample.question,
+                    "answer": self.tokenizer.decode(answer, skip_special_tokens=True),
+                    "answer_source": opts.answers,
+                    "image_size": [p.preprocessing.width, p.preprocessing.height],
+                    "preprocessing": p.preprocessing.to_dict(),
+                    "fg": fg,
+                    "bg": bg,
+                    "ignore": ignore,
+                }
+            )
+        buf.tensors["grounding"].append(maps.grounding.float().cpu())
+        buf.tensors["sink"].append(maps.sink.float().cpu())
+        buf.tensors["labels"].append(labels.to(torch.int8).cpu())
+        buf.tensors["grid"].append(torch.tensor([list(self.grid)] * len(items)))
+
+    def _flush(self, shard: int, buf: ShardBuffer) -> dict:
+        tensors = {k: torch.cat(v) for k, v in buf.tensors.items()} if buf.rows else {}
+        return self.folder.write_shard(
+            shard_name(self.cfg.rank, shard), buf.rows, tensors, buf.skipped, buf.first_index, buf.last_index, shard
+        )
+
+    def folder_config(self) -> LabelFolderConfig:
+        """Every setting of this job that the labels depend on (see LabelFolderConfig)."""
+        dtype = next(name for name, value in DTYPES.items() if value == self.dtype)
+        return LabelFolderConfig(
+            options=self.options,
+            preset=self.preset.to_dict(),
+            model=model_identity(self.model),
+            dtype=dtype,
+            image_folder=os.path.abspath(self.cfg.image_folder),
+            image_size=self.image_size,
+            grid=list(self.grid),
+            image_token_id=self.image_token_id,
+        )
+
+    # ---- driver ---------------------------------------------------------------------------
+    def run(self) -> dict:
+        cfg = self.cfg
+        self.folder.start(self.folder_config())
+        entries = load_entries(cfg.data)
+        if cfg.limit is not None:
+            entries = entries[: cfg.limit]
+        markers = self.folder.done_markers(cfg.rank)
+        resume_after = max((m["last_index"] for m in markers), default=-1)
+        shard = max((m["shard"] for m in markers), default=-1) + 1
+        mine = [i for i in range(len(entries)) if i % cfg.world_size == cfg.rank and i > resume_after]
+        if markers:
+            log.info("resuming after data index %d (%d complete shards)", resume_after, len(markers))
+        buf, pending = ShardBuffer(), []
+        progress = tqdm(total=len(mine), desc=f"label rank {cfg.rank}", unit="sample", disable=None)
+        for pos, index in enumerate(mine):
+            buf.cover(index)
+            try:
+                pending.append(self._prepare(entries[index], index))
+            except SkipSample as skip:
+                buf.skipped.append({"index": index, "reason": str(skip)})
+            last = pos == len(mine) - 1
+            if pending and (len(pending) == cfg.batch_size or last):
+                self._label_batch(pending, buf)
+                pending = []
+            progress.update(1)
+            if len(buf.rows) >= cfg.shard_size or (last and buf.first_index is not None):
+                markers.append(self._flush(shard, buf))
+                shard, buf = shard + 1, ShardBuffer()
+        progress.close()
+        return summarize(markers)
+
+
+def merge_summaries(out: str) -> dict:
+    """Summary over every rank's complete shards in the folder (summary.json)."""
+    return LabelFolder(out).write_summary()

@@ -1,0 +1,116 @@
+"""Pictures of label folders: per sample the image with its heat map, sinks and foreground,
+and the grid of map, sinks and labels (`sdrpn viz-labels`), drawn with the thresholds the
+folder records."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw
+from torch import Tensor
+
+from ..llava.data import SkipSample, resolve_image
+from ..llava.inputs import load_rgb, mean_fill, pad_to_square
+from ..pictures import LABEL_COLOURS, heat_rgb, label_rgb, save_atomic, sink_rgb, tile
+from .folder import LabelFolder
+
+
+def label_grid(
+    grounding: Tensor,
+    is_sink: Tensor,
+    labels: Tensor,
+    grid_h: int,
+    grid_w: int,
+    regions: Sequence[Sequence[int]] | None = None,
+    cell: int = 6,
+) -> Image.Image:
+    """One row per sample: attention map, sink tokens, labels (planted region outlined)."""
+    batch = grounding.shape[0]
+    pad = 4
+    tile_w, tile_h = grid_w * cell, grid_h * cell
+    sheet = Image.new("RGB", (3 * tile_w + 4 * pad, batch * (tile_h + pad) + pad), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    for b in range(batch):
+        g = grounding[b].float().cpu().numpy().reshape(grid_h, grid_w)
+        s = is_sink[b].cpu().numpy().reshape(grid_h, grid_w)
+        lab = labels[b].cpu().numpy().reshape(grid_h, grid_w)
+        y = pad + b * (tile_h + pad)
+        for col, rgb in enumerate((heat_rgb(g), sink_rgb(s), label_rgb(lab))):
+            x = pad + col * (tile_w + pad)
+            sheet.paste(tile(rgb, cell), (x, y))
+            if regions is not None:
+                r0, c0, r1, c1 = (int(v) for v in regions[b])
+                draw.rectangle(
+                    [x + c0 * cell, y + r0 * cell, x + c1 * cell - 1, y + r1 * cell - 1], outline=(0, 220, 0)
+                )
+    return sheet
+
+
+def overlay_panel(
+    image: Image.Image, grounding: np.ndarray, labels: np.ndarray, is_sink: np.ndarray, size: int = 336
+) -> Image.Image:
+    """The (already padded-to-square) image with the grounding heat map blended in, sink
+    cells crossed and the label of every cell as a coloured outline."""
+    base = image.convert("RGB").resize((size, size), Image.BICUBIC)
+    heat = Image.fromarray(heat_rgb(grounding)).resize((size, size), Image.BILINEAR)
+    panel = Image.blend(base, heat, 0.45)
+    draw = ImageDraw.Draw(panel)
+    grid_h, grid_w = grounding.shape
+    ch, cw = size / grid_h, size / grid_w
+    for r in range(grid_h):
+        for c in range(grid_w):
+            box = [c * cw + 1, r * ch + 1, (c + 1) * cw - 2, (r + 1) * ch - 2]
+            if labels[r, c] == 1:
+                draw.rectangle(box, outline=LABEL_COLOURS[1], width=2)
+            if is_sink[r, c]:
+                draw.line([box[0], box[1], box[2], box[3]], fill=(255, 255, 255), width=2)
+                draw.line([box[0], box[3], box[2], box[1]], fill=(255, 255, 255), width=2)
+    return panel
+
+
+def visualise_labels(label_dir: str, out: str, num: int = 16, image_folder: str | None = None) -> list[str]:
+    """One PNG per sample (image with heat map, sinks and foreground when the image is
+    found; then map, sinks and labels on the grid), sinks at the folder's recorded
+    threshold. Returns the written paths."""
+    folder = LabelFolder(label_dir)
+    config = folder.config
+    image_folder = image_folder or config.image_folder
+    written: list[str] = []
+    for shard in folder.shards():
+        for row in shard.rows:
+            if len(written) >= num:
+                return written
+            t = shard.row_tensors(row)
+            gh, gw = t["grid"].tolist()
+            g = t["grounding"][None]
+            sink = t["sink"][None] >= config.sink_threshold
+            labels = t["labels"][None].long()
+            grid_png = label_grid(g, sink, labels, gh, gw, cell=12)
+            panels = [grid_png]
+            if image_folder and row.get("image"):
+                try:
+                    image = load_rgb(resolve_image(image_folder, row["image"]))
+                    panels.insert(
+                        0,
+                        overlay_panel(
+                            pad_to_square(image, mean_fill()),
+                            g.view(gh, gw).numpy(),
+                            labels.view(gh, gw).numpy(),
+                            sink.view(gh, gw).numpy(),
+                            size=grid_png.height,
+                        ),
+                    )
+                except (SkipSample, OSError):
+                    pass
+            sheet = Image.new("RGB", (sum(p.width for p in panels), max(p.height for p in panels)), (255, 255, 255))
+            x = 0
+            for p in panels:
+                sheet.paste(p, (x, 0))
+                x += p.width
+            safe_id = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in str(row["id"]))
+            path = os.path.join(out, f"{len(written):04d}_{safe_id}.png")
+            save_atomic(sheet, path)
+            written.append(path)
+    return written

@@ -1,0 +1,80 @@
+"""Typed, validated option sets that travel whole from the command line to the ops.
+
+Every option class is a dataclass whose fields carry their documentation in
+``metadata["help"]``; the command line builds its flags from those fields (so every field
+is reachable and its default shown), and artefacts record them with ``to_dict`` and read
+them back with ``from_dict``, which refuses unknown names instead of dropping them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+T = TypeVar("T", bound="Options")
+
+
+def option(default: Any, help: str, **kwargs) -> Any:
+    """A dataclass field with its documentation (shown by --help)."""
+    return field(default=default, metadata={"help": help, **kwargs})
+
+
+class Options:
+    """Mixin for option dataclasses: dict round trip and overrides."""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls: type[T], values: dict | None) -> T:
+        values = dict(values or {})
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ValueError(f"{cls.__name__} has no field {unknown}; known: {sorted(names)}")
+        return cls(**values)
+
+    def updated(self: T, **overrides) -> T:
+        """A copy with the overrides that are not None applied (and validated)."""
+        return dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+
+@dataclass(frozen=True)
+class RoiOptions(Options):
+    """How the RPN's probabilities become crops (SPEC Stage 3, steps 2 and 4).
+
+    The defaults are SPEC's, made for LLaVA-1.5's 24x24 grid; an RPN folder records the
+    options recommended for its model, and inference takes them from there.
+    """
+
+    threshold: float = option(
+        0.15, "blurred-probability threshold theta; negative: relative to the map's maximum (> max * |theta|)"
+    )
+    sigma: float = option(1.0, "sigma of the 3x3 Gaussian blur (> 0)")
+    min_area: int = option(4, "components under this many cells are grown to 3x3 around their centre")
+    max_area: int = option(225, "components over this many cells are dropped")
+    max_boxes: int = option(2, "a sample left with more boxes than this gets no crop")
+    drop_singletons: bool = option(True, "drop one-cell components (noise or sinks)")
+    reference_clamp: bool = option(True, "clamp a grown box's exclusive end to size - 1, as the reference does")
+    token_ratio: float = option(-1.0, "resample each crop's tokens to (box_h*r, box_w*r); <= 0 keeps all")
+
+    def __post_init__(self):
+        checks = {
+            "sigma": self.sigma > 0,
+            "min_area": self.min_area >= 0,
+            "max_area": self.max_area >= 1,
+            "max_boxes": self.max_boxes >= 1,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise ValueError(f"{name} has a value out of range, got {getattr(self, name)!r}")
+        if not -1.0 <= self.threshold <= 1.0:  # probabilities: anything outside selects all or nothing
+            raise ValueError(f"threshold must lie in [-1, 1], got {self.threshold!r}")
+
+    def box_rules(self) -> dict:
+        """The keyword arguments of ``sdrpn.ops.roi_boxes``."""
+        return {
+            k: getattr(self, k)
+            for k in ("threshold", "sigma", "min_area", "max_area", "max_boxes", "drop_singletons", "reference_clamp")
+        }

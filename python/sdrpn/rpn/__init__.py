@@ -1,0 +1,16 @@
+"""Stage 2: the Region Proposal Network, its training data and its training."""
+
+from .dataset import LabelBatch, LabelCollator, LabelShardDataset
+from .model import RegionProposalNetwork, RPNConfig, rpn_loss
+from .train import RPNTrainer, TrainConfig
+
+__all__ = [
+    "LabelBatch",
+    "LabelCollator",
+    "LabelShardDataset",
+    "RPNConfig",
+    "RPNTrainer",
+    "RegionProposalNetwork",
+    "TrainConfig",
+    "rpn_loss",
+]

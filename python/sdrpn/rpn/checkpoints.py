@@ -1,0 +1,79 @@
+"""Training checkpoints: checkpoints/<name>/ folders (RPN, optimiser, trainer state) and
+checkpoints/latest.json naming the newest. The folder latest.json names is never removed
+or replaced before the pointer has moved on, so a kill at any moment leaves a resumable run."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+from safetensors.torch import load_file, save_file
+
+from ..io_utils import fsync_dir, read_json, write_json
+from ..optim_state import load_optimizer_tensors, optimizer_tensors
+
+LATEST = "latest.json"
+
+
+def _root(folder: str) -> str:
+    return os.path.join(folder, "checkpoints")
+
+
+def _fresh_name(root: str, step: int) -> str:
+    """step-N, or step-N.K when a checkpoint of that step exists already (a re-save at the
+    same step must not overwrite the folder that latest.json may name)."""
+    name, k = f"step-{step:08d}", 1
+    while os.path.exists(os.path.join(root, name)):
+        name, k = f"step-{step:08d}.{k}", k + 1
+    return name
+
+
+def save_checkpoint(folder: str, rpn, optimizer, scheduler, progress: dict, keep: int) -> str:
+    """Write a checkpoint as a whole (temporary folder, fsynced, then renamed), point
+    latest.json at it, then remove the oldest beyond `keep`."""
+    root = _root(folder)
+    os.makedirs(root, exist_ok=True)
+    final = os.path.join(root, _fresh_name(root, progress["global_step"]))
+    tmp = final + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    rpn.save(tmp)
+    tensors, meta = optimizer_tensors(optimizer)
+    save_file(tensors, os.path.join(tmp, "optimizer.safetensors"))
+    write_json(
+        os.path.join(tmp, "trainer_state.json"),
+        {"progress": progress, "optimizer": meta, "scheduler": scheduler.state_dict()},
+    )
+    fsync_dir(tmp)
+    os.replace(tmp, final)
+    fsync_dir(root)
+    write_json(os.path.join(root, LATEST), {"path": os.path.basename(final)})
+    done = sorted(
+        (d for d in os.listdir(root) if d.startswith("step-") and not d.endswith(".tmp")),
+        key=lambda d: os.path.getmtime(os.path.join(root, d)),
+    )
+    for old in done[:-keep]:
+        if old != os.path.basename(final):
+            shutil.rmtree(os.path.join(root, old), ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(folder: str) -> str | None:
+    pointer = os.path.join(_root(folder), LATEST)
+    if not os.path.exists(pointer):
+        return None
+    path = os.path.join(_root(folder), read_json(pointer)["path"])
+    if not os.path.isdir(path):
+        raise ValueError(
+            f"{pointer} names {path}, which does not exist: the checkpoint folder was "
+            f"changed by hand; remove {pointer} to start over"
+        )
+    return path
+
+
+def load_checkpoint(path: str, rpn, optimizer, scheduler) -> dict:
+    """Restore the RPN, optimiser and scheduler in place; returns the training progress."""
+    state = read_json(os.path.join(path, "trainer_state.json"))
+    rpn.load_state_dict(load_file(os.path.join(path, "rpn.safetensors")), strict=False)
+    load_optimizer_tensors(optimizer, load_file(os.path.join(path, "optimizer.safetensors")), state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    return state["progress"]

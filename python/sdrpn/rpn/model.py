@@ -1,0 +1,297 @@
+"""The Region Proposal Network on top of a frozen LLaVA decoder (SPEC Stage 2).
+
+It reads the hidden states entering decoder layer K (the branch point) and runs
+(T-1) decoder layers copied from layers K .. K+T-2, an RMSNorm copied from the final
+norm, and a head made of the input RMSNorm, q_proj and k_proj of a copy of layer
+K+T-1. The score of visual token i is mean over heads of q_h . k_{h,i} / sqrt(d), with q
+from the last prompt token, no RoPE: ``sdrpn.ops.rpn_scores``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import os
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+from transformers.masking_utils import create_causal_mask
+
+from .. import ops
+from ..io_utils import read_json, write_atomic, write_json
+from ..llava.geometry import model_grid
+from ..llava.inputs import PREPROCESSING_MODES, PROMPT_TEMPLATE, check_template
+from ..llava.loading import config_fingerprint, model_device, model_dtype
+from ..ops import IGNORE_INDEX
+from ..options import RoiOptions
+
+WEIGHTS_NAME = "rpn.safetensors"
+CONFIG_NAME = "rpn_config.json"
+
+
+@dataclass
+class RPNConfig:
+    """rpn_config.json: everything needed to use the RPN on its base model. Fields missing
+    from folders written by earlier versions take these defaults (the reference's)."""
+
+    branch_layer: int = 15  # K: the RPN reads hidden_states[K]
+    depth: int = 3  # T: copies of layers K .. K+T-1
+    preset: str | None = None  # name of the preset it was trained with
+    base_model: str | None = None  # the base model's name or Hub id, as it was given
+    base_config_fingerprint: str | None = None  # llava.loading.config_fingerprint
+    grid: list[int] | None = None  # [grid_h, grid_w] of the base model's image tokens
+    image_size: int | None = None  # the encoder's input side
+    num_heads: int = 0
+    hidden_size: int = 0
+    # A few weights of the base model, to refuse loading the RPN onto another model.
+    base_fingerprint: list[float] = field(default_factory=list)
+    prompt_template: str = PROMPT_TEMPLATE  # the template its labels were made with
+    preprocessing: str = "pad"  # the image preprocessing its labels were made with
+    roi: dict = field(default_factory=lambda: RoiOptions().to_dict())  # recommended RoiOptions
+
+    def __post_init__(self):
+        check_template(self.prompt_template)
+        if self.preprocessing not in PREPROCESSING_MODES:
+            raise ValueError(f"preprocessing must be one of {PREPROCESSING_MODES}, got {self.preprocessing!r}")
+        RoiOptions.from_dict(self.roi)
+
+    @property
+    def roi_options(self) -> RoiOptions:
+        return RoiOptions.from_dict(self.roi)
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> RPNConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - names)
+        if unknown:
+            raise ValueError(f"rpn_config.json has unknown fields {unknown}")
+        return cls(**raw)
+
+
+def model_fingerprint(model: nn.Module, branch_layer: int) -> list[float]:
+    """Sixteen weights of the backbone the RPN sits on (embedding and the branch layer's
+    input), compared with a tolerance so that a dtype change still matches."""
+    decoder = model.get_decoder()
+    probes = [decoder.embed_tokens.weight, decoder.layers[branch_layer - 1].mlp.down_proj.weight]
+    return [round(float(v), 4) for p in probes for v in p.detach().flatten()[:8].float().cpu()]
+
+
+def rpn_loss(logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
+    """Binary cross-entropy with logits, mean over the cells whose label is not ignored.
+
+    Exactly zero, and still part of the graph, when a batch has no such cell.
+    """
+    if logits.shape != labels.shape:
+        raise ValueError(f"logits and labels must have one shape, got {tuple(logits.shape)} and {tuple(labels.shape)}")
+    keep = labels != ignore_index
+    if not bool(keep.any()):
+        # Padding cells hold -inf, and -inf * 0 is NaN: zero them first.
+        return logits.masked_fill(~torch.isfinite(logits), 0.0).sum() * 0.0
+    return F.binary_cross_entropy_with_logits(logits[keep].float(), labels[keep].float())
+
+
+def last_real_token(attention_mask: Tensor) -> Tensor:
+    """Index of the last real token per sample (the one just before the answer)."""
+    length = attention_mask.shape[1]
+    return length - 1 - attention_mask.flip(1).long().argmax(1)
+
+
+def gather_visual(states: Tensor, visual_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """The visual tokens of each sample in sequence order, padded to the largest count:
+    (B, Nmax, D) states and (B, Nmax) bool real-cell mask."""
+    counts = visual_mask.sum(1)
+    width = int(counts.max()) if counts.numel() else 0
+    order = torch.argsort((~visual_mask).to(torch.int8), dim=1, stable=True)[:, :width]
+    cells = torch.arange(width, device=states.device)[None, :] < counts[:, None]
+    gathered = states.gather(1, order[..., None].expand(-1, -1, states.shape[-1]))
+    return gathered, cells
+
+
+class RegionProposalNetwork(nn.Module):
+    def __init__(
+        self,
+        layers: nn.ModuleList,
+        norm: nn.Module,
+        head_norm: nn.Module,
+        q_proj: nn.Linear,
+        k_proj: nn.Linear,
+        rotary_emb: nn.Module,
+        text_config,
+        config: RPNConfig,
+    ):
+        super().__init__()
+        self.layers = layers
+        self.norm = norm
+        self.head_norm = head_norm
+        self.q_proj = q_proj
+        self.k_proj = k_proj
+        self.rotary_emb = rotary_emb
+        self.text_config = text_config
+        self.config = config
+        self.gradient_checkpointing = False
+
+    @classmethod
+    def from_llava(
+        cls,
+        model: nn.Module,
+        branch_layer: int = 15,
+        depth: int = 3,
+        *,
+        preset: str | None = None,
+        prompt_template: str = PROMPT_TEMPLATE,
+        preprocessing: str = "pad",
+        roi: RoiOptions | None = None,
+    ) -> RegionProposalNetwork:
+        """Copies of the backbone's layers K .. K+depth-1 (see the module docstring). The
+        template, preprocessing and RoI options are recorded for inference."""
+        decoder = model.get_decoder()
+        n = len(decoder.layers)
+        if depth < 1 or branch_layer < 1 or branch_layer + depth > n:
+            raise ValueError(
+                f"branch_layer and depth must satisfy 1 <= K and K + depth <= {n} "
+                f"(decoder layers), got K={branch_layer}, depth={depth}"
+            )
+        text_config = copy.deepcopy(decoder.config)
+        text_config._attn_implementation = "sdpa"
+        layers = nn.ModuleList(copy.deepcopy(decoder.layers[branch_layer + i]) for i in range(depth - 1))
+        for layer in layers:
+            layer.self_attn.config = text_config
+        head = decoder.layers[branch_layer + depth - 1]
+        config = RPNConfig(
+            branch_layer=branch_layer,
+            depth=depth,
+            preset=preset,
+            base_model=getattr(model.config, "_name_or_path", None) or None,
+            base_config_fingerprint=config_fingerprint(model.config),
+            grid=list(model_grid(model.config)),
+            image_size=model.config.vision_config.image_size,
+            num_heads=text_config.num_attention_heads,
+            hidden_size=text_config.hidden_size,
+            base_fingerprint=model_fingerprint(model, branch_layer),
+            prompt_template=prompt_template,
+            preprocessing=preprocessing,
+            roi=(roi or RoiOptions()).to_dict(),
+        )
+        rpn = cls(
+            layers,
+            copy.deepcopy(decoder.norm),
+            copy.deepcopy(head.input_layernorm),
+            copy.deepcopy(head.self_attn.q_proj),
+            copy.deepcopy(head.self_attn.k_proj),
+            copy.deepcopy(decoder.rotary_emb),
+            text_config,
+            config,
+        )
+        return rpn.requires_grad_(True)
+
+    def gradient_checkpointing_enable(self) -> None:
+        self.gradient_checkpointing = True
+
+    def run_layers(self, hidden_states: Tensor, attention_mask: Tensor, position_ids: Tensor) -> Tensor:
+        """The copied decoder layers on the branch-point hidden states (B, L, D)."""
+        mask = create_causal_mask(
+            config=self.text_config,
+            inputs_embeds=hidden_states,
+            attention_mask=attention_mask,
+            past_key_values=None,
+            position_ids=position_ids,
+        )
+        rope = self.rotary_emb(hidden_states, position_ids=position_ids)
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training:
+                hidden_states = checkpoint(
+                    layer, hidden_states, mask, position_ids, None, False, rope, use_reentrant=False
+                )
+            else:
+                hidden_states = layer(
+                    hidden_states, attention_mask=mask, position_ids=position_ids, position_embeddings=rope
+                )
+        return hidden_states
+
+    def forward(
+        self, hidden_states: Tensor, attention_mask: Tensor, position_ids: Tensor, visual_mask: Tensor
+    ) -> Tensor:
+        """Logits (B, Nmax) over each sample's visual tokens in sequence order (row-major on
+        its grid); -inf past a sample's own count when grids differ.
+
+        Args:
+            hidden_states: (B, L, D) hidden states entering layer K (``hidden_states[K]``).
+            attention_mask: (B, L) 1 for real tokens.
+            position_ids: (B, L) positions as the backbone numbered them.
+            visual_mask: (B, L) bool, True on visual tokens.
+        """
+        h = self.run_layers(hidden_states, attention_mask, position_ids)
+        h = self.head_norm(self.norm(h))
+        batch = torch.arange(h.shape[0], device=h.device)
+        query = h[batch, last_real_token(attention_mask)]
+        visual, cells = gather_visual(h, visual_mask)
+        # The op takes one dtype: under autocast, the autocast dtype (the parameters stay
+        # float32 masters and receive float32 gradients through the casts).
+        device = h.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
+        like = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+        return ops.rpn_scores(
+            like(query),
+            like(visual),
+            like(self.q_proj.weight),
+            like(self.k_proj.weight),
+            self.config.num_heads,
+            q_bias=like(self.q_proj.bias),
+            k_bias=like(self.k_proj.bias),
+            visual_mask=None if bool(cells.all()) else cells,
+        )
+
+    # ---- persistence ----------------------------------------------------------------------
+    def trainable_state_dict(self) -> dict[str, Tensor]:
+        return {k: v.detach().contiguous() for k, v in self.state_dict().items() if not k.startswith("rotary_emb.")}
+
+    def save(self, folder: str) -> None:
+        """Only the RPN's weights (safetensors) and its JSON config; atomic."""
+        tensors = {k: v.cpu() for k, v in self.trainable_state_dict().items()}
+        write_atomic(os.path.join(folder, WEIGHTS_NAME), lambda tmp: save_file(tensors, tmp))
+        write_json(os.path.join(folder, CONFIG_NAME), asdict(self.config))
+
+    @classmethod
+    def load(cls, folder: str, model: nn.Module) -> RegionProposalNetwork:
+        """Rebuild on `model` and load saved weights. Refuses a different base model, a
+        config that contradicts the model or the weights, and non-finite weights."""
+        config = RPNConfig.from_dict(read_json(os.path.join(folder, CONFIG_NAME)))
+        rpn = cls.from_llava(model, config.branch_layer, config.depth)
+        derived = rpn.config
+        theirs, ours = config.base_fingerprint, derived.base_fingerprint
+        same = len(theirs) == len(ours) and all(
+            math.isclose(a, b, rel_tol=2e-2, abs_tol=2e-3) for a, b in zip(theirs, ours)
+        )
+        if config.base_config_fingerprint not in (None, derived.base_config_fingerprint):
+            same = False
+        if not same or config.hidden_size != derived.hidden_size:
+            raise ValueError(
+                f"the RPN in {folder} was trained on another base model "
+                f"({config.base_model!r}, hidden size {config.hidden_size}); this model "
+                f"is {derived.base_model!r}, hidden size {derived.hidden_size}"
+            )
+        # What the model determines comes from the model; a config that says otherwise is refused.
+        for name in ("num_heads", "grid", "image_size"):
+            recorded = getattr(config, name)
+            if recorded not in (None, getattr(derived, name)):
+                raise ValueError(
+                    f"{CONFIG_NAME} in {folder} says {name}={recorded!r}, but the base model "
+                    f"has {getattr(derived, name)!r}"
+                )
+        weights = load_file(os.path.join(folder, WEIGHTS_NAME))
+        bad = sorted(k for k, v in weights.items() if v.is_floating_point() and not bool(torch.isfinite(v).all()))
+        if bad:
+            raise ValueError(f"RPN weights in {folder} hold NaN or Inf values: {bad}")
+        missing, unexpected = rpn.load_state_dict(weights, strict=False)
+        missing = [k for k in missing if not k.startswith("rotary_emb.")]
+        if missing or unexpected:
+            raise ValueError(f"RPN weights in {folder} do not fit: missing {missing}, unexpected {unexpected}")
+        rpn.config = dataclasses.replace(
+            config, num_heads=derived.num_heads, grid=derived.grid, image_size=derived.image_size
+        )
+        return rpn.to(device=model_device(model), dtype=model_dtype(model))

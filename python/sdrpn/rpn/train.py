@@ -1,0 +1,307 @@
+"""`sdrpn train`: the RPN on a frozen LLaVA with the pseudo labels (SPEC Stage 2).
+
+Only decoder layers < K run in the backbone (early exit); the RPN trains with masked
+BCE; AdamW (0.9, 0.98), weight decay 0, cosine schedule with 3% warm-up, gradient
+clipping at 1. Checkpoints are atomic and a resumed run continues to the same weights
+as an uninterrupted one. Under torchrun every rank takes its share of each epoch's
+shuffled order and gradients are averaged by DistributedDataParallel. Branch layer,
+depth and the recommended RoI options come from the preset the labels were made with
+(or the one given); template and preprocessing from the label folder: all are recorded
+in the RPN folder for inference.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+from transformers import get_cosine_schedule_with_warmup
+
+from ..io_utils import write_json
+from ..labels.folder import LabelFolder
+from ..llava.backbone import branch_hidden_states
+from ..llava.loading import pad_token_id
+from ..llava.presets import LlavaPreset, get_preset, preset_from_dict
+from ..ops import IGNORE_INDEX
+from ..options import Options, RoiOptions, option
+from .checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
+from .dataset import LabelBatch, LabelCollator, LabelShardDataset
+from .model import RegionProposalNetwork, rpn_loss
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig(Options):
+    """One RPN training run. Fields left at None take the preset's values."""
+
+    labels: str = option(None, "label folder of sdrpn label / convert-labels", required=True)
+    out: str = option(None, "output folder: the RPN, checkpoints and metrics", required=True)
+    image_folder: str | None = option(None, "image folder (default: the one the labels record)")
+    preset: str | None = option(None, "preset name or JSON file (default: the one the labels record)")
+    branch_layer: int | None = option(
+        None, "K: the RPN reads the hidden states entering layer K (default: the preset's)"
+    )
+    depth: int | None = option(None, "T: backbone layers K .. K+T-1 copied into the RPN (default: the preset's)")
+    epochs: int = option(1, "passes over the train split")
+    lr: float = option(5e-5, "peak learning rate")
+    batch_size: int = option(8, "samples per micro-batch and rank")
+    grad_accum: int = option(1, "micro-batches per optimiser step")
+    max_samples: int | None = option(None, "train on a seeded random subset of this many samples")
+    bf16: bool = option(False, "backbone in bf16, RPN under bf16 autocast")
+    gradient_checkpointing: bool = option(False, "recompute the RPN's layers in the backward pass")
+    resume: bool = option(False, "continue from the last checkpoint in --out")
+    warmup_ratio: float = option(0.03, "fraction of the steps spent warming up")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    betas: tuple[float, float] = option((0.9, 0.98), "AdamW betas", cli=False)
+    max_grad_norm: float = option(1.0, "gradient clipping norm")
+    seed: int = option(0, "shuffling and initialisation seed")
+    held_out_fraction: float = option(0.05, "share of the labels held out for per-epoch metrics")
+    save_every: int = option(200, "optimiser steps between checkpoints")
+    keep_checkpoints: int = option(2, "checkpoints kept")
+    stop_after_steps: int | None = option(None, "stop (checkpointed) after this many steps in all")
+    num_workers: int = option(0, "DataLoader worker processes")
+
+    def __post_init__(self):
+        for name in ("labels", "out"):
+            if not getattr(self, name):
+                raise ValueError(f"{name} is required")
+        for name in ("epochs", "batch_size", "grad_accum", "save_every", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("branch_layer", "depth", "max_samples", "stop_after_steps"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not 0 <= self.held_out_fraction < 1:
+            raise ValueError(f"held_out_fraction must lie in [0, 1), got {self.held_out_fraction}")
+        self.betas = tuple(self.betas)
+
+
+def labels_preset(cfg: TrainConfig) -> LlavaPreset | None:
+    """The preset named in the config, else the one the label folder records (if any)."""
+    if cfg.preset is not None:
+        return get_preset(cfg.preset)
+    recorded = LabelFolder(cfg.labels).config.preset
+    return preset_from_dict(recorded) if recorded else None
+
+
+# ---- metrics --------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate(model: nn.Module, rpn: RegionProposalNetwork, loader, image_token_id: int, device, autocast) -> dict:
+    branch_layer = rpn.config.branch_layer
+    """Held-out BCE and precision / recall / IoU of (sigmoid > 0.5) against fg/bg labels."""
+    rpn.eval()
+    loss_sum, cells, tp, fp, fn = 0.0, 0, 0, 0, 0
+    for batch in loader:
+        if batch is None:
+            continue
+        logits, labels = _forward(model, rpn, branch_layer, batch, image_token_id, device, autocast)
+        keep = labels != IGNORE_INDEX
+        n = int(keep.sum())
+        if n:
+            loss_sum += float(rpn_loss(logits, labels)) * n
+            cells += n
+        pred = (logits > 0) & keep
+        truth = (labels == 1) & keep
+        tp += int((pred & truth).sum())
+        fp += int((pred & ~truth).sum())
+        fn += int((~pred & truth & keep).sum())
+    rpn.train()
+    return {
+        "bce": loss_sum / cells if cells else None,
+        "cells": cells,
+        "precision": tp / (tp + fp) if tp + fp else 0.0,
+        "recall": tp / (tp + fn) if tp + fn else 0.0,
+        "iou": tp / (tp + fp + fn) if tp + fp + fn else 0.0,
+    }
+
+
+def _forward(model, rpn, branch_layer: int, batch: LabelBatch, image_token_id: int, device, autocast):
+    ids = batch.input_ids.to(device)
+    mask = batch.attention_mask.to(device)
+    hidden, pos = branch_hidden_states(model, ids, mask, batch.pixel_values.to(device), branch_layer)
+    with autocast():
+        logits = rpn(hidden, mask, pos, ids == image_token_id)
+    return logits.float(), batch.labels.to(device)
+
+
+# ---- the loop -------------------------------------------------------------------------------
+class RPNTrainer:
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        model: nn.Module,
+        tokenizer,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        device: str | torch.device = "cpu",
+        roi_overrides: dict | None = None,
+    ):
+        """roi_overrides: RoiOptions fields to recommend with the RPN instead of the preset's
+        (None values are left to the preset)."""
+        self.cfg, self.model, self.tokenizer = cfg, model, tokenizer
+        self.rank, self.world, self.device = rank, world_size, torch.device(device)
+        self.image_token_id = model.config.image_token_id
+        self.collator = LabelCollator(pad_token_id(tokenizer))
+        preset = labels_preset(cfg)
+        if preset is not None:
+            preset.check_fits(model.config)
+        self.preset = preset
+        self.branch_layer = cfg.branch_layer or (preset.branch_layer if preset else 15)
+        self.depth = cfg.depth or (preset.depth if preset else 3)
+        self.roi = (preset.roi if preset else RoiOptions()).updated(**(roi_overrides or {}))
+
+    def _autocast(self):
+        if self.cfg.bf16:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return torch.autocast(self.device.type, enabled=False)
+
+    def _loader(self, dataset, chunks):
+        return DataLoader(dataset, batch_sampler=chunks, collate_fn=self.collator, num_workers=self.cfg.num_workers)
+
+    def _datasets(self) -> tuple[LabelShardDataset, LabelShardDataset | None]:
+        cfg = self.cfg
+        common = dict(image_folder=cfg.image_folder, held_out_fraction=cfg.held_out_fraction)
+        train_set = LabelShardDataset(
+            cfg.labels, self.tokenizer, self.image_token_id, split="train", max_samples=cfg.max_samples, **common
+        )
+        if len(train_set) < self.world:
+            raise ValueError(f"the train split has {len(train_set)} samples, fewer than the {self.world} ranks")
+        held_out = None
+        if cfg.held_out_fraction > 0:
+            try:
+                held_out = LabelShardDataset(
+                    cfg.labels, self.tokenizer, self.image_token_id, split="held_out", **common
+                )
+            except ValueError:
+                log.warning("the held-out split is empty: no per-epoch metrics")
+        return train_set, held_out
+
+    def _rpn(self, labels_config) -> RegionProposalNetwork:
+        rpn = RegionProposalNetwork.from_llava(
+            self.model,
+            self.branch_layer,
+            self.depth,
+            preset=self.preset.name if self.preset else None,
+            prompt_template=labels_config.prompt_template,
+            preprocessing=labels_config.options.preprocessing,
+            roi=self.roi,
+        )
+        rpn = rpn.to(self.device, torch.float32).train()
+        if self.cfg.gradient_checkpointing:
+            rpn.gradient_checkpointing_enable()
+        return rpn
+
+    def _schedule(self, rpn, train_size: int):
+        cfg = self.cfg
+        optimizer = torch.optim.AdamW(rpn.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+        micro_per_epoch = math.ceil(train_size // self.world / cfg.batch_size)
+        total = math.ceil(micro_per_epoch / cfg.grad_accum) * cfg.epochs
+        scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(cfg.warmup_ratio * total), total)
+        return optimizer, scheduler, total
+
+    def _epoch_steps(self, epoch: int, size: int) -> list[list[list[int]]]:
+        """This rank's optimiser steps of an epoch: lists of micro-batches of sample indices."""
+        cfg = self.cfg
+        per_rank = size // self.world
+        order = torch.randperm(size, generator=torch.Generator().manual_seed(cfg.seed + epoch))
+        mine = order[: per_rank * self.world][self.rank :: self.world].tolist()
+        chunks = [mine[i : i + cfg.batch_size] for i in range(0, len(mine), cfg.batch_size)]
+        return [chunks[i : i + cfg.grad_accum] for i in range(0, len(chunks), cfg.grad_accum)]
+
+    def run(self) -> dict:
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed)
+        train_set, held_out = self._datasets()
+        rpn = self._rpn(train_set.config)
+        optimizer, scheduler, total = self._schedule(rpn, len(train_set))
+        progress = {"epoch": 0, "step_in_epoch": 0, "global_step": 0}
+        if cfg.resume and (ckpt := latest_checkpoint(cfg.out)) is not None:
+            progress = load_checkpoint(ckpt, rpn, optimizer, scheduler)
+            log.info("resumed from %s at step %d", ckpt, progress["global_step"])
+        model_for_grad = DistributedDataParallel(rpn) if self.world > 1 else rpn
+        metrics = {}
+        bar = tqdm(
+            total=total,
+            initial=progress["global_step"],
+            desc="train",
+            unit="step",
+            disable=None if self.rank == 0 else True,
+        )
+        while progress["epoch"] < cfg.epochs:
+            epoch = progress["epoch"]
+            for step_chunks in self._epoch_steps(epoch, len(train_set))[progress["step_in_epoch"] :]:
+                loss_value = self._step(model_for_grad, optimizer, scheduler, step_chunks, train_set)
+                progress["step_in_epoch"] += 1
+                progress["global_step"] += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+                stop = cfg.stop_after_steps is not None and progress["global_step"] >= cfg.stop_after_steps
+                if progress["global_step"] % cfg.save_every == 0 or stop:
+                    self._checkpoint(rpn, optimizer, scheduler, progress)
+                if stop:
+                    bar.close()
+                    return {"stopped_at_step": progress["global_step"]}
+            progress = {"epoch": epoch + 1, "step_in_epoch": 0, "global_step": progress["global_step"]}
+            if held_out is not None and self.rank == 0:
+                metrics = self._held_out_metrics(rpn, held_out, epoch, progress["global_step"])
+            self._checkpoint(rpn, optimizer, scheduler, progress)
+        bar.close()
+        if self.rank == 0:
+            rpn.save(cfg.out)
+            write_json(os.path.join(cfg.out, "train_config.json"), cfg.to_dict())
+        return metrics
+
+    def _held_out_metrics(self, rpn, held_out, epoch: int, global_step: int) -> dict:
+        size = self.cfg.batch_size
+        chunks = [list(range(i, min(i + size, len(held_out)))) for i in range(0, len(held_out), size)]
+        metrics = evaluate(
+            self.model, rpn, self._loader(held_out, chunks), self.image_token_id, self.device, self._autocast
+        )
+        metrics.update(epoch=epoch, global_step=global_step)
+        write_json(os.path.join(self.cfg.out, f"metrics-epoch{epoch}.json"), metrics)
+        log.info("epoch %d held-out: %s", epoch, metrics)
+        return metrics
+
+    def _step(self, rpn, optimizer, scheduler, step_chunks, dataset) -> float:
+        total = 0.0
+        micro = list(self._loader(dataset, step_chunks))
+        for i, batch in enumerate(micro):
+            if batch is None:
+                continue
+            sync = i == len(micro) - 1 or not isinstance(rpn, DistributedDataParallel)
+            # Gradients are averaged across ranks once, on the last micro-batch of a step.
+            context = rpn.no_sync() if not sync else contextlib.nullcontext()
+            with context:
+                logits, labels = _forward(
+                    self.model, rpn, self.branch_layer, batch, self.image_token_id, self.device, self._autocast
+                )
+                loss = rpn_loss(logits, labels) / len(micro)
+                loss.backward()
+            total += float(loss.detach())
+        torch.nn.utils.clip_grad_norm_(rpn.parameters(), self.cfg.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        return total
+
+    def _checkpoint(self, rpn, optimizer, scheduler, progress) -> None:
+        if self.rank == 0:
+            save_checkpoint(self.cfg.out, rpn, optimizer, scheduler, dict(progress), self.cfg.keep_checkpoints)
+        if self.world > 1:
+            dist.barrier()
+
+
+__all__ = ["RPNTrainer", "TrainConfig", "evaluate", "latest_checkpoint", "save_checkpoint"]

@@ -1,0 +1,72 @@
+"""Files sdrpn writes: atomic, with the mode the umask gives, and checkpoints that a kill at
+any moment leaves resumable."""
+
+import os
+import stat
+
+import pytest
+import torch
+
+from sdrpn.io_utils import read_json, write_json
+from sdrpn.rpn.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
+
+
+@pytest.mark.parametrize("mask,mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_atomic_writes_honour_the_umask(tmp_path, mask, mode):
+    old = os.umask(mask)
+    try:
+        write_json(str(tmp_path / "a.json"), {"x": 1})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(tmp_path / "a.json").st_mode) == mode
+    assert read_json(str(tmp_path / "a.json")) == {"x": 1}
+
+
+class TinyRPN(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(3))
+
+    def save(self, folder):
+        from safetensors.torch import save_file
+
+        os.makedirs(folder, exist_ok=True)
+        save_file({"w": self.w.detach()}, os.path.join(folder, "rpn.safetensors"))
+
+
+def make(step_value):
+    rpn = TinyRPN()
+    opt = torch.optim.AdamW(rpn.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    rpn.w.grad = torch.full((3,), step_value)
+    opt.step()
+    sched.step()
+    return rpn, opt, sched
+
+
+def test_a_resave_at_the_same_step_never_replaces_what_latest_names(tmp_path, monkeypatch):
+    rpn, opt, sched = make(1.0)
+    first = save_checkpoint(str(tmp_path), rpn, opt, sched, {"global_step": 5}, keep=2)
+    # Killed after the second checkpoint's rename but before latest.json moved on: the
+    # pointer must still name a complete checkpoint.
+    import sdrpn.rpn.checkpoints as checkpoints
+
+    real_write = checkpoints.write_json
+
+    def killed(path, payload):
+        if path.endswith("latest.json"):
+            raise KeyboardInterrupt("killed")
+        real_write(path, payload)
+
+    monkeypatch.setattr(checkpoints, "write_json", killed)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(str(tmp_path), rpn, opt, sched, {"global_step": 5}, keep=1)
+    monkeypatch.undo()
+    assert latest_checkpoint(str(tmp_path)) == first and os.path.isdir(first)
+    fresh, fresh_opt, fresh_sched = make(0.0)
+    assert load_checkpoint(first, fresh, fresh_opt, fresh_sched) == {"global_step": 5}
+    assert torch.equal(fresh.w, rpn.w)
+    # The next complete save moves the pointer and prunes down to `keep`.
+    second = save_checkpoint(str(tmp_path), rpn, opt, sched, {"global_step": 5}, keep=1)
+    assert second != first and latest_checkpoint(str(tmp_path)) == second
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["latest.json", os.path.basename(second)]
