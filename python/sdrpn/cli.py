@@ -17,7 +17,7 @@ import typing
 
 from .labels.demo import LabelDemoConfig, run_label_demo, summary_line
 from .labels.options import LabelOptions
-from .options import RoiOptions
+from .options import TASK_THRESHOLDS, RoiOptions
 
 
 def _grid(text: str) -> tuple[int, int]:
@@ -104,7 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
     label.add_argument("--batch-size", type=_positive, default=8, help="(default: %(default)s)")
     label.add_argument("--limit", type=_positive, default=None, help="only the first N entries")
     label.add_argument("--shard-size", type=_positive, default=1000, help="(default: %(default)s)")
-    label.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="(default: %(default)s)")
+    label.add_argument(
+        "--dtype",
+        choices=["bf16", "fp16", "fp32"],
+        default="fp16",
+        help="the model's dtype while labelling; the reference labels in fp16, and greedy answers can "
+        "differ between fp16 and bf16 (default: %(default)s)",
+    )
     label.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
     add_options(label, LabelOptions)
 
@@ -130,6 +136,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--preprocessing", choices=["pad", "crop"], default=None, help="image preprocessing (default: the RPN folder's)"
     )
     infer.add_argument("--prompt-template", default=None, help="prompt template (default: the RPN folder's)")
+    infer.add_argument(
+        "--task",
+        choices=sorted(TASK_THRESHOLDS),
+        default=None,
+        help="use the RoI threshold the reference evaluated this benchmark with (--threshold overrides)",
+    )
     infer.add_argument("--max-new-tokens", type=_positive, default=128, help="(default: %(default)s)")
     infer.add_argument("--batch-size", type=_positive, default=8, help="(default: %(default)s)")
     infer.add_argument("--limit", type=_positive, default=None)
@@ -200,7 +212,8 @@ def _run_infer(args) -> None:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = load_llava(args.model, args.dtype, device)
     rpn = RegionProposalNetwork.load(args.rpn, model)
-    roi = options_from_args(RoiOptions, args, base=rpn.config.roi_options)
+    base = rpn.config.task_roi_options(args.task) if args.task else rpn.config.roi_options
+    roi = options_from_args(RoiOptions, args, base=base)
     pipe = SDRPNLlava(
         model, tokenizer, rpn, roi=roi, preprocessing=args.preprocessing, prompt_template=args.prompt_template
     )

@@ -40,6 +40,19 @@ class Options:
         return dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})
 
 
+# The RoI threshold the reference evaluates each benchmark with (SPEC Stage 3 step 2b).
+TASK_THRESHOLDS = {
+    "textvqa": 0.15,
+    "infovqa": 0.15,
+    "chartqa": 0.15,
+    "pope": 0.15,
+    "docvqa": 0.10,
+    "vstar": 0.10,
+    "hrbench": 0.10,
+    "ocrbench": 0.05,
+}
+
+
 @dataclass(frozen=True)
 class RoiOptions(Options):
     """How the RPN's probabilities become crops (SPEC Stage 3, steps 2 and 4).

@@ -323,3 +323,21 @@ def test_accepts_a_processor_holding_the_tokenizer(tiny):
     sd = SDRPNLlava(tiny.model, Processor(), rpn, prompt_template=TEMPLATE)
     assert sd.tokenizer is Processor.tokenizer
     assert len(sd.predict_rois(images(1), QUESTIONS[:1])) == 1
+
+
+def test_resampled_crops_keep_their_aspect():
+    from sdrpn.infer.pipeline import resampled_grid
+
+    assert resampled_grid(4, 2, 2.0, 24, 24) == (8, 4)
+    assert resampled_grid(20, 10, 2.0, 24, 24) == (24, 12)  # one factor: the longer side fits
+    assert resampled_grid(3, 30, 1.0, 24, 24) == (2, 24)  # the per-side clamp would give (3, 24)
+    assert resampled_grid(1, 1, 0.1, 24, 24) == (1, 1)
+    assert resampled_grid(10, 10, 3.0, 8, 16) == (8, 8)  # a non-square grid caps each side
+
+
+def test_benchmark_thresholds_by_name(tiny):
+    assert pipeline(tiny).roi.threshold == 0.15
+    assert pipeline(tiny, task="docvqa").roi.threshold == 0.10
+    assert pipeline(tiny, task="ocrbench", roi=RoiOptions(threshold=0.3)).roi.threshold == 0.3
+    with pytest.raises(ValueError, match="task must be one of"):
+        pipeline(tiny, task="nope")

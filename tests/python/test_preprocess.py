@@ -88,3 +88,13 @@ def test_parse_entry_and_resolve_image(tmp_path):
         resolve_image(str(tmp_path / "sub"), "../a.png")
     with pytest.raises(SkipSample, match="missing"):
         resolve_image(str(tmp_path), "b.png")
+
+
+def test_padding_uses_the_truncated_clip_mean():
+    from PIL import Image
+
+    from sdrpn.llava.inputs import mean_fill
+
+    assert mean_fill() == (122, 116, 104)  # int(255 * mean), as LLaVA and HF's do_pad
+    padded = pad_to_square(Image.new("RGB", (20, 10), (255, 0, 0)), mean_fill())
+    assert padded.getpixel((0, 0)) == (122, 116, 104) and padded.getpixel((10, 5)) == (255, 0, 0)

@@ -133,6 +133,10 @@ def test_rpn_folders_record_their_settings_and_refuse_contradictions(tiny, tmp_p
     assert loaded.prompt_template == "Q: <image> {question} A:" and loaded.preprocessing == "crop"
     assert loaded.roi_options == RoiOptions(threshold=0.4, min_area=1)
     assert loaded.base_config_fingerprint and loaded.image_size == 56
+    assert loaded.task_thresholds["docvqa"] == 0.10 and loaded.task_thresholds["ocrbench"] == 0.05
+    assert loaded.task_roi_options("ocrbench") == RoiOptions(threshold=0.05, min_area=1)
+    with pytest.raises(ValueError, match="task must be one of"):
+        loaded.task_roi_options("mmbench")
     config = json.loads((folder / "rpn_config.json").read_text())
 
     # A folder of the first format (no template, preprocessing, RoI options or fingerprint).

@@ -194,6 +194,8 @@ def test_an_rpn_folder_alone_carries_the_settings_to_use_it(tmp_path, capsys):
                 "1",
                 "--batch-size",
                 "8",
+                "--effective-batch",
+                "8",
                 "--lr",
                 "1e-3",
                 "--held-out-fraction",

@@ -12,7 +12,7 @@ from sdrpn.llava.backbone import branch_hidden_states
 from sdrpn.llava.loading import load_llava
 from sdrpn.rpn.dataset import LabelCollator, LabelShardDataset
 from sdrpn.rpn.model import RegionProposalNetwork, rpn_loss
-from sdrpn.rpn.train import TrainConfig, evaluate
+from sdrpn.rpn.train import TrainConfig, accumulation_steps, evaluate
 from synthetic_labels import write_region_labels
 from tiny_llava import IMAGE, save_tiny_llava
 
@@ -41,6 +41,8 @@ def train_args(ws, out, *extra):
         "--depth",
         "2",
         "--batch-size",
+        "16",
+        "--effective-batch",
         "16",
         "--lr",
         "2e-3",
@@ -120,7 +122,7 @@ def test_torchrun_data_parallel(ws, tmp_path):
         "29533",
         "-m",
         "sdrpn",
-        *train_args(ws, out, "--max-samples", "64"),
+        *train_args(ws, out, "--max-samples", "64", "--effective-batch", "32"),
     ]
     done = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -134,6 +136,10 @@ def test_bad_config():
         TrainConfig(labels="x", out="y", batch_size=0)
     with pytest.raises(ValueError, match="held_out_fraction must lie in"):
         TrainConfig(labels="x", out="y", held_out_fraction=1.0)
+    assert accumulation_steps(512, 8, 4) == 16  # the reference: 8 per GPU x 16 steps x 4 GPUs
+    assert accumulation_steps(512, 8, 1) == 64
+    with pytest.raises(ValueError, match="effective_batch=512 is not a multiple of batch_size \\* world size = 24"):
+        accumulation_steps(512, 12, 2)
 
 
 def test_hf_trainer_example(ws, tmp_path):

@@ -37,6 +37,15 @@ from ..options import RoiOptions
 from ..rpn.model import RegionProposalNetwork
 
 
+def resampled_grid(box_h: int, box_w: int, ratio: float, grid_h: int, grid_w: int) -> tuple[int, int]:
+    """The token grid of a resampled crop (SPEC Stage 3 step 4): (box_h * r, box_w * r), with
+    ONE scale factor for both sides, so that where it overflows the grid both shrink until
+    the longer fits (the aspect kept); rounded, at least 1."""
+    h, w = box_h * ratio, box_w * ratio
+    shrink = min(1.0, grid_h / h if h > 0 else 1.0, grid_w / w if w > 0 else 1.0)
+    return max(1, round(h * shrink)), max(1, round(w * shrink))
+
+
 @dataclass
 class RoiPrediction:
     boxes: list[tuple[int, int, int, int]]  # source pixels [x0, y0, x1, y1)
@@ -86,8 +95,9 @@ class SDRPNLlava:
     """LLaVA-1.5 with a trained RPN: ``predict_rois`` and greedy ``generate`` for batches.
 
     The prompt template, the image preprocessing and the RoI options default to what the
-    RPN records (its labels' template and preprocessing, its preset's RoI options); pass
-    them to override.
+    RPN records (its labels' template and preprocessing, its preset's RoI options); ``task``
+    picks the threshold the reference used for a benchmark ("textvqa", "docvqa", ...);
+    pass ``roi`` and the rest to override.
     """
 
     def __init__(
@@ -96,11 +106,15 @@ class SDRPNLlava:
         processor,
         rpn: RegionProposalNetwork,
         *,
+        task: str | None = None,
         roi: RoiOptions | None = None,
         preprocessing: str | None = None,
         prompt_template: str | None = None,
     ):
-        self.roi = roi if roi is not None else rpn.config.roi_options
+        if roi is not None:
+            self.roi = roi
+        else:
+            self.roi = rpn.config.task_roi_options(task) if task else rpn.config.roi_options
         self.preprocessing = preprocessing or rpn.config.preprocessing
         if self.preprocessing not in PREPROCESSING_MODES:
             raise ValueError(f"preprocessing must be one of {PREPROCESSING_MODES}, got {self.preprocessing!r}")
@@ -233,13 +247,11 @@ class SDRPNLlava:
         return per_sample
 
     def _resample(self, features: Tensor, grid_box) -> Tensor:
-        """Optionally fewer crop tokens: (box_h * r, box_w * r), capped at the base grid."""
-        ratio = self.roi.token_ratio
-        if ratio <= 0:
+        """Optionally fewer crop tokens: (box_h * r, box_w * r)."""
+        if self.roi.token_ratio <= 0:
             return features
         x0, y0, x1, y1 = grid_box
-        th = max(1, min(self.grid_h, round((y1 - y0) * ratio)))
-        tw = max(1, min(self.grid_w, round((x1 - x0) * ratio)))
+        th, tw = resampled_grid(y1 - y0, x1 - x0, self.roi.token_ratio, self.grid_h, self.grid_w)
         grid = features.view(self.grid_h, self.grid_w, -1).permute(2, 0, 1)[None].float()
         out = F.interpolate(grid, size=(th, tw), mode="bilinear", align_corners=False)
         return out[0].permute(1, 2, 0).reshape(th * tw, -1).to(features.dtype)

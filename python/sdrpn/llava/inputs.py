@@ -41,8 +41,10 @@ class Preprocessing:
 
 
 def mean_fill(mean=CLIP_MEAN) -> tuple[int, int, int]:
-    """The normalisation mean as an 8-bit colour: what padding is filled with."""
-    return tuple(int(round(255 * m)) for m in mean)
+    """The normalisation mean as an 8-bit colour: what padding is filled with. Truncated, not
+    rounded, as LLaVA's expand2square and HF's LlavaImageProcessor(do_pad=True) do:
+    (122, 116, 104) for CLIP."""
+    return tuple(int(255 * m) for m in mean)
 
 
 def pad_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image:

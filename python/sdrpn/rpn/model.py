@@ -28,7 +28,7 @@ from ..llava.geometry import model_grid
 from ..llava.inputs import PREPROCESSING_MODES, PROMPT_TEMPLATE, check_template
 from ..llava.loading import config_fingerprint, model_device, model_dtype
 from ..ops import IGNORE_INDEX
-from ..options import RoiOptions
+from ..options import TASK_THRESHOLDS, RoiOptions
 
 WEIGHTS_NAME = "rpn.safetensors"
 CONFIG_NAME = "rpn_config.json"
@@ -53,6 +53,7 @@ class RPNConfig:
     prompt_template: str = PROMPT_TEMPLATE  # the template its labels were made with
     preprocessing: str = "pad"  # the image preprocessing its labels were made with
     roi: dict = field(default_factory=lambda: RoiOptions().to_dict())  # recommended RoiOptions
+    task_thresholds: dict = field(default_factory=lambda: dict(TASK_THRESHOLDS))  # per benchmark
 
     def __post_init__(self):
         check_template(self.prompt_template)
@@ -63,6 +64,12 @@ class RPNConfig:
     @property
     def roi_options(self) -> RoiOptions:
         return RoiOptions.from_dict(self.roi)
+
+    def task_roi_options(self, task: str) -> RoiOptions:
+        """The recommended options with the threshold of a named benchmark."""
+        if task not in self.task_thresholds:
+            raise ValueError(f"task must be one of {sorted(self.task_thresholds)}, got {task!r}")
+        return self.roi_options.updated(threshold=self.task_thresholds[task])
 
     @classmethod
     def from_dict(cls, raw: dict) -> RPNConfig:

@@ -55,7 +55,12 @@ class TrainConfig(Options):
     epochs: int = option(1, "passes over the train split")
     lr: float = option(5e-5, "peak learning rate")
     batch_size: int = option(8, "samples per micro-batch and rank")
-    grad_accum: int = option(1, "micro-batches per optimiser step")
+    effective_batch: int = option(
+        512,
+        "samples per optimiser step over all ranks; accumulation = effective_batch / (batch_size * "
+        "world size). The reference's: 8 per GPU x 16 accumulation x 4 GPUs",
+    )
+    grad_accum: int | None = option(None, "micro-batches per optimiser step, instead of deriving it")
     max_samples: int | None = option(None, "train on a seeded random subset of this many samples")
     bf16: bool = option(False, "backbone in bf16, RPN under bf16 autocast")
     gradient_checkpointing: bool = option(False, "recompute the RPN's layers in the backward pass")
@@ -75,10 +80,10 @@ class TrainConfig(Options):
         for name in ("labels", "out"):
             if not getattr(self, name):
                 raise ValueError(f"{name} is required")
-        for name in ("epochs", "batch_size", "grad_accum", "save_every", "keep_checkpoints"):
+        for name in ("epochs", "batch_size", "effective_batch", "save_every", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("branch_layer", "depth", "max_samples", "stop_after_steps"):
+        for name in ("branch_layer", "depth", "max_samples", "stop_after_steps", "grad_accum"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.lr > 0:
@@ -86,6 +91,18 @@ class TrainConfig(Options):
         if not 0 <= self.held_out_fraction < 1:
             raise ValueError(f"held_out_fraction must lie in [0, 1), got {self.held_out_fraction}")
         self.betas = tuple(self.betas)
+
+
+def accumulation_steps(effective_batch: int, batch_size: int, world_size: int) -> int:
+    """Micro-batches per optimiser step that make the effective batch; refuses one that the
+    per-rank batch and the world size do not divide."""
+    per_step = batch_size * world_size
+    if effective_batch % per_step:
+        raise ValueError(
+            f"effective_batch={effective_batch} is not a multiple of batch_size * world size = "
+            f"{batch_size} * {world_size}: pick sizes that divide it (or pass grad_accum)"
+        )
+    return effective_batch // per_step
 
 
 def labels_preset(cfg: TrainConfig) -> LlavaPreset | None:
@@ -162,6 +179,7 @@ class RPNTrainer:
         self.branch_layer = cfg.branch_layer or (preset.branch_layer if preset else 15)
         self.depth = cfg.depth or (preset.depth if preset else 3)
         self.roi = (preset.roi if preset else RoiOptions()).updated(**(roi_overrides or {}))
+        self.grad_accum = cfg.grad_accum or accumulation_steps(cfg.effective_batch, cfg.batch_size, world_size)
 
     def _autocast(self):
         if self.cfg.bf16:
@@ -208,7 +226,7 @@ class RPNTrainer:
         cfg = self.cfg
         optimizer = torch.optim.AdamW(rpn.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
         micro_per_epoch = math.ceil(train_size // self.world / cfg.batch_size)
-        total = math.ceil(micro_per_epoch / cfg.grad_accum) * cfg.epochs
+        total = math.ceil(micro_per_epoch / self.grad_accum) * cfg.epochs
         scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(cfg.warmup_ratio * total), total)
         return optimizer, scheduler, total
 
@@ -219,7 +237,7 @@ class RPNTrainer:
         order = torch.randperm(size, generator=torch.Generator().manual_seed(cfg.seed + epoch))
         mine = order[: per_rank * self.world][self.rank :: self.world].tolist()
         chunks = [mine[i : i + cfg.batch_size] for i in range(0, len(mine), cfg.batch_size)]
-        return [chunks[i : i + cfg.grad_accum] for i in range(0, len(chunks), cfg.grad_accum)]
+        return [chunks[i : i + self.grad_accum] for i in range(0, len(chunks), self.grad_accum)]
 
     def run(self) -> dict:
         cfg = self.cfg

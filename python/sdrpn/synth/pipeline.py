@@ -118,6 +118,8 @@ def train_rpn(cfg: PipelineConfig, model, tokenizer, labels_dir: str, out: str) 
         epochs=cfg.rpn_epochs,
         lr=cfg.rpn_lr,
         batch_size=cfg.rpn_batch,
+        # A few thousand samples: one optimiser step per batch, not the reference's 512.
+        effective_batch=cfg.rpn_batch,
         seed=cfg.seed,
         save_every=10_000,
         resume=True,
