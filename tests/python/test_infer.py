@@ -341,3 +341,15 @@ def test_benchmark_thresholds_by_name(tiny):
     assert pipeline(tiny, task="ocrbench", roi=RoiOptions(threshold=0.3)).roi.threshold == 0.3
     with pytest.raises(ValueError, match="task must be one of"):
         pipeline(tiny, task="nope")
+
+
+def test_answer_file_resume_keeps_every_valid_row(tmp_path, caplog):
+    from sdrpn.infer.job import _finished_ids
+
+    out = tmp_path / "answers.jsonl"
+    out.write_text(
+        '{"id": "a", "answer": "x"}\n{"id": "b", "ans\n[1, 2]\n{"answer": "no id"}\n\n{"id": "c"}\n{"id": "d"'
+    )
+    assert _finished_ids(str(out)) == {"a", "c"}
+    assert out.read_text().splitlines() == ['{"id": "a", "answer": "x"}', '{"id": "c"}']
+    assert "line 2 is not an answer row" in caplog.text and "line 4" in caplog.text and "line 7" in caplog.text

@@ -98,3 +98,35 @@ def test_padding_uses_the_truncated_clip_mean():
     assert mean_fill() == (122, 116, 104)  # int(255 * mean), as LLaVA and HF's do_pad
     padded = pad_to_square(Image.new("RGB", (20, 10), (255, 0, 0)), mean_fill())
     assert padded.getpixel((0, 0)) == (122, 116, 104) and padded.getpixel((10, 5)) == (255, 0, 0)
+
+
+def test_entries_that_would_break_a_job_are_skipped_with_a_reason(tmp_path):
+    import json
+
+    from PIL import Image
+
+    from sdrpn.llava.data import SkipSample, open_image, parse_entry
+
+    turns = [{"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "a"}]
+    cases = {
+        "text not valid UTF-8": {"image": "a.png", "conversations": [{"from": "human", "value": "\ud800"}]},
+        "image path not valid text": {"image": "a\x00.png", "conversations": turns},
+        "id not valid UTF-8": {"id": "\udfff", "image": "a.png", "conversations": turns},
+    }
+    for reason, entry in cases.items():
+        entry = json.loads(json.dumps(entry))  # as a JSON file delivers them
+        with pytest.raises(SkipSample, match=reason):
+            parse_entry(entry, 0)
+    Image.new("RGB", (4, 4)).save(tmp_path / "ok.png")
+    Image.new("RGB", (60000, 1)).save(tmp_path / "long.png")  # a tiny file, a 3.6e9-pixel square
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG not really")
+    assert open_image(str(tmp_path), "ok.png").size == (4, 4)
+    for name, reason in (
+        ("long.png", "too elongated"),
+        ("bad.png", "unreadable"),
+        ("a\x00b", "not valid text"),
+        (12345, "not valid text"),
+        ("../x.png", "outside"),
+    ):
+        with pytest.raises(SkipSample, match=reason):
+            open_image(str(tmp_path), name)

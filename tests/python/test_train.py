@@ -138,7 +138,9 @@ def test_bad_config():
         TrainConfig(labels="x", out="y", held_out_fraction=1.0)
     assert accumulation_steps(512, 8, 4) == 16  # the reference: 8 per GPU x 16 steps x 4 GPUs
     assert accumulation_steps(512, 8, 1) == 64
-    with pytest.raises(ValueError, match="effective_batch=512 is not a multiple of batch_size \\* world size = 12 \\* 2"):
+    with pytest.raises(
+        ValueError, match="effective_batch=512 is not a multiple of batch_size \\* world size = 12 \\* 2"
+    ):
         accumulation_steps(512, 12, 2)
 
 

@@ -10,8 +10,7 @@ from dataclasses import dataclass
 from tqdm import tqdm
 
 from ..io_utils import write_json, write_jsonl
-from ..llava.data import SkipSample, load_entries, parse_entry, resolve_image
-from ..llava.inputs import load_rgb
+from ..llava.data import SkipSample, load_entries, open_image, parse_entry
 from .pipeline import SDRPNAnswer, SDRPNLlava
 
 log = logging.getLogger(__name__)
@@ -27,17 +26,24 @@ def answer_record(answer: SDRPNAnswer) -> dict:
 
 
 def _finished_ids(out: str) -> set[str]:
-    """Ids already answered in `out`; a torn last line (a crash mid-write) is dropped."""
+    """Ids already answered in `out`. A line that is not a JSON object with an id (a torn
+    last line after a crash, or a damaged one) is dropped with a warning naming it; every
+    other row is kept, and the file is rewritten without the bad lines."""
     if not os.path.exists(out):
         return set()
     rows = []
-    with open(out) as f:
-        for line in f:
+    with open(out, errors="replace") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError:
-                log.warning("dropping a torn line at the end of %s", out)
-                break
+                row = None
+            if not isinstance(row, dict) or "id" not in row:
+                log.warning("%s line %d is not an answer row: dropped (it will be answered again)", out, number)
+                continue
+            rows.append(row)
     write_jsonl(out, rows)
     return {str(r["id"]) for r in rows}
 
@@ -78,12 +84,9 @@ def answer_file(pipe: SDRPNLlava, cfg: InferFileConfig) -> dict:
                 sample = parse_entry(entry, index)
                 if sample.id in done:
                     continue
-                image = load_rgb(resolve_image(cfg.image_folder, sample.image))
+                image = open_image(cfg.image_folder, sample.image)
             except SkipSample as skip:
                 skipped[str(skip)] = skipped.get(str(skip), 0) + 1
-                continue
-            except OSError:
-                skipped["image unreadable"] = skipped.get("image unreadable", 0) + 1
                 continue
             pending.append((sample.id, image, sample.question))
             if len(pending) == cfg.batch_size:

@@ -13,9 +13,9 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from .. import ops
-from ..llava.data import QASample, SkipSample, load_entries, parse_entry, resolve_image
+from ..llava.data import QASample, SkipSample, load_entries, open_image, parse_entry
 from ..llava.geometry import model_grid
-from ..llava.inputs import Preprocessing, left_pad, load_rgb, preprocess_image, prompt_token_ids
+from ..llava.inputs import Preprocessing, left_pad, preprocess_image, prompt_token_ids
 from ..llava.loading import DTYPES, model_device, model_dtype, model_identity, pad_token_id
 from ..llava.maps import TeacherForcedBatch, attention_maps
 from ..llava.presets import LlavaPreset
@@ -93,11 +93,7 @@ class LabelJob:
         sample = parse_entry(entry, index)
         if self.options.answers == "given" and not sample.answer:
             raise SkipSample("no answer")
-        path = resolve_image(self.cfg.image_folder, sample.image)
-        try:
-            image = load_rgb(path)
-        except Exception as err:  # a corrupt file must not stop the job
-            raise SkipSample("image unreadable") from err
+        image = open_image(self.cfg.image_folder, sample.image)
         pixels, prep = preprocess_image(image, self.image_size, mode=self.options.preprocessing)
         prompt = prompt_token_ids(
             self.tokenizer, sample.question, self.image_token_id, self.num_cells, self.options.prompt_template

@@ -6,7 +6,9 @@ import json
 import os
 from dataclasses import dataclass
 
-from .inputs import IMAGE_PLACEHOLDER
+from PIL import Image
+
+from .inputs import IMAGE_PLACEHOLDER, load_rgb
 
 
 class SkipSample(Exception):
@@ -30,6 +32,16 @@ def load_entries(path: str) -> list:
     return data
 
 
+def _is_text(value: str) -> bool:
+    """Encodable text without NUL bytes: what a tokenizer and a file system accept (JSON
+    lets a lone surrogate such as "\\ud800" through)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return "\x00" not in value
+
+
 def parse_entry(entry, index: int) -> QASample:
     """The first human/gpt pair of one entry; raises SkipSample when it is unusable."""
     if not isinstance(entry, dict):
@@ -37,6 +49,8 @@ def parse_entry(entry, index: int) -> QASample:
     image = entry.get("image")
     if not isinstance(image, str) or not image:
         raise SkipSample("no image")
+    if not _is_text(image):
+        raise SkipSample("image path not valid text")
     turns = entry.get("conversations")
     if not isinstance(turns, list):
         raise SkipSample("no conversations")
@@ -54,11 +68,18 @@ def parse_entry(entry, index: int) -> QASample:
     question = question.replace(IMAGE_PLACEHOLDER, "").strip()
     if not question:
         raise SkipSample("empty question")
-    return QASample(index, str(entry.get("id", index)), image, question, answer)
+    if not _is_text(question) or (answer is not None and not _is_text(answer)):
+        raise SkipSample("text not valid UTF-8")
+    sample_id = str(entry.get("id", index))
+    if not _is_text(sample_id):
+        raise SkipSample("id not valid UTF-8")
+    return QASample(index, sample_id, image, question, answer)
 
 
-def resolve_image(folder: str, relative: str) -> str:
+def resolve_image(folder: str, relative) -> str:
     """The image's real path; refuses paths that resolve outside the image folder."""
+    if not isinstance(relative, str) or not relative or not _is_text(relative):
+        raise SkipSample("image path not valid text")
     root = os.path.realpath(folder)
     path = os.path.realpath(os.path.join(root, relative))
     if os.path.commonpath([root, path]) != root:
@@ -66,3 +87,18 @@ def resolve_image(folder: str, relative: str) -> str:
     if not os.path.isfile(path):
         raise SkipSample("image missing")
     return path
+
+
+def open_image(folder: str, relative) -> Image.Image:
+    """The entry's image decoded as RGB, or SkipSample with the reason: outside the folder,
+    missing, unreadable (corrupt, or a decompression bomb), or too elongated to pad to a
+    square within PIL's pixel budget (a 50000x1 image would need a 50000x50000 canvas)."""
+    path = resolve_image(folder, relative)
+    try:
+        image = load_rgb(path)
+    except Exception as err:  # whatever the decoder raises, one bad file must not stop a job
+        raise SkipSample("image unreadable") from err
+    side = max(image.width, image.height)
+    if image.width < 1 or image.height < 1 or side * side > (Image.MAX_IMAGE_PIXELS or float("inf")):
+        raise SkipSample("image too elongated to pad")
+    return image

@@ -11,8 +11,8 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from ..labels.folder import LabelFolder
-from ..llava.data import SkipSample, resolve_image
-from ..llava.inputs import left_pad, load_rgb, preprocess_image, prompt_token_ids
+from ..llava.data import SkipSample, open_image
+from ..llava.inputs import left_pad, preprocess_image, prompt_token_ids
 from ..ops import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
@@ -95,8 +95,8 @@ class LabelShardDataset(Dataset):
         prep = row.get("preprocessing") or {}
         num_cells = int(self.labels[i].numel())
         try:
-            image = load_rgb(resolve_image(self.image_folder, row["image"]))
-        except (SkipSample, OSError) as err:
+            image = open_image(self.image_folder, row.get("image"))
+        except SkipSample as err:
             log.warning("skipping %s: %s", row["id"], err)
             return None
         if prep and (image.width, image.height) != (prep["width"], prep["height"]):
