@@ -1,10 +1,15 @@
-"""Atomic file writes: a reader never sees half a file, a crash never leaves one."""
+"""Atomic file writes (a reader never sees half a file, a crash never leaves one) and the
+exclusive lock that keeps two jobs off one output."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
+import socket
 import tempfile
+import time
 from collections.abc import Callable, Iterable
 
 
@@ -76,3 +81,33 @@ def read_json(path: str):
 def read_jsonl(path: str) -> list[dict]:
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+class FolderBusy(RuntimeError):
+    """Another live process holds the lock of an output."""
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str):
+    """Hold an exclusive lock on `path` (created if needed) while the context lasts, so that
+    two jobs never write one output at once. A second holder fails at once with the first
+    one's pid, host and start time. The lock is the kernel's (flock): it dies with its
+    process, however that ends, so a lock file left behind never blocks a later run."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            with open(path, errors="replace") as f:
+                holder = f.read().strip() or "unknown"
+            raise FolderBusy(
+                f"{path} is held by another running job ({holder}); wait for it to end, or stop it "
+                f"(the lock goes with its process, so no file needs removing)"
+            ) from None
+        os.ftruncate(fd, 0)
+        holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        os.write(fd, json.dumps(holder).encode())
+        yield
+    finally:
+        os.close(fd)  # releases the lock

@@ -70,3 +70,37 @@ def test_a_resave_at_the_same_step_never_replaces_what_latest_names(tmp_path, mo
     second = save_checkpoint(str(tmp_path), rpn, opt, sched, {"global_step": 5}, keep=1)
     assert second != first and latest_checkpoint(str(tmp_path)) == second
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["latest.json", os.path.basename(second)]
+
+
+def test_a_second_job_on_a_held_output_fails_at_once_naming_the_holder(tmp_path):
+    import json
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    from sdrpn.io_utils import FolderBusy, exclusive_lock
+
+    lock = str(tmp_path / "out" / ".rank000.lock")
+    with exclusive_lock(lock):
+        with pytest.raises(FolderBusy, match=rf'"pid": {os.getpid()}, "host": "{socket.gethostname()}"'):
+            with exclusive_lock(lock):
+                pass
+    with exclusive_lock(lock):  # released on exit
+        pass
+    # Held by another process that is then killed: the lock goes with it.
+    code = (
+        f"from sdrpn.io_utils import exclusive_lock\n"
+        f"with exclusive_lock({lock!r}):\n print('held', flush=True)\n input()"
+    )
+    child = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "held"
+        with pytest.raises(FolderBusy, match=f'"pid": {child.pid}'):
+            with exclusive_lock(lock):
+                pass
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    with exclusive_lock(lock):
+        assert json.loads(open(lock).read())["pid"] == os.getpid()

@@ -235,6 +235,28 @@ def test_resume_refuses_changed_settings(workspace, tmp_path):
             )
             == 0
         )
+    other = tmp_path / "other.json"
+    other.write_text((workspace / "data.json").read_text())
+    with pytest.raises(ValueError, match=r"\bdata\b.*differ"):
+        main(
+            [
+                "label",
+                "--model",
+                str(workspace / "model"),
+                "--data",
+                str(other),
+                "--image-folder",
+                str(workspace / "images"),
+                "--out",
+                str(out),
+                "--dtype",
+                "fp32",
+                "--preset",
+                "llava15-7b",
+                "--answers",
+                "given",
+            ]
+        )
     assert run_label(workspace, out, "--answers", "given") == 0  # the same settings resume
 
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from tqdm import tqdm
 
-from ..io_utils import write_json, write_jsonl
+from ..io_utils import exclusive_lock, write_json, write_jsonl
 from ..llava.data import SkipSample, load_entries, open_image, parse_entry
 from .pipeline import SDRPNAnswer, SDRPNLlava
 
@@ -61,6 +61,11 @@ class InferFileConfig:
 def answer_file(pipe: SDRPNLlava, cfg: InferFileConfig) -> dict:
     """Answer every entry of a LLaVA-format file; rows are appended to cfg.out as they are
     done, so a rerun continues where the last stopped. Bad samples are skipped and counted."""
+    with exclusive_lock(cfg.out + ".lock"):
+        return _answer_file(pipe, cfg)
+
+
+def _answer_file(pipe: SDRPNLlava, cfg: InferFileConfig) -> dict:
     entries = load_entries(cfg.data)[: cfg.limit]
     done = _finished_ids(cfg.out)
     skipped: dict[str, int] = {}

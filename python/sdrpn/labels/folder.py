@@ -57,6 +57,7 @@ class LabelFolderConfig:
     preset: dict | None = None  # the whole preset (None: imported labels)
     model: dict | None = None  # llava.loading.model_identity of the base model
     dtype: str | None = None  # the model's dtype while labelling
+    data: str | None = None  # the data file, absolute
     image_folder: str | None = None  # absolute
     image_size: int | None = None  # the encoder's input side
     grid: list[int] | None = None  # [grid_h, grid_w]
@@ -78,6 +79,7 @@ class LabelFolderConfig:
             "preset": self.preset,
             "model": self.model,
             "dtype": self.dtype,
+            "data": self.data,
             "image_folder": self.image_folder,
             "image_size": self.image_size,
             "grid": self.grid,
@@ -91,7 +93,16 @@ class LabelFolderConfig:
                 options=LabelOptions.from_dict(raw["options"]),
                 **{
                     k: raw.get(k)
-                    for k in ("preset", "model", "dtype", "image_folder", "image_size", "grid", "image_token_id")
+                    for k in (
+                        "preset",
+                        "model",
+                        "dtype",
+                        "data",
+                        "image_folder",
+                        "image_size",
+                        "grid",
+                        "image_token_id",
+                    )
                 },
                 format_version=raw["format_version"],
             )

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from .. import ops
+from ..io_utils import exclusive_lock
 from ..llava.data import QASample, SkipSample, load_entries, open_image, parse_entry
 from ..llava.geometry import model_grid
 from ..llava.inputs import Preprocessing, left_pad, preprocess_image, prompt_token_ids
@@ -183,6 +184,7 @@ class LabelJob:
             preset=self.preset.to_dict(),
             model=model_identity(self.model),
             dtype=dtype,
+            data=os.path.abspath(self.cfg.data),
             image_folder=os.path.abspath(self.cfg.image_folder),
             image_size=self.image_size,
             grid=list(self.grid),
@@ -191,6 +193,11 @@ class LabelJob:
 
     # ---- driver ---------------------------------------------------------------------------
     def run(self) -> dict:
+        """Label this rank's share; a second job on the same folder and rank is refused."""
+        with exclusive_lock(self.folder.file(f".rank{self.cfg.rank:03d}.lock")):
+            return self._run()
+
+    def _run(self) -> dict:
         cfg = self.cfg
         self.folder.start(self.folder_config())
         entries = load_entries(cfg.data)

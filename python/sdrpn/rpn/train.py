@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from ..io_utils import write_json
+from ..io_utils import exclusive_lock, write_json
 from ..labels.folder import LabelFolder
 from ..llava.backbone import branch_hidden_states
 from ..llava.loading import pad_token_id
@@ -240,6 +240,13 @@ class RPNTrainer:
         return [chunks[i : i + self.grad_accum] for i in range(0, len(chunks), self.grad_accum)]
 
     def run(self) -> dict:
+        """Train (or resume); rank 0 holds the output folder's lock while it runs."""
+        if self.rank != 0:
+            return self._run()
+        with exclusive_lock(os.path.join(self.cfg.out, ".train.lock")):
+            return self._run()
+
+    def _run(self) -> dict:
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
         train_set, held_out = self._datasets()
