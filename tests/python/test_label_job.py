@@ -173,28 +173,7 @@ def test_viz_labels_draws_sinks_at_the_recorded_threshold(workspace, tmp_path, m
     out = tmp_path / "labels"
     run_label(workspace, out, "--answers", "given")
     out_custom = tmp_path / "labels_custom"
-    assert (
-        main(
-            [
-                "label",
-                "--model",
-                str(workspace / "model"),
-                "--data",
-                str(workspace / "data.json"),
-                "--image-folder",
-                str(workspace / "images"),
-                "--out",
-                str(out_custom),
-                "--dtype",
-                "fp32",
-                "--preset",
-                str(preset),
-                "--answers",
-                "given",
-            ]
-        )
-        == 0
-    )
+    assert run_label(workspace, out_custom, "--preset", str(preset), "--answers", "given") == 0
     assert LabelFolder(str(out_custom)).config.sink_threshold == 0.05
     drawn = []
     real = viz.label_grid
@@ -213,50 +192,11 @@ def test_resume_refuses_changed_settings(workspace, tmp_path):
     with pytest.raises(ValueError, match=r"options.prompt_template.*differ"):
         run_label(workspace, out, "--answers", "given", "--prompt-template", "USER: <image> {question} A:")
     with pytest.raises(ValueError, match=r"image_folder.*differ"):
-        assert (
-            main(
-                [
-                    "label",
-                    "--model",
-                    str(workspace / "model"),
-                    "--data",
-                    str(workspace / "data.json"),
-                    "--image-folder",
-                    str(tmp_path),
-                    "--out",
-                    str(out),
-                    "--dtype",
-                    "fp32",
-                    "--preset",
-                    "llava15-7b",
-                    "--answers",
-                    "given",
-                ]
-            )
-            == 0
-        )
+        run_label(workspace, out, "--answers", "given", "--image-folder", str(tmp_path))
     other = tmp_path / "other.json"
     other.write_text((workspace / "data.json").read_text())
     with pytest.raises(ValueError, match=r"\bdata\b.*differ"):
-        main(
-            [
-                "label",
-                "--model",
-                str(workspace / "model"),
-                "--data",
-                str(other),
-                "--image-folder",
-                str(workspace / "images"),
-                "--out",
-                str(out),
-                "--dtype",
-                "fp32",
-                "--preset",
-                "llava15-7b",
-                "--answers",
-                "given",
-            ]
-        )
+        run_label(workspace, out, "--answers", "given", "--data", str(other))
     assert run_label(workspace, out, "--answers", "given") == 0  # the same settings resume
 
 
