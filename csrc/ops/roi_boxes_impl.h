@@ -22,6 +22,13 @@ void check_roi_boxes_inputs(const at::Tensor& prob, double threshold, double sig
 using RoiLabelFn = void (*)(const at::Tensor& prob, const RoiBoxOptions& options,
                             at::Tensor& blurred, at::Tensor& slots, at::Tensor& counts);
 
+// Each device's RoiLabelFn, shared with roi_crops (defined by the roi_boxes kernel files;
+// the CUDA one only in builds with CUDA).
+void roi_label_cpu(const at::Tensor& prob, const RoiBoxOptions& options, at::Tensor& blurred,
+                   at::Tensor& slots, at::Tensor& counts);
+void roi_label_cuda(const at::Tensor& prob, const RoiBoxOptions& options, at::Tensor& blurred,
+                    at::Tensor& slots, at::Tensor& counts);
+
 // The device-independent half, called with the schema's arguments: validation,
 // allocation and the final compaction (the op's one host synchronisation: the number of
 // boxes).

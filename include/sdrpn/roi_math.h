@@ -92,4 +92,66 @@ SDRPN_HOST_DEVICE int64_t write_box(CellBox box, int64_t grid_h, int64_t grid_w,
   return kept + 1;
 }
 
+// Float products and sums rounded one operation at a time, as torch's CPU upsampling
+// kernel rounds them: nvcc would otherwise contract a * b + c into one FMA, and a mask
+// whose interpolated value is 0.5 in exact arithmetic would land on the other side.
+SDRPN_HOST_DEVICE float mul_rn(float a, float b) {
+#ifdef __CUDA_ARCH__
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+
+SDRPN_HOST_DEVICE float add_rn(float a, float b) {
+#ifdef __CUDA_ARCH__
+  return __fadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+
+// One output index of a linear resize with align_corners=False: the two source indices
+// and their weights, as torch.nn.functional.interpolate computes them in float32 (scale
+// in / out, source index scale * (i + 0.5) - 0.5 fused, clamped at 0, the second index
+// clamped to the last cell; equal sizes copy).
+struct LinearTap {
+  int64_t i0, i1;
+  float l0, l1;
+};
+
+SDRPN_HOST_DEVICE LinearTap linear_tap(int64_t out_index, int64_t in_size, int64_t out_size) {
+  if (in_size == out_size) return {out_index, out_index, 1.0f, 0.0f};
+  const float scale = static_cast<float>(in_size) / static_cast<float>(out_size);
+  float src = fmaf(scale, static_cast<float>(out_index) + 0.5f, -0.5f);
+  if (src < 0.0f) src = 0.0f;
+  int64_t i0 = static_cast<int64_t>(floorf(src));
+  if (i0 > in_size - 1) i0 = in_size - 1;
+  float l1 = src - static_cast<float>(i0);
+  l1 = l1 < 0.0f ? 0.0f : (l1 > 1.0f ? 1.0f : l1);
+  return {i0, i0 < in_size - 1 ? i0 + 1 : i0, 1.0f - l1, l1};
+}
+
+// Mask-mode keep of crop token (y, x) on the grid_h x grid_w crop grid: the binary mask
+// blurred > threshold cut to `box`, resized bilinearly (align_corners=False) to the grid,
+// then > 0.5. The corners' weights h * w are added in torch's order (00, 01, 10, 11); the
+// mask is 0 or 1, so a corner contributes its weight or nothing.
+SDRPN_HOST_DEVICE bool crop_keep(const float* blurred, float threshold, int64_t w,
+                                 const CellBox& box, int64_t grid_h, int64_t grid_w, int64_t y,
+                                 int64_t x) {
+  const LinearTap ty = linear_tap(y, box.y1 - box.y0, grid_h);
+  const LinearTap tx = linear_tap(x, box.x1 - box.x0, grid_w);
+  const int64_t rows[2] = {box.y0 + ty.i0, box.y0 + ty.i1};
+  const int64_t cols[2] = {box.x0 + tx.i0, box.x0 + tx.i1};
+  const float wy[2] = {ty.l0, ty.l1};
+  const float wx[2] = {tx.l0, tx.l1};
+  float value = 0.0f;
+  for (int a = 0; a < 2; ++a) {
+    for (int b = 0; b < 2; ++b) {
+      if (blurred[rows[a] * w + cols[b]] > threshold) value = add_rn(value, mul_rn(wy[a], wx[b]));
+    }
+  }
+  return value > 0.5f;
+}
+
 }  // namespace sdrpn::math

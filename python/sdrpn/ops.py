@@ -21,6 +21,7 @@ __all__ = [
     "attention_rows",
     "rpn_scores",
     "roi_boxes",
+    "roi_crops",
 ]
 
 # The label of cells that carry no signal (PyTorch's loss convention), and tau_sink: from
@@ -303,3 +304,61 @@ def _roi_boxes_fake(
     count = torch.library.get_ctx().new_dynamic_size()
     boxes = prob.new_empty((count, 4), dtype=torch.long)
     return boxes, prob.new_empty((count,), dtype=torch.long), prob.new_empty(prob.shape, dtype=torch.float32)
+
+
+def roi_crops(
+    prob: Tensor,
+    *,
+    threshold: float = 0.15,
+    mode: str = "mask",
+    sigma: float = 1.0,
+    min_area: int = 4,
+    max_area: int = 225,
+    max_boxes: int = 2,
+    drop_singletons: bool = True,
+    reference_clamp: bool = True,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """RoI crops and their kept tokens (SPEC Stage 3, steps 2 and 2b), for every sample at once.
+
+    The components and box rules are those of :func:`roi_boxes`. ``mode="bbox"``: exactly
+    its boxes (0 or more than ``max_boxes`` boxes: none for that sample), every token kept.
+    ``mode="mask"`` (the mode of the published numbers): 0 kept boxes give no crop, 1 gives
+    that box with every token kept; 2 or more (no upper cap: ``max_boxes`` plays no part)
+    give ONE crop, the tight box of all cells whose blurred value passes the threshold (none
+    when there are none), whose tokens are kept where that binary mask, cut to the box and
+    resized bilinearly (``align_corners=False``, as ``torch.nn.functional.interpolate``) to
+    the (H, W) grid, is above 0.5.
+
+    Args:
+        prob: (B, H, W) probabilities (sigmoid already applied), any floating dtype.
+        mode: ``"mask"`` or ``"bbox"``.
+
+    Returns:
+        boxes: (M, 4) int64 ``[x0, y0, x1, y1)`` in grid cells.
+        batch_index: (M,) int64 sample of each crop, ascending.
+        keep: (M, H, W) bool, the crop's tokens to keep on its (H, W) token grid.
+    """
+    return torch.ops.sdrpn.roi_crops.default(
+        prob, threshold, mode, sigma, min_area, max_area, max_boxes, drop_singletons, reference_clamp
+    )
+
+
+@torch.library.register_fake("sdrpn::roi_crops")
+def _roi_crops_fake(
+    prob,
+    threshold=0.15,
+    mode="mask",
+    sigma=1.0,
+    min_area=4,
+    max_area=225,
+    max_boxes=2,
+    drop_singletons=True,
+    reference_clamp=True,
+):
+    torch._check(prob.dim() == 3, lambda: f"prob must be (B, H, W), got {prob.shape}")
+    count = torch.library.get_ctx().new_dynamic_size()
+    return (
+        prob.new_empty((count, 4), dtype=torch.long),
+        prob.new_empty((count,), dtype=torch.long),
+        prob.new_empty((count, prob.shape[1], prob.shape[2]), dtype=torch.bool),
+    )

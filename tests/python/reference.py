@@ -214,3 +214,55 @@ def roi_boxes(
             boxes += kept
             index += [b] * len(kept)
     return (torch.tensor(boxes, dtype=torch.long).view(-1, 4), torch.tensor(index, dtype=torch.long), blurred)
+
+
+def roi_crops(
+    prob: Tensor,
+    threshold: float = 0.15,
+    mode: str = "mask",
+    sigma: float = 1.0,
+    min_area: int = 4,
+    max_area: int = 225,
+    max_boxes: int = 2,
+    drop_singletons: bool = True,
+    reference_clamp: bool = True,
+):
+    """roi_boxes' components, then SPEC Stage 3 step 2b one sample at a time: the mask's
+    tight box and F.interpolate(bilinear, align_corners=False) > 0.5 of the cut mask."""
+    _, h, w = prob.shape
+    rules = dict(
+        threshold=threshold,
+        sigma=sigma,
+        min_area=min_area,
+        max_area=max_area,
+        drop_singletons=drop_singletons,
+        reference_clamp=reference_clamp,
+    )
+    if mode == "bbox":
+        boxes, index, _ = roi_boxes(prob, max_boxes=max_boxes, **rules)
+        return boxes, index, torch.ones(len(boxes), h, w, dtype=torch.bool)
+    # No cap: every kept box of every sample.
+    all_boxes, all_index, blurred = roi_boxes(prob, max_boxes=h * w + 1, **rules)
+    boxes, index, keeps = [], [], []
+    for b in range(prob.shape[0]):
+        mine = all_boxes[all_index == b]
+        if len(mine) == 0:
+            continue
+        if len(mine) == 1:
+            boxes.append(mine[0].tolist())
+            index.append(b)
+            keeps.append(torch.ones(h, w, dtype=torch.bool))
+            continue
+        thr = threshold if threshold >= 0 else float(blurred[b].max()) * -threshold
+        mask = blurred[b] > thr
+        if not mask.any():
+            continue
+        ys, xs = torch.nonzero(mask, as_tuple=True)
+        x0, y0, x1, y1 = int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+        cut = mask[y0:y1, x0:x1].float()[None, None]
+        resized = torch.nn.functional.interpolate(cut, size=(h, w), mode="bilinear", align_corners=False)
+        boxes.append([x0, y0, x1, y1])
+        index.append(b)
+        keeps.append(resized[0, 0] > 0.5)
+    keep = torch.stack(keeps) if keeps else torch.empty(0, h, w, dtype=torch.bool)
+    return torch.tensor(boxes, dtype=torch.long).view(-1, 4), torch.tensor(index, dtype=torch.long), keep

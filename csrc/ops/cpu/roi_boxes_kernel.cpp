@@ -75,6 +75,8 @@ void label_sample(const scalar_t* p, int64_t h, int64_t w, const RoiBoxOptions& 
   *count = kept;
 }
 
+}  // namespace
+
 void roi_label_cpu(const at::Tensor& prob, const RoiBoxOptions& opt, at::Tensor& blurred,
                    at::Tensor& slots, at::Tensor& counts) {
   const int64_t h = prob.size(1), w = prob.size(2);
@@ -93,6 +95,8 @@ void roi_label_cpu(const at::Tensor& prob, const RoiBoxOptions& opt, at::Tensor&
         });
       });
 }
+
+namespace {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> roi_boxes_kernel(
     const at::Tensor& prob, double threshold, double sigma, int64_t min_area, int64_t max_area,

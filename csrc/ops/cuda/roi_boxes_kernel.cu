@@ -170,6 +170,8 @@ __global__ void roi_boxes_cuda_kernel(const scalar_t* __restrict__ prob, int64_t
   }
 }
 
+}  // namespace
+
 void roi_label_cuda(const at::Tensor& prob, const RoiBoxOptions& opt, at::Tensor& blurred,
                     at::Tensor& slots, at::Tensor& counts) {
   const int64_t batch = prob.size(0);
@@ -194,6 +196,8 @@ void roi_label_cuda(const at::Tensor& prob, const RoiBoxOptions& opt, at::Tensor
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
 }
+
+namespace {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> roi_boxes_kernel(
     const at::Tensor& prob, double threshold, double sigma, int64_t min_area, int64_t max_area,
