@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from ..io_utils import read_json, write_atomic, write_json
 from ..llava.inputs import crop_pixels, left_pad, preprocess_image, prompt_token_ids
+from ..ops import IGNORE_INDEX
 from ..optim_state import load_optimizer_tensors, optimizer_tensors
 from .model import TinyLlavaSpec, build_tiny_llava
 from .task import CODE_CHARS, CODE_LENGTH, SynthSample, make_sample, split_seeds
@@ -133,7 +134,7 @@ def make_batch(step: int, cfg: BaseTrainConfig, tokenizer, image_token_id: int) 
         prompt = prompt_token_ids(tokenizer, s.question, image_token_id, grid**2 * n_images, TEMPLATE)
         answer = tokenizer(s.answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         ids.append(prompt + answer)
-        labels.append([-100] * len(prompt) + answer)
+        labels.append([IGNORE_INDEX] * len(prompt) + answer)
         tags.append(tag_cells(s.box, s.image.width, grid))
         chars.append([CODE_CHARS.index(c) for c in s.code])
     return Batch(
@@ -197,7 +198,7 @@ class BaseTrainer:
             thumb_f = self._features(batch.thumbs)
             image_f = thumb_f if batch.views is None else torch.cat([thumb_f, self._features(batch.views)], 1)
             input_ids, mask = left_pad(batch.ids, self.tok.pad_token_id, device)
-            label_ids, _ = left_pad(batch.labels, -100, device)
+            label_ids, _ = left_pad(batch.labels, IGNORE_INDEX, device)
             embeds = self.model.get_input_embeddings()(input_ids)
             is_image = input_ids == self.image_id
             embeds = embeds.masked_scatter(is_image[..., None], image_f.reshape(-1, image_f.shape[-1]).to(embeds.dtype))
