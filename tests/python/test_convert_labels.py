@@ -40,6 +40,16 @@ def test_valid_pickle_is_imported(tmp_path, capsys):
     assert torch.equal(tensors["labels"].long(), reference.pseudo_labels(g, s, 24, 24))
     rows = [json.loads(line) for line in open(tmp_path / "out" / "rank000-shard00000.jsonl")]
     assert [r["id"] for r in rows] == ["10", "11", "12"] and rows[0]["answer"] == "K7"
+    # What earlier versions wrote had no label_config.json: it still reads, with SPEC's defaults.
+    from sdrpn.labels.folder import LabelFolder
+
+    folder = LabelFolder(str(tmp_path / "out"))
+    assert folder.config.grid == [24, 24] and folder.config.sink_threshold == 1e-3
+    os.unlink(tmp_path / "out" / "label_config.json")
+    assert folder.config.format_version == 1 and folder.config.sink_threshold == 1e-3
+    assert [r["id"] for shard in folder.shards() for r in shard.rows] == ["10", "11", "12"]
+    with pytest.raises(ValueError, match="is not a label folder"):
+        _ = LabelFolder(str(tmp_path)).config
 
 
 class Exploit:

@@ -160,9 +160,13 @@ class LabelFolder:
 
     @property
     def config(self) -> LabelFolderConfig:
+        """The recorded config; a folder of complete shards without one (convert-labels
+        wrote none before format 2) reads with SPEC's defaults."""
         config = self.read_config()
         if config is None:
-            raise ValueError(f"{self.path} is not a label folder: it has no {CONFIG_NAME}")
+            if not self.complete_shards():
+                raise ValueError(f"{self.path} is not a label folder: it has no {CONFIG_NAME} and no shards")
+            config = LabelFolderConfig.from_dict({})
         return config
 
     def write_config(self, config: LabelFolderConfig) -> None:
