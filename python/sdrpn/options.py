@@ -40,6 +40,8 @@ class Options:
         return dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})
 
 
+CROP_MODES = ("mask", "bbox")
+
 # The RoI threshold the reference evaluates each benchmark with (SPEC Stage 3 step 2b).
 TASK_THRESHOLDS = {
     "textvqa": 0.15,
@@ -71,6 +73,12 @@ class RoiOptions(Options):
     drop_singletons: bool = option(True, "drop one-cell components (noise or sinks)")
     reference_clamp: bool = option(True, "clamp a grown box's exclusive end to size - 1, as the reference does")
     token_ratio: float = option(-1.0, "resample each crop's tokens to (box_h*r, box_w*r); <= 0 keeps all")
+    crop_mode: str = option(
+        "mask",
+        "'mask' (the published numbers): 2 or more boxes give ONE crop of every cell above the threshold, "
+        "keeping the tokens its mask covers; 'bbox': up to max_boxes crops of 576 tokens",
+        choices=CROP_MODES,
+    )
 
     def __post_init__(self):
         checks = {
@@ -82,6 +90,8 @@ class RoiOptions(Options):
         for name, ok in checks.items():
             if not ok:
                 raise ValueError(f"{name} has a value out of range, got {getattr(self, name)!r}")
+        if self.crop_mode not in CROP_MODES:
+            raise ValueError(f"crop_mode must be one of {CROP_MODES}, got {self.crop_mode!r}")
         if not -1.0 <= self.threshold <= 1.0:  # probabilities: anything outside selects all or nothing
             raise ValueError(f"threshold must lie in [-1, 1], got {self.threshold!r}")
 

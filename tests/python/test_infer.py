@@ -141,9 +141,51 @@ def test_centre_crop_preprocessing(tiny):
 def test_two_boxes_and_token_ratio(tiny):
     forced = blob_logits((0, 0, 1, 4), None)
     forced.view(2, 4, 4)[0, 3, :] = 10.0  # a second band: two boxes for sample 0
-    sd = pipeline(tiny, forced, roi=RoiOptions(token_ratio=0.5, threshold=0.3))  # the blur would join the bands at 0.15
+    # The blur would join the bands at 0.15.
+    sd = pipeline(tiny, forced, roi=RoiOptions(token_ratio=0.5, threshold=0.3, crop_mode="bbox"))
     ans = sd.generate(images(2, seed=3), QUESTIONS[:2], max_new_tokens=3)
     assert len(ans[0].rois.boxes) == 2 and ans[1].rois.boxes == []
+
+
+def test_mask_mode_feeds_the_kept_tokens_of_one_crop(tiny):
+    """Two bands: mask mode takes ONE crop over both and feeds only the tokens its mask keeps;
+    the answer equals HF generate on [prefix, kept crop tokens, question] built from scratch,
+    and samples with 0 tokens, a partial crop and a whole crop batch together."""
+    forced = blob_logits((0, 0, 1, 4), None, (1, 1, 3, 3))
+    forced.view(3, 4, 4)[0, 3, :] = 10.0
+    sd = pipeline(tiny, forced, roi=RoiOptions(threshold=0.3))
+    assert sd.roi.crop_mode == "mask"
+    ims = images(3, seed=4)
+    answers = sd.generate(ims, QUESTIONS, max_new_tokens=5)
+    assert answers[0].rois.grid_boxes == [(0, 0, 4, 4)] and answers[1].rois.boxes == []
+    keep = answers[0].rois.keep[0]
+    assert keep[[0, 3]].all() and not keep[[1, 2]].any()  # the two bands' tokens only
+    assert answers[2].rois.keep[0].all()  # one box: the whole crop
+    model = tiny.model
+    embed = model.get_input_embeddings()
+
+    def features(pixels):  # (16, D) projected tokens of one image
+        out = model.model.get_image_features(pixel_values=pixels[None])
+        out = out.pooler_output if hasattr(out, "pooler_output") else out
+        return torch.cat(list(out)).reshape(16, -1)
+
+    for b, ans in enumerate(answers):
+        prefix, suffix = sd._split_prompt(QUESTIONS[b])
+        with torch.no_grad():
+            parts = [embed(torch.tensor(prefix))]
+            parts[0][-16:] = features(preprocess_image(ims[b].convert("RGB"), 56)[0])
+            for box, kept in zip(ans.rois.boxes, ans.rois.keep):
+                parts.append(features(crop_pixels(ims[b].convert("RGB"), box, 56))[kept.flatten()])
+            parts.append(embed(torch.tensor(suffix)))
+            embeds = torch.cat(parts)[None]
+            out = model.generate(
+                inputs_embeds=embeds,
+                attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),
+                max_new_tokens=5,
+                do_sample=False,
+                pad_token_id=0,
+            )
+        assert ans.tokens == out[0].tolist(), b
 
 
 @pytest.mark.parametrize("size", [(800, 400), (300, 900), (500, 500)], ids=["landscape", "portrait", "square"])

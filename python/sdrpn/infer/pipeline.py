@@ -3,10 +3,11 @@
 Pass 1 wastes nothing: the shared prefix (system text + image tokens) runs through the
 whole model once into a KV cache; the question tokens run on top of it through layers < K
 only; the RPN reads the layer-K hidden states of the whole prompt; the cache is cut back
-to the prefix. Boxes come from ``sdrpn.ops.roi_boxes``, are mapped to source pixels,
-cropped from the full-resolution image, encoded by the model's own vision tower and
-projector, and pass 2 feeds [crop tokens, question] on top of the prefix cache and decodes.
-A sample without a box is answered exactly as by the base model.
+to the prefix. Crops come from ``sdrpn.ops.roi_crops`` (mask or bbox mode), are mapped to
+source pixels, cropped from the full-resolution image, encoded by the model's own vision
+tower and projector, and pass 2 feeds [crop tokens, question] on top of the prefix cache
+and decodes; a mask-mode crop feeds only the tokens its mask keeps. A sample without a box
+is answered exactly as by the base model.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ class RoiPrediction:
     boxes: list[tuple[int, int, int, int]]  # source pixels [x0, y0, x1, y1)
     grid_boxes: list[tuple[int, int, int, int]]  # grid cells [x0, y0, x1, y1)
     prob: Tensor  # (grid_h, grid_w) sigmoid of the RPN logits
-    blurred: Tensor  # (grid_h, grid_w)
+    keep: list[Tensor]  # per crop, (grid_h, grid_w) bool: its tokens that are fed (mask mode)
 
 
 @dataclass
@@ -201,9 +202,9 @@ class SDRPNLlava:
         logits = self.rpn(hidden.to(self.rpn.q_proj.weight.dtype), full_mask, positions, ids == self.image_token_id)
         prob = torch.sigmoid(logits.float()).view(-1, self.grid_h, self.grid_w)
         clock.lap("rpn")
-        boxes, index, blurred = ops.roi_boxes(prob, **self.roi.box_rules())
+        boxes, index, keep = ops.roi_crops(prob, mode=self.roi.crop_mode, **self.roi.box_rules())
         rois = []
-        boxes, index = boxes.tolist(), index.tolist()
+        boxes, index, keep = boxes.tolist(), index.tolist(), keep.cpu()
         for b, image in enumerate(images):
             grid_boxes = [tuple(bx) for bx, i in zip(boxes, index) if i == b]
             rois.append(
@@ -216,34 +217,37 @@ class SDRPNLlava:
                     ],
                     grid_boxes,
                     prob[b].cpu(),
-                    blurred[b].cpu(),
+                    [keep[m] for m, i in enumerate(index) if i == b],
                 )
             )
         clock.lap("boxes")
         return _Pass1(cache, prefix_mask, [s for _, s in prompts], rois, clock), images
 
     def predict_rois(self, images, questions) -> list[RoiPrediction]:
-        """RoIs for a batch: boxes in source pixels, probabilities and blurred maps."""
+        """RoIs for a batch: boxes in source pixels and grid cells, probabilities, kept tokens."""
         p1, _ = self._pass1(images, questions)
         return p1.rois
 
     # ---- pass 2 ---------------------------------------------------------------------------
     def _crop_tokens(self, images: list[Image.Image], rois: list[RoiPrediction]) -> list[Tensor]:
-        """Per sample, the projected crop features (n_crops * tokens, D), empty without boxes."""
-        crops, owner, grid_boxes = [], [], []
+        """Per sample, the projected crop features (tokens, D), empty without boxes: every
+        token of a whole crop (optionally resampled), the kept ones of a mask-mode crop."""
+        crops, owner, grid_boxes, keeps = [], [], [], []
         for b, (image, roi) in enumerate(zip(images, rois)):
-            for box, gbox in zip(roi.boxes, roi.grid_boxes):
+            for box, gbox, keep in zip(roi.boxes, roi.grid_boxes, roi.keep):
                 crops.append(crop_pixels(image, box, self.size))
                 owner.append(b)
                 grid_boxes.append(gbox)
+                keeps.append(keep)
         hidden = self.model.config.text_config.hidden_size
         per_sample = [torch.empty(0, hidden, device=self.device, dtype=self.dtype) for _ in images]
         if not crops:
             return per_sample
         feats = self.model.model.get_image_features(pixel_values=torch.stack(crops).to(self.device, self.dtype))
         feats = feats.pooler_output if hasattr(feats, "pooler_output") else feats
-        for b, f, gbox in zip(owner, feats, grid_boxes):
-            per_sample[b] = torch.cat([per_sample[b], self._resample(f, gbox)])
+        for b, f, gbox, keep in zip(owner, feats, grid_boxes, keeps):
+            tokens = self._resample(f, gbox) if bool(keep.all()) else f[keep.flatten().to(f.device)]
+            per_sample[b] = torch.cat([per_sample[b], tokens])
         return per_sample
 
     def _resample(self, features: Tensor, grid_box) -> Tensor:
