@@ -32,7 +32,7 @@ class Options:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - names)
         if unknown:
-            raise ValueError(f"{cls.__name__} has no field {unknown}; known: {sorted(names)}")
+            raise ValueError(f"{cls.__name__} has unknown fields {unknown}; known: {sorted(names)}")
         return cls(**values)
 
     def updated(self: T, **overrides) -> T:

@@ -4,6 +4,7 @@ import torch
 import reference
 import sdrpn
 from conftest import DEVICES, FLOAT_DTYPES, needs_cuda
+from test_roi_boxes import BAD as BOX_RULES_BAD
 
 
 def crop_maps(h, w, seed):
@@ -127,16 +128,11 @@ def test_empty_batch(device, mode):
     assert boxes.shape == (0, 4) and index.shape == (0,) and keep.shape == (0, 12, 20)
 
 
-BAD = [
-    (dict(prob=torch.rand(24, 24)), "prob must be (B, H, W), got shape [24, 24]"),
-    (dict(prob=torch.ones(1, 4, 4, dtype=torch.long)), "prob must be float32, float64, float16 or bfloat16, got Long"),
-    (dict(prob=torch.rand(1, 0, 4)), "prob's grid must be at least 1x1, got 0x4"),
+# roi_crops checks its box rules as roi_boxes does: every case of roi_boxes, and its own.
+BAD = BOX_RULES_BAD + [
     (dict(threshold=float("inf")), "threshold must be finite, got inf"),
     (dict(mode="boxes"), 'mode must be "mask" or "bbox", got "boxes"'),
     (dict(sigma=-1.0), "sigma must be a finite number > 0, got -1"),
-    (dict(min_area=-1), "min_area must be >= 0, got -1"),
-    (dict(max_area=0), "max_area must be >= 1, got 0"),
-    (dict(max_boxes=0), "max_boxes must be >= 1, got 0"),
 ]
 
 

@@ -23,7 +23,7 @@ import logging
 import os
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from safetensors import SafetensorError
@@ -138,7 +138,6 @@ class Shard:
     name: str
     rows: list[dict]
     tensors: dict[str, Tensor]
-    bad_rows: Counter = field(default_factory=Counter)
 
     def row_tensors(self, row: dict) -> dict[str, Tensor]:
         return {k: v[row["row"]] for k, v in self.tensors.items()}
@@ -255,16 +254,20 @@ class LabelFolder:
                 kept.append(row)
         if bad:
             log.warning("%s: left out %s", base, dict(bad))
-        return Shard(name, kept, tensors, bad)
+        return Shard(name, kept, tensors)
 
     def shards(self) -> Iterator[Shard]:
         for name in self.complete_shards():
             yield self.read_shard(name)
 
     # ---- summary --------------------------------------------------------------------------
+    def summary(self) -> dict:
+        """Counts over every rank's complete shards."""
+        return summarize(self.done_markers())
+
     def write_summary(self) -> dict:
-        """Counts over every rank's complete shards, written to summary.json."""
-        summary = summarize(self.done_markers())
+        """The summary, also written to summary.json."""
+        summary = self.summary()
         write_json(self.file(SUMMARY_NAME), summary)
         return summary
 

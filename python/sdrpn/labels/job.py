@@ -227,8 +227,3 @@ class LabelJob:
                 shard, buf = shard + 1, ShardBuffer()
         progress.close()
         return summarize(markers)
-
-
-def merge_summaries(out: str) -> dict:
-    """Summary over every rank's complete shards in the folder (summary.json)."""
-    return LabelFolder(out).write_summary()

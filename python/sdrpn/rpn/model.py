@@ -13,7 +13,7 @@ import copy
 import dataclasses
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -28,14 +28,14 @@ from ..llava.geometry import model_grid
 from ..llava.inputs import PREPROCESSING_MODES, PROMPT_TEMPLATE, check_template
 from ..llava.loading import config_fingerprint, model_device, model_dtype
 from ..ops import IGNORE_INDEX
-from ..options import TASK_THRESHOLDS, RoiOptions
+from ..options import TASK_THRESHOLDS, Options, RoiOptions
 
 WEIGHTS_NAME = "rpn.safetensors"
 CONFIG_NAME = "rpn_config.json"
 
 
 @dataclass
-class RPNConfig:
+class RPNConfig(Options):
     """rpn_config.json: everything needed to use the RPN on its base model. Fields missing
     from folders written by earlier versions take these defaults (the reference's)."""
 
@@ -70,14 +70,6 @@ class RPNConfig:
         if task not in self.task_thresholds:
             raise ValueError(f"task must be one of {sorted(self.task_thresholds)}, got {task!r}")
         return self.roi_options.updated(threshold=self.task_thresholds[task])
-
-    @classmethod
-    def from_dict(cls, raw: dict) -> RPNConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(raw) - names)
-        if unknown:
-            raise ValueError(f"rpn_config.json has unknown fields {unknown}")
-        return cls(**raw)
 
 
 def model_fingerprint(model: nn.Module, branch_layer: int) -> list[float]:
@@ -261,7 +253,7 @@ class RegionProposalNetwork(nn.Module):
         """Only the RPN's weights (safetensors) and its JSON config; atomic."""
         tensors = {k: v.cpu() for k, v in self.trainable_state_dict().items()}
         write_atomic(os.path.join(folder, WEIGHTS_NAME), lambda tmp: save_file(tensors, tmp))
-        write_json(os.path.join(folder, CONFIG_NAME), asdict(self.config))
+        write_json(os.path.join(folder, CONFIG_NAME), self.config.to_dict())
 
     @classmethod
     def load(cls, folder: str, model: nn.Module) -> RegionProposalNetwork:

@@ -226,7 +226,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     train_rpn(cfg, model, tokenizer, cfg.path("labels"), cfg.path("rpn"))
     train_rpn(cfg, model, tokenizer, cfg.path("labels_raw"), cfg.path("rpn_raw"))
     result = evaluate(cfg, model, tokenizer)
-    result["label_summary"] = {name: LabelFolder(cfg.path(name)).write_summary() for name in ("labels", "labels_test")}
+    result["label_summary"] = {name: LabelFolder(cfg.path(name)).summary() for name in ("labels", "labels_test")}
     result["config"] = asdict(cfg)
     probe = [make_sample(seed) for seed in split_seeds("val", 128)]
     result["base_model"] = {
