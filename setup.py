@@ -88,7 +88,8 @@ def _extension():
     archs = os.environ.get("SDRPN_CUDA_ARCHS", "8.0;9.0")
     sources = _sources("csrc/module.cpp") + _sources("csrc/ops/*.cpp") + _sources("csrc/ops/cpu/*.cpp")
     define_macros = [("SDRPN_VERSION", f'"{VERSION}"')]
-    cxx_flags = ["-O3", "-std=c++17"]
+    # at::parallel_for is OpenMP in torch's builds: without -fopenmp it runs on one thread.
+    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
     extra = {"cxx": cxx_flags}
     if with_cuda:
         # torch's builder reads the architecture list from this variable.
@@ -96,12 +97,12 @@ def _extension():
         sources += _sources("csrc/ops/cuda/*.cu")
         define_macros += [("SDRPN_WITH_CUDA", None), ("SDRPN_CUDA_ARCHS", f'"{archs}"')]
         extra["nvcc"] = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
-    link_args = _libstdcxx_link_args()
+    libstdcxx = _libstdcxx_link_args()
     print(
         f"sdrpn build: version={VERSION} torch={torch.__version__} torch.cuda={torch.version.cuda} "
         f"cuda_home={CUDA_HOME} with_cuda={with_cuda} "
         f"archs={archs if with_cuda else '-'} sources={len(sources)} "
-        f"libstdc++={'linked explicitly: ' + link_args[0] if link_args else 'toolchain default'}"
+        f"libstdc++={'linked explicitly: ' + libstdcxx[0] if libstdcxx else 'toolchain default'}"
     )
     kind = CUDAExtension if with_cuda else CppExtension
     return kind(
@@ -110,7 +111,7 @@ def _extension():
         include_dirs=[os.path.join(ROOT, "include")],
         define_macros=define_macros,
         extra_compile_args=extra,
-        extra_link_args=link_args,
+        extra_link_args=libstdcxx + ["-fopenmp"],
     )
 
 

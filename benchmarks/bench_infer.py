@@ -1,15 +1,21 @@
 """End-to-end answering with RoI against plain generate, on LLaVA-1.5 shapes with random
-weights and forced RPN maps (1 or 2 boxes), measured side by side in one run: throughput
-ratio, the cost of each stage, and the saving of prefix reuse over a full recompute.
+weights and forced RPN maps, measured side by side in one run: throughput against
+`generate` without RoI (bbox mode with 1 and 2 boxes, mask mode with 2 regions, i.e. one
+partial crop), the cost of each stage, and at the largest batch SD-RPN against the
+reference's way (batch 1, pass 1 then a full `generate` over [prefix, crop, question]).
 
-    python benchmarks/bench_infer.py --size 7b --device cuda
+    python benchmarks/bench_infer.py --size 7b --device cuda --profile build/infer_profile
     python benchmarks/bench_infer.py --size tiny                 # CPU smoke run
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import gzip
 import os
+import shutil
+import statistics
 import sys
 import time
 
@@ -23,7 +29,7 @@ from bench_label_pipeline import IMAGE_TOKEN, build_model
 from sdrpn.infer.pipeline import SDRPNLlava
 from sdrpn.llava.inputs import crop_pixels, preprocess_image
 from sdrpn.rpn.model import RegionProposalNetwork
-from timing import emit, machine, sync
+from timing import emit, machine, save, sync
 
 
 class IdTokenizer:
@@ -43,12 +49,15 @@ class IdTokenizer:
 
 SYSTEM = " ".join(["w"] * 34)  # 35 system tokens with the begin-of-sequence token
 TEMPLATE = SYSTEM + " <image>\n{question} ASSISTANT:"
+# (crop mode, regions on the forced map): one box, two boxes, and mask mode's one crop
+# that keeps only the two regions' tokens. Mask mode with one region is the bbox path.
+SETTINGS = (("bbox", 1), ("bbox", 2), ("mask", 2))
 
 
-def forced_logits(n_boxes: int, batch: int) -> torch.Tensor:
+def forced_logits(regions: int, batch: int) -> torch.Tensor:
     grid = torch.full((batch, 24, 24), -10.0)
     grid[:, 3:9, 3:9] = 10.0
-    if n_boxes == 2:
+    if regions == 2:
         grid[:, 15:21, 14:22] = 10.0
     return grid.view(batch, -1)
 
@@ -57,9 +66,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--size", choices=["7b", "tiny"], default="tiny")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--answer-tokens", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--answer-tokens", type=int, nargs="+", default=[8, 32])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds per setting (median)")
+    parser.add_argument("--profile", default=None, help="folder for a torch.profiler trace and tables (batch 1)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     cuda = args.device.startswith("cuda")
@@ -67,12 +77,17 @@ def main() -> None:
     model, _ = build_model(args.size, args.device, dtype)
     model.config.image_token_id = IMAGE_TOKEN
     gen = torch.Generator().manual_seed(0)
-    tok = IdTokenizer()
     branch, depth = (15, 3) if args.size == "7b" else (1, 2)
     rpn = RegionProposalNetwork.from_llava(model, branch, depth).to(args.device, dtype)
-    pipe = SDRPNLlava(model, tok, rpn, prompt_template=TEMPLATE)
+    pipe = SDRPNLlava(model, IdTokenizer(), rpn, prompt_template=TEMPLATE)
     question = "what is written on the small red tag in the corner of the picture ?"
-    results = []
+    report = {
+        "benchmark": "infer",
+        "machine": machine(args.device),
+        "size": args.size,
+        "dtype": str(dtype).replace("torch.", ""),
+        "results": [],
+    }
     for batch in args.batch_sizes:
         imgs = [Image.fromarray((torch.rand(480, 640, 3, generator=gen) * 255).byte().numpy()) for _ in range(batch)]
         questions = [question] * batch
@@ -80,74 +95,130 @@ def main() -> None:
         ids = torch.tensor(prompts, device=args.device)
         pixels = torch.stack([preprocess_image(im, 336)[0] for im in imgs]).to(args.device, dtype)
         for tokens in args.answer_tokens:
+            answers = {}
 
-            def baseline():
-                model.generate(
-                    input_ids=ids,
-                    attention_mask=torch.ones_like(ids),
-                    pixel_values=pixels,
-                    max_new_tokens=tokens,
-                    min_new_tokens=tokens,
-                    do_sample=False,
-                    pad_token_id=0,
-                )
+            def run(setting, tokens=tokens, answers=answers):
+                if setting == "baseline":
+                    return plain_generate(model, ids, pixels, tokens)
+                mode, regions = setting
+                force(pipe, mode, regions, batch, args.device)
+                answers[setting] = pipe.generate(imgs, questions, tokens)
 
-            row = {"batch": batch, "answer_tokens": tokens, "baseline_s": timed(baseline, args)}
-            for n_boxes in (1, 2):
-                rpn_forced = forced_logits(n_boxes, batch).to(args.device)
-                pipe.rpn.forward = lambda *a, _f=rpn_forced: _f  # forced maps: 1 or 2 boxes
-                answers = []
-                seconds = timed(lambda: answers.append(pipe.generate(imgs, questions, tokens)), args)
-                stages = {k: round(v, 5) for k, v in answers[-1][0].timings.items()}
-                recompute = timed(lambda: full_recompute(pipe, imgs, prompts, answers[-1], tokens, args), args)
-                row[f"{n_boxes}_box"] = {
-                    "sdrpn_s": seconds,
-                    "throughput_vs_baseline": round(row["baseline_s"] / seconds, 3),
-                    "stages_s": stages,
-                    "full_recompute_s": recompute,
-                    "prefix_reuse_saving": round(1 - seconds / recompute, 3),
+            seconds = interleaved(run, ["baseline", *SETTINGS], args)
+            row = {"batch": batch, "answer_tokens": tokens, "baseline_s": seconds["baseline"]}
+            for setting in SETTINGS:
+                mode, regions = setting
+                row[f"{mode}_{regions}"] = {
+                    "sdrpn_s": seconds[setting],
+                    "throughput_vs_baseline": round(row["baseline_s"] / seconds[setting], 3),
+                    "crop_tokens": crop_token_counts(answers[setting]),
+                    "stages_s": {k: round(v, 5) for k, v in answers[setting][0].timings.items()},
                 }
-            results.append(row)
-            del pipe.rpn.forward
-    emit(
-        {
-            "benchmark": "infer",
-            "machine": machine(args.device),
-            "size": args.size,
-            "dtype": str(dtype).replace("torch.", ""),
-            "results": results,
-        },
-        args.json,
+            if batch == max(args.batch_sizes) and batch > 1:
+                force(pipe, "bbox", 1, 1, args.device)
+                ref = interleaved(lambda _: reference_way(pipe, imgs, questions, tokens), ["ref"], args)["ref"]
+                ours = row["bbox_1"]["sdrpn_s"]
+                row["reference_way_bbox_1"] = {
+                    "seconds": ref,
+                    "sdrpn_speedup_samples_per_s": round(ref / ours, 2),
+                }
+            report["results"].append(row)
+            save(report, args.json)
+            print(row, file=sys.stderr, flush=True)
+    if args.profile:
+        report["profile"] = profile(pipe, model, args)
+    del pipe.rpn.forward
+    emit(report, args.json)
+
+
+def force(pipe: SDRPNLlava, mode: str, regions: int, batch: int, device: str) -> None:
+    """Crop mode and a forced RPN map: the benchmark times the pipeline, not the RPN's luck."""
+    pipe.roi = dataclasses.replace(pipe.roi, crop_mode=mode)
+    logits = forced_logits(regions, batch).to(device)
+    pipe.rpn.forward = lambda *a, _f=logits: _f[: a[0].shape[0]]
+
+
+def crop_token_counts(answers) -> list[int]:
+    return [sum(int(k.sum()) for k in a.rois.keep) for a in answers]
+
+
+def plain_generate(model, ids, pixels, tokens):
+    model.generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        pixel_values=pixels,
+        max_new_tokens=tokens,
+        min_new_tokens=tokens,
+        do_sample=False,
+        pad_token_id=0,
     )
 
 
-def full_recompute(pipe, imgs, prompts, answers, tokens, args):
-    """Pass 2 without the prefix cache: [prefix, crop tokens, question] from scratch."""
-    for b, (im, ans) in enumerate(zip(imgs, answers)):
-        crops = [crop_pixels(im.convert("RGB"), box, pipe.size) for box in ans.rois.boxes]
-        prefix_len = prompts[b].index(IMAGE_TOKEN) + pipe.num_cells
-        ids = prompts[b][:prefix_len] + [IMAGE_TOKEN] * (pipe.num_cells * len(crops)) + prompts[b][prefix_len:]
-        ids = torch.tensor([ids], device=args.device)
-        pixels = torch.stack([preprocess_image(im, pipe.size)[0]] + crops).to(args.device, pipe.dtype)
-        pipe.model.generate(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            pixel_values=pixels,
-            max_new_tokens=tokens,
-            min_new_tokens=tokens,
-            do_sample=False,
-            pad_token_id=0,
-        )
+def reference_way(pipe, imgs, questions, tokens):
+    """Batch 1; pass 1 for the box, then [prefix, crop tokens, question] from scratch."""
+    for im, q in zip(imgs, questions):
+        rois = pipe.predict_rois([im], [q])[0]
+        prefix, suffix = pipe._split_prompt(q)
+        crops = [crop_pixels(im.convert("RGB"), box, pipe.size) for box in rois.boxes]
+        ids = prefix + [IMAGE_TOKEN] * (pipe.num_cells * len(crops)) + suffix
+        pixels = torch.stack([preprocess_image(im, pipe.size)[0]] + crops)
+        plain_generate(pipe.model, torch.tensor([ids], device=pipe.device), pixels.to(pipe.device, pipe.dtype), tokens)
 
 
-def timed(fn, args) -> float:
-    fn()  # warm-up
-    sync(args.device)
-    start = time.perf_counter()
-    for _ in range(args.repeats):
+def profile(pipe, model, args) -> dict:
+    """One batch-1 answer of each kind under torch.profiler: the tables sorted by device
+    time and by host time, and the gzipped Chrome trace, in args.profile."""
+    from torch.profiler import ProfilerActivity, profile
+
+    os.makedirs(args.profile, exist_ok=True)
+    img = [Image.fromarray((torch.rand(480, 640, 3) * 255).byte().numpy())]
+    q = ["what is written on the small red tag in the corner of the picture ?"]
+    ids = torch.tensor([sum(pipe._split_prompt(q[0]), [])], device=args.device)
+    pixels = preprocess_image(img[0], 336)[0][None].to(args.device, pipe.dtype)
+    tokens = args.answer_tokens[0]
+    force(pipe, "bbox", 1, 1, args.device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device.startswith("cuda") else [])
+    out = {}
+    for name, fn in (
+        ("sdrpn", lambda: pipe.generate(img, q, tokens)),
+        ("baseline", lambda: plain_generate(model, ids, pixels, tokens)),
+    ):
         fn()
-    sync(args.device)
-    return round((time.perf_counter() - start) / args.repeats, 5)
+        sync(args.device)
+        with profile(activities=activities) as prof:
+            start = time.perf_counter()
+            fn()
+            sync(args.device)
+            out[f"{name}_s"] = round(time.perf_counter() - start, 5)
+        averages = prof.key_averages()
+        tables = [averages.table(sort_by="self_cpu_time_total", row_limit=30)]
+        if args.device.startswith("cuda"):
+            tables.insert(0, averages.table(sort_by="self_cuda_time_total", row_limit=30))
+        with open(os.path.join(args.profile, f"{name}_tables.txt"), "w") as f:
+            f.write("\n\n".join(tables))
+        trace = os.path.join(args.profile, f"{name}_trace.json")
+        prof.export_chrome_trace(trace)
+        with open(trace, "rb") as src, gzip.open(trace + ".gz", "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        os.remove(trace)
+        sync_events = [e for e in averages if "synchronize" in e.key or e.key == "aten::_local_scalar_dense"]
+        out[f"{name}_host_syncs"] = {e.key: e.count for e in sync_events}
+    return out
+
+
+def interleaved(run, settings, args) -> dict:
+    """Median seconds of each setting, run in turns (one of each per round, after one
+    warm-up round), so that a drift in the machine's speed touches every setting alike."""
+    times = {s: [] for s in settings}
+    for round_ in range(args.repeats + 1):
+        for setting in settings:
+            sync(args.device)
+            start = time.perf_counter()
+            run(setting)
+            sync(args.device)
+            if round_:
+                times[setting].append(time.perf_counter() - start)
+    return {s: round(statistics.median(t), 5) for s, t in times.items()}
 
 
 if __name__ == "__main__":

@@ -11,16 +11,23 @@ import json
 
 
 def series(result: dict) -> list[tuple[str, list[int], list[float]]]:
-    """(label, RoI tokens, throughput ratio) per row; 0 tokens is the baseline itself (1.0)."""
-    tokens_per_crop = 576 if result.get("size") == "7b" else result.get("tokens_per_crop", 576)
+    """(label, RoI tokens fed, throughput ratio) per row, by tokens; 0 tokens is the
+    baseline itself (1.0). Each setting's tokens are those its crops fed per sample."""
     out = []
     for row in result["results"]:
-        xs, ys = [0], [1.0]
-        for n in (1, 2):
-            if f"{n}_box" in row:
-                xs.append(n * tokens_per_crop)
-                ys.append(row[f"{n}_box"]["throughput_vs_baseline"])
-        out.append((f"batch {row['batch']}, {row['answer_tokens']} answer tokens", xs, ys))
+        points = [(0, 1.0)]
+        for key, value in row.items():
+            if isinstance(value, dict) and "throughput_vs_baseline" in value:
+                tokens = value["crop_tokens"]
+                points.append((round(sum(tokens) / len(tokens)), value["throughput_vs_baseline"]))
+        points.sort()
+        out.append(
+            (
+                f"batch {row['batch']}, {row['answer_tokens']} answer tokens",
+                [x for x, _ in points],
+                [y for _, y in points],
+            )
+        )
     return out
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 import time
@@ -41,9 +42,14 @@ def machine(device: str) -> dict:
     return info
 
 
-def emit(result: dict, path: str | None) -> None:
-    text = json.dumps(result, indent=2)
-    print(text)
+def save(result: dict, path: str | None) -> None:
+    """Write what is measured so far, so that a run cut short still reports."""
     if path:
-        with open(path, "w") as f:
-            f.write(text + "\n")
+        with open(path + ".tmp", "w") as f:
+            f.write(json.dumps(result, indent=2) + "\n")
+        os.replace(path + ".tmp", path)
+
+
+def emit(result: dict, path: str | None) -> None:
+    print(json.dumps(result, indent=2))
+    save(result, path)

@@ -21,12 +21,21 @@ constexpr bool kWithCuda = true;
 constexpr bool kWithCuda = false;
 #endif
 
+// at::parallel_for splits work across threads only in code compiled with OpenMP; without
+// it every CPU kernel silently runs on one thread.
+#ifdef _OPENMP
+constexpr bool kWithOpenMP = true;
+#else
+constexpr bool kWithOpenMP = false;
+#endif
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "sdrpn compiled ops (registered under torch.ops.sdrpn)";
   m.attr("__version__") = SDRPN_VERSION;
   m.attr("with_cuda") = kWithCuda;
+  m.attr("with_openmp") = kWithOpenMP;
   m.attr("cuda_archs") = std::string(SDRPN_CUDA_ARCHS);
   m.attr("torch_version") = TORCH_VERSION;
 }

@@ -62,5 +62,9 @@ def test_train_benchmark_runs_on_a_tiny_model():
 def test_infer_benchmark_runs_on_a_tiny_model():
     result = run("bench_infer.py", "--answer-tokens", "2", "--batch-sizes", "2", "--repeats", "1")
     row = result["results"][0]
-    assert "throughput_vs_baseline" in row["2_box"]
-    assert set(row["1_box"]["stages_s"]) >= {"prefix", "early_exit", "rpn", "boxes", "crop_encode", "pass2_decode"}
+    assert "throughput_vs_baseline" in row["bbox_2"]
+    assert set(row["bbox_1"]["stages_s"]) >= {"prefix", "early_exit", "rpn", "boxes", "crop_encode", "pass2_decode"}
+    # bbox mode feeds whole crops; mask mode one crop's kept tokens, fewer than two crops'.
+    assert row["bbox_1"]["crop_tokens"] == [576, 576] and row["bbox_2"]["crop_tokens"] == [1152, 1152]
+    assert 0 < row["mask_2"]["crop_tokens"][0] < 1152
+    assert row["reference_way_bbox_1"]["sdrpn_speedup_samples_per_s"] > 0

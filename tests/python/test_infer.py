@@ -395,3 +395,18 @@ def test_answer_file_resume_keeps_every_valid_row(tmp_path, caplog):
     assert _finished_ids(str(out)) == {"a", "c"}
     assert out.read_text().splitlines() == ['{"id": "a", "answer": "x"}', '{"id": "c"}']
     assert "line 2 is not an answer row" in caplog.text and "line 4" in caplog.text and "line 7" in caplog.text
+
+
+def test_decoding_runs_one_forward_per_answer_token(tiny):
+    # max_new_tokens answers cost exactly that many forwards after pass 1 (the first
+    # feeds [crop tokens, question], each later one a token), none for a token never read.
+    sdrpn = pipeline(tiny, forced=blob_logits((0, 0, 2, 2)))
+    sdrpn.eos_id = -1  # never produced: every answer runs to max_new_tokens
+    seen = []
+    hook = tiny.model.register_forward_hook(lambda module, args, output: seen.append(1))
+    try:
+        (answer,) = sdrpn.generate(images(1), QUESTIONS[:1], max_new_tokens=5)
+    finally:
+        hook.remove()
+    assert len(answer.tokens) == 5
+    assert len(seen) == 5

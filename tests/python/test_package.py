@@ -17,6 +17,26 @@ def test_build_info():
     assert info["torch_version"].split("+")[0] == torch.__version__.split("+")[0]
 
 
+@pytest.mark.skipif(not torch.backends.openmp.is_available(), reason="this torch has no OpenMP")
+def test_cpu_kernels_are_built_with_openmp():
+    # Built without it, at::parallel_for runs every CPU kernel on one thread.
+    assert sdrpn.build_info()["with_openmp"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_sinks_vector_path_matches_float64_sums(dtype, contiguous):
+    # Contiguous float32/16/bf16 rows take the AVX2 path (odd D exercises its tail).
+    gen = torch.Generator().manual_seed(3)
+    h = torch.randn(3, 40, 523, generator=gen).to(dtype)
+    h[:, ::7, 11] = 60.0
+    if not contiguous:
+        h = h.transpose(1, 2).contiguous().transpose(1, 2)
+    rms = h.double().pow(2).mean(-1).add(1e-6).sqrt()
+    expected = h.double()[..., 11].abs() > 20.0 * rms
+    assert torch.equal(sdrpn.ops.massive_activation_sinks(h, [11]), expected)
+
+
 def test_ops_are_registered():
     assert hasattr(torch.ops.sdrpn, "pseudo_labels")
     assert hasattr(torch.ops.sdrpn, "massive_activation_sinks")

@@ -7,15 +7,47 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "../massive_activation_sinks_impl.h"
 #include "sdrpn/massive_activation_math.h"
+#include "sum_squares.h"
 
 namespace sdrpn::ops {
 namespace {
 
 constexpr int kLanes = 8;
+
+// Any layout and float64: independent partial sums break the add dependency chain.
+template <typename scalar_t, typename opmath_t>
+opmath_t strided_sum_squares(const scalar_t* h, int64_t hidden_size, int64_t stride_d) {
+  opmath_t partial[kLanes] = {};
+  int64_t d = 0;
+  for (; d + kLanes <= hidden_size; d += kLanes) {
+    for (int lane = 0; lane < kLanes; ++lane) {
+      const auto v = static_cast<opmath_t>(h[(d + lane) * stride_d]);
+      partial[lane] += v * v;
+    }
+  }
+  for (; d < hidden_size; ++d) {
+    const auto v = static_cast<opmath_t>(h[d * stride_d]);
+    partial[0] += v * v;
+  }
+  opmath_t sum = 0;
+  for (int lane = 0; lane < kLanes; ++lane) sum += partial[lane];
+  return sum;
+}
+
+template <typename scalar_t, typename opmath_t>
+opmath_t row_sum_squares(const scalar_t* h, int64_t hidden_size, int64_t stride_d) {
+#ifdef SDRPN_X86_SIMD
+  if constexpr (!std::is_same_v<scalar_t, double>) {
+    if (stride_d == 1 && cpu::cpu_has_avx2_f16c()) return cpu::sum_squares_avx2(h, hidden_size);
+  }
+#endif
+  return strided_sum_squares<scalar_t, opmath_t>(h, hidden_size, stride_d);
+}
 
 template <typename scalar_t>
 void flag_sinks(const at::Tensor& hidden, c10::IntArrayRef dims, double tau, double eps,
@@ -32,22 +64,7 @@ void flag_sinks(const at::Tensor& hidden, c10::IntArrayRef dims, double tau, dou
   at::parallel_for(0, sinks.numel(), 16, [&](int64_t begin, int64_t end) {
     for (int64_t token = begin; token < end; ++token) {
       const scalar_t* h = data + (token / seq_len) * stride_b + (token % seq_len) * stride_l;
-      // Independent partial sums break the add dependency chain so the loop pipelines
-      // (and vectorises when the hidden dimension is contiguous).
-      opmath_t partial[kLanes] = {};
-      int64_t d = 0;
-      for (; d + kLanes <= hidden_size; d += kLanes) {
-        for (int lane = 0; lane < kLanes; ++lane) {
-          const auto v = static_cast<opmath_t>(h[(d + lane) * stride_d]);
-          partial[lane] += v * v;
-        }
-      }
-      for (; d < hidden_size; ++d) {
-        const auto v = static_cast<opmath_t>(h[d * stride_d]);
-        partial[0] += v * v;
-      }
-      opmath_t sum_squares = 0;
-      for (int lane = 0; lane < kLanes; ++lane) sum_squares += partial[lane];
+      const opmath_t sum_squares = row_sum_squares<scalar_t, opmath_t>(h, hidden_size, stride_d);
       opmath_t max_abs = 0;
       for (const int64_t d : dim_list) {
         max_abs = std::max(max_abs, std::abs(static_cast<opmath_t>(h[d * stride_d])));

@@ -7,6 +7,7 @@
 
 #include <cmath>
 #include <limits>
+#include <vector>
 
 #include "../pseudo_labels_impl.h"
 #include "sdrpn/pseudo_label_math.h"
@@ -28,24 +29,28 @@ void label_samples(const at::Tensor& grounding, const at::Tensor& sink, at::Tens
   int64_t* out = labels.data_ptr<int64_t>();
   const opmath_t tau = static_cast<opmath_t>(opt.sink_threshold);
 
+  // Each sample's sink-suppressed values are read once into a per-thread buffer; the box
+  // and the labels then walk that buffer row by row (no per-cell division, no re-reading
+  // or re-converting the inputs).
   at::parallel_for(0, grounding.size(0), 1, [&](int64_t begin, int64_t end) {
+    std::vector<opmath_t> values(num_cells);
+    opmath_t* v = values.data();
     for (int64_t b = begin; b < end; ++b) {
       const scalar_t* g = g_data + b * g_stride0;
       const scalar_t* s = s_data + b * s_stride0;
       int64_t* row_out = out + b * num_cells;
-      auto value = [&](int64_t i) {
-        return math::suppress_sink(static_cast<opmath_t>(g[i * g_stride1]),
-                                   static_cast<opmath_t>(s[i * s_stride1]), tau);
-      };
 
-      bool finite = true;
+      // x * 0 is 0 for a finite x and NaN otherwise: one sum tells whether all are finite.
+      opmath_t nonfinite_probe = 0;
       opmath_t max_value = -std::numeric_limits<opmath_t>::infinity();
       for (int64_t i = 0; i < num_cells; ++i) {
-        finite = finite && std::isfinite(static_cast<opmath_t>(g[i * g_stride1])) &&
-                 std::isfinite(static_cast<opmath_t>(s[i * s_stride1]));
-        max_value = std::max(max_value, value(i));
+        const auto gi = static_cast<opmath_t>(g[i * g_stride1]);
+        const auto si = static_cast<opmath_t>(s[i * s_stride1]);
+        nonfinite_probe += gi * 0 + si * 0;
+        v[i] = math::suppress_sink(gi, si, tau);
+        max_value = v[i] > max_value ? v[i] : max_value;
       }
-      if (!finite) {
+      if (nonfinite_probe != 0) {  // true for NaN as well
         std::fill(row_out, row_out + num_cells, opt.ignore_index);
         continue;
       }
@@ -53,17 +58,32 @@ void label_samples(const at::Tensor& grounding, const at::Tensor& sink, at::Tens
       const opmath_t bg_threshold = static_cast<opmath_t>(opt.bg_ratio) * max_value;
 
       auto box = math::GridBox::empty();
-      for (int64_t i = 0; i < num_cells; ++i) {
-        if (value(i) > fg_threshold) box.add(i / grid_w, i % grid_w);
+      for (int64_t r = 0; r < grid_h; ++r) {
+        const opmath_t* row = v + r * grid_w;
+        int64_t first = -1, last = -1;
+        for (int64_t c = 0; c < grid_w; ++c) {
+          if (row[c] > fg_threshold) {
+            first = first < 0 ? c : first;
+            last = c;
+          }
+        }
+        if (first >= 0) {
+          box.add(r, first);
+          box.add(r, last);
+        }
       }
       box = box.or_whole_grid(grid_h, grid_w);
       if (math::box_too_large(box.area(), num_cells, opt.max_box_fraction)) {
         std::fill(row_out, row_out + num_cells, opt.ignore_index);
         continue;
       }
-      for (int64_t i = 0; i < num_cells; ++i) {
-        row_out[i] = math::cell_label(value(i), fg_threshold, bg_threshold,
-                                      box.contains(i / grid_w, i % grid_w), opt.ignore_index);
+      for (int64_t r = 0; r < grid_h; ++r) {
+        const bool row_inside = r >= box.row0 && r <= box.row1;
+        for (int64_t c = 0; c < grid_w; ++c) {
+          const bool inside = row_inside && c >= box.col0 && c <= box.col1;
+          row_out[r * grid_w + c] = math::cell_label(v[r * grid_w + c], fg_threshold, bg_threshold,
+                                                     inside, opt.ignore_index);
+        }
       }
     }
   });

@@ -28,6 +28,7 @@ from ..llava.inputs import (
     check_template,
     crop_pixels,
     left_pad,
+    pixel_batch,
     position_ids_from_mask,
     preprocess_image,
     split_prompt_ids,
@@ -164,8 +165,8 @@ class SDRPNLlava:
         clock = Stopwatch(self.device)
         images = self._images(images)
         prompts = [self._split_prompt(q) for q in questions]
-        pixels = torch.stack([preprocess_image(im, self.size, mode=self.preprocessing)[0] for im in images]).to(
-            self.device, self.dtype
+        pixels = pixel_batch(
+            [preprocess_image(im, self.size, mode=self.preprocessing)[0] for im in images], self.device, self.dtype
         )
         prefix_ids, prefix_mask = left_pad([p for p, _ in prompts], self.pad_id, self.device)
         # The prefix is the same length for every sample (system text + image tokens).
@@ -204,7 +205,7 @@ class SDRPNLlava:
         clock.lap("rpn")
         boxes, index, keep = ops.roi_crops(prob, mode=self.roi.crop_mode, **self.roi.box_rules())
         rois = []
-        boxes, index, keep = boxes.tolist(), index.tolist(), keep.cpu()
+        boxes, index, keep, prob_host = boxes.tolist(), index.tolist(), keep.cpu(), prob.cpu()
         for b, image in enumerate(images):
             grid_boxes = [tuple(bx) for bx, i in zip(boxes, index) if i == b]
             rois.append(
@@ -216,7 +217,7 @@ class SDRPNLlava:
                         for gb in grid_boxes
                     ],
                     grid_boxes,
-                    prob[b].cpu(),
+                    prob_host[b],
                     [keep[m] for m, i in enumerate(index) if i == b],
                 )
             )
@@ -243,7 +244,7 @@ class SDRPNLlava:
         per_sample = [torch.empty(0, hidden, device=self.device, dtype=self.dtype) for _ in images]
         if not crops:
             return per_sample
-        feats = self.model.model.get_image_features(pixel_values=torch.stack(crops).to(self.device, self.dtype))
+        feats = self.model.model.get_image_features(pixel_values=pixel_batch(crops, self.device, self.dtype))
         feats = feats.pooler_output if hasattr(feats, "pooler_output") else feats
         for b, f, gbox, keep in zip(owner, feats, grid_boxes, keeps):
             tokens = self._resample(f, gbox) if bool(keep.all()) else f[keep.flatten().to(f.device)]
@@ -303,23 +304,33 @@ def _greedy(
     """Greedy decoding on top of a cache: the first step feeds `embeds`, later steps the
     chosen tokens; a sample stops at its end-of-sequence token (kept in its output)."""
     out = model(
-        inputs_embeds=embeds, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
+        inputs_embeds=embeds,
+        attention_mask=mask,
+        position_ids=positions,
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=1,
     )
     batch = embeds.shape[0]
-    done = torch.zeros(batch, dtype=torch.bool, device=embeds.device)
+    done = [False] * batch  # on the host: one device sync per step (the tokens' copy)
     tokens: list[list[int]] = [[] for _ in range(batch)]
     next_pos = positions[:, -1:] + 1
-    for _ in range(max_new_tokens):
+    for step in range(max_new_tokens):
         nxt = out.logits[:, -1].argmax(-1)
         for b, tok in enumerate(nxt.tolist()):
             if not done[b]:
                 tokens[b].append(tok)
-        done |= nxt == eos_id
-        if bool(done.all()):
-            break
+                done[b] = tok == eos_id
+        if all(done) or step == max_new_tokens - 1:
+            break  # no forward for a token that would never be read
         mask = torch.cat([mask, torch.ones(batch, 1, dtype=mask.dtype, device=mask.device)], 1)
         out = model(
-            input_ids=nxt[:, None], attention_mask=mask, position_ids=next_pos, past_key_values=cache, use_cache=True
+            input_ids=nxt[:, None],
+            attention_mask=mask,
+            position_ids=next_pos,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
         )
         next_pos = next_pos + 1
     return tokens

@@ -76,9 +76,20 @@ def centre_crop_square(image: Image.Image, size: int) -> Image.Image:
 
 
 def normalise(image: Image.Image, mean=CLIP_MEAN, std=CLIP_STD) -> Tensor:
-    """(3, H, W) float32 CLIP-normalised pixel values of an RGB image."""
-    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
-    return (pixels - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+    """(3, H, W) float32 CLIP-normalised pixel values of an RGB image.
+
+    Computed in numpy, the same float32 operations as torch's in the same order (so the
+    same values), on the calling thread: torch's CPU ops on an image this size would wake
+    its thread pool in the middle of the host-bound answering path."""
+    pixels = np.asarray(image, dtype=np.float32) / np.float32(255.0)
+    pixels = (pixels - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
+    return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
+
+
+def pixel_batch(pixels: list[Tensor], device, dtype: torch.dtype) -> Tensor:
+    """(B, 3, H, W) on `device` in `dtype` from per-image CPU pixel values, stacked by numpy
+    on the calling thread for the reason given in `normalise`."""
+    return torch.from_numpy(np.stack([p.numpy() for p in pixels])).to(device, dtype)
 
 
 def preprocess_image(
