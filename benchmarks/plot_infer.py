@@ -16,7 +16,7 @@ def series(result: dict) -> list[tuple[str, list[int], list[float]]]:
     out = []
     for row in result["results"]:
         points = [(0, 1.0)]
-        for key, value in row.items():
+        for value in row.values():
             if isinstance(value, dict) and "throughput_vs_baseline" in value:
                 tokens = value["crop_tokens"]
                 points.append((round(sum(tokens) / len(tokens)), value["throughput_vs_baseline"]))
