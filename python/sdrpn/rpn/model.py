@@ -5,6 +5,11 @@ It reads the hidden states entering decoder layer K (the branch point) and runs
 norm, and a head made of the input RMSNorm, q_proj and k_proj of a copy of layer
 K+T-1. The score of visual token i is mean over heads of q_h . k_{h,i} / sqrt(d), with q
 from the last prompt token, no RoPE: ``sdrpn.ops.rpn_scores``.
+
+An RPN folder holds rpn.safetensors and rpn_config.json (RPNConfig); ``save_pretrained``
+adds config.json (the same settings: the file huggingface_hub's mixin and the Hub look for)
+and a model card (README.md). ``load`` reads a local folder, ``from_pretrained`` a local
+folder or a Hub id.
 """
 
 from __future__ import annotations
@@ -14,9 +19,11 @@ import dataclasses
 import math
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from huggingface_hub import ModelCard, PyTorchModelHubMixin
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
@@ -26,12 +33,15 @@ from .. import ops
 from ..io_utils import read_json, write_atomic, write_json
 from ..llava.geometry import model_grid
 from ..llava.inputs import PREPROCESSING_MODES, PROMPT_TEMPLATE, check_template
-from ..llava.loading import config_fingerprint, model_device, model_dtype
+from ..llava.loading import config_fingerprint, hub_folder, model_device, model_dtype
 from ..ops import IGNORE_INDEX
 from ..options import TASK_THRESHOLDS, Options, RoiOptions
+from .card import GENERATED_MARK, rpn_card
 
 WEIGHTS_NAME = "rpn.safetensors"
 CONFIG_NAME = "rpn_config.json"
+HUB_CONFIG_NAME = "config.json"
+CARD_NAME = "README.md"
 
 
 @dataclass
@@ -70,6 +80,26 @@ class RPNConfig(Options):
         if task not in self.task_thresholds:
             raise ValueError(f"task must be one of {sorted(self.task_thresholds)}, got {task!r}")
         return self.roi_options.updated(threshold=self.task_thresholds[task])
+
+
+def read_rpn_config(folder: str) -> RPNConfig:
+    """The RPNConfig of a folder. rpn_config.json is the RPN's own; config.json, where there
+    is one, must say the same (folders written before it existed have none)."""
+    path = os.path.join(folder, CONFIG_NAME)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{folder} is not an RPN folder: it has no {CONFIG_NAME}")
+    config = RPNConfig.from_dict(read_json(path))
+    hub_path = os.path.join(folder, HUB_CONFIG_NAME)
+    if os.path.isfile(hub_path):
+        ours, theirs = config.to_dict(), RPNConfig.from_dict(read_json(hub_path)).to_dict()
+        differ = sorted(k for k in ours if ours[k] != theirs[k])
+        if differ:
+            raise ValueError(
+                f"{CONFIG_NAME} and {HUB_CONFIG_NAME} in {folder} disagree on {differ}: {CONFIG_NAME} is the "
+                f"RPN's config and {HUB_CONFIG_NAME} its copy for the Hub; make them equal, or remove "
+                f"{HUB_CONFIG_NAME}"
+            )
+    return config
 
 
 def model_fingerprint(model: nn.Module, branch_layer: int) -> list[float]:
@@ -111,7 +141,16 @@ def gather_visual(states: Tensor, visual_mask: Tensor) -> tuple[Tensor, Tensor]:
     return gathered, cells
 
 
-class RegionProposalNetwork(nn.Module):
+class RegionProposalNetwork(
+    nn.Module,
+    PyTorchModelHubMixin,
+    library_name="sdrpn",
+    tags=["sdrpn", "sd-rpn", "llava", "region-proposal-network"],
+):
+    """The RPN (see the module docstring). Built with ``from_llava``; saved with ``save`` or
+    ``save_pretrained`` (which adds the model card) and ``push_to_hub``; loaded onto its
+    base model with ``load`` (local folder) or ``from_pretrained`` (local folder or Hub id)."""
+
     def __init__(
         self,
         layers: nn.ModuleList,
@@ -250,16 +289,86 @@ class RegionProposalNetwork(nn.Module):
         return {k: v.detach().contiguous() for k, v in self.state_dict().items() if not k.startswith("rotary_emb.")}
 
     def save(self, folder: str) -> None:
-        """Only the RPN's weights (safetensors) and its JSON config; atomic."""
+        """Only the RPN's weights (safetensors) and its config (rpn_config.json); each file
+        atomic. A config.json that save_pretrained left there is kept equal to it."""
         tensors = {k: v.cpu() for k, v in self.trainable_state_dict().items()}
         write_atomic(os.path.join(folder, WEIGHTS_NAME), lambda tmp: save_file(tensors, tmp))
+        if os.path.isfile(os.path.join(folder, HUB_CONFIG_NAME)):
+            write_json(os.path.join(folder, HUB_CONFIG_NAME), self.config.to_dict())
         write_json(os.path.join(folder, CONFIG_NAME), self.config.to_dict())
+
+    # huggingface_hub's mixin: save_pretrained and push_to_hub call these two.
+    def _save_pretrained(self, save_directory: Path) -> None:
+        self.save(str(save_directory))
+        write_json(os.path.join(save_directory, HUB_CONFIG_NAME), self.config.to_dict())
+        # The mixin writes a card only where there is none; a card sdrpn wrote describes
+        # older weights, so it goes and the mixin writes this one's.
+        card = Path(save_directory) / CARD_NAME
+        if card.is_file() and GENERATED_MARK in card.read_text(errors="replace"):
+            card.unlink()
+
+    def generate_model_card(self, *, metrics: dict | None = None, training: dict | None = None) -> ModelCard:
+        """The card save_pretrained writes; pass metrics and training settings through its
+        ``model_card_kwargs``."""
+        return rpn_card(self.config, metrics=metrics, training=training, tags=self._hub_mixin_info.model_card_data.tags)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | Path,
+        *,
+        model: nn.Module,
+        force_download: bool = False,
+        token: str | bool | None = None,
+        cache_dir: str | Path | None = None,
+        local_files_only: bool = False,
+        revision: str | None = None,
+    ) -> RegionProposalNetwork:
+        """The RPN of a local folder or a Hub id, rebuilt on its base model `model` with the
+        checks of ``load``. A Hub id is read from the local Hub cache and fetched where it is
+        missing there, unless offline (HF_HUB_OFFLINE=1 or local_files_only); the other
+        arguments are huggingface_hub's. Raises ModelNotFoundError saying what it tried."""
+        return cls._from_pretrained(
+            model_id=str(pretrained_model_name_or_path),
+            revision=revision,
+            cache_dir=cache_dir,
+            force_download=force_download,
+            local_files_only=local_files_only,
+            token=token,
+            model=model,
+        )
+
+    @classmethod
+    def _from_pretrained(
+        cls,
+        *,
+        model_id: str,
+        revision: str | None,
+        cache_dir: str | Path | None,
+        force_download: bool,
+        local_files_only: bool,
+        token: str | bool | None,
+        model: nn.Module,
+    ) -> RegionProposalNetwork:
+        folder = hub_folder(
+            model_id,
+            (CONFIG_NAME, WEIGHTS_NAME),
+            "RPN",
+            optional=(HUB_CONFIG_NAME,),
+            revision=revision,
+            cache_dir=None if cache_dir is None else str(cache_dir),
+            force_download=force_download,
+            local_files_only=local_files_only,
+            token=token,
+        )
+        return cls.load(folder, model)
 
     @classmethod
     def load(cls, folder: str, model: nn.Module) -> RegionProposalNetwork:
         """Rebuild on `model` and load saved weights. Refuses a different base model, a
-        config that contradicts the model or the weights, and non-finite weights."""
-        config = RPNConfig.from_dict(read_json(os.path.join(folder, CONFIG_NAME)))
+        config that contradicts the model, the weights or the folder's config.json, and
+        non-finite weights."""
+        config = read_rpn_config(folder)
         rpn = cls.from_llava(model, config.branch_layer, config.depth)
         derived = rpn.config
         theirs, ours = config.base_fingerprint, derived.base_fingerprint

@@ -285,9 +285,19 @@ class RPNTrainer:
             self._checkpoint(rpn, optimizer, scheduler, progress)
         bar.close()
         if self.rank == 0:
-            rpn.save(cfg.out)
+            card = {"metrics": metrics or None, "training": self._card_settings(len(train_set))}
+            rpn.save_pretrained(cfg.out, model_card_kwargs=card)
             write_json(os.path.join(cfg.out, "train_config.json"), cfg.to_dict())
         return metrics
+
+    def _card_settings(self, train_size: int) -> dict:
+        """The settings that made the weights, for the model card (train_config.json has all)."""
+        cfg = self.cfg
+        run_only = {"labels", "out", "image_folder", "resume", "save_every", "keep_checkpoints", "num_workers"}
+        settings = {"labels": os.path.basename(os.path.normpath(cfg.labels)), "train_samples": train_size}
+        settings.update((k, v) for k, v in cfg.to_dict().items() if k not in run_only and v is not None)
+        settings.update(world_size=self.world, grad_accum=self.grad_accum)
+        return settings
 
     def _held_out_metrics(self, rpn, held_out, epoch: int, global_step: int) -> dict:
         size = self.cfg.batch_size
