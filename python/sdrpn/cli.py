@@ -154,6 +154,21 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("out", help="OUT_DIR")
     convert.add_argument("--grid", type=_grid, default=None, help="HxW when the maps are not square")
 
+    imp = sub.add_parser(
+        "import-checkpoint", help="make an RPN folder from the reference implementation's released RPN checkpoint"
+    )
+    imp.add_argument("src", help="the reference's checkpoint folder (original LLaVA layout, config.json with twig_*)")
+    imp.add_argument("--model", required=True, help="the LLaVA checkpoint folder (HF format) it was trained on")
+    imp.add_argument("--out", required=True, help="RPN folder to write (must not exist, or be empty)")
+    imp.add_argument(
+        "--preset",
+        default="auto",
+        help="prompt template and RoI options to record: a preset name, a JSON file, or 'auto' (default: %(default)s)",
+    )
+    imp.add_argument(
+        "--dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="--model's dtype (default: %(default)s)"
+    )
+
     viz = sub.add_parser("viz-labels", help="draw the first samples of a label folder")
     viz.add_argument("labels", help="label folder")
     viz.add_argument("--out", required=True, help="PNG folder")
@@ -272,6 +287,19 @@ def _run_label(args) -> dict:
     return summary
 
 
+def _run_import(args) -> dict:
+    from .llava.loading import load_llava
+    from .rpn.import_reference import import_reference_checkpoint
+
+    # The target model only lends its configuration and a weight fingerprint; the RPN's
+    # weights all come from the checkpoint, in its own dtype.
+    model, _ = load_llava(args.model, args.dtype, "cpu")
+    try:
+        return import_reference_checkpoint(args.src, model, args.out, args.preset)
+    except (ValueError, FileExistsError) as err:  # a checkpoint or preset that does not fit, named
+        raise SystemExit(f"sdrpn import-checkpoint: {err}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
@@ -294,6 +322,8 @@ def main(argv: list[str] | None = None) -> int:
         from .labels.convert import convert_reference_pickle
 
         print(json.dumps(convert_reference_pickle(args.pickle, args.out, args.grid)))
+    elif args.command == "import-checkpoint":
+        print(json.dumps(_run_import(args)))
     elif args.command == "viz-labels":
         from .labels.viz import visualise_labels
 

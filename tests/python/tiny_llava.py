@@ -24,7 +24,9 @@ class TinyLlava:
         return self.grid * self.grid
 
 
-def make_tiny_llava(num_layers: int = 4, grid: int = 4, seed: int = 0, attn_implementation: str = "sdpa") -> TinyLlava:
+def make_tiny_llava(
+    num_layers: int = 4, grid: int = 4, seed: int = 0, attn_implementation: str = "sdpa", num_key_value_heads: int = 2
+) -> TinyLlava:
     torch.manual_seed(seed)
     image_size = 14 * grid
     config = LlavaConfig(
@@ -42,7 +44,7 @@ def make_tiny_llava(num_layers: int = 4, grid: int = 4, seed: int = 0, attn_impl
             intermediate_size=128,
             num_hidden_layers=num_layers,
             num_attention_heads=4,
-            num_key_value_heads=2,
+            num_key_value_heads=num_key_value_heads,
             max_position_embeddings=512,
             pad_token_id=PAD,
             bos_token_id=BOS,
