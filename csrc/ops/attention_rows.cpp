@@ -67,7 +67,8 @@ void check_attention_rows_inputs(const at::Tensor& query, const at::Tensor& key,
     // out of bounds, so its bounds are checked before any kernel runs.
     const auto [lo, hi] = at::aminmax(key_start);
     const int64_t min_start = lo.item<int64_t>(), max_start = hi.item<int64_t>();
-    TORCH_CHECK(min_start >= 0 && max_start + key_length <= seq_len,
+    // seq_len - key_length >= 0 (checked above); max_start + key_length could wrap.
+    TORCH_CHECK(min_start >= 0 && max_start <= seq_len - key_length,
                 "key_start + key_length must stay within [0, L] with L = ", seq_len,
                 ", got key_start in [", min_start, ", ", max_start, "] and key_length ",
                 key_length);

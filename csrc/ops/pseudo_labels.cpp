@@ -4,7 +4,10 @@
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
+#include <c10/util/safe_numerics.h>
+
 #include <cmath>
+#include <string>
 
 #include "checks.h"
 #include "pseudo_labels_impl.h"
@@ -22,7 +25,7 @@ void check_ratio(const char* name, double value) {
 
 void check_pseudo_labels_inputs(const at::Tensor& grounding, const at::Tensor& sink, int64_t grid_h,
                                 int64_t grid_w, double sink_threshold, double fg_ratio,
-                                double bg_ratio, double max_box_fraction) {
+                                double bg_ratio, double max_box_fraction, int64_t ignore_index) {
   TORCH_CHECK(grounding.dim() == 2, "grounding must be (B, N), got shape ", grounding.sizes());
   TORCH_CHECK(sink.dim() == 2, "sink must be (B, N), got shape ", sink.sizes());
   check_floating(grounding, "grounding");
@@ -34,13 +37,18 @@ void check_pseudo_labels_inputs(const at::Tensor& grounding, const at::Tensor& s
               grounding.sizes(), "), got ", sink.sizes());
   TORCH_CHECK(grid_h >= 1, "grid_h must be >= 1, got ", grid_h);
   TORCH_CHECK(grid_w >= 1, "grid_w must be >= 1, got ", grid_w);
-  TORCH_CHECK(grounding.size(1) == grid_h * grid_w, "grounding has N = ", grounding.size(1),
-              " cells but grid_h * grid_w = ", grid_h, " * ", grid_w, " = ", grid_h * grid_w);
+  int64_t cells = 0;
+  const bool overflows = c10::mul_overflows(grid_h, grid_w, &cells);
+  TORCH_CHECK(!overflows && grounding.size(1) == cells, "grounding has N = ", grounding.size(1),
+              " cells but grid_h * grid_w = ", grid_h, " * ", grid_w,
+              overflows ? " overflows int64" : " = " + std::to_string(cells));
   TORCH_CHECK(std::isfinite(sink_threshold), "sink_threshold must be finite, got ", sink_threshold);
   check_ratio("fg_ratio", fg_ratio);
   check_ratio("bg_ratio", bg_ratio);
   TORCH_CHECK(std::isfinite(max_box_fraction) && max_box_fraction > 0.0,
               "max_box_fraction must be a finite number > 0, got ", max_box_fraction);
+  TORCH_CHECK(ignore_index != 0 && ignore_index != 1,
+              "ignore_index must differ from the labels 0 and 1, got ", ignore_index);
 }
 
 TORCH_LIBRARY_FRAGMENT(sdrpn, m) {

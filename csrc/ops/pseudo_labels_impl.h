@@ -10,7 +10,7 @@ namespace sdrpn::ops {
 
 void check_pseudo_labels_inputs(const at::Tensor& grounding, const at::Tensor& sink, int64_t grid_h,
                                 int64_t grid_w, double sink_threshold, double fg_ratio,
-                                double bg_ratio, double max_box_fraction);
+                                double bg_ratio, double max_box_fraction, int64_t ignore_index);
 
 // sdrpn::pseudo_labels called through the dispatcher with the schema's arguments, the
 // options spread out: the typed handle takes its signature from this declaration.

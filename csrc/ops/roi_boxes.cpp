@@ -5,8 +5,10 @@
 #include <ATen/ops/arange.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
+#include <c10/util/safe_numerics.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 
 #include "checks.h"
@@ -21,8 +23,9 @@ void check_roi_boxes_inputs(const at::Tensor& prob, double threshold, double sig
   check_floating(prob, "prob");
   TORCH_CHECK(prob.size(1) >= 1 && prob.size(2) >= 1, "prob's grid must be at least 1x1, got ",
               prob.size(1), "x", prob.size(2));
-  TORCH_CHECK(prob.size(1) * prob.size(2) < (int64_t{1} << 31),
-              "prob's grid must have fewer than 2^31 cells, got ", prob.size(1) * prob.size(2));
+  int64_t cells = 0;
+  TORCH_CHECK(!c10::mul_overflows(prob.size(1), prob.size(2), &cells) && cells < (int64_t{1} << 31),
+              "prob's grid must have fewer than 2^31 cells, got ", prob.size(1), "x", prob.size(2));
   TORCH_CHECK(std::isfinite(threshold), "threshold must be finite, got ", threshold);
   TORCH_CHECK(std::isfinite(sigma) && sigma > 0.0, "sigma must be a finite number > 0, got ",
               sigma);
@@ -40,6 +43,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> roi_boxes_impl(
   options.sigma = sigma;
   options.min_area = min_area;
   options.max_area = max_area;
+  max_boxes = box_slots(max_boxes, prob.size(1), prob.size(2));
   options.max_boxes = max_boxes;
   options.drop_singletons = drop_singletons;
   options.reference_clamp = reference_clamp;

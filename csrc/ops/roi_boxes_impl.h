@@ -4,6 +4,7 @@
 // kernel fills in, and the op with the schema's own arguments.
 #include <ATen/core/Tensor.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <tuple>
 
@@ -12,6 +13,12 @@
 #include "sdrpn/roi_math.h"
 
 namespace sdrpn::ops {
+
+// A grid of h x w cells holds at most h * w boxes, so a larger max_boxes acts as h * w:
+// capping it sizes the per-sample box buffers by the grid, never by the argument.
+inline int64_t box_slots(int64_t max_boxes, int64_t h, int64_t w) {
+  return std::min(max_boxes, h * w);  // h * w < 2^31, checked first
+}
 
 void check_roi_boxes_inputs(const at::Tensor& prob, double threshold, double sigma,
                             int64_t min_area, int64_t max_area, int64_t max_boxes);

@@ -29,6 +29,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> roi_crops_impl(
     RoiLabelFn label, RoiCropFn crop) {
   check_roi_crops_inputs(prob, threshold, mode, sigma, min_area, max_area, max_boxes);
   const bool mask_mode = mode == "mask";
+  max_boxes = box_slots(max_boxes, prob.size(1), prob.size(2));
   RoiBoxOptions options;
   options.threshold = threshold;
   options.sigma = sigma;

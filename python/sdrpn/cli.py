@@ -15,9 +15,11 @@ import sys
 import types
 import typing
 
+from .io_utils import FolderBusy
 from .labels.demo import LabelDemoConfig, run_label_demo, summary_line
 from .labels.options import LabelOptions
 from .options import TASK_THRESHOLDS, RoiOptions
+from .subsets import SUBSET_SEED
 
 
 def _grid(text: str) -> tuple[int, int]:
@@ -80,6 +82,10 @@ def options_from_args(cls, args: argparse.Namespace, base=None, **extra):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sdrpn", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--version", action="version", version=_version())
+    parser.add_argument(
+        "--debug", action="store_true", help="show the traceback of an error (also accepted after the command)"
     )
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("label-demo", help="label synthetic attention maps and draw them")
@@ -145,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("--max-new-tokens", type=_positive, default=128, help="(default: %(default)s)")
     infer.add_argument("--batch-size", type=_positive, default=8, help="(default: %(default)s)")
     infer.add_argument("--limit", type=_positive, default=None)
+    infer.add_argument(
+        "--restart", action="store_true", help="with --data: answer every entry again, discarding what --out holds"
+    )
     infer.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="fp16", help="(default: %(default)s)")
     infer.add_argument("--device", default=None)
     add_options(infer, RoiOptions, overrides_from="the RPN folder")
@@ -153,6 +162,19 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("pickle", help="IN.pkl")
     convert.add_argument("out", help="OUT_DIR")
     convert.add_argument("--grid", type=_grid, default=None, help="HxW when the maps are not square")
+    convert.add_argument(
+        "--image-folder",
+        default=None,
+        help="where the images are: each record's path is matched against it (prefix stripped, or its "
+        "longest tail found there) and records whose image is not found are skipped",
+    )
+    convert.add_argument(
+        "--strip-prefix", default=None, help="a prefix of the records' image paths to drop (the reference's data root)"
+    )
+    convert.add_argument(
+        "--max-samples", type=_positive, default=None, help="a seeded random subset of this many records"
+    )
+    convert.add_argument("--seed", type=int, default=SUBSET_SEED, help="the subset's seed (default: %(default)s)")
 
     imp = sub.add_parser(
         "import-checkpoint", help="make an RPN folder from the reference implementation's released RPN checkpoint"
@@ -235,7 +257,9 @@ def _run_infer(args) -> None:
     if not single:
         if not args.image_folder or not args.out:
             raise SystemExit("sdrpn infer --data needs --image-folder and --out")
-        cfg = InferFileConfig(args.data, args.image_folder, args.out, args.batch_size, args.max_new_tokens, args.limit)
+        cfg = InferFileConfig(
+            args.data, args.image_folder, args.out, args.batch_size, args.max_new_tokens, args.limit, args.restart
+        )
         print(json.dumps(answer_file(pipe, cfg)))
         return
     if args.image is None or args.question is None:
@@ -294,10 +318,37 @@ def _run_import(args) -> dict:
     # The target model only lends its configuration and a weight fingerprint; the RPN's
     # weights all come from the checkpoint, in its own dtype.
     model, _ = load_llava(args.model, args.dtype, "cpu")
+    return import_reference_checkpoint(args.src, model, args.out, args.preset)
+
+
+def _version() -> str:
+    import torch
+
+    from . import build_info
+
+    info = build_info()
+    cuda = f"CUDA kernels for {info['cuda_archs']}" if info["with_cuda"] else "CPU kernels only"
+    return f"sdrpn {info['version']} (torch {torch.__version__}, {cuda})"
+
+
+# What a user's mistake raises (a bad flag value, a missing file, a model that does not fit,
+# a busy output folder): one line and exit status 2 rather than a traceback.
+USER_ERRORS = (ValueError, OSError, FolderBusy, NotImplementedError)
+
+
+def entry(argv: list[str] | None = None) -> int:
+    """The `sdrpn` command: main() with user mistakes reported as one line on stderr and
+    exit status 2; --debug (anywhere on the line) shows the traceback instead."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
     try:
-        return import_reference_checkpoint(args.src, model, args.out, args.preset)
-    except (ValueError, FileExistsError) as err:  # a checkpoint or preset that does not fit, named
-        raise SystemExit(f"sdrpn import-checkpoint: {err}") from None
+        return main([a for a in argv if a != "--debug"])
+    except USER_ERRORS as err:
+        if debug:
+            raise
+        command = " ".join(["sdrpn"] + [a for a in argv if not a.startswith("-")][:1])
+        print(f"{command}: error: {err} (--debug shows the traceback)", file=sys.stderr)
+        return 2
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -321,7 +372,16 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "convert-labels":
         from .labels.convert import convert_reference_pickle
 
-        print(json.dumps(convert_reference_pickle(args.pickle, args.out, args.grid)))
+        summary = convert_reference_pickle(
+            args.pickle,
+            args.out,
+            args.grid,
+            image_folder=args.image_folder,
+            strip_prefix=args.strip_prefix,
+            max_samples=args.max_samples,
+            seed=args.seed,
+        )
+        print(json.dumps(summary))
     elif args.command == "import-checkpoint":
         print(json.dumps(_run_import(args)))
     elif args.command == "viz-labels":
@@ -333,4 +393,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())

@@ -97,7 +97,10 @@ def pseudo_label_stats(labels: Tensor, ignore_index: int = IGNORE_INDEX) -> Tens
 def massive_activation_sinks(hidden: Tensor, dims: Sequence[int], *, tau: float = 20.0, eps: float = 1e-6) -> Tensor:
     """Sink tokens by massive activations (the VisAttnSink detector), in one pass.
 
-    A token is a sink where ``max_{d in dims} |h_d| / sqrt(mean(h^2) + eps) > tau``.
+    A token is a sink where ``max_{d in dims} |h_d| / sqrt(mean(h^2) + eps) > tau``. A token
+    whose hidden state holds NaN is never a sink (the comparison is false): flagging it would
+    zero its grounding value and hide the fault, while left alone its NaN reaches the
+    attention maps, where the pseudo labels ignore the whole sample.
 
     Args:
         hidden: (B, L, D) hidden states entering a decoder layer; float32, float64,

@@ -93,6 +93,8 @@ BAD_INPUTS = [
         "key_start + key_length must stay within [0, L] with L = 23, got key_start in [0, 15] and key_length 9",
     ),
     (lambda i: dict(key_start=torch.tensor([-1, 0, 0])), "got key_start in [-1, 0]"),
+    # key_start + key_length would wrap past INT64_MAX and pass a naive bounds check.
+    (lambda i: dict(key_start=torch.tensor([0, 2**63 - 5, 0])), "got key_start in [0, 9223372036854775803]"),
     (
         lambda i: dict(key_padding_mask=torch.ones(3, 22, dtype=torch.bool)),
         "key_padding_mask must be (B, L) = (3, 23), got shape [3, 22]",
@@ -146,3 +148,35 @@ def test_cuda_matches_cpu_on_llava_shapes(dtype):
         key_padding_mask=inputs.key_padding_mask.cuda(),
     )
     torch.testing.assert_close(cuda.cpu(), cpu, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("where", ["query", "key"])
+def test_non_finite_rows_are_nan_as_in_eager_attention(device, bad, where):
+    # A broken model must reach the pseudo labels' NaN guard, not pass as zero attention.
+    inputs = make_attention_inputs(device=device, padding="left", seed=3)
+    query, key, mask = inputs.query.clone(), inputs.key.clone(), inputs.key_padding_mask
+    first_real = int(mask[1].float().argmax())
+    if where == "query":
+        query[1, 2, int(inputs.query_positions[1].argmax()), 0] = bad  # a row that sees keys
+    else:
+        key[1, :, first_real, :] = bad
+    out = sdrpn.ops.attention_rows(
+        query, key, inputs.query_positions, inputs.key_start, inputs.key_length, key_padding_mask=mask
+    )
+    # Eager attention in float64: causal and padding mask, softmax over what each row sees.
+    positions = inputs.query_positions.cpu()
+    keys = torch.arange(key.shape[2])
+    visible = (keys[None, None, :] <= positions[:, :, None]) & mask.cpu()[:, None, :]  # (B, Q, L)
+    scores = torch.einsum("bhqd,bhkd->bhqk", query.cpu().double(), key.cpu().repeat_interleave(2, 1).double())
+    scores = scores / query.shape[-1] ** 0.5
+    eager = torch.softmax(scores.masked_fill(~visible[:, None], float("-inf")), -1)
+    starts = inputs.key_start.tolist()
+    window = torch.stack([eager[b, ..., s : s + inputs.key_length] for b, s in enumerate(starts)])
+    sees_something = visible.any(-1)[:, None, :, None].expand_as(window)
+    window = torch.where(sees_something, window, 0.0)  # the op's documented rows of zeros
+    out = out.cpu().double()
+    assert window.isnan().any()
+    assert torch.equal(out.isnan(), window.isnan())
+    torch.testing.assert_close(out[~window.isnan()], window[~window.isnan()], atol=1e-5, rtol=1e-4)

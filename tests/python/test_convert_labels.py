@@ -66,9 +66,108 @@ def test_malicious_pickle_is_refused(tmp_path):
 
 def test_non_square_maps_need_a_grid(tmp_path):
     records = [
-        {"question_id": 1, "sink_attn": np.zeros(640, np.float32), "grounding_attn_o2i": np.ones(640, np.float32)}
+        {
+            "question_id": 1,
+            "image": "1.jpg",
+            "sink_attn": np.zeros(640, np.float32),
+            "grounding_attn_o2i": np.ones(640, np.float32),
+        }
     ]
     write_pickle(tmp_path / "in.pkl", records)
     with pytest.raises(ValueError, match="not a square grid"):
         main(["convert-labels", str(tmp_path / "in.pkl"), str(tmp_path / "out")])
     assert main(["convert-labels", str(tmp_path / "in.pkl"), str(tmp_path / "out"), "--grid", "16x40"]) == 0
+
+
+def record(q, image=None, rng=None):
+    rng = rng or np.random.default_rng(q)
+    return {
+        "question_id": q,
+        "image": image if image is not None else f"{q}.jpg",
+        "prompt": "what?",
+        "text": "K7",
+        "sink_attn": (rng.random(16) * 2e-3).astype(np.float16),
+        "grounding_attn_o2i": (rng.random(16) ** 6).astype(np.float32),
+    }
+
+
+@pytest.mark.parametrize("protocol", [2, 3, 4, 5])
+def test_every_pickle_protocol_from_2_loads(tmp_path, protocol):
+    with open(tmp_path / "in.pkl", "wb") as f:
+        pickle.dump([record(1), record(2)], f, protocol=protocol)
+    loaded = load_reference_pickle(str(tmp_path / "in.pkl"))
+    assert [r["question_id"] for r in loaded] == [1, 2]
+    np.testing.assert_array_equal(loaded[1]["sink_attn"], record(2)["sink_attn"])
+
+
+def test_a_pickle_of_shared_references_is_refused_before_it_expands(tmp_path):
+    # A few hundred bytes that would expand to 100**4 elements if converted.
+    level = np.zeros(100, np.float32)
+    for _ in range(3):
+        level = [level] * 100
+    write_pickle(tmp_path / "bomb.pkl", level)
+    assert os.path.getsize(tmp_path / "bomb.pkl") < 2000
+    with pytest.raises(ValueError, match="expands to more than"):
+        load_reference_pickle(str(tmp_path / "bomb.pkl"))
+
+
+def test_a_deeply_nested_pickle_is_refused(tmp_path):
+    deep = []
+    for _ in range(200):
+        deep = [deep]
+    write_pickle(tmp_path / "deep.pkl", deep)
+    with pytest.raises(ValueError, match="nests deeper than 16 levels"):
+        load_reference_pickle(str(tmp_path / "deep.pkl"))
+
+
+def test_bad_records_are_skipped_and_counted(tmp_path, capsys):
+    complex_maps = record(3)
+    complex_maps["grounding_attn_o2i"] = complex_maps["grounding_attn_o2i"].astype(np.complex64)
+    no_sink = record(4)
+    del no_sink["sink_attn"]
+    short = record(5)
+    short["sink_attn"] = short["sink_attn"][:9]
+    write_pickle(tmp_path / "in.pkl", [record(1), complex_maps, no_sink, short, record(2, image=12345)])
+    assert main(["convert-labels", str(tmp_path / "in.pkl"), str(tmp_path / "out")]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["labelled"] == 1
+    assert summary["skipped_by_reason"] == {
+        "grounding_attn_o2i not real numbers": 1,
+        "no sink_attn": 1,
+        "maps of another size": 1,
+        "no image path": 1,
+    }
+
+
+def test_image_paths_are_normalised_against_the_image_folder(tmp_path, capsys):
+    images = tmp_path / "images"
+    (images / "coco" / "train2017").mkdir(parents=True)
+    (images / "gqa").mkdir()
+    for name in ("coco/train2017/a.jpg", "gqa/b.jpg"):
+        (images / name).write_bytes(b"x")
+    records = [
+        record(1, "/data/llava/coco/train2017/a.jpg"),  # found by its tail
+        record(2, "playground/data/gqa/b.jpg"),  # the given prefix stripped
+        record(3, "/data/llava/ocr_vqa/missing.jpg"),  # nowhere: skipped
+        record(4, "../../etc/passwd"),  # outside the folder: skipped
+    ]
+    write_pickle(tmp_path / "in.pkl", records)
+    argv = ["convert-labels", str(tmp_path / "in.pkl"), str(tmp_path / "out"), "--image-folder", str(images)]
+    assert main(argv + ["--strip-prefix", "playground/data/", "--grid", "4x4"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["skipped_by_reason"] == {"image not found under --image-folder": 2}
+    rows = [json.loads(line) for line in open(tmp_path / "out" / "rank000-shard00000.jsonl")]
+    assert [r["image"] for r in rows] == ["coco/train2017/a.jpg", "gqa/b.jpg"]
+    from sdrpn.labels.folder import LabelFolder
+
+    assert LabelFolder(str(tmp_path / "out")).config.image_folder == str(images)
+
+
+def test_max_samples_takes_the_seeded_subset(tmp_path, capsys):
+    from sdrpn.subsets import seeded_subset
+
+    write_pickle(tmp_path / "in.pkl", [record(q) for q in range(20)])
+    assert main(["convert-labels", str(tmp_path / "in.pkl"), str(tmp_path / "out"), "--max-samples", "5"]) == 0
+    rows = [json.loads(line) for line in open(tmp_path / "out" / "rank000-shard00000.jsonl")]
+    assert [r["index"] for r in rows] == seeded_subset(20, 5) != list(range(5))
+    assert [r["id"] for r in rows] == [str(i) for i in seeded_subset(20, 5)]

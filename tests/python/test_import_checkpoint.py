@@ -9,6 +9,7 @@ written out below in plain torch from the same tensors.
 import json
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 import sdrpn.rpn.import_reference as importer
-from sdrpn.cli import main
+from sdrpn.cli import entry, main
 from sdrpn.llava.inputs import position_ids_from_mask
 from sdrpn.llava.loading import load_llava
 from sdrpn.rpn.import_reference import ReferenceCheckpointError, import_reference_checkpoint
@@ -365,11 +366,12 @@ def test_cli_end_to_end(base, model, tmp_path, capsys):
     rpn = RegionProposalNetwork.load(out, model)
     assert rpn_logits(rpn, model, prompt_batch(tiny)).shape == (3, tiny.num_cells)
 
-    with pytest.raises(SystemExit, match=r"exists and is not an empty folder"):
+    with pytest.raises(OSError, match=r"exists and is not an empty folder"):
         main(["import-checkpoint", src, "--model", folder, "--out", out])
     bad = write_reference(tmp_path / "bad", reference_tensors(tiny), reference_config(roi_source="hidden_states"))
-    with pytest.raises(SystemExit, match=r"sdrpn import-checkpoint: .*roi_source must be 'qk'"):
-        main(["import-checkpoint", bad, "--model", folder, "--out", str(tmp_path / "rpn2")])
+    # Through the command: one line naming the setting, exit status 2.
+    assert entry(["import-checkpoint", bad, "--model", folder, "--out", str(tmp_path / "rpn2")]) == 2
+    assert re.search(r"^sdrpn import-checkpoint: error: .*roi_source must be 'qk'", capsys.readouterr().err)
     assert not os.path.exists(tmp_path / "rpn2")
 
 

@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 from PIL import Image
@@ -410,3 +412,31 @@ def test_decoding_runs_one_forward_per_answer_token(tiny):
         hook.remove()
     assert len(answer.tokens) == 5
     assert len(seen) == 5
+
+
+def test_answer_file_refuses_to_mix_settings(infer_ws, tmp_path):
+    out = tmp_path / "answers.jsonl"
+    data = ("--data", str(infer_ws / "data.json"), "--image-folder", str(infer_ws / "images"), "--out", str(out))
+    assert infer_cli(infer_ws, *data, "--max-new-tokens", "2") == 0
+    rows = out.read_text()
+    with pytest.raises(ValueError, match=r"other settings \(max_new_tokens, roi differ\)"):
+        infer_cli(infer_ws, *data, "--max-new-tokens", "3", "--threshold", "0.3")
+    assert out.read_text() == rows  # nothing touched
+    assert infer_cli(infer_ws, *data, "--max-new-tokens", "2") == 0  # the same settings resume
+    assert infer_cli(infer_ws, *data, "--max-new-tokens", "3", "--restart") == 0
+    summary = json.loads((tmp_path / "answers.jsonl.summary.json").read_text())
+    assert summary["already_done"] == 0 and summary["answered"] == 2
+
+
+def test_the_command_reports_user_mistakes_in_one_line(infer_ws, tmp_path, capsys):
+    from sdrpn.cli import entry
+
+    missing = str(tmp_path / "nowhere")
+    assert entry(["infer", "--model", missing, "--rpn", missing, "--image", "x.png", "--question", "q"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("sdrpn infer: error: ") and "nowhere" in err and len(err.splitlines()) == 1
+    with pytest.raises((OSError, ValueError)):
+        entry(["infer", "--debug", "--model", missing, "--rpn", missing, "--image", "x.png", "--question", "q"])
+    with pytest.raises(SystemExit) as exit_:
+        entry(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.startswith("sdrpn 0.1.0 (torch ")

@@ -88,3 +88,16 @@ def test_cuda_matches_cpu_on_llama_shapes(dtype):
     cpu = sdrpn.ops.massive_activation_sinks(hidden, (2533, 1415))
     cuda = sdrpn.ops.massive_activation_sinks(hidden.cuda(), (2533, 1415))
     assert torch.equal(cpu, cuda.cpu())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_a_token_holding_nan_is_never_a_sink(device, dtype):
+    h = torch.randn(2, 6, 1024)
+    h[:, :, 3] = 500.0  # every token a sink (500 / rms 16 > 20) ...
+    h[0, 2, 10] = float("nan")  # ... except those whose state is broken
+    h[1, 4, 3] = float("nan")
+    sinks = sdrpn.ops.massive_activation_sinks(h.to(device, dtype), [3])
+    expected = torch.ones(2, 6, dtype=torch.bool)
+    expected[0, 2] = expected[1, 4] = False
+    assert torch.equal(sinks.cpu(), expected)

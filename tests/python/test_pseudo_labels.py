@@ -140,6 +140,10 @@ BAD_INPUTS = [
     (lambda g, s: (g, s, 4, 6, {"bg_ratio": float("nan")}), "bg_ratio must be a finite, non-negative number, got nan"),
     (lambda g, s: (g, s, 4, 6, {"max_box_fraction": 0.0}), "max_box_fraction must be a finite number > 0, got 0"),
     (lambda g, s: (g, s, 4, 6, {"sink_threshold": float("inf")}), "sink_threshold must be finite, got inf"),
+    # 2**62 + 6 times 4 wraps to 24 in int64: a naive product check would accept it.
+    (lambda g, s: (g, s, 2**62 + 6, 4, {}), "grid_h * grid_w = 4611686018427387910 * 4 overflows int64"),
+    (lambda g, s: (g, s, 4, 6, {"ignore_index": 0}), "ignore_index must differ from the labels 0 and 1, got 0"),
+    (lambda g, s: (g, s, 4, 6, {"ignore_index": 1}), "ignore_index must differ from the labels 0 and 1, got 1"),
 ]
 
 

@@ -87,6 +87,22 @@ def test_known_boxes():
     assert sdrpn.ops.roi_boxes(prob, max_boxes=3)[0].shape == (3, 4)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("op", ["roi_boxes", "roi_crops"])
+def test_huge_max_boxes_acts_as_the_grid_size(device, op):
+    # A grid holds at most H * W boxes: max_boxes beyond that changes nothing, and sizes no
+    # buffer (3e9 once asked for 96 GB, 2**63 - 1 wrapped max_boxes + 1).
+    prob = torch.zeros(2, 24, 24, device=device)
+    for x in (2, 10, 18):
+        prob[0, 10:13, x : x + 3] = 1.0
+    kwargs = {"mode": "bbox"} if op == "roi_crops" else {}
+    want = getattr(sdrpn.ops, op)(prob, max_boxes=576, **kwargs)
+    for max_boxes in (3 * 10**9, 2**62, 2**63 - 1):
+        got = getattr(sdrpn.ops, op)(prob, max_boxes=max_boxes, **kwargs)
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert want[0].shape == (3, 4)
+
+
 def test_small_component_growth_follows_the_reference():
     # Two cells survive the threshold (0.452 * (0.452 + 0.274) = 0.328): area 2 < 4, grown
     # around the centre (5, 4.5) to 3x3.
@@ -108,6 +124,8 @@ BAD = [
     (dict(prob=torch.rand(24, 24)), "prob must be (B, H, W), got shape [24, 24]"),
     (dict(prob=torch.ones(1, 4, 4, dtype=torch.long)), "prob must be float32, float64, float16 or bfloat16, got Long"),
     (dict(prob=torch.rand(1, 0, 4)), "prob's grid must be at least 1x1, got 0x4"),
+    # An empty batch of a grid of 2^31 cells: refused before any buffer is sized by it.
+    (dict(prob=torch.empty(0, 2**31, 1)), "prob's grid must have fewer than 2^31 cells, got 2147483648x1"),
     (dict(threshold=float("nan")), "threshold must be finite, got nan"),
     (dict(sigma=0.0), "sigma must be a finite number > 0, got 0"),
     (dict(min_area=-1), "min_area must be >= 0, got -1"),

@@ -7,10 +7,10 @@ import logging
 import os
 from dataclasses import dataclass
 
-from tqdm import tqdm
-
-from ..io_utils import exclusive_lock, write_json, write_jsonl
+from ..io_utils import exclusive_lock, read_json, write_json, write_jsonl
 from ..llava.data import SkipSample, load_entries, open_image, parse_entry
+from ..llava.loading import model_identity
+from ..progress import show_progress
 from .pipeline import SDRPNAnswer, SDRPNLlava
 
 log = logging.getLogger(__name__)
@@ -56,12 +56,53 @@ class InferFileConfig:
     batch_size: int = 8
     max_new_tokens: int = 128
     limit: int | None = None
+    restart: bool = False  # answer everything again, whatever cfg.out holds
+
+
+SETTINGS_SUFFIX = ".settings.json"
+
+
+def run_settings(pipe: SDRPNLlava, cfg: InferFileConfig) -> dict:
+    """What the answers in cfg.out depend on, as JSON reads it back: a resumed run must
+    use the same, or its rows would mix answers of two configurations."""
+    settings = {
+        "data": os.path.realpath(cfg.data),
+        "image_folder": os.path.realpath(cfg.image_folder),
+        "max_new_tokens": cfg.max_new_tokens,
+        "model": model_identity(pipe.model),
+        "dtype": str(pipe.dtype).replace("torch.", ""),
+        "rpn": pipe.rpn.config.to_dict(),
+        "roi": pipe.roi.to_dict(),
+        "prompt_template": pipe.template,
+        "preprocessing": pipe.preprocessing,
+    }
+    return json.loads(json.dumps(settings))
+
+
+def _start(pipe: SDRPNLlava, cfg: InferFileConfig) -> None:
+    """Record this run's settings; refuse to continue answers made with others."""
+    path = cfg.out + SETTINGS_SUFFIX
+    settings = run_settings(pipe, cfg)
+    if cfg.restart:
+        for stale in (cfg.out, cfg.out + ".summary.json"):
+            if os.path.exists(stale):
+                os.remove(stale)
+    elif os.path.exists(path) and os.path.exists(cfg.out) and os.path.getsize(cfg.out) > 0:
+        old = read_json(path)
+        diff = sorted(k for k in settings.keys() | old.keys() if old.get(k) != settings.get(k))
+        if diff:
+            raise ValueError(
+                f"{cfg.out} holds answers made with other settings ({', '.join(diff)} differ): rerun with "
+                "the same settings, pass --restart to answer everything again, or pass another --out"
+            )
+    write_json(path, settings)
 
 
 def answer_file(pipe: SDRPNLlava, cfg: InferFileConfig) -> dict:
     """Answer every entry of a LLaVA-format file; rows are appended to cfg.out as they are
     done, so a rerun continues where the last stopped. Bad samples are skipped and counted."""
     with exclusive_lock(cfg.out + ".lock"):
+        _start(pipe, cfg)
         return _answer_file(pipe, cfg)
 
 
@@ -84,7 +125,7 @@ def _answer_file(pipe: SDRPNLlava, cfg: InferFileConfig) -> dict:
         pending.clear()
 
     with open(cfg.out, "a") as f:
-        for index, entry in enumerate(tqdm(entries, desc="infer", unit="sample", disable=None)):
+        for index, entry in enumerate(show_progress(entries, desc="infer", unit="sample")):
             try:
                 sample = parse_entry(entry, index)
                 if sample.id in done:

@@ -3,22 +3,34 @@
 Those files are lists of dicts (question_id, image, prompt, text, sink_attn,
 grounding_attn_o2i). A pickle can run arbitrary code when loaded, so they are read with
 an unpickler that admits only what such a file needs (numpy arrays and scalars, plus
-the builtin containers) and refuses anything else with an error naming it.
+the builtin containers) and refuses anything else with an error naming it. A small
+pickle can also describe a huge structure through shared references, so what it holds
+is counted (elements and nesting depth, against the file's size) before anything is
+converted. A record that cannot be used is skipped and counted, as in every job.
 """
 
 from __future__ import annotations
 
-import io
 import math
+import os
 import pickle
+from collections import Counter
 
 import numpy as np
 import torch
 
 from .. import ops
+from ..llava.data import SkipSample, resolve_image
 from ..ops import SINK_THRESHOLD
+from ..subsets import SUBSET_SEED, seeded_subset
 from .folder import LabelFolder, LabelFolderConfig, shard_name
 from .options import LabelOptions
+
+# Records are a list of dicts of arrays: a few levels. Anything far deeper is not a label file.
+MAX_DEPTH = 16
+# Elements a file may expand to beyond one per byte it holds (numpy data is at least a byte
+# an element; the rest is the records' structure and text).
+ELEMENT_SLACK = 1_000_000
 
 _ALLOWED = {
     ("numpy", "ndarray"),
@@ -27,6 +39,8 @@ _ALLOWED = {
     ("numpy._core.multiarray", "_reconstruct"),
     ("numpy.core.multiarray", "scalar"),
     ("numpy._core.multiarray", "scalar"),
+    ("numpy.core.numeric", "_frombuffer"),  # protocol 5 arrays
+    ("numpy._core.numeric", "_frombuffer"),
     ("numpy", "float32"),
     ("numpy", "float64"),
     ("numpy", "float16"),
@@ -52,29 +66,127 @@ class RestrictedUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-def load_reference_pickle(path: str) -> list[dict]:
+def load_reference_pickle(path: str, max_elements: int | None = None) -> list[dict]:
+    """The records of a reference label pickle (protocols 2 to 5), after checking that
+    they are a list of dicts no deeper than MAX_DEPTH and expand to at most max_elements
+    elements (default: the file's size in bytes plus ELEMENT_SLACK)."""
+    limit = max_elements if max_elements is not None else os.path.getsize(path) + ELEMENT_SLACK
     with open(path, "rb") as f:
-        data = RestrictedUnpickler(io.BytesIO(f.read())).load()
+        data = RestrictedUnpickler(f).load()
+    _check_expansion(data, limit, path)
     if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
         raise ValueError(f"{path} must hold a list of dicts, got {type(data).__name__}")
     return data
 
 
+def _check_expansion(data, limit: int, path: str) -> None:
+    """Walk the structure as converting it would, counting every element each time it is
+    reached (shared references included); stop at the first sign of a bomb."""
+    total, stack = 0, [(data, 0)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise ValueError(f"{path} nests deeper than {MAX_DEPTH} levels: not a label pickle")
+        if isinstance(value, np.ndarray):
+            total += value.size
+            if value.dtype == object:
+                stack.extend((v, depth + 1) for v in value.flat)
+        elif isinstance(value, dict):
+            total += len(value)
+            stack.extend((v, depth + 1) for v in value.values())
+        elif isinstance(value, (list, tuple, set, frozenset)):
+            total += len(value)
+            stack.extend((v, depth + 1) for v in value)
+        else:
+            total += 1
+        if total > limit:
+            raise ValueError(
+                f"{path} expands to more than {limit} elements ({os.path.getsize(path)} bytes on disk): "
+                "refusing it (a pickle of shared references?)"
+            )
+
+
+class _Skip(Exception):
+    """One record that cannot be used; the message is the reason counted."""
+
+
 def _map(record: dict, key: str) -> np.ndarray:
     if key not in record:
-        raise ValueError(f"record {record.get('question_id', '?')} has no {key!r}")
-    return np.asarray(record[key], dtype=np.float32).reshape(-1)
+        raise _Skip(f"no {key}")
+    value = np.asarray(record[key])
+    if value.dtype.kind not in "fiub":  # complex, text or objects: nothing to cast silently
+        raise _Skip(f"{key} not real numbers")
+    return value.astype(np.float32).reshape(-1)
+
+
+def normalise_image_path(image, image_folder: str | None, strip_prefix: str | None) -> str:
+    """The record's image path relative to image_folder. The released files' paths are
+    relative to the reference's data root: a given prefix is stripped, and where the path
+    is not found under image_folder, its longest tail that is found there is taken
+    (``coco/train2017/x.jpg`` for ``/data/llava/coco/train2017/x.jpg``)."""
+    if not isinstance(image, str) or not image:
+        raise _Skip("no image path")
+    path = image.replace("\\", "/")
+    if strip_prefix and path.startswith(strip_prefix):
+        path = path[len(strip_prefix) :]
+    path = path.lstrip("/")
+    if image_folder is None:
+        return path
+    parts = [p for p in path.split("/") if p]
+    for start in range(len(parts)):
+        tail = "/".join(parts[start:])
+        try:
+            resolve_image(image_folder, tail)
+            return tail
+        except SkipSample:
+            continue
+    raise _Skip("image not found under --image-folder")
 
 
 def convert_reference_pickle(
-    path: str, out: str, grid: tuple[int, int] | None = None, sink_threshold: float = SINK_THRESHOLD
+    path: str,
+    out: str,
+    grid: tuple[int, int] | None = None,
+    sink_threshold: float = SINK_THRESHOLD,
+    *,
+    image_folder: str | None = None,
+    strip_prefix: str | None = None,
+    max_samples: int | None = None,
+    seed: int = SUBSET_SEED,
 ) -> dict:
-    """Write the records as one shard of a label folder, labelled with SPEC's defaults."""
+    """Write the records as one shard of a label folder, labelled with SPEC's defaults.
+
+    image_folder: where the images are; each record's path is normalised against it (see
+    normalise_image_path) and a record whose image is not found is skipped. max_samples
+    takes a seeded random subset (the reference's rule), not the first rows. A record
+    without usable maps is skipped and counted; the summary says how many and why.
+    """
     records = load_reference_pickle(path)
     if not records:
         raise ValueError(f"{path} holds no records")
-    grounding = torch.from_numpy(np.stack([_map(r, "grounding_attn_o2i") for r in records]))
-    sink = torch.from_numpy(np.stack([_map(r, "sink_attn") for r in records]))
+    image_folder = os.path.abspath(image_folder) if image_folder else None
+    if image_folder and not os.path.isdir(image_folder):
+        raise ValueError(f"image_folder must be a directory, got {image_folder!r}")
+    kept, grounding, sink, skipped = [], [], [], []
+    for i in seeded_subset(len(records), max_samples, seed):
+        r = records[i]
+        try:
+            g, s = _map(r, "grounding_attn_o2i"), _map(r, "sink_attn")
+            cells = grounding[0].shape[0] if grounding else g.shape[0]
+            if g.shape[0] != cells or s.shape[0] != cells:
+                raise _Skip("maps of another size")
+            image = normalise_image_path(r.get("image"), image_folder, strip_prefix)
+        except _Skip as skip:
+            skipped.append({"index": i, "id": str(r.get("question_id", i)), "reason": str(skip)})
+            continue
+        kept.append((i, r, image))
+        grounding.append(g)
+        sink.append(s)
+    if not kept:
+        reasons = dict(Counter(s["reason"] for s in skipped))
+        raise ValueError(f"{path}: no usable record ({reasons})")
+    grounding = torch.from_numpy(np.stack(grounding))
+    sink = torch.from_numpy(np.stack(sink))
     n = grounding.shape[1]
     if grid is None:
         side = math.isqrt(n)
@@ -97,25 +209,25 @@ def convert_reference_pickle(
         {
             "id": str(r.get("question_id", i)),
             "index": i,
-            "image": r.get("image"),
+            "image": image,
             "question": r.get("prompt"),
             "answer": r.get("text"),
             "answer_source": "reference",
             "image_size": None,
             "preprocessing": None,
-            "fg": stats[i][0],
-            "bg": stats[i][1],
-            "ignore": stats[i][2],
+            "fg": stats[k][0],
+            "bg": stats[k][1],
+            "ignore": stats[k][2],
         }
-        for i, r in enumerate(records)
+        for k, (i, r, image) in enumerate(kept)
     ]
     tensors = {
         "grounding": grounding,
         "sink": sink,
         "labels": labels.to(torch.int8),
-        "grid": torch.tensor([list(grid)] * len(records)),
+        "grid": torch.tensor([list(grid)] * len(rows)),
     }
     folder = LabelFolder(out)
-    folder.write_config(LabelFolderConfig(options=options, grid=list(grid)))
-    folder.write_shard(shard_name(0, 0), rows, tensors, [], 0, len(records) - 1, 0)
+    folder.write_config(LabelFolderConfig(options=options, grid=list(grid), image_folder=image_folder))
+    folder.write_shard(shard_name(0, 0), rows, tensors, skipped, 0, len(records) - 1, 0)
     return folder.write_summary()

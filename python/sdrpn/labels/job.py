@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
-from tqdm import tqdm
 
 from .. import ops
 from ..io_utils import exclusive_lock
@@ -20,6 +19,7 @@ from ..llava.inputs import Preprocessing, left_pad, preprocess_image, prompt_tok
 from ..llava.loading import DTYPES, model_device, model_dtype, model_identity, pad_token_id
 from ..llava.maps import TeacherForcedBatch, attention_maps
 from ..llava.presets import LlavaPreset
+from ..progress import show_progress
 from .folder import LabelFolder, LabelFolderConfig, shard_name, summarize
 from .options import LabelOptions
 
@@ -210,7 +210,7 @@ class LabelJob:
         if markers:
             log.info("resuming after data index %d (%d complete shards)", resume_after, len(markers))
         buf, pending = ShardBuffer(), []
-        progress = tqdm(total=len(mine), desc=f"label rank {cfg.rank}", unit="sample", disable=None)
+        progress = show_progress(total=len(mine), desc=f"label rank {cfg.rank}", unit="sample")
         for pos, index in enumerate(mine):
             buf.cover(index)
             try:

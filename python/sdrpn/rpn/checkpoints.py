@@ -28,9 +28,12 @@ def _fresh_name(root: str, step: int) -> str:
     return name
 
 
-def save_checkpoint(folder: str, rpn, optimizer, scheduler, progress: dict, keep: int) -> str:
+def save_checkpoint(
+    folder: str, rpn, optimizer, scheduler, progress: dict, keep: int, settings: dict | None = None
+) -> str:
     """Write a checkpoint as a whole (temporary folder, fsynced, then renamed), point
-    latest.json at it, then remove the oldest beyond `keep`."""
+    latest.json at it, then remove the oldest beyond `keep`. `settings`, the run's
+    configuration, is recorded so that a resumption can refuse other settings."""
     root = _root(folder)
     os.makedirs(root, exist_ok=True)
     final = os.path.join(root, _fresh_name(root, progress["global_step"]))
@@ -41,7 +44,7 @@ def save_checkpoint(folder: str, rpn, optimizer, scheduler, progress: dict, keep
     save_file(tensors, os.path.join(tmp, "optimizer.safetensors"))
     write_json(
         os.path.join(tmp, "trainer_state.json"),
-        {"progress": progress, "optimizer": meta, "scheduler": scheduler.state_dict()},
+        {"progress": progress, "optimizer": meta, "scheduler": scheduler.state_dict(), "settings": settings},
     )
     fsync_dir(tmp)
     os.replace(tmp, final)
@@ -68,6 +71,11 @@ def latest_checkpoint(folder: str) -> str | None:
             f"changed by hand; remove {pointer} to start over"
         )
     return path
+
+
+def checkpoint_settings(path: str) -> dict | None:
+    """The run configuration a checkpoint recorded (None for checkpoints that predate it)."""
+    return read_json(os.path.join(path, "trainer_state.json")).get("settings")
 
 
 def load_checkpoint(path: str, rpn, optimizer, scheduler) -> dict:

@@ -14,26 +14,15 @@ from ..labels.folder import LabelFolder
 from ..llava.data import SkipSample, open_image
 from ..llava.inputs import left_pad, preprocess_image, prompt_token_ids
 from ..ops import IGNORE_INDEX
+from ..subsets import SUBSET_SEED, seeded_subset
 
 log = logging.getLogger(__name__)
-
-# The reference shuffles its labelled set with this seed before taking the first N samples.
-SUBSET_SEED = 42
 
 
 def in_held_out(sample_id: str, fraction: float) -> bool:
     """A stable split: the same id is always on the same side, whatever the run."""
     digest = hashlib.sha256(str(sample_id).encode()).digest()
     return int.from_bytes(digest[:4], "little") / 2**32 < fraction
-
-
-def seeded_subset(count: int, max_samples: int | None, seed: int = SUBSET_SEED) -> list[int]:
-    """Indices of a random subset of max_samples of count items (all of them, in order, when
-    max_samples is None or not smaller), the same for the same seed."""
-    if max_samples is None or max_samples >= count:
-        return list(range(count))
-    order = torch.randperm(count, generator=torch.Generator().manual_seed(seed))
-    return sorted(order[:max_samples].tolist())
 
 
 @dataclass

@@ -13,6 +13,7 @@ in the RPN folder for inference.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -23,7 +24,6 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from ..io_utils import exclusive_lock, write_json
@@ -33,7 +33,8 @@ from ..llava.loading import pad_token_id
 from ..llava.presets import LlavaPreset, get_preset, preset_from_dict
 from ..ops import IGNORE_INDEX
 from ..options import Options, RoiOptions, option
-from .checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
+from ..progress import show_progress
+from .checkpoints import checkpoint_settings, latest_checkpoint, load_checkpoint, save_checkpoint
 from .dataset import LabelBatch, LabelCollator, LabelShardDataset
 from .model import RegionProposalNetwork, rpn_loss
 
@@ -91,6 +92,26 @@ class TrainConfig(Options):
         if not 0 <= self.held_out_fraction < 1:
             raise ValueError(f"held_out_fraction must lie in [0, 1), got {self.held_out_fraction}")
         self.betas = tuple(self.betas)
+
+    # What may change between a run and its resumption: how long it goes on, how it loads
+    # data and how often it saves. Everything else shapes the weights.
+    RESUMABLE_CHANGES = ("resume", "stop_after_steps", "num_workers", "save_every", "keep_checkpoints")
+    _PATHS = ("labels", "out", "image_folder")
+
+    def recorded(self) -> dict:
+        """The settings a checkpoint records, paths made absolute, as JSON reads them back."""
+        values = self.to_dict()
+        for name in self._PATHS:
+            if values[name]:
+                values[name] = os.path.realpath(values[name])
+        return json.loads(json.dumps(values))
+
+    def differences(self, recorded: dict) -> list[str]:
+        """Names of the settings that differ from a checkpoint's and may not change on resume."""
+        now = self.recorded()
+        return sorted(
+            k for k, v in now.items() if k not in self.RESUMABLE_CHANGES and k in recorded and recorded[k] != v
+        )
 
 
 def accumulation_steps(effective_batch: int, batch_size: int, world_size: int) -> int:
@@ -254,16 +275,18 @@ class RPNTrainer:
         optimizer, scheduler, total = self._schedule(rpn, len(train_set))
         progress = {"epoch": 0, "step_in_epoch": 0, "global_step": 0}
         if cfg.resume and (ckpt := latest_checkpoint(cfg.out)) is not None:
+            diff = cfg.differences(checkpoint_settings(ckpt) or {})
+            if diff:
+                raise ValueError(
+                    f"{cfg.out} holds a run with other settings ({', '.join(diff)} differ): resume with the "
+                    "same settings, or train into another --out"
+                )
             progress = load_checkpoint(ckpt, rpn, optimizer, scheduler)
             log.info("resumed from %s at step %d", ckpt, progress["global_step"])
         model_for_grad = DistributedDataParallel(rpn) if self.world > 1 else rpn
         metrics = {}
-        bar = tqdm(
-            total=total,
-            initial=progress["global_step"],
-            desc="train",
-            unit="step",
-            disable=None if self.rank == 0 else True,
+        bar = show_progress(
+            total=total, initial=progress["global_step"], desc="train", unit="step", disable=self.rank != 0
         )
         while progress["epoch"] < cfg.epochs:
             epoch = progress["epoch"]
@@ -334,7 +357,15 @@ class RPNTrainer:
 
     def _checkpoint(self, rpn, optimizer, scheduler, progress) -> None:
         if self.rank == 0:
-            save_checkpoint(self.cfg.out, rpn, optimizer, scheduler, dict(progress), self.cfg.keep_checkpoints)
+            save_checkpoint(
+                self.cfg.out,
+                rpn,
+                optimizer,
+                scheduler,
+                dict(progress),
+                self.cfg.keep_checkpoints,
+                settings=self.cfg.recorded(),
+            )
         if self.world > 1:
             dist.barrier()
 

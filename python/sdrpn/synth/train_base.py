@@ -21,12 +21,12 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from tqdm import tqdm
 
 from ..io_utils import read_json, write_atomic, write_json
 from ..llava.inputs import crop_pixels, left_pad, preprocess_image, prompt_token_ids
 from ..ops import IGNORE_INDEX
 from ..optim_state import load_optimizer_tensors, optimizer_tensors
+from ..progress import show_progress
 from .model import TinyLlavaSpec, build_tiny_llava
 from .task import CODE_CHARS, CODE_LENGTH, SynthSample, make_sample, split_seeds
 
@@ -239,7 +239,7 @@ class BaseTrainer:
         )
         start, history, pending = time.monotonic(), [], []
         with open(history_path, "a") as log_file:
-            bar = tqdm(total=cfg.steps, initial=self.done_steps, desc="train-base", disable=None)
+            bar = show_progress(total=cfg.steps, initial=self.done_steps, desc="train-base", unit="step")
             for batch in loader:
                 pending.append((self.done_steps, self.step(batch)))
                 bar.update(1)
