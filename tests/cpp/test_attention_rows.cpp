@@ -62,6 +62,13 @@ TEST(AttentionRows, WindowOutsideTheKeysIsRejected) {
   EXPECT_NE(message.find("key_start + key_length must stay within [0, L] with L = 12"),
             std::string::npos)
       << message;
+  // key_start + key_length would wrap past INT64_MAX: still refused, never read.
+  const auto wrapping = sdrpn::testing::error_of([&] {
+    sdrpn::attention_rows(in.query, in.key, in.positions,
+                          torch::tensor({int64_t{0}, INT64_MAX - 3}, torch::kLong), 6);
+  });
+  EXPECT_NE(wrapping.find("key_start + key_length must stay within"), std::string::npos)
+      << wrapping;
 }
 
 TEST(AttentionRowsCuda, MatchesCpu) {

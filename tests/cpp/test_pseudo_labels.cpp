@@ -102,6 +102,15 @@ TEST(PseudoLabels, BadInputsNameTheArgument) {
   EXPECT_NE(bad_ratio.find("bg_ratio must be a finite, non-negative number, got -0.5"),
             std::string::npos)
       << bad_ratio;
+  // 2^62 + 1 times 6 wraps to 6 in int64: an unchecked product would accept it.
+  const auto wrapped = error_of([&] { sdrpn::pseudo_labels(g, s, (int64_t{1} << 62) + 1, 6); });
+  EXPECT_NE(wrapped.find("overflows int64"), std::string::npos) << wrapped;
+  sdrpn::PseudoLabelOptions zero;
+  zero.ignore_index = 0;
+  const auto collides = error_of([&] { sdrpn::pseudo_labels(g, s, 2, 3, zero); });
+  EXPECT_NE(collides.find("ignore_index must differ from the labels 0 and 1, got 0"),
+            std::string::npos)
+      << collides;
 }
 
 TEST(PseudoLabelsCuda, MatchesCpu) {

@@ -4,6 +4,7 @@
 #include <torch/cuda.h>
 #include <torch/torch.h>
 
+#include <cstdint>
 #include <string>
 
 #include "error_text.h"
@@ -32,6 +33,10 @@ TEST(RoiBoxes, TooManyComponentsMeansNone) {
   sdrpn::RoiBoxOptions three;
   three.max_boxes = 3;
   EXPECT_EQ(std::get<0>(sdrpn::roi_boxes(prob, three)).size(0), 3);
+  // A max_boxes beyond the grid's cells acts as the cell count and sizes no buffer by itself.
+  sdrpn::RoiBoxOptions huge;
+  huge.max_boxes = INT64_MAX;
+  EXPECT_EQ(std::get<0>(sdrpn::roi_boxes(prob, huge)).size(0), 3);
 }
 
 TEST(RoiBoxes, BadSigmaIsNamed) {
