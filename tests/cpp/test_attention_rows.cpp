@@ -4,6 +4,7 @@
 #include <torch/cuda.h>
 #include <torch/torch.h>
 
+#include <cstdint>
 #include <string>
 
 #include "error_text.h"
