@@ -425,7 +425,7 @@ def test_answer_file_refuses_to_mix_settings(infer_ws, tmp_path):
     assert infer_cli(infer_ws, *data, "--max-new-tokens", "2") == 0  # the same settings resume
     assert infer_cli(infer_ws, *data, "--max-new-tokens", "3", "--restart") == 0
     summary = json.loads((tmp_path / "answers.jsonl.summary.json").read_text())
-    assert summary["already_done"] == 0 and summary["answered"] == 2
+    assert summary["already_done"] == 0 and summary["answered"] == 3
 
 
 def test_the_command_reports_user_mistakes_in_one_line(infer_ws, tmp_path, capsys):
