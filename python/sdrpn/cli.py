@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--device", default="cpu", help="(default: %(default)s)")
 
     label = sub.add_parser("label", help="pseudo labels from a LLaVA model's own attention")
-    label.add_argument("--model", required=True, help="LLaVA checkpoint folder (HF format)")
+    label.add_argument("--model", required=True, help="LLaVA model (HF format): a folder or a Hub id")
     label.add_argument("--data", required=True, help="LLaVA-format JSON list of samples")
     label.add_argument("--image-folder", required=True)
     label.add_argument("--out", required=True, help="label folder (resumable with the same settings)")
@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_options(label, LabelOptions)
 
     train = sub.add_parser("train", help="train the RPN on a label folder")
-    train.add_argument("--model", required=True, help="LLaVA checkpoint folder (HF format)")
+    train.add_argument("--model", required=True, help="LLaVA model (HF format): a folder or a Hub id")
     train.add_argument("--device", default=None)
     from .rpn.train import TrainConfig
 
@@ -129,8 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_options(train, RoiOptions, overrides_from="the preset")
 
     infer = sub.add_parser("infer", help="answer with RoI crops (one image, or a whole file)")
-    infer.add_argument("--model", required=True, help="LLaVA checkpoint folder (HF format)")
-    infer.add_argument("--rpn", required=True, help="folder of a trained RPN (sdrpn train --out)")
+    infer.add_argument("--model", required=True, help="LLaVA model (HF format): a folder or a Hub id")
+    infer.add_argument("--rpn", required=True, help="a trained RPN: its folder (sdrpn train --out) or a Hub id")
     infer.add_argument("--image", default=None)
     infer.add_argument("--question", default=None)
     infer.add_argument("--data", default=None, help="LLaVA-format JSON to answer as a whole")
@@ -180,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
         "import-checkpoint", help="make an RPN folder from the reference implementation's released RPN checkpoint"
     )
     imp.add_argument("src", help="the reference's checkpoint folder (original LLaVA layout, config.json with twig_*)")
-    imp.add_argument("--model", required=True, help="the LLaVA checkpoint folder (HF format) it was trained on")
+    imp.add_argument("--model", required=True, help="the LLaVA model (HF format) it was trained on: a folder or a Hub id")
     imp.add_argument("--out", required=True, help="RPN folder to write (must not exist, or be empty)")
     imp.add_argument(
         "--preset",
@@ -248,7 +248,7 @@ def _run_infer(args) -> None:
         raise SystemExit("sdrpn infer: give either --image and --question, or --data (with --image-folder and --out)")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = load_llava(args.model, args.dtype, device)
-    rpn = RegionProposalNetwork.load(args.rpn, model)
+    rpn = RegionProposalNetwork.from_pretrained(args.rpn, model=model)  # a folder or a Hub id
     base = rpn.config.task_roi_options(args.task) if args.task else rpn.config.roi_options
     roi = options_from_args(RoiOptions, args, base=base)
     pipe = SDRPNLlava(
