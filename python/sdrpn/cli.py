@@ -180,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
         "import-checkpoint", help="make an RPN folder from the reference implementation's released RPN checkpoint"
     )
     imp.add_argument("src", help="the reference's checkpoint folder (original LLaVA layout, config.json with twig_*)")
-    imp.add_argument("--model", required=True, help="the LLaVA model (HF format) it was trained on: a folder or a Hub id")
+    imp.add_argument("--model", required=True, help="the LLaVA model (HF format) it was trained on: folder or Hub id")
     imp.add_argument("--out", required=True, help="RPN folder to write (must not exist, or be empty)")
     imp.add_argument(
         "--preset",
