@@ -261,6 +261,15 @@ def infer_ws(tmp_path_factory):
         for i, q in enumerate(QUESTIONS)
     ]
     data.insert(1, {"id": "gone", "image": "missing.png", "conversations": [{"from": "human", "value": "x ?"}]})
+    # Entries a JSON file can deliver that a tokenizer, a file system or PIL's pixel budget
+    # refuses: each is skipped with its reason and the job goes on.
+    Image.new("RGB", (60000, 1)).save(root / "images" / "long.png")
+    asks = [{"from": "human", "value": "<image>\nx ?"}]
+    data += [
+        {"id": "surrogate", "image": "0.png", "conversations": [{"from": "human", "value": "<image>\n\ud800"}]},
+        {"id": "nul", "image": "0\x00.png", "conversations": asks},
+        {"id": "long", "image": "long.png", "conversations": asks},
+    ]
     (root / "data.json").write_text(json.dumps(data))
     return root
 
@@ -354,7 +363,17 @@ def test_infer_cli_whole_file_is_resumable(infer_ws, tmp_path, capsys):
     ids = [json.loads(line)["id"] for line in open(out)]
     assert ids == ["q0", "q1", "q2"]
     summary = json.loads((tmp_path / "answers.jsonl.summary.json").read_text())
-    assert summary == {"answered": 2, "already_done": 1, "skipped": 1, "skipped_by_reason": {"image missing": 1}}
+    assert summary == {
+        "answered": 2,
+        "already_done": 1,
+        "skipped": 4,
+        "skipped_by_reason": {
+            "image missing": 1,
+            "text not valid UTF-8": 1,
+            "image path not valid text": 1,
+            "image too elongated to pad": 1,
+        },
+    }
     with pytest.raises(SystemExit, match="either --image and --question, or --data"):
         infer_cli(infer_ws)
 

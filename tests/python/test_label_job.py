@@ -34,6 +34,7 @@ def workspace(tmp_path_factory):
             }
         )
     (images / "corrupt.png").write_bytes(b"not a png at all")
+    Image.new("RGB", (60000, 1)).save(images / "long.png")  # a tiny file; padded, a 3.6e9-pixel square
     (root / "secret.png").write_bytes(b"")
     bad = [
         {"id": "missing", "image": "nope.png", "conversations": entries[0]["conversations"]},
@@ -41,6 +42,10 @@ def workspace(tmp_path_factory):
         {"id": "imageless", "conversations": entries[0]["conversations"]},
         {"id": "escape", "image": "../secret.png", "conversations": entries[0]["conversations"]},
         {"id": "blank", "image": "img0.png", "conversations": [{"from": "human", "value": "<image>\n  "}]},
+        # What a JSON file can deliver that a tokenizer or a file system refuses.
+        {"id": "surrogate", "image": "img0.png", "conversations": [{"from": "human", "value": "<image>\n\ud800"}]},
+        {"id": "nul", "image": "img0\x00.png", "conversations": entries[0]["conversations"]},
+        {"id": "long", "image": "long.png", "conversations": entries[0]["conversations"]},
     ]
     data = entries[:3] + bad[:3] + entries[3:5] + bad[3:] + entries[5:]
     (root / "data.json").write_text(json.dumps(data))
@@ -106,13 +111,16 @@ def test_label_job_writes_shards_and_counts_skips(workspace, tmp_path, answers, 
     assert run_label(workspace, out, "--answers", answers, "--max-new-tokens", "4") == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["labelled"] == 7
-    assert summary["skipped"] == 5
+    assert summary["skipped"] == 8
     assert summary["skipped_by_reason"] == {
         "empty question": 1,
         "image missing": 1,
         "image outside --image-folder": 1,
+        "image path not valid text": 1,
+        "image too elongated to pad": 1,
         "image unreadable": 1,
         "no image": 1,
+        "text not valid UTF-8": 1,
     }
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == summary
     rows = read_rows(out)
@@ -266,7 +274,7 @@ def test_torchrun_splits_the_data_by_rank(workspace, tmp_path):
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["labelled"] == 7 and summary["skipped"] == 5
+    assert summary["labelled"] == 7 and summary["skipped"] == 8
     ranks = {n.split("-")[0] for n in os.listdir(out) if n.endswith(".done.json")}
     assert ranks == {"rank000", "rank001"}
     assert sorted(r["id"] for r in read_rows(out)) == [f"s{i}" for i in range(7)]
