@@ -130,3 +130,60 @@ def test_entries_that_would_break_a_job_are_skipped_with_a_reason(tmp_path):
     ):
         with pytest.raises(SkipSample, match=reason):
             open_image(str(tmp_path), name)
+
+
+@pytest.mark.parametrize("size", [(37, 91), (640, 480), (333, 333), (1001, 17), (1, 5)])
+def test_pixels_equal_hugging_face_processors(size):
+    # LLaVA-1.5's pad-to-square is LlavaImageProcessor(do_pad=True); the centre crop is
+    # CLIPImageProcessor. Pixel for pixel, with PIL doing the resizing on both sides.
+    transformers = pytest.importorskip("transformers")
+    import numpy as np
+
+    from sdrpn.llava.inputs import CLIP_MEAN, CLIP_STD, preprocess_image
+
+    common = dict(
+        size={"shortest_edge": 336},
+        crop_size={"height": 336, "width": 336},
+        image_mean=CLIP_MEAN,
+        image_std=CLIP_STD,
+        resample=3,  # bicubic, as CLIP's processor config says
+    )
+    image = Image.fromarray(np.random.default_rng(sum(size)).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    for mode, processor in (
+        ("pad", transformers.LlavaImageProcessorPil(do_pad=True, **common)),
+        ("crop", transformers.CLIPImageProcessorPil(**common)),
+    ):
+        want = torch.from_numpy(processor(image, return_tensors="np")["pixel_values"][0])
+        got, record = preprocess_image(image, 336, mode=mode)
+        assert record.mode == mode and torch.equal(got, want), mode
+
+
+def test_answering_normalises_with_the_processors_mean_and_std():
+    from types import SimpleNamespace
+
+    from sdrpn.infer.pipeline import SDRPNLlava
+    from sdrpn.llava.inputs import CLIP_MEAN, CLIP_STD
+    from sdrpn.rpn.model import RegionProposalNetwork
+    from tiny_llava import make_tiny_llava, make_tokenizer
+
+    tiny = make_tiny_llava()
+    rpn = RegionProposalNetwork.from_llava(tiny.model, branch_layer=2, depth=2)
+    template = "USER : <image>\n{question} ASSISTANT :"
+    plain = SDRPNLlava(tiny.model, make_tokenizer(), rpn, prompt_template=template)
+    assert (plain.mean, plain.std) == (CLIP_MEAN, CLIP_STD)
+    processor = SimpleNamespace(
+        tokenizer=make_tokenizer(), image_processor=SimpleNamespace(image_mean=[0.5] * 3, image_std=[0.25] * 3)
+    )
+    custom = SDRPNLlava(tiny.model, processor, rpn, prompt_template=template)
+    assert (custom.mean, custom.std) == ((0.5,) * 3, (0.25,) * 3)
+    # The pixels the vision tower sees are normalised with them.
+    seen = []
+    hook = tiny.model.model.vision_tower.register_forward_hook(lambda m, args, out: seen.append(args[0]))
+    image = Image.new("RGB", (40, 40), (200, 100, 50))  # square: no padding, whose colour is the mean too
+    try:
+        plain.predict_rois([image], ["what ?"])
+        custom.predict_rois([image], ["what ?"])
+    finally:
+        hook.remove()
+    mean, std = torch.tensor(CLIP_MEAN)[:, None, None], torch.tensor(CLIP_STD)[:, None, None]
+    torch.testing.assert_close(seen[1], ((seen[0] * std + mean) - 0.5) / 0.25, atol=1e-5, rtol=0)

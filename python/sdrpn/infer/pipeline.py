@@ -24,6 +24,8 @@ from transformers import DynamicCache
 from .. import ops
 from ..llava.geometry import grid_box_to_pixels, model_grid
 from ..llava.inputs import (
+    CLIP_MEAN,
+    CLIP_STD,
     PREPROCESSING_MODES,
     check_template,
     crop_pixels,
@@ -121,9 +123,13 @@ class SDRPNLlava:
         if self.preprocessing not in PREPROCESSING_MODES:
             raise ValueError(f"preprocessing must be one of {PREPROCESSING_MODES}, got {self.preprocessing!r}")
         self.template = check_template(prompt_template or rpn.config.prompt_template)
-        # A Hugging Face processor or its tokenizer: only the tokenizer is needed, the images
-        # are preprocessed here so that the boxes can be mapped back.
+        # A Hugging Face processor or its tokenizer: the images are preprocessed here so that
+        # the boxes can be mapped back, normalised with the processor's mean and std where it
+        # has an image processor (CLIP's otherwise).
         tokenizer = getattr(processor, "tokenizer", processor)
+        image_processor = getattr(processor, "image_processor", None)
+        self.mean = tuple(getattr(image_processor, "image_mean", None) or CLIP_MEAN)
+        self.std = tuple(getattr(image_processor, "image_std", None) or CLIP_STD)
         self.model, self.tokenizer, self.rpn = model.eval(), tokenizer, rpn.eval()
         self.size = model.config.vision_config.image_size
         self.grid_h, self.grid_w = model_grid(model.config)
@@ -166,7 +172,9 @@ class SDRPNLlava:
         images = self._images(images)
         prompts = [self._split_prompt(q) for q in questions]
         pixels = pixel_batch(
-            [preprocess_image(im, self.size, mode=self.preprocessing)[0] for im in images], self.device, self.dtype
+            [preprocess_image(im, self.size, self.mean, self.std, mode=self.preprocessing)[0] for im in images],
+            self.device,
+            self.dtype,
         )
         prefix_ids, prefix_mask = left_pad([p for p, _ in prompts], self.pad_id, self.device)
         # The prefix is the same length for every sample (system text + image tokens).
@@ -236,7 +244,7 @@ class SDRPNLlava:
         crops, owner, grid_boxes, keeps = [], [], [], []
         for b, (image, roi) in enumerate(zip(images, rois)):
             for box, gbox, keep in zip(roi.boxes, roi.grid_boxes, roi.keep):
-                crops.append(crop_pixels(image, box, self.size))
+                crops.append(crop_pixels(image, box, self.size, self.mean, self.std))
                 owner.append(b)
                 grid_boxes.append(gbox)
                 keeps.append(keep)

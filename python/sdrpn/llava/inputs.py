@@ -148,12 +148,12 @@ def prompt_token_ids(
     return prefix + suffix
 
 
-def crop_pixels(image: Image.Image, box, size: int) -> Tensor:
+def crop_pixels(image: Image.Image, box, size: int, mean=CLIP_MEAN, std=CLIP_STD) -> Tensor:
     """A source-image crop [x0, y0, x1, y1) (at least one pixel) resized to the encoder's
-    input with PIL bilinear (antialiased when shrinking) and CLIP-normalised: (3, size, size)."""
+    input with PIL bilinear (antialiased when shrinking) and normalised: (3, size, size)."""
     x0, y0, x1, y1 = box
     crop = image.crop((x0, y0, max(x1, x0 + 1), max(y1, y0 + 1))).resize((size, size), Image.BILINEAR)
-    return normalise(crop)
+    return normalise(crop, mean, std)
 
 
 def left_pad(seqs: list[list[int]], pad_id: int, device=None) -> tuple[Tensor, Tensor]:
