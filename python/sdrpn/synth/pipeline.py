@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -157,10 +157,12 @@ def localisation(boxes_per_sample: list[list], samples, grid: int) -> dict:
     }
 
 
-def sdrpn_answers(cfg: PipelineConfig, model, tokenizer, rpn_dir: str, samples):
-    """Answers with the settings the RPN folder records (as `sdrpn infer` gives them)."""
+def sdrpn_answers(cfg: PipelineConfig, model, tokenizer, rpn_dir: str, samples, crop_mode: str | None = None):
+    """Answers with the settings the RPN folder records (as `sdrpn infer` gives them), in
+    another crop mode where one is given."""
     rpn = RegionProposalNetwork.load(rpn_dir, model).to(cfg.device).eval()
-    pipe = SDRPNLlava(model, tokenizer, rpn)
+    roi = rpn.config.roi_options
+    pipe = SDRPNLlava(model, tokenizer, rpn, roi=replace(roi, crop_mode=crop_mode or roi.crop_mode))
     answers = []
     for i in range(0, len(samples), cfg.eval_batch):
         chunk = samples[i : i + cfg.eval_batch]
@@ -198,14 +200,21 @@ def evaluate(cfg: PipelineConfig, model, tokenizer) -> dict:
         )
         accuracy[name] = accuracy_by_kind(samples, answers[name])
     loc, rois = {}, {}
-    for name, rpn_dir in (("sdrpn", cfg.path("rpn")), ("sdrpn_raw_labels", cfg.path("rpn_raw"))):
-        result = sdrpn_answers(cfg, model, tokenizer, rpn_dir, samples)
+    # The RPN in the crop mode its folder records (bbox for this model), the same RPN in the
+    # other mode, and the RPN trained on raw-attention labels.
+    recorded = RegionProposalNetwork.load(cfg.path("rpn"), model).config.roi_options.crop_mode
+    other = "mask" if recorded == "bbox" else "bbox"
+    runs = (
+        ("sdrpn", cfg.path("rpn"), None, "denoised labels"),
+        (f"sdrpn_{other}", cfg.path("rpn"), other, f"denoised labels, {other} crops"),
+        ("sdrpn_raw_labels", cfg.path("rpn_raw"), None, "raw labels"),
+    )
+    for name, rpn_dir, mode, what in runs:
+        result = sdrpn_answers(cfg, model, tokenizer, rpn_dir, samples, mode)
         answers[name] = [a.text for a in result]
         rois[name] = [a.rois for a in result]
         accuracy[name] = accuracy_by_kind(samples, answers[name])
-        loc[f"rpn ({'raw' if 'raw' in name else 'denoised'} labels)"] = localisation(
-            [r.boxes for r in rois[name]], samples, grid
-        )
+        loc[f"rpn ({what})"] = localisation([r.boxes for r in rois[name]], samples, grid)
     for raw in (False, True):
         boxes = pseudo_label_boxes(cfg.path("labels_test"), samples, grid, size, raw=raw)
         loc[f"pseudo labels ({'raw' if raw else 'denoised'})"] = localisation(boxes, samples, grid)

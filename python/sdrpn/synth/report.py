@@ -19,7 +19,9 @@ SETTINGS = [
     ("base", "base model (thumbnail only)"),
     ("random_crop", "random crop of the same size"),
     ("sdrpn_raw_labels", "SD-RPN, RPN trained on raw-attention labels"),
-    ("sdrpn", "**SD-RPN**"),
+    ("sdrpn", "**SD-RPN** (the crop mode its RPN folder records)"),
+    ("sdrpn_mask", "SD-RPN, mask-mode crops"),
+    ("sdrpn_bbox", "SD-RPN, bbox-mode crops"),
     ("gt_crop", "ground-truth crop (upper bound)"),
 ]
 KINDS = ["read", "colour", "where", "count", "all"]
