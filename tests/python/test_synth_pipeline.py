@@ -91,10 +91,15 @@ def test_pipeline_runs_every_stage_and_resumes(tmp_path, tiny_model_dir):
         assert os.path.isdir(cfg.path(folder)), folder
     assert os.path.exists(cfg.path("rpn", "train_config.json"))
     acc = result["accuracy"]
-    assert set(acc) == {"base", "random_crop", "gt_crop", "sdrpn", "sdrpn_raw_labels"}
+    # SD-RPN in its recorded crop mode, and in the other one.
+    other_mode = {"sdrpn_mask", "sdrpn_bbox"} & set(acc)
+    assert len(other_mode) == 1
+    assert set(acc) - other_mode == {"base", "random_crop", "gt_crop", "sdrpn", "sdrpn_raw_labels"}
     assert all(0.0 <= v <= 1.0 for row in acc.values() for v in row.values())
+    other = other_mode.pop()[len("sdrpn_") :]
     assert set(result["localisation"]) == {
         "rpn (denoised labels)",
+        f"rpn (denoised labels, {other} crops)",
         "rpn (raw labels)",
         "pseudo labels (denoised)",
         "pseudo labels (raw)",
@@ -102,7 +107,8 @@ def test_pipeline_runs_every_stage_and_resumes(tmp_path, tiny_model_dir):
     assert len(result["base_model"]["layers"]) == 3
     metrics = write_report(result, cfg.out, "test run", cfg.path("labels_test"), examples=2)
     text = open(os.path.join(cfg.out, "report.md")).read()
-    assert "| **SD-RPN** |" in text and "examples.png" in text
+    assert "| **SD-RPN** (the crop mode its RPN folder records) |" in text and "examples.png" in text
+    assert f"| SD-RPN, {other}-mode crops |" in text
     assert os.path.getsize(os.path.join(cfg.out, "examples.png")) > 1000
     assert json.load(open(os.path.join(cfg.out, "metrics.json")))["accuracy"] == metrics["accuracy"]
     # A rerun finds every stage complete and reproduces the evaluation.
@@ -120,7 +126,7 @@ def test_markdown_reports_the_gain():
     loc = {"rpn (denoised labels)": {"iou_cells": 0.7, "iou_target": 0.05, "hit_rate": 0.8, "no_box": 0.1}}
     text = markdown({"accuracy": acc, "localisation": loc, "test_samples": 10, "config": {"train_count": 5}}, "t", None)
     assert "+75.0 points over the base model, 10.0 points under the ground-truth crop" in text
-    assert "| **SD-RPN** | 80.0 | 100.0 | 100.0 | 50.0 | 80.0 |" in text
+    assert "| **SD-RPN** (the crop mode its RPN folder records) | 80.0 | 100.0 | 100.0 | 50.0 | 80.0 |" in text
 
 
 def test_shipped_base_model_loads_with_its_preset():
