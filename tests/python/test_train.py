@@ -122,6 +122,11 @@ def test_resume_gives_the_same_weights(ws, tmp_path):
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0 if not torch.cuda.is_available() else 1e-6)
     steps = sorted(os.listdir(part / "checkpoints"))
     assert "latest.json" in steps and len([s for s in steps if s.startswith("step-")]) <= 2
+    # A checkpoint saved mid-run is an RPN folder of its own: from_pretrained loads it.
+    model, _ = load_llava(str(ws / "model"), "fp32")
+    latest = json.loads((part / "checkpoints" / "latest.json").read_text())["path"]
+    mid_run = RegionProposalNetwork.from_pretrained(str(part / "checkpoints" / latest), model=model)
+    assert torch.equal(mid_run.trainable_state_dict()["q_proj.weight"], b["q_proj.weight"])
 
 
 def test_bf16_and_gradient_checkpointing_run(ws, tmp_path):
