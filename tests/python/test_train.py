@@ -168,12 +168,34 @@ def test_bad_config():
         accumulation_steps(512, 12, 2)
 
 
-def test_hf_trainer_example(ws, tmp_path):
+# The HF Trainer example as a training script is run: directly, and through accelerate's
+# launcher (on the CPU here; the same command takes --num_processes N on GPUs).
+LAUNCHERS = {
+    "python": [],
+    "accelerate": [
+        "-m",
+        "accelerate.commands.launch",
+        "--cpu",
+        "--num_processes",
+        "1",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+    ],
+}
+
+
+@pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
+def test_hf_trainer_example(ws, tmp_path, launcher):
     out = tmp_path / "hf"
     script = os.path.join(os.path.dirname(__file__), "..", "..", "scripts", "train_rpn_with_hf_trainer.py")
     done = subprocess.run(
         [
             sys.executable,
+            *LAUNCHERS[launcher],
             script,
             "--model",
             str(ws / "model"),
