@@ -157,10 +157,9 @@ def localisation(boxes_per_sample: list[list], samples, grid: int) -> dict:
     }
 
 
-def sdrpn_answers(cfg: PipelineConfig, model, tokenizer, rpn_dir: str, samples, crop_mode: str | None = None):
-    """Answers with the settings the RPN folder records (as `sdrpn infer` gives them), in
-    another crop mode where one is given."""
-    rpn = RegionProposalNetwork.load(rpn_dir, model).to(cfg.device).eval()
+def sdrpn_answers(cfg: PipelineConfig, model, tokenizer, rpn: RegionProposalNetwork, samples, crop_mode=None):
+    """Answers with the settings the RPN records (as `sdrpn infer` gives them), in another
+    crop mode where one is given."""
     roi = rpn.config.roi_options
     pipe = SDRPNLlava(model, tokenizer, rpn, roi=replace(roi, crop_mode=crop_mode or roi.crop_mode))
     answers = []
@@ -202,15 +201,18 @@ def evaluate(cfg: PipelineConfig, model, tokenizer) -> dict:
     loc, rois = {}, {}
     # The RPN in the crop mode its folder records (bbox for this model), the same RPN in the
     # other mode, and the RPN trained on raw-attention labels.
-    recorded = RegionProposalNetwork.load(cfg.path("rpn"), model).config.roi_options.crop_mode
-    other = "mask" if recorded == "bbox" else "bbox"
-    runs = (
-        ("sdrpn", cfg.path("rpn"), None, "denoised labels"),
-        (f"sdrpn_{other}", cfg.path("rpn"), other, f"denoised labels, {other} crops"),
-        ("sdrpn_raw_labels", cfg.path("rpn_raw"), None, "raw labels"),
+    # Each folder is loaded once; the denoised RPN serves both modes.
+    rpn, rpn_raw = (
+        RegionProposalNetwork.load(cfg.path(name), model).to(cfg.device).eval() for name in ("rpn", "rpn_raw")
     )
-    for name, rpn_dir, mode, what in runs:
-        result = sdrpn_answers(cfg, model, tokenizer, rpn_dir, samples, mode)
+    other = "mask" if rpn.config.roi_options.crop_mode == "bbox" else "bbox"
+    runs = (
+        ("sdrpn", rpn, None, "denoised labels"),
+        (f"sdrpn_{other}", rpn, other, f"denoised labels, {other} crops"),
+        ("sdrpn_raw_labels", rpn_raw, None, "raw labels"),
+    )
+    for name, run_rpn, mode, what in runs:
+        result = sdrpn_answers(cfg, model, tokenizer, run_rpn, samples, mode)
         answers[name] = [a.text for a in result]
         rois[name] = [a.rois for a in result]
         accuracy[name] = accuracy_by_kind(samples, answers[name])
