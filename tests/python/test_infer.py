@@ -4,6 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
+from sdrpn.infer.baseline import BaseLlava
 from sdrpn.infer.pipeline import SDRPNLlava
 from sdrpn.llava.geometry import grid_box_to_pixels
 from sdrpn.llava.inputs import crop_pixels, position_ids_from_mask, preprocess_image
@@ -129,6 +130,21 @@ def test_no_box_is_answered_as_by_the_base_model(tiny):
         assert ans.rois.boxes == []
         assert ans.tokens == full_sequence_generate(sd, ims[b], QUESTIONS[b], [], 6)
     assert set(answers[0].timings) >= {"prefix", "early_exit", "rpn", "boxes", "crop_encode", "pass2_decode", "total"}
+
+
+def test_the_baseline_answers_as_sdrpn_does_without_a_box(tiny):
+    ims = images(3, seed=4)
+    for preprocessing in ("pad", "crop"):
+        sd = pipeline(tiny, blob_logits(None, None, None), preprocessing=preprocessing)
+        base = BaseLlava(tiny.model, make_tokenizer(), prompt_template=TEMPLATE, preprocessing=preprocessing)
+        expected = [a.text for a in sd.generate(ims, QUESTIONS, max_new_tokens=6)]
+        assert base.generate(ims, QUESTIONS, max_new_tokens=6) == expected
+    with pytest.raises(ValueError, match="preprocessing must be one of"):
+        BaseLlava(tiny.model, make_tokenizer(), preprocessing="square")
+    with pytest.raises(TypeError, match=r"images\[1\] must be a PIL image, got str"):
+        base.generate([ims[0], "x.png"], QUESTIONS[:2])
+    with pytest.raises(ValueError, match=r"questions\[0\] must be a non-empty string"):
+        base.generate(ims[:1], [" "])
 
 
 def test_centre_crop_preprocessing(tiny):
