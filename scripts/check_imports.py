@@ -10,6 +10,7 @@ and the layers below it, never one above:
   3  rpn         Stage 2
   4  infer       Stage 3
   5  cli         the command line (and __main__)
+  6  integrations  adapters to other tools (lmms-eval): consumers of the stages, as cli is
   -  synth       the synthetic task may use every layer; no layer may use it
 
 Usage: check_imports.py [PACKAGE_DIR]   (default: python/sdrpn beside this script)
@@ -21,7 +22,7 @@ import ast
 import os
 import sys
 
-LAYERS = {"llava": 1, "labels": 2, "rpn": 3, "infer": 4, "cli": 5, "__main__": 5, "synth": 6}
+LAYERS = {"llava": 1, "labels": 2, "rpn": 3, "infer": 4, "cli": 5, "__main__": 5, "integrations": 6, "synth": 7}
 FOUNDATION = 0
 
 

@@ -6,6 +6,7 @@
 #   SDRPN_VENV=DIR      where the virtual environment lives (default .venv)
 #   SDRPN_CPU_ONLY=1    build the Python extension without CUDA (the default on a machine
 #                       without a GPU: CMake still compiles and links every .cu file)
+#   SDRPN_EVAL=0        leave out the `eval` extra (lmms-eval; its test then skips)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -37,6 +38,25 @@ if [ "$(cat "$req_stamp" 2>/dev/null)" != "$req_hash" ]; then
   "$VENV/bin/python" -m pip install -q --upgrade pip
   "$VENV/bin/python" -m pip install -q -r requirements.txt
   echo "$req_hash" >"$req_stamp"
+fi
+
+# The `eval` extra (lmms-eval, for the lmms-eval model and its test) with requirements.txt
+# as constraints: lmms-eval alone would pull the newest torch and move the pinned packages.
+if [ "${SDRPN_EVAL:-1}" != 0 ]; then
+  eval_reqs=$("$VENV/bin/python" -c 'try:
+    import tomllib
+except ImportError:  # Python 3.10: the copy pip carries
+    from pip._vendor import tomli as tomllib
+with open("pyproject.toml", "rb") as f:
+    print(" ".join(tomllib.load(f)["project"]["optional-dependencies"]["eval"]))')
+  eval_stamp="$VENV/.sdrpn-eval"
+  eval_hash=$(echo "$req_hash $eval_reqs" | sha256sum | cut -d' ' -f1)
+  if [ "$(cat "$eval_stamp" 2>/dev/null)" != "$eval_hash" ]; then
+    log "installing the eval extra: $eval_reqs"
+    # shellcheck disable=SC2086  # one argument per requirement
+    "$VENV/bin/python" -m pip install -q -c requirements.txt $eval_reqs
+    echo "$eval_hash" >"$eval_stamp"
+  fi
 fi
 
 # The Python extension: rebuilt only when a source, the build files or the flags change.
