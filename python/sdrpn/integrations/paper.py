@@ -35,7 +35,7 @@ class PaperTask:
     def score(self, task_results: dict) -> float | None:
         """The task's score in a results file's "results" entry (any filter), scaled."""
         for key, value in task_results.items():
-            if key.split(",")[0] == self.metric and "_stderr" not in key and isinstance(value, (int, float)):
+            if key.split(",")[0] == self.metric and isinstance(value, (int, float)):
                 return value * self.scale
         return None
 
