@@ -151,3 +151,43 @@ def test_base_training_resumes_where_it_stopped(tmp_path):
     tok = first.tok
     x, y = (make_batch(2, cut, tok, first.image_id) for _ in range(2))
     assert torch.equal(x.thumbs, y.thumbs) and x.ids == y.ids and torch.equal(x.crop_cells, y.crop_cells)
+
+
+def test_base_training_vision_stage_leaves_the_language_model_alone(tmp_path):
+    import torch
+
+    from sdrpn.synth.model import TinyLlavaSpec
+    from sdrpn.synth.train_base import BaseTrainConfig, BaseTrainer, make_batch, two_stage_lr
+
+    spec = TinyLlavaSpec(vision_layers=1, text_layers=2, vision_hidden=32, text_hidden=32)
+    cfg = BaseTrainConfig(out=str(tmp_path / "b"), steps=4, encoder_steps=2, batch_size=4, spec=spec)
+    trainer = BaseTrainer(cfg)
+    first = make_batch(0, cfg, trainer.tok, trainer.image_id)
+    assert first.ids == [] and first.views is None and first.crops.shape[0] == 4
+    assert make_batch(2, cfg, trainer.tok, trainer.image_id).ids  # the second stage has prompts
+    text = lambda: {  # noqa: E731
+        k: v.clone() for k, v in trainer.model.named_parameters() if "language_model" in k or "lm_head" in k
+    }
+    vision = lambda: {k: v.clone() for k, v in trainer.model.named_parameters() if "vision_tower" in k}  # noqa: E731
+    text0, vision0 = text(), vision()
+    for step in range(2):
+        row = trainer.step(make_batch(step, cfg, trainer.tok, trainer.image_id))
+        assert row["lm"] == 0
+    assert all(torch.equal(v, text0[k]) for k, v in text().items())
+    assert any(not torch.equal(v, vision0[k]) for k, v in vision().items())
+    row = trainer.step(make_batch(2, cfg, trainer.tok, trainer.image_id))
+    assert row["lm"] > 0 and any(not torch.equal(v, text0[k]) for k, v in text().items())
+    # Each stage warms up from a small rate and decays; the second restarts at its warm-up.
+    assert two_stage_lr(1999, 3000, 2000) < 0.01 and two_stage_lr(2000, 3000, 2000) < 0.1
+    assert two_stage_lr(2033, 3000, 2000) == pytest.approx(1.0, abs=0.01)
+    with pytest.raises(ValueError, match="encoder_steps must be in \\[0, steps=4\\), got 4"):
+        BaseTrainer(BaseTrainConfig(out=str(tmp_path / "c"), steps=4, encoder_steps=4, spec=spec))
+
+
+def test_bf16_autocast_only_where_it_is_native():
+    import torch
+
+    from sdrpn.synth.train_base import native_bf16
+
+    assert native_bf16("cuda") and native_bf16("cuda:1")
+    assert native_bf16("cpu") == torch.ops.mkldnn._is_mkldnn_bf16_supported()

@@ -29,7 +29,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-minutes", type=float, default=None, help="checkpoint and stop after this long; --resume goes on"
     )
     train.add_argument("--resume", action="store_true")
-    train.add_argument("--no-bf16", action="store_true")
+    train.add_argument(
+        "--bf16",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="bf16 autocast (default: on CUDA, or on a CPU with bf16 instructions)",
+    )
+    train.add_argument(
+        "--encoder-steps",
+        type=int,
+        default=0,
+        help="first steps that train the vision side alone, before the language model (default: %(default)s)",
+    )
 
     score = sub.add_parser("eval-base", help="accuracy by question kind: thumbnail, true crop, random crop")
     score.add_argument("--model", required=True)
@@ -81,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
             device=args.device,
             workers=args.workers,
             save_every=args.save_every,
-            bf16=not args.no_bf16,
+            bf16=args.bf16,
+            encoder_steps=args.encoder_steps,
         )
         trainer = BaseTrainer(cfg)
         history = trainer.run(

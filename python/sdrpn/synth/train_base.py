@@ -4,6 +4,13 @@ projected vision tokens (which thumbnail cells hold the tag; which characters a 
 tag shows), and a share of batches that carry a second, zoomed view after the thumbnail,
 mostly around the tag, so that the model learns to read from crop tokens placed where
 SD-RPN places them. Ground-truth boxes train this base model only, never the RPN.
+
+Two stages, as LLaVA's vision tower comes pretrained: the first `encoder_steps` steps train
+the vision tower, projector and auxiliary heads alone (no language model, no second view: a
+step costs about a quarter of a whole one on a CPU), because the language model cannot learn
+to read from crop tokens before the encoder puts the character in them, and the encoder
+starts reading only after tens of thousands of crops. Then everything trains on the VQA
+loss with the auxiliary losses kept.
 """
 
 from __future__ import annotations
@@ -47,12 +54,30 @@ class BaseTrainConfig:
     read_share_zoomed: float = 0.5  # in zoomed batches, the share of code questions (else as drawn)
     tag_pos_weight: float = 8.0
     aux_weight: float = 1.0
-    bf16: bool = True
+    bf16: bool | None = None  # bf16 autocast; None: where the hardware runs it natively
+    encoder_steps: int = 0  # the first steps train the vision side alone (see the module doc)
     device: str = "cpu"
     workers: int = 0  # DataLoader processes making batches (0: in the training loop)
     log_every: int = 50
     save_every: int = 500
     spec: TinyLlavaSpec = field(default_factory=TinyLlavaSpec)
+
+
+def native_bf16(device: str) -> bool:
+    """Whether bf16 autocast is fast here: on CUDA, or on a CPU with bf16 instructions. On an
+    AVX2-only CPU oneDNN has no bf16 kernels and a training step ran 12x slower than float32."""
+    if device.startswith("cuda"):
+        return True
+    return device == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def two_stage_lr(step: int, steps: int, encoder_steps: int) -> float:
+    """The learning-rate factor: linear warm-up and cosine decay within each stage, so the
+    language model starts its stage at the full rate."""
+    start, length = (0, encoder_steps) if step < encoder_steps else (encoder_steps, steps - encoder_steps)
+    s = step - start
+    warmup = max(1, length // 30)
+    return min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, length))))
 
 
 class AuxHeads(nn.Module):
@@ -103,7 +128,7 @@ class Batch:
     views: Tensor | None  # (B, 3, S, S) zoomed second views, or None for a thumbnail-only batch
     crops: Tensor  # (B, 3, S, S) views around the tag, for the code-character loss
     crop_cells: Tensor  # (B, grid*grid) the cells of those views that hold the tag
-    ids: list[list[int]]
+    ids: list[list[int]]  # empty in the vision-only stage
     labels: list[list[int]]
     tags: Tensor  # (B, grid*grid) tag cells
     chars: Tensor  # (B, CODE_LENGTH) code-character classes
@@ -116,17 +141,22 @@ def make_batch(step: int, cfg: BaseTrainConfig, tokenizer, image_token_id: int) 
     grid = size // cfg.spec.patch_size
     rng = random.Random(cfg.seed * 1_000_003 + step)
     seeds = split_seeds("train", (step + 1) * cfg.batch_size)[step * cfg.batch_size :]
-    zoom = rng.random() < cfg.zoom_fraction
+    vision_only = step < cfg.encoder_steps  # no second view and no prompt: nothing reads them
+    zoom = not vision_only and rng.random() < cfg.zoom_fraction
     thumbs, views, crops, crop_cells, ids, labels, tags, chars = [], [], [], [], [], [], [], []
     for seed in seeds:
         # Zoomed batches ask mostly for the code: reading from crop tokens is what they teach.
         s = make_sample(seed, kind="read" if zoom and rng.random() < cfg.read_share_zoomed else None)
         thumbs.append(preprocess_image(s.image, size)[0])
+        tags.append(tag_cells(s.box, s.image.width, grid))
+        chars.append([CODE_CHARS.index(c) for c in s.code])
         # The code-character loss reads the tag's tokens in a view around it, from tight
         # (large glyphs, learnt first) to the scale of the crops taken at answer time.
         crop = zoom_box(s, rng, True, s.image.width, sides=(16, 120))
         crops.append(crop_pixels(s.image, crop, size))
         crop_cells.append(tag_cells(view_coordinates(s.box, crop), crop[2] - crop[0], grid))
+        if vision_only:
+            continue
         n_images = 1
         if zoom:
             views.append(crop_pixels(s.image, zoom_box(s, rng, rng.random() < cfg.zoom_on_tag, s.image.width), size))
@@ -135,8 +165,6 @@ def make_batch(step: int, cfg: BaseTrainConfig, tokenizer, image_token_id: int) 
         answer = tokenizer(s.answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         ids.append(prompt + answer)
         labels.append([IGNORE_INDEX] * len(prompt) + answer)
-        tags.append(tag_cells(s.box, s.image.width, grid))
-        chars.append([CODE_CHARS.index(c) for c in s.code])
     return Batch(
         torch.stack(thumbs),
         torch.stack(views) if views else None,
@@ -181,10 +209,12 @@ class BaseTrainer:
         self.image_id = self.model.config.image_token_id
         self.params = list(self.model.parameters()) + list(self.heads.parameters())
         self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=0.0)
-        warmup = max(1, cfg.steps // 30)
+        if not 0 <= cfg.encoder_steps < cfg.steps:
+            raise ValueError(f"encoder_steps must be in [0, steps={cfg.steps}), got {cfg.encoder_steps}")
         self.sched = torch.optim.lr_scheduler.LambdaLR(
-            self.opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / cfg.steps)))
+            self.opt, lambda s: two_stage_lr(s, cfg.steps, cfg.encoder_steps)
         )
+        self.bf16 = native_bf16(cfg.device) if cfg.bf16 is None else cfg.bf16
         self.done_steps = 0
 
     def _features(self, pixels: Tensor) -> Tensor:
@@ -194,15 +224,12 @@ class BaseTrainer:
 
     def step(self, batch: Batch) -> dict:
         cfg, device = self.cfg, self.cfg.device
-        with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=cfg.bf16):
+        with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=self.bf16):
             thumb_f = self._features(batch.thumbs)
-            image_f = thumb_f if batch.views is None else torch.cat([thumb_f, self._features(batch.views)], 1)
-            input_ids, mask = left_pad(batch.ids, self.tok.pad_token_id, device)
-            label_ids, _ = left_pad(batch.labels, IGNORE_INDEX, device)
-            embeds = self.model.get_input_embeddings()(input_ids)
-            is_image = input_ids == self.image_id
-            embeds = embeds.masked_scatter(is_image[..., None], image_f.reshape(-1, image_f.shape[-1]).to(embeds.dtype))
-            lm = self.model(inputs_embeds=embeds, attention_mask=mask, labels=label_ids).loss
+            if self.done_steps < cfg.encoder_steps:
+                lm = thumb_f.new_zeros(())  # the vision side alone: no language model forward
+            else:
+                lm = self._answer_loss(batch, thumb_f)
             tag_logits = self.heads.tag(thumb_f).squeeze(-1).float()
             tag_loss = F.binary_cross_entropy_with_logits(
                 tag_logits, batch.tags.to(device), pos_weight=torch.tensor(cfg.tag_pos_weight, device=device)
@@ -219,6 +246,16 @@ class BaseTrainer:
         self.opt.zero_grad(set_to_none=True)
         self.done_steps += 1
         return {"loss": loss.detach(), "lm": lm.detach(), "tag": tag_loss.detach(), "chars": char_loss.detach()}
+
+    def _answer_loss(self, batch: Batch, thumb_f: Tensor) -> Tensor:
+        device = self.cfg.device
+        image_f = thumb_f if batch.views is None else torch.cat([thumb_f, self._features(batch.views)], 1)
+        input_ids, mask = left_pad(batch.ids, self.tok.pad_token_id, device)
+        label_ids, _ = left_pad(batch.labels, IGNORE_INDEX, device)
+        embeds = self.model.get_input_embeddings()(input_ids)
+        is_image = input_ids == self.image_id
+        embeds = embeds.masked_scatter(is_image[..., None], image_f.reshape(-1, image_f.shape[-1]).to(embeds.dtype))
+        return self.model(inputs_embeds=embeds, attention_mask=mask, labels=label_ids).loss
 
     def run(self, resume: bool = False, max_seconds: float | None = None) -> list[dict]:
         """Train up to cfg.steps, or until max_seconds pass (checkpointing first); saves the
@@ -302,7 +339,10 @@ class BaseTrainer:
         self.tok.save_pretrained(out)
         heads = {k: v.detach().cpu().contiguous() for k, v in self.heads.state_dict().items()}
         write_atomic(os.path.join(out, "aux_heads.safetensors"), lambda tmp: save_file(heads, tmp))
-        write_json(os.path.join(out, "train_base_config.json"), {**asdict(self.cfg), "steps_done": self.done_steps})
+        write_json(
+            os.path.join(out, "train_base_config.json"),
+            {**asdict(self.cfg), "bf16": self.bf16, "steps_done": self.done_steps},
+        )
 
 
 __all__ = ["Batch", "BaseTrainConfig", "BaseTrainer", "make_batch", "TEMPLATE", "tag_cells", "zoom_box"]
