@@ -40,6 +40,7 @@ class SynthSample:
     kind: str
     box: tuple[int, int, int, int]  # the tag, pixels [x0, y0, x1, y1)
     code: str  # the tag's code, whatever the question
+    colour: str  # the tag's colour, whatever the question
 
     def record(self, image_path: str) -> dict:
         """The LLaVA-format entry; the box is kept for evaluation only."""
@@ -107,7 +108,7 @@ def make_sample(
         question, answer = "How many circles are there?", str(circles)
     else:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    return SynthSample(f"synth-{seed}", image, question, answer, kind, box, code)
+    return SynthSample(f"synth-{seed}", image, question, answer, kind, box, code, tag_colour)
 
 
 def write_dataset(folder: str, split: str, count: int, **kwargs) -> str:

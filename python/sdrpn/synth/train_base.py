@@ -35,7 +35,7 @@ from ..ops import IGNORE_INDEX
 from ..optim_state import load_optimizer_tensors, optimizer_tensors
 from ..progress import show_progress
 from .model import TinyLlavaSpec, build_tiny_llava
-from .task import CODE_CHARS, CODE_LENGTH, SynthSample, make_sample, split_seeds
+from .task import CODE_CHARS, CODE_LENGTH, COLOURS, SynthSample, make_sample, split_seeds
 
 log = logging.getLogger(__name__)
 
@@ -81,12 +81,15 @@ def two_stage_lr(step: int, steps: int, encoder_steps: int) -> float:
 
 
 class AuxHeads(nn.Module):
-    """Per-token "part of the tag" logit, and the code's characters from the mean of a view's tag tokens."""
+    """Per-token "part of the tag" logit; the code's characters from the mean of a view's tag
+    tokens; the tag's colour from the mean of the thumbnail's tag tokens (the colour question
+    stayed at chance without it: nothing made those tokens carry it)."""
 
     def __init__(self, hidden: int):
         super().__init__()
         self.tag = nn.Linear(hidden, 1)
         self.chars = nn.Linear(hidden, CODE_LENGTH * len(CODE_CHARS))
+        self.colour = nn.Linear(hidden, len(COLOURS))
 
 
 def tag_cells(box, image_size: int, grid: int) -> Tensor:
@@ -132,6 +135,7 @@ class Batch:
     labels: list[list[int]]
     tags: Tensor  # (B, grid*grid) tag cells
     chars: Tensor  # (B, CODE_LENGTH) code-character classes
+    colours: Tensor  # (B,) the tag's colour class
 
 
 def make_batch(step: int, cfg: BaseTrainConfig, tokenizer, image_token_id: int) -> Batch:
@@ -143,13 +147,14 @@ def make_batch(step: int, cfg: BaseTrainConfig, tokenizer, image_token_id: int) 
     seeds = split_seeds("train", (step + 1) * cfg.batch_size)[step * cfg.batch_size :]
     vision_only = step < cfg.encoder_steps  # no second view and no prompt: nothing reads them
     zoom = not vision_only and rng.random() < cfg.zoom_fraction
-    thumbs, views, crops, crop_cells, ids, labels, tags, chars = [], [], [], [], [], [], [], []
+    thumbs, views, crops, crop_cells, ids, labels, tags, chars, colours = [], [], [], [], [], [], [], [], []
     for seed in seeds:
         # Zoomed batches ask mostly for the code: reading from crop tokens is what they teach.
         s = make_sample(seed, kind="read" if zoom and rng.random() < cfg.read_share_zoomed else None)
         thumbs.append(preprocess_image(s.image, size)[0])
         tags.append(tag_cells(s.box, s.image.width, grid))
         chars.append([CODE_CHARS.index(c) for c in s.code])
+        colours.append(sorted(COLOURS).index(s.colour))
         # The code-character loss reads the tag's tokens in a view around it, from tight
         # (large glyphs, learnt first) to the scale of the crops taken at answer time.
         crop = zoom_box(s, rng, True, s.image.width, sides=(16, 120))
@@ -174,6 +179,7 @@ def make_batch(step: int, cfg: BaseTrainConfig, tokenizer, image_token_id: int) 
         labels,
         torch.stack(tags),
         torch.tensor(chars),
+        torch.tensor(colours),
     )
 
 
@@ -238,14 +244,23 @@ class BaseTrainer:
             tag_mean = (self._features(batch.crops) * cells).sum(1) / cells.sum(1).clamp_min(1.0)
             char_logits = self.heads.chars(tag_mean).float().view(-1, CODE_LENGTH, len(CODE_CHARS))
             char_loss = F.cross_entropy(char_logits.reshape(-1, len(CODE_CHARS)), batch.chars.to(device).flatten())
-            loss = lm + cfg.aux_weight * (tag_loss + char_loss)
+            tags = batch.tags.to(device)[..., None]
+            thumb_tag_mean = (thumb_f * tags).sum(1) / tags.sum(1).clamp_min(1.0)
+            colour_loss = F.cross_entropy(self.heads.colour(thumb_tag_mean).float(), batch.colours.to(device))
+            loss = lm + cfg.aux_weight * (tag_loss + char_loss + colour_loss)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.params, 1.0)
         self.opt.step()
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
         self.done_steps += 1
-        return {"loss": loss.detach(), "lm": lm.detach(), "tag": tag_loss.detach(), "chars": char_loss.detach()}
+        return {
+            "loss": loss.detach(),
+            "lm": lm.detach(),
+            "tag": tag_loss.detach(),
+            "chars": char_loss.detach(),
+            "colour": colour_loss.detach(),
+        }
 
     def _answer_loss(self, batch: Batch, thumb_f: Tensor) -> Tensor:
         device = self.cfg.device
