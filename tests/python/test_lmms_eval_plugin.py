@@ -9,10 +9,8 @@ import json
 import os
 import subprocess
 import sys
-from contextlib import contextmanager
 
 import pytest
-import torch
 
 # Skipped only where lmms-eval is not installed at all: an installed one that fails to
 # import is a failure.
@@ -29,21 +27,10 @@ from sdrpn.synth.evaluate import answer_with_views  # noqa: E402
 from sdrpn.synth.metrics import accuracy  # noqa: E402
 from sdrpn.synth.pipeline import BASE_MODEL, PipelineConfig, sdrpn_answers  # noqa: E402
 from sdrpn.synth.task import make_sample, split_seeds, write_dataset  # noqa: E402
+from tiny_llava import one_thread  # noqa: E402
 
 TASK_DIR = os.path.join(os.path.dirname(__file__), "lmms_eval_task")
 COUNT, BATCH, MAX_NEW = 24, 8, 12  # MAX_NEW: the task's max_new_tokens
-
-
-@contextmanager
-def one_thread():
-    """The tiny model's ops are too small to gain from a second thread; on a busy machine
-    torch's thread pool costs many times what it gives."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

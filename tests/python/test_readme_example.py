@@ -7,18 +7,16 @@ says why it is not run."""
 
 import os
 import re
-from contextlib import contextmanager
 from types import SimpleNamespace
 
 import pytest
 import torch
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 from attention_samples import make_attention_inputs
 from label_samples import make_label_inputs
 from rpn_samples import make_rpn_inputs
 from sink_samples import make_hidden
-from tiny_llava import BOS, EOS, IMAGE, PAD, TinyLlava, teacher_forced_batch
+from tiny_llava import EOS, make_tiny_llava, one_thread, teacher_forced_batch
 
 README = os.path.join(os.path.dirname(__file__), "..", "..", "README.md")
 MARKER = re.compile(r"<!-- example: ([\w-]+)(?: \((not run: [^)]+)\))? -->\n```python\n(.*?)```", re.S)
@@ -30,18 +28,6 @@ def examples() -> dict[str, str]:
     found = {m.group(1): (m.group(2), m.group(3)) for m in MARKER.finditer(text)}
     assert len(found) == text.count("```python"), "every ```python block in README.md needs an example marker"
     return found
-
-
-@contextmanager
-def one_thread():
-    """The tiny models' ops are too small to gain from a second thread; on a busy machine
-    torch's thread pool costs many times what it gives."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def run(name: str, **names) -> dict:
@@ -129,33 +115,7 @@ def test_ops_example():
 def llava_7b_shaped():
     """LLaVA-1.5-7B's shape where the examples read it (32 heads, the 24x24 grid, layers up
     to the RPN's 15 + 3) at a tiny width, with a batch of [prompt, answer] samples."""
-    torch.manual_seed(0)
-    config = LlavaConfig(
-        vision_config=CLIPVisionConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            image_size=336,
-            patch_size=14,
-        ),
-        text_config=LlamaConfig(
-            vocab_size=64,
-            hidden_size=64,
-            intermediate_size=64,
-            num_hidden_layers=18,
-            num_attention_heads=32,
-            num_key_value_heads=8,
-            max_position_embeddings=1024,
-            pad_token_id=PAD,
-            bos_token_id=BOS,
-            eos_token_id=EOS,
-        ),
-        image_token_index=IMAGE,
-        image_seq_length=576,
-    )
-    config._attn_implementation = "sdpa"
-    tiny = TinyLlava(LlavaForConditionalGeneration(config).eval(), 24, 336)
+    tiny = make_tiny_llava(num_layers=18, grid=24, num_key_value_heads=8, num_attention_heads=32)
     batch = teacher_forced_batch(tiny, [[7, 8, 9], [10, 11]], [[12, EOS], [13, 14, EOS]])
     return tiny.model, batch
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -24,8 +25,25 @@ class TinyLlava:
         return self.grid * self.grid
 
 
+@contextmanager
+def one_thread():
+    """Tiny models' ops are too small to gain from a second thread; on a busy machine torch's
+    thread pool costs many times what it gives."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def make_tiny_llava(
-    num_layers: int = 4, grid: int = 4, seed: int = 0, attn_implementation: str = "sdpa", num_key_value_heads: int = 2
+    num_layers: int = 4,
+    grid: int = 4,
+    seed: int = 0,
+    attn_implementation: str = "sdpa",
+    num_key_value_heads: int = 2,
+    num_attention_heads: int = 4,
 ) -> TinyLlava:
     torch.manual_seed(seed)
     image_size = 14 * grid
@@ -43,7 +61,7 @@ def make_tiny_llava(
             hidden_size=64,
             intermediate_size=128,
             num_hidden_layers=num_layers,
-            num_attention_heads=4,
+            num_attention_heads=num_attention_heads,
             num_key_value_heads=num_key_value_heads,
             max_position_embeddings=512,
             pad_token_id=PAD,
