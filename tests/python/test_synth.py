@@ -191,3 +191,17 @@ def test_bf16_autocast_only_where_it_is_native():
 
     assert native_bf16("cuda") and native_bf16("cuda:1")
     assert native_bf16("cpu") == torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def test_colour_weight_zero_is_the_recipe_without_the_colour_loss(tmp_path):
+    import torch
+
+    from sdrpn.synth.model import TinyLlavaSpec
+    from sdrpn.synth.train_base import BaseTrainConfig, BaseTrainer, make_batch
+
+    spec = TinyLlavaSpec(vision_layers=1, text_layers=2, vision_hidden=32, text_hidden=32)
+    cfg = BaseTrainConfig(out=str(tmp_path / "b"), steps=2, encoder_steps=1, batch_size=4, spec=spec, colour_weight=0)
+    trainer = BaseTrainer(cfg)
+    before = trainer.heads.colour.weight.clone()
+    row = trainer.step(make_batch(0, cfg, trainer.tok, trainer.image_id))
+    assert row["colour"] > 0 and torch.equal(trainer.heads.colour.weight, before)

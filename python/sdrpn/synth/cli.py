@@ -36,6 +36,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="bf16 autocast (default: on CUDA, or on a CPU with bf16 instructions)",
     )
     train.add_argument(
+        "--colour-weight",
+        type=float,
+        default=1.0,
+        help="weight of the tag-colour auxiliary loss; 0 is the shipped model's recipe (default: %(default)s)",
+    )
+    train.add_argument(
         "--encoder-steps",
         type=int,
         default=0,
@@ -94,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
             save_every=args.save_every,
             bf16=args.bf16,
             encoder_steps=args.encoder_steps,
+            colour_weight=args.colour_weight,
         )
         trainer = BaseTrainer(cfg)
         history = trainer.run(

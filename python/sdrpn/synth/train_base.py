@@ -54,6 +54,7 @@ class BaseTrainConfig:
     read_share_zoomed: float = 0.5  # in zoomed batches, the share of code questions (else as drawn)
     tag_pos_weight: float = 8.0
     aux_weight: float = 1.0
+    colour_weight: float = 1.0  # the colour loss's share (0: the recipe before it existed)
     bf16: bool | None = None  # bf16 autocast; None: where the hardware runs it natively
     encoder_steps: int = 0  # the first steps train the vision side alone (see the module doc)
     device: str = "cpu"
@@ -247,7 +248,7 @@ class BaseTrainer:
             tags = batch.tags.to(device)[..., None]
             thumb_tag_mean = (thumb_f * tags).sum(1) / tags.sum(1).clamp_min(1.0)
             colour_loss = F.cross_entropy(self.heads.colour(thumb_tag_mean).float(), batch.colours.to(device))
-            loss = lm + cfg.aux_weight * (tag_loss + char_loss + colour_loss)
+            loss = lm + cfg.aux_weight * (tag_loss + char_loss + cfg.colour_weight * colour_loss)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.params, 1.0)
         self.opt.step()
