@@ -22,12 +22,8 @@ from torch import Tensor, nn
 from transformers import DynamicCache
 
 from .. import ops
-from ..llava.geometry import grid_box_to_pixels, model_grid
+from ..llava.geometry import grid_box_to_pixels
 from ..llava.inputs import (
-    CLIP_MEAN,
-    CLIP_STD,
-    PREPROCESSING_MODES,
-    check_template,
     crop_pixels,
     left_pad,
     pixel_batch,
@@ -35,10 +31,10 @@ from ..llava.inputs import (
     preprocess_image,
     split_prompt_ids,
 )
-from ..llava.loading import model_device, model_dtype, pad_token_id
 from ..llava.probe import EarlyExit, capture_outputs, decoder_layers
 from ..options import RoiOptions
 from ..rpn.model import RegionProposalNetwork
+from .answering import LlavaAnswering
 
 
 def resampled_grid(box_h: int, box_w: int, ratio: float, grid_h: int, grid_w: int) -> tuple[int, int]:
@@ -95,7 +91,7 @@ class _Pass1:
     clock: Stopwatch
 
 
-class SDRPNLlava:
+class SDRPNLlava(LlavaAnswering):
     """LLaVA-1.5 with a trained RPN: ``predict_rois`` and greedy ``generate`` for batches.
 
     The prompt template, the image preprocessing and the RoI options default to what the
@@ -119,49 +115,21 @@ class SDRPNLlava:
             self.roi = roi
         else:
             self.roi = rpn.config.task_roi_options(task) if task else rpn.config.roi_options
-        self.preprocessing = preprocessing or rpn.config.preprocessing
-        if self.preprocessing not in PREPROCESSING_MODES:
-            raise ValueError(f"preprocessing must be one of {PREPROCESSING_MODES}, got {self.preprocessing!r}")
-        self.template = check_template(prompt_template or rpn.config.prompt_template)
-        # A Hugging Face processor or its tokenizer: the images are preprocessed here so that
-        # the boxes can be mapped back, normalised with the processor's mean and std where it
-        # has an image processor (CLIP's otherwise).
-        tokenizer = getattr(processor, "tokenizer", processor)
-        image_processor = getattr(processor, "image_processor", None)
-        self.mean = tuple(getattr(image_processor, "image_mean", None) or CLIP_MEAN)
-        self.std = tuple(getattr(image_processor, "image_std", None) or CLIP_STD)
-        self.model, self.tokenizer, self.rpn = model.eval(), tokenizer, rpn.eval()
-        self.size = model.config.vision_config.image_size
-        self.grid_h, self.grid_w = model_grid(model.config)
-        self.num_cells = self.grid_h * self.grid_w
-        self.image_token_id = model.config.image_token_id
+        super().__init__(
+            model,
+            processor,
+            prompt_template=prompt_template or rpn.config.prompt_template,
+            preprocessing=preprocessing or rpn.config.preprocessing,
+        )
+        self.rpn = rpn.eval()
         self.branch = rpn.config.branch_layer
-        self.eos_id = tokenizer.eos_token_id
-        self.pad_id = pad_token_id(tokenizer)
-
-    @property
-    def device(self) -> torch.device:
-        return model_device(self.model)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return model_dtype(self.model)
+        self.eos_id = self.tokenizer.eos_token_id
 
     # ---- inputs ---------------------------------------------------------------------------
     def _split_prompt(self, question: str) -> tuple[list[int], list[int]]:
         if not isinstance(question, str) or not question.strip():
             raise ValueError(f"question must be a non-empty string, got {question!r}")
         return split_prompt_ids(self.tokenizer, question, self.image_token_id, self.num_cells, self.template)
-
-    def _images(self, images) -> list[Image.Image]:
-        out = []
-        for i, image in enumerate(images):
-            if not isinstance(image, Image.Image):
-                raise TypeError(f"images[{i}] must be a PIL image, got {type(image).__name__}")
-            if image.width < 1 or image.height < 1:
-                raise ValueError(f"images[{i}] must be at least 1x1 pixels, got {image.width}x{image.height}")
-            out.append(image.convert("RGB"))
-        return out
 
     # ---- pass 1 ---------------------------------------------------------------------------
     @torch.no_grad()

@@ -1,0 +1,52 @@
+"""What every answerer of (image, question) batches shares: the processor's tokenizer and
+normalisation, the prompt template, the image preprocessing, and the checks on images."""
+
+from __future__ import annotations
+
+import torch
+from PIL import Image
+from torch import nn
+
+from ..llava.geometry import model_grid
+from ..llava.inputs import CLIP_MEAN, CLIP_STD, PREPROCESSING_MODES, check_template
+from ..llava.loading import model_device, model_dtype, pad_token_id
+
+
+class LlavaAnswering:
+    """``processor`` is a Hugging Face processor or its tokenizer: the images are preprocessed
+    here (so that boxes map back), normalised with the processor's mean and std where it has
+    an image processor (CLIP's otherwise)."""
+
+    def __init__(self, model: nn.Module, processor, *, prompt_template: str, preprocessing: str):
+        if preprocessing not in PREPROCESSING_MODES:
+            raise ValueError(f"preprocessing must be one of {PREPROCESSING_MODES}, got {preprocessing!r}")
+        self.preprocessing = preprocessing
+        self.template = check_template(prompt_template)
+        tokenizer = getattr(processor, "tokenizer", processor)
+        image_processor = getattr(processor, "image_processor", None)
+        self.mean = tuple(getattr(image_processor, "image_mean", None) or CLIP_MEAN)
+        self.std = tuple(getattr(image_processor, "image_std", None) or CLIP_STD)
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.size = model.config.vision_config.image_size
+        self.grid_h, self.grid_w = model_grid(model.config)
+        self.num_cells = self.grid_h * self.grid_w
+        self.image_token_id = model.config.image_token_id
+        self.pad_id = pad_token_id(tokenizer)
+
+    @property
+    def device(self) -> torch.device:
+        return model_device(self.model)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return model_dtype(self.model)
+
+    def _images(self, images) -> list[Image.Image]:
+        out = []
+        for i, image in enumerate(images):
+            if not isinstance(image, Image.Image):
+                raise TypeError(f"images[{i}] must be a PIL image, got {type(image).__name__}")
+            if image.width < 1 or image.height < 1:
+                raise ValueError(f"images[{i}] must be at least 1x1 pixels, got {image.width}x{image.height}")
+            out.append(image.convert("RGB"))
+        return out
