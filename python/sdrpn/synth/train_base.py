@@ -104,6 +104,12 @@ def tag_cells(box, image_size: int, grid: int) -> Tensor:
     return out.flatten()
 
 
+def masked_mean(features: Tensor, cells: Tensor) -> Tensor:
+    """(B, N, D) features averaged over the cells where cells (B, N) is 1: a view's tag tokens."""
+    cells = cells[..., None]
+    return (features * cells).sum(1) / cells.sum(1).clamp_min(1.0)
+
+
 def view_coordinates(box, view) -> tuple[float, float, float, float]:
     """box [x0, y0, x1, y1) in the pixels of view (a crop [vx0, vy0, vx1, vy1) of the same image)."""
     return box[0] - view[0], box[1] - view[1], box[2] - view[0], box[3] - view[1]
@@ -237,17 +243,16 @@ class BaseTrainer:
                 lm = thumb_f.new_zeros(())  # the vision side alone: no language model forward
             else:
                 lm = self._answer_loss(batch, thumb_f)
+            tags = batch.tags.to(device)
             tag_logits = self.heads.tag(thumb_f).squeeze(-1).float()
             tag_loss = F.binary_cross_entropy_with_logits(
-                tag_logits, batch.tags.to(device), pos_weight=torch.tensor(cfg.tag_pos_weight, device=device)
+                tag_logits, tags, pos_weight=torch.tensor(cfg.tag_pos_weight, device=device)
             )
-            cells = batch.crop_cells.to(device)[..., None]
-            tag_mean = (self._features(batch.crops) * cells).sum(1) / cells.sum(1).clamp_min(1.0)
-            char_logits = self.heads.chars(tag_mean).float().view(-1, CODE_LENGTH, len(CODE_CHARS))
+            crop_tag_mean = masked_mean(self._features(batch.crops), batch.crop_cells.to(device))
+            char_logits = self.heads.chars(crop_tag_mean).float().view(-1, CODE_LENGTH, len(CODE_CHARS))
             char_loss = F.cross_entropy(char_logits.reshape(-1, len(CODE_CHARS)), batch.chars.to(device).flatten())
-            tags = batch.tags.to(device)[..., None]
-            thumb_tag_mean = (thumb_f * tags).sum(1) / tags.sum(1).clamp_min(1.0)
-            colour_loss = F.cross_entropy(self.heads.colour(thumb_tag_mean).float(), batch.colours.to(device))
+            colour_logits = self.heads.colour(masked_mean(thumb_f, tags)).float()
+            colour_loss = F.cross_entropy(colour_logits, batch.colours.to(device))
             loss = lm + cfg.aux_weight * (tag_loss + char_loss + cfg.colour_weight * colour_loss)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.params, 1.0)
