@@ -98,9 +98,10 @@ def test_metrics():
 
 
 def test_base_training_learns_and_evaluates(tmp_path):
-    from sdrpn.synth.evaluate import accuracy_table, cell_box, view_box
+    from sdrpn.synth.cells import cell_box, tag_cells
+    from sdrpn.synth.evaluate import accuracy_table, view_box
     from sdrpn.synth.model import TinyLlavaSpec
-    from sdrpn.synth.train_base import BaseTrainConfig, BaseTrainer, tag_cells
+    from sdrpn.synth.train_base import BaseTrainConfig, BaseTrainer
 
     spec = TinyLlavaSpec(vision_layers=2, text_layers=3)
     cfg = BaseTrainConfig(out=str(tmp_path / "base"), steps=40, batch_size=8, lr=2e-3, spec=spec, zoom_fraction=0.5)
@@ -205,3 +206,82 @@ def test_colour_weight_zero_is_the_recipe_without_the_colour_loss(tmp_path):
     before = trainer.heads.colour.weight.clone()
     row = trainer.step(make_batch(0, cfg, trainer.tok, trainer.image_id))
     assert row["colour"] > 0 and torch.equal(trainer.heads.colour.weight, before)
+
+
+def test_cells_of_stretched_crops_and_the_crops_an_rpn_takes():
+    import random
+
+    import torch
+
+    from sdrpn.synth.cells import cell_box, grown_cell_box, tag_cells, view_coordinates
+
+    # A 56x112 crop stretched to the square: a cell is 7 px wide and 14 px high.
+    cells = tag_cells(view_coordinates((20, 30, 30, 40), (0, 0, 56, 112)), 56, 8, 112).view(8, 8)
+    assert cells.nonzero().tolist() == [[2, 2], [2, 3], [2, 4]]
+    assert torch.equal(tag_cells((0, 0, 57, 10), 448, 8), tag_cells((0, 0, 57, 10), 448, 8, 448))
+    rng = random.Random(0)
+    seen = set()
+    for seed in range(200):
+        box = make_sample(seed).box
+        exact = cell_box(box, 448, 8)
+        g = grown_cell_box(box, 448, 8, rng)
+        assert all(v % 56 == 0 for v in g) and 0 <= g[0] and g[2] <= 448 and 0 <= g[1] and g[3] <= 448
+        assert g[0] <= exact[0] and g[1] <= exact[1] and g[2] >= exact[2] and g[3] >= exact[3]
+        assert exact[0] - g[0] <= 56 and g[2] - exact[2] <= 56
+        seen.add(g == exact)
+    assert seen == {True, False}  # exact crops and a cell too wide both occur
+    assert grown_cell_box((60, 60, 70, 70), 448, 8, rng, grow=0.0) == (56, 56, 112, 112)
+
+
+def test_cell_views_cut_crops_on_the_grid_and_mark_the_tag_cells(tmp_path):
+
+    from sdrpn.synth.cells import tag_cells
+    from sdrpn.synth.model import TinyLlavaSpec
+    from sdrpn.synth.train_base import BaseTrainConfig, BaseTrainer, make_batch
+
+    spec = TinyLlavaSpec(vision_layers=1, text_layers=2, vision_hidden=32, text_hidden=32)
+    plain = BaseTrainConfig(out="x", batch_size=4, spec=spec, zoom_fraction=1.0)
+    trainer = BaseTrainer(plain)
+    tok, image_id = trainer.tok, trainer.image_id
+    assert make_batch(0, plain, tok, image_id).views is not None
+    cells = BaseTrainConfig(out="x", batch_size=4, spec=spec, zoom_fraction=1.0, cell_views=1.0, zoom_on_tag=1.0)
+    batch = make_batch(0, cells, tok, image_id)
+    assert batch.views is not None and batch.views.shape == batch.crops.shape
+    # Every tag-cell mask of a cell-aligned crop holds the tag and is a rectangle of cells.
+    for mask in batch.crop_cells.view(-1, 8, 8):
+        rows, cols = mask.nonzero()[:, 0], mask.nonzero()[:, 1]
+        assert mask.sum() == (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1) > 0
+    assert tag_cells((0, 0, 1, 1), 56, 8, 112).sum() == 1
+    with pytest.raises(ValueError, match="cell_views must be in \\[0, 1\\], got 1.5"):
+        BaseTrainer(BaseTrainConfig(out="x", spec=spec, cell_views=1.5))
+
+
+def test_a_later_stage_starts_from_a_trained_model_and_reads_through_the_lm(tmp_path):
+    import torch
+
+    from sdrpn.synth.model import TinyLlavaSpec
+    from sdrpn.synth.train_base import BaseTrainConfig, BaseTrainer, make_batch
+
+    spec = TinyLlavaSpec(vision_layers=1, text_layers=2, vision_hidden=32, text_hidden=32)
+    first = BaseTrainer(BaseTrainConfig(out=str(tmp_path / "a"), steps=2, batch_size=4, spec=spec, bf16=False))
+    first.run()
+    cfg = BaseTrainConfig(
+        out=str(tmp_path / "b"), steps=2, batch_size=4, spec=spec, bf16=False, init=str(tmp_path / "a"), char_head="lm"
+    )
+    second = BaseTrainer(cfg)
+    for (k, v), w in zip(first.model.state_dict().items(), second.model.state_dict().values()):
+        assert torch.equal(v, w), k
+    assert torch.equal(first.heads.tag.weight, second.heads.tag.weight)
+    lm_head = second.model.lm_head.weight.clone()
+    chars = second.heads.chars.weight.clone()
+    second.step(make_batch(0, cfg, second.tok, second.image_id))
+    # The character loss trains the LM's output rows and leaves the linear head alone.
+    assert not torch.equal(second.model.lm_head.weight, lm_head)
+    assert torch.equal(second.heads.chars.weight, chars)
+    other = TinyLlavaSpec(vision_layers=1, text_layers=3, vision_hidden=32, text_hidden=32)
+    with pytest.raises(ValueError, match="has spec .* but this run's spec is"):
+        BaseTrainer(BaseTrainConfig(out="x", spec=other, init=str(tmp_path / "a")))
+    with pytest.raises(FileNotFoundError, match="init must be a trained base model's folder"):
+        BaseTrainer(BaseTrainConfig(out="x", spec=spec, init=str(tmp_path / "missing")))
+    with pytest.raises(ValueError, match="char_head must be 'linear' or 'lm', got 'mlp'"):
+        BaseTrainer(BaseTrainConfig(out="x", spec=spec, char_head="mlp"))

@@ -127,6 +127,11 @@ def test_markdown_reports_the_gain():
     text = markdown({"accuracy": acc, "localisation": loc, "test_samples": 10, "config": {"train_count": 5}}, "t", None)
     assert "+75.0 points over the base model, 10.0 points under the ground-truth crop" in text
     assert "| **SD-RPN** (the crop mode its RPN folder records) | 80.0 | 100.0 | 100.0 | 50.0 | 80.0 |" in text
+    assert "Questions per kind" not in text  # an older metrics.json without the counts
+    questions = {"colour": 26, "count": 25, "read": 25, "where": 24}
+    text = markdown({"accuracy": acc, "localisation": loc, "test_samples": 100, "questions": questions}, "t", None)
+    assert "Questions per kind: colour 26, count 25, read 25, where 24. With 24 questions" in text
+    assert "standard error is at most 10.2 points" in text
 
 
 def test_shipped_base_model_loads_with_its_preset():

@@ -12,7 +12,8 @@ from ..llava.inputs import left_pad, preprocess_image, prompt_token_ids
 from ..llava.loading import model_device, pad_token_id
 from ..llava.maps import TeacherForcedBatch, attention_maps
 from ..llava.presets import HeadSelection, LlavaPreset
-from .train_base import TEMPLATE, tag_cells
+from .cells import tag_cells
+from .train_base import TEMPLATE
 
 
 def teacher_forced_batch(model, tokenizer, samples, device) -> TeacherForcedBatch:

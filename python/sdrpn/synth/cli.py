@@ -47,6 +47,27 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="first steps that train the vision side alone, before the language model (default: %(default)s)",
     )
+    train.add_argument(
+        "--init", default=None, help="start from this trained base model's weights (a later stage; default: random)"
+    )
+    train.add_argument("--zoom-fraction", type=float, default=0.4, help="share of batches with a zoomed second view")
+    train.add_argument("--zoom-on-tag", type=float, default=0.7, help="share of zoomed views that hold the tag")
+    train.add_argument("--read-share-zoomed", type=float, default=0.5, help="share of code questions in zoomed batches")
+    train.add_argument(
+        "--cell-views",
+        type=float,
+        default=0.0,
+        help="share of views on the tag cut as SD-RPN cuts crops, on the encoder's grid cells (default: %(default)s)",
+    )
+    train.add_argument(
+        "--char-head",
+        choices=["linear", "lm"],
+        default="linear",
+        help="the code-character loss through its own linear head, or through the LM's output layer",
+    )
+    train.add_argument(
+        "--crop-tag-weight", type=float, default=0.0, help="weight of the tag-cell loss on crop views (default: 0)"
+    )
 
     score = sub.add_parser("eval-base", help="accuracy by question kind: thumbnail, true crop, random crop")
     score.add_argument("--model", required=True)
@@ -101,6 +122,13 @@ def main(argv: list[str] | None = None) -> int:
             bf16=args.bf16,
             encoder_steps=args.encoder_steps,
             colour_weight=args.colour_weight,
+            init=args.init,
+            zoom_fraction=args.zoom_fraction,
+            zoom_on_tag=args.zoom_on_tag,
+            read_share_zoomed=args.read_share_zoomed,
+            cell_views=args.cell_views,
+            char_head=args.char_head,
+            crop_tag_weight=args.crop_tag_weight,
         )
         trainer = BaseTrainer(cfg)
         history = trainer.run(

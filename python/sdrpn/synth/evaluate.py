@@ -6,7 +6,6 @@ the crop SD-RPN takes when its RPN finds the target exactly."""
 
 from __future__ import annotations
 
-import math
 import random
 
 import torch
@@ -14,18 +13,10 @@ import torch
 from ..llava.geometry import model_grid
 from ..llava.inputs import crop_pixels, left_pad, preprocess_image, prompt_token_ids
 from ..llava.loading import model_device, model_dtype, pad_token_id
+from .cells import cell_box
 from .metrics import accuracy_by_kind
 from .task import make_sample, split_seeds
 from .train_base import TEMPLATE
-
-
-def cell_box(box, size: int, grid: int) -> tuple[int, int, int, int]:
-    """The cells of the encoder's grid that the box overlaps, in source pixels: the crop an
-    RPN that found the target exactly would take (the ground-truth crop)."""
-    cell = size / grid
-    x0, y0 = int(box[0] // cell), int(box[1] // cell)
-    x1, y1 = min(grid, math.ceil(box[2] / cell)), min(grid, math.ceil(box[3] / cell))
-    return round(x0 * cell), round(y0 * cell), round(x1 * cell), round(y1 * cell)
 
 
 def view_box(sample, views: str, grid: int, rng: random.Random) -> tuple[int, int, int, int] | None:

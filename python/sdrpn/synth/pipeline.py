@@ -29,7 +29,8 @@ from ..llava.presets import resolve_preset
 from ..rpn.model import RegionProposalNetwork
 from ..rpn.train import RPNTrainer, TrainConfig
 from .attention_check import layer_localisation
-from .evaluate import answer_with_views, cell_box
+from .cells import cell_box
+from .evaluate import answer_with_views
 from .metrics import accuracy_by_kind, box_iou, hit
 from .task import make_sample, split_seeds, write_dataset
 

@@ -5,6 +5,7 @@ labels, the RPN's map and boxes, the crop, and the answers)."""
 from __future__ import annotations
 
 import os
+from collections import Counter
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -34,9 +35,22 @@ def metrics_payload(result: dict) -> dict:
         "localisation": result["localisation"],
         "label_summary": result.get("label_summary", {}),
         "test_samples": len(result["samples"]),
+        "questions": dict(sorted(Counter(s.kind for s in result["samples"]).items())),
         "config": result.get("config", {}),
         "base_model": result.get("base_model", {}),
     }
+
+
+def spread_note(questions: dict) -> str:
+    """How far one accuracy of the table moves by chance at this test-set size: the binomial
+    standard error at p = 0.5, its largest, for the fewest questions of a kind."""
+    counts = ", ".join(f"{k} {n}" for k, n in questions.items())
+    fewest = min(questions.values())
+    return (
+        f"Questions per kind: {counts}. With {fewest} questions an accuracy's standard error is at "
+        f"most {50 / fewest**0.5:.1f} points (binomial, p = 0.5): differences between settings "
+        "smaller than about twice that are within chance."
+    )
 
 
 def _pct(v: float) -> str:
@@ -66,6 +80,8 @@ def markdown(metrics: dict, title: str, examples_png: str | None) -> str:
             f"Reading the tag: SD-RPN {gain * 100:+.1f} points over the base model, "
             f"{gap * 100:.1f} points under the ground-truth crop.",
         ]
+    if metrics.get("questions"):
+        lines += ["", spread_note(metrics["questions"])]
     lines += [
         "",
         "Localisation on the same images (a box per sample; IoU with the target's grid "
