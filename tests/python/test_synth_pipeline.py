@@ -29,6 +29,9 @@ def test_label_box_and_localisation_scores():
     scores = localisation([[exact], [], [far]], [s, s, s], 8)
     assert scores["iou_cells"] == pytest.approx(1 / 3, abs=1e-3)
     assert scores["hit_rate"] == pytest.approx(1 / 3, abs=1e-3) and scores["no_box"] == pytest.approx(1 / 3, abs=1e-3)
+    read, count = make_sample(1, kind="read"), make_sample(1, kind="count")
+    assert localisation([[exact], [far], [far]], [read, count, read], 8)["hit_rate_read"] == 0.5
+    assert localisation([[exact]], [count], 8)["hit_rate_read"] == 0.0  # no code question: nothing hit
     table = accuracy_by_kind(
         [make_sample(1, kind="read"), make_sample(2, kind="count")], [make_sample(1, kind="read").answer, "nine"]
     )

@@ -141,7 +141,9 @@ def label_box_pixels(labels: torch.Tensor, grid: int, width: int, height: int, s
 
 def localisation(boxes_per_sample: list[list], samples, grid: int) -> dict:
     """IoU with the target's cells (the best a grid box can do) and with the target itself,
-    and the hit rate (some box holds the whole target); no box counts as a miss."""
+    and the hit rate (some box holds the whole target), over every question and over the
+    code questions alone (the others may rightly look elsewhere: count asks for circles);
+    no box counts as a miss."""
     ious_cells, ious, hits, empty = [], [], [], 0
     for boxes, s in zip(boxes_per_sample, samples):
         target_cells = cell_box(s.box, s.image.width, grid)
@@ -150,10 +152,12 @@ def localisation(boxes_per_sample: list[list], samples, grid: int) -> dict:
         ious.append(max((box_iou(b, s.box) for b in boxes), default=0.0))
         hits.append(hit(boxes, s.box))
     n = max(1, len(samples))
+    reads = sum(s.kind == "read" for s in samples)
     return {
         "iou_cells": round(sum(ious_cells) / n, 3),
         "iou_target": round(sum(ious) / n, 3),
         "hit_rate": round(sum(hits) / n, 3),
+        "hit_rate_read": round(sum(h for h, s in zip(hits, samples) if s.kind == "read") / max(1, reads), 3),
         "no_box": round(empty / n, 3),
     }
 

@@ -86,15 +86,16 @@ def markdown(metrics: dict, title: str, examples_png: str | None) -> str:
         "",
         "Localisation on the same images (a box per sample; IoU with the target's grid "
         "cells, which is the best a grid box can reach, and with the target itself; hit = a box "
-        "holds the whole target):",
+        "holds the whole target; on code questions alone, the ones the crop is for):",
         "",
-        "| boxes from | IoU (cells) | IoU (target) | hit rate | no box |",
-        "|---|---:|---:|---:|---:|",
+        "| boxes from | IoU (cells) | IoU (target) | hit rate | hit rate, code questions | no box |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for name, row in loc.items():
+        read_hits = _pct(row["hit_rate_read"]) if "hit_rate_read" in row else "-"
         lines.append(
             f"| {name} | {row['iou_cells']:.3f} | {row['iou_target']:.3f} | "
-            f"{_pct(row['hit_rate'])} | {_pct(row['no_box'])} |"
+            f"{_pct(row['hit_rate'])} | {read_hits} | {_pct(row['no_box'])} |"
         )
     base = metrics.get("base_model") or {}
     if base.get("layers"):
