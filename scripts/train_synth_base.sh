@@ -13,9 +13,9 @@
 # schedule's end moved; steps before 1000 had a slightly lower learning rate than a run
 # started with 5500).
 # Stage 2, reading from crops: 6500 steps from stage 1's weights (float32, 70 minutes on 2
-# AVX2 cores; both stages together stay under 2.5 hours there), 60% of batches with a second view, 90% of those on the tag and half of
-# those cut on the encoder's grid cells as SD-RPN cuts its crops, 80% code questions in
-# them; the code-character loss reads through the language model's output layer, the
+# AVX2 cores; both stages together stay under 2.5 hours there), 60% of batches with a second
+# view, 90% of those on the tag and half of those cut on the encoder's grid cells as SD-RPN
+# cuts its crops, 80% code questions in them; the code-character loss reads through the language model's output layer, the
 # tag-cell loss also marks the tag in crops, and the colour loss is on.
 # On a GPU pass --device cuda --workers 12 (minutes). The preset comes from
 # `python -m sdrpn.synth inspect`: the layer whose answer attention has its argmax on the tag

@@ -234,7 +234,6 @@ def test_cells_of_stretched_crops_and_the_crops_an_rpn_takes():
 
 
 def test_cell_views_cut_crops_on_the_grid_and_mark_the_tag_cells(tmp_path):
-
     from sdrpn.synth.cells import tag_cells
     from sdrpn.synth.model import TinyLlavaSpec
     from sdrpn.synth.train_base import BaseTrainConfig, BaseTrainer, make_batch

@@ -11,36 +11,47 @@ import torch
 from torch import Tensor
 
 
+def cell_span(box, grid: int, width: float, height: float | None = None) -> tuple[int, int, int, int]:
+    """The cells [c0, r0, c1, r1) of the encoder's grid over a width x height image (square
+    when height is None) that the box [x0, y0, x1, y1) overlaps, clipped to the grid."""
+    cw, ch = width / grid, (height or width) / grid
+    x0, y0, x1, y1 = box
+    return (
+        max(0, int(x0 // cw)),
+        max(0, int(y0 // ch)),
+        min(grid, math.ceil(x1 / cw)),
+        min(grid, math.ceil(y1 / ch)),
+    )
+
+
 def tag_cells(box, width: int, grid: int, height: int | None = None) -> Tensor:
     """(grid*grid,) 1.0 on the cells of a width x height image (square when height is None),
-    seen through the encoder's grid, that the box [x0, y0, x1, y1) overlaps. A non-square
-    image is stretched to the encoder's square, so its cells are non-square too."""
-    cw, ch = width / grid, (height or width) / grid
+    seen through the encoder's grid, that the box overlaps. A non-square image is stretched to
+    the encoder's square, so its cells are non-square too."""
+    c0, r0, c1, r1 = cell_span(box, grid, width, height)
     out = torch.zeros(grid, grid)
-    x0, y0, x1, y1 = box
-    rows = slice(max(0, int(y0 // ch)), min(grid, int(math.ceil(y1 / ch))))
-    cols = slice(max(0, int(x0 // cw)), min(grid, int(math.ceil(x1 / cw))))
-    out[rows, cols] = 1.0
+    out[r0:r1, c0:c1] = 1.0
     return out.flatten()
+
+
+def _pixels(span, size: int, grid: int) -> tuple[int, int, int, int]:
+    cell = size / grid
+    return tuple(round(v * cell) for v in span)
 
 
 def cell_box(box, size: int, grid: int) -> tuple[int, int, int, int]:
     """The cells of the encoder's grid over a size x size image that the box overlaps, in
     source pixels: the crop an RPN that found the target exactly would take."""
-    cell = size / grid
-    x0, y0 = int(box[0] // cell), int(box[1] // cell)
-    x1, y1 = min(grid, math.ceil(box[2] / cell)), min(grid, math.ceil(box[3] / cell))
-    return round(x0 * cell), round(y0 * cell), round(x1 * cell), round(y1 * cell)
+    return _pixels(cell_span(box, grid, size), size, grid)
 
 
 def grown_cell_box(box, size: int, grid: int, rng: random.Random, grow: float = 0.25) -> tuple[int, int, int, int]:
     """cell_box with each side moved out by one cell (inside the image) with probability
     grow: the crops an RPN takes around a target, exact or a cell too wide."""
-    cell = size / grid
-    x0, y0, x1, y1 = (round(v / cell) for v in cell_box(box, size, grid))
+    x0, y0, x1, y1 = cell_span(box, grid, size)
     x0, y0 = max(0, x0 - (rng.random() < grow)), max(0, y0 - (rng.random() < grow))
     x1, y1 = min(grid, x1 + (rng.random() < grow)), min(grid, y1 + (rng.random() < grow))
-    return round(x0 * cell), round(y0 * cell), round(x1 * cell), round(y1 * cell)
+    return _pixels((x0, y0, x1, y1), size, grid)
 
 
 def view_coordinates(box, view) -> tuple[float, float, float, float]:
@@ -48,4 +59,4 @@ def view_coordinates(box, view) -> tuple[float, float, float, float]:
     return box[0] - view[0], box[1] - view[1], box[2] - view[0], box[3] - view[1]
 
 
-__all__ = ["cell_box", "grown_cell_box", "tag_cells", "view_coordinates"]
+__all__ = ["cell_box", "cell_span", "grown_cell_box", "tag_cells", "view_coordinates"]

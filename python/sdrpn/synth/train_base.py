@@ -42,6 +42,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..io_utils import read_json, write_atomic, write_json
 from ..llava.inputs import crop_pixels, left_pad, preprocess_image, prompt_token_ids
+from ..llava.loading import load_llava
 from ..ops import IGNORE_INDEX
 from ..optim_state import load_optimizer_tensors, optimizer_tensors
 from ..progress import show_progress
@@ -138,8 +139,8 @@ def tag_view(
     """A view holding the tag: with probability cfg.cell_views the crop SD-RPN takes (the
     tag's cells of the encoder grid, a side sometimes a cell wider; about 30% of ground-truth
     crops are 1x2 or 2x1 cells, stretched when they reach the encoder's square), else a
-    square zoom_box. Answer-time crops are cell-aligned, and a model trained on square views alone
-    read the tag from 1x1-cell ground-truth crops at 36% and from stretched ones at 15%."""
+    square zoom_box. Answer-time crops are cell-aligned, and a model trained on square views
+    alone read the tag from 1x1-cell ground-truth crops at 36% and from stretched ones at 15%."""
     if cfg.cell_views and rng.random() < cfg.cell_views:  # no draw at 0: earlier recipes' batches stay
         return grown_cell_box(sample.box, sample.image.width, grid, rng)
     return zoom_box(sample, rng, True, sample.image.width, sides)
@@ -260,9 +261,7 @@ class BaseTrainer:
         folder has them): the start of a later stage."""
         if not os.path.exists(os.path.join(folder, "config.json")):
             raise FileNotFoundError(f"init must be a trained base model's folder, got {folder!r} (no config.json)")
-        from transformers import LlavaForConditionalGeneration
-
-        src = LlavaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32)
+        src, _ = load_llava(folder, "fp32")
         spec = getattr(src.config, "sdrpn_spec", None)
         if spec != asdict(self.cfg.spec):
             raise ValueError(f"init {folder!r} has spec {spec}, but this run's spec is {asdict(self.cfg.spec)}")
@@ -413,9 +412,10 @@ class BaseTrainer:
         heads = {k: v.detach().cpu().contiguous() for k, v in self.heads.state_dict().items()}
         write_atomic(os.path.join(out, "aux_heads.safetensors"), lambda tmp: save_file(heads, tmp))
         record = {**asdict(self.cfg), "bf16": self.bf16, "steps_done": self.done_steps}
-        before = os.path.join(self.cfg.init or "", "train_base_config.json")
-        if self.cfg.init and os.path.exists(before):  # the stage this one started from, and its own
-            record["init_record"] = read_json(before)
+        if self.cfg.init:  # the record of the stage this one started from, where it has one
+            before = os.path.join(self.cfg.init, "train_base_config.json")
+            if os.path.exists(before):
+                record["init_record"] = read_json(before)
         write_json(os.path.join(out, "train_base_config.json"), record)
 
 
