@@ -5,7 +5,7 @@ import pytest
 
 from sdrpn.llava.data import parse_entry
 from sdrpn.synth import COLOURS, make_char_tokenizer, make_sample, split_seeds, write_dataset
-from sdrpn.synth.task import KINDS
+from sdrpn.synth.task import KINDS, TAG_CLEARANCE
 
 
 def test_same_seed_same_sample():
@@ -31,6 +31,30 @@ def test_every_kind_and_the_tag_lies_in_its_box(kind):
         if kind == "where":
             assert s.answer in {"top left", "top right", "bottom left", "bottom right"}
     assert len(make_sample(3, code_length=3).code) == 3
+
+
+def _clutter_within(sample, pixels: int) -> bool:
+    """Whether a clutter shape's colour lies within `pixels` of the tag's box."""
+    x0, y0, x1, y1 = sample.box
+    wx0, wy0 = max(0, x0 - pixels), max(0, y0 - pixels)
+    window = np.asarray(sample.image)[wy0 : y1 + pixels, wx0 : x1 + pixels].astype(int)
+    palette = np.array(list(COLOURS.values()))
+    coloured = (np.abs(window[..., None, :] - palette).sum(-1) < 40).any(-1)
+    coloured[y0 - wy0 : y1 - wy0, x0 - wx0 : x1 - wx0] = False  # the tag itself
+    return bool(coloured.any())
+
+
+def test_the_tag_keeps_clear_of_clutter_and_the_questions_stay():
+    near = 0
+    for seed in range(60):
+        clear, anywhere = make_sample(seed), make_sample(seed, tag_clearance=0)
+        assert not _clutter_within(clear, TAG_CLEARANCE)
+        near += _clutter_within(anywhere, 8)
+        # Only the tag moves: the same question kind, code, colour and circles.
+        assert (clear.kind, clear.code, clear.colour) == (anywhere.kind, anywhere.code, anywhere.colour)
+        if clear.kind != "where":
+            assert (clear.question, clear.answer) == (anywhere.question, anywhere.answer)
+    assert near >= 3  # at clearance 0 some tags sit on or beside a shape
 
 
 def test_splits_are_disjoint():
@@ -234,6 +258,8 @@ def test_cells_of_stretched_crops_and_the_crops_an_rpn_takes():
 
 
 def test_cell_views_cut_crops_on_the_grid_and_mark_the_tag_cells(tmp_path):
+    import torch
+
     from sdrpn.synth.cells import tag_cells
     from sdrpn.synth.model import TinyLlavaSpec
     from sdrpn.synth.train_base import BaseTrainConfig, BaseTrainer, make_batch
@@ -253,6 +279,12 @@ def test_cell_views_cut_crops_on_the_grid_and_mark_the_tag_cells(tmp_path):
     assert tag_cells((0, 0, 1, 1), 56, 8, 112).sum() == 1
     with pytest.raises(ValueError, match="cell_views must be in \\[0, 1\\], got 1.5"):
         BaseTrainer(BaseTrainConfig(out="x", spec=spec, cell_views=1.5))
+    # The training images follow the configured clearance (0: the shipped model's data).
+    anywhere = BaseTrainConfig(out="x", batch_size=64, spec=spec, tag_clearance=0)
+    clear = BaseTrainConfig(out="x", batch_size=64, spec=spec)
+    assert not torch.equal(make_batch(0, anywhere, tok, image_id).tags, make_batch(0, clear, tok, image_id).tags)
+    with pytest.raises(ValueError, match="tag_clearance must be >= 0 pixels, got -1"):
+        BaseTrainer(BaseTrainConfig(out="x", spec=spec, tag_clearance=-1))
 
 
 def test_a_later_stage_starts_from_a_trained_model_and_reads_through_the_lm(tmp_path):

@@ -11,7 +11,7 @@ from sdrpn.labels.folder import LabelFolder, LabelFolderConfig, shard_name
 from sdrpn.labels.options import LabelOptions
 from sdrpn.llava.presets import PRESET_FILE
 from sdrpn.synth import make_sample
-from sdrpn.synth.metrics import accuracy_by_kind
+from sdrpn.synth.metrics import accuracy_by_kind, answer_changes
 from sdrpn.synth.pipeline import PipelineConfig, label_box_pixels, localisation, raw_labels, run_pipeline
 from sdrpn.synth.report import markdown, write_report
 
@@ -30,7 +30,9 @@ def test_label_box_and_localisation_scores():
     assert scores["iou_cells"] == pytest.approx(1 / 3, abs=1e-3)
     assert scores["hit_rate"] == pytest.approx(1 / 3, abs=1e-3) and scores["no_box"] == pytest.approx(1 / 3, abs=1e-3)
     read, count = make_sample(1, kind="read"), make_sample(1, kind="count")
-    assert localisation([[exact], [far], [far]], [read, count, read], 8)["hit_rate_read"] == 0.5
+    scores = localisation([[exact], [far], [far], [exact]], [read, count, read, make_sample(1, kind="where")], 8)
+    assert scores["hit_rate_read"] == 0.5 and scores["hit_rate"] == 0.5
+    assert scores["hit_rate_tag"] == pytest.approx(2 / 3, abs=1e-3)  # the count question is left out
     assert localisation([[exact]], [count], 8)["hit_rate_read"] == 0.0  # no code question: nothing hit
     table = accuracy_by_kind(
         [make_sample(1, kind="read"), make_sample(2, kind="count")], [make_sample(1, kind="read").answer, "nine"]
@@ -38,6 +40,18 @@ def test_label_box_and_localisation_scores():
     assert table == {"count": 0.0, "read": 1.0, "all": 0.5}
     with pytest.raises(ValueError, match="must pair up"):
         accuracy_by_kind([make_sample(1)], [])
+
+
+def test_answer_changes_pair_the_questions():
+    samples = [make_sample(seed, kind=k) for seed, k in enumerate(["where"] * 4 + ["count"])]
+    truth = [s.answer for s in samples]
+    before = truth[:2] + ["nowhere", "nowhere", truth[4]]
+    after = ["nowhere", truth[1], truth[2], "nowhere", truth[4]]
+    table = answer_changes(samples, before, after)
+    assert table["where"] == {"questions": 4, "to_right": 1, "to_wrong": 1, "paired_se": 35.4}
+    assert table["count"] == {"questions": 1, "to_right": 0, "to_wrong": 0, "paired_se": 0.0}
+    with pytest.raises(ValueError, match="must pair up"):
+        answer_changes(samples, before, after[:2])
 
 
 def test_raw_labels_keep_every_cell(tmp_path):
@@ -112,6 +126,8 @@ def test_pipeline_runs_every_stage_and_resumes(tmp_path, tiny_model_dir):
     text = open(os.path.join(cfg.out, "report.md")).read()
     assert "| **SD-RPN** (the crop mode its RPN folder records) |" in text and "examples.png" in text
     assert f"| SD-RPN, {other}-mode crops |" in text
+    assert "| kind | questions | turned right | turned wrong | change | paired SE |" in text
+    assert sum(r["questions"] for r in metrics["changes"].values()) == cfg.test_count
     assert os.path.getsize(os.path.join(cfg.out, "examples.png")) > 1000
     assert json.load(open(os.path.join(cfg.out, "metrics.json")))["accuracy"] == metrics["accuracy"]
     # A rerun finds every stage complete and reproduces the evaluation.

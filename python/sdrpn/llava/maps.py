@@ -118,3 +118,32 @@ def attention_maps(model: nn.Module, batch: TeacherForcedBatch, preset: LlavaPre
         sink=_selection_map(captured, preset.sink, *args),
         image_start=image_start,
     )
+
+
+@torch.no_grad()
+def head_maps(model: nn.Module, batch: TeacherForcedBatch, num_cells: int) -> Tensor:
+    """(B, layers, heads, N) float32: every head's map of the answer queries, from one pass
+    through every layer; what a head selection is chosen from (a selection's G is the mean
+    of its heads' maps)."""
+    config = model.config
+    num_heads = config.text_config.num_attention_heads
+    layers = range(config.text_config.num_hidden_layers)
+    image_start = image_columns(batch.input_ids, config.image_token_id, num_cells)
+    positions, valid = answer_queries(batch.answer_start, batch.answer_length)
+    mask = batch.attention_mask.bool()
+    captured = probe_once(
+        model,
+        layers,
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        pixel_values=batch.pixel_values,
+        position_ids=position_ids_from_mask(batch.attention_mask),
+    )
+    args = (num_heads, positions, valid, image_start, num_cells, mask)
+    return torch.stack(
+        [
+            torch.stack([_selection_map(captured, HeadSelection(((layer, h),)), *args) for h in range(num_heads)], 1)
+            for layer in layers
+        ],
+        1,
+    ).float()

@@ -11,6 +11,20 @@ import time
 
 import torch
 
+from .task import TAG_CLEARANCE
+
+
+def head_pairs(text: str) -> list[list]:
+    """'2' -> [[2, None]] (every head of layer 2); '2:3,4:1' -> [[2, 3], [4, 1]]."""
+    pairs = []
+    for item in text.split(","):
+        layer, _, head = item.strip().partition(":")
+        try:
+            pairs.append([int(layer), int(head) if head else None])
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected 'L' or 'L:H' items, comma-separated, got {text!r}") from None
+    return pairs
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sdrpn-synth", description=__doc__)
@@ -68,6 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--crop-tag-weight", type=float, default=0.0, help="weight of the tag-cell loss on crop views (default: 0)"
     )
+    train.add_argument(
+        "--tag-clearance",
+        type=int,
+        default=TAG_CLEARANCE,
+        help="background in pixels kept between the tag and clutter in training images; 0 places "
+        "it anywhere, the shipped model's data (default: %(default)s)",
+    )
 
     score = sub.add_parser("eval-base", help="accuracy by question kind: thumbnail, true crop, random crop")
     score.add_argument("--model", required=True)
@@ -75,9 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--split", default="test", choices=["val", "test"])
     score.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     score.add_argument("--json", default=None, help="also write the table here")
-    inspect = sub.add_parser("inspect", help="where a base model's answer attention lands, per layer")
+    inspect = sub.add_parser(
+        "inspect", help="where a base model's answer attention lands, per layer and head, and the heads to ground on"
+    )
     inspect.add_argument("--model", required=True)
-    inspect.add_argument("--count", type=int, default=256, help="validation samples")
+    inspect.add_argument("--count", type=int, default=512, help="validation samples")
 
     export = sub.add_parser(
         "export-base",
@@ -85,7 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.add_argument("--model", required=True, help="train-base output folder")
     export.add_argument("--to", required=True)
-    export.add_argument("--grounding-layer", type=int, required=True)
+    export.add_argument(
+        "--grounding",
+        type=head_pairs,
+        required=True,
+        help="heads whose attention grounds the labels: 'L' (every head of layer L) or 'L:H', comma-separated",
+    )
     export.add_argument("--sink-layer", type=int, default=0)
     export.add_argument("--sink-threshold", type=float, required=True)
     export.add_argument("--branch-layer", type=int, required=True)
@@ -129,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
             cell_views=args.cell_views,
             char_head=args.char_head,
             crop_tag_weight=args.crop_tag_weight,
+            tag_clearance=args.tag_clearance,
         )
         trainer = BaseTrainer(cfg)
         history = trainer.run(
@@ -153,13 +182,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "inspect":
         from ..llava.loading import load_llava
-        from .attention_check import attention_quantiles, layer_localisation
+        from .attention_check import attention_quantiles, collect_head_maps, layer_localisation, select_heads
         from .task import make_sample, split_seeds
 
         model, tok = load_llava(args.model, "fp32")
         samples = [make_sample(seed) for seed in split_seeds("val", args.count)]
-        for row in layer_localisation(model, tok, samples):
+        heads = collect_head_maps(model, tok, samples)
+        for row in layer_localisation(heads):
             print(json.dumps(row))
+        print(json.dumps({"selected_grounding": select_heads(heads)}))
         for layer in range(model.config.text_config.num_hidden_layers):
             print(json.dumps(attention_quantiles(model, tok, samples, layer)))
         return 0
@@ -169,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
 
         preset = {
             "name": "synth-tiny",
-            "grounding": [[args.grounding_layer, None]],
+            "grounding": args.grounding,
             "sink": [[args.sink_layer, None]],
             "sink_threshold": args.sink_threshold,
             "branch_layer": args.branch_layer,

@@ -31,6 +31,24 @@ def accuracy_by_kind(samples, answers: Sequence[str]) -> dict:
     return table
 
 
+def answer_changes(samples, before: Sequence[str], after: Sequence[str]) -> dict:
+    """Per question kind, how many answers turned right and how many turned wrong from
+    `before` to `after`, and the paired standard error of the accuracy's change in points
+    (sqrt(changed) / questions): what tells a real change of a kind from chance."""
+    if not len(samples) == len(before) == len(after):
+        raise ValueError(f"samples and answers must pair up, got {len(samples)}, {len(before)} and {len(after)}")
+    table: dict = defaultdict(lambda: {"questions": 0, "to_right": 0, "to_wrong": 0})
+    for s, b, a in zip(samples, before, after):
+        row = table[s.kind]
+        right_before, right_after = (normalise_answer(x) == normalise_answer(s.answer) for x in (b, a))
+        row["questions"] += 1
+        row["to_right"] += right_after and not right_before
+        row["to_wrong"] += right_before and not right_after
+    for row in table.values():
+        row["paired_se"] = round(100 * (row["to_right"] + row["to_wrong"]) ** 0.5 / row["questions"], 1)
+    return dict(sorted(table.items()))
+
+
 def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
     """IoU of two [x0, y0, x1, y1) boxes."""
     ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))

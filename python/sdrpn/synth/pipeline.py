@@ -28,11 +28,11 @@ from ..llava.geometry import grid_box_to_pixels, model_grid
 from ..llava.presets import resolve_preset
 from ..rpn.model import RegionProposalNetwork
 from ..rpn.train import RPNTrainer, TrainConfig
-from .attention_check import layer_localisation
+from .attention_check import collect_head_maps, layer_localisation, selection_scores
 from .cells import cell_box
 from .evaluate import answer_with_views
 from .metrics import accuracy_by_kind, box_iou, hit
-from .task import make_sample, split_seeds, write_dataset
+from .task import TAG_KINDS, make_sample, split_seeds, write_dataset
 
 log = logging.getLogger(__name__)
 
@@ -141,9 +141,9 @@ def label_box_pixels(labels: torch.Tensor, grid: int, width: int, height: int, s
 
 def localisation(boxes_per_sample: list[list], samples, grid: int) -> dict:
     """IoU with the target's cells (the best a grid box can do) and with the target itself,
-    and the hit rate (some box holds the whole target), over every question and over the
-    code questions alone (the others may rightly look elsewhere: count asks for circles);
-    no box counts as a miss."""
+    and the hit rate (some box holds the whole target) over every question, over the
+    questions about the tag (count asks for circles and may rightly look there) and over the
+    code questions alone (the ones the crop is for); no box counts as a miss."""
     ious_cells, ious, hits, empty = [], [], [], 0
     for boxes, s in zip(boxes_per_sample, samples):
         target_cells = cell_box(s.box, s.image.width, grid)
@@ -152,12 +152,17 @@ def localisation(boxes_per_sample: list[list], samples, grid: int) -> dict:
         ious.append(max((box_iou(b, s.box) for b in boxes), default=0.0))
         hits.append(hit(boxes, s.box))
     n = max(1, len(samples))
-    reads = sum(s.kind == "read" for s in samples)
+
+    def hit_rate(kinds) -> float:
+        picked = [h for h, s in zip(hits, samples) if s.kind in kinds]
+        return round(sum(picked) / max(1, len(picked)), 3)
+
     return {
         "iou_cells": round(sum(ious_cells) / n, 3),
         "iou_target": round(sum(ious) / n, 3),
         "hit_rate": round(sum(hits) / n, 3),
-        "hit_rate_read": round(sum(h for h, s in zip(hits, samples) if s.kind == "read") / max(1, reads), 3),
+        "hit_rate_tag": hit_rate(TAG_KINDS),
+        "hit_rate_read": hit_rate(("read",)),
         "no_box": round(empty / n, 3),
     }
 
@@ -244,10 +249,12 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     result = evaluate(cfg, model, tokenizer)
     result["label_summary"] = {name: LabelFolder(cfg.path(name)).summary() for name in ("labels", "labels_test")}
     result["config"] = asdict(cfg)
-    probe = [make_sample(seed) for seed in split_seeds("val", 128)]
+    probe = collect_head_maps(model, tokenizer, [make_sample(seed) for seed in split_seeds("val", 128)])
+    preset = resolve_preset(None, model)
     result["base_model"] = {
-        "layers": layer_localisation(model, tokenizer, probe),
-        "preset": resolve_preset(None, model).to_dict(),
+        "layers": layer_localisation(probe),
+        "grounding": selection_scores(probe, preset.grounding.pairs),
+        "preset": preset.to_dict(),
     }
     result["model"] = model
     result["tokenizer"] = tokenizer

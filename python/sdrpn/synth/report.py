@@ -13,7 +13,7 @@ from PIL import Image, ImageDraw, ImageFont
 from ..infer.viz import roi_overlay
 from ..io_utils import write_json, write_text
 from ..pictures import heat_rgb, label_rgb, save_atomic
-from .metrics import normalise_answer
+from .metrics import answer_changes, normalise_answer
 from .pipeline import labelled_maps
 
 SETTINGS = [
@@ -36,6 +36,10 @@ def metrics_payload(result: dict) -> dict:
         "label_summary": result.get("label_summary", {}),
         "test_samples": len(result["samples"]),
         "questions": dict(sorted(Counter(s.kind for s in result["samples"]).items())),
+        # SD-RPN against the thumbnail alone, question by question.
+        "changes": answer_changes(result["samples"], result["answers"]["base"], result["answers"]["sdrpn"])
+        if {"base", "sdrpn"} <= set(result.get("answers", {}))
+        else {},
         "config": result.get("config", {}),
         "base_model": result.get("base_model", {}),
     }
@@ -82,32 +86,56 @@ def markdown(metrics: dict, title: str, examples_png: str | None) -> str:
         ]
     if metrics.get("questions"):
         lines += ["", spread_note(metrics["questions"])]
+    if metrics.get("changes"):
+        lines += [
+            "",
+            "What SD-RPN's crop changed against the thumbnail alone, question by question "
+            "(paired standard error of the change = sqrt(changed) / questions):",
+            "",
+            "| kind | questions | turned right | turned wrong | change | paired SE |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        lines += [
+            f"| {kind} | {r['questions']} | {r['to_right']} | {r['to_wrong']} | "
+            f"{100 * (r['to_right'] - r['to_wrong']) / r['questions']:+.1f} | {r['paired_se']:.1f} |"
+            for kind, r in metrics["changes"].items()
+        ]
     lines += [
         "",
-        "Localisation on the same images (a box per sample; IoU with the target's grid "
-        "cells, which is the best a grid box can reach, and with the target itself; hit = a box "
-        "holds the whole target; on code questions alone, the ones the crop is for):",
+        "Localisation on the same images (a box per sample; IoU with the tag's grid cells, "
+        "which is the best a grid box can reach, and with the tag itself; hit = a box holds the "
+        "whole tag: over all questions, over the questions about the tag (count questions ask "
+        "for circles and may rightly look there) and over code questions, the ones the crop is for):",
         "",
-        "| boxes from | IoU (cells) | IoU (target) | hit rate | hit rate, code questions | no box |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| boxes from | IoU (cells) | IoU (target) | hit rate | hit rate, tag questions | "
+        "hit rate, code questions | no box |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for name, row in loc.items():
-        read_hits = _pct(row["hit_rate_read"]) if "hit_rate_read" in row else "-"
-        lines.append(
-            f"| {name} | {row['iou_cells']:.3f} | {row['iou_target']:.3f} | "
-            f"{_pct(row['hit_rate'])} | {read_hits} | {_pct(row['no_box'])} |"
-        )
+        rates = " | ".join(_pct(row[k]) if k in row else "-" for k in ("hit_rate", "hit_rate_tag", "hit_rate_read"))
+        lines.append(f"| {name} | {row['iou_cells']:.3f} | {row['iou_target']:.3f} | {rates} | {_pct(row['no_box'])} |")
     base = metrics.get("base_model") or {}
     if base.get("layers"):
         lines += [
             "",
-            "Where the base model looks (answer tokens' attention to the image, all heads "
-            "of a layer; mass = share on the target's cells over their share of the grid):",
+            "Where the base model looks (answer tokens' attention to the image on 128 validation "
+            "images; mass = share on the target's cells over their share of the grid; label box "
+            "holds the tag = SPEC's labelling rule on that map gives a foreground box holding the "
+            "tag, on the questions about the tag):",
             "",
-            "| layer | mass ratio | argmax on target |",
-            "|---:|---:|---:|",
+            "| heads | mass ratio | argmax on target | label box holds the tag |",
+            "|---|---:|---:|---:|",
         ]
-        lines += [f"| {r['layer']} | {r['mass_ratio']:.2f} | {_pct(r['argmax_hit'])} |" for r in base["layers"]]
+        rows = [(f"layer {r['layer']}, all", r) for r in base["layers"]]
+        if base.get("grounding"):
+            pairs = base.get("preset", {}).get("grounding", [])
+            named = ", ".join(f"{layer}:{'all' if head is None else head}" for layer, head in pairs)
+            rows.append((f"grounding ({named})", base["grounding"]))
+        lines += [
+            f"| {name} | {r['mass_ratio']:.2f} | {_pct(r['argmax_hit'])} | "
+            f"{_pct(r['label_hit']) if 'label_hit' in r else '-'} |"
+            for name, r in rows
+        ]
     if examples_png:
         lines += [
             "",

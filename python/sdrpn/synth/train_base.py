@@ -48,7 +48,7 @@ from ..optim_state import load_optimizer_tensors, optimizer_tensors
 from ..progress import show_progress
 from .cells import grown_cell_box, tag_cells, view_coordinates
 from .model import TinyLlavaSpec, build_tiny_llava
-from .task import CODE_CHARS, CODE_LENGTH, COLOURS, SynthSample, make_sample, split_seeds
+from .task import CODE_CHARS, CODE_LENGTH, COLOURS, TAG_CLEARANCE, SynthSample, make_sample, split_seeds
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,7 @@ class BaseTrainConfig:
     cell_views: float = 0.0  # share of views on the tag that are cell-aligned, as SD-RPN crops
     char_head: str = "linear"  # "lm": the code-character loss reads through the LM's output layer
     crop_tag_weight: float = 0.0  # the tag-cell loss on the crop views too
+    tag_clearance: int = TAG_CLEARANCE  # the task's background around the tag (0: anywhere, the shipped model's data)
     device: str = "cpu"
     workers: int = 0  # DataLoader processes making batches (0: in the training loop)
     log_every: int = 50
@@ -171,7 +172,8 @@ def make_batch(step: int, cfg: BaseTrainConfig, tokenizer, image_token_id: int) 
     thumbs, views, crops, crop_cells, ids, labels, tags, chars, colours = [], [], [], [], [], [], [], [], []
     for seed in seeds:
         # Zoomed batches ask mostly for the code: reading from crop tokens is what they teach.
-        s = make_sample(seed, kind="read" if zoom and rng.random() < cfg.read_share_zoomed else None)
+        kind = "read" if zoom and rng.random() < cfg.read_share_zoomed else None
+        s = make_sample(seed, kind=kind, tag_clearance=cfg.tag_clearance)
         thumbs.append(preprocess_image(s.image, size)[0])
         tags.append(tag_cells(s.box, s.image.width, grid))
         chars.append([CODE_CHARS.index(c) for c in s.code])
@@ -242,6 +244,8 @@ class BaseTrainer:
             raise ValueError(f"encoder_steps must be in [0, steps={cfg.steps}), got {cfg.encoder_steps}")
         if not 0.0 <= cfg.cell_views <= 1.0:
             raise ValueError(f"cell_views must be in [0, 1], got {cfg.cell_views}")
+        if cfg.tag_clearance < 0:
+            raise ValueError(f"tag_clearance must be >= 0 pixels, got {cfg.tag_clearance}")
         if cfg.char_head not in ("linear", "lm"):
             raise ValueError(f"char_head must be 'linear' or 'lm', got {cfg.char_head!r}")
         if cfg.char_head == "lm" and CODE_LENGTH != 1:  # one answer token holds one character

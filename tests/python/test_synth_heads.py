@@ -1,0 +1,86 @@
+"""Choosing the heads SD-RPN grounds on: every head's map from one pass, the labelling rule's
+hit on the tag, and the greedy selection."""
+
+import pytest
+import torch
+
+from sdrpn.llava.maps import attention_maps, head_maps
+from sdrpn.llava.presets import HeadSelection, LlavaPreset
+from sdrpn.synth import make_sample, split_seeds
+from sdrpn.synth.attention_check import (
+    HeadMaps,
+    collect_head_maps,
+    label_hits,
+    layer_localisation,
+    select_heads,
+    selection_scores,
+    teacher_forced_batch,
+)
+from sdrpn.synth.cli import build_parser, head_pairs
+from sdrpn.synth.model import TinyLlavaSpec, build_tiny_llava
+
+GRID = 4
+
+
+def _cells(*cells) -> torch.Tensor:
+    out = torch.zeros(GRID * GRID)
+    out[list(cells)] = 1.0
+    return out
+
+
+def test_every_heads_map_matches_the_selection_maps_of_one_pass():
+    model, tok = build_tiny_llava(TinyLlavaSpec(vision_layers=1, text_layers=3, vision_hidden=32, text_hidden=32), 2)
+    model.eval()
+    samples = [make_sample(seed) for seed in split_seeds("val", 3)]
+    batch = teacher_forced_batch(model, tok, samples, "cpu")
+    per_head = head_maps(model, batch, 64)
+    assert per_head.shape == (3, 3, 4, 64) and per_head.dtype == torch.float32
+    for pairs in (((1, None),), ((2, 3),), ((0, 1), (2, 0))):
+        selection = HeadSelection(pairs)
+        want = attention_maps(model, batch, LlavaPreset("p", grounding=selection, sink=selection), 64).grounding
+        heads = HeadMaps(per_head, torch.zeros(3, 64), [s.kind for s in samples], 8)
+        torch.testing.assert_close(heads.of(pairs), want.float(), rtol=1e-5, atol=1e-7)
+    collected = collect_head_maps(model, tok, samples, batch_size=2)
+    torch.testing.assert_close(collected.maps, per_head, rtol=1e-5, atol=1e-7)
+    assert collected.cells.shape == (3, 64) and bool((collected.cells.sum(1) >= 1).all())
+
+
+def test_label_hit_needs_a_kept_foreground_box_holding_every_target_cell():
+    target = _cells(5, 6)  # row 1, columns 1-2
+    maps = torch.full((5, GRID * GRID), 0.01)
+    maps[0, [5, 6]] = 1.0  # on the target
+    maps[1, 5] = 1.0  # only half of it: the box misses column 2
+    maps[2, [5, 6, 10]] = 1.0  # a little more than the target: still holds it
+    maps[3, [0, 15]] = 1.0  # corners: the box covers the grid, the sample is all-ignore
+    maps[4, 12] = 1.0  # elsewhere
+    hits = label_hits(maps, target.expand(5, -1), GRID)
+    assert hits.tolist() == [True, False, True, False, False]
+    scores = selection_scores(HeadMaps(maps[:, None, None], target.expand(5, -1), ["read"] * 5, GRID), [(0, 0)])
+    assert scores["argmax_hit"] == 0.6  # rows 0-2 peak on the target (row 1 at its cell 5)
+    assert scores["label_hit"] == 0.4 and scores["mass_ratio"] > 1.0
+
+
+def test_greedy_selection_takes_the_heads_that_find_the_tag():
+    torch.manual_seed(0)
+    n, layers, heads = 60, 2, 3
+    cells = torch.stack([_cells(i % 16) for i in range(n)])
+    maps = torch.rand(n, layers, heads, GRID * GRID) * 0.5
+    maps[:, 1, 2] = 0.01 + cells  # the grounding head: always on the tag
+    kinds = ["read", "colour", "where", "count"] * (n // 4)
+    chosen = select_heads(HeadMaps(maps, cells, kinds, GRID))
+    assert chosen["heads"][0] == [1, 2] and chosen["label_hit"][0] == 1.0
+    assert len(chosen["heads"]) == 1  # nothing adds to a perfect head
+    assert chosen["label_hit_by_kind"]["read"] == 1.0
+    rows = layer_localisation(HeadMaps(maps, cells, kinds, GRID))
+    assert [r["layer"] for r in rows] == [0, 1] and rows[1]["argmax_hit"] > rows[0]["argmax_hit"]
+    with pytest.raises(ValueError, match="needs questions of kinds"):
+        select_heads(HeadMaps(maps, cells, ["count"] * n, GRID))
+
+
+def test_export_takes_layers_or_single_heads():
+    assert head_pairs("2") == [[2, None]]
+    assert head_pairs("2:3, 4:1,1") == [[2, 3], [4, 1], [1, None]]
+    export = "export-base --model m --to t --sink-threshold 0.1 --branch-layer 3 --grounding".split()
+    assert build_parser().parse_args(export + ["2:3,4:1"]).grounding == [[2, 3], [4, 1]]
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(export + ["two"])
