@@ -55,6 +55,8 @@ def test_the_tag_keeps_clear_of_clutter_and_the_questions_stay():
         if clear.kind != "where":
             assert (clear.question, clear.answer) == (anywhere.question, anywhere.answer)
     assert near >= 3  # at clearance 0 some tags sit on or beside a shape
+    with pytest.raises(ValueError, match="tag_clearance must be >= 0 pixels, got -1"):
+        make_sample(0, tag_clearance=-1)
 
 
 def test_splits_are_disjoint():

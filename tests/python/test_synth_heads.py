@@ -35,7 +35,7 @@ def test_every_heads_map_matches_the_selection_maps_of_one_pass():
     batch = teacher_forced_batch(model, tok, samples, "cpu")
     per_head = head_maps(model, batch, 64)
     assert per_head.shape == (3, 3, 4, 64) and per_head.dtype == torch.float32
-    for pairs in (((1, None),), ((2, 3),), ((0, 1), (2, 0))):
+    for pairs in (((1, None),), ((2, 3),), ((0, 1), (2, 0)), ((1, None), (1, 2))):  # the last: head 2 once
         selection = HeadSelection(pairs)
         want = attention_maps(model, batch, LlavaPreset("p", grounding=selection, sink=selection), 64).grounding
         heads = HeadMaps(per_head, torch.zeros(3, 64), [s.kind for s in samples], 8)
@@ -73,6 +73,8 @@ def test_greedy_selection_takes_the_heads_that_find_the_tag():
     assert chosen["label_hit_by_kind"]["read"] == 1.0
     rows = layer_localisation(HeadMaps(maps, cells, kinds, GRID))
     assert [r["layer"] for r in rows] == [0, 1] and rows[1]["argmax_hit"] > rows[0]["argmax_hit"]
+    flat = HeadMaps(torch.ones(n, layers, heads, GRID * GRID), cells, kinds, GRID)  # no head boxes the tag
+    assert select_heads(flat) == {"heads": [], "label_hit": [], "label_hit_by_kind": {}}
     with pytest.raises(ValueError, match="needs questions of kinds"):
         select_heads(HeadMaps(maps, cells, ["count"] * n, GRID))
 

@@ -49,10 +49,10 @@ class HeadMaps:
 
     def of(self, pairs) -> Tensor:
         """(S, N) the map of a head selection, (layer, head) pairs with head None for every
-        head of the layer: the mean of its heads' maps, as SPEC's G."""
-        every = range(self.maps.shape[2])
+        head of the layer: the mean of its heads' maps, each head once, as SPEC's G."""
+        selection, num_heads = HeadSelection(tuple(map(tuple, pairs))), self.maps.shape[2]
         return torch.stack(
-            [self.maps[:, layer, h] for layer, head in pairs for h in (every if head is None else (head,))]
+            [self.maps[:, layer, h] for layer in selection.layers for h in selection.heads_of(layer, num_heads)]
         ).mean(0)
 
     @property
@@ -132,6 +132,8 @@ def select_heads(heads: HeadMaps, max_heads: int = 6, min_gain: float = 0.005) -
         chosen.append(pair)
         best = value
         trail.append(round(value, 3))
+    if not chosen:  # no head boxes the tag at all (an untrained model)
+        return {"heads": [], "label_hit": [], "label_hit_by_kind": {}}
     hits = label_hits(heads.of(chosen), heads.cells, heads.grid)
     by_kind = {k: round(float(hits[[x == k for x in heads.kinds]].float().mean()), 3) for k in sorted(set(heads.kinds))}
     return {"heads": [list(p) for p in chosen], "label_hit": trail, "label_hit_by_kind": by_kind}

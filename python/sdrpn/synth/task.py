@@ -75,6 +75,11 @@ def _where(box, size: int) -> str:
     return ("top" if cy < size / 2 else "bottom") + " " + ("left" if cx < size / 2 else "right")
 
 
+def check_clearance(tag_clearance: int) -> None:
+    if tag_clearance < 0:
+        raise ValueError(f"tag_clearance must be >= 0 pixels, got {tag_clearance}")
+
+
 def _clear(box, shapes, clearance: int) -> bool:
     x0, y0, x1, y1 = box
     return all(
@@ -92,6 +97,7 @@ def make_sample(
     tag_clearance: int = TAG_CLEARANCE,
 ) -> SynthSample:
     """One sample, identical for the same arguments on any machine."""
+    check_clearance(tag_clearance)
     rng = random.Random(seed)
     base = rng.randint(90, 160)
     # Coarse grey noise in 4x4 blocks (numpy's PCG64 stream is stable across versions).

@@ -48,7 +48,16 @@ from ..optim_state import load_optimizer_tensors, optimizer_tensors
 from ..progress import show_progress
 from .cells import grown_cell_box, tag_cells, view_coordinates
 from .model import TinyLlavaSpec, build_tiny_llava
-from .task import CODE_CHARS, CODE_LENGTH, COLOURS, TAG_CLEARANCE, SynthSample, make_sample, split_seeds
+from .task import (
+    CODE_CHARS,
+    CODE_LENGTH,
+    COLOURS,
+    TAG_CLEARANCE,
+    SynthSample,
+    check_clearance,
+    make_sample,
+    split_seeds,
+)
 
 log = logging.getLogger(__name__)
 
@@ -244,8 +253,7 @@ class BaseTrainer:
             raise ValueError(f"encoder_steps must be in [0, steps={cfg.steps}), got {cfg.encoder_steps}")
         if not 0.0 <= cfg.cell_views <= 1.0:
             raise ValueError(f"cell_views must be in [0, 1], got {cfg.cell_views}")
-        if cfg.tag_clearance < 0:
-            raise ValueError(f"tag_clearance must be >= 0 pixels, got {cfg.tag_clearance}")
+        check_clearance(cfg.tag_clearance)  # here, not first in a batch-making worker
         if cfg.char_head not in ("linear", "lm"):
             raise ValueError(f"char_head must be 'linear' or 'lm', got {cfg.char_head!r}")
         if cfg.char_head == "lm" and CODE_LENGTH != 1:  # one answer token holds one character
@@ -423,4 +431,4 @@ class BaseTrainer:
         write_json(os.path.join(out, "train_base_config.json"), record)
 
 
-__all__ = ["Batch", "BaseTrainConfig", "BaseTrainer", "make_batch", "TEMPLATE", "tag_cells", "zoom_box"]
+__all__ = ["Batch", "BaseTrainConfig", "BaseTrainer", "make_batch", "TEMPLATE", "zoom_box"]
