@@ -27,7 +27,9 @@ sys.path.insert(0, HERE)
 
 from bench_label_pipeline import IMAGE_TOKEN, build_model
 from sdrpn.infer.pipeline import SDRPNLlava
+from sdrpn.llava.decode import DecoderPool, greedy_answers
 from sdrpn.llava.inputs import crop_pixels, preprocess_image
+from sdrpn.options import DECODERS
 from sdrpn.rpn.model import RegionProposalNetwork
 from timing import emit, machine, save, sync
 
@@ -49,14 +51,29 @@ class IdTokenizer:
 
 SYSTEM = " ".join(["w"] * 34)  # 35 system tokens with the begin-of-sequence token
 TEMPLATE = SYSTEM + " <image>\n{question} ASSISTANT:"
-# (crop mode, regions on the forced map): one box, two boxes, and mask mode's one crop
-# that keeps only the two regions' tokens. Mask mode with one region is the bbox path.
-SETTINGS = (("bbox", 1), ("bbox", 2), ("mask", 2))
+# (crop mode, regions on the forced map, decoder): one box, two boxes, mask mode's one crop
+# that keeps only the two regions' tokens (mask mode with one region is the bbox path), no
+# box (the pipeline's cost without a crop), all through the pipeline's decoder, and one box
+# through the model's own forward per token (what the decoder contributes).
+SETTINGS = (
+    ("bbox", 1, "pipeline"),
+    ("bbox", 2, "pipeline"),
+    ("mask", 2, "pipeline"),
+    ("bbox", 0, "pipeline"),
+    ("bbox", 1, "hf"),
+)
+
+
+def setting_name(setting) -> str:
+    mode, regions, decoder = setting
+    name = "no_box" if regions == 0 else f"{mode}_{regions}"
+    return name + ("_hf_decoder" if decoder == "hf" else "")
 
 
 def forced_logits(regions: int, batch: int) -> torch.Tensor:
     grid = torch.full((batch, 24, 24), -10.0)
-    grid[:, 3:9, 3:9] = 10.0
+    if regions >= 1:
+        grid[:, 3:9, 3:9] = 10.0
     if regions == 2:
         grid[:, 15:21, 14:22] = 10.0
     return grid.view(batch, -1)
@@ -69,6 +86,7 @@ def main() -> None:
     parser.add_argument("--answer-tokens", type=int, nargs="+", default=[8, 32])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds per setting (median)")
+    parser.add_argument("--decoder", choices=DECODERS, default="auto", help="the pipeline's decoder (default: auto)")
     parser.add_argument("--profile", default=None, help="folder for a torch.profiler trace and tables (batch 1)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -79,13 +97,19 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     branch, depth = (15, 3) if args.size == "7b" else (1, 2)
     rpn = RegionProposalNetwork.from_llava(model, branch, depth).to(args.device, dtype)
-    pipe = SDRPNLlava(model, IdTokenizer(), rpn, prompt_template=TEMPLATE)
+    pipes = {
+        "pipeline": SDRPNLlava(model, IdTokenizer(), rpn, prompt_template=TEMPLATE, decoder=args.decoder),
+        "hf": SDRPNLlava(model, IdTokenizer(), rpn, prompt_template=TEMPLATE, decoder="hf"),
+    }
+    pipe = pipes["pipeline"]
+    pool = DecoderPool()
     question = "what is written on the small red tag in the corner of the picture ?"
     report = {
         "benchmark": "infer",
         "machine": machine(args.device),
         "size": args.size,
         "dtype": str(dtype).replace("torch.", ""),
+        "decoder": pipe.decoder,
         "results": [],
     }
     for batch in args.batch_sizes:
@@ -100,20 +124,31 @@ def main() -> None:
             def run(setting, tokens=tokens, answers=answers):
                 if setting == "baseline":
                     return plain_generate(model, ids, pixels, tokens)
-                mode, regions = setting
-                force(pipe, mode, regions, batch, args.device)
-                answers[setting] = pipe.generate(imgs, questions, tokens)
+                if setting == "baseline_same_decoder":
+                    mask = torch.ones_like(ids)
+                    return greedy_answers(model, ids, mask, pixels, tokens, -1, pipe.decoder, pool)
+                mode, regions, decoder = setting
+                force(pipes[decoder], mode, regions, batch, args.device)
+                answers[setting] = pipes[decoder].generate(imgs, questions, tokens)
 
-            seconds = interleaved(run, ["baseline", *SETTINGS], args)
-            row = {"batch": batch, "answer_tokens": tokens, "baseline_s": seconds["baseline"]}
+            seconds = interleaved(run, ["baseline", "baseline_same_decoder", *SETTINGS], args)
+            row = {
+                "batch": batch,
+                "answer_tokens": tokens,
+                "baseline_s": seconds["baseline"],
+                "baseline_same_decoder_s": seconds["baseline_same_decoder"],
+            }
             for setting in SETTINGS:
-                mode, regions = setting
-                row[f"{mode}_{regions}"] = {
+                row[setting_name(setting)] = {
                     "sdrpn_s": seconds[setting],
                     "throughput_vs_baseline": round(row["baseline_s"] / seconds[setting], 3),
+                    "throughput_vs_baseline_same_decoder": round(row["baseline_same_decoder_s"] / seconds[setting], 3),
                     "crop_tokens": crop_token_counts(answers[setting]),
                     "stages_s": {k: round(v, 5) for k, v in answers[setting][0].timings.items()},
                 }
+            # Random weights in float16: the decoders may part at a near tie, rarely.
+            same = [a.tokens == b.tokens for a, b in zip(answers[SETTINGS[0]], answers[SETTINGS[-1]])]
+            row["bbox_1_decoders_agree"] = sum(same) / len(same)
             if batch == max(args.batch_sizes) and batch > 1:
                 force(pipe, "bbox", 1, 1, args.device)
                 ref = interleaved(lambda _: reference_way(pipe, imgs, questions, tokens), ["ref"], args)["ref"]
@@ -127,7 +162,7 @@ def main() -> None:
             print(row, file=sys.stderr, flush=True)
     if args.profile:
         report["profile"] = profile(pipe, model, args)
-    del pipe.rpn.forward
+    del rpn.forward
     emit(report, args.json)
 
 

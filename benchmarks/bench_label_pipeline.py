@@ -22,7 +22,9 @@ sys.path.insert(0, HERE)
 
 import sdrpn
 from sdrpn.llava import LLAVA15_7B, HeadSelection, LlavaPreset, TeacherForcedBatch, attention_maps
+from sdrpn.llava.decode import DecoderPool, greedy_answers, resolve_decoder
 from sdrpn.llava.inputs import left_pad
+from sdrpn.options import DECODERS
 from timing import emit, machine, save, sync
 
 IMAGE_TOKEN = 32000
@@ -88,22 +90,15 @@ def make_prompts(n: int, question_tokens: int, gen: torch.Generator) -> list[lis
 
 
 @torch.no_grad()
-def ours(model, preset, prompts, pixels, answer_tokens, batch_size, self_answers, gen):
+def ours(model, preset, prompts, pixels, answer_tokens, batch_size, decoder, gen, pool=None):
+    """The label job's way: self answers (through ``decoder``; None: answers given), then
+    one teacher-forced pass and the labels."""
     device = pixels.device
     for i in range(0, len(prompts), batch_size):
         chunk, px = prompts[i : i + batch_size], pixels[i : i + batch_size]
-        if self_answers:
+        if decoder:
             ids, mask = left_pad(chunk, 0, device)
-            out = model.generate(
-                input_ids=ids,
-                attention_mask=mask,
-                pixel_values=px,
-                max_new_tokens=answer_tokens,
-                min_new_tokens=answer_tokens,
-                do_sample=False,
-                pad_token_id=0,
-            )
-            answers = out[:, ids.shape[1] :].tolist()
+            answers = greedy_answers(model, ids, mask, px, answer_tokens, -1, decoder, pool)
         else:
             answers = [torch.randint(100, 30000, (answer_tokens,), generator=gen).tolist() for _ in chunk]
         ids, mask = left_pad([p + a for p, a in zip(chunk, answers)], 0, device)
@@ -177,6 +172,7 @@ def main() -> None:
     parser.add_argument("--answer-tokens", type=int, nargs="+", default=[8])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--question-tokens", type=int, default=20)
+    parser.add_argument("--decoder", choices=DECODERS, default="auto", help="self answers' decoder (default: auto)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[
@@ -194,8 +190,14 @@ def main() -> None:
         "prompt_tokens": len(prompts[0]),
         "results": [],
     }
+    # Self answers through the label job's decoder and, where that is not HF's, through
+    # the model's own forward per token too: what the decoder contributes.
+    decoder = resolve_decoder(args.decoder, model)
+    modes = {"given": None, "self": decoder} | ({"self_hf_decoder": "hf"} if decoder != "hf" else {})
+    report["decoder"] = decoder
+    pool = DecoderPool()
     for tokens in args.answer_tokens:
-        ours(model, preset, prompts[:2], pixels[:2], tokens, 2, True, gen)  # warm-up
+        ours(model, preset, prompts[:2], pixels[:2], tokens, 2, decoder, gen, pool)  # warm-up
         ref = measure(
             lambda: reference_way(
                 model, preset, prompts[: args.reference_samples], pixels[: args.reference_samples], tokens
@@ -205,13 +207,13 @@ def main() -> None:
         )
         row = {"answer_tokens": tokens, "reference_batch1": ref}
         report["results"].append(row)  # filled in below, saved after each mode
-        for mode in ("given", "self"):
+        for mode, mode_decoder in modes.items():
             per_batch = {}
             for bs in args.batch_sizes:
                 # One batch of this size first: new shapes pay for kernel and plan selection.
-                ours(model, preset, prompts[:bs], pixels[:bs], tokens, bs, mode == "self", gen)
+                ours(model, preset, prompts[:bs], pixels[:bs], tokens, bs, mode_decoder, gen, pool)
                 per_batch[bs] = measure(
-                    lambda: ours(model, preset, prompts, pixels, tokens, bs, mode == "self", gen),
+                    lambda: ours(model, preset, prompts, pixels, tokens, bs, mode_decoder, gen, pool),
                     args.device,
                     args.samples,
                 )

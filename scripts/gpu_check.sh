@@ -70,9 +70,9 @@ step build_python 300 env SDRPN_FORCE_CUDA=1 python3 setup.py build_ext --inplac
 python3 -c "import sdrpn; print(sdrpn.build_info())" | tee -a "$LOGS/gpu.txt"
 
 # The figures users choose a method by, first.
-step bench_infer_7b 200 python3 benchmarks/bench_infer.py --size 7b --device cuda --answer-tokens 8 32 \
+step bench_infer_7b 240 python3 benchmarks/bench_infer.py --size 7b --device cuda --answer-tokens 8 32 \
   --batch-sizes 1 8 --repeats 3 --profile "$LOGS/infer_profile" --json "$LOGS/bench_infer_7b.json"
-step bench_label_pipeline_7b 130 python3 benchmarks/bench_label_pipeline.py --size 7b --device cuda \
+step bench_label_pipeline_7b 150 python3 benchmarks/bench_label_pipeline.py --size 7b --device cuda \
   --samples 32 --reference-samples 4 --answer-tokens 8 32 --batch-sizes 1 32 \
   --json "$LOGS/bench_label_pipeline_7b.json"
 step bench_train_rpn_7b 90 python3 benchmarks/bench_train_rpn.py --size 7b --device cuda --batch 8 \

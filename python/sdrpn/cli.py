@@ -18,7 +18,7 @@ import typing
 from .io_utils import FolderBusy
 from .labels.demo import LabelDemoConfig, run_label_demo, summary_line
 from .labels.options import LabelOptions
-from .options import TASK_THRESHOLDS, RoiOptions
+from .options import DECODERS, TASK_THRESHOLDS, RoiOptions
 from .subsets import SUBSET_SEED
 
 
@@ -156,6 +156,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     infer.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="fp16", help="(default: %(default)s)")
     infer.add_argument("--device", default=None)
+    infer.add_argument(
+        "--decoder",
+        choices=DECODERS,
+        default="auto",
+        help="how answer tokens are decoded: CUDA graphs over a static cache ('graph', what 'auto' picks on CUDA), "
+        "the same step without graphs ('static') or the model's own forward ('hf') (default: %(default)s)",
+    )
     add_options(infer, RoiOptions, overrides_from="the RPN folder")
 
     convert = sub.add_parser("convert-labels", help="import a reference-implementation label pickle")
@@ -252,7 +259,13 @@ def _run_infer(args) -> None:
     base = rpn.config.task_roi_options(args.task) if args.task else rpn.config.roi_options
     roi = options_from_args(RoiOptions, args, base=base)
     pipe = SDRPNLlava(
-        model, tokenizer, rpn, roi=roi, preprocessing=args.preprocessing, prompt_template=args.prompt_template
+        model,
+        tokenizer,
+        rpn,
+        roi=roi,
+        preprocessing=args.preprocessing,
+        prompt_template=args.prompt_template,
+        decoder=args.decoder,
     )
     if not single:
         if not args.image_folder or not args.out:

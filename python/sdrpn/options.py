@@ -42,6 +42,10 @@ class Options:
 
 CROP_MODES = ("mask", "bbox")
 
+# How greedy answers are decoded after the prompt (sdrpn.llava.decode): "auto" is "graph"
+# (CUDA graphs over a static cache) on CUDA for a Llama text model, "hf" otherwise.
+DECODERS = ("auto", "hf", "static", "graph")
+
 # The RoI threshold the reference evaluates each benchmark with (SPEC Stage 3 step 2b).
 TASK_THRESHOLDS = {
     "textvqa": 0.15,

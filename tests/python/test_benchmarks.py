@@ -67,4 +67,6 @@ def test_infer_benchmark_runs_on_a_tiny_model():
     # bbox mode feeds whole crops; mask mode one crop's kept tokens, fewer than two crops'.
     assert row["bbox_1"]["crop_tokens"] == [576, 576] and row["bbox_2"]["crop_tokens"] == [1152, 1152]
     assert 0 < row["mask_2"]["crop_tokens"][0] < 1152
+    assert row["no_box"]["crop_tokens"] == [0, 0] and row["bbox_1_decoders_agree"] == 1.0
+    assert row["baseline_same_decoder_s"] > 0 and "throughput_vs_baseline" in row["bbox_1_hf_decoder"]
     assert row["reference_way_bbox_1"]["sdrpn_speedup_samples_per_s"] > 0

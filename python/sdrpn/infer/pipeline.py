@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from transformers import DynamicCache
 
 from .. import ops
+from ..llava.decode import DecoderPool, greedy_decode, resolve_decoder
 from ..llava.geometry import grid_box_to_pixels
 from ..llava.inputs import (
     crop_pixels,
@@ -97,7 +98,8 @@ class SDRPNLlava(LlavaAnswering):
     The prompt template, the image preprocessing and the RoI options default to what the
     RPN records (its labels' template and preprocessing, its preset's RoI options); ``task``
     picks the threshold the reference used for a benchmark ("textvqa", "docvqa", ...);
-    pass ``roi`` and the rest to override.
+    pass ``roi`` and the rest to override. ``decoder`` picks how tokens after the prompt
+    are decoded (``sdrpn.llava.decode``: CUDA graphs on CUDA by default).
     """
 
     def __init__(
@@ -110,6 +112,7 @@ class SDRPNLlava(LlavaAnswering):
         roi: RoiOptions | None = None,
         preprocessing: str | None = None,
         prompt_template: str | None = None,
+        decoder: str = "auto",
     ):
         if roi is not None:
             self.roi = roi
@@ -124,6 +127,8 @@ class SDRPNLlava(LlavaAnswering):
         self.rpn = rpn.eval()
         self.branch = rpn.config.branch_layer
         self.eos_id = self.tokenizer.eos_token_id
+        self.decoder = resolve_decoder(decoder, model)
+        self._decoders = DecoderPool()
 
     # ---- inputs ---------------------------------------------------------------------------
     def _split_prompt(self, question: str) -> tuple[list[int], list[int]]:
@@ -265,48 +270,28 @@ class SDRPNLlava(LlavaAnswering):
             new_mask[b, width - p.shape[0] :] = 1
         mask = torch.cat([p1.prefix_mask, new_mask], 1)
         pos = p1.prefix_mask.sum(1, keepdim=True) + position_ids_from_mask(new_mask)
-        tokens = _greedy(self.model, p1.cache, new, mask, pos, max_new_tokens, self.eos_id)
+        out = self.model(
+            inputs_embeds=new,
+            attention_mask=mask,
+            position_ids=pos,
+            past_key_values=p1.cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        tokens = greedy_decode(
+            self.model,
+            p1.cache,
+            out.logits[:, -1],
+            mask,
+            pos[:, -1:] + 1,
+            max_new_tokens,
+            self.eos_id,
+            self.decoder,
+            self._decoders,
+        )
         clock.lap("pass2_decode")
         timings = clock.total()
         return [
             SDRPNAnswer(self.tokenizer.decode(tok, skip_special_tokens=True), tok, roi, timings)
             for tok, roi in zip(tokens, p1.rois)
         ]
-
-
-def _greedy(
-    model, cache, embeds: Tensor, mask: Tensor, positions: Tensor, max_new_tokens: int, eos_id: int
-) -> list[list[int]]:
-    """Greedy decoding on top of a cache: the first step feeds `embeds`, later steps the
-    chosen tokens; a sample stops at its end-of-sequence token (kept in its output)."""
-    out = model(
-        inputs_embeds=embeds,
-        attention_mask=mask,
-        position_ids=positions,
-        past_key_values=cache,
-        use_cache=True,
-        logits_to_keep=1,
-    )
-    batch = embeds.shape[0]
-    done = [False] * batch  # on the host: one device sync per step (the tokens' copy)
-    tokens: list[list[int]] = [[] for _ in range(batch)]
-    next_pos = positions[:, -1:] + 1
-    for step in range(max_new_tokens):
-        nxt = out.logits[:, -1].argmax(-1)
-        for b, tok in enumerate(nxt.tolist()):
-            if not done[b]:
-                tokens[b].append(tok)
-                done[b] = tok == eos_id
-        if all(done) or step == max_new_tokens - 1:
-            break  # no forward for a token that would never be read
-        mask = torch.cat([mask, torch.ones(batch, 1, dtype=mask.dtype, device=mask.device)], 1)
-        out = model(
-            input_ids=nxt[:, None],
-            attention_mask=mask,
-            position_ids=next_pos,
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        next_pos = next_pos + 1
-    return tokens

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from .. import ops
 from ..io_utils import exclusive_lock
 from ..llava.data import QASample, SkipSample, load_entries, open_image, parse_entry
+from ..llava.decode import DecoderPool, greedy_answers, resolve_decoder
 from ..llava.geometry import model_grid
 from ..llava.inputs import Preprocessing, left_pad, preprocess_image, prompt_token_ids
 from ..llava.loading import DTYPES, model_device, model_dtype, model_identity, pad_token_id
@@ -87,6 +88,9 @@ class LabelJob:
         self.pad_id = pad_token_id(tokenizer)
         self.device = model_device(model)
         self.dtype = model_dtype(model)
+        # Self answers are greedy: CUDA graphs over a static cache on CUDA (llava/decode.py).
+        self.decoder = resolve_decoder("auto", model)
+        self._decoders = DecoderPool()
         self.folder = LabelFolder(cfg.out)
 
     # ---- stages ---------------------------------------------------------------------------
@@ -114,20 +118,16 @@ class LabelJob:
                 self.tokenizer(p.sample.answer, add_special_tokens=False)["input_ids"] + [self.eos_id] for p in items
             ]
         ids, mask = self._left_pad([p.prompt for p in items])
-        out = self.model.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            pixel_values=self._pixels(items),
-            max_new_tokens=self.options.max_new_tokens,
-            do_sample=False,
-            pad_token_id=self.pad_id,
-            eos_token_id=self.eos_id,
+        return greedy_answers(
+            self.model,
+            ids,
+            mask,
+            self._pixels(items),
+            self.options.max_new_tokens,
+            self.eos_id,
+            self.decoder,
+            self._decoders,
         )
-        answers = []
-        for row in out[:, ids.shape[1] :].tolist():
-            cut = row.index(self.eos_id) + 1 if self.eos_id in row else len(row)
-            answers.append(row[:cut])
-        return answers
 
     def _label_batch(self, items: list[Prepared], buf: ShardBuffer) -> None:
         answers = self._answers(items)

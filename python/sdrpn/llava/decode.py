@@ -1,0 +1,306 @@
+"""Greedy decoding on top of a KV cache that the Hugging Face model has filled.
+
+Through the model's own forward every decoded token costs about a thousand kernel
+launches and as much Python; at 7B on one GPU the host, not the GPU, sets the pace (the
+profile in benchmarks/README.md). Three decoders share one loop:
+
+- ``hf``: the model's forward per token over its DynamicCache;
+- ``static``: the same layers' own modules (norms, projections, MLP, rotary embedding)
+  over a preallocated cache, written so that a step never waits on the device: the step
+  updates its own inputs (the chosen token, the positions, the cache slot);
+- ``graph``: the static step captured once as a CUDA graph and replayed, one launch per
+  token. Graphs are kept per (batch, cache length rounded up to 64 slots) on shared
+  buffers, so calls of the same shapes reuse them.
+
+``auto`` is ``graph`` on CUDA and ``hf`` elsewhere. The static decoders know the Llama
+decoder (LLaVA-1.5's); for any other text model ``auto`` keeps ``hf``. They bypass hooks
+registered on the decoder layers (the ``hf`` decoder runs them).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import DynamicCache
+from transformers.models.llama.modeling_llama import LlamaModel, apply_rotary_pos_emb
+
+from ..options import DECODERS
+from .inputs import position_ids_from_mask
+
+SLOT_ROUNDING = 64  # cache slots per graph shape step: calls a few tokens apart share a graph
+
+
+def resolve_decoder(decoder: str, model: nn.Module) -> str:
+    """The decoder ``decoder`` names for this model: ``auto`` picks ``graph`` on CUDA for a
+    Llama text model and ``hf`` otherwise; ``static``/``graph`` where they do not apply
+    (another text model, a RoPE that reads positions on the host, ``graph`` off CUDA) is
+    refused."""
+    if decoder not in DECODERS:
+        raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
+    unfit = _static_unfit(model)
+    cuda = next(model.parameters()).device.type == "cuda"
+    if decoder == "auto":
+        return "graph" if cuda and not unfit else "hf"
+    if decoder in ("static", "graph") and unfit:
+        raise ValueError(f"decoder {decoder!r} needs {unfit}")
+    if decoder == "graph" and not cuda:
+        raise ValueError("decoder 'graph' needs the model on a CUDA device; use 'static' or 'hf'")
+    return decoder
+
+
+def _static_unfit(model: nn.Module) -> str | None:
+    """Why the static step cannot stand in for this model's forward (None: it can)."""
+    text = model.get_decoder()
+    if not isinstance(text, LlamaModel):
+        return f"a Llama text model, got {type(text).__name__}"
+    rope = str(text.rotary_emb.rope_type)
+    if "dynamic" in rope or rope == "longrope":  # these recompute frequencies from max(position)
+        return f"a RoPE without host-side updates, got {rope!r}"
+    return None
+
+
+def slot_bucket(slots: int) -> int:
+    """Cache slots rounded up to SLOT_ROUNDING: the lengths graphs are captured for."""
+    return -(-slots // SLOT_ROUNDING) * SLOT_ROUNDING
+
+
+class StaticDecoder:
+    """Greedy steps of a Llama text model for ``batch`` samples over a preallocated cache
+    of ``capacity`` slots (a multiple of SLOT_ROUNDING).
+
+    ``load`` copies a DynamicCache (T slots per sample, ``mask`` marking the real ones)
+    into slots [0, T); each ``step`` feeds the token at its positions into the next slot
+    and leaves the argmax token, the next positions and the next slot in its own inputs,
+    so that steps chain with no host work between them. A step attends over the first
+    ``slot_bucket(T + room)`` slots; in graph mode one graph per such length, all on the
+    same buffers.
+    """
+
+    def __init__(self, model: nn.Module, batch: int, capacity: int, graph: bool):
+        if capacity % SLOT_ROUNDING:
+            raise ValueError(f"capacity must be a multiple of {SLOT_ROUNDING}, got {capacity}")
+        self.text = model.get_decoder()
+        self.head = model.get_output_embeddings()
+        weight = self.head.weight
+        attn = self.text.layers[0].self_attn
+        kv_heads = self.text.config.num_key_value_heads
+        shape = (batch, kv_heads, capacity, attn.head_dim)
+        self.keys = [torch.zeros(shape, device=weight.device, dtype=weight.dtype) for _ in self.text.layers]
+        self.values = [torch.zeros_like(k) for k in self.keys]
+        self.valid = torch.zeros(batch, capacity, dtype=torch.bool, device=weight.device)
+        self.token = torch.zeros(batch, dtype=torch.long, device=weight.device)
+        self.positions = torch.zeros(batch, 1, dtype=torch.long, device=weight.device)
+        self.slot = torch.zeros(1, dtype=torch.long, device=weight.device)
+        self.gqa = self.text.config.num_attention_heads != kv_heads
+        self.batch, self.capacity, self.length = batch, capacity, capacity
+        self.use_graph = graph
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor]] = {}
+
+    def load(self, cache, mask: Tensor, positions: Tensor, token: Tensor, room: int) -> None:
+        """Cache slots from ``cache`` (its T = mask.shape[1] slots), the first token to feed
+        and its positions (B, 1); ``room`` more slots must fit."""
+        width = mask.shape[1]
+        if width + room > self.capacity:
+            raise ValueError(f"{width} cached + {room} new slots exceed the decoder's {self.capacity}")
+        if mask.shape[0] != self.batch:
+            raise ValueError(f"the decoder holds {self.batch} samples, the mask {mask.shape[0]}")
+        for layer, (k, v) in enumerate(zip(self.keys, self.values)):
+            cached = cache.layers[layer]
+            if cached.keys.shape[-2] != width:
+                raise ValueError(f"cache layer {layer} holds {cached.keys.shape[-2]} slots, the mask {width}")
+            k[:, :, :width].copy_(cached.keys)
+            v[:, :, :width].copy_(cached.values)
+        self.valid.zero_()
+        self.valid[:, :width].copy_(mask.bool())
+        self.token.copy_(token)
+        self.positions.copy_(positions)
+        self.slot.fill_(width)
+        self.length = slot_bucket(width + room)
+
+    @torch.no_grad()
+    def step(self) -> Tensor:
+        """Decodes one token per sample; returns (B,) token ids (a buffer the next step
+        overwrites in graph mode)."""
+        if not self.use_graph:
+            return self._step()
+        captured = self._graphs.get(self.length)
+        if captured is None:
+            return self._capture()
+        captured[0].replay()
+        return captured[1]
+
+    def _capture(self) -> Tensor:
+        """Runs this step for real on a side stream (which also warms up the libraries'
+        handles), then records the next one as a graph without running it. A capture
+        that fails leaves this decoder eager."""
+        device = self.token.device
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            out = self._step()
+        torch.cuda.current_stream(device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            # thread_local: a capture here must not fail CUDA calls of the caller's other threads
+            with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
+                graph_out = self._step()
+        except RuntimeError as error:
+            warnings.warn(f"CUDA graph capture failed, decoding without graphs: {error}", stacklevel=3)
+            self.use_graph = False
+            return out
+        self._graphs[self.length] = (graph, graph_out)
+        return out
+
+    def _step(self) -> Tensor:
+        text, batch, length = self.text, self.batch, self.length
+        valid = self.valid[:, :length]
+        valid.index_fill_(1, self.slot, True)
+        hidden = text.embed_tokens(self.token[:, None])
+        # One additive mask for every layer (SDPA would convert a boolean one per layer).
+        mask = torch.zeros(valid.shape, dtype=hidden.dtype, device=hidden.device)
+        mask = mask.masked_fill_(~valid, torch.finfo(hidden.dtype).min)[:, None, None, :]
+        cos, sin = text.rotary_emb(hidden, self.positions)
+        for layer, keys, values in zip(text.layers, self.keys, self.values):
+            attn = layer.self_attn
+            x = layer.input_layernorm(hidden)
+            q = attn.q_proj(x).view(batch, 1, -1, attn.head_dim).transpose(1, 2)
+            k = attn.k_proj(x).view(batch, 1, -1, attn.head_dim).transpose(1, 2)
+            v = attn.v_proj(x).view(batch, 1, -1, attn.head_dim).transpose(1, 2)
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            keys, values = keys[:, :, :length], values[:, :, :length]
+            keys.index_copy_(2, self.slot, k)
+            values.index_copy_(2, self.slot, v)
+            o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling, enable_gqa=self.gqa)
+            hidden = hidden + attn.o_proj(o.transpose(1, 2).reshape(batch, 1, -1))
+            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        nxt = self.head(text.norm(hidden))[:, -1].argmax(-1)
+        self.token.copy_(nxt)
+        self.positions.add_(1)
+        self.slot.add_(1)
+        return nxt
+
+
+class DecoderPool:
+    """Static decoders kept between calls, so that their buffers and CUDA graphs serve the
+    next call of the same batch size: one per batch size for the last ``sizes`` sizes (a
+    run's full batches and its last, partial one), each grown to the longest cache asked
+    for (a 7B cache at batch 8 and 1,800 slots is 7 GiB)."""
+
+    def __init__(self, sizes: int = 2):
+        self.sizes = sizes
+        self._decoders: dict[tuple, StaticDecoder] = {}
+
+    def get(self, model: nn.Module, batch: int, slots: int, graph: bool) -> StaticDecoder:
+        key = (id(model), batch, graph)
+        decoder = self._decoders.pop(key, None)
+        if decoder is None or decoder.capacity < slots:
+            decoder = None  # free the smaller buffers first
+            while len(self._decoders) >= self.sizes:
+                self._decoders.pop(next(iter(self._decoders)))
+            decoder = StaticDecoder(model, batch, slot_bucket(slots), graph)
+        self._decoders[key] = decoder  # the most recently used last
+        return decoder
+
+
+@torch.no_grad()
+def prefill(model: nn.Module, ids: Tensor, mask: Tensor, pixels: Tensor | None):
+    """Left-padded prompts (B, L) with their images through the model into a new
+    DynamicCache: (cache, the last position's logits (B, V), mask, next positions (B, 1)),
+    what greedy_decode continues from."""
+    pos = position_ids_from_mask(mask)
+    cache = DynamicCache(config=model.config.get_text_config())
+    out = model(
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=pos,
+        pixel_values=pixels,
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    return cache, out.logits[:, -1], mask, pos[:, -1:] + 1
+
+
+@torch.no_grad()
+def greedy_answers(
+    model: nn.Module,
+    ids: Tensor,
+    mask: Tensor,
+    pixels: Tensor,
+    max_new_tokens: int,
+    eos_id: int,
+    decoder: str = "hf",
+    pool: DecoderPool | None = None,
+) -> list[list[int]]:
+    """Greedy answers to left-padded prompts (B, L) with their images, each up to and with
+    its end token: what ``generate(do_sample=False)`` returns, through ``decoder``."""
+    return greedy_decode(model, *prefill(model, ids, mask, pixels), max_new_tokens, eos_id, decoder, pool)
+
+
+@torch.no_grad()
+def greedy_decode(
+    model: nn.Module,
+    cache,
+    logits: Tensor,
+    mask: Tensor,
+    positions: Tensor,
+    max_new_tokens: int,
+    eos_id: int,
+    decoder: str = "hf",
+    pool: DecoderPool | None = None,
+) -> list[list[int]]:
+    """Greedy tokens after a forward that filled ``cache`` and returned ``logits`` (B, V) of
+    its last position; ``mask`` (B, T) marks the cache's real slots and ``positions``
+    (B, 1) is each sample's next position. A sample stops at its end-of-sequence token
+    (kept in its output). ``decoder`` is resolved already (see resolve_decoder)."""
+    if decoder not in ("hf", "static", "graph"):
+        raise ValueError(f"decoder must be resolved to 'hf', 'static' or 'graph', got {decoder!r}")
+    batch = logits.shape[0]
+    nxt = logits.argmax(-1)
+    step: Callable[[Tensor], Tensor]
+    if decoder == "hf" or max_new_tokens == 1:
+        step = _hf_steps(model, cache, mask, positions)
+    else:
+        pool = pool or DecoderPool()
+        static = pool.get(model, batch, mask.shape[1] + max_new_tokens - 1, graph=decoder == "graph")
+        static.load(cache, mask, positions, nxt, max_new_tokens - 1)
+
+        def step(_token: Tensor) -> Tensor:
+            return static.step()
+
+    done = [False] * batch  # on the host: one device sync per step (the tokens' copy)
+    tokens: list[list[int]] = [[] for _ in range(batch)]
+    for i in range(max_new_tokens):
+        for b, tok in enumerate(nxt.tolist()):
+            if not done[b]:
+                tokens[b].append(tok)
+                done[b] = tok == eos_id
+        if all(done) or i == max_new_tokens - 1:
+            break  # no forward for a token that would never be read
+        nxt = step(nxt)
+    return tokens
+
+
+def _hf_steps(model: nn.Module, cache, mask: Tensor, positions: Tensor) -> Callable[[Tensor], Tensor]:
+    """The model's own forward per token over its DynamicCache."""
+    state = {"mask": mask, "positions": positions}
+
+    def step(token: Tensor) -> Tensor:
+        ones = torch.ones(mask.shape[0], 1, dtype=mask.dtype, device=mask.device)
+        state["mask"] = torch.cat([state["mask"], ones], 1)
+        out = model(
+            input_ids=token[:, None],
+            attention_mask=state["mask"],
+            position_ids=state["positions"],
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        state["positions"] = state["positions"] + 1
+        return out.logits[:, -1].argmax(-1)
+
+    return step

@@ -1,0 +1,206 @@
+"""The static and graph decoders answer token for token as the model's own forward does."""
+
+import warnings
+from dataclasses import replace
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from transformers import MistralConfig
+
+from sdrpn.llava.decode import DecoderPool, StaticDecoder, greedy_answers, greedy_decode, prefill, resolve_decoder
+from sdrpn.llava.inputs import left_pad
+from test_infer import QUESTIONS, blob_logits, images, pipeline
+from tiny_llava import PAD, make_tiny_llava, prompt_ids
+
+CUDA = torch.cuda.is_available()
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return make_tiny_llava(num_layers=4, grid=4)
+
+
+def prompt_cache(model, prompts: list[list[int]], pixels=None):
+    """Left-padded prompts through the model: (cache, last logits, mask, next positions)."""
+    ids, mask = left_pad(prompts, PAD, next(model.parameters()).device)
+    return prefill(model, ids, mask, pixels)
+
+
+PROMPTS = [[1, 9, 17, 33, 40, 5], [1, 11, 12], [1, 7, 7, 21, 60, 61, 62, 63, 8]]
+
+
+def decode(model, decoder, max_new_tokens=12, eos=-1, pool=None, prompts=PROMPTS):
+    cache, logits, mask, nxt = prompt_cache(model, prompts)
+    return greedy_decode(model, cache, logits, mask, nxt, max_new_tokens, eos, decoder, pool)
+
+
+def test_static_decoder_answers_as_the_models_forward(tiny):
+    want = decode(tiny.model, "hf")
+    assert decode(tiny.model, "static") == want
+    assert [len(t) for t in want] == [12] * 3
+    assert len({tuple(t) for t in want}) == 3  # the samples differ: a mix-up would show
+
+
+def test_decoding_after_an_image_prompt_answers_as_generate(tiny):
+    """What the label job's self answers do: the prompt with its image, then decoding."""
+    prompts = [prompt_ids(tiny.num_cells, q) for q in ([9, 17, 33], [11], [7, 21, 60, 61])]
+    pixels = torch.randn(3, 3, tiny.image_size, tiny.image_size, generator=torch.Generator().manual_seed(0))
+    ids, mask = left_pad(prompts, PAD, "cpu")
+    with torch.no_grad():
+        out = tiny.model.generate(
+            input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=9, do_sample=False, pad_token_id=PAD
+        )
+    want = out[:, ids.shape[1] :].tolist()
+    for decoder in ("hf", "static"):
+        assert greedy_answers(tiny.model, ids, mask, pixels, 9, -1, decoder) == want
+
+
+def test_static_decoder_stops_each_sample_at_its_end_token(tiny):
+    free = decode(tiny.model, "hf", max_new_tokens=10)
+    eos = free[1][3]  # a token sample 1 reaches at its 4th step stands in for the end token
+    want = decode(tiny.model, "hf", max_new_tokens=10, eos=eos)
+    assert decode(tiny.model, "static", max_new_tokens=10, eos=eos) == want
+    assert want[1] == free[1][: free[1].index(eos) + 1] and len(want[1]) < 10
+    for i in (1, 2):
+        assert decode(tiny.model, "static", max_new_tokens=i) == [t[:i] for t in free]
+
+
+def test_sdrpn_answers_alike_with_every_decoder_on_this_device(tiny):
+    forced = blob_logits((0, 0, 2, 2), None, (1, 1, 3, 4))
+    ims = images(3, seed=1)
+    for mode in ("bbox", "mask"):
+        sd, ref = pipeline(tiny, forced, decoder="static"), pipeline(tiny, forced, decoder="hf")
+        sd.roi = ref.roi = replace(sd.roi, crop_mode=mode)
+        want = [a.tokens for a in ref.generate(ims, QUESTIONS, max_new_tokens=7)]
+        for _ in range(2):  # the second call reuses the first one's buffers
+            assert [a.tokens for a in sd.generate(ims, QUESTIONS, max_new_tokens=7)] == want
+
+
+class NoHostSync(TorchDispatchMode):
+    """Fails on any op that reads a tensor's value on the host (what a CUDA graph capture
+    cannot contain)."""
+
+    SYNCING = {"_local_scalar_dense", "nonzero", "masked_select", "unique_consecutive", "_unique2"}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.__name__.split(".")[0] in self.SYNCING:
+            raise AssertionError(f"{func.__name__} reads a tensor on the host")
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_static_step_never_reads_the_device_on_the_host(tiny):
+    cache, logits, mask, nxt = prompt_cache(tiny.model, PROMPTS)
+    static = StaticDecoder(tiny.model, 3, 64, graph=False)
+    static.load(cache, mask, nxt, logits.argmax(-1), 4)
+    with torch.no_grad(), NoHostSync():
+        static.step()
+        static.step()
+    with pytest.raises(AssertionError, match="reads a tensor"), NoHostSync():
+        torch.ones(2).sum().item()  # the guard itself catches a sync
+
+
+def test_the_pool_keeps_a_decoder_per_batch_size_grown_to_the_longest_cache(tiny):
+    pool = DecoderPool(sizes=2)
+    a = pool.get(tiny.model, 3, 20, graph=False)
+    assert a.capacity == 64 and pool.get(tiny.model, 3, 60, graph=False) is a
+    b = pool.get(tiny.model, 3, 65, graph=False)
+    assert b is not a and b.capacity == 128 and pool.get(tiny.model, 3, 30, graph=False) is b
+    c = pool.get(tiny.model, 2, 10, graph=False)
+    assert c.batch == 2 and pool.get(tiny.model, 3, 10, graph=False) is b  # two sizes kept
+    pool.get(tiny.model, 1, 10, graph=False)  # a third size drops the least recently used (2)
+    assert pool.get(tiny.model, 3, 10, graph=False) is b and pool.get(tiny.model, 2, 10, graph=False) is not c
+
+
+def test_a_longer_decoder_attends_over_the_bucket_it_needs(tiny):
+    """A decoder grown for a long cache answers a short one as the model does."""
+    pool = DecoderPool()
+    long_prompts = [p * 8 for p in PROMPTS]
+    assert decode(tiny.model, "static", pool=pool, prompts=long_prompts) == decode(
+        tiny.model, "hf", prompts=long_prompts
+    )
+    decoder = pool.get(tiny.model, 3, 1, graph=False)
+    assert decoder.capacity == 128
+    assert decode(tiny.model, "static", pool=pool) == decode(tiny.model, "hf")
+    assert decoder.length == 64 and pool.get(tiny.model, 3, 1, graph=False) is decoder
+
+
+def test_load_refuses_a_cache_that_does_not_fit(tiny):
+    cache, logits, mask, nxt = prompt_cache(tiny.model, PROMPTS)
+    static = StaticDecoder(tiny.model, 3, 64, graph=False)
+    with pytest.raises(ValueError, match="9 cached \\+ 56 new slots exceed the decoder's 64"):
+        static.load(cache, mask, nxt, logits.argmax(-1), 56)
+    with pytest.raises(ValueError, match="the decoder holds 3 samples, the mask 2"):
+        static.load(cache, mask[:2], nxt, logits.argmax(-1), 1)
+    with pytest.raises(ValueError, match="capacity must be a multiple of 64, got 12"):
+        StaticDecoder(tiny.model, 3, 12, graph=False)
+    with pytest.raises(ValueError, match="cache layer 0 holds 9 slots, the mask 8"):
+        static.load(cache, mask[:, 1:], nxt, logits.argmax(-1), 1)
+
+
+def test_resolve_decoder_names_what_is_refused(tiny):
+    assert resolve_decoder("auto", tiny.model) == ("graph" if next(tiny.model.parameters()).is_cuda else "hf")
+    assert resolve_decoder("static", tiny.model) == "static"
+    with pytest.raises(ValueError, match="decoder must be one of .* got 'beam'"):
+        resolve_decoder("beam", tiny.model)
+    if not next(tiny.model.parameters()).is_cuda:
+        with pytest.raises(ValueError, match="decoder 'graph' needs the model on a CUDA device"):
+            resolve_decoder("graph", tiny.model)
+    with pytest.raises(ValueError, match="decoder must be one of"):
+        pipeline(tiny, decoder="fast")
+    with pytest.raises(ValueError, match="decoder must be resolved to 'hf', 'static' or 'graph', got 'auto'"):
+        decode(tiny.model, "auto")
+
+
+def test_a_rope_that_reads_positions_on_the_host_keeps_the_models_forward(tiny, monkeypatch):
+    monkeypatch.setattr(tiny.model.get_decoder().rotary_emb, "rope_type", "dynamic")
+    assert resolve_decoder("auto", tiny.model) == "hf"
+    with pytest.raises(ValueError, match="decoder 'static' needs a RoPE without host-side updates, got 'dynamic'"):
+        resolve_decoder("static", tiny.model)
+
+
+def test_other_text_models_keep_the_models_forward():
+    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(
+            hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28
+        ),
+        text_config=MistralConfig(
+            vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2
+        ),
+    )
+    model = LlavaForConditionalGeneration(config)
+    assert resolve_decoder("auto", model) == "hf"
+    with pytest.raises(ValueError, match="decoder .static. needs a Llama text model, got MistralModel"):
+        resolve_decoder("static", model)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_graph_decoder_answers_as_the_models_forward_on_cuda():
+    tiny = make_tiny_llava(num_layers=4, grid=4)
+    model = tiny.model.cuda()
+    want = decode(model, "hf")
+    pool = DecoderPool()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a failed capture warns: here it is a failure
+        first = decode(model, "graph", pool=pool)
+        graph = pool._decoder._graph
+        again = decode(model, "graph", pool=pool)  # replayed from the first call's capture
+    assert graph is not None and pool._decoder._graph is graph
+    assert first == want and again == want
+    eos = want[1][3]
+    assert decode(model, "graph", eos=eos, pool=pool) == decode(model, "hf", eos=eos)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_sdrpn_answers_alike_with_graphs_on_cuda():
+    tiny = make_tiny_llava(num_layers=4, grid=4)
+    tiny.model.cuda()
+    forced = blob_logits((0, 0, 2, 2), None, (1, 1, 3, 4))
+    ims = images(3, seed=1)
+    want = [a.tokens for a in pipeline(tiny, forced, decoder="hf").generate(ims, QUESTIONS, max_new_tokens=7)]
+    sd = pipeline(tiny, forced)
+    assert sd.decoder == "graph"
+    for _ in range(2):
+        assert [a.tokens for a in sd.generate(ims, QUESTIONS, max_new_tokens=7)] == want
