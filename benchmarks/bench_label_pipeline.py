@@ -22,8 +22,9 @@ sys.path.insert(0, HERE)
 
 import sdrpn
 from sdrpn.llava import LLAVA15_7B, HeadSelection, LlavaPreset, TeacherForcedBatch, attention_maps
-from sdrpn.llava.decode import DecoderPool, greedy_answers, resolve_decoder
+from sdrpn.llava.decode import DecoderPool, resolve_decoder
 from sdrpn.llava.inputs import left_pad
+from sdrpn.llava.maps import self_answer_maps
 from sdrpn.options import DECODERS
 from timing import emit, machine, save, sync
 
@@ -91,26 +92,28 @@ def make_prompts(n: int, question_tokens: int, gen: torch.Generator) -> list[lis
 
 @torch.no_grad()
 def ours(model, preset, prompts, pixels, answer_tokens, batch_size, decoder, gen, pool=None):
-    """The label job's way: self answers (through ``decoder``; None: answers given), then
-    one teacher-forced pass and the labels."""
+    """The label job's way: given answers and one teacher-forced pass over [prompt, answer],
+    or (``decoder`` set) self answers through it and their maps from the prompts' cache;
+    then the labels."""
     device = pixels.device
     for i in range(0, len(prompts), batch_size):
         chunk, px = prompts[i : i + batch_size], pixels[i : i + batch_size]
         if decoder:
             ids, mask = left_pad(chunk, 0, device)
-            answers = greedy_answers(model, ids, mask, px, answer_tokens, -1, decoder, pool)
+            options = {"max_new_tokens": answer_tokens, "eos_id": -1, "pad_id": 0, "decoder": decoder, "pool": pool}
+            _, maps = self_answer_maps(model, ids, mask, px, preset, 576, **options)
         else:
             answers = [torch.randint(100, 30000, (answer_tokens,), generator=gen).tolist() for _ in chunk]
-        ids, mask = left_pad([p + a for p, a in zip(chunk, answers)], 0, device)
-        width = ids.shape[1]
-        batch = TeacherForcedBatch(
-            ids,
-            mask,
-            px,
-            torch.full((len(chunk),), width - answer_tokens, device=device),
-            torch.full((len(chunk),), answer_tokens, device=device),
-        )
-        maps = attention_maps(model, batch, preset, 576)
+            ids, mask = left_pad([p + a for p, a in zip(chunk, answers)], 0, device)
+            width = ids.shape[1]
+            batch = TeacherForcedBatch(
+                ids,
+                mask,
+                px,
+                torch.full((len(chunk),), width - answer_tokens, device=device),
+                torch.full((len(chunk),), answer_tokens, device=device),
+            )
+            maps = attention_maps(model, batch, preset, 576)
         sdrpn.ops.pseudo_labels(maps.grounding, maps.sink, 24, 24)
 
 

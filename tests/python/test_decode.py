@@ -1,5 +1,6 @@
 """The static and graph decoders answer token for token as the model's own forward does."""
 
+import contextlib
 import warnings
 from dataclasses import replace
 
@@ -8,6 +9,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import MistralConfig
 
+import sdrpn.llava.decode as decode_module
 from sdrpn.llava.decode import DecoderPool, StaticDecoder, greedy_answers, greedy_decode, prefill, resolve_decoder
 from sdrpn.llava.inputs import left_pad
 from test_infer import QUESTIONS, blob_logits, images, pipeline
@@ -176,6 +178,55 @@ def test_other_text_models_keep_the_models_forward():
         resolve_decoder("static", model)
 
 
+class FakeStream:
+    def wait_stream(self, other):
+        pass
+
+
+def fake_graphs(monkeypatch, fail: bool = False) -> list:
+    """CUDA streams and graphs stood in for on the CPU: a capture runs nothing and a replay
+    runs the captured step, as on the device; returns the list of captures."""
+    captures = []
+
+    def capture(fn, stream):
+        if fail:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        captures.append(fn)
+        return fn
+
+    monkeypatch.setattr(decode_module, "capture_graph", capture)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: FakeStream())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: FakeStream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    return captures
+
+
+def test_graph_mode_warms_up_captures_once_per_length_and_replays(tiny, monkeypatch):
+    captures = fake_graphs(monkeypatch)
+    pool = DecoderPool()
+    long_prompts = [p * 8 for p in PROMPTS]
+    want_long, want = decode(tiny.model, "hf", prompts=long_prompts), decode(tiny.model, "hf")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="CUDA graph capture failed")
+        for _ in range(2):
+            assert decode(tiny.model, "graph", pool=pool, prompts=long_prompts) == want_long
+            assert decode(tiny.model, "graph", pool=pool) == want
+    assert len(captures) == 2  # lengths 128 and 64 on the same buffers, each captured once
+    eos = want[1][3]
+    assert decode(tiny.model, "graph", eos=eos, pool=pool) == decode(tiny.model, "hf", eos=eos)
+
+
+def test_a_failed_capture_warns_and_decodes_without_graphs(tiny, monkeypatch):
+    fake_graphs(monkeypatch, fail=True)
+    pool = DecoderPool()
+    with pytest.warns(UserWarning, match="CUDA graph capture failed, decoding without graphs: operation not"):
+        assert decode(tiny.model, "graph", pool=pool) == decode(tiny.model, "hf")
+    assert not pool.get(tiny.model, 3, 1, graph=True).use_graph
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="CUDA graph capture failed")  # it warned once
+        assert decode(tiny.model, "graph", pool=pool) == decode(tiny.model, "hf")
+
+
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 def test_graph_decoder_answers_as_the_models_forward_on_cuda():
     tiny = make_tiny_llava(num_layers=4, grid=4)
@@ -183,11 +234,12 @@ def test_graph_decoder_answers_as_the_models_forward_on_cuda():
     want = decode(model, "hf")
     pool = DecoderPool()
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # a failed capture warns: here it is a failure
+        warnings.filterwarnings("error", message="CUDA graph capture failed")  # here it is a failure
         first = decode(model, "graph", pool=pool)
-        graph = pool._decoder._graph
+        decoder = pool.get(model, 3, 1, graph=True)
+        replays = dict(decoder._graphs)
         again = decode(model, "graph", pool=pool)  # replayed from the first call's capture
-    assert graph is not None and pool._decoder._graph is graph
+    assert len(replays) == 1 and decoder._graphs == replays and decoder.use_graph
     assert first == want and again == want
     eos = want[1][3]
     assert decode(model, "graph", eos=eos, pool=pool) == decode(model, "hf", eos=eos)
@@ -202,5 +254,7 @@ def test_sdrpn_answers_alike_with_graphs_on_cuda():
     want = [a.tokens for a in pipeline(tiny, forced, decoder="hf").generate(ims, QUESTIONS, max_new_tokens=7)]
     sd = pipeline(tiny, forced)
     assert sd.decoder == "graph"
-    for _ in range(2):
-        assert [a.tokens for a in sd.generate(ims, QUESTIONS, max_new_tokens=7)] == want
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="CUDA graph capture failed")
+        for _ in range(2):
+            assert [a.tokens for a in sd.generate(ims, QUESTIONS, max_new_tokens=7)] == want

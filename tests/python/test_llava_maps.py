@@ -3,9 +3,10 @@ import torch
 
 import sdrpn
 from sdrpn.llava import AttentionProbe, HeadSelection, LlavaPreset, attention_maps, get_preset, probe_once
-from sdrpn.llava.inputs import position_ids_from_mask
-from sdrpn.llava.maps import answer_queries, image_columns
-from tiny_llava import EOS, make_tiny_llava, prompt_ids, random_tokens, row_slice, teacher_forced_batch
+from sdrpn.llava.decode import prefill
+from sdrpn.llava.inputs import left_pad, position_ids_from_mask
+from sdrpn.llava.maps import answer_queries, attention_maps_on_cache, image_columns
+from tiny_llava import EOS, PAD, make_tiny_llava, prompt_ids, random_tokens, row_slice, teacher_forced_batch
 
 PRESET = LlavaPreset("tiny", grounding=HeadSelection(((2, 1), (2, 3), (1, 0))), sink=HeadSelection(((0, None),)))
 
@@ -145,6 +146,29 @@ def test_self_generated_answer_maps_equal_step_by_step_generate(tiny):
     )
     maps = attention_maps(model, batch, PRESET, n)
     torch.testing.assert_close(maps.grounding[0], g, rtol=1e-4, atol=1e-6)
+
+
+def test_maps_on_the_prompt_cache_equal_the_whole_sequence_pass(tiny):
+    """The label job's self answers: the maps from [last prompt token, answer] on top of the
+    prompt's cache equal one pass over [prompt, answer], for answers of 1 to 5 tokens."""
+    gen = torch.Generator().manual_seed(5)
+    prompts = [prompt_ids(tiny.num_cells, random_tokens(gen, n)) for n in (4, 7, 2, 3)]
+    answers = [random_tokens(gen, n - 1) + [EOS] for n in (5, 1, 3, 2)]
+    pixels = torch.randn(4, 3, tiny.image_size, tiny.image_size, generator=gen)
+    ids, mask = left_pad(prompts, PAD)
+    cache, _, _, _ = prefill(tiny.model, ids, mask, pixels)
+    with pytest.raises(ValueError, match="need one non-empty answer per prompt, got lengths \\[5, 0, 3, 2\\]"):
+        attention_maps_on_cache(tiny.model, cache, ids, mask, [answers[0], [], *answers[2:]], PRESET, 16, PAD)
+    got = attention_maps_on_cache(tiny.model, cache, ids, mask, answers, PRESET, tiny.num_cells, PAD)
+    full_ids, full_mask = left_pad([p + a for p, a in zip(prompts, answers)], PAD)
+    width = full_ids.shape[1]
+    lengths = torch.tensor([len(a) for a in answers])
+    want = attention_maps(
+        tiny.model, sdrpn.llava.TeacherForcedBatch(full_ids, full_mask, pixels, width - lengths, lengths), PRESET, 16
+    )
+    torch.testing.assert_close(got.grounding, want.grounding, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(got.sink, want.sink, rtol=1e-4, atol=1e-6)
+    assert cache.get_seq_length() == ids.shape[1] - 1 + 6  # cut to W - 1, then 1 + the longest answer
 
 
 def test_answer_queries():

@@ -14,11 +14,11 @@ from torch import Tensor, nn
 from .. import ops
 from ..io_utils import exclusive_lock
 from ..llava.data import QASample, SkipSample, load_entries, open_image, parse_entry
-from ..llava.decode import DecoderPool, greedy_answers, resolve_decoder
+from ..llava.decode import DecoderPool, resolve_decoder
 from ..llava.geometry import model_grid
 from ..llava.inputs import Preprocessing, left_pad, preprocess_image, prompt_token_ids
 from ..llava.loading import DTYPES, model_device, model_dtype, model_identity, pad_token_id
-from ..llava.maps import TeacherForcedBatch, attention_maps
+from ..llava.maps import AttentionMaps, TeacherForcedBatch, attention_maps, self_answer_maps
 from ..llava.presets import LlavaPreset
 from ..progress import show_progress
 from .folder import LabelFolder, LabelFolderConfig, shard_name, summarize
@@ -112,31 +112,43 @@ class LabelJob:
         return torch.stack([p.pixels for p in items]).to(self.device, self.dtype)
 
     @torch.no_grad()
-    def _answers(self, items: list[Prepared]) -> list[list[int]]:
-        if self.options.answers == "given":
-            return [
-                self.tokenizer(p.sample.answer, add_special_tokens=False)["input_ids"] + [self.eos_id] for p in items
-            ]
-        ids, mask = self._left_pad([p.prompt for p in items])
-        return greedy_answers(
-            self.model,
-            ids,
-            mask,
-            self._pixels(items),
-            self.options.max_new_tokens,
-            self.eos_id,
-            self.decoder,
-            self._decoders,
-        )
-
-    def _label_batch(self, items: list[Prepared], buf: ShardBuffer) -> None:
-        answers = self._answers(items)
+    def _given_answers_and_maps(self, items: list[Prepared]) -> tuple[list[list[int]], AttentionMaps]:
+        """The given answers (with the end token) and their maps from one teacher-forced
+        pass over [prompt, answer]."""
+        tokens = [self.tokenizer(p.sample.answer, add_special_tokens=False)["input_ids"] for p in items]
+        answers = [t + [self.eos_id] for t in tokens]
         ids, mask = self._left_pad([p.prompt + a for p, a in zip(items, answers)])
         width = ids.shape[1]
         starts = torch.tensor([width - len(a) for a in answers], device=self.device)
         lengths = torch.tensor([len(a) for a in answers], device=self.device)
         batch = TeacherForcedBatch(ids, mask, self._pixels(items), starts, lengths)
-        maps = attention_maps(self.model, batch, self.preset, self.num_cells)
+        return answers, attention_maps(self.model, batch, self.preset, self.num_cells)
+
+    @torch.no_grad()
+    def _self_answers_and_maps(self, items: list[Prepared]) -> tuple[list[list[int]], AttentionMaps]:
+        """Greedy answers, then their maps from the answers alone on top of the prompts'
+        cache (the same rows as a pass over [prompt, answer], without running the prompt
+        twice)."""
+        ids, mask = self._left_pad([p.prompt for p in items])
+        return self_answer_maps(
+            self.model,
+            ids,
+            mask,
+            self._pixels(items),
+            self.preset,
+            self.num_cells,
+            max_new_tokens=self.options.max_new_tokens,
+            eos_id=self.eos_id,
+            pad_id=self.pad_id,
+            decoder=self.decoder,
+            pool=self._decoders,
+        )
+
+    def _label_batch(self, items: list[Prepared], buf: ShardBuffer) -> None:
+        if self.options.answers == "self":
+            answers, maps = self._self_answers_and_maps(items)
+        else:
+            answers, maps = self._given_answers_and_maps(items)
         opts = self.options
         labels = ops.pseudo_labels(
             maps.grounding,

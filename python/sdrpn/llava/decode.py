@@ -63,6 +63,21 @@ def _static_unfit(model: nn.Module) -> str | None:
     return None
 
 
+def capture_graph(fn: Callable[[], Tensor], stream: torch.cuda.Stream) -> Callable[[], Tensor]:
+    """Records ``fn`` as a CUDA graph on ``stream`` without running it; the returned
+    function replays it and returns the output buffer it wrote."""
+    graph = torch.cuda.CUDAGraph()
+    # thread_local: a capture here must not fail CUDA calls of the caller's other threads
+    with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
+        out = fn()
+
+    def replay() -> Tensor:
+        graph.replay()
+        return out
+
+    return replay
+
+
 def slot_bucket(slots: int) -> int:
     """Cache slots rounded up to SLOT_ROUNDING: the lengths graphs are captured for."""
     return -(-slots // SLOT_ROUNDING) * SLOT_ROUNDING
@@ -98,7 +113,7 @@ class StaticDecoder:
         self.gqa = self.text.config.num_attention_heads != kv_heads
         self.batch, self.capacity, self.length = batch, capacity, capacity
         self.use_graph = graph
-        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor]] = {}
+        self._graphs: dict[int, Callable[[], Tensor]] = {}  # cache length -> replay
 
     def load(self, cache, mask: Tensor, positions: Tensor, token: Tensor, room: int) -> None:
         """Cache slots from ``cache`` (its T = mask.shape[1] slots), the first token to feed
@@ -127,11 +142,10 @@ class StaticDecoder:
         overwrites in graph mode)."""
         if not self.use_graph:
             return self._step()
-        captured = self._graphs.get(self.length)
-        if captured is None:
+        replay = self._graphs.get(self.length)
+        if replay is None:
             return self._capture()
-        captured[0].replay()
-        return captured[1]
+        return replay()
 
     def _capture(self) -> Tensor:
         """Runs this step for real on a side stream (which also warms up the libraries'
@@ -143,16 +157,11 @@ class StaticDecoder:
         with torch.cuda.stream(stream):
             out = self._step()
         torch.cuda.current_stream(device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
         try:
-            # thread_local: a capture here must not fail CUDA calls of the caller's other threads
-            with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
-                graph_out = self._step()
+            self._graphs[self.length] = capture_graph(self._step, stream)
         except RuntimeError as error:
             warnings.warn(f"CUDA graph capture failed, decoding without graphs: {error}", stacklevel=3)
             self.use_graph = False
-            return out
-        self._graphs[self.length] = (graph, graph_out)
         return out
 
     def _step(self) -> Tensor:

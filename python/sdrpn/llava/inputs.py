@@ -159,12 +159,22 @@ def crop_pixels(image: Image.Image, box, size: int, mean=CLIP_MEAN, std=CLIP_STD
 def left_pad(seqs: list[list[int]], pad_id: int, device=None) -> tuple[Tensor, Tensor]:
     """Token lists padded on the left to one length, as batched generation wants them:
     ids and attention mask, both (B, L) int64."""
+    return _pad(seqs, pad_id, device, left=True)
+
+
+def right_pad(seqs: list[list[int]], pad_id: int, device=None) -> tuple[Tensor, Tensor]:
+    """Token lists padded on the right to one length: ids and attention mask, (B, L) int64."""
+    return _pad(seqs, pad_id, device, left=False)
+
+
+def _pad(seqs: list[list[int]], pad_id: int, device, left: bool) -> tuple[Tensor, Tensor]:
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros(len(seqs), width, dtype=torch.long)
     for b, s in enumerate(seqs):
-        ids[b, width - len(s) :] = torch.tensor(s, dtype=torch.long)
-        mask[b, width - len(s) :] = 1
+        cols = slice(width - len(s), width) if left else slice(0, len(s))
+        ids[b, cols] = torch.tensor(s, dtype=torch.long)
+        mask[b, cols] = 1
     return ids.to(device), mask.to(device)
 
 

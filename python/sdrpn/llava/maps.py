@@ -15,7 +15,8 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
-from .inputs import position_ids_from_mask
+from .decode import DecoderPool, greedy_decode, prefill
+from .inputs import position_ids_from_mask, right_pad
 from .presets import HeadSelection, LlavaPreset
 from .probe import probe_once
 
@@ -80,13 +81,15 @@ def _selection_map(
     image_start: Tensor,
     num_cells: int,
     mask: Tensor,
+    query_offset: int = 0,
 ) -> Tensor:
+    """``positions`` index the keys; the captured queries start at key ``query_offset``."""
     total = None
     for layer in selection.layers:
         query, key = captured[layer]
         heads = selection.heads_of(layer, num_heads)
         group = query.shape[1] // key.shape[1]
-        idx = positions[:, None, :, None].expand(-1, len(heads), -1, query.shape[-1])
+        idx = (positions - query_offset)[:, None, :, None].expand(-1, len(heads), -1, query.shape[-1])
         q = query[:, heads].gather(2, idx)  # (B, Hs, Q, d)
         k = key[:, [h // group for h in heads]]  # (B, Hs, L, d)
         rows = ops.attention_rows(q, k, positions, image_start, num_cells, key_padding_mask=mask)
@@ -112,12 +115,79 @@ def attention_maps(model: nn.Module, batch: TeacherForcedBatch, preset: LlavaPre
         pixel_values=batch.pixel_values,
         position_ids=position_ids_from_mask(batch.attention_mask),
     )
-    args = (num_heads, positions, valid, image_start, num_cells, mask)
+    return _preset_maps(captured, preset, num_heads, positions, valid, image_start, num_cells, mask)
+
+
+def _preset_maps(captured: dict, preset: LlavaPreset, *args) -> AttentionMaps:
+    """G and S of the captured queries and keys; ``args`` as _selection_map takes them."""
     return AttentionMaps(
         grounding=_selection_map(captured, preset.grounding, *args),
         sink=_selection_map(captured, preset.sink, *args),
-        image_start=image_start,
+        image_start=args[3],
     )
+
+
+@torch.no_grad()
+def attention_maps_on_cache(
+    model: nn.Module,
+    cache,
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    answers: list[list[int]],
+    preset: LlavaPreset,
+    num_cells: int,
+    pad_id: int,
+) -> AttentionMaps:
+    """G and S of answers to left-padded prompts (B, W) whose DynamicCache ``cache`` holds
+    (at least) the prompts' W slots: what attention_maps gives on [prompt, answer], from one
+    short pass. [last prompt token, answer] (right-padded) runs through the probed layers on
+    top of the cache cut to the first W - 1 slots, so the answer queries and the last
+    prompt token's see every key they see in the whole sequence. The cache is left cut."""
+    config = model.config
+    batch, width = prompt_ids.shape
+    if any(len(a) < 1 for a in answers) or len(answers) != batch:
+        raise ValueError(f"need one non-empty answer per prompt, got lengths {[len(a) for a in answers]}")
+    cache.crop(width - 1 - cache.get_seq_length())  # a negative count: the slots to drop
+    last = prompt_ids[:, -1].tolist()  # a real token in every row: prompts are left-padded
+    suffix_ids, suffix_mask = right_pad([[t] + a for t, a in zip(last, answers)], pad_id, prompt_ids.device)
+    mask = torch.cat([prompt_mask[:, :-1], suffix_mask], 1)
+    steps = torch.arange(suffix_ids.shape[1], device=prompt_ids.device)
+    captured = probe_once(
+        model,
+        preset.probed_layers,
+        input_ids=suffix_ids,
+        attention_mask=mask,
+        position_ids=prompt_mask.sum(1, keepdim=True) - 1 + steps,
+        past_key_values=cache,
+    )
+    lengths = torch.tensor([len(a) for a in answers], device=prompt_ids.device)
+    positions, valid = answer_queries(torch.full_like(lengths, width), lengths)
+    image_start = image_columns(prompt_ids, config.image_token_id, num_cells)
+    num_heads = config.text_config.num_attention_heads
+    return _preset_maps(captured, preset, num_heads, positions, valid, image_start, num_cells, mask.bool(), width - 1)
+
+
+@torch.no_grad()
+def self_answer_maps(
+    model: nn.Module,
+    ids: Tensor,
+    mask: Tensor,
+    pixels: Tensor,
+    preset: LlavaPreset,
+    num_cells: int,
+    *,
+    max_new_tokens: int,
+    eos_id: int,
+    pad_id: int,
+    decoder: str = "hf",
+    pool: DecoderPool | None = None,
+) -> tuple[list[list[int]], AttentionMaps]:
+    """The model's greedy answers to left-padded prompts (B, W) with their images, and
+    their G and S: the prompt runs once, into the cache that both decoding and the
+    answers' maps (attention_maps_on_cache) read."""
+    cache, logits, mask, nxt = prefill(model, ids, mask, pixels)
+    answers = greedy_decode(model, cache, logits, mask, nxt, max_new_tokens, eos_id, decoder, pool)
+    return answers, attention_maps_on_cache(model, cache, ids, mask, answers, preset, num_cells, pad_id)
 
 
 @torch.no_grad()
