@@ -112,6 +112,8 @@ def test_the_pool_keeps_a_decoder_per_batch_size_grown_to_the_longest_cache(tiny
     assert c.batch == 2 and pool.get(tiny.model, 3, 10, graph=False) is b  # two sizes kept
     pool.get(tiny.model, 1, 10, graph=False)  # a third size drops the least recently used (2)
     assert pool.get(tiny.model, 3, 10, graph=False) is b and pool.get(tiny.model, 2, 10, graph=False) is not c
+    pool.clear()
+    assert pool.get(tiny.model, 3, 10, graph=False) is not b
 
 
 def test_a_longer_decoder_attends_over_the_bucket_it_needs(tiny):

@@ -128,7 +128,7 @@ class SDRPNLlava(LlavaAnswering):
         self.branch = rpn.config.branch_layer
         self.eos_id = self.tokenizer.eos_token_id
         self.decoder = resolve_decoder(decoder, model)
-        self._decoders = DecoderPool()
+        self.decoders = DecoderPool()  # buffers and graphs kept between calls; .clear() frees them
 
     # ---- inputs ---------------------------------------------------------------------------
     def _split_prompt(self, question: str) -> tuple[list[int], list[int]]:
@@ -287,7 +287,7 @@ class SDRPNLlava(LlavaAnswering):
             max_new_tokens,
             self.eos_id,
             self.decoder,
-            self._decoders,
+            self.decoders,
         )
         clock.lap("pass2_decode")
         timings = clock.total()

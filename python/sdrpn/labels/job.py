@@ -90,7 +90,7 @@ class LabelJob:
         self.dtype = model_dtype(model)
         # Self answers are greedy: CUDA graphs over a static cache on CUDA (llava/decode.py).
         self.decoder = resolve_decoder("auto", model)
-        self._decoders = DecoderPool()
+        self.decoders = DecoderPool()
         self.folder = LabelFolder(cfg.out)
 
     # ---- stages ---------------------------------------------------------------------------
@@ -141,7 +141,7 @@ class LabelJob:
             eos_id=self.eos_id,
             pad_id=self.pad_id,
             decoder=self.decoder,
-            pool=self._decoders,
+            pool=self.decoders,
         )
 
     def _label_batch(self, items: list[Prepared], buf: ShardBuffer) -> None:

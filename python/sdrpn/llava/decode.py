@@ -203,6 +203,10 @@ class DecoderPool:
         self.sizes = sizes
         self._decoders: dict[tuple, StaticDecoder] = {}
 
+    def clear(self) -> None:
+        """Frees every kept decoder (its cache buffers and graphs)."""
+        self._decoders.clear()
+
     def get(self, model: nn.Module, batch: int, slots: int, graph: bool) -> StaticDecoder:
         key = (id(model), batch, graph)
         decoder = self._decoders.pop(key, None)
