@@ -13,8 +13,12 @@ profile in benchmarks/README.md). Three decoders share one loop:
   buffers, so calls of the same shapes reuse them.
 
 ``auto`` is ``graph`` on CUDA and ``hf`` elsewhere. The static decoders know the Llama
-decoder (LLaVA-1.5's); for any other text model ``auto`` keeps ``hf``. They bypass hooks
-registered on the decoder layers (the ``hf`` decoder runs them).
+decoder (LLaVA-1.5's); for any other text model ``auto`` keeps ``hf``. They give the tokens
+the ``hf`` decoder gives, up to rounding: the attention always runs with a mask here, and
+on a GPU SDPA may pick another kernel than for an unpadded batch, so in float16 the two can
+part at a near tie. They skip hooks on the decoder layers themselves; in graph mode hooks
+on their submodules run only while a graph is captured, never on replays. With grouped
+query attention SDPA has no memory-efficient kernel for a masked step (LLaVA-1.5 has none).
 """
 
 from __future__ import annotations
@@ -158,7 +162,10 @@ class StaticDecoder:
             out = self._step()
         torch.cuda.current_stream(device).wait_stream(stream)
         try:
-            self._graphs[self.length] = capture_graph(self._step, stream)
+            # The outer stream context restores the caller's stream even when a failed
+            # capture leaves torch.cuda.graph's own context unexited.
+            with torch.cuda.stream(stream):
+                self._graphs[self.length] = capture_graph(self._step, stream)
         except RuntimeError as error:
             warnings.warn(f"CUDA graph capture failed, decoding without graphs: {error}", stacklevel=3)
             self.use_graph = False

@@ -142,12 +142,17 @@ def attention_maps_on_cache(
     (at least) the prompts' W slots: what attention_maps gives on [prompt, answer], from one
     short pass. [last prompt token, answer] (right-padded) runs through the probed layers on
     top of the cache cut to the first W - 1 slots, so the answer queries and the last
-    prompt token's see every key they see in the whole sequence. The cache is left cut."""
+    prompt token's see every key they see in the whole sequence. The cache is spent: its
+    probed layers end holding the suffix (a later call cuts them back to W - 1 again)."""
     config = model.config
     batch, width = prompt_ids.shape
     if any(len(a) < 1 for a in answers) or len(answers) != batch:
         raise ValueError(f"need one non-empty answer per prompt, got lengths {[len(a) for a in answers]}")
-    cache.crop(width - 1 - cache.get_seq_length())  # a negative count: the slots to drop
+    for i, layer in enumerate(cache.layers[: max(preset.probed_layers) + 1]):  # the layers the pass reads
+        held = layer.get_seq_length()
+        if held < width:
+            raise ValueError(f"cache layer {i} holds {held} slots, fewer than the prompts' {width}")
+        layer.crop(width - 1 - held)  # a negative count: the slots to drop
     last = prompt_ids[:, -1].tolist()  # a real token in every row: prompts are left-padded
     suffix_ids, suffix_mask = right_pad([[t] + a for t, a in zip(last, answers)], pad_id, prompt_ids.device)
     mask = torch.cat([prompt_mask[:, :-1], suffix_mask], 1)
