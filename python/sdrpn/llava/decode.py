@@ -307,20 +307,20 @@ def greedy_decode(
 
 def _hf_steps(model: nn.Module, cache, mask: Tensor, positions: Tensor) -> Callable[[Tensor], Tensor]:
     """The model's own forward per token over its DynamicCache."""
-    state = {"mask": mask, "positions": positions}
+    ones = torch.ones(mask.shape[0], 1, dtype=mask.dtype, device=mask.device)
 
     def step(token: Tensor) -> Tensor:
-        ones = torch.ones(mask.shape[0], 1, dtype=mask.dtype, device=mask.device)
-        state["mask"] = torch.cat([state["mask"], ones], 1)
+        nonlocal mask, positions
+        mask = torch.cat([mask, ones], 1)
         out = model(
             input_ids=token[:, None],
-            attention_mask=state["mask"],
-            position_ids=state["positions"],
+            attention_mask=mask,
+            position_ids=positions,
             past_key_values=cache,
             use_cache=True,
             logits_to_keep=1,
         )
-        state["positions"] = state["positions"] + 1
+        positions = positions + 1
         return out.logits[:, -1].argmax(-1)
 
     return step

@@ -118,12 +118,23 @@ def attention_maps(model: nn.Module, batch: TeacherForcedBatch, preset: LlavaPre
     return _preset_maps(captured, preset, num_heads, positions, valid, image_start, num_cells, mask)
 
 
-def _preset_maps(captured: dict, preset: LlavaPreset, *args) -> AttentionMaps:
-    """G and S of the captured queries and keys; ``args`` as _selection_map takes them."""
+def _preset_maps(
+    captured: dict,
+    preset: LlavaPreset,
+    num_heads: int,
+    positions: Tensor,
+    valid: Tensor,
+    image_start: Tensor,
+    num_cells: int,
+    mask: Tensor,
+    query_offset: int = 0,
+) -> AttentionMaps:
+    """G and S of the captured queries and keys (the arguments as _selection_map's)."""
+    args = (num_heads, positions, valid, image_start, num_cells, mask, query_offset)
     return AttentionMaps(
         grounding=_selection_map(captured, preset.grounding, *args),
         sink=_selection_map(captured, preset.sink, *args),
-        image_start=args[3],
+        image_start=image_start,
     )
 
 
