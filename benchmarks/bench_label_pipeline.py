@@ -21,10 +21,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 import sdrpn
-from sdrpn.llava import LLAVA15_7B, HeadSelection, LlavaPreset, TeacherForcedBatch, attention_maps
+from sdrpn.llava import LLAVA15_7B, HeadSelection, LlavaPreset
 from sdrpn.llava.decode import DecoderPool, resolve_decoder
 from sdrpn.llava.inputs import left_pad
-from sdrpn.llava.maps import self_answer_maps
+from sdrpn.llava.maps import given_answer_maps, self_answer_maps
 from sdrpn.options import DECODERS
 from timing import emit, machine, save, sync
 
@@ -104,16 +104,7 @@ def ours(model, preset, prompts, pixels, answer_tokens, batch_size, decoder, gen
             _, maps = self_answer_maps(model, ids, mask, px, preset, 576, **options)
         else:
             answers = [torch.randint(100, 30000, (answer_tokens,), generator=gen).tolist() for _ in chunk]
-            ids, mask = left_pad([p + a for p, a in zip(chunk, answers)], 0, device)
-            width = ids.shape[1]
-            batch = TeacherForcedBatch(
-                ids,
-                mask,
-                px,
-                torch.full((len(chunk),), width - answer_tokens, device=device),
-                torch.full((len(chunk),), answer_tokens, device=device),
-            )
-            maps = attention_maps(model, batch, preset, 576)
+            maps = given_answer_maps(model, chunk, answers, px, preset, 576, pad_id=0)
         sdrpn.ops.pseudo_labels(maps.grounding, maps.sink, 24, 24)
 
 

@@ -5,7 +5,7 @@ import sdrpn
 from sdrpn.llava import AttentionProbe, HeadSelection, LlavaPreset, attention_maps, get_preset, probe_once
 from sdrpn.llava.decode import prefill
 from sdrpn.llava.inputs import left_pad, position_ids_from_mask
-from sdrpn.llava.maps import answer_queries, attention_maps_on_cache, image_columns
+from sdrpn.llava.maps import answer_queries, attention_maps_on_cache, given_answer_maps, image_columns
 from tiny_llava import EOS, PAD, make_tiny_llava, prompt_ids, random_tokens, row_slice, teacher_forced_batch
 
 PRESET = LlavaPreset("tiny", grounding=HeadSelection(((2, 1), (2, 3), (1, 0))), sink=HeadSelection(((0, None),)))
@@ -160,12 +160,7 @@ def test_maps_on_the_prompt_cache_equal_the_whole_sequence_pass(tiny):
     with pytest.raises(ValueError, match="need one non-empty answer per prompt, got lengths \\[5, 0, 3, 2\\]"):
         attention_maps_on_cache(tiny.model, cache, ids, mask, [answers[0], [], *answers[2:]], PRESET, 16, PAD)
     got = attention_maps_on_cache(tiny.model, cache, ids, mask, answers, PRESET, tiny.num_cells, PAD)
-    full_ids, full_mask = left_pad([p + a for p, a in zip(prompts, answers)], PAD)
-    width = full_ids.shape[1]
-    lengths = torch.tensor([len(a) for a in answers])
-    want = attention_maps(
-        tiny.model, sdrpn.llava.TeacherForcedBatch(full_ids, full_mask, pixels, width - lengths, lengths), PRESET, 16
-    )
+    want = given_answer_maps(tiny.model, prompts, answers, pixels, PRESET, tiny.num_cells, PAD)
     torch.testing.assert_close(got.grounding, want.grounding, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(got.sink, want.sink, rtol=1e-4, atol=1e-6)
     assert cache.get_seq_length() == ids.shape[1] - 1 + 6  # cut to W - 1, then 1 + the longest answer
@@ -174,6 +169,24 @@ def test_maps_on_the_prompt_cache_equal_the_whole_sequence_pass(tiny):
     cache.crop(-7)
     with pytest.raises(ValueError, match="cache layer 0 holds 24 slots, fewer than the prompts' 26"):
         attention_maps_on_cache(tiny.model, cache, ids, mask, answers, PRESET, tiny.num_cells, PAD)
+
+
+def test_given_answer_maps_equal_a_right_padded_batch(tiny):
+    """The label job's given answers: left-padded [prompt, answer] from token lists gives
+    the maps of the same samples padded on the right."""
+    gen = torch.Generator().manual_seed(6)
+    questions = [random_tokens(gen, n) for n in (3, 6, 1)]
+    answers = [random_tokens(gen, n) + [EOS] for n in (2, 0, 4)]
+    batch = teacher_forced_batch(tiny, questions, answers, padding="right", seed=6)
+    want = attention_maps(tiny.model, batch, PRESET, tiny.num_cells)
+    prompts = [prompt_ids(tiny.num_cells, q) for q in questions]
+    got = given_answer_maps(tiny.model, prompts, answers, batch.pixel_values, PRESET, tiny.num_cells, PAD)
+    torch.testing.assert_close(got.grounding, want.grounding, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(got.sink, want.sink, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match=r"prompts \(3\), answers \(2\) and pixels \(3\)"):
+        given_answer_maps(tiny.model, prompts, answers[:2], batch.pixel_values, PRESET, tiny.num_cells, PAD)
+    with pytest.raises(ValueError, match="answers: every answer needs at least one token"):
+        given_answer_maps(tiny.model, prompts, [[], *answers[1:]], batch.pixel_values, PRESET, tiny.num_cells, PAD)
 
 
 def test_answer_queries():

@@ -18,7 +18,7 @@ from ..llava.decode import DecoderPool, resolve_decoder
 from ..llava.geometry import model_grid
 from ..llava.inputs import Preprocessing, left_pad, preprocess_image, prompt_token_ids
 from ..llava.loading import DTYPES, model_device, model_dtype, model_identity, pad_token_id
-from ..llava.maps import AttentionMaps, TeacherForcedBatch, attention_maps, self_answer_maps
+from ..llava.maps import AttentionMaps, given_answer_maps, self_answer_maps
 from ..llava.presets import LlavaPreset
 from ..progress import show_progress
 from .folder import LabelFolder, LabelFolderConfig, shard_name, summarize
@@ -105,9 +105,6 @@ class LabelJob:
         )
         return Prepared(sample, pixels, prep, prompt)
 
-    def _left_pad(self, seqs: list[list[int]]) -> tuple[Tensor, Tensor]:
-        return left_pad(seqs, self.pad_id, self.device)
-
     def _pixels(self, items: list[Prepared]) -> Tensor:
         return torch.stack([p.pixels for p in items]).to(self.device, self.dtype)
 
@@ -117,19 +114,16 @@ class LabelJob:
         pass over [prompt, answer]."""
         tokens = [self.tokenizer(p.sample.answer, add_special_tokens=False)["input_ids"] for p in items]
         answers = [t + [self.eos_id] for t in tokens]
-        ids, mask = self._left_pad([p.prompt + a for p, a in zip(items, answers)])
-        width = ids.shape[1]
-        starts = torch.tensor([width - len(a) for a in answers], device=self.device)
-        lengths = torch.tensor([len(a) for a in answers], device=self.device)
-        batch = TeacherForcedBatch(ids, mask, self._pixels(items), starts, lengths)
-        return answers, attention_maps(self.model, batch, self.preset, self.num_cells)
+        prompts, pixels = [p.prompt for p in items], self._pixels(items)
+        maps = given_answer_maps(self.model, prompts, answers, pixels, self.preset, self.num_cells, self.pad_id)
+        return answers, maps
 
     @torch.no_grad()
     def _self_answers_and_maps(self, items: list[Prepared]) -> tuple[list[list[int]], AttentionMaps]:
         """Greedy answers, then their maps from the answers alone on top of the prompts'
         cache (the same rows as a pass over [prompt, answer], without running the prompt
         twice)."""
-        ids, mask = self._left_pad([p.prompt for p in items])
+        ids, mask = left_pad([p.prompt for p in items], self.pad_id, self.device)
         return self_answer_maps(
             self.model,
             ids,

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from .decode import DecoderPool, greedy_decode, prefill
-from .inputs import position_ids_from_mask, right_pad
+from .inputs import left_pad, position_ids_from_mask, right_pad
 from .presets import HeadSelection, LlavaPreset
 from .probe import probe_once
 
@@ -181,6 +181,32 @@ def attention_maps_on_cache(
     image_start = image_columns(prompt_ids, config.image_token_id, num_cells)
     num_heads = config.text_config.num_attention_heads
     return _preset_maps(captured, preset, num_heads, positions, valid, image_start, num_cells, mask.bool(), width - 1)
+
+
+@torch.no_grad()
+def given_answer_maps(
+    model: nn.Module,
+    prompts: list[list[int]],
+    answers: list[list[int]],
+    pixels: Tensor,
+    preset: LlavaPreset,
+    num_cells: int,
+    pad_id: int,
+) -> AttentionMaps:
+    """G and S of given answers (token ids, the end token included where there is one)
+    to their prompts: one teacher-forced pass over left-padded [prompt, answer]."""
+    if len(prompts) != len(answers) or len(prompts) != pixels.shape[0]:
+        raise ValueError(
+            f"prompts ({len(prompts)}), answers ({len(answers)}) and pixels ({pixels.shape[0]}) "
+            "must hold one entry per sample"
+        )
+    if any(len(a) == 0 for a in answers):
+        raise ValueError("answers: every answer needs at least one token")
+    device = pixels.device
+    ids, mask = left_pad([p + a for p, a in zip(prompts, answers)], pad_id, device)
+    lengths = torch.tensor([len(a) for a in answers], device=device)
+    batch = TeacherForcedBatch(ids, mask, pixels, ids.shape[1] - lengths, lengths)
+    return attention_maps(model, batch, preset, num_cells)
 
 
 @torch.no_grad()
