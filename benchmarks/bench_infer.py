@@ -26,6 +26,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 from bench_label_pipeline import IMAGE_TOKEN, build_model
+from sdrpn.infer.pass2 import width_groups
 from sdrpn.infer.pipeline import SDRPNLlava
 from sdrpn.llava.decode import DecoderPool, greedy_answers
 from sdrpn.llava.inputs import crop_pixels, preprocess_image
@@ -53,13 +54,18 @@ SYSTEM = " ".join(["w"] * 34)  # 35 system tokens with the begin-of-sequence tok
 TEMPLATE = SYSTEM + " <image>\n{question} ASSISTANT:"
 # (crop mode, regions on the forced map, decoder): one box, two boxes, mask mode's one crop
 # that keeps only the two regions' tokens (mask mode with one region is the bbox path), no
-# box (the pipeline's cost without a crop), all through the pipeline's decoder, and one box
-# through the model's own forward per token (what the decoder contributes).
+# box (the pipeline's cost without a crop), at batch > 1 a mix (2, 1, 0, 1 boxes per sample
+# in turn), all through the pipeline's decoder; the mix again as one padded pass-2 forward
+# (what running pass 2 in groups of similar width gains), and one box through the model's
+# own forward per token (what the decoder contributes).
+MIXED = (2, 1, 0, 1)
 SETTINGS = (
     ("bbox", 1, "pipeline"),
     ("bbox", 2, "pipeline"),
     ("mask", 2, "pipeline"),
     ("bbox", 0, "pipeline"),
+    ("bbox", "mixed", "pipeline"),
+    ("bbox", "mixed", "one_forward"),
     ("bbox", 1, "hf"),
 )
 
@@ -67,15 +73,17 @@ SETTINGS = (
 def setting_name(setting) -> str:
     mode, regions, decoder = setting
     name = "no_box" if regions == 0 else f"{mode}_{regions}"
-    return name + ("_hf_decoder" if decoder == "hf" else "")
+    return name + {"pipeline": "", "hf": "_hf_decoder", "one_forward": "_one_pass2_forward"}[decoder]
 
 
-def forced_logits(regions: int, batch: int) -> torch.Tensor:
+def forced_logits(regions: int | str, batch: int) -> torch.Tensor:
     grid = torch.full((batch, 24, 24), -10.0)
-    if regions >= 1:
-        grid[:, 3:9, 3:9] = 10.0
-    if regions == 2:
-        grid[:, 15:21, 14:22] = 10.0
+    for b in range(batch):
+        count = MIXED[b % len(MIXED)] if regions == "mixed" else regions
+        if count >= 1:
+            grid[b, 3:9, 3:9] = 10.0
+        if count == 2:
+            grid[b, 15:21, 14:22] = 10.0
     return grid.view(batch, -1)
 
 
@@ -100,6 +108,9 @@ def main() -> None:
     pipes = {
         "pipeline": SDRPNLlava(model, IdTokenizer(), rpn, prompt_template=TEMPLATE, decoder=args.decoder),
         "hf": SDRPNLlava(model, IdTokenizer(), rpn, prompt_template=TEMPLATE, decoder="hf"),
+        "one_forward": SDRPNLlava(
+            model, IdTokenizer(), rpn, prompt_template=TEMPLATE, decoder=args.decoder, pass2_group_cost=10**9
+        ),
     }
     pipe = pipes["pipeline"]
     pool = DecoderPool()
@@ -116,6 +127,7 @@ def main() -> None:
         imgs = [Image.fromarray((torch.rand(480, 640, 3, generator=gen) * 255).byte().numpy()) for _ in range(batch)]
         questions = [question] * batch
         prompts = [sum(pipe._split_prompt(q), []) for q in questions]
+        question_tokens = len(pipe._split_prompt(question)[1])  # pass 2 feeds them after the crops
         ids = torch.tensor(prompts, device=args.device)
         pixels = torch.stack([preprocess_image(im, 336)[0] for im in imgs]).to(args.device, dtype)
         for tokens in args.answer_tokens:
@@ -131,24 +143,30 @@ def main() -> None:
                 force(pipes[decoder], mode, regions, batch, args.device)
                 answers[setting] = pipes[decoder].generate(imgs, questions, tokens)
 
-            seconds = interleaved(run, ["baseline", "baseline_same_decoder", *SETTINGS], args)
+            settings = [s for s in SETTINGS if batch > 1 or s[1] != "mixed"]
+            seconds = interleaved(run, ["baseline", "baseline_same_decoder", *settings], args)
             row = {
                 "batch": batch,
                 "answer_tokens": tokens,
                 "baseline_s": seconds["baseline"],
                 "baseline_same_decoder_s": seconds["baseline_same_decoder"],
             }
-            for setting in SETTINGS:
+            for setting in settings:
                 row[setting_name(setting)] = {
                     "sdrpn_s": seconds[setting],
                     "throughput_vs_baseline": round(row["baseline_s"] / seconds[setting], 3),
                     "throughput_vs_baseline_same_decoder": round(row["baseline_same_decoder_s"] / seconds[setting], 3),
                     "crop_tokens": crop_token_counts(answers[setting]),
                     "stages_s": {k: round(v, 5) for k, v in answers[setting][0].timings.items()},
+                    "pass2_tokens": pass2_tokens(answers[setting], question_tokens, pipes[setting[2]].pass2_group_cost),
                 }
             # Random weights in float16: the decoders may part at a near tie, rarely.
             same = [a.tokens == b.tokens for a, b in zip(answers[SETTINGS[0]], answers[SETTINGS[-1]])]
             row["bbox_1_decoders_agree"] = sum(same) / len(same)
+            if batch > 1:  # pass 2 in groups or as one padded forward: the same answers
+                grouped, padded = (answers[("bbox", "mixed", d)] for d in ("pipeline", "one_forward"))
+                same = [a.tokens == b.tokens for a, b in zip(grouped, padded)]
+                row["bbox_mixed_groups_agree"] = sum(same) / len(same)
             if batch == max(args.batch_sizes) and batch > 1:
                 force(pipe, "bbox", 1, 1, args.device)
                 ref = interleaved(lambda _: reference_way(pipe, imgs, questions, tokens), ["ref"], args)["ref"]
@@ -175,6 +193,18 @@ def force(pipe: SDRPNLlava, mode: str, regions: int, batch: int, device: str) ->
 
 def crop_token_counts(answers) -> list[int]:
     return [sum(int(k.sum()) for k in a.rois.keep) for a in answers]
+
+
+def pass2_tokens(answers, question_tokens: int, group_cost: int) -> dict:
+    """Token positions pass 2 computes: in its groups of similar width, and as one padded
+    forward would."""
+    widths = [n + question_tokens for n in crop_token_counts(answers)]
+    groups = width_groups(widths, group_cost)
+    return {
+        "in_groups": sum(len(g) * max(widths[i] for i in g) for g in groups),
+        "one_forward": len(widths) * max(widths),
+        "groups": len(groups),
+    }
 
 
 def plain_generate(model, ids, pixels, tokens):

@@ -68,5 +68,11 @@ def test_infer_benchmark_runs_on_a_tiny_model():
     assert row["bbox_1"]["crop_tokens"] == [576, 576] and row["bbox_2"]["crop_tokens"] == [1152, 1152]
     assert 0 < row["mask_2"]["crop_tokens"][0] < 1152
     assert row["no_box"]["crop_tokens"] == [0, 0] and row["bbox_1_decoders_agree"] == 1.0
+    # a batch of 2 and 1 boxes: pass 2 runs the two widths apart, computing no padding
+    assert row["bbox_mixed"]["crop_tokens"] == [1152, 576]
+    assert row["bbox_mixed"]["pass2_tokens"]["groups"] == 2
+    assert row["bbox_mixed"]["pass2_tokens"]["in_groups"] < row["bbox_mixed"]["pass2_tokens"]["one_forward"]
+    assert row["bbox_mixed_one_pass2_forward"]["pass2_tokens"]["groups"] == 1
+    assert row["bbox_mixed_groups_agree"] == 1.0
     assert row["baseline_same_decoder_s"] > 0 and "throughput_vs_baseline" in row["bbox_1_hf_decoder"]
     assert row["reference_way_bbox_1"]["sdrpn_speedup_samples_per_s"] > 0

@@ -4,10 +4,12 @@ import pytest
 import torch
 from PIL import Image
 
+from sdrpn.infer import pass2
 from sdrpn.infer.baseline import BaseLlava
 from sdrpn.infer.pipeline import SDRPNLlava
+from sdrpn.llava.decode import DecoderPool, greedy_decode, prefill
 from sdrpn.llava.geometry import grid_box_to_pixels
-from sdrpn.llava.inputs import crop_pixels, position_ids_from_mask, preprocess_image
+from sdrpn.llava.inputs import crop_pixels, left_pad, position_ids_from_mask, preprocess_image
 from sdrpn.options import RoiOptions
 from sdrpn.rpn.model import RegionProposalNetwork
 from tiny_llava import IMAGE, make_tiny_llava, make_tokenizer
@@ -107,9 +109,10 @@ def test_prefix_reuse_equals_full_recompute_for_the_rpn(tiny):
         torch.testing.assert_close(got[b].prob.flatten(), torch.sigmoid(logits[0]), rtol=1e-4, atol=1e-5)
 
 
-def test_answer_equals_full_sequence_generate_and_batch_equals_single(tiny):
+@pytest.mark.parametrize("group_cost", [10**6, 0], ids=["one_pass2_forward", "pass2_in_groups"])
+def test_answer_equals_full_sequence_generate_and_batch_equals_single(tiny, group_cost):
     forced = blob_logits((0, 0, 2, 2), None, (2, 2, 4, 4))
-    sd = pipeline(tiny, forced)
+    sd = pipeline(tiny, forced, pass2_group_cost=group_cost)
     ims = images(3, seed=1)
     answers = sd.generate(ims, QUESTIONS, max_new_tokens=5)
     assert [len(a.rois.boxes) for a in answers] == [1, 0, 1]
@@ -120,6 +123,44 @@ def test_answer_equals_full_sequence_generate_and_batch_equals_single(tiny):
         assert ans.tokens == full_sequence_generate(sd, ims[b], QUESTIONS[b], crops, 5)
         alone = pipeline(tiny, forced[b : b + 1]).generate([ims[b]], [QUESTIONS[b]], max_new_tokens=5)[0]
         assert alone.tokens == ans.tokens and alone.rois.boxes == ans.rois.boxes
+
+
+def test_width_groups():
+    widths = [600, 15, 600, 1200]
+    # one forward: 4 * 1200 + 256; three: 1200 + 2 * 600 + 15 + 3 * 256, the least
+    assert pass2.width_groups(widths, 256) == [[3], [0, 2], [1]]
+    assert pass2.width_groups(widths, 10**6) == [[0, 1, 2, 3]]
+    assert pass2.width_groups(widths, 0) == [[3], [0, 2], [1]]  # equal widths never part
+    assert pass2.width_groups([7], 0) == [[0]]
+    assert pass2.width_groups([], 0) == []
+
+
+@pytest.mark.parametrize("decoder", ["hf", "static"])
+def test_pass2_in_groups_leaves_the_cache_and_answers_of_one_padded_forward(tiny, decoder):
+    """Mixed widths (two boxes, none, a mask-mode crop, one box): run in groups, pass 2
+    leaves the padded forward's logits and, on every unmasked slot, its cache; the answers
+    are the same."""
+    gen = torch.Generator().manual_seed(3)
+    hidden = tiny.model.config.text_config.hidden_size
+    prefix = [[1, 5] + [IMAGE] * tiny.num_cells for _ in range(4)]
+    pixels = torch.randn(4, 3, tiny.image_size, tiny.image_size, generator=gen)
+    parts = [torch.randn(n, hidden, generator=gen) for n in (37, 4, 11, 21)]
+    results = {}
+    for cost in (10**6, 0):
+        ids, prefix_mask = left_pad(prefix, 0)
+        cache, _, _, _ = prefill(tiny.model, ids, prefix_mask, pixels)
+        cache, logits, mask, positions = pass2.prefill_new_tokens(tiny.model, cache, prefix_mask, parts, cost)
+        keep = mask.bool()
+        kv = [t.transpose(1, 2)[keep] for layer in cache.layers for t in (layer.keys, layer.values)]
+        answers = greedy_decode(tiny.model, cache, logits, mask, positions, 5, -1, decoder, DecoderPool())
+        results[cost] = (logits, mask, positions, kv, answers)
+    (l1, m1, p1, kv1, a1), (l2, m2, p2, kv2, a2) = results[10**6], results[0]
+    assert torch.equal(m1, m2) and torch.equal(p1, p2)
+    assert m1.shape[1] == len(prefix[0]) + 37
+    torch.testing.assert_close(l2, l1, rtol=1e-4, atol=1e-5)
+    for x, y in zip(kv2, kv1):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)
+    assert a1 == a2 and all(len(a) == 5 for a in a1)
 
 
 def test_no_box_is_answered_as_by_the_base_model(tiny):
@@ -240,6 +281,8 @@ def test_bad_inputs(tiny):
     assert len(sd.generate(images(1), QUESTIONS[:1], max_new_tokens=1, do_sample=False)[0].tokens) == 1
     with pytest.raises(ValueError, match="mode must be one of"):
         grid_box_to_pixels((0, 0, 1, 1), 4, 4, 10, 10, mode="stretch")
+    with pytest.raises(ValueError, match="pass2_group_cost must be an int >= 0, got -1"):
+        pipeline(tiny, pass2_group_cost=-1)
 
 
 @pytest.mark.parametrize(

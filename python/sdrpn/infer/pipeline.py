@@ -36,6 +36,7 @@ from ..llava.probe import EarlyExit, capture_outputs, decoder_layers
 from ..options import RoiOptions
 from ..rpn.model import RegionProposalNetwork
 from .answering import LlavaAnswering
+from .pass2 import GROUP_COST_TOKENS, prefill_new_tokens
 
 
 def resampled_grid(box_h: int, box_w: int, ratio: float, grid_h: int, grid_w: int) -> tuple[int, int]:
@@ -100,6 +101,8 @@ class SDRPNLlava(LlavaAnswering):
     picks the threshold the reference used for a benchmark ("textvqa", "docvqa", ...);
     pass ``roi`` and the rest to override. ``decoder`` picks how tokens after the prompt
     are decoded (``sdrpn.llava.decode``: CUDA graphs on CUDA by default).
+    ``pass2_group_cost`` is the padded tokens a further pass-2 forward must save to run
+    (``sdrpn.infer.pass2``); a very large value runs every batch as one padded forward.
     """
 
     def __init__(
@@ -113,6 +116,7 @@ class SDRPNLlava(LlavaAnswering):
         preprocessing: str | None = None,
         prompt_template: str | None = None,
         decoder: str = "auto",
+        pass2_group_cost: int = GROUP_COST_TOKENS,
     ):
         if roi is not None:
             self.roi = roi
@@ -129,6 +133,9 @@ class SDRPNLlava(LlavaAnswering):
         self.eos_id = self.tokenizer.eos_token_id
         self.decoder = resolve_decoder(decoder, model)
         self.decoders = DecoderPool()  # buffers and graphs kept between calls; .clear() frees them
+        if not isinstance(pass2_group_cost, int) or pass2_group_cost < 0:
+            raise ValueError(f"pass2_group_cost must be an int >= 0, got {pass2_group_cost!r}")
+        self.pass2_group_cost = pass2_group_cost
 
     # ---- inputs ---------------------------------------------------------------------------
     def _split_prompt(self, question: str) -> tuple[list[int], list[int]]:
@@ -261,33 +268,11 @@ class SDRPNLlava(LlavaAnswering):
         clock.lap("crop_encode")
         embed = self.model.get_input_embeddings()
         parts = [torch.cat([c, embed(torch.tensor(s, device=self.device))]) for c, s in zip(crop_tokens, p1.suffixes)]
-        width = max(p.shape[0] for p in parts)
-        batch, hidden = len(parts), parts[0].shape[1]
-        new = torch.zeros(batch, width, hidden, device=self.device, dtype=self.dtype)
-        new_mask = torch.zeros(batch, width, dtype=torch.long, device=self.device)
-        for b, p in enumerate(parts):  # right-aligned: padding sits between prefix and new tokens
-            new[b, width - p.shape[0] :] = p
-            new_mask[b, width - p.shape[0] :] = 1
-        mask = torch.cat([p1.prefix_mask, new_mask], 1)
-        pos = p1.prefix_mask.sum(1, keepdim=True) + position_ids_from_mask(new_mask)
-        out = self.model(
-            inputs_embeds=new,
-            attention_mask=mask,
-            position_ids=pos,
-            past_key_values=p1.cache,
-            use_cache=True,
-            logits_to_keep=1,
+        cache, logits, mask, positions = prefill_new_tokens(
+            self.model, p1.cache, p1.prefix_mask, parts, self.pass2_group_cost
         )
         tokens = greedy_decode(
-            self.model,
-            p1.cache,
-            out.logits[:, -1],
-            mask,
-            pos[:, -1:] + 1,
-            max_new_tokens,
-            self.eos_id,
-            self.decoder,
-            self.decoders,
+            self.model, cache, logits, mask, positions, max_new_tokens, self.eos_id, self.decoder, self.decoders
         )
         clock.lap("pass2_decode")
         timings = clock.total()

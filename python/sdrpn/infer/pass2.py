@@ -1,0 +1,119 @@
+"""Pass 2's prefill (SPEC Stage 3 step 5): each sample's new tokens, [crop tokens, question],
+on top of the shared prefix's KV cache.
+
+Samples of one batch feed very different numbers of new tokens: the question alone without
+a box, 576 crop tokens with one box, 1,152 with two, the kept tokens of a mask-mode crop.
+One padded forward computes every sample at the longest width. So the samples run in
+groups of similar width, one forward per group on its rows of the prefix cache, and the
+groups' caches are joined into the layout the one padded forward would have left (new
+tokens right-aligned after the prefix, the padding between them masked): decoding reads
+the same cache either way, and the padding's slots are masked, so the answers do not change.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import DynamicCache
+
+from ..llava.inputs import position_ids_from_mask
+
+# What one more forward costs, in padded tokens it must save to pay for itself. A forward
+# through LLaVA-1.5-7B's 32 layers launches a few thousand kernels, about 10 ms of host time
+# at 7 us per launch; an H100 prefills about 600 tokens of 7B in 30 ms, i.e. 10 ms is some
+# 200-300 tokens' work.
+GROUP_COST_TOKENS = 256
+
+
+def width_groups(widths: list[int], group_cost: int) -> list[list[int]]:
+    """Sample indices split into groups that minimise the padded tokens computed,
+    sum(len(group) * its longest width), plus ``group_cost`` per group. An optimal split
+    groups the widths in sorted order, so this is a small dynamic programme over them."""
+    if not widths:
+        return []
+    order = sorted(range(len(widths)), key=lambda i: -widths[i])
+    n = len(order)
+    best = [0.0] + [float("inf")] * n  # best[j]: cost of the j widest samples
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        for i in range(j):  # the last group: order[i:j], whose widest is order[i]
+            cost = best[i] + (j - i) * widths[order[i]] + group_cost
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    groups, j = [], n
+    while j > 0:
+        groups.append(sorted(order[cut[j] : j]))
+        j = cut[j]
+    return groups[::-1]
+
+
+def _rows(cache: DynamicCache, rows: Tensor, config) -> DynamicCache:
+    """A new cache holding only the given samples of ``cache``."""
+    return DynamicCache(
+        ddp_cache_data=[
+            (layer.keys.index_select(0, rows), layer.values.index_select(0, rows)) for layer in cache.layers
+        ],
+        config=config,
+    )
+
+
+def _join(prefix: DynamicCache, order: Tensor, caches: list[DynamicCache], width: int, config) -> DynamicCache:
+    """One cache over the whole batch: the prefix, then each sample's new tokens right-aligned
+    in ``width`` slots (zeros before them, masked); ``order`` takes batch rows from the
+    groups' concatenation."""
+    prefix_len = prefix.layers[0].keys.shape[2]
+    data = []
+    for layer, whole in enumerate(prefix.layers):
+        joined = []
+        for name in ("keys", "values"):
+            tails = []
+            for cache in caches:
+                tail = getattr(cache.layers[layer], name)[:, :, prefix_len:]
+                tails.append(F.pad(tail, (0, 0, width - tail.shape[2], 0)))
+            joined.append(torch.cat([getattr(whole, name), torch.cat(tails).index_select(0, order)], 2))
+        data.append(tuple(joined))
+    return DynamicCache(ddp_cache_data=data, config=config)
+
+
+@torch.no_grad()
+def prefill_new_tokens(
+    model: nn.Module, cache: DynamicCache, prefix_mask: Tensor, parts: list[Tensor], group_cost: int = GROUP_COST_TOKENS
+) -> tuple[DynamicCache, Tensor, Tensor, Tensor]:
+    """Feed each sample's new token embeddings ``parts[b]`` (n_b, D) on top of ``cache``
+    (the prefix of every sample, ``prefix_mask`` (B, Lp)). Returns (the cache, the last
+    position's logits (B, V), the attention mask (B, Lp + W) and the next positions (B, 1)),
+    with W the longest n_b and each sample's tokens right-aligned in it. ``cache`` is
+    extended in place when the batch runs as one group."""
+    device = prefix_mask.device
+    widths = [p.shape[0] for p in parts]
+    width, hidden = max(widths), parts[0].shape[1]
+    new = parts[0].new_zeros(len(parts), width, hidden)
+    new_mask = torch.zeros(len(parts), width, dtype=torch.long, device=device)
+    for b, p in enumerate(parts):  # right-aligned: padding sits between prefix and new tokens
+        new[b, width - p.shape[0] :] = p
+        new_mask[b, width - p.shape[0] :] = 1
+    mask = torch.cat([prefix_mask, new_mask], 1)
+    pos = prefix_mask.sum(1, keepdim=True) + position_ids_from_mask(new_mask)
+    groups = width_groups(widths, group_cost)
+
+    def forward(rows: slice | Tensor, group_cache: DynamicCache, cut: int) -> Tensor:
+        out = model(
+            inputs_embeds=new[rows, cut:],
+            attention_mask=torch.cat([prefix_mask[rows], new_mask[rows, cut:]], 1),
+            position_ids=pos[rows, cut:],
+            past_key_values=group_cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        return out.logits[:, -1]
+
+    if len(groups) == 1:
+        return cache, forward(slice(None), cache, 0), mask, pos[:, -1:] + 1
+    config = model.config.get_text_config()
+    rows = [torch.tensor(g, device=device) for g in groups]
+    caches = [_rows(cache, r, config) for r in rows]
+    logits = [forward(r, c, width - max(widths[i] for i in g)) for g, r, c in zip(groups, rows, caches)]
+    order = torch.cat(rows).argsort()  # batch row -> its row in the groups' concatenation
+    joined = _join(cache, order, caches, width, config)
+    return joined, torch.cat(logits).index_select(0, order), mask, pos[:, -1:] + 1
