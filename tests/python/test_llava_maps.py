@@ -79,6 +79,34 @@ def test_probe_leaves_logits_unchanged(tiny):
     assert tiny.model.get_decoder().config._attn_implementation == "sdpa"
 
 
+def test_probe_once_stops_at_the_deepest_probed_query_and_key(tiny):
+    """probe_once keeps the same q and k as a whole forward, and never runs the deepest
+    probed layer's MLP (nor anything after it)."""
+    batch = sample_batch(tiny)
+    kwargs = dict(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        pixel_values=batch.pixel_values,
+        position_ids=position_ids_from_mask(batch.attention_mask),
+    )
+    with torch.no_grad(), AttentionProbe(tiny.model, [1, 2]) as probe:
+        tiny.model(**kwargs)
+    layers = tiny.model.get_decoder().layers
+    ran = []
+    hooks = [layers[i].mlp.register_forward_hook(lambda *_, i=i: ran.append(i)) for i in range(len(layers))]
+    try:
+        captured = probe_once(tiny.model, [1, 2], **kwargs)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert ran == [0, 1]
+    for layer in (1, 2):
+        for got, want in zip(captured[layer], probe.captured[layer]):
+            torch.testing.assert_close(got, want)
+    assert tiny.model.get_decoder().config._attn_implementation == "sdpa"
+    assert tiny.model.get_decoder().config.num_hidden_layers == len(layers)
+
+
 def test_maps_match_a_hand_average_of_eager_attention(tiny):
     batch = sample_batch(tiny, "left")
     maps = attention_maps(tiny.model, batch, PRESET, tiny.num_cells)

@@ -4,7 +4,7 @@ Feed [prompt, answer] once; for every probed layer take the post-RoPE queries of
 answer queries (answer tokens a_0 .. a_{n-2}, or the last prompt token when the answer
 has a single token) and all keys, and let ``sdrpn.ops.attention_rows`` return their
 softmax rows on the image columns. Averaging over queries and selected heads gives G and
-S. Only the layers up to the deepest probed one run.
+S. Only the layers up to the deepest probed one run, and that one only up to its q and k.
 """
 
 from __future__ import annotations

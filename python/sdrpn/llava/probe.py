@@ -39,9 +39,16 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return model.get_decoder().layers
 
 
+class ProbeDone(Exception):
+    """Raised by a probe made with ``stop=True`` once the deepest probed layer's query and
+    key are kept: the rest of that forward would compute nothing the probe reads."""
+
+
 class AttentionProbe:
     """Context manager: while active, ``captured[layer]`` holds (query, key) of the last
-    forward through each probed layer, shapes (B, H, L, d) and (B, Hk, L, d).
+    forward through each probed layer, shapes (B, H, L, d) and (B, Hk, L, d). With
+    ``stop=True`` the forward ends there, raising ProbeDone (the caller catches it): the
+    deepest layer's attention and MLP, and every layer after it, never run.
 
     Example::
 
@@ -50,9 +57,10 @@ class AttentionProbe:
         q14, k14 = probe.captured[14]
     """
 
-    def __init__(self, model: nn.Module, layers: Iterable[int]):
+    def __init__(self, model: nn.Module, layers: Iterable[int], stop: bool = False):
         self.model = model
         self.layers = sorted(set(layers))
+        self.stop = stop
         self.captured: dict[int, tuple[Tensor, Tensor]] = {}
         n = len(decoder_layers(model))
         bad = [layer for layer in self.layers if not 0 <= layer < n]
@@ -79,8 +87,12 @@ class AttentionProbe:
         self.model.get_decoder().config._attn_implementation = self._saved_impl
 
     def _capturer(self, layer: int):
+        last = self.stop and layer == self.layers[-1]
+
         def capture(query: Tensor, key: Tensor) -> None:
             self.captured[layer] = (query.detach(), key.detach())
+            if last:
+                raise ProbeDone
 
         return capture
 
@@ -120,7 +132,11 @@ class EarlyExit:
 
 @torch.no_grad()
 def probe_once(model: nn.Module, layers: Iterable[int], **inputs) -> dict[int, tuple[Tensor, Tensor]]:
-    """One forward of the LLaVA backbone (no LM head) through the deepest probed layer."""
-    with AttentionProbe(model, layers) as probe, EarlyExit(model, max(probe.layers) + 1):
-        model.model(**inputs, use_cache=False)
+    """One forward of the LLaVA backbone (no LM head), up to the deepest probed layer's
+    query and key. A cache passed in ``inputs`` also receives that layer's new keys."""
+    with AttentionProbe(model, layers, stop=True) as probe, EarlyExit(model, max(probe.layers) + 1):
+        try:
+            model.model(**inputs, use_cache=False)
+        except ProbeDone:
+            pass
     return probe.captured
