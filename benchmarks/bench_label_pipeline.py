@@ -29,7 +29,9 @@ from sdrpn.options import DECODERS
 from timing import emit, machine, save, sync
 
 IMAGE_TOKEN = 32000
-TINY_PRESET = LlavaPreset("tiny", grounding=HeadSelection(((2, 1), (2, 3))), sink=HeadSelection(((1, None),)))
+TINY_PRESET = LlavaPreset(
+    "tiny", grounding=HeadSelection(((2, 1), (2, 3))), sink=HeadSelection(((1, None),)), branch_layer=1, depth=2
+)
 
 
 def build_model(size: str, device: str, dtype: torch.dtype):

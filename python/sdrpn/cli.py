@@ -19,6 +19,7 @@ from .io_utils import FolderBusy
 from .labels.demo import LabelDemoConfig, run_label_demo, summary_line
 from .labels.options import LabelOptions
 from .options import DECODERS, TASK_THRESHOLDS, RoiOptions
+from .prefetch import DEFAULT_WORKERS
 from .subsets import SUBSET_SEED
 
 
@@ -37,6 +38,16 @@ def _positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+WORKERS_HELP = "threads that load images ahead of the model (0: on the main thread)"
 
 
 def _plain_type(hint):
@@ -111,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     label.add_argument("--limit", type=_positive, default=None, help="only the first N entries")
     label.add_argument("--shard-size", type=_positive, default=1000, help="(default: %(default)s)")
     label.add_argument(
+        "--workers", type=_non_negative, default=DEFAULT_WORKERS, help=WORKERS_HELP + " (default: %(default)s)"
+    )
+    label.add_argument(
         "--dtype",
         choices=["bf16", "fp16", "fp32"],
         default="fp16",
@@ -150,6 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     infer.add_argument("--max-new-tokens", type=_positive, default=128, help="(default: %(default)s)")
     infer.add_argument("--batch-size", type=_positive, default=8, help="(default: %(default)s)")
+    infer.add_argument(
+        "--workers", type=_non_negative, default=DEFAULT_WORKERS, help=WORKERS_HELP + " (default: %(default)s)"
+    )
     infer.add_argument("--limit", type=_positive, default=None)
     infer.add_argument(
         "--restart", action="store_true", help="with --data: answer every entry again, discarding what --out holds"
@@ -271,7 +288,14 @@ def _run_infer(args) -> None:
         if not args.image_folder or not args.out:
             raise SystemExit("sdrpn infer --data needs --image-folder and --out")
         cfg = InferFileConfig(
-            args.data, args.image_folder, args.out, args.batch_size, args.max_new_tokens, args.limit, args.restart
+            args.data,
+            args.image_folder,
+            args.out,
+            args.batch_size,
+            args.max_new_tokens,
+            args.limit,
+            args.restart,
+            args.workers,
         )
         print(json.dumps(answer_file(pipe, cfg)))
         return
@@ -312,6 +336,7 @@ def _run_label(args) -> dict:
         batch_size=args.batch_size,
         limit=args.limit,
         shard_size=args.shard_size,
+        workers=args.workers,
         rank=rank,
         world_size=world,
     )

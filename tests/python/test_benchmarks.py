@@ -76,3 +76,23 @@ def test_infer_benchmark_runs_on_a_tiny_model():
     assert row["bbox_mixed_groups_agree"] == 1.0
     assert row["baseline_same_decoder_s"] > 0 and "throughput_vs_baseline" in row["bbox_1_hf_decoder"]
     assert row["reference_way_bbox_1"]["sdrpn_speedup_samples_per_s"] > 0
+
+
+def test_label_job_benchmark_runs_on_a_tiny_model():
+    result = run(
+        "bench_label_job.py",
+        "--images",
+        "4",
+        "--image-size",
+        "96",
+        "64",
+        "--batch-size",
+        "2",
+        "--repeats",
+        "1",
+        "--workers",
+        "0",
+        "2",
+    )
+    assert set(result["results"]) == {"workers_0", "workers_2"}
+    assert result["results"]["workers_0"]["speedup_vs_workers_0"] == 1.0

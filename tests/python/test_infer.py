@@ -437,6 +437,20 @@ def test_infer_cli_whole_file_is_resumable(infer_ws, tmp_path, capsys):
         infer_cli(infer_ws)
 
 
+def test_infer_file_answers_alike_with_or_without_loader_threads(infer_ws, tmp_path):
+    import json
+
+    rows = {}
+    for workers in ("0", "2"):
+        out = tmp_path / f"answers{workers}.jsonl"
+        args = ["--data", str(infer_ws / "data.json"), "--image-folder", str(infer_ws / "images"), "--out", str(out)]
+        assert infer_cli(infer_ws, *args, "--batch-size", "2", "--workers", workers) == 0
+        rows[workers] = [{k: v for k, v in json.loads(line).items() if k != "timings_s"} for line in open(out)]
+        summary = json.loads((tmp_path / f"answers{workers}.jsonl.summary.json").read_text())
+        assert summary["answered"] == 3 and summary["skipped"] == 4
+    assert rows["0"] == rows["2"] and [r["id"] for r in rows["0"]] == ["q0", "q1", "q2"]
+
+
 def test_accepts_a_processor_holding_the_tokenizer(tiny):
     class Processor:
         tokenizer = make_tokenizer()

@@ -156,6 +156,23 @@ def test_interrupted_run_resumes_without_duplicates(workspace, tmp_path):
         torch.testing.assert_close(a[key], b[key])
 
 
+def test_loader_threads_change_nothing(workspace, tmp_path):
+    """Images loaded ahead by threads or on the main thread: the same shards, rows, skips."""
+    outs = {w: tmp_path / f"workers{w}" for w in ("0", "3")}
+    for workers, out in outs.items():
+        assert run_label(workspace, out, "--answers", "given", "--workers", workers) == 0
+    inline, threaded = outs.values()
+    assert sorted(os.listdir(inline)) == sorted(os.listdir(threaded))
+    for name in os.listdir(inline):
+        if name.endswith(".jsonl"):
+            assert (inline / name).read_text() == (threaded / name).read_text()
+    a, b = all_tensors(inline), all_tensors(threaded)
+    for key in a:
+        assert torch.equal(a[key], b[key])
+    with pytest.raises(SystemExit):
+        run_label(workspace, tmp_path / "bad", "--workers", "-1")
+
+
 def test_viz_labels(workspace, tmp_path, capsys):
     out = tmp_path / "labels"
     run_label(workspace, out, "--answers", "given")

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from ..io_utils import exclusive_lock, read_json, write_json, write_jsonl
 from ..llava.data import SkipSample, load_entries, open_image, parse_entry
 from ..llava.loading import model_identity
+from ..prefetch import DEFAULT_WORKERS, prefetch
 from ..progress import show_progress
 from .pipeline import SDRPNAnswer, SDRPNLlava
 
@@ -57,6 +58,7 @@ class InferFileConfig:
     max_new_tokens: int = 128
     limit: int | None = None
     restart: bool = False  # answer everything again, whatever cfg.out holds
+    workers: int = DEFAULT_WORKERS  # threads decoding images ahead of the model (0: none)
 
 
 SETTINGS_SUFFIX = ".settings.json"
@@ -124,15 +126,19 @@ def _answer_file(pipe: SDRPNLlava, cfg: InferFileConfig) -> dict:
         answered += len(pending)
         pending.clear()
 
+    def load(item: tuple[int, object]):
+        sample = parse_entry(item[1], item[0])
+        return sample, None if sample.id in done else open_image(cfg.image_folder, sample.image)
+
+    loads = prefetch(load, enumerate(entries), cfg.workers, ahead=2 * cfg.batch_size)
     with open(cfg.out, "a") as f:
-        for index, entry in enumerate(show_progress(entries, desc="infer", unit="sample")):
+        for loaded in show_progress(loads, total=len(entries), desc="infer", unit="sample"):
             try:
-                sample = parse_entry(entry, index)
-                if sample.id in done:
-                    continue
-                image = open_image(cfg.image_folder, sample.image)
+                sample, image = loaded.result()
             except SkipSample as skip:
                 skipped[str(skip)] = skipped.get(str(skip), 0) + 1
+                continue
+            if image is None:  # answered by an earlier run
                 continue
             pending.append((sample.id, image, sample.question))
             if len(pending) == cfg.batch_size:

@@ -20,6 +20,7 @@ from ..llava.inputs import Preprocessing, left_pad, preprocess_image, prompt_tok
 from ..llava.loading import DTYPES, model_device, model_dtype, model_identity, pad_token_id
 from ..llava.maps import AttentionMaps, given_answer_maps, self_answer_maps
 from ..llava.presets import LlavaPreset
+from ..prefetch import DEFAULT_WORKERS, prefetch
 from ..progress import show_progress
 from .folder import LabelFolder, LabelFolderConfig, shard_name, summarize
 from .options import LabelOptions
@@ -41,11 +42,14 @@ class LabelJobConfig:
     shard_size: int = 1000  # labelled samples per shard (at least; whole batches)
     rank: int = 0
     world_size: int = 1
+    workers: int = DEFAULT_WORKERS  # threads loading images ahead of the model (0: none)
 
     def __post_init__(self):
         for name in ("batch_size", "shard_size", "world_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.workers < 0:
+            raise ValueError(f"workers must be >= 0, got {self.workers}")
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank must lie in [0, world_size={self.world_size}), got {self.rank}")
 
@@ -94,12 +98,18 @@ class LabelJob:
         self.folder = LabelFolder(cfg.out)
 
     # ---- stages ---------------------------------------------------------------------------
-    def _prepare(self, entry, index: int) -> Prepared:
+    def _load(self, entry, index: int) -> tuple[QASample, Tensor, Preprocessing]:
+        """The sample and its image's pixels: what loader threads do ahead of the model."""
         sample = parse_entry(entry, index)
         if self.options.answers == "given" and not sample.answer:
             raise SkipSample("no answer")
         image = open_image(self.cfg.image_folder, sample.image)
         pixels, prep = preprocess_image(image, self.image_size, mode=self.options.preprocessing)
+        return sample, pixels, prep
+
+    def _prepare(self, loaded: tuple[QASample, Tensor, Preprocessing]) -> Prepared:
+        """The prompt's tokens, on the calling thread (one tokenizer is not shared between threads)."""
+        sample, pixels, prep = loaded
         prompt = prompt_token_ids(
             self.tokenizer, sample.question, self.image_token_id, self.num_cells, self.options.prompt_template
         )
@@ -217,10 +227,11 @@ class LabelJob:
             log.info("resuming after data index %d (%d complete shards)", resume_after, len(markers))
         buf, pending = ShardBuffer(), []
         progress = show_progress(total=len(mine), desc=f"label rank {cfg.rank}", unit="sample")
-        for pos, index in enumerate(mine):
+        loads = prefetch(lambda i: self._load(entries[i], i), mine, cfg.workers, ahead=2 * cfg.batch_size)
+        for pos, (index, loaded) in enumerate(zip(mine, loads)):
             buf.cover(index)
             try:
-                pending.append(self._prepare(entries[index], index))
+                pending.append(self._prepare(loaded.result()))
             except SkipSample as skip:
                 buf.skipped.append({"index": index, "reason": str(skip)})
             last = pos == len(mine) - 1

@@ -1,0 +1,53 @@
+"""Sample loading ahead of the model: while a batch runs on the device, threads decode and
+preprocess the next samples' images (Pillow and numpy release the GIL while they work), so
+the accelerator does not wait on the CPU between batches."""
+
+from __future__ import annotations
+
+import collections
+import os
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+DEFAULT_WORKERS = min(8, os.cpu_count() or 1)
+
+
+def _done(fn: Callable[[T], R], item: T) -> Future:
+    """fn(item) run here, as a finished future (its result or its exception)."""
+    future: Future = Future()
+    try:
+        future.set_result(fn(item))
+    except Exception as err:  # handed to the caller, who reads it from .result() as from a thread
+        future.set_exception(err)
+    return future
+
+
+def prefetch(fn: Callable[[T], R], items: Iterable[T], workers: int, ahead: int) -> Iterator[Future]:
+    """One future of fn(item) per item, in the items' order, with up to ``ahead`` of them
+    computed in advance by ``workers`` threads; ``.result()`` gives fn's value or raises what
+    fn raised for that item. ``workers`` 0 computes each item when it is reached."""
+    if not isinstance(workers, int) or workers < 0:
+        raise ValueError(f"workers must be an int >= 0, got {workers!r}")
+    if not isinstance(ahead, int) or ahead < 1:
+        raise ValueError(f"ahead must be an int >= 1, got {ahead!r}")
+    if workers == 0:
+        for item in items:
+            yield _done(fn, item)
+        return
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sdrpn-load") as pool:
+        queue: collections.deque[Future] = collections.deque()
+        source = iter(items)
+        try:
+            for item in source:
+                queue.append(pool.submit(fn, item))
+                if len(queue) > ahead:
+                    yield queue.popleft()
+            while queue:
+                yield queue.popleft()
+        finally:  # a consumer that stops early leaves no work queued behind it
+            for future in queue:
+                future.cancel()
