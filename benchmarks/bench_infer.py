@@ -184,7 +184,7 @@ def main() -> None:
     emit(report, args.json)
 
 
-def force(pipe: SDRPNLlava, mode: str, regions: int, batch: int, device: str) -> None:
+def force(pipe: SDRPNLlava, mode: str, regions: int | str, batch: int, device: str) -> None:
     """Crop mode and a forced RPN map: the benchmark times the pipeline, not the RPN's luck."""
     pipe.roi = dataclasses.replace(pipe.roi, crop_mode=mode)
     logits = forced_logits(regions, batch).to(device)
@@ -197,7 +197,8 @@ def crop_token_counts(answers) -> list[int]:
 
 def pass2_tokens(answers, question_tokens: int, group_cost: int) -> dict:
     """Token positions pass 2 computes: in its groups of similar width, and as one padded
-    forward would."""
+    forward would (crops fed whole or by their kept tokens, as the benchmark runs them: no
+    token ratio)."""
     widths = [n + question_tokens for n in crop_token_counts(answers)]
     groups = width_groups(widths, group_cost)
     return {

@@ -68,6 +68,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds per setting (median)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
+    args.workers = list(dict.fromkeys(args.workers))  # each setting once
     dtype = torch.float16 if args.device.startswith("cuda") else torch.float32
     model, preset = build_model(args.size, args.device, dtype)
     model.config.image_token_id = IMAGE_TOKEN

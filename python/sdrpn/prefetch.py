@@ -1,6 +1,7 @@
-"""Sample loading ahead of the model: while a batch runs on the device, threads decode and
-preprocess the next samples' images (Pillow and numpy release the GIL while they work), so
-the accelerator does not wait on the CPU between batches."""
+"""Image work on the CPU in threads (Pillow and numpy release the GIL while they work):
+``prefetch`` loads the next samples while a batch runs on the device, so the accelerator
+does not wait on the CPU between batches; ``thread_map`` preprocesses the images of one
+batch side by side."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from typing import TypeVar
 T = TypeVar("T")
 R = TypeVar("R")
 
-DEFAULT_WORKERS = min(8, os.cpu_count() or 1)
+# The CPUs this process may run on (a job scheduler's share, not the machine's), at most 8.
+DEFAULT_WORKERS = min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
 def _done(fn: Callable[[T], R], item: T) -> Future:
@@ -51,3 +53,12 @@ def prefetch(fn: Callable[[T], R], items: Iterable[T], workers: int, ahead: int)
         finally:  # a consumer that stops early leaves no work queued behind it
             for future in queue:
                 future.cancel()
+
+
+def thread_map(fn: Callable[[T], R], items: list[T], workers: int = DEFAULT_WORKERS) -> list[R]:
+    """[fn(item) for item in items], by up to ``workers`` threads when there is more than
+    one item; the first exception fn raises is raised here."""
+    if workers < 2 or len(items) < 2:
+        return [fn(item) for item in items]
+    with ThreadPoolExecutor(max_workers=min(workers, len(items)), thread_name_prefix="sdrpn-image") as pool:
+        return list(pool.map(fn, items))

@@ -161,6 +161,8 @@ def test_pass2_in_groups_leaves_the_cache_and_answers_of_one_padded_forward(tiny
     for x, y in zip(kv2, kv1):
         torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)
     assert a1 == a2 and all(len(a) == 5 for a in a1)
+    with pytest.raises(ValueError, match=r"parts: every sample needs at least one new token, got widths \[37, 0\]"):
+        pass2.prefill_new_tokens(tiny.model, cache, prefix_mask[:2], [parts[0], parts[0][:0]])
 
 
 def test_no_box_is_answered_as_by_the_base_model(tiny):

@@ -1,6 +1,6 @@
 import pytest
 
-from sdrpn.prefetch import prefetch
+from sdrpn.prefetch import prefetch, thread_map
 
 
 def check(x: int) -> int:
@@ -43,3 +43,11 @@ def test_inline_when_no_workers():
 def test_bad_arguments(workers, ahead, message):
     with pytest.raises(ValueError, match=message):
         next(prefetch(check, range(3), workers, ahead))
+
+
+@pytest.mark.parametrize("workers", [0, 1, 4])
+def test_thread_map_keeps_order_and_raises(workers):
+    assert thread_map(lambda x: x * 2, list(range(9)), workers) == [2 * x for x in range(9)]
+    assert thread_map(lambda x: x, [], workers) == []
+    with pytest.raises(KeyError, match="bad 2"):
+        thread_map(check, [0, 1, 2, 3], workers)

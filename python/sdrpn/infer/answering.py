@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import torch
 from PIL import Image
-from torch import nn
+from torch import Tensor, nn
 
 from ..llava.geometry import model_grid
-from ..llava.inputs import CLIP_MEAN, CLIP_STD, PREPROCESSING_MODES, check_template
+from ..llava.inputs import CLIP_MEAN, CLIP_STD, PREPROCESSING_MODES, check_template, pixel_batch, preprocess_image
 from ..llava.loading import model_device, model_dtype, pad_token_id
+from ..prefetch import thread_map
 
 
 class LlavaAnswering:
@@ -40,6 +41,13 @@ class LlavaAnswering:
     @property
     def dtype(self) -> torch.dtype:
         return model_dtype(self.model)
+
+    def _pixels(self, images: list[Image.Image]) -> Tensor:
+        """(B, 3, S, S) pixel values on the model's device and dtype, the images preprocessed
+        side by side in threads (at 1024x768, some 10 ms of CPU each)."""
+        size, mean, std, mode = self.size, self.mean, self.std, self.preprocessing
+        pixels = thread_map(lambda im: preprocess_image(im, size, mean, std, mode=mode)[0], images)
+        return pixel_batch(pixels, self.device, self.dtype)
 
     def _images(self, images) -> list[Image.Image]:
         out = []

@@ -6,13 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..llava.inputs import (
-    PROMPT_TEMPLATE,
-    left_pad,
-    pixel_batch,
-    preprocess_image,
-    prompt_token_ids,
-)
+from ..llava.inputs import PROMPT_TEMPLATE, left_pad, prompt_token_ids
 from .answering import LlavaAnswering
 
 
@@ -40,7 +34,6 @@ class BaseLlava(LlavaAnswering):
             if not isinstance(question, str) or not question.strip():
                 raise ValueError(f"questions[{i}] must be a non-empty string, got {question!r}")
         device = self.device
-        pixels = [preprocess_image(im, self.size, self.mean, self.std, mode=self.preprocessing)[0] for im in images]
         prompts = [
             prompt_token_ids(self.tokenizer, q, self.image_token_id, self.num_cells, self.template) for q in questions
         ]
@@ -48,7 +41,7 @@ class BaseLlava(LlavaAnswering):
         out = self.model.generate(
             input_ids=ids,
             attention_mask=mask,
-            pixel_values=pixel_batch(pixels, device, self.dtype),
+            pixel_values=self._pixels(images),
             max_new_tokens=max_new_tokens,
             do_sample=False,
             num_beams=1,

@@ -7,13 +7,13 @@ One padded forward computes every sample at the longest width. So the samples ru
 groups of similar width, one forward per group on its rows of the prefix cache, and the
 groups' caches are joined into the layout the one padded forward would have left (new
 tokens right-aligned after the prefix, the padding between them masked): decoding reads
-the same cache either way, and the padding's slots are masked, so the answers do not change.
+the same cache either way, so the answers are the same up to rounding (the group forwards
+multiply matrices of other shapes; in float16 a near tie can part them).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import DynamicCache
 
@@ -49,44 +49,50 @@ def width_groups(widths: list[int], group_cost: int) -> list[list[int]]:
 
 
 def _rows(cache: DynamicCache, rows: Tensor, config) -> DynamicCache:
-    """A new cache holding only the given samples of ``cache``."""
-    return DynamicCache(
-        ddp_cache_data=[
-            (layer.keys.index_select(0, rows), layer.values.index_select(0, rows)) for layer in cache.layers
-        ],
-        config=config,
-    )
-
-
-def _join(prefix: DynamicCache, order: Tensor, caches: list[DynamicCache], width: int, config) -> DynamicCache:
-    """One cache over the whole batch: the prefix, then each sample's new tokens right-aligned
-    in ``width`` slots (zeros before them, masked); ``order`` takes batch rows from the
-    groups' concatenation."""
-    prefix_len = prefix.layers[0].keys.shape[2]
-    data = []
-    for layer, whole in enumerate(prefix.layers):
-        joined = []
-        for name in ("keys", "values"):
-            tails = []
-            for cache in caches:
-                tail = getattr(cache.layers[layer], name)[:, :, prefix_len:]
-                tails.append(F.pad(tail, (0, 0, width - tail.shape[2], 0)))
-            joined.append(torch.cat([getattr(whole, name), torch.cat(tails).index_select(0, order)], 2))
-        data.append(tuple(joined))
+    """A new cache holding only the given samples of ``cache`` (built a layer at a time)."""
+    data = ((layer.keys.index_select(0, rows), layer.values.index_select(0, rows)) for layer in cache.layers)
     return DynamicCache(ddp_cache_data=data, config=config)
+
+
+def _join(held: list[list], rows: list[Tensor], prefix_len: int, width: int, config) -> DynamicCache:
+    """One cache over the whole batch from the groups' layers ``held[g][layer]`` = (keys,
+    values) of the samples ``rows[g]``, each holding their prefix and new tokens: per sample
+    the prefix, then its new tokens right-aligned in ``width`` slots (masked slots before
+    them). A group's layer is released once copied, so that the groups and the result
+    together hold about one whole cache."""
+    batch = sum(len(r) for r in rows)
+
+    def layers():
+        for layer in range(len(held[0])):
+            joined = []
+            for kv in (0, 1):
+                first = held[0][layer][kv]
+                whole = first.new_zeros(batch, first.shape[1], prefix_len + width, first.shape[3])
+                for r, group in zip(rows, held):
+                    t = group[layer][kv]
+                    whole[r, :, :prefix_len] = t[:, :, :prefix_len]
+                    whole[r, :, prefix_len + width - (t.shape[2] - prefix_len) :] = t[:, :, prefix_len:]
+                joined.append(whole)
+            for group in held:
+                group[layer] = None
+            yield tuple(joined)
+
+    return DynamicCache(ddp_cache_data=layers(), config=config)
 
 
 @torch.no_grad()
 def prefill_new_tokens(
     model: nn.Module, cache: DynamicCache, prefix_mask: Tensor, parts: list[Tensor], group_cost: int = GROUP_COST_TOKENS
 ) -> tuple[DynamicCache, Tensor, Tensor, Tensor]:
-    """Feed each sample's new token embeddings ``parts[b]`` (n_b, D) on top of ``cache``
+    """Feed each sample's new token embeddings ``parts[b]`` (n_b >= 1, D) on top of ``cache``
     (the prefix of every sample, ``prefix_mask`` (B, Lp)). Returns (the cache, the last
     position's logits (B, V), the attention mask (B, Lp + W) and the next positions (B, 1)),
     with W the longest n_b and each sample's tokens right-aligned in it. ``cache`` is
-    extended in place when the batch runs as one group."""
-    device = prefix_mask.device
+    extended in place when the batch runs as one group, and left as it was otherwise."""
     widths = [p.shape[0] for p in parts]
+    if not widths or min(widths) < 1:
+        raise ValueError(f"parts: every sample needs at least one new token, got widths {widths}")
+    device = prefix_mask.device
     width, hidden = max(widths), parts[0].shape[1]
     new = parts[0].new_zeros(len(parts), width, hidden)
     new_mask = torch.zeros(len(parts), width, dtype=torch.long, device=device)
@@ -111,9 +117,14 @@ def prefill_new_tokens(
     if len(groups) == 1:
         return cache, forward(slice(None), cache, 0), mask, pos[:, -1:] + 1
     config = model.config.get_text_config()
-    rows = [torch.tensor(g, device=device) for g in groups]
-    caches = [_rows(cache, r, config) for r in rows]
-    logits = [forward(r, c, width - max(widths[i] for i in g)) for g, r, c in zip(groups, rows, caches)]
+    rows, logits, held = [], [], []
+    for g in groups:
+        r = torch.tensor(g, device=device)
+        group_cache = _rows(cache, r, config)
+        logits.append(forward(r, group_cache, width - max(widths[i] for i in g)))
+        rows.append(r)
+        held.append([(layer.keys, layer.values) for layer in group_cache.layers])
+    del group_cache  # its layers live on in `held` alone, for _join to release one by one
+    prefix_len = prefix_mask.shape[1]
     order = torch.cat(rows).argsort()  # batch row -> its row in the groups' concatenation
-    joined = _join(cache, order, caches, width, config)
-    return joined, torch.cat(logits).index_select(0, order), mask, pos[:, -1:] + 1
+    return _join(held, rows, prefix_len, width, config), torch.cat(logits).index_select(0, order), mask, pos[:, -1:] + 1

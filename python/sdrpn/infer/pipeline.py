@@ -29,11 +29,11 @@ from ..llava.inputs import (
     left_pad,
     pixel_batch,
     position_ids_from_mask,
-    preprocess_image,
     split_prompt_ids,
 )
 from ..llava.probe import EarlyExit, capture_outputs, decoder_layers
 from ..options import RoiOptions
+from ..prefetch import thread_map
 from ..rpn.model import RegionProposalNetwork
 from .answering import LlavaAnswering
 from .pass2 import GROUP_COST_TOKENS, prefill_new_tokens
@@ -86,7 +86,7 @@ class Stopwatch:
 
 @dataclass
 class _Pass1:
-    cache: DynamicCache
+    cache: DynamicCache | None  # dropped once pass 2 has made its own
     prefix_mask: Tensor  # (B, Lp)
     suffixes: list[list[int]]
     rois: list[RoiPrediction]
@@ -133,7 +133,7 @@ class SDRPNLlava(LlavaAnswering):
         self.eos_id = self.tokenizer.eos_token_id
         self.decoder = resolve_decoder(decoder, model)
         self.decoders = DecoderPool()  # buffers and graphs kept between calls; .clear() frees them
-        if not isinstance(pass2_group_cost, int) or pass2_group_cost < 0:
+        if isinstance(pass2_group_cost, bool) or not isinstance(pass2_group_cost, int) or pass2_group_cost < 0:
             raise ValueError(f"pass2_group_cost must be an int >= 0, got {pass2_group_cost!r}")
         self.pass2_group_cost = pass2_group_cost
 
@@ -151,11 +151,7 @@ class SDRPNLlava(LlavaAnswering):
         clock = Stopwatch(self.device)
         images = self._images(images)
         prompts = [self._split_prompt(q) for q in questions]
-        pixels = pixel_batch(
-            [preprocess_image(im, self.size, self.mean, self.std, mode=self.preprocessing)[0] for im in images],
-            self.device,
-            self.dtype,
-        )
+        pixels = self._pixels(images)
         prefix_ids, prefix_mask = left_pad([p for p, _ in prompts], self.pad_id, self.device)
         # The prefix is the same length for every sample (system text + image tokens).
         # Suffixes differ in length: padded on their left, i.e. between prefix and question.
@@ -224,7 +220,7 @@ class SDRPNLlava(LlavaAnswering):
         crops, owner, grid_boxes, keeps = [], [], [], []
         for b, (image, roi) in enumerate(zip(images, rois)):
             for box, gbox, keep in zip(roi.boxes, roi.grid_boxes, roi.keep):
-                crops.append(crop_pixels(image, box, self.size, self.mean, self.std))
+                crops.append((image, box))
                 owner.append(b)
                 grid_boxes.append(gbox)
                 keeps.append(keep)
@@ -232,7 +228,9 @@ class SDRPNLlava(LlavaAnswering):
         per_sample = [torch.empty(0, hidden, device=self.device, dtype=self.dtype) for _ in images]
         if not crops:
             return per_sample
-        feats = self.model.model.get_image_features(pixel_values=pixel_batch(crops, self.device, self.dtype))
+        size, mean, std = self.size, self.mean, self.std
+        pixels = thread_map(lambda crop: crop_pixels(crop[0], crop[1], size, mean, std), crops)
+        feats = self.model.model.get_image_features(pixel_values=pixel_batch(pixels, self.device, self.dtype))
         feats = feats.pooler_output if hasattr(feats, "pooler_output") else feats
         for b, f, gbox, keep in zip(owner, feats, grid_boxes, keeps):
             tokens = self._resample(f, gbox) if bool(keep.all()) else f[keep.flatten().to(f.device)]
@@ -271,6 +269,7 @@ class SDRPNLlava(LlavaAnswering):
         cache, logits, mask, positions = prefill_new_tokens(
             self.model, p1.cache, p1.prefix_mask, parts, self.pass2_group_cost
         )
+        p1.cache = None  # extended into `cache`, or copied into it: not held twice while decoding
         tokens = greedy_decode(
             self.model, cache, logits, mask, positions, max_new_tokens, self.eos_id, self.decoder, self.decoders
         )

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from .. import ops
 from .decode import DecoderPool, greedy_decode, prefill
 from .inputs import left_pad, position_ids_from_mask, right_pad
+from .loading import model_device
 from .presets import HeadSelection, LlavaPreset
 from .probe import probe_once
 
@@ -195,14 +196,14 @@ def given_answer_maps(
 ) -> AttentionMaps:
     """G and S of given answers (token ids, the end token included where there is one)
     to their prompts: one teacher-forced pass over left-padded [prompt, answer]."""
-    if len(prompts) != len(answers) or len(prompts) != pixels.shape[0]:
+    if not prompts or len(prompts) != len(answers) or len(prompts) != pixels.shape[0]:
         raise ValueError(
             f"prompts ({len(prompts)}), answers ({len(answers)}) and pixels ({pixels.shape[0]}) "
-            "must hold one entry per sample"
+            "must hold one entry per sample, at least one"
         )
     if any(len(a) == 0 for a in answers):
         raise ValueError("answers: every answer needs at least one token")
-    device = pixels.device
+    device = model_device(model)
     ids, mask = left_pad([p + a for p, a in zip(prompts, answers)], pad_id, device)
     lengths = torch.tensor([len(a) for a in answers], device=device)
     batch = TeacherForcedBatch(ids, mask, pixels, ids.shape[1] - lengths, lengths)

@@ -133,7 +133,8 @@ class EarlyExit:
 @torch.no_grad()
 def probe_once(model: nn.Module, layers: Iterable[int], **inputs) -> dict[int, tuple[Tensor, Tensor]]:
     """One forward of the LLaVA backbone (no LM head), up to the deepest probed layer's
-    query and key. A cache passed in ``inputs`` also receives that layer's new keys."""
+    query and key. A cache passed in ``inputs`` receives the new keys and values of every
+    layer up to that one, as the forward would have left them."""
     with AttentionProbe(model, layers, stop=True) as probe, EarlyExit(model, max(probe.layers) + 1):
         try:
             model.model(**inputs, use_cache=False)
