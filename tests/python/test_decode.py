@@ -12,6 +12,7 @@ from transformers import MistralConfig
 import sdrpn.llava.decode as decode_module
 from sdrpn.llava.decode import DecoderPool, StaticDecoder, greedy_answers, greedy_decode, prefill, resolve_decoder
 from sdrpn.llava.inputs import left_pad
+from sdrpn.options import RoiOptions
 from test_infer import QUESTIONS, blob_logits, images, pipeline
 from tiny_llava import PAD, make_tiny_llava, prompt_ids
 
@@ -260,3 +261,24 @@ def test_sdrpn_answers_alike_with_graphs_on_cuda():
         warnings.filterwarnings("error", message="CUDA graph capture failed")
         for _ in range(2):
             assert [a.tokens for a in sd.generate(ims, QUESTIONS, max_new_tokens=7)] == want
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_mask_crops_pass2_groups_and_stage_timings_on_cuda():
+    """On CUDA: mask-mode crops (kept tokens picked by indices sent ahead), pass 2 in
+    groups, graphs, against one padded pass 2 through the model's own forward; the stage
+    timings come from events and add up."""
+    tiny = make_tiny_llava(num_layers=4, grid=4)
+    tiny.model.cuda()
+    forced = blob_logits((0, 0, 1, 4), None, (1, 1, 3, 3))
+    forced.view(3, 4, 4)[0, 3, :] = 10.0  # two bands: one crop keeping 8 of its 16 tokens
+    ims = images(3, seed=2)
+    roi = RoiOptions(threshold=0.3)
+    want = pipeline(tiny, forced, decoder="hf", roi=roi, pass2_group_cost=10**9).generate(ims, QUESTIONS, 6)
+    got = pipeline(tiny, forced, roi=roi, pass2_group_cost=0).generate(ims, QUESTIONS, 6)
+    assert [a.tokens for a in got] == [a.tokens for a in want]
+    assert [[int(k.sum()) for k in a.rois.keep] for a in got] == [[8], [], [16]]
+    timings = got[0].timings
+    assert set(timings) == {"prefix", "early_exit", "rpn", "boxes", "crop_encode", "pass2_decode", "total"}
+    assert all(v >= 0 for v in timings.values())
+    assert timings["total"] == pytest.approx(sum(v for k, v in timings.items() if k != "total"))

@@ -6,7 +6,7 @@ from PIL import Image
 
 from sdrpn.infer import pass2
 from sdrpn.infer.baseline import BaseLlava
-from sdrpn.infer.pipeline import SDRPNLlava
+from sdrpn.infer.pipeline import SDRPNLlava, Stopwatch
 from sdrpn.llava.decode import DecoderPool, greedy_decode, prefill
 from sdrpn.llava.geometry import grid_box_to_pixels
 from sdrpn.llava.inputs import crop_pixels, left_pad, position_ids_from_mask, preprocess_image
@@ -123,6 +123,42 @@ def test_answer_equals_full_sequence_generate_and_batch_equals_single(tiny, grou
         assert ans.tokens == full_sequence_generate(sd, ims[b], QUESTIONS[b], crops, 5)
         alone = pipeline(tiny, forced[b : b + 1]).generate([ims[b]], [QUESTIONS[b]], max_new_tokens=5)[0]
         assert alone.tokens == ans.tokens and alone.rois.boxes == ans.rois.boxes
+
+
+def test_stopwatch_times_cuda_stages_by_events_without_synchronising(monkeypatch):
+    """On CUDA a lap records an event on the current stream (stand-ins here) and only
+    total() waits, for the last event."""
+
+    class Event:
+        clock = 0.0
+
+        def __init__(self, enable_timing):
+            assert enable_timing
+            self.synced = False
+
+        def record(self, stream):
+            assert stream == "current"
+            Event.clock += 0.5
+            self.at = Event.clock
+
+        def synchronize(self):
+            self.synced = True
+
+        def elapsed_time(self, end):  # milliseconds, as CUDA events give them
+            return (end.at - self.at) * 1e3
+
+    def no_sync(*_):
+        raise AssertionError("a lap must not synchronise the device")
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device: "current")
+    monkeypatch.setattr(torch.cuda, "synchronize", no_sync)
+    clock = Stopwatch(torch.device("cuda", 0))
+    clock.lap("prefix")
+    clock.lap("rpn")
+    assert not clock.marks[-1].synced
+    assert clock.total() == {"prefix": 0.5, "rpn": 0.5, "total": 1.0}
+    assert clock.marks[-1].synced
 
 
 def test_width_groups():

@@ -117,12 +117,12 @@ def prefill_new_tokens(
     if len(groups) == 1:
         return cache, forward(slice(None), cache, 0), mask, pos[:, -1:] + 1
     config = model.config.get_text_config()
-    rows, logits, held = [], [], []
-    for g in groups:
-        r = torch.tensor(g, device=device)
+    # All on the device before the first group's forward is queued: a copy there waits for it.
+    rows = [torch.tensor(g, device=device) for g in groups]
+    logits, held = [], []
+    for g, r in zip(groups, rows):
         group_cache = _rows(cache, r, config)
         logits.append(forward(r, group_cache, width - max(widths[i] for i in g)))
-        rows.append(r)
         held.append([(layer.keys, layer.values) for layer in group_cache.layers])
     del group_cache  # its layers live on in `held` alone, for _join to release one by one
     prefix_len = prefix_mask.shape[1]

@@ -65,23 +65,34 @@ class SDRPNAnswer:
 
 
 class Stopwatch:
-    """Stage timings of one call: ``lap(name)`` records the seconds since the previous lap
-    (the device synchronised first, so GPU work is counted where it happens)."""
+    """Stage timings of one call: ``lap(name)`` ends a stage, ``total()`` gives the seconds
+    of each and of all. On CUDA a lap records an event on the current stream instead of
+    waiting for the device: GPU work counts in the stage that queued it, and the timing
+    adds no host synchronisation to the call (``total`` waits for the last event only)."""
 
     def __init__(self, device: torch.device):
         self.device = device
-        self.start = self.last = time.perf_counter()
-        self.laps: dict[str, float] = {}
+        self.names: list[str] = []
+        self.marks = [self._mark()]
+
+    def _mark(self):
+        if self.device.type != "cuda":
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record(torch.cuda.current_stream(self.device))
+        return event
 
     def lap(self, name: str) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        now = time.perf_counter()
-        self.laps[name] = now - self.last
-        self.last = now
+        self.names.append(name)
+        self.marks.append(self._mark())
 
     def total(self) -> dict[str, float]:
-        return dict(self.laps, total=self.last - self.start)
+        if self.device.type == "cuda":
+            self.marks[-1].synchronize()
+            seconds = [a.elapsed_time(b) / 1e3 for a, b in zip(self.marks, self.marks[1:])]
+        else:
+            seconds = [b - a for a, b in zip(self.marks, self.marks[1:])]
+        return dict(zip(self.names, seconds), total=sum(seconds))
 
 
 @dataclass
@@ -230,10 +241,13 @@ class SDRPNLlava(LlavaAnswering):
             return per_sample
         size, mean, std = self.size, self.mean, self.std
         pixels = thread_map(lambda crop: crop_pixels(crop[0], crop[1], size, mean, std), crops)
+        # The kept tokens' indices go to the device before the encoder is queued: a copy
+        # to the device waits for the work queued before it.
+        kept = [None if bool(k.all()) else k.flatten().nonzero()[:, 0].to(self.device) for k in keeps]
         feats = self.model.model.get_image_features(pixel_values=pixel_batch(pixels, self.device, self.dtype))
         feats = feats.pooler_output if hasattr(feats, "pooler_output") else feats
-        for b, f, gbox, keep in zip(owner, feats, grid_boxes, keeps):
-            tokens = self._resample(f, gbox) if bool(keep.all()) else f[keep.flatten().to(f.device)]
+        for b, f, gbox, index in zip(owner, feats, grid_boxes, kept):
+            tokens = self._resample(f, gbox) if index is None else f.index_select(0, index)
             per_sample[b] = torch.cat([per_sample[b], tokens])
         return per_sample
 
@@ -262,10 +276,12 @@ class SDRPNLlava(LlavaAnswering):
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         p1, images = self._pass1(images, questions)
         clock = p1.clock
+        # On the device before any pass-2 work is queued (a copy there waits for that work).
+        suffixes = [torch.tensor(s, device=self.device) for s in p1.suffixes]
         crop_tokens = self._crop_tokens(images, p1.rois)
         clock.lap("crop_encode")
         embed = self.model.get_input_embeddings()
-        parts = [torch.cat([c, embed(torch.tensor(s, device=self.device))]) for c, s in zip(crop_tokens, p1.suffixes)]
+        parts = [torch.cat([c, embed(s)]) for c, s in zip(crop_tokens, suffixes)]
         cache, logits, mask, positions = prefill_new_tokens(
             self.model, p1.cache, p1.prefix_mask, parts, self.pass2_group_cost
         )
