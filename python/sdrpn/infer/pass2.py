@@ -20,9 +20,9 @@ from transformers import DynamicCache
 from ..llava.inputs import position_ids_from_mask
 
 # What one more forward costs, in padded tokens it must save to pay for itself. A forward
-# through LLaVA-1.5-7B's 32 layers launches a few thousand kernels, about 10 ms of host time
-# at 7 us per launch; an H100 prefills about 600 tokens of 7B in 30 ms, i.e. 10 ms is some
-# 200-300 tokens' work.
+# through LLaVA-1.5-7B's 32 layers launches about a thousand kernels and runs as much
+# Python, some 10 ms of host time (the last H200 profile); an H100 prefills about 600 tokens
+# of 7B in 30 ms, so 10 ms is some 200-300 tokens' work.
 GROUP_COST_TOKENS = 256
 
 
