@@ -5,8 +5,9 @@
 # important first, each within its own time budget: the 7B pipeline benchmarks (answering,
 # labelling, RPN training), the CPU kernels at full thread count, the CUDA tests, the op
 # benchmarks and last the C++ suite. Keeps under $OUT, refreshed after every step so that a
-# run cut short still reports: results.json (every benchmark's JSON), summary.txt (each
-# step's tail) and logs.tar.gz (logs, profiler tables and traces).
+# run cut short still reports: results.json (every benchmark's JSON), figures.md (the
+# headline figures against their targets, benchmarks/figures.py), summary.txt (each step's
+# tail) and logs.tar.gz (logs, profiler tables and traces).
 #
 # With SDRPN_TRAIN_BASE_STEPS=N it also trains the synthetic task's base model (N steps at
 # batch 256) in the background after the benchmarks, while the tests run, scores it, and
@@ -35,6 +36,7 @@ for p in sorted(glob.glob(os.path.join(logs, "*.json"))):
         pass
 json.dump(merged, open(out, "w"), indent=1)
 PY
+  python3 benchmarks/figures.py "$OUT/results.json" >"$OUT/figures.md" 2>&1
   (cat "$LOGS/gpu.txt" "$LOGS/steps.txt" 2>/dev/null; for f in "$LOGS"/*.log; do echo "=== $f"; tail -n 40 "$f"; done) >"$OUT/summary.txt"
   tar -czf "$OUT/logs.tar.gz" -C "$LOGS" .
 }

@@ -30,22 +30,41 @@ def test_op_benchmarks_print_ratios(script, args, key):
     assert isinstance(run(script, *args)[key], float)
 
 
-def test_label_pipeline_benchmark_runs_on_a_tiny_model():
-    result = run(
-        "bench_label_pipeline.py",
-        "--size",
-        "tiny",
-        "--samples",
-        "4",
-        "--reference-samples",
-        "1",
-        "--batch-sizes",
-        "1",
-        "2",
-    )
-    row = result["results"][0]
+@pytest.fixture(scope="module")
+def pipeline_results():
+    """The pipeline benchmarks on a tiny model, under the step names scripts/gpu_check.sh
+    gives their JSON in results.json."""
+    label = ["--size", "tiny", "--samples", "4", "--reference-samples", "1", "--batch-sizes", "1", "2"]
+    return {
+        "bench_infer_7b": run("bench_infer.py", "--answer-tokens", "2", "--batch-sizes", "2", "--repeats", "1"),
+        "bench_label_pipeline_7b": run("bench_label_pipeline.py", *label),
+        "bench_train_rpn_7b": run("bench_train_rpn.py", "--batch", "2", "--steps", "1"),
+        "bench_labels_cpu": run("bench_labels.py", "--batch", "64"),
+        "bench_sinks_cpu": run("bench_sinks.py", "--batch", "1", "--seq-len", "32"),
+    }
+
+
+def test_label_pipeline_benchmark_runs_on_a_tiny_model(pipeline_results):
+    row = pipeline_results["bench_label_pipeline_7b"]["results"][0]
     assert row["given"]["best_batch_size"] in (1, 2)
     assert "speedup_best_vs_reference" in row["self"]
+
+
+def test_figures_table_reads_every_pipeline_benchmark(pipeline_results, tmp_path):
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(pipeline_results))
+    out = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "figures.py"), str(path)], capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    rows = [line for line in out.stdout.splitlines() if line.startswith("| ") and "figure" not in line]
+    assert len(rows) == 11 and not [r for r in rows if "not measured" in r]
+    assert "| answering, batch 2, 2-token answers, bbox_1, vs `generate` |" in out.stdout
+    path.write_text(json.dumps({"bench_train_rpn_7b": pipeline_results["bench_train_rpn_7b"]}))  # a cut-short run
+    out = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "figures.py"), str(path)], capture_output=True, text=True
+    )
+    assert out.returncode == 0 and out.stdout.count("not measured") == 4
 
 
 def test_rpn_scores_benchmark():
@@ -54,14 +73,12 @@ def test_rpn_scores_benchmark():
     assert "speedup" in row["forward"] and row["max_abs_diff_vs_naive"] < 1e-4
 
 
-def test_train_benchmark_runs_on_a_tiny_model():
-    result = run("bench_train_rpn.py", "--batch", "2", "--steps", "1")
-    assert "samples_per_s" in result["results"]["checkpointing"]
+def test_train_benchmark_runs_on_a_tiny_model(pipeline_results):
+    assert "samples_per_s" in pipeline_results["bench_train_rpn_7b"]["results"]["checkpointing"]
 
 
-def test_infer_benchmark_runs_on_a_tiny_model():
-    result = run("bench_infer.py", "--answer-tokens", "2", "--batch-sizes", "2", "--repeats", "1")
-    row = result["results"][0]
+def test_infer_benchmark_runs_on_a_tiny_model(pipeline_results):
+    row = pipeline_results["bench_infer_7b"]["results"][0]
     assert "throughput_vs_baseline" in row["bbox_2"]
     assert set(row["bbox_1"]["stages_s"]) >= {"prefix", "early_exit", "rpn", "boxes", "crop_encode", "pass2_decode"}
     # bbox mode feeds whole crops; mask mode one crop's kept tokens, fewer than two crops'.

@@ -1,0 +1,136 @@
+"""The pipeline's headline figures against their targets, as a markdown table, from the
+results.json that scripts/gpu_check.sh writes (each benchmark's JSON under its step name).
+A figure whose benchmark did not run (or ran out of time) reads "not measured".
+
+    python benchmarks/figures.py build/gpu_check_out/results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+ANSWERING_TARGET = 0.85  # throughput relative to generate without RoI
+REFERENCE_WAY_TARGET = 5.0  # SD-RPN at the largest batch vs the reference's way, samples/s
+LABEL_GIVEN_TARGET = 30.0  # label job vs the reference's way, samples/s
+LABEL_SELF_TARGET = 6.0
+EPOCH_MINUTES_TARGET = 10.0  # a 10K-sample RPN epoch
+CPU_KERNEL_TARGET = 1.0  # vs batched PyTorch
+
+
+def verdict(value: float | None, target: float | None, higher_is_better: bool = True) -> str:
+    if value is None:
+        return "not measured"
+    if target is None:
+        return "reported"
+    if (value >= target) if higher_is_better else (value <= target):
+        return "met"
+    return f"missed by {abs(value - target) / target:.0%}"
+
+
+def _get(tree, *keys):
+    for key in keys:
+        if not isinstance(tree, dict) or key not in tree:
+            return None
+        tree = tree[key]
+    return tree
+
+
+def answering_rows(infer: dict | None) -> list[tuple]:
+    rows = []
+    results = (infer or {}).get("results") or []
+    if not results:
+        return [("answering throughput vs `generate`", None, ANSWERING_TARGET, True)]
+    shortest = min(r["answer_tokens"] for r in results)
+    for r in results:
+        short = r["answer_tokens"] == shortest
+        at = f"answering, batch {r['batch']}, {r['answer_tokens']}-token answers"
+        for setting in ("bbox_1", "mask_2", "bbox_mixed"):  # the targets are for one RoI
+            if setting in r:
+                target = ANSWERING_TARGET if short and setting != "bbox_mixed" else None
+                rows.append((f"{at}, {setting}, vs `generate`", r[setting]["throughput_vs_baseline"], target, True))
+        if "bbox_1" in r:  # what the method costs apart from the decoder
+            value = r["bbox_1"]["throughput_vs_baseline_same_decoder"]
+            rows.append((f"{at}, bbox_1, vs the same prompts through the pipeline's decoder", value, None, True))
+        ref = r.get("reference_way_bbox_1")
+        if ref and r["answer_tokens"] == shortest:
+            name = f"SD-RPN at batch {r['batch']} vs the reference's way, {r['answer_tokens']}-token answers"
+            rows.append((name, ref["sdrpn_speedup_samples_per_s"], REFERENCE_WAY_TARGET, True))
+    return rows
+
+
+def label_rows(label: dict | None) -> list[tuple]:
+    results = (label or {}).get("results") or []
+    if not results:
+        return [("label job vs the reference's way", None, LABEL_GIVEN_TARGET, True)]
+    row = min(results, key=lambda r: r["answer_tokens"])
+    tokens = row["answer_tokens"]
+    rows = []
+    for mode, target in (("given", LABEL_GIVEN_TARGET), ("self", LABEL_SELF_TARGET)):
+        value = _get(row, mode, "speedup_best_vs_reference")
+        rows.append((f"label job, {mode} answers, {tokens} tokens, vs the reference's way", value, target, True))
+    ours = _get(row, "given", "by_batch_size", str(_get(row, "given", "best_batch_size")), "peak_GiB")
+    ref = _get(row, "reference_batch1", "peak_GiB")
+    if ours is not None and ref is not None:
+        rows.append(("label job, given answers, peak GiB (target: the reference's)", ours, ref, False))
+    return rows
+
+
+def train_rows(train: dict | None) -> list[tuple]:
+    early = _get(train, "results", "plain")
+    return [
+        ("RPN training, early exit, samples/s", _get(early, "samples_per_s"), None, True),
+        ("RPN training, minutes per 10K-sample epoch", _get(early, "epoch_10k_minutes"), EPOCH_MINUTES_TARGET, False),
+    ]
+
+
+def cpu_rows(labels: dict | None, sinks: dict | None) -> list[tuple]:
+    threads = _get(labels, "machine", "cpu_threads")
+    where = f"CPU ({threads} threads)" if threads else "CPU"
+    return [
+        (
+            f"pseudo_labels, {where}, vs batched PyTorch",
+            _get(labels, "speedup_vs_torch_batched"),
+            CPU_KERNEL_TARGET,
+            True,
+        ),
+        (
+            f"massive_activation_sinks, {where}, {_get(sinks, 'dtype') or 'float16'}, vs PyTorch",
+            _get(sinks, "speedup_vs_torch"),
+            CPU_KERNEL_TARGET,
+            True,
+        ),
+    ]
+
+
+def figures(results: dict) -> list[tuple[str, float | None, float | None, str]]:
+    """(figure, measured, target, verdict) rows."""
+    rows = (
+        answering_rows(results.get("bench_infer_7b"))
+        + label_rows(results.get("bench_label_pipeline_7b"))
+        + train_rows(results.get("bench_train_rpn_7b"))
+        + cpu_rows(results.get("bench_labels_cpu"), results.get("bench_sinks_cpu"))
+    )
+    return [(name, value, target, verdict(value, target, higher)) for name, value, target, higher in rows]
+
+
+def markdown(results: dict) -> str:
+    machine = _get(results, "bench_infer_7b", "machine") or {}
+    head = f"Machine: {machine.get('gpu') or machine.get('device', 'unknown')}, torch {machine.get('torch', '?')}\n\n"
+    lines = ["| figure | measured | target | verdict |", "|---|---:|---:|---|"]
+    for name, value, target, word in figures(results):
+        shown = "-" if value is None else f"{value:g}"
+        lines.append(f"| {name} | {shown} | {'-' if target is None else f'{target:g}'} | {word} |")
+    return head + "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("results", help="results.json of scripts/gpu_check.sh")
+    args = parser.parse_args()
+    with open(args.results) as f:
+        print(markdown(json.load(f)), end="")
+
+
+if __name__ == "__main__":
+    main()
