@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +34,7 @@ from ..llava.loading import pad_token_id
 from ..llava.presets import LlavaPreset, get_preset, preset_from_dict
 from ..ops import IGNORE_INDEX
 from ..options import Options, RoiOptions, option
+from ..prefetch import prefetch
 from ..progress import show_progress
 from .checkpoints import checkpoint_settings, latest_checkpoint, load_checkpoint, save_checkpoint
 from .dataset import LabelBatch, LabelCollator, LabelShardDataset
@@ -75,7 +77,7 @@ class TrainConfig(Options):
     save_every: int = option(200, "optimiser steps between checkpoints")
     keep_checkpoints: int = option(2, "checkpoints kept")
     stop_after_steps: int | None = option(None, "stop (checkpointed) after this many steps in all")
-    num_workers: int = option(0, "DataLoader worker processes")
+    num_workers: int = option(0, "DataLoader worker processes (0: one loader thread of the training process)")
 
     def __post_init__(self):
         for name in ("labels", "out"):
@@ -207,8 +209,14 @@ class RPNTrainer:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return torch.autocast(self.device.type, enabled=False)
 
-    def _loader(self, dataset, chunks):
-        return DataLoader(dataset, batch_sampler=chunks, collate_fn=self.collator, num_workers=self.cfg.num_workers)
+    def _loader(self, dataset, chunks) -> Iterable:
+        """The chunks' batches in order, loaded while the model runs: by DataLoader worker
+        processes, or (num_workers 0) by one thread of this process, one thread because the
+        dataset tokenizes and a tokenizer is not to be shared between threads."""
+        if self.cfg.num_workers > 0:
+            return DataLoader(dataset, batch_sampler=chunks, collate_fn=self.collator, num_workers=self.cfg.num_workers)
+        loads = prefetch(lambda chunk: self.collator([dataset[i] for i in chunk]), chunks, workers=1, ahead=2)
+        return (load.result() for load in loads)
 
     def _datasets(self) -> tuple[LabelShardDataset, LabelShardDataset | None]:
         cfg = self.cfg
@@ -334,19 +342,18 @@ class RPNTrainer:
         return metrics
 
     def _step(self, rpn, optimizer, scheduler, step_chunks, dataset) -> float:
-        total = 0.0
-        micro = list(self._loader(dataset, step_chunks))
-        for i, batch in enumerate(micro):
+        total, count = 0.0, len(step_chunks)
+        for i, batch in enumerate(self._loader(dataset, step_chunks)):  # the next ones load meanwhile
             if batch is None:
                 continue
-            sync = i == len(micro) - 1 or not isinstance(rpn, DistributedDataParallel)
+            sync = i == count - 1 or not isinstance(rpn, DistributedDataParallel)
             # Gradients are averaged across ranks once, on the last micro-batch of a step.
             context = rpn.no_sync() if not sync else contextlib.nullcontext()
             with context:
                 logits, labels = _forward(
                     self.model, rpn, self.branch_layer, batch, self.image_token_id, self.device, self._autocast
                 )
-                loss = rpn_loss(logits, labels) / len(micro)
+                loss = rpn_loss(logits, labels) / count
                 loss.backward()
             total += float(loss.detach())
         torch.nn.utils.clip_grad_norm_(rpn.parameters(), self.cfg.max_grad_norm)
