@@ -84,6 +84,20 @@ def train_rows(train: dict | None) -> list[tuple]:
     ]
 
 
+def label_job_rows(job: dict | None) -> list[tuple]:
+    """The label job end to end on JPEG files: with the most loader threads measured, and
+    its gain over loading on the main thread (reported; no target)."""
+    results = (job or {}).get("results") or {}
+    if not results:
+        return [("label job end to end on JPEG files, samples/s", None, None, True)]
+    name, best = list(results.items())[-1]
+    gain = next((v for k, v in best.items() if k.startswith("speedup_vs_")), None)
+    return [
+        (f"label job end to end on JPEG files, {name}, samples/s", best["samples_per_s"], None, True),
+        (f"label job end to end on JPEG files, {name} vs workers_0", gain, None, True),
+    ]
+
+
 def cpu_rows(labels: dict | None, sinks: dict | None) -> list[tuple]:
     threads = _get(labels, "machine", "cpu_threads")
     where = f"CPU ({threads} threads)" if threads else "CPU"
@@ -109,6 +123,7 @@ def figures(results: dict) -> list[tuple[str, float | None, float | None, str]]:
         answering_rows(results.get("bench_infer_7b"))
         + label_rows(results.get("bench_label_pipeline_7b"))
         + train_rows(results.get("bench_train_rpn_7b"))
+        + label_job_rows(results.get("bench_label_job_7b"))
         + cpu_rows(results.get("bench_labels_cpu"), results.get("bench_sinks_cpu"))
     )
     return [(name, value, target, verdict(value, target, higher)) for name, value, target, higher in rows]

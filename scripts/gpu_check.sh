@@ -4,10 +4,11 @@
 # .gpu_carry/). Builds the extension for this GPU's architecture only, then runs, most
 # important first, each within its own time budget: the 7B pipeline benchmarks (answering,
 # labelling, RPN training), the CPU kernels at full thread count, the CUDA tests, the op
-# benchmarks and last the C++ suite. Keeps under $OUT, refreshed after every step so that a
-# run cut short still reports: results.json (every benchmark's JSON), figures.md (the
-# headline figures against their targets, benchmarks/figures.py), summary.txt (each step's
-# tail) and logs.tar.gz (logs, profiler tables and traces).
+# benchmarks, the label job on JPEG files and last the C++ suite. Keeps under $OUT,
+# refreshed after every step so that a run cut short still reports: results.json (every
+# benchmark's JSON), figures.md (the headline figures against their targets,
+# benchmarks/figures.py), summary.txt (each step's tail) and logs.tar.gz (logs, profiler
+# tables and traces).
 #
 # With SDRPN_TRAIN_BASE_STEPS=N it also trains the synthetic task's base model (N steps at
 # batch 256) in the background after the benchmarks, while the tests run, scores it, and
@@ -101,6 +102,10 @@ for bench in bench_labels bench_sinks bench_rpn_scores; do
   step "${bench}_cuda" 30 python3 "benchmarks/$bench.py" --device cuda --json "$LOGS/${bench}_cuda.json"
 done
 step bench_rpn_scores_cpu 30 python3 benchmarks/bench_rpn_scores.py --device cpu --json "$LOGS/bench_rpn_scores_cpu.json"
+# The label job end to end on JPEG files, with and without loader threads (the figure a
+# user labelling a real dataset sees), where time is left.
+step bench_label_job_7b 90 python3 benchmarks/bench_label_job.py --size 7b --device cuda --images 128 \
+  --batch-size 16 --repeats 2 --json "$LOGS/bench_label_job_7b.json"
 
 if [ -n "$train_pid" ]; then
   wait "$train_pid"

@@ -41,6 +41,9 @@ def pipeline_results():
         "bench_train_rpn_7b": run("bench_train_rpn.py", "--batch", "2", "--steps", "1"),
         "bench_labels_cpu": run("bench_labels.py", "--batch", "64"),
         "bench_sinks_cpu": run("bench_sinks.py", "--batch", "1", "--seq-len", "32"),
+        "bench_label_job_7b": run(
+            "bench_label_job.py", *("--images 4 --image-size 96 64 --batch-size 2 --repeats 1 --workers 0 2".split())
+        ),
     }
 
 
@@ -58,13 +61,13 @@ def test_figures_table_reads_every_pipeline_benchmark(pipeline_results, tmp_path
     )
     assert out.returncode == 0, out.stderr
     rows = [line for line in out.stdout.splitlines() if line.startswith("| ") and "figure" not in line]
-    assert len(rows) == 11 and not [r for r in rows if "not measured" in r]
+    assert len(rows) == 13 and not [r for r in rows if "not measured" in r]
     assert "| answering, batch 2, 2-token answers, bbox_1, vs `generate` |" in out.stdout
     path.write_text(json.dumps({"bench_train_rpn_7b": pipeline_results["bench_train_rpn_7b"]}))  # a cut-short run
     out = subprocess.run(
         [sys.executable, os.path.join(ROOT, "benchmarks", "figures.py"), str(path)], capture_output=True, text=True
     )
-    assert out.returncode == 0 and out.stdout.count("not measured") == 4
+    assert out.returncode == 0 and out.stdout.count("not measured") == 5
 
 
 def test_rpn_scores_benchmark():
@@ -95,21 +98,7 @@ def test_infer_benchmark_runs_on_a_tiny_model(pipeline_results):
     assert row["reference_way_bbox_1"]["sdrpn_speedup_samples_per_s"] > 0
 
 
-def test_label_job_benchmark_runs_on_a_tiny_model():
-    result = run(
-        "bench_label_job.py",
-        "--images",
-        "4",
-        "--image-size",
-        "96",
-        "64",
-        "--batch-size",
-        "2",
-        "--repeats",
-        "1",
-        "--workers",
-        "0",
-        "2",
-    )
+def test_label_job_benchmark_runs_on_a_tiny_model(pipeline_results):
+    result = pipeline_results["bench_label_job_7b"]
     assert set(result["results"]) == {"workers_0", "workers_2"}
     assert result["results"]["workers_0"]["speedup_vs_workers_0"] == 1.0
