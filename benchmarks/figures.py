@@ -52,6 +52,9 @@ def answering_rows(infer: dict | None) -> list[tuple]:
         if "bbox_1" in r:  # what the method costs apart from the decoder
             value = r["bbox_1"]["throughput_vs_baseline_same_decoder"]
             rows.append((f"{at}, bbox_1, vs the same prompts through the pipeline's decoder", value, None, True))
+        for key, what in (("bbox_1_decoders_agree", "the two decoders"), ("bbox_mixed_groups_agree", "pass-2 groups")):
+            if key in r:  # the share of answers alike (float16 may part at a near tie)
+                rows.append((f"{at}, answers alike through {what} (share)", r[key], None, True))
         ref = r.get("reference_way_bbox_1")
         if ref and r["answer_tokens"] == shortest:
             name = f"SD-RPN at batch {r['batch']} vs the reference's way, {r['answer_tokens']}-token answers"

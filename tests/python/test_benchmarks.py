@@ -61,7 +61,7 @@ def test_figures_table_reads_every_pipeline_benchmark(pipeline_results, tmp_path
     )
     assert out.returncode == 0, out.stderr
     rows = [line for line in out.stdout.splitlines() if line.startswith("| ") and "figure" not in line]
-    assert len(rows) == 13 and not [r for r in rows if "not measured" in r]
+    assert len(rows) == 15 and not [r for r in rows if "not measured" in r]
     assert "| answering, batch 2, 2-token answers, bbox_1, vs `generate` |" in out.stdout
     path.write_text(json.dumps({"bench_train_rpn_7b": pipeline_results["bench_train_rpn_7b"]}))  # a cut-short run
     out = subprocess.run(
