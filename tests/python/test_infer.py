@@ -201,6 +201,32 @@ def test_pass2_in_groups_leaves_the_cache_and_answers_of_one_padded_forward(tiny
         pass2.prefill_new_tokens(tiny.model, cache, prefix_mask[:2], [parts[0], parts[0][:0]])
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_pass2_groups_match_one_forward_on_random_widths(tiny, seed):
+    """Random widths (1 to 40 new tokens, repeats included), left-padded prefixes of other
+    lengths and a random group cost: the groups give the one padded forward's logits and
+    unmasked cache."""
+    gen = torch.Generator().manual_seed(100 + seed)
+    hidden = tiny.model.config.text_config.hidden_size
+    batch = 1 + seed * 2
+    prefix = [[1] * int(torch.randint(1, 4, (1,), generator=gen)) + [IMAGE] * tiny.num_cells for _ in range(batch)]
+    pixels = torch.randn(batch, 3, tiny.image_size, tiny.image_size, generator=gen)
+    widths = torch.randint(1, 41, (batch,), generator=gen).tolist()
+    parts = [torch.randn(n, hidden, generator=gen) for n in widths]
+    cost = [0, 8, 30, 0][seed]
+    assert batch == 1 or len(pass2.width_groups(widths, cost)) > 1  # the groups path is taken
+    got = {}
+    for c in (10**6, cost):
+        ids, prefix_mask = left_pad(prefix, 0)
+        cache, _, _, _ = prefill(tiny.model, ids, prefix_mask, pixels)
+        cache, logits, mask, _ = pass2.prefill_new_tokens(tiny.model, cache, prefix_mask, parts, c)
+        keep = mask.bool()
+        got[c] = (logits, [t.transpose(1, 2)[keep] for layer in cache.layers for t in (layer.keys, layer.values)])
+    torch.testing.assert_close(got[cost][0], got[10**6][0], rtol=1e-4, atol=1e-5)
+    for x, y in zip(got[cost][1], got[10**6][1]):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)
+
+
 def test_no_box_is_answered_as_by_the_base_model(tiny):
     sd = pipeline(tiny, blob_logits(None, None))
     ims = images(2, seed=2)
