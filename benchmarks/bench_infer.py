@@ -267,12 +267,12 @@ def profile(pipe, model, args) -> dict:
         with open(trace, "rb") as src, gzip.open(trace + ".gz", "wb") as dst:
             shutil.copyfileobj(src, dst)
         os.remove(trace)
-        # What makes the host wait for the device: explicit synchronisations (the runtime's
-        # cudaStreamSynchronize too), reads of a device value, and copies (a blocking copy
-        # to or from the device waits for the work queued before it).
-        waits = [e for e in averages if "synchronize" in e.key.lower() or e.key.startswith("cudaMemcpy")]
-        waits += [e for e in averages if e.key == "aten::_local_scalar_dense"]
+        # What makes the host wait for the device: synchronisations (a blocking copy between
+        # host and device is followed by the runtime's cudaStreamSynchronize) and reads of a
+        # device value; the runtime's copies are listed apart (device-to-device ones do not wait).
+        waits = [e for e in averages if "synchronize" in e.key.lower() or e.key == "aten::_local_scalar_dense"]
         out[f"{name}_host_syncs"] = {e.key: e.count for e in waits}
+        out[f"{name}_memcpy_calls"] = {e.key: e.count for e in averages if e.key.startswith("cudaMemcpy")}
     return out
 
 

@@ -57,6 +57,20 @@ def write_images(folder: str, count: int, width: int, height: int, seed: int = 0
     return entries
 
 
+def summarize(times: dict[int, list[float]], images: int, base_workers: int) -> dict:
+    """Median seconds, samples/s and the gain over ``base_workers`` of each setting timed."""
+    timed = {w: statistics.median(t) for w, t in times.items() if t}
+    base = timed.get(base_workers)
+    return {
+        f"workers_{w}": {
+            "seconds": round(t, 4),
+            "samples_per_s": round(images / t, 2),
+            f"speedup_vs_workers_{base_workers}": round(base / t, 3) if base else None,
+        }
+        for w, t in timed.items()
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--size", choices=["7b", "tiny"], default="tiny")
@@ -109,16 +123,8 @@ def main() -> None:
         for r in range(args.repeats):
             for workers in args.workers:
                 times[workers].append(run(workers, str(r)))
-        base = statistics.median(times[args.workers[0]])
-        report["results"] = {
-            f"workers_{w}": {
-                "seconds": round(statistics.median(t), 4),
-                "samples_per_s": round(args.images / statistics.median(t), 2),
-                "speedup_vs_workers_" + str(args.workers[0]): round(base / statistics.median(t), 3),
-            }
-            for w, t in times.items()
-        }
-        save(report, args.json)
+                report["results"] = summarize(times, args.images, args.workers[0])
+                save(report, args.json)  # a run cut short keeps what it measured
     finally:
         shutil.rmtree(root, ignore_errors=True)
     emit(report, args.json)

@@ -105,7 +105,7 @@ step bench_rpn_scores_cpu 30 python3 benchmarks/bench_rpn_scores.py --device cpu
 # The label job end to end on JPEG files, with and without loader threads (the figure a
 # user labelling a real dataset sees), where time is left.
 step bench_label_job_7b 90 python3 benchmarks/bench_label_job.py --size 7b --device cuda --images 128 \
-  --batch-size 16 --repeats 2 --json "$LOGS/bench_label_job_7b.json"
+  --batch-size 16 --repeats 1 --json "$LOGS/bench_label_job_7b.json"
 
 if [ -n "$train_pid" ]; then
   wait "$train_pid"

@@ -48,6 +48,16 @@ def width_groups(widths: list[int], group_cost: int) -> list[list[int]]:
     return groups[::-1]
 
 
+def _device_ints(values: list[int], device: torch.device) -> Tensor:
+    """Host ints on ``device`` without waiting for the work queued there (the crops'
+    encoding, the previous group): on CUDA a non-blocking copy from pinned memory, where a
+    blocking copy would wait for that work."""
+    host = torch.tensor(values)
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 def _rows(cache: DynamicCache, rows: Tensor, config) -> DynamicCache:
     """A new cache holding only the given samples of ``cache`` (built a layer at a time)."""
     data = ((layer.keys.index_select(0, rows), layer.values.index_select(0, rows)) for layer in cache.layers)
@@ -117,8 +127,7 @@ def prefill_new_tokens(
     if len(groups) == 1:
         return cache, forward(slice(None), cache, 0), mask, pos[:, -1:] + 1
     config = model.config.get_text_config()
-    # All on the device before the first group's forward is queued: a copy there waits for it.
-    rows = [torch.tensor(g, device=device) for g in groups]
+    rows = [_device_ints(g, device) for g in groups]
     logits, held = [], []
     for g, r in zip(groups, rows):
         group_cache = _rows(cache, r, config)

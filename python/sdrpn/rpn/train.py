@@ -17,7 +17,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -298,8 +298,11 @@ class RPNTrainer:
         )
         while progress["epoch"] < cfg.epochs:
             epoch = progress["epoch"]
-            for step_chunks in self._epoch_steps(epoch, len(train_set))[progress["step_in_epoch"] :]:
-                loss_value = self._step(model_for_grad, optimizer, scheduler, step_chunks, train_set)
+            steps = self._epoch_steps(epoch, len(train_set))[progress["step_in_epoch"] :]
+            # One loader for the epoch, so that loading runs ahead across step boundaries too.
+            batches = iter(self._loader(train_set, [chunk for step in steps for chunk in step]))
+            for step_chunks in steps:
+                loss_value = self._step(model_for_grad, optimizer, scheduler, len(step_chunks), batches)
                 progress["step_in_epoch"] += 1
                 progress["global_step"] += 1
                 bar.update(1)
@@ -341,9 +344,12 @@ class RPNTrainer:
         log.info("epoch %d held-out: %s", epoch, metrics)
         return metrics
 
-    def _step(self, rpn, optimizer, scheduler, step_chunks, dataset) -> float:
-        total, count = 0.0, len(step_chunks)
-        for i, batch in enumerate(self._loader(dataset, step_chunks)):  # the next ones load meanwhile
+    def _step(self, rpn, optimizer, scheduler, count: int, batches: Iterator) -> float:
+        """One optimiser step over the next ``count`` micro-batches (the later ones load
+        meanwhile)."""
+        total = 0.0
+        for i in range(count):
+            batch = next(batches)
             if batch is None:
                 continue
             sync = i == count - 1 or not isinstance(rpn, DistributedDataParallel)
