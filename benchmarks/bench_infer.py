@@ -161,7 +161,8 @@ def main() -> None:
                     "pass2_tokens": pass2_tokens(answers[setting], question_tokens, pipes[setting[2]].pass2_group_cost),
                 }
             # Random weights in float16: the decoders may part at a near tie, rarely.
-            same = [a.tokens == b.tokens for a, b in zip(answers[SETTINGS[0]], answers[SETTINGS[-1]])]
+            one_box = (answers[("bbox", 1, d)] for d in ("pipeline", "hf"))
+            same = [a.tokens == b.tokens for a, b in zip(*one_box)]
             row["bbox_1_decoders_agree"] = sum(same) / len(same)
             if batch > 1:  # pass 2 in groups or as one padded forward: the same answers
                 grouped, padded = (answers[("bbox", "mixed", d)] for d in ("pipeline", "one_forward"))

@@ -42,9 +42,8 @@ def prefetch(fn: Callable[[T], R], items: Iterable[T], workers: int, ahead: int)
         return
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sdrpn-load") as pool:
         queue: collections.deque[Future] = collections.deque()
-        source = iter(items)
         try:
-            for item in source:
+            for item in items:
                 queue.append(pool.submit(fn, item))
                 if len(queue) > ahead:
                     yield queue.popleft()

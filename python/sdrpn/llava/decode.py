@@ -34,6 +34,7 @@ from transformers.models.llama.modeling_llama import LlamaModel, apply_rotary_po
 
 from ..options import DECODERS
 from .inputs import position_ids_from_mask
+from .loading import model_device
 
 SLOT_ROUNDING = 64  # cache slots per graph shape step: calls a few tokens apart share a graph
 
@@ -46,7 +47,7 @@ def resolve_decoder(decoder: str, model: nn.Module) -> str:
     if decoder not in DECODERS:
         raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
     unfit = _static_unfit(model)
-    cuda = next(model.parameters()).device.type == "cuda"
+    cuda = model_device(model).type == "cuda"
     if decoder == "auto":
         return "graph" if cuda and not unfit else "hf"
     if decoder in ("static", "graph") and unfit:

@@ -100,23 +100,30 @@ def _selection_map(
     return total / (valid.sum(1, keepdim=True) * selection.count(num_heads))
 
 
-@torch.no_grad()
-def attention_maps(model: nn.Module, batch: TeacherForcedBatch, preset: LlavaPreset, num_cells: int) -> AttentionMaps:
-    """G and S for a teacher-forced batch (SPEC Stage 1) with the preset's head selections."""
+def _probe_batch(model: nn.Module, batch: TeacherForcedBatch, layers, num_cells: int) -> tuple[dict, tuple]:
+    """The teacher-forced pass over ``batch`` with ``layers`` probed: (the captured q and k,
+    what reading the answer queries' rows needs, i.e. _selection_map's arguments after the
+    selection: num_heads, positions, valid, image_start, num_cells, mask)."""
     config = model.config
-    num_heads = config.text_config.num_attention_heads
     image_start = image_columns(batch.input_ids, config.image_token_id, num_cells)
     positions, valid = answer_queries(batch.answer_start, batch.answer_length)
-    mask = batch.attention_mask.bool()
     captured = probe_once(
         model,
-        preset.probed_layers,
+        layers,
         input_ids=batch.input_ids,
         attention_mask=batch.attention_mask,
         pixel_values=batch.pixel_values,
         position_ids=position_ids_from_mask(batch.attention_mask),
     )
-    return _preset_maps(captured, preset, num_heads, positions, valid, image_start, num_cells, mask)
+    num_heads = config.text_config.num_attention_heads
+    return captured, (num_heads, positions, valid, image_start, num_cells, batch.attention_mask.bool())
+
+
+@torch.no_grad()
+def attention_maps(model: nn.Module, batch: TeacherForcedBatch, preset: LlavaPreset, num_cells: int) -> AttentionMaps:
+    """G and S for a teacher-forced batch (SPEC Stage 1) with the preset's head selections."""
+    captured, args = _probe_batch(model, batch, preset.probed_layers, num_cells)
+    return _preset_maps(captured, preset, *args)
 
 
 def _preset_maps(
@@ -238,21 +245,9 @@ def head_maps(model: nn.Module, batch: TeacherForcedBatch, num_cells: int) -> Te
     """(B, layers, heads, N) float32: every head's map of the answer queries, from one pass
     through every layer; what a head selection is chosen from (a selection's G is the mean
     of its heads' maps)."""
-    config = model.config
-    num_heads = config.text_config.num_attention_heads
-    layers = range(config.text_config.num_hidden_layers)
-    image_start = image_columns(batch.input_ids, config.image_token_id, num_cells)
-    positions, valid = answer_queries(batch.answer_start, batch.answer_length)
-    mask = batch.attention_mask.bool()
-    captured = probe_once(
-        model,
-        layers,
-        input_ids=batch.input_ids,
-        attention_mask=batch.attention_mask,
-        pixel_values=batch.pixel_values,
-        position_ids=position_ids_from_mask(batch.attention_mask),
-    )
-    args = (num_heads, positions, valid, image_start, num_cells, mask)
+    layers = range(model.config.text_config.num_hidden_layers)
+    num_heads = model.config.text_config.num_attention_heads
+    captured, args = _probe_batch(model, batch, layers, num_cells)
     return torch.stack(
         [
             torch.stack([_selection_map(captured, HeadSelection(((layer, h),)), *args) for h in range(num_heads)], 1)

@@ -135,7 +135,7 @@ def probe_once(model: nn.Module, layers: Iterable[int], **inputs) -> dict[int, t
     """One forward of the LLaVA backbone (no LM head), up to the deepest probed layer's
     query and key. A cache passed in ``inputs`` receives the new keys and values of every
     layer up to that one, as the forward would have left them."""
-    with AttentionProbe(model, layers, stop=True) as probe, EarlyExit(model, max(probe.layers) + 1):
+    with AttentionProbe(model, layers, stop=True) as probe:  # no layer past the deepest runs
         try:
             model.model(**inputs, use_cache=False)
         except ProbeDone:
