@@ -155,6 +155,25 @@ def test_torchrun_data_parallel(ws, tmp_path):
     assert trainer["progress"]["global_step"] == 2  # 64 samples over 2 ranks at batch 16
 
 
+def test_data_parallel_step_with_dropped_micro_batches(ws, tmp_path):
+    """A rank whose last micro-batch of a step was dropped still joins the gradient
+    all-reduce, adding nothing: the optimiser sees the average of the ranks' own gradients
+    and the ranks' weights stay equal (before, the other ranks waited forever)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29534"]
+    worker = os.path.join(os.path.dirname(__file__), "ddp_dropped_batch.py")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run([*cmd, worker, str(ws / "model"), str(ws / "labels"), str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    for rank in range(2):
+        steps = json.loads((tmp_path / f"rank{rank}.json").read_text())["steps"]
+        assert len(steps) == 2
+        for step in steps:
+            assert step["ranks_agree"]
+            assert step["max_gradient"] > 0
+            assert step["max_gradient_error"] <= 1e-6 * step["max_gradient"]
+
+
 def test_bad_config():
     with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
         TrainConfig(labels="x", out="y", batch_size=0)

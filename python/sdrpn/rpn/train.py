@@ -176,6 +176,18 @@ def _forward(model, rpn, branch_layer: int, batch: LabelBatch, image_token_id: i
     return logits.float(), batch.labels.to(device)
 
 
+def _join_gradient_sync(rpn: DistributedDataParallel, device, autocast) -> None:
+    """A backward of zero loss through DDP: it adds nothing to this rank's gradients but
+    runs the all-reduce that the ranks with a last micro-batch run (this rank's was dropped)."""
+    width = rpn.module.config.hidden_size
+    hidden = torch.zeros(1, 2, width, device=device)
+    mask = torch.ones(1, 2, dtype=torch.long, device=device)
+    visual = torch.tensor([[True, False]], device=device)
+    with autocast():
+        logits = rpn(hidden, mask, torch.arange(2, device=device)[None], visual)
+    (logits.float().sum() * 0).backward()
+
+
 # ---- the loop -------------------------------------------------------------------------------
 class RPNTrainer:
     def __init__(
@@ -348,11 +360,15 @@ class RPNTrainer:
         """One optimiser step over the next ``count`` micro-batches (the later ones load
         meanwhile)."""
         total = 0.0
+        ddp = isinstance(rpn, DistributedDataParallel)
         for i in range(count):
             batch = next(batches)
+            sync = i == count - 1 or not ddp
             if batch is None:
+                if sync and ddp:
+                    # Every rank must join the step's all-reduce, or the others wait for it forever.
+                    _join_gradient_sync(rpn, self.device, self._autocast)
                 continue
-            sync = i == count - 1 or not isinstance(rpn, DistributedDataParallel)
             # Gradients are averaged across ranks once, on the last micro-batch of a step.
             context = rpn.no_sync() if not sync else contextlib.nullcontext()
             with context:
