@@ -25,14 +25,14 @@ from PIL import Image
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from bench_label_pipeline import IMAGE_TOKEN, build_model
+from bench_label_pipeline import IMAGE_TOKEN, SIZES, build_model
 from sdrpn.infer.pass2 import width_groups
 from sdrpn.infer.pipeline import SDRPNLlava
 from sdrpn.llava.decode import DecoderPool, greedy_answers
 from sdrpn.llava.inputs import crop_pixels, preprocess_image
 from sdrpn.options import DECODERS
 from sdrpn.rpn.model import RegionProposalNetwork
-from timing import emit, machine, save, sync
+from timing import count_ops, emit, machine, save, sync
 
 
 class IdTokenizer:
@@ -89,7 +89,7 @@ def forced_logits(regions: int | str, batch: int) -> torch.Tensor:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--size", choices=["7b", "tiny"], default="tiny")
+    parser.add_argument("--size", choices=SIZES, default="tiny")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--answer-tokens", type=int, nargs="+", default=[8, 32])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
@@ -100,10 +100,10 @@ def main() -> None:
     args = parser.parse_args()
     cuda = args.device.startswith("cuda")
     dtype = torch.float16 if cuda else torch.float32
-    model, _ = build_model(args.size, args.device, dtype)
+    model, preset = build_model(args.size, args.device, dtype)
     model.config.image_token_id = IMAGE_TOKEN
     gen = torch.Generator().manual_seed(0)
-    branch, depth = (15, 3) if args.size == "7b" else (1, 2)
+    branch, depth = preset.branch_layer, preset.depth
     rpn = RegionProposalNetwork.from_llava(model, branch, depth).to(args.device, dtype)
     pipes = {
         "pipeline": SDRPNLlava(model, IdTokenizer(), rpn, prompt_template=TEMPLATE, decoder=args.decoder),
@@ -151,6 +151,11 @@ def main() -> None:
                 "baseline_s": seconds["baseline"],
                 "baseline_same_decoder_s": seconds["baseline_same_decoder"],
             }
+            if batch == args.batch_sizes[0] and tokens == args.answer_tokens[0]:
+                # After the timed rounds: the host's work per call, device-independent.
+                ops = {setting_name(s) if isinstance(s, tuple) else s: count_ops(lambda s=s: run(s)) for s in seconds}
+                row["aten_ops"] = ops
+                row["aten_ops_vs_baseline"] = {k: round(v / ops["baseline"], 3) for k, v in ops.items()}
             for setting in settings:
                 row[setting_name(setting)] = {
                     "sdrpn_s": seconds[setting],

@@ -25,7 +25,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 from bench_infer import TEMPLATE, IdTokenizer
-from bench_label_pipeline import IMAGE_TOKEN, build_model
+from bench_label_pipeline import IMAGE_TOKEN, SIZES, build_model
 from sdrpn.labels.job import LabelJob, LabelJobConfig
 from sdrpn.labels.options import LabelOptions
 from sdrpn.prefetch import DEFAULT_WORKERS
@@ -73,7 +73,7 @@ def summarize(times: dict[int, list[float]], images: int, base_workers: int) -> 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--size", choices=["7b", "tiny"], default="tiny")
+    parser.add_argument("--size", choices=SIZES, default="tiny")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--images", type=int, default=48)
     parser.add_argument("--image-size", type=int, nargs=2, default=[1024, 768], metavar=("W", "H"))

@@ -34,44 +34,36 @@ TINY_PRESET = LlavaPreset(
 )
 
 
+SIZES = ("7b", "7b-narrow", "tiny")
+
+
 def build_model(size: str, device: str, dtype: torch.dtype):
-    if size == "7b":
-        vision = CLIPVisionConfig(
-            hidden_size=1024,
-            intermediate_size=4096,
-            num_hidden_layers=24,
-            num_attention_heads=16,
-            image_size=336,
-            patch_size=14,
-        )
-        text = LlamaConfig(
-            vocab_size=32064,
-            hidden_size=4096,
-            intermediate_size=11008,
-            num_hidden_layers=32,
-            num_attention_heads=32,
-            num_key_value_heads=32,
-            max_position_embeddings=4096,
-        )
-        preset = LLAVA15_7B
-    else:
-        vision = CLIPVisionConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            image_size=336,
-            patch_size=14,
-        )
-        text = LlamaConfig(
-            vocab_size=32064,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-        )
-        preset = TINY_PRESET
+    """LLaVA-1.5-7B's shapes with random weights; "tiny" narrows and shortens them for smoke
+    runs; "7b-narrow" keeps 7B's depth (layers, tokens, launches) at tiny widths, so that
+    its time is the host's work per forward with next to no arithmetic: a CPU stand-in for
+    a GPU run bound by the host's launching of kernels."""
+    deep = size in ("7b", "7b-narrow")
+    wide = size == "7b"
+    vision = CLIPVisionConfig(
+        hidden_size=1024 if wide else 32,
+        intermediate_size=4096 if wide else 64,
+        num_hidden_layers=24 if deep else 2,
+        num_attention_heads=16 if wide else 2,
+        image_size=336,
+        patch_size=14,
+    )
+    # 7B's 32 heads at any depth of 7B, so that its preset's heads exist (4 dims each when narrow).
+    heads = 32 if deep else 4
+    text = LlamaConfig(
+        vocab_size=32064,
+        hidden_size={"7b": 4096, "7b-narrow": 128}.get(size, 64),
+        intermediate_size={"7b": 11008, "7b-narrow": 256}.get(size, 128),
+        num_hidden_layers=32 if deep else 4,
+        num_attention_heads=heads,
+        num_key_value_heads=heads if deep else 2,
+        max_position_embeddings=4096,
+    )
+    preset = LLAVA15_7B if deep else TINY_PRESET
     config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN)
     config._attn_implementation = "sdpa"
     previous = torch.get_default_dtype()
@@ -160,7 +152,7 @@ def measure(fn, device, n_samples):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--size", choices=["7b", "tiny"], default="tiny")
+    parser.add_argument("--size", choices=SIZES, default="tiny")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default=None)
     parser.add_argument("--samples", type=int, default=32)

@@ -20,7 +20,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from bench_label_pipeline import IMAGE_TOKEN, build_model, make_prompts
+from bench_label_pipeline import IMAGE_TOKEN, SIZES, build_model, make_prompts
 from sdrpn.llava.backbone import branch_hidden_states
 from sdrpn.llava.inputs import left_pad, position_ids_from_mask
 from sdrpn.rpn.model import RegionProposalNetwork, rpn_loss
@@ -29,7 +29,7 @@ from timing import emit, machine, sync
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--size", choices=["7b", "tiny"], default="tiny")
+    parser.add_argument("--size", choices=SIZES, default="tiny")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=5)
@@ -37,8 +37,8 @@ def main() -> None:
     args = parser.parse_args()
     cuda = args.device.startswith("cuda")
     dtype = torch.bfloat16 if cuda else torch.float32
-    model, _ = build_model(args.size, args.device, dtype)
-    branch, depth = (15, 3) if args.size == "7b" else (1, 2)
+    model, preset = build_model(args.size, args.device, dtype)
+    branch, depth = preset.branch_layer, preset.depth
     gen = torch.Generator().manual_seed(0)
     ids, mask = left_pad(make_prompts(args.batch, 20, gen), 0, args.device)
     pixels = torch.randn(args.batch, 3, 336, 336, generator=gen).to(args.device, dtype)

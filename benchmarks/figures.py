@@ -56,6 +56,9 @@ def answering_rows(infer: dict | None) -> list[tuple]:
         if "bbox_1" in r:  # what the method costs apart from the decoder
             value = r["bbox_1"]["throughput_vs_baseline_same_decoder"]
             rows.append((f"{at}, bbox_1, vs the same prompts through the pipeline's decoder", value, None, True))
+        ops = _get(r, "aten_ops_vs_baseline", "bbox_1")
+        if ops is not None:  # the host's work per call, lower is better
+            rows.append((f"{at}, bbox_1, ATen ops dispatched vs `generate`'s", ops, None, False))
         for key, what in (("bbox_1_decoders_agree", "the two decoders"), ("bbox_mixed_groups_agree", "pass-2 groups")):
             if key in r:  # the share of answers alike (float16 may part at a near tie)
                 rows.append((f"{at}, answers alike through {what} (share)", r[key], None, True))

@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 def sync(device: str) -> None:
@@ -28,6 +29,24 @@ def median_ms(fn: Callable[[], object], device: str, *, repeats: int = 5, warmup
         sync(device)
         times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
+
+
+class _OpCounter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_ops(fn: Callable[[], object]) -> int:
+    """ATen ops that one call dispatches (views and copies included): what the host issues,
+    about one kernel launch each on a GPU (a replayed CUDA graph counts as none)."""
+    with _OpCounter() as counter:
+        fn()
+    return counter.count
 
 
 def machine(device: str) -> dict:

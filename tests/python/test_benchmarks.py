@@ -104,7 +104,7 @@ def test_train_benchmark_runs_on_a_tiny_model(pipeline_results):
 def test_infer_benchmark_runs_on_a_tiny_model(pipeline_results):
     row = pipeline_results["bench_infer_7b"]["results"][0]
     assert "throughput_vs_baseline" in row["bbox_2"]
-    assert set(row["bbox_1"]["stages_s"]) >= {"prefix", "early_exit", "rpn", "boxes", "crop_encode", "pass2_decode"}
+    assert set(row["bbox_1"]["stages_s"]) >= {"prompt", "rpn", "boxes", "crop_encode", "pass2_decode"}
     # bbox mode feeds whole crops; mask mode one crop's kept tokens, fewer than two crops'.
     assert row["bbox_1"]["crop_tokens"] == [576, 576] and row["bbox_2"]["crop_tokens"] == [1152, 1152]
     assert 0 < row["mask_2"]["crop_tokens"][0] < 1152
@@ -117,6 +117,9 @@ def test_infer_benchmark_runs_on_a_tiny_model(pipeline_results):
     assert row["bbox_mixed_groups_agree"] == 1.0
     assert row["baseline_same_decoder_s"] > 0 and "throughput_vs_baseline" in row["bbox_1_hf_decoder"]
     assert row["reference_way_bbox_1"]["sdrpn_speedup_samples_per_s"] > 0
+    # The host's work per call: the crops' encoding and pass 2 come on top of `generate`'s.
+    assert row["aten_ops_vs_baseline"]["baseline"] == 1.0
+    assert row["aten_ops"]["bbox_1"] > row["aten_ops"]["no_box"] > 0
 
 
 def test_label_job_benchmark_runs_on_a_tiny_model(pipeline_results):

@@ -279,5 +279,5 @@ def test_mask_crops_pass2_groups_and_stage_timings_on_cuda():
     assert [a.tokens for a in got] == [a.tokens for a in want]
     assert [[int(k.sum()) for k in a.rois.keep] for a in got] == [[8], [], [16]]
     timings = got[0].timings
-    assert set(timings) == {"prefix", "early_exit", "rpn", "boxes", "crop_encode", "pass2_decode", "total"}
+    assert set(timings) == {"prompt", "rpn", "boxes", "crop_encode", "pass2_decode", "total"}
     assert all(v >= 0 for v in timings.values()) and timings["pass2_decode"] > 0

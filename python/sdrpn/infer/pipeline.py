@@ -31,7 +31,7 @@ from ..llava.inputs import (
     position_ids_from_mask,
     split_prompt_ids,
 )
-from ..llava.probe import EarlyExit, capture_outputs, decoder_layers
+from ..llava.probe import capture_outputs, decoder_layers
 from ..options import RoiOptions
 from ..prefetch import thread_map
 from ..rpn.model import RegionProposalNetwork
@@ -167,34 +167,25 @@ class SDRPNLlava(LlavaAnswering):
         # The prefix is the same length for every sample (system text + image tokens).
         # Suffixes differ in length: padded on their left, i.e. between prefix and question.
         suffix_ids, suffix_mask = left_pad([s for _, s in prompts], self.pad_id, self.device)
+        ids = torch.cat([prefix_ids, suffix_ids], 1)
+        full_mask = torch.cat([prefix_mask, suffix_mask], 1)
+        positions = position_ids_from_mask(full_mask)
+        # One forward of the whole prompt through every layer: the prefix's keys and values
+        # for pass 2 and the layer-K states for the RPN. The question's trip through the
+        # layers >= K is wasted, but costs less than a second forward's launches.
+        cache = DynamicCache(config=self.model.config.get_text_config())
         with capture_outputs(decoder_layers(self.model)[self.branch - 1]) as captured:
-            cache = DynamicCache(config=self.model.config.get_text_config())
-            prefix_pos = position_ids_from_mask(prefix_mask)
             self.model.model(
-                input_ids=prefix_ids,
-                attention_mask=prefix_mask,
+                input_ids=ids,
+                attention_mask=full_mask,
                 pixel_values=pixels,
-                position_ids=prefix_pos,
+                position_ids=positions,
                 past_key_values=cache,
                 use_cache=True,
             )
-            clock.lap("prefix")
-            full_mask = torch.cat([prefix_mask, suffix_mask], 1)
-            suffix_pos = prefix_mask.sum(1, keepdim=True) + position_ids_from_mask(suffix_mask)
-            with EarlyExit(self.model, self.branch):
-                self.model.model(
-                    input_ids=suffix_ids,
-                    attention_mask=full_mask,
-                    position_ids=suffix_pos,
-                    past_key_values=cache,
-                    use_cache=True,
-                )
-            clock.lap("early_exit")
-        for cache_layer in cache.layers[: self.branch]:
-            cache_layer.crop(-suffix_ids.shape[1])
-        hidden = torch.cat([captured[0], captured[1]], 1)
-        positions = torch.cat([prefix_pos, suffix_pos], 1)
-        ids = torch.cat([prefix_ids, suffix_ids], 1)
+        clock.lap("prompt")
+        cache.crop(-suffix_ids.shape[1])
+        hidden = captured[0]
         logits = self.rpn(hidden.to(self.rpn.q_proj.weight.dtype), full_mask, positions, ids == self.image_token_id)
         prob = torch.sigmoid(logits.float()).view(-1, self.grid_h, self.grid_w)
         clock.lap("rpn")
