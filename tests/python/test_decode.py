@@ -1,4 +1,5 @@
-"""The static and graph decoders answer token for token as the model's own forward does."""
+"""The static and graph decoders answer token for token as the model's own forward does;
+the graph image encoder gives the model's own image features."""
 
 import contextlib
 import warnings
@@ -10,8 +11,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import MistralConfig
 
 import sdrpn.llava.decode as decode_module
+import sdrpn.llava.vision as vision_module
 from sdrpn.llava.decode import DecoderPool, StaticDecoder, greedy_answers, greedy_decode, prefill, resolve_decoder
 from sdrpn.llava.inputs import left_pad
+from sdrpn.llava.vision import GRAPH_MAX_IMAGES, ImageEncoder, image_features
 from sdrpn.options import RoiOptions
 from test_infer import QUESTIONS, blob_logits, images, pipeline
 from tiny_llava import PAD, make_tiny_llava, prompt_ids
@@ -191,13 +194,15 @@ def fake_graphs(monkeypatch, fail: bool = False) -> list:
     runs the captured step, as on the device; returns the list of captures."""
     captures = []
 
-    def capture(fn, stream):
+    def capture(fn, stream, pool=None):
         if fail:
             raise RuntimeError("operation not permitted when stream is capturing")
         captures.append(fn)
         return fn
 
     monkeypatch.setattr(decode_module, "capture_graph", capture)
+    monkeypatch.setattr(vision_module, "capture_graph", capture)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
     monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: FakeStream())
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: FakeStream())
     monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
@@ -228,6 +233,53 @@ def test_a_failed_capture_warns_and_decodes_without_graphs(tiny, monkeypatch):
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="CUDA graph capture failed")  # it warned once
         assert decode(tiny.model, "graph", pool=pool) == decode(tiny.model, "hf")
+
+
+def encoder_inputs(model, counts, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    size = model.config.vision_config.image_size
+    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+    return [torch.randn(n, 3, size, size, generator=gen).to(device, dtype) for n in counts]
+
+
+def test_image_encoder_replays_a_graph_per_small_batch(tiny, monkeypatch):
+    captures = fake_graphs(monkeypatch)
+    encoder = ImageEncoder(tiny.model, graph=True)
+    counts = [1, 2, 1, 2, GRAPH_MAX_IMAGES + 1]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="CUDA graph capture failed")
+        for pixels in encoder_inputs(tiny.model, counts):
+            want = image_features(tiny.model, pixels)
+            assert want.shape == (pixels.shape[0], tiny.num_cells, tiny.model.config.text_config.hidden_size)
+            torch.testing.assert_close(encoder(pixels), want, rtol=0, atol=0)
+    assert len(captures) == 2 and sorted(encoder._graphs) == [1, 2]  # none above GRAPH_MAX_IMAGES
+    encoder.clear()
+    assert not encoder._graphs
+
+
+def test_a_failed_image_encoder_capture_warns_and_encodes_eagerly(tiny, monkeypatch):
+    fake_graphs(monkeypatch, fail=True)
+    encoder = ImageEncoder(tiny.model, graph=True)
+    first, second = encoder_inputs(tiny.model, [2, 2])
+    with pytest.warns(UserWarning, match="CUDA graph capture failed, encoding images without graphs: operation"):
+        torch.testing.assert_close(encoder(first), image_features(tiny.model, first), rtol=0, atol=0)
+    assert not encoder.use_graph
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="CUDA graph capture failed")  # it warned once
+        torch.testing.assert_close(encoder(second), image_features(tiny.model, second), rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_image_encoder_graphs_on_cuda():
+    model = make_tiny_llava(num_layers=2, grid=4).model.cuda()
+    encoder = ImageEncoder(model, graph=True)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="CUDA graph capture failed")
+        outs = [(encoder(p), image_features(model, p)) for p in encoder_inputs(model, [1, 3, 1, 3, 1])]
+    assert sorted(encoder._graphs) == [1, 3]
+    for got, want in outs:  # each call's features are its own, not the graph's output buffer
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(outs[0][0], outs[2][0])
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")

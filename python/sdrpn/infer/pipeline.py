@@ -32,6 +32,7 @@ from ..llava.inputs import (
     split_prompt_ids,
 )
 from ..llava.probe import capture_outputs, decoder_layers
+from ..llava.vision import ImageEncoder
 from ..options import RoiOptions
 from ..prefetch import thread_map
 from ..rpn.model import RegionProposalNetwork
@@ -144,6 +145,7 @@ class SDRPNLlava(LlavaAnswering):
         self.eos_id = self.tokenizer.eos_token_id
         self.decoder = resolve_decoder(decoder, model)
         self.decoders = DecoderPool()  # buffers and graphs kept between calls; .clear() frees them
+        self.encoder = ImageEncoder(model, graph=self.decoder == "graph")  # .clear() frees its graphs
         if isinstance(pass2_group_cost, bool) or not isinstance(pass2_group_cost, int) or pass2_group_cost < 0:
             raise ValueError(f"pass2_group_cost must be an int >= 0, got {pass2_group_cost!r}")
         self.pass2_group_cost = pass2_group_cost
@@ -173,12 +175,15 @@ class SDRPNLlava(LlavaAnswering):
         # One forward of the whole prompt through every layer: the prefix's keys and values
         # for pass 2 and the layer-K states for the RPN. The question's trip through the
         # layers >= K is wasted, but costs less than a second forward's launches.
+        # The image features go in at the prefix's last tokens, the image tokens (the
+        # model's own insertion would count them with a device read).
+        embeds = self.model.get_input_embeddings()(ids)
+        embeds[:, prefix_ids.shape[1] - self.num_cells : prefix_ids.shape[1]] = self.encoder(pixels)
         cache = DynamicCache(config=self.model.config.get_text_config())
         with capture_outputs(decoder_layers(self.model)[self.branch - 1]) as captured:
             self.model.model(
-                input_ids=ids,
+                inputs_embeds=embeds,
                 attention_mask=full_mask,
-                pixel_values=pixels,
                 position_ids=positions,
                 past_key_values=cache,
                 use_cache=True,
@@ -235,8 +240,7 @@ class SDRPNLlava(LlavaAnswering):
         # The kept tokens' indices go to the device before the encoder is queued: a copy
         # to the device waits for the work queued before it.
         kept = [None if bool(k.all()) else k.flatten().nonzero()[:, 0].to(self.device) for k in keeps]
-        feats = self.model.model.get_image_features(pixel_values=pixel_batch(pixels, self.device, self.dtype))
-        feats = feats.pooler_output if hasattr(feats, "pooler_output") else feats
+        feats = self.encoder(pixel_batch(pixels, self.device, self.dtype))
         for b, f, gbox, index in zip(owner, feats, grid_boxes, kept):
             tokens = self._resample(f, gbox) if index is None else f.index_select(0, index)
             per_sample[b] = torch.cat([per_sample[b], tokens])

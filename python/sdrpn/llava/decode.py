@@ -68,12 +68,13 @@ def _static_unfit(model: nn.Module) -> str | None:
     return None
 
 
-def capture_graph(fn: Callable[[], Tensor], stream: torch.cuda.Stream) -> Callable[[], Tensor]:
-    """Records ``fn`` as a CUDA graph on ``stream`` without running it; the returned
-    function replays it and returns the output buffer it wrote."""
+def capture_graph(fn: Callable[[], Tensor], stream: torch.cuda.Stream, pool=None) -> Callable[[], Tensor]:
+    """Records ``fn`` as a CUDA graph on ``stream`` without running it (in memory ``pool``,
+    shareable by graphs that never run at once); the returned function replays it and
+    returns the output buffer it wrote."""
     graph = torch.cuda.CUDAGraph()
     # thread_local: a capture here must not fail CUDA calls of the caller's other threads
-    with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
+    with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
         out = fn()
 
     def replay() -> Tensor:

@@ -1,0 +1,81 @@
+"""Image features for the answering pipeline: the model's own ``get_image_features``
+(vision tower, feature layer, projector) on a batch of images, on CUDA replayed as one
+CUDA graph per batch size of at most GRAPH_MAX_IMAGES images.
+
+Encoding one 336 px image with CLIP-L launches about a thousand kernels that together keep
+an H100-class GPU busy for a millisecond or two, so at small batches the host's launching
+sets the time; a replay launches once. Above GRAPH_MAX_IMAGES images the GPU's own work
+dominates and the tower runs eagerly (and no more graphs are kept). Replays skip hooks
+registered on the vision modules, as the graph decoder's do on the decoder's.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import Tensor, nn
+
+from .decode import capture_graph
+
+GRAPH_MAX_IMAGES = 4
+
+
+def image_features(model: nn.Module, pixels: Tensor) -> Tensor:
+    """(N, tokens, D) projected features of N images (N, 3, S, S), as the model's forward
+    inserts them at its image tokens."""
+    feats = model.model.get_image_features(pixel_values=pixels)
+    feats = feats.pooler_output if hasattr(feats, "pooler_output") else feats
+    return torch.stack(list(feats)) if isinstance(feats, (list, tuple)) else feats
+
+
+class ImageEncoder:
+    """``encoder(pixels)`` is ``image_features(model, pixels)``; with ``graph`` (CUDA only)
+    batches of up to GRAPH_MAX_IMAGES images replay a graph captured on their first call.
+    ``clear()`` frees the graphs."""
+
+    def __init__(self, model: nn.Module, graph: bool):
+        self.model = model
+        self.use_graph = graph
+        self._graphs: dict[int, tuple[Tensor, object]] = {}  # images -> (input buffer, replay)
+        self._pool = None
+
+    def clear(self) -> None:
+        self._graphs.clear()
+        self._pool = None
+
+    @torch.no_grad()
+    def __call__(self, pixels: Tensor) -> Tensor:
+        count = pixels.shape[0]
+        if not self.use_graph or count > GRAPH_MAX_IMAGES:
+            return image_features(self.model, pixels)
+        entry = self._graphs.get(count) or self._capture(pixels)
+        if entry is None:
+            return image_features(self.model, pixels)
+        buffer, replay = entry
+        buffer.copy_(pixels)
+        return replay().clone()  # the graph's output buffer is rewritten by the next replay
+
+    def _capture(self, pixels: Tensor):
+        """Runs the tower once on a side stream (which also warms up the libraries'
+        handles), then records it as a graph reading a buffer of ``pixels``' shape. A
+        capture that fails leaves this encoder eager (None)."""
+        device = pixels.device
+        buffer = torch.empty_like(pixels)
+        buffer.copy_(pixels)
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            image_features(self.model, buffer)
+        torch.cuda.current_stream(device).wait_stream(stream)
+        if self._pool is None:  # one memory pool for this encoder's graphs: they never run at once
+            self._pool = torch.cuda.graph_pool_handle()
+        try:
+            with torch.cuda.stream(stream):
+                replay = capture_graph(lambda: image_features(self.model, buffer), stream, self._pool)
+        except RuntimeError as error:
+            warnings.warn(f"CUDA graph capture failed, encoding images without graphs: {error}", stacklevel=3)
+            self.use_graph = False
+            return None
+        self._graphs[pixels.shape[0]] = (buffer, replay)
+        return buffer, replay
