@@ -61,11 +61,12 @@ def test_figures_table_reads_every_pipeline_benchmark(pipeline_results, tmp_path
     )
     assert out.returncode == 0, out.stderr
     rows = [line for line in out.stdout.splitlines() if line.startswith("| ") and "figure" not in line]
-    assert len(rows) == 16
+    assert len(rows) == 17
     assert [r for r in rows if "not measured" in r] == [  # a CPU run has no device memory to compare
         "| label job, given answers, peak GiB (target: the reference's) | - | - | not measured |"
     ]
     assert "| answering, batch 2, 2-token answers, bbox_1, vs `generate` |" in out.stdout
+    assert "| answering, batch 2, 2-token answers, bbox_1, ATen ops dispatched vs `generate`'s |" in out.stdout
     path.write_text(json.dumps({"bench_train_rpn_7b": pipeline_results["bench_train_rpn_7b"]}))  # a cut-short run
     out = subprocess.run(
         [sys.executable, os.path.join(ROOT, "benchmarks", "figures.py"), str(path)], capture_output=True, text=True

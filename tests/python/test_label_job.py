@@ -259,10 +259,9 @@ def test_torchrun_splits_the_data_by_rank(workspace, tmp_path):
         sys.executable,
         "-m",
         "torch.distributed.run",
+        "--standalone",  # a free port: runs side by side do not collide
         "--nproc_per_node",
         "2",
-        "--master_port",
-        "29517",
         "-m",
         "sdrpn",
         "label",

@@ -140,10 +140,9 @@ def test_torchrun_data_parallel(ws, tmp_path):
         sys.executable,
         "-m",
         "torch.distributed.run",
+        "--standalone",  # a free port: runs side by side do not collide
         "--nproc_per_node",
         "2",
-        "--master_port",
-        "29533",
         "-m",
         "sdrpn",
         *train_args(ws, out, "--max-samples", "64", "--effective-batch", "32"),
@@ -159,7 +158,7 @@ def test_data_parallel_step_with_dropped_micro_batches(ws, tmp_path):
     """A rank whose last micro-batch of a step was dropped still joins the gradient
     all-reduce, adding nothing: the optimiser sees the average of the ranks' own gradients
     and the ranks' weights stay equal (before, the other ranks waited forever)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29534"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     worker = os.path.join(os.path.dirname(__file__), "ddp_dropped_batch.py")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     done = subprocess.run([*cmd, worker, str(ws / "model"), str(ws / "labels"), str(tmp_path)], env=env,
