@@ -12,7 +12,15 @@ from transformers import MistralConfig
 
 import sdrpn.llava.decode as decode_module
 import sdrpn.llava.vision as vision_module
-from sdrpn.llava.decode import DecoderPool, StaticDecoder, greedy_answers, greedy_decode, prefill, resolve_decoder
+from sdrpn.llava.decode import (
+    DecoderPool,
+    StaticDecoder,
+    capture_error,
+    greedy_answers,
+    greedy_decode,
+    prefill,
+    resolve_decoder,
+)
 from sdrpn.llava.inputs import left_pad
 from sdrpn.llava.vision import GRAPH_MAX_IMAGES, ImageEncoder, image_features
 from sdrpn.options import RoiOptions
@@ -233,6 +241,30 @@ def test_a_failed_capture_warns_and_decodes_without_graphs(tiny, monkeypatch):
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="CUDA graph capture failed")  # it warned once
         assert decode(tiny.model, "graph", pool=pool) == decode(tiny.model, "hf")
+
+
+def test_a_failed_capture_names_the_error_inside_it():
+    """The capture's end raises its own error; the one an op raised inside is its context."""
+    try:
+        try:
+            raise RuntimeError("CUDA error: operation not permitted when stream is capturing\nmore")
+        except RuntimeError:
+            raise RuntimeError("operation failed due to a previous error during capture")  # noqa: B904
+    except RuntimeError as error:
+        assert capture_error(error) == (
+            "operation failed due to a previous error during capture <- "
+            "CUDA error: operation not permitted when stream is capturing"
+        )
+
+
+def test_a_consumed_cache_is_emptied_once_copied(tiny):
+    want = decode(tiny.model, "hf")
+    cache, logits, mask, nxt = prompt_cache(tiny.model, PROMPTS)
+    got = greedy_decode(tiny.model, cache, logits, mask, nxt, 12, -1, "static", consume_cache=True)
+    assert got == want and len(cache.layers) == 0
+    cache, logits, mask, nxt = prompt_cache(tiny.model, PROMPTS)
+    greedy_decode(tiny.model, cache, logits, mask, nxt, 12, -1, "static")
+    assert len(cache.layers) == len(tiny.model.get_decoder().layers)  # the caller's, kept
 
 
 def encoder_inputs(model, counts, seed=0):

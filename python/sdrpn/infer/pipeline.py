@@ -280,9 +280,18 @@ class SDRPNLlava(LlavaAnswering):
         cache, logits, mask, positions = prefill_new_tokens(
             self.model, p1.cache, p1.prefix_mask, parts, self.pass2_group_cost
         )
-        p1.cache = None  # extended into `cache`, or copied into it: not held twice while decoding
+        p1.cache = None  # extended into `cache`, or copied into it: not held twice
         tokens = greedy_decode(
-            self.model, cache, logits, mask, positions, max_new_tokens, self.eos_id, self.decoder, self.decoders
+            self.model,
+            cache,
+            logits,
+            mask,
+            positions,
+            max_new_tokens,
+            self.eos_id,
+            self.decoder,
+            self.decoders,
+            consume_cache=True,
         )
         clock.lap("pass2_decode")
         timings = clock.total()

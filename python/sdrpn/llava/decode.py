@@ -18,7 +18,8 @@ the ``hf`` decoder gives, up to rounding: the attention always runs with a mask 
 on a GPU SDPA may pick another kernel than for an unpadded batch, so in float16 the two can
 part at a near tie. They skip hooks on the decoder layers themselves; in graph mode hooks
 on their submodules run only while a graph is captured, never on replays. With grouped
-query attention SDPA has no memory-efficient kernel for a masked step (LLaVA-1.5 has none).
+query attention the keys and values are repeated per head, as the model's own masked SDPA
+attention does (LLaVA-1.5 has none), so that both run the same kernel.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import DynamicCache
-from transformers.models.llama.modeling_llama import LlamaModel, apply_rotary_pos_emb
+from transformers.models.llama.modeling_llama import LlamaModel, apply_rotary_pos_emb, repeat_kv
 
 from ..options import DECODERS
 from .inputs import position_ids_from_mask
@@ -84,6 +85,16 @@ def capture_graph(fn: Callable[[], Tensor], stream: torch.cuda.Stream, pool=None
     return replay
 
 
+def capture_error(error: BaseException) -> str:
+    """What broke a capture: the error an op raised inside it, which the capture's end
+    replaces with "operation failed due to a previous error during capture"."""
+    causes = []
+    while error is not None and len(causes) < 4:
+        causes.append(str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__)
+        error = error.__cause__ or error.__context__
+    return " <- ".join(causes)
+
+
 def slot_bucket(slots: int) -> int:
     """Cache slots rounded up to SLOT_ROUNDING: the lengths graphs are captured for."""
     return -(-slots // SLOT_ROUNDING) * SLOT_ROUNDING
@@ -116,7 +127,7 @@ class StaticDecoder:
         self.token = torch.zeros(batch, dtype=torch.long, device=weight.device)
         self.positions = torch.zeros(batch, 1, dtype=torch.long, device=weight.device)
         self.slot = torch.zeros(1, dtype=torch.long, device=weight.device)
-        self.gqa = self.text.config.num_attention_heads != kv_heads
+        self.groups = self.text.config.num_attention_heads // kv_heads  # query heads per key head
         self.batch, self.capacity, self.length = batch, capacity, capacity
         self.use_graph = graph
         self._graphs: dict[int, Callable[[], Tensor]] = {}  # cache length -> replay
@@ -169,7 +180,7 @@ class StaticDecoder:
             with torch.cuda.stream(stream):
                 self._graphs[self.length] = capture_graph(self._step, stream)
         except RuntimeError as error:
-            warnings.warn(f"CUDA graph capture failed, decoding without graphs: {error}", stacklevel=3)
+            warnings.warn(f"CUDA graph capture failed, decoding without graphs: {capture_error(error)}", stacklevel=3)
             self.use_graph = False
         return out
 
@@ -192,7 +203,8 @@ class StaticDecoder:
             keys, values = keys[:, :, :length], values[:, :, :length]
             keys.index_copy_(2, self.slot, k)
             values.index_copy_(2, self.slot, v)
-            o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling, enable_gqa=self.gqa)
+            keys, values = repeat_kv(keys, self.groups), repeat_kv(values, self.groups)
+            o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling)
             hidden = hidden + attn.o_proj(o.transpose(1, 2).reshape(batch, 1, -1))
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
         nxt = self.head(text.norm(hidden))[:, -1].argmax(-1)
@@ -260,7 +272,10 @@ def greedy_answers(
 ) -> list[list[int]]:
     """Greedy answers to left-padded prompts (B, L) with their images, each up to and with
     its end token: what ``generate(do_sample=False)`` returns, through ``decoder``."""
-    return greedy_decode(model, *prefill(model, ids, mask, pixels), max_new_tokens, eos_id, decoder, pool)
+    cache, logits, mask, positions = prefill(model, ids, mask, pixels)
+    return greedy_decode(
+        model, cache, logits, mask, positions, max_new_tokens, eos_id, decoder, pool, consume_cache=True
+    )
 
 
 @torch.no_grad()
@@ -274,11 +289,15 @@ def greedy_decode(
     eos_id: int,
     decoder: str = "hf",
     pool: DecoderPool | None = None,
+    *,
+    consume_cache: bool = False,
 ) -> list[list[int]]:
     """Greedy tokens after a forward that filled ``cache`` and returned ``logits`` (B, V) of
     its last position; ``mask`` (B, T) marks the cache's real slots and ``positions``
     (B, 1) is each sample's next position. A sample stops at its end-of-sequence token
-    (kept in its output). ``decoder`` is resolved already (see resolve_decoder)."""
+    (kept in its output). ``decoder`` is resolved already (see resolve_decoder).
+    ``consume_cache``: the caller no longer needs ``cache``, so the static decoders empty
+    it once copied (at 7B and batch 8 it can hold 7 GiB, else held twice while decoding)."""
     if decoder not in ("hf", "static", "graph"):
         raise ValueError(f"decoder must be resolved to 'hf', 'static' or 'graph', got {decoder!r}")
     batch = logits.shape[0]
@@ -290,6 +309,8 @@ def greedy_decode(
         pool = pool or DecoderPool()
         static = pool.get(model, batch, mask.shape[1] + max_new_tokens - 1, graph=decoder == "graph")
         static.load(cache, mask, positions, nxt, max_new_tokens - 1)
+        if consume_cache:
+            cache.layers.clear()
 
         def step(_token: Tensor) -> Tensor:
             return static.step()

@@ -16,7 +16,7 @@ import warnings
 import torch
 from torch import Tensor, nn
 
-from .decode import capture_graph
+from .decode import capture_error, capture_graph
 
 GRAPH_MAX_IMAGES = 4
 
@@ -74,7 +74,8 @@ class ImageEncoder:
             with torch.cuda.stream(stream):
                 replay = capture_graph(lambda: image_features(self.model, buffer), stream, self._pool)
         except RuntimeError as error:
-            warnings.warn(f"CUDA graph capture failed, encoding images without graphs: {error}", stacklevel=3)
+            reason = capture_error(error)
+            warnings.warn(f"CUDA graph capture failed, encoding images without graphs: {reason}", stacklevel=3)
             self.use_graph = False
             return None
         self._graphs[pixels.shape[0]] = (buffer, replay)
