@@ -227,6 +227,19 @@ def test_pass2_groups_match_one_forward_on_random_widths(tiny, seed):
         torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)
 
 
+def test_a_template_with_the_image_last_answers_as_full_sequence_generate(tiny):
+    """Nothing after the image: the question sits in the prefix (left-padded, prefixes of
+    different lengths) and pass 2 feeds the crops alone."""
+    forced = blob_logits((0, 0, 2, 2), (1, 1, 3, 4))
+    sd = pipeline(tiny, forced)
+    sd.template = "USER : {question} ASSISTANT : <image>"
+    ims, questions = images(2, seed=3), ["what is the small tag ?", "why ?"]
+    assert [len(sd._split_prompt(q)[1]) for q in questions] == [0, 0]
+    for b, ans in enumerate(sd.generate(ims, questions, max_new_tokens=4)):
+        crops = [crop_pixels(ims[b].convert("RGB"), box, 56) for box in ans.rois.boxes]
+        assert len(crops) == 1 and ans.tokens == full_sequence_generate(sd, ims[b], questions[b], crops, 4)
+
+
 def test_no_box_is_answered_as_by_the_base_model(tiny):
     sd = pipeline(tiny, blob_logits(None, None))
     ims = images(2, seed=2)

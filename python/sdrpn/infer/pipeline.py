@@ -189,7 +189,7 @@ class SDRPNLlava(LlavaAnswering):
                 use_cache=True,
             )
         clock.lap("prompt")
-        cache.crop(-suffix_ids.shape[1])
+        cache.crop(-suffix_ids.shape[1])  # (crop(0) leaves it whole: a template may end with the image)
         hidden = captured[0]
         logits = self.rpn(hidden.to(self.rpn.q_proj.weight.dtype), full_mask, positions, ids == self.image_token_id)
         prob = torch.sigmoid(logits.float()).view(-1, self.grid_h, self.grid_w)
@@ -272,7 +272,7 @@ class SDRPNLlava(LlavaAnswering):
         p1, images = self._pass1(images, questions)
         clock = p1.clock
         # On the device before any pass-2 work is queued (a copy there waits for that work).
-        suffixes = [torch.tensor(s, device=self.device) for s in p1.suffixes]
+        suffixes = [torch.tensor(s, dtype=torch.long, device=self.device) for s in p1.suffixes]
         crop_tokens = self._crop_tokens(images, p1.rois)
         clock.lap("crop_encode")
         embed = self.model.get_input_embeddings()
