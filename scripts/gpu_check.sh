@@ -69,7 +69,19 @@ if ls .gpu_carry/wheels/*.whl >/dev/null 2>&1; then
 fi
 export PYTHONPATH=$ROOT/python${PYTHONPATH:+:$PYTHONPATH}
 
-step build_python 300 env SDRPN_FORCE_CUDA=1 python3 setup.py build_ext --inplace
+# The build gpu_prepare.sh carried, where this machine's Python, torch, sources and GPU are
+# the ones it was built for and a kernel runs; otherwise a build here (minutes of this run).
+abi=$(bash scripts/extension_abi.sh python3)
+if [ "$SDRPN_CUDA_ARCHS" = 9.0 ] && [ "$(cat .gpu_carry/prebuilt/ABI 2>/dev/null)" = "$abi" ] &&
+  cp .gpu_carry/prebuilt/_C*.so python/sdrpn/ &&
+  python3 -c "import torch, sdrpn; assert sdrpn.build_info()['with_cuda']
+sdrpn.ops.massive_activation_sinks(torch.randn(1, 8, 16, device='cuda', dtype=torch.float16), [0])
+torch.cuda.synchronize()" >"$LOGS/prebuilt.log" 2>&1; then
+  echo "=== build_python: the carried sm_90 build" | tee -a "$LOGS/steps.txt"
+else
+  rm -f python/sdrpn/_C*.so
+  step build_python 300 env SDRPN_FORCE_CUDA=1 python3 setup.py build_ext --inplace
+fi
 python3 -c "import sdrpn; print(sdrpn.build_info())" | tee -a "$LOGS/gpu.txt"
 
 # The figures users choose a method by, first.

@@ -33,7 +33,7 @@ def pipeline(tiny, forced=None, **kwargs):
             return forced.to(hidden.device)
 
         rpn.forward = forward
-    return SDRPNLlava(tiny.model, make_tokenizer(), rpn, prompt_template=TEMPLATE, **kwargs)
+    return SDRPNLlava(tiny.model, make_tokenizer(), rpn, **{"prompt_template": TEMPLATE, **kwargs})
 
 
 def pixel_box_to_grid(
@@ -227,17 +227,24 @@ def test_pass2_groups_match_one_forward_on_random_widths(tiny, seed):
         torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)
 
 
-def test_a_template_with_the_image_last_answers_as_full_sequence_generate(tiny):
-    """Nothing after the image: the question sits in the prefix (left-padded, prefixes of
-    different lengths) and pass 2 feeds the crops alone."""
-    forced = blob_logits((0, 0, 2, 2), (1, 1, 3, 4))
+def test_the_question_may_come_before_the_image(tiny):
+    """The question in the prefix (left-padded: prefixes of different lengths) and only
+    "ASSISTANT :" after the image: the crops go in between, as generate on the full
+    sequence has them."""
+    forced = blob_logits((0, 0, 2, 2), None)
     sd = pipeline(tiny, forced)
-    sd.template = "USER : {question} ASSISTANT : <image>"
+    sd.template = "USER : {question} <image> ASSISTANT :"
     ims, questions = images(2, seed=3), ["what is the small tag ?", "why ?"]
-    assert [len(sd._split_prompt(q)[1]) for q in questions] == [0, 0]
-    for b, ans in enumerate(sd.generate(ims, questions, max_new_tokens=4)):
+    answers = sd.generate(ims, questions, max_new_tokens=4)
+    assert [len(a.rois.boxes) for a in answers] == [1, 0]
+    for b, ans in enumerate(answers):
         crops = [crop_pixels(ims[b].convert("RGB"), box, 56) for box in ans.rois.boxes]
-        assert len(crops) == 1 and ans.tokens == full_sequence_generate(sd, ims[b], questions[b], crops, 4)
+        assert ans.tokens == full_sequence_generate(sd, ims[b], questions[b], crops, 4)
+    # With nothing after the image there is no last prompt token for the RPN to read.
+    with pytest.raises(
+        ValueError, match="prompt_template must have text after <image>, got 'USER : {question} <image> '"
+    ):
+        pipeline(tiny, forced, prompt_template="USER : {question} <image> ")
 
 
 def test_no_box_is_answered_as_by_the_base_model(tiny):

@@ -1,13 +1,14 @@
 """Answering with RoI (SPEC Stage 3): SD-RPN as a drop-in for LLaVA-1.5's greedy generate.
 
-Pass 1 wastes nothing: the shared prefix (system text + image tokens) runs through the
-whole model once into a KV cache; the question tokens run on top of it through layers < K
-only; the RPN reads the layer-K hidden states of the whole prompt; the cache is cut back
-to the prefix. Crops come from ``sdrpn.ops.roi_crops`` (mask or bbox mode), are mapped to
-source pixels, cropped from the full-resolution image, encoded by the model's own vision
-tower and projector, and pass 2 feeds [crop tokens, question] on top of the prefix cache
-and decodes; a mask-mode crop feeds only the tokens its mask keeps. A sample without a box
-is answered exactly as by the base model.
+Pass 1 is one forward of the whole prompt through the whole model: the layer-K hidden
+states feed the RPN, and the KV cache, cut back to the prefix (system text + image tokens),
+serves pass 2. (The question's trip through layers >= K is wasted arithmetic, cheaper than
+the launches of a second, early-exit forward over it.) Crops come from
+``sdrpn.ops.roi_crops`` (mask or bbox mode), are mapped to source pixels, cropped from the
+full-resolution image, encoded by the model's own vision tower and projector, and pass 2
+feeds [crop tokens, question] on top of the prefix cache and decodes; a mask-mode crop
+feeds only the tokens its mask keeps. A sample without a box is answered exactly as by the
+base model.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from .. import ops
 from ..llava.decode import DecoderPool, greedy_decode, resolve_decoder
 from ..llava.geometry import grid_box_to_pixels
 from ..llava.inputs import (
+    IMAGE_PLACEHOLDER,
     crop_pixels,
     left_pad,
     pixel_batch,
@@ -140,6 +142,10 @@ class SDRPNLlava(LlavaAnswering):
             prompt_template=prompt_template or rpn.config.prompt_template,
             preprocessing=preprocessing or rpn.config.preprocessing,
         )
+        if not self.template.partition(IMAGE_PLACEHOLDER)[2].strip():
+            # The RPN reads the last prompt token, which must come after the image, and pass
+            # 2 inserts the crops between the image and that text.
+            raise ValueError(f"prompt_template must have text after {IMAGE_PLACEHOLDER}, got {self.template!r}")
         self.rpn = rpn.eval()
         self.branch = rpn.config.branch_layer
         self.eos_id = self.tokenizer.eos_token_id
@@ -166,15 +172,12 @@ class SDRPNLlava(LlavaAnswering):
         prompts = [self._split_prompt(q) for q in questions]
         pixels = self._pixels(images)
         prefix_ids, prefix_mask = left_pad([p for p, _ in prompts], self.pad_id, self.device)
-        # The prefix is the same length for every sample (system text + image tokens).
-        # Suffixes differ in length: padded on their left, i.e. between prefix and question.
+        # Both parts are padded on their left: every prefix ends with its image tokens, and
+        # the padding of the suffixes sits between prefix and question.
         suffix_ids, suffix_mask = left_pad([s for _, s in prompts], self.pad_id, self.device)
         ids = torch.cat([prefix_ids, suffix_ids], 1)
         full_mask = torch.cat([prefix_mask, suffix_mask], 1)
         positions = position_ids_from_mask(full_mask)
-        # One forward of the whole prompt through every layer: the prefix's keys and values
-        # for pass 2 and the layer-K states for the RPN. The question's trip through the
-        # layers >= K is wasted, but costs less than a second forward's launches.
         # The image features go in at the prefix's last tokens, the image tokens (the
         # model's own insertion would count them with a device read).
         embeds = self.model.get_input_embeddings()(ids)
@@ -189,7 +192,7 @@ class SDRPNLlava(LlavaAnswering):
                 use_cache=True,
             )
         clock.lap("prompt")
-        cache.crop(-suffix_ids.shape[1])  # (crop(0) leaves it whole: a template may end with the image)
+        cache.crop(-suffix_ids.shape[1])  # at least one token: the template has text after the image
         hidden = captured[0]
         logits = self.rpn(hidden.to(self.rpn.q_proj.weight.dtype), full_mask, positions, ids == self.image_token_id)
         prob = torch.sigmoid(logits.float()).view(-1, self.grid_h, self.grid_w)
