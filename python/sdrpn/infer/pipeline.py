@@ -182,11 +182,14 @@ class SDRPNLlava(LlavaAnswering):
         # model's own insertion would count them with a device read).
         embeds = self.model.get_input_embeddings()(ids)
         embeds[:, prefix_ids.shape[1] - self.num_cells : prefix_ids.shape[1]] = self.encoder(pixels)
+        # Without padding (batch 1, or prompts of one length) no mask: the model would read
+        # it back from the device to find that out.
+        padded = len({(len(p), len(s)) for p, s in prompts}) > 1
         cache = DynamicCache(config=self.model.config.get_text_config())
         with capture_outputs(decoder_layers(self.model)[self.branch - 1]) as captured:
             self.model.model(
                 inputs_embeds=embeds,
-                attention_mask=full_mask,
+                attention_mask=full_mask if padded else None,
                 position_ids=positions,
                 past_key_values=cache,
                 use_cache=True,
