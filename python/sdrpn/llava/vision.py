@@ -37,7 +37,7 @@ class ImageEncoder:
     def __init__(self, model: nn.Module, graph: bool):
         self.model = model
         self.use_graph = graph
-        self._graphs: dict[int, tuple[Tensor, object]] = {}  # images -> (input buffer, replay)
+        self._graphs: dict[tuple, tuple[Tensor, object]] = {}  # input shape, dtype -> (input buffer, replay)
         self._pool = None
 
     def clear(self) -> None:
@@ -46,10 +46,9 @@ class ImageEncoder:
 
     @torch.no_grad()
     def __call__(self, pixels: Tensor) -> Tensor:
-        count = pixels.shape[0]
-        if not self.use_graph or count > GRAPH_MAX_IMAGES:
+        if not self.use_graph or pixels.shape[0] > GRAPH_MAX_IMAGES:
             return image_features(self.model, pixels)
-        entry = self._graphs.get(count) or self._capture(pixels)
+        entry = self._graphs.get((pixels.shape, pixels.dtype)) or self._capture(pixels)
         if entry is None:
             return image_features(self.model, pixels)
         buffer, replay = entry
@@ -78,5 +77,5 @@ class ImageEncoder:
             warnings.warn(f"CUDA graph capture failed, encoding images without graphs: {reason}", stacklevel=3)
             self.use_graph = False
             return None
-        self._graphs[pixels.shape[0]] = (buffer, replay)
+        self._graphs[(pixels.shape, pixels.dtype)] = (buffer, replay)
         return buffer, replay
