@@ -11,7 +11,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import MistralConfig
 
 import sdrpn.llava.decode as decode_module
-import sdrpn.llava.vision as vision_module
 from sdrpn.llava.decode import (
     DecoderPool,
     StaticDecoder,
@@ -209,7 +208,6 @@ def fake_graphs(monkeypatch, fail: bool = False) -> list:
         return fn
 
     monkeypatch.setattr(decode_module, "capture_graph", capture)
-    monkeypatch.setattr(vision_module, "capture_graph", capture)
     monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
     monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: FakeStream())
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: FakeStream())

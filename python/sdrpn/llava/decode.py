@@ -90,9 +90,31 @@ def capture_error(error: BaseException) -> str:
     replaces with "operation failed due to a previous error during capture"."""
     causes = []
     while error is not None and len(causes) < 4:
-        causes.append(str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__)
+        text = str(error).strip()
+        causes.append(text.splitlines()[0] if text else type(error).__name__)
         error = error.__cause__ or error.__context__
     return " <- ".join(causes)
+
+
+def warm_up_and_capture(
+    fn: Callable[[], Tensor], device: torch.device, fallback: str, pool=None
+) -> tuple[Tensor, Callable[[], Tensor] | None]:
+    """Runs ``fn`` for real on a side stream (which also warms up the libraries' handles),
+    then records it there as a graph without running it: (the run's output, the replay),
+    or (the output, None) with a warning "CUDA graph capture failed, ``fallback``: why"."""
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        out = fn()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    try:
+        # The outer stream context restores the caller's stream even when a failed
+        # capture leaves torch.cuda.graph's own context unexited.
+        with torch.cuda.stream(stream):
+            return out, capture_graph(fn, stream, pool)
+    except RuntimeError as error:
+        warnings.warn(f"CUDA graph capture failed, {fallback}: {capture_error(error)}", stacklevel=4)
+        return out, None
 
 
 def slot_bucket(slots: int) -> int:
@@ -165,23 +187,13 @@ class StaticDecoder:
         return replay()
 
     def _capture(self) -> Tensor:
-        """Runs this step for real on a side stream (which also warms up the libraries'
-        handles), then records the next one as a graph without running it. A capture
-        that fails leaves this decoder eager."""
-        device = self.token.device
-        stream = torch.cuda.Stream(device)
-        stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream):
-            out = self._step()
-        torch.cuda.current_stream(device).wait_stream(stream)
-        try:
-            # The outer stream context restores the caller's stream even when a failed
-            # capture leaves torch.cuda.graph's own context unexited.
-            with torch.cuda.stream(stream):
-                self._graphs[self.length] = capture_graph(self._step, stream)
-        except RuntimeError as error:
-            warnings.warn(f"CUDA graph capture failed, decoding without graphs: {capture_error(error)}", stacklevel=3)
+        """This step for real, and the next one recorded as a graph; a capture that fails
+        leaves this decoder eager."""
+        out, replay = warm_up_and_capture(self._step, self.token.device, "decoding without graphs")
+        if replay is None:
             self.use_graph = False
+        else:
+            self._graphs[self.length] = replay
         return out
 
     def _step(self) -> Tensor:

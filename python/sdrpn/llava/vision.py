@@ -11,12 +11,10 @@ registered on the vision modules, as the graph decoder's do on the decoder's.
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 from torch import Tensor, nn
 
-from .decode import capture_error, capture_graph
+from .decode import warm_up_and_capture
 
 GRAPH_MAX_IMAGES = 4
 
@@ -56,25 +54,14 @@ class ImageEncoder:
         return replay().clone()  # the graph's output buffer is rewritten by the next replay
 
     def _capture(self, pixels: Tensor):
-        """Runs the tower once on a side stream (which also warms up the libraries'
-        handles), then records it as a graph reading a buffer of ``pixels``' shape. A
-        capture that fails leaves this encoder eager (None)."""
-        device = pixels.device
-        buffer = torch.empty_like(pixels)
-        buffer.copy_(pixels)
-        stream = torch.cuda.Stream(device)
-        stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream):
-            image_features(self.model, buffer)
-        torch.cuda.current_stream(device).wait_stream(stream)
+        """Records the tower as a graph reading a buffer of ``pixels``' shape (after one
+        warm-up run); a capture that fails leaves this encoder eager (None)."""
+        buffer = pixels.clone()
         if self._pool is None:  # one memory pool for this encoder's graphs: they never run at once
             self._pool = torch.cuda.graph_pool_handle()
-        try:
-            with torch.cuda.stream(stream):
-                replay = capture_graph(lambda: image_features(self.model, buffer), stream, self._pool)
-        except RuntimeError as error:
-            reason = capture_error(error)
-            warnings.warn(f"CUDA graph capture failed, encoding images without graphs: {reason}", stacklevel=3)
+        run = lambda: image_features(self.model, buffer)  # noqa: E731
+        _, replay = warm_up_and_capture(run, pixels.device, "encoding images without graphs", self._pool)
+        if replay is None:
             self.use_graph = False
             return None
         self._graphs[(pixels.shape, pixels.dtype)] = (buffer, replay)
