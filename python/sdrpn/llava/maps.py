@@ -10,6 +10,7 @@ S. Only the layers up to the deepest probed one run, and that one only up to its
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -73,37 +74,38 @@ def answer_queries(answer_start: Tensor, answer_length: Tensor) -> tuple[Tensor,
     return positions, valid
 
 
-def _selection_map(
-    captured: dict,
-    selection: HeadSelection,
-    num_heads: int,
-    positions: Tensor,
-    valid: Tensor,
-    image_start: Tensor,
-    num_cells: int,
-    mask: Tensor,
-    query_offset: int = 0,
-) -> Tensor:
-    """``positions`` index the keys; the captured queries start at key ``query_offset``."""
+class AnswerRows(NamedTuple):
+    """Where the answer queries' attention rows are read from the captured q and k."""
+
+    num_heads: int
+    positions: Tensor  # (B, Q) the queries' key positions
+    valid: Tensor  # (B, Q) the real ones
+    image_start: Tensor  # (B,) each sample's first image token
+    num_cells: int
+    mask: Tensor  # (B, L) bool, the real keys
+    query_offset: int = 0  # the captured queries start at this key
+
+
+def _selection_map(captured: dict, selection: HeadSelection, rows: AnswerRows) -> Tensor:
+    """A head selection's map (B, N): its heads' rows summed, averaged over heads and queries."""
     total = None
     for layer in selection.layers:
         query, key = captured[layer]
-        heads = selection.heads_of(layer, num_heads)
+        heads = selection.heads_of(layer, rows.num_heads)
         group = query.shape[1] // key.shape[1]
-        idx = (positions - query_offset)[:, None, :, None].expand(-1, len(heads), -1, query.shape[-1])
+        idx = (rows.positions - rows.query_offset)[:, None, :, None].expand(-1, len(heads), -1, query.shape[-1])
         q = query[:, heads].gather(2, idx)  # (B, Hs, Q, d)
         k = key[:, [h // group for h in heads]]  # (B, Hs, L, d)
-        rows = ops.attention_rows(q, k, positions, image_start, num_cells, key_padding_mask=mask)
-        per_query = rows.sum(1)  # (B, Q, N): summed over heads
-        summed = (per_query * valid[..., None]).sum(1)  # (B, N)
+        attn = ops.attention_rows(q, k, rows.positions, rows.image_start, rows.num_cells, key_padding_mask=rows.mask)
+        per_query = attn.sum(1)  # (B, Q, N): summed over heads
+        summed = (per_query * rows.valid[..., None]).sum(1)  # (B, N)
         total = summed if total is None else total + summed
-    return total / (valid.sum(1, keepdim=True) * selection.count(num_heads))
+    return total / (rows.valid.sum(1, keepdim=True) * selection.count(rows.num_heads))
 
 
-def _probe_batch(model: nn.Module, batch: TeacherForcedBatch, layers, num_cells: int) -> tuple[dict, tuple]:
-    """The teacher-forced pass over ``batch`` with ``layers`` probed: (the captured q and k,
-    what reading the answer queries' rows needs, i.e. _selection_map's arguments after the
-    selection: num_heads, positions, valid, image_start, num_cells, mask)."""
+def _probe_batch(model: nn.Module, batch: TeacherForcedBatch, layers, num_cells: int) -> tuple[dict, AnswerRows]:
+    """The teacher-forced pass over ``batch`` with ``layers`` probed: the captured q and k,
+    and where the answer queries' rows are."""
     config = model.config
     image_start = image_columns(batch.input_ids, config.image_token_id, num_cells)
     positions, valid = answer_queries(batch.answer_start, batch.answer_length)
@@ -116,33 +118,21 @@ def _probe_batch(model: nn.Module, batch: TeacherForcedBatch, layers, num_cells:
         position_ids=position_ids_from_mask(batch.attention_mask),
     )
     num_heads = config.text_config.num_attention_heads
-    return captured, (num_heads, positions, valid, image_start, num_cells, batch.attention_mask.bool())
+    return captured, AnswerRows(num_heads, positions, valid, image_start, num_cells, batch.attention_mask.bool())
 
 
 @torch.no_grad()
 def attention_maps(model: nn.Module, batch: TeacherForcedBatch, preset: LlavaPreset, num_cells: int) -> AttentionMaps:
     """G and S for a teacher-forced batch (SPEC Stage 1) with the preset's head selections."""
-    captured, args = _probe_batch(model, batch, preset.probed_layers, num_cells)
-    return _preset_maps(captured, preset, *args)
+    return _preset_maps(*_probe_batch(model, batch, preset.probed_layers, num_cells), preset)
 
 
-def _preset_maps(
-    captured: dict,
-    preset: LlavaPreset,
-    num_heads: int,
-    positions: Tensor,
-    valid: Tensor,
-    image_start: Tensor,
-    num_cells: int,
-    mask: Tensor,
-    query_offset: int = 0,
-) -> AttentionMaps:
-    """G and S of the captured queries and keys (the arguments as _selection_map's)."""
-    args = (num_heads, positions, valid, image_start, num_cells, mask, query_offset)
+def _preset_maps(captured: dict, rows: AnswerRows, preset: LlavaPreset) -> AttentionMaps:
+    """G and S of the captured queries and keys."""
     return AttentionMaps(
-        grounding=_selection_map(captured, preset.grounding, *args),
-        sink=_selection_map(captured, preset.sink, *args),
-        image_start=image_start,
+        grounding=_selection_map(captured, preset.grounding, rows),
+        sink=_selection_map(captured, preset.sink, rows),
+        image_start=rows.image_start,
     )
 
 
@@ -188,7 +178,8 @@ def attention_maps_on_cache(
     positions, valid = answer_queries(torch.full_like(lengths, width), lengths)
     image_start = image_columns(prompt_ids, config.image_token_id, num_cells)
     num_heads = config.text_config.num_attention_heads
-    return _preset_maps(captured, preset, num_heads, positions, valid, image_start, num_cells, mask.bool(), width - 1)
+    rows = AnswerRows(num_heads, positions, valid, image_start, num_cells, mask.bool(), query_offset=width - 1)
+    return _preset_maps(captured, rows, preset)
 
 
 @torch.no_grad()
@@ -247,10 +238,10 @@ def head_maps(model: nn.Module, batch: TeacherForcedBatch, num_cells: int) -> Te
     of its heads' maps)."""
     layers = range(model.config.text_config.num_hidden_layers)
     num_heads = model.config.text_config.num_attention_heads
-    captured, args = _probe_batch(model, batch, layers, num_cells)
+    captured, rows = _probe_batch(model, batch, layers, num_cells)
     return torch.stack(
         [
-            torch.stack([_selection_map(captured, HeadSelection(((layer, h),)), *args) for h in range(num_heads)], 1)
+            torch.stack([_selection_map(captured, HeadSelection(((layer, h),)), rows) for h in range(num_heads)], 1)
             for layer in layers
         ],
         1,
