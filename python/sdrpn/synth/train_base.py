@@ -43,6 +43,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from ..io_utils import read_json, write_atomic, write_json
 from ..llava.inputs import crop_pixels, left_pad, preprocess_image, prompt_token_ids
 from ..llava.loading import load_llava
+from ..llava.vision import image_features
 from ..ops import IGNORE_INDEX
 from ..optim_state import load_optimizer_tensors, optimizer_tensors
 from ..progress import show_progress
@@ -290,9 +291,7 @@ class BaseTrainer:
         return self.heads.chars(tag_mean).float().view(-1, len(CODE_CHARS))
 
     def _features(self, pixels: Tensor) -> Tensor:
-        out = self.model.model.get_image_features(pixel_values=pixels.to(self.cfg.device, non_blocking=True))
-        feats = out.pooler_output if hasattr(out, "pooler_output") else out
-        return torch.stack(list(feats))  # (n, grid*grid, D)
+        return image_features(self.model, pixels.to(self.cfg.device, non_blocking=True))  # (n, grid*grid, D)
 
     def step(self, batch: Batch) -> dict:
         cfg, device = self.cfg, self.cfg.device
