@@ -4,6 +4,7 @@
 #include <ATen/ops/aminmax.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/matmul.h>
+#include <ATen/ops/stack.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
@@ -66,7 +67,9 @@ void check_attention_rows_inputs(const at::Tensor& query, const at::Tensor& key,
     // The one host synchronisation of the op: a window outside the keys would read
     // out of bounds, so its bounds are checked before any kernel runs.
     const auto [lo, hi] = at::aminmax(key_start);
-    const int64_t min_start = lo.item<int64_t>(), max_start = hi.item<int64_t>();
+    const auto bounds = at::stack({lo, hi}).cpu();  // both in one read
+    const int64_t min_start = bounds.const_data_ptr<int64_t>()[0];
+    const int64_t max_start = bounds.const_data_ptr<int64_t>()[1];
     // seq_len - key_length >= 0 (checked above); max_start + key_length could wrap.
     TORCH_CHECK(min_start >= 0 && max_start <= seq_len - key_length,
                 "key_start + key_length must stay within [0, L] with L = ", seq_len,

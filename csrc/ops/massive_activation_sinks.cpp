@@ -17,6 +17,8 @@ void check_massive_activation_sinks_inputs(const at::Tensor& hidden, c10::IntArr
   TORCH_CHECK(hidden.dim() == 3, "hidden must be (B, L, D), got shape ", hidden.sizes());
   check_floating(hidden, "hidden");
   TORCH_CHECK(!dims.empty(), "dims must name at least one hidden dimension, got []");
+  TORCH_CHECK(static_cast<int64_t>(dims.size()) <= kMaxSinkDims, "dims may name at most ",
+              kMaxSinkDims, " hidden dimensions, got ", dims.size());
   const int64_t hidden_size = hidden.size(2);
   for (const int64_t d : dims) {
     TORCH_CHECK(d >= 0 && d < hidden_size, "dims must lie in [0, D) with D = ", hidden_size,

@@ -4,6 +4,9 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/arange.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/floor_divide.h>
+#include <ATen/ops/index_select.h>
+#include <ATen/ops/nonzero.h>
 #include <c10/util/Exception.h>
 #include <c10/util/safe_numerics.h>
 #include <torch/library.h>
@@ -56,13 +59,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> roi_boxes_impl(
     return {at::empty({0, 4}, longs), at::empty({0}, longs), blurred};
   }
   label(prob.contiguous(), options, blurred, slots, counts);
+  auto [boxes, batch_index] = compact_boxes(slots, counts, max_boxes);
+  return {boxes, batch_index, blurred};
+}
+
+std::tuple<at::Tensor, at::Tensor> compact_boxes(const at::Tensor& slots, const at::Tensor& counts,
+                                                 int64_t max_boxes) {
   // A sample keeps its boxes only when it has between 1 and max_boxes of them.
   const auto keep_sample = (counts >= 1) & (counts <= max_boxes);
-  const auto slot = at::arange(max_boxes + 1, longs).unsqueeze(0);
-  const auto keep = (slot < counts.unsqueeze(1)) & keep_sample.unsqueeze(1);
-  const auto boxes = slots.index({keep});
-  const auto batch_index = at::arange(batch, longs).unsqueeze(1).expand_as(keep).index({keep});
-  return {boxes, batch_index, blurred};
+  const auto slot = at::arange(max_boxes + 1, counts.options()).unsqueeze(0);
+  const auto taken = ((slot < counts.unsqueeze(1)) & keep_sample.unsqueeze(1)).flatten();
+  const auto flat = at::nonzero(taken).squeeze(1);  // the one host synchronisation
+  return {slots.view({-1, 4}).index_select(0, flat), at::floor_divide(flat, max_boxes + 1)};
 }
 
 TORCH_LIBRARY_FRAGMENT(sdrpn, m) {

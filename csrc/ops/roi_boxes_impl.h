@@ -43,6 +43,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> roi_boxes_impl(
     const at::Tensor& prob, double threshold, double sigma, int64_t min_area, int64_t max_area,
     int64_t max_boxes, bool drop_singletons, bool reference_clamp, RoiLabelFn label);
 
+// The kept boxes (M, 4) of every sample and their batch index (M,), from the label step's
+// `slots` and `counts`: a sample keeps its boxes only when it has between 1 and max_boxes.
+// One host synchronisation (the number of boxes).
+std::tuple<at::Tensor, at::Tensor> compact_boxes(const at::Tensor& slots, const at::Tensor& counts,
+                                                 int64_t max_boxes);
+
 // The options' box rules, in the form the kernels of both devices hand to math::write_box.
 SDRPN_HOST_DEVICE math::BoxRules box_rules(const RoiBoxOptions& options) {
   return {options.min_area, options.max_area, options.max_boxes, options.drop_singletons,

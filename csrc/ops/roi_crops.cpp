@@ -2,9 +2,7 @@
 
 #include <ATen/TensorOperators.h>
 #include <ATen/core/dispatch/Dispatcher.h>
-#include <ATen/ops/arange.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/floor_divide.h>
 #include <ATen/ops/index_select.h>
 #include <ATen/ops/nonzero.h>
 #include <ATen/ops/ones.h>
@@ -57,15 +55,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> roi_crops_impl(
     const auto index = at::nonzero(has_crop).squeeze(1);  // the one host synchronisation
     return {boxes.index_select(0, index), index, keep.index_select(0, index)};
   }
-  // bbox mode: roi_boxes' compaction, a sample keeping its boxes only when it has between 1
-  // and max_boxes of them.
-  const auto keep_sample = (counts >= 1) & (counts <= max_boxes);
-  const auto slot = at::arange(max_boxes + 1, longs).unsqueeze(0);
-  const auto taken = ((slot < counts.unsqueeze(1)) & keep_sample.unsqueeze(1)).flatten();
-  const auto flat = at::nonzero(taken).squeeze(1);  // the one host synchronisation
-  const auto boxes = slots.view({-1, 4}).index_select(0, flat);
-  const auto batch_index = at::floor_divide(flat, max_boxes + 1);
-  return {boxes, batch_index, at::ones({flat.size(0), h, w}, bools)};
+  // bbox mode: roi_boxes' boxes, every token kept.
+  auto [boxes, batch_index] = compact_boxes(slots, counts, options.max_boxes);
+  return {boxes, batch_index, at::ones({boxes.size(0), h, w}, bools)};
 }
 
 TORCH_LIBRARY_FRAGMENT(sdrpn, m) {

@@ -143,6 +143,8 @@ rpn_scores_backward_impl(const at::Tensor& grad, const at::Tensor& query_states,
   TORCH_CHECK(grad.sizes() == at::IntArrayRef({visual_states.size(0), visual_states.size(1)}),
               "grad must be (B, N) = (", visual_states.size(0), ", ", visual_states.size(1),
               "), got shape ", grad.sizes());
+  check_floating(grad, "grad");
+  check_same_device(grad, "grad", visual_states, "visual_states");
   const auto h = head_layout(q_weight, k_weight, num_heads);
   const int64_t batch = query_states.size(0);
   // Recomputing qg and u costs two matrix-vector products; saving them would cost memory.
@@ -150,8 +152,9 @@ rpn_scores_backward_impl(const at::Tensor& grad, const at::Tensor& query_states,
   const auto u = at::mm(qg, k_weight);
 
   auto grad_scaled = at::empty(grad.sizes(), visual_states.options());
-  const auto opmath = grad.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  auto grad_bias_term = at::empty({batch}, grad.options().dtype(opmath));
+  // The prologue works in the inputs' dtype (grad is cast to it) and their opmath type.
+  const auto opmath = visual_states.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  auto grad_bias_term = at::empty({batch}, visual_states.options().dtype(opmath));
   if (grad.numel() == 0) {
     grad_scaled.zero_();
     grad_bias_term.zero_();

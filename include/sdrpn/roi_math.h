@@ -7,11 +7,38 @@
 
 namespace sdrpn::math {
 
-// Separable 3-tap Gaussian weight of the centre tap for a given sigma (the side taps are
-// (1 - centre) / 2): sigma 1 gives [0.274, 0.452, 0.274].
-SDRPN_HOST_DEVICE float gaussian_centre_weight(float sigma) {
-  const float side = expf(-1.0f / (2.0f * sigma * sigma));
-  return 1.0f / (1.0f + 2.0f * side);
+// Float products and sums rounded one operation at a time, as torch's CPU kernels and this
+// library's CPU kernels round them: nvcc would otherwise contract a * b + c into one FMA,
+// and a value that lands exactly on a threshold in one rounding would land on the other
+// side in the other (the blur's taps, a crop mask's interpolated 0.5).
+SDRPN_HOST_DEVICE float mul_rn(float a, float b) {
+#ifdef __CUDA_ARCH__
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+
+SDRPN_HOST_DEVICE float add_rn(float a, float b) {
+#ifdef __CUDA_ARCH__
+  return __fadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+
+// The separable 3-tap Gaussian's weights for a given sigma: sigma 1 gives
+// [0.274, 0.452, 0.274]. Computed on the host for both devices' kernels, so that the
+// GPU's expf cannot round them differently.
+struct BlurWeights {
+  float centre, side;
+};
+
+inline BlurWeights blur_weights(double sigma) {
+  const auto s = static_cast<float>(sigma);
+  const float side = std::exp(-1.0f / (2.0f * s * s));
+  const float centre = 1.0f / (1.0f + 2.0f * side);
+  return {centre, (1.0f - centre) / 2.0f};
 }
 
 // Reflect padding without repeating the edge (-1 -> 1, n -> n - 2); a length-1 axis
@@ -23,9 +50,9 @@ SDRPN_HOST_DEVICE int64_t reflect_index(int64_t i, int64_t n) {
   return i;
 }
 
-// One tap of the separable blur: centre weight c, side weight s = (1 - c) / 2.
-SDRPN_HOST_DEVICE float blur_tap(float left, float mid, float right, float c, float s) {
-  return c * mid + s * (left + right);
+// One tap of the separable blur, rounded alike on both devices.
+SDRPN_HOST_DEVICE float blur_tap(float left, float mid, float right, BlurWeights weights) {
+  return add_rn(mul_rn(weights.centre, mid), mul_rn(weights.side, add_rn(left, right)));
 }
 
 // The threshold on the blurred map: absolute, or relative to the map's max when negative.
@@ -90,25 +117,6 @@ SDRPN_HOST_DEVICE int64_t write_box(CellBox box, int64_t grid_h, int64_t grid_w,
   slot[2] = box.x1;
   slot[3] = box.y1;
   return kept + 1;
-}
-
-// Float products and sums rounded one operation at a time, as torch's CPU upsampling
-// kernel rounds them: nvcc would otherwise contract a * b + c into one FMA, and a mask
-// whose interpolated value is 0.5 in exact arithmetic would land on the other side.
-SDRPN_HOST_DEVICE float mul_rn(float a, float b) {
-#ifdef __CUDA_ARCH__
-  return __fmul_rn(a, b);
-#else
-  return a * b;
-#endif
-}
-
-SDRPN_HOST_DEVICE float add_rn(float a, float b) {
-#ifdef __CUDA_ARCH__
-  return __fadd_rn(a, b);
-#else
-  return a + b;
-#endif
 }
 
 // One output index of a linear resize with align_corners=False: the two source indices

@@ -105,7 +105,8 @@ def massive_activation_sinks(hidden: Tensor, dims: Sequence[int], *, tau: float 
     Args:
         hidden: (B, L, D) hidden states entering a decoder layer; float32, float64,
             float16 or bfloat16.
-        dims: the sink dimensions, e.g. (2533, 1415) for LLaMA-2-7B, (2100, 4743) for 13B.
+        dims: the sink dimensions, e.g. (2533, 1415) for LLaMA-2-7B, (2100, 4743) for 13B;
+            at most 64 (the CUDA kernel takes them as launch arguments, with no copy).
         tau: threshold on the RMS-normalised activation.
         eps: added to the mean square, as in RMSNorm.
 
@@ -233,16 +234,18 @@ def _rpn_scores_fake(
 def _rpn_scores_backward_fake(
     grad, query_states, visual_states, q_weight, k_weight, num_heads, q_bias, k_bias, visual_mask
 ):
-    def bias_grad(bias):
-        return torch.empty_like(bias) if bias is not None else query_states.new_empty(0)
+    # The kernel's gradients are contiguous whatever the inputs' layout (empty_like would
+    # copy a transposed weight's strides, and compiled code trusts these).
+    def like(t):
+        return t.new_empty(t.shape)
 
     return (
-        torch.empty_like(query_states),
-        torch.empty_like(visual_states),
-        torch.empty_like(q_weight),
-        torch.empty_like(k_weight),
-        bias_grad(q_bias),
-        bias_grad(k_bias),
+        like(query_states),
+        like(visual_states),
+        like(q_weight),
+        like(k_weight),
+        like(q_bias) if q_bias is not None else query_states.new_empty(0),
+        like(k_bias) if k_bias is not None else query_states.new_empty(0),
     )
 
 

@@ -52,6 +52,7 @@ BAD_INPUTS = [
     (lambda h: (h.int(), [1], {}), "hidden must be float32, float64, float16 or bfloat16, got Int"),
     (lambda h: (h, [], {}), "dims must name at least one hidden dimension"),
     (lambda h: (h, [1, 8], {}), "dims must lie in [0, D) with D = 8, got 8"),
+    (lambda h: (h, [0] * 65, {}), "dims may name at most 64 hidden dimensions, got 65"),
     (lambda h: (h, [-1], {}), "dims must lie in [0, D) with D = 8, got -1"),
     (lambda h: (h, [1], {"tau": -1.0}), "tau must be a finite number >= 0, got -1"),
     (lambda h: (h, [1], {"eps": float("nan")}), "eps must be a finite number >= 0, got nan"),

@@ -168,6 +168,23 @@ def test_cuda_matches_cpu_on_a_large_batch(mode):
         assert torch.equal(b.cpu(), a)
 
 
+@needs_cuda
+def test_cuda_rounds_as_the_cpu_at_thresholds_on_blurred_values():
+    """Both devices blur one rounding at a time (the GPU would fuse a * b + c into an FMA,
+    one ulp off in a fifth of the taps), so a threshold equal to a cell's blurred value
+    leaves that cell on the same side on both: the same blurred maps, boxes and masks."""
+    gen = torch.Generator().manual_seed(0)
+    prob = torch.rand(64, 24, 24, generator=gen) ** 4
+    blurred = sdrpn.ops.roi_boxes(prob)[2]
+    assert torch.equal(sdrpn.ops.roi_boxes(prob.cuda())[2].cpu(), blurred)
+    for threshold in blurred[0].flatten().topk(24).values.tolist():  # the strongest blob's rim
+        for mode in ("mask", "bbox"):
+            cpu = sdrpn.ops.roi_crops(prob, threshold=threshold, mode=mode)
+            cuda = sdrpn.ops.roi_crops(prob.cuda(), threshold=threshold, mode=mode)
+            for a, b in zip(cpu, cuda):
+                assert torch.equal(b.cpu(), a), (threshold, mode)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("grid", [(24, 24), (12, 20), (16, 16)], ids=["24x24", "12x20", "16x16"])
 def test_mask_resize_matches_interpolate_for_every_cut_size(device, grid):

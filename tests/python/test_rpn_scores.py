@@ -100,6 +100,26 @@ def test_torch_compile_fullgraph_with_backward():
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_fake_backward_layout_matches_the_kernels(device):
+    """Compiled code takes its buffers' layout from the fake kernel: for transposed weights
+    and permuted visual states it must give the real gradients' (contiguous) strides."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    args, kwargs = make_rpn_inputs(device=device)
+    query, visual, q_weight, k_weight, heads = args
+    visual = visual.transpose(0, 1).contiguous().transpose(0, 1)
+    q_weight, k_weight = q_weight.t().contiguous().t(), k_weight.t().contiguous().t()
+    grad = torch.randn(visual.shape[:2], device=device)
+    inputs = (grad, query, visual, q_weight, k_weight, heads, kwargs["q_bias"], kwargs["k_bias"], None)
+    real = torch.ops.sdrpn.rpn_scores_backward.default(*inputs)
+    with FakeTensorMode() as mode:
+        fake_inputs = [mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in inputs]
+        fake = torch.ops.sdrpn.rpn_scores_backward.default(*fake_inputs)
+    assert [t.shape for t in fake] == [t.shape for t in real]
+    assert [t.stride() for t in fake] == [t.stride() for t in real]
+
+
 BAD = [
     (lambda a, k: ((a[0][0],) + tuple(a[1:]), k), "query_states must be (B, D), got shape [16]"),
     (

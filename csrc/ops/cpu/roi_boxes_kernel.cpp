@@ -19,22 +19,21 @@ namespace {
 template <typename scalar_t>
 void label_sample(const scalar_t* p, int64_t h, int64_t w, const RoiBoxOptions& opt, float* blurred,
                   int64_t* slots, int64_t* count) {
-  const float c = math::gaussian_centre_weight(static_cast<float>(opt.sigma));
-  const float s = (1.0f - c) / 2.0f;
+  const math::BlurWeights weights = math::blur_weights(opt.sigma);
   std::vector<float> rows(h * w);
   for (int64_t y = 0; y < h; ++y) {
     for (int64_t x = 0; x < w; ++x) {
       rows[y * w + x] =
           math::blur_tap(static_cast<float>(p[y * w + math::reflect_index(x - 1, w)]),
                          static_cast<float>(p[y * w + x]),
-                         static_cast<float>(p[y * w + math::reflect_index(x + 1, w)]), c, s);
+                         static_cast<float>(p[y * w + math::reflect_index(x + 1, w)]), weights);
     }
   }
   float max_value = -std::numeric_limits<float>::infinity();
   for (int64_t y = 0; y < h; ++y) {
     for (int64_t x = 0; x < w; ++x) {
       const float v = math::blur_tap(rows[math::reflect_index(y - 1, h) * w + x], rows[y * w + x],
-                                     rows[math::reflect_index(y + 1, h) * w + x], c, s);
+                                     rows[math::reflect_index(y + 1, h) * w + x], weights);
       blurred[y * w + x] = v;
       max_value = std::max(max_value, v);
     }

@@ -49,23 +49,21 @@ struct Workspace {
 // Phase 1, blur: the separable 3x3 Gaussian (rows, then columns, reflect padding) of one
 // sample into `out`. Returns the blurred map's max to every thread of the block.
 template <typename scalar_t>
-__device__ float blur(const scalar_t* p, int h, int w, float sigma, float* rows, float* out,
-                      BlurShared& shared) {
+__device__ float blur(const scalar_t* p, int h, int w, math::BlurWeights weights, float* rows,
+                      float* out, BlurShared& shared) {
   const int n = h * w;
-  const float c = math::gaussian_centre_weight(sigma);
-  const float s = (1.0f - c) / 2.0f;
   for (int i = threadIdx.x; i < n; i += kThreadsPerBlock) {
     const int y = i / w, x = i % w;
     rows[i] = math::blur_tap(static_cast<float>(p[y * w + math::reflect_index(x - 1, w)]),
                              static_cast<float>(p[i]),
-                             static_cast<float>(p[y * w + math::reflect_index(x + 1, w)]), c, s);
+                             static_cast<float>(p[y * w + math::reflect_index(x + 1, w)]), weights);
   }
   __syncthreads();
   float local_max = -CUDART_INF_F;
   for (int i = threadIdx.x; i < n; i += kThreadsPerBlock) {
     const int y = i / w, x = i % w;
     const float v = math::blur_tap(rows[math::reflect_index(y - 1, h) * w + x], rows[i],
-                                   rows[math::reflect_index(y + 1, h) * w + x], c, s);
+                                   rows[math::reflect_index(y + 1, h) * w + x], weights);
     out[i] = v;
     local_max = fmaxf(local_max, v);
   }
@@ -149,17 +147,16 @@ __device__ int64_t write_boxes(int h, int w, const Workspace& ws, const math::Bo
 // One block per sample, the four phases in turn; no host synchronisation.
 template <typename scalar_t>
 __global__ void roi_boxes_cuda_kernel(const scalar_t* __restrict__ prob, int64_t batch, int h,
-                                      int w, RoiBoxOptions opt, Workspace ws,
-                                      float* __restrict__ blurred, int64_t* __restrict__ slots,
-                                      int64_t* __restrict__ counts) {
+                                      int w, RoiBoxOptions opt, math::BlurWeights weights,
+                                      Workspace ws, float* __restrict__ blurred,
+                                      int64_t* __restrict__ slots, int64_t* __restrict__ counts) {
   __shared__ BlurShared shared;
   const int n = h * w;
   const math::BoxRules rules = box_rules(opt);
   for (int64_t b = blockIdx.x; b < batch; b += gridDim.x) {
     const Workspace sample = ws.sample(b, n);
     float* out = blurred + b * n;
-    const float max_value =
-        blur(prob + b * n, h, w, static_cast<float>(opt.sigma), sample.rows, out, shared);
+    const float max_value = blur(prob + b * n, h, w, weights, sample.rows, out, shared);
     label_components(out, math::roi_threshold(opt.threshold, max_value), h, w, sample.label);
     measure_components(h, w, sample);
     if (threadIdx.x == 0) {
@@ -191,8 +188,8 @@ void roi_label_cuda(const at::Tensor& prob, const RoiBoxOptions& opt, at::Tensor
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, prob.scalar_type(), "roi_boxes_cuda", [&] {
         roi_boxes_cuda_kernel<scalar_t><<<grid_size(batch), kThreadsPerBlock, 0, stream>>>(
-            prob.const_data_ptr<scalar_t>(), batch, h, w, opt, ws, blurred.data_ptr<float>(),
-            slots.data_ptr<int64_t>(), counts.data_ptr<int64_t>());
+            prob.const_data_ptr<scalar_t>(), batch, h, w, opt, math::blur_weights(opt.sigma), ws,
+            blurred.data_ptr<float>(), slots.data_ptr<int64_t>(), counts.data_ptr<int64_t>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
 }
