@@ -120,6 +120,21 @@ def test_fake_backward_layout_matches_the_kernels(device):
     assert [t.stride() for t in fake] == [t.stride() for t in real]
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_backward_takes_a_grad_of_another_float_dtype(device):
+    """Called directly, the backward casts grad to the inputs' dtype (autograd would)."""
+    args, kwargs = make_rpn_inputs(device=device)
+    grad = torch.randn(args[1].shape[:2], device=device)
+    rest = (*args, kwargs["q_bias"], kwargs["k_bias"], None)
+    want = torch.ops.sdrpn.rpn_scores_backward.default(grad, *rest)
+    got = torch.ops.sdrpn.rpn_scores_backward.default(grad.double(), *rest)
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b)
+    with pytest.raises(RuntimeError, match="grad must be float32, float64, float16 or bfloat16, got Long"):
+        torch.ops.sdrpn.rpn_scores_backward.default(grad.long(), *rest)
+
+
 BAD = [
     (lambda a, k: ((a[0][0],) + tuple(a[1:]), k), "query_states must be (B, D), got shape [16]"),
     (
