@@ -294,3 +294,98 @@ def test_torchrun_splits_the_data_by_rank(workspace, tmp_path):
     ranks = {n.split("-")[0] for n in os.listdir(out) if n.endswith(".done.json")}
     assert ranks == {"rank000", "rank001"}
     assert sorted(r["id"] for r in read_rows(out)) == [f"s{i}" for i in range(7)]
+
+
+def test_missing_image_folder_is_refused_before_writing(workspace, tmp_path, capsys):
+    from sdrpn.cli import entry
+
+    out = tmp_path / "labels"
+    for folder, problem in ((tmp_path / "nowhere", "does not exist"), (workspace / "data.json", "is not a directory")):
+        with pytest.raises(ValueError, match=rf"--image-folder.*{folder.name}.*{problem}"):
+            run_label(workspace, out, "--answers", "given", "--image-folder", str(folder))
+        assert not out.exists()  # nothing recorded: a rerun with the right folder starts afresh
+    argv = ["label", "--model", str(workspace / "model"), "--data", str(workspace / "data.json")]
+    argv += ["--image-folder", str(tmp_path / "nowhere"), "--out", str(out), "--preset", "llava15-7b"]
+    assert entry(argv) == 2
+    assert "sdrpn label: error: image_folder (--image-folder)" in capsys.readouterr().err
+    assert run_label(workspace, out, "--answers", "given") == 0
+
+
+def test_a_run_that_labels_nothing_fails_after_its_summary(workspace, tmp_path):
+    empty, out = tmp_path / "empty", tmp_path / "labels"
+    empty.mkdir()
+    for _ in range(2):  # a rerun over the finished folder says the same
+        with pytest.raises(ValueError, match=r"no sample labelled, 15 skipped \(.*image missing: 10.*delete"):
+            run_label(workspace, out, "--answers", "given", "--image-folder", str(empty))
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["labelled"] == 0 and summary["skipped"] == 15
+    # The folder's totals decide, not this run's: entries 3-5 are all bad, but 0-2 were
+    # labelled before, and a rerun over a complete folder labels nothing new at all.
+    out = tmp_path / "resumed"
+    assert run_label(workspace, out, "--answers", "given", "--limit", "3") == 0
+    assert run_label(workspace, out, "--answers", "given", "--limit", "6") == 0
+    assert run_label(workspace, out, "--answers", "given", "--limit", "6") == 0
+    assert json.loads((out / "summary.json").read_text())["skipped"] == 3
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--sink-threshold", "-1"], r"sink_threshold must be finite and > 0, got -1.0"),
+        (["--sink-threshold", "0"], r"sink_threshold must be finite and > 0, got 0.0"),
+        (["--sink-threshold", "inf"], r"sink_threshold must be finite and > 0, got inf"),
+        (["--fg-ratio", "2"], r"fg_ratio must be in \(0, 1\), got 2.0"),
+        (["--fg-ratio", "1"], r"fg_ratio must be in \(0, 1\), got 1.0"),
+        (["--fg-ratio", "0"], r"fg_ratio must be in \(0, 1\), got 0.0"),
+        (["--fg-ratio", "nan"], r"fg_ratio must be in \(0, 1\), got nan"),
+        (["--bg-ratio", "1"], r"bg_ratio must be in \[0, 1\), got 1.0"),
+        (["--bg-ratio", "-0.1"], r"bg_ratio must be in \[0, 1\), got -0.1"),
+        (["--fg-ratio", "0.05", "--bg-ratio", "0.5"], r"bg_ratio must be <= fg_ratio \(0.05\), got 0.5"),
+        (["--max-box-fraction", "0"], r"max_box_fraction must be > 0, got 0.0"),
+    ],
+)
+def test_label_options_out_of_range_are_refused(workspace, tmp_path, flags, message):
+    out = tmp_path / "labels"
+    with pytest.raises(ValueError, match=message):
+        run_label(workspace, out, "--answers", "given", *flags)
+    assert not out.exists()
+
+
+def test_label_options_edges_of_the_ranges_are_accepted():
+    from sdrpn.labels.options import LabelOptions
+
+    # SPEC's defaults, and the bounds that still leave labels to find.
+    for values in (
+        {},
+        {"sink_threshold": 1e-3, "fg_ratio": 0.2, "bg_ratio": 0.1, "max_box_fraction": 0.5},
+        {"fg_ratio": 0.999, "bg_ratio": 0.0, "max_box_fraction": 1.5},
+        {"fg_ratio": 0.25, "bg_ratio": 0.25, "sink_threshold": 20.0},
+    ):
+        LabelOptions(**values)
+
+
+def test_skipped_records_name_the_sample(workspace, tmp_path):
+    out = tmp_path / "labels"
+    assert run_label(workspace, out, "--answers", "given") == 0
+    folder = LabelFolder(str(out))
+    skipped = [s for name in folder.complete_shards() for s in folder.skipped(name)]
+    assert skipped[:3] == [
+        {"index": 3, "id": "missing", "image": "nope.png", "reason": "image missing"},
+        {"index": 4, "id": "corrupt", "image": "corrupt.png", "reason": "image unreadable"},
+        {"index": 5, "id": "imageless", "reason": "no image"},  # no image to name
+    ]
+    assert [s["id"] for s in skipped] == [
+        "missing",
+        "corrupt",
+        "imageless",
+        "escape",
+        "blank",
+        "surrogate",
+        "nul",
+        "long",
+    ]
+    # Old folders' records (index and reason only) still read and count.
+    name = folder.complete_shards()[0]
+    (out / f"{name}.skipped.jsonl").write_text('{"index": 6, "reason": "no image"}\n')
+    assert folder.skipped(name) == [{"index": 6, "reason": "no image"}]
+    assert folder.write_summary()["labelled"] == 7

@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class LabelDemoConfig:
-    out: str = "outputs/demo"
+    out: str = "outputs/label-demo"
     batch: int = 12
     grid_h: int = 24
     grid_w: int = 24

@@ -7,7 +7,8 @@ and reads its files.
   rank{R}-shard{K}.jsonl         one line per labelled sample: id, index, image, question,
                                  answer, answer_source, image_size, preprocessing, shard,
                                  row, fg/bg/ignore counts
-  rank{R}-shard{K}.skipped.jsonl samples skipped in that shard's span, with the reason
+  rank{R}-shard{K}.skipped.jsonl samples skipped in that shard's span: data index, id and
+                                 image where known (older folders: index only), reason
   rank{R}-shard{K}.done.json     written last: the shard is complete; data indices covered
   summary.json                   counts over every complete shard
 
@@ -266,9 +267,19 @@ class LabelFolder:
         return summarize(self.done_markers())
 
     def write_summary(self) -> dict:
-        """The summary, also written to summary.json."""
+        """The summary, also written to summary.json. A folder whose complete shards label
+        nothing but skip samples raises ValueError once the summary is written: its settings
+        (most often --image-folder) fit none of the data. The whole folder's counts decide,
+        so a rerun that finds nothing new to label in a complete folder still passes, and
+        under torchrun this is called once every rank is done."""
         summary = self.summary()
         write_json(self.file(SUMMARY_NAME), summary)
+        if summary["labelled"] == 0 and summary["skipped"] > 0:
+            reasons = ", ".join(f"{reason}: {n}" for reason, n in summary["skipped_by_reason"].items())
+            raise ValueError(
+                f"{self.path}: no sample labelled, {summary['skipped']} skipped ({reasons}); check --data and "
+                f"--image-folder, and delete {self.path} to start over with other settings"
+            )
         return summary
 
 

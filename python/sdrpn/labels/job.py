@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..io_utils import exclusive_lock
-from ..llava.data import QASample, SkipSample, load_entries, open_image, parse_entry
+from ..llava.data import QASample, SkipSample, folder_problem, load_entries, open_image, parse_entry
 from ..llava.decode import DecoderPool, resolve_decoder
 from ..llava.geometry import model_grid
 from ..llava.inputs import Preprocessing, left_pad, preprocess_image, prompt_token_ids
@@ -52,6 +52,19 @@ class LabelJobConfig:
             raise ValueError(f"workers must be >= 0, got {self.workers}")
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank must lie in [0, world_size={self.world_size}), got {self.rank}")
+
+
+def skip_record(entry, index: int, reason: str) -> dict:
+    """A skipped sample's line in skipped.jsonl: its data index, and its id and image path
+    where the entry has them, so that it can be found and fixed; then the reason."""
+    record = {"index": index}
+    if isinstance(entry, dict):
+        if "id" in entry:
+            record["id"] = str(entry["id"])  # as labelled rows write it (llava.data.parse_entry)
+        if isinstance(entry.get("image"), str) and entry["image"]:
+            record["image"] = entry["image"]
+    record["reason"] = reason
+    return record
 
 
 @dataclass
@@ -210,6 +223,11 @@ class LabelJob:
     # ---- driver ---------------------------------------------------------------------------
     def run(self) -> dict:
         """Label this rank's share; a second job on the same folder and rank is refused."""
+        # Before anything is written: a wrong folder would otherwise skip every sample as
+        # "image missing" and be recorded in the label folder, refusing the corrected rerun.
+        problem = folder_problem(self.cfg.image_folder)
+        if problem:
+            raise ValueError(f"image_folder (--image-folder) {self.cfg.image_folder!r} {problem}")
         with exclusive_lock(self.folder.file(f".rank{self.cfg.rank:03d}.lock")):
             return self._run()
 
@@ -233,7 +251,7 @@ class LabelJob:
             try:
                 pending.append(self._prepare(loaded.result()))
             except SkipSample as skip:
-                buf.skipped.append({"index": index, "reason": str(skip)})
+                buf.skipped.append(skip_record(entries[index], index, str(skip)))
             last = pos == len(mine) - 1
             if pending and (len(pending) == cfg.batch_size or last):
                 self._label_batch(pending, buf)
