@@ -108,8 +108,11 @@ def test_save_load_round_trip_and_refusal(tiny, tmp_path):
         assert k1 == k2 and torch.equal(v1, v2)
     assert loaded.config.preset == "tiny" and loaded.config.grid == [4, 4]
     other = make_tiny_llava(num_layers=4, seed=1)
-    with pytest.raises(ValueError, match="was trained on another base model"):
+    with pytest.raises(ValueError, match=r"another base model \(the same architecture, other weights\)"):
         RegionProposalNetwork.load(str(tmp_path / "rpn"), other.model)
+    wider = make_tiny_llava(num_layers=4, num_key_value_heads=4)
+    with pytest.raises(ValueError, match=r"another base model \(another architecture\)"):
+        RegionProposalNetwork.load(str(tmp_path / "rpn"), wider.model)
 
 
 def test_rpn_folders_record_their_settings_and_refuse_contradictions(tiny, tmp_path):

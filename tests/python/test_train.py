@@ -1,20 +1,24 @@
 import json
+import logging
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import LlavaConfig, LlavaForConditionalGeneration
 
 from sdrpn.cli import main
+from sdrpn.labels.folder import LabelFolder
 from sdrpn.llava.backbone import branch_hidden_states
-from sdrpn.llava.loading import load_llava
+from sdrpn.llava.loading import load_llava, model_identity
 from sdrpn.rpn.dataset import LabelCollator, LabelShardDataset
 from sdrpn.rpn.model import RegionProposalNetwork, rpn_loss
-from sdrpn.rpn.train import TrainConfig, accumulation_steps, evaluate
+from sdrpn.rpn.train import RPNTrainer, TrainConfig, accumulation_steps, evaluate
 from synthetic_labels import write_region_labels
-from tiny_llava import IMAGE, save_tiny_llava
+from tiny_llava import IMAGE, make_tokenizer, save_tiny_llava
 
 GRID = 4
 
@@ -242,3 +246,115 @@ def test_hf_trainer_example(ws, tmp_path, launcher):
     fresh = RegionProposalNetwork.from_llava(model, 1, 2).trainable_state_dict()
     assert not torch.equal(weights["q_proj.weight"], fresh["q_proj.weight"])  # it trained
     assert not any(k.startswith("_backbone") for k in weights)
+
+
+# ---- a new user's mistakes ------------------------------------------------------------------
+QUICK = ("--max-samples", "32", "--held-out-fraction", "0")
+
+
+def test_a_missing_image_folder_is_refused_up_front(ws, tmp_path):
+    with pytest.raises(ValueError, match=f"image_folder \\(--image-folder\\) '{tmp_path / 'nope'}' does not exist"):
+        main(train_args(ws, tmp_path / "a", "--image-folder", str(tmp_path / "nope")))
+    # A label folder whose recorded image folder has gone since it was labelled.
+    write_region_labels(tmp_path / "labels", tmp_path / "images", num=8, grid=GRID, image_size=14 * GRID)
+    shutil.rmtree(tmp_path / "images")
+    args = train_args(ws, tmp_path / "b")
+    args[args.index("--labels") + 1] = str(tmp_path / "labels")
+    with pytest.raises(ValueError, match=f"records, '{tmp_path / 'images'}', does not exist: pass --image-folder"):
+        main(args)
+    assert not (tmp_path / "a" / "rpn.safetensors").exists() and not (tmp_path / "b" / "rpn.safetensors").exists()
+
+
+def test_an_epoch_that_skipped_every_sample_stops_before_saving(ws, tmp_path):
+    (tmp_path / "empty").mkdir()
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match=r"epoch 0 trained on no sample: all 32 were skipped \(image missing: 32\)"):
+        main(train_args(ws, out, *QUICK, "--image-folder", str(tmp_path / "empty")))
+    assert not (out / "rpn.safetensors").exists() and not (out / "checkpoints").exists()
+
+
+def test_data_parallel_ranks_agree_that_nothing_trained(ws, tmp_path):
+    """Every rank stops with the same error (a rank stopping alone would leave the other
+    waiting in its next all-reduce): the counts are summed over the ranks first."""
+    (tmp_path / "empty").mkdir()
+    out = tmp_path / "ddp"
+    args = train_args(ws, out, *QUICK, "--effective-batch", "32", "--image-folder", str(tmp_path / "empty"))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "sdrpn"]
+    done = subprocess.run([*cmd, *args], env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert done.returncode != 0
+    assert done.stderr.count("epoch 0 trained on no sample: all 32 were skipped (image missing: 32)") == 2
+    assert not (out / "rpn.safetensors").exists()
+
+
+def labels_of(ws, folder, model) -> str:
+    """A copy of the workspace's labels recording `model` as the base model that made them."""
+    shutil.copytree(ws / "labels", folder)
+    labels = LabelFolder(str(folder))
+    config = labels.config
+    config.model = model_identity(model)
+    labels.write_config(config)
+    return str(folder)
+
+
+def test_labels_of_another_base_model_architecture_are_refused(ws, tmp_path):
+    model_a, _ = load_llava(str(ws / "model"), "fp32")
+    labels = labels_of(ws, tmp_path / "labels", model_a)
+    # Model B: the same depth, another hidden size.
+    config = LlavaConfig.from_pretrained(ws / "model")
+    config.text_config.hidden_size = 32
+    LlavaForConditionalGeneration(config).save_pretrained(tmp_path / "b")
+    make_tokenizer().save_pretrained(tmp_path / "b")
+    args = train_args(ws, tmp_path / "run", *QUICK)
+    args[args.index("--labels") + 1] = labels
+    args[args.index("--model") + 1] = str(tmp_path / "b")
+    with pytest.raises(
+        ValueError,
+        match=f"made by another base model: '{ws / 'model'}' .*--model '{tmp_path / 'b'}' has another architecture",
+    ):
+        main(args)
+    assert not (tmp_path / "run" / "rpn.safetensors").exists()
+
+
+def test_labels_of_a_same_architecture_model_are_warned_about_and_old_ones_train(ws, tmp_path, caplog):
+    model_a, tok = load_llava(str(ws / "model"), "fp32")
+    save_tiny_llava(str(tmp_path / "b"), grid=GRID, num_layers=4, seed=1)  # same shapes, other weights
+    model_b, _ = load_llava(str(tmp_path / "b"), "fp32")
+    labels = labels_of(ws, tmp_path / "labels", model_a)
+    cfg = TrainConfig(labels=labels, out=str(tmp_path / "run"), branch_layer=1, depth=2)
+    with caplog.at_level(logging.WARNING, logger="sdrpn.rpn.train"):
+        RPNTrainer(cfg, model_a, tok)
+        assert not caplog.records  # its own labels
+        RPNTrainer(cfg, model_b, tok)
+    assert f"made by '{ws / 'model'}' and --model is '{tmp_path / 'b'}': the same architecture" in caplog.text
+    # Labels written before the fingerprint was recorded: nothing to compare, they train.
+    old = LabelFolder(labels)
+    config = old.config
+    config.model = {"name": "another/model", "config_fingerprint": None}
+    old.write_config(config)
+    RPNTrainer(cfg, model_b, tok)
+
+
+def test_a_run_in_out_is_not_restarted_without_resume(ws, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()  # an empty --out is fine
+    assert main(train_args(ws, out, *QUICK, "--effective-batch", "16", "--stop-after-steps", "1")) == 0
+    kept = sorted(os.listdir(out / "checkpoints"))
+    with pytest.raises(ValueError, match=f"--out {out} holds a run already .*pass --resume to go on with it"):
+        main(train_args(ws, out, *QUICK, "--effective-batch", "16"))
+    assert sorted(os.listdir(out / "checkpoints")) == kept
+    assert main(train_args(ws, out, *QUICK, "--effective-batch", "16", "--resume")) == 0
+    # A finished run: its RPN is kept too.
+    shutil.rmtree(out / "checkpoints")
+    with pytest.raises(ValueError, match=r"holds a run already \(.*rpn.safetensors\)"):
+        main(train_args(ws, out, *QUICK, "--effective-batch", "16"))
+
+
+def test_metrics_over_nothing_are_undefined(ws):
+    model, tok = load_llava(str(ws / "model"), "fp32")
+    ds = LabelShardDataset(str(ws / "labels"), tok, IMAGE)
+    batch = LabelCollator(tok.pad_token_id)([ds[i] for i in range(2)])
+    batch.labels.fill_(-100)  # every cell ignored
+    rpn = RegionProposalNetwork.from_llava(model, 1, 2)
+    metrics = evaluate(model, rpn, [batch], IMAGE, "cpu", lambda: torch.autocast("cpu", enabled=False))
+    assert metrics == {"bce": None, "cells": 0, "precision": None, "recall": None, "iou": None}

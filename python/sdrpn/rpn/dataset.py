@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
 from ..labels.folder import LabelFolder
-from ..llava.data import SkipSample, open_image
+from ..llava.data import SkipSample, folder_problem, open_image
 from ..llava.inputs import left_pad, preprocess_image, prompt_token_ids
 from ..ops import IGNORE_INDEX
 from ..subsets import SUBSET_SEED, seeded_subset
@@ -33,11 +34,19 @@ class LabelledSample:
     id: str
 
 
+@dataclass
+class SkippedSample:
+    """A sample that could not be rebuilt, in its place in a batch: the collator drops it
+    and counts it by reason."""
+
+    id: str
+    reason: str
+
+
 class LabelShardDataset(Dataset):
     """Samples of a label folder, each rebuilt as it was labelled: the image re-read and
     preprocessed with its recorded preprocessing, the prompt rebuilt with the recorded
-    template. A sample whose image can no longer be read yields None (the collator drops
-    it and counts it)."""
+    template. A sample whose image can no longer be read yields a SkippedSample."""
 
     def __init__(
         self,
@@ -60,6 +69,15 @@ class LabelShardDataset(Dataset):
         self.image_folder = image_folder or self.config.image_folder
         if self.image_folder is None:
             raise ValueError(f"{label_dir} records no image folder: pass image_folder")
+        # A folder that is gone would have every sample skipped one by one: refuse it here.
+        problem = folder_problem(self.image_folder)
+        if problem:
+            if image_folder:
+                raise ValueError(f"image_folder (--image-folder) {image_folder!r} {problem}")
+            raise ValueError(
+                f"the image folder that {label_dir} records, {self.image_folder!r}, {problem}: pass "
+                "--image-folder with where the images are now"
+            )
         self.template = self.config.prompt_template
         self.tokenizer = tokenizer
         self.image_token_id = image_token_id
@@ -79,22 +97,26 @@ class LabelShardDataset(Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitem__(self, i: int) -> LabelledSample | None:
+    def __getitem__(self, i: int) -> LabelledSample | SkippedSample:
         row = self.rows[i]
         prep = row.get("preprocessing") or {}
         num_cells = int(self.labels[i].numel())
         try:
             image = open_image(self.image_folder, row.get("image"))
         except SkipSample as err:
-            log.warning("skipping %s: %s", row["id"], err)
-            return None
+            return _skipped(row["id"], str(err))
         if prep and (image.width, image.height) != (prep["width"], prep["height"]):
-            log.warning("skipping %s: image changed since it was labelled", row["id"])
-            return None
+            return _skipped(row["id"], "image changed since it was labelled")
         size = prep.get("size") or self.config.image_size or 336
         pixels, _ = preprocess_image(image, size, mode=prep.get("mode", "pad"))
         ids = prompt_token_ids(self.tokenizer, row["question"], self.image_token_id, num_cells, self.template)
         return LabelledSample(ids, pixels, self.labels[i], row["id"])
+
+
+def _skipped(sample_id: str, reason: str) -> SkippedSample:
+    # Per sample at debug level: the trainer reports the counts by reason once an epoch.
+    log.debug("skipping %s: %s", sample_id, reason)
+    return SkippedSample(sample_id, reason)
 
 
 @dataclass
@@ -103,20 +125,36 @@ class LabelBatch:
     attention_mask: Tensor  # (B, L)
     pixel_values: Tensor  # (B, 3, S, S)
     labels: Tensor  # (B, N) int64, IGNORE_INDEX on ignored cells
-    dropped: int  # samples of the batch whose image could not be read
+    skipped: dict[str, int] = field(default_factory=dict)  # samples left out of the batch, by reason
+
+    @property
+    def dropped(self) -> int:
+        return sum(self.skipped.values())
 
 
 class LabelCollator:
     def __init__(self, pad_id: int):
         self.pad_id = pad_id
 
-    def __call__(self, samples: list[LabelledSample | None]) -> LabelBatch | None:
-        kept = [s for s in samples if s is not None]
+    def __call__(self, samples: list[LabelledSample | SkippedSample | None]) -> LabelBatch | None:
+        """The batch of the samples that could be rebuilt; None when none could."""
+        return self.collate(samples)[0]
+
+    def collate(self, samples: list[LabelledSample | SkippedSample | None]) -> tuple[LabelBatch | None, Counter]:
+        """The batch (None when every sample was skipped) and the skipped samples by reason,
+        which an all-skipped batch cannot carry."""
+        kept = [s for s in samples if isinstance(s, LabelledSample)]
+        skipped = Counter(
+            s.reason if isinstance(s, SkippedSample) else "no sample"
+            for s in samples
+            if not isinstance(s, LabelledSample)
+        )
         if not kept:
-            return None
+            return None, skipped
         ids, mask = left_pad([s.input_ids for s in kept], self.pad_id)
         width = max(s.labels.numel() for s in kept)
         labels = torch.full((len(kept), width), IGNORE_INDEX, dtype=torch.long)
         for b, s in enumerate(kept):
             labels[b, : s.labels.numel()] = s.labels
-        return LabelBatch(ids, mask, torch.stack([s.pixel_values for s in kept]), labels, len(samples) - len(kept))
+        batch = LabelBatch(ids, mask, torch.stack([s.pixel_values for s in kept]), labels, dict(skipped))
+        return batch, skipped

@@ -12,11 +12,15 @@ Trainer(model=module, args=TrainingArguments(..., remove_unused_columns=False),
 
 from __future__ import annotations
 
+import logging
+
 from torch import Tensor, nn
 
 from ..llava.backbone import branch_hidden_states
 from .dataset import LabelCollator
 from .model import RegionProposalNetwork, rpn_loss
+
+log = logging.getLogger(__name__)
 
 
 class RPNForTraining(nn.Module):
@@ -55,9 +59,11 @@ def label_collator(pad_id: int):
     collate = LabelCollator(pad_id)
 
     def collator(samples):
-        batch = collate(samples)
+        batch, skipped = collate.collate(samples)
         if batch is None:
-            raise ValueError("every sample of this batch lost its image since it was labelled")
+            raise ValueError(f"every sample of this batch was skipped: {dict(skipped)}")
+        if skipped:
+            log.warning("left %d samples out of a batch: %s", batch.dropped, dict(skipped))
         return {
             "input_ids": batch.input_ids,
             "attention_mask": batch.attention_mask,

@@ -378,9 +378,15 @@ class RegionProposalNetwork(
         if config.base_config_fingerprint not in (None, derived.base_config_fingerprint):
             same = False
         if not same or config.hidden_size != derived.hidden_size:
+            architecture = config.base_config_fingerprint in (None, derived.base_config_fingerprint)
+            what = (
+                "the same architecture, other weights"
+                if architecture and config.hidden_size == derived.hidden_size
+                else "another architecture"
+            )
             raise ValueError(
-                f"the RPN in {folder} was trained on another base model "
-                f"({config.base_model!r}, hidden size {config.hidden_size}); this model "
+                f"the RPN in {folder} was trained on another base model ({what}): "
+                f"{config.base_model!r}, hidden size {config.hidden_size}; this model "
                 f"is {derived.base_model!r}, hidden size {derived.hidden_size}"
             )
         # What the model determines comes from the model; a config that says otherwise is refused.

@@ -17,8 +17,9 @@ import json
 import logging
 import math
 import os
+from collections import Counter
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -30,15 +31,15 @@ from transformers import get_cosine_schedule_with_warmup
 from ..io_utils import exclusive_lock, write_json
 from ..labels.folder import LabelFolder
 from ..llava.backbone import branch_hidden_states
-from ..llava.loading import pad_token_id
+from ..llava.loading import model_identity, pad_token_id
 from ..llava.presets import LlavaPreset, get_preset, preset_from_dict
 from ..ops import IGNORE_INDEX
 from ..options import Options, RoiOptions, option
 from ..prefetch import prefetch
 from ..progress import show_progress
-from .checkpoints import checkpoint_settings, latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoints import LATEST, checkpoint_settings, latest_checkpoint, load_checkpoint, save_checkpoint
 from .dataset import LabelBatch, LabelCollator, LabelShardDataset
-from .model import RegionProposalNetwork, rpn_loss
+from .model import WEIGHTS_NAME, RegionProposalNetwork, rpn_loss
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +129,58 @@ def accumulation_steps(effective_batch: int, batch_size: int, world_size: int) -
     return effective_batch // per_step
 
 
+def _same_model_name(a: str | None, b: str | None) -> bool:
+    """Two names of one model: equal, or local folders that resolve to the same path."""
+    if a == b:
+        return True
+    if a and b and os.path.isdir(a) and os.path.isdir(b):
+        return os.path.realpath(a) == os.path.realpath(b)
+    return False
+
+
+def check_labels_base_model(labels: str, recorded: dict | None, model: nn.Module) -> None:
+    """Refuse labels made by a base model of another architecture: they are that model's
+    attention, and an RPN trained on them fits neither model. The label folder records the
+    architecture's fingerprint but none of the weights, so a model of the same architecture
+    under another name is only warned about (a copy of the same model has another name too)."""
+    theirs = (recorded or {}).get("config_fingerprint")
+    if theirs is None:
+        log.info("%s records no base-model fingerprint (labelled before it was recorded): not checked", labels)
+        return
+    ours = model_identity(model)
+    if theirs != ours["config_fingerprint"]:
+        raise ValueError(
+            f"the labels in {labels} were made by another base model: {recorded.get('name')!r} (architecture "
+            f"fingerprint {theirs}), while --model {ours['name']!r} has another architecture (fingerprint "
+            f"{ours['config_fingerprint']}): train with the model the labels were made by, or label with this one"
+        )
+    if not _same_model_name(recorded.get("name"), ours["name"]):
+        log.warning(
+            "the labels in %s were made by %r and --model is %r: the same architecture, but the label folder "
+            "records no weights to compare; train with the model they were made by, or labels of another "
+            "model's weights teach the RPN regions this one does not attend to",
+            labels,
+            recorded.get("name"),
+            ours["name"],
+        )
+
+
+def check_fresh_out(cfg: TrainConfig) -> None:
+    """Without --resume, refuse an --out that holds a run: starting over would delete its
+    checkpoints. An empty or new --out is fine."""
+    if cfg.resume:
+        return
+    held = [
+        path
+        for path in (os.path.join(cfg.out, "checkpoints", LATEST), os.path.join(cfg.out, WEIGHTS_NAME))
+        if os.path.exists(path)
+    ]
+    if held:
+        raise ValueError(
+            f"--out {cfg.out} holds a run already ({held[0]}): pass --resume to go on with it, or choose another --out"
+        )
+
+
 def labels_preset(cfg: TrainConfig) -> LlavaPreset | None:
     """The preset named in the config, else the one the label folder records (if any)."""
     if cfg.preset is not None:
@@ -139,8 +192,9 @@ def labels_preset(cfg: TrainConfig) -> LlavaPreset | None:
 # ---- metrics --------------------------------------------------------------------------------
 @torch.no_grad()
 def evaluate(model: nn.Module, rpn: RegionProposalNetwork, loader, image_token_id: int, device, autocast) -> dict:
+    """Held-out BCE and precision / recall / IoU of (sigmoid > 0.5) against fg/bg labels;
+    None for those whose denominator is zero."""
     branch_layer = rpn.config.branch_layer
-    """Held-out BCE and precision / recall / IoU of (sigmoid > 0.5) against fg/bg labels."""
     rpn.eval()
     loss_sum, cells, tp, fp, fn = 0.0, 0, 0, 0, 0
     for batch in loader:
@@ -158,12 +212,15 @@ def evaluate(model: nn.Module, rpn: RegionProposalNetwork, loader, image_token_i
         fp += int((pred & ~truth).sum())
         fn += int((~pred & truth & keep).sum())
     rpn.train()
+    # A ratio over nothing (no labelled cell, no predicted or true foreground) is undefined:
+    # None, not a 0.0 that would read as a model that failed.
+    ratio = lambda num, den: num / den if den else None
     return {
-        "bce": loss_sum / cells if cells else None,
+        "bce": ratio(loss_sum, cells),
         "cells": cells,
-        "precision": tp / (tp + fp) if tp + fp else 0.0,
-        "recall": tp / (tp + fn) if tp + fn else 0.0,
-        "iou": tp / (tp + fp + fn) if tp + fp + fn else 0.0,
+        "precision": ratio(tp, tp + fp),
+        "recall": ratio(tp, tp + fn),
+        "iou": ratio(tp, tp + fp + fn),
     }
 
 
@@ -188,6 +245,22 @@ def _join_gradient_sync(rpn: DistributedDataParallel, device, autocast) -> None:
     (logits.float().sum() * 0).backward()
 
 
+@dataclass
+class _Tally:
+    """What an epoch's micro-batches held so far, on this rank."""
+
+    trained: int = 0  # samples
+    skipped: Counter = field(default_factory=Counter)  # samples, by reason
+
+
+def _tallied(loads: Iterable, tally: _Tally) -> Iterator[LabelBatch | None]:
+    """The batches of (batch, skipped) pairs, counted into `tally` as they are taken."""
+    for batch, skipped in loads:
+        tally.skipped.update(skipped)
+        tally.trained += 0 if batch is None else len(batch.labels)
+        yield batch
+
+
 # ---- the loop -------------------------------------------------------------------------------
 class RPNTrainer:
     def __init__(
@@ -207,6 +280,7 @@ class RPNTrainer:
         self.rank, self.world, self.device = rank, world_size, torch.device(device)
         self.image_token_id = model.config.image_token_id
         self.collator = LabelCollator(pad_token_id(tokenizer))
+        check_labels_base_model(cfg.labels, LabelFolder(cfg.labels).config.model, model)
         preset = labels_preset(cfg)
         if preset is not None:
             preset.check_fits(model.config)
@@ -221,13 +295,15 @@ class RPNTrainer:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return torch.autocast(self.device.type, enabled=False)
 
-    def _loader(self, dataset, chunks) -> Iterable:
-        """The chunks' batches in order, loaded while the model runs: by DataLoader worker
-        processes, or (num_workers 0) by one thread of this process, one thread because the
-        dataset tokenizes and a tokenizer is not to be shared between threads."""
+    def _loader(self, dataset, chunks) -> Iterable[tuple[LabelBatch | None, Counter]]:
+        """The chunks' batches in order, each with its skipped samples by reason, loaded
+        while the model runs: by DataLoader worker processes, or (num_workers 0) by one
+        thread of this process, one thread because the dataset tokenizes and a tokenizer is
+        not to be shared between threads."""
+        collate = self.collator.collate
         if self.cfg.num_workers > 0:
-            return DataLoader(dataset, batch_sampler=chunks, collate_fn=self.collator, num_workers=self.cfg.num_workers)
-        loads = prefetch(lambda chunk: self.collator([dataset[i] for i in chunk]), chunks, workers=1, ahead=2)
+            return DataLoader(dataset, batch_sampler=chunks, collate_fn=collate, num_workers=self.cfg.num_workers)
+        loads = prefetch(lambda chunk: collate([dataset[i] for i in chunk]), chunks, workers=1, ahead=2)
         return (load.result() for load in loads)
 
     def _datasets(self) -> tuple[LabelShardDataset, LabelShardDataset | None]:
@@ -289,6 +365,7 @@ class RPNTrainer:
 
     def _run(self) -> dict:
         cfg = self.cfg
+        check_fresh_out(cfg)
         torch.manual_seed(cfg.seed)
         train_set, held_out = self._datasets()
         rpn = self._rpn(train_set.config)
@@ -312,7 +389,8 @@ class RPNTrainer:
             epoch = progress["epoch"]
             steps = self._epoch_steps(epoch, len(train_set))[progress["step_in_epoch"] :]
             # One loader for the epoch, so that loading runs ahead across step boundaries too.
-            batches = iter(self._loader(train_set, [chunk for step in steps for chunk in step]))
+            tally = _Tally()
+            batches = _tallied(self._loader(train_set, [chunk for step in steps for chunk in step]), tally)
             for step_chunks in steps:
                 loss_value = self._step(model_for_grad, optimizer, scheduler, len(step_chunks), batches)
                 progress["step_in_epoch"] += 1
@@ -320,11 +398,14 @@ class RPNTrainer:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
                 stop = cfg.stop_after_steps is not None and progress["global_step"] >= cfg.stop_after_steps
+                if stop:
+                    self._check_trained(epoch, tally)
                 if progress["global_step"] % cfg.save_every == 0 or stop:
                     self._checkpoint(rpn, optimizer, scheduler, progress)
                 if stop:
                     bar.close()
                     return {"stopped_at_step": progress["global_step"]}
+            self._check_trained(epoch, tally)
             progress = {"epoch": epoch + 1, "step_in_epoch": 0, "global_step": progress["global_step"]}
             if held_out is not None and self.rank == 0:
                 metrics = self._held_out_metrics(rpn, held_out, epoch, progress["global_step"])
@@ -348,13 +429,37 @@ class RPNTrainer:
     def _held_out_metrics(self, rpn, held_out, epoch: int, global_step: int) -> dict:
         size = self.cfg.batch_size
         chunks = [list(range(i, min(i + size, len(held_out)))) for i in range(0, len(held_out), size)]
-        metrics = evaluate(
-            self.model, rpn, self._loader(held_out, chunks), self.image_token_id, self.device, self._autocast
-        )
+        batches = (batch for batch, _ in self._loader(held_out, chunks))
+        metrics = evaluate(self.model, rpn, batches, self.image_token_id, self.device, self._autocast)
         metrics.update(epoch=epoch, global_step=global_step)
         write_json(os.path.join(self.cfg.out, f"metrics-epoch{epoch}.json"), metrics)
         log.info("epoch %d held-out: %s", epoch, metrics)
         return metrics
+
+    def _check_trained(self, epoch: int, tally: _Tally) -> None:
+        """Report the epoch's skipped samples, and stop, before anything is saved, when no
+        rank trained on a single sample. The ranks sum their counts first, so that all of
+        them reach the same decision (one that raised alone would leave the others waiting
+        in the next all-reduce)."""
+        trained, skipped = tally.trained, tally.skipped
+        if self.world > 1:
+            device = self.device if dist.get_backend() == "nccl" else torch.device("cpu")
+            count = torch.tensor([trained], device=device)
+            dist.all_reduce(count)
+            trained = int(count)
+            everyone = [None] * self.world
+            # Objects travel through a tensor on the current CUDA device under NCCL: this rank's.
+            with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+                dist.all_gather_object(everyone, dict(skipped))
+            skipped = sum((Counter(c) for c in everyone), Counter())
+        # Nothing trained and nothing skipped: a resumption that found the epoch already done.
+        if trained == 0 and skipped:
+            raise ValueError(
+                f"epoch {epoch} trained on no sample: all {sum(skipped.values())} were skipped "
+                f"({_reasons(skipped)}); stopped without saving the RPN: check --image-folder and the label folder"
+            )
+        if skipped and self.rank == 0:
+            log.warning("epoch %d: skipped %d samples (%s)", epoch, sum(skipped.values()), _reasons(skipped))
 
     def _step(self, rpn, optimizer, scheduler, count: int, batches: Iterator) -> float:
         """One optimiser step over the next ``count`` micro-batches (the later ones load
@@ -397,6 +502,10 @@ class RPNTrainer:
             )
         if self.world > 1:
             dist.barrier()
+
+
+def _reasons(skipped: Counter) -> str:
+    return ", ".join(f"{reason}: {n}" for reason, n in skipped.most_common()) or "none"
 
 
 __all__ = ["RPNTrainer", "TrainConfig", "evaluate", "latest_checkpoint", "save_checkpoint"]
