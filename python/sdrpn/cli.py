@@ -14,6 +14,7 @@ import os
 import sys
 import types
 import typing
+from collections.abc import Callable
 
 from .io_utils import FolderBusy
 from .labels.demo import LabelDemoConfig, run_label_demo, summary_line
@@ -47,6 +48,26 @@ def _non_negative(text: str) -> int:
     return value
 
 
+def device_arg(text: str) -> str:
+    """A torch device this machine has ('cpu', 'cuda', 'cuda:1'): a typo or a missing GPU is
+    a flag error up front, not a traceback once the model has loaded."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"not a torch device: {text!r} (cpu, cuda, cuda:N)") from None
+    if device.type == "cpu":
+        return text
+    backend = getattr(torch, device.type, None)
+    count = backend.device_count() if backend is not None and backend.is_available() else 0
+    if count == 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: this machine has no {device.type} device")
+    if device.index is not None and device.index >= count:
+        raise argparse.ArgumentTypeError(f"{text!r}: this machine has {count} {device.type} device(s)")
+    return text
+
+
 WORKERS_HELP = "threads that load images ahead of the model (0: on the main thread)"
 
 
@@ -71,7 +92,8 @@ def add_options(parser: argparse.ArgumentParser, cls, *, overrides_from: str | N
         kind = _plain_type(hints[f.name])
         default = None if f.default is dataclasses.MISSING else f.default
         shown = f"{overrides_from}, else {default!r}" if overrides_from else repr(default)
-        kwargs = {"dest": f.name, "help": f"{f.metadata.get('help', '')} (default: {shown})"}
+        text = f.metadata.get("help", "")
+        kwargs = {"dest": f.name, "help": text if "(default:" in text else f"{text} (default: {shown})"}
         if f.metadata.get("required") and not overrides_from:
             kwargs.update(required=True, help=f.metadata.get("help", ""))
         if kind is bool:
@@ -100,11 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("label-demo", help="label synthetic attention maps and draw them")
-    demo.add_argument("--out", default="outputs/demo", help="output folder (default: %(default)s)")
+    demo.add_argument("--out", default="outputs/label-demo", help="output folder (default: %(default)s)")
     demo.add_argument("--batch", type=_positive, default=12, help="number of maps (default: %(default)s)")
     demo.add_argument("--grid", type=_grid, default=(24, 24), help="grid as HxW (default: 24x24)")
     demo.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
-    demo.add_argument("--device", default="cpu", help="(default: %(default)s)")
+    demo.add_argument("--device", type=device_arg, default="cpu", help="(default: %(default)s)")
 
     label = sub.add_parser("label", help="pseudo labels from a LLaVA model's own attention")
     label.add_argument("--model", required=True, help="LLaVA model (HF format): a folder or a Hub id")
@@ -131,12 +153,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="the model's dtype while labelling; the reference labels in fp16, and greedy answers can "
         "differ between fp16 and bf16 (default: %(default)s)",
     )
-    label.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
+    label.add_argument(
+        "--device", type=device_arg, default=None, help="default: cuda:LOCAL_RANK if available, else cpu"
+    )
     add_options(label, LabelOptions)
 
     train = sub.add_parser("train", help="train the RPN on a label folder")
     train.add_argument("--model", required=True, help="LLaVA model (HF format): a folder or a Hub id")
-    train.add_argument("--device", default=None)
+    train.add_argument(
+        "--device", type=device_arg, default=None, help="default: cuda:LOCAL_RANK if available, else cpu"
+    )
     from .rpn.train import TrainConfig
 
     add_options(train, TrainConfig)
@@ -172,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--restart", action="store_true", help="with --data: answer every entry again, discarding what --out holds"
     )
     infer.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="fp16", help="(default: %(default)s)")
-    infer.add_argument("--device", default=None)
+    infer.add_argument("--device", type=device_arg, default=None, help="default: cuda if available, else cpu")
     infer.add_argument(
         "--decoder",
         choices=DECODERS,
@@ -262,14 +288,19 @@ def _run_infer(args) -> None:
     from .infer.job import InferFileConfig, answer_file, answer_record
     from .infer.pipeline import SDRPNLlava
     from .infer.viz import roi_overlay
-    from .llava.inputs import load_rgb
     from .llava.loading import load_llava
     from .pictures import save_atomic
     from .rpn.model import RegionProposalNetwork
 
+    # The flags and the image are checked before the model's slow load.
     single = args.image is not None or args.question is not None
     if single == (args.data is not None):
-        raise SystemExit("sdrpn infer: give either --image and --question, or --data (with --image-folder and --out)")
+        raise ValueError("give either --image and --question, or --data (with --image-folder and --out)")
+    if single and (args.image is None or args.question is None):
+        raise ValueError("--image and --question go together")
+    if not single and (not args.image_folder or not args.out):
+        raise ValueError("--data needs --image-folder and --out")
+    image = _read_image(args.image) if single else None
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = load_llava(args.model, args.dtype, device)
     rpn = RegionProposalNetwork.from_pretrained(args.rpn, model=model)  # a folder or a Hub id
@@ -285,8 +316,6 @@ def _run_infer(args) -> None:
         decoder=args.decoder,
     )
     if not single:
-        if not args.image_folder or not args.out:
-            raise SystemExit("sdrpn infer --data needs --image-folder and --out")
         cfg = InferFileConfig(
             args.data,
             args.image_folder,
@@ -299,9 +328,6 @@ def _run_infer(args) -> None:
         )
         print(json.dumps(answer_file(pipe, cfg)))
         return
-    if args.image is None or args.question is None:
-        raise SystemExit("sdrpn infer: --image and --question go together")
-    image = load_rgb(args.image)
     answer = pipe.generate([image], [args.question], args.max_new_tokens)[0]
     record = answer_record(answer)
     if args.viz:
@@ -313,6 +339,15 @@ def _run_infer(args) -> None:
         print(f"answer: {record['answer']}")
         print(f"boxes (pixels): {record['boxes'] or 'none (answered as the base model)'}")
         print("timing: " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in record["timings_s"].items()))
+
+
+def _read_image(path: str):
+    from .llava.inputs import load_rgb
+
+    try:
+        return load_rgb(path)
+    except OSError as err:  # missing, unreadable or not an image: PIL's text alone names no file
+        raise ValueError(f"--image {path}: cannot read it as an image ({err})") from None
 
 
 def _run_label(args) -> dict:
@@ -374,19 +409,41 @@ def _version() -> str:
 USER_ERRORS = (ValueError, OSError, FolderBusy, NotImplementedError)
 
 
-def entry(argv: list[str] | None = None) -> int:
-    """The `sdrpn` command: main() with user mistakes reported as one line on stderr and
-    exit status 2; --debug (anywhere on the line) shows the traceback instead."""
+# What an interrupted command has kept, and how to go on.
+RESUME_HINTS = {
+    "label": "the finished shards are kept: rerun the same command to go on",
+    "infer": "the answers written so far are kept: rerun the same command to go on",
+    "train": "the checkpoints are kept: rerun with --resume to go on from the last one",
+    "train-base": "the checkpoints are kept: rerun with --resume to go on from the last one",
+}
+
+
+def run_command(main: Callable[[list[str]], int], prog: str, argv: list[str] | None = None) -> int:
+    """main(argv) with user mistakes reported as one line on stderr and exit status 2, and
+    Ctrl-C as one line saying what was kept (status 130); --debug (anywhere on the line)
+    shows the traceback instead."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
+    words = [a for a in argv if not a.startswith("-")][:1]
+    command = " ".join([prog] + words)
     try:
         return main([a for a in argv if a != "--debug"])
     except USER_ERRORS as err:
         if debug:
             raise
-        command = " ".join(["sdrpn"] + [a for a in argv if not a.startswith("-")][:1])
         print(f"{command}: error: {err} (--debug shows the traceback)", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        hint = RESUME_HINTS.get(words[0] if words else "")
+        print(f"{command}: interrupted" + (f"; {hint}" if hint else ""), file=sys.stderr)
+        return 130
+
+
+def entry(argv: list[str] | None = None) -> int:
+    """The `sdrpn` command (see run_command)."""
+    return run_command(main, "sdrpn", argv)
 
 
 def main(argv: list[str] | None = None) -> int:

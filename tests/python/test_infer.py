@@ -517,7 +517,7 @@ def test_infer_cli_whole_file_is_resumable(infer_ws, tmp_path, capsys):
             "image too elongated to pad": 1,
         },
     }
-    with pytest.raises(SystemExit, match="either --image and --question, or --data"):
+    with pytest.raises(ValueError, match="either --image and --question, or --data"):
         infer_cli(infer_ws)
 
 
@@ -608,11 +608,38 @@ def test_the_command_reports_user_mistakes_in_one_line(infer_ws, tmp_path, capsy
     from sdrpn.cli import entry
 
     missing = str(tmp_path / "nowhere")
-    assert entry(["infer", "--model", missing, "--rpn", missing, "--image", "x.png", "--question", "q"]) == 2
+    image = str(infer_ws / "images" / "0.png")
+    assert entry(["infer", "--model", missing, "--rpn", missing, "--image", image, "--question", "q"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("sdrpn infer: error: ") and "nowhere" in err and len(err.splitlines()) == 1
     with pytest.raises((OSError, ValueError)):
-        entry(["infer", "--debug", "--model", missing, "--rpn", missing, "--image", "x.png", "--question", "q"])
+        entry(["infer", "--debug", "--model", missing, "--rpn", missing, "--image", image, "--question", "q"])
+    # The flags and the image are checked before the model loads (the model is missing too).
+    for flags, message in [
+        (["--image", str(tmp_path / "x.png"), "--question", "q"], "--image " + str(tmp_path / "x.png")),
+        (["--image", str(infer_ws / "data.json"), "--question", "q"], "cannot read it as an image"),
+        (["--image", image], "--image and --question go together"),
+        (["--data", str(infer_ws / "data.json")], "--data needs --image-folder and --out"),
+    ]:
+        assert entry(["infer", "--model", missing, "--rpn", missing, *flags]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("sdrpn infer: error: ") and message in err and "nowhere" not in err, err
     with pytest.raises(SystemExit) as exit_:
         entry(["--version"])
     assert exit_.value.code == 0 and capsys.readouterr().out.startswith("sdrpn 0.1.0 (torch ")
+
+
+def test_infer_file_refuses_a_wrong_image_folder(infer_ws, tmp_path):
+    """A folder that is not there is refused before anything is written; one that holds
+    none of the images ends in an error once the summary is written."""
+    import json
+
+    out = tmp_path / "answers.jsonl"
+    data = ("--data", str(infer_ws / "data.json"), "--out", str(out))
+    with pytest.raises(ValueError, match=f"--image-folder '{tmp_path / 'nowhere'}' does not exist"):
+        infer_cli(infer_ws, *data, "--image-folder", str(tmp_path / "nowhere"))
+    assert not out.exists()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"no sample of .* could be answered: all 7 were skipped \(5 image missing"):
+        infer_cli(infer_ws, *data, "--image-folder", str(tmp_path / "empty"))
+    assert json.loads((tmp_path / "answers.jsonl.summary.json").read_text())["answered"] == 0

@@ -85,3 +85,63 @@ def test_cli_rejects_bad_arguments(argv, message, capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(argv)
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "device,message",
+    [
+        ("foo", "not a torch device: 'foo'"),
+        ("cuda:64", "'cuda:64': this machine has"),
+        ("cpu", None),
+    ],
+)
+def test_device_flags_are_checked_up_front(device, message, capsys):
+    for command in (["label-demo"], ["infer", "--model", "m", "--rpn", "r"]):
+        if message is None:
+            assert build_parser().parse_args([*command, "--device", device]).device == device
+            continue
+        with pytest.raises(SystemExit) as exit_:
+            build_parser().parse_args([*command, "--device", device])
+        assert exit_.value.code == 2 and f"argument --device: {message}" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_device_without_a_gpu_is_a_flag_error(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["label-demo", "--device", "cuda"])
+    assert "argument --device: 'cuda': this machine has no cuda device" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "command,hint",
+    [("label", "rerun the same command to go on"), ("train", "rerun with --resume"), ("viz-labels", None)],
+)
+def test_ctrl_c_is_one_line_saying_what_was_kept(command, hint, capsys):
+    from sdrpn.cli import run_command
+
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    assert run_command(interrupted, "sdrpn", [command, "--out", "x"]) == 130
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"sdrpn {command}: interrupted") and len(err.splitlines()) == 1
+    assert (hint in err) if hint else err == f"sdrpn {command}: interrupted"
+    with pytest.raises(KeyboardInterrupt):
+        run_command(interrupted, "sdrpn", [command, "--debug"])
+
+
+def test_synth_command_reports_user_mistakes_in_one_line(tmp_path, capsys):
+    from sdrpn.synth.cli import entry
+
+    assert entry(["eval-base", "--model", str(tmp_path / "nowhere"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("sdrpn-synth eval-base: error: ") and "nowhere" in err and len(err.splitlines()) == 1
+
+
+def test_help_states_each_default_once():
+    import re
+
+    parser = build_parser()
+    for command in ("label", "train", "infer"):
+        text = parser._subparsers._group_actions[0].choices[command].format_help()
+        assert not re.search(r"\(default: [^)]*\)\s+\(default:", text), command

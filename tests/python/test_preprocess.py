@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -187,3 +188,33 @@ def test_answering_normalises_with_the_processors_mean_and_std():
         hook.remove()
     mean, std = torch.tensor(CLIP_MEAN)[:, None, None], torch.tensor(CLIP_STD)[:, None, None]
     torch.testing.assert_close(seen[1], ((seen[0] * std + mean) - 0.5) / 0.25, atol=1e-5, rtol=0)
+
+
+def test_a_box_in_the_padding_crops_the_images_edge_at_either_side():
+    """A 2000x10 image padded to a square: a grid box in the bottom padding maps to zero
+    height at y = 10, one in the top padding to zero height at y = 0. Both crop the
+    image's edge row, never the black beyond it."""
+    from sdrpn.llava.geometry import grid_box_to_pixels
+    from sdrpn.llava.inputs import crop_pixels
+
+    pixels = np.full((10, 2000, 3), 200, np.uint8)
+    pixels[0], pixels[-1] = 50, 90  # the edge rows
+    image = Image.fromarray(pixels)
+    edge_row = {}
+    for name, grid_box, row in [("top", (0, 0, 4, 1), 0), ("bottom", (0, 3, 4, 4), 9)]:
+        box = grid_box_to_pixels(grid_box, 4, 4, 2000, 10, 56, "pad")
+        assert box[1] == box[3] == (0 if name == "top" else 10), box
+        crop = crop_pixels(image, box, 56)
+        want = crop_pixels(image, (box[0], row, box[2], row + 1), 56)
+        edge_row[name] = torch.equal(crop, want)
+    assert edge_row == {"top": True, "bottom": True}
+
+
+def test_a_data_file_that_is_not_json_is_named(tmp_path):
+    from sdrpn.llava.data import load_entries
+
+    for name, payload in [("binary.json", b"\xff\xd8\xff\xe0 not json"), ("text.json", b"{oops")]:
+        path = tmp_path / name
+        path.write_bytes(payload)
+        with pytest.raises(ValueError, match=f"--data {path} is not a JSON file"):
+            load_entries(str(path))

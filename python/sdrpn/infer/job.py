@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass
 
 from ..io_utils import exclusive_lock, read_json, write_json, write_jsonl
-from ..llava.data import SkipSample, load_entries, open_image, parse_entry
+from ..llava.data import SkipSample, folder_problem, load_entries, open_image, parse_entry
 from ..llava.loading import model_identity
 from ..prefetch import DEFAULT_WORKERS, prefetch
 from ..progress import show_progress
@@ -103,9 +103,18 @@ def _start(pipe: SDRPNLlava, cfg: InferFileConfig) -> None:
 def answer_file(pipe: SDRPNLlava, cfg: InferFileConfig) -> dict:
     """Answer every entry of a LLaVA-format file; rows are appended to cfg.out as they are
     done, so a rerun continues where the last stopped. Bad samples are skipped and counted."""
+    problem = folder_problem(cfg.image_folder)
+    if problem:
+        raise ValueError(f"--image-folder {cfg.image_folder!r} {problem}")
     with exclusive_lock(cfg.out + ".lock"):
         _start(pipe, cfg)
-        return _answer_file(pipe, cfg)
+        summary = _answer_file(pipe, cfg)
+    if summary["skipped"] and not summary["answered"] and not summary["already_done"]:
+        raise ValueError(
+            f"no sample of {cfg.data} could be answered: all {summary['skipped']} were skipped "
+            f"({', '.join(f'{n} {why}' for why, n in summary['skipped_by_reason'].items())}); check --image-folder"
+        )
+    return summary
 
 
 def _answer_file(pipe: SDRPNLlava, cfg: InferFileConfig) -> dict:
@@ -114,6 +123,8 @@ def _answer_file(pipe: SDRPNLlava, cfg: InferFileConfig) -> dict:
     skipped: dict[str, int] = {}
     answered = 0
     pending: list[tuple[str, object, str]] = []
+    # Counted as samples are answered, not as their images load ahead of the model.
+    progress = show_progress(total=len(entries), desc="infer", unit="sample")
 
     def flush(f) -> None:
         nonlocal answered
@@ -124,6 +135,7 @@ def _answer_file(pipe: SDRPNLlava, cfg: InferFileConfig) -> dict:
             f.write(json.dumps({"id": sample_id, "question": question, **answer_record(result)}) + "\n")
         f.flush()
         answered += len(pending)
+        progress.update(len(pending))
         pending.clear()
 
     def load(item: tuple[int, object]):
@@ -132,18 +144,21 @@ def _answer_file(pipe: SDRPNLlava, cfg: InferFileConfig) -> dict:
 
     loads = prefetch(load, enumerate(entries), cfg.workers, ahead=2 * cfg.batch_size)
     with open(cfg.out, "a") as f:
-        for loaded in show_progress(loads, total=len(entries), desc="infer", unit="sample"):
+        for loaded in loads:
             try:
                 sample, image = loaded.result()
             except SkipSample as skip:
                 skipped[str(skip)] = skipped.get(str(skip), 0) + 1
+                progress.update(1)
                 continue
             if image is None:  # answered by an earlier run
+                progress.update(1)
                 continue
             pending.append((sample.id, image, sample.question))
             if len(pending) == cfg.batch_size:
                 flush(f)
         flush(f)
+    progress.close()
     summary = {
         "answered": answered,
         "already_done": len(done),

@@ -24,9 +24,22 @@ class QASample:
     answer: str | None  # the first gpt turn, if any
 
 
+def folder_problem(folder: str) -> str | None:
+    """Why ``folder`` cannot be an image folder ("does not exist", "is not a directory"), or
+    None. The jobs refuse such a folder up front: otherwise every sample would be skipped
+    one by one as "image missing"."""
+    if os.path.isdir(folder):
+        return None
+    return "is not a directory" if os.path.exists(folder) else "does not exist"
+
+
 def load_entries(path: str) -> list:
-    with open(path) as f:
-        data = json.load(f)
+    """The samples of a LLaVA-format JSON file, or an error naming the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"--data {path} is not a JSON file ({err})") from None
     if not isinstance(data, list):
         raise ValueError(f"--data must hold a JSON list of samples, got {type(data).__name__}")
     return data

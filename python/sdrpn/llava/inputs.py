@@ -150,8 +150,12 @@ def prompt_token_ids(
 
 def crop_pixels(image: Image.Image, box, size: int, mean=CLIP_MEAN, std=CLIP_STD) -> Tensor:
     """A source-image crop [x0, y0, x1, y1) (at least one pixel) resized to the encoder's
-    input with PIL bilinear (antialiased when shrinking) and normalised: (3, size, size)."""
+    input with PIL bilinear (antialiased when shrinking) and normalised: (3, size, size).
+    A box wholly in the pad-to-square padding maps to zero size on the image's edge: the
+    crop is then the edge's last row or column (at the far edge as at the near one), not
+    the pad colour PIL would fill in beyond the image."""
     x0, y0, x1, y1 = box
+    x0, y0 = min(x0, image.width - 1), min(y0, image.height - 1)
     crop = image.crop((x0, y0, max(x1, x0 + 1), max(y1, y0 + 1))).resize((size, size), Image.BILINEAR)
     return normalise(crop, mean, std)
 

@@ -11,6 +11,7 @@ import time
 
 import torch
 
+from ..cli import device_arg, run_command
 from .task import TAG_CLEARANCE
 
 
@@ -36,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--batch-size", type=int, default=32)
     train.add_argument("--lr", type=float, default=1e-3)
     train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    train.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu")
     train.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="processes making batches")
     train.add_argument("--save-every", type=int, default=500)
     train.add_argument(
@@ -94,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--model", required=True)
     score.add_argument("--count", type=int, default=400)
     score.add_argument("--split", default="test", choices=["val", "test"])
-    score.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    score.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu")
     score.add_argument("--json", default=None, help="also write the table here")
     inspect = sub.add_parser(
         "inspect", help="where a base model's answer attention lands, per layer and head, and the heads to ground on"
@@ -127,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--rpn-epochs", type=int, default=2)
     run.add_argument("--examples", type=int, default=8, help="test images drawn in examples.png")
     run.add_argument("--title", default="SD-RPN on the synthetic fine-detail task")
-    run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    run.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu")
     return parser
 
 
@@ -216,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
 
         for name in ("train_count", "test_count", "rpn_epochs"):
             if getattr(args, name) < 1:
-                raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
         cfg = PipelineConfig(
             out=args.out,
             model=args.model or BASE_MODEL,
@@ -242,5 +243,10 @@ def main(argv: list[str] | None = None) -> int:
     raise AssertionError(args.command)
 
 
+def entry(argv: list[str] | None = None) -> int:
+    """The `sdrpn-synth` command: user mistakes as one line, as `sdrpn` reports them."""
+    return run_command(main, "sdrpn-synth", argv)
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(entry())
