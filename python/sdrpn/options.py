@@ -9,6 +9,7 @@ them back with ``from_dict``, which refuses unknown names instead of dropping th
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -38,6 +39,32 @@ class Options:
     def updated(self: T, **overrides) -> T:
         """A copy with the overrides that are not None applied (and validated)."""
         return dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def setting_changes(recorded: dict, now: dict) -> list[str]:
+    """What differs between an artefact's recorded settings and a run's, one item per
+    setting as "name: recorded -> now" (nested settings by dotted name), for the message
+    that refuses to resume: the user sees which values to restore, not only which names."""
+    changes = []
+    for key in sorted(recorded.keys() | now.keys()):
+        old, new = recorded.get(key, _ABSENT), now.get(key, _ABSENT)
+        if isinstance(old, dict) and isinstance(new, dict):
+            changes += [f"{key}.{change}" for change in setting_changes(old, new)]
+        elif old != new:
+            changes.append(f"{key}: {_shown(old)} -> {_shown(new)}")
+    return changes
+
+
+_ABSENT = object()  # a setting one side does not have
+
+
+def _shown(value, limit: int = 80) -> str:
+    """The value as JSON; a long one cut in the middle (paths differ at their ends)."""
+    if value is _ABSENT:
+        return "(absent)"
+    text = json.dumps(value)
+    half = (limit - 3) // 2
+    return text if len(text) <= limit else f"{text[:half]}...{text[-half:]}"
 
 
 CROP_MODES = ("mask", "bbox")

@@ -595,7 +595,7 @@ def test_answer_file_refuses_to_mix_settings(infer_ws, tmp_path):
     data = ("--data", str(infer_ws / "data.json"), "--image-folder", str(infer_ws / "images"), "--out", str(out))
     assert infer_cli(infer_ws, *data, "--max-new-tokens", "2") == 0
     rows = out.read_text()
-    with pytest.raises(ValueError, match=r"other settings \(max_new_tokens, roi differ\)"):
+    with pytest.raises(ValueError, match=r"other settings \(max_new_tokens: 2 -> 3; roi\.threshold: -0\.9 -> 0\.3\)"):
         infer_cli(infer_ws, *data, "--max-new-tokens", "3", "--threshold", "0.3")
     assert out.read_text() == rows  # nothing touched
     assert infer_cli(infer_ws, *data, "--max-new-tokens", "2") == 0  # the same settings resume

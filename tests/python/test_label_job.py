@@ -214,13 +214,14 @@ def test_viz_labels_draws_sinks_at_the_recorded_threshold(workspace, tmp_path, m
 def test_resume_refuses_changed_settings(workspace, tmp_path):
     out = tmp_path / "labels"
     run_label(workspace, out, "--answers", "given")
-    with pytest.raises(ValueError, match=r"options.prompt_template.*differ"):
+    changed = r'other settings \(options\.prompt_template: "A chat .* -> "USER: <image> \{question\} A:"\)'
+    with pytest.raises(ValueError, match=changed):
         run_label(workspace, out, "--answers", "given", "--prompt-template", "USER: <image> {question} A:")
-    with pytest.raises(ValueError, match=r"image_folder.*differ"):
+    with pytest.raises(ValueError, match=r"other settings \(image_folder: .* -> "):
         run_label(workspace, out, "--answers", "given", "--image-folder", str(tmp_path))
     other = tmp_path / "other.json"
     other.write_text((workspace / "data.json").read_text())
-    with pytest.raises(ValueError, match=r"\bdata\b.*differ"):
+    with pytest.raises(ValueError, match=r"other settings \(data: .*data.json\" -> .*other.json\"\)"):
         run_label(workspace, out, "--answers", "given", "--data", str(other))
     assert run_label(workspace, out, "--answers", "given") == 0  # the same settings resume
 

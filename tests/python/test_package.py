@@ -145,3 +145,15 @@ def test_help_states_each_default_once():
     for command in ("label", "train", "infer"):
         text = parser._subparsers._group_actions[0].choices[command].format_help()
         assert not re.search(r"\(default: [^)]*\)\s+\(default:", text), command
+
+
+def test_setting_changes_name_each_value_nested_and_long():
+    from sdrpn.options import setting_changes
+
+    old = {"lr": 1e-4, "roi": {"threshold": 0.15, "sigma": 1.0}, "data": "/a/" + "x" * 100 + "/one.json", "same": 1}
+    new = {"lr": 2e-4, "roi": {"threshold": 0.3, "sigma": 1.0}, "data": "/a/" + "x" * 100 + "/two.json", "same": 1}
+    data, lr, roi = setting_changes(old, new)
+    assert lr == "lr: 0.0001 -> 0.0002" and roi == "roi.threshold: 0.15 -> 0.3"
+    assert data.startswith('data: "/a/xxx') and '/one.json" -> "/a/' in data and data.endswith('x/two.json"')
+    assert "..." in data and len(data) < 180
+    assert setting_changes({"a": None}, {"b": 2}) == ["a: null -> (absent)", "b: (absent) -> 2"]

@@ -102,7 +102,7 @@ def test_resume_gives_the_same_weights(ws, tmp_path):
     assert main(train_args(ws, part, *common, "--stop-after-steps", "4")) == 0
     assert not (part / "rpn.safetensors").exists()
     # Other settings would make weights that neither run describes: refused, naming them.
-    with pytest.raises(ValueError, match=r"other settings \(lr, max_samples differ\)"):
+    with pytest.raises(ValueError, match=r"other settings \(lr: 0\.002 -> 0\.0001; max_samples: 96 -> 64\)"):
         main(
             train_args(
                 ws,

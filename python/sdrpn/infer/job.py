@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from ..io_utils import exclusive_lock, read_json, write_json, write_jsonl
 from ..llava.data import SkipSample, folder_problem, load_entries, open_image, parse_entry
 from ..llava.loading import model_identity
+from ..options import setting_changes
 from ..prefetch import DEFAULT_WORKERS, prefetch
 from ..progress import show_progress
 from .pipeline import SDRPNAnswer, SDRPNLlava
@@ -90,11 +91,10 @@ def _start(pipe: SDRPNLlava, cfg: InferFileConfig) -> None:
             if os.path.exists(stale):
                 os.remove(stale)
     elif os.path.exists(path) and os.path.exists(cfg.out) and os.path.getsize(cfg.out) > 0:
-        old = read_json(path)
-        diff = sorted(k for k in settings.keys() | old.keys() if old.get(k) != settings.get(k))
+        diff = setting_changes(read_json(path), settings)
         if diff:
             raise ValueError(
-                f"{cfg.out} holds answers made with other settings ({', '.join(diff)} differ): rerun with "
+                f"{cfg.out} holds answers made with other settings ({'; '.join(diff)}): rerun with "
                 "the same settings, pass --restart to answer everything again, or pass another --out"
             )
     write_json(path, settings)

@@ -35,6 +35,7 @@ from ..io_utils import read_json, read_jsonl, write_atomic, write_json, write_js
 from ..llava.inputs import PROMPT_TEMPLATE
 from ..llava.presets import PRESETS
 from ..ops import IGNORE_INDEX, SINK_THRESHOLD
+from ..options import setting_changes
 from .options import LabelOptions
 
 log = logging.getLogger(__name__)
@@ -126,10 +127,8 @@ class LabelFolderConfig:
         )
 
     def differences(self, other: LabelFolderConfig) -> list[str]:
-        """Names of the recorded settings that differ between two configs."""
-        mine, theirs = self.to_dict(), other.to_dict()
-        out = [f"options.{k}" for k in mine["options"] if mine["options"][k] != theirs["options"].get(k)]
-        return out + [k for k in mine if k != "options" and mine[k] != theirs[k]]
+        """The recorded settings that differ in ``other``, as "name: this -> other"."""
+        return setting_changes(self.to_dict(), other.to_dict())
 
 
 @dataclass
@@ -179,8 +178,8 @@ class LabelFolder:
             diff = old.differences(config)
             if diff:
                 raise ValueError(
-                    f"{self.path} holds labels made with other settings ({', '.join(diff)} "
-                    f"differ): resume with the same settings, or pass another --out"
+                    f"{self.path} holds labels made with other settings ({'; '.join(diff)}): "
+                    f"resume with the same settings, or pass another --out"
                 )
         self.write_config(config)
 

@@ -34,7 +34,7 @@ from ..llava.backbone import branch_hidden_states
 from ..llava.loading import model_identity, pad_token_id
 from ..llava.presets import LlavaPreset, get_preset, preset_from_dict
 from ..ops import IGNORE_INDEX
-from ..options import Options, RoiOptions, option
+from ..options import Options, RoiOptions, option, setting_changes
 from ..prefetch import prefetch
 from ..progress import show_progress
 from .checkpoints import LATEST, checkpoint_settings, latest_checkpoint, load_checkpoint, save_checkpoint
@@ -110,11 +110,11 @@ class TrainConfig(Options):
         return json.loads(json.dumps(values))
 
     def differences(self, recorded: dict) -> list[str]:
-        """Names of the settings that differ from a checkpoint's and may not change on resume."""
+        """The settings that differ from a checkpoint's and may not change on resume, as
+        "name: recorded -> now"."""
         now = self.recorded()
-        return sorted(
-            k for k, v in now.items() if k not in self.RESUMABLE_CHANGES and k in recorded and recorded[k] != v
-        )
+        kept = [k for k in now if k not in self.RESUMABLE_CHANGES and k in recorded]
+        return setting_changes({k: recorded[k] for k in kept}, {k: now[k] for k in kept})
 
 
 def accumulation_steps(effective_batch: int, batch_size: int, world_size: int) -> int:
@@ -375,7 +375,7 @@ class RPNTrainer:
             diff = cfg.differences(checkpoint_settings(ckpt) or {})
             if diff:
                 raise ValueError(
-                    f"{cfg.out} holds a run with other settings ({', '.join(diff)} differ): resume with the "
+                    f"{cfg.out} holds a run with other settings ({'; '.join(diff)}): resume with the "
                     "same settings, or train into another --out"
                 )
             progress = load_checkpoint(ckpt, rpn, optimizer, scheduler)
