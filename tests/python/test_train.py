@@ -358,3 +358,17 @@ def test_metrics_over_nothing_are_undefined(ws):
     rpn = RegionProposalNetwork.from_llava(model, 1, 2)
     metrics = evaluate(model, rpn, [batch], IMAGE, "cpu", lambda: torch.autocast("cpu", enabled=False))
     assert metrics == {"bce": None, "cells": 0, "precision": None, "recall": None, "iou": None}
+
+
+def test_fewer_samples_than_the_effective_batch_are_warned_about(ws, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="sdrpn.rpn.train"):
+        assert main(train_args(ws, tmp_path / "few", *QUICK, "--effective-batch", "64")) == 0
+    warned = [r.getMessage() for r in caplog.records if "optimiser step" in r.getMessage()]
+    assert warned == [
+        "32 training samples make one optimiser step of 32 samples per epoch, not the 64 the effective batch "
+        "asks for (steps in all: 1): lower --effective-batch for more steps"
+    ]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="sdrpn.rpn.train"):
+        assert main(train_args(ws, tmp_path / "enough", *QUICK, "--effective-batch", "16")) == 0
+    assert not [r for r in caplog.records if "optimiser step" in r.getMessage()]
