@@ -105,11 +105,12 @@ if [ -n "${SDRPN_TRAIN_BASE_STEPS:-}" ] && [[ ! " ${failed[*]} " =~ " build_pyth
   train_pid=$!
 fi
 
-# The CUDA cases (bad inputs included); CI runs the rest on every change. Under
+# The CUDA cases (bad inputs included; tests/python/conftest.py marks every test that needs
+# a GPU `cuda`, whatever its name); CI runs the rest on every change. Under
 # pytest-xdist a test that kills its process is reported as a failure and the others run.
 xdist=()
 python3 -c "import xdist" 2>/dev/null && xdist=(-n 4)
-step pytest_cuda 150 python3 -m pytest tests/python -q -p no:cacheprovider -k cuda "${xdist[@]}"
+step pytest_cuda 150 python3 -m pytest tests/python -q -p no:cacheprovider -m cuda "${xdist[@]}"
 for bench in bench_labels bench_sinks bench_rpn_scores; do
   step "${bench}_cuda" 30 python3 "benchmarks/$bench.py" --device cuda --json "$LOGS/${bench}_cuda.json"
 done

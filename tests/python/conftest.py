@@ -10,3 +10,15 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 DEVICES = ["cpu", pytest.param("cuda", marks=needs_cuda)]
 FLOAT_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test that needs a GPU carries the marker `cuda`, whatever its name, so that the
+    GPU machine runs exactly those (`pytest -m cuda`): a test skipped here for want of CUDA,
+    or a case of one run on the cuda device."""
+    for item in items:
+        reasons = [str(m.kwargs.get("reason", "")) for m in item.iter_markers("skipif")]
+        params = getattr(item, "callspec", None)
+        on_cuda = params is not None and "cuda" in [str(v) for v in params.params.values()]
+        if on_cuda or any("CUDA" in r for r in reasons):
+            item.add_marker(pytest.mark.cuda)

@@ -122,7 +122,7 @@ def test_bad_inputs_name_the_argument(device, change, message):
 
 
 @needs_cuda
-def test_inputs_on_different_devices():
+def test_inputs_split_between_cuda_and_cpu_are_refused():
     inputs = make_attention_inputs(device="cuda")
     with pytest.raises(RuntimeError, match="key_start must be on the device of query"):
         sdrpn.ops.attention_rows(

@@ -48,7 +48,7 @@ def _calls():
         "roi_crops bbox",
     ],
 )
-def test_host_synchronisations_per_call(op):
+def test_cuda_host_synchronisations_per_call(op):
     want, call = _calls()[op]
     call()  # the libraries' first-use set-up is not the op's
     torch.cuda.synchronize()

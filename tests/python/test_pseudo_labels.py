@@ -159,7 +159,7 @@ def test_bad_inputs_name_the_argument(device, make, message):
 
 
 @needs_cuda
-def test_inputs_on_different_devices():
+def test_inputs_split_between_cuda_and_cpu_are_refused():
     with pytest.raises(RuntimeError, match="sink must be on the device of grounding"):
         sdrpn.ops.pseudo_labels(torch.rand(2, 4, device="cuda"), torch.zeros(2, 4), 2, 2)
 
