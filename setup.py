@@ -3,8 +3,8 @@
 Environment:
   SDRPN_CPU_ONLY=1     build without CUDA even where it is available
   SDRPN_FORCE_CUDA=1   build the CUDA kernels even where no GPU is visible
-  SDRPN_CUDA_ARCHS     compute capabilities, e.g. "9.0" or "8.0;9.0" (default "8.0;9.0"; the last
-                       one also as PTX)
+  SDRPN_CUDA_ARCHS     compute capabilities, e.g. "9.0" or "8.0;9.0" (default "8.0;9.0+PTX": 9.0
+                       also as PTX, which newer GPUs compile when loading)
   MAX_JOBS             parallel compile jobs (torch's builder reads it)
 """
 
@@ -86,7 +86,9 @@ def _libstdcxx_link_args() -> list[str]:
 
 def _extension():
     with_cuda = _want_cuda()
-    archs = os.environ.get("SDRPN_CUDA_ARCHS", "8.0;9.0")
+    # By default the newest architecture is also kept as PTX, so that newer GPUs compile the
+    # kernels at load time instead of failing with "no kernel image is available".
+    archs = os.environ.get("SDRPN_CUDA_ARCHS", "8.0;9.0+PTX")
     sources = _sources("csrc/module.cpp") + _sources("csrc/ops/*.cpp") + _sources("csrc/ops/cpu/*.cpp")
     define_macros = [("SDRPN_VERSION", f'"{VERSION}"')]
     # at::parallel_for is OpenMP in torch's builds: without -fopenmp it runs on one thread.
@@ -95,10 +97,8 @@ def _extension():
     cxx_flags = ["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=off"]
     extra = {"cxx": cxx_flags}
     if with_cuda:
-        # torch's builder reads the architecture list from this variable. The last one is
-        # also kept as PTX, so that newer GPUs compile the kernels at load time instead of
-        # failing with "no kernel image is available".
-        os.environ["TORCH_CUDA_ARCH_LIST"] = archs if archs.endswith("+PTX") else archs + "+PTX"
+        # torch's builder reads the architecture list from this variable.
+        os.environ["TORCH_CUDA_ARCH_LIST"] = archs
         sources += _sources("csrc/ops/cuda/*.cu")
         define_macros += [("SDRPN_WITH_CUDA", None), ("SDRPN_CUDA_ARCHS", f'"{archs}"')]
         extra["nvcc"] = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
