@@ -107,9 +107,15 @@ def options_from_args(cls, args: argparse.Namespace, base=None, **extra):
     """The option object from parsed flags: on top of `base` (flags left at None keep its
     values) or of the dataclass defaults."""
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
-    if base is not None:
-        return base.updated(**values, **extra)
-    return cls(**{k: v for k, v in values.items() if v is not None}, **extra)
+    try:
+        if base is not None:
+            return base.updated(**values, **extra)
+        return cls(**{k: v for k, v in values.items() if v is not None}, **extra)
+    except ValueError as err:  # "max_new_tokens must be >= 1": name the flag the user typed
+        name = str(err).split(" ", 1)[0]
+        if name in values and values[name] is not None:
+            raise ValueError(f"argument --{name.replace('_', '-')}: {err}") from None
+        raise
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -271,9 +277,10 @@ def _run_train(args) -> dict:
     from .llava.loading import load_llava
     from .rpn.train import RPNTrainer, TrainConfig
 
+    cfg = options_from_args(TrainConfig, args)  # the flags checked before the model's slow load
+    options_from_args(RoiOptions, args)
     rank, world, device = _distributed(args.device)
     model, tokenizer = load_llava(args.model, "bf16" if args.bf16 else "fp32", device)
-    cfg = options_from_args(TrainConfig, args)
     roi_overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(RoiOptions)}
     trainer = RPNTrainer(cfg, model, tokenizer, rank=rank, world_size=world, device=device, roi_overrides=roi_overrides)
     result = trainer.run()
@@ -300,6 +307,7 @@ def _run_infer(args) -> None:
         raise ValueError("--image and --question go together")
     if not single and (not args.image_folder or not args.out):
         raise ValueError("--data needs --image-folder and --out")
+    options_from_args(RoiOptions, args)  # the RoI flags' values (they apply on the RPN folder's)
     image = _read_image(args.image) if single else None
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = load_llava(args.model, args.dtype, device)
@@ -360,6 +368,7 @@ def _run_label(args) -> dict:
 
     # Each rank labels every world_size-th sample into its own shards; ranks only meet at a
     # barrier before the summary, which gloo serves on any device.
+    options = options_from_args(LabelOptions, args)  # the flags checked before the model's slow load
     rank, world, device = _distributed(args.device, backend="gloo")
     model, tokenizer = load_llava(args.model, args.dtype, device)
     preset = resolve_preset(args.preset, model)
@@ -367,7 +376,7 @@ def _run_label(args) -> dict:
         data=args.data,
         image_folder=args.image_folder,
         out=args.out,
-        options=options_from_args(LabelOptions, args),
+        options=options,
         batch_size=args.batch_size,
         limit=args.limit,
         shard_size=args.shard_size,

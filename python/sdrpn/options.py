@@ -113,14 +113,14 @@ class RoiOptions(Options):
 
     def __post_init__(self):
         checks = {
-            "sigma": self.sigma > 0,
-            "min_area": self.min_area >= 0,
-            "max_area": self.max_area >= 1,
-            "max_boxes": self.max_boxes >= 1,
+            "sigma": (self.sigma > 0, "> 0"),
+            "min_area": (self.min_area >= 0, ">= 0"),
+            "max_area": (self.max_area >= 1, ">= 1"),
+            "max_boxes": (self.max_boxes >= 1, ">= 1"),
         }
-        for name, ok in checks.items():
+        for name, (ok, rule) in checks.items():
             if not ok:
-                raise ValueError(f"{name} has a value out of range, got {getattr(self, name)!r}")
+                raise ValueError(f"{name} must be {rule}, got {getattr(self, name)!r}")
         if self.crop_mode not in CROP_MODES:
             raise ValueError(f"crop_mode must be one of {CROP_MODES}, got {self.crop_mode!r}")
         if not -1.0 <= self.threshold <= 1.0:  # probabilities: anything outside selects all or nothing

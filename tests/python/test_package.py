@@ -157,3 +157,15 @@ def test_setting_changes_name_each_value_nested_and_long():
     assert data.startswith('data: "/a/xxx') and '/one.json" -> "/a/' in data and data.endswith('x/two.json"')
     assert "..." in data and len(data) < 180
     assert setting_changes({"a": None}, {"b": 2}) == ["a: null -> (absent)", "b: (absent) -> 2"]
+
+
+def test_option_errors_name_the_flag(tmp_path, capsys):
+    from sdrpn.cli import entry
+
+    args = ["label", "--model", "m", "--data", "d.json", "--image-folder", str(tmp_path), "--out", str(tmp_path / "o")]
+    assert entry([*args, "--max-new-tokens", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "error: argument --max-new-tokens: max_new_tokens must be >= 1, got 0" in err
+    infer = ["infer", "--model", "m", "--rpn", "r", "--image", "x.png", "--question", "q"]
+    assert entry([*infer, "--sigma", "-1"]) == 2
+    assert "error: argument --sigma: sigma must be > 0, got -1.0" in capsys.readouterr().err
