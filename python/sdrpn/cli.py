@@ -113,7 +113,8 @@ def options_from_args(cls, args: argparse.Namespace, base=None, **extra):
         return cls(**{k: v for k, v in values.items() if v is not None}, **extra)
     except ValueError as err:  # "max_new_tokens must be >= 1": name the flag the user typed
         name = str(err).split(" ", 1)[0]
-        if name in values and values[name] is not None:
+        defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+        if values.get(name) is not None and values[name] != defaults.get(name):
             raise ValueError(f"argument --{name.replace('_', '-')}: {err}") from None
         raise
 
@@ -350,11 +351,13 @@ def _run_infer(args) -> None:
 
 
 def _read_image(path: str):
+    from PIL import Image
+
     from .llava.inputs import load_rgb
 
     try:
         return load_rgb(path)
-    except OSError as err:  # missing, unreadable or not an image: PIL's text alone names no file
+    except (OSError, Image.DecompressionBombError) as err:  # PIL's text alone names no file
         raise ValueError(f"--image {path}: cannot read it as an image ({err})") from None
 
 
@@ -421,7 +424,7 @@ USER_ERRORS = (ValueError, OSError, FolderBusy, NotImplementedError)
 # What an interrupted command has kept, and how to go on.
 RESUME_HINTS = {
     "label": "the finished shards are kept: rerun the same command to go on",
-    "infer": "the answers written so far are kept: rerun the same command to go on",
+    "infer": "with --data, the answers written so far are kept: rerun the same command to go on",
     "train": "the checkpoints are kept: rerun with --resume to go on from the last one",
     "train-base": "the checkpoints are kept: rerun with --resume to go on from the last one",
 }

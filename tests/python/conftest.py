@@ -14,11 +14,10 @@ FLOAT_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
 def pytest_collection_modifyitems(config, items):
     """Every test that needs a GPU carries the marker `cuda`, whatever its name, so that the
-    GPU machine runs exactly those (`pytest -m cuda`): a test skipped here for want of CUDA,
-    or a case of one run on the cuda device."""
+    GPU machine runs exactly those (`pytest -m cuda`): a test marked `needs_cuda`, or a case
+    of one run on the cuda device."""
     for item in items:
-        reasons = [str(m.kwargs.get("reason", "")) for m in item.iter_markers("skipif")]
         params = getattr(item, "callspec", None)
         on_cuda = params is not None and "cuda" in [str(v) for v in params.params.values()]
-        if on_cuda or any("CUDA" in r for r in reasons):
+        if on_cuda or needs_cuda.mark in item.iter_markers("skipif"):
             item.add_marker(pytest.mark.cuda)

@@ -11,6 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import MistralConfig
 
 import sdrpn.llava.decode as decode_module
+from conftest import needs_cuda
 from sdrpn.llava.decode import (
     DecoderPool,
     StaticDecoder,
@@ -25,8 +26,6 @@ from sdrpn.llava.vision import GRAPH_MAX_IMAGES, ImageEncoder, image_features
 from sdrpn.options import RoiOptions
 from test_infer import QUESTIONS, blob_logits, images, pipeline
 from tiny_llava import PAD, make_tiny_llava, prompt_ids
-
-CUDA = torch.cuda.is_available()
 
 
 @pytest.fixture(scope="module")
@@ -299,7 +298,7 @@ def test_a_failed_image_encoder_capture_warns_and_encodes_eagerly(tiny, monkeypa
         torch.testing.assert_close(encoder(second), image_features(tiny.model, second), rtol=0, atol=0)
 
 
-@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@needs_cuda
 def test_image_encoder_graphs_on_cuda():
     model = make_tiny_llava(num_layers=2, grid=4).model.cuda()
     encoder = ImageEncoder(model, graph=True)
@@ -312,7 +311,7 @@ def test_image_encoder_graphs_on_cuda():
     assert not torch.equal(outs[0][0], outs[2][0])
 
 
-@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@needs_cuda
 def test_graph_decoder_answers_as_the_models_forward_on_cuda():
     tiny = make_tiny_llava(num_layers=4, grid=4)
     model = tiny.model.cuda()
@@ -330,7 +329,7 @@ def test_graph_decoder_answers_as_the_models_forward_on_cuda():
     assert decode(model, "graph", eos=eos, pool=pool) == decode(model, "hf", eos=eos)
 
 
-@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@needs_cuda
 def test_sdrpn_answers_alike_with_graphs_on_cuda():
     tiny = make_tiny_llava(num_layers=4, grid=4)
     tiny.model.cuda()
@@ -345,7 +344,7 @@ def test_sdrpn_answers_alike_with_graphs_on_cuda():
             assert [a.tokens for a in sd.generate(ims, QUESTIONS, max_new_tokens=7)] == want
 
 
-@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@needs_cuda
 def test_mask_crops_pass2_groups_and_stage_timings_on_cuda():
     """On CUDA: mask-mode crops (kept tokens picked by indices sent ahead), pass 2 in
     groups, graphs, against one padded pass 2 through the model's own forward; the stage

@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass
 
 from ..io_utils import exclusive_lock, read_json, write_json, write_jsonl
-from ..llava.data import SkipSample, folder_problem, load_entries, open_image, parse_entry
+from ..llava.data import SkipSample, folder_problem, load_entries, open_image, parse_entry, skip_reasons
 from ..llava.loading import model_identity
 from ..options import setting_changes
 from ..prefetch import DEFAULT_WORKERS, prefetch
@@ -112,7 +112,7 @@ def answer_file(pipe: SDRPNLlava, cfg: InferFileConfig) -> dict:
     if summary["skipped"] and not summary["answered"] and not summary["already_done"]:
         raise ValueError(
             f"no sample of {cfg.data} could be answered: all {summary['skipped']} were skipped "
-            f"({', '.join(f'{n} {why}' for why, n in summary['skipped_by_reason'].items())}); check --image-folder"
+            f"({skip_reasons(summary['skipped_by_reason'])}); check --image-folder"
         )
     return summary
 

@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from ..io_utils import read_json, read_jsonl, write_atomic, write_json, write_jsonl
+from ..llava.data import skip_reasons
 from ..llava.inputs import PROMPT_TEMPLATE
 from ..llava.presets import PRESETS
 from ..ops import IGNORE_INDEX, SINK_THRESHOLD
@@ -274,7 +275,7 @@ class LabelFolder:
         summary = self.summary()
         write_json(self.file(SUMMARY_NAME), summary)
         if summary["labelled"] == 0 and summary["skipped"] > 0:
-            reasons = ", ".join(f"{reason}: {n}" for reason, n in summary["skipped_by_reason"].items())
+            reasons = skip_reasons(summary["skipped_by_reason"])
             raise ValueError(
                 f"{self.path}: no sample labelled, {summary['skipped']} skipped ({reasons}); check --data and "
                 f"--image-folder, and delete {self.path} to start over with other settings"

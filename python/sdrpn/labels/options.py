@@ -45,20 +45,15 @@ class LabelOptions(Options):
             raise ValueError(f"preprocessing must be one of {PREPROCESSING_MODES}, got {self.preprocessing!r}")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        # Ranges outside which every sample would come out all-ignore, silently (SPEC Stage 1:
-        # attention maps are >= 0). A sink threshold <= 0 makes every cell a sink; foreground
-        # is strictly above fg_ratio * max, so fg_ratio >= 1 leaves none.
-        if self.sink_threshold is not None and not (math.isfinite(self.sink_threshold) and self.sink_threshold > 0):
+        # Values that make every sample all-ignore, silently (SPEC Stage 1: attention maps
+        # are >= 0). A sink threshold <= 0 makes every cell a sink; foreground is strictly
+        # above fg_ratio * max, so fg_ratio >= 1 leaves none.
+        if self.sink_threshold is not None and not 0 < self.sink_threshold < math.inf:
             raise ValueError(f"sink_threshold must be finite and > 0, got {self.sink_threshold}")
         if not 0 < self.fg_ratio < 1:
             raise ValueError(f"fg_ratio must be in (0, 1), got {self.fg_ratio}")
-        if not 0 <= self.bg_ratio < 1:
-            raise ValueError(f"bg_ratio must be in [0, 1), got {self.bg_ratio}")
-        # SPEC's foreground is attention above fg_ratio * max, its background attention below
-        # bg_ratio * max: background is the weaker attention, so its ratio cannot be the
-        # larger one (a cell could then be strong enough for one and weak enough for the other).
-        if self.bg_ratio > self.fg_ratio:
-            raise ValueError(f"bg_ratio must be <= fg_ratio ({self.fg_ratio}), got {self.bg_ratio}")
+        if not 0 <= self.bg_ratio < math.inf:  # background lies outside the box: any ratio has a meaning
+            raise ValueError(f"bg_ratio must be finite and >= 0, got {self.bg_ratio}")
         if not self.max_box_fraction > 0:  # above 1: no box is too large (an ablation)
             raise ValueError(f"max_box_fraction must be > 0, got {self.max_box_fraction}")
         if self.prompt_template is not None:

@@ -24,6 +24,13 @@ class QASample:
     answer: str | None  # the first gpt turn, if any
 
 
+def skip_reasons(counts: dict[str, int]) -> str:
+    """Skipped samples by reason as one phrase, the most frequent first: "5 image missing,
+    1 image unreadable"."""
+    ranked = sorted(counts.items(), key=lambda item: -item[1])
+    return ", ".join(f"{n} {reason}" for reason, n in ranked) or "none"
+
+
 def folder_problem(folder: str) -> str | None:
     """Why ``folder`` cannot be an image folder ("does not exist", "is not a directory"), or
     None. The jobs refuse such a folder up front: otherwise every sample would be skipped

@@ -375,15 +375,17 @@ class RegionProposalNetwork(
         same = len(theirs) == len(ours) and all(
             math.isclose(a, b, rel_tol=2e-2, abs_tol=2e-3) for a, b in zip(theirs, ours)
         )
-        if config.base_config_fingerprint not in (None, derived.base_config_fingerprint):
-            same = False
-        if not same or config.hidden_size != derived.hidden_size:
-            architecture = config.base_config_fingerprint in (None, derived.base_config_fingerprint)
-            what = (
-                "the same architecture, other weights"
-                if architecture and config.hidden_size == derived.hidden_size
-                else "another architecture"
-            )
+        other_architecture = config.hidden_size != derived.hidden_size or config.base_config_fingerprint not in (
+            None,
+            derived.base_config_fingerprint,
+        )
+        if not same or other_architecture:
+            if other_architecture:
+                what = "another architecture"
+            elif config.base_config_fingerprint is None:  # an RPN folder of the first format
+                what = "other weights; the folder records no architecture"
+            else:
+                what = "the same architecture, other weights"
             raise ValueError(
                 f"the RPN in {folder} was trained on another base model ({what}): "
                 f"{config.base_model!r}, hidden size {config.hidden_size}; this model "

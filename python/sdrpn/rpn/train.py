@@ -31,6 +31,7 @@ from transformers import get_cosine_schedule_with_warmup
 from ..io_utils import exclusive_lock, write_json
 from ..labels.folder import LabelFolder
 from ..llava.backbone import branch_hidden_states
+from ..llava.data import skip_reasons
 from ..llava.loading import model_identity, pad_token_id
 from ..llava.presets import LlavaPreset, get_preset, preset_from_dict
 from ..ops import IGNORE_INDEX
@@ -408,9 +409,10 @@ class RPNTrainer:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
                 stop = cfg.stop_after_steps is not None and progress["global_step"] >= cfg.stop_after_steps
-                if stop:
-                    self._check_trained(epoch, tally)
                 if progress["global_step"] % cfg.save_every == 0 or stop:
+                    # No checkpoint of weights that no sample has trained: a resumption
+                    # would take them for a finished part of the run.
+                    self._check_trained(epoch, tally, report=stop)
                     self._checkpoint(rpn, optimizer, scheduler, progress)
                 if stop:
                     bar.close()
@@ -446,9 +448,9 @@ class RPNTrainer:
         log.info("epoch %d held-out: %s", epoch, metrics)
         return metrics
 
-    def _check_trained(self, epoch: int, tally: _Tally) -> None:
-        """Report the epoch's skipped samples, and stop, before anything is saved, when no
-        rank trained on a single sample. The ranks sum their counts first, so that all of
+    def _check_trained(self, epoch: int, tally: _Tally, report: bool = True) -> None:
+        """Stop, before anything is saved, when no rank has trained on a single sample of the
+        epoch so far; with ``report``, log the samples it skipped. The ranks sum their counts first, so that all of
         them reach the same decision (one that raised alone would leave the others waiting
         in the next all-reduce)."""
         trained, skipped = tally.trained, tally.skipped
@@ -465,11 +467,11 @@ class RPNTrainer:
         # Nothing trained and nothing skipped: a resumption that found the epoch already done.
         if trained == 0 and skipped:
             raise ValueError(
-                f"epoch {epoch} trained on no sample: all {sum(skipped.values())} were skipped "
-                f"({_reasons(skipped)}); stopped without saving the RPN: check --image-folder and the label folder"
+                f"epoch {epoch} trained on no sample: all {sum(skipped.values())} read so far were skipped "
+                f"({skip_reasons(skipped)}); stopped without saving the RPN: check --image-folder and the label folder"
             )
-        if skipped and self.rank == 0:
-            log.warning("epoch %d: skipped %d samples (%s)", epoch, sum(skipped.values()), _reasons(skipped))
+        if report and skipped and self.rank == 0:
+            log.warning("epoch %d: skipped %d samples (%s)", epoch, sum(skipped.values()), skip_reasons(skipped))
 
     def _step(self, rpn, optimizer, scheduler, count: int, batches: Iterator) -> float:
         """One optimiser step over the next ``count`` micro-batches (the later ones load
@@ -512,10 +514,6 @@ class RPNTrainer:
             )
         if self.world > 1:
             dist.barrier()
-
-
-def _reasons(skipped: Counter) -> str:
-    return ", ".join(f"{reason}: {n}" for reason, n in skipped.most_common()) or "none"
 
 
 __all__ = ["RPNTrainer", "TrainConfig", "evaluate", "latest_checkpoint", "save_checkpoint"]
