@@ -280,6 +280,7 @@ def _run_train(args) -> dict:
 
     cfg = options_from_args(TrainConfig, args)  # the flags checked before the model's slow load
     options_from_args(RoiOptions, args)
+    _check_files(image_folder=args.image_folder, out_folder=args.out)
     rank, world, device = _distributed(args.device)
     model, tokenizer = load_llava(args.model, "bf16" if args.bf16 else "fp32", device)
     roi_overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(RoiOptions)}
@@ -309,6 +310,10 @@ def _run_infer(args) -> None:
     if not single and (not args.image_folder or not args.out):
         raise ValueError("--data needs --image-folder and --out")
     options_from_args(RoiOptions, args)  # the RoI flags' values (they apply on the RPN folder's)
+    if not single:
+        _check_files(args.data, args.image_folder)
+        if os.path.isdir(args.out):
+            raise ValueError(f"--out {args.out} is a folder: it must be a JSONL file")
     image = _read_image(args.image) if single else None
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = load_llava(args.model, args.dtype, device)
@@ -350,6 +355,18 @@ def _run_infer(args) -> None:
         print("timing: " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in record["timings_s"].items()))
 
 
+def _check_files(data: str | None = None, image_folder: str | None = None, out_folder: str | None = None) -> None:
+    """What a job reads and writes, checked before the model's slow load."""
+    from .llava.data import check_image_folder
+
+    if data is not None and not os.path.isfile(data):
+        raise ValueError(f"--data {data}: no such file")
+    if image_folder is not None:
+        check_image_folder(image_folder)
+    if out_folder is not None and os.path.exists(out_folder) and not os.path.isdir(out_folder):
+        raise ValueError(f"--out {out_folder} is a file: it must be a folder")
+
+
 def _read_image(path: str):
     from PIL import Image
 
@@ -372,6 +389,7 @@ def _run_label(args) -> dict:
     # Each rank labels every world_size-th sample into its own shards; ranks only meet at a
     # barrier before the summary, which gloo serves on any device.
     options = options_from_args(LabelOptions, args)  # the flags checked before the model's slow load
+    _check_files(args.data, args.image_folder, args.out)
     rank, world, device = _distributed(args.device, backend="gloo")
     model, tokenizer = load_llava(args.model, args.dtype, device)
     preset = resolve_preset(args.preset, model)

@@ -636,10 +636,21 @@ def test_infer_file_refuses_a_wrong_image_folder(infer_ws, tmp_path):
 
     out = tmp_path / "answers.jsonl"
     data = ("--data", str(infer_ws / "data.json"), "--out", str(out))
-    with pytest.raises(ValueError, match=f"--image-folder '{tmp_path / 'nowhere'}' does not exist"):
+    with pytest.raises(ValueError, match=f"\\(--image-folder\\) '{tmp_path / 'nowhere'}' does not exist"):
         infer_cli(infer_ws, *data, "--image-folder", str(tmp_path / "nowhere"))
     assert not out.exists()
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match=r"no sample of .* could be answered: all 7 were skipped \(5 image missing"):
         infer_cli(infer_ws, *data, "--image-folder", str(tmp_path / "empty"))
     assert json.loads((tmp_path / "answers.jsonl.summary.json").read_text())["answered"] == 0
+
+
+def test_infer_file_resumes_with_the_same_model_by_another_path(infer_ws, tmp_path):
+    import json
+
+    out = tmp_path / "answers.jsonl"
+    data = ("--data", str(infer_ws / "data.json"), "--image-folder", str(infer_ws / "images"), "--out", str(out))
+    assert infer_cli(infer_ws, *data, "--max-new-tokens", "2", "--limit", "3") == 0
+    assert infer_cli(infer_ws, *data, "--max-new-tokens", "2", "--model", str(infer_ws / "model") + "/") == 0
+    recorded = json.loads((tmp_path / "answers.jsonl.settings.json").read_text())["model"]["name"]
+    assert recorded == str(infer_ws / "model")  # the first name is kept

@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -391,3 +392,30 @@ def test_skipped_records_name_the_sample(workspace, tmp_path):
     (out / f"{name}.skipped.jsonl").write_text('{"index": 6, "reason": "no image"}\n')
     assert folder.skipped(name) == [{"index": 6, "reason": "no image"}]
     assert folder.write_summary()["labelled"] == 7
+
+
+def test_resume_takes_the_same_model_by_another_path(workspace, tmp_path, monkeypatch):
+    out = tmp_path / "labels"
+    assert run_label(workspace, out, "--answers", "given", "--limit", "3") == 0
+    monkeypatch.chdir(workspace)
+    for name in (str(workspace / "model") + "/", "model"):  # a trailing slash, a relative path
+        assert run_label(workspace, out, "--answers", "given", "--limit", "6", "--model", name) == 0
+    other = tmp_path / "copy"
+    shutil.copytree(workspace / "model", other)  # the same architecture in another folder
+    with pytest.raises(ValueError, match=r"other settings \(model.name: "):
+        run_label(workspace, out, "--answers", "given", "--model", str(other))
+
+
+def test_files_are_checked_before_the_model_loads(workspace, tmp_path, capsys):
+    from sdrpn.cli import entry
+
+    (tmp_path / "afile").write_text("x")
+    missing_model = ["--model", str(tmp_path / "no-model")]
+    for flags, message in [
+        (["--data", str(tmp_path / "nope.json")], f"--data {tmp_path / 'nope.json'}: no such file"),
+        (["--out", str(tmp_path / "afile")], f"--out {tmp_path / 'afile'} is a file: it must be a folder"),
+    ]:
+        argv = ["label", "--data", str(workspace / "data.json"), "--image-folder", str(workspace / "images")]
+        assert entry([*argv, "--out", str(tmp_path / "o"), *missing_model, *flags]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "no-model" not in err, err

@@ -8,8 +8,8 @@ import os
 from dataclasses import dataclass
 
 from ..io_utils import exclusive_lock, read_json, write_json, write_jsonl
-from ..llava.data import SkipSample, folder_problem, load_entries, open_image, parse_entry, skip_reasons
-from ..llava.loading import model_identity
+from ..llava.data import SkipSample, check_image_folder, load_entries, open_image, parse_entry, skip_reasons
+from ..llava.loading import model_identity, same_model
 from ..options import setting_changes
 from ..prefetch import DEFAULT_WORKERS, prefetch
 from ..progress import show_progress
@@ -91,7 +91,10 @@ def _start(pipe: SDRPNLlava, cfg: InferFileConfig) -> None:
             if os.path.exists(stale):
                 os.remove(stale)
     elif os.path.exists(path) and os.path.exists(cfg.out) and os.path.getsize(cfg.out) > 0:
-        diff = setting_changes(read_json(path), settings)
+        recorded = read_json(path)
+        if same_model(recorded.get("model"), settings["model"]):  # one model named by another path
+            settings["model"] = recorded["model"]
+        diff = setting_changes(recorded, settings)
         if diff:
             raise ValueError(
                 f"{cfg.out} holds answers made with other settings ({'; '.join(diff)}): rerun with "
@@ -103,9 +106,7 @@ def _start(pipe: SDRPNLlava, cfg: InferFileConfig) -> None:
 def answer_file(pipe: SDRPNLlava, cfg: InferFileConfig) -> dict:
     """Answer every entry of a LLaVA-format file; rows are appended to cfg.out as they are
     done, so a rerun continues where the last stopped. Bad samples are skipped and counted."""
-    problem = folder_problem(cfg.image_folder)
-    if problem:
-        raise ValueError(f"--image-folder {cfg.image_folder!r} {problem}")
+    check_image_folder(cfg.image_folder)
     with exclusive_lock(cfg.out + ".lock"):
         _start(pipe, cfg)
         summary = _answer_file(pipe, cfg)

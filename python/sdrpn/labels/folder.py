@@ -24,7 +24,7 @@ import logging
 import os
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from safetensors import SafetensorError
@@ -34,6 +34,7 @@ from torch import Tensor
 from ..io_utils import read_json, read_jsonl, write_atomic, write_json, write_jsonl
 from ..llava.data import skip_reasons
 from ..llava.inputs import PROMPT_TEMPLATE
+from ..llava.loading import same_model
 from ..llava.presets import PRESETS
 from ..ops import IGNORE_INDEX, SINK_THRESHOLD
 from ..options import setting_changes
@@ -175,6 +176,8 @@ class LabelFolder:
     def start(self, config: LabelFolderConfig) -> None:
         """Record the config of a new job, or check that a resumed one uses the same."""
         old = self.read_config()
+        if old is not None and same_model(old.model, config.model):
+            config = replace(config, model=old.model)  # one model named by another path: keep the record
         if old is not None and self.done_markers():
             diff = old.differences(config)
             if diff:

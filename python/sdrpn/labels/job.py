@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..io_utils import exclusive_lock
-from ..llava.data import QASample, SkipSample, folder_problem, load_entries, open_image, parse_entry
+from ..llava.data import QASample, SkipSample, check_image_folder, load_entries, open_image, parse_entry
 from ..llava.decode import DecoderPool, resolve_decoder
 from ..llava.geometry import model_grid
 from ..llava.inputs import Preprocessing, left_pad, preprocess_image, prompt_token_ids
@@ -225,9 +225,7 @@ class LabelJob:
         """Label this rank's share; a second job on the same folder and rank is refused."""
         # Before anything is written: a wrong folder would otherwise skip every sample as
         # "image missing" and be recorded in the label folder, refusing the corrected rerun.
-        problem = folder_problem(self.cfg.image_folder)
-        if problem:
-            raise ValueError(f"image_folder (--image-folder) {self.cfg.image_folder!r} {problem}")
+        check_image_folder(self.cfg.image_folder)
         with exclusive_lock(self.folder.file(f".rank{self.cfg.rank:03d}.lock")):
             return self._run()
 

@@ -40,6 +40,13 @@ def folder_problem(folder: str) -> str | None:
     return "is not a directory" if os.path.exists(folder) else "does not exist"
 
 
+def check_image_folder(folder: str) -> None:
+    """Refuses an image folder given by the user that is not a directory."""
+    problem = folder_problem(folder)
+    if problem:
+        raise ValueError(f"image_folder (--image-folder) {folder!r} {problem}")
+
+
 def load_entries(path: str) -> list:
     """The samples of a LLaVA-format JSON file, or an error naming the file."""
     try:

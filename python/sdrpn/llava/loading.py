@@ -80,6 +80,23 @@ def model_identity(model: nn.Module) -> dict:
     }
 
 
+def same_model_name(a: str | None, b: str | None) -> bool:
+    """Two names of one model: equal, or local folders that resolve to the same path (a
+    resumed job may name it from another directory, or with a trailing slash)."""
+    if a == b:
+        return True
+    if a and b and os.path.isdir(a) and os.path.isdir(b):
+        return os.path.realpath(a) == os.path.realpath(b)
+    return False
+
+
+def same_model(recorded: dict | None, now: dict | None) -> bool:
+    """Whether two model_identity records name one model: one architecture, one name."""
+    if not recorded or not now or recorded.get("config_fingerprint") != now.get("config_fingerprint"):
+        return False
+    return same_model_name(recorded.get("name"), now.get("name"))
+
+
 # ---- local folder or Hub id ----------------------------------------------------------------
 class ModelNotFoundError(FileNotFoundError):
     """A model or RPN named by something that is neither a local folder nor a Hub id this

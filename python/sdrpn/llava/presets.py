@@ -77,7 +77,8 @@ class LlavaPreset:
         if max(self.probed_layers) >= layers or self.branch_layer + self.depth > layers:
             raise ValueError(
                 f"preset {self.name!r} reads layers {list(self.probed_layers)} and branches at "
-                f"{self.branch_layer} with depth {self.depth}, but the model has {layers} layers"
+                f"{self.branch_layer} with depth {self.depth}, but the model has {layers} layers "
+                "(a custom preset that leaves out branch_layer and depth takes LLaVA-1.5's 15 and 3)"
             )
         for selection in (self.grounding, self.sink):
             for layer in selection.layers:

@@ -12,7 +12,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from ..labels.folder import LabelFolder
-from ..llava.data import SkipSample, folder_problem, open_image
+from ..llava.data import SkipSample, check_image_folder, folder_problem, open_image
 from ..llava.inputs import left_pad, preprocess_image, prompt_token_ids
 from ..ops import IGNORE_INDEX
 from ..subsets import SUBSET_SEED, seeded_subset
@@ -70,10 +70,9 @@ class LabelShardDataset(Dataset):
         if self.image_folder is None:
             raise ValueError(f"{label_dir} records no image folder: pass image_folder")
         # A folder that is gone would have every sample skipped one by one: refuse it here.
-        problem = folder_problem(self.image_folder)
-        if problem:
-            if image_folder:
-                raise ValueError(f"image_folder (--image-folder) {image_folder!r} {problem}")
+        if image_folder:
+            check_image_folder(image_folder)
+        elif problem := folder_problem(self.image_folder):
             raise ValueError(
                 f"the image folder that {label_dir} records, {self.image_folder!r}, {problem}: pass "
                 "--image-folder with where the images are now"

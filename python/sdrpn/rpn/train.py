@@ -32,7 +32,7 @@ from ..io_utils import exclusive_lock, write_json
 from ..labels.folder import LabelFolder
 from ..llava.backbone import branch_hidden_states
 from ..llava.data import skip_reasons
-from ..llava.loading import model_identity, pad_token_id
+from ..llava.loading import model_identity, pad_token_id, same_model_name
 from ..llava.presets import LlavaPreset, get_preset, preset_from_dict
 from ..ops import IGNORE_INDEX
 from ..options import Options, RoiOptions, option, setting_changes
@@ -130,15 +130,6 @@ def accumulation_steps(effective_batch: int, batch_size: int, world_size: int) -
     return effective_batch // per_step
 
 
-def _same_model_name(a: str | None, b: str | None) -> bool:
-    """Two names of one model: equal, or local folders that resolve to the same path."""
-    if a == b:
-        return True
-    if a and b and os.path.isdir(a) and os.path.isdir(b):
-        return os.path.realpath(a) == os.path.realpath(b)
-    return False
-
-
 def check_labels_base_model(labels: str, recorded: dict | None, model: nn.Module) -> None:
     """Refuse labels made by a base model of another architecture: they are that model's
     attention, and an RPN trained on them fits neither model. The label folder records the
@@ -155,7 +146,7 @@ def check_labels_base_model(labels: str, recorded: dict | None, model: nn.Module
             f"fingerprint {theirs}), while --model {ours['name']!r} has another architecture (fingerprint "
             f"{ours['config_fingerprint']}): train with the model the labels were made by, or label with this one"
         )
-    if not _same_model_name(recorded.get("name"), ours["name"]):
+    if not same_model_name(recorded.get("name"), ours["name"]):
         log.warning(
             "the labels in %s were made by %r and --model is %r: the same architecture, but the label folder "
             "records no weights to compare; train with the model they were made by, or labels of another "
