@@ -419,3 +419,15 @@ def test_files_are_checked_before_the_model_loads(workspace, tmp_path, capsys):
         assert entry([*argv, "--out", str(tmp_path / "o"), *missing_model, *flags]) == 2
         err = capsys.readouterr().err
         assert message in err and "no-model" not in err, err
+
+
+def test_folders_without_a_weights_record_resume(workspace, tmp_path):
+    """A folder labelled before the weights fingerprint was recorded resumes: the same
+    model, whose record then stays as it was."""
+    out = tmp_path / "labels"
+    assert run_label(workspace, out, "--answers", "given", "--limit", "3") == 0
+    config = json.loads((out / "label_config.json").read_text())
+    del config["model"]["weights_fingerprint"]
+    (out / "label_config.json").write_text(json.dumps(config))
+    assert run_label(workspace, out, "--answers", "given", "--limit", "6") == 0
+    assert "weights_fingerprint" not in json.loads((out / "label_config.json").read_text())["model"]

@@ -318,7 +318,7 @@ def test_labels_of_another_base_model_architecture_are_refused(ws, tmp_path):
     assert not (tmp_path / "run" / "rpn.safetensors").exists()
 
 
-def test_labels_of_a_same_architecture_model_are_warned_about_and_old_ones_train(ws, tmp_path, caplog):
+def test_labels_of_a_same_architecture_model_with_other_weights_are_refused(ws, tmp_path, caplog):
     model_a, tok = load_llava(str(ws / "model"), "fp32")
     save_tiny_llava(str(tmp_path / "b"), grid=GRID, num_layers=4, seed=1)  # same shapes, other weights
     model_b, _ = load_llava(str(tmp_path / "b"), "fp32")
@@ -326,12 +326,19 @@ def test_labels_of_a_same_architecture_model_are_warned_about_and_old_ones_train
     cfg = TrainConfig(labels=labels, out=str(tmp_path / "run"), branch_layer=1, depth=2)
     with caplog.at_level(logging.WARNING, logger="sdrpn.rpn.train"):
         RPNTrainer(cfg, model_a, tok)
-        assert not caplog.records  # its own labels
+        RPNTrainer(cfg, load_llava(str(ws / "model"), "bf16")[0], tok)  # its own labels, in another dtype
+        assert not caplog.records
+    with pytest.raises(ValueError, match=f"of the same architecture as --model '{tmp_path / 'b'}' but with other"):
         RPNTrainer(cfg, model_b, tok)
-    assert f"made by '{ws / 'model'}' and --model is '{tmp_path / 'b'}': the same architecture" in caplog.text
-    # Labels written before the fingerprint was recorded: nothing to compare, they train.
+    # Labels written before the weights were recorded: a warning where the names differ.
     old = LabelFolder(labels)
     config = old.config
+    config.model = {k: v for k, v in config.model.items() if k != "weights_fingerprint"}
+    old.write_config(config)
+    with caplog.at_level(logging.WARNING, logger="sdrpn.rpn.train"):
+        RPNTrainer(cfg, model_b, tok)
+    assert f"made by '{ws / 'model'}' and --model is '{tmp_path / 'b'}': the same architecture" in caplog.text
+    # Written before any fingerprint was recorded: nothing to compare, they train.
     config.model = {"name": "another/model", "config_fingerprint": None}
     old.write_config(config)
     RPNTrainer(cfg, model_b, tok)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 
 import torch
@@ -71,12 +72,27 @@ def config_fingerprint(config) -> str:
     return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def weights_fingerprint(model: nn.Module, layer: int = 0) -> list[float]:
+    """Sixteen weights of the text model (the embedding and decoder layer ``layer``'s MLP
+    output), rounded: two models of one architecture tell apart by them. Compare them with
+    fingerprints_match, whose tolerance lets a dtype change still match."""
+    decoder = model.get_decoder()
+    probes = [decoder.embed_tokens.weight, decoder.layers[layer].mlp.down_proj.weight]
+    return [round(float(v), 4) for p in probes for v in p.detach().flatten()[:8].float().cpu()]
+
+
+def fingerprints_match(a: list[float], b: list[float]) -> bool:
+    return len(a) == len(b) and all(math.isclose(x, y, rel_tol=2e-2, abs_tol=2e-3) for x, y in zip(a, b))
+
+
 def model_identity(model: nn.Module) -> dict:
     """What artefacts record of their base model: its name or Hub id as it was given to
-    ``load_llava`` (or ``from_pretrained``) and the architecture fingerprint."""
+    ``load_llava`` (or ``from_pretrained``), the architecture fingerprint and a weights
+    fingerprint."""
     return {
         "name": getattr(model.config, "_name_or_path", None) or None,
         "config_fingerprint": config_fingerprint(model.config),
+        "weights_fingerprint": weights_fingerprint(model),
     }
 
 
@@ -91,8 +107,12 @@ def same_model_name(a: str | None, b: str | None) -> bool:
 
 
 def same_model(recorded: dict | None, now: dict | None) -> bool:
-    """Whether two model_identity records name one model: one architecture, one name."""
+    """Whether two model_identity records name one model: one architecture, the same
+    weights (where both record them), one name."""
     if not recorded or not now or recorded.get("config_fingerprint") != now.get("config_fingerprint"):
+        return False
+    weights = recorded.get("weights_fingerprint"), now.get("weights_fingerprint")
+    if None not in weights and not fingerprints_match(*weights):
         return False
     return same_model_name(recorded.get("name"), now.get("name"))
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +32,14 @@ from .. import ops
 from ..io_utils import read_json, write_atomic, write_json
 from ..llava.geometry import model_grid
 from ..llava.inputs import PREPROCESSING_MODES, PROMPT_TEMPLATE, check_template
-from ..llava.loading import config_fingerprint, hub_folder, model_device, model_dtype
+from ..llava.loading import (
+    config_fingerprint,
+    fingerprints_match,
+    hub_folder,
+    model_device,
+    model_dtype,
+    weights_fingerprint,
+)
 from ..ops import IGNORE_INDEX
 from ..options import TASK_THRESHOLDS, Options, RoiOptions
 from .card import GENERATED_MARK, rpn_card
@@ -103,11 +109,9 @@ def read_rpn_config(folder: str) -> RPNConfig:
 
 
 def model_fingerprint(model: nn.Module, branch_layer: int) -> list[float]:
-    """Sixteen weights of the backbone the RPN sits on (embedding and the branch layer's
-    input), compared with a tolerance so that a dtype change still matches."""
-    decoder = model.get_decoder()
-    probes = [decoder.embed_tokens.weight, decoder.layers[branch_layer - 1].mlp.down_proj.weight]
-    return [round(float(v), 4) for p in probes for v in p.detach().flatten()[:8].float().cpu()]
+    """The weights fingerprint of the backbone the RPN sits on (embedding and the branch
+    layer's input)."""
+    return weights_fingerprint(model, branch_layer - 1)
 
 
 def rpn_loss(logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
@@ -372,9 +376,7 @@ class RegionProposalNetwork(
         rpn = cls.from_llava(model, config.branch_layer, config.depth)
         derived = rpn.config
         theirs, ours = config.base_fingerprint, derived.base_fingerprint
-        same = len(theirs) == len(ours) and all(
-            math.isclose(a, b, rel_tol=2e-2, abs_tol=2e-3) for a, b in zip(theirs, ours)
-        )
+        same = fingerprints_match(theirs, ours)
         other_architecture = config.hidden_size != derived.hidden_size or config.base_config_fingerprint not in (
             None,
             derived.base_config_fingerprint,

@@ -32,7 +32,7 @@ from ..io_utils import exclusive_lock, write_json
 from ..labels.folder import LabelFolder
 from ..llava.backbone import branch_hidden_states
 from ..llava.data import skip_reasons
-from ..llava.loading import model_identity, pad_token_id, same_model_name
+from ..llava.loading import fingerprints_match, model_identity, pad_token_id, same_model_name
 from ..llava.presets import LlavaPreset, get_preset, preset_from_dict
 from ..ops import IGNORE_INDEX
 from ..options import Options, RoiOptions, option, setting_changes
@@ -131,29 +131,37 @@ def accumulation_steps(effective_batch: int, batch_size: int, world_size: int) -
 
 
 def check_labels_base_model(labels: str, recorded: dict | None, model: nn.Module) -> None:
-    """Refuse labels made by a base model of another architecture: they are that model's
-    attention, and an RPN trained on them fits neither model. The label folder records the
-    architecture's fingerprint but none of the weights, so a model of the same architecture
-    under another name is only warned about (a copy of the same model has another name too)."""
+    """Refuse labels made by another base model: they are that model's attention, and an
+    RPN trained on them fits neither model. The label folder records the architecture's
+    fingerprint and (since this check) a weights fingerprint; a folder without the latter
+    is only warned about when the model's name differs."""
     theirs = (recorded or {}).get("config_fingerprint")
     if theirs is None:
         log.info("%s records no base-model fingerprint (labelled before it was recorded): not checked", labels)
         return
     ours = model_identity(model)
+    advice = "train with the model the labels were made by, or label with this one"
     if theirs != ours["config_fingerprint"]:
         raise ValueError(
             f"the labels in {labels} were made by another base model: {recorded.get('name')!r} (architecture "
             f"fingerprint {theirs}), while --model {ours['name']!r} has another architecture (fingerprint "
-            f"{ours['config_fingerprint']}): train with the model the labels were made by, or label with this one"
+            f"{ours['config_fingerprint']}): {advice}"
         )
-    if not same_model_name(recorded.get("name"), ours["name"]):
+    weights = recorded.get("weights_fingerprint")
+    if weights is not None:
+        if not fingerprints_match(weights, ours["weights_fingerprint"]):
+            raise ValueError(
+                f"the labels in {labels} were made by another base model: {recorded.get('name')!r}, of the same "
+                f"architecture as --model {ours['name']!r} but with other weights: {advice}"
+            )
+    elif not same_model_name(recorded.get("name"), ours["name"]):
         log.warning(
             "the labels in %s were made by %r and --model is %r: the same architecture, but the label folder "
-            "records no weights to compare; train with the model they were made by, or labels of another "
-            "model's weights teach the RPN regions this one does not attend to",
+            "records no weights to compare; %s",
             labels,
             recorded.get("name"),
             ours["name"],
+            advice,
         )
 
 
