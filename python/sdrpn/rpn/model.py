@@ -108,12 +108,6 @@ def read_rpn_config(folder: str) -> RPNConfig:
     return config
 
 
-def model_fingerprint(model: nn.Module, branch_layer: int) -> list[float]:
-    """The weights fingerprint of the backbone the RPN sits on (embedding and the branch
-    layer's input)."""
-    return weights_fingerprint(model, branch_layer - 1)
-
-
 def rpn_loss(logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
     """Binary cross-entropy with logits, mean over the cells whose label is not ignored.
 
@@ -214,7 +208,7 @@ class RegionProposalNetwork(
             image_size=model.config.vision_config.image_size,
             num_heads=text_config.num_attention_heads,
             hidden_size=text_config.hidden_size,
-            base_fingerprint=model_fingerprint(model, branch_layer),
+            base_fingerprint=weights_fingerprint(model, branch_layer - 1),  # the branch layer's input
             prompt_template=prompt_template,
             preprocessing=preprocessing,
             roi=(roi or RoiOptions()).to_dict(),

@@ -449,9 +449,9 @@ class RPNTrainer:
 
     def _check_trained(self, epoch: int, tally: _Tally, report: bool = True) -> None:
         """Stop, before anything is saved, when no rank has trained on a single sample of the
-        epoch so far; with ``report``, log the samples it skipped. The ranks sum their counts first, so that all of
-        them reach the same decision (one that raised alone would leave the others waiting
-        in the next all-reduce)."""
+        epoch so far; with ``report``, log the samples it skipped. The ranks sum their counts
+        first, so that all of them reach the same decision (one that raised alone would leave
+        the others waiting in the next all-reduce)."""
         trained, skipped = tally.trained, tally.skipped
         if self.world > 1:
             device = self.device if dist.get_backend() == "nccl" else torch.device("cpu")
