@@ -381,3 +381,19 @@ def test_fewer_samples_than_the_effective_batch_are_warned_about(ws, tmp_path, c
     with caplog.at_level(logging.WARNING, logger="sdrpn.rpn.train"):
         assert main(train_args(ws, tmp_path / "enough", *QUICK, "--effective-batch", "16")) == 0
     assert not [r for r in caplog.records if "optimiser step" in r.getMessage()]
+
+
+def test_held_out_samples_that_were_skipped_are_counted(ws, tmp_path, caplog):
+    """Metrics over a held-out split that lost its images say so, instead of reading as
+    the figures of the whole split."""
+    held = LabelShardDataset(str(ws / "labels"), make_tokenizer(), IMAGE, split="held_out", held_out_fraction=0.2)
+    shutil.copytree(ws / "images", tmp_path / "images")
+    missing = [row["image"] for row in held.rows[:3]]
+    for name in missing:
+        os.remove(tmp_path / "images" / name)
+    out = tmp_path / "run"
+    with caplog.at_level(logging.WARNING, logger="sdrpn"):
+        assert main(train_args(ws, out, "--epochs", "1", "--image-folder", str(tmp_path / "images"))) == 0
+    metrics = json.loads((out / "metrics-epoch0.json").read_text())
+    assert (metrics["samples"], metrics["skipped"]) == (len(held) - 3, 3)
+    assert "epoch 0 held-out: skipped 3 samples (3 image missing)" in caplog.text

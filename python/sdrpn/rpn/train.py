@@ -440,11 +440,16 @@ class RPNTrainer:
     def _held_out_metrics(self, rpn, held_out, epoch: int, global_step: int) -> dict:
         size = self.cfg.batch_size
         chunks = [list(range(i, min(i + size, len(held_out)))) for i in range(0, len(held_out), size)]
-        batches = (batch for batch, _ in self._loader(held_out, chunks))
+        tally = _Tally()
+        batches = _tallied(self._loader(held_out, chunks), tally)
         metrics = evaluate(self.model, rpn, batches, self.image_token_id, self.device, self._autocast)
-        metrics.update(epoch=epoch, global_step=global_step)
+        # What the figures cover: a held-out split whose images went missing reads as such.
+        skipped = sum(tally.skipped.values())
+        metrics.update(samples=tally.trained, skipped=skipped, epoch=epoch, global_step=global_step)
         write_json(os.path.join(self.cfg.out, f"metrics-epoch{epoch}.json"), metrics)
         log.info("epoch %d held-out: %s", epoch, metrics)
+        if skipped:
+            log.warning("epoch %d held-out: skipped %d samples (%s)", epoch, skipped, skip_reasons(tally.skipped))
         return metrics
 
     def _check_trained(self, epoch: int, tally: _Tally, report: bool = True) -> None:
