@@ -208,7 +208,7 @@ def fake_graphs(monkeypatch, fail: bool = False) -> list:
 
     monkeypatch.setattr(decode_module, "capture_graph", capture)
     monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
-    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: FakeStream())
+    monkeypatch.setattr(decode_module, "capture_stream", lambda device: FakeStream())
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: FakeStream())
     monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
     return captures
@@ -362,3 +362,13 @@ def test_mask_crops_pass2_groups_and_stage_timings_on_cuda():
     timings = got[0].timings
     assert set(timings) == {"prompt", "rpn", "boxes", "crop_encode", "pass2_decode", "total"}
     assert all(v >= 0 for v in timings.values()) and timings["pass2_decode"] > 0
+
+
+@needs_cuda
+def test_every_capture_on_a_device_runs_on_one_stream():
+    """Graphs share a memory pool only when captured on one stream; each stream would also
+    keep a cuBLAS workspace of its own."""
+    here = torch.cuda.current_device()
+    stream = decode_module.capture_stream(torch.device("cuda"))
+    assert decode_module.capture_stream(torch.device("cuda", here)) is stream
+    assert stream.device == torch.device("cuda", here) and stream != torch.cuda.current_stream()

@@ -96,13 +96,28 @@ def capture_error(error: BaseException) -> str:
     return " <- ".join(causes)
 
 
+_CAPTURE_STREAMS: dict[int, torch.cuda.Stream] = {}
+
+
+def capture_stream(device: torch.device) -> torch.cuda.Stream:
+    """The one side stream of ``device`` that every warm-up and capture runs on: graphs
+    share a memory pool only when captured on one stream, and cuBLAS keeps a workspace per
+    stream it runs on (a fresh stream per capture would take one from torch's pool of 32)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _CAPTURE_STREAMS:
+        _CAPTURE_STREAMS[index] = torch.cuda.Stream(index)
+    return _CAPTURE_STREAMS[index]
+
+
 def warm_up_and_capture(
     fn: Callable[[], Tensor], device: torch.device, fallback: str, pool=None
 ) -> tuple[Tensor, Callable[[], Tensor] | None]:
     """Runs ``fn`` for real on a side stream (which also warms up the libraries' handles),
     then records it there as a graph without running it: (the run's output, the replay),
-    or (the output, None) with a warning "CUDA graph capture failed, ``fallback``: why"."""
-    stream = torch.cuda.Stream(device)
+    or (the output, None) with a warning "CUDA graph capture failed, ``fallback``: why".
+    Graphs replay the work as captured: under torch.autocast its cast cache would be
+    captured too, so callers run without autocast (nothing in sdrpn enables it)."""
+    stream = capture_stream(device)
     stream.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(stream):
         out = fn()
@@ -241,7 +256,8 @@ class DecoderPool:
         self._decoders.clear()
 
     def get(self, model: nn.Module, batch: int, slots: int, graph: bool) -> StaticDecoder:
-        key = (id(model), batch, graph)
+        # The text model, which a kept decoder holds: its id cannot be reused while kept.
+        key = (id(model.get_decoder()), batch, graph)
         decoder = self._decoders.pop(key, None)
         if decoder is None or decoder.capacity < slots:
             decoder = None  # free the smaller buffers first

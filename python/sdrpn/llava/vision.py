@@ -30,7 +30,8 @@ def image_features(model: nn.Module, pixels: Tensor) -> Tensor:
 class ImageEncoder:
     """``encoder(pixels)`` is ``image_features(model, pixels)``; with ``graph`` (CUDA only)
     batches of up to GRAPH_MAX_IMAGES images replay a graph captured on their first call.
-    ``clear()`` frees the graphs."""
+    ``clear()`` frees the graphs; after a failed capture the encoder stays eager (the same
+    model would fail again)."""
 
     def __init__(self, model: nn.Module, graph: bool):
         self.model = model
