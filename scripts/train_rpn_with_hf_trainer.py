@@ -1,6 +1,11 @@
 """Train the SD-RPN head inside a Hugging Face Trainer loop, as a LLaVA training script would.
 
 python scripts/train_rpn_with_hf_trainer.py --model DIR --labels LABELS --out OUT [--steps 100]
+
+The RPN is set up for its labels as `sdrpn train` sets it up (`sdrpn.rpn.rpn_for_labels`: the
+preset the labels record, their prompt template and preprocessing), and OUT is an RPN folder
+that `RegionProposalNetwork.from_pretrained` and `sdrpn infer --rpn` read. Trainer's own
+checkpoints, if you turn them on, hold the weights under `rpn.` names, not an RPN folder.
 """
 
 import argparse
@@ -8,9 +13,8 @@ import argparse
 from transformers import Trainer, TrainingArguments
 
 from sdrpn.llava.loading import load_llava
-from sdrpn.rpn.dataset import LabelShardDataset
+from sdrpn.rpn import LabelShardDataset, rpn_for_labels
 from sdrpn.rpn.hf_trainer import RPNForTraining, label_collator
-from sdrpn.rpn.model import RegionProposalNetwork
 
 
 def main() -> None:
@@ -18,15 +22,15 @@ def main() -> None:
     parser.add_argument("--model", required=True)
     parser.add_argument("--labels", required=True)
     parser.add_argument("--out", required=True)
-    parser.add_argument("--branch-layer", type=int, default=15)
-    parser.add_argument("--depth", type=int, default=3)
+    parser.add_argument("--branch-layer", type=int, help="default: the labels' preset's, else 15")
+    parser.add_argument("--depth", type=int, help="default: the labels' preset's, else 3")
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=5e-5)
     args = parser.parse_args()
 
     llava, tokenizer = load_llava(args.model, "fp32")
-    rpn = RegionProposalNetwork.from_llava(llava, args.branch_layer, args.depth)
+    rpn = rpn_for_labels(llava, args.labels, branch_layer=args.branch_layer, depth=args.depth)
     data = LabelShardDataset(args.labels, tokenizer, llava.config.image_token_id, split="train")
     trainer = Trainer(
         model=RPNForTraining(llava, rpn),
@@ -49,7 +53,8 @@ def main() -> None:
         data_collator=label_collator(tokenizer.pad_token_id),
     )
     trainer.train()
-    rpn.save(args.out)
+    if trainer.is_world_process_zero():
+        rpn.save_pretrained(args.out)
 
 
 if __name__ == "__main__":

@@ -88,10 +88,23 @@ def pseudo_label_stats(labels: Tensor, ignore_index: int = IGNORE_INDEX) -> Tens
 
     Returns:
         (B, 3) int64: foreground, background and ignored cells of each sample.
+
+    Labels other than 1, 0 and ``ignore_index`` are refused, so that the counts add up to N
+    (one host synchronisation).
     """
     if labels.dim() != 2:
         raise ValueError(f"labels must be (B, N), got shape {tuple(labels.shape)}")
-    return torch.stack([(labels == 1).sum(1), (labels == 0).sum(1), (labels == ignore_index).sum(1)], dim=1)
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
+    stats = torch.stack([(labels == 1).sum(1), (labels == 0).sum(1), (labels == ignore_index).sum(1)], dim=1)
+    counted = stats.sum(1) != labels.shape[1]
+    if bool(counted.any()):
+        sample = int(counted.nonzero()[0, 0])
+        others = sorted({int(v) for v in labels[sample].unique()} - {0, 1, ignore_index})
+        raise ValueError(
+            f"labels must hold 1, 0 and ignore_index={ignore_index} only, got {others[:5]} in labels[{sample}]"
+        )
+    return stats
 
 
 def massive_activation_sinks(hidden: Tensor, dims: Sequence[int], *, tau: float = 20.0, eps: float = 1e-6) -> Tensor:
@@ -151,10 +164,24 @@ def attention_rows(
     )
 
 
+def _check_same_device(ref_name: str, ref: Tensor, **tensors: Tensor | None) -> None:
+    """The kernels' device check, for the fake kernels: mixing meta tensors with real ones
+    dispatches here, where an unchecked result would be uninitialised memory."""
+    for name, t in tensors.items():
+        if t is not None:
+            torch._check(
+                t.device == ref.device,
+                lambda: f"{name} must be on the device of {ref_name} ({ref.device}), got {t.device}",  # noqa: B023
+            )
+
+
 @torch.library.register_fake("sdrpn::attention_rows")
 def _attention_rows_fake(query, key, query_positions, key_start, key_length, key_padding_mask=None, scale=None):
     torch._check(query.dim() == 4, lambda: f"query must be (B, H, Q, d), got {query.shape}")
     torch._check(key.dim() == 4, lambda: f"key must be (B, Hk, L, d), got {key.shape}")
+    _check_same_device(
+        "query", query, key=key, query_positions=query_positions, key_start=key_start, key_padding_mask=key_padding_mask
+    )
     b, h, q, _ = query.shape
     return query.new_empty((b, h, q, key_length), dtype=torch.float32)
 
@@ -173,6 +200,7 @@ def _pseudo_labels_fake(
 ):
     torch._check(grounding.dim() == 2, lambda: f"grounding must be (B, N), got {grounding.shape}")
     torch._check(sink.shape == grounding.shape, lambda: "sink must have the shape of grounding")
+    _check_same_device("grounding", grounding, sink=sink)
     torch._check(
         grounding.shape[1] == grid_h * grid_w,
         lambda: f"grounding has N = {grounding.shape[1]} cells but grid is {grid_h}x{grid_w}",
@@ -227,6 +255,10 @@ def _rpn_scores_fake(
     query_states, visual_states, q_weight, k_weight, num_heads, q_bias=None, k_bias=None, visual_mask=None
 ):
     torch._check(visual_states.dim() == 3, lambda: f"visual_states must be (B, N, D), got {visual_states.shape}")
+    _check_same_device(
+        "query_states", query_states, visual_states=visual_states, q_weight=q_weight, k_weight=k_weight,
+        q_bias=q_bias, k_bias=k_bias, visual_mask=visual_mask,
+    )  # fmt: skip
     return visual_states.new_empty(visual_states.shape[:2])
 
 
@@ -236,6 +268,11 @@ def _rpn_scores_backward_fake(
 ):
     # The kernel's gradients are contiguous whatever the inputs' layout (empty_like would
     # copy a transposed weight's strides, and compiled code trusts these).
+    _check_same_device(
+        "query_states", query_states, grad=grad, visual_states=visual_states, q_weight=q_weight, k_weight=k_weight,
+        q_bias=q_bias, k_bias=k_bias, visual_mask=visual_mask,
+    )  # fmt: skip
+
     def like(t):
         return t.new_empty(t.shape)
 
@@ -266,6 +303,37 @@ def _rpn_scores_backward(ctx, grad):
 
 
 torch.library.register_autograd("sdrpn::rpn_scores", _rpn_scores_backward, setup_context=_rpn_scores_setup_context)
+
+
+def _no_derivative(name: str, why: str) -> None:
+    """A backward through op ``name`` raises, as torch's ops without a derivative do. Without
+    an autograd kernel, torch's fallback would only warn and leave the inputs' gradients
+    silently wrong."""
+
+    def backward(ctx, *grads):
+        raise RuntimeError(f"sdrpn.ops.{name} has no derivative: {why}")
+
+    torch.library.register_autograd(f"sdrpn::{name}", backward)
+
+
+def _not_differentiable(name: str) -> None:
+    """Op ``name``'s outputs never require grad, as those of torchvision's nms or of argmax:
+    nothing flows back through them, and torch.compile traces the op with inputs that
+    require grad (a backward that raised would fail the compilation)."""
+
+    def setup_context(ctx, inputs, output):
+        ctx.mark_non_differentiable(*(output if isinstance(output, tuple) else (output,)))
+
+    def backward(ctx, *grads):  # never called: no output requires grad
+        raise RuntimeError(f"sdrpn.ops.{name} is not differentiable")
+
+    torch.library.register_autograd(f"sdrpn::{name}", backward, setup_context=setup_context)
+
+
+_no_derivative("rpn_scores_backward", "rpn_scores supports first-order gradients only (no create_graph=True)")
+# Label maps and box rules: they make labels and crops, not a training signal.
+_not_differentiable("attention_rows")
+_not_differentiable("roi_boxes")
 
 
 def roi_boxes(

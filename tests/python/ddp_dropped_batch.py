@@ -25,7 +25,7 @@ model, tok = load_llava(model_dir, "fp32")
 cfg = TrainConfig(labels=labels, out=out, branch_layer=1, depth=2, batch_size=4, held_out_fraction=0)
 trainer = RPNTrainer(cfg, model, tok, rank=rank, world_size=world)
 train_set, _ = trainer._datasets()
-rpn = trainer._rpn(train_set.config)
+rpn = trainer._rpn()
 optimizer, scheduler, _ = trainer._schedule(rpn, len(train_set))
 
 

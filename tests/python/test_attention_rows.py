@@ -180,3 +180,18 @@ def test_non_finite_rows_are_nan_as_in_eager_attention(device, bad, where):
     assert window.isnan().any()
     assert torch.equal(out.isnan(), window.isnan())
     torch.testing.assert_close(out[~window.isnan()], window[~window.isnan()], atol=1e-5, rtol=1e-4)
+
+
+def test_the_rows_are_not_differentiable():
+    """Not differentiable, as nms is: the rows never require grad, eager or compiled (torch's
+    fallback for ops without autograd would attach a backward that leaves no gradients)."""
+    inputs = make_attention_inputs()
+    query = inputs.query.clone().requires_grad_(True)
+
+    def rows(q):
+        return sdrpn.ops.attention_rows(q, *inputs.args()[1:], key_padding_mask=inputs.key_padding_mask)
+
+    assert not rows(query).requires_grad
+    torch._dynamo.reset()
+    compiled = torch.compile(rows, fullgraph=True, backend="aot_eager")(query)
+    assert not compiled.requires_grad and torch.equal(compiled, rows(query))

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import pytest
@@ -360,8 +361,15 @@ def test_bad_inputs(tiny):
         sd.predict_rois([torch.zeros(3, 4, 4)], QUESTIONS[:1])
     with pytest.raises(NotImplementedError, match="only greedy decoding is supported, got {'do_sample': True}"):
         sd.generate(images(1), QUESTIONS[:1], do_sample=True)
+    with pytest.raises(TypeError, match=r"generate\(\) got unexpected keyword arguments \['max_tokens'\]"):
+        sd.generate(images(1), QUESTIONS[:1], max_tokens=3)  # a typo, not a decoding choice
     with pytest.raises(ValueError, match="max_new_tokens must be >= 1, got 0"):
         sd.generate(images(1), QUESTIONS[:1], max_new_tokens=0)
+    # An empty batch answers nothing; an unpaired one is still refused.
+    assert sd.generate([], []) == [] and sd.predict_rois([], []) == []
+    assert BaseLlava(tiny.model, make_tokenizer(), prompt_template=TEMPLATE).generate([], []) == []
+    with pytest.raises(ValueError, match="images and questions must pair up, got 0 and 1"):
+        sd.generate([], QUESTIONS[:1])
     assert len(sd.generate(images(1), QUESTIONS[:1], max_new_tokens=1, do_sample=False)[0].tokens) == 1
     with pytest.raises(ValueError, match="mode must be one of"):
         grid_box_to_pixels((0, 0, 1, 1), 4, 4, 10, 10, mode="stretch")
@@ -558,9 +566,27 @@ def test_resampled_crops_keep_their_aspect():
 def test_benchmark_thresholds_by_name(tiny):
     assert pipeline(tiny).roi.threshold == 0.15
     assert pipeline(tiny, task="docvqa").roi.threshold == 0.10
-    assert pipeline(tiny, task="ocrbench", roi=RoiOptions(threshold=0.3)).roi.threshold == 0.3
     with pytest.raises(ValueError, match="task must be one of"):
         pipeline(tiny, task="nope")
+
+
+def test_roi_arguments_change_the_rpn_folders_options_field_by_field(tiny):
+    recorded = RoiOptions(threshold=0.3, sigma=0.5, min_area=1, max_area=16, crop_mode="bbox", drop_singletons=False)
+    rpn = RegionProposalNetwork.from_llava(tiny.model, branch_layer=2, depth=2, roi=recorded)
+    pipe = SDRPNLlava(tiny.model, make_tokenizer(), rpn, prompt_template=TEMPLATE, roi={"token_ratio": 0.5})
+    assert pipe.roi == dataclasses.replace(recorded, token_ratio=0.5)
+    pipe = SDRPNLlava(tiny.model, make_tokenizer(), rpn, prompt_template=TEMPLATE, task="docvqa", roi={"sigma": 2.0})
+    assert pipe.roi == dataclasses.replace(recorded, threshold=0.10, sigma=2.0)
+    whole = RoiOptions(threshold=0.2)
+    assert SDRPNLlava(tiny.model, make_tokenizer(), rpn, prompt_template=TEMPLATE, roi=whole).roi == whole
+    with pytest.raises(ValueError, match="task='docvqa' sets the threshold and roi=RoiOptions"):
+        SDRPNLlava(tiny.model, make_tokenizer(), rpn, prompt_template=TEMPLATE, task="docvqa", roi=whole)
+    with pytest.raises(ValueError, match=r"RoiOptions has unknown fields \['treshold'\]"):
+        SDRPNLlava(tiny.model, make_tokenizer(), rpn, prompt_template=TEMPLATE, roi={"treshold": 0.1})
+    with pytest.raises(ValueError, match="sigma must be > 0"):
+        SDRPNLlava(tiny.model, make_tokenizer(), rpn, prompt_template=TEMPLATE, roi={"sigma": 0})
+    with pytest.raises(TypeError, match="roi must be a RoiOptions, a dict of its fields or None, got float"):
+        SDRPNLlava(tiny.model, make_tokenizer(), rpn, prompt_template=TEMPLATE, roi=0.1)
 
 
 def test_answer_file_resume_keeps_every_valid_row(tmp_path, caplog):

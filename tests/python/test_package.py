@@ -5,6 +5,8 @@ import pytest
 import torch
 
 import sdrpn
+from attention_samples import make_attention_inputs
+from rpn_samples import make_rpn_inputs
 from sdrpn.cli import build_parser, main
 from sdrpn.labels.demo import region_iou
 from sdrpn.labels.synthetic_maps import make_synthetic_maps
@@ -40,6 +42,22 @@ def test_sinks_vector_path_matches_float64_sums(dtype, contiguous):
 def test_ops_are_registered():
     assert hasattr(torch.ops.sdrpn, "pseudo_labels")
     assert hasattr(torch.ops.sdrpn, "massive_activation_sinks")
+
+
+def test_fake_kernels_check_devices_as_the_kernels_do():
+    """A meta tensor among real ones dispatches to the fake kernel: it refuses the mix as
+    the real kernels refuse CPU with CUDA, instead of returning uninitialised memory."""
+    attention = make_attention_inputs()
+    a = attention.args()
+    with pytest.raises(RuntimeError, match=r"key must be on the device of query \(cpu\), got meta"):
+        sdrpn.ops.attention_rows(a[0], a[1].to("meta"), *a[2:])
+    with pytest.raises(RuntimeError, match=r"sink must be on the device of grounding \(cpu\), got meta"):
+        sdrpn.ops.pseudo_labels(torch.rand(2, 24), torch.rand(2, 24, device="meta"), 4, 6)
+    args, kwargs = make_rpn_inputs()
+    with pytest.raises(RuntimeError, match=r"q_weight must be on the device of query_states \(cpu\), got meta"):
+        sdrpn.ops.rpn_scores(args[0], args[1], args[2].to("meta"), *args[3:], **kwargs)
+    meta = sdrpn.ops.pseudo_labels(torch.rand(2, 24, device="meta"), torch.rand(2, 24, device="meta"), 4, 6)
+    assert meta.device.type == "meta" and meta.shape == (2, 24)
 
 
 def test_synthetic_maps_are_normalised_with_sinks():

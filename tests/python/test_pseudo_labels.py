@@ -167,6 +167,14 @@ def test_inputs_split_between_cuda_and_cpu_are_refused():
 def test_stats_rejects_bad_rank():
     with pytest.raises(ValueError, match=r"labels must be \(B, N\), got shape \(4,\)"):
         sdrpn.ops.pseudo_label_stats(torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match="labels must be an integer tensor, got torch.float32"):
+        sdrpn.ops.pseudo_label_stats(torch.rand(2, 4))
+    with pytest.raises(ValueError, match=r"labels must hold 1, 0 and ignore_index=-100 only, got \[5\] in labels\[1\]"):
+        sdrpn.ops.pseudo_label_stats(torch.tensor([[0, 1], [5, -100]]))
+    with pytest.raises(ValueError, match=r"ignore_index=-1 only, got \[-100\]"):  # another ignore value
+        sdrpn.ops.pseudo_label_stats(torch.tensor([[0, -100]]), ignore_index=-1)
+    assert sdrpn.ops.pseudo_label_stats(torch.zeros(0, 4, dtype=torch.long)).shape == (0, 3)
+    assert sdrpn.ops.pseudo_label_stats(torch.tensor([[1, 0, -100, 1]], dtype=torch.int32)).tolist() == [[2, 1, 1]]
 
 
 @pytest.mark.parametrize("device", DEVICES)

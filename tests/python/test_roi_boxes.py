@@ -162,3 +162,8 @@ def test_cuda_matches_cpu_on_a_large_batch():
     cuda = sdrpn.ops.roi_boxes(prob.cuda())
     for a, b in zip(cpu, cuda):
         torch.testing.assert_close(b.cpu(), a, rtol=1e-6, atol=1e-6)
+
+
+def test_the_blurred_map_is_not_differentiable():
+    prob = torch.rand(2, 6, 6, requires_grad=True)
+    assert not any(t.requires_grad for t in sdrpn.ops.roi_boxes(prob))

@@ -197,3 +197,13 @@ def test_cuda_matches_cpu_on_llava_shapes(dtype):
     cuda = sdrpn.ops.rpn_scores(*cuda_args).float().cpu()
     tol = 1e-3 if dtype == torch.float32 else 5e-2
     torch.testing.assert_close(cuda, cpu, rtol=tol, atol=tol)
+
+
+def test_a_second_order_gradient_is_refused():
+    """First-order gradients only: a gradient of the gradients raises instead of coming back
+    wrong or None."""
+    args, kwargs = make_rpn_inputs(batch=2, cells=5, hidden=6, head_dim=3, dtype=torch.float64, requires_grad=True)
+    scores = sdrpn.ops.rpn_scores(*args, **kwargs)
+    (gq,) = torch.autograd.grad(scores.pow(2).sum(), args[0], create_graph=True)
+    with pytest.raises(RuntimeError, match="rpn_scores supports first-order gradients only"):
+        gq.sum().backward()

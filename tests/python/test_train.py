@@ -213,6 +213,15 @@ LAUNCHERS = {
 @pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
 def test_hf_trainer_example(ws, tmp_path, launcher):
     out = tmp_path / "hf"
+    # Labels made with another template and preprocessing: the RPN must record theirs, or
+    # it would prompt at inference as its labels were not made.
+    shutil.copytree(ws / "labels", tmp_path / "labels")
+    labels = LabelFolder(str(tmp_path / "labels"))
+    config = labels.config
+    config.options = config.options.updated(
+        prompt_template="USER: <image>\n{question} ASSISTANT:", preprocessing="crop"
+    )
+    labels.write_config(config)
     script = os.path.join(os.path.dirname(__file__), "..", "..", "scripts", "train_rpn_with_hf_trainer.py")
     done = subprocess.run(
         [
@@ -222,7 +231,7 @@ def test_hf_trainer_example(ws, tmp_path, launcher):
             "--model",
             str(ws / "model"),
             "--labels",
-            str(ws / "labels"),
+            str(tmp_path / "labels"),
             "--out",
             str(out),
             "--branch-layer",
@@ -246,6 +255,9 @@ def test_hf_trainer_example(ws, tmp_path, launcher):
     fresh = RegionProposalNetwork.from_llava(model, 1, 2).trainable_state_dict()
     assert not torch.equal(weights["q_proj.weight"], fresh["q_proj.weight"])  # it trained
     assert not any(k.startswith("_backbone") for k in weights)
+    loaded = RegionProposalNetwork.from_pretrained(str(out), model=model)
+    assert (loaded.config.prompt_template, loaded.config.preprocessing) == (config.prompt_template, "crop")
+    assert (out / "README.md").exists()  # save_pretrained's model card
 
 
 # ---- a new user's mistakes ------------------------------------------------------------------

@@ -49,6 +49,13 @@ class LlavaAnswering:
         pixels = thread_map(lambda im: preprocess_image(im, size, mean, std, mode=mode)[0], images)
         return pixel_batch(pixels, self.device, self.dtype)
 
+    @staticmethod
+    def _batch_size(images, questions) -> int:
+        """The number of (image, question) pairs; 0 answers nothing (an empty list)."""
+        if len(images) != len(questions):
+            raise ValueError(f"images and questions must pair up, got {len(images)} and {len(questions)}")
+        return len(images)
+
     def _images(self, images) -> list[Image.Image]:
         out = []
         for i, image in enumerate(images):

@@ -14,13 +14,14 @@ base model.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
-from transformers import DynamicCache
+from transformers import DynamicCache, GenerationConfig
 
 from .. import ops
 from ..llava.decode import DecoderPool, greedy_decode, resolve_decoder
@@ -107,13 +108,32 @@ class _Pass1:
     clock: Stopwatch
 
 
+def _roi_options(rpn: RegionProposalNetwork, task: str | None, roi: RoiOptions | Mapping | None) -> RoiOptions:
+    """The RPN folder's RoI options (its task's threshold with ``task``), with a dict's
+    fields changed, or a whole ``RoiOptions`` instead."""
+    if isinstance(roi, RoiOptions):
+        if task:
+            raise ValueError(
+                f"task={task!r} sets the threshold and roi={roi!r} sets every option: pass one, or roi as a dict of "
+                "the fields to change"
+            )
+        return roi
+    base = rpn.config.task_roi_options(task) if task else rpn.config.roi_options
+    if roi is None:
+        return base
+    if not isinstance(roi, Mapping):
+        raise TypeError(f"roi must be a RoiOptions, a dict of its fields or None, got {type(roi).__name__}")
+    return RoiOptions.from_dict({**base.to_dict(), **roi})  # refuses names RoiOptions lacks
+
+
 class SDRPNLlava(LlavaAnswering):
     """LLaVA-1.5 with a trained RPN: ``predict_rois`` and greedy ``generate`` for batches.
 
     The prompt template, the image preprocessing and the RoI options default to what the
     RPN records (its labels' template and preprocessing, its preset's RoI options); ``task``
-    picks the threshold the reference used for a benchmark ("textvqa", "docvqa", ...);
-    pass ``roi`` and the rest to override. ``decoder`` picks how tokens after the prompt
+    picks the threshold the reference used for a benchmark ("textvqa", "docvqa", ...).
+    ``roi`` as a dict changes those fields of them (``{"threshold": 0.1}``); as a
+    ``RoiOptions`` it replaces them all. ``decoder`` picks how tokens after the prompt
     are decoded (``sdrpn.llava.decode``: CUDA graphs on CUDA by default).
     ``pass2_group_cost`` is the padded tokens a further pass-2 forward must save to run
     (``sdrpn.infer.pass2``); a very large value runs every batch as one padded forward.
@@ -126,16 +146,13 @@ class SDRPNLlava(LlavaAnswering):
         rpn: RegionProposalNetwork,
         *,
         task: str | None = None,
-        roi: RoiOptions | None = None,
+        roi: RoiOptions | Mapping | None = None,
         preprocessing: str | None = None,
         prompt_template: str | None = None,
         decoder: str = "auto",
         pass2_group_cost: int = GROUP_COST_TOKENS,
     ):
-        if roi is not None:
-            self.roi = roi
-        else:
-            self.roi = rpn.config.task_roi_options(task) if task else rpn.config.roi_options
+        self.roi = _roi_options(rpn, task, roi)
         super().__init__(
             model,
             processor,
@@ -165,8 +182,6 @@ class SDRPNLlava(LlavaAnswering):
     # ---- pass 1 ---------------------------------------------------------------------------
     @torch.no_grad()
     def _pass1(self, images, questions) -> tuple[_Pass1, list[Image.Image]]:
-        if len(images) != len(questions):
-            raise ValueError(f"images and questions must pair up, got {len(images)} and {len(questions)}")
         clock = Stopwatch(self.device)
         images = self._images(images)
         prompts = [self._split_prompt(q) for q in questions]
@@ -223,6 +238,8 @@ class SDRPNLlava(LlavaAnswering):
 
     def predict_rois(self, images, questions) -> list[RoiPrediction]:
         """RoIs for a batch: boxes in source pixels and grid cells, probabilities, kept tokens."""
+        if not self._batch_size(images, questions):
+            return []
         p1, _ = self._pass1(images, questions)
         return p1.rois
 
@@ -269,12 +286,17 @@ class SDRPNLlava(LlavaAnswering):
         Decoding is greedy (as SD-RPN evaluates); other `generate` options are refused
         rather than silently ignored.
         """
+        unknown = sorted(k for k in generate_kwargs if not hasattr(GenerationConfig(), k))
+        if unknown:
+            raise TypeError(f"generate() got unexpected keyword arguments {unknown}")
         greedy = {"do_sample": False, "num_beams": 1}
         other = {k: v for k, v in generate_kwargs.items() if greedy.get(k, object()) != v}
         if other:
             raise NotImplementedError(f"only greedy decoding is supported, got {other}")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if not self._batch_size(images, questions):
+            return []
         p1, images = self._pass1(images, questions)
         clock = p1.clock
         # On the device before any pass-2 work is queued (a copy there waits for that work).

@@ -91,7 +91,9 @@ class ShardBuffer:
 
 
 class LabelJob:
-    """Labels one rank's share of the data; `run()` returns the rank's summary."""
+    """Labels one rank's share of the data; `run()` returns the rank's summary. Once every
+    rank is done, `LabelFolder(out).write_summary()` writes the folder's summary and raises
+    where the folder labelled nothing but skipped samples (as `sdrpn label` does)."""
 
     def __init__(self, cfg: LabelJobConfig, model: nn.Module, tokenizer, preset: LlavaPreset):
         preset.check_fits(model.config)

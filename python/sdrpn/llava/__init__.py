@@ -1,6 +1,6 @@
 """Hooks into Hugging Face LLaVA-1.5 (transformers' LlavaForConditionalGeneration)."""
 
-from .maps import AttentionMaps, TeacherForcedBatch, attention_maps
+from .maps import AttentionMaps, TeacherForcedBatch, attention_maps, given_answer_maps
 from .presets import LLAVA15_7B, LLAVA15_13B, PRESETS, HeadSelection, LlavaPreset, get_preset
 from .probe import AttentionProbe, EarlyExit, probe_once
 
@@ -16,5 +16,6 @@ __all__ = [
     "TeacherForcedBatch",
     "attention_maps",
     "get_preset",
+    "given_answer_maps",
     "probe_once",
 ]

@@ -2,7 +2,7 @@
 
 from .dataset import LabelBatch, LabelCollator, LabelShardDataset
 from .model import RegionProposalNetwork, RPNConfig, rpn_loss
-from .train import RPNTrainer, TrainConfig
+from .train import RPNTrainer, TrainConfig, rpn_for_labels
 
 __all__ = [
     "LabelBatch",
@@ -12,5 +12,6 @@ __all__ = [
     "RPNTrainer",
     "RegionProposalNetwork",
     "TrainConfig",
+    "rpn_for_labels",
     "rpn_loss",
 ]

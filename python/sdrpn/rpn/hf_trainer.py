@@ -1,13 +1,14 @@
 """SD-RPN inside a Hugging Face `Trainer` loop.
 
-from sdrpn.rpn import LabelShardDataset, RegionProposalNetwork
+from sdrpn.rpn import LabelShardDataset, rpn_for_labels
 from sdrpn.rpn.hf_trainer import RPNForTraining, label_collator
 
-rpn = RegionProposalNetwork.from_llava(llava, branch_layer=15, depth=3)
+rpn = rpn_for_labels(llava, "labels/")      # the labels' preset, template and preprocessing
 module = RPNForTraining(llava, rpn)          # only the RPN's parameters train
 data = LabelShardDataset("labels/", tokenizer, llava.config.image_token_id, split="train")
 Trainer(model=module, args=TrainingArguments(..., remove_unused_columns=False),
         train_dataset=data, data_collator=label_collator(tokenizer.pad_token_id)).train()
+rpn.save_pretrained("runs/rpn")             # an RPN folder, for SDRPNLlava and `sdrpn infer`
 """
 
 from __future__ import annotations

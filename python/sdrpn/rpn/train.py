@@ -33,7 +33,7 @@ from ..labels.folder import LabelFolder
 from ..llava.backbone import branch_hidden_states
 from ..llava.data import skip_reasons
 from ..llava.loading import fingerprints_match, model_identity, pad_token_id, same_model_name
-from ..llava.presets import LlavaPreset, get_preset, preset_from_dict
+from ..llava.presets import get_preset, preset_from_dict
 from ..ops import IGNORE_INDEX
 from ..options import Options, RoiOptions, option, setting_changes
 from ..prefetch import prefetch
@@ -181,12 +181,43 @@ def check_fresh_out(cfg: TrainConfig) -> None:
         )
 
 
-def labels_preset(cfg: TrainConfig) -> LlavaPreset | None:
-    """The preset named in the config, else the one the label folder records (if any)."""
-    if cfg.preset is not None:
-        return get_preset(cfg.preset)
-    recorded = LabelFolder(cfg.labels).config.preset
-    return preset_from_dict(recorded) if recorded else None
+def rpn_settings(
+    model: nn.Module,
+    labels: str,
+    *,
+    preset: str | None = None,
+    branch_layer: int | None = None,
+    depth: int | None = None,
+    roi_overrides: dict | None = None,
+) -> dict:
+    """``RegionProposalNetwork.from_llava``'s arguments for an RPN trained on the labels in
+    ``labels``: the preset's branch layer, depth and RoI options (``preset`` if given, else
+    the one the labels record, else 15, 3 and SPEC's RoI defaults), any of which the other
+    arguments override, and the labels' prompt template and preprocessing, so that the RPN
+    prompts at inference as its labels were made."""
+    config = LabelFolder(labels).config
+    if preset is not None:
+        chosen = get_preset(preset)
+    else:
+        chosen = preset_from_dict(config.preset) if config.preset else None
+    if chosen is not None:
+        chosen.check_fits(model.config)
+    return {
+        "branch_layer": branch_layer or (chosen.branch_layer if chosen else 15),
+        "depth": depth or (chosen.depth if chosen else 3),
+        "preset": chosen.name if chosen else None,
+        "prompt_template": config.prompt_template,
+        "preprocessing": config.options.preprocessing,
+        "roi": (chosen.roi if chosen else RoiOptions()).updated(**(roi_overrides or {})),
+    }
+
+
+def rpn_for_labels(model: nn.Module, labels: str, **overrides) -> RegionProposalNetwork:
+    """A new RPN on ``model`` for the labels in ``labels``, set up as ``sdrpn train`` sets it
+    up (``rpn_settings``; ``overrides`` are its keyword arguments). Refuses labels made by
+    another base model. For training loops of one's own, such as a Hugging Face Trainer's."""
+    check_labels_base_model(labels, LabelFolder(labels).config.model, model)
+    return RegionProposalNetwork.from_llava(model, **rpn_settings(model, labels, **overrides))
 
 
 # ---- metrics --------------------------------------------------------------------------------
@@ -281,13 +312,11 @@ class RPNTrainer:
         self.image_token_id = model.config.image_token_id
         self.collator = LabelCollator(pad_token_id(tokenizer))
         check_labels_base_model(cfg.labels, LabelFolder(cfg.labels).config.model, model)
-        preset = labels_preset(cfg)
-        if preset is not None:
-            preset.check_fits(model.config)
-        self.preset = preset
-        self.branch_layer = cfg.branch_layer or (preset.branch_layer if preset else 15)
-        self.depth = cfg.depth or (preset.depth if preset else 3)
-        self.roi = (preset.roi if preset else RoiOptions()).updated(**(roi_overrides or {}))
+        self.rpn_settings = rpn_settings(
+            model, cfg.labels, preset=cfg.preset, branch_layer=cfg.branch_layer, depth=cfg.depth,
+            roi_overrides=roi_overrides,
+        )  # fmt: skip
+        self.branch_layer = self.rpn_settings["branch_layer"]
         self.grad_accum = cfg.grad_accum or accumulation_steps(cfg.effective_batch, cfg.batch_size, world_size)
 
     def _autocast(self):
@@ -324,16 +353,8 @@ class RPNTrainer:
                 log.warning("the held-out split is empty: no per-epoch metrics")
         return train_set, held_out
 
-    def _rpn(self, labels_config) -> RegionProposalNetwork:
-        rpn = RegionProposalNetwork.from_llava(
-            self.model,
-            self.branch_layer,
-            self.depth,
-            preset=self.preset.name if self.preset else None,
-            prompt_template=labels_config.prompt_template,
-            preprocessing=labels_config.options.preprocessing,
-            roi=self.roi,
-        )
+    def _rpn(self) -> RegionProposalNetwork:
+        rpn = RegionProposalNetwork.from_llava(self.model, **self.rpn_settings)
         rpn = rpn.to(self.device, torch.float32).train()
         if self.cfg.gradient_checkpointing:
             rpn.gradient_checkpointing_enable()
@@ -378,7 +399,7 @@ class RPNTrainer:
         check_fresh_out(cfg)
         torch.manual_seed(cfg.seed)
         train_set, held_out = self._datasets()
-        rpn = self._rpn(train_set.config)
+        rpn = self._rpn()
         optimizer, scheduler, total = self._schedule(rpn, len(train_set))
         progress = {"epoch": 0, "step_in_epoch": 0, "global_step": 0}
         if cfg.resume and (ckpt := latest_checkpoint(cfg.out)) is not None:
