@@ -363,6 +363,8 @@ def test_bad_inputs(tiny):
         sd.generate(images(1), QUESTIONS[:1], do_sample=True)
     with pytest.raises(TypeError, match=r"generate\(\) got unexpected keyword arguments \['max_tokens'\]"):
         sd.generate(images(1), QUESTIONS[:1], max_tokens=3)  # a typo, not a decoding choice
+    with pytest.raises(NotImplementedError, match="only greedy decoding is supported, got {'streamer': 1}"):
+        sd.generate(images(1), QUESTIONS[:1], streamer=1)  # generate's own argument, not a config field
     with pytest.raises(ValueError, match="max_new_tokens must be >= 1, got 0"):
         sd.generate(images(1), QUESTIONS[:1], max_new_tokens=0)
     # An empty batch answers nothing; an unpaired one is still refused.
@@ -585,6 +587,9 @@ def test_roi_arguments_change_the_rpn_folders_options_field_by_field(tiny):
         SDRPNLlava(tiny.model, make_tokenizer(), rpn, prompt_template=TEMPLATE, roi={"treshold": 0.1})
     with pytest.raises(ValueError, match="sigma must be > 0"):
         SDRPNLlava(tiny.model, make_tokenizer(), rpn, prompt_template=TEMPLATE, roi={"sigma": 0})
+    # None leaves a field as recorded, as flags left out do.
+    unset = {"threshold": None, "drop_singletons": None, "token_ratio": None}
+    assert SDRPNLlava(tiny.model, make_tokenizer(), rpn, prompt_template=TEMPLATE, roi=unset).roi == recorded
     with pytest.raises(TypeError, match="roi must be a RoiOptions, a dict of its fields or None, got float"):
         SDRPNLlava(tiny.model, make_tokenizer(), rpn, prompt_template=TEMPLATE, roi=0.1)
 

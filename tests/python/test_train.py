@@ -16,7 +16,7 @@ from sdrpn.llava.backbone import branch_hidden_states
 from sdrpn.llava.loading import load_llava, model_identity
 from sdrpn.rpn.dataset import LabelCollator, LabelShardDataset
 from sdrpn.rpn.model import RegionProposalNetwork, rpn_loss
-from sdrpn.rpn.train import RPNTrainer, TrainConfig, accumulation_steps, evaluate
+from sdrpn.rpn.train import RPNTrainer, TrainConfig, accumulation_steps, evaluate, rpn_for_labels
 from synthetic_labels import write_region_labels
 from tiny_llava import IMAGE, make_tokenizer, save_tiny_llava
 
@@ -409,3 +409,13 @@ def test_held_out_samples_that_were_skipped_are_counted(ws, tmp_path, caplog):
     metrics = json.loads((out / "metrics-epoch0.json").read_text())
     assert (metrics["samples"], metrics["skipped"]) == (len(held) - 3, 3)
     assert "epoch 0 held-out: skipped 3 samples (3 image missing)" in caplog.text
+
+
+def test_rpn_for_labels_takes_the_labels_settings_and_refuses_a_zero_branch_layer(ws):
+    model, _ = load_llava(str(ws / "model"), "fp32")
+    rpn = rpn_for_labels(model, str(ws / "labels"), branch_layer=1, depth=2)
+    labels = LabelFolder(str(ws / "labels")).config
+    assert (rpn.config.branch_layer, rpn.config.depth) == (1, 2)
+    assert (rpn.config.prompt_template, rpn.config.preprocessing) == (labels.prompt_template, "pad")
+    with pytest.raises(ValueError, match="got K=0, depth=2"):  # 0 is a value, not "the preset's"
+        rpn_for_labels(model, str(ws / "labels"), branch_layer=0, depth=2)

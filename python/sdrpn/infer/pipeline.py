@@ -13,6 +13,7 @@ base model.
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
-from transformers import DynamicCache, GenerationConfig
+from transformers import DynamicCache, GenerationConfig, GenerationMixin
 
 from .. import ops
 from ..llava.decode import DecoderPool, greedy_decode, resolve_decoder
@@ -108,6 +109,13 @@ class _Pass1:
     clock: Stopwatch
 
 
+# What Hugging Face's generate takes: its own arguments and GenerationConfig's fields.
+# Those are refused as other decoding; any other name is a mistake (a TypeError).
+_GENERATE_ARGUMENTS = frozenset(inspect.signature(GenerationMixin.generate).parameters) | frozenset(
+    vars(GenerationConfig())
+)
+
+
 def _roi_options(rpn: RegionProposalNetwork, task: str | None, roi: RoiOptions | Mapping | None) -> RoiOptions:
     """The RPN folder's RoI options (its task's threshold with ``task``), with a dict's
     fields changed, or a whole ``RoiOptions`` instead."""
@@ -123,7 +131,8 @@ def _roi_options(rpn: RegionProposalNetwork, task: str | None, roi: RoiOptions |
         return base
     if not isinstance(roi, Mapping):
         raise TypeError(f"roi must be a RoiOptions, a dict of its fields or None, got {type(roi).__name__}")
-    return RoiOptions.from_dict({**base.to_dict(), **roi})  # refuses names RoiOptions lacks
+    # None leaves a field as it was, as in Options.updated; unknown names are refused.
+    return RoiOptions.from_dict({**base.to_dict(), **{k: v for k, v in roi.items() if v is not None}})
 
 
 class SDRPNLlava(LlavaAnswering):
@@ -286,7 +295,7 @@ class SDRPNLlava(LlavaAnswering):
         Decoding is greedy (as SD-RPN evaluates); other `generate` options are refused
         rather than silently ignored.
         """
-        unknown = sorted(k for k in generate_kwargs if not hasattr(GenerationConfig(), k))
+        unknown = sorted(k for k in generate_kwargs if k not in _GENERATE_ARGUMENTS)
         if unknown:
             raise TypeError(f"generate() got unexpected keyword arguments {unknown}")
         greedy = {"do_sample": False, "num_beams": 1}

@@ -24,6 +24,7 @@ attention does (LLaVA-1.5 has none), so that both run the same kernel.
 
 from __future__ import annotations
 
+import threading
 import warnings
 from collections.abc import Callable
 
@@ -96,17 +97,22 @@ def capture_error(error: BaseException) -> str:
     return " <- ".join(causes)
 
 
-_CAPTURE_STREAMS: dict[int, torch.cuda.Stream] = {}
+_CAPTURE_STREAMS: dict[tuple[int, int], torch.cuda.Stream] = {}
+_CAPTURE_STREAMS_LOCK = threading.Lock()
 
 
-def capture_stream(device: torch.device) -> torch.cuda.Stream:
-    """The one side stream of ``device`` that every warm-up and capture runs on: graphs
-    share a memory pool only when captured on one stream, and cuBLAS keeps a workspace per
-    stream it runs on (a fresh stream per capture would take one from torch's pool of 32)."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _CAPTURE_STREAMS:
-        _CAPTURE_STREAMS[index] = torch.cuda.Stream(index)
-    return _CAPTURE_STREAMS[index]
+def capture_stream(device: torch.device | str) -> torch.cuda.Stream:
+    """The side stream that every warm-up and capture on ``device`` runs on, one per device
+    and thread: graphs share a memory pool only when captured on one stream, and cuBLAS
+    keeps a workspace per stream it runs on (a fresh stream per capture would take one from
+    torch's pool of 32). Per thread, so that one thread's work never lands on a stream
+    another thread is capturing."""
+    device = torch.device(device)
+    key = (device.index if device.index is not None else torch.cuda.current_device(), threading.get_ident())
+    with _CAPTURE_STREAMS_LOCK:
+        if key not in _CAPTURE_STREAMS:
+            _CAPTURE_STREAMS[key] = torch.cuda.Stream(key[0])
+        return _CAPTURE_STREAMS[key]
 
 
 def warm_up_and_capture(

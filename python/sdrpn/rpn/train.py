@@ -203,8 +203,8 @@ def rpn_settings(
     if chosen is not None:
         chosen.check_fits(model.config)
     return {
-        "branch_layer": branch_layer or (chosen.branch_layer if chosen else 15),
-        "depth": depth or (chosen.depth if chosen else 3),
+        "branch_layer": branch_layer if branch_layer is not None else (chosen.branch_layer if chosen else 15),
+        "depth": depth if depth is not None else (chosen.depth if chosen else 3),
         "preset": chosen.name if chosen else None,
         "prompt_template": config.prompt_template,
         "preprocessing": config.options.preprocessing,
