@@ -135,7 +135,7 @@ gtest_arg=()
 step build_cpp 240 bash -c "cmake -S . -B build/gpu -G Ninja -DCMAKE_BUILD_TYPE=Release \
   -DPython3_EXECUTABLE=$(command -v python3) -DSDRPN_WITH_CUDA=ON -DSDRPN_CUDA_ARCHS=$SDRPN_CUDA_ARCHS \
   ${gtest_arg[*]} && cmake --build build/gpu -j $MAX_JOBS"
-step ctest 60 ctest --test-dir build/gpu --output-on-failure --no-tests=error
+step ctest 120 ctest --test-dir build/gpu --output-on-failure --no-tests=error
 
 pack
 if ((${#failed[@]})); then

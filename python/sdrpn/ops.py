@@ -286,54 +286,8 @@ def _rpn_scores_backward_fake(
     )
 
 
-def _rpn_scores_setup_context(ctx, inputs, output):
-    query_states, visual_states, q_weight, k_weight, num_heads, q_bias, k_bias, visual_mask = inputs
-    ctx.num_heads = num_heads
-    ctx.has_bias = (q_bias is not None, k_bias is not None)
-    ctx.save_for_backward(query_states, visual_states, q_weight, k_weight, q_bias, k_bias, visual_mask)
-
-
-def _rpn_scores_backward(ctx, grad):
-    query_states, visual_states, q_weight, k_weight, q_bias, k_bias, visual_mask = ctx.saved_tensors
-    grads = torch.ops.sdrpn.rpn_scores_backward.default(
-        grad, query_states, visual_states, q_weight, k_weight, ctx.num_heads, q_bias, k_bias, visual_mask
-    )
-    gq, gv, gqw, gkw, gqb, gkb = grads
-    return (gq, gv, gqw, gkw, None, gqb if ctx.has_bias[0] else None, gkb if ctx.has_bias[1] else None, None)
-
-
-torch.library.register_autograd("sdrpn::rpn_scores", _rpn_scores_backward, setup_context=_rpn_scores_setup_context)
-
-
-def _no_derivative(name: str, why: str) -> None:
-    """A backward through op ``name`` raises, as torch's ops without a derivative do. Without
-    an autograd kernel, torch's fallback would only warn and leave the inputs' gradients
-    silently wrong."""
-
-    def backward(ctx, *grads):
-        raise RuntimeError(f"sdrpn.ops.{name} has no derivative: {why}")
-
-    torch.library.register_autograd(f"sdrpn::{name}", backward)
-
-
-def _not_differentiable(name: str) -> None:
-    """Op ``name``'s outputs never require grad, as those of torchvision's nms or of argmax:
-    nothing flows back through them, and torch.compile traces the op with inputs that
-    require grad (a backward that raised would fail the compilation)."""
-
-    def setup_context(ctx, inputs, output):
-        ctx.mark_non_differentiable(*(output if isinstance(output, tuple) else (output,)))
-
-    def backward(ctx, *grads):  # never called: no output requires grad
-        raise RuntimeError(f"sdrpn.ops.{name} is not differentiable")
-
-    torch.library.register_autograd(f"sdrpn::{name}", backward, setup_context=setup_context)
-
-
-_no_derivative("rpn_scores_backward", "rpn_scores supports first-order gradients only (no create_graph=True)")
-# Label maps and box rules: they make labels and crops, not a training signal.
-_not_differentiable("attention_rows")
-_not_differentiable("roi_boxes")
+# The ops' autograd (rpn_scores' backward; attention_rows and roi_boxes not differentiable)
+# is registered in C++ (csrc/ops/autograd.cpp), for C++ callers of libsdrpn as for Python.
 
 
 def roi_boxes(

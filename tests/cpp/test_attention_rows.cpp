@@ -45,6 +45,13 @@ TEST(AttentionRows, MatchesTheDirectFormulaWithGroupedHeads) {
   EXPECT_TRUE(torch::allclose(out, naive(in, 6), 1e-5, 1e-6));
 }
 
+TEST(AttentionRows, OutputsNeverRequireGrad) {
+  auto in = make_inputs(4, 2);
+  in.query.requires_grad_(true);
+  auto out = sdrpn::attention_rows(in.query, in.key, in.positions, in.starts, 5, in.mask);
+  EXPECT_FALSE(out.requires_grad());
+}
+
 TEST(AttentionRows, ChunkingOverKeyHeadsChangesNothing) {
   const auto in = make_inputs(6, 3);
   auto whole = sdrpn::attention_rows(in.query, in.key, in.positions, in.starts, 6, in.mask);

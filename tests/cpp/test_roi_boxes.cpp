@@ -24,6 +24,11 @@ TEST(RoiBoxes, OneBlobOneBox) {
   EXPECT_EQ(blurred.sizes(), prob.sizes());
 }
 
+TEST(RoiBoxes, TheBlurredMapNeverRequiresGrad) {
+  auto prob = torch::rand({1, 6, 6}, torch::requires_grad());
+  EXPECT_FALSE(std::get<2>(sdrpn::roi_boxes(prob)).requires_grad());
+}
+
 TEST(RoiBoxes, TooManyComponentsMeansNone) {
   auto prob = torch::zeros({1, 24, 24});
   for (int64_t x : {2, 10, 18}) {

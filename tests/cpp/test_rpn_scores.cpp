@@ -1,10 +1,14 @@
 #include "sdrpn/rpn_scores.h"
 
+#include <gmock/gmock.h>
 #include <gtest/gtest.h>
 #include <torch/cuda.h>
 #include <torch/torch.h>
 
 #include <cmath>
+#include <vector>
+
+#include "error_text.h"
 
 namespace {
 
@@ -46,6 +50,42 @@ TEST(RpnScores, BackwardGivesTheNaiveGradients) {
   EXPECT_TRUE(torch::allclose(gwk, wk.grad(), 1e-4, 1e-5));
   EXPECT_EQ(gbq.numel(), 0);
   EXPECT_EQ(gbk.numel(), 0);
+}
+
+TEST(RpnScores, AutogradGivesTheNaiveGradientsWithBiases) {
+  torch::manual_seed(3);
+  auto x = torch::randn({2, 8}, torch::requires_grad());
+  auto v = torch::randn({2, 5, 8}, torch::requires_grad());
+  auto wq = torch::randn({8, 8}, torch::requires_grad());
+  auto wk = torch::randn({4, 8}, torch::requires_grad());
+  auto bq = torch::randn({8}, torch::requires_grad());
+  auto bk = torch::randn({4}, torch::requires_grad());
+  auto grad = torch::randn({2, 5});
+  (sdrpn::rpn_scores(x, v, wq, wk, 2, bq, bk) * grad).sum().backward();
+  std::vector<at::Tensor> ours;
+  for (auto* t : {&x, &v, &wq, &wk, &bq, &bk}) {
+    ours.push_back(t->grad().clone());
+    t->mutable_grad().reset();
+  }
+  const int64_t heads = 2, head_dim = 4;
+  auto q = (torch::matmul(x, wq.t()) + bq).view({2, heads, head_dim});
+  auto k =
+      (torch::matmul(v, wk.t()) + bk).view({2, 5, 1, head_dim}).expand({2, 5, heads, head_dim});
+  auto naive_scores = torch::einsum("bhd,bnhd->bnh", {q, k}).mean(-1) / 2.0;
+  (naive_scores * grad).sum().backward();
+  int i = 0;
+  for (auto* t : {&x, &v, &wq, &wk, &bq, &bk}) {
+    EXPECT_TRUE(torch::allclose(ours[i++], t->grad(), 1e-4, 1e-5)) << "input " << i;
+  }
+}
+
+TEST(RpnScores, SecondOrderGradientsAreRefused) {
+  auto x = torch::randn({2, 8}, torch::requires_grad());
+  auto scores =
+      sdrpn::rpn_scores(x, torch::randn({2, 5, 8}), torch::randn({8, 8}), torch::randn({8, 8}), 2);
+  auto gx = torch::autograd::grad({scores.pow(2).sum()}, {x}, {}, std::nullopt, true)[0];
+  EXPECT_THAT(sdrpn::testing::error_of([&] { gx.sum().backward(); }),
+              ::testing::HasSubstr("derivative for sdrpn::rpn_scores_backward is not implemented"));
 }
 
 TEST(RpnScoresCuda, MatchesCpu) {
