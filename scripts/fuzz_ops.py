@@ -230,12 +230,18 @@ def contract_pseudo_labels(r: Rules) -> None:
     r.need(ignore not in (0, 1), "ignore_index", f"ignore_index {ignore} is also a label")
 
 
+# The kernels take the probed dims as launch arguments (kMaxSinkDims in
+# csrc/ops/massive_activation_sinks_impl.h).
+MAX_SINK_DIMS = 64
+
+
 def contract_massive_activation_sinks(r: Rules) -> None:
     h = r.floating("hidden", 3)
     dims = r.args["dims"]
     r.require(isinstance(dims, (list, tuple)), "dims", "dims must be a list of ints")
     r.require(all(isinstance(d, int) and INT64_MIN <= d <= INT64_MAX for d in dims), "dims", "dims must be int64s")
     r.need(len(dims) > 0, "dims", "dims must name at least one dimension")
+    r.need(len(dims) <= MAX_SINK_DIMS, "dims", f"dims may name at most {MAX_SINK_DIMS} dimensions")
     r.need(all(0 <= d < h.shape[2] for d in dims), "dims", f"dims must lie in [0, {h.shape[2]})")
     r.finite("tau", 0.0)
     r.finite("eps", 0.0)
@@ -976,7 +982,8 @@ OPS: dict[str, OpSpec] = {
 INT_VALUES = [0, 1, -1, 2, 2**31 - 1, 2**31, 2**32 + 1, 3_000_000_000, 2**62, INT64_MAX, INT64_MIN, 2.5, None]
 FLOAT_VALUES = [0.0, -0.0, -1.0, 1e-300, 5e-324, 1e300, NAN, INF, -INF, 3, "x", None]
 STR_VALUES = ["mask", "bbox", "", "MASK", "mask\x00", "x" * 100_000, None]
-# [16]: one past D of the valid hidden states; then 100,000 valid dims.
+# [16]: one past D of the valid hidden states; then 100,000 dims in range (more than the
+# kernels take).
 DIMS_VALUES = [[], [-1], [16], [0, 0], [INT64_MAX], [INT64_MIN], [2**31], list(range(16)) * 6250, [1.5], [2**63]]
 TENSOR_ENTRIES = {
     "float": [("entry", NAN), ("entry", INF), ("entry", -INF), ("entry", 1e30), ("fill", NAN), ("fill", 0.0)],
