@@ -372,6 +372,11 @@ def test_bad_inputs(tiny):
     assert BaseLlava(tiny.model, make_tokenizer(), prompt_template=TEMPLATE).generate([], []) == []
     with pytest.raises(ValueError, match="images and questions must pair up, got 0 and 1"):
         sd.generate([], QUESTIONS[:1])
+    # One sample is a batch of one: a bare image or string is named, not counted.
+    with pytest.raises(TypeError, match=r"images must be a list of PIL images, got Image: pass \[image\]"):
+        sd.generate(images(1)[0], QUESTIONS[:1])
+    with pytest.raises(TypeError, match=r"questions must be a list of strings, got str: pass \[question\]"):
+        sd.predict_rois(images(1), QUESTIONS[0])
     assert len(sd.generate(images(1), QUESTIONS[:1], max_new_tokens=1, do_sample=False)[0].tokens) == 1
     with pytest.raises(ValueError, match="mode must be one of"):
         grid_box_to_pixels((0, 0, 1, 1), 4, 4, 10, 10, mode="stretch")

@@ -3,6 +3,8 @@ normalisation, the prompt template, the image preprocessing, and the checks on i
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from PIL import Image
 from torch import Tensor, nn
@@ -52,6 +54,12 @@ class LlavaAnswering:
     @staticmethod
     def _batch_size(images, questions) -> int:
         """The number of (image, question) pairs; 0 answers nothing (an empty list)."""
+        # One image and one question are a batch of one, passed as two lists: a string
+        # would otherwise count as a list of characters.
+        if isinstance(images, Image.Image) or not isinstance(images, Sequence):
+            raise TypeError(f"images must be a list of PIL images, got {type(images).__name__}: pass [image]")
+        if isinstance(questions, str) or not isinstance(questions, Sequence):
+            raise TypeError(f"questions must be a list of strings, got {type(questions).__name__}: pass [question]")
         if len(images) != len(questions):
             raise ValueError(f"images and questions must pair up, got {len(images)} and {len(questions)}")
         return len(images)
