@@ -12,14 +12,18 @@
 
 namespace {
 
-// The naive head: every visual token projected to keys, per-head dot, mean over heads.
+// The naive head: every visual token projected to keys (biases where defined), per-head
+// dot, mean over heads.
 at::Tensor naive(const at::Tensor& x, const at::Tensor& v, const at::Tensor& wq,
-                 const at::Tensor& wk, int64_t heads, int64_t head_dim) {
+                 const at::Tensor& wk, int64_t heads, int64_t head_dim, const at::Tensor& bq = {},
+                 const at::Tensor& bk = {}) {
   const int64_t kv_heads = wk.size(0) / head_dim;
-  auto q = torch::matmul(x, wq.t()).view({x.size(0), heads, head_dim});
-  auto k = torch::matmul(v, wk.t())
-               .view({v.size(0), v.size(1), kv_heads, head_dim})
-               .repeat_interleave(heads / kv_heads, 2);
+  auto q = torch::matmul(x, wq.t());
+  auto k = torch::matmul(v, wk.t());
+  if (bq.defined()) q = q + bq;
+  if (bk.defined()) k = k + bk;
+  q = q.view({x.size(0), heads, head_dim});
+  k = k.view({v.size(0), v.size(1), kv_heads, head_dim}).repeat_interleave(heads / kv_heads, 2);
   return torch::einsum("bhd,bnhd->bnh", {q, k}).mean(-1) / std::sqrt(static_cast<double>(head_dim));
 }
 
@@ -67,12 +71,7 @@ TEST(RpnScores, AutogradGivesTheNaiveGradientsWithBiases) {
     ours.push_back(t->grad().clone());
     t->mutable_grad().reset();
   }
-  const int64_t heads = 2, head_dim = 4;
-  auto q = (torch::matmul(x, wq.t()) + bq).view({2, heads, head_dim});
-  auto k =
-      (torch::matmul(v, wk.t()) + bk).view({2, 5, 1, head_dim}).expand({2, 5, heads, head_dim});
-  auto naive_scores = torch::einsum("bhd,bnhd->bnh", {q, k}).mean(-1) / 2.0;
-  (naive_scores * grad).sum().backward();
+  (naive(x, v, wq, wk, 2, 4, bq, bk) * grad).sum().backward();
   int i = 0;
   for (auto* t : {&x, &v, &wq, &wk, &bq, &bk}) {
     EXPECT_TRUE(torch::allclose(ours[i++], t->grad(), 1e-4, 1e-5)) << "input " << i;

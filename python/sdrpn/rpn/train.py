@@ -194,8 +194,9 @@ def rpn_settings(
     ``labels``: the preset's branch layer, depth and RoI options (``preset`` if given, else
     the one the labels record, else 15, 3 and SPEC's RoI defaults), any of which the other
     arguments override, and the labels' prompt template and preprocessing, so that the RPN
-    prompts at inference as its labels were made."""
+    prompts at inference as its labels were made. Refuses labels made by another base model."""
     config = LabelFolder(labels).config
+    check_labels_base_model(labels, config.model, model)
     if preset is not None:
         chosen = get_preset(preset)
     else:
@@ -214,9 +215,8 @@ def rpn_settings(
 
 def rpn_for_labels(model: nn.Module, labels: str, **overrides) -> RegionProposalNetwork:
     """A new RPN on ``model`` for the labels in ``labels``, set up as ``sdrpn train`` sets it
-    up (``rpn_settings``; ``overrides`` are its keyword arguments). Refuses labels made by
-    another base model. For training loops of one's own, such as a Hugging Face Trainer's."""
-    check_labels_base_model(labels, LabelFolder(labels).config.model, model)
+    up (``rpn_settings``; ``overrides`` are its keyword arguments). For training loops of
+    one's own, such as a Hugging Face Trainer's."""
     return RegionProposalNetwork.from_llava(model, **rpn_settings(model, labels, **overrides))
 
 
@@ -311,7 +311,6 @@ class RPNTrainer:
         self.rank, self.world, self.device = rank, world_size, torch.device(device)
         self.image_token_id = model.config.image_token_id
         self.collator = LabelCollator(pad_token_id(tokenizer))
-        check_labels_base_model(cfg.labels, LabelFolder(cfg.labels).config.model, model)
         self.rpn_settings = rpn_settings(
             model, cfg.labels, preset=cfg.preset, branch_layer=cfg.branch_layer, depth=cfg.depth,
             roi_overrides=roi_overrides,
