@@ -232,8 +232,9 @@ def test_graph_mode_warms_up_captures_once_per_length_and_replays(tiny, monkeypa
 def test_a_failed_capture_warns_and_decodes_without_graphs(tiny, monkeypatch):
     fake_graphs(monkeypatch, fail=True)
     pool = DecoderPool()
-    with pytest.warns(UserWarning, match="CUDA graph capture failed, decoding without graphs: operation not"):
+    with pytest.warns(UserWarning, match="CUDA graph capture failed, decoding without graphs: operation not") as seen:
         assert decode(tiny.model, "graph", pool=pool) == decode(tiny.model, "hf")
+    assert [w.filename for w in seen] == [__file__]  # the line that called into sdrpn
     assert not pool.get(tiny.model, 3, 1, graph=True).use_graph
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="CUDA graph capture failed")  # it warned once
@@ -275,13 +276,18 @@ def test_image_encoder_replays_a_graph_per_small_batch(tiny, monkeypatch):
     captures = fake_graphs(monkeypatch)
     encoder = ImageEncoder(tiny.model, graph=True)
     counts = [1, 2, 1, 2, GRAPH_MAX_IMAGES + 1]
-    with warnings.catch_warnings():
-        warnings.filterwarnings("error", message="CUDA graph capture failed")
-        for pixels in encoder_inputs(tiny.model, counts):
-            want = image_features(tiny.model, pixels)
-            assert want.shape == (pixels.shape[0], tiny.num_cells, tiny.model.config.text_config.hidden_size)
+    runs = []
+    tower = tiny.model.model.vision_tower
+    for pixels in encoder_inputs(tiny.model, counts):
+        want = image_features(tiny.model, pixels)
+        assert want.shape == (pixels.shape[0], tiny.num_cells, tiny.model.config.text_config.hidden_size)
+        hook = tower.register_forward_hook(lambda *_: runs.append(1))
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message="CUDA graph capture failed")
             torch.testing.assert_close(encoder(pixels), want, rtol=0, atol=0)
+        hook.remove()
     assert len(captures) == 2 and sorted(shape[0] for shape, _ in encoder._graphs) == [1, 2]  # none above 4
+    assert len(runs) == len(counts)  # a capture's first call answers with its warm-up run
     encoder.clear()
     assert not encoder._graphs
 
@@ -290,8 +296,9 @@ def test_a_failed_image_encoder_capture_warns_and_encodes_eagerly(tiny, monkeypa
     fake_graphs(monkeypatch, fail=True)
     encoder = ImageEncoder(tiny.model, graph=True)
     first, second = encoder_inputs(tiny.model, [2, 2])
-    with pytest.warns(UserWarning, match="CUDA graph capture failed, encoding images without graphs: operation"):
+    with pytest.warns(UserWarning, match="capture failed, encoding images without graphs: operation") as seen:
         torch.testing.assert_close(encoder(first), image_features(tiny.model, first), rtol=0, atol=0)
+    assert [w.filename for w in seen] == [__file__]
     assert not encoder.use_graph
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="CUDA graph capture failed")  # it warned once

@@ -24,6 +24,8 @@ attention does (LLaVA-1.5 has none), so that both run the same kernel.
 
 from __future__ import annotations
 
+import os
+import sys
 import threading
 import warnings
 from collections.abc import Callable
@@ -127,15 +129,37 @@ def warm_up_and_capture(
     stream.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(stream):
         out = fn()
-    torch.cuda.current_stream(device).wait_stream(stream)
+    caller = torch.cuda.current_stream(device)
+    caller.wait_stream(stream)
+    if isinstance(out, Tensor) and out.is_cuda:
+        # Allocated on the side stream, read on the caller's: freed, it must wait for them.
+        out.record_stream(caller)
     try:
         # The outer stream context restores the caller's stream even when a failed
         # capture leaves torch.cuda.graph's own context unexited.
         with torch.cuda.stream(stream):
             return out, capture_graph(fn, stream, pool)
     except RuntimeError as error:
-        warnings.warn(f"CUDA graph capture failed, {fallback}: {capture_error(error)}", stacklevel=4)
+        message = f"CUDA graph capture failed, {fallback}: {capture_error(error)}"
+        warnings.warn(message, stacklevel=_first_frame_outside(_LIBRARY_DIRS))
         return out, None
+
+
+# sdrpn's and torch's own frames (no_grad's wrappers among them) sit between a user's call
+# and a capture at a depth that depends on the path; a warning names the user's line.
+_LIBRARY_DIRS = (
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep,  # sdrpn
+    os.path.dirname(os.path.abspath(torch.__file__)) + os.sep,
+)
+
+
+def _first_frame_outside(dirs: tuple[str, ...]) -> int:
+    """The ``stacklevel`` of the nearest frame above the caller whose file is under none
+    of ``dirs`` (the caller itself is level 1)."""
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and os.path.abspath(frame.f_code.co_filename).startswith(dirs):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def slot_bucket(slots: int) -> int:

@@ -47,23 +47,24 @@ class ImageEncoder:
     def __call__(self, pixels: Tensor) -> Tensor:
         if not self.use_graph or pixels.shape[0] > GRAPH_MAX_IMAGES:
             return image_features(self.model, pixels)
-        entry = self._graphs.get((pixels.shape, pixels.dtype)) or self._capture(pixels)
+        entry = self._graphs.get((pixels.shape, pixels.dtype))
         if entry is None:
-            return image_features(self.model, pixels)
+            return self._capture(pixels)
         buffer, replay = entry
         buffer.copy_(pixels)
         return replay().clone()  # the graph's output buffer is rewritten by the next replay
 
-    def _capture(self, pixels: Tensor):
-        """Records the tower as a graph reading a buffer of ``pixels``' shape (after one
-        warm-up run); a capture that fails leaves this encoder eager (None)."""
+    def _capture(self, pixels: Tensor) -> Tensor:
+        """``pixels``' features from one eager run, after which the tower is recorded as a
+        graph reading a buffer of their shape; a capture that fails leaves this encoder
+        eager."""
         buffer = pixels.clone()
         if self._pool is None:  # one memory pool for this encoder's graphs: they never run at once
             self._pool = torch.cuda.graph_pool_handle()
         run = lambda: image_features(self.model, buffer)  # noqa: E731
-        _, replay = warm_up_and_capture(run, pixels.device, "encoding images without graphs", self._pool)
+        out, replay = warm_up_and_capture(run, pixels.device, "encoding images without graphs", self._pool)
         if replay is None:
             self.use_graph = False
-            return None
-        self._graphs[(pixels.shape, pixels.dtype)] = (buffer, replay)
-        return buffer, replay
+        else:
+            self._graphs[(pixels.shape, pixels.dtype)] = (buffer, replay)
+        return out
