@@ -138,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     label = sub.add_parser("label", help="pseudo labels from a LLaVA model's own attention")
     label.add_argument("--model", required=True, help="LLaVA model (HF format): a folder or a Hub id")
     label.add_argument("--data", required=True, help="LLaVA-format JSON list of samples")
-    label.add_argument("--image-folder", required=True)
+    label.add_argument("--image-folder", required=True, help="the folder the data's image paths are relative to")
     label.add_argument("--out", required=True, help="label folder (resumable with the same settings)")
     label.add_argument(
         "--preset",
@@ -178,12 +178,18 @@ def build_parser() -> argparse.ArgumentParser:
     infer = sub.add_parser("infer", help="answer with RoI crops (one image, or a whole file)")
     infer.add_argument("--model", required=True, help="LLaVA model (HF format): a folder or a Hub id")
     infer.add_argument("--rpn", required=True, help="a trained RPN: its folder (sdrpn train --out) or a Hub id")
-    infer.add_argument("--image", default=None)
-    infer.add_argument("--question", default=None)
-    infer.add_argument("--data", default=None, help="LLaVA-format JSON to answer as a whole")
-    infer.add_argument("--image-folder", default=None)
+    infer.add_argument("--image", default=None, help="one image to answer about (with --question)")
+    infer.add_argument("--question", default=None, help="the question about --image")
+    infer.add_argument("--data", default=None, help="LLaVA-format JSON list to answer as a whole")
+    infer.add_argument(
+        "--image-folder", default=None, help="with --data: the folder the data's image paths are relative to"
+    )
     infer.add_argument("--out", default=None, help="JSONL answers for --data (resumable)")
-    infer.add_argument("--viz", default=None, help="PNG with the RoI heat map and boxes")
+    infer.add_argument(
+        "--viz",
+        default=None,
+        help="with --image: a picture of the RoI heat map and boxes (PNG, or the format the extension names)",
+    )
     infer.add_argument("--json", action="store_true", help="print one JSON object")
     infer.add_argument(
         "--preprocessing", choices=["pad", "crop"], default=None, help="image preprocessing (default: the RPN folder's)"
@@ -200,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument(
         "--workers", type=_non_negative, default=DEFAULT_WORKERS, help=WORKERS_HELP + " (default: %(default)s)"
     )
-    infer.add_argument("--limit", type=_positive, default=None)
+    infer.add_argument("--limit", type=_positive, default=None, help="with --data: only the first N entries")
     infer.add_argument(
         "--restart", action="store_true", help="with --data: answer every entry again, discarding what --out holds"
     )
@@ -357,10 +363,10 @@ def _run_infer(args) -> None:
 
 def _check_files(data: str | None = None, image_folder: str | None = None, out_folder: str | None = None) -> None:
     """What a job reads and writes, checked before the model's slow load."""
-    from .llava.data import check_image_folder
+    from .llava.data import check_data_file, check_image_folder
 
-    if data is not None and not os.path.isfile(data):
-        raise ValueError(f"--data {data}: no such file")
+    if data is not None:
+        check_data_file(data)
     if image_folder is not None:
         check_image_folder(image_folder)
     if out_folder is not None and os.path.exists(out_folder) and not os.path.isdir(out_folder):
@@ -368,14 +374,23 @@ def _check_files(data: str | None = None, image_folder: str | None = None, out_f
 
 
 def _read_image(path: str):
+    """The --image as RGB, refused as the --data jobs skip an image (unreadable, too large to
+    pad to a square)."""
     from PIL import Image
 
+    from .llava.data import too_large_to_pad
     from .llava.inputs import load_rgb
 
     try:
-        return load_rgb(path)
+        image = load_rgb(path)
     except (OSError, Image.DecompressionBombError) as err:  # PIL's text alone names no file
         raise ValueError(f"--image {path}: cannot read it as an image ({err})") from None
+    if too_large_to_pad(image):
+        raise ValueError(
+            f"--image {path}: {image.width}x{image.height} is too large to pad to a square "
+            f"(over PIL's {Image.MAX_IMAGE_PIXELS} pixels); scale it down first"
+        )
+    return image
 
 
 def _run_label(args) -> dict:

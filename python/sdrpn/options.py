@@ -107,7 +107,8 @@ class RoiOptions(Options):
     crop_mode: str = option(
         "mask",
         "'mask' (the published numbers): 2 or more boxes give ONE crop of every cell above the threshold, "
-        "keeping the tokens its mask covers; 'bbox': up to max_boxes crops of 576 tokens",
+        "keeping the tokens its mask covers; 'bbox': up to max_boxes crops of a whole image's tokens each "
+        "(576 at LLaVA-1.5's 24x24 grid)",
         choices=CROP_MODES,
     )
 

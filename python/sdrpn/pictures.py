@@ -1,7 +1,9 @@
 """Picture primitives shared by every stage: colour maps for attention and labels, and
-atomic PNG writes."""
+atomic picture writes."""
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 from PIL import Image
@@ -41,5 +43,9 @@ def tile(rgb: np.ndarray, cell: int) -> Image.Image:
 
 
 def save_atomic(image: Image.Image, path: str) -> None:
-    """Write through a temporary file in the same folder, then rename: never a half PNG."""
-    write_atomic(path, lambda tmp: image.save(tmp, format="PNG"))
+    """Write through a temporary file in the same folder, then rename: never a half picture.
+    The format is the one the file name's extension names (PNG for a name without one
+    that Pillow knows)."""
+    extension = os.path.splitext(path)[1].lower()
+    picture_format = Image.registered_extensions().get(extension, "PNG")
+    write_atomic(path, lambda tmp: image.save(tmp, format=picture_format))

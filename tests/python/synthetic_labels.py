@@ -9,13 +9,15 @@ from PIL import Image
 
 from sdrpn.labels.folder import LabelFolder, LabelFolderConfig, shard_name
 from sdrpn.labels.options import LabelOptions
+from sdrpn.ops import IGNORE_INDEX
 
 
 def write_region_labels(
-    folder, image_folder, num: int, grid: int, image_size: int, seed: int = 0, shard_size: int = 64
+    folder, image_folder, num: int, grid: int, image_size: int, seed: int = 0, shard_size: int = 64, ignored=False
 ) -> None:
     """`num` images of image_size pixels (already square) with a white square on a dark
-    noisy background covering 1x1 or 2x2 grid cells; labels 1 on those cells, 0 elsewhere."""
+    noisy background covering 1x1 or 2x2 grid cells; labels 1 on those cells, 0 elsewhere
+    (with ``ignored``, every cell ignored: all-ignore samples)."""
     os.makedirs(folder, exist_ok=True)
     os.makedirs(image_folder, exist_ok=True)
     gen = torch.Generator().manual_seed(seed)
@@ -30,7 +32,7 @@ def write_region_labels(
         Image.fromarray(pixels.numpy()).save(os.path.join(image_folder, f"{i}.png"))
         lab = torch.zeros(grid, grid, dtype=torch.int8)
         lab[r : r + side, c : c + side] = 1
-        labels.append(lab.flatten())
+        labels.append(lab.flatten().fill_(IGNORE_INDEX) if ignored else lab.flatten())
         rows.append(
             {
                 "id": f"r{i}",
@@ -55,7 +57,9 @@ def write_region_labels(
             "grid": torch.tensor([[grid, grid]] * len(part)),
         }
         for row, cells in zip(part, lab):
-            row.update(fg=int((cells == 1).sum()), bg=int((cells == 0).sum()), ignore=0)
+            row.update(
+                fg=int((cells == 1).sum()), bg=int((cells == 0).sum()), ignore=int((cells == IGNORE_INDEX).sum())
+            )
         labels_folder.write_shard(shard_name(0, shard), part, tensors, [], start, start + len(part) - 1, shard)
     labels_folder.write_config(
         LabelFolderConfig(

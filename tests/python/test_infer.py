@@ -1,6 +1,7 @@
 import dataclasses
 import json
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -265,12 +266,15 @@ def test_the_baseline_answers_as_sdrpn_does_without_a_box(tiny):
         base = BaseLlava(tiny.model, make_tokenizer(), prompt_template=TEMPLATE, preprocessing=preprocessing)
         expected = [a.text for a in sd.generate(ims, QUESTIONS, max_new_tokens=6)]
         assert base.generate(ims, QUESTIONS, max_new_tokens=6) == expected
+    # A question copied from a LLaVA-format file, placeholder and all, is the same question.
+    assert [a.text for a in sd.generate(ims, ["<image>\n" + q for q in QUESTIONS], max_new_tokens=6)] == expected
     with pytest.raises(ValueError, match="preprocessing must be one of"):
         BaseLlava(tiny.model, make_tokenizer(), preprocessing="square")
     with pytest.raises(TypeError, match=r"images\[1\] must be a PIL image, got str"):
         base.generate([ims[0], "x.png"], QUESTIONS[:2])
-    with pytest.raises(ValueError, match=r"questions\[0\] must be a non-empty string"):
+    with pytest.raises(ValueError, match=r"questions\[0\] must be a string with text besides the image placeholder"):
         base.generate(ims[:1], [" "])
+    assert base.generate(ims[:1], ["<image>\n" + QUESTIONS[0]], max_new_tokens=6) == expected[:1]
 
 
 def test_centre_crop_preprocessing(tiny):
@@ -353,8 +357,10 @@ def test_box_mapping_round_trips(size, mode):
 
 def test_bad_inputs(tiny):
     sd = pipeline(tiny, blob_logits(None))
-    with pytest.raises(ValueError, match="question must be a non-empty string"):
-        sd.predict_rois(images(1), ["   "])
+    with pytest.raises(ValueError, match=r"questions\[1\] must be a string with text besides the image placeholder"):
+        sd.predict_rois(images(2), [QUESTIONS[0], "<image>\n "])
+    with pytest.raises(ValueError, match=r"questions\[0\] must be a string with text besides the image placeholder"):
+        sd.predict_rois(images(1), [None])
     with pytest.raises(ValueError, match="images and questions must pair up"):
         sd.predict_rois(images(2), QUESTIONS[:1])
     with pytest.raises(TypeError, match=r"images\[0\] must be a PIL image"):
@@ -432,27 +438,29 @@ def infer_ws(tmp_path_factory):
     return root
 
 
+def infer_argv(ws, *extra) -> list[str]:
+    return [
+        "infer",
+        "--model",
+        str(ws / "model"),
+        "--rpn",
+        str(ws / "rpn"),
+        "--dtype",
+        "fp32",
+        "--prompt-template",
+        TEMPLATE,
+        "--max-new-tokens",
+        "3",
+        "--threshold",
+        "-0.9",
+        *extra,
+    ]
+
+
 def infer_cli(ws, *extra):
     from sdrpn.cli import main
 
-    return main(
-        [
-            "infer",
-            "--model",
-            str(ws / "model"),
-            "--rpn",
-            str(ws / "rpn"),
-            "--dtype",
-            "fp32",
-            "--prompt-template",
-            TEMPLATE,
-            "--max-new-tokens",
-            "3",
-            "--threshold",
-            "-0.9",
-            *extra,
-        ]
-    )
+    return main(infer_argv(ws, *extra))
 
 
 def test_infer_cli_single_image_with_viz(infer_ws, tmp_path, capsys):
@@ -478,6 +486,28 @@ def test_infer_cli_single_image_with_viz(infer_ws, tmp_path, capsys):
         assert im.size == (120, 60)
     assert infer_cli(infer_ws, "--image", str(infer_ws / "images" / "0.png"), "--question", QUESTIONS[0]) == 0
     assert "answer:" in capsys.readouterr().out
+
+
+def test_infer_cli_refuses_an_image_too_large_to_pad(infer_ws, tmp_path, capsys):
+    from sdrpn.cli import entry
+
+    Image.new("RGB", (9460, 1)).save(tmp_path / "long.png")  # a 9460x9460 canvas: over PIL's budget
+    assert entry(infer_argv(infer_ws, "--image", str(tmp_path / "long.png"), "--question", QUESTIONS[0])) == 2
+    assert f"--image {tmp_path / 'long.png'}: 9460x1 is too large to pad to a square" in capsys.readouterr().err
+
+
+def test_roi_overlay_draws_zero_size_boxes_and_saves_in_the_named_format(tmp_path):
+    from sdrpn.infer.viz import roi_overlay
+    from sdrpn.pictures import save_atomic
+
+    # A region wholly in the padding keeps its zero height (10, 0, 50, 0): drawn as a line.
+    out = roi_overlay(Image.new("RGB", (120, 60)), np.zeros((4, 4)), [(10, 0, 50, 0), (30, 20, 30, 40)])
+    red = np.asarray(out)[..., 0] > 200
+    assert red[0, 10:50].all() and not red[0, 50:].any() and red[20:40, 30].all() and not red[40:, 30].any()
+    for name, picture_format in (("roi.jpg", "JPEG"), ("roi.PNG", "PNG"), ("roi", "PNG"), ("roi.webp", "WEBP")):
+        save_atomic(out, str(tmp_path / name))
+        with Image.open(tmp_path / name) as written:
+            assert written.format == picture_format and written.size == (120, 60)
 
 
 def test_infer_cli_whole_file_is_resumable(infer_ws, tmp_path, capsys):
@@ -529,7 +559,7 @@ def test_infer_cli_whole_file_is_resumable(infer_ws, tmp_path, capsys):
             "image missing": 1,
             "text not valid UTF-8": 1,
             "image path not valid text": 1,
-            "image too elongated to pad": 1,
+            "image too large to pad to a square": 1,
         },
     }
     with pytest.raises(ValueError, match="either --image and --question, or --data"):

@@ -118,7 +118,7 @@ def test_label_job_writes_shards_and_counts_skips(workspace, tmp_path, answers, 
         "image missing": 1,
         "image outside --image-folder": 1,
         "image path not valid text": 1,
-        "image too elongated to pad": 1,
+        "image too large to pad to a square": 1,
         "image unreadable": 1,
         "no image": 1,
         "text not valid UTF-8": 1,
@@ -410,9 +410,12 @@ def test_files_are_checked_before_the_model_loads(workspace, tmp_path, capsys):
     from sdrpn.cli import entry
 
     (tmp_path / "afile").write_text("x")
+    (tmp_path / "lines.jsonl").write_text('{"id": "a"}\n{"id": "b"}\n')
     missing_model = ["--model", str(tmp_path / "no-model")]
     for flags, message in [
         (["--data", str(tmp_path / "nope.json")], f"--data {tmp_path / 'nope.json'}: no such file"),
+        (["--data", str(tmp_path)], f"--data {tmp_path} is a folder: it must be a JSON file"),
+        (["--data", str(tmp_path / "lines.jsonl")], "JSON Lines: put the samples in one list"),
         (["--out", str(tmp_path / "afile")], f"--out {tmp_path / 'afile'} is a file: it must be a folder"),
     ]:
         argv = ["label", "--data", str(workspace / "data.json"), "--image-folder", str(workspace / "images")]

@@ -113,6 +113,8 @@ def test_entries_that_would_break_a_job_are_skipped_with_a_reason(tmp_path):
         "text not valid UTF-8": {"image": "a.png", "conversations": [{"from": "human", "value": "\ud800"}]},
         "image path not valid text": {"image": "a\x00.png", "conversations": turns},
         "id not valid UTF-8": {"id": "\udfff", "image": "a.png", "conversations": turns},
+        "several images": {"image": ["a.png", "b.png"], "conversations": turns},
+        "empty question": {"image": "a.png", "conversations": [{"from": "human", "value": " <image>\n"}]},
     }
     for reason, entry in cases.items():
         entry = json.loads(json.dumps(entry))  # as a JSON file delivers them
@@ -122,8 +124,10 @@ def test_entries_that_would_break_a_job_are_skipped_with_a_reason(tmp_path):
     Image.new("RGB", (60000, 1)).save(tmp_path / "long.png")  # a tiny file, a 3.6e9-pixel square
     (tmp_path / "bad.png").write_bytes(b"\x89PNG not really")
     assert open_image(str(tmp_path), "ok.png").size == (4, 4)
+    (tmp_path / "sub").mkdir()
     for name, reason in (
-        ("long.png", "too elongated"),
+        ("long.png", "too large to pad to a square"),
+        ("sub", "image path is a folder"),
         ("bad.png", "unreadable"),
         ("a\x00b", "not valid text"),
         (12345, "not valid text"),
@@ -131,6 +135,41 @@ def test_entries_that_would_break_a_job_are_skipped_with_a_reason(tmp_path):
     ):
         with pytest.raises(SkipSample, match=reason):
             open_image(str(tmp_path), name)
+
+
+def test_a_dataset_linked_into_the_image_folder_is_inside_it(tmp_path):
+    from sdrpn.llava.data import open_image
+
+    (tmp_path / "elsewhere" / "coco").mkdir(parents=True)
+    Image.new("RGB", (4, 3)).save(tmp_path / "elsewhere" / "coco" / "a.png")
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "coco").symlink_to(tmp_path / "elsewhere" / "coco")
+    assert open_image(str(tmp_path / "folder"), "coco/a.png").size == (4, 3)
+    assert open_image(str(tmp_path / "folder"), "coco/../coco/a.png").size == (4, 3)
+    with pytest.raises(SkipSample, match="outside"):  # the path as written leaves the folder
+        open_image(str(tmp_path / "folder"), "../elsewhere/coco/a.png")
+
+
+def test_sixteen_bit_images_keep_their_high_byte(tmp_path):
+    from sdrpn.llava.inputs import load_rgb, to_rgb
+
+    ramp = (np.arange(64 * 64, dtype=np.uint32).reshape(64, 64) * 16).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "ramp.png")
+    with Image.open(tmp_path / "ramp.png") as opened:
+        assert opened.mode == "I;16"  # Pillow's own convert("RGB") would clip it to white
+    rgb = np.asarray(load_rgb(str(tmp_path / "ramp.png")))
+    assert rgb.shape == (64, 64, 3) and (rgb == (ramp >> 8)[..., None]).all()
+    big_endian = Image.frombytes("I;16B", (64, 64), ramp.astype(">u2").tobytes())
+    assert np.array_equal(np.asarray(to_rgb(big_endian)), rgb)
+    pixels, _ = preprocess_image(big_endian, 32)
+    torch.testing.assert_close(pixels, preprocess_image(Image.fromarray(rgb), 32)[0], rtol=0, atol=0)
+
+
+def test_a_question_keeps_no_image_placeholder():
+    from sdrpn.llava.inputs import question_text
+
+    assert question_text("<image>\nWhat is written? ") == "What is written?"
+    assert question_text("Compare <image> with the text") == "Compare  with the text"
 
 
 @pytest.mark.parametrize("size", [(37, 91), (640, 480), (333, 333), (1001, 17), (1, 5)])
@@ -218,3 +257,15 @@ def test_a_data_file_that_is_not_json_is_named(tmp_path):
         path.write_bytes(payload)
         with pytest.raises(ValueError, match=f"--data {path} is not a JSON file"):
             load_entries(str(path))
+
+
+def test_a_data_file_is_checked_by_its_first_characters(tmp_path):
+    from sdrpn.llava.data import check_data_file, load_entries
+
+    for name, payload in [("plain.json", b'\n  [{"id": 1}]'), ("bom.json", b'\xef\xbb\xbf[{"id": 1}]')]:
+        (tmp_path / name).write_bytes(payload)
+        check_data_file(str(tmp_path / name))
+        assert load_entries(str(tmp_path / name)) == [{"id": 1}]
+    (tmp_path / "dict.json").write_bytes(b'{"data": []}')
+    with pytest.raises(ValueError, match=r"must hold a JSON list of samples, it starts with b'\{\"data\": \[\]\}'"):
+        check_data_file(str(tmp_path / "dict.json"))

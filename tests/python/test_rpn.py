@@ -115,6 +115,26 @@ def test_save_load_round_trip_and_refusal(tiny, tmp_path):
         RegionProposalNetwork.load(str(tmp_path / "rpn"), wider.model)
 
 
+def test_a_fine_tune_of_the_attention_alone_is_another_base_model(tiny, tmp_path):
+    import copy
+    import json
+
+    RegionProposalNetwork.from_llava(tiny.model, branch_layer=K, depth=T).save(str(tmp_path / "rpn"))
+    tuned = copy.deepcopy(tiny.model)  # what a merged LoRA on the attention leaves: embeddings and MLPs as they were
+    with torch.no_grad():
+        tuned.get_decoder().layers[-1].self_attn.q_proj.weight.add_(0.1)
+    with pytest.raises(ValueError, match=r"another base model \(the same architecture, other weights\)"):
+        RegionProposalNetwork.load(str(tmp_path / "rpn"), tuned)
+    # A folder written before the last layer was probed holds 16 values: compared on those.
+    path = tmp_path / "rpn" / "rpn_config.json"
+    config = json.loads(path.read_text())
+    assert len(config["base_fingerprint"]) == 32
+    config["base_fingerprint"] = config["base_fingerprint"][:16]
+    path.write_text(json.dumps(config))
+    RegionProposalNetwork.load(str(tmp_path / "rpn"), tiny.model)
+    RegionProposalNetwork.load(str(tmp_path / "rpn"), tuned)  # what the old record cannot tell
+
+
 def test_rpn_folders_record_their_settings_and_refuse_contradictions(tiny, tmp_path):
     import json
 

@@ -342,6 +342,11 @@ def test_labels_of_a_same_architecture_model_with_other_weights_are_refused(ws, 
         assert not caplog.records
     with pytest.raises(ValueError, match=f"of the same architecture as --model '{tmp_path / 'b'}' but with other"):
         RPNTrainer(cfg, model_b, tok)
+    tuned, _ = load_llava(str(ws / "model"), "fp32")
+    with torch.no_grad():  # a fine-tune of the last layer's attention alone
+        tuned.get_decoder().layers[-1].self_attn.v_proj.weight.mul_(1.5)
+    with pytest.raises(ValueError, match="but with other weights"):
+        RPNTrainer(cfg, tuned, tok)
     # Labels written before the weights were recorded: a warning where the names differ.
     old = LabelFolder(labels)
     config = old.config
@@ -354,6 +359,19 @@ def test_labels_of_a_same_architecture_model_with_other_weights_are_refused(ws, 
     config.model = {"name": "another/model", "config_fingerprint": None}
     old.write_config(config)
     RPNTrainer(cfg, model_b, tok)
+
+
+def test_all_ignore_labels_stop_training_before_an_rpn_is_saved(ws, tmp_path, caplog):
+    write_region_labels(tmp_path / "labels", tmp_path / "images", num=32, grid=GRID, image_size=14 * GRID, ignored=True)
+    with caplog.at_level(logging.WARNING, logger="sdrpn.labels.folder"):
+        assert LabelFolder(str(tmp_path / "labels")).write_summary()["all_ignore"] == 32
+    assert "all 32 labelled samples are all-ignore" in caplog.text
+    args = train_args(ws, tmp_path / "run", *QUICK)
+    args[args.index("--labels") + 1] = str(tmp_path / "labels")
+    with pytest.raises(ValueError, match="epoch 0 trained on 32 samples without one labelled cell"):
+        main(args)
+    assert not (tmp_path / "run" / "rpn.safetensors").exists()
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_a_run_in_out_is_not_restarted_without_resume(ws, tmp_path):

@@ -10,7 +10,16 @@ from PIL import Image
 from torch import Tensor, nn
 
 from ..llava.geometry import model_grid
-from ..llava.inputs import CLIP_MEAN, CLIP_STD, PREPROCESSING_MODES, check_template, pixel_batch, preprocess_image
+from ..llava.inputs import (
+    CLIP_MEAN,
+    CLIP_STD,
+    PREPROCESSING_MODES,
+    check_template,
+    pixel_batch,
+    preprocess_image,
+    question_text,
+    to_rgb,
+)
 from ..llava.loading import model_device, model_dtype, pad_token_id
 from ..prefetch import thread_map
 
@@ -64,6 +73,19 @@ class LlavaAnswering:
             raise ValueError(f"images and questions must pair up, got {len(images)} and {len(questions)}")
         return len(images)
 
+    @staticmethod
+    def _questions(questions) -> list[str]:
+        """The questions as the template takes them (``question_text``), each one checked."""
+        out = []
+        for i, question in enumerate(questions):
+            text = question_text(question) if isinstance(question, str) else ""
+            if not text:
+                raise ValueError(
+                    f"questions[{i}] must be a string with text besides the image placeholder, got {question!r}"
+                )
+            out.append(text)
+        return out
+
     def _images(self, images) -> list[Image.Image]:
         out = []
         for i, image in enumerate(images):
@@ -71,5 +93,5 @@ class LlavaAnswering:
                 raise TypeError(f"images[{i}] must be a PIL image, got {type(image).__name__}")
             if image.width < 1 or image.height < 1:
                 raise ValueError(f"images[{i}] must be at least 1x1 pixels, got {image.width}x{image.height}")
-            out.append(image.convert("RGB"))
+            out.append(to_rgb(image))
         return out

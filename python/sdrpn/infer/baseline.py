@@ -30,12 +30,10 @@ class BaseLlava(LlavaAnswering):
         if not self._batch_size(images, questions):
             return []
         images = self._images(images)
-        for i, question in enumerate(questions):
-            if not isinstance(question, str) or not question.strip():
-                raise ValueError(f"questions[{i}] must be a non-empty string, got {question!r}")
         device = self.device
         prompts = [
-            prompt_token_ids(self.tokenizer, q, self.image_token_id, self.num_cells, self.template) for q in questions
+            prompt_token_ids(self.tokenizer, q, self.image_token_id, self.num_cells, self.template)
+            for q in self._questions(questions)
         ]
         ids, mask = left_pad(prompts, self.pad_id, device)
         out = self.model.generate(

@@ -184,8 +184,6 @@ class SDRPNLlava(LlavaAnswering):
 
     # ---- inputs ---------------------------------------------------------------------------
     def _split_prompt(self, question: str) -> tuple[list[int], list[int]]:
-        if not isinstance(question, str) or not question.strip():
-            raise ValueError(f"question must be a non-empty string, got {question!r}")
         return split_prompt_ids(self.tokenizer, question, self.image_token_id, self.num_cells, self.template)
 
     # ---- pass 1 ---------------------------------------------------------------------------
@@ -193,7 +191,7 @@ class SDRPNLlava(LlavaAnswering):
     def _pass1(self, images, questions) -> tuple[_Pass1, list[Image.Image]]:
         clock = Stopwatch(self.device)
         images = self._images(images)
-        prompts = [self._split_prompt(q) for q in questions]
+        prompts = [self._split_prompt(q) for q in self._questions(questions)]
         pixels = self._pixels(images)
         prefix_ids, prefix_mask = left_pad([p for p, _ in prompts], self.pad_id, self.device)
         # Both parts are padded on their left: every prefix ends with its image tokens, and

@@ -31,5 +31,7 @@ def roi_overlay(
     out = Image.alpha_composite(shown.convert("RGBA"), heat).convert("RGB")
     draw = ImageDraw.Draw(out)
     for x0, y0, x1, y1 in boxes:
-        draw.rectangle([x0 * scale, y0 * scale, x1 * scale - 1, y1 * scale - 1], outline=(230, 30, 30), width=3)
+        # The last pixel inside; a box of zero size (a region wholly in the padding) as a line.
+        right, bottom = max(x0 * scale, x1 * scale - 1), max(y0 * scale, y1 * scale - 1)
+        draw.rectangle([x0 * scale, y0 * scale, right, bottom], outline=(230, 30, 30), width=3)
     return out

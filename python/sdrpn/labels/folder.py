@@ -283,6 +283,13 @@ class LabelFolder:
                 f"{self.path}: no sample labelled, {summary['skipped']} skipped ({reasons}); check --data and "
                 f"--image-folder, and delete {self.path} to start over with other settings"
             )
+        if summary["labelled"] and summary["all_ignore"] == summary["labelled"]:
+            log.warning(
+                "%s: all %d labelled samples are all-ignore (no foreground or background cell): an RPN cannot "
+                "train on them; label again with other options (--max-box-fraction, --fg-ratio, --sink-threshold)",
+                self.path,
+                summary["labelled"],
+            )
         return summary
 
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from .inputs import IMAGE_PLACEHOLDER, load_rgb
+from .inputs import load_rgb, question_text
 
 
 class SkipSample(Exception):
@@ -47,10 +47,27 @@ def check_image_folder(folder: str) -> None:
         raise ValueError(f"image_folder (--image-folder) {folder!r} {problem}")
 
 
+def check_data_file(path: str) -> None:
+    """Refuses, before a job's slow start, a data file that is missing or plainly not a JSON
+    list (JSON Lines among them): only its first characters are read."""
+    if os.path.isdir(path):
+        raise ValueError(f"--data {path} is a folder: it must be a JSON file")
+    if not os.path.isfile(path):
+        raise ValueError(f"--data {path}: no such file")
+    with open(path, "rb") as f:
+        head = f.read(65536).removeprefix(_BOM).lstrip()
+    if not head.startswith(b"["):
+        lines = " (an object, or JSON Lines: put the samples in one list)" if head.startswith(b"{") else ""
+        raise ValueError(f"--data {path} must hold a JSON list of samples, it starts with {head[:16]!r}{lines}")
+
+
+_BOM = b"\xef\xbb\xbf"  # what some editors put before UTF-8 text
+
+
 def load_entries(path: str) -> list:
     """The samples of a LLaVA-format JSON file, or an error naming the file."""
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             data = json.load(f)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ValueError(f"--data {path} is not a JSON file ({err})") from None
@@ -74,6 +91,8 @@ def parse_entry(entry, index: int) -> QASample:
     if not isinstance(entry, dict):
         raise SkipSample("not an object")
     image = entry.get("image")
+    if isinstance(image, list):
+        raise SkipSample("several images")  # LLaVA-1.5 sees one image per prompt
     if not isinstance(image, str) or not image:
         raise SkipSample("no image")
     if not _is_text(image):
@@ -92,7 +111,7 @@ def parse_entry(entry, index: int) -> QASample:
             break
     if question is None:
         raise SkipSample("no question")
-    question = question.replace(IMAGE_PLACEHOLDER, "").strip()
+    question = question_text(question)
     if not question:
         raise SkipSample("empty question")
     if not _is_text(question) or (answer is not None and not _is_text(answer)):
@@ -104,28 +123,41 @@ def parse_entry(entry, index: int) -> QASample:
 
 
 def resolve_image(folder: str, relative) -> str:
-    """The image's real path; refuses paths that resolve outside the image folder."""
+    """The image's real path; refuses paths that lead outside the image folder ("..",
+    absolute paths). Links inside the folder are followed wherever they point: a dataset
+    linked into the folder (LLaVA's playground/data/coco) is the folder's."""
     if not isinstance(relative, str) or not relative or not _is_text(relative):
         raise SkipSample("image path not valid text")
-    root = os.path.realpath(folder)
-    path = os.path.realpath(os.path.join(root, relative))
-    if os.path.commonpath([root, path]) != root:
+    root = os.path.abspath(folder)
+    written = os.path.normpath(os.path.join(root, relative))
+    if os.path.commonpath([root, written]) != root:
         raise SkipSample("image outside --image-folder")
+    path = os.path.realpath(written)
+    if os.path.isdir(path):
+        raise SkipSample("image path is a folder")
     if not os.path.isfile(path):
         raise SkipSample("image missing")
     return path
 
 
+def too_large_to_pad(image: Image.Image) -> bool:
+    """Whether padding ``image`` to a square would exceed PIL's pixel budget (a 10000x5000
+    image needs a 10000x10000 canvas, a 50000x1 one 50000x50000)."""
+    side = max(image.width, image.height)
+    return side * side > (Image.MAX_IMAGE_PIXELS or float("inf"))
+
+
 def open_image(folder: str, relative) -> Image.Image:
     """The entry's image decoded as RGB, or SkipSample with the reason: outside the folder,
-    missing, unreadable (corrupt, or a decompression bomb), or too elongated to pad to a
-    square within PIL's pixel budget (a 50000x1 image would need a 50000x50000 canvas)."""
+    missing, unreadable (corrupt, or a decompression bomb), empty, or too large to pad to a
+    square (``too_large_to_pad``)."""
     path = resolve_image(folder, relative)
     try:
         image = load_rgb(path)
     except Exception as err:  # whatever the decoder raises, one bad file must not stop a job
         raise SkipSample("image unreadable") from err
-    side = max(image.width, image.height)
-    if image.width < 1 or image.height < 1 or side * side > (Image.MAX_IMAGE_PIXELS or float("inf")):
-        raise SkipSample("image too elongated to pad")
+    if image.width < 1 or image.height < 1:
+        raise SkipSample("image empty")
+    if too_large_to_pad(image):
+        raise SkipSample("image too large to pad to a square")
     return image

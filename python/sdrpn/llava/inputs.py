@@ -58,11 +58,22 @@ def pad_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image
     return canvas
 
 
+def to_rgb(image: Image.Image) -> Image.Image:
+    """The image as 8-bit RGB. Grayscale, palette and CMYK convert as Pillow converts them
+    (as LLaVA's ``convert("RGB")`` does), RGBA drops its alpha; 16-bit grayscale (a 16-bit
+    PNG's ``I;16``) keeps its high byte, where Pillow's own conversion clips every value
+    above 255 to white."""
+    if image.mode.startswith("I;16"):
+        image = Image.fromarray((np.asarray(image, dtype=np.uint16) >> 8).astype(np.uint8))
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
 def load_rgb(path: str) -> Image.Image:
-    """Open and decode an image as RGB (grayscale, palette and RGBA images are converted)."""
+    """Open and decode an image as RGB (``to_rgb``). EXIF orientation is not applied: the
+    stored pixels are the image, as LLaVA reads them."""
     with Image.open(path) as img:
         img.load()
-        return img.convert("RGB")
+        return to_rgb(img)
 
 
 def centre_crop_square(image: Image.Image, size: int) -> Image.Image:
@@ -100,7 +111,7 @@ def preprocess_image(
     shortest edge, cut the centre)."""
     if image.width < 1 or image.height < 1:
         raise ValueError(f"image must be at least 1x1 pixels, got {image.width}x{image.height}")
-    rgb = image.convert("RGB")
+    rgb = to_rgb(image)
     if mode == "pad":
         square = pad_to_square(rgb, mean_fill(mean)).resize((size, size), Image.BICUBIC)
     elif mode == "crop":
@@ -126,6 +137,13 @@ def check_template(template: str) -> str:
     return template
 
 
+def question_text(question: str) -> str:
+    """The question as the template takes it: LLaVA-format questions carry the image
+    placeholder, which the template places itself (left in, the tokenizer would read it
+    as one more image token)."""
+    return question.replace(IMAGE_PLACEHOLDER, "").strip()
+
+
 def split_prompt_ids(
     tokenizer, question: str, image_token_id: int, num_image_tokens: int, template: str = PROMPT_TEMPLATE
 ) -> tuple[list[int], list[int]]:
@@ -135,7 +153,8 @@ def split_prompt_ids(
     The text around the placeholder is tokenized on its own, so the image tokens never
     merge with neighbouring text whatever the tokenizer.
     """
-    before, _, after = check_template(template).format(question=question.strip()).partition(IMAGE_PLACEHOLDER)
+    text = question_text(question)
+    before, _, after = check_template(template).format(question=text).partition(IMAGE_PLACEHOLDER)
     prefix = tokenizer(before, add_special_tokens=True)["input_ids"] + [image_token_id] * num_image_tokens
     return prefix, tokenizer(after, add_special_tokens=False)["input_ids"]
 

@@ -281,6 +281,7 @@ class _Tally:
     """What an epoch's micro-batches held so far, on this rank."""
 
     trained: int = 0  # samples
+    cells: int = 0  # labelled (foreground or background) cells of the trained samples
     skipped: Counter = field(default_factory=Counter)  # samples, by reason
 
 
@@ -288,7 +289,9 @@ def _tallied(loads: Iterable, tally: _Tally) -> Iterator[LabelBatch | None]:
     """The batches of (batch, skipped) pairs, counted into `tally` as they are taken."""
     for batch, skipped in loads:
         tally.skipped.update(skipped)
-        tally.trained += 0 if batch is None else len(batch.labels)
+        if batch is not None:
+            tally.trained += len(batch.labels)
+            tally.cells += int((batch.labels != IGNORE_INDEX).sum())
         yield batch
 
 
@@ -474,15 +477,16 @@ class RPNTrainer:
 
     def _check_trained(self, epoch: int, tally: _Tally, report: bool = True) -> None:
         """Stop, before anything is saved, when no rank has trained on a single sample of the
-        epoch so far; with ``report``, log the samples it skipped. The ranks sum their counts
-        first, so that all of them reach the same decision (one that raised alone would leave
-        the others waiting in the next all-reduce)."""
-        trained, skipped = tally.trained, tally.skipped
+        epoch so far, or on a single labelled cell (all-ignore labels leave the loss at 0 and
+        the RPN as it started); with ``report``, log the samples it skipped. The ranks sum
+        their counts first, so that all of them reach the same decision (one that raised
+        alone would leave the others waiting in the next all-reduce)."""
+        trained, cells, skipped = tally.trained, tally.cells, tally.skipped
         if self.world > 1:
             device = self.device if dist.get_backend() == "nccl" else torch.device("cpu")
-            count = torch.tensor([trained], device=device)
+            count = torch.tensor([trained, cells], device=device)
             dist.all_reduce(count)
-            trained = int(count)
+            trained, cells = count.tolist()
             everyone = [None] * self.world
             # Objects travel through a tensor on the current CUDA device under NCCL: this rank's.
             with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
@@ -493,6 +497,12 @@ class RPNTrainer:
             raise ValueError(
                 f"epoch {epoch} trained on no sample: all {sum(skipped.values())} read so far were skipped "
                 f"({skip_reasons(skipped)}); stopped without saving the RPN: check --image-folder and the label folder"
+            )
+        if trained and not cells:
+            raise ValueError(
+                f"epoch {epoch} trained on {trained} samples without one labelled cell: their pseudo labels are all "
+                f"ignore (see all_ignore in {self.cfg.labels}/summary.json); stopped without saving the RPN: "
+                "label again with other options (--max-box-fraction, --fg-ratio, --sink-threshold)"
             )
         if report and skipped and self.rank == 0:
             log.warning("epoch %d: skipped %d samples (%s)", epoch, sum(skipped.values()), skip_reasons(skipped))
