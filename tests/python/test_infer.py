@@ -636,9 +636,34 @@ def test_answer_file_resume_keeps_every_valid_row(tmp_path, caplog):
     out.write_text(
         '{"id": "a", "answer": "x"}\n{"id": "b", "ans\n[1, 2]\n{"answer": "no id"}\n\n{"id": "c"}\n{"id": "d"'
     )
-    assert _finished_ids(str(out)) == {"a", "c"}
+    assert _finished_ids(str(out)) == {"a": 1, "c": 1}
     assert out.read_text().splitlines() == ['{"id": "a", "answer": "x"}', '{"id": "c"}']
     assert "line 2 is not an answer row" in caplog.text and "line 4" in caplog.text and "line 7" in caplog.text
+
+
+def test_a_repeated_id_resumes_entry_by_entry(infer_ws, tmp_path):
+    # Entries 0 and 2 share an id; entry 1 is unusable (no image).
+    entries = json.loads((infer_ws / "data.json").read_text())
+    q0, q1, q2 = (e for e in entries if e["id"] in ("q0", "q1", "q2"))
+    data = [dict(q0, id="dup"), {"id": "bad"}, dict(q1, id="dup"), q2]
+    (tmp_path / "data.json").write_text(json.dumps(data))
+    out = tmp_path / "answers.jsonl"
+    flags = ("--data", str(tmp_path / "data.json"), "--image-folder", str(infer_ws / "images"), "--out", str(out))
+    assert infer_cli(infer_ws, *flags, "--batch-size", "1") == 0
+
+    def rows():  # without the timings
+        return [(r["id"], r["question"], r["answer"], r["boxes"]) for r in map(json.loads, open(out))]
+
+    whole = rows()
+    assert [row[0] for row in whole] == ["dup", "dup", "q2"] and whole[0][1] != whole[1][1]
+    out.write_text(out.read_text().splitlines()[0] + "\n")  # stopped after the first "dup"
+    assert infer_cli(infer_ws, *flags, "--batch-size", "1") == 0
+    assert rows() == whole
+    summary = json.loads((tmp_path / "answers.jsonl.summary.json").read_text())
+    assert (summary["already_done"], summary["answered"], summary["skipped"]) == (1, 2, 1)
+    assert infer_cli(infer_ws, *flags, "--limit", "2") == 0  # what this run covers, not the whole file
+    summary = json.loads((tmp_path / "answers.jsonl.summary.json").read_text())
+    assert (summary["already_done"], summary["answered"], summary["skipped"]) == (1, 0, 1)
 
 
 def test_decoding_runs_one_forward_per_answer_token(tiny):

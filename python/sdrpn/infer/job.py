@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections import Counter
 from dataclasses import dataclass
 
 from ..io_utils import exclusive_lock, read_json, write_json, write_jsonl
@@ -27,12 +28,12 @@ def answer_record(answer: SDRPNAnswer) -> dict:
     }
 
 
-def _finished_ids(out: str) -> set[str]:
-    """Ids already answered in `out`. A line that is not a JSON object with an id (a torn
-    last line after a crash, or a damaged one) is dropped with a warning naming it; every
-    other row is kept, and the file is rewritten without the bad lines."""
+def _finished_ids(out: str) -> Counter[str]:
+    """The rows already in `out`, counted by id. A line that is not a JSON object with an id
+    (a torn last line after a crash, or a damaged one) is dropped with a warning naming it;
+    every other row is kept, and the file is rewritten without the bad lines."""
     if not os.path.exists(out):
-        return set()
+        return Counter()
     rows = []
     with open(out, errors="replace") as f:
         for number, line in enumerate(f, 1):
@@ -47,7 +48,23 @@ def _finished_ids(out: str) -> set[str]:
                 continue
             rows.append(row)
     write_jsonl(out, rows)
-    return {str(r["id"]) for r in rows}
+    return Counter(str(r["id"]) for r in rows)
+
+
+def _done_entries(entries: list, rows_by_id: Counter[str]) -> set[int]:
+    """The indices of the entries an earlier run answered. A data file may repeat an id, and
+    its entries are answered and written in file order: an id with k rows marks its first
+    k usable entries done."""
+    left, done = Counter(rows_by_id), set()
+    for index, entry in enumerate(entries):
+        try:
+            sample_id = parse_entry(entry, index).id
+        except SkipSample:
+            continue
+        if left[sample_id] > 0:
+            left[sample_id] -= 1
+            done.add(index)
+    return done
 
 
 @dataclass
@@ -120,7 +137,7 @@ def answer_file(pipe: SDRPNLlava, cfg: InferFileConfig) -> dict:
 
 def _answer_file(pipe: SDRPNLlava, cfg: InferFileConfig) -> dict:
     entries = load_entries(cfg.data)[: cfg.limit]
-    done = _finished_ids(cfg.out)
+    done = _done_entries(entries, _finished_ids(cfg.out))
     skipped: dict[str, int] = {}
     answered = 0
     pending: list[tuple[str, object, str]] = []
@@ -141,7 +158,7 @@ def _answer_file(pipe: SDRPNLlava, cfg: InferFileConfig) -> dict:
 
     def load(item: tuple[int, object]):
         sample = parse_entry(item[1], item[0])
-        return sample, None if sample.id in done else open_image(cfg.image_folder, sample.image)
+        return sample, None if sample.index in done else open_image(cfg.image_folder, sample.image)
 
     loads = prefetch(load, enumerate(entries), cfg.workers, ahead=2 * cfg.batch_size)
     with open(cfg.out, "a") as f:
