@@ -48,8 +48,10 @@ def test_valid_pickle_is_imported(tmp_path, capsys):
     os.unlink(tmp_path / "out" / "label_config.json")
     assert folder.config.format_version == 1 and folder.config.sink_threshold == 1e-3
     assert [r["id"] for shard in folder.shards() for r in shard.rows] == ["10", "11", "12"]
-    with pytest.raises(ValueError, match="is not a label folder"):
+    with pytest.raises(ValueError, match="is not a label folder: it has no label_config.json and no shards"):
         _ = LabelFolder(str(tmp_path)).config
+    with pytest.raises(ValueError, match="is not a label folder: it does not exist"):
+        _ = LabelFolder(str(tmp_path / "nowhere")).config
 
 
 class Exploit:

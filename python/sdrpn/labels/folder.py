@@ -165,6 +165,9 @@ class LabelFolder:
         wrote none before format 2) reads with SPEC's defaults."""
         config = self.read_config()
         if config is None:
+            if not os.path.isdir(self.path):
+                problem = "is a file" if os.path.exists(self.path) else "does not exist"
+                raise ValueError(f"{self.path} is not a label folder: it {problem}")
             if not self.complete_shards():
                 raise ValueError(f"{self.path} is not a label folder: it has no {CONFIG_NAME} and no shards")
             config = LabelFolderConfig.from_dict({})
