@@ -16,6 +16,8 @@ import types
 import typing
 from collections.abc import Callable
 
+from safetensors import SafetensorError
+
 from .io_utils import FolderBusy
 from .labels.demo import LabelDemoConfig, run_label_demo, summary_line
 from .labels.options import LabelOptions
@@ -449,9 +451,10 @@ def _version() -> str:
     return f"sdrpn {info['version']} (torch {torch.__version__}, {cuda})"
 
 
-# What a user's mistake raises (a bad flag value, a missing file, a model that does not fit,
-# a busy output folder): one line and exit status 2 rather than a traceback.
-USER_ERRORS = (ValueError, OSError, FolderBusy, NotImplementedError)
+# What a user's mistake or the machine raises (a bad flag value, a missing file, a model that
+# does not fit, a busy output folder, a full disk, which safetensors reports as its own error):
+# one line and exit status 2 rather than a traceback.
+USER_ERRORS = (ValueError, OSError, FolderBusy, NotImplementedError, SafetensorError)
 
 
 # What an interrupted command has kept, and how to go on.

@@ -25,9 +25,11 @@ def write_atomic(path: str, write: Callable[[str], None]) -> None:
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
     os.close(fd)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files: give them the mode open() would
     try:
         write(tmp)
+        # mkstemp makes 0600 files, and so do writers that replace the file (safetensors):
+        # give it the mode open() would.
+        os.chmod(tmp, 0o666 & ~_umask())
         # A rename survives a power loss only once the data it names is on disk.
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())

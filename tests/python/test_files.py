@@ -3,22 +3,30 @@ any moment leaves resumable."""
 
 import os
 import stat
+from pathlib import Path
 
 import pytest
 import torch
 
-from sdrpn.io_utils import read_json, write_json
+from sdrpn.io_utils import read_json, write_atomic, write_json
 from sdrpn.rpn.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 
 
 @pytest.mark.parametrize("mask,mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
 def test_atomic_writes_honour_the_umask(tmp_path, mask, mode):
+    from safetensors.torch import save_file
+
+    rpn, opt, sched = make(1.0)
     old = os.umask(mask)
     try:
         write_json(str(tmp_path / "a.json"), {"x": 1})
+        # safetensors replaces the file it writes with one of mode 0600
+        write_atomic(str(tmp_path / "t.safetensors"), lambda path: save_file({"x": torch.zeros(1)}, path))
+        ckpt = save_checkpoint(str(tmp_path / "run"), rpn, opt, sched, {"global_step": 1}, keep=1)
     finally:
         os.umask(old)
-    assert stat.S_IMODE(os.stat(tmp_path / "a.json").st_mode) == mode
+    for path in (tmp_path / "a.json", tmp_path / "t.safetensors", *Path(ckpt).iterdir()):
+        assert stat.S_IMODE(os.stat(path).st_mode) == mode, path
     assert read_json(str(tmp_path / "a.json")) == {"x": 1}
 
 
@@ -30,8 +38,7 @@ class TinyRPN(torch.nn.Module):
     def save(self, folder):
         from safetensors.torch import save_file
 
-        os.makedirs(folder, exist_ok=True)
-        save_file({"w": self.w.detach()}, os.path.join(folder, "rpn.safetensors"))
+        write_atomic(os.path.join(folder, "rpn.safetensors"), lambda path: save_file({"w": self.w.detach()}, path))
 
 
 def make(step_value):

@@ -148,6 +148,19 @@ def test_ctrl_c_is_one_line_saying_what_was_kept(command, hint, capsys):
         run_command(interrupted, "sdrpn", [command, "--debug"])
 
 
+def test_a_full_disk_under_safetensors_is_one_line(capsys):
+    from safetensors import SafetensorError
+
+    from sdrpn.cli import run_command
+
+    def disk_full(argv):  # what save_file raises on ENOSPC: not an OSError
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    assert run_command(disk_full, "sdrpn", ["train"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("sdrpn train: error: Error while serializing") and len(err.splitlines()) == 1
+
+
 def test_synth_command_reports_user_mistakes_in_one_line(tmp_path, capsys):
     from sdrpn.synth.cli import entry
 

@@ -121,6 +121,11 @@ def test_resume_gives_the_same_weights(ws, tmp_path):
             )
         )
     assert main(train_args(ws, part, *common, "--resume", "--num-workers", "0")) == 0
+    card = (part / "README.md").read_text()
+    assert "## Held-out metrics" in card
+    # Resumed with nothing left to train, the card keeps the last epoch's metrics.
+    assert main(train_args(ws, part, *common, "--resume")) == 0
+    assert (part / "README.md").read_text() == card
     a, b = load_file(whole / "rpn.safetensors"), load_file(part / "rpn.safetensors")
     for key in a:  # bit-identical on the CPU; a GPU's GEMMs may differ in the last bit
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0 if not torch.cuda.is_available() else 1e-6)

@@ -9,7 +9,7 @@ import shutil
 
 from safetensors.torch import load_file, save_file
 
-from ..io_utils import fsync_dir, read_json, write_json
+from ..io_utils import fsync_dir, read_json, write_atomic, write_json
 from ..optim_state import load_optimizer_tensors, optimizer_tensors
 
 LATEST = "latest.json"
@@ -41,7 +41,7 @@ def save_checkpoint(
     shutil.rmtree(tmp, ignore_errors=True)
     rpn.save(tmp)
     tensors, meta = optimizer_tensors(optimizer)
-    save_file(tensors, os.path.join(tmp, "optimizer.safetensors"))
+    write_atomic(os.path.join(tmp, "optimizer.safetensors"), lambda path: save_file(tensors, path))
     write_json(
         os.path.join(tmp, "trainer_state.json"),
         {"progress": progress, "optimizer": meta, "scheduler": scheduler.state_dict(), "settings": settings},

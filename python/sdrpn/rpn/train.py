@@ -28,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from transformers import get_cosine_schedule_with_warmup
 
-from ..io_utils import exclusive_lock, write_json
+from ..io_utils import exclusive_lock, read_json, write_json
 from ..labels.folder import LabelFolder
 from ..llava.backbone import branch_hidden_states
 from ..llava.data import skip_reasons
@@ -445,6 +445,9 @@ class RPNTrainer:
                 metrics = self._held_out_metrics(rpn, held_out, epoch, progress["global_step"])
             self._checkpoint(rpn, optimizer, scheduler, progress)
         bar.close()
+        last_metrics = os.path.join(cfg.out, f"metrics-epoch{cfg.epochs - 1}.json")
+        if not metrics and held_out is not None and os.path.exists(last_metrics):
+            metrics = read_json(last_metrics)  # a resumption that found the last epoch done
         if self.rank == 0:
             card = {"metrics": metrics or None, "training": self._card_settings(len(train_set))}
             rpn.save_pretrained(cfg.out, model_card_kwargs=card)
