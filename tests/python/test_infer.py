@@ -1,5 +1,6 @@
 import dataclasses
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -690,6 +691,21 @@ def test_answer_file_refuses_to_mix_settings(infer_ws, tmp_path):
         infer_cli(infer_ws, *data, "--max-new-tokens", "3", "--threshold", "0.3")
     assert out.read_text() == rows  # nothing touched
     assert infer_cli(infer_ws, *data, "--max-new-tokens", "2") == 0  # the same settings resume
+    # Another RPN of the same configuration, trained apart: only its weights differ.
+    from safetensors.torch import load_file, save_file
+
+    other = tmp_path / "other-rpn"
+    shutil.copytree(infer_ws / "rpn", other)
+    weights = load_file(other / "rpn.safetensors")
+    save_file({k: v + 0.01 if v.is_floating_point() else v for k, v in weights.items()}, other / "rpn.safetensors")
+    with pytest.raises(ValueError, match=r"other settings \(rpn_weights: "):
+        infer_cli(infer_ws, *data, "--max-new-tokens", "2", "--rpn", str(other))
+    # Answers recorded before the weights were: they resume with the RPN named.
+    settings_file = tmp_path / "answers.jsonl.settings.json"
+    settings = json.loads(settings_file.read_text())
+    del settings["rpn_weights"]
+    settings_file.write_text(json.dumps(settings))
+    assert infer_cli(infer_ws, *data, "--max-new-tokens", "2") == 0
     assert infer_cli(infer_ws, *data, "--max-new-tokens", "3", "--restart") == 0
     summary = json.loads((tmp_path / "answers.jsonl.summary.json").read_text())
     assert summary["already_done"] == 0 and summary["answered"] == 3

@@ -1,6 +1,7 @@
-"""The synthetic task's SD-RPN pipeline (label -> RPN -> evaluate -> report) on a tiny
-untrained model: every stage runs, writes what it promises, and a rerun resumes."""
+"""The synthetic task's SD-RPN pipeline (label -> RPN -> evaluate -> report) on the shipped
+base model: every stage runs, writes what it promises, and a rerun resumes."""
 
+import dataclasses
 import json
 import os
 
@@ -118,6 +119,11 @@ def test_pipeline_runs_every_stage_and_resumes(tmp_path):
     again = run_pipeline(cfg)
     assert os.path.getmtime(cfg.path("rpn", "train_config.json")) == stamp
     assert again["accuracy"] == acc
+    # Other settings would leave the finished stages as they are: refused before anything runs.
+    with pytest.raises(ValueError, match=r"other settings \(rpn_epochs: 1 -> 2; train_count: 24 -> 30\)"):
+        run_pipeline(dataclasses.replace(cfg, train_count=30, rpn_epochs=2))
+    assert len(json.load(open(cfg.path("data", "train.json")))) == 24
+    run_pipeline(dataclasses.replace(cfg, eval_batch=4))  # the evaluation's batch may change
 
 
 def test_markdown_reports_the_gain():

@@ -92,6 +92,7 @@ def run_settings(pipe: SDRPNLlava, cfg: InferFileConfig) -> dict:
         "model": model_identity(pipe.model),
         "dtype": str(pipe.dtype).replace("torch.", ""),
         "rpn": pipe.rpn.config.to_dict(),
+        "rpn_weights": pipe.rpn.weights_digest(),  # two RPNs of one configuration
         "roi": pipe.roi.to_dict(),
         "prompt_template": pipe.template,
         "preprocessing": pipe.preprocessing,
@@ -111,6 +112,7 @@ def _start(pipe: SDRPNLlava, cfg: InferFileConfig) -> None:
         recorded = read_json(path)
         if same_model(recorded.get("model"), settings["model"]):  # one model named by another path
             settings["model"] = recorded["model"]
+        recorded.setdefault("rpn_weights", settings["rpn_weights"])  # answers from before it was recorded
         diff = setting_changes(recorded, settings)
         if diff:
             raise ValueError(

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -285,6 +286,17 @@ class RegionProposalNetwork(
     # ---- persistence ----------------------------------------------------------------------
     def trainable_state_dict(self) -> dict[str, Tensor]:
         return {k: v.detach().contiguous() for k, v in self.state_dict().items() if not k.startswith("rotary_emb.")}
+
+    def weights_digest(self) -> str:
+        """A short hash of the first and last eight values of every trained tensor, exact:
+        two RPNs of one configuration trained apart differ in it (a whole-weights hash would
+        read a 7B RPN's gigabyte)."""
+        digest = hashlib.sha256()
+        for name, tensor in sorted(self.trainable_state_dict().items()):
+            flat = tensor.flatten()
+            ends = torch.cat([flat[:8], flat[-8:]]).float().cpu()
+            digest.update(name.encode() + ends.numpy().tobytes())
+        return digest.hexdigest()[:16]
 
     def save(self, folder: str) -> None:
         """Only the RPN's weights (safetensors) and its config (rpn_config.json); each file

@@ -8,7 +8,8 @@
             crop; IoU and hit rate of the pseudo labels' and the RPN's boxes
 
 Every stage writes its outputs atomically and is skipped when they are already complete,
-so a rerun after an interruption goes on where it stopped.
+so a rerun after an interruption goes on where it stopped; a rerun with other settings is
+refused (OUT/pipeline_config.json records them), since its stages would mix two runs.
 """
 
 from __future__ import annotations
@@ -21,11 +22,13 @@ from dataclasses import asdict, dataclass, replace
 import torch
 
 from ..infer.pipeline import SDRPNLlava
+from ..io_utils import exclusive_lock, read_json, write_json
 from ..labels.folder import LabelFolder
 from ..labels.job import LabelJob, LabelJobConfig
 from ..labels.options import LabelOptions
 from ..llava.geometry import grid_box_to_pixels, model_grid
 from ..llava.presets import resolve_preset
+from ..options import setting_changes
 from ..rpn.model import RegionProposalNetwork
 from ..rpn.train import RPNTrainer, TrainConfig
 from .attention_check import collect_head_maps, layer_localisation, selection_scores
@@ -58,6 +61,28 @@ class PipelineConfig:
 
     def path(self, *parts: str) -> str:
         return os.path.join(self.out, *parts)
+
+
+PIPELINE_CONFIG = "pipeline_config.json"
+# Settings a rerun may change: where it runs, and the evaluation's batch (evaluated anew).
+RUN_ONLY = ("out", "device", "eval_batch")
+
+
+def record_settings(cfg: PipelineConfig) -> None:
+    """Record the settings that shape the artefacts in OUT/pipeline_config.json, or refuse a
+    rerun with others: its stages would skip what the first run finished (an RPN trained on
+    fewer samples, for one) and the report would describe neither."""
+    path = cfg.path(PIPELINE_CONFIG)
+    settings = {k: v for k, v in asdict(cfg).items() if k not in RUN_ONLY}
+    if os.path.exists(path):
+        diff = setting_changes(read_json(path), settings)
+        if diff:
+            raise ValueError(
+                f"{cfg.out} holds a run with other settings ({'; '.join(diff)}): rerun with the same "
+                "settings, or pass another --out"
+            )
+    else:
+        write_json(path, settings)
 
 
 # ---- stages -----------------------------------------------------------------------------------
@@ -234,7 +259,15 @@ def evaluate(cfg: PipelineConfig, model, tokenizer) -> dict:
 
 
 def run_pipeline(cfg: PipelineConfig) -> dict:
-    """All stages; returns the evaluation (metrics, and per-sample answers and RoIs)."""
+    """All stages; returns the evaluation (metrics, and per-sample answers and RoIs). One run
+    at a time on an OUT folder."""
+    os.makedirs(cfg.out, exist_ok=True)
+    with exclusive_lock(cfg.path(".pipeline.lock")):
+        record_settings(cfg)
+        return _run_pipeline(cfg)
+
+
+def _run_pipeline(cfg: PipelineConfig) -> dict:
     from ..llava.loading import load_llava
 
     torch.manual_seed(cfg.seed)
