@@ -227,6 +227,23 @@ def test_resume_refuses_changed_settings(workspace, tmp_path):
     assert run_label(workspace, out, "--answers", "given") == 0  # the same settings resume
 
 
+def test_resume_refuses_a_data_file_edited_in_place(workspace, tmp_path):
+    # Samples resume by their index in the data file: reordered, they would be labelled twice or never.
+    data, out = tmp_path / "data.json", tmp_path / "labels"
+    entries = json.loads((workspace / "data.json").read_text())
+    data.write_text(json.dumps(entries))
+    assert run_label(workspace, out, "--answers", "given", "--data", str(data), "--limit", "4") == 0
+    data.write_text(json.dumps(entries[::-1]))
+    with pytest.raises(ValueError, match=r"other settings \(data_sha256: \"[0-9a-f]{64}\" -> \"[0-9a-f]{64}\"\)"):
+        run_label(workspace, out, "--answers", "given", "--data", str(data))
+    # A folder labelled before the digest was recorded resumes unchecked, and records it.
+    config = json.loads((out / "label_config.json").read_text())
+    del config["data_sha256"]
+    (out / "label_config.json").write_text(json.dumps(config))
+    assert run_label(workspace, out, "--answers", "given", "--data", str(data)) == 0
+    assert json.loads((out / "label_config.json").read_text())["data_sha256"]
+
+
 def test_format1_label_folders_still_read(workspace, tmp_path):
     out = tmp_path / "labels"
     run_label(workspace, out, "--answers", "given")

@@ -120,6 +120,16 @@ def test_resume_gives_the_same_weights(ws, tmp_path):
                 "--resume",
             )
         )
+    # Labels that changed under a stopped run: its steps were counted over other samples.
+    labels = tmp_path / "labels"
+    shutil.copytree(ws / "labels", labels)
+    args = train_args(ws, tmp_path / "changed", *common)
+    args[args.index("--labels") + 1] = str(labels)
+    assert main([*args, "--stop-after-steps", "1"]) == 0
+    for path in labels.glob("rank000-shard00000*"):
+        path.unlink()  # the first shard gone
+    with pytest.raises(ValueError, match=r"other settings \(the train split's samples \(the label folder changed"):
+        main([*args, "--resume"])
     assert main(train_args(ws, part, *common, "--resume", "--num-workers", "0")) == 0
     card = (part / "README.md").read_text()
     assert "## Held-out metrics" in card

@@ -62,6 +62,7 @@ class LabelFolderConfig:
     model: dict | None = None  # llava.loading.model_identity of the base model
     dtype: str | None = None  # the model's dtype while labelling
     data: str | None = None  # the data file, absolute
+    data_sha256: str | None = None  # its content: samples resume by index, so it may not change
     image_folder: str | None = None  # absolute
     image_size: int | None = None  # the encoder's input side
     grid: list[int] | None = None  # [grid_h, grid_w]
@@ -84,6 +85,7 @@ class LabelFolderConfig:
             "model": self.model,
             "dtype": self.dtype,
             "data": self.data,
+            "data_sha256": self.data_sha256,
             "image_folder": self.image_folder,
             "image_size": self.image_size,
             "grid": self.grid,
@@ -102,6 +104,7 @@ class LabelFolderConfig:
                         "model",
                         "dtype",
                         "data",
+                        "data_sha256",
                         "image_folder",
                         "image_size",
                         "grid",
@@ -182,7 +185,8 @@ class LabelFolder:
         if old is not None and same_model(old.model, config.model):
             config = replace(config, model=old.model)  # one model named by another path: keep the record
         if old is not None and self.done_markers():
-            diff = old.differences(config)
+            # Folders labelled before the data's digest was recorded are not checked on it.
+            diff = old.differences(config if old.data_sha256 else replace(config, data_sha256=None))
             if diff:
                 raise ValueError(
                     f"{self.path} holds labels made with other settings ({'; '.join(diff)}): "

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
-from ..io_utils import exclusive_lock
+from ..io_utils import exclusive_lock, file_sha256
 from ..llava.data import QASample, SkipSample, check_image_folder, load_entries, open_image, parse_entry
 from ..llava.decode import DecoderPool, resolve_decoder
 from ..llava.geometry import model_grid
@@ -216,6 +216,7 @@ class LabelJob:
             model=model_identity(self.model),
             dtype=dtype,
             data=os.path.abspath(self.cfg.data),
+            data_sha256=file_sha256(self.cfg.data),
             image_folder=os.path.abspath(self.cfg.image_folder),
             image_size=self.image_size,
             grid=list(self.grid),

@@ -96,6 +96,11 @@ class LabelShardDataset(Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
+    def ids_digest(self) -> str:
+        """A short hash of the samples' ids in order: a resumed run must see the samples its
+        checkpoint's steps were counted over."""
+        return hashlib.sha256("\n".join(str(row["id"]) for row in self.rows).encode()).hexdigest()[:16]
+
     def __getitem__(self, i: int) -> LabelledSample | SkippedSample:
         row = self.rows[i]
         prep = row.get("preprocessing") or {}

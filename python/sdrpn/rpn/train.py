@@ -404,8 +404,14 @@ class RPNTrainer:
         rpn = self._rpn()
         optimizer, scheduler, total = self._schedule(rpn, len(train_set))
         progress = {"epoch": 0, "step_in_epoch": 0, "global_step": 0}
+        # What checkpoints record: the settings, and which samples the steps walk.
+        self._recorded = {**cfg.recorded(), "train_split": train_set.ids_digest()}
         if cfg.resume and (ckpt := latest_checkpoint(cfg.out)) is not None:
-            diff = cfg.differences(checkpoint_settings(ckpt) or {})
+            recorded = checkpoint_settings(ckpt) or {}
+            diff = cfg.differences(recorded)
+            split = self._recorded["train_split"]
+            if not diff and recorded.get("train_split", split) != split:  # (other settings change it too)
+                diff.append("the train split's samples (the label folder changed since the run began)")
             if diff:
                 raise ValueError(
                     f"{cfg.out} holds a run with other settings ({'; '.join(diff)}): resume with the "
@@ -547,7 +553,7 @@ class RPNTrainer:
                 scheduler,
                 dict(progress),
                 self.cfg.keep_checkpoints,
-                settings=self.cfg.recorded(),
+                settings=self._recorded,
             )
         if self.world > 1:
             dist.barrier()
