@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import glob
 import hashlib
 import json
 import os
@@ -40,6 +41,15 @@ def write_atomic(path: str, write: Callable[[str], None]) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def remove_temporaries(folder: str, names: str = "*") -> None:
+    """Delete the temporary files that write_atomic left in ``folder``, for files named like
+    the glob ``names``, when a kill stopped it before the rename. Only a holder of the lock
+    of every writer of such files may call it: another's temporary file may be in use."""
+    for path in glob.glob(os.path.join(glob.escape(folder), ".tmp-*" + names)):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
 
 
 def fsync_dir(folder: str) -> None:

@@ -111,3 +111,26 @@ def test_a_second_job_on_a_held_output_fails_at_once_naming_the_holder(tmp_path)
         child.wait()
     with exclusive_lock(lock):
         assert json.loads(open(lock).read())["pid"] == os.getpid()
+
+
+def test_what_a_kill_left_half_written_is_removed_by_its_writer(tmp_path):
+    from sdrpn.io_utils import remove_temporaries
+    from sdrpn.labels.folder import LabelFolder
+    from sdrpn.rpn.checkpoints import remove_unfinished
+
+    names = [
+        ".tmp-ab12rank000-shard00001.safetensors",
+        ".tmp-cd34rank001-shard00000.jsonl",
+        ".tmp-ef56label_config.json",
+    ]
+    for name in names:
+        (tmp_path / name).write_text("half")
+    LabelFolder(str(tmp_path)).remove_unfinished(0)  # rank 0's own, not rank 1's or the shared config's
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names[1:])
+    remove_temporaries(str(tmp_path))
+    assert not list(tmp_path.iterdir())
+    (tmp_path / "checkpoints" / "step-00000004.tmp").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "step-00000002").mkdir()
+    (tmp_path / "checkpoints" / ".tmp-0000latest.json").write_text("{")
+    remove_unfinished(str(tmp_path))
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-00000002"]

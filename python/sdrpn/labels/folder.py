@@ -31,7 +31,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from ..io_utils import read_json, read_jsonl, write_atomic, write_json, write_jsonl
+from ..io_utils import read_json, read_jsonl, remove_temporaries, write_atomic, write_json, write_jsonl
 from ..llava.data import skip_reasons
 from ..llava.inputs import PROMPT_TEMPLATE
 from ..llava.loading import same_model
@@ -48,8 +48,12 @@ FORMAT_VERSION = 2
 TENSOR_NAMES = ("grounding", "sink", "labels", "grid")
 
 
+def rank_prefix(rank: int) -> str:
+    return f"rank{rank:03d}"
+
+
 def shard_name(rank: int, shard: int) -> str:
-    return f"rank{rank:03d}-shard{shard:05d}"
+    return f"{rank_prefix(rank)}-shard{shard:05d}"
 
 
 @dataclass
@@ -195,8 +199,13 @@ class LabelFolder:
         self.write_config(config)
 
     # ---- shards ---------------------------------------------------------------------------
+    def remove_unfinished(self, rank: int) -> None:
+        """Delete the temporary files that a kill left of ``rank``'s shards; for that rank's
+        job, holding its lock (other ranks may be writing theirs)."""
+        remove_temporaries(self.path, rank_prefix(rank) + "-shard*")
+
     def done_markers(self, rank: int | None = None) -> list[dict]:
-        pattern = "rank*-shard*" if rank is None else f"rank{rank:03d}-shard*"
+        pattern = "rank*-shard*" if rank is None else rank_prefix(rank) + "-shard*"
         return [read_json(p) for p in sorted(glob.glob(self.file(pattern + ".done.json")))]
 
     def complete_shards(self) -> list[str]:

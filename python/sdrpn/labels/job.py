@@ -230,6 +230,7 @@ class LabelJob:
         # "image missing" and be recorded in the label folder, refusing the corrected rerun.
         check_image_folder(self.cfg.image_folder)
         with exclusive_lock(self.folder.file(f".rank{self.cfg.rank:03d}.lock")):
+            self.folder.remove_unfinished(self.cfg.rank)
             return self._run()
 
     def _run(self) -> dict:

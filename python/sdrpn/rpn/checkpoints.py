@@ -4,12 +4,13 @@ or replaced before the pointer has moved on, so a kill at any moment leaves a re
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 
 from safetensors.torch import load_file, save_file
 
-from ..io_utils import fsync_dir, read_json, write_atomic, write_json
+from ..io_utils import fsync_dir, read_json, remove_temporaries, write_atomic, write_json
 from ..optim_state import load_optimizer_tensors, optimizer_tensors
 
 LATEST = "latest.json"
@@ -58,6 +59,15 @@ def save_checkpoint(
         if old != os.path.basename(final):
             shutil.rmtree(os.path.join(root, old), ignore_errors=True)
     return final
+
+
+def remove_unfinished(folder: str) -> None:
+    """Delete what a kill left of checkpoints being written (their .tmp folders and the
+    temporary files of latest.json); for the one process that writes checkpoints."""
+    root = _root(folder)
+    for tmp in glob.glob(os.path.join(glob.escape(root), "step-*.tmp")):
+        shutil.rmtree(tmp, ignore_errors=True)
+    remove_temporaries(root)
 
 
 def latest_checkpoint(folder: str) -> str | None:

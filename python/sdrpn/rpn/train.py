@@ -28,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from transformers import get_cosine_schedule_with_warmup
 
-from ..io_utils import exclusive_lock, read_json, write_json
+from ..io_utils import exclusive_lock, read_json, remove_temporaries, write_json
 from ..labels.folder import LabelFolder
 from ..llava.backbone import branch_hidden_states
 from ..llava.data import skip_reasons
@@ -38,7 +38,14 @@ from ..ops import IGNORE_INDEX
 from ..options import Options, RoiOptions, option, setting_changes
 from ..prefetch import prefetch
 from ..progress import show_progress
-from .checkpoints import LATEST, checkpoint_settings, latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoints import (
+    LATEST,
+    checkpoint_settings,
+    latest_checkpoint,
+    load_checkpoint,
+    remove_unfinished,
+    save_checkpoint,
+)
 from .dataset import LabelBatch, LabelCollator, LabelShardDataset
 from .model import WEIGHTS_NAME, RegionProposalNetwork, rpn_loss
 
@@ -394,6 +401,9 @@ class RPNTrainer:
         if self.rank != 0:
             return self._run()
         with exclusive_lock(os.path.join(self.cfg.out, ".train.lock")):
+            # Rank 0 writes everything in --out: what a killed run left half-written is its.
+            remove_unfinished(self.cfg.out)
+            remove_temporaries(self.cfg.out)
             return self._run()
 
     def _run(self) -> dict:
