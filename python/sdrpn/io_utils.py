@@ -14,6 +14,9 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable
 
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -25,7 +28,7 @@ def write_atomic(path: str, write: Callable[[str], None]) -> None:
     """Call write(tmp_path) on a temporary file beside `path`, then rename it into place."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".tmp-{os.path.basename(path)}.")  # see remove_temporaries
     os.close(fd)
     try:
         write(tmp)
@@ -44,10 +47,11 @@ def write_atomic(path: str, write: Callable[[str], None]) -> None:
 
 
 def remove_temporaries(folder: str, names: str = "*") -> None:
-    """Delete the temporary files that write_atomic left in ``folder``, for files named like
-    the glob ``names``, when a kill stopped it before the rename. Only a holder of the lock
-    of every writer of such files may call it: another's temporary file may be in use."""
-    for path in glob.glob(os.path.join(glob.escape(folder), ".tmp-*" + names)):
+    """Delete the temporary files that write_atomic left in ``folder`` (``.tmp-NAME.XXXX``)
+    for files whose name matches the glob ``names``, when a kill stopped it before the
+    rename. Only a holder of the lock of every writer of such files may call it: another's
+    temporary file may be in use."""
+    for path in glob.glob(os.path.join(glob.escape(folder), f".tmp-{names}.*")):
         with contextlib.suppress(FileNotFoundError):
             os.remove(path)
 
@@ -94,6 +98,15 @@ def file_sha256(path: str) -> str:
         while block := f.read(1 << 20):
             digest.update(block)
     return digest.hexdigest()
+
+
+def read_safetensors(path: str, device: str = "cpu") -> dict:
+    """The tensors of a safetensors file; a damaged file is a ValueError naming it
+    (safetensors' own error names no file)."""
+    try:
+        return load_file(path, device=device)
+    except SafetensorError as err:
+        raise ValueError(f"{path} cannot be read as safetensors ({err})") from None
 
 
 def read_json(path: str):

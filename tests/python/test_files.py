@@ -118,19 +118,24 @@ def test_what_a_kill_left_half_written_is_removed_by_its_writer(tmp_path):
     from sdrpn.labels.folder import LabelFolder
     from sdrpn.rpn.checkpoints import remove_unfinished
 
+    # write_atomic names its temporaries as remove_temporaries finds them.
+    seen = []
+    write_atomic(str(tmp_path / "a.json"), lambda tmp: seen.append(os.path.basename(tmp)))
+    assert seen[0].startswith(".tmp-a.json.") and [p.name for p in tmp_path.iterdir()] == ["a.json"]
+    (tmp_path / "a.json").unlink()
     names = [
-        ".tmp-ab12rank000-shard00001.safetensors",
-        ".tmp-cd34rank001-shard00000.jsonl",
-        ".tmp-ef56label_config.json",
+        ".tmp-rank000-shard00001.safetensors.ab12cd34",
+        ".tmp-rank001-shard00000.jsonl.x",
+        ".tmp-label_config.json.y",
     ]
     for name in names:
         (tmp_path / name).write_text("half")
     LabelFolder(str(tmp_path)).remove_unfinished(0)  # rank 0's own, not rank 1's or the shared config's
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names[1:])
-    remove_temporaries(str(tmp_path))
-    assert not list(tmp_path.iterdir())
+    remove_temporaries(str(tmp_path), "label_config.json")
+    assert [p.name for p in tmp_path.iterdir()] == [names[1]]
     (tmp_path / "checkpoints" / "step-00000004.tmp").mkdir(parents=True)
     (tmp_path / "checkpoints" / "step-00000002").mkdir()
-    (tmp_path / "checkpoints" / ".tmp-0000latest.json").write_text("{")
+    (tmp_path / "checkpoints" / ".tmp-latest.json.k2j3").write_text("{")
     remove_unfinished(str(tmp_path))
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-00000002"]

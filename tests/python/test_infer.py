@@ -631,40 +631,51 @@ def test_roi_arguments_change_the_rpn_folders_options_field_by_field(tiny):
 
 
 def test_answer_file_resume_keeps_every_valid_row(tmp_path, caplog):
-    from sdrpn.infer.job import _finished_ids
+    from sdrpn.infer.job import _finished_rows
 
     out = tmp_path / "answers.jsonl"
     out.write_text(
         '{"id": "a", "answer": "x"}\n{"id": "b", "ans\n[1, 2]\n{"answer": "no id"}\n\n{"id": "c"}\n{"id": "d"'
     )
-    assert _finished_ids(str(out)) == {"a": 1, "c": 1}
+    assert _finished_rows(str(out)) == [{"id": "a", "answer": "x"}, {"id": "c"}]
     assert out.read_text().splitlines() == ['{"id": "a", "answer": "x"}', '{"id": "c"}']
     assert "line 2 is not an answer row" in caplog.text and "line 4" in caplog.text and "line 7" in caplog.text
 
 
 def test_a_repeated_id_resumes_entry_by_entry(infer_ws, tmp_path):
-    # Entries 0 and 2 share an id; entry 1 is unusable (no image).
+    # Two entries share each id; "bad" does not parse, one "twin" has no image.
     entries = json.loads((infer_ws / "data.json").read_text())
     q0, q1, q2 = (e for e in entries if e["id"] in ("q0", "q1", "q2"))
-    data = [dict(q0, id="dup"), {"id": "bad"}, dict(q1, id="dup"), q2]
+    data = [dict(q0, id="dup"), {"id": "bad"}, dict(q1, id="dup"), dict(q2, id="twin", image="gone.png")]
+    data.append(dict(q2, id="twin"))
     (tmp_path / "data.json").write_text(json.dumps(data))
     out = tmp_path / "answers.jsonl"
     flags = ("--data", str(tmp_path / "data.json"), "--image-folder", str(infer_ws / "images"), "--out", str(out))
-    assert infer_cli(infer_ws, *flags, "--batch-size", "1") == 0
 
     def rows():  # without the timings
-        return [(r["id"], r["question"], r["answer"], r["boxes"]) for r in map(json.loads, open(out))]
+        return [(r["id"], r.get("index"), r["answer"], r["boxes"]) for r in map(json.loads, open(out))]
 
-    whole = rows()
-    assert [row[0] for row in whole] == ["dup", "dup", "q2"] and whole[0][1] != whole[1][1]
-    out.write_text(out.read_text().splitlines()[0] + "\n")  # stopped after the first "dup"
+    def summary():
+        found = json.loads((tmp_path / "answers.jsonl.summary.json").read_text())
+        return found["already_done"], found["answered"], found["skipped"]
+
     assert infer_cli(infer_ws, *flags, "--batch-size", "1") == 0
-    assert rows() == whole
-    summary = json.loads((tmp_path / "answers.jsonl.summary.json").read_text())
-    assert (summary["already_done"], summary["answered"], summary["skipped"]) == (1, 2, 1)
+    whole = rows()
+    assert [row[:2] for row in whole] == [("dup", 0), ("dup", 2), ("twin", 4)]
+    first = out.read_text().splitlines()[0]
+    out.write_text(first + "\n")  # stopped after the first "dup"
+    assert infer_cli(infer_ws, *flags, "--batch-size", "1") == 0
+    assert rows() == whole and summary() == (1, 2, 2)
+    assert infer_cli(infer_ws, *flags) == 0  # done: nothing answered twice, the missing image skipped again
+    assert rows() == whole and summary() == (3, 0, 2)
     assert infer_cli(infer_ws, *flags, "--limit", "2") == 0  # what this run covers, not the whole file
-    summary = json.loads((tmp_path / "answers.jsonl.summary.json").read_text())
-    assert (summary["already_done"], summary["answered"], summary["skipped"]) == (1, 0, 1)
+    assert summary() == (1, 0, 1)
+    # Rows written before the index was recorded: an id's k rows mark its first k entries.
+    legacy = json.loads(first)
+    del legacy["index"]
+    out.write_text(json.dumps(legacy) + "\n")
+    assert infer_cli(infer_ws, *flags, "--batch-size", "1") == 0
+    assert [row[0] for row in rows()] == ["dup", "dup", "twin"] and summary() == (1, 2, 2)
 
 
 def test_decoding_runs_one_forward_per_answer_token(tiny):

@@ -137,6 +137,21 @@ def test_entries_that_would_break_a_job_are_skipped_with_a_reason(tmp_path):
             open_image(str(tmp_path), name)
 
 
+def test_only_padding_is_held_to_the_pixel_budget(tmp_path, monkeypatch):
+    import warnings
+
+    from sdrpn.llava.data import SkipSample, open_image
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 144-pixel images: over it, under PIL's 2x refusal
+    Image.new("RGB", (12, 12)).save(tmp_path / "square.png")
+    Image.new("RGB", (12, 11)).save(tmp_path / "wide.png")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        assert open_image(str(tmp_path), "square.png").size == (12, 12)  # a square is not padded
+        with pytest.raises(SkipSample, match="too large to pad to a square"):
+            open_image(str(tmp_path), "wide.png")
+
+
 def test_a_dataset_linked_into_the_image_folder_is_inside_it(tmp_path):
     from sdrpn.llava.data import open_image
 

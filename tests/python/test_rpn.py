@@ -115,6 +115,14 @@ def test_save_load_round_trip_and_refusal(tiny, tmp_path):
         RegionProposalNetwork.load(str(tmp_path / "rpn"), wider.model)
 
 
+def test_a_damaged_weights_file_is_named(tiny, tmp_path):
+    RegionProposalNetwork.from_llava(tiny.model, branch_layer=K, depth=T).save(str(tmp_path / "rpn"))
+    path = tmp_path / "rpn" / "rpn.safetensors"
+    path.write_bytes(path.read_bytes()[:100])  # cut short
+    with pytest.raises(ValueError, match=f"{path} cannot be read as safetensors"):
+        RegionProposalNetwork.load(str(tmp_path / "rpn"), tiny.model)
+
+
 def test_a_fine_tune_of_the_attention_alone_is_another_base_model(tiny, tmp_path):
     import copy
     import json

@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
 from collections import Counter
 from dataclasses import dataclass
 
-from ..io_utils import exclusive_lock, read_json, write_json, write_jsonl
-from ..llava.data import SkipSample, check_image_folder, load_entries, open_image, parse_entry, skip_reasons
+from ..io_utils import exclusive_lock, file_sha256, read_json, remove_temporaries, write_json, write_jsonl
+from ..llava.data import (
+    QASample,
+    SkipSample,
+    check_image_folder,
+    load_entries,
+    open_image,
+    parse_entry,
+    skip_reasons,
+)
 from ..llava.loading import model_identity, same_model
 from ..options import setting_changes
 from ..prefetch import DEFAULT_WORKERS, prefetch
@@ -28,12 +37,12 @@ def answer_record(answer: SDRPNAnswer) -> dict:
     }
 
 
-def _finished_ids(out: str) -> Counter[str]:
-    """The rows already in `out`, counted by id. A line that is not a JSON object with an id
-    (a torn last line after a crash, or a damaged one) is dropped with a warning naming it;
-    every other row is kept, and the file is rewritten without the bad lines."""
+def _finished_rows(out: str) -> list[dict]:
+    """The rows already in `out`. A line that is not a JSON object with an id (a torn last
+    line after a crash, or a damaged one) is dropped with a warning naming it; every other
+    row is kept, and the file is rewritten without the bad lines."""
     if not os.path.exists(out):
-        return Counter()
+        return []
     rows = []
     with open(out, errors="replace") as f:
         for number, line in enumerate(f, 1):
@@ -48,23 +57,31 @@ def _finished_ids(out: str) -> Counter[str]:
                 continue
             rows.append(row)
     write_jsonl(out, rows)
-    return Counter(str(r["id"]) for r in rows)
+    return rows
 
 
-def _done_entries(entries: list, rows_by_id: Counter[str]) -> set[int]:
-    """The indices of the entries an earlier run answered. A data file may repeat an id, and
-    its entries are answered and written in file order: an id with k rows marks its first
-    k usable entries done."""
-    left, done = Counter(rows_by_id), set()
+def _done_entries(entries: list, rows: list[dict]) -> set[int]:
+    """The indices of the entries an earlier run answered: each row records its entry's
+    index in the data file (whose content the run's settings pin). Rows written before
+    the index was recorded are matched by id, an id with k rows marking its first k
+    entries that parse."""
+    done, by_id = set(), Counter()
+    for row in rows:
+        if "index" in row:
+            done.add(row["index"])
+        else:
+            by_id[str(row["id"])] += 1
     for index, entry in enumerate(entries):
+        if not by_id or index in done:
+            continue
         try:
             sample_id = parse_entry(entry, index).id
         except SkipSample:
             continue
-        if left[sample_id] > 0:
-            left[sample_id] -= 1
+        if by_id[sample_id] > 0:
+            by_id[sample_id] -= 1
             done.add(index)
-    return done
+    return done & set(range(len(entries)))
 
 
 @dataclass
@@ -80,6 +97,7 @@ class InferFileConfig:
 
 
 SETTINGS_SUFFIX = ".settings.json"
+SUMMARY_SUFFIX = ".summary.json"
 
 
 def run_settings(pipe: SDRPNLlava, cfg: InferFileConfig) -> dict:
@@ -87,6 +105,7 @@ def run_settings(pipe: SDRPNLlava, cfg: InferFileConfig) -> dict:
     use the same, or its rows would mix answers of two configurations."""
     settings = {
         "data": os.path.realpath(cfg.data),
+        "data_sha256": file_sha256(cfg.data),  # rows name their entries by index in it
         "image_folder": os.path.realpath(cfg.image_folder),
         "max_new_tokens": cfg.max_new_tokens,
         "model": model_identity(pipe.model),
@@ -105,14 +124,15 @@ def _start(pipe: SDRPNLlava, cfg: InferFileConfig) -> None:
     path = cfg.out + SETTINGS_SUFFIX
     settings = run_settings(pipe, cfg)
     if cfg.restart:
-        for stale in (cfg.out, cfg.out + ".summary.json"):
+        for stale in (cfg.out, cfg.out + SUMMARY_SUFFIX):
             if os.path.exists(stale):
                 os.remove(stale)
     elif os.path.exists(path) and os.path.exists(cfg.out) and os.path.getsize(cfg.out) > 0:
         recorded = read_json(path)
         if same_model(recorded.get("model"), settings["model"]):  # one model named by another path
             settings["model"] = recorded["model"]
-        recorded.setdefault("rpn_weights", settings["rpn_weights"])  # answers from before it was recorded
+        for key in ("rpn_weights", "data_sha256"):  # answers from before these were recorded
+            recorded.setdefault(key, settings[key])
         diff = setting_changes(recorded, settings)
         if diff:
             raise ValueError(
@@ -127,6 +147,8 @@ def answer_file(pipe: SDRPNLlava, cfg: InferFileConfig) -> dict:
     done, so a rerun continues where the last stopped. Bad samples are skipped and counted."""
     check_image_folder(cfg.image_folder)
     with exclusive_lock(cfg.out + ".lock"):
+        for name in (cfg.out, cfg.out + SUMMARY_SUFFIX, cfg.out + SETTINGS_SUFFIX):  # what a kill left half-written
+            remove_temporaries(os.path.dirname(os.path.abspath(name)), glob.escape(os.path.basename(name)))
         _start(pipe, cfg)
         summary = _answer_file(pipe, cfg)
     if summary["skipped"] and not summary["answered"] and not summary["already_done"]:
@@ -139,10 +161,10 @@ def answer_file(pipe: SDRPNLlava, cfg: InferFileConfig) -> dict:
 
 def _answer_file(pipe: SDRPNLlava, cfg: InferFileConfig) -> dict:
     entries = load_entries(cfg.data)[: cfg.limit]
-    done = _done_entries(entries, _finished_ids(cfg.out))
+    done = _done_entries(entries, _finished_rows(cfg.out))
     skipped: dict[str, int] = {}
     answered = 0
-    pending: list[tuple[str, object, str]] = []
+    pending: list[tuple[QASample, object]] = []
     # Counted as samples are answered, not as their images load ahead of the model.
     progress = show_progress(total=len(entries), desc="infer", unit="sample")
 
@@ -150,9 +172,10 @@ def _answer_file(pipe: SDRPNLlava, cfg: InferFileConfig) -> dict:
         nonlocal answered
         if not pending:
             return
-        results = pipe.generate([p[1] for p in pending], [p[2] for p in pending], cfg.max_new_tokens)
-        for (sample_id, _, question), result in zip(pending, results):
-            f.write(json.dumps({"id": sample_id, "question": question, **answer_record(result)}) + "\n")
+        results = pipe.generate([image for _, image in pending], [s.question for s, _ in pending], cfg.max_new_tokens)
+        for (sample, _), result in zip(pending, results):
+            row = {"id": sample.id, "index": sample.index, "question": sample.question, **answer_record(result)}
+            f.write(json.dumps(row) + "\n")
         f.flush()
         answered += len(pending)
         progress.update(len(pending))
@@ -174,7 +197,7 @@ def _answer_file(pipe: SDRPNLlava, cfg: InferFileConfig) -> dict:
             if image is None:  # answered by an earlier run
                 progress.update(1)
                 continue
-            pending.append((sample.id, image, sample.question))
+            pending.append((sample, image))
             if len(pending) == cfg.batch_size:
                 flush(f)
         flush(f)
@@ -185,5 +208,5 @@ def _answer_file(pipe: SDRPNLlava, cfg: InferFileConfig) -> dict:
         "skipped": sum(skipped.values()),
         "skipped_by_reason": skipped,
     }
-    write_json(cfg.out + ".summary.json", summary)
+    write_json(cfg.out + SUMMARY_SUFFIX, summary)
     return summary

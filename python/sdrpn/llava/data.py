@@ -142,9 +142,9 @@ def resolve_image(folder: str, relative) -> str:
 
 def too_large_to_pad(image: Image.Image) -> bool:
     """Whether padding ``image`` to a square would exceed PIL's pixel budget (a 10000x5000
-    image needs a 10000x10000 canvas, a 50000x1 one 50000x50000)."""
+    image needs a 10000x10000 canvas, a 50000x1 one 50000x50000; a square needs none)."""
     side = max(image.width, image.height)
-    return side * side > (Image.MAX_IMAGE_PIXELS or float("inf"))
+    return image.width != image.height and side * side > (Image.MAX_IMAGE_PIXELS or float("inf"))
 
 
 def open_image(folder: str, relative) -> Image.Image:

@@ -8,9 +8,9 @@ import glob
 import os
 import shutil
 
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from ..io_utils import fsync_dir, read_json, remove_temporaries, write_atomic, write_json
+from ..io_utils import fsync_dir, read_json, read_safetensors, remove_temporaries, write_atomic, write_json
 from ..optim_state import load_optimizer_tensors, optimizer_tensors
 
 LATEST = "latest.json"
@@ -91,7 +91,7 @@ def checkpoint_settings(path: str) -> dict | None:
 def load_checkpoint(path: str, rpn, optimizer, scheduler) -> dict:
     """Restore the RPN, optimiser and scheduler in place; returns the training progress."""
     state = read_json(os.path.join(path, "trainer_state.json"))
-    rpn.load_state_dict(load_file(os.path.join(path, "rpn.safetensors")), strict=False)
-    load_optimizer_tensors(optimizer, load_file(os.path.join(path, "optimizer.safetensors")), state["optimizer"])
+    rpn.load_state_dict(read_safetensors(os.path.join(path, "rpn.safetensors")), strict=False)
+    load_optimizer_tensors(optimizer, read_safetensors(os.path.join(path, "optimizer.safetensors")), state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     return state["progress"]

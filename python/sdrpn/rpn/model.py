@@ -24,13 +24,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from huggingface_hub import ModelCard, PyTorchModelHubMixin
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 from transformers.masking_utils import create_causal_mask
 
 from .. import ops
-from ..io_utils import read_json, write_atomic, write_json
+from ..io_utils import read_json, read_safetensors, write_atomic, write_json
 from ..llava.geometry import model_grid
 from ..llava.inputs import PREPROCESSING_MODES, PROMPT_TEMPLATE, check_template
 from ..llava.loading import (
@@ -407,7 +407,7 @@ class RegionProposalNetwork(
                     f"{CONFIG_NAME} in {folder} says {name}={recorded!r}, but the base model "
                     f"has {getattr(derived, name)!r}"
                 )
-        weights = load_file(os.path.join(folder, WEIGHTS_NAME))
+        weights = read_safetensors(os.path.join(folder, WEIGHTS_NAME))
         bad = sorted(k for k, v in weights.items() if v.is_floating_point() and not bool(torch.isfinite(v).all()))
         if bad:
             raise ValueError(f"RPN weights in {folder} hold NaN or Inf values: {bad}")

@@ -28,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from transformers import get_cosine_schedule_with_warmup
 
-from ..io_utils import exclusive_lock, read_json, remove_temporaries, write_json
+from ..io_utils import exclusive_lock, read_json, write_json
 from ..labels.folder import LabelFolder
 from ..llava.backbone import branch_hidden_states
 from ..llava.data import skip_reasons
@@ -401,9 +401,6 @@ class RPNTrainer:
         if self.rank != 0:
             return self._run()
         with exclusive_lock(os.path.join(self.cfg.out, ".train.lock")):
-            # Rank 0 writes everything in --out: what a killed run left half-written is its.
-            remove_unfinished(self.cfg.out)
-            remove_temporaries(self.cfg.out)
             return self._run()
 
     def _run(self) -> dict:
@@ -429,6 +426,8 @@ class RPNTrainer:
                 )
             progress = load_checkpoint(ckpt, rpn, optimizer, scheduler)
             log.info("resumed from %s at step %d", ckpt, progress["global_step"])
+        if self.rank == 0:  # the checkpoints' one writer, holding the lock
+            remove_unfinished(cfg.out)
         model_for_grad = DistributedDataParallel(rpn) if self.world > 1 else rpn
         metrics = {}
         bar = show_progress(

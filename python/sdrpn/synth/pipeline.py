@@ -74,6 +74,8 @@ def record_settings(cfg: PipelineConfig) -> None:
     fewer samples, for one) and the report would describe neither."""
     path = cfg.path(PIPELINE_CONFIG)
     settings = {k: v for k, v in asdict(cfg).items() if k not in RUN_ONLY}
+    if os.path.isdir(cfg.model):  # one folder however it is named
+        settings["model"] = os.path.realpath(cfg.model)
     if os.path.exists(path):
         diff = setting_changes(read_json(path), settings)
         if diff:

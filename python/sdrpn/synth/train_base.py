@@ -36,11 +36,11 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from ..io_utils import read_json, write_atomic, write_json
+from ..io_utils import read_json, read_safetensors, write_atomic, write_json
 from ..llava.inputs import crop_pixels, left_pad, preprocess_image, prompt_token_ids
 from ..llava.loading import load_llava
 from ..llava.vision import image_features
@@ -281,7 +281,7 @@ class BaseTrainer:
         self.model.load_state_dict(src.state_dict())
         heads = os.path.join(folder, "aux_heads.safetensors")
         if os.path.exists(heads):
-            self.heads.load_state_dict(load_file(heads, device=str(self.cfg.device)))
+            self.heads.load_state_dict(read_safetensors(heads, device=str(self.cfg.device)))
 
     def _char_logits(self, tag_mean: Tensor) -> Tensor:
         """(B * CODE_LENGTH, len(CODE_CHARS)) logits of the code's characters from a view's tag tokens."""
@@ -407,7 +407,7 @@ class BaseTrainer:
     def load_checkpoint(self) -> None:
         folder = os.path.join(self.cfg.out, "checkpoint")
         meta = read_json(os.path.join(folder, "state.json"))
-        tensors = load_file(os.path.join(folder, "state.safetensors"), device=str(self.cfg.device))
+        tensors = read_safetensors(os.path.join(folder, "state.safetensors"), device=str(self.cfg.device))
         part = lambda prefix: {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}  # noqa: E731
         self.model.load_state_dict(part("model."))
         self.heads.load_state_dict(part("heads."))
