@@ -244,6 +244,25 @@ def test_resume_refuses_a_data_file_edited_in_place(workspace, tmp_path):
     assert json.loads((out / "label_config.json").read_text())["data_sha256"]
 
 
+def test_resume_refuses_another_number_of_ranks(workspace, tmp_path):
+    # Each rank resumes its own share (index % world size): another count would label twice or never.
+    from dataclasses import replace
+
+    from sdrpn.labels.folder import LabelFolder
+
+    out = tmp_path / "labels"
+    assert run_label(workspace, out, "--answers", "given", "--limit", "4") == 0
+    folder = LabelFolder(str(out))
+    assert folder.config.world_size == 1
+    with pytest.raises(ValueError, match=r"other settings \(world_size: 1 -> 2\)"):
+        folder.start(replace(folder.config, world_size=2))
+    # A folder labelled before the count was recorded is not checked on it.
+    config = json.loads((out / "label_config.json").read_text())
+    del config["world_size"]
+    (out / "label_config.json").write_text(json.dumps(config))
+    folder.start(replace(folder.config, world_size=2))
+
+
 def test_format1_label_folders_still_read(workspace, tmp_path):
     out = tmp_path / "labels"
     run_label(workspace, out, "--answers", "given")

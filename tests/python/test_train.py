@@ -130,6 +130,18 @@ def test_resume_gives_the_same_weights(ws, tmp_path):
         path.unlink()  # the first shard gone
     with pytest.raises(ValueError, match=r"other settings \(the train split's samples \(the label folder changed"):
         main([*args, "--resume"])
+
+    # A run begun on 2 ranks: resumed on 1, its samples and effective batch would split otherwise.
+    def record_world_size(size):
+        for path in (part / "checkpoints").glob("step-*/trainer_state.json"):
+            state = json.loads(path.read_text())
+            state["settings"]["world_size"] = size
+            path.write_text(json.dumps(state))
+
+    record_world_size(2)
+    with pytest.raises(ValueError, match=r"other settings \(world_size: 2 -> 1\)"):
+        main(train_args(ws, part, *common, "--resume"))
+    record_world_size(1)
     assert main(train_args(ws, part, *common, "--resume", "--num-workers", "0")) == 0
     card = (part / "README.md").read_text()
     assert "## Held-out metrics" in card

@@ -67,6 +67,7 @@ class LabelFolderConfig:
     dtype: str | None = None  # the model's dtype while labelling
     data: str | None = None  # the data file, absolute
     data_sha256: str | None = None  # its content: samples resume by index, so it may not change
+    world_size: int | None = None  # ranks: each resumes its own share (index % world_size), so it may not change
     image_folder: str | None = None  # absolute
     image_size: int | None = None  # the encoder's input side
     grid: list[int] | None = None  # [grid_h, grid_w]
@@ -90,6 +91,7 @@ class LabelFolderConfig:
             "dtype": self.dtype,
             "data": self.data,
             "data_sha256": self.data_sha256,
+            "world_size": self.world_size,
             "image_folder": self.image_folder,
             "image_size": self.image_size,
             "grid": self.grid,
@@ -109,6 +111,7 @@ class LabelFolderConfig:
                         "dtype",
                         "data",
                         "data_sha256",
+                        "world_size",
                         "image_folder",
                         "image_size",
                         "grid",
@@ -189,8 +192,9 @@ class LabelFolder:
         if old is not None and same_model(old.model, config.model):
             config = replace(config, model=old.model)  # one model named by another path: keep the record
         if old is not None and self.done_markers():
-            # Folders labelled before the data's digest was recorded are not checked on it.
-            diff = old.differences(config if old.data_sha256 else replace(config, data_sha256=None))
+            # Folders labelled before these were recorded are not checked on them.
+            unrecorded = {name: None for name in ("data_sha256", "world_size") if getattr(old, name) is None}
+            diff = old.differences(replace(config, **unrecorded))
             if diff:
                 raise ValueError(
                     f"{self.path} holds labels made with other settings ({'; '.join(diff)}): "

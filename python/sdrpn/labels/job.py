@@ -217,6 +217,7 @@ class LabelJob:
             dtype=dtype,
             data=os.path.abspath(self.cfg.data),
             data_sha256=file_sha256(self.cfg.data),
+            world_size=self.cfg.world_size,
             image_folder=os.path.abspath(self.cfg.image_folder),
             image_size=self.image_size,
             grid=list(self.grid),

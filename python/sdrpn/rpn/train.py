@@ -412,10 +412,13 @@ class RPNTrainer:
         optimizer, scheduler, total = self._schedule(rpn, len(train_set))
         progress = {"epoch": 0, "step_in_epoch": 0, "global_step": 0}
         # What checkpoints record: the settings, and which samples the steps walk.
-        self._recorded = {**cfg.recorded(), "train_split": train_set.ids_digest()}
+        self._recorded = {**cfg.recorded(), "world_size": self.world, "train_split": train_set.ids_digest()}
         if cfg.resume and (ckpt := latest_checkpoint(cfg.out)) is not None:
             recorded = checkpoint_settings(ckpt) or {}
             diff = cfg.differences(recorded)
+            # Another world size splits the samples and the effective batch otherwise.
+            if "world_size" in recorded:
+                diff += setting_changes({"world_size": recorded["world_size"]}, {"world_size": self.world})
             split = self._recorded["train_split"]
             if not diff and recorded.get("train_split", split) != split:  # (other settings change it too)
                 diff.append("the train split's samples (the label folder changed since the run began)")
