@@ -307,11 +307,40 @@ def test_a_missing_image_folder_is_refused_up_front(ws, tmp_path):
 def test_an_epoch_that_skipped_every_sample_stops_before_saving(ws, tmp_path):
     (tmp_path / "empty").mkdir()
     out = tmp_path / "run"
-    stopped = r"epoch 0 trained on no sample: all 16 read so far were skipped \(16 image missing\)"
+    stopped = r"epoch 0 trained on no sample: all 32 read so far were skipped \(32 image missing\)"
     with pytest.raises(ValueError, match=stopped):
         # A checkpoint every step: none may hold weights that no sample trained.
         main(train_args(ws, out, *QUICK, "--save-every", "1", "--image-folder", str(tmp_path / "empty")))
     assert not (out / "rpn.safetensors").exists() and not (out / "checkpoints").exists()
+
+
+def test_a_first_step_without_images_skips_its_checkpoint_and_training_goes_on(ws, tmp_path, caplog):
+    shutil.copytree(ws / "images", tmp_path / "images")
+    model, tok = load_llava(str(ws / "model"), "fp32")
+    cfg = TrainConfig(
+        labels=str(ws / "labels"),
+        out=str(tmp_path / "run"),
+        image_folder=str(tmp_path / "images"),
+        branch_layer=1,
+        depth=2,
+        batch_size=8,
+        effective_batch=8,
+        max_samples=32,
+        held_out_fraction=0,
+        save_every=1,
+    )
+    trainer = RPNTrainer(cfg, model, tok)
+    train_set, _ = trainer._datasets()
+    for chunk in trainer._epoch_steps(0, len(train_set))[0]:  # the images of the first step
+        for i in chunk:
+            (tmp_path / "images" / train_set.rows[i]["image"]).unlink()
+    with caplog.at_level(logging.WARNING, logger="sdrpn.rpn.train"):
+        trainer.run()
+    assert "step 1: no labelled sample trained this epoch yet (8 skipped): no checkpoint" in caplog.text
+    assert "epoch 0: skipped 8 samples (8 image missing)" in caplog.text
+    assert (tmp_path / "run" / "rpn.safetensors").exists()
+    steps = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step-*"))
+    assert steps and "step-00000001" not in steps
 
 
 def test_data_parallel_ranks_agree_that_nothing_trained(ws, tmp_path):

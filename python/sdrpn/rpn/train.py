@@ -449,11 +449,22 @@ class RPNTrainer:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
                 stop = cfg.stop_after_steps is not None and progress["global_step"] >= cfg.stop_after_steps
-                if progress["global_step"] % cfg.save_every == 0 or stop:
-                    # No checkpoint of weights that no sample has trained: a resumption
-                    # would take them for a finished part of the run.
-                    self._check_trained(epoch, tally, report=stop)
+                if stop:
+                    self._check_trained(epoch, tally)
                     self._checkpoint(rpn, optimizer, scheduler, progress)
+                elif progress["global_step"] % cfg.save_every == 0:
+                    # No checkpoint of weights that no sample has trained: a resumption would
+                    # take them for a finished part of the run. The epoch goes on: its later
+                    # samples may train (and if none does, its end stops the run).
+                    trained, cells, skipped = self._epoch_counts(tally)
+                    if trained and cells:
+                        self._checkpoint(rpn, optimizer, scheduler, progress)
+                    elif self.rank == 0:
+                        log.warning(
+                            "step %d: no labelled sample trained this epoch yet (%d skipped): no checkpoint",
+                            progress["global_step"],
+                            sum(skipped.values()),
+                        )
                 if stop:
                     bar.close()
                     return {"stopped_at_step": progress["global_step"]}
@@ -496,12 +507,10 @@ class RPNTrainer:
             log.warning("epoch %d held-out: skipped %d samples (%s)", epoch, skipped, skip_reasons(tally.skipped))
         return metrics
 
-    def _check_trained(self, epoch: int, tally: _Tally, report: bool = True) -> None:
-        """Stop, before anything is saved, when no rank has trained on a single sample of the
-        epoch so far, or on a single labelled cell (all-ignore labels leave the loss at 0 and
-        the RPN as it started); with ``report``, log the samples it skipped. The ranks sum
-        their counts first, so that all of them reach the same decision (one that raised
-        alone would leave the others waiting in the next all-reduce)."""
+    def _epoch_counts(self, tally: _Tally) -> tuple[int, int, Counter]:
+        """The epoch's trained samples, labelled cells and skipped samples by reason so far,
+        summed over the ranks, so that all of them reach the same decision on them (one
+        that raised or saved alone would leave the others waiting in a collective)."""
         trained, cells, skipped = tally.trained, tally.cells, tally.skipped
         if self.world > 1:
             device = self.device if dist.get_backend() == "nccl" else torch.device("cpu")
@@ -513,6 +522,13 @@ class RPNTrainer:
             with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
                 dist.all_gather_object(everyone, dict(skipped))
             skipped = sum((Counter(c) for c in everyone), Counter())
+        return trained, cells, skipped
+
+    def _check_trained(self, epoch: int, tally: _Tally) -> None:
+        """Stop, before anything is saved, when the ranks together have trained on no sample
+        of the epoch, or on no labelled cell (all-ignore labels leave the loss at 0 and the
+        RPN as it started); log the samples they skipped."""
+        trained, cells, skipped = self._epoch_counts(tally)
         # Nothing trained and nothing skipped: a resumption that found the epoch already done.
         if trained == 0 and skipped:
             raise ValueError(
@@ -525,7 +541,7 @@ class RPNTrainer:
                 f"ignore (see all_ignore in {self.cfg.labels}/summary.json); stopped without saving the RPN: "
                 "label again with other options (--max-box-fraction, --fg-ratio, --sink-threshold)"
             )
-        if report and skipped and self.rank == 0:
+        if skipped and self.rank == 0:
             log.warning("epoch %d: skipped %d samples (%s)", epoch, sum(skipped.values()), skip_reasons(skipped))
 
     def _step(self, rpn, optimizer, scheduler, count: int, batches: Iterator) -> float:
