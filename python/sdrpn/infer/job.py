@@ -147,8 +147,9 @@ def answer_file(pipe: SDRPNLlava, cfg: InferFileConfig) -> dict:
     done, so a rerun continues where the last stopped. Bad samples are skipped and counted."""
     check_image_folder(cfg.image_folder)
     with exclusive_lock(cfg.out + ".lock"):
-        for name in (cfg.out, cfg.out + SUMMARY_SUFFIX, cfg.out + SETTINGS_SUFFIX):  # what a kill left half-written
-            remove_temporaries(os.path.dirname(os.path.abspath(name)), glob.escape(os.path.basename(name)))
+        folder, name = os.path.split(os.path.abspath(cfg.out))
+        for suffix in ("", SUMMARY_SUFFIX, SETTINGS_SUFFIX):  # what a kill left half-written
+            remove_temporaries(folder, glob.escape(name + suffix))
         _start(pipe, cfg)
         summary = _answer_file(pipe, cfg)
     if summary["skipped"] and not summary["answered"] and not summary["already_done"]:

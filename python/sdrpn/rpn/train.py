@@ -117,10 +117,11 @@ class TrainConfig(Options):
                 values[name] = os.path.realpath(values[name])
         return json.loads(json.dumps(values))
 
-    def differences(self, recorded: dict) -> list[str]:
+    def differences(self, recorded: dict, **run) -> list[str]:
         """The settings that differ from a checkpoint's and may not change on resume, as
-        "name: recorded -> now"."""
-        now = self.recorded()
+        "name: recorded -> now"; ``run`` adds facts of the run that shape the weights as
+        settings do (the world size). A name the checkpoint does not record is not compared."""
+        now = {**self.recorded(), **run}
         kept = [k for k in now if k not in self.RESUMABLE_CHANGES and k in recorded]
         return setting_changes({k: recorded[k] for k in kept}, {k: now[k] for k in kept})
 
@@ -415,10 +416,8 @@ class RPNTrainer:
         self._recorded = {**cfg.recorded(), "world_size": self.world, "train_split": train_set.ids_digest()}
         if cfg.resume and (ckpt := latest_checkpoint(cfg.out)) is not None:
             recorded = checkpoint_settings(ckpt) or {}
-            diff = cfg.differences(recorded)
             # Another world size splits the samples and the effective batch otherwise.
-            if "world_size" in recorded:
-                diff += setting_changes({"world_size": recorded["world_size"]}, {"world_size": self.world})
+            diff = cfg.differences(recorded, world_size=self.world)
             split = self._recorded["train_split"]
             if not diff and recorded.get("train_split", split) != split:  # (other settings change it too)
                 diff.append("the train split's samples (the label folder changed since the run began)")
@@ -474,7 +473,7 @@ class RPNTrainer:
                 metrics = self._held_out_metrics(rpn, held_out, epoch, progress["global_step"])
             self._checkpoint(rpn, optimizer, scheduler, progress)
         bar.close()
-        last_metrics = os.path.join(cfg.out, f"metrics-epoch{cfg.epochs - 1}.json")
+        last_metrics = self._metrics_path(cfg.epochs - 1)
         if not metrics and held_out is not None and os.path.exists(last_metrics):
             metrics = read_json(last_metrics)  # a resumption that found the last epoch done
         if self.rank == 0:
@@ -492,6 +491,9 @@ class RPNTrainer:
         settings.update(world_size=self.world, grad_accum=self.grad_accum)
         return settings
 
+    def _metrics_path(self, epoch: int) -> str:
+        return os.path.join(self.cfg.out, f"metrics-epoch{epoch}.json")
+
     def _held_out_metrics(self, rpn, held_out, epoch: int, global_step: int) -> dict:
         size = self.cfg.batch_size
         chunks = [list(range(i, min(i + size, len(held_out)))) for i in range(0, len(held_out), size)]
@@ -501,7 +503,7 @@ class RPNTrainer:
         # What the figures cover: a held-out split whose images went missing reads as such.
         skipped = sum(tally.skipped.values())
         metrics.update(samples=tally.trained, skipped=skipped, epoch=epoch, global_step=global_step)
-        write_json(os.path.join(self.cfg.out, f"metrics-epoch{epoch}.json"), metrics)
+        write_json(self._metrics_path(epoch), metrics)
         log.info("epoch %d held-out: %s", epoch, metrics)
         if skipped:
             log.warning("epoch %d held-out: skipped %d samples (%s)", epoch, skipped, skip_reasons(tally.skipped))
