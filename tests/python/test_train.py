@@ -343,6 +343,32 @@ def test_a_first_step_without_images_skips_its_checkpoint_and_training_goes_on(w
     assert steps and "step-00000001" not in steps
 
 
+def test_an_epoch_resumed_mid_way_counts_what_it_trained_before(ws, tmp_path, caplog):
+    """Images of an epoch's later steps go missing while a run is stopped: the resumption
+    skips them all, yet the epoch trained before it and is not stopped as one that trained
+    nothing; its end reports the skips of the whole epoch."""
+    shutil.copytree(ws / "images", tmp_path / "images")
+    args = train_args(ws, tmp_path / "run", *QUICK, "--batch-size", "8", "--effective-batch", "8")
+    args += ["--image-folder", str(tmp_path / "images"), "--save-every", "1"]
+    # Step 1 skips one sample, and steps 3 and 4 find no image.
+    model, tok = load_llava(str(ws / "model"), "fp32")
+    cfg = TrainConfig(
+        labels=str(ws / "labels"), out="x", max_samples=32, held_out_fraction=0, batch_size=8, effective_batch=8, seed=3
+    )
+    trainer = RPNTrainer(cfg, model, tok)
+    train_set, _ = trainer._datasets()
+    first, _, *rest = trainer._epoch_steps(0, len(train_set))
+    (tmp_path / "images" / train_set.rows[first[0][0]]["image"]).unlink()
+    assert main([*args, "--stop-after-steps", "2"]) == 0
+    for step in rest:
+        for i in step[0]:
+            (tmp_path / "images" / train_set.rows[i]["image"]).unlink()
+    with caplog.at_level(logging.WARNING, logger="sdrpn.rpn.train"):
+        assert main([*args, "--resume"]) == 0
+    assert "epoch 0: skipped 17 samples (17 image missing)" in caplog.text
+    assert (tmp_path / "run" / "rpn.safetensors").exists()
+
+
 def test_data_parallel_ranks_agree_that_nothing_trained(ws, tmp_path):
     """Every rank stops with the same error (a rank stopping alone would leave the other
     waiting in its next all-reduce): the counts are summed over the ranks first."""

@@ -292,6 +292,17 @@ class _Tally:
     cells: int = 0  # labelled (foreground or background) cells of the trained samples
     skipped: Counter = field(default_factory=Counter)  # samples, by reason
 
+    def recorded(self) -> dict:
+        return {"trained": self.trained, "cells": self.cells, "skipped": dict(self.skipped)}
+
+    @classmethod
+    def resumed(cls, recorded: dict | None) -> _Tally:
+        """The tally a checkpoint recorded (the whole run's, summed over its ranks), so that
+        the epoch's end judges the whole epoch, not only the part after a resumption."""
+        if not recorded:
+            return cls()
+        return cls(recorded["trained"], recorded["cells"], Counter(recorded["skipped"]))
+
 
 def _tallied(loads: Iterable, tally: _Tally) -> Iterator[LabelBatch | None]:
     """The batches of (batch, skipped) pairs, counted into `tally` as they are taken."""
@@ -439,7 +450,9 @@ class RPNTrainer:
             epoch = progress["epoch"]
             steps = self._epoch_steps(epoch, len(train_set))[progress["step_in_epoch"] :]
             # One loader for the epoch, so that loading runs ahead across step boundaries too.
-            tally = _Tally()
+            # Rank 0 carries what the epoch trained before a resumption: the counts are summed.
+            so_far = progress.pop("epoch_so_far", None)
+            tally = _Tally.resumed(so_far if self.rank == 0 else None)
             batches = _tallied(self._loader(train_set, [chunk for step in steps for chunk in step]), tally)
             for step_chunks in steps:
                 loss_value = self._step(model_for_grad, optimizer, scheduler, len(step_chunks), batches)
@@ -449,20 +462,20 @@ class RPNTrainer:
                 bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
                 stop = cfg.stop_after_steps is not None and progress["global_step"] >= cfg.stop_after_steps
                 if stop:
-                    self._check_trained(epoch, tally)
-                    self._checkpoint(rpn, optimizer, scheduler, progress)
+                    so_far = self._check_trained(epoch, tally)
+                    self._checkpoint(rpn, optimizer, scheduler, {**progress, "epoch_so_far": so_far.recorded()})
                 elif progress["global_step"] % cfg.save_every == 0:
                     # No checkpoint of weights that no sample has trained: a resumption would
                     # take them for a finished part of the run. The epoch goes on: its later
                     # samples may train (and if none does, its end stops the run).
-                    trained, cells, skipped = self._epoch_counts(tally)
-                    if trained and cells:
-                        self._checkpoint(rpn, optimizer, scheduler, progress)
+                    so_far = self._epoch_counts(tally)
+                    if so_far.trained and so_far.cells:
+                        self._checkpoint(rpn, optimizer, scheduler, {**progress, "epoch_so_far": so_far.recorded()})
                     elif self.rank == 0:
                         log.warning(
                             "step %d: no labelled sample trained this epoch yet (%d skipped): no checkpoint",
                             progress["global_step"],
-                            sum(skipped.values()),
+                            sum(so_far.skipped.values()),
                         )
                 if stop:
                     bar.close()
@@ -509,7 +522,7 @@ class RPNTrainer:
             log.warning("epoch %d held-out: skipped %d samples (%s)", epoch, skipped, skip_reasons(tally.skipped))
         return metrics
 
-    def _epoch_counts(self, tally: _Tally) -> tuple[int, int, Counter]:
+    def _epoch_counts(self, tally: _Tally) -> _Tally:
         """The epoch's trained samples, labelled cells and skipped samples by reason so far,
         summed over the ranks, so that all of them reach the same decision on them (one
         that raised or saved alone would leave the others waiting in a collective)."""
@@ -524,13 +537,14 @@ class RPNTrainer:
             with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
                 dist.all_gather_object(everyone, dict(skipped))
             skipped = sum((Counter(c) for c in everyone), Counter())
-        return trained, cells, skipped
+        return _Tally(trained, cells, skipped)
 
-    def _check_trained(self, epoch: int, tally: _Tally) -> None:
+    def _check_trained(self, epoch: int, tally: _Tally) -> _Tally:
         """Stop, before anything is saved, when the ranks together have trained on no sample
         of the epoch, or on no labelled cell (all-ignore labels leave the loss at 0 and the
-        RPN as it started); log the samples they skipped."""
-        trained, cells, skipped = self._epoch_counts(tally)
+        RPN as it started); log the samples they skipped. Returns the ranks' summed tally."""
+        summed = self._epoch_counts(tally)
+        trained, cells, skipped = summed.trained, summed.cells, summed.skipped
         # Nothing trained and nothing skipped: a resumption that found the epoch already done.
         if trained == 0 and skipped:
             raise ValueError(
@@ -545,6 +559,7 @@ class RPNTrainer:
             )
         if skipped and self.rank == 0:
             log.warning("epoch %d: skipped %d samples (%s)", epoch, sum(skipped.values()), skip_reasons(skipped))
+        return summed
 
     def _step(self, rpn, optimizer, scheduler, count: int, batches: Iterator) -> float:
         """One optimiser step over the next ``count`` micro-batches (the later ones load
