@@ -4,7 +4,7 @@
 The package is stacked in the order the data flows; a module may import its own layer
 and the layers below it, never one above:
 
-  0  foundation  ops, options, io_utils, optim_state, pictures, subsets (and the compiled _C)
+  0  foundation  ops, options, io_utils, optim_state, pictures, subsets, distributed (and the compiled _C)
   1  llava       everything that knows Hugging Face LLaVA
   2  labels      Stage 1
   3  rpn         Stage 2

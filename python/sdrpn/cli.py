@@ -264,45 +264,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _distributed(device_arg: str | None, backend: str | None = None) -> tuple[int, int, str]:
-    """Rank, world size and device under torchrun (rank 0 of 1 otherwise)."""
-    import torch
-    import torch.distributed as dist
-
-    rank = int(os.environ.get("RANK", 0))
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    device = device_arg or (f"cuda:{local % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu")
-    if world > 1 and not dist.is_initialized():
-        if backend is None:  # NCCL needs a GPU of its own for every rank
-            backend = "nccl" if device.startswith("cuda") and torch.cuda.device_count() >= world else "gloo"
-        dist.init_process_group(backend)
-    return rank, world, device
-
-
 def _run_train(args) -> dict:
-    import torch.distributed as dist
-
+    from .distributed import finish, from_environment
     from .llava.loading import load_llava
     from .rpn.train import RPNTrainer, TrainConfig
 
     cfg = options_from_args(TrainConfig, args)  # the flags checked before the model's slow load
     options_from_args(RoiOptions, args)
     _check_files(image_folder=args.image_folder, out_folder=args.out)
-    rank, world, device = _distributed(args.device)
+    rank, world, device = from_environment(args.device)
     model, tokenizer = load_llava(args.model, "bf16" if args.bf16 else "fp32", device)
     roi_overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(RoiOptions)}
     trainer = RPNTrainer(cfg, model, tokenizer, rank=rank, world_size=world, device=device, roi_overrides=roi_overrides)
     result = trainer.run()
-    if world > 1:
-        dist.destroy_process_group()
+    finish(world)
     return result if rank == 0 else {}
 
 
 def _run_infer(args) -> None:
     import torch
 
-    from .infer.job import InferFileConfig, answer_file, answer_record
+    from .distributed import finish, from_environment
+    from .infer.answers_file import answer_record
+    from .infer.job import InferFileConfig, answer_file
     from .infer.pipeline import SDRPNLlava
     from .infer.viz import roi_overlay
     from .llava.loading import load_llava
@@ -323,7 +307,12 @@ def _run_infer(args) -> None:
         if os.path.isdir(args.out):
             raise ValueError(f"--out {args.out} is a folder: it must be a JSONL file")
     image = _read_image(args.image) if single else None
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if single:
+        if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+            raise ValueError("--image answers one question on one process: run it without torchrun")
+        rank, world, device = 0, 1, args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    else:  # each rank answers every world_size-th entry; they meet to sum their counts (gloo)
+        rank, world, device = from_environment(args.device, backend="gloo")
     model, tokenizer = load_llava(args.model, args.dtype, device)
     rpn = RegionProposalNetwork.from_pretrained(args.rpn, model=model)  # a folder or a Hub id
     base = rpn.config.task_roi_options(args.task) if args.task else rpn.config.roi_options
@@ -347,8 +336,13 @@ def _run_infer(args) -> None:
             args.limit,
             args.restart,
             args.workers,
+            rank,
+            world,
         )
-        print(json.dumps(answer_file(pipe, cfg)))
+        summary = answer_file(pipe, cfg)
+        finish(world)
+        if rank == 0:
+            print(json.dumps(summary))
         return
     answer = pipe.generate([image], [args.question], args.max_new_tokens)[0]
     record = answer_record(answer)
@@ -396,8 +390,7 @@ def _read_image(path: str):
 
 
 def _run_label(args) -> dict:
-    import torch.distributed as dist
-
+    from .distributed import barrier, finish, from_environment
     from .labels.folder import LabelFolder
     from .labels.job import LabelJob, LabelJobConfig
     from .llava.loading import load_llava
@@ -407,7 +400,7 @@ def _run_label(args) -> dict:
     # barrier before the summary, which gloo serves on any device.
     options = options_from_args(LabelOptions, args)  # the flags checked before the model's slow load
     _check_files(args.data, args.image_folder, args.out)
-    rank, world, device = _distributed(args.device, backend="gloo")
+    rank, world, device = from_environment(args.device, backend="gloo")
     model, tokenizer = load_llava(args.model, args.dtype, device)
     preset = resolve_preset(args.preset, model)
     cfg = LabelJobConfig(
@@ -423,11 +416,9 @@ def _run_label(args) -> dict:
         world_size=world,
     )
     LabelJob(cfg, model, tokenizer, preset).run()
-    if world > 1:
-        dist.barrier()
+    barrier(world)
     summary = LabelFolder(args.out).write_summary() if rank == 0 else {}
-    if world > 1:
-        dist.destroy_process_group()
+    finish(world)
     return summary
 
 

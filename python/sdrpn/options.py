@@ -21,8 +21,25 @@ def option(default: Any, help: str, **kwargs) -> Any:
     return field(default=default, metadata={"help": help, **kwargs})
 
 
+# The scalar field types whose values are checked; a float field takes an int too.
+_SCALAR_TYPES = {"int": int, "float": (int, float), "bool": bool, "str": str}
+
+
 class Options:
-    """Mixin for option dataclasses: dict round trip and overrides."""
+    """Mixin for option dataclasses: dict round trip, overrides and type checks."""
+
+    def check_types(self) -> None:
+        """Refuse a scalar field (int, float, bool, str, or one of them or None) holding a
+        value of another type, naming it: values also come from JSON files and dicts, where
+        "0.1" or 4.5 would otherwise fail later inside an op, or compare wrongly."""
+        for f in dataclasses.fields(self):
+            declared = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
+            base = declared.removesuffix(" | None")
+            value = getattr(self, f.name)
+            if base not in _SCALAR_TYPES or (value is None and base != declared):
+                continue
+            if isinstance(value, bool) != (base == "bool") or not isinstance(value, _SCALAR_TYPES[base]):
+                raise ValueError(f"{f.name} must be of type {declared}, got {value!r}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -39,6 +56,14 @@ class Options:
     def updated(self: T, **overrides) -> T:
         """A copy with the overrides that are not None applied (and validated)."""
         return dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def require_at_least(minimum: int, settings, *names: str) -> None:
+    """Refuse a named setting of ``settings`` below ``minimum`` (None: not set), naming it."""
+    for name in names:
+        value = getattr(settings, name)
+        if value is not None and value < minimum:
+            raise ValueError(f"{name} must be >= {minimum}, got {value}")
 
 
 def setting_changes(recorded: dict, now: dict) -> list[str]:
@@ -113,6 +138,7 @@ class RoiOptions(Options):
     )
 
     def __post_init__(self):
+        self.check_types()
         checks = {
             "sigma": (self.sigma > 0, "> 0"),
             "min_area": (self.min_area >= 0, ">= 0"),

@@ -1,6 +1,8 @@
 import dataclasses
 import json
+import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -48,10 +50,11 @@ def pixel_box_to_grid(
         ratio = min(size / width, size / height)
         off_x = (size - int(width * ratio)) / 2
         off_y = (size - int(height * ratio)) / 2
-    else:
+    else:  # Hugging Face's shortest-edge resize: the long side to int(size * long / short)
         ratio = max(size / width, size / height)
-        off_x = -((int(width * ratio) - size) // 2)
-        off_y = -((int(height * ratio) - size) // 2)
+        short, long = min(width, height), max(width, height)
+        cut = (int(size * long / short) - size) // 2
+        off_x, off_y = (0, -cut) if width <= height else (-cut, 0)
     x0, y0, x1, y1 = box
     return (
         (x0 * ratio + off_x) * grid_w / size,
@@ -356,6 +359,15 @@ def test_box_mapping_round_trips(size, mode):
         assert min(w, h) - 1 <= min(x1 - x0, y1 - y0) <= min(w, h)
 
 
+@pytest.mark.parametrize("short", [19, 79, 158, 285, 316, 336, 1000])
+def test_crop_mode_maps_the_whole_grid_to_the_whole_short_side(short):
+    # Sides where int(short * 336 / short) is 335 (79, 158, 285, 316) shifted the cut by a
+    # pixel; sides where dividing by the ratio falls short (19) lost the last pixel.
+    for w, h in ((short, 2 * short + 1), (2 * short + 1, short)):
+        x0, y0, x1, y1 = grid_box_to_pixels((0, 0, 24, 24), 24, 24, w, h, 336, "crop")
+        assert ((x0, x1) if w < h else (y0, y1)) == (0, short)
+
+
 def test_bad_inputs(tiny):
     sd = pipeline(tiny, blob_logits(None))
     with pytest.raises(ValueError, match=r"questions\[1\] must be a string with text besides the image placeholder"):
@@ -372,8 +384,19 @@ def test_bad_inputs(tiny):
         sd.generate(images(1), QUESTIONS[:1], max_tokens=3)  # a typo, not a decoding choice
     with pytest.raises(NotImplementedError, match="only greedy decoding is supported, got {'streamer': 1}"):
         sd.generate(images(1), QUESTIONS[:1], streamer=1)  # generate's own argument, not a config field
-    with pytest.raises(ValueError, match="max_new_tokens must be >= 1, got 0"):
-        sd.generate(images(1), QUESTIONS[:1], max_new_tokens=0)
+    for length in (0, 2.5, "3", True):
+        with pytest.raises(ValueError, match=f"max_new_tokens must be an int >= 1, got {length!r}"):
+            sd.generate(images(1), QUESTIONS[:1], max_new_tokens=length)
+        with pytest.raises(ValueError, match=f"max_new_tokens must be an int >= 1, got {length!r}"):
+            BaseLlava(tiny.model, make_tokenizer(), prompt_template=TEMPLATE).generate(images(1), QUESTIONS[:1], length)
+    # Options from a dict or a JSON file: a value of another type is named, not compared.
+    for field, value, declared in (
+        ("threshold", "0.1", "float"),
+        ("min_area", 4.5, "int"),
+        ("drop_singletons", 1, "bool"),
+    ):
+        with pytest.raises(ValueError, match=f"{field} must be of type {declared}, got {value!r}"):
+            SDRPNLlava(tiny.model, make_tokenizer(), sd.rpn, prompt_template=TEMPLATE, roi={field: value})
     # An empty batch answers nothing; an unpaired one is still refused.
     assert sd.generate([], []) == [] and sd.predict_rois([], []) == []
     assert BaseLlava(tiny.model, make_tokenizer(), prompt_template=TEMPLATE).generate([], []) == []
@@ -631,13 +654,13 @@ def test_roi_arguments_change_the_rpn_folders_options_field_by_field(tiny):
 
 
 def test_answer_file_resume_keeps_every_valid_row(tmp_path, caplog):
-    from sdrpn.infer.job import _finished_rows
+    from sdrpn.infer.answers_file import read_rows
 
     out = tmp_path / "answers.jsonl"
     out.write_text(
         '{"id": "a", "answer": "x"}\n{"id": "b", "ans\n[1, 2]\n{"answer": "no id"}\n\n{"id": "c"}\n{"id": "d"'
     )
-    assert _finished_rows(str(out)) == [{"id": "a", "answer": "x"}, {"id": "c"}]
+    assert read_rows(str(out), rewrite=True) == [{"id": "a", "answer": "x"}, {"id": "c"}]
     assert out.read_text().splitlines() == ['{"id": "a", "answer": "x"}', '{"id": "c"}']
     assert "line 2 is not an answer row" in caplog.text and "line 4" in caplog.text and "line 7" in caplog.text
 
@@ -676,6 +699,70 @@ def test_a_repeated_id_resumes_entry_by_entry(infer_ws, tmp_path):
     out.write_text(json.dumps(legacy) + "\n")
     assert infer_cli(infer_ws, *flags, "--batch-size", "1") == 0
     assert [row[0] for row in rows()] == ["dup", "dup", "twin"] and summary() == (1, 2, 2)
+
+
+def test_infer_file_on_ranks_answers_as_one_process_and_resumes_on_any_number(infer_ws, tmp_path):
+    """Under torchrun each rank answers every world_size-th entry into its own file; the
+    job's end merges them into --out in the data's order: the rows one process writes. A
+    run stopped on 2 ranks resumes on 1 and one stopped on 1 resumes on 3, answering
+    nothing twice."""
+    import subprocess
+    import sys
+
+    entries = json.loads((infer_ws / "data.json").read_text())
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(entries + [dict(e, id=e["id"] + "-again") for e in entries]))  # 6 of 14 answerable
+
+    def run(out, ranks: int) -> dict:
+        flags = infer_argv(infer_ws, "--data", str(data), "--image-folder", str(infer_ws / "images"), "--out",
+                           str(out), "--batch-size", "2")  # fmt: skip
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)]
+        done = subprocess.run([*cmd, "-m", "sdrpn", *flags], env=dict(os.environ, OMP_NUM_THREADS="1"),
+                              capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+        (printed,) = done.stdout.splitlines()  # rank 0's summary alone
+        assert json.loads(printed) == json.loads(Path(str(out) + ".summary.json").read_text())
+        assert not list(tmp_path.glob("*.part")) and not list(tmp_path.glob(".tmp-*"))
+        return json.loads(printed)
+
+    def rows(out) -> list[dict]:
+        return [{k: v for k, v in json.loads(line).items() if k != "timings_s"} for line in open(out)]
+
+    assert infer_cli(infer_ws, "--data", str(data), "--image-folder", str(infer_ws / "images"), "--out",
+                     str(tmp_path / "one.jsonl"), "--batch-size", "2") == 0  # fmt: skip
+    whole = rows(tmp_path / "one.jsonl")
+    assert [r["index"] for r in whole] == [0, 2, 3, 7, 9, 10]
+    two = tmp_path / "two.jsonl"
+    assert run(two, 2) == json.loads((tmp_path / "one.jsonl.summary.json").read_text())
+    assert rows(two) == whole
+    # Stopped on 2 ranks: rank 0 had written two rows, rank 1 one and part of a line.
+    lines = (tmp_path / "one.jsonl").read_text().splitlines()
+    shutil.copy(str(two) + ".settings.json", tmp_path / "stopped.jsonl.settings.json")
+    (tmp_path / "stopped.jsonl.rank000.part").write_text(lines[0] + "\n" + lines[1] + "\n")
+    (tmp_path / "stopped.jsonl.rank001.part").write_text(lines[2] + "\n" + lines[3][:20])
+    summary = run(tmp_path / "stopped.jsonl", 1)
+    assert rows(tmp_path / "stopped.jsonl") == whole and (summary["already_done"], summary["answered"]) == (3, 3)
+    # Stopped on 1 process after two rows, resumed on 3 ranks.
+    shutil.copy(str(two) + ".settings.json", tmp_path / "three.jsonl.settings.json")
+    (tmp_path / "three.jsonl").write_text("\n".join(lines[:2]) + "\n")
+    summary = run(tmp_path / "three.jsonl", 3)
+    assert rows(tmp_path / "three.jsonl") == whole and (summary["already_done"], summary["answered"]) == (2, 4)
+
+
+def test_infer_file_config_checks_its_ranks(infer_ws, tmp_path, monkeypatch):
+    from sdrpn.infer.job import InferFileConfig, answer_file
+
+    files = dict(data=str(infer_ws / "data.json"), image_folder=str(infer_ws / "images"), out=str(tmp_path / "a"))
+    with pytest.raises(ValueError, match=r"rank must lie in \[0, world_size=2\), got 2"):
+        InferFileConfig(**files, rank=2, world_size=2)
+    with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
+        InferFileConfig(**files, batch_size=0)
+    with pytest.raises(ValueError, match="world_size=2 needs torch.distributed's process group started"):
+        answer_file(None, InferFileConfig(**files, rank=1, world_size=2))
+    assert not list(tmp_path.iterdir())
+    monkeypatch.setenv("WORLD_SIZE", "2")  # one question under torchrun: refused before the model loads
+    with pytest.raises(ValueError, match="--image answers one question on one process: run it without torchrun"):
+        infer_cli(infer_ws, "--image", str(infer_ws / "images" / "0.png"), "--question", "q", "--model", "none")
 
 
 def test_decoding_runs_one_forward_per_answer_token(tiny):

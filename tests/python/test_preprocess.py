@@ -187,7 +187,9 @@ def test_a_question_keeps_no_image_placeholder():
     assert question_text("Compare <image> with the text") == "Compare  with the text"
 
 
-@pytest.mark.parametrize("size", [(37, 91), (640, 480), (333, 333), (1001, 17), (1, 5)])
+# (90, 60), (158, 300): sides where int(size * long / short) and a product with the ratio
+# size / short differ by one.
+@pytest.mark.parametrize("size", [(37, 91), (640, 480), (333, 333), (1001, 17), (1, 5), (90, 60), (158, 300)])
 def test_pixels_equal_hugging_face_processors(size):
     # LLaVA-1.5's pad-to-square is LlavaImageProcessor(do_pad=True); the centre crop is
     # CLIPImageProcessor. Pixel for pixel, with PIL doing the resizing on both sides.

@@ -44,6 +44,33 @@ def test_copied_layers_reproduce_the_backbone(tiny):
     assert torch.equal(got, hs[K + T - 1])
 
 
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_an_rpn_loaded_in_half_precision_reproduces_the_backbone(tmp_path, dtype):
+    """Loaded as a half-precision model is (its rotary frequencies kept float32), an RPN
+    casts its weights but not those frequencies: its layers are still the backbone's."""
+    from sdrpn.llava.loading import load_llava
+    from tiny_llava import save_tiny_llava
+
+    save_tiny_llava(str(tmp_path / "model"), grid=4, num_layers=4)
+    model, _ = load_llava(str(tmp_path / "model"), dtype)
+    assert model.get_decoder().rotary_emb.inv_freq.dtype == torch.float32
+    RegionProposalNetwork.from_llava(model, branch_layer=K, depth=T).save(str(tmp_path / "rpn"))
+    rpn = RegionProposalNetwork.load(str(tmp_path / "rpn"), model).eval()
+    assert rpn.q_proj.weight.dtype == model.dtype and rpn.rotary_emb.inv_freq.dtype == torch.float32
+    batch = prompt_batch(make_tiny_llava(num_layers=4))
+    with torch.no_grad():
+        out = model.model(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            pixel_values=batch.pixel_values.to(model.dtype),
+            output_hidden_states=True,
+            position_ids=position_ids_from_mask(batch.attention_mask),
+        )
+        got = rpn.run_layers(out.hidden_states[K], batch.attention_mask, position_ids_from_mask(batch.attention_mask))
+    assert torch.equal(got, out.hidden_states[K + T - 1])
+    assert rpn.half().rotary_emb.inv_freq.dtype == torch.float32
+
+
 def test_logits_equal_the_naive_head(tiny):
     rpn = RegionProposalNetwork.from_llava(tiny.model, branch_layer=K, depth=T).eval()
     batch = prompt_batch(tiny, seed=1)

@@ -209,6 +209,11 @@ def test_bad_config():
         TrainConfig(labels="x", out="y", batch_size=0)
     with pytest.raises(ValueError, match="held_out_fraction must lie in"):
         TrainConfig(labels="x", out="y", held_out_fraction=1.0)
+    with pytest.raises(ValueError, match="batch_size must be of type int, got 8.0"):
+        TrainConfig(labels="x", out="y", batch_size=8.0)
+    with pytest.raises(ValueError, match="max_samples must be of type int | None, got '100'"):
+        TrainConfig(labels="x", out="y", max_samples="100")
+    assert TrainConfig(labels="x", out="y", lr=1, max_samples=None).lr == 1  # an int is a float
     assert accumulation_steps(512, 8, 4) == 16  # the reference: 8 per GPU x 16 steps x 4 GPUs
     assert accumulation_steps(512, 8, 1) == 64
     with pytest.raises(

@@ -61,6 +61,11 @@ class LlavaAnswering:
         return pixel_batch(pixels, self.device, self.dtype)
 
     @staticmethod
+    def _check_answer_length(max_new_tokens) -> None:
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+
+    @staticmethod
     def _batch_size(images, questions) -> int:
         """The number of (image, question) pairs; 0 answers nothing (an empty list)."""
         # One image and one question are a batch of one, passed as two lists: a string

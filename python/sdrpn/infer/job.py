@@ -1,87 +1,36 @@
-"""`sdrpn infer`: one image and question, or a whole LLaVA-format file (JSONL out, resumable)."""
+"""`sdrpn infer --data`: a whole LLaVA-format file answered into JSONL (infer/answers_file.py),
+resumable, on one process or on the ranks of torchrun, each answering every world_size-th entry."""
 
 from __future__ import annotations
 
-import glob
+import contextlib
 import json
 import logging
 import os
 from collections import Counter
 from dataclasses import dataclass
 
-from ..io_utils import exclusive_lock, file_sha256, read_json, remove_temporaries, write_json, write_jsonl
-from ..llava.data import (
-    QASample,
-    SkipSample,
-    check_image_folder,
-    load_entries,
-    open_image,
-    parse_entry,
-    skip_reasons,
-)
+from ..distributed import barrier, check_initialized, check_rank, gather_objects
+from ..io_utils import exclusive_lock, file_sha256, read_json, write_json
+from ..llava.data import QASample, SkipSample, check_image_folder, load_entries, open_image, parse_entry, skip_reasons
 from ..llava.loading import model_identity, same_model
-from ..options import setting_changes
+from ..options import require_at_least, setting_changes
 from ..prefetch import DEFAULT_WORKERS, prefetch
 from ..progress import show_progress
-from .pipeline import SDRPNAnswer, SDRPNLlava
+from .answers_file import (
+    SETTINGS_SUFFIX,
+    SUMMARY_SUFFIX,
+    answer_record,
+    done_entries,
+    finished_rows,
+    merge_parts,
+    part_paths,
+    remove_unfinished,
+    writer_path,
+)
+from .pipeline import SDRPNLlava
 
 log = logging.getLogger(__name__)
-
-
-def answer_record(answer: SDRPNAnswer) -> dict:
-    return {
-        "answer": answer.text,
-        "boxes": [list(b) for b in answer.rois.boxes],
-        "grid_boxes": [list(b) for b in answer.rois.grid_boxes],
-        "timings_s": {k: round(v, 5) for k, v in answer.timings.items()},
-    }
-
-
-def _finished_rows(out: str) -> list[dict]:
-    """The rows already in `out`. A line that is not a JSON object with an id (a torn last
-    line after a crash, or a damaged one) is dropped with a warning naming it; every other
-    row is kept, and the file is rewritten without the bad lines."""
-    if not os.path.exists(out):
-        return []
-    rows = []
-    with open(out, errors="replace") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                row = None
-            if not isinstance(row, dict) or "id" not in row:
-                log.warning("%s line %d is not an answer row: dropped (it will be answered again)", out, number)
-                continue
-            rows.append(row)
-    write_jsonl(out, rows)
-    return rows
-
-
-def _done_entries(entries: list, rows: list[dict]) -> set[int]:
-    """The indices of the entries an earlier run answered: each row records its entry's
-    index in the data file (whose content the run's settings pin). Rows written before
-    the index was recorded are matched by id, an id with k rows marking its first k
-    entries that parse."""
-    done, by_id = set(), Counter()
-    for row in rows:
-        if "index" in row:
-            done.add(row["index"])
-        else:
-            by_id[str(row["id"])] += 1
-    for index, entry in enumerate(entries):
-        if not by_id or index in done:
-            continue
-        try:
-            sample_id = parse_entry(entry, index).id
-        except SkipSample:
-            continue
-        if by_id[sample_id] > 0:
-            by_id[sample_id] -= 1
-            done.add(index)
-    return done & set(range(len(entries)))
 
 
 @dataclass
@@ -94,15 +43,19 @@ class InferFileConfig:
     limit: int | None = None
     restart: bool = False  # answer everything again, whatever cfg.out holds
     workers: int = DEFAULT_WORKERS  # threads decoding images ahead of the model (0: none)
+    rank: int = 0  # this process's rank of world_size (torchrun's); it answers entries i % world_size == rank
+    world_size: int = 1
 
-
-SETTINGS_SUFFIX = ".settings.json"
-SUMMARY_SUFFIX = ".summary.json"
+    def __post_init__(self):
+        require_at_least(1, self, "batch_size", "max_new_tokens")
+        require_at_least(0, self, "workers")
+        check_rank(self.rank, self.world_size)
 
 
 def run_settings(pipe: SDRPNLlava, cfg: InferFileConfig) -> dict:
     """What the answers in cfg.out depend on, as JSON reads it back: a resumed run must
-    use the same, or its rows would mix answers of two configurations."""
+    use the same, or its rows would mix answers of two configurations. The number of ranks
+    is not among them: each entry's answer is its own."""
     settings = {
         "data": os.path.realpath(cfg.data),
         "data_sha256": file_sha256(cfg.data),  # rows name their entries by index in it
@@ -119,15 +72,16 @@ def run_settings(pipe: SDRPNLlava, cfg: InferFileConfig) -> dict:
     return json.loads(json.dumps(settings))
 
 
+def _answers_so_far(out: str) -> list[str]:
+    return [p for p in [out, *part_paths(out)] if os.path.exists(p) and os.path.getsize(p) > 0]
+
+
 def _start(pipe: SDRPNLlava, cfg: InferFileConfig) -> None:
-    """Record this run's settings; refuse to continue answers made with others."""
+    """Refuse to continue answers made with other settings (on every rank, so that all
+    stop alike); rank 0 records this run's, and with --restart removes the old answers."""
     path = cfg.out + SETTINGS_SUFFIX
     settings = run_settings(pipe, cfg)
-    if cfg.restart:
-        for stale in (cfg.out, cfg.out + SUMMARY_SUFFIX):
-            if os.path.exists(stale):
-                os.remove(stale)
-    elif os.path.exists(path) and os.path.exists(cfg.out) and os.path.getsize(cfg.out) > 0:
+    if not cfg.restart and os.path.exists(path) and _answers_so_far(cfg.out):
         recorded = read_json(path)
         if same_model(recorded.get("model"), settings["model"]):  # one model named by another path
             settings["model"] = recorded["model"]
@@ -139,19 +93,34 @@ def _start(pipe: SDRPNLlava, cfg: InferFileConfig) -> None:
                 f"{cfg.out} holds answers made with other settings ({'; '.join(diff)}): rerun with "
                 "the same settings, pass --restart to answer everything again, or pass another --out"
             )
+    if cfg.rank != 0:
+        return
+    if cfg.restart:
+        for stale in [cfg.out, cfg.out + SUMMARY_SUFFIX, *part_paths(cfg.out)]:
+            if os.path.exists(stale):
+                os.remove(stale)
     write_json(path, settings)
 
 
 def answer_file(pipe: SDRPNLlava, cfg: InferFileConfig) -> dict:
-    """Answer every entry of a LLaVA-format file; rows are appended to cfg.out as they are
-    done, so a rerun continues where the last stopped. Bad samples are skipped and counted."""
+    """Answer every entry of a LLaVA-format file (this rank's share of it); rows are appended
+    as they are done, so a rerun, on any number of ranks, continues where the last stopped.
+    Bad samples are skipped and counted. Returns the counts summed over the ranks."""
     check_image_folder(cfg.image_folder)
-    with exclusive_lock(cfg.out + ".lock"):
-        folder, name = os.path.split(os.path.abspath(cfg.out))
-        for suffix in ("", SUMMARY_SUFFIX, SETTINGS_SUFFIX):  # what a kill left half-written
-            remove_temporaries(folder, glob.escape(name + suffix))
+    check_initialized(cfg.world_size)
+    own = writer_path(cfg.out, cfg.rank, cfg.world_size)
+    with contextlib.ExitStack() as held:
+        # Rank 0 writes out (its settings, summary, the merged rows); every rank its own rows.
+        for path in dict.fromkeys([cfg.out] * (cfg.rank == 0) + [own]):
+            held.enter_context(exclusive_lock(path + ".lock"))
+            remove_unfinished(cfg.out, path)
         _start(pipe, cfg)
-        summary = _answer_file(pipe, cfg)
+        barrier(cfg.world_size)  # the settings are recorded and, with --restart, the old answers gone
+        summary = _answer_file(pipe, cfg, own)
+        summary = _summed(gather_objects(summary, cfg.world_size, pipe.device))  # every rank is done
+        if cfg.rank == 0:
+            merge_parts(cfg.out)
+            write_json(cfg.out + SUMMARY_SUFFIX, summary)
     if summary["skipped"] and not summary["answered"] and not summary["already_done"]:
         raise ValueError(
             f"no sample of {cfg.data} could be answered: all {summary['skipped']} were skipped "
@@ -160,14 +129,27 @@ def answer_file(pipe: SDRPNLlava, cfg: InferFileConfig) -> dict:
     return summary
 
 
-def _answer_file(pipe: SDRPNLlava, cfg: InferFileConfig) -> dict:
+def _summed(summaries: list[dict]) -> dict:
+    skipped = sum((Counter(s["skipped_by_reason"]) for s in summaries), Counter())
+    return {
+        "answered": sum(s["answered"] for s in summaries),
+        "already_done": sum(s["already_done"] for s in summaries),
+        "skipped": sum(skipped.values()),
+        "skipped_by_reason": dict(skipped),
+    }
+
+
+def _answer_file(pipe: SDRPNLlava, cfg: InferFileConfig, own: str) -> dict:
     entries = load_entries(cfg.data)[: cfg.limit]
-    done = _done_entries(entries, _finished_rows(cfg.out))
-    skipped: dict[str, int] = {}
+    mine = range(cfg.rank, len(entries), cfg.world_size)
+    done = done_entries(entries, finished_rows(cfg.out, own)) & set(mine)
+    barrier(cfg.world_size)  # every rank has read the others' rows before any appends to its own
+    skipped: Counter = Counter()
     answered = 0
     pending: list[tuple[QASample, object]] = []
     # Counted as samples are answered, not as their images load ahead of the model.
-    progress = show_progress(total=len(entries), desc="infer", unit="sample")
+    desc = "infer" if cfg.world_size == 1 else f"infer rank {cfg.rank}"
+    progress = show_progress(total=len(mine), desc=desc, unit="sample")
 
     def flush(f) -> None:
         nonlocal answered
@@ -182,17 +164,17 @@ def _answer_file(pipe: SDRPNLlava, cfg: InferFileConfig) -> dict:
         progress.update(len(pending))
         pending.clear()
 
-    def load(item: tuple[int, object]):
-        sample = parse_entry(item[1], item[0])
-        return sample, None if sample.index in done else open_image(cfg.image_folder, sample.image)
+    def load(index: int):
+        sample = parse_entry(entries[index], index)
+        return sample, None if index in done else open_image(cfg.image_folder, sample.image)
 
-    loads = prefetch(load, enumerate(entries), cfg.workers, ahead=2 * cfg.batch_size)
-    with open(cfg.out, "a") as f:
+    loads = prefetch(load, mine, cfg.workers, ahead=2 * cfg.batch_size)
+    with open(own, "a") as f:
         for loaded in loads:
             try:
                 sample, image = loaded.result()
             except SkipSample as skip:
-                skipped[str(skip)] = skipped.get(str(skip), 0) + 1
+                skipped[str(skip)] += 1
                 progress.update(1)
                 continue
             if image is None:  # answered by an earlier run
@@ -203,11 +185,5 @@ def _answer_file(pipe: SDRPNLlava, cfg: InferFileConfig) -> dict:
                 flush(f)
         flush(f)
     progress.close()
-    summary = {
-        "answered": answered,
-        "already_done": len(done),
-        "skipped": sum(skipped.values()),
-        "skipped_by_reason": skipped,
-    }
-    write_json(cfg.out + SUMMARY_SUFFIX, summary)
-    return summary
+    return {"answered": answered, "already_done": len(done), "skipped": sum(skipped.values()),
+            "skipped_by_reason": dict(skipped)}  # fmt: skip

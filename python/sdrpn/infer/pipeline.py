@@ -300,8 +300,7 @@ class SDRPNLlava(LlavaAnswering):
         other = {k: v for k, v in generate_kwargs.items() if greedy.get(k, object()) != v}
         if other:
             raise NotImplementedError(f"only greedy decoding is supported, got {other}")
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        self._check_answer_length(max_new_tokens)
         if not self._batch_size(images, questions):
             return []
         p1, images = self._pass1(images, questions)

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
+from ..distributed import check_rank
 from ..io_utils import exclusive_lock, file_sha256
 from ..llava.data import QASample, SkipSample, check_image_folder, load_entries, open_image, parse_entry
 from ..llava.decode import DecoderPool, resolve_decoder
@@ -20,6 +21,7 @@ from ..llava.inputs import Preprocessing, left_pad, preprocess_image, prompt_tok
 from ..llava.loading import DTYPES, model_device, model_dtype, model_identity, pad_token_id
 from ..llava.maps import AttentionMaps, given_answer_maps, self_answer_maps
 from ..llava.presets import LlavaPreset
+from ..options import require_at_least
 from ..prefetch import DEFAULT_WORKERS, prefetch
 from ..progress import show_progress
 from .folder import LabelFolder, LabelFolderConfig, shard_name, summarize
@@ -45,13 +47,9 @@ class LabelJobConfig:
     workers: int = DEFAULT_WORKERS  # threads loading images ahead of the model (0: none)
 
     def __post_init__(self):
-        for name in ("batch_size", "shard_size", "world_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.workers < 0:
-            raise ValueError(f"workers must be >= 0, got {self.workers}")
-        if not 0 <= self.rank < self.world_size:
-            raise ValueError(f"rank must lie in [0, world_size={self.world_size}), got {self.rank}")
+        require_at_least(1, self, "batch_size", "shard_size")
+        require_at_least(0, self, "workers")
+        check_rank(self.rank, self.world_size)
 
 
 def skip_record(entry, index: int, reason: str) -> dict:

@@ -39,6 +39,7 @@ class LabelOptions(Options):
     )
 
     def __post_init__(self):
+        self.check_types()
         if self.answers not in ANSWER_SOURCES:
             raise ValueError(f"answers must be one of {ANSWER_SOURCES}, got {self.answers!r}")
         if self.preprocessing not in PREPROCESSING_MODES:

@@ -3,7 +3,7 @@ source-image pixels for either preprocessing mode."""
 
 from __future__ import annotations
 
-from .inputs import PREPROCESSING_MODES
+from .inputs import PREPROCESSING_MODES, centre_crop_offset
 
 
 def model_grid(config) -> tuple[int, int]:
@@ -21,7 +21,9 @@ def grid_box_to_pixels(
     "pad" (LLaVA-1.5): the image was padded to a square and resized to size, so the
     reference arithmetic applies: scale to size, remove the padding, undo the resize,
     clamp to the image, truncate. "crop" (Hugging Face's default): the shortest edge was
-    resized to size and the centre cut out, so the offset of the cut is added back.
+    resized to size and the centre cut out, so the offset of that cut is added back and
+    the resize undone as short side / size (a product of integers first: the whole grid
+    maps to the whole short side, where dividing by the ratio can fall a pixel short).
     """
     if mode not in PREPROCESSING_MODES:
         raise ValueError(f"mode must be one of {PREPROCESSING_MODES}, got {mode!r}")
@@ -34,12 +36,14 @@ def grid_box_to_pixels(
         ratio = min(size / width, size / height)
         off_x = -(size - int(width * ratio)) / 2
         off_y = -(size - int(height * ratio)) / 2
-    else:
-        ratio = max(size / width, size / height)
-        off_x = (int(width * ratio) - size) // 2
-        off_y = (int(height * ratio) - size) // 2
 
-    def px(v: float, off: float, limit: int) -> int:
-        return int(min(max((v + off) / ratio, 0.0), float(limit)))
+        def px(v: float, off: float, limit: int) -> int:
+            return int(min(max((v + off) / ratio, 0.0), float(limit)))
+    else:
+        off_x, off_y = centre_crop_offset(width, height, size)
+        short = min(width, height)
+
+        def px(v: float, off: float, limit: int) -> int:
+            return int(min(max((v + off) * short / size, 0.0), float(limit)))
 
     return px(x0, off_x, width), px(y0, off_y, height), px(x1, off_x, width), px(y1, off_y, height)

@@ -76,13 +76,25 @@ def load_rgb(path: str) -> Image.Image:
         return to_rgb(img)
 
 
+def shortest_edge_size(width: int, height: int, size: int) -> tuple[int, int]:
+    """(width, height) after Hugging Face's shortest-edge resize: the short side becomes
+    ``size``, the long one ``int(size * long / short)``, as its processors compute it (a
+    product with the ratio size / short rounds below an integer for some sides)."""
+    if width <= height:
+        return size, int(size * height / width)
+    return int(size * width / height), size
+
+
+def centre_crop_offset(width: int, height: int, size: int) -> tuple[int, int]:
+    """(left, top) of the size x size centre cut, in the shortest-edge-resized image."""
+    resized_w, resized_h = shortest_edge_size(width, height, size)
+    return (resized_w - size) // 2, (resized_h - size) // 2
+
+
 def centre_crop_square(image: Image.Image, size: int) -> Image.Image:
     """Hugging Face's default CLIP preprocessing: shortest edge resized to size, centre cut."""
-    w, h = image.size
-    ratio = max(size / w, size / h)
-    resized = image.resize((max(size, int(w * ratio)), max(size, int(h * ratio))), Image.BICUBIC)
-    left = (resized.width - size) // 2
-    top = (resized.height - size) // 2
+    resized = image.resize(shortest_edge_size(*image.size, size), Image.BICUBIC)
+    left, top = centre_crop_offset(*image.size, size)
     return resized.crop((left, top, left + size, top + size))
 
 

@@ -73,6 +73,7 @@ class RPNConfig(Options):
     task_thresholds: dict = field(default_factory=lambda: dict(TASK_THRESHOLDS))  # per benchmark
 
     def __post_init__(self):
+        self.check_types()
         check_template(self.prompt_template)
         if self.preprocessing not in PREPROCESSING_MODES:
             raise ValueError(f"preprocessing must be one of {PREPROCESSING_MODES}, got {self.preprocessing!r}")
@@ -225,6 +226,19 @@ class RegionProposalNetwork(
             config,
         )
         return rpn.requires_grad_(True)
+
+    def _apply(self, fn, recurse=True):
+        """As nn.Module's (under .to(), .half(), .cuda()...), except that the rotary
+        frequencies keep their dtype, float32 as the backbone's keep theirs when it loads in
+        half precision: rounded to bf16, RoPE at LLaVA's positions turns the copied layers'
+        queries and keys up to 0.8 rad away from what they were trained with."""
+        kept = dict(self.rotary_emb.named_buffers())
+        super()._apply(fn, recurse)
+        for name, exact in kept.items():
+            moved = getattr(self.rotary_emb, name)
+            if moved.dtype != exact.dtype:
+                setattr(self.rotary_emb, name, exact.to(moved.device))
+        return self
 
     def gradient_checkpointing_enable(self) -> None:
         self.gradient_checkpointing = True

@@ -22,12 +22,12 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from transformers import get_cosine_schedule_with_warmup
 
+from ..distributed import barrier, gather_objects
 from ..io_utils import exclusive_lock, read_json, write_json
 from ..labels.folder import LabelFolder
 from ..llava.backbone import branch_hidden_states
@@ -35,7 +35,7 @@ from ..llava.data import skip_reasons
 from ..llava.loading import fingerprints_match, model_identity, pad_token_id, same_model_name
 from ..llava.presets import get_preset, preset_from_dict
 from ..ops import IGNORE_INDEX
-from ..options import Options, RoiOptions, option, setting_changes
+from ..options import Options, RoiOptions, option, require_at_least, setting_changes
 from ..prefetch import prefetch
 from ..progress import show_progress
 from .checkpoints import (
@@ -89,15 +89,12 @@ class TrainConfig(Options):
     num_workers: int = option(0, "DataLoader worker processes (0: one loader thread of the training process)")
 
     def __post_init__(self):
+        self.check_types()
         for name in ("labels", "out"):
             if not getattr(self, name):
                 raise ValueError(f"{name} is required")
-        for name in ("epochs", "batch_size", "effective_batch", "save_every", "keep_checkpoints"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("branch_layer", "depth", "max_samples", "stop_after_steps", "grad_accum"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        require_at_least(1, self, "epochs", "batch_size", "effective_batch", "save_every", "keep_checkpoints")
+        require_at_least(1, self, "branch_layer", "depth", "max_samples", "stop_after_steps", "grad_accum")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if not 0 <= self.held_out_fraction < 1:
@@ -526,18 +523,12 @@ class RPNTrainer:
         """The epoch's trained samples, labelled cells and skipped samples by reason so far,
         summed over the ranks, so that all of them reach the same decision on them (one
         that raised or saved alone would leave the others waiting in a collective)."""
-        trained, cells, skipped = tally.trained, tally.cells, tally.skipped
-        if self.world > 1:
-            device = self.device if dist.get_backend() == "nccl" else torch.device("cpu")
-            count = torch.tensor([trained, cells], device=device)
-            dist.all_reduce(count)
-            trained, cells = count.tolist()
-            everyone = [None] * self.world
-            # Objects travel through a tensor on the current CUDA device under NCCL: this rank's.
-            with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-                dist.all_gather_object(everyone, dict(skipped))
-            skipped = sum((Counter(c) for c in everyone), Counter())
-        return _Tally(trained, cells, skipped)
+        everyone = gather_objects(tally.recorded(), self.world, self.device)
+        return _Tally(
+            sum(t["trained"] for t in everyone),
+            sum(t["cells"] for t in everyone),
+            sum((Counter(t["skipped"]) for t in everyone), Counter()),
+        )
 
     def _check_trained(self, epoch: int, tally: _Tally) -> _Tally:
         """Stop, before anything is saved, when the ranks together have trained on no sample
@@ -600,8 +591,7 @@ class RPNTrainer:
                 self.cfg.keep_checkpoints,
                 settings=self._recorded,
             )
-        if self.world > 1:
-            dist.barrier()
+        barrier(self.world)
 
 
 __all__ = ["RPNTrainer", "TrainConfig", "evaluate", "latest_checkpoint", "save_checkpoint"]

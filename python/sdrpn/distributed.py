@@ -1,0 +1,69 @@
+"""torchrun's ranks as sdrpn's jobs meet them: the rank, world size and device a process was
+started with, and the collectives the jobs use (they exchange counts and wait for each
+other, never tensors of the model)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def from_environment(device_arg: str | None, backend: str | None = None) -> tuple[int, int, str]:
+    """Rank, world size and device under torchrun (rank 0 of 1 otherwise), with the process
+    group started. Each rank's GPU is its local rank's, made the current device, so that
+    what runs on the current device (CUDA graphs and their memory pools, streams,
+    collectives of objects) runs on it."""
+    rank = int(os.environ.get("RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    device = device_arg or (f"cuda:{local % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu")
+    if torch.device(device).type == "cuda" and torch.device(device).index is not None:
+        torch.cuda.set_device(torch.device(device))
+    if world > 1 and not dist.is_initialized():
+        if backend is None:  # NCCL needs a GPU of its own for every rank
+            backend = "nccl" if device.startswith("cuda") and torch.cuda.device_count() >= world else "gloo"
+        dist.init_process_group(backend)
+    return rank, world, device
+
+
+def check_initialized(world_size: int) -> None:
+    """A job told it is one of several ranks needs their process group."""
+    if world_size > 1 and not (dist.is_available() and dist.is_initialized()):
+        raise ValueError(
+            f"world_size={world_size} needs torch.distributed's process group started (run under torchrun)"
+        )
+
+
+def check_rank(rank: int, world_size: int) -> None:
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must lie in [0, world_size={world_size}), got {rank}")
+
+
+def finish(world_size: int) -> None:
+    """End the process group from_environment started."""
+    if world_size > 1 and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(world_size: int) -> None:
+    if world_size > 1:
+        dist.barrier()
+
+
+def gather_objects(obj, world_size: int, device: torch.device | str) -> list:
+    """Every rank's ``obj`` (picklable), in rank order; [obj] alone. Under NCCL objects
+    travel through a tensor on the current CUDA device, which must be this rank's
+    ``device``."""
+    if world_size == 1:
+        return [obj]
+    device = torch.device(device)
+    everyone = [None] * world_size
+    nccl = dist.get_backend() == "nccl" and device.type == "cuda"
+    with torch.cuda.device(device) if nccl else contextlib.nullcontext():
+        dist.all_gather_object(everyone, obj)
+    return everyone

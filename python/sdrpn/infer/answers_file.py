@@ -1,0 +1,136 @@
+"""The answers file of `sdrpn infer --data`: ANSWERS.jsonl, one JSON row per answered entry
+with its `id` and its `index` in the data file, and what sits beside it:
+
+- ANSWERS.jsonl.rankRRR.part: under torchrun, rank R's rows while the job runs (each rank
+  appends to its own); the job's end merges them into ANSWERS.jsonl in the data's order;
+- ANSWERS.jsonl.settings.json: what the answers depend on (infer/job.py checks a rerun on it);
+- ANSWERS.jsonl.summary.json: the last run's counts;
+- ANSWERS.jsonl.lock, ANSWERS.jsonl.rankRRR.part.lock: held by the job's writers."""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+from collections import Counter
+
+from ..io_utils import remove_temporaries, write_jsonl
+from ..llava.data import SkipSample, parse_entry
+from .pipeline import SDRPNAnswer
+
+log = logging.getLogger(__name__)
+
+SETTINGS_SUFFIX = ".settings.json"
+SUMMARY_SUFFIX = ".summary.json"
+
+
+def answer_record(answer: SDRPNAnswer) -> dict:
+    return {
+        "answer": answer.text,
+        "boxes": [list(b) for b in answer.rois.boxes],
+        "grid_boxes": [list(b) for b in answer.rois.grid_boxes],
+        "timings_s": {k: round(v, 5) for k, v in answer.timings.items()},
+    }
+
+
+def part_path(out: str, rank: int) -> str:
+    return f"{out}.rank{rank:03d}.part"
+
+
+def part_paths(out: str) -> list[str]:
+    """The rank files in out's folder, whichever number of ranks wrote them."""
+    return sorted(glob.glob(glob.escape(out) + ".rank[0-9][0-9][0-9].part"))
+
+
+def writer_path(out: str, rank: int, world_size: int) -> str:
+    """The file a rank appends its rows to: out itself for a single process."""
+    return out if world_size == 1 else part_path(out, rank)
+
+
+def remove_unfinished(out: str, path: str) -> None:
+    """Delete what a kill left half-written of ``path`` (out or a rank's part), for its
+    writer, holding its lock; out's writer also takes the settings and summary."""
+    folder, name = os.path.split(os.path.abspath(path))
+    names = [name] + ([name + SUMMARY_SUFFIX, name + SETTINGS_SUFFIX] if path == out else [])
+    for each in names:
+        remove_temporaries(folder, glob.escape(each))
+
+
+def read_rows(path: str, rewrite: bool) -> list[dict]:
+    """The rows in ``path``. A line that is not a JSON object with an id (a torn last line
+    after a crash, or a damaged one) is dropped with a warning naming it; every other row
+    is kept. ``rewrite``: the file's writer rewrites it without the bad lines."""
+    if not os.path.exists(path):
+        return []
+    rows = []
+    with open(path, errors="replace") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                row = None
+            if not isinstance(row, dict) or "id" not in row:
+                log.warning("%s line %d is not an answer row: dropped (it will be answered again)", path, number)
+                continue
+            rows.append(row)
+    if rewrite:
+        write_jsonl(path, rows)
+    return rows
+
+
+def finished_rows(out: str, own: str) -> list[dict]:
+    """Every row answered so far, in out and in the rank files a run on any number of ranks
+    left; the calling writer's own file is rewritten without its bad lines (the others'
+    writers do theirs)."""
+    return [row for path in dict.fromkeys([out, *part_paths(out), own]) for row in read_rows(path, path == own)]
+
+
+def done_entries(entries: list, rows: list[dict]) -> set[int]:
+    """The indices of the entries an earlier run answered: each row records its entry's
+    index in the data file (whose content the run's settings pin). Rows written before
+    the index was recorded are matched by id, an id with k rows marking its first k
+    entries that parse."""
+    done, by_id = set(), Counter()
+    for row in rows:
+        if "index" in row:
+            done.add(row["index"])
+        else:
+            by_id[str(row["id"])] += 1
+    for index, entry in enumerate(entries):
+        if not by_id or index in done:
+            continue
+        try:
+            sample_id = parse_entry(entry, index).id
+        except SkipSample:
+            continue
+        if by_id[sample_id] > 0:
+            by_id[sample_id] -= 1
+            done.add(index)
+    return done & set(range(len(entries)))
+
+
+def merge_parts(out: str) -> None:
+    """Fold the rank files into out, one row per entry, in the data's order (rows of older
+    versions, without an index, first as they stood), then remove the rank files. For out's
+    writer, once no rank appends: a kill between the two steps leaves rows that the next
+    merge takes once."""
+    parts = part_paths(out)
+    if not parts:
+        return
+    rows, seen = [], set()
+    for path in [out, *parts]:
+        for row in read_rows(path, rewrite=False):
+            if "index" not in row:
+                rows.append(row)
+            elif row["index"] not in seen:
+                seen.add(row["index"])
+                rows.append(row)
+    rows.sort(key=lambda row: row.get("index", -1))  # stable: the legacy rows keep their order
+    write_jsonl(out, rows)
+    for path in parts:
+        os.remove(path)
+    folder, name = os.path.split(os.path.abspath(out))
+    remove_temporaries(folder, glob.escape(name) + ".rank[0-9][0-9][0-9].part")  # ranks that are gone
