@@ -229,6 +229,25 @@ def test_graph_mode_warms_up_captures_once_per_length_and_replays(tiny, monkeypa
     assert decode(tiny.model, "graph", eos=eos, pool=pool) == decode(tiny.model, "hf", eos=eos)
 
 
+def test_kept_decoders_and_image_graphs_follow_a_model_cast_or_moved(monkeypatch):
+    """Buffers and graphs hold the weights' dtype and addresses: after ``model.to(...)``
+    a kept decoder or graph would read the old ones, so they are made again."""
+    captures = fake_graphs(monkeypatch)
+    model = make_tiny_llava(num_layers=2, grid=4).model
+    pool = DecoderPool()
+    decode(model, "static", pool=pool)
+    kept = pool.get(model, 3, 1, graph=False)
+    model.to(torch.float64)
+    assert decode(model, "static", pool=pool) == decode(model, "hf")
+    assert pool.get(model, 3, 1, graph=False) is not kept and len(pool._decoders) == 1
+    encoder = ImageEncoder(model.float(), graph=True)
+    (pixels,) = encoder_inputs(model, [1])
+    encoder(pixels)
+    model.double().float()  # the same dtype, new tensors
+    torch.testing.assert_close(encoder(pixels), image_features(model, pixels), rtol=0, atol=0)
+    assert len(captures) == 2 and len(encoder._graphs) == 1
+
+
 def test_a_failed_capture_warns_and_decodes_without_graphs(tiny, monkeypatch):
     fake_graphs(monkeypatch, fail=True)
     pool = DecoderPool()

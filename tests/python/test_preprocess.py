@@ -117,6 +117,10 @@ def test_entries_that_would_break_a_job_are_skipped_with_a_reason(tmp_path):
         "empty question": {"image": "a.png", "conversations": [{"from": "human", "value": " <image>\n"}]},
     }
     for reason, entry in cases.items():
+        if reason == "empty question":  # one placeholder removed, one more made: still empty
+            entry = dict(entry, conversations=[{"from": "human", "value": "<im<image>age>"}])
+            with pytest.raises(SkipSample, match=reason):
+                parse_entry(entry, 0)
         entry = json.loads(json.dumps(entry))  # as a JSON file delivers them
         with pytest.raises(SkipSample, match=reason):
             parse_entry(entry, 0)
@@ -185,6 +189,9 @@ def test_a_question_keeps_no_image_placeholder():
 
     assert question_text("<image>\nWhat is written? ") == "What is written?"
     assert question_text("Compare <image> with the text") == "Compare  with the text"
+    # A placeholder that removing one makes: none is left, and taking the text again is a no-op.
+    assert question_text("<im<image>age>") == "" and question_text("a <im<image>age> b") == "a  b"
+    assert question_text(question_text("<<image>image>?")) == question_text("<<image>image>?") == "?"
 
 
 # (90, 60), (158, 300): sides where int(size * long / short) and a product with the ratio

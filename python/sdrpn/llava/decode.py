@@ -88,6 +88,14 @@ def capture_graph(fn: Callable[[], Tensor], stream: torch.cuda.Stream, pool=None
     return replay
 
 
+def weights_version(module: nn.Module) -> tuple:
+    """Where and how ``module``'s first parameter is stored. Graphs and buffers made for a
+    module hold its weights' addresses and dtype: ``.to()`` or ``.half()`` gives every
+    parameter a new tensor, and the module a new version (in-place updates keep it)."""
+    first = next(module.parameters())
+    return first.data_ptr(), first.dtype, first.device
+
+
 def capture_error(error: BaseException) -> str:
     """What broke a capture: the error an op raised inside it, which the capture's end
     replaces with "operation failed due to a previous error during capture"."""
@@ -286,8 +294,13 @@ class DecoderPool:
         self._decoders.clear()
 
     def get(self, model: nn.Module, batch: int, slots: int, graph: bool) -> StaticDecoder:
-        # The text model, which a kept decoder holds: its id cannot be reused while kept.
-        key = (id(model.get_decoder()), batch, graph)
+        # The text model, which a kept decoder holds (its id cannot be reused while kept), in
+        # the version of its weights that the decoder's buffers and graphs were made for.
+        text = model.get_decoder()
+        version = weights_version(text)
+        for stale in [k for k in self._decoders if k[0] == id(text) and k[3] != version]:
+            del self._decoders[stale]  # made for weights the model no longer holds
+        key = (id(text), batch, graph, version)
         decoder = self._decoders.pop(key, None)
         if decoder is None or decoder.capacity < slots:
             decoder = None  # free the smaller buffers first

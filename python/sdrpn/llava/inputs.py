@@ -152,8 +152,11 @@ def check_template(template: str) -> str:
 def question_text(question: str) -> str:
     """The question as the template takes it: LLaVA-format questions carry the image
     placeholder, which the template places itself (left in, the tokenizer would read it
-    as one more image token)."""
-    return question.replace(IMAGE_PLACEHOLDER, "").strip()
+    as one more image token). Removed until none is left: removing "<image>" from
+    "<im<image>age>" makes one, and the text must be the same however often it is taken."""
+    while IMAGE_PLACEHOLDER in question:
+        question = question.replace(IMAGE_PLACEHOLDER, "")
+    return question.strip()
 
 
 def split_prompt_ids(

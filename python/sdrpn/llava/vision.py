@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .decode import warm_up_and_capture
+from .decode import warm_up_and_capture, weights_version
 
 GRAPH_MAX_IMAGES = 4
 
@@ -30,14 +30,15 @@ def image_features(model: nn.Module, pixels: Tensor) -> Tensor:
 class ImageEncoder:
     """``encoder(pixels)`` is ``image_features(model, pixels)``; with ``graph`` (CUDA only)
     batches of up to GRAPH_MAX_IMAGES images replay a graph captured on their first call.
-    ``clear()`` frees the graphs; after a failed capture the encoder stays eager (the same
-    model would fail again)."""
+    ``clear()`` frees the graphs, as new weights do (the model moved or cast); after a
+    failed capture the encoder stays eager (the same model would fail again)."""
 
     def __init__(self, model: nn.Module, graph: bool):
         self.model = model
         self.use_graph = graph
         self._graphs: dict[tuple, tuple[Tensor, object]] = {}  # input shape, dtype -> (input buffer, replay)
         self._pool = None
+        self._weights = None  # the weights_version the graphs were captured for
 
     def clear(self) -> None:
         self._graphs.clear()
@@ -47,6 +48,9 @@ class ImageEncoder:
     def __call__(self, pixels: Tensor) -> Tensor:
         if not self.use_graph or pixels.shape[0] > GRAPH_MAX_IMAGES:
             return image_features(self.model, pixels)
+        if (version := weights_version(self.model)) != self._weights:
+            self.clear()
+            self._weights = version
         entry = self._graphs.get((pixels.shape, pixels.dtype))
         if entry is None:
             return self._capture(pixels)
