@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
+
+import numpy as np
 
 T = TypeVar("T", bound="Options")
 
@@ -21,8 +24,21 @@ def option(default: Any, help: str, **kwargs) -> Any:
     return field(default=default, metadata={"help": help, **kwargs})
 
 
-# The scalar field types whose values are checked; a float field takes an int too.
-_SCALAR_TYPES = {"int": int, "float": (int, float), "bool": bool, "str": str}
+def _as_declared(base: str, value):
+    """``value`` as the scalar type ``base`` names (int, float, bool or str), numpy's scalars
+    taken as Python's (an int counts as a float; a bool as nothing but a bool); None if it
+    is not one."""
+    if base == "bool":
+        return bool(value) if isinstance(value, (bool, np.bool_)) else None
+    if isinstance(value, (bool, np.bool_)):
+        return None
+    if base == "int" and isinstance(value, numbers.Integral):
+        return int(value)
+    if base == "float" and isinstance(value, numbers.Real):
+        return float(value)
+    if base == "str" and isinstance(value, str):
+        return value
+    return None
 
 
 class Options:
@@ -31,15 +47,18 @@ class Options:
     def check_types(self) -> None:
         """Refuse a scalar field (int, float, bool, str, or one of them or None) holding a
         value of another type, naming it: values also come from JSON files and dicts, where
-        "0.1" or 4.5 would otherwise fail later inside an op, or compare wrongly."""
+        "0.1" or 4.5 would otherwise fail later inside an op, or compare wrongly. Numbers
+        are stored as the declared Python type (numpy's would not record as JSON)."""
         for f in dataclasses.fields(self):
             declared = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
             base = declared.removesuffix(" | None")
             value = getattr(self, f.name)
-            if base not in _SCALAR_TYPES or (value is None and base != declared):
+            if base not in ("int", "float", "bool", "str") or (value is None and base != declared):
                 continue
-            if isinstance(value, bool) != (base == "bool") or not isinstance(value, _SCALAR_TYPES[base]):
+            typed = _as_declared(base, value)
+            if typed is None:
                 raise ValueError(f"{f.name} must be of type {declared}, got {value!r}")
+            object.__setattr__(self, f.name, typed)  # (frozen option classes too)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -58,12 +77,15 @@ class Options:
         return dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})
 
 
-def require_at_least(minimum: int, settings, *names: str) -> None:
-    """Refuse a named setting of ``settings`` below ``minimum`` (None: not set), naming it."""
+def require_at_least(minimum: int, settings, *names: str, optional: bool = False) -> None:
+    """Refuse a named setting of ``settings`` below ``minimum``, or None unless ``optional``
+    (not set), naming it."""
     for name in names:
         value = getattr(settings, name)
-        if value is not None and value < minimum:
-            raise ValueError(f"{name} must be >= {minimum}, got {value}")
+        if value is None and optional:
+            continue
+        if not isinstance(value, numbers.Real) or value < minimum:
+            raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
 
 
 def setting_changes(recorded: dict, now: dict) -> list[str]:

@@ -389,7 +389,13 @@ def test_bad_inputs(tiny):
             sd.generate(images(1), QUESTIONS[:1], max_new_tokens=length)
         with pytest.raises(ValueError, match=f"max_new_tokens must be an int >= 1, got {length!r}"):
             BaseLlava(tiny.model, make_tokenizer(), prompt_template=TEMPLATE).generate(images(1), QUESTIONS[:1], length)
-    # Options from a dict or a JSON file: a value of another type is named, not compared.
+    assert len(sd.generate(images(1), QUESTIONS[:1], max_new_tokens=np.int64(2))[0].tokens) <= 2
+    # Options from a dict or a JSON file: a value of another type is named, not compared;
+    # numpy's numbers are taken as Python's.
+    roi = {"threshold": np.float32(0.25), "min_area": np.int64(3), "drop_singletons": np.bool_(False)}
+    taken = SDRPNLlava(tiny.model, make_tokenizer(), sd.rpn, prompt_template=TEMPLATE, roi=roi).roi
+    assert (taken.threshold, taken.min_area, taken.drop_singletons) == (0.25, 3, False)
+    assert json.dumps(taken.to_dict())
     for field, value, declared in (
         ("threshold", "0.1", "float"),
         ("min_area", 4.5, "int"),

@@ -470,3 +470,18 @@ def test_folders_without_a_weights_record_resume(workspace, tmp_path):
     (out / "label_config.json").write_text(json.dumps(config))
     assert run_label(workspace, out, "--answers", "given", "--limit", "6") == 0
     assert "weights_fingerprint" not in json.loads((out / "label_config.json").read_text())["model"]
+
+
+def test_label_job_config_checks_its_counts_and_rank():
+    from sdrpn.labels.job import LabelJobConfig
+
+    files = dict(data="d.json", image_folder="images", out="labels")
+    for field, value, message in (
+        ("batch_size", 0, "batch_size must be >= 1, got 0"),
+        ("batch_size", None, "batch_size must be >= 1, got None"),
+        ("workers", -1, "workers must be >= 0, got -1"),
+        ("world_size", 0, "world_size must be >= 1, got 0"),
+        ("rank", 3, r"rank must lie in \[0, world_size=1\), got 3"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            LabelJobConfig(**files, **{field: value})

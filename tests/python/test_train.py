@@ -1,10 +1,12 @@
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -211,9 +213,13 @@ def test_bad_config():
         TrainConfig(labels="x", out="y", held_out_fraction=1.0)
     with pytest.raises(ValueError, match="batch_size must be of type int, got 8.0"):
         TrainConfig(labels="x", out="y", batch_size=8.0)
-    with pytest.raises(ValueError, match="max_samples must be of type int | None, got '100'"):
+    with pytest.raises(ValueError, match=re.escape("max_samples must be of type int | None, got '100'")):
         TrainConfig(labels="x", out="y", max_samples="100")
-    assert TrainConfig(labels="x", out="y", lr=1, max_samples=None).lr == 1  # an int is a float
+    with pytest.raises(ValueError, match="labels is required"):
+        TrainConfig(labels=None, out="y")
+    # An int is a float; numpy's numbers are Python's (they record as JSON).
+    cfg = TrainConfig(labels="x", out="y", lr=np.int64(1), seed=np.int64(3), max_samples=None)
+    assert (type(cfg.lr), type(cfg.seed)) == (float, int) and json.dumps(cfg.to_dict())
     assert accumulation_steps(512, 8, 4) == 16  # the reference: 8 per GPU x 16 steps x 4 GPUs
     assert accumulation_steps(512, 8, 1) == 64
     with pytest.raises(

@@ -3,8 +3,10 @@ normalisation, the prompt template, the image preprocessing, and the checks on i
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor, nn
@@ -61,9 +63,12 @@ class LlavaAnswering:
         return pixel_batch(pixels, self.device, self.dtype)
 
     @staticmethod
-    def _check_answer_length(max_new_tokens) -> None:
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    def _answer_length(max_new_tokens) -> int:
+        """``max_new_tokens`` as an int >= 1 (numpy's ints too), or ValueError naming it."""
+        if isinstance(max_new_tokens, numbers.Integral) and not isinstance(max_new_tokens, (bool, np.bool_)):
+            if max_new_tokens >= 1:
+                return int(max_new_tokens)
+        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
 
     @staticmethod
     def _batch_size(images, questions) -> int:

@@ -25,7 +25,7 @@ class BaseLlava(LlavaAnswering):
     @torch.no_grad()
     def generate(self, images, questions, max_new_tokens: int = 128) -> list[str]:
         """One greedy answer per (image, question); a sample stops at its end-of-sequence token."""
-        self._check_answer_length(max_new_tokens)
+        max_new_tokens = self._answer_length(max_new_tokens)
         if not self._batch_size(images, questions):
             return []
         images = self._images(images)

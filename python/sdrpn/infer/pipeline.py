@@ -300,7 +300,7 @@ class SDRPNLlava(LlavaAnswering):
         other = {k: v for k, v in generate_kwargs.items() if greedy.get(k, object()) != v}
         if other:
             raise NotImplementedError(f"only greedy decoding is supported, got {other}")
-        self._check_answer_length(max_new_tokens)
+        max_new_tokens = self._answer_length(max_new_tokens)
         if not self._batch_size(images, questions):
             return []
         p1, images = self._pass1(images, questions)

@@ -27,6 +27,7 @@ from PIL import Image
 
 from ..infer.baseline import BaseLlava
 from ..infer.pipeline import SDRPNLlava
+from ..llava.inputs import question_text
 from ..llava.loading import load_llava
 from ..llava.presets import resolve_preset
 from ..progress import show_progress
@@ -34,8 +35,6 @@ from ..rpn.model import RegionProposalNetwork
 from .eval_options import Decoding, EvalModelOptions, decoding_of
 
 log = logging.getLogger(__name__)
-
-IMAGE_PLACEHOLDER = "<image>"
 
 
 class SDRPNLlavaEval(lmms):
@@ -115,7 +114,7 @@ class SDRPNLlavaEval(lmms):
             raise ValueError(
                 f"sdrpn_llava answers about one image per question; task {task!r} document {doc_id} gives {kinds}"
             )
-        question = context.replace(IMAGE_PLACEHOLDER, "").strip()
+        question = question_text(context)
         if not question:
             raise ValueError(f"task {task!r} document {doc_id} has an empty question: context={context!r}")
         return visuals[0], question

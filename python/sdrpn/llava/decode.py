@@ -88,12 +88,21 @@ def capture_graph(fn: Callable[[], Tensor], stream: torch.cuda.Stream, pool=None
     return replay
 
 
-def weights_version(module: nn.Module) -> tuple:
-    """Where and how ``module``'s first parameter is stored. Graphs and buffers made for a
-    module hold its weights' addresses and dtype: ``.to()`` or ``.half()`` gives every
-    parameter a new tensor, and the module a new version (in-place updates keep it)."""
-    first = next(module.parameters())
-    return first.data_ptr(), first.dtype, first.device
+class WeightsWatch:
+    """Tells whether ``module``'s weights were remade since the watch began: buffers and
+    CUDA graphs made for a module hold its weights' addresses and dtype, and ``.to()``,
+    ``.half()`` or an assigning load puts the weights in new tensors (in-place updates, as
+    training's, keep them). It watches the module's smallest parameter and holds that
+    parameter's tensor as it was, so the address cannot be handed to a new tensor."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+        self.name, self.param = min(module.named_parameters(), key=lambda item: item[1].numel())
+        self.held = self.param.detach()
+
+    def changed(self) -> bool:
+        param = self.module.get_parameter(self.name)
+        return param is not self.param or param.data_ptr() != self.held.data_ptr() or param.dtype != self.held.dtype
 
 
 def capture_error(error: BaseException) -> str:
@@ -192,6 +201,7 @@ class StaticDecoder:
             raise ValueError(f"capacity must be a multiple of {SLOT_ROUNDING}, got {capacity}")
         self.text = model.get_decoder()
         self.head = model.get_output_embeddings()
+        self.weights = WeightsWatch(self.text)  # the weights its buffers and graphs are made for
         weight = self.head.weight
         attn = self.text.layers[0].self_attn
         kv_heads = self.text.config.num_key_value_heads
@@ -294,13 +304,10 @@ class DecoderPool:
         self._decoders.clear()
 
     def get(self, model: nn.Module, batch: int, slots: int, graph: bool) -> StaticDecoder:
-        # The text model, which a kept decoder holds (its id cannot be reused while kept), in
-        # the version of its weights that the decoder's buffers and graphs were made for.
-        text = model.get_decoder()
-        version = weights_version(text)
-        for stale in [k for k in self._decoders if k[0] == id(text) and k[3] != version]:
-            del self._decoders[stale]  # made for weights the model no longer holds
-        key = (id(text), batch, graph, version)
+        # The text model, which a kept decoder holds: its id cannot be reused while kept.
+        for stale in [key for key, kept in self._decoders.items() if kept.weights.changed()]:
+            del self._decoders[stale]  # made for weights its model no longer holds
+        key = (id(model.get_decoder()), batch, graph)
         decoder = self._decoders.pop(key, None)
         if decoder is None or decoder.capacity < slots:
             decoder = None  # free the smaller buffers first

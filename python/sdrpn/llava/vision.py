@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .decode import warm_up_and_capture, weights_version
+from .decode import WeightsWatch, warm_up_and_capture
 
 GRAPH_MAX_IMAGES = 4
 
@@ -38,7 +38,7 @@ class ImageEncoder:
         self.use_graph = graph
         self._graphs: dict[tuple, tuple[Tensor, object]] = {}  # input shape, dtype -> (input buffer, replay)
         self._pool = None
-        self._weights = None  # the weights_version the graphs were captured for
+        self._weights: WeightsWatch | None = None  # on the weights the graphs were captured for
 
     def clear(self) -> None:
         self._graphs.clear()
@@ -48,9 +48,9 @@ class ImageEncoder:
     def __call__(self, pixels: Tensor) -> Tensor:
         if not self.use_graph or pixels.shape[0] > GRAPH_MAX_IMAGES:
             return image_features(self.model, pixels)
-        if (version := weights_version(self.model)) != self._weights:
+        if self._weights is None or self._weights.changed():
             self.clear()
-            self._weights = version
+            self._weights = WeightsWatch(self.model)
         entry = self._graphs.get((pixels.shape, pixels.dtype))
         if entry is None:
             return self._capture(pixels)

@@ -89,12 +89,13 @@ class TrainConfig(Options):
     num_workers: int = option(0, "DataLoader worker processes (0: one loader thread of the training process)")
 
     def __post_init__(self):
-        self.check_types()
         for name in ("labels", "out"):
             if not getattr(self, name):
                 raise ValueError(f"{name} is required")
+        self.check_types()
         require_at_least(1, self, "epochs", "batch_size", "effective_batch", "save_every", "keep_checkpoints")
-        require_at_least(1, self, "branch_layer", "depth", "max_samples", "stop_after_steps", "grad_accum")
+        optional = ("branch_layer", "depth", "max_samples", "stop_after_steps", "grad_accum")
+        require_at_least(1, self, *optional, optional=True)
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if not 0 <= self.held_out_fraction < 1:
