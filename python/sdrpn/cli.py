@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 from safetensors import SafetensorError
 
+from .distributed import RankStopped
 from .io_utils import FolderBusy
 from .labels.demo import LabelDemoConfig, run_label_demo, summary_line
 from .labels.options import LabelOptions
@@ -284,7 +285,7 @@ def _run_train(args) -> dict:
 def _run_infer(args) -> None:
     import torch
 
-    from .distributed import finish, from_environment
+    from .distributed import MEET_AT_END_TIMEOUT, finish, from_environment
     from .infer.answers_file import answer_record
     from .infer.job import InferFileConfig, answer_file
     from .infer.pipeline import SDRPNLlava
@@ -312,7 +313,7 @@ def _run_infer(args) -> None:
             raise ValueError("--image answers one question on one process: run it without torchrun")
         rank, world, device = 0, 1, args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     else:  # each rank answers every world_size-th entry; they meet to sum their counts (gloo)
-        rank, world, device = from_environment(args.device, backend="gloo")
+        rank, world, device = from_environment(args.device, backend="gloo", timeout=MEET_AT_END_TIMEOUT)
     model, tokenizer = load_llava(args.model, args.dtype, device)
     rpn = RegionProposalNetwork.from_pretrained(args.rpn, model=model)  # a folder or a Hub id
     base = rpn.config.task_roi_options(args.task) if args.task else rpn.config.roi_options
@@ -390,7 +391,7 @@ def _read_image(path: str):
 
 
 def _run_label(args) -> dict:
-    from .distributed import barrier, finish, from_environment
+    from .distributed import MEET_AT_END_TIMEOUT, barrier, finish, from_environment
     from .labels.folder import LabelFolder
     from .labels.job import LabelJob, LabelJobConfig
     from .llava.loading import load_llava
@@ -400,7 +401,7 @@ def _run_label(args) -> dict:
     # barrier before the summary, which gloo serves on any device.
     options = options_from_args(LabelOptions, args)  # the flags checked before the model's slow load
     _check_files(args.data, args.image_folder, args.out)
-    rank, world, device = from_environment(args.device, backend="gloo")
+    rank, world, device = from_environment(args.device, backend="gloo", timeout=MEET_AT_END_TIMEOUT)
     model, tokenizer = load_llava(args.model, args.dtype, device)
     preset = resolve_preset(args.preset, model)
     cfg = LabelJobConfig(
@@ -443,9 +444,10 @@ def _version() -> str:
 
 
 # What a user's mistake or the machine raises (a bad flag value, a missing file, a model that
-# does not fit, a busy output folder, a full disk, which safetensors reports as its own error):
-# one line and exit status 2 rather than a traceback.
-USER_ERRORS = (ValueError, OSError, FolderBusy, NotImplementedError, SafetensorError)
+# does not fit, a busy output folder, a full disk, which safetensors reports as its own error,
+# another torchrun rank that stopped on one of these): one line and exit status 2 rather
+# than a traceback.
+USER_ERRORS = (ValueError, OSError, FolderBusy, NotImplementedError, SafetensorError, RankStopped)
 
 
 # What an interrupted command has kept, and how to go on.

@@ -5,17 +5,29 @@ other, never tensors of the model)."""
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 
 import torch
 import torch.distributed as dist
 
+# How long a rank of a job whose ranks meet only at its end (label, infer) waits there for
+# the slowest: hours on a large dataset, not torch's 30 minutes. A rank that dies does not
+# leave the others waiting that long: torchrun stops them.
+MEET_AT_END_TIMEOUT = datetime.timedelta(days=7)
 
-def from_environment(device_arg: str | None, backend: str | None = None) -> tuple[int, int, str]:
+
+class RankStopped(RuntimeError):
+    """A collective failed because another rank stopped (its own error says why)."""
+
+
+def from_environment(
+    device_arg: str | None, backend: str | None = None, timeout: datetime.timedelta | None = None
+) -> tuple[int, int, str]:
     """Rank, world size and device under torchrun (rank 0 of 1 otherwise), with the process
-    group started. Each rank's GPU is its local rank's, made the current device, so that
-    what runs on the current device (CUDA graphs and their memory pools, streams,
-    collectives of objects) runs on it."""
+    group started (``timeout``: torch's default when None). Each rank's GPU is its local
+    rank's, made the current device, so that what runs on the current device (CUDA graphs
+    and their memory pools, streams, collectives of objects) runs on it."""
     rank = int(os.environ.get("RANK", 0))
     world = int(os.environ.get("WORLD_SIZE", 1))
     local = int(os.environ.get("LOCAL_RANK", 0))
@@ -25,7 +37,7 @@ def from_environment(device_arg: str | None, backend: str | None = None) -> tupl
     if world > 1 and not dist.is_initialized():
         if backend is None:  # NCCL needs a GPU of its own for every rank
             backend = "nccl" if device.startswith("cuda") and torch.cuda.device_count() >= world else "gloo"
-        dist.init_process_group(backend)
+        dist.init_process_group(backend, **({"timeout": timeout} if timeout else {}))
     return rank, world, device
 
 
@@ -50,9 +62,21 @@ def finish(world_size: int) -> None:
         dist.destroy_process_group()
 
 
+@contextlib.contextmanager
+def _peers_may_stop():
+    """A collective's failure as RankStopped: the rank that stopped reports why; the
+    others need one line saying so, not a traceback of their own."""
+    try:
+        yield
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise RankStopped(f"another rank stopped, or did not arrive in time ({first}); see its error") from err
+
+
 def barrier(world_size: int) -> None:
     if world_size > 1:
-        dist.barrier()
+        with _peers_may_stop():
+            dist.barrier()
 
 
 def gather_objects(obj, world_size: int, device: torch.device | str) -> list:
@@ -64,6 +88,6 @@ def gather_objects(obj, world_size: int, device: torch.device | str) -> list:
     device = torch.device(device)
     everyone = [None] * world_size
     nccl = dist.get_backend() == "nccl" and device.type == "cuda"
-    with torch.cuda.device(device) if nccl else contextlib.nullcontext():
+    with torch.cuda.device(device) if nccl else contextlib.nullcontext(), _peers_may_stop():
         dist.all_gather_object(everyone, obj)
     return everyone

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import fnmatch
 import glob
 import hashlib
 import json
@@ -50,10 +51,13 @@ def remove_temporaries(folder: str, names: str = "*") -> None:
     """Delete the temporary files that write_atomic left in ``folder`` (``.tmp-NAME.XXXX``)
     for files whose name matches the glob ``names``, when a kill stopped it before the
     rename. Only a holder of the lock of every writer of such files may call it: another's
-    temporary file may be in use."""
+    temporary file may be in use. The name is matched whole: ``a.jsonl``'s job leaves the
+    temporaries of ``a.jsonl.2`` (``.tmp-a.jsonl.2.XXXX``) alone."""
     for path in glob.glob(os.path.join(glob.escape(folder), f".tmp-{names}.*")):
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(path)
+        name = os.path.basename(path)[len(".tmp-") :].rsplit(".", 1)[0]  # mkstemp's suffix holds no dot
+        if fnmatch.fnmatchcase(name, names):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
 
 
 def fsync_dir(folder: str) -> None:

@@ -669,6 +669,57 @@ def test_answer_file_resume_keeps_every_valid_row(tmp_path, caplog):
     assert read_rows(str(out), rewrite=True) == [{"id": "a", "answer": "x"}, {"id": "c"}]
     assert out.read_text().splitlines() == ['{"id": "a", "answer": "x"}', '{"id": "c"}']
     assert "line 2 is not an answer row" in caplog.text and "line 4" in caplog.text and "line 7" in caplog.text
+    # An index that is not an entry's (damaged, or edited by hand) makes no row either.
+    out.write_text(
+        '{"id": "e", "index": null}\n{"id": "f", "index": "2"}\n{"id": "g", "index": -1}\n{"id": "h", "index": 3}'
+    )
+    assert read_rows(str(out), rewrite=False) == [{"id": "h", "index": 3}]
+
+
+def test_a_rank_file_still_written_by_an_earlier_job_is_not_merged_under_it(infer_ws, tmp_path):
+    from sdrpn.infer.answers_file import part_path
+    from sdrpn.io_utils import FolderBusy, exclusive_lock
+
+    out = str(tmp_path / "answers.jsonl")
+    flags = ("--data", str(infer_ws / "data.json"), "--image-folder", str(infer_ws / "images"), "--out", out)
+    with exclusive_lock(part_path(out, 3) + ".lock"):  # rank 3 of a job on 4 ranks, still running
+        Path(part_path(out, 3)).write_text("")
+        with pytest.raises(FolderBusy, match="answers.jsonl.rank003.part.lock is held by another running job"):
+            infer_cli(infer_ws, *flags)
+    assert infer_cli(infer_ws, *flags) == 0 and not Path(part_path(out, 3)).exists()
+
+
+def test_ranks_waiting_on_one_that_refused_say_so_in_one_line(infer_ws, tmp_path):
+    import subprocess
+    import sys
+
+    from sdrpn.io_utils import exclusive_lock
+
+    out = str(tmp_path / "answers.jsonl")
+    flags = infer_argv(infer_ws, "--data", str(infer_ws / "data.json"), "--image-folder", str(infer_ws / "images"),
+                       "--out", out)  # fmt: skip
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "sdrpn"]
+    with exclusive_lock(out + ".lock"):  # another job writes --out: rank 0 refuses, rank 1 waits for it
+        done = subprocess.run([*cmd, *flags], env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
+                              text=True, timeout=300)  # fmt: skip
+    assert done.returncode != 0
+    errors = [line for line in done.stderr.splitlines() if "sdrpn infer: error: " in line]
+    assert len(errors) == 2 and "answers.jsonl.lock is held by another running job" in errors[0] + errors[1]
+    assert any("another rank stopped" in line for line in errors), done.stderr[-3000:]
+    assert "sdrpn/distributed.py" not in done.stderr  # no rank's traceback
+
+
+def test_merged_answers_are_one_row_per_entry_in_the_datas_order(tmp_path):
+    from sdrpn.infer.answers_file import merge_rows, part_path
+
+    out = str(tmp_path / "answers.jsonl")
+    rows = [{"id": "old"}, {"id": "a", "index": 0}, {"id": "c", "index": 4}, {"id": "b", "index": 2}]
+    Path(out).write_text("".join(json.dumps(r) + "\n" for r in rows))  # a rerun appended entry 2
+    Path(part_path(out, 1)).write_text(json.dumps({"id": "b", "index": 2}) + "\n" + json.dumps({"id": "d", "index": 5}))
+    (tmp_path / ".tmp-answers.jsonl.rank007.part.x1").write_text("half")  # of a rank that is gone
+    merge_rows(out)
+    assert [r["id"] for r in map(json.loads, open(out))] == ["old", "a", "b", "c", "d"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["answers.jsonl"]
 
 
 def test_a_repeated_id_resumes_entry_by_entry(infer_ws, tmp_path):

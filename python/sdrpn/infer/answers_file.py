@@ -43,6 +43,14 @@ def part_paths(out: str) -> list[str]:
     return sorted(glob.glob(glob.escape(out) + ".rank[0-9][0-9][0-9].part"))
 
 
+def ownerless_parts(out: str, world_size: int) -> list[str]:
+    """The rank files that no rank of a job on ``world_size`` ranks writes (those of an
+    earlier job on more ranks, or all of them for a single process): out's writer locks
+    them, so that a rank of that job still running is refused, not merged under."""
+    mine = {part_path(out, rank) for rank in range(world_size)} if world_size > 1 else set()
+    return [path for path in part_paths(out) if path not in mine]
+
+
 def writer_path(out: str, rank: int, world_size: int) -> str:
     """The file a rank appends its rows to: out itself for a single process."""
     return out if world_size == 1 else part_path(out, rank)
@@ -55,6 +63,15 @@ def remove_unfinished(out: str, path: str) -> None:
     names = [name] + ([name + SUMMARY_SUFFIX, name + SETTINGS_SUFFIX] if path == out else [])
     for each in names:
         remove_temporaries(folder, glob.escape(each))
+
+
+def _is_row(row) -> bool:
+    """A JSON object with an id and, where it has one (rows of older versions have none),
+    an entry index that is a whole number >= 0."""
+    if not isinstance(row, dict) or "id" not in row:
+        return False
+    index = row.get("index", 0)
+    return isinstance(index, int) and not isinstance(index, bool) and index >= 0
 
 
 def read_rows(path: str, rewrite: bool) -> list[dict]:
@@ -72,7 +89,7 @@ def read_rows(path: str, rewrite: bool) -> list[dict]:
                 row = json.loads(line)
             except json.JSONDecodeError:
                 row = None
-            if not isinstance(row, dict) or "id" not in row:
+            if not _is_row(row):
                 log.warning("%s line %d is not an answer row: dropped (it will be answered again)", path, number)
                 continue
             rows.append(row)
@@ -112,24 +129,24 @@ def done_entries(entries: list, rows: list[dict]) -> set[int]:
     return done & set(range(len(entries)))
 
 
-def merge_parts(out: str) -> None:
+def merge_rows(out: str) -> None:
     """Fold the rank files into out, one row per entry, in the data's order (rows of older
-    versions, without an index, first as they stood), then remove the rank files. For out's
+    versions, without an index, first as they stood), then remove the rank files; out alone
+    is put in order too (a rerun appends the entries an earlier one skipped). For out's
     writer, once no rank appends: a kill between the two steps leaves rows that the next
     merge takes once."""
     parts = part_paths(out)
-    if not parts:
-        return
+    found = [row for path in [out, *parts] for row in read_rows(path, rewrite=False)]
     rows, seen = [], set()
-    for path in [out, *parts]:
-        for row in read_rows(path, rewrite=False):
-            if "index" not in row:
-                rows.append(row)
-            elif row["index"] not in seen:
-                seen.add(row["index"])
-                rows.append(row)
+    for row in found:
+        if "index" not in row:
+            rows.append(row)
+        elif row["index"] not in seen:
+            seen.add(row["index"])
+            rows.append(row)
     rows.sort(key=lambda row: row.get("index", -1))  # stable: the legacy rows keep their order
-    write_jsonl(out, rows)
+    if parts or rows != found:
+        write_jsonl(out, rows)
     for path in parts:
         os.remove(path)
     folder, name = os.path.split(os.path.abspath(out))

@@ -23,7 +23,8 @@ from .answers_file import (
     answer_record,
     done_entries,
     finished_rows,
-    merge_parts,
+    merge_rows,
+    ownerless_parts,
     part_paths,
     remove_unfinished,
     writer_path,
@@ -110,7 +111,11 @@ def answer_file(pipe: SDRPNLlava, cfg: InferFileConfig) -> dict:
     check_initialized(cfg.world_size)
     own = writer_path(cfg.out, cfg.rank, cfg.world_size)
     with contextlib.ExitStack() as held:
-        # Rank 0 writes out (its settings, summary, the merged rows); every rank its own rows.
+        # Rank 0 writes out (its settings, summary, the merged rows, and so the rank files no
+        # rank of this job owns); every rank its own rows.
+        if cfg.rank == 0:
+            for path in ownerless_parts(cfg.out, cfg.world_size):
+                held.enter_context(exclusive_lock(path + ".lock"))
         for path in dict.fromkeys([cfg.out] * (cfg.rank == 0) + [own]):
             held.enter_context(exclusive_lock(path + ".lock"))
             remove_unfinished(cfg.out, path)
@@ -119,7 +124,7 @@ def answer_file(pipe: SDRPNLlava, cfg: InferFileConfig) -> dict:
         summary = _answer_file(pipe, cfg, own)
         summary = _summed(gather_objects(summary, cfg.world_size, pipe.device))  # every rank is done
         if cfg.rank == 0:
-            merge_parts(cfg.out)
+            merge_rows(cfg.out)
             write_json(cfg.out + SUMMARY_SUFFIX, summary)
     if summary["skipped"] and not summary["answered"] and not summary["already_done"]:
         raise ValueError(
