@@ -130,12 +130,13 @@ def test_what_a_kill_left_half_written_is_removed_by_its_writer(tmp_path):
     ]
     for name in names:
         (tmp_path / name).write_text("half")
-    LabelFolder(str(tmp_path)).remove_unfinished(0)  # rank 0's own, not rank 1's or the shared config's
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names[1:])
+    LabelFolder(str(tmp_path)).remove_unfinished(1)  # rank 1's own, not rank 0's or the config's
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([names[0], names[2]])
     (tmp_path / ".tmp-label_config.json.2.z").write_text("another file's, a.json.2 beside a.json")
-    remove_temporaries(str(tmp_path), "label_config.json")
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".tmp-label_config.json.2.z", names[1]]
-    (tmp_path / ".tmp-label_config.json.2.z").unlink()
+    LabelFolder(str(tmp_path)).remove_unfinished(0)  # rank 0 also writes the config and summary
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".tmp-label_config.json.2.z"]
+    remove_temporaries(str(tmp_path), "label_config.json.2")
+    assert not list(tmp_path.iterdir())
     (tmp_path / "checkpoints" / "step-00000004.tmp").mkdir(parents=True)
     (tmp_path / "checkpoints" / "step-00000002").mkdir()
     (tmp_path / "checkpoints" / ".tmp-latest.json.k2j3").write_text("{")

@@ -186,8 +186,9 @@ class LabelFolder:
     def write_config(self, config: LabelFolderConfig) -> None:
         write_json(self.file(CONFIG_NAME), config.to_dict())
 
-    def start(self, config: LabelFolderConfig) -> None:
-        """Record the config of a new job, or check that a resumed one uses the same."""
+    def start(self, config: LabelFolderConfig, record: bool = True) -> None:
+        """Check that a resumed job uses the config recorded, and (``record``: the job's
+        one writer of it, rank 0) record this job's."""
         old = self.read_config()
         if old is not None and same_model(old.model, config.model):
             config = replace(config, model=old.model)  # one model named by another path: keep the record
@@ -200,13 +201,18 @@ class LabelFolder:
                     f"{self.path} holds labels made with other settings ({'; '.join(diff)}): "
                     f"resume with the same settings, or pass another --out"
                 )
-        self.write_config(config)
+        if record:
+            self.write_config(config)
 
     # ---- shards ---------------------------------------------------------------------------
     def remove_unfinished(self, rank: int) -> None:
-        """Delete the temporary files that a kill left of ``rank``'s shards; for that rank's
-        job, holding its lock (other ranks may be writing theirs)."""
+        """Delete the temporary files that a kill left of ``rank``'s shards, and for rank 0,
+        the config's and summary's writer, of those; for that rank's job, holding its lock
+        (other ranks may be writing theirs)."""
         remove_temporaries(self.path, rank_prefix(rank) + "-shard*")
+        if rank == 0:
+            for name in (CONFIG_NAME, SUMMARY_NAME):
+                remove_temporaries(self.path, name)
 
     def done_markers(self, rank: int | None = None) -> list[dict]:
         pattern = "rank*-shard*" if rank is None else rank_prefix(rank) + "-shard*"

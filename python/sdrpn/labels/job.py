@@ -234,7 +234,7 @@ class LabelJob:
 
     def _run(self) -> dict:
         cfg = self.cfg
-        self.folder.start(self.folder_config())
+        self.folder.start(self.folder_config(), record=cfg.rank == 0)
         entries = load_entries(cfg.data)
         if cfg.limit is not None:
             entries = entries[: cfg.limit]
