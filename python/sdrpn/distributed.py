@@ -41,6 +41,15 @@ def from_environment(
     return rank, world, device
 
 
+# How a rank's files are named (label shards and locks, infer's rank files), and the glob
+# that finds them whichever rank wrote them.
+RANK_NAME_GLOB = "rank[0-9][0-9][0-9]"
+
+
+def rank_name(rank: int) -> str:
+    return f"rank{rank:03d}"
+
+
 def check_initialized(world_size: int) -> None:
     """A job told it is one of several ranks needs their process group."""
     if world_size > 1 and not (dist.is_available() and dist.is_initialized()):

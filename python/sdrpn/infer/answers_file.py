@@ -15,6 +15,7 @@ import logging
 import os
 from collections import Counter
 
+from ..distributed import RANK_NAME_GLOB, rank_name
 from ..io_utils import remove_temporaries, write_jsonl
 from ..llava.data import SkipSample, parse_entry
 from .pipeline import SDRPNAnswer
@@ -35,12 +36,17 @@ def answer_record(answer: SDRPNAnswer) -> dict:
 
 
 def part_path(out: str, rank: int) -> str:
-    return f"{out}.rank{rank:03d}.part"
+    return f"{out}.{rank_name(rank)}.part"
+
+
+def _parts_glob(out_name: str) -> str:
+    """The rank files of the answers file named ``out_name``, whichever ranks wrote them."""
+    return f"{glob.escape(out_name)}.{RANK_NAME_GLOB}.part"
 
 
 def part_paths(out: str) -> list[str]:
     """The rank files in out's folder, whichever number of ranks wrote them."""
-    return sorted(glob.glob(glob.escape(out) + ".rank[0-9][0-9][0-9].part"))
+    return sorted(glob.glob(_parts_glob(out)))
 
 
 def ownerless_parts(out: str, world_size: int) -> list[str]:
@@ -150,4 +156,4 @@ def merge_rows(out: str) -> None:
     for path in parts:
         os.remove(path)
     folder, name = os.path.split(os.path.abspath(out))
-    remove_temporaries(folder, glob.escape(name) + ".rank[0-9][0-9][0-9].part")  # ranks that are gone
+    remove_temporaries(folder, _parts_glob(name))  # ranks that are gone

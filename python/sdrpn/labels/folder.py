@@ -31,6 +31,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from ..distributed import rank_name
 from ..io_utils import read_json, read_jsonl, remove_temporaries, write_atomic, write_json, write_jsonl
 from ..llava.data import skip_reasons
 from ..llava.inputs import PROMPT_TEMPLATE
@@ -48,12 +49,8 @@ FORMAT_VERSION = 2
 TENSOR_NAMES = ("grounding", "sink", "labels", "grid")
 
 
-def rank_prefix(rank: int) -> str:
-    return f"rank{rank:03d}"
-
-
 def shard_name(rank: int, shard: int) -> str:
-    return f"{rank_prefix(rank)}-shard{shard:05d}"
+    return f"{rank_name(rank)}-shard{shard:05d}"
 
 
 @dataclass
@@ -209,13 +206,13 @@ class LabelFolder:
         """Delete the temporary files that a kill left of ``rank``'s shards, and for rank 0,
         the config's and summary's writer, of those; for that rank's job, holding its lock
         (other ranks may be writing theirs)."""
-        remove_temporaries(self.path, rank_prefix(rank) + "-shard*")
+        remove_temporaries(self.path, rank_name(rank) + "-shard*")
         if rank == 0:
             for name in (CONFIG_NAME, SUMMARY_NAME):
                 remove_temporaries(self.path, name)
 
     def done_markers(self, rank: int | None = None) -> list[dict]:
-        pattern = "rank*-shard*" if rank is None else rank_prefix(rank) + "-shard*"
+        pattern = "rank*-shard*" if rank is None else rank_name(rank) + "-shard*"
         return [read_json(p) for p in sorted(glob.glob(self.file(pattern + ".done.json")))]
 
     def complete_shards(self) -> list[str]:

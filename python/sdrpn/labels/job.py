@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
-from ..distributed import check_rank
+from ..distributed import check_rank, rank_name
 from ..io_utils import exclusive_lock, file_sha256
 from ..llava.data import QASample, SkipSample, check_image_folder, load_entries, open_image, parse_entry
 from ..llava.decode import DecoderPool, resolve_decoder
@@ -228,7 +228,7 @@ class LabelJob:
         # Before anything is written: a wrong folder would otherwise skip every sample as
         # "image missing" and be recorded in the label folder, refusing the corrected rerun.
         check_image_folder(self.cfg.image_folder)
-        with exclusive_lock(self.folder.file(f".rank{self.cfg.rank:03d}.lock")):
+        with exclusive_lock(self.folder.file(f".{rank_name(self.cfg.rank)}.lock")):
             self.folder.remove_unfinished(self.cfg.rank)
             return self._run()
 

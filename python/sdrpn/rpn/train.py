@@ -459,14 +459,12 @@ class RPNTrainer:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
                 stop = cfg.stop_after_steps is not None and progress["global_step"] >= cfg.stop_after_steps
-                if stop:
-                    so_far = self._check_trained(epoch, tally)
-                    self._checkpoint(rpn, optimizer, scheduler, {**progress, "epoch_so_far": so_far.recorded()})
-                elif progress["global_step"] % cfg.save_every == 0:
+                if stop or progress["global_step"] % cfg.save_every == 0:
                     # No checkpoint of weights that no sample has trained: a resumption would
-                    # take them for a finished part of the run. The epoch goes on: its later
-                    # samples may train (and if none does, its end stops the run).
-                    so_far = self._epoch_counts(tally)
+                    # take them for a finished part of the run. A stop that trained nothing
+                    # raises; otherwise the epoch goes on: its later samples may train (and
+                    # if none does, its end stops the run).
+                    so_far = self._check_trained(epoch, tally) if stop else self._epoch_counts(tally)
                     if so_far.trained and so_far.cells:
                         self._checkpoint(rpn, optimizer, scheduler, {**progress, "epoch_so_far": so_far.recorded()})
                     elif self.rank == 0:
