@@ -290,6 +290,7 @@ def _run_infer(args) -> None:
     from .infer.job import InferFileConfig, answer_file
     from .infer.pipeline import SDRPNLlava
     from .infer.viz import roi_overlay
+    from .llava.inputs import check_preprocessable
     from .llava.loading import load_llava
     from .pictures import save_atomic
     from .rpn.model import RegionProposalNetwork
@@ -345,6 +346,7 @@ def _run_infer(args) -> None:
         if rank == 0:
             print(json.dumps(summary))
         return
+    check_preprocessable(image, pipe.size, pipe.preprocessing, f"--image {args.image}")
     answer = pipe.generate([image], [args.question], args.max_new_tokens)[0]
     record = answer_record(answer)
     if args.viz:
@@ -371,23 +373,17 @@ def _check_files(data: str | None = None, image_folder: str | None = None, out_f
 
 
 def _read_image(path: str):
-    """The --image as RGB, refused as the --data jobs skip an image (unreadable, too large to
-    pad to a square)."""
+    """The --image as RGB, refused where it cannot be read (the --data jobs skip such an
+    image); whether it is too large to preprocess waits for the preprocessing mode, which
+    the RPN may choose."""
     from PIL import Image
 
-    from .llava.data import too_large_to_pad
     from .llava.inputs import load_rgb
 
     try:
-        image = load_rgb(path)
+        return load_rgb(path)
     except (OSError, Image.DecompressionBombError) as err:  # PIL's text alone names no file
         raise ValueError(f"--image {path}: cannot read it as an image ({err})") from None
-    if too_large_to_pad(image):
-        raise ValueError(
-            f"--image {path}: {image.width}x{image.height} is too large to pad to a square "
-            f"(over PIL's {Image.MAX_IMAGE_PIXELS} pixels); scale it down first"
-        )
-    return image
 
 
 def _run_label(args) -> dict:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import re
 
 import torch
 import torch.distributed as dist
@@ -41,13 +42,19 @@ def from_environment(
     return rank, world, device
 
 
-# How a rank's files are named (label shards and locks, infer's rank files), and the glob
-# that finds them whichever rank wrote them.
-RANK_NAME_GLOB = "rank[0-9][0-9][0-9]"
+# How a rank's files are named (label shards and locks, infer's rank files): three digits
+# at least, more from rank 1000 on. The glob finds them whichever rank wrote them, together
+# with names that only start alike, which is_rank_name tells apart.
+RANK_NAME_GLOB = "rank[0-9][0-9][0-9]*"
+_RANK_NAME = re.compile(r"rank[0-9]{3,}")
 
 
 def rank_name(rank: int) -> str:
     return f"rank{rank:03d}"
+
+
+def is_rank_name(text: str) -> bool:
+    return _RANK_NAME.fullmatch(text) is not None
 
 
 def check_initialized(world_size: int) -> None:

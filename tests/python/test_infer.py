@@ -281,6 +281,21 @@ def test_the_baseline_answers_as_sdrpn_does_without_a_box(tiny):
     assert base.generate(ims[:1], ["<image>\n" + QUESTIONS[0]], max_new_tokens=6) == expected[:1]
 
 
+def test_generate_refuses_an_image_too_large_for_its_preprocessing_before_any_work(tiny, monkeypatch):
+    # 9460x1 pads to a 9460x9460 canvas and resizes to some 9460 times the input's width
+    # squared in crop mode: both over the budget. 400x100 is within it either way.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10**6)
+    long, fine = Image.new("RGB", (9460, 1)), Image.new("RGB", (400, 100))
+    for preprocessing, reason in (("pad", "too large to pad to a square"), ("crop", "too long to resize its short")):
+        for pipe in (
+            pipeline(tiny, blob_logits(None, None, None), preprocessing=preprocessing),
+            BaseLlava(tiny.model, make_tokenizer(), prompt_template=TEMPLATE, preprocessing=preprocessing),
+        ):
+            with pytest.raises(ValueError, match=rf"^images\[1\]: 9460x1 is {reason}.* in {preprocessing} mode"):
+                pipe.generate([fine, long], QUESTIONS[:2], max_new_tokens=2)
+            assert len(pipe.generate([fine], QUESTIONS[:1], max_new_tokens=2)) == 1
+
+
 def test_centre_crop_preprocessing(tiny):
     sd = pipeline(tiny, blob_logits((0, 0, 4, 4)), preprocessing="crop")
     roi = sd.predict_rois(images(1), QUESTIONS[:1])[0]
@@ -518,12 +533,22 @@ def test_infer_cli_single_image_with_viz(infer_ws, tmp_path, capsys):
     assert "answer:" in capsys.readouterr().out
 
 
-def test_infer_cli_refuses_an_image_too_large_to_pad(infer_ws, tmp_path, capsys):
+def test_infer_cli_refuses_an_image_too_large_for_its_preprocessing(infer_ws, tmp_path, capsys, monkeypatch):
     from sdrpn.cli import entry
 
     Image.new("RGB", (9460, 1)).save(tmp_path / "long.png")  # a 9460x9460 canvas: over PIL's budget
     assert entry(infer_argv(infer_ws, "--image", str(tmp_path / "long.png"), "--question", QUESTIONS[0])) == 2
     assert f"--image {tmp_path / 'long.png'}: 9460x1 is too large to pad to a square" in capsys.readouterr().err
+    # Crop mode makes 336 rows of 3178560 pixels of it: refused too, where a 4000x100 image
+    # (over PIL's budget padded: 16 million pixels) answers.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10**6)
+    argv = infer_argv(infer_ws, "--preprocessing", "crop", "--question", QUESTIONS[0], "--image")
+    assert entry([*argv, str(tmp_path / "long.png")]) == 2
+    assert "9460x1 is too long to resize its short side to" in capsys.readouterr().err
+    Image.new("RGB", (4000, 100)).save(tmp_path / "wide.png")
+    assert entry([*argv, str(tmp_path / "wide.png")]) == 0
+    assert entry(infer_argv(infer_ws, "--image", str(tmp_path / "wide.png"), "--question", QUESTIONS[0])) == 2
+    assert "4000x100 is too large to pad to a square in pad mode" in capsys.readouterr().err
 
 
 def test_roi_overlay_draws_zero_size_boxes_and_saves_in_the_named_format(tmp_path):
@@ -720,6 +745,18 @@ def test_merged_answers_are_one_row_per_entry_in_the_datas_order(tmp_path):
     merge_rows(out)
     assert [r["id"] for r in map(json.loads, open(out))] == ["old", "a", "b", "c", "d"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["answers.jsonl"]
+
+
+def test_rank_files_from_rank_1000_on_are_found_and_look_alikes_are_not(tmp_path):
+    from sdrpn.infer.answers_file import part_path, part_paths
+
+    out = str(tmp_path / "answers.jsonl")
+    ranks = [part_path(out, rank) for rank in (0, 999, 1000, 12345)]
+    assert [Path(p).name for p in ranks[1:]] == [f"answers.jsonl.rank{r}.part" for r in (999, 1000, 12345)]
+    look_alikes = [".rank12.part", ".rank0001x.part", ".rank001.part.lock", "2.rank001.part"]
+    for name in [*ranks, *(out + suffix for suffix in look_alikes)]:
+        Path(name).write_text("")
+    assert part_paths(out) == sorted(ranks)
 
 
 def test_a_repeated_id_resumes_entry_by_entry(infer_ws, tmp_path):

@@ -127,7 +127,7 @@ def test_entries_that_would_break_a_job_are_skipped_with_a_reason(tmp_path):
     Image.new("RGB", (4, 4)).save(tmp_path / "ok.png")
     Image.new("RGB", (60000, 1)).save(tmp_path / "long.png")  # a tiny file, a 3.6e9-pixel square
     (tmp_path / "bad.png").write_bytes(b"\x89PNG not really")
-    assert open_image(str(tmp_path), "ok.png").size == (4, 4)
+    assert open_image(str(tmp_path), "ok.png", 336, "pad").size == (4, 4)
     (tmp_path / "sub").mkdir()
     for name, reason in (
         ("long.png", "too large to pad to a square"),
@@ -138,22 +138,36 @@ def test_entries_that_would_break_a_job_are_skipped_with_a_reason(tmp_path):
         ("../x.png", "outside"),
     ):
         with pytest.raises(SkipSample, match=reason):
-            open_image(str(tmp_path), name)
+            open_image(str(tmp_path), name, 336, "pad")
 
 
-def test_only_padding_is_held_to_the_pixel_budget(tmp_path, monkeypatch):
+def test_each_preprocessing_is_held_to_the_pixel_budget_of_what_it_makes(tmp_path, monkeypatch):
     import warnings
 
     from sdrpn.llava.data import SkipSample, open_image
+    from sdrpn.llava.inputs import preprocess_image
 
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 144-pixel images: over it, under PIL's 2x refusal
-    Image.new("RGB", (12, 12)).save(tmp_path / "square.png")
-    Image.new("RGB", (12, 11)).save(tmp_path / "wide.png")
+    for name, size in (("square.png", (12, 12)), ("wide.png", (12, 11)), ("thin.png", (1, 60))):
+        Image.new("RGB", size).save(tmp_path / name)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        assert open_image(str(tmp_path), "square.png").size == (12, 12)  # a square is not padded
-        with pytest.raises(SkipSample, match="too large to pad to a square"):
-            open_image(str(tmp_path), "wide.png")
+        # Pad mode: a square is not padded; 12x11 needs a 12x12 canvas.
+        assert open_image(str(tmp_path), "square.png", 8, "pad").size == (12, 12)
+        with pytest.raises(SkipSample, match="^image too large to pad to a square$"):
+            open_image(str(tmp_path), "wide.png", 8, "pad")
+        # Crop mode resizes the short side to 8: 8x8 and 8x480 (over 100) are what it makes.
+        assert open_image(str(tmp_path), "wide.png", 8, "crop").size == (12, 11)
+        assert open_image(str(tmp_path), "thin.png", 1, "crop").size == (1, 60)  # 1x60: within it
+        with pytest.raises(SkipSample, match="^image too long to resize its short side to 8$"):
+            open_image(str(tmp_path), "thin.png", 8, "crop")
+        # preprocess_image itself refuses, naming the size and the mode, before any canvas is made.
+        assert preprocess_image(Image.new("RGB", (12, 11)), 8, mode="crop")[0].shape == (3, 8, 8)
+        message = r"^image: 1x60 is too long to resize its short side to 8 in crop mode \(over PIL's 100 pixels\)"
+        with pytest.raises(ValueError, match=message):
+            preprocess_image(Image.new("RGB", (1, 60)), 8, mode="crop")
+        with pytest.raises(ValueError, match=r"^image: 12x11 is too large to pad to a square in pad mode"):
+            preprocess_image(Image.new("RGB", (12, 11)), 8, mode="pad")
 
 
 def test_a_dataset_linked_into_the_image_folder_is_inside_it(tmp_path):
@@ -163,10 +177,10 @@ def test_a_dataset_linked_into_the_image_folder_is_inside_it(tmp_path):
     Image.new("RGB", (4, 3)).save(tmp_path / "elsewhere" / "coco" / "a.png")
     (tmp_path / "folder").mkdir()
     (tmp_path / "folder" / "coco").symlink_to(tmp_path / "elsewhere" / "coco")
-    assert open_image(str(tmp_path / "folder"), "coco/a.png").size == (4, 3)
-    assert open_image(str(tmp_path / "folder"), "coco/../coco/a.png").size == (4, 3)
+    assert open_image(str(tmp_path / "folder"), "coco/a.png", 336, "pad").size == (4, 3)
+    assert open_image(str(tmp_path / "folder"), "coco/../coco/a.png", 336, "pad").size == (4, 3)
     with pytest.raises(SkipSample, match="outside"):  # the path as written leaves the folder
-        open_image(str(tmp_path / "folder"), "../elsewhere/coco/a.png")
+        open_image(str(tmp_path / "folder"), "../elsewhere/coco/a.png", 336, "pad")
 
 
 def test_sixteen_bit_images_keep_their_high_byte(tmp_path):

@@ -16,6 +16,7 @@ from ..llava.inputs import (
     CLIP_MEAN,
     CLIP_STD,
     PREPROCESSING_MODES,
+    check_preprocessable,
     check_template,
     pixel_batch,
     preprocess_image,
@@ -103,5 +104,6 @@ class LlavaAnswering:
                 raise TypeError(f"images[{i}] must be a PIL image, got {type(image).__name__}")
             if image.width < 1 or image.height < 1:
                 raise ValueError(f"images[{i}] must be at least 1x1 pixels, got {image.width}x{image.height}")
+            check_preprocessable(image, self.size, self.preprocessing, f"images[{i}]")
             out.append(to_rgb(image))
         return out

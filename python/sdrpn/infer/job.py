@@ -171,7 +171,9 @@ def _answer_file(pipe: SDRPNLlava, cfg: InferFileConfig, own: str) -> dict:
 
     def load(index: int):
         sample = parse_entry(entries[index], index)
-        return sample, None if index in done else open_image(cfg.image_folder, sample.image)
+        if index in done:
+            return sample, None
+        return sample, open_image(cfg.image_folder, sample.image, pipe.size, pipe.preprocessing)
 
     loads = prefetch(load, mine, cfg.workers, ahead=2 * cfg.batch_size)
     with open(own, "a") as f:

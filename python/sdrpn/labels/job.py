@@ -116,7 +116,7 @@ class LabelJob:
         sample = parse_entry(entry, index)
         if self.options.answers == "given" and not sample.answer:
             raise SkipSample("no answer")
-        image = open_image(self.cfg.image_folder, sample.image)
+        image = open_image(self.cfg.image_folder, sample.image, self.image_size, self.options.preprocessing)
         pixels, prep = preprocess_image(image, self.image_size, mode=self.options.preprocessing)
         return sample, pixels, prep
 

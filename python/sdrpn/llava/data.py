@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from .inputs import load_rgb, question_text
+from .inputs import load_rgb, question_text, too_large_to_preprocess
 
 
 class SkipSample(Exception):
@@ -140,17 +140,10 @@ def resolve_image(folder: str, relative) -> str:
     return path
 
 
-def too_large_to_pad(image: Image.Image) -> bool:
-    """Whether padding ``image`` to a square would exceed PIL's pixel budget (a 10000x5000
-    image needs a 10000x10000 canvas, a 50000x1 one 50000x50000; a square needs none)."""
-    side = max(image.width, image.height)
-    return image.width != image.height and side * side > (Image.MAX_IMAGE_PIXELS or float("inf"))
-
-
-def open_image(folder: str, relative) -> Image.Image:
+def open_image(folder: str, relative, size: int, mode: str) -> Image.Image:
     """The entry's image decoded as RGB, or SkipSample with the reason: outside the folder,
-    missing, unreadable (corrupt, or a decompression bomb), empty, or too large to pad to a
-    square (``too_large_to_pad``)."""
+    missing, unreadable (corrupt, or a decompression bomb), empty, or too large for
+    preprocessing ``mode`` to make a size x size input of (``too_large_to_preprocess``)."""
     path = resolve_image(folder, relative)
     try:
         image = load_rgb(path)
@@ -158,6 +151,7 @@ def open_image(folder: str, relative) -> Image.Image:
         raise SkipSample("image unreadable") from err
     if image.width < 1 or image.height < 1:
         raise SkipSample("image empty")
-    if too_large_to_pad(image):
-        raise SkipSample("image too large to pad to a square")
+    reason = too_large_to_preprocess(image.width, image.height, size, mode)
+    if reason:
+        raise SkipSample(f"image {reason}")
     return image

@@ -91,6 +91,29 @@ def centre_crop_offset(width: int, height: int, size: int) -> tuple[int, int]:
     return (resized_w - size) // 2, (resized_h - size) // 2
 
 
+def too_large_to_preprocess(width: int, height: int, size: int, mode: str) -> str | None:
+    """Why preprocessing a width x height image for a size x size input would make more
+    pixels than PIL's budget allows, or None: pad mode's square canvas (10000x10000 for a
+    10000x5000 image; a square needs none), crop mode's shortest-edge resize (336x3178560
+    for a 1x9460 image at 336)."""
+    limit = Image.MAX_IMAGE_PIXELS or float("inf")
+    if mode == "pad":
+        side = max(width, height)
+        return "too large to pad to a square" if width != height and side * side > limit else None
+    resized_w, resized_h = shortest_edge_size(width, height, size)
+    return f"too long to resize its short side to {size}" if resized_w * resized_h > limit else None
+
+
+def check_preprocessable(image: Image.Image, size: int, mode: str, name: str) -> None:
+    """ValueError naming the image ``name`` where ``too_large_to_preprocess`` says why."""
+    reason = too_large_to_preprocess(image.width, image.height, size, mode)
+    if reason:
+        raise ValueError(
+            f"{name}: {image.width}x{image.height} is {reason} in {mode} mode "
+            f"(over PIL's {Image.MAX_IMAGE_PIXELS} pixels); scale it down first"
+        )
+
+
 def centre_crop_square(image: Image.Image, size: int) -> Image.Image:
     """Hugging Face's default CLIP preprocessing: shortest edge resized to size, centre cut."""
     resized = image.resize(shortest_edge_size(*image.size, size), Image.BICUBIC)
@@ -123,13 +146,14 @@ def preprocess_image(
     shortest edge, cut the centre)."""
     if image.width < 1 or image.height < 1:
         raise ValueError(f"image must be at least 1x1 pixels, got {image.width}x{image.height}")
+    if mode not in PREPROCESSING_MODES:
+        raise ValueError(f"mode must be one of {PREPROCESSING_MODES}, got {mode!r}")
+    check_preprocessable(image, size, mode, "image")
     rgb = to_rgb(image)
     if mode == "pad":
         square = pad_to_square(rgb, mean_fill(mean)).resize((size, size), Image.BICUBIC)
-    elif mode == "crop":
-        square = centre_crop_square(rgb, size)
     else:
-        raise ValueError(f"mode must be one of {PREPROCESSING_MODES}, got {mode!r}")
+        square = centre_crop_square(rgb, size)
     return normalise(square, mean, std), Preprocessing(mode, image.width, image.height, size)
 
 

@@ -105,14 +105,14 @@ class LabelShardDataset(Dataset):
         row = self.rows[i]
         prep = row.get("preprocessing") or {}
         num_cells = int(self.labels[i].numel())
+        size, mode = prep.get("size") or self.config.image_size or 336, prep.get("mode", "pad")
         try:
-            image = open_image(self.image_folder, row.get("image"))
+            image = open_image(self.image_folder, row.get("image"), size, mode)
         except SkipSample as err:
             return _skipped(row["id"], str(err))
         if prep and (image.width, image.height) != (prep["width"], prep["height"]):
             return _skipped(row["id"], "image changed since it was labelled")
-        size = prep.get("size") or self.config.image_size or 336
-        pixels, _ = preprocess_image(image, size, mode=prep.get("mode", "pad"))
+        pixels, _ = preprocess_image(image, size, mode=mode)
         ids = prompt_token_ids(self.tokenizer, row["question"], self.image_token_id, num_cells, self.template)
         return LabelledSample(ids, pixels, self.labels[i], row["id"])
 
