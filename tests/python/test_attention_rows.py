@@ -128,6 +128,11 @@ def test_inputs_split_between_cuda_and_cpu_are_refused():
         sdrpn.ops.attention_rows(
             inputs.query, inputs.key, inputs.query_positions, inputs.key_start.cpu(), inputs.key_length
         )
+    # The CUDA kernel runs for any input on CUDA: a query on the CPU is named, not the guard's device.
+    with pytest.raises(RuntimeError, match=r"key must be on the device of query \(cpu\)"):
+        sdrpn.ops.attention_rows(
+            inputs.query.cpu(), inputs.key, inputs.query_positions, inputs.key_start, inputs.key_length
+        )
 
 
 @pytest.mark.parametrize("device", DEVICES)

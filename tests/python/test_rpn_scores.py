@@ -187,6 +187,18 @@ def test_bad_inputs_name_the_argument(device, change, message):
 
 
 @needs_cuda
+def test_inputs_split_between_cuda_and_cpu_are_refused_naming_the_argument():
+    # The CUDA kernels run for any input on CUDA, the query on the CPU included.
+    args, kwargs = make_rpn_inputs(device="cuda")
+    query, rest = args[0].cpu(), args[1:]
+    message = r"visual_states must be on the device of query_states \(cpu\)"
+    with pytest.raises(RuntimeError, match=message):
+        sdrpn.ops.rpn_scores(query, *rest, **kwargs)
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.sdrpn.rpn_scores_backward(torch.ones(args[1].shape[:2], device="cuda"), query, *rest, **kwargs)
+
+
+@needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_matches_cpu_on_llava_shapes(dtype):
     args, kwargs = make_rpn_inputs(

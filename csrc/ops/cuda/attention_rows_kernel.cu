@@ -77,7 +77,7 @@ at::Tensor attention_rows_kernel(const at::Tensor& query, const at::Tensor& key,
                                  int64_t key_length,
                                  const std::optional<at::Tensor>& key_padding_mask,
                                  std::optional<double> scale) {
-  const c10::cuda::CUDAGuard device_guard(query.device());
+  const c10::cuda::OptionalCUDAGuard device_guard(cuda_device_of(query));
   return attention_rows_by_chunks(query, key, query_positions, key_start, key_length,
                                   key_padding_mask, scale, &window_softmax_cuda);
 }

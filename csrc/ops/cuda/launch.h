@@ -3,8 +3,11 @@
 // Launch geometry shared by the CUDA kernels. Every kernel loops over its work (a
 // grid-stride loop over elements, rows or samples), so any grid size is correct and a
 // capped grid covers inputs of any size.
+#include <ATen/core/Tensor.h>
+
 #include <algorithm>
 #include <cstdint>
+#include <optional>
 
 namespace sdrpn::ops {
 
@@ -21,6 +24,14 @@ constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // zero blocks is an error, so the ops return early on empty inputs.
 inline unsigned int grid_size(int64_t items, int64_t items_per_block = 1) {
   return static_cast<unsigned int>(std::min(ceil_div(items, items_per_block), kMaxBlocks));
+}
+
+// The device a kernel's CUDA guard takes: `t`'s where it is on CUDA, none otherwise. The
+// dispatcher picks the CUDA kernel when any input is on CUDA, so the one the guard reads
+// may be on the CPU; guarding nothing then lets the op's own check name the argument on the
+// wrong device, where a guard on the CPU would throw an error that names none.
+inline std::optional<c10::Device> cuda_device_of(const at::Tensor& t) {
+  return t.is_cuda() ? std::optional<c10::Device>(t.device()) : std::nullopt;
 }
 
 // Butterfly reduction over the 32 lanes of a warp: every lane ends with the result, so no

@@ -59,7 +59,7 @@ __global__ void massive_activation_sinks_cuda_kernel(const scalar_t* __restrict_
 at::Tensor massive_activation_sinks_kernel(const at::Tensor& hidden, c10::IntArrayRef dims,
                                            double tau, double eps) {
   check_massive_activation_sinks_inputs(hidden, dims, tau, eps);
-  const c10::cuda::CUDAGuard device_guard(hidden.device());
+  const c10::cuda::OptionalCUDAGuard device_guard(cuda_device_of(hidden));
   auto sinks = at::empty({hidden.size(0), hidden.size(1)}, hidden.options().dtype(at::kBool));
   if (sinks.numel() == 0) return sinks;
   SinkDims probed{};

@@ -104,7 +104,7 @@ at::Tensor pseudo_labels_kernel(const at::Tensor& grounding, const at::Tensor& s
                                 double bg_ratio, double max_box_fraction, int64_t ignore_index) {
   check_pseudo_labels_inputs(grounding, sink, grid_h, grid_w, sink_threshold, fg_ratio, bg_ratio,
                              max_box_fraction, ignore_index);
-  const c10::cuda::CUDAGuard device_guard(grounding.device());
+  const c10::cuda::OptionalCUDAGuard device_guard(cuda_device_of(grounding));
   auto labels = at::empty(grounding.sizes(), grounding.options().dtype(at::kLong));
   if (labels.numel() == 0) return labels;
   const PseudoLabelOptions options{sink_threshold, fg_ratio, bg_ratio, max_box_fraction,

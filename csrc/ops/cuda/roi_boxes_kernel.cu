@@ -199,7 +199,7 @@ namespace {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> roi_boxes_kernel(
     const at::Tensor& prob, double threshold, double sigma, int64_t min_area, int64_t max_area,
     int64_t max_boxes, bool drop_singletons, bool reference_clamp) {
-  const c10::cuda::CUDAGuard device_guard(prob.device());
+  const c10::cuda::OptionalCUDAGuard device_guard(cuda_device_of(prob));
   return roi_boxes_impl(prob, threshold, sigma, min_area, max_area, max_boxes, drop_singletons,
                         reference_clamp, &roi_label_cuda);
 }

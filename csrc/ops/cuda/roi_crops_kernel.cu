@@ -104,7 +104,7 @@ void roi_crop_cuda(const at::Tensor& blurred, double threshold, const at::Tensor
 std::tuple<at::Tensor, at::Tensor, at::Tensor> roi_crops_kernel(
     const at::Tensor& prob, double threshold, c10::string_view mode, double sigma, int64_t min_area,
     int64_t max_area, int64_t max_boxes, bool drop_singletons, bool reference_clamp) {
-  const c10::cuda::CUDAGuard device_guard(prob.device());
+  const c10::cuda::OptionalCUDAGuard device_guard(cuda_device_of(prob));
   return roi_crops_impl(prob, threshold, mode, sigma, min_area, max_area, max_boxes,
                         drop_singletons, reference_clamp, &roi_label_cuda, &roi_crop_cuda);
 }

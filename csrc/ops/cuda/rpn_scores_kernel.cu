@@ -97,7 +97,7 @@ at::Tensor rpn_scores_kernel(const at::Tensor& query_states, const at::Tensor& v
                              int64_t num_heads, const std::optional<at::Tensor>& q_bias,
                              const std::optional<at::Tensor>& k_bias,
                              const std::optional<at::Tensor>& visual_mask) {
-  const c10::cuda::CUDAGuard device_guard(query_states.device());
+  const c10::cuda::OptionalCUDAGuard device_guard(cuda_device_of(query_states));
   return rpn_scores_forward_impl(query_states, visual_states, q_weight, k_weight, num_heads, q_bias,
                                  k_bias, visual_mask, &epilogue_cuda);
 }
@@ -109,7 +109,7 @@ rpn_scores_backward_kernel(const at::Tensor& grad, const at::Tensor& query_state
                            const std::optional<at::Tensor>& q_bias,
                            const std::optional<at::Tensor>& k_bias,
                            const std::optional<at::Tensor>& visual_mask) {
-  const c10::cuda::CUDAGuard device_guard(query_states.device());
+  const c10::cuda::OptionalCUDAGuard device_guard(cuda_device_of(query_states));
   return rpn_scores_backward_impl(grad, query_states, visual_states, q_weight, k_weight, num_heads,
                                   q_bias, k_bias, visual_mask, &grad_prologue_cuda);
 }
