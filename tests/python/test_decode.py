@@ -12,6 +12,7 @@ from transformers import MistralConfig
 
 import sdrpn.llava.decode as decode_module
 from conftest import needs_cuda
+from infer_samples import QUESTIONS, blob_logits, images, pipeline
 from sdrpn.llava.decode import (
     DecoderPool,
     StaticDecoder,
@@ -24,7 +25,6 @@ from sdrpn.llava.decode import (
 from sdrpn.llava.inputs import left_pad
 from sdrpn.llava.vision import GRAPH_MAX_IMAGES, ImageEncoder, image_features
 from sdrpn.options import RoiOptions
-from test_infer import QUESTIONS, blob_logits, images, pipeline
 from tiny_llava import PAD, make_tiny_llava, prompt_ids
 
 
