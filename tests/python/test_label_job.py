@@ -256,11 +256,43 @@ def test_resume_refuses_another_number_of_ranks(workspace, tmp_path):
     assert folder.config.world_size == 1
     with pytest.raises(ValueError, match=r"other settings \(world_size: 1 -> 2\)"):
         folder.start(replace(folder.config, world_size=2))
-    # A folder labelled before the count was recorded is not checked on it.
-    config = json.loads((out / "label_config.json").read_text())
-    del config["world_size"]
-    (out / "label_config.json").write_text(json.dumps(config))
+    # A folder labelled before the count was recorded (in its config and its shards' markers)
+    # is not checked on it.
+    for path in [out / "label_config.json", *out.glob("*.done.json")]:
+        record = json.loads(path.read_text())
+        del record["world_size"]
+        path.write_text(json.dumps(record))
     folder.start(replace(folder.config, world_size=2))
+
+
+def test_shards_of_a_job_on_another_number_of_ranks_are_refused(workspace, tmp_path):
+    # Two jobs on 1 and 3 ranks started at once on one empty folder: neither finds shards
+    # to check its settings on, and the folder ends with label_config.json of one and shards
+    # of both. Resuming or summing it would label or count some samples twice.
+    from sdrpn.rpn.dataset import LabelShardDataset
+
+    out = tmp_path / "labels"
+    assert run_label(workspace, out, "--answers", "given", "--limit", "4") == 0
+    folder = LabelFolder(str(out))
+    assert {json.loads(p.read_text())["world_size"] for p in out.glob("*.done.json")} == {1}
+    marker = json.loads((out / "rank000-shard00000.done.json").read_text())
+    for rank in (1, 2):  # the 3-rank job's ranks 1 and 2
+        (out / f"rank00{rank}-shard00000.done.json").write_text(json.dumps(dict(marker, world_size=3)))
+    message = r"holds shards of a job on another number of ranks than 1 \(rank001-shard00000, rank002-shard00000\)"
+    with pytest.raises(ValueError, match=message):
+        folder.start(folder.config, record=False)
+    with pytest.raises(ValueError, match=message):
+        folder.write_summary()
+    with pytest.raises(ValueError, match=message):  # the command: a rerun on one rank
+        run_label(workspace, out, "--answers", "given")
+    with pytest.raises(ValueError, match=message):  # training on the folder
+        LabelShardDataset(str(out), tokenizer=None, image_token_id=3)
+    # A shard of a rank the job does not have is refused on its name alone (markers of
+    # older folders record no number of ranks).
+    (out / "rank002-shard00000.done.json").unlink()
+    (out / "rank001-shard00000.done.json").write_text(json.dumps(marker))
+    with pytest.raises(ValueError, match=r"than 1 \(rank001-shard00000\)"):
+        folder.start(folder.config, record=False)
 
 
 def test_format1_label_folders_still_read(workspace, tmp_path):

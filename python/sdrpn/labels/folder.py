@@ -9,7 +9,8 @@ and reads its files.
                                  row, fg/bg/ignore counts
   rank{R}-shard{K}.skipped.jsonl samples skipped in that shard's span: data index, id and
                                  image where known (older folders: index only), reason
-  rank{R}-shard{K}.done.json     written last: the shard is complete; data indices covered
+  rank{R}-shard{K}.done.json     written last: the shard is complete; data indices covered,
+                                 counts, the number of ranks of the job that wrote it
   summary.json                   counts over every complete shard
 
 Every file is written atomically; a shard counts only once its done marker exists. Folders
@@ -31,7 +32,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from ..distributed import rank_name
+from ..distributed import is_rank_name, rank_name
 from ..io_utils import read_json, read_jsonl, remove_temporaries, write_atomic, write_json, write_jsonl
 from ..llava.data import skip_reasons
 from ..llava.inputs import PROMPT_TEMPLATE
@@ -51,6 +52,12 @@ TENSOR_NAMES = ("grounding", "sink", "labels", "grid")
 
 def shard_name(rank: int, shard: int) -> str:
     return f"{rank_name(rank)}-shard{shard:05d}"
+
+
+def shard_rank(name: str) -> int | None:
+    """The rank that writes the shard ``name`` (None: not a shard's name)."""
+    rank, _, shard = name.partition("-shard")
+    return int(rank[4:]) if is_rank_name(rank) and shard.isdigit() else None
 
 
 @dataclass
@@ -198,6 +205,7 @@ class LabelFolder:
                     f"{self.path} holds labels made with other settings ({'; '.join(diff)}): "
                     f"resume with the same settings, or pass another --out"
                 )
+        self.check_shard_ranks(config.world_size)
         if record:
             self.write_config(config)
 
@@ -210,6 +218,27 @@ class LabelFolder:
         if rank == 0:
             for name in (CONFIG_NAME, SUMMARY_NAME):
                 remove_temporaries(self.path, name)
+
+    def check_shard_ranks(self, world_size: int | None) -> None:
+        """Refuse complete shards that no rank of a job on ``world_size`` ranks writes: a
+        higher rank's, or one whose marker records another number of ranks. Resumed on
+        other ranks, the job would label their samples again. The recorded settings catch
+        most such folders; this catches the shards of a second job on another number of
+        ranks started at once on the same empty folder (neither finds shards to check)."""
+        if world_size is None:  # imported labels: one writer, no ranks
+            return
+        strays = []
+        for path in sorted(glob.glob(self.file("rank*-shard*.done.json"))):
+            name = os.path.basename(path)[: -len(".done.json")]
+            rank = shard_rank(name)
+            if rank is not None and (rank >= world_size or read_json(path).get("world_size", world_size) != world_size):
+                strays.append(name)
+        if strays:
+            raise ValueError(
+                f"{self.path} holds shards of a job on another number of ranks than {world_size} "
+                f"({', '.join(strays[:3])}{', ...' if len(strays) > 3 else ''}): resume on the number of ranks "
+                f"label_config.json records, or delete {self.path} to start over"
+            )
 
     def done_markers(self, rank: int | None = None) -> list[dict]:
         pattern = "rank*-shard*" if rank is None else rank_name(rank) + "-shard*"
@@ -229,8 +258,10 @@ class LabelFolder:
         first_index: int | None,
         last_index: int,
         shard: int,
+        world_size: int = 1,
     ) -> dict:
-        """Write one shard, its done marker last; returns the marker."""
+        """Write one shard, its done marker last; returns the marker. ``world_size``: the
+        number of ranks of the job writing it."""
         for i, row in enumerate(rows):
             row["shard"], row["row"] = name + ".safetensors", i
         base = self.file(name)
@@ -246,6 +277,7 @@ class LabelFolder:
             "labelled": len(rows),
             "all_ignore": sum(1 for r in rows if r["fg"] == 0 and r["bg"] == 0),
             "skipped": dict(Counter(s["reason"] for s in skipped)),
+            "world_size": world_size,
         }
         write_json(base + ".done.json", marker)
         return marker
@@ -298,6 +330,7 @@ class LabelFolder:
         (most often --image-folder) fit none of the data. The whole folder's counts decide,
         so a rerun that finds nothing new to label in a complete folder still passes, and
         under torchrun this is called once every rank is done."""
+        self.check_shard_ranks(self.config.world_size)
         summary = self.summary()
         write_json(self.file(SUMMARY_NAME), summary)
         if summary["labelled"] == 0 and summary["skipped"] > 0:

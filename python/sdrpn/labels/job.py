@@ -202,7 +202,14 @@ class LabelJob:
     def _flush(self, shard: int, buf: ShardBuffer) -> dict:
         tensors = {k: torch.cat(v) for k, v in buf.tensors.items()} if buf.rows else {}
         return self.folder.write_shard(
-            shard_name(self.cfg.rank, shard), buf.rows, tensors, buf.skipped, buf.first_index, buf.last_index, shard
+            shard_name(self.cfg.rank, shard),
+            buf.rows,
+            tensors,
+            buf.skipped,
+            buf.first_index,
+            buf.last_index,
+            shard,
+            self.cfg.world_size,
         )
 
     def folder_config(self) -> LabelFolderConfig:

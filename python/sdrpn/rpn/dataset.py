@@ -66,6 +66,7 @@ class LabelShardDataset(Dataset):
             raise ValueError(f"split must be 'all', 'train' or 'held_out', got {split!r}")
         folder = LabelFolder(label_dir)
         self.config = folder.config
+        folder.check_shard_ranks(self.config.world_size)  # shards of two jobs would repeat samples
         self.image_folder = image_folder or self.config.image_folder
         if self.image_folder is None:
             raise ValueError(f"{label_dir} records no image folder: pass image_folder")

@@ -132,7 +132,14 @@ def raw_labels(labels_dir: str, out: str, fg_ratio: float = 0.2) -> None:
             tensors["labels"] = raw_label_rule(tensors["grounding"], fg_ratio)
         skipped = source.skipped(name)
         target.write_shard(
-            name, shard.rows, tensors, skipped, marker["first_index"], marker["last_index"], marker["shard"]
+            name,
+            shard.rows,
+            tensors,
+            skipped,
+            marker["first_index"],
+            marker["last_index"],
+            marker["shard"],
+            marker.get("world_size", 1),
         )
 
 
