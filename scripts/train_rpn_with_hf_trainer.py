@@ -1,6 +1,12 @@
 """Train the SD-RPN head inside a Hugging Face Trainer loop, as a LLaVA training script would.
 
-python scripts/train_rpn_with_hf_trainer.py --model DIR --labels LABELS --out OUT [--steps 100]
+python scripts/train_rpn_with_hf_trainer.py --model DIR --labels LABELS --out OUT [--steps N] [--bf16]
+accelerate launch scripts/train_rpn_with_hf_trainer.py ...
+
+The optimiser step takes the reference's effective batch of 512 samples by default, through
+gradient accumulation as `sdrpn train` derives it (`--effective-batch`, `--grad-accum`):
+with the same learning rate, steps of 8 samples would take 64 times more of them. Without
+`--steps` it trains one epoch, as the reference does.
 
 The RPN is set up for its labels as `sdrpn train` sets it up (`sdrpn.rpn.rpn_for_labels`: the
 preset the labels record, their prompt template and preprocessing), and OUT is an RPN folder
@@ -9,12 +15,14 @@ checkpoints, if you turn them on, hold the weights under `rpn.` names, not an RP
 """
 
 import argparse
+import os
 
 from transformers import Trainer, TrainingArguments
 
 from sdrpn.llava.loading import load_llava
 from sdrpn.rpn import LabelShardDataset, rpn_for_labels
 from sdrpn.rpn.hf_trainer import RPNForTraining, label_collator
+from sdrpn.rpn.train import accumulation_steps
 
 
 def main() -> None:
@@ -24,20 +32,28 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--branch-layer", type=int, help="default: the labels' preset's, else 15")
     parser.add_argument("--depth", type=int, help="default: the labels' preset's, else 3")
-    parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--steps", type=int, help="optimiser steps (default: one epoch)")
+    parser.add_argument("--batch-size", type=int, default=8, help="per device")
+    parser.add_argument("--effective-batch", type=int, default=512, help="samples per optimiser step")
+    parser.add_argument("--grad-accum", type=int, help="micro-batches per optimiser step (default: derived)")
     parser.add_argument("--lr", type=float, default=5e-5)
+    parser.add_argument("--bf16", action="store_true", help="backbone in bf16, RPN under bf16 autocast")
     args = parser.parse_args()
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))  # set by accelerate launch and torchrun
+    grad_accum = args.grad_accum or accumulation_steps(args.effective_batch, args.batch_size, world_size)
 
-    llava, tokenizer = load_llava(args.model, "fp32")
+    llava, tokenizer = load_llava(args.model, "bf16" if args.bf16 else "fp32")
     rpn = rpn_for_labels(llava, args.labels, branch_layer=args.branch_layer, depth=args.depth)
     data = LabelShardDataset(args.labels, tokenizer, llava.config.image_token_id, split="train")
     trainer = Trainer(
         model=RPNForTraining(llava, rpn),
         args=TrainingArguments(
             output_dir=args.out,
-            max_steps=args.steps,
+            max_steps=args.steps or -1,
+            num_train_epochs=1,
             per_device_train_batch_size=args.batch_size,
+            gradient_accumulation_steps=grad_accum,
+            bf16=args.bf16,
             learning_rate=args.lr,
             adam_beta2=0.98,
             weight_decay=0.0,

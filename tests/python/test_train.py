@@ -280,6 +280,8 @@ def test_hf_trainer_example(ws, tmp_path, launcher):
             "3",
             "--batch-size",
             "4",
+            "--effective-batch",
+            "8",
             "--lr",
             "1e-3",
         ],
@@ -296,6 +298,10 @@ def test_hf_trainer_example(ws, tmp_path, launcher):
     loaded = RegionProposalNetwork.from_pretrained(str(out), model=model)
     assert (loaded.config.prompt_template, loaded.config.preprocessing) == (config.prompt_template, "crop")
     assert (out / "README.md").exists()  # save_pretrained's model card
+    if launcher == "python":  # the optimiser step's effective batch comes through accumulation
+        args = done.args[:-2] + ["--effective-batch", "6"]
+        refused = subprocess.run(args, capture_output=True, text=True, timeout=600)
+        assert refused.returncode != 0 and "effective_batch=6 is not a multiple of batch_size" in refused.stderr
 
 
 # ---- a new user's mistakes ------------------------------------------------------------------
