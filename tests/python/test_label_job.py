@@ -157,6 +157,27 @@ def test_interrupted_run_resumes_without_duplicates(workspace, tmp_path):
         torch.testing.assert_close(a[key], b[key])
 
 
+def test_a_redone_shard_that_labels_nothing_keeps_no_tensors_of_the_killed_run(tmp_path):
+    # Killed between a shard's tensors and its marker, then redone over a span with no
+    # labelled sample (a smaller --limit, an image gone since): the old tensors must go, or
+    # a reader of the folder's .safetensors files counts their samples twice.
+    from sdrpn.labels.folder import shard_name
+
+    folder = LabelFolder(str(tmp_path))
+    tensors = {
+        "grounding": torch.rand(1, 16),
+        "sink": torch.zeros(1, 16),
+        "labels": torch.zeros(1, 16, dtype=torch.int8),
+        "grid": torch.tensor([[4, 4]]),
+    }
+    name = shard_name(0, 1)
+    folder.write_shard(name, [{"id": "a", "fg": 0, "bg": 16}], tensors, [], 2, 2, 1)
+    (tmp_path / f"{name}.done.json").unlink()
+    marker = folder.write_shard(name, [], {}, [{"index": 2, "reason": "image missing"}], 2, 2, 1)
+    assert marker["labelled"] == 0 and not (tmp_path / f"{name}.safetensors").exists()
+    assert folder.read_shard(name).rows == [] and folder.summary()["skipped"] == 1
+
+
 def test_loader_threads_change_nothing(workspace, tmp_path):
     """Images loaded ahead by threads or on the main thread: the same shards, rows, skips."""
     outs = {w: tmp_path / f"workers{w}" for w in ("0", "3")}

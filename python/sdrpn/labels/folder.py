@@ -268,6 +268,10 @@ class LabelFolder:
         if rows:
             tensors = {k: tensors[k].contiguous() for k in TENSOR_NAMES}
             write_atomic(base + ".safetensors", lambda tmp: save_file(tensors, tmp))
+        elif os.path.exists(base + ".safetensors"):
+            # A run killed before this shard's marker left its tensors; this one labelled
+            # nothing in the span (a smaller --limit, an image gone since), so they must go.
+            os.remove(base + ".safetensors")
         write_jsonl(base + ".jsonl", rows)
         write_jsonl(base + ".skipped.jsonl", skipped)
         marker = {
