@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
 import os
 import sys
 import types
@@ -22,7 +23,7 @@ from .distributed import RankStopped
 from .io_utils import FolderBusy
 from .labels.demo import LabelDemoConfig, run_label_demo, summary_line
 from .labels.options import LabelOptions
-from .options import DECODERS, TASK_THRESHOLDS, RoiOptions
+from .options import DECODERS, INT64_MAX, TASK_THRESHOLDS, RoiOptions
 from .prefetch import DEFAULT_WORKERS
 from .subsets import SUBSET_SEED
 
@@ -37,18 +38,43 @@ def _grid(text: str) -> tuple[int, int]:
     return h, w
 
 
-def _positive(text: str) -> int:
+def _at_least(minimum: int, text: str) -> int:
+    """An int >= minimum that fits the 64 bits torch and the ops take."""
     value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+    if value > INT64_MAX:
+        raise argparse.ArgumentTypeError(f"must be at most {INT64_MAX} (64 bits), got {value}")
     return value
 
 
-def _non_negative(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
+def positive_int(text: str) -> int:
+    return _at_least(1, text)
+
+
+def non_negative_int(text: str) -> int:
+    return _at_least(0, text)
+
+
+def text_arg(text: str) -> str:
+    """A value that is not empty or blank: an empty path would name the current folder."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"must not be empty, got {text!r}")
+    return text
+
+
+def number_in(low: float, high: float = math.inf, *, low_open: bool = False):
+    """An argparse type: a finite float in [low, high] ((low, high] with ``low_open``)."""
+
+    def parse(text: str) -> float:
+        value = float(text)
+        if not math.isfinite(value) or value < low or (low_open and value == low) or value > high:
+            left = "(" if low_open else "["
+            right = "]" if math.isfinite(high) else ")"
+            raise argparse.ArgumentTypeError(f"must be a finite number in {left}{low}, {high}{right}, got {text}")
+        return value
+
+    return parse
 
 
 def device_arg(text: str) -> str:
@@ -101,8 +127,8 @@ def add_options(parser: argparse.ArgumentParser, cls, *, overrides_from: str | N
             kwargs.update(required=True, help=f.metadata.get("help", ""))
         if kind is bool:
             kwargs.update(action=argparse.BooleanOptionalAction)
-        else:
-            kwargs.update(type=kind, choices=f.metadata.get("choices"))
+        else:  # text must not be blank: an empty path names the current folder
+            kwargs.update(type=text_arg if kind is str else kind, choices=f.metadata.get("choices"))
         group.add_argument("--" + f.name.replace("_", "-"), default=None if overrides_from else default, **kwargs)
 
 
@@ -132,29 +158,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("label-demo", help="label synthetic attention maps and draw them")
-    demo.add_argument("--out", default="outputs/label-demo", help="output folder (default: %(default)s)")
-    demo.add_argument("--batch", type=_positive, default=12, help="number of maps (default: %(default)s)")
+    demo.add_argument("--out", type=text_arg, default="outputs/label-demo", help="output folder (default: %(default)s)")
+    demo.add_argument("--batch", type=positive_int, default=12, help="number of maps (default: %(default)s)")
     demo.add_argument("--grid", type=_grid, default=(24, 24), help="grid as HxW (default: 24x24)")
-    demo.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    demo.add_argument("--seed", type=non_negative_int, default=0, help="(default: %(default)s)")
     demo.add_argument("--device", type=device_arg, default="cpu", help="(default: %(default)s)")
 
     label = sub.add_parser("label", help="pseudo labels from a LLaVA model's own attention")
-    label.add_argument("--model", required=True, help="LLaVA model (HF format): a folder or a Hub id")
-    label.add_argument("--data", required=True, help="LLaVA-format JSON list of samples")
-    label.add_argument("--image-folder", required=True, help="the folder the data's image paths are relative to")
-    label.add_argument("--out", required=True, help="label folder (resumable with the same settings)")
+    label.add_argument("--model", type=text_arg, required=True, help="LLaVA model (HF format): a folder or a Hub id")
+    label.add_argument("--data", type=text_arg, required=True, help="LLaVA-format JSON list of samples")
+    label.add_argument(
+        "--image-folder", type=text_arg, required=True, help="the folder the data's image paths are relative to"
+    )
+    label.add_argument("--out", type=text_arg, required=True, help="label folder (resumable with the same settings)")
     label.add_argument(
         "--preset",
+        type=text_arg,
         default="auto",
         help="heads, sink threshold and template: a preset name, a JSON file, or 'auto' (the "
         "model folder's sdrpn_preset.json, else the LLaVA-1.5 preset of its depth) "
         "(default: %(default)s)",
     )
-    label.add_argument("--batch-size", type=_positive, default=8, help="(default: %(default)s)")
-    label.add_argument("--limit", type=_positive, default=None, help="only the first N entries")
-    label.add_argument("--shard-size", type=_positive, default=1000, help="(default: %(default)s)")
+    label.add_argument("--batch-size", type=positive_int, default=8, help="(default: %(default)s)")
+    label.add_argument("--limit", type=positive_int, default=None, help="only the first N entries")
+    label.add_argument("--shard-size", type=positive_int, default=1000, help="(default: %(default)s)")
     label.add_argument(
-        "--workers", type=_non_negative, default=DEFAULT_WORKERS, help=WORKERS_HELP + " (default: %(default)s)"
+        "--workers", type=non_negative_int, default=DEFAULT_WORKERS, help=WORKERS_HELP + " (default: %(default)s)"
     )
     label.add_argument(
         "--dtype",
@@ -169,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_options(label, LabelOptions)
 
     train = sub.add_parser("train", help="train the RPN on a label folder")
-    train.add_argument("--model", required=True, help="LLaVA model (HF format): a folder or a Hub id")
+    train.add_argument("--model", type=text_arg, required=True, help="LLaVA model (HF format): a folder or a Hub id")
     train.add_argument(
         "--device", type=device_arg, default=None, help="default: cuda:LOCAL_RANK if available, else cpu"
     )
@@ -179,17 +208,23 @@ def build_parser() -> argparse.ArgumentParser:
     add_options(train, RoiOptions, overrides_from="the preset")
 
     infer = sub.add_parser("infer", help="answer with RoI crops (one image, or a whole file)")
-    infer.add_argument("--model", required=True, help="LLaVA model (HF format): a folder or a Hub id")
-    infer.add_argument("--rpn", required=True, help="a trained RPN: its folder (sdrpn train --out) or a Hub id")
-    infer.add_argument("--image", default=None, help="one image to answer about (with --question)")
-    infer.add_argument("--question", default=None, help="the question about --image")
-    infer.add_argument("--data", default=None, help="LLaVA-format JSON list to answer as a whole")
+    infer.add_argument("--model", type=text_arg, required=True, help="LLaVA model (HF format): a folder or a Hub id")
     infer.add_argument(
-        "--image-folder", default=None, help="with --data: the folder the data's image paths are relative to"
+        "--rpn", type=text_arg, required=True, help="a trained RPN: its folder (sdrpn train --out) or a Hub id"
     )
-    infer.add_argument("--out", default=None, help="JSONL answers for --data (resumable)")
+    infer.add_argument("--image", type=text_arg, default=None, help="one image to answer about (with --question)")
+    infer.add_argument("--question", default=None, help="the question about --image")
+    infer.add_argument("--data", type=text_arg, default=None, help="LLaVA-format JSON list to answer as a whole")
+    infer.add_argument(
+        "--image-folder",
+        type=text_arg,
+        default=None,
+        help="with --data: the folder the data's image paths are relative to",
+    )
+    infer.add_argument("--out", type=text_arg, default=None, help="JSONL answers for --data (resumable)")
     infer.add_argument(
         "--viz",
+        type=text_arg,
         default=None,
         help="with --image: a picture of the RoI heat map and boxes (PNG, or the format the extension names)",
     )
@@ -197,19 +232,21 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument(
         "--preprocessing", choices=["pad", "crop"], default=None, help="image preprocessing (default: the RPN folder's)"
     )
-    infer.add_argument("--prompt-template", default=None, help="prompt template (default: the RPN folder's)")
+    infer.add_argument(
+        "--prompt-template", type=text_arg, default=None, help="prompt template (default: the RPN folder's)"
+    )
     infer.add_argument(
         "--task",
         choices=sorted(TASK_THRESHOLDS),
         default=None,
         help="use the RoI threshold the reference evaluated this benchmark with (--threshold overrides)",
     )
-    infer.add_argument("--max-new-tokens", type=_positive, default=128, help="(default: %(default)s)")
-    infer.add_argument("--batch-size", type=_positive, default=8, help="(default: %(default)s)")
+    infer.add_argument("--max-new-tokens", type=positive_int, default=128, help="(default: %(default)s)")
+    infer.add_argument("--batch-size", type=positive_int, default=8, help="(default: %(default)s)")
     infer.add_argument(
-        "--workers", type=_non_negative, default=DEFAULT_WORKERS, help=WORKERS_HELP + " (default: %(default)s)"
+        "--workers", type=non_negative_int, default=DEFAULT_WORKERS, help=WORKERS_HELP + " (default: %(default)s)"
     )
-    infer.add_argument("--limit", type=_positive, default=None, help="with --data: only the first N entries")
+    infer.add_argument("--limit", type=positive_int, default=None, help="with --data: only the first N entries")
     infer.add_argument(
         "--restart", action="store_true", help="with --data: answer every entry again, discarding what --out holds"
     )
@@ -225,31 +262,42 @@ def build_parser() -> argparse.ArgumentParser:
     add_options(infer, RoiOptions, overrides_from="the RPN folder")
 
     convert = sub.add_parser("convert-labels", help="import a reference-implementation label pickle")
-    convert.add_argument("pickle", help="IN.pkl")
-    convert.add_argument("out", help="OUT_DIR")
+    convert.add_argument("pickle", type=text_arg, help="IN.pkl")
+    convert.add_argument("out", type=text_arg, help="OUT_DIR")
     convert.add_argument("--grid", type=_grid, default=None, help="HxW when the maps are not square")
     convert.add_argument(
         "--image-folder",
+        type=text_arg,
         default=None,
         help="where the images are: each record's path is matched against it (prefix stripped, or its "
         "longest tail found there) and records whose image is not found are skipped",
     )
     convert.add_argument(
-        "--strip-prefix", default=None, help="a prefix of the records' image paths to drop (the reference's data root)"
+        "--strip-prefix",
+        type=text_arg,
+        default=None,
+        help="a prefix of the records' image paths to drop (the reference's data root)",
     )
     convert.add_argument(
-        "--max-samples", type=_positive, default=None, help="a seeded random subset of this many records"
+        "--max-samples", type=positive_int, default=None, help="a seeded random subset of this many records"
     )
-    convert.add_argument("--seed", type=int, default=SUBSET_SEED, help="the subset's seed (default: %(default)s)")
+    convert.add_argument(
+        "--seed", type=non_negative_int, default=SUBSET_SEED, help="the subset's seed (default: %(default)s)"
+    )
 
     imp = sub.add_parser(
         "import-checkpoint", help="make an RPN folder from the reference implementation's released RPN checkpoint"
     )
-    imp.add_argument("src", help="the reference's checkpoint folder (original LLaVA layout, config.json with twig_*)")
-    imp.add_argument("--model", required=True, help="the LLaVA model (HF format) it was trained on: folder or Hub id")
-    imp.add_argument("--out", required=True, help="RPN folder to write (must not exist, or be empty)")
+    imp.add_argument(
+        "src", type=text_arg, help="the reference's checkpoint folder (original LLaVA layout, config.json with twig_*)"
+    )
+    imp.add_argument(
+        "--model", type=text_arg, required=True, help="the LLaVA model (HF format) it was trained on: folder or Hub id"
+    )
+    imp.add_argument("--out", type=text_arg, required=True, help="RPN folder to write (must not exist, or be empty)")
     imp.add_argument(
         "--preset",
+        type=text_arg,
         default="auto",
         help="prompt template and RoI options to record: a preset name, a JSON file, or 'auto' (default: %(default)s)",
     )
@@ -258,10 +306,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     viz = sub.add_parser("viz-labels", help="draw the first samples of a label folder")
-    viz.add_argument("labels", help="label folder")
-    viz.add_argument("--out", required=True, help="PNG folder")
-    viz.add_argument("--num", type=_positive, default=16, help="(default: %(default)s)")
-    viz.add_argument("--image-folder", default=None, help="default: the one the labels record")
+    viz.add_argument("labels", type=text_arg, help="label folder")
+    viz.add_argument("--out", type=text_arg, required=True, help="PNG folder")
+    viz.add_argument("--num", type=positive_int, default=16, help="(default: %(default)s)")
+    viz.add_argument("--image-folder", type=text_arg, default=None, help="default: the one the labels record")
     return parser
 
 
@@ -290,7 +338,7 @@ def _run_infer(args) -> None:
     from .infer.job import InferFileConfig, answer_file
     from .infer.pipeline import SDRPNLlava
     from .infer.viz import roi_overlay
-    from .llava.inputs import check_preprocessable
+    from .llava.inputs import check_preprocessable, is_text
     from .llava.loading import load_llava
     from .pictures import save_atomic
     from .rpn.model import RegionProposalNetwork
@@ -301,6 +349,8 @@ def _run_infer(args) -> None:
         raise ValueError("give either --image and --question, or --data (with --image-folder and --out)")
     if single and (args.image is None or args.question is None):
         raise ValueError("--image and --question go together")
+    if single and not is_text(args.question):
+        raise ValueError(f"--question must be valid UTF-8 text without NUL bytes, got {args.question!r}")
     if not single and (not args.image_folder or not args.out):
         raise ValueError("--data needs --image-folder and --out")
     options_from_args(RoiOptions, args)  # the RoI flags' values (they apply on the RPN folder's)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import numbers
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -17,6 +18,8 @@ from typing import Any, TypeVar
 import numpy as np
 
 T = TypeVar("T", bound="Options")
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # what the ops' int64_t arguments and torch take
 
 
 def option(default: Any, help: str, **kwargs) -> Any:
@@ -48,7 +51,9 @@ class Options:
         """Refuse a scalar field (int, float, bool, str, or one of them or None) holding a
         value of another type, naming it: values also come from JSON files and dicts, where
         "0.1" or 4.5 would otherwise fail later inside an op, or compare wrongly. Numbers
-        are stored as the declared Python type (numpy's would not record as JSON)."""
+        are stored as the declared Python type (numpy's would not record as JSON). Floats
+        must be finite and ints fit in 64 bits, as the ops, torch and JSON take them: no
+        setting means anything at NaN or infinity."""
         for f in dataclasses.fields(self):
             declared = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
             base = declared.removesuffix(" | None")
@@ -58,6 +63,10 @@ class Options:
             typed = _as_declared(base, value)
             if typed is None:
                 raise ValueError(f"{f.name} must be of type {declared}, got {value!r}")
+            if base == "float" and not math.isfinite(typed):
+                raise ValueError(f"{f.name} must be a finite number, got {value!r}")
+            if base == "int" and not INT64_MIN <= typed <= INT64_MAX:
+                raise ValueError(f"{f.name} must fit in 64 bits ([{INT64_MIN}, {INT64_MAX}]), got {value!r}")
             object.__setattr__(self, f.name, typed)  # (frozen option classes too)
 
     def to_dict(self) -> dict:

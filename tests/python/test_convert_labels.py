@@ -1,6 +1,7 @@
 import json
 import os
 import pickle
+import re
 
 import numpy as np
 import pytest
@@ -61,9 +62,30 @@ class Exploit:
 
 def test_malicious_pickle_is_refused(tmp_path):
     write_pickle(tmp_path / "evil.pkl", [{"question_id": 1, "sink_attn": Exploit()}])
-    with pytest.raises(pickle.UnpicklingError, match=r"refusing to load posix.system"):
+    message = r"evil.pkl cannot be read as a label pickle \(UnpicklingError: refusing to load posix.system"
+    with pytest.raises(ValueError, match=message):
         load_reference_pickle(str(tmp_path / "evil.pkl"))
     assert not os.path.exists("/tmp/sdrpn-pwned")
+
+
+@pytest.mark.parametrize(
+    "content, error",
+    [
+        (b"", "EOFError"),
+        (b'{"a": 1}', "UnpicklingError"),
+        (pickle.dumps([{"question_id": 1}])[:-3], "UnpicklingError|EOFError"),
+        (os.urandom(64), ""),
+    ],
+    ids=["empty", "json", "truncated", "noise"],
+)
+def test_a_file_that_is_no_pickle_is_refused_naming_it(tmp_path, capsys, content, error):
+    from sdrpn.cli import entry
+
+    (tmp_path / "in.pkl").write_bytes(content)
+    assert entry(["convert-labels", str(tmp_path / "in.pkl"), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "in.pkl cannot be read as a label pickle (" in err and "Traceback" not in err
+    assert re.search(error, err)
 
 
 def test_non_square_maps_need_a_grid(tmp_path):
@@ -78,6 +100,8 @@ def test_non_square_maps_need_a_grid(tmp_path):
     write_pickle(tmp_path / "in.pkl", records)
     with pytest.raises(ValueError, match="not a square grid"):
         main(["convert-labels", str(tmp_path / "in.pkl"), str(tmp_path / "out")])
+    with pytest.raises(ValueError, match="grid 4x4 has 16 cells, but the maps have 640"):
+        main(["convert-labels", str(tmp_path / "in.pkl"), str(tmp_path / "out"), "--grid", "4x4"])
     assert main(["convert-labels", str(tmp_path / "in.pkl"), str(tmp_path / "out"), "--grid", "16x40"]) == 0
 
 

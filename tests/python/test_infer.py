@@ -241,6 +241,9 @@ def test_the_baseline_answers_as_sdrpn_does_without_a_box(tiny):
         base.generate([ims[0], "x.png"], QUESTIONS[:2])
     with pytest.raises(ValueError, match=r"questions\[0\] must be a string with text besides the image placeholder"):
         base.generate(ims[:1], [" "])
+    for question in ("what \ud800 ?", "what\x00?"):  # the tokenizer raised a TypeError on the first
+        with pytest.raises(ValueError, match=r"questions\[1\] must be valid UTF-8 text without NUL bytes"):
+            base.generate(ims[:2], [QUESTIONS[0], question])
     assert base.generate(ims[:1], ["<image>\n" + QUESTIONS[0]], max_new_tokens=6) == expected[:1]
 
 
@@ -380,6 +383,14 @@ def test_bad_inputs(tiny):
         ("drop_singletons", 1, "bool"),
     ):
         with pytest.raises(ValueError, match=f"{field} must be of type {declared}, got {value!r}"):
+            SDRPNLlava(tiny.model, make_tokenizer(), sd.rpn, prompt_template=TEMPLATE, roi={field: value})
+    # Infinity and ints beyond 64 bits failed inside the ops, or named nothing.
+    for field, value, message in (
+        ("sigma", float("inf"), "sigma must be a finite number, got inf"),
+        ("token_ratio", float("inf"), "token_ratio must be a finite number, got inf"),
+        ("max_boxes", 2**63, "max_boxes must fit in 64 bits"),
+    ):
+        with pytest.raises(ValueError, match=message):
             SDRPNLlava(tiny.model, make_tokenizer(), sd.rpn, prompt_template=TEMPLATE, roi={field: value})
     # An empty batch answers nothing; an unpaired one is still refused.
     assert sd.generate([], []) == [] and sd.predict_rois([], []) == []

@@ -415,6 +415,8 @@ def test_the_command_reports_user_mistakes_in_one_line(infer_ws, tmp_path, capsy
         (["--image", str(tmp_path / "x.png"), "--question", "q"], "--image " + str(tmp_path / "x.png")),
         (["--image", str(infer_ws / "data.json"), "--question", "q"], "cannot read it as an image"),
         (["--image", image], "--image and --question go together"),
+        # Invalid UTF-8 on the command line reaches Python as a lone surrogate.
+        (["--image", image, "--question", "what \udcff ?"], "--question must be valid UTF-8 text"),
         (["--data", str(infer_ws / "data.json")], "--data needs --image-folder and --out"),
     ]:
         assert entry(["infer", "--model", missing, "--rpn", missing, *flags]) == 2

@@ -2,6 +2,7 @@ import json
 import os
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -208,6 +209,23 @@ def test_viz_labels(workspace, tmp_path, capsys):
     assert names[0] == "0000_s0.png"
     with Image.open(pngs / names[0]) as im:
         assert im.width > 2 * im.height  # image panel beside the grid panels
+    # An image folder given must exist (the pictures would silently lack their images).
+    for folder in (tmp_path / "nowhere", out / "summary.json"):
+        with pytest.raises(ValueError, match=f"image_folder \\(--image-folder\\) '{folder}'"):
+            main(["viz-labels", str(out), "--out", str(pngs), "--image-folder", str(folder)])
+
+
+def test_viz_labels_shows_the_square_each_preprocessing_made():
+    from sdrpn.labels.viz import model_square
+
+    # 30x10: red, green and blue thirds. Crop mode saw the green centre; pad mode all of it.
+    image = Image.new("RGB", (30, 10))
+    for i, colour in enumerate([(255, 0, 0), (0, 255, 0), (0, 0, 255)]):
+        image.paste(colour, (10 * i, 0, 10 * i + 10, 10))
+    crop = model_square(image, "crop")
+    assert crop.size == (10, 10) and (np.asarray(crop) == (0, 255, 0)).all()
+    pad = model_square(image, "pad")
+    assert pad.size == (30, 30) and pad.getpixel((5, 15)) == (255, 0, 0) and pad.getpixel((5, 0)) == (122, 116, 104)
 
 
 def test_viz_labels_draws_sinks_at_the_recorded_threshold(workspace, tmp_path, monkeypatch):
@@ -422,14 +440,17 @@ def test_a_run_that_labels_nothing_fails_after_its_summary(workspace, tmp_path):
 @pytest.mark.parametrize(
     "flags, message",
     [
-        (["--sink-threshold", "-1"], r"argument --sink-threshold: sink_threshold must be finite and > 0, got -1.0"),
-        (["--sink-threshold", "0"], r"sink_threshold must be finite and > 0, got 0.0"),
-        (["--sink-threshold", "inf"], r"sink_threshold must be finite and > 0, got inf"),
+        (["--sink-threshold", "-1"], r"argument --sink-threshold: sink_threshold must be > 0, got -1.0"),
+        (["--sink-threshold", "0"], r"sink_threshold must be > 0, got 0.0"),
+        (["--sink-threshold", "inf"], r"sink_threshold must be a finite number, got inf"),
+        (["--max-box-fraction", "inf"], r"max_box_fraction must be a finite number, got inf"),
+        (["--max-new-tokens", str(2**63)], r"max_new_tokens must fit in 64 bits"),
         (["--fg-ratio", "2"], r"argument --fg-ratio: fg_ratio must be in \(0, 1\), got 2.0"),
         (["--fg-ratio", "1"], r"fg_ratio must be in \(0, 1\), got 1.0"),
         (["--fg-ratio", "0"], r"fg_ratio must be in \(0, 1\), got 0.0"),
-        (["--fg-ratio", "nan"], r"fg_ratio must be in \(0, 1\), got nan"),
-        (["--bg-ratio", "-0.1"], r"argument --bg-ratio: bg_ratio must be finite and >= 0, got -0.1"),
+        (["--fg-ratio", "nan"], r"fg_ratio must be a finite number, got nan"),
+        (["--bg-ratio", "-0.1"], r"argument --bg-ratio: bg_ratio must be >= 0, got -0.1"),
+        (["--bg-ratio", "1e400"], r"bg_ratio must be a finite number, got inf"),
         (["--max-box-fraction", "0"], r"max_box_fraction must be > 0, got 0.0"),
     ],
 )

@@ -246,6 +246,42 @@ def test_presets_and_head_selection():
         AttentionProbe(make_tiny_llava(num_layers=3).model, [3])
 
 
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        # Values of another JSON type were taken by int() and float() silently.
+        (
+            '{"grounding": [[1, 0]], "sink": [[0, null]], "branch_layer": "1"}',
+            "branch_layer must be a whole number, got '1'",
+        ),
+        ('{"grounding": [[true, 1]], "sink": [[0, null]]}', "grounding layer must be a whole number, got True"),
+        ('{"grounding": [[1, 0.5]], "sink": [[0, null]]}', "grounding head must be a whole number, got 0.5"),
+        ('{"grounding": [[1, 0]], "sink": [[0, null]], "sink_threshold": "0.1"}', "sink_threshold must be a number"),
+        (
+            '{"grounding": [[1, 0]], "sink": [[0, null]], "sink_threshold": 1e400}',
+            "must be a finite number > 0, got inf",
+        ),
+        ('{"grounding": [1, 0], "sink": [[0, null]]}', r"grounding must be a list of \[layer, head\] pairs"),
+        ('{"grounding": [[1, 0]]}', r"lacks \['sink'\]"),
+        ('{"grounding": [[1, 0]], "sink": [[0, null]], "prompt_template": 3}', "prompt_template must be a string"),
+        ("[]", "a custom preset must be a JSON object, got list"),
+        ("", "Expecting value"),
+        ("\udcff", "codec can't decode"),
+    ],
+)
+def test_a_preset_file_of_wrong_types_is_refused_naming_it(tmp_path, content, message):
+    path = tmp_path / "preset.json"
+    path.write_bytes(content.encode("utf-8", "surrogateescape"))
+    with pytest.raises(ValueError, match=f"preset file {path}: .*{message}"):
+        get_preset(str(path))
+
+
+def test_a_preset_a_model_cannot_take_is_named():
+    preset = LlavaPreset("mine", HeadSelection(((1, 9),)), HeadSelection(((0, None),)), branch_layer=1, depth=1)
+    with pytest.raises(ValueError, match="preset 'mine': head 9 of layer 1 does not exist: the model has 4 heads"):
+        preset.check_fits(make_tiny_llava().model.config)
+
+
 def test_maps_label_on_a_non_square_grid(tiny):
     # The maps never assume a square grid: the same 16 image tokens read as a 2x8 grid
     # label exactly like the reference labels them.

@@ -97,6 +97,17 @@ def test_label_demo_writes_outputs(tmp_path, capsys):
         (["label-demo", "--grid", "24"], "--grid must look like 24x24"),
         (["label-demo", "--grid", "0x4"], "--grid must be at least 1x1"),
         (["label-demo", "--batch", "0"], "must be >= 1, got 0"),
+        # Counts and seeds past 64 bits failed inside torch or pybind11.
+        (["label-demo", "--batch", str(2**63)], f"must be at most {2**63 - 1} (64 bits), got {2**63}"),
+        (["label-demo", "--seed", "-1"], "argument --seed: must be >= 0, got -1"),
+        (["convert-labels", "a.pkl", "out", "--seed", str(2**64)], "argument --seed: must be at most"),
+        # An empty path names the current folder: shards and summaries landed there.
+        (["label-demo", "--out", ""], "argument --out: must not be empty, got ''"),
+        (["convert-labels", "a.pkl", " "], "argument out: must not be empty, got ' '"),
+        (["label", "--model", "m", "--data", "d", "--image-folder", "i", "--out", ""], "argument --out: must not"),
+        (["train", "--model", "m", "--labels", "l", "--out", ""], "argument --out: must not be empty"),
+        (["infer", "--model", "m", "--rpn", "", "--image", "x"], "argument --rpn: must not be empty"),
+        (["viz-labels", "l", "--out", "o", "--image-folder", ""], "argument --image-folder: must not be empty"),
     ],
 )
 def test_cli_rejects_bad_arguments(argv, message, capsys):

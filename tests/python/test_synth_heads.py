@@ -1,6 +1,8 @@
 """Choosing the heads SD-RPN grounds on: every head's map from one pass, the labelling rule's
 hit on the tag, and the greedy selection."""
 
+import re
+
 import pytest
 import torch
 
@@ -86,3 +88,32 @@ def test_export_takes_layers_or_single_heads():
     assert build_parser().parse_args(export + ["2:3,4:1"]).grounding == [[2, 3], [4, 1]]
     with pytest.raises(SystemExit):
         build_parser().parse_args(export + ["two"])
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        # Each failed deep inside, hung, or forked without bound.
+        ("train-base --out o --save-every 0", "argument --save-every: must be >= 1, got 0"),
+        ("train-base --out o --batch-size -1", "argument --batch-size: must be >= 1, got -1"),
+        ("train-base --out o --lr 1e40", r"argument --lr: must be a finite number in \(0.0, 1.0\], got 1e40"),
+        (
+            "train-base --out o --zoom-fraction nan",
+            r"argument --zoom-fraction: must be a finite number in \[0.0, 1.0\]",
+        ),
+        ("train-base --out o --workers 9223372036854775807", r"argument --workers: must be at most \d+ \(4 per CPU\)"),
+        ("inspect --model m --count 0", "argument --count: must be >= 1, got 0"),
+        ("eval-base --model m --count 99999999999999999999", "argument --count: must be at most"),
+        (
+            "export-base --model m --to t --grounding 2 --branch-layer 3 --sink-threshold 1e400",
+            "--sink-threshold: must",
+        ),
+        ("run --out ''", "argument --out: must not be empty"),
+    ],
+)
+def test_bad_values_are_refused_up_front(argv, message, capsys):
+    import shlex
+
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(shlex.split(argv))
+    assert exit_.value.code == 2 and re.search(message, capsys.readouterr().err)

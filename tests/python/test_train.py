@@ -217,6 +217,19 @@ def test_bad_config():
         TrainConfig(labels="x", out="y", max_samples="100")
     with pytest.raises(ValueError, match="labels is required"):
         TrainConfig(labels=None, out="y")
+    # Values that trained silently to NaN weights, or failed deep inside the run.
+    for field, value, message in (
+        ("weight_decay", float("inf"), "weight_decay must be a finite number, got inf"),
+        ("max_grad_norm", float("nan"), "max_grad_norm must be a finite number, got nan"),
+        ("warmup_ratio", 1e300, r"warmup_ratio must lie in \[0, 1\], got 1e\+300"),
+        ("weight_decay", -0.1, "weight_decay must be >= 0, got -0.1"),
+        ("max_grad_norm", 0.0, "max_grad_norm must be > 0, got 0.0"),
+        ("num_workers", -1, "num_workers must be >= 0, got -1"),
+        ("seed", -1, "seed must be >= 0, got -1"),
+        ("epochs", 2**63, r"epochs must fit in 64 bits"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            TrainConfig(labels="x", out="y", **{field: value})
     # An int is a float; numpy's numbers are Python's (they record as JSON).
     cfg = TrainConfig(labels="x", out="y", lr=np.int64(1), seed=np.int64(3), max_samples=None)
     assert (type(cfg.lr), type(cfg.seed)) == (float, int) and json.dumps(cfg.to_dict())
@@ -319,6 +332,20 @@ def test_a_missing_image_folder_is_refused_up_front(ws, tmp_path):
     with pytest.raises(ValueError, match=f"records, '{tmp_path / 'images'}', does not exist: pass --image-folder"):
         main(args)
     assert not (tmp_path / "a" / "rpn.safetensors").exists() and not (tmp_path / "b" / "rpn.safetensors").exists()
+
+
+def test_labels_of_another_grid_or_image_size_are_refused_up_front(ws, tmp_path):
+    # Labels that record no base model: only their grid and image size tell them apart.
+    for grid, size, message in (
+        (2, 14 * GRID, f"are on a 2x2 grid, but --model's images make {GRID}x{GRID} cells"),
+        (GRID, 14 * GRID + 14, f"were made at image size {14 * GRID + 14}, but --model takes {14 * GRID}"),
+    ):
+        labels = tmp_path / f"labels-{grid}-{size}"
+        write_region_labels(labels, tmp_path / "images", num=8, grid=grid, image_size=size)
+        args = train_args(ws, tmp_path / "out")
+        args[args.index("--labels") + 1] = str(labels)
+        with pytest.raises(ValueError, match=message):
+            main(args)
 
 
 def test_an_epoch_that_skipped_every_sample_stops_before_saving(ws, tmp_path):

@@ -18,6 +18,7 @@ from ..llava.inputs import (
     PREPROCESSING_MODES,
     check_preprocessable,
     check_template,
+    is_text,
     pixel_batch,
     preprocess_image,
     question_text,
@@ -94,6 +95,8 @@ class LlavaAnswering:
                 raise ValueError(
                     f"questions[{i}] must be a string with text besides the image placeholder, got {question!r}"
                 )
+            if not is_text(text):
+                raise ValueError(f"questions[{i}] must be valid UTF-8 text without NUL bytes, got {question!r}")
             out.append(text)
         return out
 

@@ -72,7 +72,10 @@ def load_reference_pickle(path: str, max_elements: int | None = None) -> list[di
     elements (default: the file's size in bytes plus ELEMENT_SLACK)."""
     limit = max_elements if max_elements is not None else os.path.getsize(path) + ELEMENT_SLACK
     with open(path, "rb") as f:
-        data = RestrictedUnpickler(f).load()
+        try:
+            data = RestrictedUnpickler(f).load()
+        except Exception as err:  # noqa: BLE001  what a damaged or hostile file raises varies
+            raise ValueError(f"{path} cannot be read as a label pickle ({type(err).__name__}: {err})") from None
     _check_expansion(data, limit, path)
     if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
         raise ValueError(f"{path} must hold a list of dicts, got {type(data).__name__}")
@@ -193,6 +196,8 @@ def convert_reference_pickle(
         if side * side != n:
             raise ValueError(f"maps have {n} cells, not a square grid: pass grid=(h, w)")
         grid = (side, side)
+    elif grid[0] * grid[1] != n:
+        raise ValueError(f"grid {grid[0]}x{grid[1]} has {grid[0] * grid[1]} cells, but the maps have {n}")
     options = LabelOptions(answers="given", sink_threshold=sink_threshold)
     labels = ops.pseudo_labels(
         grounding,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from ..llava.inputs import PREPROCESSING_MODES, check_template
@@ -49,12 +48,12 @@ class LabelOptions(Options):
         # Values that make every sample all-ignore, silently (SPEC Stage 1: attention maps
         # are >= 0). A sink threshold <= 0 makes every cell a sink; foreground is strictly
         # above fg_ratio * max, so fg_ratio >= 1 leaves none.
-        if self.sink_threshold is not None and not 0 < self.sink_threshold < math.inf:
-            raise ValueError(f"sink_threshold must be finite and > 0, got {self.sink_threshold}")
+        if self.sink_threshold is not None and not self.sink_threshold > 0:
+            raise ValueError(f"sink_threshold must be > 0, got {self.sink_threshold}")
         if not 0 < self.fg_ratio < 1:
             raise ValueError(f"fg_ratio must be in (0, 1), got {self.fg_ratio}")
-        if not 0 <= self.bg_ratio < math.inf:  # background lies outside the box: any ratio has a meaning
-            raise ValueError(f"bg_ratio must be finite and >= 0, got {self.bg_ratio}")
+        if not self.bg_ratio >= 0:  # background lies outside the box: any ratio has a meaning
+            raise ValueError(f"bg_ratio must be >= 0, got {self.bg_ratio}")
         if not self.max_box_fraction > 0:  # above 1: no box is too large (an ablation)
             raise ValueError(f"max_box_fraction must be > 0, got {self.max_box_fraction}")
         if self.prompt_template is not None:

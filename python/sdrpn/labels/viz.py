@@ -11,8 +11,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from torch import Tensor
 
-from ..llava.data import SkipSample, resolve_image
-from ..llava.inputs import load_rgb, mean_fill, pad_to_square
+from ..llava.data import SkipSample, check_image_folder, resolve_image
+from ..llava.inputs import centre_crop_square, load_rgb, mean_fill, pad_to_square
 from ..pictures import LABEL_COLOURS, heat_rgb, label_rgb, save_atomic, sink_rgb, tile
 from .folder import LabelFolder
 
@@ -70,10 +70,22 @@ def overlay_panel(
     return panel
 
 
+def model_square(image: Image.Image, mode: str) -> Image.Image:
+    """The square of the image that the grid covers, at the image's resolution: padded to a
+    square ("pad"), or its centre square ("crop")."""
+    if mode == "pad":
+        return pad_to_square(image, mean_fill())
+    return centre_crop_square(image, min(image.size))  # the short side kept: no resize
+
+
 def visualise_labels(label_dir: str, out: str, num: int = 16, image_folder: str | None = None) -> list[str]:
     """One PNG per sample (image with heat map, sinks and foreground when the image is
     found; then map, sinks and labels on the grid), sinks at the folder's recorded
-    threshold. Returns the written paths."""
+    threshold and the image as each sample was preprocessed. Returns the written paths.
+    ``image_folder`` given must exist; the folder's recorded one may have gone (the
+    pictures then show the grids alone)."""
+    if image_folder is not None:
+        check_image_folder(image_folder)
     folder = LabelFolder(label_dir)
     config = folder.config
     image_folder = image_folder or config.image_folder
@@ -92,10 +104,11 @@ def visualise_labels(label_dir: str, out: str, num: int = 16, image_folder: str 
             if image_folder and row.get("image"):
                 try:
                     image = load_rgb(resolve_image(image_folder, row["image"]))
+                    mode = (row.get("preprocessing") or {}).get("mode", "pad")  # imported labels: LLaVA's
                     panels.insert(
                         0,
                         overlay_panel(
-                            pad_to_square(image, mean_fill()),
+                            model_square(image, mode),
                             g.view(gh, gw).numpy(),
                             labels.view(gh, gw).numpy(),
                             sink.view(gh, gw).numpy(),

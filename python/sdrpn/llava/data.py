@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from .inputs import load_rgb, question_text, too_large_to_preprocess
+from .inputs import is_text, load_rgb, question_text, too_large_to_preprocess
 
 
 class SkipSample(Exception):
@@ -76,16 +76,6 @@ def load_entries(path: str) -> list:
     return data
 
 
-def _is_text(value: str) -> bool:
-    """Encodable text without NUL bytes: what a tokenizer and a file system accept (JSON
-    lets a lone surrogate such as "\\ud800" through)."""
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return "\x00" not in value
-
-
 def parse_entry(entry, index: int) -> QASample:
     """The first human/gpt pair of one entry; raises SkipSample when it is unusable."""
     if not isinstance(entry, dict):
@@ -95,7 +85,7 @@ def parse_entry(entry, index: int) -> QASample:
         raise SkipSample("several images")  # LLaVA-1.5 sees one image per prompt
     if not isinstance(image, str) or not image:
         raise SkipSample("no image")
-    if not _is_text(image):
+    if not is_text(image):
         raise SkipSample("image path not valid text")
     turns = entry.get("conversations")
     if not isinstance(turns, list):
@@ -114,10 +104,10 @@ def parse_entry(entry, index: int) -> QASample:
     question = question_text(question)
     if not question:
         raise SkipSample("empty question")
-    if not _is_text(question) or (answer is not None and not _is_text(answer)):
+    if not is_text(question) or (answer is not None and not is_text(answer)):
         raise SkipSample("text not valid UTF-8")
     sample_id = str(entry.get("id", index))
-    if not _is_text(sample_id):
+    if not is_text(sample_id):
         raise SkipSample("id not valid UTF-8")
     return QASample(index, sample_id, image, question, answer)
 
@@ -126,7 +116,7 @@ def resolve_image(folder: str, relative) -> str:
     """The image's real path; refuses paths that lead outside the image folder ("..",
     absolute paths). Links inside the folder are followed wherever they point: a dataset
     linked into the folder (LLaVA's playground/data/coco) is the folder's."""
-    if not isinstance(relative, str) or not relative or not _is_text(relative):
+    if not isinstance(relative, str) or not relative or not is_text(relative):
         raise SkipSample("image path not valid text")
     root = os.path.abspath(folder)
     written = os.path.normpath(os.path.join(root, relative))

@@ -173,6 +173,17 @@ def check_template(template: str) -> str:
     return template
 
 
+def is_text(value: str) -> bool:
+    """Encodable text without NUL bytes: what a tokenizer and a file system accept (JSON
+    lets a lone surrogate such as "\\ud800" through, and so does a command line's invalid
+    UTF-8)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return "\x00" not in value
+
+
 def question_text(question: str) -> str:
     """The question as the template takes it: LLaVA-format questions carry the image
     placeholder, which the template places itself (left in, the tokenizer would read it

@@ -4,6 +4,8 @@ template and recommended RoI options (SPEC Stages 1-3), one preset per model."""
 from __future__ import annotations
 
 import json
+import math
+import numbers
 import os
 from dataclasses import dataclass
 
@@ -82,7 +84,10 @@ class LlavaPreset:
             )
         for selection in (self.grounding, self.sink):
             for layer in selection.layers:
-                selection.heads_of(layer, heads)  # raises for a head the model lacks
+                try:
+                    selection.heads_of(layer, heads)  # raises for a head the model lacks
+                except ValueError as err:
+                    raise ValueError(f"preset {self.name!r}: {err}") from None
 
     def to_dict(self) -> dict:
         return {
@@ -120,8 +125,23 @@ PRESET_FILE = "sdrpn_preset.json"
 _BY_LAYERS = {32: LLAVA15_7B, 40: LLAVA15_13B}
 
 
-def _pairs(spec) -> HeadSelection:
-    return HeadSelection(tuple((int(layer), None if head is None else int(head)) for layer, head in spec))
+def _whole(value, what: str) -> int:
+    """A JSON number that is a whole number, as an int; "1", 1.5 and true are refused (int()
+    would take them silently)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or value != int(value):
+        raise ValueError(f"{what} must be a whole number, got {value!r}")
+    return int(value)
+
+
+def _pairs(spec, what: str) -> HeadSelection:
+    if not isinstance(spec, (list, tuple)) or not all(isinstance(p, (list, tuple)) and len(p) == 2 for p in spec):
+        raise ValueError(f"{what} must be a list of [layer, head] pairs, got {spec!r}")
+    return HeadSelection(
+        tuple(
+            (_whole(layer, f"{what} layer"), None if head is None else _whole(head, f"{what} head"))
+            for layer, head in spec
+        )
+    )
 
 
 def preset_from_dict(spec: dict, name: str = "custom") -> LlavaPreset:
@@ -129,24 +149,35 @@ def preset_from_dict(spec: dict, name: str = "custom") -> LlavaPreset:
     optional "branch_layer", "depth", "sink_threshold", "prompt_template", "roi" (RoiOptions
     fields)}; a null head means all heads."""
     known = {"name", "grounding", "sink", "branch_layer", "depth", "sink_threshold", "prompt_template", "roi"}
-    try:
-        unknown = sorted(set(spec) - known)
-        if unknown:
-            raise ValueError(f"unknown fields {unknown}")
-        return LlavaPreset(
-            name=spec.get("name", name),
-            grounding=_pairs(spec["grounding"]),
-            sink=_pairs(spec["sink"]),
-            branch_layer=int(spec.get("branch_layer", 15)),
-            depth=int(spec.get("depth", 3)),
-            sink_threshold=float(spec.get("sink_threshold", SINK_THRESHOLD)),
-            prompt_template=spec.get("prompt_template", PROMPT_TEMPLATE),
-            roi=RoiOptions.from_dict(spec.get("roi")),
-        )
-    except (KeyError, TypeError, ValueError) as err:
-        raise ValueError(
-            f"a custom preset needs grounding and sink lists of [layer, head] pairs, got {spec!r}: {err}"
-        ) from None
+    if not isinstance(spec, dict):
+        raise ValueError(f"a custom preset must be a JSON object, got {type(spec).__name__}")
+    unknown = sorted(set(spec) - known)
+    if unknown:
+        raise ValueError(f"a custom preset has unknown fields {unknown}; known: {sorted(known)}")
+    missing = [key for key in ("grounding", "sink") if key not in spec]
+    if missing:
+        raise ValueError(f"a custom preset needs grounding and sink lists of [layer, head] pairs, lacks {missing}")
+    sink_threshold = spec.get("sink_threshold", SINK_THRESHOLD)
+    if isinstance(sink_threshold, bool) or not isinstance(sink_threshold, numbers.Real):
+        raise ValueError(f"sink_threshold must be a number, got {sink_threshold!r}")
+    if not (math.isfinite(sink_threshold) and sink_threshold > 0):
+        raise ValueError(f"sink_threshold must be a finite number > 0, got {sink_threshold!r}")
+    template = spec.get("prompt_template", PROMPT_TEMPLATE)
+    if not isinstance(template, str):
+        raise ValueError(f"prompt_template must be a string, got {template!r}")
+    roi = spec.get("roi")
+    if roi is not None and not isinstance(roi, dict):
+        raise ValueError(f"roi must be an object of RoiOptions fields, got {roi!r}")
+    return LlavaPreset(
+        name=str(spec.get("name", name)),
+        grounding=_pairs(spec["grounding"], "grounding"),
+        sink=_pairs(spec["sink"], "sink"),
+        branch_layer=_whole(spec.get("branch_layer", 15), "branch_layer"),
+        depth=_whole(spec.get("depth", 3), "depth"),
+        sink_threshold=float(sink_threshold),
+        prompt_template=template,
+        roi=RoiOptions.from_dict(roi),
+    )
 
 
 def get_preset(name: str) -> LlavaPreset:
@@ -154,8 +185,12 @@ def get_preset(name: str) -> LlavaPreset:
     if name in PRESETS:
         return PRESETS[name]
     if os.path.isfile(name):
-        with open(name) as f:
-            return preset_from_dict(json.load(f), name=os.path.basename(name))
+        try:
+            with open(name, encoding="utf-8") as f:
+                spec = json.load(f)
+            return preset_from_dict(spec, name=os.path.basename(name))
+        except (OSError, ValueError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise ValueError(f"preset file {name}: {err}") from None
     raise ValueError(f"preset must be one of {sorted(PRESETS)}, 'auto' or a JSON file, got {name!r}")
 
 

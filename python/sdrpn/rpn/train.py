@@ -32,6 +32,7 @@ from ..io_utils import exclusive_lock, read_json, write_json
 from ..labels.folder import LabelFolder
 from ..llava.backbone import branch_hidden_states
 from ..llava.data import skip_reasons
+from ..llava.geometry import model_grid
 from ..llava.loading import fingerprints_match, model_identity, pad_token_id, same_model_name
 from ..llava.presets import get_preset, preset_from_dict
 from ..ops import IGNORE_INDEX
@@ -100,6 +101,13 @@ class TrainConfig(Options):
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if not 0 <= self.held_out_fraction < 1:
             raise ValueError(f"held_out_fraction must lie in [0, 1), got {self.held_out_fraction}")
+        if not 0 <= self.warmup_ratio <= 1:
+            raise ValueError(f"warmup_ratio must lie in [0, 1], got {self.warmup_ratio}")
+        if not self.weight_decay >= 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if not self.max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be > 0, got {self.max_grad_norm}")
+        require_at_least(0, self, "num_workers", "seed")
         self.betas = tuple(self.betas)
 
     # What may change between a run and its resumption: how long it goes on, how it loads
@@ -187,6 +195,23 @@ def check_fresh_out(cfg: TrainConfig) -> None:
         )
 
 
+def check_labels_fit(labels: str, config, model: nn.Module) -> None:
+    """Refuse labels on another grid or image size than the model's (a folder that records
+    no base model, or records it without them, passes the fingerprint check): its samples
+    would fail one by one in the model, or train an RPN on cells that are not its own."""
+    grid, size = list(model_grid(model.config)), model.config.vision_config.image_size
+    if config.grid is not None and list(config.grid) != grid:
+        raise ValueError(
+            f"the labels in {labels} are on a {config.grid[0]}x{config.grid[1]} grid, but --model's images "
+            f"make {grid[0]}x{grid[1]} cells: train with the model the labels were made by"
+        )
+    if config.image_size is not None and config.image_size != size:
+        raise ValueError(
+            f"the labels in {labels} were made at image size {config.image_size}, but --model takes {size}: "
+            f"train with the model the labels were made by"
+        )
+
+
 def rpn_settings(
     model: nn.Module,
     labels: str,
@@ -203,6 +228,7 @@ def rpn_settings(
     prompts at inference as its labels were made. Refuses labels made by another base model."""
     config = LabelFolder(labels).config
     check_labels_base_model(labels, config.model, model)
+    check_labels_fit(labels, config, model)
     if preset is not None:
         chosen = get_preset(preset)
     else:

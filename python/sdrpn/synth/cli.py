@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from ..cli import device_arg, run_command
+from ..cli import device_arg, non_negative_int, number_in, positive_int, run_command, text_arg
 from .task import TAG_CLEARANCE
 
 
@@ -27,21 +27,38 @@ def head_pairs(text: str) -> list[list]:
     return pairs
 
 
+def workers_arg(text: str) -> int:
+    """Processes making batches: more than 4 per CPU only costs memory (each holds the task)."""
+    value, limit = non_negative_int(text), 4 * (os.cpu_count() or 1)
+    if value > limit:
+        raise argparse.ArgumentTypeError(f"must be at most {limit} (4 per CPU), got {value}")
+    return value
+
+
+FRACTION = number_in(0.0, 1.0)
+WEIGHT = number_in(0.0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sdrpn-synth", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train-base", help="train the tiny LLaVA stand-in on the synthetic task")
-    train.add_argument("--out", required=True, help="folder for the model, checkpoint and history")
-    train.add_argument("--steps", type=int, default=2200)
-    train.add_argument("--batch-size", type=int, default=32)
-    train.add_argument("--lr", type=float, default=1e-3)
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--out", type=text_arg, required=True, help="folder for the model, checkpoint and history")
+    train.add_argument("--steps", type=positive_int, default=2200)
+    train.add_argument("--batch-size", type=positive_int, default=32)
+    train.add_argument("--lr", type=number_in(0.0, 1.0, low_open=True), default=1e-3)
+    train.add_argument("--seed", type=non_negative_int, default=0)
     train.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu")
-    train.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="processes making batches")
-    train.add_argument("--save-every", type=int, default=500)
     train.add_argument(
-        "--max-minutes", type=float, default=None, help="checkpoint and stop after this long; --resume goes on"
+        "--workers", type=workers_arg, default=min(8, os.cpu_count() or 1), help="processes making batches"
+    )
+    train.add_argument("--save-every", type=positive_int, default=500)
+    train.add_argument(
+        "--max-minutes",
+        type=number_in(0.0, low_open=True),
+        default=None,
+        help="checkpoint and stop after this long; --resume goes on",
     )
     train.add_argument("--resume", action="store_true")
     train.add_argument(
@@ -52,25 +69,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument(
         "--colour-weight",
-        type=float,
+        type=WEIGHT,
         default=1.0,
         help="weight of the tag-colour auxiliary loss; 0 is the shipped model's recipe (default: %(default)s)",
     )
     train.add_argument(
         "--encoder-steps",
-        type=int,
+        type=non_negative_int,
         default=0,
         help="first steps that train the vision side alone, before the language model (default: %(default)s)",
     )
     train.add_argument(
-        "--init", default=None, help="start from this trained base model's weights (a later stage; default: random)"
+        "--init",
+        type=text_arg,
+        default=None,
+        help="start from this trained base model's weights (a later stage; default: random)",
     )
-    train.add_argument("--zoom-fraction", type=float, default=0.4, help="share of batches with a zoomed second view")
-    train.add_argument("--zoom-on-tag", type=float, default=0.7, help="share of zoomed views that hold the tag")
-    train.add_argument("--read-share-zoomed", type=float, default=0.5, help="share of code questions in zoomed batches")
+    train.add_argument("--zoom-fraction", type=FRACTION, default=0.4, help="share of batches with a zoomed second view")
+    train.add_argument("--zoom-on-tag", type=FRACTION, default=0.7, help="share of zoomed views that hold the tag")
+    train.add_argument(
+        "--read-share-zoomed", type=FRACTION, default=0.5, help="share of code questions in zoomed batches"
+    )
     train.add_argument(
         "--cell-views",
-        type=float,
+        type=FRACTION,
         default=0.0,
         help="share of views on the tag cut as SD-RPN cuts crops, on the encoder's grid cells (default: %(default)s)",
     )
@@ -81,52 +103,52 @@ def build_parser() -> argparse.ArgumentParser:
         help="the code-character loss through its own linear head, or through the LM's output layer",
     )
     train.add_argument(
-        "--crop-tag-weight", type=float, default=0.0, help="weight of the tag-cell loss on crop views (default: 0)"
+        "--crop-tag-weight", type=WEIGHT, default=0.0, help="weight of the tag-cell loss on crop views (default: 0)"
     )
     train.add_argument(
         "--tag-clearance",
-        type=int,
+        type=non_negative_int,
         default=TAG_CLEARANCE,
         help="background in pixels kept between the tag and clutter in training images; 0 places "
         "it anywhere, the shipped model's data (default: %(default)s)",
     )
 
     score = sub.add_parser("eval-base", help="accuracy by question kind: thumbnail, true crop, random crop")
-    score.add_argument("--model", required=True)
-    score.add_argument("--count", type=int, default=400)
+    score.add_argument("--model", type=text_arg, required=True)
+    score.add_argument("--count", type=positive_int, default=400)
     score.add_argument("--split", default="test", choices=["val", "test"])
     score.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu")
-    score.add_argument("--json", default=None, help="also write the table here")
+    score.add_argument("--json", type=text_arg, default=None, help="also write the table here")
     inspect = sub.add_parser(
         "inspect", help="where a base model's answer attention lands, per layer and head, and the heads to ground on"
     )
-    inspect.add_argument("--model", required=True)
-    inspect.add_argument("--count", type=int, default=512, help="validation samples")
+    inspect.add_argument("--model", type=text_arg, required=True)
+    inspect.add_argument("--count", type=positive_int, default=512, help="validation samples")
 
     export = sub.add_parser(
         "export-base",
         help="ship a trained base model: float16 weights, tokenizer, training record and the preset SD-RPN reads",
     )
-    export.add_argument("--model", required=True, help="train-base output folder")
-    export.add_argument("--to", required=True)
+    export.add_argument("--model", type=text_arg, required=True, help="train-base output folder")
+    export.add_argument("--to", type=text_arg, required=True)
     export.add_argument(
         "--grounding",
         type=head_pairs,
         required=True,
         help="heads whose attention grounds the labels: 'L' (every head of layer L) or 'L:H', comma-separated",
     )
-    export.add_argument("--sink-layer", type=int, default=0)
-    export.add_argument("--sink-threshold", type=float, required=True)
-    export.add_argument("--branch-layer", type=int, required=True)
-    export.add_argument("--depth", type=int, default=2)
+    export.add_argument("--sink-layer", type=non_negative_int, default=0)
+    export.add_argument("--sink-threshold", type=number_in(0.0, low_open=True), required=True)
+    export.add_argument("--branch-layer", type=positive_int, required=True)
+    export.add_argument("--depth", type=positive_int, default=2)
 
     run = sub.add_parser("run", help="SD-RPN on the task: label, train the RPN, evaluate, write the report")
-    run.add_argument("--out", default="outputs/synth", help="working folder (resumable) and report")
-    run.add_argument("--model", default=None, help="base model folder (default: the shipped one)")
-    run.add_argument("--train-count", type=int, default=10_000, help="samples labelled for the RPN")
-    run.add_argument("--test-count", type=int, default=400)
-    run.add_argument("--rpn-epochs", type=int, default=2)
-    run.add_argument("--examples", type=int, default=8, help="test images drawn in examples.png")
+    run.add_argument("--out", type=text_arg, default="outputs/synth", help="working folder (resumable) and report")
+    run.add_argument("--model", type=text_arg, default=None, help="base model folder (default: the shipped one)")
+    run.add_argument("--train-count", type=positive_int, default=10_000, help="samples labelled for the RPN")
+    run.add_argument("--test-count", type=positive_int, default=400)
+    run.add_argument("--rpn-epochs", type=positive_int, default=2)
+    run.add_argument("--examples", type=non_negative_int, default=8, help="test images drawn in examples.png")
     run.add_argument("--title", default="SD-RPN on the synthetic fine-detail task")
     run.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu")
     return parser
