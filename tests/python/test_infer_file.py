@@ -130,40 +130,13 @@ def test_infer_cli_whole_file_is_resumable(infer_ws, tmp_path, capsys):
     import json
 
     out = tmp_path / "answers.jsonl"
-    assert (
-        infer_cli(
-            infer_ws,
-            "--data",
-            str(infer_ws / "data.json"),
-            "--image-folder",
-            str(infer_ws / "images"),
-            "--out",
-            str(out),
-            "--limit",
-            "2",
-            "--batch-size",
-            "2",
-        )
-        == 0
-    )
+    data = ("--data", str(infer_ws / "data.json"), "--image-folder", str(infer_ws / "images"), "--out", str(out))
+    assert infer_cli(infer_ws, *data, "--limit", "2", "--batch-size", "2") == 0
     first = [json.loads(line)["id"] for line in open(out)]
     assert first == ["q0"]
     with open(out, "a") as f:
         f.write('{"id": "q1", "ans')  # a crash mid-line
-    assert (
-        infer_cli(
-            infer_ws,
-            "--data",
-            str(infer_ws / "data.json"),
-            "--image-folder",
-            str(infer_ws / "images"),
-            "--out",
-            str(out),
-            "--batch-size",
-            "2",
-        )
-        == 0
-    )
+    assert infer_cli(infer_ws, *data, "--batch-size", "2") == 0
     ids = [json.loads(line)["id"] for line in open(out)]
     assert ids == ["q0", "q1", "q2"]
     summary = json.loads((tmp_path / "answers.jsonl.summary.json").read_text())
