@@ -256,6 +256,7 @@ def test_presets_and_head_selection():
         ),
         ('{"grounding": [[true, 1]], "sink": [[0, null]]}', "grounding layer must be a whole number, got True"),
         ('{"grounding": [[1, 0.5]], "sink": [[0, null]]}', "grounding head must be a whole number, got 0.5"),
+        ('{"grounding": [[1, 0]], "sink": [[0, null]], "depth": 1e400}', "depth must be a whole number, got inf"),
         ('{"grounding": [[1, 0]], "sink": [[0, null]], "sink_threshold": "0.1"}', "sink_threshold must be a number"),
         (
             '{"grounding": [[1, 0]], "sink": [[0, null]], "sink_threshold": 1e400}',

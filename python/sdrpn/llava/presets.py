@@ -128,7 +128,8 @@ _BY_LAYERS = {32: LLAVA15_7B, 40: LLAVA15_13B}
 def _whole(value, what: str) -> int:
     """A JSON number that is a whole number, as an int; "1", 1.5 and true are refused (int()
     would take them silently)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or value != int(value):
+    whole = isinstance(value, numbers.Integral) or (isinstance(value, float) and value.is_integer())
+    if isinstance(value, bool) or not whole:
         raise ValueError(f"{what} must be a whole number, got {value!r}")
     return int(value)
 
