@@ -445,6 +445,7 @@ def test_resampled_crops_keep_their_aspect():
     assert resampled_grid(3, 30, 1.0, 24, 24) == (2, 24)  # the per-side clamp would give (3, 24)
     assert resampled_grid(1, 1, 0.1, 24, 24) == (1, 1)
     assert resampled_grid(10, 10, 3.0, 8, 16) == (8, 8)  # a non-square grid caps each side
+    assert resampled_grid(20, 10, 1e308, 24, 24) == (24, 12)  # box * ratio would overflow to inf
 
 
 def test_benchmark_thresholds_by_name(tiny):

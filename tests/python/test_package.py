@@ -89,6 +89,10 @@ def test_label_demo_writes_outputs(tmp_path, capsys):
     png = out / "labels_grid.png"
     assert png.stat().st_size > 0
     assert not [p for p in os.listdir(out) if p.startswith(".tmp-")]
+    # Sizes it cannot draw (an 80 GB allocation, a storage size that overflowed) are refused.
+    for flags in (["--grid", "100000x100000"], ["--batch", str(2**63 - 1), "--grid", "4x4"]):
+        with pytest.raises(ValueError, match="label-demo draws at most 200000 cells, got --batch"):
+            main(["label-demo", "--out", str(tmp_path / "big"), *flags])
 
 
 @pytest.mark.parametrize(

@@ -47,10 +47,10 @@ from .pass2 import GROUP_COST_TOKENS, prefill_new_tokens
 def resampled_grid(box_h: int, box_w: int, ratio: float, grid_h: int, grid_w: int) -> tuple[int, int]:
     """The token grid of a resampled crop (SPEC Stage 3 step 4): (box_h * r, box_w * r), with
     ONE scale factor for both sides, so that where it overflows the grid both shrink until
-    the longer fits (the aspect kept); rounded, at least 1."""
-    h, w = box_h * ratio, box_w * ratio
-    shrink = min(1.0, grid_h / h if h > 0 else 1.0, grid_w / w if w > 0 else 1.0)
-    return max(1, round(h * shrink)), max(1, round(w * shrink))
+    the longer fits (the aspect kept); rounded, at least 1. The factor is capped before it
+    multiplies, so a huge ratio (1e308) fills the grid rather than overflowing."""
+    scale = min(ratio, grid_h / box_h if box_h > 0 else ratio, grid_w / box_w if box_w > 0 else ratio)
+    return max(1, round(box_h * scale)), max(1, round(box_w * scale))
 
 
 @dataclass

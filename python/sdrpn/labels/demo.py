@@ -18,6 +18,10 @@ from .viz import label_grid
 log = logging.getLogger(__name__)
 
 
+# The demo draws every map: 200K cells (350 maps of 24x24) make a picture of 22M pixels.
+DEMO_MAX_CELLS = 200_000
+
+
 @dataclass
 class LabelDemoConfig:
     out: str = "outputs/label-demo"
@@ -26,6 +30,14 @@ class LabelDemoConfig:
     grid_w: int = 24
     seed: int = 0
     device: str = "cpu"
+
+    def __post_init__(self):
+        cells = self.batch * self.grid_h * self.grid_w
+        if cells > DEMO_MAX_CELLS:
+            raise ValueError(
+                f"label-demo draws at most {DEMO_MAX_CELLS} cells, got --batch {self.batch} x --grid "
+                f"{self.grid_h}x{self.grid_w} = {cells}"
+            )
 
 
 def region_iou(labels: torch.Tensor, regions: torch.Tensor, grid_h: int, grid_w: int) -> torch.Tensor:

@@ -103,8 +103,8 @@ class TrainConfig(Options):
             raise ValueError(f"held_out_fraction must lie in [0, 1), got {self.held_out_fraction}")
         if not 0 <= self.warmup_ratio <= 1:
             raise ValueError(f"warmup_ratio must lie in [0, 1], got {self.warmup_ratio}")
-        if not self.weight_decay >= 0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if not 0 <= self.weight_decay * self.lr < 1:  # AdamW scales the weights by 1 - lr * decay a step
+            raise ValueError(f"weight_decay must be >= 0 with lr * weight_decay < 1, got {self.weight_decay}")
         if not self.max_grad_norm > 0:
             raise ValueError(f"max_grad_norm must be > 0, got {self.max_grad_norm}")
         require_at_least(0, self, "num_workers", "seed")
