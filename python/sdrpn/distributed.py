@@ -44,17 +44,19 @@ def from_environment(
 
 # How a rank's files are named (label shards and locks, infer's rank files): three digits
 # at least, more from rank 1000 on. The glob finds them whichever rank wrote them, together
-# with names that only start alike, which is_rank_name tells apart.
+# with names that only start alike, which rank_of tells apart.
 RANK_NAME_GLOB = "rank[0-9][0-9][0-9]*"
-_RANK_NAME = re.compile(r"rank[0-9]{3,}")
+_RANK_NAME = re.compile(r"rank([0-9]{3,})")
 
 
 def rank_name(rank: int) -> str:
     return f"rank{rank:03d}"
 
 
-def is_rank_name(text: str) -> bool:
-    return _RANK_NAME.fullmatch(text) is not None
+def rank_of(text: str) -> int | None:
+    """The rank ``text`` names (rank_name's inverse), or None where it names none."""
+    match = _RANK_NAME.fullmatch(text)
+    return int(match.group(1)) if match else None
 
 
 def check_initialized(world_size: int) -> None:

@@ -15,7 +15,7 @@ import logging
 import os
 from collections import Counter
 
-from ..distributed import RANK_NAME_GLOB, is_rank_name, rank_name
+from ..distributed import RANK_NAME_GLOB, rank_name, rank_of
 from ..io_utils import remove_temporaries, write_jsonl
 from ..llava.data import SkipSample, parse_entry
 from .pipeline import SDRPNAnswer
@@ -47,7 +47,7 @@ def _parts_glob(out_name: str) -> str:
 def part_paths(out: str) -> list[str]:
     """The rank files in out's folder, whichever number of ranks wrote them."""
     prefix, suffix = len(os.path.basename(out)) + 1, len(".part")
-    return sorted(p for p in glob.glob(_parts_glob(out)) if is_rank_name(os.path.basename(p)[prefix:-suffix]))
+    return sorted(p for p in glob.glob(_parts_glob(out)) if rank_of(os.path.basename(p)[prefix:-suffix]) is not None)
 
 
 def ownerless_parts(out: str, world_size: int) -> list[str]:

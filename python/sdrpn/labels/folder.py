@@ -32,7 +32,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from ..distributed import is_rank_name, rank_name
+from ..distributed import rank_name, rank_of
 from ..io_utils import read_json, read_jsonl, remove_temporaries, write_atomic, write_json, write_jsonl
 from ..llava.data import skip_reasons
 from ..llava.inputs import PROMPT_TEMPLATE
@@ -50,14 +50,22 @@ FORMAT_VERSION = 2
 TENSOR_NAMES = ("grounding", "sink", "labels", "grid")
 
 
+MARKER_SUFFIX = ".done.json"  # a shard's done marker: written last, it completes the shard
+
+
 def shard_name(rank: int, shard: int) -> str:
     return f"{rank_name(rank)}-shard{shard:05d}"
+
+
+def _marked_shard(marker_path: str) -> str:
+    """The name of the shard a done marker completes."""
+    return os.path.basename(marker_path)[: -len(MARKER_SUFFIX)]
 
 
 def shard_rank(name: str) -> int | None:
     """The rank that writes the shard ``name`` (None: not a shard's name)."""
     rank, _, shard = name.partition("-shard")
-    return int(rank[4:]) if is_rank_name(rank) and shard.isdigit() else None
+    return rank_of(rank) if shard.isdigit() else None
 
 
 @dataclass
@@ -228,8 +236,8 @@ class LabelFolder:
         if world_size is None:  # imported labels: one writer, no ranks
             return
         strays = []
-        for path in sorted(glob.glob(self.file("rank*-shard*.done.json"))):
-            name = os.path.basename(path)[: -len(".done.json")]
+        for path in self._marker_paths():
+            name = _marked_shard(path)
             rank = shard_rank(name)
             if rank is not None and (rank >= world_size or read_json(path).get("world_size", world_size) != world_size):
                 strays.append(name)
@@ -240,14 +248,17 @@ class LabelFolder:
                 f"label_config.json records, or delete {self.path} to start over"
             )
 
-    def done_markers(self, rank: int | None = None) -> list[dict]:
+    def _marker_paths(self, rank: int | None = None) -> list[str]:
+        """The done markers of the complete shards (``rank``'s alone), in name order."""
         pattern = "rank*-shard*" if rank is None else rank_name(rank) + "-shard*"
-        return [read_json(p) for p in sorted(glob.glob(self.file(pattern + ".done.json")))]
+        return sorted(glob.glob(self.file(pattern + MARKER_SUFFIX)))
+
+    def done_markers(self, rank: int | None = None) -> list[dict]:
+        return [read_json(p) for p in self._marker_paths(rank)]
 
     def complete_shards(self) -> list[str]:
         """Names of the shards whose done marker exists, in order."""
-        markers = sorted(glob.glob(self.file("rank*-shard*.done.json")))
-        return [os.path.basename(m)[: -len(".done.json")] for m in markers]
+        return [_marked_shard(p) for p in self._marker_paths()]
 
     def write_shard(
         self,
@@ -283,7 +294,7 @@ class LabelFolder:
             "skipped": dict(Counter(s["reason"] for s in skipped)),
             "world_size": world_size,
         }
-        write_json(base + ".done.json", marker)
+        write_json(base + MARKER_SUFFIX, marker)
         return marker
 
     def skipped(self, name: str) -> list[dict]:

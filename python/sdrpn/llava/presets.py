@@ -66,6 +66,8 @@ class LlavaPreset:
     def __post_init__(self):
         if self.branch_layer < 1 or self.depth < 1:
             raise ValueError(f"branch_layer and depth must be >= 1, got {self.branch_layer} and {self.depth}")
+        if not (math.isfinite(self.sink_threshold) and self.sink_threshold > 0):
+            raise ValueError(f"sink_threshold must be a finite number > 0, got {self.sink_threshold!r}")
         check_template(self.prompt_template)
 
     @property
@@ -161,8 +163,6 @@ def preset_from_dict(spec: dict, name: str = "custom") -> LlavaPreset:
     sink_threshold = spec.get("sink_threshold", SINK_THRESHOLD)
     if isinstance(sink_threshold, bool) or not isinstance(sink_threshold, numbers.Real):
         raise ValueError(f"sink_threshold must be a number, got {sink_threshold!r}")
-    if not (math.isfinite(sink_threshold) and sink_threshold > 0):
-        raise ValueError(f"sink_threshold must be a finite number > 0, got {sink_threshold!r}")
     template = spec.get("prompt_template", PROMPT_TEMPLATE)
     if not isinstance(template, str):
         raise ValueError(f"prompt_template must be a string, got {template!r}")
