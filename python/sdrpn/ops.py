@@ -2,7 +2,8 @@
 
 Every op runs on CPU and CUDA, for float32, float64, float16 and bfloat16 inputs,
 batched over the leading dimension; thresholds are applied in the input's math type
-(float32 for float16/bfloat16, the input type otherwise).
+(float32 for float16/bfloat16, the input type otherwise), except that roi_boxes and
+roi_crops blur and threshold in float32 whatever the input (their blurred maps are float32).
 """
 
 from __future__ import annotations

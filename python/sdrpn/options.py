@@ -159,7 +159,7 @@ class RoiOptions(Options):
     max_boxes: int = option(2, "a sample left with more boxes than this gets no crop")
     drop_singletons: bool = option(True, "drop one-cell components (noise or sinks)")
     reference_clamp: bool = option(True, "clamp a grown box's exclusive end to size - 1, as the reference does")
-    token_ratio: float = option(-1.0, "resample each crop's tokens to (box_h*r, box_w*r); <= 0 keeps all")
+    token_ratio: float = option(-1.0, "bbox mode: resample each crop's tokens to (box_h*r, box_w*r); <= 0 keeps all")
     crop_mode: str = option(
         "mask",
         "'mask' (the published numbers): 2 or more boxes give ONE crop of every cell above the threshold, "
@@ -181,6 +181,13 @@ class RoiOptions(Options):
                 raise ValueError(f"{name} must be {rule}, got {getattr(self, name)!r}")
         if self.crop_mode not in CROP_MODES:
             raise ValueError(f"crop_mode must be one of {CROP_MODES}, got {self.crop_mode!r}")
+        if self.token_ratio > 0 and self.crop_mode == "mask":
+            # SPEC Stage 3 step 4 resamples whole bbox-mode crops only; a mask-mode crop feeds
+            # the tokens its mask keeps (its one-box case too, as the reference does).
+            raise ValueError(
+                f"token_ratio resamples bbox-mode crops only, got token_ratio={self.token_ratio!r} with "
+                "crop_mode='mask': set crop_mode 'bbox' or token_ratio -1"
+            )
         if not -1.0 <= self.threshold <= 1.0:  # probabilities: anything outside selects all or nothing
             raise ValueError(f"threshold must lie in [-1, 1], got {self.threshold!r}")
 

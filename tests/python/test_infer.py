@@ -29,20 +29,23 @@ def pixel_box_to_grid(
     """The inverse of grid_box_to_pixels, written out independently: source pixels to
     fractional grid cells."""
     if mode == "pad":
-        ratio = min(size / width, size / height)
-        off_x = (size - int(width * ratio)) / 2
-        off_y = (size - int(height * ratio)) / 2
+        ratio_x = ratio_y = min(size / width, size / height)
+        off_x = (size - int(width * ratio_x)) / 2
+        off_y = (size - int(height * ratio_y)) / 2
     else:  # Hugging Face's shortest-edge resize: the long side to int(size * long / short)
-        ratio = max(size / width, size / height)
         short, long = min(width, height), max(width, height)
-        cut = (int(size * long / short) - size) // 2
-        off_x, off_y = (0, -cut) if width <= height else (-cut, 0)
+        resized_long = int(size * long / short)
+        cut = (resized_long - size) // 2
+        if width <= height:
+            ratio_x, ratio_y, off_x, off_y = size / width, resized_long / height, 0, -cut
+        else:
+            ratio_x, ratio_y, off_x, off_y = resized_long / width, size / height, -cut, 0
     x0, y0, x1, y1 = box
     return (
-        (x0 * ratio + off_x) * grid_w / size,
-        (y0 * ratio + off_y) * grid_h / size,
-        (x1 * ratio + off_x) * grid_w / size,
-        (y1 * ratio + off_y) * grid_h / size,
+        (x0 * ratio_x + off_x) * grid_w / size,
+        (y0 * ratio_y + off_y) * grid_h / size,
+        (x1 * ratio_x + off_x) * grid_w / size,
+        (y1 * ratio_y + off_y) * grid_h / size,
     )
 
 
@@ -349,6 +352,22 @@ def test_crop_mode_maps_the_whole_grid_to_the_whole_short_side(short):
         assert ((x0, x1) if w < h else (y0, y1)) == (0, short)
 
 
+@pytest.mark.parametrize(
+    "size, box, expected",
+    [
+        # 335x337 resizes to 336x338 (336 * 337 / 335 = 338.006) and cuts row 1 on: the grid's
+        # bottom edge, crop row 336, is source row 337 * 337 / 338 = 336.003.
+        ((335, 337), (0, 0, 24, 24), (0, 0, 335, 336)),
+        # 2785x2843 resizes to 336x342 (342.997 rounded down), cut from row 3: crop row 336 is
+        # source row 339 * 2843 / 342 = 2818.06 (undoing 342 as if it were 342.997 gave 2809).
+        ((2785, 2843), (24, 24, 24, 24), (2785, 2818, 2785, 2818)),
+        ((2843, 2785), (24, 24, 24, 24), (2818, 2785, 2818, 2785)),
+    ],
+)
+def test_crop_mode_undoes_the_long_sides_rounded_resize(size, box, expected):
+    assert grid_box_to_pixels(box, 24, 24, *size, 336, "crop") == expected
+
+
 def test_bad_inputs(tiny):
     sd = pipeline(tiny, blob_logits(None))
     with pytest.raises(ValueError, match=r"questions\[1\] must be a string with text besides the image placeholder"):
@@ -475,6 +494,15 @@ def test_roi_arguments_change_the_rpn_folders_options_field_by_field(tiny):
     assert SDRPNLlava(tiny.model, make_tokenizer(), rpn, prompt_template=TEMPLATE, roi=unset).roi == recorded
     with pytest.raises(TypeError, match="roi must be a RoiOptions, a dict of its fields or None, got float"):
         SDRPNLlava(tiny.model, make_tokenizer(), rpn, prompt_template=TEMPLATE, roi=0.1)
+    # SPEC resamples whole bbox-mode crops only: a mask-mode one-box crop kept its 576 tokens
+    # in the reference, and the token ratio fed it fewer here.
+    message = "token_ratio resamples bbox-mode crops only, got token_ratio=0.5 with crop_mode='mask'"
+    with pytest.raises(ValueError, match=message):
+        SDRPNLlava(
+            tiny.model, make_tokenizer(), rpn, prompt_template=TEMPLATE, roi={"token_ratio": 0.5, "crop_mode": "mask"}
+        )
+    with pytest.raises(ValueError, match=message):
+        RoiOptions(token_ratio=0.5)
 
 
 def test_decoding_runs_one_forward_per_answer_token(tiny):

@@ -3,7 +3,10 @@ source-image pixels for either preprocessing mode."""
 
 from __future__ import annotations
 
-from .inputs import PREPROCESSING_MODES, centre_crop_offset
+import math
+from fractions import Fraction
+
+from .inputs import PREPROCESSING_MODES, centre_crop_offset, shortest_edge_size
 
 
 def model_grid(config) -> tuple[int, int]:
@@ -21,29 +24,38 @@ def grid_box_to_pixels(
     "pad" (LLaVA-1.5): the image was padded to a square and resized to size, so the
     reference arithmetic applies: scale to size, remove the padding, undo the resize,
     clamp to the image, truncate. "crop" (Hugging Face's default): the shortest edge was
-    resized to size and the centre cut out, so the offset of that cut is added back and
-    the resize undone as short side / size (a product of integers first: the whole grid
-    maps to the whole short side, where dividing by the ratio can fall a pixel short).
+    resized to size and the long one to int(size * long / short), then the centre cut
+    out, so the cut's offset is added back and each side's resize undone (its source
+    side / its resized side), in exact rational arithmetic: the whole grid maps to the
+    whole short side, and the long side's rounded resize is undone as it was made.
     """
     if mode not in PREPROCESSING_MODES:
         raise ValueError(f"mode must be one of {PREPROCESSING_MODES}, got {mode!r}")
     if width < 1 or height < 1:
         raise ValueError(f"image must be at least 1x1 pixels, got {width}x{height}")
+    if mode == "crop":
+        left, top = centre_crop_offset(width, height, size)
+        resized_w, resized_h = shortest_edge_size(width, height, size)
+
+        def crop_px(v, cells: int, off: int, side: int, resized: int) -> int:
+            source = (Fraction(v) * size / cells + off) * side / resized
+            return math.floor(min(max(source, 0), side))
+
+        x0, y0, x1, y1 = box
+        return (
+            crop_px(x0, grid_w, left, width, resized_w),
+            crop_px(y0, grid_h, top, height, resized_h),
+            crop_px(x1, grid_w, left, width, resized_w),
+            crop_px(y1, grid_h, top, height, resized_h),
+        )
     x0, y0, x1, y1 = (float(v) for v in box)
     sx, sy = size / grid_w, size / grid_h
     x0, x1, y0, y1 = x0 * sx, x1 * sx, y0 * sy, y1 * sy
-    if mode == "pad":
-        ratio = min(size / width, size / height)
-        off_x = -(size - int(width * ratio)) / 2
-        off_y = -(size - int(height * ratio)) / 2
+    ratio = min(size / width, size / height)
+    off_x = -(size - int(width * ratio)) / 2
+    off_y = -(size - int(height * ratio)) / 2
 
-        def px(v: float, off: float, limit: int) -> int:
-            return int(min(max((v + off) / ratio, 0.0), float(limit)))
-    else:
-        off_x, off_y = centre_crop_offset(width, height, size)
-        short = min(width, height)
-
-        def px(v: float, off: float, limit: int) -> int:
-            return int(min(max((v + off) * short / size, 0.0), float(limit)))
+    def px(v: float, off: float, limit: int) -> int:
+        return int(min(max((v + off) / ratio, 0.0), float(limit)))
 
     return px(x0, off_x, width), px(y0, off_y, height), px(x1, off_x, width), px(y1, off_y, height)
