@@ -378,6 +378,10 @@ def _run_infer(args) -> None:
         prompt_template=args.prompt_template,
         decoder=args.decoder,
     )
+    try:
+        pipe.checked_max_new_tokens(args.max_new_tokens)  # the model's context bounds it
+    except ValueError as err:
+        raise ValueError(f"argument --max-new-tokens: {err}") from None
     if not single:
         cfg = InferFileConfig(
             args.data,

@@ -368,6 +368,46 @@ def test_crop_mode_undoes_the_long_sides_rounded_resize(size, box, expected):
     assert grid_box_to_pixels(box, 24, 24, *size, 336, "crop") == expected
 
 
+def test_one_lazily_opened_image_asked_twice(tiny, tmp_path):
+    # Image.open decodes on first use: the preprocessing threads read the one file at once
+    # ("image file is truncated", "broken PNG file") unless it is decoded before them.
+    arr = (np.random.default_rng(0).random((300, 400, 3)) * 255).astype(np.uint8)
+    Image.fromarray(arr).save(tmp_path / "a.png")
+    sd = pipeline(tiny, blob_logits(*[(0, 0, 2, 2)] * 3))
+    base = BaseLlava(tiny.model, make_tokenizer(), prompt_template=TEMPLATE)
+    loaded = Image.open(tmp_path / "a.png").convert("RGB")
+    for answerer in (sd, base):
+        expected = [a if isinstance(a, str) else a.text for a in answerer.generate([loaded] * 3, QUESTIONS, 3)]
+        lazy = Image.open(tmp_path / "a.png")
+        got = [a if isinstance(a, str) else a.text for a in answerer.generate([lazy] * 3, QUESTIONS, 3)]
+        assert got == expected
+    # An image that cannot be decoded is named.
+    (tmp_path / "cut.png").write_bytes((tmp_path / "a.png").read_bytes()[:2000])
+    with pytest.raises(ValueError, match=r"images\[1\] could not be read: image file is truncated"):
+        sd.generate([loaded, Image.open(tmp_path / "cut.png")], QUESTIONS[:2], 2)
+
+
+def test_prompts_and_answers_past_the_models_context_are_refused(tiny):
+    # The tiny model has 512 positions. A static decoder's cache is sized by max_new_tokens
+    # (10**8 tried to allocate 12 GB); a longer prompt was answered from unseen positions.
+    sd = pipeline(tiny, blob_logits(None))
+    base = BaseLlava(tiny.model, make_tokenizer(), prompt_template=TEMPLATE)
+    for answerer in (sd, base):
+        with pytest.raises(ValueError, match="max_new_tokens must be an int from 1 to the model's context of 512"):
+            answerer.generate(images(1), QUESTIONS[:1], max_new_tokens=513)
+    wordy = "x " * 500 + "?"
+    message = r"questions\[1\] makes a prompt of 522 tokens \(the image's 16 among them\)"
+    with pytest.raises(ValueError, match=message + ", past the model's context of 512 positions"):
+        base.generate(images(2), [QUESTIONS[0], wordy], 2)
+    # With crops: mask mode adds at most one crop, bbox mode max_boxes of them.
+    shorter = "x " * 470 + "?"
+    assert base.generate(images(1), [shorter], 1) and sd.prompt_too_long(shorter) is None
+    with pytest.raises(ValueError, match=r"makes a prompt of 502 tokens .* and up to 16 crop tokens"):
+        sd.generate(images(1), ["x " * 480 + "?"], 1)
+    bbox = pipeline(tiny, blob_logits(None), roi={"crop_mode": "bbox", "max_boxes": 3})
+    assert "and up to 48 crop tokens, past the model's context of 512" in bbox.prompt_too_long(shorter)
+
+
 def test_bad_inputs(tiny):
     sd = pipeline(tiny, blob_logits(None))
     with pytest.raises(ValueError, match=r"questions\[1\] must be a string with text besides the image placeholder"):
@@ -385,9 +425,15 @@ def test_bad_inputs(tiny):
     with pytest.raises(NotImplementedError, match="only greedy decoding is supported, got {'streamer': 1}"):
         sd.generate(images(1), QUESTIONS[:1], streamer=1)  # generate's own argument, not a config field
     for length in (0, 2.5, "3", True):
-        with pytest.raises(ValueError, match=f"max_new_tokens must be an int >= 1, got {length!r}"):
+        with pytest.raises(
+            ValueError,
+            match=f"max_new_tokens must be an int from 1 to the model's context of 512 positions, got {length!r}",
+        ):
             sd.generate(images(1), QUESTIONS[:1], max_new_tokens=length)
-        with pytest.raises(ValueError, match=f"max_new_tokens must be an int >= 1, got {length!r}"):
+        with pytest.raises(
+            ValueError,
+            match=f"max_new_tokens must be an int from 1 to the model's context of 512 positions, got {length!r}",
+        ):
             BaseLlava(tiny.model, make_tokenizer(), prompt_template=TEMPLATE).generate(images(1), QUESTIONS[:1], length)
     assert len(sd.generate(images(1), QUESTIONS[:1], max_new_tokens=np.int64(2))[0].tokens) <= 2
     # Options from a dict or a JSON file: a value of another type is named, not compared;

@@ -155,6 +155,25 @@ def test_infer_cli_whole_file_is_resumable(infer_ws, tmp_path, capsys):
         infer_cli(infer_ws)
 
 
+def test_a_prompt_past_the_models_context_is_skipped(infer_ws, tmp_path):
+    # The tiny model has 512 positions; 600 words make a longer prompt.
+    entries = json.loads((infer_ws / "data.json").read_text())
+    q0 = next(e for e in entries if e["id"] == "q0")
+    wordy = dict(q0, id="wordy", conversations=[{"from": "human", "value": "<image>\n" + "x " * 600 + "?"}])
+    (tmp_path / "data.json").write_text(json.dumps([wordy, q0]))
+    out = tmp_path / "answers.jsonl"
+    assert infer_cli(infer_ws, "--data", str(tmp_path / "data.json"), "--image-folder", str(infer_ws / "images"),
+                     "--out", str(out)) == 0  # fmt: skip
+    assert [json.loads(line)["id"] for line in open(out)] == ["q0"]
+    summary = json.loads((tmp_path / "answers.jsonl.summary.json").read_text())
+    assert summary["skipped_by_reason"] == {"prompt past the model's context": 1}
+    message = "argument --max-new-tokens: max_new_tokens must be an int from 1 to the model's context of 512"
+    with pytest.raises(ValueError, match=message):
+        infer_cli(infer_ws, "--data", str(tmp_path / "data.json"), "--image-folder", str(infer_ws / "images"),
+                  "--out", str(tmp_path / "more.jsonl"), "--max-new-tokens", "100000")  # fmt: skip
+    assert not (tmp_path / "more.jsonl.settings.json").exists()
+
+
 def test_infer_file_answers_alike_with_or_without_loader_threads(infer_ws, tmp_path):
     import json
 

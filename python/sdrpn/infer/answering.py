@@ -21,6 +21,7 @@ from ..llava.inputs import (
     is_text,
     pixel_batch,
     preprocess_image,
+    prompt_token_ids,
     question_text,
     to_rgb,
 )
@@ -48,6 +49,10 @@ class LlavaAnswering:
         self.num_cells = self.grid_h * self.grid_w
         self.image_token_id = model.config.image_token_id
         self.pad_id = pad_token_id(tokenizer)
+        # The positions the text model was trained for: a longer prompt or answer is refused
+        # rather than read from positions it never saw (and a static decoding cache is sized
+        # by them).
+        self.context = getattr(model.config.get_text_config(), "max_position_embeddings", None)
 
     @property
     def device(self) -> torch.device:
@@ -64,13 +69,41 @@ class LlavaAnswering:
         pixels = thread_map(lambda im: preprocess_image(im, size, mean, std, mode=mode)[0], images)
         return pixel_batch(pixels, self.device, self.dtype)
 
-    @staticmethod
-    def _answer_length(max_new_tokens) -> int:
-        """``max_new_tokens`` as an int >= 1 (numpy's ints too), or ValueError naming it."""
+    def checked_max_new_tokens(self, max_new_tokens) -> int:
+        """``max_new_tokens`` as an int from 1 to the model's context (numpy's ints too), or
+        ValueError naming it."""
         if isinstance(max_new_tokens, numbers.Integral) and not isinstance(max_new_tokens, (bool, np.bool_)):
-            if max_new_tokens >= 1:
+            if 1 <= max_new_tokens <= (self.context or max_new_tokens):
                 return int(max_new_tokens)
-        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+        most = f"the model's context of {self.context} positions" if self.context else "any number"
+        raise ValueError(f"max_new_tokens must be an int from 1 to {most}, got {max_new_tokens!r}")
+
+    def most_crop_tokens(self) -> int:
+        """The most tokens a sample's crops can add to its prompt (none here)."""
+        return 0
+
+    def prompt_too_long(self, question: str) -> str | None:
+        """Why the prompt of ``question`` (a checked question) does not fit the model's
+        context with the most crop tokens it could get; None where it fits. Jobs skip such
+        samples, ``generate`` refuses them."""
+        ids = prompt_token_ids(self.tokenizer, question, self.image_token_id, self.num_cells, self.template)
+        return self._prompt_problem(len(ids))
+
+    def _prompt_problem(self, length: int) -> str | None:
+        crops = self.most_crop_tokens()
+        if self.context is None or length + crops <= self.context:
+            return None
+        with_crops = f" and up to {crops} crop tokens" if crops else ""
+        return (
+            f"makes a prompt of {length} tokens (the image's {self.num_cells} among them){with_crops}, "
+            f"past the model's context of {self.context} positions"
+        )
+
+    def _check_prompt_lengths(self, lengths: list[int]) -> None:
+        for i, length in enumerate(lengths):
+            problem = self._prompt_problem(length)
+            if problem:
+                raise ValueError(f"questions[{i}] {problem}")
 
     @staticmethod
     def _batch_size(images, questions) -> int:
@@ -108,5 +141,12 @@ class LlavaAnswering:
             if image.width < 1 or image.height < 1:
                 raise ValueError(f"images[{i}] must be at least 1x1 pixels, got {image.width}x{image.height}")
             check_preprocessable(image, self.size, self.preprocessing, f"images[{i}]")
-            out.append(to_rgb(image))
+            try:
+                # Decoded here, on the calling thread: a lazily opened image is read from its
+                # file once, not by two preprocessing threads at once (the same image asked
+                # two questions would share one file position).
+                image.load()
+                out.append(to_rgb(image))
+            except (OSError, ValueError, SyntaxError, EOFError) as error:
+                raise ValueError(f"images[{i}] could not be read: {error}") from error
         return out

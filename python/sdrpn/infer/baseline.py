@@ -25,7 +25,7 @@ class BaseLlava(LlavaAnswering):
     @torch.no_grad()
     def generate(self, images, questions, max_new_tokens: int = 128) -> list[str]:
         """One greedy answer per (image, question); a sample stops at its end-of-sequence token."""
-        max_new_tokens = self._answer_length(max_new_tokens)
+        max_new_tokens = self.checked_max_new_tokens(max_new_tokens)
         if not self._batch_size(images, questions):
             return []
         images = self._images(images)
@@ -34,6 +34,7 @@ class BaseLlava(LlavaAnswering):
             prompt_token_ids(self.tokenizer, q, self.image_token_id, self.num_cells, self.template)
             for q in self._questions(questions)
         ]
+        self._check_prompt_lengths([len(p) for p in prompts])
         ids, mask = left_pad(prompts, self.pad_id, device)
         out = self.model.generate(
             input_ids=ids,

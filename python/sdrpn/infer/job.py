@@ -109,6 +109,7 @@ def answer_file(pipe: SDRPNLlava, cfg: InferFileConfig) -> dict:
     Bad samples are skipped and counted. Returns the counts summed over the ranks."""
     check_image_folder(cfg.image_folder)
     check_initialized(cfg.world_size)
+    pipe.checked_max_new_tokens(cfg.max_new_tokens)  # refused before anything is written
     own = writer_path(cfg.out, cfg.rank, cfg.world_size)
     with contextlib.ExitStack() as held:
         # Rank 0 writes out (its settings, summary, the merged rows, and so the rank files no
@@ -185,6 +186,10 @@ def _answer_file(pipe: SDRPNLlava, cfg: InferFileConfig, own: str) -> dict:
                 progress.update(1)
                 continue
             if image is None:  # answered by an earlier run
+                progress.update(1)
+                continue
+            if pipe.prompt_too_long(sample.question):  # tokenized here: the tokenizer is not shared across threads
+                skipped["prompt past the model's context"] += 1
                 progress.update(1)
                 continue
             pending.append((sample, image))

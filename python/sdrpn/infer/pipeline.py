@@ -183,6 +183,10 @@ class SDRPNLlava(LlavaAnswering):
         self.pass2_group_cost = pass2_group_cost
 
     # ---- inputs ---------------------------------------------------------------------------
+    def most_crop_tokens(self) -> int:
+        """Every token of up to max_boxes whole crops (bbox mode) or of one crop (mask mode)."""
+        return self.num_cells * (self.roi.max_boxes if self.roi.crop_mode == "bbox" else 1)
+
     def _split_prompt(self, question: str) -> tuple[list[int], list[int]]:
         return split_prompt_ids(self.tokenizer, question, self.image_token_id, self.num_cells, self.template)
 
@@ -192,6 +196,7 @@ class SDRPNLlava(LlavaAnswering):
         clock = Stopwatch(self.device)
         images = self._images(images)
         prompts = [self._split_prompt(q) for q in self._questions(questions)]
+        self._check_prompt_lengths([len(p) + len(s) for p, s in prompts])
         pixels = self._pixels(images)
         prefix_ids, prefix_mask = left_pad([p for p, _ in prompts], self.pad_id, self.device)
         # Both parts are padded on their left: every prefix ends with its image tokens, and
@@ -300,7 +305,7 @@ class SDRPNLlava(LlavaAnswering):
         other = {k: v for k, v in generate_kwargs.items() if greedy.get(k, object()) != v}
         if other:
             raise NotImplementedError(f"only greedy decoding is supported, got {other}")
-        max_new_tokens = self._answer_length(max_new_tokens)
+        max_new_tokens = self.checked_max_new_tokens(max_new_tokens)
         if not self._batch_size(images, questions):
             return []
         p1, images = self._pass1(images, questions)
