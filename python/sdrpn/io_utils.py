@@ -114,8 +114,13 @@ def read_safetensors(path: str, device: str = "cpu") -> dict:
 
 
 def read_json(path: str):
-    with open(path) as f:
-        return json.load(f)
+    """A JSON file's value; a file that is not JSON text is refused naming it."""
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        return json.loads(data)
+    except ValueError as err:  # JSONDecodeError and UnicodeDecodeError both
+        raise ValueError(f"{path} is not valid JSON: {err}") from None
 
 
 def read_jsonl(path: str) -> list[dict]:

@@ -44,36 +44,63 @@ def _as_declared(base: str, value):
     return None
 
 
+def check_field_types(settings) -> None:
+    """Refuse a field of the dataclass ``settings`` declared as a scalar (int, float, bool,
+    str), a list of one (``list[int]``) or a ``dict``, or one of them or None, that holds a
+    value of another type, naming it: values also come from JSON files and dicts, where
+    "0.1" or 4.5 would otherwise fail later inside an op, or compare wrongly. Numbers are
+    stored as the declared Python type (numpy's would not record as JSON). Floats must be
+    finite and ints fit in 64 bits, as the ops, torch and JSON take them: no setting means
+    anything at NaN or infinity."""
+    for f in dataclasses.fields(settings):
+        declared = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
+        base = declared.removesuffix(" | None")
+        value = getattr(settings, f.name)
+        if value is None and base != declared:
+            continue
+        if base == "dict":
+            if not isinstance(value, dict):
+                raise ValueError(f"{f.name} must be of type {declared}, got {value!r}")
+            continue
+        if base.startswith("list[") and base[5:-1] in _SCALARS:
+            if not isinstance(value, list):
+                raise ValueError(f"{f.name} must be of type {declared}, got {value!r}")
+            typed = [_checked_scalar(f"{f.name}[{i}]", base[5:-1], base[5:-1], v) for i, v in enumerate(value)]
+        elif base in _SCALARS:
+            typed = _checked_scalar(f.name, declared, base, value)
+        else:
+            continue
+        object.__setattr__(settings, f.name, typed)  # (frozen option classes too)
+
+
+_SCALARS = ("int", "float", "bool", "str")
+
+
+def _checked_scalar(name: str, declared: str, base: str, value):
+    typed = _as_declared(base, value)
+    if typed is None:
+        raise ValueError(f"{name} must be of type {declared}, got {value!r}")
+    if base == "float" and not math.isfinite(typed):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if base == "int" and not INT64_MIN <= typed <= INT64_MAX:
+        raise ValueError(f"{name} must fit in 64 bits ([{INT64_MIN}, {INT64_MAX}]), got {value!r}")
+    return typed
+
+
 class Options:
     """Mixin for option dataclasses: dict round trip, overrides and type checks."""
 
     def check_types(self) -> None:
-        """Refuse a scalar field (int, float, bool, str, or one of them or None) holding a
-        value of another type, naming it: values also come from JSON files and dicts, where
-        "0.1" or 4.5 would otherwise fail later inside an op, or compare wrongly. Numbers
-        are stored as the declared Python type (numpy's would not record as JSON). Floats
-        must be finite and ints fit in 64 bits, as the ops, torch and JSON take them: no
-        setting means anything at NaN or infinity."""
-        for f in dataclasses.fields(self):
-            declared = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
-            base = declared.removesuffix(" | None")
-            value = getattr(self, f.name)
-            if base not in ("int", "float", "bool", "str") or (value is None and base != declared):
-                continue
-            typed = _as_declared(base, value)
-            if typed is None:
-                raise ValueError(f"{f.name} must be of type {declared}, got {value!r}")
-            if base == "float" and not math.isfinite(typed):
-                raise ValueError(f"{f.name} must be a finite number, got {value!r}")
-            if base == "int" and not INT64_MIN <= typed <= INT64_MAX:
-                raise ValueError(f"{f.name} must fit in 64 bits ([{INT64_MIN}, {INT64_MAX}]), got {value!r}")
-            object.__setattr__(self, f.name, typed)  # (frozen option classes too)
+        """See ``check_field_types``."""
+        check_field_types(self)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls: type[T], values: dict | None) -> T:
+        if values is not None and not isinstance(values, dict):
+            raise ValueError(f"{cls.__name__} must be a JSON object, got {type(values).__name__}: {values!r}")
         values = dict(values or {})
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - names)

@@ -179,6 +179,66 @@ def test_a_redone_shard_that_labels_nothing_keeps_no_tensors_of_the_killed_run(t
     assert folder.read_shard(name).rows == [] and folder.summary()["skipped"] == 1
 
 
+def test_rows_a_sample_cannot_be_rebuilt_from_are_left_out(tmp_path, caplog):
+    # Each crashed the training dataset (KeyError, AttributeError, the tokenizer's TypeError).
+    from sdrpn.labels.folder import shard_name
+
+    prep = {"mode": "pad", "width": 40, "height": 30, "size": 56}
+    good = {"id": "a", "image": "a.png", "question": "q ?", "preprocessing": prep, "fg": 1, "bg": 15}
+    rows = [
+        good,
+        {k: v for k, v in good.items() if k != "question"},
+        dict(good, image=None),
+        dict(good, question="\ud800"),
+        dict(good, preprocessing="pad"),
+        dict(good, preprocessing={k: v for k, v in prep.items() if k != "width"}),
+        dict(good, preprocessing=dict(prep, size="56")),
+        dict(good, preprocessing=dict(prep, mode="x")),
+        dict(good, preprocessing=dict(prep, height=True)),
+        dict(good, preprocessing=None),  # converted from the reference's pickles
+    ]
+    rows = [dict(row, row=i) for i, row in enumerate(rows)]
+    n = len(rows)
+    tensors = {
+        "grounding": torch.rand(n, 16),
+        "sink": torch.zeros(n, 16),
+        "labels": torch.zeros(n, 16, dtype=torch.int8),
+        "grid": torch.tensor([[4, 4]] * n),
+    }
+    folder = LabelFolder(str(tmp_path))
+    name = shard_name(0, 1)
+    folder.write_shard(name, rows, tensors, [], 0, n - 1, 1)
+    assert [r["row"] for r in folder.read_shard(name).rows] == [0, n - 1]
+    assert "left out {'malformed row': 8}" in caplog.text
+
+
+def test_a_damaged_label_config_or_done_marker_is_named(workspace, tmp_path):
+    # Each failed inside a reader (AttributeError, KeyError, TypeError).
+    out = tmp_path / "labels"
+    assert run_label(workspace, out, "--answers", "given") == 0
+    path = out / "label_config.json"
+    config = json.loads(path.read_text())
+    for raw, message in (
+        ([], "must hold a JSON object, got list"),
+        ({k: v for k, v in config.items() if k != "options"}, "options must be a JSON object, got None"),
+        (dict(config, format_version="2"), "format_version must be an int, got '2'"),
+        (dict(config, world_size="1"), r"world_size must be of type int \| None, got '1'"),
+        (dict(config, image_size="56"), r"image_size must be of type int \| None, got '56'"),
+        (dict(config, model="x"), r"model must be of type dict \| None, got 'x'"),
+        (dict(config, grid=[4]), r"grid must be \[grid_h, grid_w\] of positive ints, got \[4\]"),
+    ):
+        path.write_text(json.dumps(raw))
+        with pytest.raises(ValueError, match=f"{path}: {message}"):
+            LabelFolder(str(out)).read_config()
+    path.write_text(json.dumps(config))
+    marker = next(out.glob("*.done.json"))
+    good = json.loads(marker.read_text())
+    for bad in ({k: v for k, v in good.items() if k != "labelled"}, dict(good, world_size="1"), []):
+        marker.write_text(json.dumps(bad))
+        with pytest.raises(ValueError, match=f"{marker} is not a done marker of this format"):
+            LabelFolder(str(out)).summary()
+
+
 def test_loader_threads_change_nothing(workspace, tmp_path):
     """Images loaded ahead by threads or on the main thread: the same shards, rows, skips."""
     outs = {w: tmp_path / f"workers{w}" for w in ("0", "3")}

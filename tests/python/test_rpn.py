@@ -221,15 +221,29 @@ def test_rpn_folders_record_their_settings_and_refuse_contradictions(tiny, tmp_p
         ("heads", 4, "unknown fields"),
         ("preprocessing", "stretch", "preprocessing"),
         ("prompt_template", "{question.__class__}", "prompt_template"),
+        # Fields that are lists and dicts are typed too (each failed later, or inside torch).
+        ("base_fingerprint", None, r"base_fingerprint must be of type list\[float\], got None"),
+        ("base_fingerprint", ["a"], r"base_fingerprint\[0\] must be of type float, got 'a'"),
+        ("roi", [1], r"roi must be of type dict, got \[1\]"),
+        ("task_thresholds", {"textvqa": "x"}, r"task_thresholds\['textvqa'\] must be a threshold in \[-1, 1\]"),
     ):
         (folder / "rpn_config.json").write_text(json.dumps(dict(config, **{field: value})))
         with pytest.raises(ValueError, match=message):
+            RegionProposalNetwork.load(str(folder), tiny.model)
+    path = folder / "rpn_config.json"
+    for text, message in (("[1, 2]", "RPNConfig must be a JSON object, got list"), ("{'a'", "is not valid JSON")):
+        path.write_text(text)
+        with pytest.raises(ValueError, match=f"{path}:? {message}"):
             RegionProposalNetwork.load(str(folder), tiny.model)
     (folder / "rpn_config.json").write_text(json.dumps(config))
     weights = load_file(str(folder / "rpn.safetensors"))
     weights["q_proj.weight"][0, 0] = float("nan")
     save_file(weights, str(folder / "rpn.safetensors"))
     with pytest.raises(ValueError, match=r"NaN or Inf values: \['q_proj.weight'\]"):
+        RegionProposalNetwork.load(str(folder), tiny.model)
+    weights["q_proj.weight"] = torch.zeros(3, 3)
+    save_file(weights, str(folder / "rpn.safetensors"))
+    with pytest.raises(ValueError, match=r"do not fit this model: q_proj.weight \(3, 3\) \(the model's \(64, 64\)\)"):
         RegionProposalNetwork.load(str(folder), tiny.model)
 
 

@@ -35,11 +35,11 @@ from torch import Tensor
 from ..distributed import rank_name, rank_of
 from ..io_utils import read_json, read_jsonl, remove_temporaries, write_atomic, write_json, write_jsonl
 from ..llava.data import skip_reasons
-from ..llava.inputs import PROMPT_TEMPLATE
+from ..llava.inputs import PREPROCESSING_MODES, PROMPT_TEMPLATE, is_text
 from ..llava.loading import same_model
 from ..llava.presets import PRESETS
 from ..ops import IGNORE_INDEX, SINK_THRESHOLD
-from ..options import setting_changes
+from ..options import check_field_types, setting_changes
 from .options import LabelOptions
 
 log = logging.getLogger(__name__)
@@ -110,9 +110,21 @@ class LabelFolderConfig:
             "image_token_id": self.image_token_id,
         }
 
+    def __post_init__(self):
+        check_field_types(self)
+        if self.grid is not None and (len(self.grid) != 2 or min(self.grid) < 1):
+            raise ValueError(f"grid must be [grid_h, grid_w] of positive ints, got {self.grid!r}")
+
     @classmethod
     def from_dict(cls, raw: dict) -> LabelFolderConfig:
-        if raw.get("format_version", 1) >= 2:
+        if not isinstance(raw, dict):
+            raise ValueError(f"must hold a JSON object, got {type(raw).__name__}")
+        version = raw.get("format_version", 1)
+        if type(version) is not int:
+            raise ValueError(f"format_version must be an int, got {version!r}")
+        if version >= 2:
+            if not isinstance(raw.get("options"), dict):
+                raise ValueError(f"options must be a JSON object, got {raw.get('options')!r}")
             return cls(
                 options=LabelOptions.from_dict(raw["options"]),
                 **{
@@ -179,7 +191,13 @@ class LabelFolder:
     # ---- config ---------------------------------------------------------------------------
     def read_config(self) -> LabelFolderConfig | None:
         path = self.file(CONFIG_NAME)
-        return LabelFolderConfig.from_dict(read_json(path)) if os.path.exists(path) else None
+        if not os.path.exists(path):
+            return None
+        try:
+            return LabelFolderConfig.from_dict(read_json(path))
+        except ValueError as err:
+            message = str(err)
+            raise ValueError(message if message.startswith(path) else f"{path}: {message}") from None
 
     @property
     def config(self) -> LabelFolderConfig:
@@ -254,7 +272,17 @@ class LabelFolder:
         return sorted(glob.glob(self.file(pattern + MARKER_SUFFIX)))
 
     def done_markers(self, rank: int | None = None) -> list[dict]:
-        return [read_json(p) for p in self._marker_paths(rank)]
+        markers = []
+        for path in self._marker_paths(rank):
+            marker = read_json(path)
+            if not _marker_fits(marker):
+                raise ValueError(
+                    f"{path} is not a done marker of this format (it needs whole numbers labelled, all_ignore, "
+                    "last_index, first_index and world_size, and skipped counts by reason): remove it to label its "
+                    "shard again"
+                )
+            markers.append(marker)
+        return markers
 
     def complete_shards(self) -> list[str]:
         """Names of the shards whose done marker exists, in order."""
@@ -316,11 +344,12 @@ class LabelFolder:
         labels = tensors["labels"]
         row_ok = ((labels == 0) | (labels == 1) | (labels == IGNORE_INDEX)).all(1)
         kept, bad = [], Counter()
+        image_size = self.config.image_size
         for row in rows:
             index = row.get("row") if isinstance(row, dict) else None
             if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < n:
                 bad["row index out of range"] += 1
-            elif not isinstance(row.get("id"), str) or not isinstance(row.get("question", ""), str):
+            elif _malformed(row, image_size):
                 bad["malformed row"] += 1
             elif not bool(row_ok[index]):
                 bad["label values other than 0, 1 and ignore"] += 1
@@ -362,6 +391,35 @@ class LabelFolder:
                 summary["labelled"],
             )
         return summary
+
+
+def _marker_fits(marker) -> bool:
+    """Whether a done marker holds the counts the folder's readers sum."""
+    if not isinstance(marker, dict) or not isinstance(marker.get("skipped"), dict):
+        return False
+    counts = [marker.get(key) for key in ("labelled", "all_ignore", "last_index")]
+    counts += list(marker["skipped"].values())
+    # first_index: None for a shard that labelled and skipped nothing; world_size: absent
+    # from markers of older folders.
+    optional = [marker.get(key) for key in ("first_index", "world_size")]
+    return all(type(n) is int and n >= 0 for n in counts) and all(n is None or type(n) is int for n in optional)
+
+
+def _malformed(row: dict, image_size: int | None) -> bool:
+    """Whether a row lacks what its sample is rebuilt from (id, image, question text,
+    and the preprocessing, where recorded, at the folder's image size)."""
+    if not all(isinstance(row.get(key), str) for key in ("id", "image", "question")):
+        return True
+    if not is_text(row["question"]):
+        return True
+    prep = row.get("preprocessing")
+    if prep is None:  # converted from the reference's pickles: the folder's settings apply
+        return False
+    if not isinstance(prep, dict) or prep.get("mode") not in PREPROCESSING_MODES:
+        return True
+    if not all(type(prep.get(key)) is int and prep[key] > 0 for key in ("width", "height", "size")):
+        return True
+    return image_size not in (None, prep["size"])
 
 
 def _check_shard_tensors(base: str, tensors: dict[str, Tensor]) -> int:

@@ -78,6 +78,9 @@ class RPNConfig(Options):
         if self.preprocessing not in PREPROCESSING_MODES:
             raise ValueError(f"preprocessing must be one of {PREPROCESSING_MODES}, got {self.preprocessing!r}")
         RoiOptions.from_dict(self.roi)
+        for task, threshold in self.task_thresholds.items():
+            if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not -1 <= threshold <= 1:
+                raise ValueError(f"task_thresholds[{task!r}] must be a threshold in [-1, 1], got {threshold!r}")
 
     @property
     def roi_options(self) -> RoiOptions:
@@ -96,10 +99,10 @@ def read_rpn_config(folder: str) -> RPNConfig:
     path = os.path.join(folder, CONFIG_NAME)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{folder} is not an RPN folder: it has no {CONFIG_NAME}")
-    config = RPNConfig.from_dict(read_json(path))
+    config = _config_file(path)
     hub_path = os.path.join(folder, HUB_CONFIG_NAME)
     if os.path.isfile(hub_path):
-        ours, theirs = config.to_dict(), RPNConfig.from_dict(read_json(hub_path)).to_dict()
+        ours, theirs = config.to_dict(), _config_file(hub_path).to_dict()
         differ = sorted(k for k in ours if ours[k] != theirs[k])
         if differ:
             raise ValueError(
@@ -108,6 +111,15 @@ def read_rpn_config(folder: str) -> RPNConfig:
                 f"{HUB_CONFIG_NAME}"
             )
     return config
+
+
+def _config_file(path: str) -> RPNConfig:
+    """An RPNConfig from a JSON file; what is wrong with it is said naming the file."""
+    try:
+        return RPNConfig.from_dict(read_json(path))
+    except ValueError as err:
+        message = str(err)
+        raise ValueError(message if message.startswith(path) else f"{path}: {message}") from None
 
 
 def rpn_loss(logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
@@ -425,6 +437,11 @@ class RegionProposalNetwork(
         bad = sorted(k for k, v in weights.items() if v.is_floating_point() and not bool(torch.isfinite(v).all()))
         if bad:
             raise ValueError(f"RPN weights in {folder} hold NaN or Inf values: {bad}")
+        own = rpn.state_dict()
+        misfit = [f"{k} {tuple(v.shape)} (the model's {tuple(own[k].shape)})" for k, v in weights.items()
+                  if k in own and v.shape != own[k].shape]  # fmt: skip
+        if misfit:
+            raise ValueError(f"RPN weights in {folder} do not fit this model: {', '.join(misfit)}")
         missing, unexpected = rpn.load_state_dict(weights, strict=False)
         missing = [k for k in missing if not k.startswith("rotary_emb.")]
         if missing or unexpected:
