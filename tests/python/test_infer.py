@@ -408,6 +408,45 @@ def test_prompts_and_answers_past_the_models_context_are_refused(tiny):
     assert "and up to 48 crop tokens, past the model's context of 512" in bbox.prompt_too_long(shorter)
 
 
+def test_the_pipelines_objects_are_checked(tiny):
+    # Each was an AttributeError on None, or silently used.
+    tok, rpn = make_tokenizer(), RegionProposalNetwork.from_llava(tiny.model, branch_layer=2, depth=2)
+    kw = {"prompt_template": TEMPLATE}
+    with pytest.raises(TypeError, match="rpn must be a RegionProposalNetwork, got NoneType"):
+        SDRPNLlava(tiny.model, tok, None, **kw)
+    with pytest.raises(TypeError, match="model must be a LLaVA model"):
+        SDRPNLlava(None, tok, rpn, **kw)
+    with pytest.raises(TypeError, match="processor must be a Hugging Face processor or tokenizer, got NoneType"):
+        BaseLlava(tiny.model, None, **kw)
+    # An RPN holds copies of its base model's layers: on another model it reads states it
+    # never trained on.
+    other = make_tiny_llava(num_layers=4, grid=GRID, seed=1)
+    with pytest.raises(ValueError, match=r"rpn was made on another base model than model \(the same architecture"):
+        SDRPNLlava(other.model, tok, rpn, **kw)
+    # An empty string is not "the RPN's own" (None is).
+    for field in ("prompt_template", "preprocessing"):
+        with pytest.raises(ValueError, match=field):
+            SDRPNLlava(tiny.model, tok, rpn, **{**kw, field: ""})
+    with pytest.raises(ValueError, match="task must be one of"):
+        SDRPNLlava(tiny.model, tok, rpn, task="", **kw)
+
+    class Processor:
+        tokenizer = tok
+
+        class image_processor:  # noqa: N801 (a processor's attribute)
+            image_mean, image_std = [0.5, 0.5, 0.5], [0.2, 0.0, 0.2]
+
+    with pytest.raises(ValueError, match=r"image_std must be > 0 per channel, got \(0.2, 0.0, 0.2\)"):
+        BaseLlava(tiny.model, Processor(), **kw)
+    Processor.image_processor.image_mean = [0.5]
+    with pytest.raises(ValueError, match=r"image_mean must be three finite numbers \(R, G, B\), got \[0.5\]"):
+        BaseLlava(tiny.model, Processor(), **kw)
+    bare = make_tokenizer()
+    bare.pad_token = bare.eos_token = None
+    with pytest.raises(ValueError, match="has neither a pad nor an end-of-sequence token"):
+        BaseLlava(tiny.model, bare, **kw)
+
+
 def test_bad_inputs(tiny):
     sd = pipeline(tiny, blob_logits(None))
     with pytest.raises(ValueError, match=r"questions\[1\] must be a string with text besides the image placeholder"):

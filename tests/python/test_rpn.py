@@ -123,6 +123,12 @@ def test_rpn_loss():
     assert torch.equal(logits.grad, torch.zeros(1, 4))
     with pytest.raises(ValueError, match="logits and labels must have one shape"):
         rpn_loss(logits, labels[:, :2])
+    with pytest.raises(ValueError, match=r"labels must be 0, 1 or ignore_index=-100, got \[2\]"):
+        rpn_loss(logits, torch.tensor([[2, 0, 1, 0]]))
+    with pytest.raises(ValueError, match=r"labels must be 0, 1 or ignore_index=-100, got \[-1\]"):
+        rpn_loss(logits, torch.tensor([[-1, 0, -1, 1]]))
+    with pytest.raises(TypeError, match="logits and labels must be tensors, got Tensor and ndarray"):
+        rpn_loss(logits, labels.numpy())
 
 
 def test_save_load_round_trip_and_refusal(tiny, tmp_path):

@@ -3,6 +3,7 @@ normalisation, the prompt template, the image preprocessing, and the checks on i
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Sequence
 
@@ -29,6 +30,17 @@ from ..llava.loading import model_device, model_dtype, pad_token_id
 from ..prefetch import thread_map
 
 
+def _channel_values(name: str, values) -> tuple[float, float, float]:
+    """The processor's per-channel normalisation ``name``: three finite numbers."""
+    try:
+        out = tuple(float(v) for v in values)
+    except (TypeError, ValueError):
+        out = ()
+    if len(out) != 3 or not all(math.isfinite(v) for v in out):
+        raise ValueError(f"the processor's {name} must be three finite numbers (R, G, B), got {values!r}")
+    return out
+
+
 class LlavaAnswering:
     """``processor`` is a Hugging Face processor or its tokenizer: the images are preprocessed
     here (so that boxes map back), normalised with the processor's mean and std where it has
@@ -39,10 +51,16 @@ class LlavaAnswering:
             raise ValueError(f"preprocessing must be one of {PREPROCESSING_MODES}, got {preprocessing!r}")
         self.preprocessing = preprocessing
         self.template = check_template(prompt_template)
+        if not isinstance(model, nn.Module) or not hasattr(getattr(model, "config", None), "vision_config"):
+            raise TypeError(f"model must be a LLaVA model (load_llava's), got {type(model).__name__}")
         tokenizer = getattr(processor, "tokenizer", processor)
+        if not callable(tokenizer) or not hasattr(tokenizer, "decode"):
+            raise TypeError(f"processor must be a Hugging Face processor or tokenizer, got {type(processor).__name__}")
         image_processor = getattr(processor, "image_processor", None)
-        self.mean = tuple(getattr(image_processor, "image_mean", None) or CLIP_MEAN)
-        self.std = tuple(getattr(image_processor, "image_std", None) or CLIP_STD)
+        self.mean = _channel_values("image_mean", getattr(image_processor, "image_mean", None) or CLIP_MEAN)
+        self.std = _channel_values("image_std", getattr(image_processor, "image_std", None) or CLIP_STD)
+        if min(self.std) <= 0:
+            raise ValueError(f"the processor's image_std must be > 0 per channel, got {self.std}")
         self.model, self.tokenizer = model.eval(), tokenizer
         self.size = model.config.vision_config.image_size
         self.grid_h, self.grid_w = model_grid(model.config)

@@ -120,13 +120,13 @@ def _roi_options(rpn: RegionProposalNetwork, task: str | None, roi: RoiOptions |
     """The RPN folder's RoI options (its task's threshold with ``task``), with a dict's
     fields changed, or a whole ``RoiOptions`` instead."""
     if isinstance(roi, RoiOptions):
-        if task:
+        if task is not None:
             raise ValueError(
                 f"task={task!r} sets the threshold and roi={roi!r} sets every option: pass one, or roi as a dict of "
                 "the fields to change"
             )
         return roi
-    base = rpn.config.task_roi_options(task) if task else rpn.config.roi_options
+    base = rpn.config.task_roi_options(task) if task is not None else rpn.config.roi_options
     if roi is None:
         return base
     if not isinstance(roi, Mapping):
@@ -161,13 +161,19 @@ class SDRPNLlava(LlavaAnswering):
         decoder: str = "auto",
         pass2_group_cost: int = GROUP_COST_TOKENS,
     ):
+        if not isinstance(rpn, RegionProposalNetwork):
+            raise TypeError(f"rpn must be a RegionProposalNetwork, got {type(rpn).__name__}")
         self.roi = _roi_options(rpn, task, roi)
+        # None takes the RPN's own (an empty string is refused, as BaseLlava refuses it).
         super().__init__(
             model,
             processor,
-            prompt_template=prompt_template or rpn.config.prompt_template,
-            preprocessing=preprocessing or rpn.config.preprocessing,
+            prompt_template=rpn.config.prompt_template if prompt_template is None else prompt_template,
+            preprocessing=rpn.config.preprocessing if preprocessing is None else preprocessing,
         )
+        what = rpn.config.base_model_problem(model)
+        if what:
+            raise ValueError(f"rpn was made on another base model than model ({what}): {rpn.config.base_model!r}")
         if not self.template.partition(IMAGE_PLACEHOLDER)[2].strip():
             # The RPN reads the last prompt token, which must come after the image, and pass
             # 2 inserts the crops between the image and that text.

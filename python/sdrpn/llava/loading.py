@@ -37,7 +37,10 @@ def parse_dtype(name: str) -> torch.dtype:
 
 def pad_token_id(tokenizer) -> int:
     """The tokenizer's padding id, or its end-of-sequence id when it has none (LLaMA's)."""
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:  # batches are padded, and answers end, with it
+        raise ValueError(f"the tokenizer ({type(tokenizer).__name__}) has neither a pad nor an end-of-sequence token")
+    return pad
 
 
 def model_device(model: nn.Module) -> torch.device:

@@ -82,6 +82,21 @@ class RPNConfig(Options):
             if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not -1 <= threshold <= 1:
                 raise ValueError(f"task_thresholds[{task!r}] must be a threshold in [-1, 1], got {threshold!r}")
 
+    def base_model_problem(self, model: nn.Module) -> str | None:
+        """How ``model`` differs from the base model this RPN was made on, for a message
+        (None: it is that model, or one of its dtype). Copies of the base model's layers are
+        part of the RPN, so on another model it would read states it was never trained on."""
+        if self.hidden_size != model.get_decoder().config.hidden_size or self.base_config_fingerprint not in (
+            None,
+            config_fingerprint(model.config),
+        ):
+            return "another architecture"
+        if fingerprints_match(self.base_fingerprint, weights_fingerprint(model, self.branch_layer - 1)):
+            return None
+        if self.base_config_fingerprint is None:  # an RPN folder of the first format
+            return "other weights; the folder records no architecture"
+        return "the same architecture, other weights"
+
     @property
     def roi_options(self) -> RoiOptions:
         return RoiOptions.from_dict(self.roi)
@@ -127,10 +142,19 @@ def rpn_loss(logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX) -
 
     Exactly zero, and still part of the graph, when a batch has no such cell.
     """
+    if not isinstance(logits, Tensor) or not isinstance(labels, Tensor):
+        raise TypeError(f"logits and labels must be tensors, got {type(logits).__name__} and {type(labels).__name__}")
     if logits.shape != labels.shape:
         raise ValueError(f"logits and labels must have one shape, got {tuple(logits.shape)} and {tuple(labels.shape)}")
     keep = labels != ignore_index
-    if not bool(keep.any()):
+    # One read of the device for both facts: whether any cell counts, and whether a counted
+    # one is no target (2 gave a negative loss; -1 labels with ignore_index left at -100
+    # were trained as targets).
+    any_kept, off_target = torch.stack([keep.any(), (keep & (labels != 0) & (labels != 1)).any()]).tolist()
+    if off_target:
+        found = labels[keep & (labels != 0) & (labels != 1)].unique()[:5].tolist()
+        raise ValueError(f"labels must be 0, 1 or ignore_index={ignore_index}, got {found}")
+    if not any_kept:
         # Padding cells hold -inf, and -inf * 0 is NaN: zero them first.
         return logits.masked_fill(~torch.isfinite(logits), 0.0).sum() * 0.0
     return F.binary_cross_entropy_with_logits(logits[keep].float(), labels[keep].float())
@@ -407,19 +431,8 @@ class RegionProposalNetwork(
         config = read_rpn_config(folder)
         rpn = cls.from_llava(model, config.branch_layer, config.depth)
         derived = rpn.config
-        theirs, ours = config.base_fingerprint, derived.base_fingerprint
-        same = fingerprints_match(theirs, ours)
-        other_architecture = config.hidden_size != derived.hidden_size or config.base_config_fingerprint not in (
-            None,
-            derived.base_config_fingerprint,
-        )
-        if not same or other_architecture:
-            if other_architecture:
-                what = "another architecture"
-            elif config.base_config_fingerprint is None:  # an RPN folder of the first format
-                what = "other weights; the folder records no architecture"
-            else:
-                what = "the same architecture, other weights"
+        what = config.base_model_problem(model)
+        if what:
             raise ValueError(
                 f"the RPN in {folder} was trained on another base model ({what}): "
                 f"{config.base_model!r}, hidden size {config.hidden_size}; this model "
