@@ -93,6 +93,10 @@ def pseudo_label_stats(labels: Tensor, ignore_index: int = IGNORE_INDEX) -> Tens
     Labels other than 1, 0 and ``ignore_index`` are refused, so that the counts add up to N
     (one host synchronisation).
     """
+    if not isinstance(labels, Tensor):
+        raise TypeError(f"labels must be a tensor, got {type(labels).__name__}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int) or not -(2**63) <= ignore_index < 2**63:
+        raise ValueError(f"ignore_index must be an int of 64 bits, got {ignore_index!r}")
     if labels.dim() != 2:
         raise ValueError(f"labels must be (B, N), got shape {tuple(labels.shape)}")
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:

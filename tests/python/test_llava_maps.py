@@ -238,8 +238,12 @@ def test_presets_and_head_selection():
     assert p7.sink.heads_of(2, 32) == list(range(32))
     assert p7.probed_layers == (2, 14)
     assert get_preset("llava15-13b").grounding.count(40) == 7
-    with pytest.raises(ValueError, match="preset must be one of .* or a JSON file"):
+    with pytest.raises(ValueError, match=r"preset must be one of \[.*\] or a JSON file, got 'llava-2'"):
         get_preset("llava-2")
+    with pytest.raises(ValueError, match=r"preset must be one of \[.*\] or a JSON file, got 'auto'"):
+        get_preset("auto")  # resolve_preset's: the refusal listed it as valid
+    with pytest.raises(TypeError, match="preset must be a name or a JSON file's path, got NoneType"):
+        get_preset(None)
     with pytest.raises(ValueError, match="head 40 of layer 13 does not exist"):
         HeadSelection(((13, 40),)).heads_of(13, 40)
     with pytest.raises(ValueError, match="layers must lie in"):

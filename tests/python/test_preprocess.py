@@ -4,10 +4,12 @@ import torch
 from PIL import Image
 
 from sdrpn.llava.data import SkipSample, parse_entry, resolve_image
+from sdrpn.llava.geometry import grid_box_to_pixels
 from sdrpn.llava.inputs import (
     CLIP_MEAN,
     PROMPT_TEMPLATE,
     check_template,
+    crop_pixels,
     pad_to_square,
     preprocess_image,
     prompt_token_ids,
@@ -33,6 +35,22 @@ def test_preprocess_any_mode_and_tiny_images(mode):
     pixels, prep = preprocess_image(image, 28)
     assert pixels.shape == (3, 28, 28) and pixels.dtype == torch.float32
     assert (prep.mode, prep.width, prep.height, prep.size) == ("pad", 1, 1, 28)
+
+
+def test_the_public_helpers_name_a_bad_argument():
+    # Each failed inside: AttributeError on an array, a 1x1 output for size=True, a numpy
+    # broadcast error for a crop of a grayscale or RGBA image, ZeroDivisionError.
+    with pytest.raises(TypeError, match="image must be a PIL image, got ndarray"):
+        preprocess_image(np.zeros((4, 4, 3), dtype=np.uint8), 28)
+    for size in (True, 0, 28.0):
+        with pytest.raises(ValueError, match=f"size must be an int >= 1, got {size!r}"):
+            preprocess_image(Image.new("RGB", (4, 4)), size)
+    rgb = Image.fromarray((np.random.default_rng(0).random((30, 40, 3)) * 255).astype(np.uint8))
+    box = (5, 5, 20, 25)
+    for image in (rgb.convert("RGBA"), rgb.convert("L")):
+        assert torch.equal(crop_pixels(image, box, 28), crop_pixels(image.convert("RGB"), box, 28))
+    with pytest.raises(ValueError, match="grid_h, grid_w and size must be >= 1, got 0, 4 and 56"):
+        grid_box_to_pixels((0, 0, 1, 1), 0, 4, 40, 30, 56)
 
 
 def test_mean_colour_padding_normalises_to_zero():

@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -173,6 +174,11 @@ def test_stats_rejects_bad_rank():
         sdrpn.ops.pseudo_label_stats(torch.tensor([[0, 1], [5, -100]]))
     with pytest.raises(ValueError, match=r"ignore_index=-1 only, got \[-100\]"):  # another ignore value
         sdrpn.ops.pseudo_label_stats(torch.tensor([[0, -100]]), ignore_index=-1)
+    with pytest.raises(TypeError, match="labels must be a tensor, got ndarray"):
+        sdrpn.ops.pseudo_label_stats(np.zeros((2, 4), dtype=np.int64))
+    for bad in (None, "x", True, 2**70):
+        with pytest.raises(ValueError, match=f"ignore_index must be an int of 64 bits, got {bad!r}"):
+            sdrpn.ops.pseudo_label_stats(torch.zeros(2, 4, dtype=torch.long), ignore_index=bad)
     assert sdrpn.ops.pseudo_label_stats(torch.zeros(0, 4, dtype=torch.long)).shape == (0, 3)
     assert sdrpn.ops.pseudo_label_stats(torch.tensor([[1, 0, -100, 1]], dtype=torch.int32)).tolist() == [[2, 1, 1]]
 

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from sdrpn.llava.inputs import position_ids_from_mask
+from sdrpn.options import RoiOptions
 from sdrpn.rpn.model import RegionProposalNetwork, gather_visual, last_real_token, rpn_loss
 from tiny_llava import IMAGE, make_tiny_llava, random_tokens, teacher_forced_batch
 
@@ -181,8 +182,6 @@ def test_rpn_folders_record_their_settings_and_refuse_contradictions(tiny, tmp_p
 
     from safetensors.torch import load_file, save_file
 
-    from sdrpn.options import RoiOptions
-
     folder = tmp_path / "rpn"
     rpn = RegionProposalNetwork.from_llava(
         tiny.model,
@@ -256,6 +255,14 @@ def test_rpn_folders_record_their_settings_and_refuse_contradictions(tiny, tmp_p
 def test_from_llava_checks_the_branch(tiny):
     with pytest.raises(ValueError, match=r"K \+ depth <= 4"):
         RegionProposalNetwork.from_llava(tiny.model, branch_layer=2, depth=3)
+    for value in (2.0, "2", True):
+        with pytest.raises(TypeError, match=f"branch_layer must be an int, got {value!r}"):
+            RegionProposalNetwork.from_llava(tiny.model, branch_layer=value, depth=1)
+    with pytest.raises(ValueError, match="prompt_template must have text after <image>"):
+        RegionProposalNetwork.from_llava(tiny.model, branch_layer=2, depth=1, prompt_template="{question} <image>")
+    # RoI options as a dict of fields, as SDRPNLlava takes them.
+    rpn = RegionProposalNetwork.from_llava(tiny.model, branch_layer=2, depth=1, roi={"threshold": 0.1})
+    assert rpn.config.roi_options == RoiOptions(threshold=0.1)
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(tiny):

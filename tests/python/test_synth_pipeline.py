@@ -64,7 +64,7 @@ def test_raw_labels_keep_every_cell(tmp_path):
         "labels": torch.full((2, 4), -100, dtype=torch.int8),
         "grid": torch.tensor([[2, 2], [2, 2]]),
     }
-    rows = [{"id": f"s{i}", "question": "q", "fg": 0, "bg": 0, "ignore": 4} for i in range(2)]
+    rows = [{"id": f"s{i}", "image": f"{i}.png", "question": "q", "fg": 0, "bg": 0, "ignore": 4} for i in range(2)]
     src.write_config(LabelFolderConfig(options=LabelOptions(sink_threshold=0.5), grid=[2, 2]))
     src.write_shard(shard_name(0, 0), rows, tensors, [{"index": 2, "reason": "no image"}], 0, 2, 0)
     raw_labels(src.path, str(out))

@@ -78,6 +78,17 @@ def test_early_exit_features_equal_full_forward_hidden_states(ws):
     loss_early = rpn_loss(rpn(hidden, batch.attention_mask, pos, batch.input_ids == IMAGE), batch.labels)
     loss_full = rpn_loss(rpn(full.hidden_states[2], batch.attention_mask, pos, batch.input_ids == IMAGE), batch.labels)
     assert torch.equal(loss_early, loss_full)
+    for kwargs, message in (
+        ({"held_out_fraction": float("nan")}, r"held_out_fraction must be a number in \[0, 1\), got nan"),
+        ({"held_out_fraction": -0.1}, r"held_out_fraction must be a number in \[0, 1\), got -0.1"),
+        ({"max_samples": True}, "max_samples must be an int >= 1 or None, got True"),
+        ({"max_samples": 2.5}, "max_samples must be an int >= 1 or None, got 2.5"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            LabelShardDataset(str(ws / "labels"), tok, IMAGE, **kwargs)
+    for layer in (0, 99, 2.0):  # 99 was an IndexError
+        with pytest.raises(ValueError, match=rf"branch_layer must be an int in \[1, 4\] .*, got {layer!r}"):
+            branch_hidden_states(model, batch.input_ids, batch.attention_mask, batch.pixel_values, layer)
 
 
 def test_the_rpn_learns_the_region(ws, tmp_path):

@@ -28,7 +28,7 @@ from .. import ops
 from ..llava.decode import DecoderPool, greedy_decode, resolve_decoder
 from ..llava.geometry import grid_box_to_pixels
 from ..llava.inputs import (
-    IMAGE_PLACEHOLDER,
+    check_rpn_template,
     crop_pixels,
     left_pad,
     pixel_batch,
@@ -174,10 +174,7 @@ class SDRPNLlava(LlavaAnswering):
         what = rpn.config.base_model_problem(model)
         if what:
             raise ValueError(f"rpn was made on another base model than model ({what}): {rpn.config.base_model!r}")
-        if not self.template.partition(IMAGE_PLACEHOLDER)[2].strip():
-            # The RPN reads the last prompt token, which must come after the image, and pass
-            # 2 inserts the crops between the image and that text.
-            raise ValueError(f"prompt_template must have text after {IMAGE_PLACEHOLDER}, got {self.template!r}")
+        check_rpn_template(self.template)
         self.rpn = rpn.eval()
         self.branch = rpn.config.branch_layer
         self.eos_id = self.tokenizer.eos_token_id

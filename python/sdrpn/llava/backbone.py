@@ -20,6 +20,9 @@ def branch_hidden_states(
     Equal to ``hidden_states[K]`` of a full forward, but layers >= K never run: the output
     of layer K-1 is taken by a forward hook, and the decoder stops there.
     """
+    layers = len(decoder_layers(model))
+    if isinstance(branch_layer, bool) or not isinstance(branch_layer, int) or not 1 <= branch_layer <= layers:
+        raise ValueError(f"branch_layer must be an int in [1, {layers}] (the decoder's layers), got {branch_layer!r}")
     position_ids = position_ids_from_mask(attention_mask)
     with capture_outputs(decoder_layers(model)[branch_layer - 1]) as captured, EarlyExit(model, branch_layer):
         model.model(

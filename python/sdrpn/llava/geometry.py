@@ -33,6 +33,8 @@ def grid_box_to_pixels(
         raise ValueError(f"mode must be one of {PREPROCESSING_MODES}, got {mode!r}")
     if width < 1 or height < 1:
         raise ValueError(f"image must be at least 1x1 pixels, got {width}x{height}")
+    if min(grid_h, grid_w, size) < 1:
+        raise ValueError(f"grid_h, grid_w and size must be >= 1, got {grid_h}, {grid_w} and {size}")
     if mode == "crop":
         left, top = centre_crop_offset(width, height, size)
         resized_w, resized_h = shortest_edge_size(width, height, size)

@@ -144,6 +144,10 @@ def preprocess_image(
     """(3, size, size) float32 pixel values and the record of how they were made: "pad"
     (LLaVA-1.5: pad to a square with the mean colour, resize) or "crop" (resize the
     shortest edge, cut the centre)."""
+    if not isinstance(image, Image.Image):
+        raise TypeError(f"image must be a PIL image, got {type(image).__name__}")
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"size must be an int >= 1, got {size!r}")
     if image.width < 1 or image.height < 1:
         raise ValueError(f"image must be at least 1x1 pixels, got {image.width}x{image.height}")
     if mode not in PREPROCESSING_MODES:
@@ -170,6 +174,15 @@ def check_template(template: str) -> str:
         raise ValueError(
             f"prompt_template must hold exactly one plain {{question}} field and no other braces, got {template!r}"
         )
+    return template
+
+
+def check_rpn_template(template: str) -> str:
+    """A template an RPN can prompt with (``check_template``) with text after the image: the
+    RPN reads the last prompt token, which must come after the image, and pass 2 inserts
+    the crops between the image and that text."""
+    if not check_template(template).partition(IMAGE_PLACEHOLDER)[2].strip():
+        raise ValueError(f"prompt_template must have text after {IMAGE_PLACEHOLDER}, got {template!r}")
     return template
 
 
@@ -225,7 +238,7 @@ def crop_pixels(image: Image.Image, box, size: int, mean=CLIP_MEAN, std=CLIP_STD
     the pad colour PIL would fill in beyond the image."""
     x0, y0, x1, y1 = box
     x0, y0 = min(x0, image.width - 1), min(y0, image.height - 1)
-    crop = image.crop((x0, y0, max(x1, x0 + 1), max(y1, y0 + 1))).resize((size, size), Image.BILINEAR)
+    crop = to_rgb(image.crop((x0, y0, max(x1, x0 + 1), max(y1, y0 + 1)))).resize((size, size), Image.BILINEAR)
     return normalise(crop, mean, std)
 
 

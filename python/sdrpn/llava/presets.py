@@ -181,8 +181,11 @@ def preset_from_dict(spec: dict, name: str = "custom") -> LlavaPreset:
     )
 
 
-def get_preset(name: str) -> LlavaPreset:
-    """A named preset, or a custom one from a JSON file (see preset_from_dict)."""
+def get_preset(name: str, *, auto: bool = False) -> LlavaPreset:
+    """A named preset, or a custom one from a JSON file (see preset_from_dict). ``auto``:
+    the caller also takes "auto", which a refusal then lists."""
+    if not isinstance(name, str):
+        raise TypeError(f"preset must be a name or a JSON file's path, got {type(name).__name__}")
     if name in PRESETS:
         return PRESETS[name]
     if os.path.isfile(name):
@@ -192,7 +195,8 @@ def get_preset(name: str) -> LlavaPreset:
             return preset_from_dict(spec, name=os.path.basename(name))
         except (OSError, ValueError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
             raise ValueError(f"preset file {name}: {err}") from None
-    raise ValueError(f"preset must be one of {sorted(PRESETS)}, 'auto' or a JSON file, got {name!r}")
+    also = ", 'auto'" if auto else ""  # resolve_preset's: it needs the model
+    raise ValueError(f"preset must be one of {sorted(PRESETS)}{also} or a JSON file, got {name!r}")
 
 
 def resolve_preset(name: str | None, model) -> LlavaPreset:
@@ -200,7 +204,7 @@ def resolve_preset(name: str | None, model) -> LlavaPreset:
     model folder's own PRESET_FILE, else the LLaVA-1.5 preset of its depth. Checked against
     the model either way."""
     if name not in (None, "auto"):
-        preset = get_preset(name)
+        preset = get_preset(name, auto=True)
     else:
         folder = getattr(model.config, "_name_or_path", "") or ""
         own = os.path.join(folder, PRESET_FILE)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import numbers
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -64,6 +65,13 @@ class LabelShardDataset(Dataset):
         reference takes its "trained on N samples" subsets), not the first ones."""
         if split not in ("all", "train", "held_out"):
             raise ValueError(f"split must be 'all', 'train' or 'held_out', got {split!r}")
+        fraction_ok = isinstance(held_out_fraction, numbers.Real) and not isinstance(held_out_fraction, bool)
+        if not fraction_ok or not 0 <= held_out_fraction < 1:  # NaN fails the range too
+            raise ValueError(f"held_out_fraction must be a number in [0, 1), got {held_out_fraction!r}")
+        if max_samples is not None and (
+            isinstance(max_samples, bool) or not isinstance(max_samples, numbers.Integral) or max_samples < 1
+        ):
+            raise ValueError(f"max_samples must be an int >= 1 or None, got {max_samples!r}")
         folder = LabelFolder(label_dir)
         self.config = folder.config
         folder.check_shard_ranks(self.config.world_size)  # shards of two jobs would repeat samples

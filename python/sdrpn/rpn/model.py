@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
+import numbers
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +33,7 @@ from transformers.masking_utils import create_causal_mask
 from .. import ops
 from ..io_utils import read_json, read_safetensors, write_atomic, write_json
 from ..llava.geometry import model_grid
-from ..llava.inputs import PREPROCESSING_MODES, PROMPT_TEMPLATE, check_template
+from ..llava.inputs import PREPROCESSING_MODES, PROMPT_TEMPLATE, check_rpn_template, check_template
 from ..llava.loading import (
     config_fingerprint,
     fingerprints_match,
@@ -219,12 +220,20 @@ class RegionProposalNetwork(
         preset: str | None = None,
         prompt_template: str = PROMPT_TEMPLATE,
         preprocessing: str = "pad",
-        roi: RoiOptions | None = None,
+        roi: RoiOptions | dict | None = None,
     ) -> RegionProposalNetwork:
         """Copies of the backbone's layers K .. K+depth-1 (see the module docstring). The
-        template, preprocessing and RoI options are recorded for inference."""
+        template, preprocessing and RoI options (a ``RoiOptions`` or a dict of its fields)
+        are recorded for inference."""
         decoder = model.get_decoder()
         n = len(decoder.layers)
+        for name, value in (("branch_layer", branch_layer), ("depth", depth)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise TypeError(f"{name} must be an int, got {value!r}")
+        branch_layer, depth = int(branch_layer), int(depth)
+        if not isinstance(roi, (RoiOptions, type(None))):
+            roi = RoiOptions.from_dict(roi)
+        check_rpn_template(prompt_template)
         if depth < 1 or branch_layer < 1 or branch_layer + depth > n:
             raise ValueError(
                 f"branch_layer and depth must satisfy 1 <= K and K + depth <= {n} "
