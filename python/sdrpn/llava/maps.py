@@ -201,6 +201,14 @@ def given_answer_maps(
         )
     if any(len(a) == 0 for a in answers):
         raise ValueError("answers: every answer needs at least one token")
+    vocab = model.get_input_embeddings().num_embeddings
+    if isinstance(pad_id, bool) or not isinstance(pad_id, int) or not 0 <= pad_id < vocab:
+        raise ValueError(f"pad_id must be a token id in [0, {vocab}), got {pad_id!r}")
+    for name, seqs in (("prompts", prompts), ("answers", answers)):
+        for i, seq in enumerate(seqs):
+            outside = [t for t in seq if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab]
+            if outside:
+                raise ValueError(f"{name}[{i}] holds token ids outside [0, {vocab}): {outside[:5]}")
     device = model_device(model)
     ids, mask = left_pad([p + a for p, a in zip(prompts, answers)], pad_id, device)
     lengths = torch.tensor([len(a) for a in answers], device=device)
