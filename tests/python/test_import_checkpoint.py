@@ -343,11 +343,26 @@ def test_a_pickle_needing_more_than_weights_only_is_refused(base, model, tmp_pat
     assert not os.path.exists(tmp_path / "rpn")
 
 
-def test_a_weights_only_pickle_is_imported(base, model, tmp_path):
+@pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
+def test_a_weights_only_pickle_is_imported(base, model, tmp_path, zip_format):
+    # The legacy format (torch.save before 1.6) cannot be memory-mapped: mmap=True raised.
     tensors = reference_tensors(base[1])
-    import_reference_checkpoint(write_pickle_reference(tmp_path / "ref", tensors), model, str(tmp_path / "rpn"))
+    src = write_pickle_reference(tmp_path / "ref", tensors)
+    torch.save(tensors, os.path.join(src, "pytorch_model.bin"), _use_new_zipfile_serialization=zip_format)
+    import_reference_checkpoint(src, model, str(tmp_path / "rpn"))
     saved = load_file(str(tmp_path / "rpn" / WEIGHTS_NAME))
     assert all(torch.equal(v, tensors[importer.reference_key(k, T)]) for k, v in saved.items())
+
+
+def test_a_pickle_cut_short_is_named(base, model, tmp_path):
+    src = write_pickle_reference(tmp_path / "ref", reference_tensors(base[1]))
+    path = os.path.join(src, "pytorch_model.bin")
+    with open(path, "rb") as f:
+        head = f.read(300)
+    with open(path, "wb") as f:
+        f.write(head)
+    with pytest.raises(ReferenceCheckpointError, match="pytorch_model.bin cannot be read as a torch weights file"):
+        import_reference_checkpoint(src, model, str(tmp_path / "rpn"))
 
 
 def test_cli_end_to_end(base, model, tmp_path, capsys):

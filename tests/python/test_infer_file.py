@@ -174,6 +174,21 @@ def test_a_prompt_past_the_models_context_is_skipped(infer_ws, tmp_path):
     assert not (tmp_path / "more.jsonl.settings.json").exists()
 
 
+def test_the_token_ratio_flag_applies_in_the_rpn_folders_crop_mode(infer_ws, tmp_path, capsys):
+    # Checked up front against the defaults' mask mode, it was refused for a bbox-mode folder.
+    from sdrpn.llava.loading import load_llava
+
+    model, _ = load_llava(str(infer_ws / "model"), "fp32")
+    bbox = tmp_path / "bbox_rpn"
+    RegionProposalNetwork.from_llava(model, branch_layer=2, depth=2, roi={"crop_mode": "bbox"}).save(str(bbox))
+    ask = ("--image", str(infer_ws / "images" / "0.png"), "--question", QUESTIONS[0], "--token-ratio", "0.5")
+    assert infer_cli(infer_ws, *ask, "--rpn", str(bbox)) == 0
+    message = "argument --token-ratio: token_ratio resamples bbox-mode crops only, got token_ratio=0.5 with crop_mode"
+    with pytest.raises(ValueError, match=message):
+        infer_cli(infer_ws, *ask)  # the fixture's RPN folder records mask mode
+    assert infer_cli(infer_ws, *ask, "--crop-mode", "bbox") == 0
+
+
 def test_infer_file_answers_alike_with_or_without_loader_threads(infer_ws, tmp_path):
     import json
 

@@ -23,6 +23,7 @@ import os
 import pickle
 import re
 import shutil
+import zipfile
 
 import torch
 from safetensors import safe_open
@@ -152,17 +153,25 @@ def reference_key(ours: str, depth: int) -> str:
     raise KeyError(f"no reference name for RPN tensor {ours!r}")
 
 
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def _load_pickle(path: str) -> dict[str, Tensor]:
     """A pickled state dict, only through torch.load(weights_only=True): a full unpickler
     could run any code the file carries."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        # Memory-mapped where the file is in torch's zip format, the only one mmap takes
+        # (torch.save before 1.6, or with _use_new_zipfile_serialization=False, wrote another).
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ReferenceCheckpointError(
-            f"refusing {path}: a pickle file that torch.load(weights_only=True) will not load ({first}); "
+            f"refusing {path}: a pickle file that torch.load(weights_only=True) will not load ({_first_line(err)}); "
             f"convert it to safetensors with a trusted tool first"
         ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as err:  # cut short, or no torch file
+        raise ReferenceCheckpointError(f"{path} cannot be read as a torch weights file: {_first_line(err)}") from None
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise ReferenceCheckpointError(f"{path} must hold a dict of tensors, got {type(state).__name__}")
     return state
