@@ -44,7 +44,13 @@ def main() -> None:
 
     llava, tokenizer = load_llava(args.model, "bf16" if args.bf16 else "fp32")
     rpn = rpn_for_labels(llava, args.labels, branch_layer=args.branch_layer, depth=args.depth)
-    data = LabelShardDataset(args.labels, tokenizer, llava.config.image_token_id, split="train")
+    data = LabelShardDataset(
+        args.labels,
+        tokenizer,
+        llava.config.image_token_id,
+        split="train",
+        image_size=llava.config.vision_config.image_size,  # for converted labels, which record none
+    )
     trainer = Trainer(
         model=RPNForTraining(llava, rpn),
         args=TrainingArguments(

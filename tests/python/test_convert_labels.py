@@ -197,3 +197,28 @@ def test_max_samples_takes_the_seeded_subset(tmp_path, capsys):
     rows = [json.loads(line) for line in open(tmp_path / "out" / "rank000-shard00000.jsonl")]
     assert [r["index"] for r in rows] == seeded_subset(20, 5) != list(range(5))
     assert [r["id"] for r in rows] == [str(i) for i in seeded_subset(20, 5)]
+
+
+def test_converted_labels_rebuild_their_images_at_the_models_size(tmp_path, capsys):
+    # They record no image size: the dataset took 336, LLaVA-1.5's, whatever the model.
+    from PIL import Image
+
+    from sdrpn.rpn.dataset import LabelShardDataset
+    from tiny_llava import IMAGE, make_tokenizer
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (40, 30)).save(tmp_path / "images" / "a.jpg")
+    grounding = np.zeros(16, dtype=np.float32)
+    grounding[5] = 1.0
+    records = [
+        {"question_id": 1, "image": "a.jpg", "prompt": "what ?", "text": "K7", "sink_attn": np.zeros(16, np.float32),
+         "grounding_attn_o2i": grounding + rng.random(16).astype(np.float32) * 1e-3}
+    ]  # fmt: skip
+    write_pickle(tmp_path / "in.pkl", records)
+    argv = ["convert-labels", str(tmp_path / "in.pkl"), str(tmp_path / "out"), "--grid", "4x4"]
+    assert main(argv + ["--image-folder", str(tmp_path / "images")]) == 0
+    capsys.readouterr()
+    for size in (56, 336):
+        sample = LabelShardDataset(str(tmp_path / "out"), make_tokenizer(), IMAGE, image_size=size)[0]
+        assert sample.pixel_values.shape == (3, size, size)

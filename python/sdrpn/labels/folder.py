@@ -386,7 +386,8 @@ class LabelFolder:
         if summary["labelled"] and summary["all_ignore"] == summary["labelled"]:
             log.warning(
                 "%s: all %d labelled samples are all-ignore (no foreground or background cell): an RPN cannot "
-                "train on them; label again with other options (--max-box-fraction, --fg-ratio, --sink-threshold)",
+                "train on them; label again with other options (sdrpn label's --max-box-fraction, --fg-ratio, "
+                "--sink-threshold)",
                 self.path,
                 summary["labelled"],
             )

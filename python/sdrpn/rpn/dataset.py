@@ -60,9 +60,12 @@ class LabelShardDataset(Dataset):
         held_out_fraction: float = 0.05,
         max_samples: int | None = None,
         subset_seed: int = SUBSET_SEED,
+        image_size: int = 336,
     ):
         """max_samples: a random subset of that many samples of the split (seeded, as the
-        reference takes its "trained on N samples" subsets), not the first ones."""
+        reference takes its "trained on N samples" subsets), not the first ones.
+        image_size: the encoder's input side for labels that record none (converted from the
+        reference's pickles, made for LLaVA-1.5's 336); pass the model's."""
         if split not in ("all", "train", "held_out"):
             raise ValueError(f"split must be 'all', 'train' or 'held_out', got {split!r}")
         fraction_ok = isinstance(held_out_fraction, numbers.Real) and not isinstance(held_out_fraction, bool)
@@ -86,6 +89,7 @@ class LabelShardDataset(Dataset):
                 f"the image folder that {label_dir} records, {self.image_folder!r}, {problem}: pass "
                 "--image-folder with where the images are now"
             )
+        self.image_size = image_size
         self.template = self.config.prompt_template
         self.tokenizer = tokenizer
         self.image_token_id = image_token_id
@@ -114,7 +118,7 @@ class LabelShardDataset(Dataset):
         row = self.rows[i]
         prep = row.get("preprocessing") or {}
         num_cells = int(self.labels[i].numel())
-        size, mode = prep.get("size") or self.config.image_size or 336, prep.get("mode", "pad")
+        size, mode = prep.get("size") or self.config.image_size or self.image_size, prep.get("mode", "pad")
         try:
             image = open_image(self.image_folder, row.get("image"), size, mode)
         except SkipSample as err:

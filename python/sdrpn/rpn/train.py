@@ -151,7 +151,8 @@ def check_labels_base_model(labels: str, recorded: dict | None, model: nn.Module
     is only warned about when the model's name differs."""
     theirs = (recorded or {}).get("config_fingerprint")
     if theirs is None:
-        log.info("%s records no base-model fingerprint (labelled before it was recorded): not checked", labels)
+        # Converted from the reference's pickles, or labelled before the fingerprint was recorded.
+        log.info("%s records no base-model fingerprint: not checked", labels)
         return
     ours = model_identity(model)
     advice = "train with the model the labels were made by, or label with this one"
@@ -382,7 +383,11 @@ class RPNTrainer:
 
     def _datasets(self) -> tuple[LabelShardDataset, LabelShardDataset | None]:
         cfg = self.cfg
-        common = dict(image_folder=cfg.image_folder, held_out_fraction=cfg.held_out_fraction)
+        common = dict(
+            image_folder=cfg.image_folder,
+            held_out_fraction=cfg.held_out_fraction,
+            image_size=self.model.config.vision_config.image_size,  # for labels that record none
+        )
         train_set = LabelShardDataset(
             cfg.labels, self.tokenizer, self.image_token_id, split="train", max_samples=cfg.max_samples, **common
         )
