@@ -11,4 +11,12 @@ SDRPN_EVAL=${SDRPN_EVAL:-0} scripts/setup.sh >/dev/null  # the demo needs no lmm
 source "${SDRPN_VENV:-.venv}/bin/activate"
 python -m sdrpn.synth run --out outputs/demo --train-count 1000 --test-count 96 --rpn-epochs 3 \
   --title "SD-RPN demo: the synthetic fine-detail task" "$@"
-echo "report: outputs/demo/report.md (examples.png, metrics.json beside it)"
+out=outputs/demo  # where the run wrote: the last --out given, as argparse takes it
+args=("$@")
+for ((i = 0; i < ${#args[@]}; i++)); do
+  case ${args[i]} in
+  --out) out=${args[i + 1]:-$out} ;;
+  --out=*) out=${args[i]#--out=} ;;
+  esac
+done
+echo "report: $out/report.md (examples.png, metrics.json beside it)"

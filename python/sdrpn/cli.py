@@ -28,6 +28,14 @@ from .prefetch import DEFAULT_WORKERS
 from .subsets import SUBSET_SEED
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse's parser, a mistake in the flags reported in one line as every other user
+    error is (argparse prints its whole usage block first; --help shows it)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (--help lists the flags)\n")
+
+
 def _grid(text: str) -> tuple[int, int]:
     try:
         h, w = (int(v) for v in text.lower().split("x"))
@@ -149,9 +157,7 @@ def options_from_args(cls, args: argparse.Namespace, base=None, **extra):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="sdrpn", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = Parser(prog="sdrpn", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=_version())
     parser.add_argument(
         "--debug", action="store_true", help="show the traceback of an error (also accepted after the command)"
@@ -513,6 +519,7 @@ RESUME_HINTS = {
     "infer": "with --data, the answers written so far are kept: rerun the same command to go on",
     "train": "the checkpoints are kept: rerun with --resume to go on from the last one",
     "train-base": "the checkpoints are kept: rerun with --resume to go on from the last one",
+    "run": "the finished stages are kept in --out: rerun the same command to go on",
 }
 
 

@@ -146,7 +146,7 @@ def test_infer_cli_whole_file_is_resumable(infer_ws, tmp_path, capsys):
         "skipped": 4,
         "skipped_by_reason": {
             "image missing": 1,
-            "text not valid UTF-8": 1,
+            "text not valid UTF-8 or with a NUL byte": 1,
             "image path not valid text": 1,
             "image too large to pad to a square": 1,
         },

@@ -122,7 +122,7 @@ def test_label_job_writes_shards_and_counts_skips(workspace, tmp_path, answers, 
         "image too large to pad to a square": 1,
         "image unreadable": 1,
         "no image": 1,
-        "text not valid UTF-8": 1,
+        "text not valid UTF-8 or with a NUL byte": 1,
     }
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == summary
     rows = read_rows(out)
@@ -237,6 +237,21 @@ def test_a_damaged_label_config_or_done_marker_is_named(workspace, tmp_path):
         marker.write_text(json.dumps(bad))
         with pytest.raises(ValueError, match=f"{marker} is not a done marker of this format"):
             LabelFolder(str(out)).summary()
+
+
+def test_a_prompt_past_the_models_context_is_skipped(workspace, tmp_path):
+    # The tiny model has 512 positions; the sample was labelled from positions it never saw.
+    entries = json.loads((workspace / "data.json").read_text())
+    wordy = dict(entries[0], id="wordy")
+    question = {"from": "human", "value": "<image>\n" + "x " * 600 + "?"}
+    wordy["conversations"] = [question, entries[0]["conversations"][1]]
+    (tmp_path / "data.json").write_text(json.dumps([entries[0], wordy]))
+    out = tmp_path / "labels"
+    assert run_label(workspace, out, "--answers", "given", "--data", str(tmp_path / "data.json")) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["labelled"] == 1 and summary["skipped_by_reason"] == {"prompt past the model's context": 1}
+    with pytest.raises(ValueError, match="max_new_tokens must be at most the model's context of 512 positions"):
+        run_label(workspace, tmp_path / "more", "--max-new-tokens", "100000")
 
 
 def test_loader_threads_change_nothing(workspace, tmp_path):

@@ -117,7 +117,9 @@ def test_label_demo_writes_outputs(tmp_path, capsys):
 def test_cli_rejects_bad_arguments(argv, message, capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(argv)
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    # One line, as every other mistake is (argparse printed its usage block first).
+    assert message in err and len(err.strip().splitlines()) == 1 and err.endswith("(--help lists the flags)\n")
 
 
 @pytest.mark.parametrize(

@@ -127,10 +127,11 @@ def test_entries_that_would_break_a_job_are_skipped_with_a_reason(tmp_path):
     from sdrpn.llava.data import SkipSample, open_image, parse_entry
 
     turns = [{"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "a"}]
+    nul = [{"from": "human", "value": "q\0"}]
     cases = {
-        "text not valid UTF-8": {"image": "a.png", "conversations": [{"from": "human", "value": "\ud800"}]},
+        "text not valid UTF-8 or with a NUL byte": {"image": "a.png", "conversations": nul},
         "image path not valid text": {"image": "a\x00.png", "conversations": turns},
-        "id not valid UTF-8": {"id": "\udfff", "image": "a.png", "conversations": turns},
+        "id not valid UTF-8 or with a NUL byte": {"id": "\udfff", "image": "a.png", "conversations": turns},
         "several images": {"image": ["a.png", "b.png"], "conversations": turns},
         "empty question": {"image": "a.png", "conversations": [{"from": "human", "value": " <image>\n"}]},
     }

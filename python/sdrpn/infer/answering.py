@@ -26,7 +26,7 @@ from ..llava.inputs import (
     question_text,
     to_rgb,
 )
-from ..llava.loading import model_device, model_dtype, pad_token_id
+from ..llava.loading import context_length, model_device, model_dtype, pad_token_id
 from ..prefetch import thread_map
 
 
@@ -70,7 +70,7 @@ class LlavaAnswering:
         # The positions the text model was trained for: a longer prompt or answer is refused
         # rather than read from positions it never saw (and a static decoding cache is sized
         # by them).
-        self.context = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+        self.context = context_length(model)
 
     @property
     def device(self) -> torch.device:

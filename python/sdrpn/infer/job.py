@@ -12,7 +12,16 @@ from dataclasses import dataclass
 
 from ..distributed import barrier, check_initialized, check_rank, gather_objects
 from ..io_utils import exclusive_lock, file_sha256, read_json, write_json
-from ..llava.data import QASample, SkipSample, check_image_folder, load_entries, open_image, parse_entry, skip_reasons
+from ..llava.data import (
+    PAST_CONTEXT,
+    QASample,
+    SkipSample,
+    check_image_folder,
+    load_entries,
+    open_image,
+    parse_entry,
+    skip_reasons,
+)
 from ..llava.loading import model_identity, same_model
 from ..options import require_at_least, setting_changes
 from ..prefetch import DEFAULT_WORKERS, prefetch
@@ -189,7 +198,7 @@ def _answer_file(pipe: SDRPNLlava, cfg: InferFileConfig, own: str) -> dict:
                 progress.update(1)
                 continue
             if pipe.prompt_too_long(sample.question):  # tokenized here: the tokenizer is not shared across threads
-                skipped["prompt past the model's context"] += 1
+                skipped[PAST_CONTEXT] += 1
                 progress.update(1)
                 continue
             pending.append((sample, image))

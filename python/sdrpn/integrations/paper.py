@@ -9,13 +9,13 @@ RESULTS/<row>/<task>/.../<date>_results.json, the rows "baseline" (roi=false) an
 
 from __future__ import annotations
 
-import argparse
 import glob
 import json
 import os
 import sys
 from dataclasses import dataclass
 
+from ..cli import Parser
 from ..io_utils import write_text
 from ..options import TASK_THRESHOLDS
 
@@ -107,7 +107,7 @@ def markdown_table(results: str, tasks=PAPER_TASKS) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sdrpn.integrations.paper", description=__doc__.split("\n\n")[0])
+    parser = Parser(prog="python -m sdrpn.integrations.paper", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("tasks", help="the tasks: lmms-eval task, benchmark, RoI threshold, score")
     table = sub.add_parser("table", help="the Markdown table of a results folder")

@@ -14,11 +14,11 @@ from torch import Tensor, nn
 from .. import ops
 from ..distributed import check_rank, rank_name
 from ..io_utils import exclusive_lock, file_sha256
-from ..llava.data import QASample, SkipSample, check_image_folder, load_entries, open_image, parse_entry
+from ..llava.data import PAST_CONTEXT, QASample, SkipSample, check_image_folder, load_entries, open_image, parse_entry
 from ..llava.decode import DecoderPool, resolve_decoder
 from ..llava.geometry import model_grid
 from ..llava.inputs import Preprocessing, left_pad, preprocess_image, prompt_token_ids
-from ..llava.loading import DTYPES, model_device, model_dtype, model_identity, pad_token_id
+from ..llava.loading import DTYPES, context_length, model_device, model_dtype, model_identity, pad_token_id
 from ..llava.maps import AttentionMaps, given_answer_maps, self_answer_maps
 from ..llava.presets import LlavaPreset
 from ..options import require_at_least
@@ -71,6 +71,7 @@ class Prepared:
     pixels: Tensor
     preprocessing: Preprocessing
     prompt: list[int]
+    answer: list[int] | None  # a given answer's tokens with the end token (None: self answers)
 
 
 @dataclass
@@ -103,6 +104,12 @@ class LabelJob:
         self.image_token_id = model.config.image_token_id
         self.eos_id = tokenizer.eos_token_id
         self.pad_id = pad_token_id(tokenizer)
+        self.context = context_length(model)
+        if self.context is not None and self.options.max_new_tokens > self.context:  # the decoding cache's size
+            raise ValueError(
+                f"max_new_tokens must be at most the model's context of {self.context} positions, "
+                f"got {self.options.max_new_tokens}"
+            )
         self.device = model_device(model)
         self.dtype = model_dtype(model)
         # Self answers are greedy: CUDA graphs over a static cache on CUDA (llava/decode.py).
@@ -126,7 +133,12 @@ class LabelJob:
         prompt = prompt_token_ids(
             self.tokenizer, sample.question, self.image_token_id, self.num_cells, self.options.prompt_template
         )
-        return Prepared(sample, pixels, prep, prompt)
+        answer = None
+        if self.options.answers == "given":
+            answer = self.tokenizer(sample.answer, add_special_tokens=False)["input_ids"] + [self.eos_id]
+        if self.context is not None and len(prompt) + len(answer or ()) > self.context:
+            raise SkipSample(PAST_CONTEXT)
+        return Prepared(sample, pixels, prep, prompt, answer)
 
     def _pixels(self, items: list[Prepared]) -> Tensor:
         return torch.stack([p.pixels for p in items]).to(self.device, self.dtype)
@@ -135,8 +147,7 @@ class LabelJob:
     def _given_answers_and_maps(self, items: list[Prepared]) -> tuple[list[list[int]], AttentionMaps]:
         """The given answers (with the end token) and their maps from one teacher-forced
         pass over [prompt, answer]."""
-        tokens = [self.tokenizer(p.sample.answer, add_special_tokens=False)["input_ids"] for p in items]
-        answers = [t + [self.eos_id] for t in tokens]
+        answers = [p.answer for p in items]
         prompts, pixels = [p.prompt for p in items], self._pixels(items)
         maps = given_answer_maps(self.model, prompts, answers, pixels, self.preset, self.num_cells, self.pad_id)
         return answers, maps

@@ -15,6 +15,11 @@ class SkipSample(Exception):
     """A sample that cannot be used; its message is the reason that gets counted."""
 
 
+# The reason a job counts a sample whose prompt (with what follows it) does not fit the
+# model's context.
+PAST_CONTEXT = "prompt past the model's context"
+
+
 @dataclass(frozen=True)
 class QASample:
     index: int  # position in the data file
@@ -105,10 +110,10 @@ def parse_entry(entry, index: int) -> QASample:
     if not question:
         raise SkipSample("empty question")
     if not is_text(question) or (answer is not None and not is_text(answer)):
-        raise SkipSample("text not valid UTF-8")
+        raise SkipSample("text not valid UTF-8 or with a NUL byte")
     sample_id = str(entry.get("id", index))
     if not is_text(sample_id):
-        raise SkipSample("id not valid UTF-8")
+        raise SkipSample("id not valid UTF-8 or with a NUL byte")
     return QASample(index, sample_id, image, question, answer)
 
 

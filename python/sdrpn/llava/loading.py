@@ -43,6 +43,12 @@ def pad_token_id(tokenizer) -> int:
     return pad
 
 
+def context_length(model: nn.Module) -> int | None:
+    """The positions the text model was trained for (None where its config names none): a
+    longer sequence would be read from positions it never saw."""
+    return getattr(model.config.get_text_config(), "max_position_embeddings", None)
+
+
 def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 

@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from ..cli import device_arg, non_negative_int, number_in, positive_int, run_command, text_arg
+from ..cli import Parser, device_arg, non_negative_int, number_in, positive_int, run_command, text_arg
 from .task import TAG_CLEARANCE
 
 
@@ -40,7 +40,7 @@ WEIGHT = number_in(0.0)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sdrpn-synth", description=__doc__)
+    parser = Parser(prog="sdrpn-synth", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train-base", help="train the tiny LLaVA stand-in on the synthetic task")
