@@ -319,20 +319,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _check_roi_flags(args) -> None:
-    """The RoI flags' values, each checked before the model's slow load. The crop mode they
-    apply in (the preset's or the RPN folder's) is not known yet, so a flag of bbox mode
-    alone (--token-ratio) is checked against bbox mode here and against that mode later."""
-    options_from_args(RoiOptions, args, base=RoiOptions(crop_mode="bbox"))
-
-
 def _run_train(args) -> dict:
     from .distributed import finish, from_environment
     from .llava.loading import load_llava
     from .rpn.train import RPNTrainer, TrainConfig
 
     cfg = options_from_args(TrainConfig, args)  # the flags checked before the model's slow load
-    _check_roi_flags(args)
+    options_from_args(RoiOptions, args)
     _check_files(image_folder=args.image_folder, out_folder=args.out)
     rank, world, device = from_environment(args.device)
     model, tokenizer = load_llava(args.model, "bf16" if args.bf16 else "fp32", device)
@@ -366,7 +359,7 @@ def _run_infer(args) -> None:
         raise ValueError(f"--question must be valid UTF-8 text without NUL bytes, got {args.question!r}")
     if not single and (not args.image_folder or not args.out):
         raise ValueError("--data needs --image-folder and --out")
-    _check_roi_flags(args)  # they apply on the RPN folder's options, once it is loaded
+    options_from_args(RoiOptions, args)  # the RoI flags' values (they apply on the RPN folder's)
     if not single:
         _check_files(args.data, args.image_folder)
         if os.path.isdir(args.out):

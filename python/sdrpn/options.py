@@ -208,15 +208,20 @@ class RoiOptions(Options):
                 raise ValueError(f"{name} must be {rule}, got {getattr(self, name)!r}")
         if self.crop_mode not in CROP_MODES:
             raise ValueError(f"crop_mode must be one of {CROP_MODES}, got {self.crop_mode!r}")
-        if self.token_ratio > 0 and self.crop_mode == "mask":
-            # SPEC Stage 3 step 4 resamples whole bbox-mode crops only; a mask-mode crop feeds
-            # the tokens its mask keeps (its one-box case too, as the reference does).
-            raise ValueError(
-                f"token_ratio resamples bbox-mode crops only, got token_ratio={self.token_ratio!r} with "
-                "crop_mode='mask': set crop_mode 'bbox' or token_ratio -1"
-            )
         if not -1.0 <= self.threshold <= 1.0:  # probabilities: anything outside selects all or nothing
             raise ValueError(f"threshold must lie in [-1, 1], got {self.threshold!r}")
+
+    def check_crop_mode(self) -> RoiOptions:
+        """These options, refused where token_ratio is set in mask mode: SPEC Stage 3 step 4
+        resamples whole bbox-mode crops only, and a mask-mode crop feeds the tokens its mask
+        keeps (its one-box case too, as the reference does). Checked where options are put
+        to use, once overrides apply, so that a stored set is mended by the flags."""
+        if self.token_ratio > 0 and self.crop_mode == "mask":
+            raise ValueError(
+                f"token_ratio resamples bbox-mode crops only, got token_ratio={self.token_ratio!r} with "
+                "crop_mode='mask': set crop_mode 'bbox' (--crop-mode bbox) or token_ratio -1 (--token-ratio -1)"
+            )
+        return self
 
     def box_rules(self) -> dict:
         """The keyword arguments of ``sdrpn.ops.roi_boxes``."""

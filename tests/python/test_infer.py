@@ -587,7 +587,9 @@ def test_roi_arguments_change_the_rpn_folders_options_field_by_field(tiny):
             tiny.model, make_tokenizer(), rpn, prompt_template=TEMPLATE, roi={"token_ratio": 0.5, "crop_mode": "mask"}
         )
     with pytest.raises(ValueError, match=message):
-        RoiOptions(token_ratio=0.5)
+        RoiOptions(token_ratio=0.5).check_crop_mode()
+    with pytest.raises(ValueError, match=message):
+        RegionProposalNetwork.from_llava(tiny.model, branch_layer=2, depth=2, roi={"token_ratio": 0.5})
 
 
 def test_decoding_runs_one_forward_per_answer_token(tiny):

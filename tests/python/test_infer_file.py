@@ -183,10 +183,19 @@ def test_the_token_ratio_flag_applies_in_the_rpn_folders_crop_mode(infer_ws, tmp
     RegionProposalNetwork.from_llava(model, branch_layer=2, depth=2, roi={"crop_mode": "bbox"}).save(str(bbox))
     ask = ("--image", str(infer_ws / "images" / "0.png"), "--question", QUESTIONS[0], "--token-ratio", "0.5")
     assert infer_cli(infer_ws, *ask, "--rpn", str(bbox)) == 0
-    message = "argument --token-ratio: token_ratio resamples bbox-mode crops only, got token_ratio=0.5 with crop_mode"
+    message = r"token_ratio resamples bbox-mode crops only, got token_ratio=0.5 with crop_mode='mask': set .*--crop"
     with pytest.raises(ValueError, match=message):
         infer_cli(infer_ws, *ask)  # the fixture's RPN folder records mask mode
     assert infer_cli(infer_ws, *ask, "--crop-mode", "bbox") == 0
+    # A folder that records both (as earlier versions wrote) is mended by either flag.
+    config = json.loads((bbox / "rpn_config.json").read_text())
+    config["roi"].update(crop_mode="mask", token_ratio=0.5)
+    (bbox / "rpn_config.json").write_text(json.dumps(config))
+    ask = ask[:-2]
+    with pytest.raises(ValueError, match=message):
+        infer_cli(infer_ws, *ask, "--rpn", str(bbox))
+    assert infer_cli(infer_ws, *ask, "--rpn", str(bbox), "--token-ratio", "-1") == 0
+    assert infer_cli(infer_ws, *ask, "--rpn", str(bbox), "--crop-mode", "bbox") == 0
 
 
 def test_infer_file_answers_alike_with_or_without_loader_threads(infer_ws, tmp_path):

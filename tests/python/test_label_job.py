@@ -218,6 +218,7 @@ def test_a_damaged_label_config_or_done_marker_is_named(workspace, tmp_path):
     assert run_label(workspace, out, "--answers", "given") == 0
     path = out / "label_config.json"
     config = json.loads(path.read_text())
+    model = config["model"]
     for raw, message in (
         ([], "must hold a JSON object, got list"),
         ({k: v for k, v in config.items() if k != "options"}, "options must be a JSON object, got None"),
@@ -226,6 +227,9 @@ def test_a_damaged_label_config_or_done_marker_is_named(workspace, tmp_path):
         (dict(config, image_size="56"), r"image_size must be of type int \| None, got '56'"),
         (dict(config, model="x"), r"model must be of type dict \| None, got 'x'"),
         (dict(config, grid=[4]), r"grid must be \[grid_h, grid_w\] of positive ints, got \[4\]"),
+        (dict(config, model=dict(model, name=1.5)), "model.name must be a str or null, got 1.5"),
+        (dict(config, model=dict(model, weights_fingerprint=0)), "model.weights_fingerprint must be a list"),
+        (dict(config, model=dict(model, weights_fingerprint=["a"])), "model.weights_fingerprint must hold finite"),
     ):
         path.write_text(json.dumps(raw))
         with pytest.raises(ValueError, match=f"{path}: {message}"):
@@ -233,7 +237,8 @@ def test_a_damaged_label_config_or_done_marker_is_named(workspace, tmp_path):
     path.write_text(json.dumps(config))
     marker = next(out.glob("*.done.json"))
     good = json.loads(marker.read_text())
-    for bad in ({k: v for k, v in good.items() if k != "labelled"}, dict(good, world_size="1"), []):
+    unlabelled = {k: v for k, v in good.items() if k != "labelled"}
+    for bad in (unlabelled, dict(good, world_size="1"), dict(good, shard="1"), []):
         marker.write_text(json.dumps(bad))
         with pytest.raises(ValueError, match=f"{marker} is not a done marker of this format"):
             LabelFolder(str(out)).summary()

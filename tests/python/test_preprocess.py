@@ -1,3 +1,5 @@
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -51,6 +53,14 @@ def test_the_public_helpers_name_a_bad_argument():
         assert torch.equal(crop_pixels(image, box, 28), crop_pixels(image.convert("RGB"), box, 28))
     with pytest.raises(ValueError, match="grid_h, grid_w and size must be >= 1, got 0, 4 and 56"):
         grid_box_to_pixels((0, 0, 1, 1), 0, 4, 40, 30, 56)
+    # Tensor and numpy numbers and infinities map in crop mode as in pad mode.
+    for mode in ("pad", "crop"):
+        want = grid_box_to_pixels((1, 1, 3, 3), 4, 4, 40, 30, 56, mode)
+        assert grid_box_to_pixels(torch.tensor([1, 1, 3, 3]), 4, 4, 40, 30, 56, mode) == want
+        assert grid_box_to_pixels(np.array([1, 1, 3, 3], np.float32), 4, 4, 40, 30, 56, mode) == want
+        assert all(type(v) is int for v in grid_box_to_pixels(np.array([1, 1, 3, 3]), 4, 4, 40, 30, 56, mode))
+        x0, _, x1, _ = grid_box_to_pixels((-math.inf, 0, math.inf, 4), 4, 4, 40, 30, 56, mode)
+        assert (x0, x1) == (0, 40)
 
 
 def test_mean_colour_padding_normalises_to_zero():

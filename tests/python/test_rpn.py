@@ -255,6 +255,8 @@ def test_rpn_folders_record_their_settings_and_refuse_contradictions(tiny, tmp_p
 def test_from_llava_checks_the_branch(tiny):
     with pytest.raises(ValueError, match=r"K \+ depth <= 4"):
         RegionProposalNetwork.from_llava(tiny.model, branch_layer=2, depth=3)
+    with pytest.raises(TypeError, match="model must be a LLaVA model"):
+        RegionProposalNetwork.from_llava(None, branch_layer=2, depth=1)
     for value in (2.0, "2", True):
         with pytest.raises(TypeError, match=f"branch_layer must be an int, got {value!r}"):
             RegionProposalNetwork.from_llava(tiny.model, branch_layer=value, depth=1)

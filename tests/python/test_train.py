@@ -83,6 +83,7 @@ def test_early_exit_features_equal_full_forward_hidden_states(ws):
         ({"held_out_fraction": -0.1}, r"held_out_fraction must be a number in \[0, 1\), got -0.1"),
         ({"max_samples": True}, "max_samples must be an int >= 1 or None, got True"),
         ({"max_samples": 2.5}, "max_samples must be an int >= 1 or None, got 2.5"),
+        ({"image_size": 0}, r"image_size must be an int in \[1, 65536\], got 0"),
     ):
         with pytest.raises(ValueError, match=message):
             LabelShardDataset(str(ws / "labels"), tok, IMAGE, **kwargs)
@@ -228,6 +229,9 @@ def test_bad_config():
         TrainConfig(labels="x", out="y", max_samples="100")
     with pytest.raises(ValueError, match="labels is required"):
         TrainConfig(labels=None, out="y")
+    for betas in ((0.9, float("nan")), (0.9,), "ab", 5):
+        with pytest.raises(ValueError, match=re.escape(f"betas must be two numbers in [0, 1), got {betas!r}")):
+            TrainConfig(labels="x", out="y", betas=betas)
     # Values that trained silently to NaN weights, or failed deep inside the run.
     for field, value, message in (
         ("weight_decay", float("inf"), "weight_decay must be a finite number, got inf"),

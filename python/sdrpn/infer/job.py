@@ -93,6 +93,8 @@ def _start(pipe: SDRPNLlava, cfg: InferFileConfig) -> None:
     settings = run_settings(pipe, cfg)
     if not cfg.restart and os.path.exists(path) and _answers_so_far(cfg.out):
         recorded = read_json(path)
+        if not isinstance(recorded, dict):
+            raise ValueError(f"{path} must hold a JSON object of settings: pass --restart to answer everything again")
         if same_model(recorded.get("model"), settings["model"]):  # one model named by another path
             settings["model"] = recorded["model"]
         for key in ("rpn_weights", "data_sha256"):  # answers from before these were recorded

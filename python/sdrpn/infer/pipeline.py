@@ -163,7 +163,7 @@ class SDRPNLlava(LlavaAnswering):
     ):
         if not isinstance(rpn, RegionProposalNetwork):
             raise TypeError(f"rpn must be a RegionProposalNetwork, got {type(rpn).__name__}")
-        self.roi = _roi_options(rpn, task, roi)
+        self.roi = _roi_options(rpn, task, roi).check_crop_mode()
         # None takes the RPN's own (an empty string is refused, as BaseLlava refuses it).
         super().__init__(
             model,
@@ -173,7 +173,8 @@ class SDRPNLlava(LlavaAnswering):
         )
         what = rpn.config.base_model_problem(model)
         if what:
-            raise ValueError(f"rpn was made on another base model than model ({what}): {rpn.config.base_model!r}")
+            named = f": {rpn.config.base_model!r}" if rpn.config.base_model else ""
+            raise ValueError(f"rpn was made on another base model than model ({what}){named}")
         check_rpn_template(self.template)
         self.rpn = rpn.eval()
         self.branch = rpn.config.branch_layer

@@ -36,7 +36,7 @@ from ..distributed import rank_name, rank_of
 from ..io_utils import read_json, read_jsonl, remove_temporaries, write_atomic, write_json, write_jsonl
 from ..llava.data import skip_reasons
 from ..llava.inputs import PREPROCESSING_MODES, PROMPT_TEMPLATE, is_text
-from ..llava.loading import same_model
+from ..llava.loading import check_model_identity, same_model
 from ..llava.presets import PRESETS
 from ..ops import IGNORE_INDEX, SINK_THRESHOLD
 from ..options import check_field_types, setting_changes
@@ -112,6 +112,8 @@ class LabelFolderConfig:
 
     def __post_init__(self):
         check_field_types(self)
+        if self.model is not None:
+            check_model_identity(self.model, "model")
         if self.grid is not None and (len(self.grid) != 2 or min(self.grid) < 1):
             raise ValueError(f"grid must be [grid_h, grid_w] of positive ints, got {self.grid!r}")
 
@@ -277,7 +279,7 @@ class LabelFolder:
             marker = read_json(path)
             if not _marker_fits(marker):
                 raise ValueError(
-                    f"{path} is not a done marker of this format (it needs whole numbers labelled, all_ignore, "
+                    f"{path} is not a done marker of this format (it needs whole numbers shard, labelled, all_ignore, "
                     "last_index, first_index and world_size, and skipped counts by reason): remove it to label its "
                     "shard again"
                 )
@@ -398,7 +400,7 @@ def _marker_fits(marker) -> bool:
     """Whether a done marker holds the counts the folder's readers sum."""
     if not isinstance(marker, dict) or not isinstance(marker.get("skipped"), dict):
         return False
-    counts = [marker.get(key) for key in ("labelled", "all_ignore", "last_index")]
+    counts = [marker.get(key) for key in ("shard", "labelled", "all_ignore", "last_index")]
     counts += list(marker["skipped"].values())
     # first_index: None for a shard that labelled and skipped nothing; world_size: absent
     # from markers of older folders.

@@ -4,6 +4,7 @@ source-image pixels for either preprocessing mode."""
 from __future__ import annotations
 
 import math
+import numbers
 from fractions import Fraction
 
 from .inputs import PREPROCESSING_MODES, centre_crop_offset, shortest_edge_size
@@ -40,10 +41,16 @@ def grid_box_to_pixels(
         resized_w, resized_h = shortest_edge_size(width, height, size)
 
         def crop_px(v, cells: int, off: int, side: int, resized: int) -> int:
+            if math.isinf(v):  # clamped to the image, as in pad mode
+                return 0 if v < 0 else side
             source = (Fraction(v) * size / cells + off) * side / resized
             return math.floor(min(max(source, 0), side))
 
-        x0, y0, x1, y1 = box
+        # Plain numbers first (tensor and numpy scalars, as pad mode takes them): whole ones
+        # stay exact, the others as the floats they are.
+        x0, y0, x1, y1 = (int(v) if isinstance(v, numbers.Integral) else float(v) for v in box)
+        if any(math.isnan(v) for v in (x0, y0, x1, y1)):
+            raise ValueError(f"box must hold numbers, got {box!r}")
         return (
             crop_px(x0, grid_w, left, width, resized_w),
             crop_px(y0, grid_h, top, height, resized_h),

@@ -121,6 +121,19 @@ def model_identity(model: nn.Module) -> dict:
     }
 
 
+def check_model_identity(record: dict, name: str) -> None:
+    """Refuse a model_identity record (read back from a file) whose fields are not of their
+    kind, naming ``name``'s field: a name, an architecture fingerprint, 32 weight values."""
+    kinds = {"name": str, "config_fingerprint": str, "weights_fingerprint": list}
+    for key, kind in kinds.items():
+        value = record.get(key)
+        if value is not None and not isinstance(value, kind):
+            raise ValueError(f"{name}.{key} must be a {kind.__name__} or null, got {value!r}")
+    weights = record.get("weights_fingerprint") or []
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in weights):
+        raise ValueError(f"{name}.weights_fingerprint must hold finite numbers, got {weights[:4]!r}...")
+
+
 def same_model_name(a: str | None, b: str | None) -> bool:
     """Two names of one model: equal, or local folders that resolve to the same path (a
     resumed job may name it from another directory, or with a trailing slash)."""
@@ -134,7 +147,13 @@ def same_model_name(a: str | None, b: str | None) -> bool:
 def same_model(recorded: dict | None, now: dict | None) -> bool:
     """Whether two model_identity records name one model: one architecture, the same
     weights (where both record them), one name."""
-    if not recorded or not now or recorded.get("config_fingerprint") != now.get("config_fingerprint"):
+    if not isinstance(recorded, dict) or not isinstance(now, dict):
+        return False
+    if recorded.get("config_fingerprint") != now.get("config_fingerprint"):
+        return False
+    try:
+        check_model_identity(recorded, "model")  # a settings file edited by hand: not the same
+    except ValueError:
         return False
     weights = recorded.get("weights_fingerprint"), now.get("weights_fingerprint")
     if None not in weights and not fingerprints_match(*weights):

@@ -89,6 +89,8 @@ class LabelShardDataset(Dataset):
                 f"the image folder that {label_dir} records, {self.image_folder!r}, {problem}: pass "
                 "--image-folder with where the images are now"
             )
+        if isinstance(image_size, bool) or not isinstance(image_size, int) or not 1 <= image_size <= 2**16:
+            raise ValueError(f"image_size must be an int in [1, 65536], got {image_size!r}")
         self.image_size = image_size
         self.template = self.config.prompt_template
         self.tokenizer = tokenizer

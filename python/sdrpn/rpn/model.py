@@ -225,6 +225,8 @@ class RegionProposalNetwork(
         """Copies of the backbone's layers K .. K+depth-1 (see the module docstring). The
         template, preprocessing and RoI options (a ``RoiOptions`` or a dict of its fields)
         are recorded for inference."""
+        if not isinstance(model, nn.Module) or not hasattr(model, "get_decoder"):
+            raise TypeError(f"model must be a LLaVA model (load_llava's), got {type(model).__name__}")
         decoder = model.get_decoder()
         n = len(decoder.layers)
         for name, value in (("branch_layer", branch_layer), ("depth", depth)):
@@ -233,6 +235,7 @@ class RegionProposalNetwork(
         branch_layer, depth = int(branch_layer), int(depth)
         if not isinstance(roi, (RoiOptions, type(None))):
             roi = RoiOptions.from_dict(roi)
+        roi = (roi or RoiOptions()).check_crop_mode()  # what an RPN records is put to use
         check_rpn_template(prompt_template)
         if depth < 1 or branch_layer < 1 or branch_layer + depth > n:
             raise ValueError(
@@ -258,7 +261,7 @@ class RegionProposalNetwork(
             base_fingerprint=weights_fingerprint(model, branch_layer - 1),  # the branch layer's input
             prompt_template=prompt_template,
             preprocessing=preprocessing,
-            roi=(roi or RoiOptions()).to_dict(),
+            roi=roi.to_dict(),
         )
         rpn = cls(
             layers,

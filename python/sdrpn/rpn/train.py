@@ -108,7 +108,12 @@ class TrainConfig(Options):
         if not self.max_grad_norm > 0:
             raise ValueError(f"max_grad_norm must be > 0, got {self.max_grad_norm}")
         require_at_least(0, self, "num_workers", "seed")
-        self.betas = tuple(self.betas)
+        betas = tuple(self.betas) if isinstance(self.betas, (tuple, list)) else ()
+        if len(betas) != 2 or not all(
+            isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas
+        ):  # NaN fails the range
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
+        self.betas = tuple(float(b) for b in betas)
 
     # What may change between a run and its resumption: how long it goes on, how it loads
     # data and how often it saves. Everything else shapes the weights.
