@@ -123,6 +123,16 @@ def read_json(path: str):
         raise ValueError(f"{path} is not valid JSON: {err}") from None
 
 
+def read_json_as(path: str, parse):
+    """``parse`` of a JSON file's value; what either finds wrong is said naming the file
+    once (read_json names it itself)."""
+    value = read_json(path)
+    try:
+        return parse(value)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
+
+
 def read_jsonl(path: str) -> list[dict]:
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]

@@ -4,10 +4,8 @@ normalisation, the prompt template, the image preprocessing, and the checks on i
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor, nn
@@ -26,7 +24,7 @@ from ..llava.inputs import (
     question_text,
     to_rgb,
 )
-from ..llava.loading import context_length, model_device, model_dtype, pad_token_id
+from ..llava.loading import checked_max_new_tokens, context_length, model_device, model_dtype, pad_token_id
 from ..prefetch import thread_map
 
 
@@ -88,13 +86,8 @@ class LlavaAnswering:
         return pixel_batch(pixels, self.device, self.dtype)
 
     def checked_max_new_tokens(self, max_new_tokens) -> int:
-        """``max_new_tokens`` as an int from 1 to the model's context (numpy's ints too), or
-        ValueError naming it."""
-        if isinstance(max_new_tokens, numbers.Integral) and not isinstance(max_new_tokens, (bool, np.bool_)):
-            if 1 <= max_new_tokens <= (self.context or max_new_tokens):
-                return int(max_new_tokens)
-        most = f"the model's context of {self.context} positions" if self.context else "any number"
-        raise ValueError(f"max_new_tokens must be an int from 1 to {most}, got {max_new_tokens!r}")
+        """``max_new_tokens`` as an int from 1 to the model's context, or ValueError naming it."""
+        return checked_max_new_tokens(max_new_tokens, self.context)
 
     def most_crop_tokens(self) -> int:
         """The most tokens a sample's crops can add to its prompt (none here)."""

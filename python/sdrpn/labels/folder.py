@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from ..distributed import rank_name, rank_of
-from ..io_utils import read_json, read_jsonl, remove_temporaries, write_atomic, write_json, write_jsonl
+from ..io_utils import read_json, read_json_as, read_jsonl, remove_temporaries, write_atomic, write_json, write_jsonl
 from ..llava.data import skip_reasons
 from ..llava.inputs import PREPROCESSING_MODES, PROMPT_TEMPLATE, is_text
 from ..llava.loading import check_model_identity, same_model
@@ -193,13 +193,7 @@ class LabelFolder:
     # ---- config ---------------------------------------------------------------------------
     def read_config(self) -> LabelFolderConfig | None:
         path = self.file(CONFIG_NAME)
-        if not os.path.exists(path):
-            return None
-        try:
-            return LabelFolderConfig.from_dict(read_json(path))
-        except ValueError as err:
-            message = str(err)
-            raise ValueError(message if message.startswith(path) else f"{path}: {message}") from None
+        return read_json_as(path, LabelFolderConfig.from_dict) if os.path.exists(path) else None
 
     @property
     def config(self) -> LabelFolderConfig:
@@ -259,7 +253,9 @@ class LabelFolder:
         for path in self._marker_paths():
             name = _marked_shard(path)
             rank = shard_rank(name)
-            if rank is not None and (rank >= world_size or read_json(path).get("world_size", world_size) != world_size):
+            if rank is None:
+                continue
+            if rank >= world_size or _read_marker(path).get("world_size", world_size) != world_size:
                 strays.append(name)
         if strays:
             raise ValueError(
@@ -274,17 +270,7 @@ class LabelFolder:
         return sorted(glob.glob(self.file(pattern + MARKER_SUFFIX)))
 
     def done_markers(self, rank: int | None = None) -> list[dict]:
-        markers = []
-        for path in self._marker_paths(rank):
-            marker = read_json(path)
-            if not _marker_fits(marker):
-                raise ValueError(
-                    f"{path} is not a done marker of this format (it needs whole numbers shard, labelled, all_ignore, "
-                    "last_index, first_index and world_size, and skipped counts by reason): remove it to label its "
-                    "shard again"
-                )
-            markers.append(marker)
-        return markers
+        return [_read_marker(path) for path in self._marker_paths(rank)]
 
     def complete_shards(self) -> list[str]:
         """Names of the shards whose done marker exists, in order."""
@@ -394,6 +380,18 @@ class LabelFolder:
                 summary["labelled"],
             )
         return summary
+
+
+def _read_marker(path: str) -> dict:
+    """A done marker, refused where it does not hold what the folder's readers use."""
+    marker = read_json(path)
+    if not _marker_fits(marker):
+        raise ValueError(
+            f"{path} is not a done marker of this format (it needs whole numbers shard, labelled, all_ignore, "
+            "last_index, first_index and world_size, and skipped counts by reason): remove it to label its "
+            "shard again"
+        )
+    return marker
 
 
 def _marker_fits(marker) -> bool:

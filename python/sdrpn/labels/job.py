@@ -18,7 +18,15 @@ from ..llava.data import PAST_CONTEXT, QASample, SkipSample, check_image_folder,
 from ..llava.decode import DecoderPool, resolve_decoder
 from ..llava.geometry import model_grid
 from ..llava.inputs import Preprocessing, left_pad, preprocess_image, prompt_token_ids
-from ..llava.loading import DTYPES, context_length, model_device, model_dtype, model_identity, pad_token_id
+from ..llava.loading import (
+    DTYPES,
+    checked_max_new_tokens,
+    context_length,
+    model_device,
+    model_dtype,
+    model_identity,
+    pad_token_id,
+)
 from ..llava.maps import AttentionMaps, given_answer_maps, self_answer_maps
 from ..llava.presets import LlavaPreset
 from ..options import require_at_least
@@ -105,11 +113,7 @@ class LabelJob:
         self.eos_id = tokenizer.eos_token_id
         self.pad_id = pad_token_id(tokenizer)
         self.context = context_length(model)
-        if self.context is not None and self.options.max_new_tokens > self.context:  # the decoding cache's size
-            raise ValueError(
-                f"max_new_tokens must be at most the model's context of {self.context} positions, "
-                f"got {self.options.max_new_tokens}"
-            )
+        checked_max_new_tokens(self.options.max_new_tokens, self.context)
         self.device = model_device(model)
         self.dtype = model_dtype(model)
         # Self answers are greedy: CUDA graphs over a static cache on CUDA (llava/decode.py).

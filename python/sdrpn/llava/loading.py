@@ -6,8 +6,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import numbers
 import os
 
+import numpy as np
 import torch
 from huggingface_hub import constants as hub_constants
 from huggingface_hub import hf_hub_download
@@ -47,6 +49,16 @@ def context_length(model: nn.Module) -> int | None:
     """The positions the text model was trained for (None where its config names none): a
     longer sequence would be read from positions it never saw."""
     return getattr(model.config.get_text_config(), "max_position_embeddings", None)
+
+
+def checked_max_new_tokens(max_new_tokens, context: int | None) -> int:
+    """``max_new_tokens`` as an int from 1 to the model's ``context`` (numpy's ints too), or
+    ValueError naming it: a static decoding cache is sized by it."""
+    if isinstance(max_new_tokens, numbers.Integral) and not isinstance(max_new_tokens, (bool, np.bool_)):
+        if 1 <= max_new_tokens <= (context or max_new_tokens):
+            return int(max_new_tokens)
+    most = f"the model's context of {context} positions" if context else "any number"
+    raise ValueError(f"max_new_tokens must be an int from 1 to {most}, got {max_new_tokens!r}")
 
 
 def model_device(model: nn.Module) -> torch.device:

@@ -31,7 +31,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers.masking_utils import create_causal_mask
 
 from .. import ops
-from ..io_utils import read_json, read_safetensors, write_atomic, write_json
+from ..io_utils import read_json_as, read_safetensors, write_atomic, write_json
 from ..llava.geometry import model_grid
 from ..llava.inputs import PREPROCESSING_MODES, PROMPT_TEMPLATE, check_rpn_template, check_template
 from ..llava.loading import (
@@ -115,10 +115,10 @@ def read_rpn_config(folder: str) -> RPNConfig:
     path = os.path.join(folder, CONFIG_NAME)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{folder} is not an RPN folder: it has no {CONFIG_NAME}")
-    config = _config_file(path)
+    config = read_json_as(path, RPNConfig.from_dict)
     hub_path = os.path.join(folder, HUB_CONFIG_NAME)
     if os.path.isfile(hub_path):
-        ours, theirs = config.to_dict(), _config_file(hub_path).to_dict()
+        ours, theirs = config.to_dict(), read_json_as(hub_path, RPNConfig.from_dict).to_dict()
         differ = sorted(k for k in ours if ours[k] != theirs[k])
         if differ:
             raise ValueError(
@@ -127,15 +127,6 @@ def read_rpn_config(folder: str) -> RPNConfig:
                 f"{HUB_CONFIG_NAME}"
             )
     return config
-
-
-def _config_file(path: str) -> RPNConfig:
-    """An RPNConfig from a JSON file; what is wrong with it is said naming the file."""
-    try:
-        return RPNConfig.from_dict(read_json(path))
-    except ValueError as err:
-        message = str(err)
-        raise ValueError(message if message.startswith(path) else f"{path}: {message}") from None
 
 
 def rpn_loss(logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
@@ -151,9 +142,10 @@ def rpn_loss(logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX) -
     # One read of the device for both facts: whether any cell counts, and whether a counted
     # one is no target (2 gave a negative loss; -1 labels with ignore_index left at -100
     # were trained as targets).
-    any_kept, off_target = torch.stack([keep.any(), (keep & (labels != 0) & (labels != 1)).any()]).tolist()
-    if off_target:
-        found = labels[keep & (labels != 0) & (labels != 1)].unique()[:5].tolist()
+    off_target = keep & (labels != 0) & (labels != 1)
+    any_kept, any_off_target = torch.stack([keep.any(), off_target.any()]).tolist()
+    if any_off_target:
+        found = labels[off_target].unique()[:5].tolist()
         raise ValueError(f"labels must be 0, 1 or ignore_index={ignore_index}, got {found}")
     if not any_kept:
         # Padding cells hold -inf, and -inf * 0 is NaN: zero them first.
