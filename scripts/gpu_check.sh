@@ -60,7 +60,8 @@ step() {  # step NAME BUDGET COMMAND...: run within its budget and the time left
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$LOGS/gpu.txt"
 arch=$(python3 -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
-export SDRPN_CUDA_ARCHS=${SDRPN_CUDA_ARCHS:-$arch} TORCH_CUDA_ARCH_LIST=${SDRPN_CUDA_ARCHS:-$arch}
+export SDRPN_CUDA_ARCHS=${SDRPN_CUDA_ARCHS:-$arch}
+export TORCH_CUDA_ARCH_LIST=$SDRPN_CUDA_ARCHS
 echo "arch $SDRPN_CUDA_ARCHS, $(python3 -c 'import torch; print(torch.__version__)')"
 
 if ls .gpu_carry/wheels/*.whl >/dev/null 2>&1; then
