@@ -101,7 +101,8 @@ def _extension():
         os.environ["TORCH_CUDA_ARCH_LIST"] = archs
         sources += _sources("csrc/ops/cuda/*.cu")
         define_macros += [("SDRPN_WITH_CUDA", None), ("SDRPN_CUDA_ARCHS", f'"{archs}"')]
-        extra["nvcc"] = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+        # The .cu files' host code too (the blur weights are computed there).
+        extra["nvcc"] = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo", "-Xcompiler=-ffp-contract=off"]
     libstdcxx = _libstdcxx_link_args()
     print(
         f"sdrpn build: version={VERSION} torch={torch.__version__} torch.cuda={torch.version.cuda} "
