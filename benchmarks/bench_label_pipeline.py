@@ -214,6 +214,7 @@ def main() -> None:
                     per_batch[args.batch_sizes[0]]["samples_per_s"] / ref["samples_per_s"], 1
                 ),
             }
+            report["graphs"] = pool.graph_counts()  # a failed capture decodes without graphs
             save(report, args.json)
     emit(report, args.json)
 

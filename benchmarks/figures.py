@@ -129,6 +129,35 @@ def cpu_rows(labels: dict | None, sinks: dict | None) -> list[tuple]:
     ]
 
 
+def graph_rows(infer: dict | None, label: dict | None) -> list[tuple]:
+    """CUDA graph captures that failed: the times beside them were taken without graphs."""
+    counts = [c for c in (_get(infer, "graphs") or {}).values()] + [_get(label, "graphs")]
+    counts = [c for c in counts if isinstance(c, dict)]
+    if not counts:
+        return []
+    failed = sum(c.get("failed_captures", 0) for c in counts)
+    return [("CUDA graph captures that failed in the pipeline benchmarks (0 expected)", failed, None, False)]
+
+
+def attention_rows(bench: dict | None) -> list[tuple]:
+    """cuDNN's attention against the kernels sdrpn runs, where both ran (a GPU)."""
+    cases = (bench or {}).get("cases") or {}
+    rows = []
+    for case, what in (("prefill_causal_b1", "prefill, batch 1"), ("decode_step_b8", "decode step, batch 8")):
+        for key, when in (("sdrpn_first_vs_cudnn", "first call at a new shape"), ("sdrpn_warm_vs_cudnn", "warm")):
+            if _number(_get(cases, case, key)):
+                rows.append(
+                    (f"attention, {what}, {when}: sdrpn's kernels vs cuDNN's (speed)", cases[case][key], None, True)
+                )
+    for side in ("cudnn", "sdrpn"):
+        count = _get(cases, "train_backward_bf16", side, "nonfinite_grad_q")
+        if _number(count):
+            rows.append(
+                (f"attention backward, padded bf16 at 704 keys, {side}: non-finite query gradients", count, None, False)
+            )
+    return rows
+
+
 def figures(results: dict) -> list[tuple[str, float | None, float | None, str]]:
     """(figure, measured, target, verdict) rows. A benchmark's JSON that cannot be read
     (cut short mid-write, or of another shape) gives one row saying so; the rest stand."""
@@ -138,6 +167,8 @@ def figures(results: dict) -> list[tuple[str, float | None, float | None, str]]:
         ("bench_train_rpn_7b", lambda: train_rows(results.get("bench_train_rpn_7b"))),
         ("bench_label_job_7b", lambda: label_job_rows(results.get("bench_label_job_7b"))),
         ("bench_labels_cpu", lambda: cpu_rows(results.get("bench_labels_cpu"), results.get("bench_sinks_cpu"))),
+        ("bench_attention_backends", lambda: attention_rows(results.get("bench_attention_backends"))),
+        ("graphs", lambda: graph_rows(results.get("bench_infer_7b"), results.get("bench_label_pipeline_7b"))),
     )
     out = []
     for step, rows in groups:

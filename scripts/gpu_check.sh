@@ -97,6 +97,9 @@ step bench_train_rpn_7b 90 python3 benchmarks/bench_train_rpn.py --size 7b --dev
 step bench_labels_cpu 40 python3 benchmarks/bench_labels.py --device cpu --reference-samples 256 \
   --json "$LOGS/bench_labels_cpu.json"
 step bench_sinks_cpu 40 python3 benchmarks/bench_sinks.py --device cpu --json "$LOGS/bench_sinks_cpu.json"
+# cuDNN's attention against the kernels sdrpn runs (sdrpn.llava.attention_kernels says why).
+step bench_attention_backends 40 python3 benchmarks/bench_attention_backends.py --device cuda \
+  --json "$LOGS/bench_attention_backends.json"
 
 train_pid=
 if [ -n "${SDRPN_TRAIN_BASE_STEPS:-}" ] && [[ ! " ${failed[*]} " =~ " build_python " ]]; then

@@ -30,6 +30,14 @@ def test_op_benchmarks_print_ratios(script, args, key):
     assert isinstance(run(script, *args)[key], float)
 
 
+def test_attention_backends_benchmark_runs_sdrpns_side_on_the_cpu():
+    """cuDNN's side needs a GPU; on the CPU every case runs through sdrpn's kernels, and
+    the backward's query gradient is finite."""
+    cases = run("bench_attention_backends.py", "--heads", "2", "--head-dim", "16", "--repeats", "1")["cases"]
+    assert len(cases) == 5 and all(set(row) == {"sdrpn"} and "warm_ms" in row["sdrpn"] for row in cases.values())
+    assert cases["train_backward_bf16"]["sdrpn"]["nonfinite_grad_q"] == 0
+
+
 @pytest.fixture(scope="module")
 def pipeline_results():
     """The pipeline benchmarks on a tiny model, under the step names scripts/gpu_check.sh
@@ -61,7 +69,8 @@ def test_figures_table_reads_every_pipeline_benchmark(pipeline_results, tmp_path
     )
     assert out.returncode == 0, out.stderr
     rows = [line for line in out.stdout.splitlines() if line.startswith("| ") and "figure" not in line]
-    assert len(rows) == 17
+    assert len(rows) == 18
+    assert "| CUDA graph captures that failed in the pipeline benchmarks (0 expected) | 0 | - | reported |" in rows
     assert [r for r in rows if "not measured" in r] == [  # a CPU run has no device memory to compare
         "| label job, given answers, peak GiB (target: the reference's) | - | - | not measured |"
     ]
@@ -76,6 +85,7 @@ def test_figures_table_reads_every_pipeline_benchmark(pipeline_results, tmp_path
     odd = dict(pipeline_results)
     odd["bench_infer_7b"] = {"results": [{"batch": 1}]}
     odd["bench_sinks_cpu"] = {"speedup_vs_torch": "n/a"}
+    odd["bench_infer_7b"]["graphs"] = {"pipeline_decoders": {"graphs": 0, "failed_captures": 1}}
     label = json.loads(json.dumps(pipeline_results["bench_label_pipeline_7b"]))
     label["results"][0]["reference_batch1"]["peak_GiB"] = 0.0
     label["results"][0]["given"]["by_batch_size"]["2"]["peak_GiB"] = 1.0
@@ -90,6 +100,9 @@ def test_figures_table_reads_every_pipeline_benchmark(pipeline_results, tmp_path
     assert "| label job, given answers, peak GiB (target: the reference's) | 1 | 0 | reported |" in out.stdout
     assert "float16, vs PyTorch | n/a | 1 | reported |" in out.stdout
     assert "| RPN training, minutes per 10K-sample epoch |" in out.stdout
+    assert (
+        "| CUDA graph captures that failed in the pipeline benchmarks (0 expected) | 1 | - | reported |" in out.stdout
+    )
 
 
 def test_rpn_scores_benchmark():

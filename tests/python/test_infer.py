@@ -68,7 +68,8 @@ def full_sequence_generate(sdrpn, image, question, crops, max_new_tokens):
 def test_prefix_reuse_equals_full_recompute_for_the_rpn(tiny):
     sd = pipeline(tiny)
     ims = images(2)
-    got = sd.predict_rois(ims, QUESTIONS[:2])
+    got = sd.predict_rois(ims, QUESTIONS[:2])  # padded
+    alone = [sd.predict_rois([im], [q])[0] for im, q in zip(ims, QUESTIONS)]  # not padded
     # From scratch: the whole prompt through the backbone, hidden_states[K] into the RPN.
     for b in range(2):
         prefix, suffix = sd._split_prompt(QUESTIONS[b])
@@ -78,7 +79,8 @@ def test_prefix_reuse_equals_full_recompute_for_the_rpn(tiny):
             hs = tiny.model.model(input_ids=ids, pixel_values=pixels, output_hidden_states=True).hidden_states
             mask = torch.ones_like(ids)
             logits = sd.rpn(hs[2], mask, position_ids_from_mask(mask), ids == IMAGE)
-        torch.testing.assert_close(got[b].prob.flatten(), torch.sigmoid(logits[0]), rtol=1e-4, atol=1e-5)
+        for rois in (got[b], alone[b]):
+            torch.testing.assert_close(rois.prob.flatten(), torch.sigmoid(logits[0]), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("group_cost", [10**6, 0], ids=["one_pass2_forward", "pass2_in_groups"])

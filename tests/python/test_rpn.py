@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from host_reads import NoHostSync
 from sdrpn.llava.inputs import position_ids_from_mask
 from sdrpn.options import RoiOptions
 from sdrpn.rpn.model import RegionProposalNetwork, gather_visual, last_real_token, rpn_loss
@@ -102,6 +103,30 @@ def test_padding_side_does_not_change_logits(tiny):
                 rpn(hs[K], batch.attention_mask, position_ids_from_mask(batch.attention_mask), batch.input_ids == IMAGE)
             )
     torch.testing.assert_close(out[0], out[1], rtol=1e-4, atol=1e-5)
+
+
+def test_what_the_caller_knows_spares_every_device_read(tiny):
+    """Prompts without padding and with their image tokens at known positions: no mask and
+    a slice of positions give the logits of the mask and the visual mask, and nothing is
+    read back from the device (on a GPU each read is a wait for it)."""
+    rpn = RegionProposalNetwork.from_llava(tiny.model, branch_layer=K, depth=T).eval()
+    gen = torch.Generator().manual_seed(3)
+    batch = teacher_forced_batch(tiny, [random_tokens(gen, 4), random_tokens(gen, 4)], [[], []])
+    assert bool(batch.attention_mask.all())
+    hs = backbone_hidden(tiny, batch)
+    pos = position_ids_from_mask(batch.attention_mask)
+    visual = batch.input_ids == IMAGE
+    first = int(visual[0].int().argmax())
+    image_tokens = slice(first, first + tiny.num_cells)
+    assert bool(visual[:, image_tokens].all())
+    with torch.no_grad():
+        want = rpn(hs[K], batch.attention_mask, pos, visual)
+        with NoHostSync():
+            got = rpn(hs[K], None, pos, image_tokens)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for bad in (slice(first, first + 4, 2), slice(10**6, None)):
+        with pytest.raises(ValueError, match="visual_mask as a slice"):
+            rpn(hs[K], None, pos, bad)
 
 
 def test_samples_with_different_grids():

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..llava.attention_kernels import without_cudnn_attention
 from ..llava.inputs import PROMPT_TEMPLATE, left_pad, prompt_token_ids
 from .answering import LlavaAnswering
 
@@ -23,6 +24,7 @@ class BaseLlava(LlavaAnswering):
         super().__init__(model, processor, prompt_template=prompt_template, preprocessing=preprocessing)
 
     @torch.no_grad()
+    @without_cudnn_attention()
     def generate(self, images, questions, max_new_tokens: int = 128) -> list[str]:
         """One greedy answer per (image, question); a sample stops at its end-of-sequence token."""
         max_new_tokens = self.checked_max_new_tokens(max_new_tokens)

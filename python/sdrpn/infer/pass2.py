@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 from transformers import DynamicCache
 
+from ..llava.attention_kernels import without_cudnn_attention
 from ..llava.inputs import position_ids_from_mask
 
 # What one more forward costs, in padded tokens it must save to pay for itself. A forward
@@ -91,6 +92,7 @@ def _join(held: list[list], rows: list[Tensor], prefix_len: int, width: int, con
 
 
 @torch.no_grad()
+@without_cudnn_attention()
 def prefill_new_tokens(
     model: nn.Module, cache: DynamicCache, prefix_mask: Tensor, parts: list[Tensor], group_cost: int = GROUP_COST_TOKENS
 ) -> tuple[DynamicCache, Tensor, Tensor, Tensor]:

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from transformers import DynamicCache, GenerationConfig, GenerationMixin
 
 from .. import ops
+from ..llava.attention_kernels import without_cudnn_attention
 from ..llava.decode import DecoderPool, greedy_decode, resolve_decoder
 from ..llava.geometry import grid_box_to_pixels
 from ..llava.inputs import (
@@ -196,6 +197,7 @@ class SDRPNLlava(LlavaAnswering):
 
     # ---- pass 1 ---------------------------------------------------------------------------
     @torch.no_grad()
+    @without_cudnn_attention()
     def _pass1(self, images, questions) -> tuple[_Pass1, list[Image.Image]]:
         clock = Stopwatch(self.device)
         images = self._images(images)
@@ -228,7 +230,12 @@ class SDRPNLlava(LlavaAnswering):
         clock.lap("prompt")
         cache.crop(-suffix_ids.shape[1])  # at least one token: the template has text after the image
         hidden = captured[0]
-        logits = self.rpn(hidden.to(self.rpn.q_proj.weight.dtype), full_mask, positions, ids == self.image_token_id)
+        # The image tokens end every (left-padded) prefix: given as positions, and the mask
+        # only where it pads, the RPN reads nothing back from the device.
+        image_tokens = slice(prefix_ids.shape[1] - self.num_cells, prefix_ids.shape[1])
+        logits = self.rpn(
+            hidden.to(self.rpn.q_proj.weight.dtype), full_mask if padded else None, positions, image_tokens
+        )
         prob = torch.sigmoid(logits.float()).view(-1, self.grid_h, self.grid_w)
         clock.lap("rpn")
         boxes, index, keep = ops.roi_crops(prob, mode=self.roi.crop_mode, **self.roi.box_rules())

@@ -6,12 +6,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .attention_kernels import without_cudnn_attention
 from .inputs import position_ids_from_mask
 from .loading import model_dtype
 from .probe import EarlyExit, capture_outputs, decoder_layers
 
 
 @torch.no_grad()
+@without_cudnn_attention()
 def branch_hidden_states(
     model: nn.Module, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor, branch_layer: int
 ) -> tuple[Tensor, Tensor]:

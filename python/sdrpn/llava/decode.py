@@ -24,6 +24,7 @@ attention does (LLaVA-1.5 has none), so that both run the same kernel.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import threading
@@ -37,6 +38,7 @@ from transformers import DynamicCache
 from transformers.models.llama.modeling_llama import LlamaModel, apply_rotary_pos_emb, repeat_kv
 
 from ..options import DECODERS
+from .attention_kernels import without_cudnn_attention
 from .inputs import position_ids_from_mask
 from .loading import model_device
 
@@ -158,23 +160,25 @@ def warm_up_and_capture(
             return out, capture_graph(fn, stream, pool)
     except RuntimeError as error:
         message = f"CUDA graph capture failed, {fallback}: {capture_error(error)}"
-        warnings.warn(message, stacklevel=_first_frame_outside(_LIBRARY_DIRS))
+        warnings.warn(message, stacklevel=_first_frame_outside(_LIBRARY_PATHS))
         return out, None
 
 
-# sdrpn's and torch's own frames (no_grad's wrappers among them) sit between a user's call
-# and a capture at a depth that depends on the path; a warning names the user's line.
-_LIBRARY_DIRS = (
+# sdrpn's, torch's and contextlib's frames (no_grad's and without_cudnn_attention's
+# wrappers among them) sit between a user's call and a capture at a depth that depends on
+# the path; a warning names the user's line.
+_LIBRARY_PATHS = (
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep,  # sdrpn
     os.path.dirname(os.path.abspath(torch.__file__)) + os.sep,
+    os.path.abspath(contextlib.__file__),
 )
 
 
-def _first_frame_outside(dirs: tuple[str, ...]) -> int:
-    """The ``stacklevel`` of the nearest frame above the caller whose file is under none
-    of ``dirs`` (the caller itself is level 1)."""
+def _first_frame_outside(paths: tuple[str, ...]) -> int:
+    """The ``stacklevel`` of the nearest frame above the caller whose file starts with none
+    of ``paths`` (folders and files; the caller itself is level 1)."""
     frame, level = sys._getframe(1), 1
-    while frame.f_back is not None and os.path.abspath(frame.f_code.co_filename).startswith(dirs):
+    while frame.f_back is not None and os.path.abspath(frame.f_code.co_filename).startswith(paths):
         frame, level = frame.f_back, level + 1
     return level
 
@@ -259,6 +263,7 @@ class StaticDecoder:
             self._graphs[self.length] = replay
         return out
 
+    @without_cudnn_attention()
     def _step(self) -> Tensor:
         text, batch, length = self.text, self.batch, self.length
         valid = self.valid[:, :length]
@@ -303,6 +308,12 @@ class DecoderPool:
         """Frees every kept decoder (its cache buffers and graphs)."""
         self._decoders.clear()
 
+    def graph_counts(self) -> dict[str, int]:
+        """The kept decoders' CUDA graphs, and those of them asked for graphs that decode
+        without, after a failed capture: what a timing depends on."""
+        asked = [d for (_, _, graph), d in self._decoders.items() if graph]
+        return {"graphs": sum(len(d._graphs) for d in asked), "failed_captures": sum(not d.use_graph for d in asked)}
+
     def get(self, model: nn.Module, batch: int, slots: int, graph: bool) -> StaticDecoder:
         # The text model, which a kept decoder holds: its id cannot be reused while kept.
         for stale in [key for key, kept in self._decoders.items() if kept.weights.changed()]:
@@ -319,6 +330,7 @@ class DecoderPool:
 
 
 @torch.no_grad()
+@without_cudnn_attention()
 def prefill(model: nn.Module, ids: Tensor, mask: Tensor, pixels: Tensor | None):
     """Left-padded prompts (B, L) with their images through the model into a new
     DynamicCache: (cache, the last position's logits (B, V), mask, next positions (B, 1)),
@@ -357,6 +369,7 @@ def greedy_answers(
 
 
 @torch.no_grad()
+@without_cudnn_attention()
 def greedy_decode(
     model: nn.Module,
     cache,

@@ -17,6 +17,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from .attention_kernels import without_cudnn_attention
+
 PROBE_ATTENTION = "sdrpn_probe"
 _CAPTURE_ATTR = "_sdrpn_capture"
 
@@ -131,6 +133,7 @@ class EarlyExit:
 
 
 @torch.no_grad()
+@without_cudnn_attention()
 def probe_once(model: nn.Module, layers: Iterable[int], **inputs) -> dict[int, tuple[Tensor, Tensor]]:
     """One forward of the LLaVA backbone (no LM head), up to the deepest probed layer's
     query and key. A cache passed in ``inputs`` receives the new keys and values of every

@@ -14,11 +14,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .attention_kernels import without_cudnn_attention
 from .decode import WeightsWatch, warm_up_and_capture
 
 GRAPH_MAX_IMAGES = 4
 
 
+@without_cudnn_attention()
 def image_features(model: nn.Module, pixels: Tensor) -> Tensor:
     """(N, tokens, D) projected features of N images (N, 3, S, S), as the model's forward
     inserts them at its image tokens."""
@@ -35,7 +37,8 @@ class ImageEncoder:
 
     def __init__(self, model: nn.Module, graph: bool):
         self.model = model
-        self.use_graph = graph
+        self.graph = graph  # asked for
+        self.use_graph = graph  # still so: False after a failed capture
         self._graphs: dict[tuple, tuple[Tensor, object]] = {}  # input shape, dtype -> (input buffer, replay)
         self._pool = None
         self._weights: WeightsWatch | None = None  # on the weights the graphs were captured for
@@ -43,6 +46,10 @@ class ImageEncoder:
     def clear(self) -> None:
         self._graphs.clear()
         self._pool = None
+
+    def graph_counts(self) -> dict[str, int]:
+        """As DecoderPool.graph_counts: the graphs kept, and 1 after a failed capture."""
+        return {"graphs": len(self._graphs), "failed_captures": int(self.graph and not self.use_graph)}
 
     @torch.no_grad()
     def __call__(self, pixels: Tensor) -> Tensor:

@@ -32,6 +32,7 @@ from transformers.masking_utils import create_causal_mask
 
 from .. import ops
 from ..io_utils import read_json_as, read_safetensors, write_atomic, write_json
+from ..llava.attention_kernels import without_cudnn_attention
 from ..llava.geometry import model_grid
 from ..llava.inputs import PREPROCESSING_MODES, PROMPT_TEMPLATE, check_rpn_template, check_template
 from ..llava.loading import (
@@ -283,14 +284,16 @@ class RegionProposalNetwork(
     def gradient_checkpointing_enable(self) -> None:
         self.gradient_checkpointing = True
 
+    @without_cudnn_attention()
     def run_layers(self, hidden_states: Tensor, attention_mask: Tensor, position_ids: Tensor) -> Tensor:
         """The copied decoder layers on the branch-point hidden states (B, L, D)."""
+        # No positions for the mask: from them it would look for packed sequences, which an
+        # RPN input never holds, with a device read.
         mask = create_causal_mask(
             config=self.text_config,
             inputs_embeds=hidden_states,
             attention_mask=attention_mask,
             past_key_values=None,
-            position_ids=position_ids,
         )
         rope = self.rotary_emb(hidden_states, position_ids=position_ids)
         for layer in self.layers:
@@ -305,22 +308,42 @@ class RegionProposalNetwork(
         return hidden_states
 
     def forward(
-        self, hidden_states: Tensor, attention_mask: Tensor, position_ids: Tensor, visual_mask: Tensor
+        self,
+        hidden_states: Tensor,
+        attention_mask: Tensor | None,
+        position_ids: Tensor,
+        visual_mask: Tensor | slice,
     ) -> Tensor:
         """Logits (B, Nmax) over each sample's visual tokens in sequence order (row-major on
         its grid); -inf past a sample's own count when grids differ.
 
         Args:
             hidden_states: (B, L, D) hidden states entering layer K (``hidden_states[K]``).
-            attention_mask: (B, L) 1 for real tokens.
+            attention_mask: (B, L) 1 for real tokens, or None where no sample is padded.
             position_ids: (B, L) positions as the backbone numbered them.
-            visual_mask: (B, L) bool, True on visual tokens.
+            visual_mask: (B, L) bool, True on visual tokens; or a slice of positions that
+                holds the visual tokens of every sample.
+
+        What the caller knows on the host spares device reads, each of which makes the host
+        wait for the GPU: a mask is read for whether it pads anything, and a visual mask
+        for the largest count and whether every sample reaches it.
         """
         h = self.run_layers(hidden_states, attention_mask, position_ids)
         h = self.head_norm(self.norm(h))
-        batch = torch.arange(h.shape[0], device=h.device)
-        query = h[batch, last_real_token(attention_mask)]
-        visual, cells = gather_visual(h, visual_mask)
+        if attention_mask is None:
+            query = h[:, -1]
+        else:
+            batch = torch.arange(h.shape[0], device=h.device)
+            query = h[batch, last_real_token(attention_mask)]
+        if isinstance(visual_mask, slice):
+            visual, cells = h[:, visual_mask], None
+            if visual_mask.step not in (None, 1) or visual.shape[1] == 0:
+                raise ValueError(
+                    f"visual_mask as a slice must select consecutive positions of the {h.shape[1]}, got {visual_mask}"
+                )
+        else:
+            visual, cells = gather_visual(h, visual_mask)
+            cells = None if bool(cells.all()) else cells
         # The op takes one dtype: under autocast, the autocast dtype (the parameters stay
         # float32 masters and receive float32 gradients through the casts).
         device = h.device.type
@@ -334,7 +357,7 @@ class RegionProposalNetwork(
             self.config.num_heads,
             q_bias=like(self.q_proj.bias),
             k_bias=like(self.k_proj.bias),
-            visual_mask=None if bool(cells.all()) else cells,
+            visual_mask=cells,
         )
 
     # ---- persistence ----------------------------------------------------------------------

@@ -369,6 +369,7 @@ class RPNTrainer:
         )  # fmt: skip
         self.branch_layer = self.rpn_settings["branch_layer"]
         self.grad_accum = cfg.grad_accum or accumulation_steps(cfg.effective_batch, cfg.batch_size, world_size)
+        self.non_finite_steps = 0  # optimiser steps skipped for a gradient that is not finite
 
     def _autocast(self):
         if self.cfg.bf16:
@@ -489,7 +490,9 @@ class RPNTrainer:
             tally = _Tally.resumed(so_far if self.rank == 0 else None)
             batches = _tallied(self._loader(train_set, [chunk for step in steps for chunk in step]), tally)
             for step_chunks in steps:
-                loss_value = self._step(model_for_grad, optimizer, scheduler, len(step_chunks), batches)
+                loss_value = self._step(
+                    model_for_grad, optimizer, scheduler, progress["global_step"] + 1, len(step_chunks), batches
+                )
                 progress["step_in_epoch"] += 1
                 progress["global_step"] += 1
                 bar.update(1)
@@ -587,9 +590,9 @@ class RPNTrainer:
             log.warning("epoch %d: skipped %d samples (%s)", epoch, sum(skipped.values()), skip_reasons(skipped))
         return summed
 
-    def _step(self, rpn, optimizer, scheduler, count: int, batches: Iterator) -> float:
-        """One optimiser step over the next ``count`` micro-batches (the later ones load
-        meanwhile)."""
+    def _step(self, rpn, optimizer, scheduler, step: int, count: int, batches: Iterator) -> float:
+        """Optimiser step number ``step`` over the next ``count`` micro-batches (the later
+        ones load meanwhile)."""
         total = 0.0
         ddp = isinstance(rpn, DistributedDataParallel)
         for i in range(count):
@@ -609,9 +612,22 @@ class RPNTrainer:
                 loss = rpn_loss(logits, labels) / count
                 loss.backward()
             total += float(loss.detach())
-        torch.nn.utils.clip_grad_norm_(rpn.parameters(), self.cfg.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
+        norm = torch.nn.utils.clip_grad_norm_(rpn.parameters(), self.cfg.max_grad_norm)
+        # A NaN or infinite gradient would reach every weight through the optimiser's step
+        # and its moments, silently. The ranks all-reduced their gradients: they agree.
+        # A skipped step leaves the weights, the optimiser and the schedule as they were.
+        if bool(torch.isfinite(norm)):
+            optimizer.step()
+            scheduler.step()
+        else:
+            self.non_finite_steps += 1
+            if self.rank == 0:
+                log.warning(
+                    "step %d: the gradients are not finite (norm %s): the step is skipped (%d so far)",
+                    step,
+                    float(norm),
+                    self.non_finite_steps,
+                )
         optimizer.zero_grad(set_to_none=True)
         return total
 

@@ -41,6 +41,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..io_utils import read_json, read_safetensors, write_atomic, write_json
+from ..llava.attention_kernels import without_cudnn_attention
 from ..llava.inputs import crop_pixels, left_pad, preprocess_image, prompt_token_ids
 from ..llava.loading import load_llava
 from ..llava.vision import image_features
@@ -293,6 +294,7 @@ class BaseTrainer:
     def _features(self, pixels: Tensor) -> Tensor:
         return image_features(self.model, pixels.to(self.cfg.device, non_blocking=True))  # (n, grid*grid, D)
 
+    @without_cudnn_attention()
     def step(self, batch: Batch) -> dict:
         cfg, device = self.cfg, self.cfg.device
         with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=self.bf16):
