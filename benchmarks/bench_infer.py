@@ -186,8 +186,8 @@ def main() -> None:
             report["results"].append(row)
             # What the times rest on: a failed capture decodes without graphs, and warns once.
             report["graphs"] = {
-                "pipeline_decoders": pipe.decoders.graph_counts(),
-                "pipeline_image_encoder": pipe.encoder.graph_counts(),
+                **{f"{name}_decoders": p.decoders.graph_counts() for name, p in pipes.items()},
+                **{f"{name}_image_encoder": p.encoder.graph_counts() for name, p in pipes.items()},
                 "baseline_same_decoder": pool.graph_counts(),
             }
             save(report, args.json)

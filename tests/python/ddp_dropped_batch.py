@@ -59,7 +59,7 @@ for micro in steps:
         dist.all_reduce(e)
         e /= world
     before = len(seen)
-    trainer._step(ddp, optimizer, scheduler, 1, len(micro), iter(micro))
+    trainer._step(ddp, optimizer, scheduler, len(micro), iter(micro))
     got = seen[before]
     flat = torch.cat([p.detach().flatten() for p in rpn.parameters()])
     gathered = [torch.empty_like(flat) for _ in range(world)]

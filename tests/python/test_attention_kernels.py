@@ -2,6 +2,8 @@
 (sdrpn.llava.attention_kernels says why), and gives the caller's setting back. The flag is
 read inside each SDPA call, so this holds on the CPU as on a GPU."""
 
+import threading
+
 import pytest
 import torch
 
@@ -83,15 +85,21 @@ def test_label_maps_with_given_and_self_answers(tiny, sdpa_calls):
     _no_cudnn(sdpa_calls)
 
 
-def test_rpn_training_step(tiny, sdpa_calls):
-    """The backward's kernel is the forward's: the forward is what must run without cuDNN."""
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_rpn_training_step(tiny, sdpa_calls, checkpointing):
+    """The backward's kernel is the forward's, and a checkpointed layer runs its forward
+    again inside backward(), after the RPN's call has returned."""
     gen = torch.Generator().manual_seed(1)
     ids, mask = left_pad([prompt_ids(tiny.num_cells, random_tokens(gen, n)) for n in (5, 1)], PAD)
     pixels = torch.randn(2, 3, tiny.image_size, tiny.image_size, generator=gen)
-    rpn = RegionProposalNetwork.from_llava(tiny.model, branch_layer=2, depth=2)
+    rpn = RegionProposalNetwork.from_llava(tiny.model, branch_layer=2, depth=2).train()
+    if checkpointing:
+        rpn.gradient_checkpointing_enable()
     hidden, pos = branch_hidden_states(tiny.model, ids, mask, pixels, 2)
     logits = rpn(hidden, mask, pos, ids == IMAGE)
+    forward_calls = len(sdpa_calls)
     rpn_loss(logits, (torch.rand(logits.shape, generator=gen) > 0.5).long()).backward()
+    assert (len(sdpa_calls) > forward_calls) == checkpointing  # the recomputation was seen
     _no_cudnn(sdpa_calls)
 
 
@@ -112,3 +120,48 @@ def test_the_callers_setting_is_kept_inside_out():
         assert torch.backends.cuda.cudnn_sdp_enabled()  # given back on an error too
     finally:
         torch.backends.cuda.enable_cudnn_sdp(before)
+
+
+def test_threads_inside_at_once_keep_it_off_until_the_last_leaves():
+    """Two threads' calls overlapping (A in, B in, A out, B out): B runs its part after A
+    left without cuDNN still, and the setting found before A is back after B."""
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    torch.backends.cuda.enable_cudnn_sdp(True)
+    b_inside, a_left = threading.Event(), threading.Event()
+    seen = {}
+
+    def a():
+        with without_cudnn_attention():
+            b_inside.wait(10)
+        a_left.set()
+
+    def b():
+        with without_cudnn_attention():
+            b_inside.set()
+            a_left.wait(10)
+            seen["b after a left"] = torch.backends.cuda.cudnn_sdp_enabled()
+
+    try:
+        threads = [threading.Thread(target=a), threading.Thread(target=b)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(20)
+        assert seen == {"b after a left": False}
+        assert torch.backends.cuda.cudnn_sdp_enabled()
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(before)
+
+
+def test_the_synthetic_tasks_training_and_answers(tmp_path, sdpa_calls):
+    from sdrpn.synth.evaluate import answer_with_views
+    from sdrpn.synth.model import TinyLlavaSpec
+    from sdrpn.synth.task import make_sample
+    from sdrpn.synth.train_base import BaseTrainConfig, BaseTrainer, make_batch
+
+    spec = TinyLlavaSpec(vision_layers=1, text_layers=2, vision_hidden=32, text_hidden=32)
+    cfg = BaseTrainConfig(out=str(tmp_path / "b"), steps=4, encoder_steps=0, batch_size=2, spec=spec, bf16=False)
+    trainer = BaseTrainer(cfg)
+    trainer.step(make_batch(0, cfg, trainer.tok, trainer.image_id))
+    answer_with_views(trainer.model, trainer.tok, [make_sample(s) for s in range(2)], "gt", max_new_tokens=2)
+    _no_cudnn(sdpa_calls)

@@ -213,6 +213,7 @@ def test_graph_mode_warms_up_captures_once_per_length_and_replays(tiny, monkeypa
             assert decode(tiny.model, "graph", pool=pool, prompts=long_prompts) == want_long
             assert decode(tiny.model, "graph", pool=pool) == want
     assert len(captures) == 2  # lengths 128 and 64 on the same buffers, each captured once
+    assert pool.graph_counts() == {"graphs": 2, "failed_captures": 0}
     eos = want[1][3]
     assert decode(tiny.model, "graph", eos=eos, pool=pool) == decode(tiny.model, "hf", eos=eos)
 
@@ -246,6 +247,10 @@ def test_a_failed_capture_warns_and_decodes_without_graphs(tiny, monkeypatch):
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="CUDA graph capture failed")  # it warned once
         assert decode(tiny.model, "graph", pool=pool) == decode(tiny.model, "hf")
+    assert pool.graph_counts() == {"graphs": 0, "failed_captures": 1}
+    pool.get(tiny.model, 3, 10**4, graph=True)  # a longer cache: the failed decoder is replaced
+    pool.clear()
+    assert pool.graph_counts() == {"graphs": 0, "failed_captures": 1}  # a benchmark still sees it
 
 
 def test_a_failed_capture_names_the_error_inside_it():
@@ -306,7 +311,7 @@ def test_a_failed_image_encoder_capture_warns_and_encodes_eagerly(tiny, monkeypa
     with pytest.warns(UserWarning, match="capture failed, encoding images without graphs: operation") as seen:
         torch.testing.assert_close(encoder(first), image_features(tiny.model, first), rtol=0, atol=0)
     assert [w.filename for w in seen] == [__file__]
-    assert not encoder.use_graph
+    assert not encoder.use_graph and encoder.graph_counts() == {"graphs": 0, "failed_captures": 1}
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="CUDA graph capture failed")  # it warned once
         torch.testing.assert_close(encoder(second), image_features(tiny.model, second), rtol=0, atol=0)

@@ -1,4 +1,3 @@
-import dataclasses
 import json
 import logging
 import os
@@ -17,7 +16,6 @@ from sdrpn.cli import main
 from sdrpn.labels.folder import LabelFolder
 from sdrpn.llava.backbone import branch_hidden_states
 from sdrpn.llava.loading import load_llava, model_identity
-from sdrpn.rpn.checkpoints import latest_checkpoint
 from sdrpn.rpn.dataset import LabelCollator, LabelShardDataset
 from sdrpn.rpn.model import RegionProposalNetwork, rpn_loss
 from sdrpn.rpn.train import RPNTrainer, TrainConfig, accumulation_steps, evaluate, rpn_for_labels
@@ -405,39 +403,56 @@ def test_a_first_step_without_images_skips_its_checkpoint_and_training_goes_on(w
     assert steps and "step-00000001" not in steps
 
 
-def test_a_step_with_gradients_that_are_not_finite_is_skipped(ws, tmp_path, caplog, monkeypatch):
-    """A NaN gradient (as an attention kernel's backward can give) leaves the weights and
-    the optimiser as they were; the step is counted and named, and training goes on."""
+def _nan_losses(monkeypatch, which):
+    """rpn_loss made NaN on the calls ``which`` picks (1 for the first): the gradients an
+    attention kernel's faulty backward can give."""
     import sdrpn.rpn.train as train_module
 
-    losses = []
+    calls = []
 
-    def nan_first(logits, labels):
-        loss = train_module.rpn_loss.__wrapped__(logits, labels)
-        losses.append(loss)
-        return loss * float("nan") if len(losses) == 1 else loss
+    def loss(logits, labels):
+        calls.append(None)
+        value = rpn_loss(logits, labels)
+        return value * float("nan") if which(len(calls)) else value
 
-    nan_first.__wrapped__ = train_module.rpn_loss
-    monkeypatch.setattr(train_module, "rpn_loss", nan_first)
-    model, tok = load_llava(str(ws / "model"), "fp32")
-    cfg = TrainConfig(
+    monkeypatch.setattr(train_module, "rpn_loss", loss)
+
+
+def _nan_config(ws, tmp_path, **extra):
+    return TrainConfig(
         labels=str(ws / "labels"), out=str(tmp_path / "run"), image_folder=str(ws / "images"), branch_layer=1,
-        depth=2, batch_size=8, effective_batch=8, max_samples=24, held_out_fraction=0, stop_after_steps=1,
+        depth=2, batch_size=8, effective_batch=8, max_samples=24, held_out_fraction=0, save_every=1, **extra,
     )  # fmt: skip
-    trainer = RPNTrainer(cfg, model, tok)
-    start = {k: v.clone() for k, v in trainer._rpn().trainable_state_dict().items()}
+
+
+def test_a_step_with_gradients_that_are_not_finite_is_skipped(ws, tmp_path, caplog, monkeypatch):
+    """The optimiser never steps with a NaN gradient: the step is named and counted, its
+    samples count as untrained (no checkpoint of the untrained start), and training goes on."""
+    _nan_losses(monkeypatch, lambda call: call == 1)
+    steps = []
+    adamw_step = torch.optim.AdamW.step
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: steps.append(1) or adamw_step(self, *a, **k))
+    model, tok = load_llava(str(ws / "model"), "fp32")
     with caplog.at_level(logging.WARNING, logger="sdrpn.rpn.train"):
-        assert trainer.run() == {"stopped_at_step": 1}
-    assert "step 1: the gradients are not finite (norm nan): the step is skipped (1 so far)" in caplog.text
-    assert trainer.non_finite_steps == 1
-    saved = load_file(os.path.join(latest_checkpoint(str(tmp_path / "run")), "rpn.safetensors"))
-    for name, value in start.items():
-        assert torch.equal(saved[name], value), name
-    cfg = dataclasses.replace(cfg, stop_after_steps=None, epochs=1, resume=True)
-    RPNTrainer(cfg, model, tok).run()  # the next steps train (the schedule's first at a zero rate)
+        RPNTrainer(_nan_config(ws, tmp_path), model, tok).run()
+    assert "step 1: the gradients are not finite (loss nan): the step is skipped" in caplog.text
+    assert "epoch 0: skipped 1 steps whose gradients were not finite" in caplog.text
+    assert len(steps) == 2  # of 3
+    kept = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step-*"))
+    assert kept and "step-00000001" not in kept
     trained = load_file(str(tmp_path / "run" / "rpn.safetensors"))
     assert all(torch.isfinite(v).all() for v in trained.values())
-    assert any(not torch.equal(trained[k], v) for k, v in start.items())
+    state = json.loads((tmp_path / "run" / "checkpoints" / kept[-1] / "trainer_state.json").read_text())
+    assert state["progress"]["epoch"] == 1  # the epoch's end; its tally went with it
+
+
+def test_an_epoch_whose_gradients_are_never_finite_stops_before_saving(ws, tmp_path, monkeypatch):
+    _nan_losses(monkeypatch, lambda call: True)
+    model, tok = load_llava(str(ws / "model"), "fp32")
+    with pytest.raises(ValueError, match="epoch 0 trained on no sample: the gradients of all its 3 steps were not"):
+        RPNTrainer(_nan_config(ws, tmp_path), model, tok).run()
+    assert not (tmp_path / "run" / "rpn.safetensors").exists()
+    assert not list((tmp_path / "run").glob("checkpoints/step-*"))
 
 
 def test_an_epoch_resumed_mid_way_counts_what_it_trained_before(ws, tmp_path, caplog):

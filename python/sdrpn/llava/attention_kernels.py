@@ -14,30 +14,57 @@ at LLaVA-1.5's shapes that costs twice:
 Flash and memory-efficient attention (torch's choice before 2.11 and the one on every
 other GPU) have neither problem; at 7B, attention is a few percent of a ~600-token
 prefill's work and of a decode step's. ``without_cudnn_attention`` turns the cuDNN backend
-off for the code it wraps and gives the caller's setting back on exit, so the rest of a
-user's process keeps torch's defaults. Every function of sdrpn that runs the model's
-attention is wrapped (a test checks each path); a captured CUDA graph keeps the kernels it
-was captured with.
+off for the code it wraps and gives the caller's setting back once no sdrpn call is
+running, so the rest of a user's process keeps torch's defaults. Every function of sdrpn
+that runs the model's attention is wrapped (a test checks each path); a captured CUDA graph
+keeps the kernels it was captured with, and the RPN's checkpointed layers recompute under
+it too.
 
-The switch is torch's process-wide flag: two threads that run sdrpn and other models at
-once may see each other's setting while both run.
+The switch is torch's process-wide flag, so it is counted across threads: while any
+thread is inside an sdrpn call, cuDNN attention is off for every thread of the process.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
 
 
+class _Switch:
+    """How many sdrpn calls are inside, and the setting the first of them found."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.inside = 0
+        self.found = True
+
+    def enter(self) -> None:
+        with self.lock:
+            if self.inside == 0:
+                self.found = torch.backends.cuda.cudnn_sdp_enabled()
+                torch.backends.cuda.enable_cudnn_sdp(False)
+            self.inside += 1
+
+    def exit(self) -> None:
+        with self.lock:
+            self.inside -= 1
+            if self.inside == 0:
+                torch.backends.cuda.enable_cudnn_sdp(self.found)
+
+
+# One per process, as the flag it guards is.
+_SWITCH = _Switch()
+
+
 @contextmanager
 def without_cudnn_attention() -> Iterator[None]:
-    """SDPA without cuDNN's attention backend inside, the caller's setting after; usable as
-    a decorator."""
-    before = torch.backends.cuda.cudnn_sdp_enabled()
-    torch.backends.cuda.enable_cudnn_sdp(False)
+    """SDPA without cuDNN's attention backend inside; the setting found before the first
+    of the calls inside (any thread) once the last has left. Usable as a decorator."""
+    _SWITCH.enter()
     try:
         yield
     finally:
-        torch.backends.cuda.enable_cudnn_sdp(before)
+        _SWITCH.exit()

@@ -303,27 +303,38 @@ class DecoderPool:
     def __init__(self, sizes: int = 2):
         self.sizes = sizes
         self._decoders: dict[tuple, StaticDecoder] = {}
+        self._failed = 0  # decoders dropped after a failed capture
 
     def clear(self) -> None:
         """Frees every kept decoder (its cache buffers and graphs)."""
-        self._decoders.clear()
+        for key in list(self._decoders):
+            self._drop(key)
+
+    def _drop(self, key: tuple) -> None:
+        self._count_failure(key, self._decoders.pop(key))
+
+    def _count_failure(self, key: tuple, decoder: StaticDecoder) -> None:
+        self._failed += key[2] and not decoder.use_graph
 
     def graph_counts(self) -> dict[str, int]:
-        """The kept decoders' CUDA graphs, and those of them asked for graphs that decode
-        without, after a failed capture: what a timing depends on."""
+        """The kept decoders' CUDA graphs, and the decoders (kept or since dropped) asked
+        for graphs that decoded without, after a failed capture: what a timing rests on."""
         asked = [d for (_, _, graph), d in self._decoders.items() if graph]
-        return {"graphs": sum(len(d._graphs) for d in asked), "failed_captures": sum(not d.use_graph for d in asked)}
+        failed = self._failed + sum(not d.use_graph for d in asked)
+        return {"graphs": sum(len(d._graphs) for d in asked), "failed_captures": failed}
 
     def get(self, model: nn.Module, batch: int, slots: int, graph: bool) -> StaticDecoder:
         # The text model, which a kept decoder holds: its id cannot be reused while kept.
         for stale in [key for key, kept in self._decoders.items() if kept.weights.changed()]:
-            del self._decoders[stale]  # made for weights its model no longer holds
+            self._drop(stale)  # made for weights its model no longer holds
         key = (id(model.get_decoder()), batch, graph)
         decoder = self._decoders.pop(key, None)
         if decoder is None or decoder.capacity < slots:
+            if decoder is not None:
+                self._count_failure(key, decoder)
             decoder = None  # free the smaller buffers first
             while len(self._decoders) >= self.sizes:
-                self._decoders.pop(next(iter(self._decoders)))
+                self._drop(next(iter(self._decoders)))
             decoder = StaticDecoder(model, batch, slot_bucket(slots), graph)
         self._decoders[key] = decoder  # the most recently used last
         return decoder

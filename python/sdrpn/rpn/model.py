@@ -14,6 +14,7 @@ folder or a Hub id.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -152,6 +153,12 @@ def rpn_loss(logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX) -
         # Padding cells hold -inf, and -inf * 0 is NaN: zero them first.
         return logits.masked_fill(~torch.isfinite(logits), 0.0).sum() * 0.0
     return F.binary_cross_entropy_with_logits(logits[keep].float(), labels[keep].float())
+
+
+def _recompute_without_cudnn():
+    """Checkpointing's (forward, recomputation) contexts: the forward runs inside run_layers'
+    own, the recomputation in backward() needs its own."""
+    return contextlib.nullcontext(), without_cudnn_attention()
 
 
 def last_real_token(attention_mask: Tensor) -> Tensor:
@@ -298,9 +305,12 @@ class RegionProposalNetwork(
         rope = self.rotary_emb(hidden_states, position_ids=position_ids)
         for layer in self.layers:
             if self.gradient_checkpointing and self.training:
+                # The backward recomputes the layer after this call has returned: under the
+                # same attention kernels, or the recomputation would not match the forward.
                 hidden_states = checkpoint(
-                    layer, hidden_states, mask, position_ids, None, False, rope, use_reentrant=False
-                )
+                    layer, hidden_states, mask, position_ids, None, False, rope,
+                    use_reentrant=False, context_fn=_recompute_without_cudnn,
+                )  # fmt: skip
             else:
                 hidden_states = layer(
                     hidden_states, attention_mask=mask, position_ids=position_ids, position_embeddings=rope

@@ -321,9 +321,15 @@ class _Tally:
     trained: int = 0  # samples
     cells: int = 0  # labelled (foreground or background) cells of the trained samples
     skipped: Counter = field(default_factory=Counter)  # samples, by reason
+    non_finite_steps: int = 0  # optimiser steps skipped for a gradient that is not finite
 
     def recorded(self) -> dict:
-        return {"trained": self.trained, "cells": self.cells, "skipped": dict(self.skipped)}
+        return {
+            "trained": self.trained,
+            "cells": self.cells,
+            "skipped": dict(self.skipped),
+            "non_finite_steps": self.non_finite_steps,
+        }
 
     @classmethod
     def resumed(cls, recorded: dict | None) -> _Tally:
@@ -331,7 +337,12 @@ class _Tally:
         the epoch's end judges the whole epoch, not only the part after a resumption."""
         if not recorded:
             return cls()
-        return cls(recorded["trained"], recorded["cells"], Counter(recorded["skipped"]))
+        return cls(
+            recorded["trained"],
+            recorded["cells"],
+            Counter(recorded["skipped"]),
+            recorded.get("non_finite_steps", 0),  # (not recorded before it was counted)
+        )
 
 
 def _tallied(loads: Iterable, tally: _Tally) -> Iterator[LabelBatch | None]:
@@ -369,7 +380,6 @@ class RPNTrainer:
         )  # fmt: skip
         self.branch_layer = self.rpn_settings["branch_layer"]
         self.grad_accum = cfg.grad_accum or accumulation_steps(cfg.effective_batch, cfg.batch_size, world_size)
-        self.non_finite_steps = 0  # optimiser steps skipped for a gradient that is not finite
 
     def _autocast(self):
         if self.cfg.bf16:
@@ -490,9 +500,17 @@ class RPNTrainer:
             tally = _Tally.resumed(so_far if self.rank == 0 else None)
             batches = _tallied(self._loader(train_set, [chunk for step in steps for chunk in step]), tally)
             for step_chunks in steps:
-                loss_value = self._step(
-                    model_for_grad, optimizer, scheduler, progress["global_step"] + 1, len(step_chunks), batches
-                )
+                before = tally.trained, tally.cells
+                loss_value, stepped = self._step(model_for_grad, optimizer, scheduler, len(step_chunks), batches)
+                if not stepped:  # its samples trained nothing
+                    tally.trained, tally.cells = before
+                    tally.non_finite_steps += self.rank == 0  # (the ranks' tallies are summed)
+                    if self.rank == 0:
+                        log.warning(
+                            "step %d: the gradients are not finite (loss %s): the step is skipped",
+                            progress["global_step"] + 1,
+                            loss_value,
+                        )
                 progress["step_in_epoch"] += 1
                 progress["global_step"] += 1
                 bar.update(1)
@@ -566,6 +584,7 @@ class RPNTrainer:
             sum(t["trained"] for t in everyone),
             sum(t["cells"] for t in everyone),
             sum((Counter(t["skipped"]) for t in everyone), Counter()),
+            sum(t["non_finite_steps"] for t in everyone),
         )
 
     def _check_trained(self, epoch: int, tally: _Tally) -> _Tally:
@@ -574,6 +593,12 @@ class RPNTrainer:
         RPN as it started); log the samples they skipped. Returns the ranks' summed tally."""
         summed = self._epoch_counts(tally)
         trained, cells, skipped = summed.trained, summed.cells, summed.skipped
+        if trained == 0 and summed.non_finite_steps:
+            raise ValueError(
+                f"epoch {epoch} trained on no sample: the gradients of all its {summed.non_finite_steps} steps were "
+                "not finite (NaN or infinite); stopped without saving the RPN: check the labels and the settings "
+                "(a lower --lr, or float32 without --bf16)"
+            )
         # Nothing trained and nothing skipped: a resumption that found the epoch already done.
         if trained == 0 and skipped:
             raise ValueError(
@@ -588,11 +613,14 @@ class RPNTrainer:
             )
         if skipped and self.rank == 0:
             log.warning("epoch %d: skipped %d samples (%s)", epoch, sum(skipped.values()), skip_reasons(skipped))
+        if summed.non_finite_steps and self.rank == 0:
+            log.warning("epoch %d: skipped %d steps whose gradients were not finite", epoch, summed.non_finite_steps)
         return summed
 
-    def _step(self, rpn, optimizer, scheduler, step: int, count: int, batches: Iterator) -> float:
-        """Optimiser step number ``step`` over the next ``count`` micro-batches (the later
-        ones load meanwhile)."""
+    def _step(self, rpn, optimizer, scheduler, count: int, batches: Iterator) -> tuple[float, bool]:
+        """One optimiser step over the next ``count`` micro-batches (the later ones load
+        meanwhile): (the loss, whether it stepped; a gradient that is not finite is not
+        stepped with)."""
         total = 0.0
         ddp = isinstance(rpn, DistributedDataParallel)
         for i in range(count):
@@ -616,20 +644,12 @@ class RPNTrainer:
         # A NaN or infinite gradient would reach every weight through the optimiser's step
         # and its moments, silently. The ranks all-reduced their gradients: they agree.
         # A skipped step leaves the weights, the optimiser and the schedule as they were.
-        if bool(torch.isfinite(norm)):
+        finite = bool(torch.isfinite(norm))
+        if finite:
             optimizer.step()
             scheduler.step()
-        else:
-            self.non_finite_steps += 1
-            if self.rank == 0:
-                log.warning(
-                    "step %d: the gradients are not finite (norm %s): the step is skipped (%d so far)",
-                    step,
-                    float(norm),
-                    self.non_finite_steps,
-                )
         optimizer.zero_grad(set_to_none=True)
-        return total
+        return total, finite
 
     def _checkpoint(self, rpn, optimizer, scheduler, progress) -> None:
         if self.rank == 0:

@@ -10,6 +10,7 @@ import random
 
 import torch
 
+from ..llava.attention_kernels import without_cudnn_attention
 from ..llava.geometry import model_grid
 from ..llava.inputs import crop_pixels, left_pad, preprocess_image, prompt_token_ids
 from ..llava.loading import model_device, model_dtype, pad_token_id
@@ -36,6 +37,7 @@ def view_box(sample, views: str, grid: int, rng: random.Random) -> tuple[int, in
 
 
 @torch.no_grad()
+@without_cudnn_attention()
 def answer_with_views(
     model, tokenizer, samples, views: str, batch_size: int = 32, seed: int = 0, max_new_tokens: int = 16
 ) -> list[str]:
