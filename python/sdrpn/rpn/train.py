@@ -504,8 +504,8 @@ class RPNTrainer:
                 loss_value, stepped = self._step(model_for_grad, optimizer, scheduler, len(step_chunks), batches)
                 if not stepped:  # its samples trained nothing
                     tally.trained, tally.cells = before
-                    tally.non_finite_steps += self.rank == 0  # (the ranks' tallies are summed)
-                    if self.rank == 0:
+                    if self.rank == 0:  # the ranks skipped it together; their tallies are summed
+                        tally.non_finite_steps += 1
                         log.warning(
                             "step %d: the gradients are not finite (loss %s): the step is skipped",
                             progress["global_step"] + 1,
