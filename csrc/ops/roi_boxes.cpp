@@ -26,9 +26,11 @@ void check_roi_boxes_inputs(const at::Tensor& prob, double threshold, double sig
   check_floating(prob, "prob");
   TORCH_CHECK(prob.size(1) >= 1 && prob.size(2) >= 1, "prob's grid must be at least 1x1, got ",
               prob.size(1), "x", prob.size(2));
+  // The CUDA kernels index a sample's cells with int and stride by a block; 2^30 keeps the last
+  // stride inside int (a 24x24 map has 576 cells).
   int64_t cells = 0;
-  TORCH_CHECK(!c10::mul_overflows(prob.size(1), prob.size(2), &cells) && cells < (int64_t{1} << 31),
-              "prob's grid must have fewer than 2^31 cells, got ", prob.size(1), "x", prob.size(2));
+  TORCH_CHECK(!c10::mul_overflows(prob.size(1), prob.size(2), &cells) && cells <= (int64_t{1} << 30),
+              "prob's grid must have at most 2^30 cells, got ", prob.size(1), "x", prob.size(2));
   TORCH_CHECK(std::isfinite(threshold), "threshold must be finite, got ", threshold);
   TORCH_CHECK(std::isfinite(sigma) && sigma > 0.0, "sigma must be a finite number > 0, got ",
               sigma);
