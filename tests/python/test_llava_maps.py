@@ -229,6 +229,45 @@ def test_answer_queries():
     assert valid.tolist() == [[True, True, True], [True, False, False], [True, False, False]]
 
 
+def test_a_teacher_forced_batch_of_wrong_shapes_is_refused_naming_the_field(tiny):
+    batch = sample_batch(tiny)
+    fields = dict(vars(batch))
+    cases = [
+        (dict(input_ids=batch.input_ids[0]), r"input_ids must be \(B, L\), got shape \[\d+\]"),
+        (dict(attention_mask=batch.attention_mask[:2]), r"attention_mask must be 2-D with the batch's 3 rows"),
+        (dict(attention_mask=batch.attention_mask[:, 1:]), r"attention_mask must match input_ids' shape"),
+        (dict(pixel_values=batch.pixel_values[0]), r"pixel_values must be 4-D with the batch's 3 rows"),
+        (dict(answer_start=batch.answer_start[None]), r"answer_start must be 1-D with the batch's 3 rows"),
+        (dict(answer_length=batch.answer_length.float()), r"answer_length must hold integers, got torch.float32"),
+    ]
+    for change, message in cases:
+        with pytest.raises(ValueError, match=message):
+            sdrpn.llava.TeacherForcedBatch(**{**fields, **change})
+
+
+@pytest.mark.parametrize(
+    "sample,start,length",
+    [(1, None, 0), (2, 0, None), (0, None, "past_end"), (1, -4, None)],
+)
+def test_answers_outside_the_sequence_are_refused_before_the_model_runs(tiny, sample, start, length):
+    batch = sample_batch(tiny)
+    width = batch.input_ids.shape[1]
+    starts, lengths = batch.answer_start.clone(), batch.answer_length.clone()
+    if start is not None:
+        starts[sample] = start
+    if length == "past_end":
+        lengths[sample] = width - int(starts[sample]) + 1
+    elif length is not None:
+        lengths[sample] = length
+    bad = sdrpn.llava.TeacherForcedBatch(batch.input_ids, batch.attention_mask, batch.pixel_values, starts, lengths)
+    message = (
+        rf"answer_start\[{sample}\] = {int(starts[sample])} and answer_length\[{sample}\] = {int(lengths[sample])} "
+        rf"must place a non-empty answer after the prompt's first token and inside the sequence's {width} tokens"
+    )
+    with pytest.raises(ValueError, match=message):
+        attention_maps(tiny.model, bad, PRESET, tiny.num_cells)
+
+
 def test_image_columns_errors():
     ids = torch.tensor([[1, 3, 3, 3, 3, 5], [1, 3, 3, 5, 3, 3]])
     assert image_columns(ids[:1], 3, 4).tolist() == [1]

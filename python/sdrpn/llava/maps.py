@@ -38,6 +38,28 @@ class TeacherForcedBatch:
     answer_start: Tensor
     answer_length: Tensor
 
+    def __post_init__(self):
+        # Shapes and dtypes only: the values are checked where answer_queries reads them anyway.
+        if self.input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (B, L), got shape {list(self.input_ids.shape)}")
+        batch = self.input_ids.shape[0]
+        for name in ("attention_mask", "pixel_values", "answer_start", "answer_length"):
+            value = getattr(self, name)
+            want = {"attention_mask": 2, "pixel_values": 4}.get(name, 1)
+            if value.dim() != want or value.shape[0] != batch:
+                raise ValueError(
+                    f"{name} must be {want}-D with the batch's {batch} rows, got shape {list(value.shape)}"
+                )
+        if self.attention_mask.shape != self.input_ids.shape:
+            raise ValueError(
+                f"attention_mask must match input_ids' shape {list(self.input_ids.shape)}, "
+                f"got {list(self.attention_mask.shape)}"
+            )
+        for name in ("answer_start", "answer_length"):
+            value = getattr(self, name)
+            if value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
+                raise ValueError(f"{name} must hold integers, got {value.dtype}")
+
 
 @dataclass
 class AttentionMaps:
@@ -62,11 +84,26 @@ def image_columns(input_ids: Tensor, image_token_id: int, num_cells: int) -> Ten
     return start
 
 
-def answer_queries(answer_start: Tensor, answer_length: Tensor) -> tuple[Tensor, Tensor]:
+def answer_queries(answer_start: Tensor, answer_length: Tensor, seq_len: int | None = None) -> tuple[Tensor, Tensor]:
     """Query positions (B, Q) and their validity (B, Q): a_0 .. a_{n-2}, or the last prompt
-    token where n <= 1. Padding repeats a valid position and is masked out."""
+    token where n <= 1. Padding repeats a valid position and is masked out. With
+    ``seq_len``, every answer must be non-empty, follow at least one prompt token and end
+    inside the sequence (checked in the same host read that sizes Q)."""
     n_queries = (answer_length - 1).clamp(min=1)
-    width = int(n_queries.max()) if n_queries.numel() else 1
+    if not n_queries.numel():
+        return answer_start.new_zeros(0, 1), torch.zeros(0, 1, dtype=torch.bool, device=answer_start.device)
+    if seq_len is None:
+        width = int(n_queries.max())
+    else:
+        outside = (answer_length < 1) | (answer_start < 1) | (answer_start + answer_length > seq_len)
+        first_bad = torch.where(outside.any(), outside.int().argmax(), -1)
+        width, first_bad = torch.stack([n_queries.max(), first_bad]).tolist()
+        if first_bad >= 0:
+            raise ValueError(
+                f"answer_start[{first_bad}] = {int(answer_start[first_bad])} and answer_length[{first_bad}] = "
+                f"{int(answer_length[first_bad])} must place a non-empty answer after the prompt's first token "
+                f"and inside the sequence's {seq_len} tokens"
+            )
     steps = torch.arange(width, device=answer_start.device)
     valid = steps[None, :] < n_queries[:, None]
     first = torch.where(answer_length >= 2, answer_start, answer_start - 1)
@@ -108,7 +145,7 @@ def _probe_batch(model: nn.Module, batch: TeacherForcedBatch, layers, num_cells:
     and where the answer queries' rows are."""
     config = model.config
     image_start = image_columns(batch.input_ids, config.image_token_id, num_cells)
-    positions, valid = answer_queries(batch.answer_start, batch.answer_length)
+    positions, valid = answer_queries(batch.answer_start, batch.answer_length, batch.input_ids.shape[1])
     captured = probe_once(
         model,
         layers,
