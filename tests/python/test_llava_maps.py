@@ -245,27 +245,69 @@ def test_a_teacher_forced_batch_of_wrong_shapes_is_refused_naming_the_field(tiny
             sdrpn.llava.TeacherForcedBatch(**{**fields, **change})
 
 
-@pytest.mark.parametrize(
-    "sample,start,length",
-    [(1, None, 0), (2, 0, None), (0, None, "past_end"), (1, -4, None)],
-)
-def test_answers_outside_the_sequence_are_refused_before_the_model_runs(tiny, sample, start, length):
-    batch = sample_batch(tiny)
-    width = batch.input_ids.shape[1]
-    starts, lengths = batch.answer_start.clone(), batch.answer_length.clone()
-    if start is not None:
-        starts[sample] = start
-    if length == "past_end":
-        lengths[sample] = width - int(starts[sample]) + 1
-    elif length is not None:
-        lengths[sample] = length
-    bad = sdrpn.llava.TeacherForcedBatch(batch.input_ids, batch.attention_mask, batch.pixel_values, starts, lengths)
-    message = (
-        rf"answer_start\[{sample}\] = {int(starts[sample])} and answer_length\[{sample}\] = {int(lengths[sample])} "
-        rf"must place a non-empty answer after the prompt's first token and inside the sequence's {width} tokens"
+def _edited(batch, **fields):
+    """The batch with some fields replaced (tensors are cloned first, then edited in place by
+    the callables given)."""
+    values = {k: v.clone() for k, v in vars(batch).items()}
+    for name, edit in fields.items():
+        edit(values[name])
+    return sdrpn.llava.TeacherForcedBatch(**values)
+
+
+def _set(i, value):
+    def edit(t):
+        t[i] = value
+
+    return edit
+
+
+def test_answers_outside_the_sequence_or_on_padding_are_refused_before_the_model_runs(tiny):
+    left = sample_batch(tiny)  # rows 1 and 2 are left-padded: [pad, BOS, a token, the image, question, answer]
+    right = sample_batch(tiny, padding="right")
+    width = left.input_ids.shape[1]
+    starts, lengths = left.answer_start.tolist(), left.answer_length.tolist()
+    pad = width - int(left.attention_mask[2].sum())
+    image_end_2 = pad + 2 + tiny.num_cells
+    at = "answer_start\\[{i}\\] = {s} and answer_length\\[{i}\\] = {n}"
+    inside = " must place a non-empty answer after the first token, inside the sequence's {L} tokens"
+    on_padding = ": the answer's tokens and its first query .* must be real tokens .* which end at position {e}"
+    cases = [
+        (_edited(left, answer_length=_set(1, 0)), (at + inside).format(i=1, s=starts[1], n=0, L=width)),
+        (_edited(left, answer_start=_set(2, 0)), (at + inside).format(i=2, s=0, n=lengths[2], L=width)),
+        (_edited(left, answer_start=_set(1, -4)), (at + inside).format(i=1, s=-4, n=lengths[1], L=width)),
+        (
+            _edited(left, answer_length=_set(0, width - starts[0] + 1)),
+            (at + inside).format(i=0, s=starts[0], n=width - starts[0] + 1, L=width),
+        ),
+        # counted on the unpadded prompt: the queries land on image tokens
+        (
+            _edited(left, answer_start=_set(2, starts[2] - pad)),
+            (at + on_padding).format(i=2, s=starts[2] - pad, n=lengths[2], e=image_end_2),
+        ),
+        # inside the left padding
+        (_edited(left, answer_start=_set(2, 1)), (at + on_padding).format(i=2, s=1, n=lengths[2], e=image_end_2)),
+        # a right-padded answer running into the padding
+        (
+            _edited(right, answer_length=_set(2, lengths[2] + 2)),
+            (at + on_padding).format(i=2, s=int(right.answer_start[2]), n=lengths[2] + 2, e=".*"),
+        ),
+        (_edited(left, attention_mask=lambda m: m[2].zero_()), "answer_start\\[2\\] .* must be real tokens"),
+        (_edited(left, attention_mask=lambda m: m[0].mul_(2)), "attention_mask\\[0\\] must hold only 0s and 1s"),
+        (_edited(left, input_ids=_set((2, -2), 64)), "input_ids\\[2\\] holds token ids outside \\[0, 64\\)"),
+    ]
+    for bad, message in cases:
+        with pytest.raises(ValueError, match=message):
+            attention_maps(tiny.model, bad, PRESET, tiny.num_cells)
+    with pytest.raises(ValueError, match="num_cells must be an int >= 1, got 16.0"):
+        attention_maps(tiny.model, left, PRESET, float(tiny.num_cells))
+    with pytest.raises(ValueError, match="input_ids must hold integers, got torch.float32"):
+        sdrpn.llava.TeacherForcedBatch(**{**vars(left), "input_ids": left.input_ids.float()})
+    # A boolean mask is a mask of 0s and 1s.
+    as_bool = sdrpn.llava.TeacherForcedBatch(**{**vars(left), "attention_mask": left.attention_mask.bool()})
+    torch.testing.assert_close(
+        attention_maps(tiny.model, as_bool, PRESET, tiny.num_cells).grounding,
+        attention_maps(tiny.model, left, PRESET, tiny.num_cells).grounding,
     )
-    with pytest.raises(ValueError, match=message):
-        attention_maps(tiny.model, bad, PRESET, tiny.num_cells)
 
 
 def test_image_columns_errors():

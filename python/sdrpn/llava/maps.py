@@ -9,6 +9,7 @@ S. Only the layers up to the deepest probed one run, and that one only up to its
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -55,9 +56,10 @@ class TeacherForcedBatch:
                 f"attention_mask must match input_ids' shape {list(self.input_ids.shape)}, "
                 f"got {list(self.attention_mask.shape)}"
             )
-        for name in ("answer_start", "answer_length"):
+        for name in ("input_ids", "attention_mask", "answer_start", "answer_length"):
             value = getattr(self, name)
-            if value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
+            integers = not (value.is_floating_point() or value.is_complex())
+            if not integers or (value.dtype == torch.bool and name != "attention_mask"):
                 raise ValueError(f"{name} must hold integers, got {value.dtype}")
 
 
@@ -84,31 +86,66 @@ def image_columns(input_ids: Tensor, image_token_id: int, num_cells: int) -> Ten
     return start
 
 
-def answer_queries(answer_start: Tensor, answer_length: Tensor, seq_len: int | None = None) -> tuple[Tensor, Tensor]:
+def answer_queries(
+    answer_start: Tensor, answer_length: Tensor, problems: tuple[Tensor, Callable[[int, int], str]] | None = None
+) -> tuple[Tensor, Tensor]:
     """Query positions (B, Q) and their validity (B, Q): a_0 .. a_{n-2}, or the last prompt
-    token where n <= 1. Padding repeats a valid position and is masked out. With
-    ``seq_len``, every answer must be non-empty, follow at least one prompt token and end
-    inside the sequence (checked in the same host read that sizes Q)."""
+    token where n <= 1. Padding repeats a valid position and is masked out. ``problems``,
+    (B,) codes (0 where a sample is sound) and what a code of sample i means, are read in the
+    same host read that sizes Q: the first sample with a nonzero code raises its ValueError."""
     n_queries = (answer_length - 1).clamp(min=1)
     if not n_queries.numel():
         return answer_start.new_zeros(0, 1), torch.zeros(0, 1, dtype=torch.bool, device=answer_start.device)
-    if seq_len is None:
+    if problems is None:
         width = int(n_queries.max())
     else:
-        outside = (answer_length < 1) | (answer_start < 1) | (answer_start + answer_length > seq_len)
-        first_bad = torch.where(outside.any(), outside.int().argmax(), -1)
-        width, first_bad = torch.stack([n_queries.max(), first_bad]).tolist()
-        if first_bad >= 0:
-            raise ValueError(
-                f"answer_start[{first_bad}] = {int(answer_start[first_bad])} and answer_length[{first_bad}] = "
-                f"{int(answer_length[first_bad])} must place a non-empty answer after the prompt's first token "
-                f"and inside the sequence's {seq_len} tokens"
-            )
+        codes, describe = problems
+        first = (codes != 0).int().argmax()
+        width, first, code = torch.stack([n_queries.max(), first, codes[first]]).tolist()
+        if code:
+            raise ValueError(describe(first, code))
     steps = torch.arange(width, device=answer_start.device)
     valid = steps[None, :] < n_queries[:, None]
     first = torch.where(answer_length >= 2, answer_start, answer_start - 1)
     positions = first[:, None] + torch.minimum(steps[None, :], n_queries[:, None] - 1)
     return positions, valid
+
+
+def _batch_problems(batch: TeacherForcedBatch, image_end: Tensor, vocab: int) -> tuple[Tensor, Callable]:
+    """What answer_queries checks of a teacher-forced batch: token ids inside the vocabulary,
+    a mask of 0s and 1s, and each answer inside the sequence with its tokens and its first
+    query (the token before a one-token answer) real tokens after the image."""
+    ids, mask = batch.input_ids, batch.attention_mask
+    start, length = batch.answer_start, batch.answer_length
+    seq_len = ids.shape[1]
+    first_query = torch.where(length >= 2, start, start - 1)
+    end = start + length
+    inside = (length >= 1) & (start >= 1) & (end <= seq_len)
+    # Real tokens in [first_query, end) from the mask's running count (clamped for the
+    # samples already refused by `inside`).
+    counts = torch.nn.functional.pad(mask.long().cumsum(1), (1, 0))
+    real = counts.gather(1, end.clamp(0, seq_len)[:, None]) - counts.gather(1, first_query.clamp(0, seq_len)[:, None])
+    all_real = real[:, 0] == end - first_query
+    codes = torch.zeros_like(start)
+    for code, ok in (
+        (4, all_real & (first_query >= image_end)),
+        (3, inside),
+        (2, ((mask == 0) | (mask == 1)).all(1)),
+        (1, ((ids >= 0) & (ids < vocab)).all(1)),
+    ):  # the last one applied wins: the most basic problem is named
+        codes = torch.where(ok, codes, code)
+
+    def describe(i: int, code: int) -> str:
+        at = f"answer_start[{i}] = {int(start[i])} and answer_length[{i}] = {int(length[i])}"
+        return {
+            1: f"input_ids[{i}] holds token ids outside [0, {vocab})",
+            2: f"attention_mask[{i}] must hold only 0s and 1s",
+            3: f"{at} must place a non-empty answer after the first token, inside the sequence's {seq_len} tokens",
+            4: f"{at}: the answer's tokens and its first query (the token before a one-token answer) must be "
+            f"real tokens (attention_mask 1) after the image tokens, which end at position {int(image_end[i])}",
+        }[code]
+
+    return codes, describe
 
 
 class AnswerRows(NamedTuple):
@@ -144,8 +181,12 @@ def _probe_batch(model: nn.Module, batch: TeacherForcedBatch, layers, num_cells:
     """The teacher-forced pass over ``batch`` with ``layers`` probed: the captured q and k,
     and where the answer queries' rows are."""
     config = model.config
+    if isinstance(num_cells, bool) or not isinstance(num_cells, int) or num_cells < 1:
+        raise ValueError(f"num_cells must be an int >= 1, got {num_cells!r}")
     image_start = image_columns(batch.input_ids, config.image_token_id, num_cells)
-    positions, valid = answer_queries(batch.answer_start, batch.answer_length, batch.input_ids.shape[1])
+    vocab = model.get_input_embeddings().num_embeddings
+    problems = _batch_problems(batch, image_start + num_cells, vocab)
+    positions, valid = answer_queries(batch.answer_start, batch.answer_length, problems)
     captured = probe_once(
         model,
         layers,
