@@ -114,13 +114,15 @@ class Options:
 
 
 def require_at_least(minimum: int, settings, *names: str, optional: bool = False) -> None:
-    """Refuse a named setting of ``settings`` below ``minimum``, or None unless ``optional``
-    (not set), naming it."""
+    """Refuse a named integer setting of ``settings`` below ``minimum``, not an int, or None
+    unless ``optional`` (not set), naming it."""
     for name in names:
         value = getattr(settings, name)
         if value is None and optional:
             continue
-        if not isinstance(value, numbers.Real) or value < minimum:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+        if value < minimum:
             raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
 
 

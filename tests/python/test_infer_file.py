@@ -379,6 +379,10 @@ def test_infer_file_config_checks_its_ranks(infer_ws, tmp_path, monkeypatch):
         InferFileConfig(**files, rank=2, world_size=2)
     with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
         InferFileConfig(**files, batch_size=0)
+    with pytest.raises(ValueError, match="limit must be >= 1, got -1"):  # had answered all but the last entry
+        InferFileConfig(**files, limit=-1)
+    with pytest.raises(ValueError, match="limit must be an int >= 1, got 2.5"):
+        InferFileConfig(**files, limit=2.5)
     with pytest.raises(ValueError, match="world_size=2 needs torch.distributed's process group started"):
         answer_file(None, InferFileConfig(**files, rank=1, world_size=2))
     assert not list(tmp_path.iterdir())

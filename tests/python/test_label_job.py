@@ -634,10 +634,18 @@ def test_label_job_config_checks_its_counts_and_rank():
     files = dict(data="d.json", image_folder="images", out="labels")
     for field, value, message in (
         ("batch_size", 0, "batch_size must be >= 1, got 0"),
-        ("batch_size", None, "batch_size must be >= 1, got None"),
+        ("batch_size", None, "batch_size must be an int >= 1, got None"),
         ("workers", -1, "workers must be >= 0, got -1"),
         ("world_size", 0, "world_size must be >= 1, got 0"),
         ("rank", 3, r"rank must lie in \[0, world_size=1\), got 3"),
+        ("rank", 0.0, r"rank must be an int, got 0.0"),
+        ("limit", 0, "limit must be >= 1, got 0"),
+        ("limit", -1, "limit must be >= 1, got -1"),
+        ("limit", 2.5, "limit must be an int >= 1, got 2.5"),
+        ("batch_size", 2.5, "batch_size must be an int >= 1, got 2.5"),
+        ("shard_size", True, "shard_size must be an int >= 1, got True"),
     ):
         with pytest.raises(ValueError, match=message):
             LabelJobConfig(**files, **{field: value})
+    with pytest.raises(TypeError, match="options must be a LabelOptions, got dict"):
+        LabelJobConfig(**files, options={"answers": "given"})

@@ -524,6 +524,21 @@ def test_labels_of_another_base_model_architecture_are_refused(ws, tmp_path):
     assert not (tmp_path / "run" / "rpn.safetensors").exists()
 
 
+def test_the_trainer_refuses_a_rank_outside_its_world(ws, tmp_path):
+    model, tok = load_llava(str(ws / "model"), "fp32")
+    cfg = TrainConfig(labels=str(ws / "labels"), out=str(tmp_path / "run"), branch_layer=1, depth=2)
+    # rank 1 of 1 had trained the whole run as a rank that writes nothing
+    for rank, world, message in (
+        (1, 1, r"rank must lie in \[0, world_size=1\), got 1"),
+        (-1, 1, r"rank must lie in \[0, world_size=1\), got -1"),
+        (0, 0, "world_size must be >= 1, got 0"),
+        (0, 2.0, "world_size must be an int, got 2.0"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            RPNTrainer(cfg, model, tok, rank=rank, world_size=world)
+    assert not (tmp_path / "run").exists()
+
+
 def test_labels_of_a_same_architecture_model_with_other_weights_are_refused(ws, tmp_path, caplog):
     model_a, tok = load_llava(str(ws / "model"), "fp32")
     save_tiny_llava(str(tmp_path / "b"), grid=GRID, num_layers=4, seed=1)  # same shapes, other weights

@@ -58,6 +58,7 @@ class InferFileConfig:
 
     def __post_init__(self):
         require_at_least(1, self, "batch_size", "max_new_tokens")
+        require_at_least(1, self, "limit", optional=True)
         require_at_least(0, self, "workers")
         check_rank(self.rank, self.world_size)
 

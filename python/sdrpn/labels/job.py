@@ -56,8 +56,11 @@ class LabelJobConfig:
 
     def __post_init__(self):
         require_at_least(1, self, "batch_size", "shard_size")
+        require_at_least(1, self, "limit", optional=True)
         require_at_least(0, self, "workers")
         check_rank(self.rank, self.world_size)
+        if not isinstance(self.options, LabelOptions):
+            raise TypeError(f"options must be a LabelOptions, got {type(self.options).__name__}")
 
 
 def skip_record(entry, index: int, reason: str) -> dict:
@@ -103,6 +106,8 @@ class LabelJob:
     where the folder labelled nothing but skipped samples (as `sdrpn label` does)."""
 
     def __init__(self, cfg: LabelJobConfig, model: nn.Module, tokenizer, preset: LlavaPreset):
+        if not isinstance(preset, LlavaPreset):
+            raise TypeError(f"preset must be a LlavaPreset (get_preset gives one by name), got {preset!r}")
         preset.check_fits(model.config)
         self.cfg, self.model, self.tokenizer, self.preset = cfg, model, tokenizer, preset
         self.options = cfg.options.resolved(preset)

@@ -27,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from transformers import get_cosine_schedule_with_warmup
 
-from ..distributed import barrier, gather_objects
+from ..distributed import barrier, check_rank, gather_objects
 from ..io_utils import exclusive_lock, read_json, write_json
 from ..labels.folder import LabelFolder
 from ..llava.backbone import branch_hidden_states
@@ -370,6 +370,7 @@ class RPNTrainer:
     ):
         """roi_overrides: RoiOptions fields to recommend with the RPN instead of the preset's
         (None values are left to the preset)."""
+        check_rank(rank, world_size)
         self.cfg, self.model, self.tokenizer = cfg, model, tokenizer
         self.rank, self.world, self.device = rank, world_size, torch.device(device)
         self.image_token_id = model.config.image_token_id
