@@ -16,6 +16,7 @@ from infer_samples import QUESTIONS, blob_logits, images, pipeline
 from sdrpn.llava.decode import (
     DecoderPool,
     StaticDecoder,
+    answer_limits,
     capture_error,
     greedy_answers,
     greedy_decode,
@@ -52,6 +53,20 @@ def test_static_decoder_answers_as_the_models_forward(tiny):
     assert decode(tiny.model, "static") == want
     assert [len(t) for t in want] == [12] * 3
     assert len({tuple(t) for t in want}) == 3  # the samples differ: a mix-up would show
+
+
+@pytest.mark.parametrize("decoder", ["hf", "static"])
+def test_each_answer_stops_at_its_limit(tiny, decoder):
+    whole = decode(tiny.model, decoder)
+    cache, logits, mask, nxt = prompt_cache(tiny.model, PROMPTS)
+    got = greedy_decode(tiny.model, cache, logits, mask, nxt, 12, -1, decoder, limits=[3, 12, 1])
+    assert got == [whole[0][:3], whole[1], whole[2][:1]]
+    with pytest.raises(ValueError, match=r"limits must hold a count >= 1 per sample of the batch's 3, got \[3, 0, 1\]"):
+        greedy_decode(tiny.model, cache, logits, mask, nxt, 12, -1, decoder, limits=[3, 0, 1])
+    # A sequence of `length` tokens may be followed by answer tokens up to the context's last
+    # position, plus the one answer token that is never read.
+    assert answer_limits([500, 512, 100, 513], 20, 512) == [13, 1, 20, 0]
+    assert answer_limits([500], 20, None) == [20]
 
 
 def test_decoding_after_an_image_prompt_answers_as_generate(tiny):

@@ -410,6 +410,28 @@ def test_prompts_and_answers_past_the_models_context_are_refused(tiny):
     assert "and up to 48 crop tokens, past the model's context of 512" in bbox.prompt_too_long(shorter)
 
 
+def test_answers_end_where_the_models_context_does(tiny):
+    # A prompt that fits with its crop may still leave fewer positions than max_new_tokens:
+    # the answer ends there rather than read tokens at positions the model never saw
+    # (it had decoded up to position 607 of 512).
+    box = blob_logits((0, 0, 4, 4), (0, 0, 4, 4))  # one whole crop each: 16 more tokens
+    sd = pipeline(tiny, box)
+    base = BaseLlava(tiny.model, make_tokenizer(), prompt_template=TEMPLATE)
+    question = "x " * 470 + "?"  # a prompt of 492 tokens
+    prompt = len(sd._split_prompt(question)[0]) + len(sd._split_prompt(question)[1])
+    for answerer, used in ((sd, prompt + 16), (base, prompt)):
+        limit = 512 - used + 1
+        short = answerer.generate(images(2), [question, QUESTIONS[0]], limit)
+        long = answerer.generate(images(2), [question, QUESTIONS[0]], limit + 30)
+        tokens = [a.tokens for a in long] if answerer is sd else long
+        want = [a.tokens for a in short] if answerer is sd else short
+        assert tokens[0] == want[0]  # cut at the context
+        if answerer is sd:
+            assert len(tokens[0]) == limit and len(tokens[1]) > limit  # the other row is not
+        else:
+            assert len(tokens[1]) > len(want[1])
+
+
 def test_the_pipelines_objects_are_checked(tiny):
     # Each was an AttributeError on None, or silently used.
     tok, rpn = make_tokenizer(), RegionProposalNetwork.from_llava(tiny.model, branch_layer=2, depth=2)

@@ -107,6 +107,39 @@ def small_preset(monkeypatch):
     monkeypatch.setitem(presets.PRESETS, "llava15-7b", tiny)
 
 
+def test_self_answers_end_where_the_models_context_does(workspace, tmp_path, monkeypatch):
+    import sdrpn.labels.job as job
+    from sdrpn.llava.loading import load_llava
+
+    answers = []
+
+    def recording(*args, **kwargs):
+        out = real(*args, **kwargs)
+        answers.extend(out[0])
+        return out
+
+    real = job.self_answer_maps
+    monkeypatch.setattr(job, "self_answer_maps", recording)
+    from sdrpn.llava.inputs import prompt_token_ids
+
+    _, tok = load_llava(str(workspace / "model"), "fp32")
+    entries = json.loads((workspace / "data.json").read_text())[:2]
+    long_q = "<image>\n" + "x " * 450 + "?"
+    entries[0]["conversations"][0]["value"] = long_q
+    (tmp_path / "data.json").write_text(json.dumps(entries))
+    prompt = prompt_token_ids(tok, long_q, tok.convert_tokens_to_ids("<image>"), 16, PROMPT_TEMPLATE)
+    limit = 512 - len(prompt) + 1  # the tiny model's 512 positions
+    assert 1 < limit < 20, limit
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    for name in ("model", "images"):
+        (ws / name).symlink_to(workspace / name)
+    shutil.copy(tmp_path / "data.json", ws / "data.json")
+    assert run_label(ws, tmp_path / "labels", "--answers", "self", "--max-new-tokens", str(limit + 20)) == 0
+    assert [r["id"] for r in read_rows(tmp_path / "labels")] == ["s0", "s1"]
+    assert 1 <= len(answers[0]) <= limit and len(answers[1]) > limit  # only the long prompt's is cut
+
+
 @pytest.mark.parametrize("answers", ["given", "self"])
 def test_label_job_writes_shards_and_counts_skips(workspace, tmp_path, answers, capsys):
     out = tmp_path / "labels"

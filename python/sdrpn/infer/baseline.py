@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from ..llava.attention_kernels import without_cudnn_attention
+from ..llava.decode import answer_limits
 from ..llava.inputs import PROMPT_TEMPLATE, left_pad, prompt_token_ids
 from .answering import LlavaAnswering
 
@@ -37,15 +38,19 @@ class BaseLlava(LlavaAnswering):
             for q in self._questions(questions)
         ]
         self._check_prompt_lengths([len(p) for p in prompts])
+        # generate takes one count for the batch; each row is cut to its own where the
+        # context ends (the rows of a batch do not see each other).
+        limits = answer_limits([len(p) for p in prompts], max_new_tokens, self.context)
         ids, mask = left_pad(prompts, self.pad_id, device)
         out = self.model.generate(
             input_ids=ids,
             attention_mask=mask,
             pixel_values=self._pixels(images),
-            max_new_tokens=max_new_tokens,
+            max_new_tokens=max(limits),
             do_sample=False,
             num_beams=1,
             pad_token_id=self.pad_id,
             eos_token_id=self.tokenizer.eos_token_id,
         )
-        return self.tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
+        rows = [row[:limit] for row, limit in zip(out[:, ids.shape[1] :].tolist(), limits)]
+        return self.tokenizer.batch_decode(rows, skip_special_tokens=True)

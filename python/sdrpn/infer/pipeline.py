@@ -26,7 +26,7 @@ from transformers import DynamicCache, GenerationConfig, GenerationMixin
 
 from .. import ops
 from ..llava.attention_kernels import without_cudnn_attention
-from ..llava.decode import DecoderPool, greedy_decode, resolve_decoder
+from ..llava.decode import DecoderPool, answer_limits, greedy_decode, resolve_decoder
 from ..llava.geometry import grid_box_to_pixels
 from ..llava.inputs import (
     check_rpn_template,
@@ -106,6 +106,7 @@ class _Pass1:
     cache: DynamicCache | None  # dropped once pass 2 has made its own
     prefix_mask: Tensor  # (B, Lp)
     suffixes: list[list[int]]
+    prompt_lengths: list[int]  # the prompts' tokens, the image's among them
     rois: list[RoiPrediction]
     clock: Stopwatch
 
@@ -257,7 +258,8 @@ class SDRPNLlava(LlavaAnswering):
                 )
             )
         clock.lap("boxes")
-        return _Pass1(cache, prefix_mask, [s for _, s in prompts], rois, clock), images
+        lengths = [len(p) + len(s) for p, s in prompts]
+        return _Pass1(cache, prefix_mask, [s for _, s in prompts], lengths, rois, clock), images
 
     def predict_rois(self, images, questions) -> list[RoiPrediction]:
         """RoIs for a batch: boxes in source pixels and grid cells, probabilities, kept tokens."""
@@ -331,6 +333,7 @@ class SDRPNLlava(LlavaAnswering):
             self.model, p1.cache, p1.prefix_mask, parts, self.pass2_group_cost
         )
         p1.cache = None  # extended into `cache`, or copied into it: not held twice
+        lengths = [n + len(c) for n, c in zip(p1.prompt_lengths, crop_tokens)]
         tokens = greedy_decode(
             self.model,
             cache,
@@ -342,6 +345,7 @@ class SDRPNLlava(LlavaAnswering):
             self.decoder,
             self.decoders,
             consume_cache=True,
+            limits=answer_limits(lengths, max_new_tokens, self.context),
         )
         clock.lap("pass2_decode")
         timings = clock.total()

@@ -15,7 +15,7 @@ from .. import ops
 from ..distributed import check_rank, rank_name
 from ..io_utils import exclusive_lock, file_sha256
 from ..llava.data import PAST_CONTEXT, QASample, SkipSample, check_image_folder, load_entries, open_image, parse_entry
-from ..llava.decode import DecoderPool, resolve_decoder
+from ..llava.decode import DecoderPool, answer_limits, resolve_decoder
 from ..llava.geometry import model_grid
 from ..llava.inputs import Preprocessing, left_pad, preprocess_image, prompt_token_ids
 from ..llava.loading import (
@@ -179,6 +179,7 @@ class LabelJob:
             pad_id=self.pad_id,
             decoder=self.decoder,
             pool=self.decoders,
+            limits=answer_limits([len(p.prompt) for p in items], self.options.max_new_tokens, self.context),
         )
 
     def _label_batch(self, items: list[Prepared], buf: ShardBuffer) -> None:

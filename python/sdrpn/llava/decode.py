@@ -360,6 +360,16 @@ def prefill(model: nn.Module, ids: Tensor, mask: Tensor, pixels: Tensor | None):
     return cache, out.logits[:, -1], mask, pos[:, -1:] + 1
 
 
+def answer_limits(lengths: list[int], max_new_tokens: int, context: int | None) -> list[int]:
+    """The most tokens each sample's answer may hold after a sequence of ``lengths[b]``
+    tokens: ``max_new_tokens``, or fewer where the model would otherwise read a token at a
+    position past its ``context`` (the last answer token is never read, so a sequence that
+    fills the context still gets one). At least 1 for a sequence inside the context."""
+    if context is None:
+        return [max_new_tokens] * len(lengths)
+    return [max(0, min(max_new_tokens, context - length + 1)) for length in lengths]
+
+
 @torch.no_grad()
 def greedy_answers(
     model: nn.Module,
@@ -393,16 +403,23 @@ def greedy_decode(
     pool: DecoderPool | None = None,
     *,
     consume_cache: bool = False,
+    limits: list[int] | None = None,
 ) -> list[list[int]]:
     """Greedy tokens after a forward that filled ``cache`` and returned ``logits`` (B, V) of
     its last position; ``mask`` (B, T) marks the cache's real slots and ``positions``
     (B, 1) is each sample's next position. A sample stops at its end-of-sequence token
-    (kept in its output). ``decoder`` is resolved already (see resolve_decoder).
+    (kept in its output), after ``max_new_tokens`` tokens, or after ``limits[b]`` tokens
+    (answer_limits: where its context ends). ``decoder`` is resolved already (see resolve_decoder).
     ``consume_cache``: the caller no longer needs ``cache``, so the static decoders empty
     it once copied (at 7B and batch 8 it can hold 7 GiB, else held twice while decoding)."""
     if decoder not in ("hf", "static", "graph"):
         raise ValueError(f"decoder must be resolved to 'hf', 'static' or 'graph', got {decoder!r}")
     batch = logits.shape[0]
+    if limits is None:
+        limits = [max_new_tokens] * batch
+    if len(limits) != batch or min(limits, default=1) < 1:
+        raise ValueError(f"limits must hold a count >= 1 per sample of the batch's {batch}, got {limits}")
+    max_new_tokens = min(max_new_tokens, max(limits, default=1))
     nxt = logits.argmax(-1)
     step: Callable[[Tensor], Tensor]
     if decoder == "hf" or max_new_tokens == 1:
@@ -423,7 +440,7 @@ def greedy_decode(
         for b, tok in enumerate(nxt.tolist()):
             if not done[b]:
                 tokens[b].append(tok)
-                done[b] = tok == eos_id
+                done[b] = tok == eos_id or len(tokens[b]) == limits[b]
         if all(done) or i == max_new_tokens - 1:
             break  # no forward for a token that would never be read
         nxt = step(nxt)

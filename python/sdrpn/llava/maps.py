@@ -308,12 +308,14 @@ def self_answer_maps(
     pad_id: int,
     decoder: str = "hf",
     pool: DecoderPool | None = None,
+    limits: list[int] | None = None,
 ) -> tuple[list[list[int]], AttentionMaps]:
     """The model's greedy answers to left-padded prompts (B, W) with their images, and
     their G and S: the prompt runs once, into the cache that both decoding and the
-    answers' maps (attention_maps_on_cache) read."""
+    answers' maps (attention_maps_on_cache) read. ``limits``: each answer's most tokens
+    (greedy_decode's)."""
     cache, logits, mask, nxt = prefill(model, ids, mask, pixels)
-    answers = greedy_decode(model, cache, logits, mask, nxt, max_new_tokens, eos_id, decoder, pool)
+    answers = greedy_decode(model, cache, logits, mask, nxt, max_new_tokens, eos_id, decoder, pool, limits=limits)
     return answers, attention_maps_on_cache(model, cache, ids, mask, answers, preset, num_cells, pad_id)
 
 
