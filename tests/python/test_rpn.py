@@ -124,9 +124,29 @@ def test_what_the_caller_knows_spares_every_device_read(tiny):
         with NoHostSync():
             got = rpn(hs[K], None, pos, image_tokens)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    for bad in (slice(first, first + 4, 2), slice(10**6, None)):
+    for bad in (slice(first, first + 4, 2), slice(10**6, None), slice(first, first + 10**6), slice(0.5, 3)):
         with pytest.raises(ValueError, match="visual_mask as a slice"):
             rpn(hs[K], None, pos, bad)
+    length = hs[K].shape[1]
+    with torch.no_grad():  # Python's negative ends select the same tokens
+        torch.testing.assert_close(rpn(hs[K], None, pos, slice(first - length, first + tiny.num_cells - length)), got)
+    h, mask = hs[K], batch.attention_mask
+    shape = rf"\(hidden_states is 2 x {length}\)"
+    for args, message in (
+        ((h, mask, pos, visual[:, 5:]), rf"visual_mask must be \(B, L\) bool or a slice {shape}, got \[2, "),
+        ((h, mask, pos, visual.float()), "visual_mask must hold integers or bools, got torch.float32"),
+        ((h, mask, pos, visual.long()), "visual_mask must be bool, got torch.int64"),
+        ((h, mask[:, 1:], pos, visual), rf"attention_mask must be \(B, L\) {shape}"),
+        ((h, mask, None, visual), rf"position_ids must be \(B, L\) or \(1, L\) {shape}, got NoneType"),
+        ((h, mask, pos[:, 1:], visual), "position_ids must be"),
+        ((h.double(), mask, pos, visual), "hidden_states must be torch.float32 .*, got torch.float64"),
+        ((h[..., :8], mask, pos, visual), rf"hidden_states must be \(B, L, {h.shape[-1]}\), got \[2, {length}, 8\]"),
+        ((h[0], mask, pos, visual), rf"hidden_states must be \(B, L, {h.shape[-1]}\), got \[{length}, {h.shape[-1]}\]"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            rpn(*args)
+    with torch.no_grad():  # one row of positions serves every sample
+        torch.testing.assert_close(rpn(h, None, pos[:1], image_tokens), got)
 
 
 def test_samples_with_different_grids():

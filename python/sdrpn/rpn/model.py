@@ -317,6 +317,42 @@ class RegionProposalNetwork(
                 )
         return hidden_states
 
+    def _check_inputs(self, hidden_states, attention_mask, position_ids, visual_mask) -> None:
+        """Shapes and dtypes against each other and the RPN, read on the host only: a mask
+        of another length or a slice past the end had scored other tokens without an error."""
+        width = self.config.hidden_size
+        if not isinstance(hidden_states, Tensor) or hidden_states.dim() != 3 or hidden_states.shape[-1] != width:
+            got = list(hidden_states.shape) if isinstance(hidden_states, Tensor) else type(hidden_states).__name__
+            raise ValueError(f"hidden_states must be (B, L, {width}), got {got}")
+        batch, length = hidden_states.shape[:2]
+        dtype = self.q_proj.weight.dtype
+        if hidden_states.dtype != dtype and not torch.is_autocast_enabled(hidden_states.device.type):
+            raise ValueError(f"hidden_states must be {dtype} (the RPN's weights'), got {hidden_states.dtype}")
+
+        def check_rows(name, value, shape_ok, what):
+            if not isinstance(value, Tensor) or value.dim() != 2 or not shape_ok(value.shape):
+                got = list(value.shape) if isinstance(value, Tensor) else type(value).__name__
+                raise ValueError(f"{name} must be {what} (hidden_states is {batch} x {length}), got {got}")
+            if value.is_floating_point() or value.is_complex():
+                raise ValueError(f"{name} must hold integers or bools, got {value.dtype}")
+
+        if attention_mask is not None:
+            check_rows("attention_mask", attention_mask, lambda s: tuple(s) == (batch, length), "(B, L)")
+        check_rows("position_ids", position_ids, lambda s: s[1] == length and s[0] in (1, batch), "(B, L) or (1, L)")
+        if isinstance(visual_mask, slice):
+            ends = [0 if visual_mask.start is None else visual_mask.start, visual_mask.stop]
+            ends[1] = length if ends[1] is None else ends[1]
+            whole = all(isinstance(e, int) and not isinstance(e, bool) for e in ends)
+            start, stop = (e + length if whole and e < 0 else e for e in ends)  # Python's negative ends
+            if visual_mask.step not in (None, 1) or not (whole and 0 <= start < stop <= length):
+                raise ValueError(
+                    f"visual_mask as a slice must select consecutive positions of the {length}, got {visual_mask}"
+                )
+        else:
+            check_rows("visual_mask", visual_mask, lambda s: tuple(s) == (batch, length), "(B, L) bool or a slice")
+            if visual_mask.dtype != torch.bool:
+                raise ValueError(f"visual_mask must be bool, got {visual_mask.dtype}")
+
     def forward(
         self,
         hidden_states: Tensor,
@@ -338,6 +374,7 @@ class RegionProposalNetwork(
         wait for the GPU: a mask is read for whether it pads anything, and a visual mask
         for the largest count and whether every sample reaches it.
         """
+        self._check_inputs(hidden_states, attention_mask, position_ids, visual_mask)
         h = self.run_layers(hidden_states, attention_mask, position_ids)
         h = self.head_norm(self.norm(h))
         if attention_mask is None:
@@ -347,10 +384,6 @@ class RegionProposalNetwork(
             query = h[batch, last_real_token(attention_mask)]
         if isinstance(visual_mask, slice):
             visual, cells = h[:, visual_mask], None
-            if visual_mask.step not in (None, 1) or visual.shape[1] == 0:
-                raise ValueError(
-                    f"visual_mask as a slice must select consecutive positions of the {h.shape[1]}, got {visual_mask}"
-                )
         else:
             visual, cells = gather_visual(h, visual_mask)
             cells = None if bool(cells.all()) else cells
