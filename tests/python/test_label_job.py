@@ -567,6 +567,8 @@ def test_a_run_that_labels_nothing_fails_after_its_summary(workspace, tmp_path):
         (["--bg-ratio", "-0.1"], r"argument --bg-ratio: bg_ratio must be >= 0, got -0.1"),
         (["--bg-ratio", "1e400"], r"bg_ratio must be a finite number, got inf"),
         (["--max-box-fraction", "0"], r"max_box_fraction must be > 0, got 0.0"),
+        # Labels no RPN could be trained on: it reads the prompt's last token, after the image.
+        (["--prompt-template", "USER: {question} <image>"], r"prompt_template must have text after <image>"),
     ],
 )
 def test_label_options_out_of_range_are_refused(workspace, tmp_path, flags, message):
