@@ -337,6 +337,35 @@ def test_presets_and_head_selection():
         AttentionProbe(make_tiny_llava(num_layers=3).model, [3])
 
 
+def test_presets_built_in_python_check_their_fields():
+    # Each was a silent cut (head 1.5 read head 1) or an error from deep inside.
+    pair_message = r"a head selection's pairs must be \(int layer, int head or None\), got "
+    for pairs, got in (
+        (((1, 1.5),), r"\(1, 1.5\)"),
+        (((1.0, 1),), r"\(1.0, 1\)"),
+        ((("1", 0),), r"\('1', 0\)"),
+        (((1, 0, 2),), r"\(1, 0, 2\)"),
+        (((True, 0),), r"\(True, 0\)"),
+        ((1, 0), "1"),
+    ):
+        with pytest.raises(ValueError, match=pair_message + got):
+            HeadSelection(pairs)
+    with pytest.raises(ValueError, match="needs at least one"):
+        HeadSelection(())
+    assert HeadSelection([[1, 0], [2, None]]) == HeadSelection(((1, 0), (2, None)))  # JSON-like lists
+    sel = HeadSelection(((0, None),))
+    for change, error, message in (
+        (dict(grounding=[(1, 0)]), TypeError, "grounding must be a HeadSelection, got list"),
+        (dict(sink=None), TypeError, "sink must be a HeadSelection, got NoneType"),
+        (dict(roi={"threshold": 0.1}), TypeError, r"roi must be a RoiOptions \(from_dict takes a dict\), got dict"),
+        (dict(sink_threshold="0.1"), TypeError, "sink_threshold must be a number, got '0.1'"),
+        (dict(branch_layer=2.0), TypeError, "branch_layer must be an int, got 2.0"),
+        (dict(name=None), TypeError, "name must be a string, got None"),
+    ):
+        with pytest.raises(error, match=message):
+            LlavaPreset(**{"name": "t", "grounding": sel, "sink": sel, "branch_layer": 2, "depth": 1, **change})
+
+
 @pytest.mark.parametrize(
     "content, message",
     [

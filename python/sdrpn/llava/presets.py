@@ -14,6 +14,10 @@ from ..options import RoiOptions
 from .inputs import PROMPT_TEMPLATE, check_template
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 @dataclass(frozen=True)
 class HeadSelection:
     """(layer, head) pairs whose attention is averaged; head None means all heads."""
@@ -21,9 +25,19 @@ class HeadSelection:
     pairs: tuple[tuple[int, int | None], ...]
 
     def __post_init__(self):
-        if not self.pairs:
-            raise ValueError("a head selection needs at least one (layer, head) pair, got none")
-        for layer, head in self.pairs:
+        if not isinstance(self.pairs, (tuple, list)) or not self.pairs:
+            raise ValueError(f"a head selection needs at least one (layer, head) pair, got {self.pairs!r}")
+        object.__setattr__(self, "pairs", tuple(tuple(p) if isinstance(p, list) else p for p in self.pairs))
+        for pair in self.pairs:
+            # A float head had been cut to an int silently (1.5 read head 1).
+            if (
+                not isinstance(pair, tuple)
+                or len(pair) != 2
+                or not _is_int(pair[0])
+                or not (pair[1] is None or _is_int(pair[1]))
+            ):
+                raise ValueError(f"a head selection's pairs must be (int layer, int head or None), got {pair!r}")
+            layer, head = pair
             if layer < 0 or (head is not None and head < 0):
                 raise ValueError(f"layer and head must be >= 0, got ({layer}, {head})")
 
@@ -64,6 +78,18 @@ class LlavaPreset:
     roi: RoiOptions = RoiOptions()
 
     def __post_init__(self):
+        for name in ("grounding", "sink"):
+            if not isinstance(getattr(self, name), HeadSelection):
+                raise TypeError(f"{name} must be a HeadSelection, got {type(getattr(self, name)).__name__}")
+        if not isinstance(self.roi, RoiOptions):
+            raise TypeError(f"roi must be a RoiOptions (from_dict takes a dict), got {type(self.roi).__name__}")
+        if not isinstance(self.name, str):
+            raise TypeError(f"name must be a string, got {self.name!r}")
+        for name in ("branch_layer", "depth"):
+            if not _is_int(getattr(self, name)):
+                raise TypeError(f"{name} must be an int, got {getattr(self, name)!r}")
+        if isinstance(self.sink_threshold, bool) or not isinstance(self.sink_threshold, numbers.Real):
+            raise TypeError(f"sink_threshold must be a number, got {self.sink_threshold!r}")
         if self.branch_layer < 1 or self.depth < 1:
             raise ValueError(f"branch_layer and depth must be >= 1, got {self.branch_layer} and {self.depth}")
         if not (math.isfinite(self.sink_threshold) and self.sink_threshold > 0):
