@@ -216,9 +216,15 @@ def test_given_answer_maps_equal_a_right_padded_batch(tiny):
     with pytest.raises(ValueError, match="answers: every answer needs at least one token"):
         given_answer_maps(tiny.model, prompts, [[], *answers[1:]], batch.pixel_values, PRESET, tiny.num_cells, PAD)
     vocab = tiny.model.get_input_embeddings().num_embeddings
-    with pytest.raises(ValueError, match=rf"answers\[1\] holds token ids outside \[0, {vocab}\): \[{vocab}\]"):
+    not_ids = rf"holds token ids that are not ints in \[0, {vocab}\)"
+    with pytest.raises(ValueError, match=rf"answers\[1\] {not_ids}: \[{vocab}\]"):
         given_answer_maps(tiny.model, prompts, [answers[0], [vocab], answers[2]], batch.pixel_values, PRESET,
                           tiny.num_cells, PAD)  # fmt: skip
+    with pytest.raises(ValueError, match=rf"prompts\[0\] {not_ids}: \[tensor\("):
+        given_answer_maps(tiny.model, [torch.tensor(prompts[0]), *prompts[1:]], answers, batch.pixel_values, PRESET,
+                          tiny.num_cells, PAD)  # fmt: skip
+    with pytest.raises(ValueError, match="pixels must be a \\(B, 3, S, S\\) tensor, got list"):
+        given_answer_maps(tiny.model, prompts, answers, list(batch.pixel_values), PRESET, tiny.num_cells, PAD)
     with pytest.raises(ValueError, match=rf"pad_id must be a token id in \[0, {vocab}\), got None"):
         given_answer_maps(tiny.model, prompts, answers, batch.pixel_values, PRESET, tiny.num_cells, None)
 

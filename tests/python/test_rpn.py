@@ -175,6 +175,8 @@ def test_rpn_loss():
         rpn_loss(logits, torch.tensor([[-1, 0, -1, 1]]))
     with pytest.raises(TypeError, match="logits and labels must be tensors, got Tensor and ndarray"):
         rpn_loss(logits, labels.numpy())
+    with pytest.raises(TypeError, match="ignore_index must be an int, got None"):
+        rpn_loss(logits, labels, ignore_index=None)
 
 
 def test_save_load_round_trip_and_refusal(tiny, tmp_path):

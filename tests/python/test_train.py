@@ -64,6 +64,11 @@ def test_early_exit_features_equal_full_forward_hidden_states(ws):
     model, tok = load_llava(str(ws / "model"), "fp32")
     ds = LabelShardDataset(str(ws / "labels"), tok, IMAGE)
     batch = LabelCollator(tok.pad_token_id)([ds[i] for i in range(3)])
+    for name, value in (("image_token_id", None), ("subset_seed", 1.5), ("subset_seed", 2**64)):
+        with pytest.raises(ValueError, match=rf"{name} must be an int in \[0, 2\*\*63\), got {value!r}"):
+            LabelShardDataset(str(ws / "labels"), tok, **{"image_token_id": IMAGE, name: value})
+    with pytest.raises(ValueError, match=r"pad_id must be a token id \(an int >= 0\), got None"):
+        LabelCollator(None)
     hidden, pos = branch_hidden_states(model, batch.input_ids, batch.attention_mask, batch.pixel_values, 2)
     with torch.no_grad():
         full = model.model(

@@ -272,6 +272,9 @@ def given_answer_maps(
 ) -> AttentionMaps:
     """G and S of given answers (token ids, the end token included where there is one)
     to their prompts: one teacher-forced pass over left-padded [prompt, answer]."""
+    if not isinstance(pixels, Tensor) or pixels.dim() != 4:
+        got = list(pixels.shape) if isinstance(pixels, Tensor) else type(pixels).__name__
+        raise ValueError(f"pixels must be a (B, 3, S, S) tensor, got {got}")
     if not prompts or len(prompts) != len(answers) or len(prompts) != pixels.shape[0]:
         raise ValueError(
             f"prompts ({len(prompts)}), answers ({len(answers)}) and pixels ({pixels.shape[0]}) "
@@ -286,7 +289,7 @@ def given_answer_maps(
         for i, seq in enumerate(seqs):
             outside = [t for t in seq if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab]
             if outside:
-                raise ValueError(f"{name}[{i}] holds token ids outside [0, {vocab}): {outside[:5]}")
+                raise ValueError(f"{name}[{i}] holds token ids that are not ints in [0, {vocab}): {outside[:5]}")
     device = model_device(model)
     ids, mask = left_pad([p + a for p, a in zip(prompts, answers)], pad_id, device)
     lengths = torch.tensor([len(a) for a in answers], device=device)

@@ -91,6 +91,9 @@ class LabelShardDataset(Dataset):
             )
         if isinstance(image_size, bool) or not isinstance(image_size, int) or not 1 <= image_size <= 2**16:
             raise ValueError(f"image_size must be an int in [1, 65536], got {image_size!r}")
+        for name, value, top in (("image_token_id", image_token_id, 2**63), ("subset_seed", subset_seed, 2**63)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= value < top:
+                raise ValueError(f"{name} must be an int in [0, 2**63), got {value!r}")
         self.image_size = image_size
         self.template = self.config.prompt_template
         self.tokenizer = tokenizer
@@ -153,6 +156,8 @@ class LabelBatch:
 
 class LabelCollator:
     def __init__(self, pad_id: int):
+        if isinstance(pad_id, bool) or not isinstance(pad_id, numbers.Integral) or pad_id < 0:
+            raise ValueError(f"pad_id must be a token id (an int >= 0), got {pad_id!r}")
         self.pad_id = pad_id
 
     def __call__(self, samples: list[LabelledSample | SkippedSample | None]) -> LabelBatch | None:

@@ -140,6 +140,8 @@ def rpn_loss(logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX) -
         raise TypeError(f"logits and labels must be tensors, got {type(logits).__name__} and {type(labels).__name__}")
     if logits.shape != labels.shape:
         raise ValueError(f"logits and labels must have one shape, got {tuple(logits.shape)} and {tuple(labels.shape)}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
     keep = labels != ignore_index
     # One read of the device for both facts: whether any cell counts, and whether a counted
     # one is no target (2 gave a negative loss; -1 labels with ignore_index left at -100
