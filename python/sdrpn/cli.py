@@ -344,7 +344,7 @@ def _run_infer(args) -> None:
     from .infer.job import InferFileConfig, answer_file
     from .infer.pipeline import SDRPNLlava
     from .infer.viz import roi_overlay
-    from .llava.inputs import check_preprocessable, is_text
+    from .llava.inputs import check_preprocessable, is_text, question_text
     from .llava.loading import load_llava
     from .pictures import save_atomic
     from .rpn.model import RegionProposalNetwork
@@ -357,6 +357,16 @@ def _run_infer(args) -> None:
         raise ValueError("--image and --question go together")
     if single and not is_text(args.question):
         raise ValueError(f"--question must be valid UTF-8 text without NUL bytes, got {args.question!r}")
+    if single and not question_text(args.question):
+        raise ValueError(f"--question must hold text besides the image placeholder, got {args.question!r}")
+    # A flag of the other mode would be ignored: what the user asked for would not happen.
+    if single:
+        data_flags = {"--out": args.out, "--image-folder": args.image_folder, "--limit": args.limit}
+        other = [flag for flag, value in {**data_flags, "--restart": args.restart}.items() if value]
+    else:
+        other = ["--viz"] if args.viz else []
+    if other:
+        raise ValueError(f"{', '.join(other)}: only with {'--data' if single else '--image'}")
     if not single and (not args.image_folder or not args.out):
         raise ValueError("--data needs --image-folder and --out")
     options_from_args(RoiOptions, args)  # the RoI flags' values (they apply on the RPN folder's)

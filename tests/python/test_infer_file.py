@@ -438,6 +438,15 @@ def test_the_command_reports_user_mistakes_in_one_line(infer_ws, tmp_path, capsy
         # Invalid UTF-8 on the command line reaches Python as a lone surrogate.
         (["--image", image, "--question", "what \udcff ?"], "--question must be valid UTF-8 text"),
         (["--data", str(infer_ws / "data.json")], "--data needs --image-folder and --out"),
+        (["--image", image, "--question", " <image> "], "--question must hold text besides the image placeholder"),
+        # A flag of the other mode had been ignored without a word.
+        (["--image", image, "--question", "q", "--out", "a.jsonl", "--restart"], "--out, --restart: only with --data"),
+        (["--image", image, "--question", "q", "--limit", "1"], "--limit: only with --data"),
+        (["--image", image, "--question", "q", "--image-folder", missing], "--image-folder: only with --data"),
+        (
+            ["--data", str(infer_ws / "data.json"), "--image-folder", missing, "--out", "a.jsonl", "--viz", "v.png"],
+            "--viz: only with --image",
+        ),
     ]:
         assert entry(["infer", "--model", missing, "--rpn", missing, *flags]) == 2
         err = capsys.readouterr().err.strip()
