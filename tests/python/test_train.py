@@ -541,6 +541,8 @@ def test_the_trainer_refuses_a_rank_outside_its_world(ws, tmp_path):
     ):
         with pytest.raises(ValueError, match=message):
             RPNTrainer(cfg, model, tok, rank=rank, world_size=world)
+    with pytest.raises(ValueError, match="world_size=2 needs torch.distributed's process group started"):
+        RPNTrainer(cfg, model, tok, rank=1, world_size=2).run()
     assert not (tmp_path / "run").exists()
 
 

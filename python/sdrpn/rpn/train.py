@@ -27,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from transformers import get_cosine_schedule_with_warmup
 
-from ..distributed import barrier, check_rank, gather_objects
+from ..distributed import barrier, check_initialized, check_rank, gather_objects
 from ..io_utils import exclusive_lock, read_json, write_json
 from ..labels.folder import LabelFolder
 from ..llava.backbone import branch_hidden_states
@@ -456,6 +456,7 @@ class RPNTrainer:
 
     def run(self) -> dict:
         """Train (or resume); rank 0 holds the output folder's lock while it runs."""
+        check_initialized(self.world)
         if self.rank != 0:
             return self._run()
         with exclusive_lock(os.path.join(self.cfg.out, ".train.lock")):
