@@ -249,8 +249,11 @@ def main(argv: list[str] | None = None) -> int:
             device=args.device,
         )
         start = time.monotonic()
-        result = run_pipeline(cfg)
-        metrics = write_report(result, args.out, args.title, cfg.path("labels_test"), args.examples)
+
+        def report(result: dict) -> dict:
+            return write_report(result, args.out, args.title, cfg.path("labels_test"), args.examples)
+
+        metrics = run_pipeline(cfg, then=report)  # the report under the run's lock
         print(
             json.dumps(
                 {

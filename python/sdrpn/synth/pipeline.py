@@ -17,12 +17,14 @@ from __future__ import annotations
 import logging
 import os
 import random
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
+from typing import Any
 
 import torch
 
 from ..infer.pipeline import SDRPNLlava
-from ..io_utils import exclusive_lock, read_json, write_json
+from ..io_utils import exclusive_lock, read_json, remove_temporaries, write_json
 from ..labels.folder import LabelFolder
 from ..labels.job import LabelJob, LabelJobConfig
 from ..labels.options import LabelOptions
@@ -267,13 +269,18 @@ def evaluate(cfg: PipelineConfig, model, tokenizer) -> dict:
     return {"accuracy": accuracy, "localisation": loc, "samples": samples, "answers": answers, "rois": rois}
 
 
-def run_pipeline(cfg: PipelineConfig) -> dict:
-    """All stages; returns the evaluation (metrics, and per-sample answers and RoIs). One run
-    at a time on an OUT folder."""
+def run_pipeline(cfg: PipelineConfig, then: Callable[[dict], Any] | None = None) -> Any:
+    """All stages; returns the evaluation (metrics, and per-sample answers and RoIs), or what
+    ``then`` makes of it under the same lock (the report). One run at a time on an OUT folder."""
     os.makedirs(cfg.out, exist_ok=True)
     with exclusive_lock(cfg.path(".pipeline.lock")):
+        # What a kill left half-written by this folder's own writers (the stages' folders
+        # clean up their own when they start).
+        for folder in (cfg.out, cfg.path("data"), cfg.path("data", "images")):
+            remove_temporaries(folder)
         record_settings(cfg)
-        return _run_pipeline(cfg)
+        result = _run_pipeline(cfg)
+        return then(result) if then else result
 
 
 def _run_pipeline(cfg: PipelineConfig) -> dict:
