@@ -1,4 +1,5 @@
 import json
+import os
 
 import numpy as np
 import pytest
@@ -168,9 +169,20 @@ def test_base_training_resumes_where_it_stopped(tmp_path):
     first = BaseTrainer(cut)
     first.run(max_seconds=0.0)  # checkpoints after one step and stops
     assert first.done_steps == 1
+    checkpoint = tmp_path / "cut" / "checkpoint"
+    assert sorted(os.listdir(checkpoint)) == ["state-00000001.safetensors", "state.json"]
+    # What a kill later in the run could leave: rows of steps past the checkpoint, the next
+    # state's tensors written but not yet named, a temporary file.
+    with open(tmp_path / "cut" / "history.jsonl", "a") as f:
+        f.write('{"step": 1, "loss": 9.0}\n{"step": 2, "loss": 9.0}\n')
+    (checkpoint / "state-00000003.safetensors").write_bytes(b"half")
+    (checkpoint / ".tmp-state-00000004.safetensors.k1ll3d").write_bytes(b"")
     second = BaseTrainer(cut)
     second.run(resume=True)
     assert second.done_steps == 4
+    assert sorted(os.listdir(checkpoint)) == ["state-00000001.safetensors", "state.json"]  # the named one
+    steps = [json.loads(line)["step"] for line in open(tmp_path / "cut" / "history.jsonl")]
+    assert steps == [0, 1, 2, 3]
     a = load_file(str(tmp_path / "whole" / "model.safetensors"))
     b = load_file(str(tmp_path / "cut" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

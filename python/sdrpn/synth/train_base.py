@@ -40,7 +40,16 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from ..io_utils import read_json, read_safetensors, write_atomic, write_json
+from ..io_utils import (
+    exclusive_lock,
+    read_json,
+    read_jsonl,
+    read_safetensors,
+    remove_temporaries,
+    write_atomic,
+    write_json,
+    write_jsonl,
+)
 from ..llava.attention_kernels import without_cudnn_attention
 from ..llava.inputs import crop_pixels, left_pad, preprocess_image, prompt_token_ids
 from ..llava.loading import load_llava
@@ -239,6 +248,13 @@ def _collate(batch: Batch) -> Batch:
     return batch
 
 
+def _remove_states(folder: str, but: str) -> None:
+    """The checkpoint's tensor files other than the one state.json names."""
+    for old in os.listdir(folder):
+        if old.startswith("state") and old.endswith(".safetensors") and old != but:
+            os.remove(os.path.join(folder, old))
+
+
 class BaseTrainer:
     """Trains, checkpoints to cfg.out/checkpoint every cfg.save_every steps, and resumes from
     there: a resumed run continues with the same batches, learning rate and optimiser state."""
@@ -344,12 +360,24 @@ class BaseTrainer:
 
     def run(self, resume: bool = False, max_seconds: float | None = None) -> list[dict]:
         """Train up to cfg.steps, or until max_seconds pass (checkpointing first); saves the
-        model to cfg.out and returns this call's history."""
+        model to cfg.out and returns this call's history. One run at a time on cfg.out."""
+        os.makedirs(self.cfg.out, exist_ok=True)
+        with exclusive_lock(os.path.join(self.cfg.out, ".train_base.lock")):
+            # What a kill left half-written (the model's own files are written by Hugging
+            # Face in place, and written again by the run that finishes).
+            for folder in (self.cfg.out, os.path.join(self.cfg.out, "checkpoint")):
+                remove_temporaries(folder)
+            return self._run(resume, max_seconds)
+
+    def _run(self, resume: bool, max_seconds: float | None) -> list[dict]:
         cfg = self.cfg
+        history_path = os.path.join(cfg.out, "history.jsonl")
         if resume and os.path.exists(os.path.join(cfg.out, "checkpoint", "state.json")):
             self.load_checkpoint()
-        history_path = os.path.join(cfg.out, "history.jsonl")
-        os.makedirs(cfg.out, exist_ok=True)
+            # The steps after the checkpoint run again: their rows are dropped, not repeated.
+            if os.path.exists(history_path):
+                kept = [row for row in read_jsonl(history_path) if row["step"] < self.done_steps]
+                write_jsonl(history_path, kept)
         loader = DataLoader(
             _BatchStream(cfg, self.tok, self.image_id, self.done_steps, cfg.steps),
             batch_size=None,
@@ -394,22 +422,31 @@ class BaseTrainer:
 
     # ---- checkpoints and the final model ------------------------------------------------------
     def save_checkpoint(self) -> None:
+        """The tensors under a name of their own step, then state.json naming them: a kill
+        between the two leaves the previous pair whole (one file replaced in place had
+        paired new weights with the old step and optimiser state)."""
         folder = os.path.join(self.cfg.out, "checkpoint")
         tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
         tensors.update({f"heads.{k}": v for k, v in self.heads.state_dict().items()})
         opt_tensors, opt_meta = optimizer_tensors(self.opt)
         tensors.update({f"opt.{k}": v for k, v in opt_tensors.items()})
         tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-        write_atomic(os.path.join(folder, "state.safetensors"), lambda tmp: save_file(tensors, tmp))
+        name = f"state-{self.done_steps:08d}.safetensors"
+        write_atomic(os.path.join(folder, name), lambda tmp: save_file(tensors, tmp))
         write_json(
             os.path.join(folder, "state.json"),  # written last: it names a complete state
-            {"step": self.done_steps, "optimizer": opt_meta, "scheduler": self.sched.state_dict()},
+            {"step": self.done_steps, "tensors": name, "optimizer": opt_meta, "scheduler": self.sched.state_dict()},
         )
+        _remove_states(folder, but=name)
 
     def load_checkpoint(self) -> None:
         folder = os.path.join(self.cfg.out, "checkpoint")
         meta = read_json(os.path.join(folder, "state.json"))
-        tensors = read_safetensors(os.path.join(folder, "state.safetensors"), device=str(self.cfg.device))
+        name = meta.get("tensors", "state.safetensors")  # checkpoints of earlier versions: one file
+        if not isinstance(name, str) or os.path.basename(name) != name:
+            raise ValueError(f"{folder}/state.json names its tensors {name!r}: not a file of that folder")
+        tensors = read_safetensors(os.path.join(folder, name), device=str(self.cfg.device))
+        _remove_states(folder, but=name)  # one a kill left written but never named
         part = lambda prefix: {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}  # noqa: E731
         self.model.load_state_dict(part("model."))
         self.heads.load_state_dict(part("heads."))
