@@ -265,3 +265,35 @@ def test_an_rpn_folder_alone_carries_the_settings_to_use_it(tmp_path, capsys):
 
     answer = explicit.generate([load_rgb(image)], [question], 12)[0]
     assert by_cli["answer"] == answer.text and by_cli["boxes"] == [list(b) for b in answer.rois.boxes]
+
+
+def test_export_replaces_only_an_earlier_export(tmp_path, monkeypatch):
+    """The export replaces its --to whole: a folder of other files, the model's own, the
+    working folder or a file are refused before anything is written (it had deleted them)."""
+    from sdrpn.synth.export import export_base
+    from sdrpn.synth.pipeline import BASE_MODEL
+
+    preset = json.load(open(os.path.join(BASE_MODEL, "sdrpn_preset.json")))
+    to = tmp_path / "export"
+    summary = export_base(BASE_MODEL, str(to), preset)
+    assert summary["bytes"] > 0 and json.load(open(to / "sdrpn_preset.json")) == preset
+    export_base(BASE_MODEL, str(to), preset)  # an earlier export is replaced
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "notes.txt").write_text("kept")
+    (tmp_path / "afile").write_text("kept")
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    for target, message in (
+        (victim, "holds other files than an earlier export"),
+        (tmp_path / "afile", "is a file"),
+        (".", "is the working folder or holds it"),
+        (tmp_path, "is the working folder or holds it"),
+        (BASE_MODEL, "is --model's folder or holds it"),
+    ):
+        with pytest.raises(ValueError, match=f"--to {target} {message}"):
+            export_base(BASE_MODEL, str(target), preset)
+    assert (victim / "notes.txt").read_text() == "kept" and (tmp_path / "afile").read_text() == "kept"
+    with pytest.raises(ValueError, match="preset 'synth-tiny' .* branches at 99 .* the model has 6 layers"):
+        export_base(BASE_MODEL, str(tmp_path / "new"), {**preset, "branch_layer": 99})
+    assert not (tmp_path / "new").exists()

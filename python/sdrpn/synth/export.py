@@ -35,11 +35,31 @@ def summarise_history(rows: list[dict], every: int = 250) -> dict:
     return {"steps_logged": len(rows), "every": every, "rows": kept}
 
 
+def check_export_target(to: str, model_dir: str) -> None:
+    """``to`` may be replaced only where it holds nothing, or an earlier export (a flat
+    folder with its preset file), and is neither the model's folder nor one above it or
+    the working folder: the export replaces the folder whole."""
+    target, model = os.path.realpath(to), os.path.realpath(model_dir)
+    if not os.path.lexists(to):
+        return
+    if not os.path.isdir(to) or os.path.islink(to):
+        raise ValueError(f"--to {to} is a file: it must be a folder, or not exist")
+    for inside, name in ((model, "--model's folder"), (os.getcwd(), "the working folder")):
+        if inside == target or inside.startswith(target + os.sep):
+            raise ValueError(f"--to {to} is {name} or holds it: choose a folder of its own")
+    entries = os.listdir(to)
+    earlier_export = PRESET_FILE in entries and not any(os.path.isdir(os.path.join(to, e)) for e in entries)
+    if entries and not earlier_export:
+        raise ValueError(f"--to {to} holds other files than an earlier export: choose an empty or new folder")
+
+
 def export_base(model_dir: str, to: str, preset: dict) -> dict:
     """float16 weights and config (save_pretrained), tokenizer, train_base_config.json and a
     summary of the run's history, and the model's preset; returns a summary."""
+    check_export_target(to, model_dir)
     preset_from_dict(preset)  # refuses a malformed preset before anything is written
     model, tokenizer = load_llava(model_dir, "fp32")
+    preset_from_dict(preset).check_fits(model.config)  # layers and heads the model has
     tmp = to.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     model.to(torch.float16).save_pretrained(tmp)
