@@ -107,6 +107,20 @@ def small_preset(monkeypatch):
     monkeypatch.setitem(presets.PRESETS, "llava15-7b", tiny)
 
 
+def test_a_given_answer_holding_the_image_placeholder_is_skipped(workspace, tmp_path):
+    # Tokenized, it is one more image token: the whole job had stopped at that batch.
+    entries = json.loads((workspace / "data.json").read_text())[:3]
+    entries[1]["conversations"][1]["value"] = "red <image> tag"
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    for name in ("model", "images"):
+        (ws / name).symlink_to(workspace / name)
+    (ws / "data.json").write_text(json.dumps(entries))
+    assert run_label(ws, tmp_path / "labels", "--answers", "given") == 0
+    summary = json.loads((tmp_path / "labels" / "summary.json").read_text())
+    assert summary["labelled"] == 2 and summary["skipped_by_reason"] == {"answer holds the image placeholder": 1}
+
+
 def test_self_answers_end_where_the_models_context_does(workspace, tmp_path, monkeypatch):
     import sdrpn.labels.job as job
     from sdrpn.llava.loading import load_llava

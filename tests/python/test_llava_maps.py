@@ -6,7 +6,7 @@ from sdrpn.llava import AttentionProbe, HeadSelection, LlavaPreset, attention_ma
 from sdrpn.llava.decode import prefill
 from sdrpn.llava.inputs import left_pad, position_ids_from_mask
 from sdrpn.llava.maps import answer_queries, attention_maps_on_cache, given_answer_maps, image_columns
-from tiny_llava import EOS, PAD, make_tiny_llava, prompt_ids, random_tokens, row_slice, teacher_forced_batch
+from tiny_llava import EOS, IMAGE, PAD, make_tiny_llava, prompt_ids, random_tokens, row_slice, teacher_forced_batch
 
 PRESET = LlavaPreset("tiny", grounding=HeadSelection(((2, 1), (2, 3), (1, 0))), sink=HeadSelection(((0, None),)))
 
@@ -222,6 +222,9 @@ def test_given_answer_maps_equal_a_right_padded_batch(tiny):
                           tiny.num_cells, PAD)  # fmt: skip
     with pytest.raises(ValueError, match=rf"prompts\[0\] {not_ids}: \[tensor\("):
         given_answer_maps(tiny.model, [torch.tensor(prompts[0]), *prompts[1:]], answers, batch.pixel_values, PRESET,
+                          tiny.num_cells, PAD)  # fmt: skip
+    with pytest.raises(ValueError, match=r"answers\[2\] holds the image token \(id 3\): only the prompt may"):
+        given_answer_maps(tiny.model, prompts, [*answers[:2], [5, IMAGE, 2]], batch.pixel_values, PRESET,
                           tiny.num_cells, PAD)  # fmt: skip
     with pytest.raises(ValueError, match="pixels must be a \\(B, 3, S, S\\) tensor, got list"):
         given_answer_maps(tiny.model, prompts, answers, list(batch.pixel_values), PRESET, tiny.num_cells, PAD)

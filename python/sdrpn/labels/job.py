@@ -145,6 +145,8 @@ class LabelJob:
         answer = None
         if self.options.answers == "given":
             answer = self.tokenizer(sample.answer, add_special_tokens=False)["input_ids"] + [self.eos_id]
+            if self.image_token_id in answer:  # "<image>" in its text: one more image token
+                raise SkipSample("answer holds the image placeholder")
         if self.context is not None and len(prompt) + len(answer or ()) > self.context:
             raise SkipSample(PAST_CONTEXT)
         return Prepared(sample, pixels, prep, prompt, answer)

@@ -290,6 +290,10 @@ def given_answer_maps(
             outside = [t for t in seq if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab]
             if outside:
                 raise ValueError(f"{name}[{i}] holds token ids that are not ints in [0, {vocab}): {outside[:5]}")
+    image_token_id = model.config.image_token_id
+    for i, answer in enumerate(answers):
+        if image_token_id in answer:
+            raise ValueError(f"answers[{i}] holds the image token (id {image_token_id}): only the prompt may")
     device = model_device(model)
     ids, mask = left_pad([p + a for p, a in zip(prompts, answers)], pad_id, device)
     lengths = torch.tensor([len(a) for a in answers], device=device)
