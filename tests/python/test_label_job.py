@@ -380,6 +380,35 @@ def test_viz_labels_draws_sinks_at_the_recorded_threshold(workspace, tmp_path, m
     assert not torch.equal(all_tensors(out_custom)["sink"] >= 0.05, all_tensors(out_custom)["sink"] >= 1e-3)
 
 
+def test_viz_labels_draws_the_grids_alone_where_an_image_cannot_be_drawn(workspace, tmp_path, caplog):
+    import logging
+
+    from sdrpn.labels import viz
+
+    out = tmp_path / "labels"
+    entries = json.loads((workspace / "data.json").read_text())[:2]
+    entries[0]["id"] = "x" * 300  # a file name holds at most 255 bytes
+    entries[1]["id"] = "\u6807" * 100
+    ws = tmp_path / "ws"
+    (ws / "images").mkdir(parents=True)
+    (ws / "model").symlink_to(workspace / "model")
+    for e in entries:
+        shutil.copy(workspace / "images" / e["image"], ws / "images" / e["image"])
+    (ws / "data.json").write_text(json.dumps(entries))
+    assert run_label(ws, out, "--answers", "given") == 0
+    # After labelling, one image is replaced by one whose padded square is 3.6e9 pixels (it
+    # had filled the memory), the other by a file that is no image.
+    Image.new("RGB", (60000, 1)).save(ws / "images" / entries[0]["image"], format="PNG")
+    (ws / "images" / entries[1]["image"]).write_bytes(b"not an image")
+    with caplog.at_level(logging.WARNING, logger="sdrpn.labels.viz"):
+        paths = viz.visualise_labels(str(out), str(tmp_path / "png"))
+    names = [os.path.basename(p) for p in paths]
+    assert names[0].startswith("0000_" + "x" * 64 + "-") and len(names[0]) == len("0000_") + 64 + 9 + len(".png")
+    assert names[1].startswith("0001_" + "_" * 64 + "-")
+    assert "2 pictures show the grids alone" in caplog.text and "1 image unreadable" in caplog.text
+    assert "1 image too large to pad to a square" in caplog.text
+
+
 def test_resume_refuses_changed_settings(workspace, tmp_path):
     out = tmp_path / "labels"
     run_label(workspace, out, "--answers", "given")

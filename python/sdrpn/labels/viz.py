@@ -4,17 +4,22 @@ folder records."""
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
+from collections import Counter
 from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
 from torch import Tensor
 
-from ..llava.data import SkipSample, check_image_folder, resolve_image
-from ..llava.inputs import centre_crop_square, load_rgb, mean_fill, pad_to_square
+from ..llava.data import SkipSample, check_image_folder, open_image
+from ..llava.inputs import centre_crop_square, mean_fill, pad_to_square
 from ..pictures import LABEL_COLOURS, heat_rgb, label_rgb, save_atomic, sink_rgb, tile
 from .folder import LabelFolder
+
+log = logging.getLogger(__name__)
 
 
 def label_grid(
@@ -78,6 +83,16 @@ def model_square(image: Image.Image, mode: str) -> Image.Image:
     return centre_crop_square(image, min(image.size))  # the short side kept: no resize
 
 
+def picture_name(n: int, sample_id) -> str:
+    """``NNNN_ID.png`` with the id in ASCII letters, digits and ``-_.``, cut to 64 characters
+    with a hash of the whole id where it is longer (a file name holds at most 255 bytes)."""
+    text = str(sample_id)
+    safe = "".join(ch if ch.isascii() and (ch.isalnum() or ch in "-_.") else "_" for ch in text)
+    if len(safe) > 64:
+        safe = safe[:64] + "-" + hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    return f"{n:04d}_{safe}.png"
+
+
 def visualise_labels(label_dir: str, out: str, num: int = 16, image_folder: str | None = None) -> list[str]:
     """One PNG per sample (image with heat map, sinks and foreground when the image is
     found; then map, sinks and labels on the grid), sinks at the folder's recorded
@@ -89,10 +104,13 @@ def visualise_labels(label_dir: str, out: str, num: int = 16, image_folder: str 
     folder = LabelFolder(label_dir)
     config = folder.config
     image_folder = image_folder or config.image_folder
+    size = config.image_size or 336  # imported labels: LLaVA-1.5's
     written: list[str] = []
+    undrawn: Counter = Counter()  # images that could not be drawn, by reason
     for shard in folder.shards():
         for row in shard.rows:
             if len(written) >= num:
+                _report_undrawn(undrawn)
                 return written
             t = shard.row_tensors(row)
             gh, gw = t["grid"].tolist()
@@ -102,9 +120,10 @@ def visualise_labels(label_dir: str, out: str, num: int = 16, image_folder: str 
             grid_png = label_grid(g, sink, labels, gh, gw, cell=12)
             panels = [grid_png]
             if image_folder and row.get("image"):
+                mode = (row.get("preprocessing") or {}).get("mode", "pad")  # imported labels: LLaVA's
                 try:
-                    image = load_rgb(resolve_image(image_folder, row["image"]))
-                    mode = (row.get("preprocessing") or {}).get("mode", "pad")  # imported labels: LLaVA's
+                    # The label job's checks: a padded 60000x1 image is 10 GB of pixels.
+                    image = open_image(image_folder, row["image"], size, mode)
                     panels.insert(
                         0,
                         overlay_panel(
@@ -115,15 +134,22 @@ def visualise_labels(label_dir: str, out: str, num: int = 16, image_folder: str 
                             size=grid_png.height,
                         ),
                     )
-                except (SkipSample, OSError):
-                    pass
+                except SkipSample as skip:
+                    undrawn[str(skip)] += 1
             sheet = Image.new("RGB", (sum(p.width for p in panels), max(p.height for p in panels)), (255, 255, 255))
             x = 0
             for p in panels:
                 sheet.paste(p, (x, 0))
                 x += p.width
-            safe_id = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in str(row["id"]))
-            path = os.path.join(out, f"{len(written):04d}_{safe_id}.png")
+            path = os.path.join(out, picture_name(len(written), row["id"]))
             save_atomic(sheet, path)
             written.append(path)
+    _report_undrawn(undrawn)
     return written
+
+
+def _report_undrawn(undrawn: Counter) -> None:
+    if undrawn:
+        reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(undrawn.items()))
+        count = sum(undrawn.values())
+        log.warning("viz-labels: %d pictures show the grids alone, their images not drawn (%s)", count, reasons)
