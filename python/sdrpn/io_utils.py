@@ -119,7 +119,9 @@ def read_json(path: str):
         data = f.read()
     try:
         return json.loads(data)
-    except ValueError as err:  # JSONDecodeError and UnicodeDecodeError both
+    # JSONDecodeError and UnicodeDecodeError are ValueErrors, as is an integer of more digits
+    # than Python converts; arrays nested some thousand deep exhaust the recursion limit.
+    except (ValueError, RecursionError) as err:
         raise ValueError(f"{path} is not valid JSON: {err}") from None
 
 

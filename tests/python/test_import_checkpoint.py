@@ -323,6 +323,35 @@ def test_an_index_pointing_outside_the_folder_is_refused(base, model, tmp_path):
         import_reference_checkpoint(src, model, str(tmp_path / "rpn"))
 
 
+def test_broken_index_config_and_shards_are_named(base, model, tmp_path):
+    # Each had been a traceback (an AttributeError) or a message without the file's name.
+    src = write_reference(tmp_path / "ref", reference_tensors(base[1]))
+    index = os.path.join(src, "model.safetensors.index.json")
+    good = open(index).read()
+    with open(index, "w") as f:
+        json.dump({"weight_map": [1]}, f)
+    with pytest.raises(ReferenceCheckpointError, match=r"index.json: weight_map must map names to files, got list"):
+        import_reference_checkpoint(src, model, str(tmp_path / "rpn"))
+    with open(index, "wb") as f:
+        f.write(b'{"weight_map": "\xe9"}')
+    with pytest.raises(ReferenceCheckpointError, match=r"index.json is not valid JSON: 'utf-8' codec"):
+        import_reference_checkpoint(src, model, str(tmp_path / "rpn"))
+    with open(index, "w") as f:
+        f.write("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ReferenceCheckpointError, match=r"index.json is not valid JSON: maximum recursion depth"):
+        import_reference_checkpoint(src, model, str(tmp_path / "rpn"))
+    with open(index, "w") as f:
+        f.write(good)
+    shard = os.path.join(src, SHARDS[2])
+    with open(shard, "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(ReferenceCheckpointError, match=rf"{re.escape(shard)} cannot be read as safetensors"):
+        import_reference_checkpoint(src, model, str(tmp_path / "rpn"))
+    with pytest.raises(ReferenceCheckpointError, match=r"config.json is not a folder: give the reference"):
+        import_reference_checkpoint(os.path.join(src, "config.json"), model, str(tmp_path / "rpn"))
+    assert not os.path.exists(tmp_path / "rpn")
+
+
 class Payload:
     """An object only a full unpickler would rebuild (and could run code through)."""
 

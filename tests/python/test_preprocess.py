@@ -319,7 +319,12 @@ def test_a_box_in_the_padding_crops_the_images_edge_at_either_side():
 def test_a_data_file_that_is_not_json_is_named(tmp_path):
     from sdrpn.llava.data import load_entries
 
-    for name, payload in [("binary.json", b"\xff\xd8\xff\xe0 not json"), ("text.json", b"{oops")]:
+    for name, payload in [
+        ("binary.json", b"\xff\xd8\xff\xe0 not json"),
+        ("text.json", b"{oops"),
+        ("nested.json", b"[" * 100_000 + b"]" * 100_000),  # a RecursionError traceback
+        ("digits.json", b"[" + b"1" * 5000 + b"]"),  # past the digits Python converts
+    ]:
         path = tmp_path / name
         path.write_bytes(payload)
         with pytest.raises(ValueError, match=f"--data {path} is not a JSON file"):

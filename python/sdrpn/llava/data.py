@@ -74,7 +74,7 @@ def load_entries(path: str) -> list:
     try:
         with open(path, encoding="utf-8-sig") as f:
             data = json.load(f)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+    except (ValueError, RecursionError) as err:  # see io_utils.read_json
         raise ValueError(f"--data {path} is not a JSON file ({err})") from None
     if not isinstance(data, list):
         raise ValueError(f"--data must hold a JSON list of samples, got {type(data).__name__}")

@@ -16,7 +16,7 @@ Only the tensors our RPN needs are read: the index names the shards that hold th
 
 from __future__ import annotations
 
-import json
+import contextlib
 import logging
 import math
 import os
@@ -26,10 +26,10 @@ import shutil
 import zipfile
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 
-from ..io_utils import fsync_dir
+from ..io_utils import fsync_dir, read_json
 from ..llava.presets import LlavaPreset, resolve_preset
 from .model import RegionProposalNetwork
 
@@ -63,13 +63,14 @@ class ReferenceCheckpointError(ValueError):
 
 def read_reference_config(src: str) -> dict:
     path = os.path.join(src, CONFIG_FILE)
+    if not os.path.isdir(src):
+        raise ReferenceCheckpointError(f"{src} is not a folder: give the reference checkpoint's folder")
     try:
-        with open(path) as f:
-            config = json.load(f)
+        config = read_json(path)
     except FileNotFoundError:
         raise ReferenceCheckpointError(f"{src} has no {CONFIG_FILE}: not a reference checkpoint folder") from None
-    except json.JSONDecodeError as err:
-        raise ReferenceCheckpointError(f"{path} is not valid JSON: {err}") from None
+    except ValueError as err:
+        raise ReferenceCheckpointError(str(err)) from None
     if not isinstance(config, dict):
         raise ReferenceCheckpointError(f"{path} must hold a JSON object, got {type(config).__name__}")
     return config
@@ -195,7 +196,7 @@ class ReferenceWeights:
             if os.path.isfile(os.path.join(self.src, index)):
                 return self._read_index(index)
         if os.path.isfile(self._path(SAFETENSORS_FILE)):
-            with safe_open(self._path(SAFETENSORS_FILE), framework="pt") as f:  # the header only
+            with _safe_open(self._path(SAFETENSORS_FILE)) as f:  # the header only
                 return dict.fromkeys(f.keys(), SAFETENSORS_FILE)
         if os.path.isfile(self._path(PICKLE_FILE)):
             return dict.fromkeys(self._pickle(PICKLE_FILE), PICKLE_FILE)
@@ -207,10 +208,14 @@ class ReferenceWeights:
     def _read_index(self, index: str) -> dict[str, str]:
         path = self._path(index)
         try:
-            with open(path) as f:
-                weight_map = json.load(f)["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            weight_map = read_json(path)["weight_map"]
+        except ValueError as err:
+            raise ReferenceCheckpointError(str(err)) from None
+        except (KeyError, TypeError) as err:
             raise ReferenceCheckpointError(f"{path} is not a weight index (no weight_map): {err}") from None
+        if not isinstance(weight_map, dict):
+            got = type(weight_map).__name__
+            raise ReferenceCheckpointError(f"{path}: weight_map must map names to files, got {got}")
         for key, name in weight_map.items():
             # A shard name is a file of this folder; anything else could read outside it.
             if not isinstance(name, str) or os.path.basename(name) != name or name in ("", ".", ".."):
@@ -250,10 +255,20 @@ class ReferenceWeights:
 
     def _read_safetensors(self, name: str, keys: list[str], shapes: dict[str, torch.Size]) -> dict[str, Tensor]:
         self.opened.append(name)
-        with safe_open(self._path(name), framework="pt") as f:
+        with _safe_open(self._path(name)) as f:
             present = set(f.keys())
             check_shapes({k: tuple(f.get_slice(k).get_shape()) if k in present else None for k in keys}, shapes, name)
             return {k: f.get_tensor(k) for k in keys}
+
+
+@contextlib.contextmanager
+def _safe_open(path: str):
+    """safetensors' reader, its errors (a truncated file, a bad header) naming the file."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            yield f
+    except SafetensorError as err:
+        raise ReferenceCheckpointError(f"{path} cannot be read as safetensors ({err})") from None
 
 
 def check_shapes(found: dict[str, tuple | None], expected: dict[str, torch.Size], file: str) -> None:
