@@ -35,6 +35,12 @@ def test_valid_pickle_is_imported(tmp_path, capsys):
     assert main(["convert-labels", str(tmp_path / "in.pkl"), str(tmp_path / "out")]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["labelled"] == 3
+    # Into a folder of labels it would replace shard 0 and keep the rest under its own config.
+    with pytest.raises(ValueError, match=f"OUT {tmp_path / 'out'} holds files already"):
+        main(["convert-labels", str(tmp_path / "in.pkl"), str(tmp_path / "out")])
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(ValueError, match=f"OUT {tmp_path / 'afile'} is a file"):
+        main(["convert-labels", str(tmp_path / "in.pkl"), str(tmp_path / "afile")])
     tensors = load_file(tmp_path / "out" / "rank000-shard00000.safetensors")
     g = torch.from_numpy(np.stack([r["grounding_attn_o2i"].reshape(-1) for r in records]))
     s = torch.from_numpy(np.stack([r["sink_attn"] for r in records]))
