@@ -430,6 +430,22 @@ def _nan_config(ws, tmp_path, **extra):
     )  # fmt: skip
 
 
+def test_a_run_whose_held_out_loss_is_not_finite_stops_without_saving(ws, tmp_path):
+    # A learning rate that diverges leaves finite weights that overflow in the forward: the
+    # RPN had been saved, with a held-out BCE of NaN, and the run had exited 0.
+    model, tok = load_llava(str(ws / "model"), "fp32")
+    cfg = TrainConfig(
+        labels=str(ws / "labels"), out=str(tmp_path / "run"), image_folder=str(ws / "images"), branch_layer=1,
+        depth=2, batch_size=4, effective_batch=4, held_out_fraction=0.2, lr=1e10, warmup_ratio=0.0,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="epoch 0: the held-out loss is not finite: the RPN diverged; stopped"):
+        RPNTrainer(cfg, model, tok).run()
+    run = tmp_path / "run"
+    assert not (run / "rpn.safetensors").exists() and not (run / "metrics-epoch0.json").exists()
+    states = [json.loads((p / "trainer_state.json").read_text()) for p in (run / "checkpoints").glob("step-*")]
+    assert all(s["progress"]["epoch"] == 0 for s in states)  # none marks the epoch done
+
+
 def test_a_step_with_gradients_that_are_not_finite_is_skipped(ws, tmp_path, caplog, monkeypatch):
     """The optimiser never steps with a NaN gradient: the step is named and counted, its
     samples count as untrained (no checkpoint of the untrained start), and training goes on."""

@@ -537,7 +537,7 @@ class RPNTrainer:
                     return {"stopped_at_step": progress["global_step"]}
             self._check_trained(epoch, tally)
             progress = {"epoch": epoch + 1, "step_in_epoch": 0, "global_step": progress["global_step"]}
-            if held_out is not None and self.rank == 0:
+            if held_out is not None:
                 metrics = self._held_out_metrics(rpn, held_out, epoch, progress["global_step"])
             self._checkpoint(rpn, optimizer, scheduler, progress)
         bar.close()
@@ -563,14 +563,28 @@ class RPNTrainer:
         return os.path.join(self.cfg.out, f"metrics-epoch{epoch}.json")
 
     def _held_out_metrics(self, rpn, held_out, epoch: int, global_step: int) -> dict:
-        size = self.cfg.batch_size
-        chunks = [list(range(i, min(i + size, len(held_out)))) for i in range(0, len(held_out), size)]
-        tally = _Tally()
-        batches = _tallied(self._loader(held_out, chunks), tally)
-        metrics = evaluate(self.model, rpn, batches, self.image_token_id, self.device, self._autocast)
-        # What the figures cover: a held-out split whose images went missing reads as such.
-        skipped = sum(tally.skipped.values())
-        metrics.update(samples=tally.trained, skipped=skipped, epoch=epoch, global_step=global_step)
+        """Rank 0's metrics on the held-out split ({} on the others); a loss that is not
+        finite stops every rank before the epoch's checkpoint."""
+        metrics: dict = {}
+        if self.rank == 0:
+            size = self.cfg.batch_size
+            chunks = [list(range(i, min(i + size, len(held_out)))) for i in range(0, len(held_out), size)]
+            tally = _Tally()
+            batches = _tallied(self._loader(held_out, chunks), tally)
+            metrics = evaluate(self.model, rpn, batches, self.image_token_id, self.device, self._autocast)
+            # What the figures cover: a held-out split whose images went missing reads as such.
+            skipped = sum(tally.skipped.values())
+            metrics.update(samples=tally.trained, skipped=skipped, epoch=epoch, global_step=global_step)
+        # Weights a diverged run left finite can still overflow in the forward: steps whose
+        # gradients were not finite are skipped, the others go on. Every rank stops together.
+        bce = metrics.get("bce")
+        if not all(gather_objects(bce is None or math.isfinite(bce), self.world, self.device)):
+            raise ValueError(
+                f"epoch {epoch}: the held-out loss is not finite: the RPN diverged; stopped without saving it or "
+                "the epoch's checkpoint: train again with a lower --lr (or float32 without --bf16)"
+            )
+        if self.rank != 0:
+            return metrics
         write_json(self._metrics_path(epoch), metrics)
         log.info("epoch %d held-out: %s", epoch, metrics)
         if skipped:
