@@ -67,6 +67,9 @@ def test_synthetic_maps_are_normalised_with_sinks():
     assert torch.equal((maps.sink >= 1e-3).sum(1), torch.full((5,), 2))
     r0, c0, r1, c1 = maps.regions.unbind(1)
     assert ((r0 >= 0) & (r1 <= 6) & (r0 < r1) & (c0 >= 0) & (c1 <= 10) & (c0 < c1)).all()
+    for h, w in ((1, 1), (1, 2)):  # fewer cells than sinks: every cell is one (it had raised)
+        tiny = make_synthetic_maps(2, h, w, seed=1)
+        assert torch.equal((tiny.sink >= 1e-3).sum(1), torch.full((2,), h * w))
 
 
 def test_region_iou():

@@ -46,8 +46,8 @@ def make_synthetic_maps(
         bump = torch.exp(-(((rows - cy) / (h / 2)) ** 2 + ((cols - cx) / (w / 2)) ** 2) * 1.5)
         noise = torch.rand(grid_h, grid_w, generator=gen) * 0.08
         weights = bump + noise
-        sink_cells = torch.randperm(n, generator=gen)[:num_sinks]
+        sink_cells = torch.randperm(n, generator=gen)[:num_sinks]  # all cells of a grid that small
         weights.view(-1)[sink_cells] += 5.0  # sinks dominate the raw map
-        sink[b, sink_cells] = 0.01 + 0.02 * torch.rand(num_sinks, generator=gen)
+        sink[b, sink_cells] = 0.01 + 0.02 * torch.rand(len(sink_cells), generator=gen)
         grounding[b] = (weights / weights.sum()).view(-1)
     return SyntheticMaps(grounding, sink, regions, grid_h, grid_w)
