@@ -130,7 +130,12 @@ at::Tensor attention_rows(const at::Tensor& query, const at::Tensor& key,
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("sdrpn::attention_rows", "")
                        .typed<decltype(attention_rows)>();
-  return op.call(query, key, query_positions, key_start, key_length, key_padding_mask, scale);
+  ops::check_defined(query, "query");
+  ops::check_defined(key, "key");
+  ops::check_defined(query_positions, "query_positions");
+  ops::check_defined(key_start, "key_start");
+  return op.call(query, key, query_positions, key_start, key_length,
+                 ops::defined_or_none(key_padding_mask), scale);
 }
 
 }  // namespace sdrpn

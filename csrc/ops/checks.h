@@ -4,7 +4,20 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <optional>
+
 namespace sdrpn::ops {
+
+// The C++ entry points' first check: a C++ caller can pass at::Tensor(), which Python cannot,
+// and the dispatcher would fail on it without naming the argument.
+inline void check_defined(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.defined(), name, " must be a defined tensor, got an undefined one");
+}
+
+// An optional holding an undefined tensor means no tensor, as ATen's own ops take it.
+inline std::optional<at::Tensor> defined_or_none(const std::optional<at::Tensor>& t) {
+  return t && t->defined() ? t : std::nullopt;
+}
 
 // The floating dtypes every op accepts.
 inline bool is_supported_float(at::ScalarType t) {

@@ -41,6 +41,7 @@ at::Tensor massive_activation_sinks(const at::Tensor& hidden, c10::IntArrayRef d
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("sdrpn::massive_activation_sinks", "")
                        .typed<decltype(massive_activation_sinks)>();
+  ops::check_defined(hidden, "hidden");
   return op.call(hidden, dims, tau, eps);
 }
 

@@ -73,6 +73,8 @@ at::Tensor pseudo_labels_dispatch(const at::Tensor& grounding, const at::Tensor&
 
 at::Tensor pseudo_labels(const at::Tensor& grounding, const at::Tensor& sink, int64_t grid_h,
                          int64_t grid_w, const PseudoLabelOptions& options) {
+  ops::check_defined(grounding, "grounding");
+  ops::check_defined(sink, "sink");
   return ops::pseudo_labels_dispatch(grounding, sink, grid_h, grid_w, options.sink_threshold,
                                      options.fg_ratio, options.bg_ratio, options.max_box_fraction,
                                      options.ignore_index);

@@ -29,8 +29,9 @@ void check_roi_boxes_inputs(const at::Tensor& prob, double threshold, double sig
   // The CUDA kernels index a sample's cells with int and stride by a block; 2^30 keeps the last
   // stride inside int (a 24x24 map has 576 cells).
   int64_t cells = 0;
-  TORCH_CHECK(!c10::mul_overflows(prob.size(1), prob.size(2), &cells) && cells <= (int64_t{1} << 30),
-              "prob's grid must have at most 2^30 cells, got ", prob.size(1), "x", prob.size(2));
+  TORCH_CHECK(
+      !c10::mul_overflows(prob.size(1), prob.size(2), &cells) && cells <= (int64_t{1} << 30),
+      "prob's grid must have at most 2^30 cells, got ", prob.size(1), "x", prob.size(2));
   TORCH_CHECK(std::isfinite(threshold), "threshold must be finite, got ", threshold);
   TORCH_CHECK(std::isfinite(sigma) && sigma > 0.0, "sigma must be a finite number > 0, got ",
               sigma);
@@ -96,6 +97,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> roi_boxes_dispatch(
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> roi_boxes(const at::Tensor& prob,
                                                          const RoiBoxOptions& options) {
+  ops::check_defined(prob, "prob");
   return ops::roi_boxes_dispatch(prob, options.threshold, options.sigma, options.min_area,
                                  options.max_area, options.max_boxes, options.drop_singletons,
                                  options.reference_clamp);

@@ -9,6 +9,7 @@
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
+#include "checks.h"
 #include "roi_boxes_impl.h"
 #include "roi_crops_impl.h"
 
@@ -83,6 +84,7 @@ namespace sdrpn {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> roi_crops(const at::Tensor& prob,
                                                          const RoiCropOptions& options) {
+  ops::check_defined(prob, "prob");
   return ops::roi_crops_dispatch(prob, options.threshold, options.mode, options.sigma,
                                  options.min_area, options.max_area, options.max_boxes,
                                  options.drop_singletons, options.reference_clamp);

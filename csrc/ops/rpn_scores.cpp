@@ -206,8 +206,13 @@ at::Tensor rpn_scores(const at::Tensor& query_states, const at::Tensor& visual_s
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("sdrpn::rpn_scores", "")
                        .typed<decltype(rpn_scores)>();
-  return op.call(query_states, visual_states, q_weight, k_weight, num_heads, q_bias, k_bias,
-                 visual_mask);
+  ops::check_defined(query_states, "query_states");
+  ops::check_defined(visual_states, "visual_states");
+  ops::check_defined(q_weight, "q_weight");
+  ops::check_defined(k_weight, "k_weight");
+  return op.call(query_states, visual_states, q_weight, k_weight, num_heads,
+                 ops::defined_or_none(q_bias), ops::defined_or_none(k_bias),
+                 ops::defined_or_none(visual_mask));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
@@ -220,8 +225,14 @@ rpn_scores_backward(const at::Tensor& grad, const at::Tensor& query_states,
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("sdrpn::rpn_scores_backward", "")
                        .typed<decltype(rpn_scores_backward)>();
-  return op.call(grad, query_states, visual_states, q_weight, k_weight, num_heads, q_bias, k_bias,
-                 visual_mask);
+  ops::check_defined(grad, "grad");
+  ops::check_defined(query_states, "query_states");
+  ops::check_defined(visual_states, "visual_states");
+  ops::check_defined(q_weight, "q_weight");
+  ops::check_defined(k_weight, "k_weight");
+  return op.call(grad, query_states, visual_states, q_weight, k_weight, num_heads,
+                 ops::defined_or_none(q_bias), ops::defined_or_none(k_bias),
+                 ops::defined_or_none(visual_mask));
 }
 
 }  // namespace sdrpn

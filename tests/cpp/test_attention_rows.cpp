@@ -88,4 +88,17 @@ TEST(AttentionRowsCuda, MatchesCpu) {
   EXPECT_TRUE(torch::allclose(cpu, cuda.cpu(), 1e-5, 1e-6));
 }
 
+// A C++ caller can pass at::Tensor(): named before the dispatcher sees it, and an optional
+// holding one is no mask.
+TEST(AttentionRows, UndefinedTensorsAreNamed) {
+  auto in = make_inputs(4, 2);
+  const auto message = sdrpn::testing::error_of(
+      [&] { sdrpn::attention_rows(in.query, at::Tensor(), in.positions, in.starts, 6); });
+  EXPECT_NE(message.find("key must be a defined tensor, got an undefined one"), std::string::npos)
+      << message;
+  EXPECT_TRUE(torch::equal(
+      sdrpn::attention_rows(in.query, in.key, in.positions, in.starts, 6, at::Tensor()),
+      sdrpn::attention_rows(in.query, in.key, in.positions, in.starts, 6)));
+}
+
 }  // namespace

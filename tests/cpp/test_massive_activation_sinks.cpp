@@ -52,4 +52,11 @@ TEST(MassiveActivationSinksCuda, MatchesCpu) {
                            sdrpn::massive_activation_sinks(h, {7, 9})));
 }
 
+TEST(MassiveActivationSinks, AnUndefinedTensorIsNamed) {
+  const auto message = sdrpn::testing::error_of([] {
+    sdrpn::massive_activation_sinks(at::Tensor(), {7, 9});
+  });
+  EXPECT_NE(message.find("hidden must be a defined tensor"), std::string::npos) << message;
+}
+
 }  // namespace

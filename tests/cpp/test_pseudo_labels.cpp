@@ -124,4 +124,11 @@ TEST(PseudoLabelsCuda, MatchesCpu) {
   }
 }
 
+TEST(PseudoLabels, UndefinedTensorsAreNamed) {  // it had said "sink must be (B, N), got shape [0]"
+  const auto message = error_of([] {
+    sdrpn::pseudo_labels(torch::rand({1, 4}), at::Tensor(), 2, 2);
+  });
+  EXPECT_NE(message.find("sink must be a defined tensor"), std::string::npos) << message;
+}
+
 }  // namespace

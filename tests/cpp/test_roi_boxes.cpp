@@ -65,4 +65,9 @@ TEST(RoiBoxesCuda, MatchesCpu) {
   EXPECT_TRUE(torch::allclose(std::get<2>(cpu), std::get<2>(cuda).cpu(), 1e-6, 1e-6));
 }
 
+TEST(RoiBoxes, AnUndefinedTensorIsNamed) {  // the dispatcher had found no tensor argument
+  const auto message = sdrpn::testing::error_of([] { sdrpn::roi_boxes(at::Tensor()); });
+  EXPECT_NE(message.find("prob must be a defined tensor"), std::string::npos) << message;
+}
+
 }  // namespace

@@ -80,4 +80,9 @@ TEST(RoiCropsCuda, MatchesCpu) {
   }
 }
 
+TEST(RoiCrops, AnUndefinedTensorIsNamed) {
+  const auto message = sdrpn::testing::error_of([] { sdrpn::roi_crops(at::Tensor()); });
+  EXPECT_NE(message.find("prob must be a defined tensor"), std::string::npos) << message;
+}
+
 }  // namespace

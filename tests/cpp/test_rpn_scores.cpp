@@ -99,4 +99,25 @@ TEST(RpnScoresCuda, MatchesCpu) {
   EXPECT_TRUE(torch::allclose(cpu, cuda.cpu(), 1e-4, 1e-4));
 }
 
+// A C++ caller can pass at::Tensor(): each is named before the dispatcher sees it (it had said
+// "tensor does not have a device"), and optionals holding one are absent.
+TEST(RpnScores, UndefinedTensorsAreNamed) {
+  torch::manual_seed(0);
+  auto x = torch::randn({2, 16});
+  auto v = torch::randn({2, 5, 16});
+  auto wq = torch::randn({16, 16});
+  auto wk = torch::randn({16, 16});
+  const auto message =
+      sdrpn::testing::error_of([&] { sdrpn::rpn_scores(at::Tensor(), v, wq, wk, 4); });
+  EXPECT_NE(message.find("query_states must be a defined tensor"), std::string::npos) << message;
+  const auto backward = sdrpn::testing::error_of([&] {
+    sdrpn::rpn_scores_backward(at::Tensor(), x, v, wq, wk, 4, std::nullopt, std::nullopt,
+                               std::nullopt);
+  });
+  EXPECT_NE(backward.find("grad must be a defined tensor"), std::string::npos) << backward;
+  EXPECT_TRUE(
+      torch::equal(sdrpn::rpn_scores(x, v, wq, wk, 4, at::Tensor(), at::Tensor(), at::Tensor()),
+                   sdrpn::rpn_scores(x, v, wq, wk, 4)));
+}
+
 }  // namespace
