@@ -558,6 +558,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     if args.command == "label-demo":
+        _check_files(out_folder=args.out)
         cfg = LabelDemoConfig(
             out=args.out, batch=args.batch, grid_h=args.grid[0], grid_w=args.grid[1], seed=args.seed, device=args.device
         )
@@ -590,6 +591,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "viz-labels":
         from .labels.viz import visualise_labels
 
+        _check_files(out_folder=args.out)
         paths = visualise_labels(args.labels, args.out, args.num, args.image_folder)
         print(f"wrote {len(paths)} pictures to {args.out}")
     return 0

@@ -99,6 +99,7 @@ def test_non_square_maps_need_a_grid(tmp_path):
         {
             "question_id": 1,
             "image": "1.jpg",
+            "prompt": "what?",
             "sink_attn": np.zeros(640, np.float32),
             "grounding_attn_o2i": np.ones(640, np.float32),
         }
@@ -159,7 +160,11 @@ def test_bad_records_are_skipped_and_counted(tmp_path, capsys):
     del no_sink["sink_attn"]
     short = record(5)
     short["sink_attn"] = short["sink_attn"][:9]
-    write_pickle(tmp_path / "in.pkl", [record(1), complex_maps, no_sink, short, record(2, image=12345)])
+    no_prompt, blank_prompt = record(6), record(7)
+    del no_prompt["prompt"]  # counted as labelled, it had been left out of training
+    blank_prompt["prompt"] = " <image> "
+    records = [record(1), complex_maps, no_sink, short, record(2, image=12345), no_prompt, blank_prompt]
+    write_pickle(tmp_path / "in.pkl", records)
     assert main(["convert-labels", str(tmp_path / "in.pkl"), str(tmp_path / "out")]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["labelled"] == 1
@@ -168,6 +173,7 @@ def test_bad_records_are_skipped_and_counted(tmp_path, capsys):
         "no sink_attn": 1,
         "maps of another size": 1,
         "no image path": 1,
+        "no question": 2,
     }
 
 

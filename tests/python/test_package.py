@@ -98,6 +98,14 @@ def test_label_demo_writes_outputs(tmp_path, capsys):
             main(["label-demo", "--out", str(tmp_path / "big"), *flags])
 
 
+def test_an_out_that_is_a_file_is_named(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    for argv in (["label-demo", "--out", str(afile)], ["viz-labels", "l", "--out", str(afile)]):
+        with pytest.raises(ValueError, match=f"--out {afile} is a file: it must be a folder"):
+            main(argv)
+
+
 @pytest.mark.parametrize(
     "argv,message",
     [

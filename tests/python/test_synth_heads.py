@@ -117,3 +117,16 @@ def test_bad_values_are_refused_up_front(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_:
         build_parser().parse_args(shlex.split(argv))
     assert exit_.value.code == 2 and re.search(message, capsys.readouterr().err)
+
+
+def test_outputs_of_the_wrong_kind_are_named_before_any_work(tmp_path):
+    from sdrpn.synth.cli import main
+
+    (tmp_path / "afile").write_text("")
+    for argv, message in (
+        (["train-base", "--out", str(tmp_path / "afile")], "--out .*afile is a file: it must be a folder"),
+        (["run", "--out", str(tmp_path / "afile")], "--out .*afile is a file: it must be a folder"),
+        (["eval-base", "--model", "nowhere", "--json", str(tmp_path)], "--json .* is a folder: it must be a file"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            main(argv)

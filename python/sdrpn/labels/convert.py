@@ -23,6 +23,7 @@ from .. import ops
 from ..distributed import rank_name
 from ..io_utils import exclusive_lock
 from ..llava.data import SkipSample, resolve_image
+from ..llava.inputs import is_text, question_text
 from ..ops import SINK_THRESHOLD
 from ..subsets import SUBSET_SEED, seeded_subset
 from .folder import LabelFolder, LabelFolderConfig, shard_name
@@ -182,6 +183,9 @@ def convert_reference_pickle(
             if g.shape[0] != cells or s.shape[0] != cells:
                 raise _Skip("maps of another size")
             image = normalise_image_path(r.get("image"), image_folder, strip_prefix)
+            prompt = r.get("prompt")
+            if not isinstance(prompt, str) or not is_text(prompt) or not question_text(prompt):
+                raise _Skip("no question")  # training could not rebuild its prompt
         except _Skip as skip:
             skipped.append({"index": i, "id": str(r.get("question_id", i)), "reason": str(skip)})
             continue
