@@ -19,7 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 
-def _umask() -> int:
+def current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -35,7 +35,7 @@ def write_atomic(path: str, write: Callable[[str], None]) -> None:
         write(tmp)
         # mkstemp makes 0600 files, and so do writers that replace the file (safetensors):
         # give it the mode open() would.
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, 0o666 & ~current_umask())
         # A rename survives a power loss only once the data it names is on disk.
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())

@@ -275,9 +275,18 @@ def test_export_replaces_only_an_earlier_export(tmp_path, monkeypatch):
 
     preset = json.load(open(os.path.join(BASE_MODEL, "sdrpn_preset.json")))
     to = tmp_path / "export"
+    (tmp_path / "export.tmp").mkdir()  # a user's folder by the name a temporary one once had
+    (tmp_path / "export.tmp" / "notes.txt").write_text("kept")
     summary = export_base(BASE_MODEL, str(to), preset)
     assert summary["bytes"] > 0 and json.load(open(to / "sdrpn_preset.json")) == preset
     export_base(BASE_MODEL, str(to), preset)  # an earlier export is replaced
+    assert (tmp_path / "export.tmp" / "notes.txt").read_text() == "kept"
+    assert sorted(os.listdir(tmp_path)) == ["export", "export.tmp"]  # no temporary folder left
+    (tmp_path / "link").symlink_to(to)
+    user_model = tmp_path / "user_model"  # a model folder with a preset of its own
+    user_model.mkdir()
+    for name in ("config.json", "sdrpn_preset.json"):
+        (user_model / name).write_text("{}")
     victim = tmp_path / "victim"
     victim.mkdir()
     (victim / "notes.txt").write_text("kept")
@@ -286,6 +295,8 @@ def test_export_replaces_only_an_earlier_export(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path / "work")
     for target, message in (
         (victim, "holds other files than an earlier export"),
+        (user_model, "holds other files than an earlier export"),
+        (tmp_path / "link", "is a link: give the folder itself"),
         (tmp_path / "afile", "is a file"),
         (".", "is the working folder or holds it"),
         (tmp_path, "is the working folder or holds it"),

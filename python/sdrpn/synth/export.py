@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 
 import torch
 
-from ..io_utils import read_json, read_jsonl, write_json
+from ..io_utils import current_umask, read_json, read_jsonl, write_json
 from ..llava.loading import load_llava
 from ..llava.presets import PRESET_FILE, preset_from_dict
+from .train_base import TRAIN_RECORD
 
 HISTORY_SUMMARY = "history_summary.json"
 # RoI options for the synthetic model's 8x8 grid, recorded in its preset: a one-cell RoI is
@@ -42,13 +44,17 @@ def check_export_target(to: str, model_dir: str) -> None:
     target, model = os.path.realpath(to), os.path.realpath(model_dir)
     if not os.path.lexists(to):
         return
-    if not os.path.isdir(to) or os.path.islink(to):
+    if os.path.islink(to):
+        raise ValueError(f"--to {to} is a link: give the folder itself, or a new one")
+    if not os.path.isdir(to):
         raise ValueError(f"--to {to} is a file: it must be a folder, or not exist")
     for inside, name in ((model, "--model's folder"), (os.getcwd(), "the working folder")):
         if inside == target or inside.startswith(target + os.sep):
             raise ValueError(f"--to {to} is {name} or holds it: choose a folder of its own")
     entries = os.listdir(to)
-    earlier_export = PRESET_FILE in entries and not any(os.path.isdir(os.path.join(to, e)) for e in entries)
+    # What an export of a train-base model holds (a user's model folder may carry a preset).
+    marks = {PRESET_FILE, TRAIN_RECORD} <= set(entries)
+    earlier_export = marks and not any(os.path.isdir(os.path.join(to, e)) for e in entries)
     if entries and not earlier_export:
         raise ValueError(f"--to {to} holds other files than an earlier export: choose an empty or new folder")
 
@@ -60,23 +66,25 @@ def export_base(model_dir: str, to: str, preset: dict) -> dict:
     preset_from_dict(preset)  # refuses a malformed preset before anything is written
     model, tokenizer = load_llava(model_dir, "fp32")
     preset_from_dict(preset).check_fits(model.config)  # layers and heads the model has
-    tmp = to.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.to(torch.float16).save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    if os.path.exists(os.path.join(model_dir, "train_base_config.json")):
-        shutil.copyfile(os.path.join(model_dir, "train_base_config.json"), os.path.join(tmp, "train_base_config.json"))
-    if os.path.exists(os.path.join(model_dir, "history.jsonl")):
-        write_json(
-            os.path.join(tmp, HISTORY_SUMMARY), summarise_history(read_jsonl(os.path.join(model_dir, "history.jsonl")))
-        )
-    write_json(os.path.join(tmp, PRESET_FILE), preset)
-    shutil.rmtree(to, ignore_errors=True)
-    os.replace(tmp, to)
-    record = (
-        read_json(os.path.join(to, "train_base_config.json"))
-        if os.path.exists(os.path.join(to, "train_base_config.json"))
-        else {}
-    )
+    # A folder of its own beside --to, never one of the user's: a kill leaves it hidden there.
+    parent = os.path.dirname(os.path.abspath(to))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=f".tmp-{os.path.basename(os.path.abspath(to))}.")
+    try:
+        model.to(torch.float16).save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if os.path.exists(os.path.join(model_dir, TRAIN_RECORD)):
+            shutil.copyfile(os.path.join(model_dir, TRAIN_RECORD), os.path.join(tmp, TRAIN_RECORD))
+        if os.path.exists(os.path.join(model_dir, "history.jsonl")):
+            history = summarise_history(read_jsonl(os.path.join(model_dir, "history.jsonl")))
+            write_json(os.path.join(tmp, HISTORY_SUMMARY), history)
+        write_json(os.path.join(tmp, PRESET_FILE), preset)
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp's 0700: the mode a new folder gets
+        shutil.rmtree(to, ignore_errors=True)
+        os.replace(tmp, to)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    record = read_json(os.path.join(to, TRAIN_RECORD)) if os.path.exists(os.path.join(to, TRAIN_RECORD)) else {}
     size = sum(os.path.getsize(os.path.join(to, f)) for f in os.listdir(to))
     return {"to": to, "bytes": size, "steps_done": record.get("steps_done"), "preset": preset}

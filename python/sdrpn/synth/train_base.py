@@ -72,6 +72,7 @@ from .task import (
 
 log = logging.getLogger(__name__)
 
+TRAIN_RECORD = "train_base_config.json"  # the run's settings and how far it got, beside the model
 TEMPLATE = "USER: <image>\n{question} ASSISTANT:"
 
 
@@ -463,10 +464,10 @@ class BaseTrainer:
         write_atomic(os.path.join(out, "aux_heads.safetensors"), lambda tmp: save_file(heads, tmp))
         record = {**asdict(self.cfg), "bf16": self.bf16, "steps_done": self.done_steps}
         if self.cfg.init:  # the record of the stage this one started from, where it has one
-            before = os.path.join(self.cfg.init, "train_base_config.json")
+            before = os.path.join(self.cfg.init, TRAIN_RECORD)
             if os.path.exists(before):
                 record["init_record"] = read_json(before)
-        write_json(os.path.join(out, "train_base_config.json"), record)
+        write_json(os.path.join(out, TRAIN_RECORD), record)
 
 
 __all__ = ["Batch", "BaseTrainConfig", "BaseTrainer", "make_batch", "TEMPLATE", "zoom_box"]
