@@ -192,6 +192,30 @@ def test_base_training_resumes_where_it_stopped(tmp_path):
     assert torch.equal(x.thumbs, y.thumbs) and x.ids == y.ids and torch.equal(x.crop_cells, y.crop_cells)
 
 
+def test_a_kill_between_a_checkpoint_and_the_next_log_loses_no_history_row(tmp_path, monkeypatch):
+    from sdrpn.synth.model import TinyLlavaSpec
+    from sdrpn.synth.train_base import BaseTrainConfig, BaseTrainer
+
+    spec = TinyLlavaSpec(vision_layers=1, text_layers=2, vision_hidden=32, text_hidden=32)
+    cfg = BaseTrainConfig(
+        out=str(tmp_path / "b"), steps=6, batch_size=4, spec=spec, bf16=False, save_every=2, log_every=4
+    )
+    real_step = BaseTrainer.step
+
+    def killed_at_step_3(self, batch):
+        if self.done_steps == 3:
+            raise KeyboardInterrupt  # after the step-2 checkpoint, before the step-4 log
+        return real_step(self, batch)
+
+    monkeypatch.setattr(BaseTrainer, "step", killed_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        BaseTrainer(cfg).run()
+    monkeypatch.setattr(BaseTrainer, "step", real_step)
+    BaseTrainer(cfg).run(resume=True)
+    steps = [json.loads(line)["step"] for line in open(tmp_path / "b" / "history.jsonl")]
+    assert steps == [0, 1, 2, 3, 4, 5]  # rows 0 and 1 had been lost
+
+
 def test_base_training_vision_stage_leaves_the_language_model_alone(tmp_path):
     import torch
 

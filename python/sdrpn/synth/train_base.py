@@ -396,7 +396,10 @@ class BaseTrainer:
                 bar.update(1)
                 due = self.done_steps % cfg.log_every == 0 or self.done_steps == cfg.steps
                 out_of_time = max_seconds is not None and time.monotonic() - start > max_seconds
-                if due or out_of_time:  # one host sync per log interval, not per step
+                checkpoint = self.done_steps % cfg.save_every == 0 or out_of_time
+                # One host sync per log interval, not per step; and the rows a checkpoint
+                # covers written before it, as a resume keeps only those.
+                if due or checkpoint:
                     for step, row in pending:
                         row = {
                             "step": step,
@@ -407,7 +410,7 @@ class BaseTrainer:
                         log_file.write(json.dumps(row) + "\n")
                     log_file.flush()
                     pending = []
-                if self.done_steps % cfg.save_every == 0 or out_of_time:
+                if checkpoint:
                     self.save_checkpoint()
                 if out_of_time:
                     log.warning(
@@ -424,8 +427,8 @@ class BaseTrainer:
     # ---- checkpoints and the final model ------------------------------------------------------
     def save_checkpoint(self) -> None:
         """The tensors under a name of their own step, then state.json naming them: a kill
-        between the two leaves the previous pair whole (one file replaced in place had
-        paired new weights with the old step and optimiser state)."""
+        between the two leaves the previous pair whole, never new weights beside the step
+        and optimiser state of the one before."""
         folder = os.path.join(self.cfg.out, "checkpoint")
         tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
         tensors.update({f"heads.{k}": v for k, v in self.heads.state_dict().items()})
