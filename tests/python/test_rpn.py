@@ -1,5 +1,6 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -128,8 +129,10 @@ def test_what_the_caller_knows_spares_every_device_read(tiny):
         with pytest.raises(ValueError, match="visual_mask as a slice"):
             rpn(hs[K], None, pos, bad)
     length = hs[K].shape[1]
-    with torch.no_grad():  # Python's negative ends select the same tokens
+    with torch.no_grad():  # Python's negative ends, numpy's ints and 0-d tensors select the same tokens
         torch.testing.assert_close(rpn(hs[K], None, pos, slice(first - length, first + tiny.num_cells - length)), got)
+        ends = (np.int64(first), torch.tensor(first + tiny.num_cells))
+        torch.testing.assert_close(rpn(hs[K], None, pos, slice(*ends)), got)
     h, mask = hs[K], batch.attention_mask
     shape = rf"\(hidden_states is 2 x {length}\)"
     for args, message in (

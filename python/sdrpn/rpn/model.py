@@ -19,6 +19,7 @@ import copy
 import dataclasses
 import hashlib
 import numbers
+import operator
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -178,6 +179,25 @@ def gather_visual(states: Tensor, visual_mask: Tensor) -> tuple[Tensor, Tensor]:
     cells = torch.arange(width, device=states.device)[None, :] < counts[:, None]
     gathered = states.gather(1, order[..., None].expand(-1, -1, states.shape[-1]))
     return gathered, cells
+
+
+def _slice_ends(positions: slice, length: int) -> tuple[int, int]:
+    """A slice's start and stop over ``length`` positions as Python reads them (None, or what
+    operator.index takes: numpy's ints, 0-d integer tensors; negatives from the end), not
+    clipped: an end past the sequence stays past it. (-1, -1) for ends of another type."""
+    ends = []
+    for end, default in ((positions.start, 0), (positions.stop, length)):
+        if end is None:
+            ends.append(default)
+            continue
+        try:
+            index = operator.index(end) if not isinstance(end, bool) else None
+        except TypeError:
+            index = None
+        if index is None:
+            return -1, -1
+        ends.append(index + length if index < 0 else index)
+    return ends[0], ends[1]
 
 
 class RegionProposalNetwork(
@@ -342,11 +362,8 @@ class RegionProposalNetwork(
             check_rows("attention_mask", attention_mask, lambda s: tuple(s) == (batch, length), "(B, L)")
         check_rows("position_ids", position_ids, lambda s: s[1] == length and s[0] in (1, batch), "(B, L) or (1, L)")
         if isinstance(visual_mask, slice):
-            ends = [0 if visual_mask.start is None else visual_mask.start, visual_mask.stop]
-            ends[1] = length if ends[1] is None else ends[1]
-            whole = all(isinstance(e, int) and not isinstance(e, bool) for e in ends)
-            start, stop = (e + length if whole and e < 0 else e for e in ends)  # Python's negative ends
-            if visual_mask.step not in (None, 1) or not (whole and 0 <= start < stop <= length):
+            start, stop = _slice_ends(visual_mask, length)
+            if visual_mask.step not in (None, 1) or not 0 <= start < stop <= length:
                 raise ValueError(
                     f"visual_mask as a slice must select consecutive positions of the {length}, got {visual_mask}"
                 )
