@@ -191,10 +191,10 @@ def test_maps_on_the_prompt_cache_equal_the_whole_sequence_pass(tiny):
     want = given_answer_maps(tiny.model, prompts, answers, pixels, PRESET, tiny.num_cells, PAD)
     torch.testing.assert_close(got.grounding, want.grounding, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(got.sink, want.sink, rtol=1e-4, atol=1e-6)
-    assert cache.get_seq_length() == ids.shape[1] - 1 + 6  # cut to W - 1, then 1 + the longest answer
+    assert cache.get_seq_length() == ids.shape[1] - 1 + 5  # cut to W - 1, then the longest answer
     again = attention_maps_on_cache(tiny.model, cache, ids, mask, answers, PRESET, tiny.num_cells, PAD)
     torch.testing.assert_close(again.grounding, got.grounding)  # a spent cache is cut back to W - 1 again
-    cache.crop(-7)
+    cache.crop(-6)
     with pytest.raises(ValueError, match="cache layer 0 holds 24 slots, fewer than the prompts' 26"):
         attention_maps_on_cache(tiny.model, cache, ids, mask, answers, PRESET, tiny.num_cells, PAD)
 

@@ -227,7 +227,7 @@ def attention_maps_on_cache(
 ) -> AttentionMaps:
     """G and S of answers to left-padded prompts (B, W) whose DynamicCache ``cache`` holds
     (at least) the prompts' W slots: what attention_maps gives on [prompt, answer], from one
-    short pass. [last prompt token, answer] (right-padded) runs through the probed layers on
+    short pass. [last prompt token, answer but its last token] (right-padded) runs through the probed layers on
     top of the cache cut to the first W - 1 slots, so the answer queries and the last
     prompt token's see every key they see in the whole sequence. The cache is spent: its
     probed layers end holding the suffix (a later call cuts them back to W - 1 again)."""
@@ -241,7 +241,10 @@ def attention_maps_on_cache(
             raise ValueError(f"cache layer {i} holds {held} slots, fewer than the prompts' {width}")
         layer.crop(width - 1 - held)  # a negative count: the slots to drop
     last = prompt_ids[:, -1].tolist()  # a real token in every row: prompts are left-padded
-    suffix_ids, suffix_mask = right_pad([[t] + a for t, a in zip(last, answers)], pad_id, prompt_ids.device)
+    # An answer's last token is never a query, and no query sees its key: it is not fed (at
+    # the context's end its position would lie past it).
+    suffixes = [[t] + a[:-1] for t, a in zip(last, answers)]
+    suffix_ids, suffix_mask = right_pad(suffixes, pad_id, prompt_ids.device)
     mask = torch.cat([prompt_mask[:, :-1], suffix_mask], 1)
     steps = torch.arange(suffix_ids.shape[1], device=prompt_ids.device)
     captured = probe_once(
