@@ -621,6 +621,16 @@ def test_label_options_out_of_range_are_refused(workspace, tmp_path, flags, mess
     assert not out.exists()
 
 
+def test_a_folder_labelled_with_the_image_last_still_opens(tmp_path):
+    # Refused where labels are made; a folder recorded before still opens (to draw, to convert).
+    from sdrpn.labels.folder import LabelFolderConfig
+    from sdrpn.labels.options import LabelOptions
+
+    template = "USER: {question} <image>"
+    LabelFolder(str(tmp_path)).write_config(LabelFolderConfig(options=LabelOptions(prompt_template=template)))
+    assert LabelFolder(str(tmp_path)).config.prompt_template == template
+
+
 def test_label_options_edges_of_the_ranges_are_accepted():
     from sdrpn.labels.options import LabelOptions
 

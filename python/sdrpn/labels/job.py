@@ -17,7 +17,7 @@ from ..io_utils import exclusive_lock, file_sha256
 from ..llava.data import PAST_CONTEXT, QASample, SkipSample, check_image_folder, load_entries, open_image, parse_entry
 from ..llava.decode import DecoderPool, answer_limits, resolve_decoder
 from ..llava.geometry import model_grid
-from ..llava.inputs import Preprocessing, left_pad, preprocess_image, prompt_token_ids
+from ..llava.inputs import Preprocessing, check_rpn_template, left_pad, preprocess_image, prompt_token_ids
 from ..llava.loading import (
     DTYPES,
     checked_max_new_tokens,
@@ -111,6 +111,9 @@ class LabelJob:
         preset.check_fits(model.config)
         self.cfg, self.model, self.tokenizer, self.preset = cfg, model, tokenizer, preset
         self.options = cfg.options.resolved(preset)
+        # Labels are for an RPN, which reads the prompt's last token after the image. Checked
+        # here, where labels are made: folders recorded before still open (to draw, to convert).
+        check_rpn_template(self.options.prompt_template)
         self.image_size = model.config.vision_config.image_size
         self.grid = model_grid(model.config)
         self.num_cells = self.grid[0] * self.grid[1]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..llava.inputs import PREPROCESSING_MODES, check_rpn_template
+from ..llava.inputs import PREPROCESSING_MODES, check_template
 from ..options import Options, option
 
 ANSWER_SOURCES = ("self", "given")
@@ -57,7 +57,7 @@ class LabelOptions(Options):
         if not self.max_box_fraction > 0:  # above 1: no box is too large (an ablation)
             raise ValueError(f"max_box_fraction must be > 0, got {self.max_box_fraction}")
         if self.prompt_template is not None:
-            check_rpn_template(self.prompt_template)  # labels are for an RPN, which reads text after the image
+            check_template(self.prompt_template)
 
     def resolved(self, preset) -> LabelOptions:
         """These options with the preset's values where they were left to it."""
