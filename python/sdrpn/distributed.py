@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import numbers
 import os
 import re
 
@@ -69,7 +70,7 @@ def check_initialized(world_size: int) -> None:
 
 def check_rank(rank: int, world_size: int) -> None:
     for name, value in (("rank", rank), ("world_size", world_size)):
-        if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
             raise ValueError(f"{name} must be an int, got {value!r}")
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")

@@ -1,3 +1,6 @@
+import json
+
+import numpy as np
 import pytest
 import torch
 
@@ -362,6 +365,9 @@ def test_presets_built_in_python_check_their_fields():
     with pytest.raises(ValueError, match="needs at least one"):
         HeadSelection(())
     assert HeadSelection([[1, 0], [2, None]]) == HeadSelection(((1, 0), (2, None)))  # JSON-like lists
+    numpy_made = LlavaPreset("n", HeadSelection(((np.int64(1), np.int64(0)),)), HeadSelection(((0, None),)),
+                             np.int64(2), np.int64(1), np.float32(0.01))  # fmt: skip
+    json.dumps(numpy_made.to_dict())  # recorded as JSON: numpy's numbers had failed there
     sel = HeadSelection(((0, None),))
     for change, error, message in (
         (dict(grounding=[(1, 0)]), TypeError, "grounding must be a HeadSelection, got list"),

@@ -29,7 +29,7 @@ class HeadSelection:
             raise ValueError(f"a head selection needs at least one (layer, head) pair, got {self.pairs!r}")
         object.__setattr__(self, "pairs", tuple(tuple(p) if isinstance(p, list) else p for p in self.pairs))
         for pair in self.pairs:
-            # A float head had been cut to an int silently (1.5 read head 1).
+            # Whole numbers only: a head of 1.5 must not be read as head 1.
             if (
                 not isinstance(pair, tuple)
                 or len(pair) != 2
@@ -40,6 +40,9 @@ class HeadSelection:
             layer, head = pair
             if layer < 0 or (head is not None and head < 0):
                 raise ValueError(f"layer and head must be >= 0, got ({layer}, {head})")
+        # Python's ints from here (numpy's are taken): a preset is recorded as JSON.
+        pairs = tuple((int(layer), None if head is None else int(head)) for layer, head in self.pairs)
+        object.__setattr__(self, "pairs", pairs)
 
     @property
     def layers(self) -> tuple[int, ...]:
@@ -90,6 +93,8 @@ class LlavaPreset:
                 raise TypeError(f"{name} must be an int, got {getattr(self, name)!r}")
         if isinstance(self.sink_threshold, bool) or not isinstance(self.sink_threshold, numbers.Real):
             raise TypeError(f"sink_threshold must be a number, got {self.sink_threshold!r}")
+        for name, kind in (("branch_layer", int), ("depth", int), ("sink_threshold", float)):
+            object.__setattr__(self, name, kind(getattr(self, name)))  # numpy's numbers as Python's
         if self.branch_layer < 1 or self.depth < 1:
             raise ValueError(f"branch_layer and depth must be >= 1, got {self.branch_layer} and {self.depth}")
         if not (math.isfinite(self.sink_threshold) and self.sink_threshold > 0):

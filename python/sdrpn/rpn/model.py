@@ -141,7 +141,7 @@ def rpn_loss(logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX) -
         raise TypeError(f"logits and labels must be tensors, got {type(logits).__name__} and {type(labels).__name__}")
     if logits.shape != labels.shape:
         raise ValueError(f"logits and labels must have one shape, got {tuple(logits.shape)} and {tuple(labels.shape)}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
     keep = labels != ignore_index
     # One read of the device for both facts: whether any cell counts, and whether a counted
@@ -340,8 +340,8 @@ class RegionProposalNetwork(
         return hidden_states
 
     def _check_inputs(self, hidden_states, attention_mask, position_ids, visual_mask) -> None:
-        """Shapes and dtypes against each other and the RPN, read on the host only: a mask
-        of another length or a slice past the end had scored other tokens without an error."""
+        """Shapes and dtypes against each other and the RPN, read on the host only (no device
+        wait): a mask of another length or a slice past the end would score other tokens."""
         width = self.config.hidden_size
         if not isinstance(hidden_states, Tensor) or hidden_states.dim() != 3 or hidden_states.shape[-1] != width:
             got = list(hidden_states.shape) if isinstance(hidden_states, Tensor) else type(hidden_states).__name__
