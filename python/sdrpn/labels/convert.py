@@ -20,7 +20,6 @@ import numpy as np
 import torch
 
 from .. import ops
-from ..distributed import rank_name
 from ..io_utils import exclusive_lock
 from ..llava.data import SkipSample, resolve_image
 from ..llava.inputs import is_text, question_text
@@ -167,7 +166,7 @@ def convert_reference_pickle(
     takes a seeded random subset (the reference's rule), not the first rows. A record
     without usable maps is skipped and counted; the summary says how many and why.
     """
-    _check_new_folder(out)  # before the pickle's load, which may take minutes
+    _check_new_folder(LabelFolder(out))  # before the pickle's load, which may take minutes
     records = load_reference_pickle(path)
     if not records:
         raise ValueError(f"{path} holds no records")
@@ -241,20 +240,18 @@ def convert_reference_pickle(
     }
     folder = LabelFolder(out)
     os.makedirs(out, exist_ok=True)
-    with exclusive_lock(folder.file(_LOCK)):  # the label job's rank-0 lock: one writer at a time
-        _check_new_folder(out)
+    with exclusive_lock(folder.lock_path(0)):  # the label job's rank-0 lock: one writer at a time
+        _check_new_folder(folder)
         folder.write_config(LabelFolderConfig(options=options, grid=list(grid), image_folder=image_folder))
         folder.write_shard(shard_name(0, 0), rows, tensors, skipped, 0, len(records) - 1, 0)
         return folder.write_summary()
 
 
-_LOCK = f".{rank_name(0)}.lock"
-
-
-def _check_new_folder(out: str) -> None:
+def _check_new_folder(folder: LabelFolder) -> None:
     """The conversion writes a whole label folder: into one that holds labels already, it
     would replace some shards and keep others, mixing two label sets under one config."""
+    out, lock = folder.path, os.path.basename(folder.lock_path(0))
     if os.path.lexists(out) and not os.path.isdir(out):
         raise ValueError(f"OUT {out} is a file: it must be a new or empty folder")
-    if os.path.isdir(out) and [e for e in os.listdir(out) if e != _LOCK]:
+    if os.path.isdir(out) and [e for e in os.listdir(out) if e != lock]:
         raise ValueError(f"OUT {out} holds files already: convert into a new or empty folder")

@@ -190,6 +190,11 @@ class LabelFolder:
     def file(self, name: str) -> str:
         return os.path.join(self.path, name)
 
+    def lock_path(self, rank: int) -> str:
+        """The lock a writer of ``rank``'s shards holds (rank 0's also covers the config and
+        summary): the label job's, and convert-labels' (rank 0)."""
+        return self.file(f".{rank_name(rank)}.lock")
+
     # ---- config ---------------------------------------------------------------------------
     def read_config(self) -> LabelFolderConfig | None:
         path = self.file(CONFIG_NAME)

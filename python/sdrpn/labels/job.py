@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
-from ..distributed import check_rank, rank_name
+from ..distributed import check_rank
 from ..io_utils import exclusive_lock, file_sha256
 from ..llava.data import PAST_CONTEXT, QASample, SkipSample, check_image_folder, load_entries, open_image, parse_entry
 from ..llava.decode import DecoderPool, answer_limits, resolve_decoder
@@ -261,7 +261,7 @@ class LabelJob:
         # Before anything is written: a wrong folder would otherwise skip every sample as
         # "image missing" and be recorded in the label folder, refusing the corrected rerun.
         check_image_folder(self.cfg.image_folder)
-        with exclusive_lock(self.folder.file(f".{rank_name(self.cfg.rank)}.lock")):
+        with exclusive_lock(self.folder.lock_path(self.cfg.rank)):
             self.folder.remove_unfinished(self.cfg.rank)
             return self._run()
 
