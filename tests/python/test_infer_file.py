@@ -2,6 +2,7 @@
 resumable answers file, by one process or by torchrun's ranks."""
 
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -153,6 +154,35 @@ def test_infer_cli_whole_file_is_resumable(infer_ws, tmp_path, capsys):
     }
     with pytest.raises(ValueError, match="either --image and --question, or --data"):
         infer_cli(infer_ws)
+
+
+def test_edited_or_damaged_answer_files_are_answered_again_or_refused(infer_ws, tmp_path, caplog):
+    import json
+
+    out = tmp_path / "answers.jsonl"
+    data = ("--data", str(infer_ws / "data.json"), "--image-folder", str(infer_ws / "images"), "--out", str(out))
+    assert infer_cli(infer_ws, *data) == 0
+    whole = [json.loads(line) for line in open(out)]
+    assert [r["id"] for r in whole] == ["q0", "q1", "q2"]
+    # A row of another id at an entry's index had been taken as that entry's answer.
+    edited = [dict(whole[0], id="zzz", answer="WRONG"), *whole[1:]]
+    lines = [json.dumps(r) for r in edited]
+    # Lines json cannot read: more digits than Python converts, nesting past its limit, a
+    # byte that is no UTF-8 (it had been read as U+FFFD and kept).
+    out.write_bytes(("\n".join(lines) + "\n" + "1" * 5000 + "\n" + "[" * 100_000 + "\n").encode())
+    with open(out, "ab") as f:
+        f.write(b'{"id": "q1", "index": 1, "answer": "\xff"}\n')
+    with caplog.at_level(logging.WARNING):
+        assert infer_cli(infer_ws, *data) == 0
+    rows = [json.loads(line) for line in open(out)]
+    assert [r["id"] for r in rows] == ["q0", "q1", "q2"] and rows[0]["answer"] == whole[0]["answer"]
+    assert "'zzz' for entry 0 does not match that entry" in caplog.text
+    assert "line 4 is not an answer row" in caplog.text and "line 6 is not an answer row" in caplog.text
+    # Answers whose settings file is gone: their settings are unknown.
+    (tmp_path / "answers.jsonl.settings.json").unlink()
+    with pytest.raises(ValueError, match="holds answers but not their settings .* pass --restart"):
+        infer_cli(infer_ws, *data, "--max-new-tokens", "5")
+    assert infer_cli(infer_ws, *data, "--restart") == 0
 
 
 def test_a_prompt_past_the_models_context_is_skipped(infer_ws, tmp_path):

@@ -88,13 +88,13 @@ def read_rows(path: str, rewrite: bool) -> list[dict]:
     if not os.path.exists(path):
         return []
     rows = []
-    with open(path, errors="replace") as f:
+    with open(path, "rb") as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
+            try:  # a byte that is no UTF-8, more digits than Python converts, nesting past its limit
+                row = json.loads(line.decode("utf-8"))
+            except (ValueError, RecursionError):
                 row = None
             if not _is_row(row):
                 log.warning("%s line %d is not an answer row: dropped (it will be answered again)", path, number)
@@ -119,10 +119,13 @@ def done_entries(entries: list, rows: list[dict]) -> set[int]:
     entries that parse."""
     done, by_id = set(), Counter()
     for row in rows:
-        if "index" in row:
-            done.add(row["index"])
-        else:
+        if "index" not in row:
             by_id[str(row["id"])] += 1
+        elif _entry_id(entries, row["index"]) == str(row["id"]):
+            done.add(row["index"])
+        else:  # an edited row: the entry at its index is another (merge_rows keeps the later answer)
+            log.warning("answer row %r for entry %d does not match that entry: it will be answered again",
+                        row["id"], row["index"])  # fmt: skip
     for index, entry in enumerate(entries):
         if not by_id or index in done:
             continue
@@ -136,22 +139,29 @@ def done_entries(entries: list, rows: list[dict]) -> set[int]:
     return done & set(range(len(entries)))
 
 
+def _entry_id(entries: list, index: int) -> str | None:
+    """The id of entry ``index`` as a row records it; None where there is no such entry or
+    it does not parse."""
+    if index >= len(entries):
+        return None
+    try:
+        return parse_entry(entries[index], index).id
+    except SkipSample:
+        return None
+
+
 def merge_rows(out: str) -> None:
     """Fold the rank files into out, one row per entry, in the data's order (rows of older
     versions, without an index, first as they stood), then remove the rank files; out alone
     is put in order too (a rerun appends the entries an earlier one skipped). For out's
     writer, once no rank appends: a kill between the two steps leaves rows that the next
-    merge takes once."""
+    merge takes once. Of two rows of one entry the later is kept: a row that did not match
+    its entry (done_entries) was answered again after it."""
     parts = part_paths(out)
     found = [row for path in [out, *parts] for row in read_rows(path, rewrite=False)]
-    rows, seen = [], set()
-    for row in found:
-        if "index" not in row:
-            rows.append(row)
-        elif row["index"] not in seen:
-            seen.add(row["index"])
-            rows.append(row)
-    rows.sort(key=lambda row: row.get("index", -1))  # stable: the legacy rows keep their order
+    legacy = [row for row in found if "index" not in row]
+    latest = {row["index"]: row for row in found if "index" in row}
+    rows = legacy + sorted(latest.values(), key=lambda row: row["index"])  # the legacy rows as they stood
     if parts or rows != found:
         write_jsonl(out, rows)
     for path in parts:

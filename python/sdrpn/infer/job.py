@@ -92,7 +92,12 @@ def _start(pipe: SDRPNLlava, cfg: InferFileConfig) -> None:
     stop alike); rank 0 records this run's, and with --restart removes the old answers."""
     path = cfg.out + SETTINGS_SUFFIX
     settings = run_settings(pipe, cfg)
-    if not cfg.restart and os.path.exists(path) and _answers_so_far(cfg.out):
+    if not cfg.restart and _answers_so_far(cfg.out):
+        if not os.path.exists(path):  # answers whose settings are unknown: they may not be taken as this run's
+            raise ValueError(
+                f"{cfg.out} holds answers but not their settings ({path} is missing): pass --restart to answer "
+                "everything again, or pass another --out"
+            )
         recorded = read_json(path)
         if not isinstance(recorded, dict):
             raise ValueError(f"{path} must hold a JSON object of settings: pass --restart to answer everything again")
