@@ -64,9 +64,16 @@ def test_a_bad_results_folder_is_named(tmp_path, capsys):
     assert "results must be a folder of rows" in capsys.readouterr().err
     broken = tmp_path / "sdrpn" / "pope" / "m" / "20260101_000000_results.json"
     broken.parent.mkdir(parents=True)
-    broken.write_text("{not json")
-    assert main(["table", str(tmp_path)]) == 2
-    assert f"{broken} is not an lmms-eval results file" in capsys.readouterr().err
+    # Each had been a traceback, or a message without the file.
+    for text in ("{not json", '{"results": [1]}', '{"results": null}', '{"results": {"pope": 5}}', "[" * 100_000):
+        broken.write_text(text)
+        assert main(["table", str(tmp_path)]) == 2
+        assert f"{broken} is not an lmms-eval results file" in capsys.readouterr().err
+    # A score of true or NaN is no score (true had shown as 100.0).
+    for value in ("true", "NaN"):
+        broken.write_text('{"results": {"pope": {"pope_f1_score,none": ' + value + "}}}")
+        assert main(["table", str(tmp_path)]) == 0
+        assert "| SD-RPN | - | - | - | - |" in capsys.readouterr().out
 
 
 @pytest.mark.skipif(importlib.util.find_spec("lmms_eval") is None, reason="lmms-eval is not installed")

@@ -10,13 +10,13 @@ RESULTS/<row>/<task>/.../<date>_results.json, the rows "baseline" (roi=false) an
 from __future__ import annotations
 
 import glob
-import json
+import math
 import os
 import sys
 from dataclasses import dataclass
 
 from ..cli import Parser
-from ..io_utils import write_text
+from ..io_utils import read_json, write_text
 from ..options import TASK_THRESHOLDS
 
 
@@ -35,7 +35,9 @@ class PaperTask:
     def score(self, task_results: dict) -> float | None:
         """The task's score in a results file's "results" entry (any filter), scaled."""
         for key, value in task_results.items():
-            if key.split(",")[0] == self.metric and isinstance(value, (int, float)):
+            # A number only: JSON's true is no score, and NaN (a failed metric) none either.
+            number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            if key.split(",")[0] == self.metric and number:
                 return value * self.scale
         return None
 
@@ -67,10 +69,11 @@ def read_scores(folder: str, tasks=PAPER_TASKS) -> dict[str, float]:
     paths = glob.glob(os.path.join(folder, "**", "*_results.json"), recursive=True)
     for path in sorted(paths, key=os.path.basename):
         try:
-            with open(path) as f:
-                results = json.load(f).get("results", {})
-        except (OSError, json.JSONDecodeError, AttributeError) as err:
+            results = read_json(path).get("results", {})
+        except (OSError, ValueError, AttributeError) as err:  # read_json names the file itself
             raise ValueError(f"{path} is not an lmms-eval results file: {err}") from None
+        if not isinstance(results, dict) or not all(isinstance(v, dict) for v in results.values()):
+            raise ValueError(f"{path} is not an lmms-eval results file: its results must map tasks to metrics")
         for task in tasks:
             score = task.score(results.get(task.task, {}))
             if score is not None:
