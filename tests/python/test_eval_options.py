@@ -35,6 +35,10 @@ def test_model_args_as_lmms_eval_parses_them():
         ({"rpn": "r", "batch_size": "auto"}, "batch_size must be a positive integer, got 'auto'"),
         ({"rpn": "r", "batch_size": 0}, "batch_size must be a positive integer, got 0"),
         ({"rpn": "r", "max_new_tokens": True}, "max_new_tokens must be a positive integer, got True"),
+        # Python's isdigit takes "²", and int() refuses more than 4300 digits: named instead.
+        ({"rpn": "r", "batch_size": "\u00b2"}, "batch_size must be a positive integer, got '\u00b2'"),
+        ({"rpn": "r", "batch_size": "9" * 5000}, "batch_size must be a positive integer, got '999"),
+        ({"rpn": "r", "threshold": True}, "threshold must be a number, got True"),
     ],
 )
 def test_bad_model_args_are_refused_by_name(args, message):

@@ -30,7 +30,10 @@ def as_bool(name: str, value) -> bool:
 
 
 def as_positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).strip().isdigit():
+    # ASCII digits only ("²".isdigit() is true), and few enough for int() and 64 bits.
+    text = str(value).strip()
+    plain = text.isascii() and text.isdigit() and len(text) <= 19
+    if isinstance(value, bool) or not isinstance(value, (int, str)) or not plain:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     number = int(value)
     if number < 1:
@@ -98,6 +101,8 @@ class EvalModelOptions:
                 values[name] = as_positive_int(name, values[name])
         if "threshold" in values:
             try:
+                if isinstance(values["threshold"], bool):  # True is no threshold
+                    raise TypeError
                 values["threshold"] = float(values["threshold"])
             except (TypeError, ValueError):
                 raise ValueError(f"threshold must be a number, got {values['threshold']!r}") from None
