@@ -118,6 +118,19 @@ def test_from_pretrained_keeps_the_checks_of_load(tiny, tmp_path):
 
     with pytest.raises(FileNotFoundError, match="is not an RPN folder: it has no rpn_config.json"):
         RegionProposalNetwork.from_pretrained(tmp_path, model=tiny.model)
+    # A file where the folder was meant had been reported as "it does not exist".
+    with pytest.raises(ValueError, match="rpn.safetensors is a file: give the RPN's folder or its Hub id"):
+        RegionProposalNetwork.from_pretrained(folder / "rpn.safetensors", model=tiny.model)
+    # A config of null had read as every default, and a branch the model lacks was not traced to it.
+    config_path = folder / "rpn_config.json"
+    kept = config_path.read_text()
+    config_path.write_text("null")
+    with pytest.raises(ValueError, match="rpn_config.json: RPNConfig must be a JSON object, got null"):
+        RegionProposalNetwork.from_pretrained(folder, model=tiny.model)
+    config_path.write_text(json.dumps({**json.loads(kept), "branch_layer": 15}))
+    (folder / "config.json").unlink()
+    with pytest.raises(ValueError, match=f"the RPN in {folder} \\(rpn_config.json\\): .*K \\+ depth"):
+        RegionProposalNetwork.from_pretrained(folder, model=tiny.model)
 
 
 def test_hub_ids_load_offline_from_the_hub_cache(tmp_path, offline_cache):
@@ -155,6 +168,9 @@ def test_a_missing_model_says_what_was_tried(tiny, tmp_path, offline_cache, monk
         load_llava(str(tmp_path / "no" / "such" / "dir"), "fp32")
     with pytest.raises(ModelNotFoundError, match="not a Hugging Face Hub id .* either"):
         RegionProposalNetwork.from_pretrained("./no-such-rpn", model=tiny.model)
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(ValueError, match="afile is a file: give the model's folder or its Hub id"):
+        load_llava("afile", "fp32")
 
     # Online, a Hub that cannot be reached ends in the same missing cache entry.
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)

@@ -259,6 +259,8 @@ def hub_folder(
     into (from the cache alone when offline: huggingface_hub honours HF_HUB_OFFLINE)."""
     if is_local_folder(name):
         return os.path.expanduser(name)
+    if os.path.exists(os.path.expanduser(name)):  # not a Hub id: a file where its folder was meant
+        raise ValueError(f"{name} is a file: give the {what}'s folder or its Hub id")
     hub = dict(
         revision=revision,
         cache_dir=cache_dir,
@@ -294,6 +296,8 @@ def load_llava(model_dir: str, dtype: str = "bf16", device: str = "cpu") -> tupl
     """
     local = is_local_folder(model_dir)
     name = os.path.expanduser(model_dir) if local else model_dir
+    if not local and os.path.exists(os.path.expanduser(model_dir)):  # a file where the folder was meant
+        raise ValueError(f"{model_dir} is a file: give the model's folder or its Hub id")
     try:
         if not local:
             validate_repo_id(name)

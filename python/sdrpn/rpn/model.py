@@ -112,13 +112,20 @@ class RPNConfig(Options):
         return self.roi_options.updated(threshold=self.task_thresholds[task])
 
 
+def _config_object(value) -> RPNConfig:
+    """An RPN folder's config: a JSON object (null would read as every default)."""
+    if value is None:
+        raise ValueError("RPNConfig must be a JSON object, got null")
+    return RPNConfig.from_dict(value)
+
+
 def read_rpn_config(folder: str) -> RPNConfig:
     """The RPNConfig of a folder. rpn_config.json is the RPN's own; config.json, where there
     is one, must say the same (folders written before it existed have none)."""
     path = os.path.join(folder, CONFIG_NAME)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{folder} is not an RPN folder: it has no {CONFIG_NAME}")
-    config = read_json_as(path, RPNConfig.from_dict)
+    config = read_json_as(path, _config_object)
     hub_path = os.path.join(folder, HUB_CONFIG_NAME)
     if os.path.isfile(hub_path):
         ours, theirs = config.to_dict(), read_json_as(hub_path, RPNConfig.from_dict).to_dict()
@@ -518,7 +525,10 @@ class RegionProposalNetwork(
         config that contradicts the model, the weights or the folder's config.json, and
         non-finite weights."""
         config = read_rpn_config(folder)
-        rpn = cls.from_llava(model, config.branch_layer, config.depth)
+        try:
+            rpn = cls.from_llava(model, config.branch_layer, config.depth)
+        except ValueError as err:  # a branch the model does not have: the folder's, not the caller's
+            raise ValueError(f"the RPN in {folder} ({CONFIG_NAME}): {err}") from None
         derived = rpn.config
         what = config.base_model_problem(model)
         if what:
