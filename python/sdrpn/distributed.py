@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import numbers
 import os
 import re
 
 import torch
 import torch.distributed as dist
+
+from .options import is_int
 
 # How long a rank of a job whose ranks meet only at its end (label, infer) waits there for
 # the slowest: hours on a large dataset, not torch's 30 minutes. A rank that dies does not
@@ -70,7 +71,7 @@ def check_initialized(world_size: int) -> None:
 
 def check_rank(rank: int, world_size: int) -> None:
     for name, value in (("rank", rank), ("world_size", world_size)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        if not is_int(value):
             raise ValueError(f"{name} must be an int, got {value!r}")
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")

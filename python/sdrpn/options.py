@@ -27,6 +27,11 @@ def option(default: Any, help: str, **kwargs) -> Any:
     return field(default=default, metadata={"help": help, **kwargs})
 
 
+def is_int(value) -> bool:
+    """An int of Python or numpy, not a bool (which Python counts as one)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def _as_declared(base: str, value):
     """``value`` as the scalar type ``base`` names (int, float, bool or str), numpy's scalars
     taken as Python's (an int counts as a float; a bool as nothing but a bool); None if it
@@ -120,7 +125,7 @@ def require_at_least(minimum: int, settings, *names: str, optional: bool = False
         value = getattr(settings, name)
         if value is None and optional:
             continue
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        if not is_int(value):
             raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
         if value < minimum:
             raise ValueError(f"{name} must be >= {minimum}, got {value!r}")

@@ -10,12 +10,8 @@ import os
 from dataclasses import dataclass
 
 from ..ops import SINK_THRESHOLD
-from ..options import RoiOptions
+from ..options import RoiOptions, is_int
 from .inputs import PROMPT_TEMPLATE, check_template
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -33,8 +29,8 @@ class HeadSelection:
             if (
                 not isinstance(pair, tuple)
                 or len(pair) != 2
-                or not _is_int(pair[0])
-                or not (pair[1] is None or _is_int(pair[1]))
+                or not is_int(pair[0])
+                or not (pair[1] is None or is_int(pair[1]))
             ):
                 raise ValueError(f"a head selection's pairs must be (int layer, int head or None), got {pair!r}")
             layer, head = pair
@@ -89,7 +85,7 @@ class LlavaPreset:
         if not isinstance(self.name, str):
             raise TypeError(f"name must be a string, got {self.name!r}")
         for name in ("branch_layer", "depth"):
-            if not _is_int(getattr(self, name)):
+            if not is_int(getattr(self, name)):
                 raise TypeError(f"{name} must be an int, got {getattr(self, name)!r}")
         if isinstance(self.sink_threshold, bool) or not isinstance(self.sink_threshold, numbers.Real):
             raise TypeError(f"sink_threshold must be a number, got {self.sink_threshold!r}")

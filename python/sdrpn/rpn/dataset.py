@@ -16,6 +16,7 @@ from ..labels.folder import LabelFolder
 from ..llava.data import SkipSample, check_image_folder, folder_problem, open_image
 from ..llava.inputs import left_pad, preprocess_image, prompt_token_ids
 from ..ops import IGNORE_INDEX
+from ..options import is_int
 from ..subsets import SUBSET_SEED, seeded_subset
 
 log = logging.getLogger(__name__)
@@ -71,9 +72,7 @@ class LabelShardDataset(Dataset):
         fraction_ok = isinstance(held_out_fraction, numbers.Real) and not isinstance(held_out_fraction, bool)
         if not fraction_ok or not 0 <= held_out_fraction < 1:  # NaN fails the range too
             raise ValueError(f"held_out_fraction must be a number in [0, 1), got {held_out_fraction!r}")
-        if max_samples is not None and (
-            isinstance(max_samples, bool) or not isinstance(max_samples, numbers.Integral) or max_samples < 1
-        ):
+        if max_samples is not None and (not is_int(max_samples) or max_samples < 1):
             raise ValueError(f"max_samples must be an int >= 1 or None, got {max_samples!r}")
         folder = LabelFolder(label_dir)
         self.config = folder.config
@@ -92,7 +91,7 @@ class LabelShardDataset(Dataset):
         if isinstance(image_size, bool) or not isinstance(image_size, int) or not 1 <= image_size <= 2**16:
             raise ValueError(f"image_size must be an int in [1, 65536], got {image_size!r}")
         for name, value, top in (("image_token_id", image_token_id, 2**63), ("subset_seed", subset_seed, 2**63)):
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= value < top:
+            if not is_int(value) or not 0 <= value < top:
                 raise ValueError(f"{name} must be an int in [0, 2**63), got {value!r}")
         self.image_size = image_size
         self.template = self.config.prompt_template
@@ -156,7 +155,7 @@ class LabelBatch:
 
 class LabelCollator:
     def __init__(self, pad_id: int):
-        if isinstance(pad_id, bool) or not isinstance(pad_id, numbers.Integral) or pad_id < 0:
+        if not is_int(pad_id) or pad_id < 0:
             raise ValueError(f"pad_id must be a token id (an int >= 0), got {pad_id!r}")
         self.pad_id = pad_id
 

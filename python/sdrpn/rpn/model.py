@@ -18,7 +18,6 @@ import contextlib
 import copy
 import dataclasses
 import hashlib
-import numbers
 import operator
 import os
 from dataclasses import dataclass, field
@@ -46,7 +45,7 @@ from ..llava.loading import (
     weights_fingerprint,
 )
 from ..ops import IGNORE_INDEX
-from ..options import TASK_THRESHOLDS, Options, RoiOptions
+from ..options import TASK_THRESHOLDS, Options, RoiOptions, is_int
 from .card import GENERATED_MARK, rpn_card
 
 WEIGHTS_NAME = "rpn.safetensors"
@@ -148,7 +147,7 @@ def rpn_loss(logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX) -
         raise TypeError(f"logits and labels must be tensors, got {type(logits).__name__} and {type(labels).__name__}")
     if logits.shape != labels.shape:
         raise ValueError(f"logits and labels must have one shape, got {tuple(logits.shape)} and {tuple(labels.shape)}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+    if not is_int(ignore_index):
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
     keep = labels != ignore_index
     # One read of the device for both facts: whether any cell counts, and whether a counted
@@ -259,7 +258,7 @@ class RegionProposalNetwork(
         decoder = model.get_decoder()
         n = len(decoder.layers)
         for name, value in (("branch_layer", branch_layer), ("depth", depth)):
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            if not is_int(value):
                 raise TypeError(f"{name} must be an int, got {value!r}")
         branch_layer, depth = int(branch_layer), int(depth)
         if not isinstance(roi, (RoiOptions, type(None))):
