@@ -242,6 +242,13 @@ def model_not_found(
     )
 
 
+def _refuse_a_file(name: str, what: str) -> None:
+    """A name that is no local folder but exists is a file where its folder was meant, not a
+    Hub id: said so, rather than "not found" after a Hub lookup."""
+    if os.path.exists(os.path.expanduser(name)):
+        raise ValueError(f"{name} is a file: give the {what}'s folder or its Hub id")
+
+
 def hub_folder(
     name: str,
     filenames: tuple[str, ...],
@@ -259,8 +266,7 @@ def hub_folder(
     into (from the cache alone when offline: huggingface_hub honours HF_HUB_OFFLINE)."""
     if is_local_folder(name):
         return os.path.expanduser(name)
-    if os.path.exists(os.path.expanduser(name)):  # not a Hub id: a file where its folder was meant
-        raise ValueError(f"{name} is a file: give the {what}'s folder or its Hub id")
+    _refuse_a_file(name, what)
     hub = dict(
         revision=revision,
         cache_dir=cache_dir,
@@ -296,8 +302,8 @@ def load_llava(model_dir: str, dtype: str = "bf16", device: str = "cpu") -> tupl
     """
     local = is_local_folder(model_dir)
     name = os.path.expanduser(model_dir) if local else model_dir
-    if not local and os.path.exists(os.path.expanduser(model_dir)):  # a file where the folder was meant
-        raise ValueError(f"{model_dir} is a file: give the model's folder or its Hub id")
+    if not local:
+        _refuse_a_file(model_dir, "model")
     try:
         if not local:
             validate_repo_id(name)
