@@ -438,8 +438,16 @@ def _check_files(data: str | None = None, image_folder: str | None = None, out_f
         check_data_file(data)
     if image_folder is not None:
         check_image_folder(image_folder)
-    if out_folder is not None and os.path.exists(out_folder) and not os.path.isdir(out_folder):
-        raise ValueError(f"--out {out_folder} is a file: it must be a folder")
+    check_output_kind(out_folder, "--out", folder=True)
+
+
+def check_output_kind(path: str | None, flag: str, folder: bool) -> None:
+    """An output path of the wrong kind (a file for a folder, or the other way), named by its
+    flag before the work that would write it."""
+    if path is None or not os.path.exists(path) or os.path.isdir(path) == folder:
+        return
+    want, got = ("a folder", "a file") if folder else ("a file", "a folder")
+    raise ValueError(f"{flag} {path} is {got}: it must be {want}")
 
 
 def _read_image(path: str):

@@ -11,7 +11,16 @@ import time
 
 import torch
 
-from ..cli import Parser, device_arg, non_negative_int, number_in, positive_int, run_command, text_arg
+from ..cli import (
+    Parser,
+    check_output_kind,
+    device_arg,
+    non_negative_int,
+    number_in,
+    positive_int,
+    run_command,
+    text_arg,
+)
 from .task import TAG_CLEARANCE
 
 
@@ -154,20 +163,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _check_path(path: str | None, flag: str, folder: bool) -> None:
-    """An output path of the wrong kind, named before the work that would write it."""
-    if path is None or not os.path.exists(path) or os.path.isdir(path) == folder:
-        return
-    want, got = ("a folder", "a file") if folder else ("a file", "a folder")
-    raise ValueError(f"{flag} {path} is {got}: it must be {want}")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command in ("train-base", "run"):
-        _check_path(args.out, "--out", folder=True)
+        check_output_kind(args.out, "--out", folder=True)
     if args.command == "eval-base":
-        _check_path(args.json, "--json", folder=False)
+        check_output_kind(args.json, "--json", folder=False)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # batch-making processes fork
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.command == "train-base":
