@@ -227,9 +227,9 @@ def attention_maps_on_cache(
 ) -> AttentionMaps:
     """G and S of answers to left-padded prompts (B, W) whose DynamicCache ``cache`` holds
     (at least) the prompts' W slots: what attention_maps gives on [prompt, answer], from one
-    short pass. [last prompt token, answer but its last token] (right-padded) runs through the probed layers on
-    top of the cache cut to the first W - 1 slots, so the answer queries and the last
-    prompt token's see every key they see in the whole sequence. The cache is spent: its
+    short pass. [last prompt token, answer but its last token] (right-padded) runs through
+    the probed layers on top of the cache cut to the first W - 1 slots, so the answer
+    queries and the last prompt token's see every key they see in the whole sequence. The cache is spent: its
     probed layers end holding the suffix (a later call cuts them back to W - 1 again)."""
     config = model.config
     batch, width = prompt_ids.shape

@@ -63,9 +63,9 @@ def export_base(model_dir: str, to: str, preset: dict) -> dict:
     """float16 weights and config (save_pretrained), tokenizer, train_base_config.json and a
     summary of the run's history, and the model's preset; returns a summary."""
     check_export_target(to, model_dir)
-    preset_from_dict(preset)  # refuses a malformed preset before anything is written
+    parsed = preset_from_dict(preset)  # refuses a malformed preset before anything is written
     model, tokenizer = load_llava(model_dir, "fp32")
-    preset_from_dict(preset).check_fits(model.config)  # layers and heads the model has
+    parsed.check_fits(model.config)  # layers and heads the model has
     # A folder of its own beside --to, never one of the user's: a kill leaves it hidden there.
     parent = os.path.dirname(os.path.abspath(to))
     os.makedirs(parent, exist_ok=True)
