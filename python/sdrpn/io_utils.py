@@ -106,7 +106,9 @@ def file_sha256(path: str) -> str:
 
 def read_safetensors(path: str, device: str = "cpu") -> dict:
     """The tensors of a safetensors file; a damaged file is a ValueError naming it
-    (safetensors' own error names no file)."""
+    (safetensors' own error names no file, and for a folder only says "No such device")."""
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path} is a folder, not a safetensors file")
     try:
         return load_file(path, device=device)
     except SafetensorError as err:

@@ -202,8 +202,29 @@ def test_save_load_round_trip_and_refusal(tiny, tmp_path):
 def test_a_damaged_weights_file_is_named(tiny, tmp_path):
     RegionProposalNetwork.from_llava(tiny.model, branch_layer=K, depth=T).save(str(tmp_path / "rpn"))
     path = tmp_path / "rpn" / "rpn.safetensors"
-    path.write_bytes(path.read_bytes()[:100])  # cut short
+    weights = path.read_bytes()
+    path.write_bytes(weights[:100])  # cut short
     with pytest.raises(ValueError, match=f"{path} cannot be read as safetensors"):
+        RegionProposalNetwork.load(str(tmp_path / "rpn"), tiny.model)
+    path.unlink()
+    path.mkdir()
+    with pytest.raises(IsADirectoryError, match=f"{path} is a folder, not a safetensors file"):
+        RegionProposalNetwork.load(str(tmp_path / "rpn"), tiny.model)
+
+
+def test_integer_weights_are_refused_and_other_floats_cast(tiny, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    RegionProposalNetwork.from_llava(tiny.model, branch_layer=K, depth=T).save(str(tmp_path / "rpn"))
+    path = str(tmp_path / "rpn" / "rpn.safetensors")
+    weights = load_file(path)
+    save_file({k: v.to(torch.bfloat16) for k, v in weights.items()}, path)
+    loaded = RegionProposalNetwork.load(str(tmp_path / "rpn"), tiny.model)
+    assert loaded.q_proj.weight.dtype == torch.float32
+    save_file({k: (v * 100).to(torch.int32) if k == "q_proj.weight" else v for k, v in weights.items()}, path)
+    with pytest.raises(
+        ValueError, match=r"do not fit this model: q_proj.weight of torch.int32 \(the model's torch.float32\)"
+    ):
         RegionProposalNetwork.load(str(tmp_path / "rpn"), tiny.model)
 
 

@@ -551,6 +551,9 @@ class RegionProposalNetwork(
         own = rpn.state_dict()
         misfit = [f"{k} {tuple(v.shape)} (the model's {tuple(own[k].shape)})" for k, v in weights.items()
                   if k in own and v.shape != own[k].shape]  # fmt: skip
+        # Float weights of another precision are cast, as a checkpoint's are; integers are not weights.
+        misfit += [f"{k} of {v.dtype} (the model's {own[k].dtype})" for k, v in weights.items()
+                   if k in own and own[k].is_floating_point() and not v.is_floating_point()]  # fmt: skip
         if misfit:
             raise ValueError(f"RPN weights in {folder} do not fit this model: {', '.join(misfit)}")
         missing, unexpected = rpn.load_state_dict(weights, strict=False)
