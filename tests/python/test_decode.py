@@ -63,10 +63,39 @@ def test_each_answer_stops_at_its_limit(tiny, decoder):
     assert got == [whole[0][:3], whole[1], whole[2][:1]]
     with pytest.raises(ValueError, match=r"limits must hold a count >= 1 per sample of the batch's 3, got \[3, 0, 1\]"):
         greedy_decode(tiny.model, cache, logits, mask, nxt, 12, -1, decoder, limits=[3, 0, 1])
+    # A limit past max_new_tokens does not lengthen an answer.
+    got = greedy_decode(tiny.model, cache, logits, mask, nxt, 4, -1, decoder, limits=[3, 40, 1])
+    assert got == [whole[0][:3], whole[1][:4], whole[2][:1]]
     # A sequence of `length` tokens may be followed by answer tokens up to the context's last
     # position, plus the one answer token that is never read.
     assert answer_limits([500, 512, 100, 513], 20, 512) == [13, 1, 20, 0]
     assert answer_limits([500], 20, None) == [20]
+
+
+@pytest.mark.parametrize("decoder", ["hf", "static"])
+def test_n_tokens_take_n_minus_one_forwards(tiny, decoder, monkeypatch):
+    """The prompt's forward gives the first token; no forward runs for a token never read."""
+    calls = []
+    monkeypatch.setattr(decode_module.StaticDecoder, "step", counted(decode_module.StaticDecoder.step, calls))
+    handle = tiny.model.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        for n in (1, 2, 5):
+            calls.clear()
+            cache, logits, mask, nxt = prompt_cache(tiny.model, PROMPTS)
+            calls.clear()
+            limits = [n, n + 5, 2 * n]  # a limit past n does not ask for more
+            got = greedy_decode(tiny.model, cache, logits, mask, nxt, n, -1, decoder, limits=limits)
+            assert [len(t) for t in got] == [n] * 3 and len(calls) == n - 1
+    finally:
+        handle.remove()
+
+
+def counted(fn, calls):
+    def wrapper(*args, **kwargs):
+        calls.append(1)
+        return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def test_decoding_after_an_image_prompt_answers_as_generate(tiny):

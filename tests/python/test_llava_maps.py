@@ -303,6 +303,15 @@ def test_answers_outside_the_sequence_or_on_padding_are_refused_before_the_model
             _edited(right, answer_length=_set(2, lengths[2] + 2)),
             (at + on_padding).format(i=2, s=int(right.answer_start[2]), n=lengths[2] + 2, e=".*"),
         ),
+        (
+            _edited(right, answer_length=_set(2, lengths[2] + 1)),  # by one token
+            (at + on_padding).format(i=2, s=int(right.answer_start[2]), n=lengths[2] + 1, e=".*"),
+        ),
+        # a one-token answer right after the image: its query, the token before it, is an image token
+        (
+            _edited(left, answer_start=_set(2, image_end_2), answer_length=_set(2, 1)),
+            (at + on_padding).format(i=2, s=image_end_2, n=1, e=image_end_2),
+        ),
         (_edited(left, attention_mask=lambda m: m[2].zero_()), "answer_start\\[2\\] .* must be real tokens"),
         (_edited(left, attention_mask=lambda m: m[0].mul_(2)), "attention_mask\\[0\\] must hold only 0s and 1s"),
         (_edited(left, input_ids=_set((2, -2), 64)), "input_ids\\[2\\] holds token ids outside \\[0, 64\\)"),
@@ -310,6 +319,8 @@ def test_answers_outside_the_sequence_or_on_padding_are_refused_before_the_model
     for bad, message in cases:
         with pytest.raises(ValueError, match=message):
             attention_maps(tiny.model, bad, PRESET, tiny.num_cells)
+    # Two tokens there are one query, the first of them: taken.
+    attention_maps(tiny.model, _edited(left, answer_start=_set(2, image_end_2), answer_length=_set(2, 2)), PRESET, 16)
     with pytest.raises(ValueError, match="num_cells must be an int >= 1, got 16.0"):
         attention_maps(tiny.model, left, PRESET, float(tiny.num_cells))
     with pytest.raises(ValueError, match="input_ids must hold integers, got torch.float32"):
