@@ -1,5 +1,6 @@
 import dataclasses
 import json
+import time
 
 import numpy as np
 import pytest
@@ -281,8 +282,17 @@ def test_two_boxes_and_token_ratio(tiny):
     forced.view(2, 4, 4)[0, 3, :] = 10.0  # a second band: two boxes for sample 0
     # The blur would join the bands at 0.15.
     sd = pipeline(tiny, forced, roi=RoiOptions(token_ratio=0.5, threshold=0.3, crop_mode="bbox"))
+    fed = []
+    resample = sd._resample
+    sd._resample = lambda features, box: fed.append(resample(features, box)) or fed[-1]
+    start = time.perf_counter()
     ans = sd.generate(images(2, seed=3), QUESTIONS[:2], max_new_tokens=3)
+    took = time.perf_counter() - start
     assert len(ans[0].rois.boxes) == 2 and ans[1].rois.boxes == []
+    # Each band is 1 x 4 cells: at half the ratio, 1 x 2 tokens (a side rounds to at least 1).
+    assert ans[0].rois.grid_boxes == [(0, 0, 4, 1), (0, 3, 4, 4)] and [f.shape[0] for f in fed] == [2, 2]
+    stages = ans[0].timings
+    assert all(v >= 0 for v in stages.values()) and sum(v for k, v in stages.items() if k != "total") <= took
 
 
 def test_mask_mode_feeds_the_kept_tokens_of_one_crop(tiny):
