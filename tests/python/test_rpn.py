@@ -133,6 +133,12 @@ def test_what_the_caller_knows_spares_every_device_read(tiny):
         torch.testing.assert_close(rpn(hs[K], None, pos, slice(first - length, first + tiny.num_cells - length)), got)
         ends = (np.int64(first), torch.tensor(first + tiny.num_cells))
         torch.testing.assert_close(rpn(hs[K], None, pos, slice(*ends)), got)
+        # A slice without a start starts at token 0, as Python's do.
+        leading = torch.zeros_like(visual)
+        leading[:, : tiny.num_cells] = True
+        want = rpn(hs[K], None, pos, leading)
+        torch.testing.assert_close(rpn(hs[K], None, pos, slice(None, tiny.num_cells)), want)
+        assert not torch.allclose(want, got)
     h, mask = hs[K], batch.attention_mask
     shape = rf"\(hidden_states is 2 x {length}\)"
     for args, message in (
@@ -302,6 +308,7 @@ def test_rpn_folders_record_their_settings_and_refuse_contradictions(tiny, tmp_p
         ("base_fingerprint", ["a"], r"base_fingerprint\[0\] must be of type float, got 'a'"),
         ("roi", [1], r"roi must be of type dict, got \[1\]"),
         ("task_thresholds", {"textvqa": "x"}, r"task_thresholds\['textvqa'\] must be a threshold in \[-1, 1\]"),
+        ("task_thresholds", {"pope": -1.5}, r"task_thresholds\['pope'\] must be a threshold in \[-1, 1\], got -1.5"),
     ):
         (folder / "rpn_config.json").write_text(json.dumps(dict(config, **{field: value})))
         with pytest.raises(ValueError, match=message):
@@ -313,6 +320,7 @@ def test_rpn_folders_record_their_settings_and_refuse_contradictions(tiny, tmp_p
             RegionProposalNetwork.load(str(folder), tiny.model)
     (folder / "rpn_config.json").write_text(json.dumps(config))
     weights = load_file(str(folder / "rpn.safetensors"))
+    good = {k: v.clone() for k, v in weights.items()}
     weights["q_proj.weight"][0, 0] = float("nan")
     save_file(weights, str(folder / "rpn.safetensors"))
     with pytest.raises(ValueError, match=r"NaN or Inf values: \['q_proj.weight'\]"):
@@ -321,6 +329,15 @@ def test_rpn_folders_record_their_settings_and_refuse_contradictions(tiny, tmp_p
     save_file(weights, str(folder / "rpn.safetensors"))
     with pytest.raises(ValueError, match=r"do not fit this model: q_proj.weight \(3, 3\) \(the model's \(64, 64\)\)"):
         RegionProposalNetwork.load(str(folder), tiny.model)
+    # A tensor missing, or one the RPN does not have, each alone.
+    weights = good
+    for changed, message in (
+        ({k: v for k, v in weights.items() if k != "k_proj.weight"}, r"missing \['k_proj.weight'\], unexpected \[\]"),
+        ({**weights, "extra.weight": torch.zeros(2)}, r"missing \[\], unexpected \['extra.weight'\]"),
+    ):
+        save_file(changed, str(folder / "rpn.safetensors"))
+        with pytest.raises(ValueError, match=f"do not fit: {message}"):
+            RegionProposalNetwork.load(str(folder), tiny.model)
 
 
 def test_from_llava_checks_the_branch(tiny):
