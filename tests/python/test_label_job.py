@@ -121,6 +121,20 @@ def test_a_given_answer_holding_the_image_placeholder_is_skipped(workspace, tmp_
     assert summary["labelled"] == 2 and summary["skipped_by_reason"] == {"answer holds the image placeholder": 1}
 
 
+def test_a_sample_without_an_answer_is_skipped_only_when_answers_are_given(workspace, tmp_path):
+    entries = json.loads((workspace / "data.json").read_text())[:3]
+    del entries[1]["conversations"][1]
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    for name in ("model", "images"):
+        (ws / name).symlink_to(workspace / name)
+    (ws / "data.json").write_text(json.dumps(entries))
+    for answers, labelled, skipped in (("given", 2, {"no answer": 1}), ("self", 3, {})):
+        assert run_label(ws, tmp_path / answers, "--answers", answers, "--max-new-tokens", "2") == 0
+        summary = json.loads((tmp_path / answers / "summary.json").read_text())
+        assert summary["labelled"] == labelled and summary["skipped_by_reason"] == skipped
+
+
 def test_self_answers_end_where_the_models_context_does(workspace, tmp_path, monkeypatch):
     import sdrpn.labels.job as job
     from sdrpn.llava.loading import load_llava
@@ -175,6 +189,7 @@ def test_label_job_writes_shards_and_counts_skips(workspace, tmp_path, answers, 
     rows = read_rows(out)
     assert [r["id"] for r in rows] == [f"s{i}" for i in range(7)]
     assert rows[0]["image_size"] == [80, 40] and rows[0]["preprocessing"]["mode"] == "pad"
+    assert json.loads((out / "label_config.json").read_text())["dtype"] == "fp32"
     tensors = all_tensors(out)
     assert tensors["grounding"].shape == (7, 16) and tensors["labels"].dtype == torch.int8
     assert set(tensors["labels"].unique().tolist()) <= {-100, 0, 1}
@@ -185,15 +200,17 @@ def test_label_job_writes_shards_and_counts_skips(workspace, tmp_path, answers, 
     assert not [n for n in os.listdir(out) if n.startswith(".tmp-")]
 
 
-def test_interrupted_run_resumes_without_duplicates(workspace, tmp_path):
+@pytest.mark.parametrize("crash", [True, False])
+def test_interrupted_run_resumes_without_duplicates(workspace, tmp_path, crash):
     whole = tmp_path / "whole"
     run_label(workspace, whole, "--answers", "given")
     part = tmp_path / "part"
     run_label(workspace, part, "--answers", "given", "--limit", "7")
     first = read_rows(part)
-    # A crash between a shard's files and its completion marker: that shard is redone.
     markers = sorted(n for n in os.listdir(part) if n.endswith(".done.json"))
-    os.unlink(part / markers[-1])
+    assert len(markers) == 2  # the resume numbers its shards after the last
+    if crash:  # between a shard's files and its completion marker: that shard is redone
+        os.unlink(part / markers[-1])
     run_label(workspace, part, "--answers", "given")
     rows = read_rows(part)
     ids = [r["id"] for r in rows]
