@@ -53,6 +53,10 @@ def test_the_public_helpers_name_a_bad_argument():
         assert torch.equal(crop_pixels(image, box, 28), crop_pixels(image.convert("RGB"), box, 28))
     with pytest.raises(ValueError, match="grid_h, grid_w and size must be >= 1, got 0, 4 and 56"):
         grid_box_to_pixels((0, 0, 1, 1), 0, 4, 40, 30, 56)
+    with pytest.raises(ValueError, match="image must be at least 1x1 pixels, got 0x30"):
+        grid_box_to_pixels((0, 0, 1, 1), 4, 4, 0, 30, 56)
+    for mode in ("pad", "crop"):  # a one-cell grid is the whole square
+        assert grid_box_to_pixels((0, 0, 1, 1), 1, 1, 30, 30, 30, mode) == (0, 0, 30, 30)
     # Tensor and numpy numbers and infinities map in crop mode as in pad mode.
     for mode in ("pad", "crop"):
         want = grid_box_to_pixels((1, 1, 3, 3), 4, 4, 40, 30, 56, mode)
@@ -314,6 +318,12 @@ def test_a_box_in_the_padding_crops_the_images_edge_at_either_side():
         want = crop_pixels(image, (box[0], row, box[2], row + 1), 56)
         edge_row[name] = torch.equal(crop, want)
     assert edge_row == {"top": True, "bottom": True}
+    # The same across a 10x2000 image's side padding: its edge columns.
+    image = Image.fromarray(np.ascontiguousarray(pixels.transpose(1, 0, 2)))
+    for grid_box, column in [((0, 0, 1, 4), 0), ((3, 0, 4, 4), 9)]:
+        box = grid_box_to_pixels(grid_box, 4, 4, 10, 2000, 56, "pad")
+        want = crop_pixels(image, (column, box[1], column + 1, box[3]), 56)
+        assert box[0] == box[2] and torch.equal(crop_pixels(image, box, 56), want), (grid_box, box)
 
 
 def test_a_data_file_that_is_not_json_is_named(tmp_path):
