@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from transformers import DynamicCache
 
 from ..llava.attention_kernels import without_cudnn_attention
+from ..llava.hf_version import cache_kwarg
 from ..llava.inputs import position_ids_from_mask
 
 # What one more forward costs, in padded tokens it must save to pay for itself. A forward
@@ -120,7 +121,7 @@ def prefill_new_tokens(
             inputs_embeds=new[rows, cut:],
             attention_mask=torch.cat([prefix_mask[rows], new_mask[rows, cut:]], 1),
             position_ids=pos[rows, cut:],
-            past_key_values=group_cache,
+            **cache_kwarg(group_cache),
             use_cache=True,
             logits_to_keep=1,
         )

@@ -28,6 +28,7 @@ from .. import ops
 from ..llava.attention_kernels import without_cudnn_attention
 from ..llava.decode import DecoderPool, answer_limits, greedy_decode, resolve_decoder
 from ..llava.geometry import grid_box_to_pixels
+from ..llava.hf_version import cache_kwarg
 from ..llava.inputs import (
     check_rpn_template,
     crop_pixels,
@@ -225,7 +226,7 @@ class SDRPNLlava(LlavaAnswering):
                 inputs_embeds=embeds,
                 attention_mask=full_mask if padded else None,
                 position_ids=positions,
-                past_key_values=cache,
+                **cache_kwarg(cache),
                 use_cache=True,
             )
         clock.lap("prompt")

@@ -39,6 +39,7 @@ from transformers.models.llama.modeling_llama import LlamaModel, apply_rotary_po
 
 from ..options import DECODERS
 from .attention_kernels import without_cudnn_attention
+from .hf_version import cache_kwarg
 from .inputs import position_ids_from_mask
 from .loading import model_device
 
@@ -353,7 +354,7 @@ def prefill(model: nn.Module, ids: Tensor, mask: Tensor, pixels: Tensor | None):
         attention_mask=mask,
         position_ids=pos,
         pixel_values=pixels,
-        past_key_values=cache,
+        **cache_kwarg(cache),
         use_cache=True,
         logits_to_keep=1,
     )
@@ -458,7 +459,7 @@ def _hf_steps(model: nn.Module, cache, mask: Tensor, positions: Tensor) -> Calla
             input_ids=token[:, None],
             attention_mask=mask,
             position_ids=positions,
-            past_key_values=cache,
+            **cache_kwarg(cache),
             use_cache=True,
             logits_to_keep=1,
         )

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from .decode import DecoderPool, greedy_decode, prefill
+from .hf_version import cache_kwarg
 from .inputs import left_pad, position_ids_from_mask, right_pad
 from .loading import model_device
 from .presets import HeadSelection, LlavaPreset
@@ -253,7 +254,7 @@ def attention_maps_on_cache(
         input_ids=suffix_ids,
         attention_mask=mask,
         position_ids=prompt_mask.sum(1, keepdim=True) - 1 + steps,
-        past_key_values=cache,
+        **cache_kwarg(cache),
     )
     lengths = torch.tensor([len(a) for a in answers], device=prompt_ids.device)
     positions, valid = answer_queries(torch.full_like(lengths, width), lengths)

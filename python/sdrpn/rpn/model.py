@@ -324,12 +324,8 @@ class RegionProposalNetwork(
         """The copied decoder layers on the branch-point hidden states (B, L, D)."""
         # No positions for the mask: from them it would look for packed sequences, which an
         # RPN input never holds, with a device read.
-        mask = create_causal_mask(
-            config=self.text_config,
-            inputs_embeds=hidden_states,
-            attention_mask=attention_mask,
-            past_key_values=None,
-        )
+        # The cache (none) by position: transformers 5.25 renamed its argument (llava.hf_version).
+        mask = create_causal_mask(self.text_config, hidden_states, attention_mask, None)
         rope = self.rotary_emb(hidden_states, position_ids=position_ids)
         for layer in self.layers:
             if self.gradient_checkpointing and self.training:
