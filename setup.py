@@ -2,7 +2,7 @@
 
 Environment:
   SDRPN_CPU_ONLY=1     build without CUDA even where it is available
-  SDRPN_FORCE_CUDA=1   build the CUDA kernels even where no GPU is visible
+  SDRPN_FORCE_CUDA=1   build the CUDA kernels or fail (never a quiet CPU-only build)
   SDRPN_CUDA_ARCHS     compute capabilities, e.g. "9.0" or "8.0;9.0" (default "8.0;9.0+PTX": 9.0
                        also as PTX, which newer GPUs compile when loading)
   MAX_JOBS             parallel compile jobs (torch's builder reads it)

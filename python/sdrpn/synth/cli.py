@@ -54,15 +54,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train-base", help="train the tiny LLaVA stand-in on the synthetic task")
     train.add_argument("--out", type=text_arg, required=True, help="folder for the model, checkpoint and history")
-    train.add_argument("--steps", type=positive_int, default=2200)
-    train.add_argument("--batch-size", type=positive_int, default=32)
-    train.add_argument("--lr", type=number_in(0.0, 1.0, low_open=True), default=1e-3)
-    train.add_argument("--seed", type=non_negative_int, default=0)
-    train.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu")
+    train.add_argument("--steps", type=positive_int, default=2200, help="(default: %(default)s)")
+    train.add_argument("--batch-size", type=positive_int, default=32, help="(default: %(default)s)")
+    train.add_argument("--lr", type=number_in(0.0, 1.0, low_open=True), default=1e-3, help="(default: %(default)s)")
+    train.add_argument("--seed", type=non_negative_int, default=0, help="(default: %(default)s)")
+    train.add_argument(
+        "--device",
+        type=device_arg,
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="(default: %(default)s)",
+    )
     train.add_argument(
         "--workers", type=workers_arg, default=min(8, os.cpu_count() or 1), help="processes making batches"
     )
-    train.add_argument("--save-every", type=positive_int, default=500)
+    train.add_argument("--save-every", type=positive_int, default=500, help="(default: %(default)s)")
     train.add_argument(
         "--max-minutes",
         type=number_in(0.0, low_open=True),
@@ -80,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--colour-weight",
         type=WEIGHT,
         default=1.0,
-        help="weight of the tag-colour auxiliary loss; 0 is the shipped model's recipe (default: %(default)s)",
+        help="weight of the tag-colour auxiliary loss; the shipped model's first stage used 0, its second 1 "
+        "(default: %(default)s)",
     )
     train.add_argument(
         "--encoder-steps",
@@ -94,8 +100,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="start from this trained base model's weights (a later stage; default: random)",
     )
-    train.add_argument("--zoom-fraction", type=FRACTION, default=0.4, help="share of batches with a zoomed second view")
-    train.add_argument("--zoom-on-tag", type=FRACTION, default=0.7, help="share of zoomed views that hold the tag")
+    train.add_argument(
+        "--zoom-fraction",
+        type=FRACTION,
+        default=0.4,
+        help="share of batches with a zoomed second view (default: %(default)s)",
+    )
+    train.add_argument(
+        "--zoom-on-tag",
+        type=FRACTION,
+        default=0.7,
+        help="share of zoomed views that hold the tag (default: %(default)s)",
+    )
     train.add_argument(
         "--read-share-zoomed", type=FRACTION, default=0.5, help="share of code questions in zoomed batches"
     )
@@ -109,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--char-head",
         choices=["linear", "lm"],
         default="linear",
-        help="the code-character loss through its own linear head, or through the LM's output layer",
+        help="the code-character loss through its own linear head, or through the LM's output layer "
+        "(default: %(default)s)",
     )
     train.add_argument(
         "--crop-tag-weight", type=WEIGHT, default=0.0, help="weight of the tag-cell loss on crop views (default: 0)"
@@ -124,15 +141,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     score = sub.add_parser("eval-base", help="accuracy by question kind: thumbnail, true crop, random crop")
     score.add_argument("--model", type=text_arg, required=True)
-    score.add_argument("--count", type=positive_int, default=400)
-    score.add_argument("--split", default="test", choices=["val", "test"])
-    score.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu")
+    score.add_argument("--count", type=positive_int, default=400, help="(default: %(default)s)")
+    score.add_argument("--split", default="test", choices=["val", "test"], help="(default: %(default)s)")
+    score.add_argument(
+        "--device",
+        type=device_arg,
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="(default: %(default)s)",
+    )
     score.add_argument("--json", type=text_arg, default=None, help="also write the table here")
     inspect = sub.add_parser(
         "inspect", help="where a base model's answer attention lands, per layer and head, and the heads to ground on"
     )
     inspect.add_argument("--model", type=text_arg, required=True)
-    inspect.add_argument("--count", type=positive_int, default=512, help="validation samples")
+    inspect.add_argument("--count", type=positive_int, default=512, help="validation samples (default: %(default)s)")
 
     export = sub.add_parser(
         "export-base",
@@ -146,20 +168,34 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="heads whose attention grounds the labels: 'L' (every head of layer L) or 'L:H', comma-separated",
     )
-    export.add_argument("--sink-layer", type=non_negative_int, default=0)
+    export.add_argument("--sink-layer", type=non_negative_int, default=0, help="(default: %(default)s)")
     export.add_argument("--sink-threshold", type=number_in(0.0, low_open=True), required=True)
     export.add_argument("--branch-layer", type=positive_int, required=True)
-    export.add_argument("--depth", type=positive_int, default=2)
+    export.add_argument("--depth", type=positive_int, default=2, help="(default: %(default)s)")
 
     run = sub.add_parser("run", help="SD-RPN on the task: label, train the RPN, evaluate, write the report")
-    run.add_argument("--out", type=text_arg, default="outputs/synth", help="working folder (resumable) and report")
+    run.add_argument(
+        "--out",
+        type=text_arg,
+        default="outputs/synth",
+        help="working folder (resumable) and report (default: %(default)s)",
+    )
     run.add_argument("--model", type=text_arg, default=None, help="base model folder (default: the shipped one)")
-    run.add_argument("--train-count", type=positive_int, default=10_000, help="samples labelled for the RPN")
-    run.add_argument("--test-count", type=positive_int, default=400)
-    run.add_argument("--rpn-epochs", type=positive_int, default=2)
-    run.add_argument("--examples", type=non_negative_int, default=8, help="test images drawn in examples.png")
-    run.add_argument("--title", default="SD-RPN on the synthetic fine-detail task")
-    run.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu")
+    run.add_argument(
+        "--train-count", type=positive_int, default=10_000, help="samples labelled for the RPN (default: %(default)s)"
+    )
+    run.add_argument("--test-count", type=positive_int, default=400, help="(default: %(default)s)")
+    run.add_argument("--rpn-epochs", type=positive_int, default=2, help="(default: %(default)s)")
+    run.add_argument(
+        "--examples", type=non_negative_int, default=8, help="test images drawn in examples.png (default: %(default)s)"
+    )
+    run.add_argument("--title", default="SD-RPN on the synthetic fine-detail task", help="(default: %(default)s)")
+    run.add_argument(
+        "--device",
+        type=device_arg,
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="(default: %(default)s)",
+    )
     return parser
 
 
