@@ -193,6 +193,7 @@ def test_label_job_writes_shards_and_counts_skips(workspace, tmp_path, answers, 
     tensors = all_tensors(out)
     assert tensors["grounding"].shape == (7, 16) and tensors["labels"].dtype == torch.int8
     assert set(tensors["labels"].unique().tolist()) <= {-100, 0, 1}
+    assert summary["all_ignore"] == int((tensors["labels"] == -100).all(1).sum())
     assert (tensors["grid"] == 4).all()
     assert (tensors["grounding"] > 0).all()
     if answers == "given":
