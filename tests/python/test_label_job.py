@@ -440,6 +440,21 @@ def test_resume_refuses_changed_settings(workspace, tmp_path):
     with pytest.raises(ValueError, match=r"other settings \(data: .*data.json\" -> .*other.json\"\)"):
         run_label(workspace, out, "--answers", "given", "--data", str(other))
     assert run_label(workspace, out, "--answers", "given") == 0  # the same settings resume
+    # A run killed before its first shard was done labelled nothing: any settings may start over.
+    for marker in [n for n in os.listdir(out) if n.endswith(".done.json")]:
+        os.unlink(out / marker)
+    template = "USER: <image> {question} A:"
+    assert run_label(workspace, out, "--answers", "given", "--prompt-template", template) == 0
+    assert json.loads((out / "label_config.json").read_text())["options"]["prompt_template"] == template
+
+
+def test_labels_that_are_all_ignore_are_warned_of(workspace, tmp_path, caplog):
+    out = tmp_path / "labels"
+    # Any foreground box covers a thousandth of the grid: every sample carries no signal.
+    assert run_label(workspace, out, "--answers", "given", "--max-box-fraction", "0.001") == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["labelled"] == summary["all_ignore"] == 7
+    assert "all 7 labelled samples are all-ignore" in caplog.text
 
 
 def test_resume_refuses_a_data_file_edited_in_place(workspace, tmp_path):
