@@ -53,6 +53,9 @@ def test_static_decoder_answers_as_the_models_forward(tiny):
     assert decode(tiny.model, "static") == want
     assert [len(t) for t in want] == [12] * 3
     assert len({tuple(t) for t in want}) == 3  # the samples differ: a mix-up would show
+    # A cache filled to its last slot: 9 prompt positions and 55 fed tokens make 64, one bucket.
+    assert decode_module.slot_bucket(9 + 56 - 1) == 64
+    assert decode(tiny.model, "static", max_new_tokens=56) == decode(tiny.model, "hf", max_new_tokens=56)
 
 
 @pytest.mark.parametrize("decoder", ["hf", "static"])
