@@ -85,20 +85,30 @@ def finish(world_size: int) -> None:
         dist.destroy_process_group()
 
 
+def _from_the_transport(err: RuntimeError) -> bool:
+    """Whether an error came from the process group rather than this rank's own work: torch
+    raises DistError (NCCL, its own checks); gloo's transport errors (a peer's connection
+    reset, a timeout) reach Python as RuntimeErrors that name gloo's sources."""
+    return isinstance(err, dist.DistError) or "gloo" in str(err)
+
+
 @contextlib.contextmanager
-def _peers_may_stop():
+def peers_may_stop(mixed: bool = False):
     """A collective's failure as RankStopped: the rank that stopped reports why; the
-    others need one line saying so, not a traceback of their own."""
+    others need one line saying so, not a traceback of their own. ``mixed``: the block
+    also does this rank's own work (a DDP backward), whose errors stay as they are."""
     try:
         yield
     except RuntimeError as err:
+        if mixed and not _from_the_transport(err):
+            raise
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise RankStopped(f"another rank stopped, or did not arrive in time ({first}); see its error") from err
 
 
 def barrier(world_size: int) -> None:
     if world_size > 1:
-        with _peers_may_stop():
+        with peers_may_stop():
             dist.barrier()
 
 
@@ -111,6 +121,6 @@ def gather_objects(obj, world_size: int, device: torch.device | str) -> list:
     device = torch.device(device)
     everyone = [None] * world_size
     nccl = dist.get_backend() == "nccl" and device.type == "cuda"
-    with torch.cuda.device(device) if nccl else contextlib.nullcontext(), _peers_may_stop():
+    with torch.cuda.device(device) if nccl else contextlib.nullcontext(), peers_may_stop():
         dist.all_gather_object(everyone, obj)
     return everyone

@@ -146,6 +146,23 @@ class FolderBusy(RuntimeError):
     """Another live process holds the lock of an output."""
 
 
+# The descriptors of the locks this process holds. A fork (DataLoader workers) copies them,
+# and an flock lasts while any copy is open: a worker outliving its killed parent by the
+# seconds it takes to notice would hold the output, and refuse the rerun. Children close
+# their copies at once; the lock stays the parent's.
+_HELD_LOCKS: set[int] = set()
+
+
+def _drop_inherited_locks() -> None:
+    for fd in _HELD_LOCKS:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD_LOCKS.clear()
+
+
+os.register_at_fork(after_in_child=_drop_inherited_locks)
+
+
 @contextlib.contextmanager
 def exclusive_lock(path: str):
     """Hold an exclusive lock on `path` (created if needed) while the context lasts, so that
@@ -153,7 +170,7 @@ def exclusive_lock(path: str):
     one's pid, host and start time. The lock is the kernel's (flock): it dies with its
     process, however that ends, so a lock file left behind never blocks a later run."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    fd, owner = os.open(path, os.O_RDWR | os.O_CREAT, 0o666), os.getpid()
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -167,6 +184,9 @@ def exclusive_lock(path: str):
         os.ftruncate(fd, 0)
         holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
         os.write(fd, json.dumps(holder).encode())
+        _HELD_LOCKS.add(fd)
         yield
     finally:
-        os.close(fd)  # releases the lock
+        _HELD_LOCKS.discard(fd)
+        if os.getpid() == owner:  # (a forked child closed its copy at the fork: the number may be another file's now)
+            os.close(fd)  # releases the lock

@@ -113,6 +113,35 @@ def test_a_second_job_on_a_held_output_fails_at_once_naming_the_holder(tmp_path)
         assert json.loads(open(lock).read())["pid"] == os.getpid()
 
 
+def test_a_killed_holders_forked_children_do_not_keep_its_lock(tmp_path):
+    """DataLoader workers are forks of the job: they must not hold its output once it is
+    killed (they notice their parent's death only seconds later)."""
+    import signal
+    import subprocess
+    import sys
+
+    from sdrpn.io_utils import exclusive_lock
+
+    lock = str(tmp_path / ".train.lock")
+    code = (
+        "import os, time\nfrom sdrpn.io_utils import exclusive_lock\n"
+        f"with exclusive_lock({lock!r}):\n"
+        " pid = os.fork()\n"
+        " if pid == 0:\n  time.sleep(60); os._exit(0)\n"
+        " print(pid, flush=True)\n input()"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    forked = int(holder.stdout.readline())
+    try:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+        os.kill(forked, 0)  # the fork still runs
+        with exclusive_lock(lock):
+            pass
+    finally:
+        os.kill(forked, signal.SIGKILL)
+
+
 def test_what_a_kill_left_half_written_is_removed_by_its_writer(tmp_path):
     from sdrpn.io_utils import remove_temporaries
     from sdrpn.labels.folder import LabelFolder

@@ -161,7 +161,12 @@ def test_resume_gives_the_same_weights(ws, tmp_path):
     with pytest.raises(ValueError, match=r"other settings \(world_size: 2 -> 1\)"):
         main(train_args(ws, part, *common, "--resume"))
     record_world_size(1)
+    # What a kill left half-written at the root goes; another program's temporary stays.
+    killed = [".tmp-rpn.safetensors.k1", ".tmp-metrics-epoch0.json.k2", ".tmp-train_config.json.k3"]
+    for name in [*killed, ".tmp-notes.txt.k4"]:
+        (part / name).write_text("half")
     assert main(train_args(ws, part, *common, "--resume", "--num-workers", "0")) == 0
+    assert not any((part / name).exists() for name in killed) and (part / ".tmp-notes.txt.k4").exists()
     card = (part / "README.md").read_text()
     assert "## Held-out metrics" in card
     # Resumed with nothing left to train, the card keeps the last epoch's metrics.
@@ -221,6 +226,49 @@ def test_data_parallel_step_with_dropped_micro_batches(ws, tmp_path):
             assert step["ranks_agree"]
             assert step["max_gradient"] > 0
             assert step["max_gradient_error"] <= 1e-6 * step["max_gradient"]
+
+
+def test_a_rank_left_alone_mid_step_says_so_in_one_line(ws, tmp_path):
+    """Ranks started without torchrun (or after it died): when rank 1 dies mid-step, rank 0's
+    gradient all-reduce fails. It stops with one line naming that, not DDP's traceback."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = train_args(ws, tmp_path / "run", *QUICK, "--effective-batch", "32")
+    dies = (  # rank 1 exits when its first step begins, as a kill would end it
+        "import os, sys\nfrom sdrpn.rpn.train import RPNTrainer\n"
+        "RPNTrainer._step = lambda *a: os._exit(9)\n"
+        f"from sdrpn.cli import main\nsys.exit(main({args!r}))"
+    )
+    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2")
+    ranks = [
+        subprocess.Popen(command, env=dict(env, RANK=str(r), LOCAL_RANK=str(r)), stderr=subprocess.PIPE, text=True)
+        for r, command in enumerate([[sys.executable, "-m", "sdrpn", *args], [sys.executable, "-c", dies]])
+    ]
+    stderr = [rank.communicate(timeout=300)[1] for rank in ranks]
+    assert ranks[1].returncode == 9, stderr[1][-3000:]
+    assert ranks[0].returncode == 2, stderr[0][-3000:]
+    errors = [line for line in stderr[0].splitlines() if "sdrpn train: error: " in line]
+    assert len(errors) == 1 and "another rank stopped" in errors[0], stderr[0][-3000:]
+    assert "Traceback" not in stderr[0]
+
+
+def test_a_steps_own_errors_are_not_taken_for_a_stopped_rank():
+    from sdrpn.distributed import RankStopped, peers_may_stop
+
+    with pytest.raises(RuntimeError, match="element 0 of tensors does not require grad") as own:
+        with peers_may_stop(mixed=True):
+            raise RuntimeError("element 0 of tensors does not require grad")
+    assert not isinstance(own.value, RankStopped)
+    gloo = "[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:538] Read error: Connection reset by peer"
+    with pytest.raises(RankStopped, match="another rank stopped.*Connection reset by peer"):
+        with peers_may_stop(mixed=True):
+            raise RuntimeError(gloo)
+    with pytest.raises(RankStopped, match="NCCL error"):
+        with peers_may_stop(mixed=True):
+            raise torch.distributed.DistBackendError("NCCL error in: ProcessGroupNCCL.cpp")
 
 
 def test_bad_config():

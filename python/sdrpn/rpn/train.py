@@ -27,8 +27,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from transformers import get_cosine_schedule_with_warmup
 
-from ..distributed import barrier, check_initialized, check_rank, gather_objects
-from ..io_utils import exclusive_lock, read_json, write_json
+from ..distributed import barrier, check_initialized, check_rank, gather_objects, peers_may_stop
+from ..io_utils import exclusive_lock, read_json, remove_temporaries, write_json
 from ..labels.folder import LabelFolder
 from ..llava.backbone import branch_hidden_states
 from ..llava.data import skip_reasons
@@ -48,7 +48,7 @@ from .checkpoints import (
     save_checkpoint,
 )
 from .dataset import LabelBatch, LabelCollator, LabelShardDataset
-from .model import WEIGHTS_NAME, RegionProposalNetwork, rpn_loss
+from .model import CONFIG_NAME, HUB_CONFIG_NAME, WEIGHTS_NAME, RegionProposalNetwork, rpn_loss
 
 log = logging.getLogger(__name__)
 
@@ -183,6 +183,20 @@ def check_labels_base_model(labels: str, recorded: dict | None, model: nn.Module
             ours["name"],
             advice,
         )
+
+
+TRAIN_CONFIG_NAME = "train_config.json"
+METRICS_NAME = "metrics-epoch{epoch}.json"
+# What a run writes at --out's root (its checkpoints lie under checkpoints/).
+_ROOT_FILES = (WEIGHTS_NAME, CONFIG_NAME, HUB_CONFIG_NAME, TRAIN_CONFIG_NAME, METRICS_NAME.format(epoch="*"))
+
+
+def remove_unfinished_outputs(out: str) -> None:
+    """Delete what a kill left half-written in a run's folder: checkpoints being saved, and
+    the temporary files of the root's outputs. For the run's one writer, holding its lock."""
+    remove_unfinished(out)
+    for names in _ROOT_FILES:
+        remove_temporaries(out, names)
 
 
 def check_fresh_out(cfg: TrainConfig) -> None:
@@ -487,8 +501,9 @@ class RPNTrainer:
             progress = load_checkpoint(ckpt, rpn, optimizer, scheduler)
             log.info("resumed from %s at step %d", ckpt, progress["global_step"])
         if self.rank == 0:  # the checkpoints' one writer, holding the lock
-            remove_unfinished(cfg.out)
-        model_for_grad = DistributedDataParallel(rpn) if self.world > 1 else rpn
+            remove_unfinished_outputs(cfg.out)
+        with peers_may_stop(mixed=True):  # DDP starts by broadcasting rank 0's weights
+            model_for_grad = DistributedDataParallel(rpn) if self.world > 1 else rpn
         metrics = {}
         bar = show_progress(
             total=total, initial=progress["global_step"], desc="train", unit="step", disable=self.rank != 0
@@ -503,7 +518,8 @@ class RPNTrainer:
             batches = _tallied(self._loader(train_set, [chunk for step in steps for chunk in step]), tally)
             for step_chunks in steps:
                 before = tally.trained, tally.cells
-                loss_value, stepped = self._step(model_for_grad, optimizer, scheduler, len(step_chunks), batches)
+                with peers_may_stop(mixed=True):  # its gradients' all-reduce meets the other ranks
+                    loss_value, stepped = self._step(model_for_grad, optimizer, scheduler, len(step_chunks), batches)
                 if not stepped:  # its samples trained nothing
                     tally.trained, tally.cells = before
                     if self.rank == 0:  # the ranks skipped it together; their tallies are summed
@@ -547,7 +563,7 @@ class RPNTrainer:
         if self.rank == 0:
             card = {"metrics": metrics or None, "training": self._card_settings(len(train_set))}
             rpn.save_pretrained(cfg.out, model_card_kwargs=card)
-            write_json(os.path.join(cfg.out, "train_config.json"), cfg.to_dict())
+            write_json(os.path.join(cfg.out, TRAIN_CONFIG_NAME), cfg.to_dict())
         return metrics
 
     def _card_settings(self, train_size: int) -> dict:
@@ -560,7 +576,7 @@ class RPNTrainer:
         return settings
 
     def _metrics_path(self, epoch: int) -> str:
-        return os.path.join(self.cfg.out, f"metrics-epoch{epoch}.json")
+        return os.path.join(self.cfg.out, METRICS_NAME.format(epoch=epoch))
 
     def _held_out_metrics(self, rpn, held_out, epoch: int, global_step: int) -> dict:
         """Rank 0's metrics on the held-out split ({} on the others); a loss that is not

@@ -32,7 +32,7 @@ from ..llava.geometry import grid_box_to_pixels, model_grid
 from ..llava.presets import resolve_preset
 from ..options import setting_changes
 from ..rpn.model import RegionProposalNetwork
-from ..rpn.train import RPNTrainer, TrainConfig
+from ..rpn.train import TRAIN_CONFIG_NAME, RPNTrainer, TrainConfig
 from .attention_check import collect_head_maps, layer_localisation, selection_scores
 from .cells import cell_box
 from .evaluate import answer_with_views
@@ -147,7 +147,7 @@ def raw_labels(labels_dir: str, out: str, fg_ratio: float = 0.2) -> None:
 
 def train_rpn(cfg: PipelineConfig, model, tokenizer, labels_dir: str, out: str) -> None:
     """`sdrpn train` with the defaults the label folder's preset gives."""
-    if os.path.exists(os.path.join(out, "train_config.json")):
+    if os.path.exists(os.path.join(out, TRAIN_CONFIG_NAME)):
         return  # trained already
     train = TrainConfig(
         labels=labels_dir,
