@@ -79,6 +79,19 @@ def test_a_resave_at_the_same_step_never_replaces_what_latest_names(tmp_path, mo
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["latest.json", os.path.basename(second)]
 
 
+def test_the_newest_checkpoints_are_kept_as_many_as_asked(tmp_path):
+    """latest.json beside the step folders is not one of the checkpoints `keep` counts; a
+    checkpoint holds no file of a save of its step that a kill stopped before."""
+    rpn, opt, sched = make(1.0)
+    stale = tmp_path / "checkpoints" / "step-00000002.tmp"  # a save of step 2 killed half-way
+    stale.mkdir(parents=True)
+    (stale / "optimizer.safetensors.part").write_text("half")
+    saved = [save_checkpoint(str(tmp_path), rpn, opt, sched, {"global_step": step}, keep=2) for step in (1, 2, 3)]
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["latest.json", *map(os.path.basename, saved[1:])]
+    assert latest_checkpoint(str(tmp_path)) == saved[-1]
+    assert sorted(os.listdir(saved[1])) == ["optimizer.safetensors", "rpn.safetensors", "trainer_state.json"]
+
+
 def test_a_second_job_on_a_held_output_fails_at_once_naming_the_holder(tmp_path):
     import json
     import signal
@@ -111,6 +124,28 @@ def test_a_second_job_on_a_held_output_fails_at_once_naming_the_holder(tmp_path)
         child.wait()
     with exclusive_lock(lock):
         assert json.loads(open(lock).read())["pid"] == os.getpid()
+
+
+def test_a_lock_file_names_its_holder_alone(tmp_path):
+    """A holder's record replaces a longer one an earlier holder left: it reads as JSON."""
+    import json
+
+    from sdrpn.io_utils import exclusive_lock
+
+    lock = tmp_path / ".train.lock"
+    lock.write_text(json.dumps({"pid": 1, "host": "an-earlier-holder-on-a-host-of-a-long-name", "started": "then"}))
+    with exclusive_lock(str(lock)):
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+
+
+def test_atomic_writes_leave_no_descriptor_open(tmp_path):
+    """A labelling or training job writes thousands of files: one descriptor kept a write
+    would run it out of them."""
+    write_json(str(tmp_path / "warm.json"), {})  # anything opened once per process
+    before = len(os.listdir("/proc/self/fd"))
+    for i in range(5):
+        write_json(str(tmp_path / f"{i}.json"), {"i": i})
+    assert len(os.listdir("/proc/self/fd")) == before
 
 
 def test_a_killed_holders_forked_children_do_not_keep_its_lock(tmp_path):

@@ -18,7 +18,7 @@ from sdrpn.llava.backbone import branch_hidden_states
 from sdrpn.llava.loading import load_llava, model_identity
 from sdrpn.rpn.dataset import LabelCollator, LabelShardDataset
 from sdrpn.rpn.model import RegionProposalNetwork, rpn_loss
-from sdrpn.rpn.train import RPNTrainer, TrainConfig, accumulation_steps, evaluate, rpn_for_labels
+from sdrpn.rpn.train import RPNTrainer, TrainConfig, accumulation_steps, evaluate, rpn_for_labels, rpn_settings
 from synthetic_labels import write_region_labels
 from tiny_llava import IMAGE, make_tokenizer, save_tiny_llava
 
@@ -64,7 +64,12 @@ def test_early_exit_features_equal_full_forward_hidden_states(ws):
     model, tok = load_llava(str(ws / "model"), "fp32")
     ds = LabelShardDataset(str(ws / "labels"), tok, IMAGE)
     batch = LabelCollator(tok.pad_token_id)([ds[i] for i in range(3)])
-    for name, value in (("image_token_id", None), ("subset_seed", 1.5), ("subset_seed", 2**64)):
+    for name, value in (
+        ("image_token_id", None),
+        ("image_token_id", 2**63),
+        ("subset_seed", 1.5),
+        ("subset_seed", 2**63),
+    ):
         with pytest.raises(ValueError, match=rf"{name} must be an int in \[0, 2\*\*63\), got {value!r}"):
             LabelShardDataset(str(ws / "labels"), tok, **{"image_token_id": IMAGE, name: value})
     with pytest.raises(ValueError, match=r"pad_id must be a token id \(an int >= 0\), got None"):
@@ -86,15 +91,43 @@ def test_early_exit_features_equal_full_forward_hidden_states(ws):
     for kwargs, message in (
         ({"held_out_fraction": float("nan")}, r"held_out_fraction must be a number in \[0, 1\), got nan"),
         ({"held_out_fraction": -0.1}, r"held_out_fraction must be a number in \[0, 1\), got -0.1"),
+        ({"held_out_fraction": 1.0}, r"held_out_fraction must be a number in \[0, 1\), got 1.0"),
+        ({"held_out_fraction": "0.1"}, r"held_out_fraction must be a number in \[0, 1\), got '0.1'"),
         ({"max_samples": True}, "max_samples must be an int >= 1 or None, got True"),
         ({"max_samples": 2.5}, "max_samples must be an int >= 1 or None, got 2.5"),
         ({"image_size": 0}, r"image_size must be an int in \[1, 65536\], got 0"),
+        ({"image_size": 2**16 + 1}, r"image_size must be an int in \[1, 65536\], got 65537"),
+        ({"image_folder": str(ws / "gone")}, r"image_folder \(--image-folder\) '.*gone' does not exist"),
     ):
         with pytest.raises(ValueError, match=message):
             LabelShardDataset(str(ws / "labels"), tok, IMAGE, **kwargs)
+    LabelShardDataset(str(ws / "labels"), tok, IMAGE, subset_seed=0, image_size=2**16)  # the ranges' ends are values
     for layer in (0, 99, 2.0):  # 99 was an IndexError
         with pytest.raises(ValueError, match=rf"branch_layer must be an int in \[1, 4\] .*, got {layer!r}"):
             branch_hidden_states(model, batch.input_ids, batch.attention_mask, batch.pixel_values, layer)
+
+
+def test_the_held_out_split_takes_its_fraction_of_the_samples():
+    from sdrpn.rpn.dataset import in_held_out
+
+    ids = [f"sample-{i}" for i in range(10000)]
+    for fraction in (0.05, 0.2, 0.5):
+        assert sum(in_held_out(i, fraction) for i in ids) / len(ids) == pytest.approx(fraction, abs=0.02)
+    assert not any(in_held_out(i, 0) for i in ids)
+
+
+def test_labels_holding_the_shards_of_another_job_are_refused(ws, tmp_path):
+    """Shards of a second labelling job on more ranks would be trained on beside the first
+    job's: its samples twice."""
+    shutil.copytree(ws / "labels", tmp_path / "labels")
+    labels = LabelFolder(str(tmp_path / "labels"))
+    config = labels.config
+    config.world_size = 1  # labelled by `sdrpn label` on 1 rank
+    labels.write_config(config)
+    for path in (tmp_path / "labels").glob("rank000-shard00000.*"):
+        shutil.copy(path, tmp_path / "labels" / path.name.replace("rank000", "rank001"))
+    with pytest.raises(ValueError, match=r"shards of a job on another number of ranks than 1 \(rank001-shard00000\)"):
+        LabelShardDataset(str(tmp_path / "labels"), make_tokenizer(), IMAGE)
 
 
 def test_the_rpn_learns_the_region(ws, tmp_path):
@@ -172,6 +205,10 @@ def test_resume_gives_the_same_weights(ws, tmp_path):
     # Resumed with nothing left to train, the card keeps the last epoch's metrics.
     assert main(train_args(ws, part, *common, "--resume")) == 0
     assert (part / "README.md").read_text() == card
+    # Every epoch walks all its steps: 96 samples at 16 per micro-batch, 2 per step.
+    pointer = json.loads((whole / "checkpoints" / "latest.json").read_text())["path"]
+    state = json.loads((whole / "checkpoints" / pointer / "trainer_state.json").read_text())
+    assert state["progress"] == {"epoch": 2, "step_in_epoch": 0, "global_step": 6}
     a, b = load_file(whole / "rpn.safetensors"), load_file(part / "rpn.safetensors")
     for key in a:  # bit-identical on the CPU; a GPU's GEMMs may differ in the last bit
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0 if not torch.cuda.is_available() else 1e-6)
@@ -276,13 +313,15 @@ def test_bad_config():
         TrainConfig(labels="x", out="y", batch_size=0)
     with pytest.raises(ValueError, match="held_out_fraction must lie in"):
         TrainConfig(labels="x", out="y", held_out_fraction=1.0)
+    with pytest.raises(ValueError, match=r"lr \* weight_decay < 1, got 2.0"):  # the weights zeroed each step
+        TrainConfig(labels="x", out="y", lr=0.5, weight_decay=2.0)
     with pytest.raises(ValueError, match="batch_size must be of type int, got 8.0"):
         TrainConfig(labels="x", out="y", batch_size=8.0)
     with pytest.raises(ValueError, match=re.escape("max_samples must be of type int | None, got '100'")):
         TrainConfig(labels="x", out="y", max_samples="100")
     with pytest.raises(ValueError, match="labels is required"):
         TrainConfig(labels=None, out="y")
-    for betas in ((0.9, float("nan")), (0.9,), "ab", 5):
+    for betas in ((0.9, float("nan")), (0.9, 1.0), (0.9,), "ab", 5):  # AdamW refuses a beta of 1 only at its start
         with pytest.raises(ValueError, match=re.escape(f"betas must be two numbers in [0, 1), got {betas!r}")):
             TrainConfig(labels="x", out="y", betas=betas)
     # Values that trained silently to NaN weights, or failed deep inside the run.
@@ -610,6 +649,34 @@ def test_the_trainer_refuses_a_rank_outside_its_world(ws, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_a_train_split_needs_a_sample_for_every_rank(ws):
+    model, tok = load_llava(str(ws / "model"), "fp32")
+
+    def train_split(samples):
+        cfg = TrainConfig(labels=str(ws / "labels"), out="x", branch_layer=1, depth=2, max_samples=samples)
+        return RPNTrainer(cfg, model, tok, world_size=2)._datasets()[0]
+
+    assert len(train_split(2)) == 2  # one each
+    with pytest.raises(ValueError, match="the train split has 1 samples, fewer than the 2 ranks"):
+        train_split(1)
+
+
+def test_a_second_run_into_an_out_in_use_fails_at_once(ws, tmp_path):
+    """Two jobs training into one --out would interleave their checkpoints: the second one
+    stops before it writes anything."""
+    from sdrpn.io_utils import FolderBusy, exclusive_lock
+
+    model, tok = load_llava(str(ws / "model"), "fp32")
+    cfg = TrainConfig(
+        labels=str(ws / "labels"), out=str(tmp_path / "run"), branch_layer=1, depth=2, batch_size=8,
+        effective_batch=8, max_samples=16, held_out_fraction=0,
+    )  # fmt: skip
+    with exclusive_lock(str(tmp_path / "run" / ".train.lock")):  # the first job's
+        with pytest.raises(FolderBusy, match="is held by another running job"):
+            RPNTrainer(cfg, model, tok).run()
+    assert os.listdir(tmp_path / "run") == [".train.lock"]
+
+
 def test_labels_of_a_same_architecture_model_with_other_weights_are_refused(ws, tmp_path, caplog):
     model_a, tok = load_llava(str(ws / "model"), "fp32")
     save_tiny_llava(str(tmp_path / "b"), grid=GRID, num_layers=4, seed=1)  # same shapes, other weights
@@ -679,6 +746,31 @@ def test_metrics_over_nothing_are_undefined(ws):
     assert metrics == {"bce": None, "cells": 0, "precision": None, "recall": None, "iou": None}
 
 
+def test_metrics_count_the_labelled_cells_of_every_batch(monkeypatch):
+    """Precision, recall and IoU of (logit > 0) against the fg/bg labels, and the BCE
+    averaged over the labelled cells of all batches (not over the batches): an ignored
+    cell counts in none of them, whatever its logit. The forward is stubbed with known
+    logits, so that the counts are known: 4 true positives, 1 false positive, 2 false
+    negatives over 8 labelled cells."""
+    import types
+
+    import sdrpn.rpn.train as train_module
+
+    monkeypatch.setattr(train_module, "_forward", lambda model, rpn, layer, batch, *rest: batch)
+    batches = [
+        (torch.tensor([[3.0, 2.0, -1.0, -2.0, 5.0, 1.0]]), torch.tensor([[1, 0, 1, 0, -100, 1]])),
+        None,  # every sample of the batch skipped
+        (torch.tensor([[4.0, -3.0, 2.0, 6.0]]), torch.tensor([[1, 1, -100, 1]])),
+    ]
+    rpn = types.SimpleNamespace(config=types.SimpleNamespace(branch_layer=1), eval=lambda: None, train=lambda: None)
+    metrics = evaluate(None, rpn, batches, IMAGE, "cpu", lambda: torch.autocast("cpu", enabled=False))
+    logits = torch.cat([b[0][b[1] != -100] for b in batches if b])
+    labels = torch.cat([b[1][b[1] != -100] for b in batches if b]).float()
+    bce = float(torch.nn.functional.binary_cross_entropy_with_logits(logits, labels))
+    assert metrics.pop("bce") == pytest.approx(bce, rel=1e-6)
+    assert metrics == {"cells": 8, "precision": 4 / 5, "recall": 4 / 6, "iou": 4 / 7}
+
+
 def test_fewer_samples_than_the_effective_batch_are_warned_about(ws, tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="sdrpn.rpn.train"):
         assert main(train_args(ws, tmp_path / "few", *QUICK, "--effective-batch", "64")) == 0
@@ -717,3 +809,6 @@ def test_rpn_for_labels_takes_the_labels_settings_and_refuses_a_zero_branch_laye
     assert (rpn.config.prompt_template, rpn.config.preprocessing) == (labels.prompt_template, "pad")
     with pytest.raises(ValueError, match="got K=0, depth=2"):  # 0 is a value, not "the preset's"
         rpn_for_labels(model, str(ws / "labels"), branch_layer=0, depth=2)
+    # Labels that record no preset (converted from the reference's pickles): SPEC's K=15, T=3.
+    settings = rpn_settings(model, str(ws / "labels"))
+    assert (settings["branch_layer"], settings["depth"], settings["preset"]) == (15, 3, None)
