@@ -144,13 +144,28 @@ def test_a_pickle_of_shared_references_is_refused_before_it_expands(tmp_path):
         load_reference_pickle(str(tmp_path / "bomb.pkl"))
 
 
-def test_a_deeply_nested_pickle_is_refused(tmp_path):
+@pytest.mark.parametrize("nest", [lambda inner: [inner], lambda inner: [{"sink_attn": inner}]], ids=["lists", "dicts"])
+def test_a_deeply_nested_pickle_is_refused(tmp_path, nest):
     deep = []
     for _ in range(200):
-        deep = [deep]
+        deep = nest(deep)
     write_pickle(tmp_path / "deep.pkl", deep)
     with pytest.raises(ValueError, match="nests deeper than 16 levels"):
         load_reference_pickle(str(tmp_path / "deep.pkl"))
+
+
+def test_shared_references_inside_an_object_array_are_counted_too(tmp_path):
+    # numpy pickles an object array's elements with the memo as well: the same bomb, one level down.
+    level = np.zeros(100, np.float32)
+    for _ in range(2):
+        level = [level] * 100
+    holder = np.empty(100, dtype=object)
+    for i in range(100):
+        holder[i] = level
+    write_pickle(tmp_path / "bomb.pkl", [{"question_id": 1, "sink_attn": holder}])
+    assert os.path.getsize(tmp_path / "bomb.pkl") < 4000
+    with pytest.raises(ValueError, match="expands to more than"):
+        load_reference_pickle(str(tmp_path / "bomb.pkl"))
 
 
 def test_bad_records_are_skipped_and_counted(tmp_path, capsys):
@@ -199,6 +214,27 @@ def test_image_paths_are_normalised_against_the_image_folder(tmp_path, capsys):
     from sdrpn.labels.folder import LabelFolder
 
     assert LabelFolder(str(tmp_path / "out")).config.image_folder == str(images)
+
+
+def test_a_folder_written_into_while_the_pickle_loads_is_left_alone(tmp_path, monkeypatch):
+    """OUT is checked before the load, which may take minutes, and again under the lock:
+    labels another job wrote there meanwhile are neither replaced nor mixed with these."""
+    import sdrpn.labels.convert as convert
+
+    write_pickle(tmp_path / "in.pkl", [record(1)])
+    load = convert.load_reference_pickle
+
+    def load_while_another_job_writes(path):
+        records = load(path)
+        (tmp_path / "out").mkdir()
+        (tmp_path / "out" / "rank000-shard00000.jsonl").write_text("theirs\n")
+        return records
+
+    monkeypatch.setattr(convert, "load_reference_pickle", load_while_another_job_writes)
+    with pytest.raises(ValueError, match="holds files already"):
+        main(["convert-labels", str(tmp_path / "in.pkl"), str(tmp_path / "out"), "--grid", "4x4"])
+    assert (tmp_path / "out" / "rank000-shard00000.jsonl").read_text() == "theirs\n"
+    assert not (tmp_path / "out" / "label_config.json").exists()
 
 
 def test_max_samples_takes_the_seeded_subset(tmp_path, capsys):

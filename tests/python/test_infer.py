@@ -1,6 +1,8 @@
 import dataclasses
 import json
+import re
 import time
+import types
 
 import numpy as np
 import pytest
@@ -420,6 +422,19 @@ def test_prompts_and_answers_past_the_models_context_are_refused(tiny):
     assert "and up to 48 crop tokens, past the model's context of 512" in bbox.prompt_too_long(shorter)
 
 
+def test_a_prompt_that_fills_the_context_exactly_is_answered(tiny):
+    # The last position's logits give the answer's first token (decode.answer_limits): a prompt
+    # of all 512 positions, with the crop tokens it may get, is answered; one token more is not.
+    sd = pipeline(tiny, blob_logits(None))
+    base = BaseLlava(tiny.model, make_tokenizer(), prompt_template=TEMPLATE)
+    full = "x " * 490 + "?"  # 512 tokens
+    assert base.prompt_too_long(full) is None and len(base.generate(images(1), [full], 5)) == 1
+    assert "makes a prompt of 513 tokens" in base.prompt_too_long("x " + full)
+    with_crop = "x " * 474 + "?"  # 496 tokens, and a mask-mode crop's 16
+    assert sd.prompt_too_long(with_crop) is None
+    assert re.search(r"prompt of 497 tokens .* and up to 16 crop tokens", sd.prompt_too_long("x " + with_crop))
+
+
 def test_answers_end_where_the_models_context_does(tiny):
     # A prompt that fits with its crop may still leave fewer positions than max_new_tokens:
     # the answer ends there rather than read tokens at positions the model never saw
@@ -451,8 +466,15 @@ def test_the_pipelines_objects_are_checked(tiny):
         SDRPNLlava(tiny.model, tok, None, **kw)
     with pytest.raises(TypeError, match="model must be a LLaVA model"):
         SDRPNLlava(None, tok, rpn, **kw)
+    # The text model alone is a module too, but sees no image: named here, not an AttributeError on its config.
+    with pytest.raises(TypeError, match=r"model must be a LLaVA model \(load_llava's\), got LlamaModel"):
+        BaseLlava(tiny.model.get_decoder(), tok, **kw)
     with pytest.raises(TypeError, match="processor must be a Hugging Face processor or tokenizer, got NoneType"):
         BaseLlava(tiny.model, None, **kw)
+    # Half a tokenizer is none: a call without decode (an image processor's), decode without a call.
+    for half, name in ((lambda text: text, "function"), (types.SimpleNamespace(decode=str), "SimpleNamespace")):
+        with pytest.raises(TypeError, match=f"processor must be a Hugging Face processor or tokenizer, got {name}"):
+            BaseLlava(tiny.model, half, **kw)
     # An RPN holds copies of its base model's layers: on another model it reads states it
     # never trained on.
     other = make_tiny_llava(num_layers=4, grid=GRID, seed=1)
@@ -564,6 +586,14 @@ def test_odd_images_are_handled(tiny, image):
     assert len(ans.tokens) >= 1
     for x0, y0, x1, y1 in ans.rois.boxes:
         assert 0 <= x0 <= x1 <= image.width and 0 <= y0 <= y1 <= image.height
+
+
+def test_an_image_with_no_pixels_is_refused_naming_it(tiny):
+    # A crop of zero width or height (image.crop((5, 0, 5, 10))) is a PIL image: either side at 0 is named.
+    sd = pipeline(tiny, blob_logits(None))
+    for width, height in ((0, 10), (10, 0)):
+        with pytest.raises(ValueError, match=rf"images\[1\] must be at least 1x1 pixels, got {width}x{height}"):
+            sd.predict_rois([*images(1), Image.new("RGB", (width, height))], QUESTIONS[:2])
 
 
 def test_accepts_a_processor_holding_the_tokenizer(tiny):

@@ -216,6 +216,45 @@ def test_setting_changes_name_each_value_nested_and_long():
     assert data.startswith('data: "/a/xxx') and '/one.json" -> "/a/' in data and data.endswith('x/two.json"')
     assert "..." in data and len(data) < 180
     assert setting_changes({"a": None}, {"b": 2}) == ["a: null -> (absent)", "b: (absent) -> 2"]
+    # A group of settings on one side only (an artefact from before it was recorded) is one change.
+    assert setting_changes({"roi": {"sigma": 1.0}}, {}) == ['roi: {"sigma": 1.0} -> (absent)']
+    assert setting_changes({"roi": None}, {"roi": {"sigma": 1.0}}) == ['roi: null -> {"sigma": 1.0}']
+
+
+def test_roi_options_take_the_ends_of_their_ranges():
+    # min_area 0 grows nothing, max_area 1 keeps one-cell boxes only, a max_boxes of the
+    # 64-bit maximum limits nothing (the ops take it); one step past each end is refused.
+    from sdrpn.options import RoiOptions
+
+    edges = RoiOptions(threshold=-1.0, min_area=0, max_area=1, max_boxes=2**63 - 1, drop_singletons=False)
+    assert (edges.min_area, edges.max_area, edges.max_boxes) == (0, 1, 2**63 - 1)
+    assert RoiOptions(threshold=1.0, max_boxes=1).threshold == 1.0
+    for change, message in (
+        (dict(min_area=-1), "min_area must be >= 0, got -1"),
+        (dict(max_area=0), "max_area must be >= 1, got 0"),
+        (dict(max_boxes=0), "max_boxes must be >= 1, got 0"),
+        (dict(max_boxes=2**63), "max_boxes must fit in 64 bits"),
+        (dict(threshold=1.01), r"threshold must lie in \[-1, 1\], got 1.01"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            RoiOptions(**change)
+
+
+def test_an_optional_count_is_checked_once_it_is_set():
+    """None stands for a count left unset (no --limit); a value that is set is held to the
+    rule of a required one."""
+    from types import SimpleNamespace
+
+    from sdrpn.options import require_at_least
+
+    unset, zero, half = SimpleNamespace(limit=None), SimpleNamespace(limit=0), SimpleNamespace(limit=2.5)
+    require_at_least(1, unset, "limit", optional=True)
+    with pytest.raises(ValueError, match="limit must be an int >= 1, got None"):
+        require_at_least(1, unset, "limit")
+    with pytest.raises(ValueError, match="limit must be >= 1, got 0"):
+        require_at_least(1, zero, "limit", optional=True)
+    with pytest.raises(ValueError, match="limit must be an int >= 1, got 2.5"):
+        require_at_least(1, half, "limit", optional=True)
 
 
 def test_option_errors_name_the_flag(tmp_path, capsys):

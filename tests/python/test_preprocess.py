@@ -123,6 +123,21 @@ def test_parse_entry_and_resolve_image(tmp_path):
         resolve_image(str(tmp_path), "b.png")
 
 
+def test_the_answer_is_the_gpt_turn_that_follows_the_first_question():
+    """Turns before the first human one (a system preamble) are not the answer, and a second
+    human turn before the reply is not either: the pair is the first human turn and the gpt
+    turn after it. Turns that are not {from, value: text} are passed over."""
+    preamble, question, follow_up = ("gpt", "Hello."), ("human", "<image>\nWhat is it?"), ("human", "And the colour?")
+    for turns in ([preamble, question, ("gpt", "A cat.")], [question, follow_up, ("gpt", "A cat.")]):
+        entry = {"image": "a.png", "conversations": [{"from": who, "value": text} for who, text in turns]}
+        sample = parse_entry(entry, 0)
+        assert (sample.question, sample.answer) == ("What is it?", "A cat.")
+    turns = ["hi", {"from": "human", "value": None}, {"from": "human", "value": "<image>\nWhat is it?"}]
+    turns += [{"from": "gpt", "value": ["x"]}, {"from": "gpt", "value": "A cat."}]
+    sample = parse_entry({"image": "a.png", "conversations": turns}, 0)
+    assert (sample.question, sample.answer) == ("What is it?", "A cat.")
+
+
 def test_padding_uses_the_truncated_clip_mean():
     from PIL import Image
 

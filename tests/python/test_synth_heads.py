@@ -130,3 +130,50 @@ def test_outputs_of_the_wrong_kind_are_named_before_any_work(tmp_path):
     ):
         with pytest.raises(ValueError, match=message):
             main(argv)
+
+
+def test_presets_branch_at_llava15s_layer_and_a_preset_file_may_leave_it_out(tmp_path):
+    """Both LLaVA-1.5 presets branch the RPN at layer 15 with depth 3; a custom preset file that
+    leaves them out takes the same, as the README's example and check_fits' refusal say."""
+    import json
+
+    from sdrpn.llava.presets import get_preset
+
+    for name in ("llava15-7b", "llava15-13b"):
+        assert (get_preset(name).branch_layer, get_preset(name).depth) == (15, 3)
+    path = tmp_path / "heads.json"
+    path.write_text(json.dumps({"grounding": [[14, 13]], "sink": [[2, None]]}))
+    custom = get_preset(str(path))
+    assert (custom.name, custom.branch_layer, custom.depth) == ("heads.json", 15, 3)
+    # The 13B preset's heads, as the 7B one's are pinned in test_llava_maps: a slip in one goes unseen.
+    large = get_preset("llava15-13b")
+    assert large.sink.pairs == ((16, 17), (16, 22))
+    assert large.grounding.pairs == ((13, 21), (13, 23), (13, 26), (15, 2), (16, 2), (16, 21), (16, 30))
+
+
+def test_a_preset_reading_or_branching_past_the_models_layers_is_refused():
+    """Either is enough: a probed layer the model lacks, or a branch point plus depth past its
+    last layer (README: a preset that does not fit the model is refused)."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    config = SimpleNamespace(get_text_config=lambda: SimpleNamespace(num_hidden_layers=3, num_attention_heads=2))
+    fits = LlavaPreset("mine", HeadSelection(((2, 0),)), HeadSelection(((0, None),)), branch_layer=1, depth=2)
+    fits.check_fits(config)
+    for change in (dict(grounding=HeadSelection(((3, 0),))), dict(branch_layer=2)):
+        with pytest.raises(ValueError, match="preset 'mine' reads layers .* but the model has 3 layers"):
+            dataclasses.replace(fits, **change).check_fits(config)
+
+
+def test_a_preset_with_a_sink_threshold_of_zero_is_refused(tmp_path):
+    # A cell whose sink map is >= the threshold is a sink: at 0 every cell is one, and every sample all-ignore.
+    import json
+
+    from sdrpn.llava.presets import get_preset
+
+    heads = {"grounding": [[14, 13]], "sink": [[2, None]]}
+    (tmp_path / "small.json").write_text(json.dumps({**heads, "sink_threshold": 1e-9}))
+    assert get_preset(str(tmp_path / "small.json")).sink_threshold == 1e-9
+    (tmp_path / "zero.json").write_text(json.dumps({**heads, "sink_threshold": 0}))
+    with pytest.raises(ValueError, match="sink_threshold must be a finite number > 0, got 0.0"):
+        get_preset(str(tmp_path / "zero.json"))
