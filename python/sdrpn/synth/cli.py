@@ -48,6 +48,16 @@ FRACTION = number_in(0.0, 1.0)
 WEIGHT = number_in(0.0)
 
 
+def add_device(parser: argparse.ArgumentParser) -> None:
+    """--device for a command that runs a model: the GPU where there is one."""
+    parser.add_argument(
+        "--device",
+        type=device_arg,
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="(default: %(default)s)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="sdrpn-synth", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -58,12 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--batch-size", type=positive_int, default=32, help="(default: %(default)s)")
     train.add_argument("--lr", type=number_in(0.0, 1.0, low_open=True), default=1e-3, help="(default: %(default)s)")
     train.add_argument("--seed", type=non_negative_int, default=0, help="(default: %(default)s)")
-    train.add_argument(
-        "--device",
-        type=device_arg,
-        default="cuda" if torch.cuda.is_available() else "cpu",
-        help="(default: %(default)s)",
-    )
+    add_device(train)
     train.add_argument(
         "--workers", type=workers_arg, default=min(8, os.cpu_count() or 1), help="processes making batches"
     )
@@ -143,12 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--model", type=text_arg, required=True)
     score.add_argument("--count", type=positive_int, default=400, help="(default: %(default)s)")
     score.add_argument("--split", default="test", choices=["val", "test"], help="(default: %(default)s)")
-    score.add_argument(
-        "--device",
-        type=device_arg,
-        default="cuda" if torch.cuda.is_available() else "cpu",
-        help="(default: %(default)s)",
-    )
+    add_device(score)
     score.add_argument("--json", type=text_arg, default=None, help="also write the table here")
     inspect = sub.add_parser(
         "inspect", help="where a base model's answer attention lands, per layer and head, and the heads to ground on"
@@ -190,12 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--examples", type=non_negative_int, default=8, help="test images drawn in examples.png (default: %(default)s)"
     )
     run.add_argument("--title", default="SD-RPN on the synthetic fine-detail task", help="(default: %(default)s)")
-    run.add_argument(
-        "--device",
-        type=device_arg,
-        default="cuda" if torch.cuda.is_available() else "cpu",
-        help="(default: %(default)s)",
-    )
+    add_device(run)
     return parser
 
 
