@@ -145,6 +145,17 @@ def setting_changes(recorded: dict, now: dict) -> list[str]:
     return changes
 
 
+def changes_and_moves(recorded: dict, now: dict, paths) -> tuple[list[str], list[str]]:
+    """setting_changes with the settings named in ``paths`` set apart: where a file or folder
+    lies is not what it holds (its content is compared through a setting of its own, such as
+    a digest), so a job moved to another disk or machine resumes. Returns (the changes that
+    refuse a resume, the paths that moved)."""
+    paths = set(paths)
+    kept = {k: v for k, v in recorded.items() if k not in paths}, {k: v for k, v in now.items() if k not in paths}
+    both = [k for k in paths if k in recorded and k in now]
+    return setting_changes(*kept), setting_changes({k: recorded[k] for k in both}, {k: now[k] for k in both})
+
+
 _ABSENT = object()  # a setting one side does not have
 
 

@@ -430,6 +430,25 @@ def test_answer_file_refuses_to_mix_settings(infer_ws, tmp_path):
         infer_cli(infer_ws, *data, "--max-new-tokens", "3", "--threshold", "0.3")
     assert out.read_text() == rows  # nothing touched
     assert infer_cli(infer_ws, *data, "--max-new-tokens", "2") == 0  # the same settings resume
+    # The data and images moved elsewhere resume: the data is compared by its content, the
+    # image folder by the sizes of the images the rows record. Another folder is refused.
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    sizes = [list(Image.open(infer_ws / "images" / row["image"]).size) for row in rows]
+    assert [row["image_size"] for row in rows] == sizes
+    moved = tmp_path / "moved"
+    shutil.copytree(infer_ws / "images", moved / "images")
+    (moved / "data.json").write_text((infer_ws / "data.json").read_text())
+    elsewhere = ("--data", str(moved / "data.json"), "--image-folder", str(moved / "images"), *data[4:])
+    assert infer_cli(infer_ws, *elsewhere, "--max-new-tokens", "2") == 0
+    assert json.loads((tmp_path / "answers.jsonl.summary.json").read_text())["already_done"] == 3
+    with pytest.raises(ValueError, match=r"answers about other images: .* \(3 of 3 images checked are missing or"):
+        infer_cli(infer_ws, *data[:2], "--image-folder", str(tmp_path), *data[4:], "--max-new-tokens", "2")
+    # Rows of older versions record no image: their folder is compared by its path.
+    out.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "image_size"}) + "\n" for r in rows))
+    with pytest.raises(ValueError, match=r"other settings \(image_folder: .*moved/images\" -> "):
+        infer_cli(infer_ws, *data, "--max-new-tokens", "2")
+    out.write_text("".join(json.dumps(row) + "\n" for row in rows))  # and with them, moved back
+    assert infer_cli(infer_ws, *data, "--max-new-tokens", "2") == 0
     # Another RPN of the same configuration, trained apart: only its weights differ.
     from safetensors.torch import load_file, save_file
 

@@ -1,4 +1,5 @@
 import json
+import logging
 import os
 import shutil
 
@@ -427,19 +428,39 @@ def test_viz_labels_draws_the_grids_alone_where_an_image_cannot_be_drawn(workspa
     assert "1 image too large to pad to a square" in caplog.text
 
 
-def test_resume_refuses_changed_settings(workspace, tmp_path):
+def test_resume_refuses_changed_settings(workspace, tmp_path, caplog):
     out = tmp_path / "labels"
     run_label(workspace, out, "--answers", "given")
     changed = r'other settings \(options\.prompt_template: "A chat .* -> "USER: <image> \{question\} A:"\)'
     with pytest.raises(ValueError, match=changed):
         run_label(workspace, out, "--answers", "given", "--prompt-template", "USER: <image> {question} A:")
-    with pytest.raises(ValueError, match=r"other settings \(image_folder: .* -> "):
+    # Files are compared by what they hold, not where they lie: a data file and an image
+    # folder moved elsewhere resume; another folder of images is refused.
+    refused = r"made from other images: .* does not hold them \(3 of 3 images checked are missing or differ, e\.g\. img"
+    with pytest.raises(ValueError, match=refused):
         run_label(workspace, out, "--answers", "given", "--image-folder", str(tmp_path))
-    other = tmp_path / "other.json"
-    other.write_text((workspace / "data.json").read_text())
-    with pytest.raises(ValueError, match=r"other settings \(data: .*data.json\" -> .*other.json\"\)"):
-        run_label(workspace, out, "--answers", "given", "--data", str(other))
-    assert run_label(workspace, out, "--answers", "given") == 0  # the same settings resume
+    moved = tmp_path / "moved"
+    shutil.copytree(workspace / "images", moved / "images")
+    (moved / "data.json").write_text((workspace / "data.json").read_text())
+    with caplog.at_level(logging.INFO, logger="sdrpn.labels.folder"):
+        assert (
+            run_label(
+                workspace,
+                out,
+                "--answers",
+                "given",
+                "--data",
+                str(moved / "data.json"),
+                "--image-folder",
+                str(moved / "images"),
+            )
+            == 0
+        )
+    assert (
+        "with files elsewhere than when it began: data: " in caplog.text and f'-> "{moved / "images"}"' in caplog.text
+    )
+    assert json.loads((out / "label_config.json").read_text())["image_folder"] == str(moved / "images")
+    assert run_label(workspace, out, "--answers", "given") == 0  # and moved back
     # A run killed before its first shard was done labelled nothing: any settings may start over.
     for marker in [n for n in os.listdir(out) if n.endswith(".done.json")]:
         os.unlink(out / marker)

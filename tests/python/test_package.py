@@ -221,6 +221,18 @@ def test_setting_changes_name_each_value_nested_and_long():
     assert setting_changes({"roi": None}, {"roi": {"sigma": 1.0}}) == ['roi: null -> {"sigma": 1.0}']
 
 
+def test_paths_that_changed_are_moves_not_changes():
+    from sdrpn.options import changes_and_moves
+
+    old = {"data": "/a/d.json", "sha": "1", "images": "/a/img", "lr": 1.0, "out": "/a/run"}
+    new = {"data": "/b/d.json", "sha": "1", "images": "/b/img", "lr": 2.0}
+    changes, moves = changes_and_moves(old, new, ("data", "images", "out"))
+    assert changes == ["lr: 1.0 -> 2.0"]
+    # A path on one side only is neither: its job records it since a later version.
+    assert moves == ['data: "/a/d.json" -> "/b/d.json"', 'images: "/a/img" -> "/b/img"']
+    assert changes_and_moves(old, {**old, "sha": "2"}, ("data",)) == (['sha: "1" -> "2"'], [])
+
+
 def test_roi_options_take_the_ends_of_their_ranges():
     # min_area 0 grows nothing, max_area 1 keeps one-cell boxes only, a max_boxes of the
     # 64-bit maximum limits nothing (the ops take it); one step past each end is refused.

@@ -366,3 +366,36 @@ def test_a_data_file_is_checked_by_its_first_characters(tmp_path):
     (tmp_path / "dict.json").write_bytes(b'{"data": []}')
     with pytest.raises(ValueError, match=r"must hold a JSON list of samples, it starts with b'\{\"data\": \[\]\}'"):
         check_data_file(str(tmp_path / "dict.json"))
+
+
+def test_an_image_folder_is_told_from_another_by_its_images_sizes(tmp_path):
+    from sdrpn.llava.data import image_folder_problem
+
+    made, moved, resized = tmp_path / "made", tmp_path / "moved", tmp_path / "resized"
+    for folder in (made, moved, resized):
+        folder.mkdir()
+    rows = []
+    for i in range(20):
+        Image.new("RGB", (10 + i, 7)).save(made / f"{i}.png")
+        Image.new("RGB", (10 + i, 7)).save(moved / f"{i}.png")
+        Image.new("RGB", (20 + 2 * i, 14)).save(resized / f"{i}.png")
+        rows.append({"image": f"{i}.png", "image_size": [10 + i, 7]})
+    assert image_folder_problem(str(made), rows) is None
+    # Most images gone or broken, those left the same: skipped samples of the same folder.
+    for i in range(13):
+        (moved / f"{i}.png").unlink()
+    (moved / "13.png").write_bytes(b"no image")
+    assert image_folder_problem(str(moved), rows) is None
+    problem = image_folder_problem(str(resized), rows)
+    assert problem == "16 of 16 images checked are missing or differ, e.g. 0.png is 20x14, not the 10x7 recorded"
+    empty = image_folder_problem(str(tmp_path), rows)
+    assert empty == "16 of 16 images checked are missing or differ, e.g. 0.png: image missing"
+    assert image_folder_problem(str(resized), rows, most=40).startswith("20 of 20")
+    # As many at their sizes as at others is still the folder; more at others is another.
+    half = rows[:2] + [{"image": "0.png", "image_size": [1, 1]}, {"image": "1.png", "image_size": [1, 1]}]
+    assert image_folder_problem(str(made), half) is None
+    assert image_folder_problem(str(made), half[1:]) == (
+        "2 of 3 images checked are missing or differ, e.g. 0.png is 10x7, not the 1x1 recorded"
+    )
+    # Rows without an image or its size say nothing.
+    assert image_folder_problem(str(tmp_path), [{"image": "0.png"}, {"image_size": [1, 1]}, "row", None]) is None

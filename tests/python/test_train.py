@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import logging
 import os
@@ -9,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 from transformers import LlavaConfig, LlavaForConditionalGeneration
 
@@ -147,7 +149,7 @@ def test_the_rpn_learns_the_region(ws, tmp_path):
     assert loaded.config.branch_layer == 1
 
 
-def test_resume_gives_the_same_weights(ws, tmp_path):
+def test_resume_gives_the_same_weights(ws, tmp_path, caplog):
     whole, part = tmp_path / "whole", tmp_path / "part"
     common = ("--epochs", "2", "--max-samples", "96", "--save-every", "3", "--grad-accum", "2")
     assert main(train_args(ws, whole, *common)) == 0
@@ -198,7 +200,25 @@ def test_resume_gives_the_same_weights(ws, tmp_path):
     killed = [".tmp-rpn.safetensors.k1", ".tmp-metrics-epoch0.json.k2", ".tmp-train_config.json.k3"]
     for name in [*killed, ".tmp-notes.txt.k4"]:
         (part / name).write_text("half")
-    assert main(train_args(ws, part, *common, "--resume", "--num-workers", "0")) == 0
+    # The run and its labels moved elsewhere resume; labels made with other settings do not.
+    part, labels = tmp_path / "moved" / "part", tmp_path / "moved" / "labels"
+    shutil.copytree(ws / "labels", labels)
+    shutil.move(tmp_path / "part", part)
+    resumed = train_args(ws, part, *common, "--resume", "--num-workers", "0")
+    resumed[resumed.index("--labels") + 1] = str(labels)
+    folder = LabelFolder(str(labels))
+    config = folder.config
+    made_with = config.options
+    config.options = dataclasses.replace(made_with, fg_ratio=0.75)
+    folder.write_config(config)
+    changed = re.escape(f"other settings (label_config.options.fg_ratio: {made_with.fg_ratio} -> 0.75)")
+    with pytest.raises(ValueError, match=changed):
+        main(resumed)
+    config.options = made_with
+    folder.write_config(config)
+    with caplog.at_level(logging.INFO, logger="sdrpn.rpn.train"):
+        assert main(resumed) == 0
+    assert f'folders elsewhere than when the run began: labels: "{ws / "labels"}" -> "{labels}"' in caplog.text
     assert not any((part / name).exists() for name in killed) and (part / ".tmp-notes.txt.k4").exists()
     card = (part / "README.md").read_text()
     assert "## Held-out metrics" in card
@@ -429,6 +449,24 @@ def test_hf_trainer_example(ws, tmp_path, launcher):
 QUICK = ("--max-samples", "32", "--held-out-fraction", "0")
 
 
+def test_an_image_folder_of_other_images_is_refused_and_a_moved_one_taken(ws, tmp_path):
+    # The labels' images at half their size: the same names, other pictures.
+    (tmp_path / "halved").mkdir()
+    for i in range(240):
+        Image.new("RGB", (7 * GRID, 7 * GRID)).save(tmp_path / "halved" / f"{i}.png")
+    side = 14 * GRID
+    with pytest.raises(
+        ValueError,
+        match=rf"does not hold the images .* \(16 of 16 images checked are missing or differ, e\.g\. "
+        rf"0\.png is {side // 2}x{side // 2}, not the {side}x{side} recorded\): pass the folder",
+    ):
+        LabelShardDataset(str(ws / "labels"), make_tokenizer(), IMAGE, image_folder=str(tmp_path / "halved"))
+    shutil.copytree(ws / "images", tmp_path / "moved")
+    assert (
+        len(LabelShardDataset(str(ws / "labels"), make_tokenizer(), IMAGE, image_folder=str(tmp_path / "moved"))) == 240
+    )
+
+
 def test_a_missing_image_folder_is_refused_up_front(ws, tmp_path):
     with pytest.raises(ValueError, match=f"image_folder \\(--image-folder\\) '{tmp_path / 'nope'}' does not exist"):
         main(train_args(ws, tmp_path / "a", "--image-folder", str(tmp_path / "nope")))
@@ -457,12 +495,16 @@ def test_labels_of_another_grid_or_image_size_are_refused_up_front(ws, tmp_path)
 
 
 def test_an_epoch_that_skipped_every_sample_stops_before_saving(ws, tmp_path):
-    (tmp_path / "empty").mkdir()
+    # The labels' own image folder, emptied after labelling.
+    write_region_labels(tmp_path / "labels", tmp_path / "images", num=40, grid=GRID, image_size=14 * GRID)
+    for image in (tmp_path / "images").iterdir():
+        image.unlink()
     out = tmp_path / "run"
+    args = train_args(ws, out, *QUICK, "--save-every", "1")  # a checkpoint every step: none may hold
+    args[args.index("--labels") + 1] = str(tmp_path / "labels")  # weights that no sample trained
     stopped = r"epoch 0 trained on no sample: all 32 read so far were skipped \(32 image missing\)"
     with pytest.raises(ValueError, match=stopped):
-        # A checkpoint every step: none may hold weights that no sample trained.
-        main(train_args(ws, out, *QUICK, "--save-every", "1", "--image-folder", str(tmp_path / "empty")))
+        main(args)
     assert not (out / "rpn.safetensors").exists() and not (out / "checkpoints").exists()
 
 
@@ -592,9 +634,12 @@ def test_an_epoch_resumed_mid_way_counts_what_it_trained_before(ws, tmp_path, ca
 def test_data_parallel_ranks_agree_that_nothing_trained(ws, tmp_path):
     """Every rank stops with the same error (a rank stopping alone would leave the other
     waiting in its next all-reduce): the counts are summed over the ranks first."""
-    (tmp_path / "empty").mkdir()
+    write_region_labels(tmp_path / "labels", tmp_path / "images", num=40, grid=GRID, image_size=14 * GRID)
+    for image in (tmp_path / "images").iterdir():  # the labels' own image folder, emptied
+        image.unlink()
     out = tmp_path / "ddp"
-    args = train_args(ws, out, *QUICK, "--effective-batch", "32", "--image-folder", str(tmp_path / "empty"))
+    args = train_args(ws, out, *QUICK, "--effective-batch", "32")
+    args[args.index("--labels") + 1] = str(tmp_path / "labels")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "sdrpn"]
     done = subprocess.run([*cmd, *args], env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
                           timeout=300)  # fmt: skip

@@ -17,13 +17,14 @@ from ..llava.data import (
     QASample,
     SkipSample,
     check_image_folder,
+    image_folder_problem,
     load_entries,
     open_image,
     parse_entry,
     skip_reasons,
 )
 from ..llava.loading import model_identity, same_model
-from ..options import require_at_least, setting_changes
+from ..options import changes_and_moves, require_at_least
 from ..prefetch import DEFAULT_WORKERS, prefetch
 from ..progress import show_progress
 from .answers_file import (
@@ -35,6 +36,7 @@ from .answers_file import (
     merge_rows,
     ownerless_parts,
     part_paths,
+    read_rows,
     remove_unfinished,
     writer_path,
 )
@@ -87,6 +89,12 @@ def _answers_so_far(out: str) -> list[str]:
     return [p for p in [out, *part_paths(out)] if os.path.exists(p) and os.path.getsize(p) > 0]
 
 
+def _rows_with_images(out: str) -> list[dict]:
+    """The answers so far that record their image and its size."""
+    rows = (row for path in [out, *part_paths(out)] for row in read_rows(path, rewrite=False))
+    return [row for row in rows if "image_size" in row]
+
+
 def _start(pipe: SDRPNLlava, cfg: InferFileConfig) -> None:
     """Refuse to continue answers made with other settings (on every rank, so that all
     stop alike); rank 0 records this run's, and with --restart removes the old answers."""
@@ -103,14 +111,27 @@ def _start(pipe: SDRPNLlava, cfg: InferFileConfig) -> None:
             raise ValueError(f"{path} must hold a JSON object of settings: pass --restart to answer everything again")
         if same_model(recorded.get("model"), settings["model"]):  # one model named by another path
             settings["model"] = recorded["model"]
+        # Where a file lies is not what it holds: the data file is compared by its content
+        # where that is recorded, the image folder by the sizes of the images the answers
+        # record (rows of older versions record none: then by its path).
+        imaged = [] if recorded.get("image_folder") == settings["image_folder"] else _rows_with_images(cfg.out)
+        paths = ("data",) * ("data_sha256" in recorded) + ("image_folder",) * bool(imaged)
         for key in ("rpn_weights", "data_sha256"):  # answers from before these were recorded
             recorded.setdefault(key, settings[key])
-        diff = setting_changes(recorded, settings)
+        diff, moved = changes_and_moves(recorded, settings, paths)
         if diff:
             raise ValueError(
                 f"{cfg.out} holds answers made with other settings ({'; '.join(diff)}): rerun with "
                 "the same settings, pass --restart to answer everything again, or pass another --out"
             )
+        if imaged and (problem := image_folder_problem(cfg.image_folder, imaged)):
+            raise ValueError(
+                f"{cfg.out} holds answers about other images: {cfg.image_folder} does not hold them ({problem}); "
+                "pass the image folder they were answered from, --restart to answer everything again, "
+                "or another --out"
+            )
+        if moved:
+            log.info("resuming %s with files elsewhere than when it began: %s", cfg.out, "; ".join(moved))
     if cfg.rank != 0:
         return
     if cfg.restart:
@@ -179,8 +200,9 @@ def _answer_file(pipe: SDRPNLlava, cfg: InferFileConfig, own: str) -> dict:
         if not pending:
             return
         results = pipe.generate([image for _, image in pending], [s.question for s, _ in pending], cfg.max_new_tokens)
-        for (sample, _), result in zip(pending, results):
+        for (sample, image), result in zip(pending, results):
             row = {"id": sample.id, "index": sample.index, "question": sample.question, **answer_record(result)}
+            row.update(image=sample.image, image_size=list(image.size))  # what a moved folder is checked by
             f.write(json.dumps(row) + "\n")
         f.flush()
         answered += len(pending)

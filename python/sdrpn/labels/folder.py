@@ -34,12 +34,12 @@ from torch import Tensor
 
 from ..distributed import rank_name, rank_of
 from ..io_utils import read_json, read_json_as, read_jsonl, remove_temporaries, write_atomic, write_json, write_jsonl
-from ..llava.data import skip_reasons
+from ..llava.data import image_folder_problem, skip_reasons
 from ..llava.inputs import PREPROCESSING_MODES, PROMPT_TEMPLATE, is_text
 from ..llava.loading import check_model_identity, same_model
 from ..llava.presets import PRESETS
 from ..ops import IGNORE_INDEX, SINK_THRESHOLD
-from ..options import check_field_types, setting_changes
+from ..options import changes_and_moves, check_field_types
 from .options import LabelOptions
 
 log = logging.getLogger(__name__)
@@ -164,9 +164,13 @@ class LabelFolderConfig:
             format_version=1,
         )
 
-    def differences(self, other: LabelFolderConfig) -> list[str]:
-        """The recorded settings that differ in ``other``, as "name: this -> other"."""
-        return setting_changes(self.to_dict(), other.to_dict())
+    def differences(self, other: LabelFolderConfig) -> tuple[list[str], list[str]]:
+        """The recorded settings that differ in ``other``, and the paths that moved, each as
+        "name: this -> other". The data file is compared by its content where that is
+        recorded, the image folder not here (``LabelFolder.check_images_in`` looks at its
+        images): a job moved elsewhere resumes."""
+        paths = ("image_folder", "data") if self.data_sha256 is not None else ("image_folder",)
+        return changes_and_moves(self.to_dict(), other.to_dict(), paths)
 
 
 @dataclass
@@ -226,15 +230,33 @@ class LabelFolder:
         if old is not None and self.done_markers():
             # Folders labelled before these were recorded are not checked on them.
             unrecorded = {name: None for name in ("data_sha256", "world_size") if getattr(old, name) is None}
-            diff = old.differences(replace(config, **unrecorded))
+            diff, moved = old.differences(replace(config, **unrecorded))
             if diff:
                 raise ValueError(
                     f"{self.path} holds labels made with other settings ({'; '.join(diff)}): "
                     f"resume with the same settings, or pass another --out"
                 )
+            if old.image_folder != config.image_folder:
+                self.check_images_in(config.image_folder)
+            if moved:
+                log.info("resuming %s with files elsewhere than when it began: %s", self.path, "; ".join(moved))
         self.check_shard_ranks(config.world_size)
         if record:
             self.write_config(config)
+
+    def check_images_in(self, image_folder: str, shards_read: int = 16) -> None:
+        """Refuse an image folder that is not the one the labels were made from: the images
+        of a row from each of up to ``shards_read`` complete shards, spread over them, must
+        be found there at the sizes recorded (a folder moved elsewhere has them)."""
+        names = self.complete_shards()
+        picked = names[:: max(1, len(names) // shards_read)][:shards_read]
+        rows = [rows[len(rows) // 2] for rows in (read_jsonl(self.file(n + ".jsonl")) for n in picked) if rows]
+        problem = image_folder_problem(image_folder, rows)
+        if problem:
+            raise ValueError(
+                f"{self.path} holds labels made from other images: {image_folder} does not hold them "
+                f"({problem}); pass the image folder they were made from, or pass another --out"
+            )
 
     # ---- shards ---------------------------------------------------------------------------
     def remove_unfinished(self, rank: int) -> None:

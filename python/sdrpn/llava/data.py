@@ -135,6 +135,38 @@ def resolve_image(folder: str, relative) -> str:
     return path
 
 
+def image_folder_problem(folder: str, rows: list, most: int = 16) -> str | None:
+    """Why ``folder`` is not the image folder that ``rows`` were made from, or None. Each row
+    records its image's path in the folder and its size (``image_size``: [width, height]);
+    up to ``most`` images, spread over the rows, are looked up and their sizes read from the
+    file headers, so that a job can tell a moved folder from another one cheaply. A folder
+    is another when none of them is there at its size, or more are there at another size
+    than at theirs; images gone from the same folder are skipped samples, not another
+    dataset. Rows that record neither are passed over."""
+    checked, same, other, gone = 0, 0, [], []
+    for row in rows[:: max(1, len(rows) // most)][:most]:
+        relative, size = (row.get("image"), row.get("image_size")) if isinstance(row, dict) else (None, None)
+        if not isinstance(size, list) or len(size) != 2 or not isinstance(relative, str):
+            continue
+        checked += 1
+        try:
+            with Image.open(resolve_image(folder, relative)) as image:
+                found = list(image.size)
+        except SkipSample as err:
+            gone.append(f"{relative}: {err}")
+            continue
+        except Exception:  # whatever the decoder raises on a header it does not read
+            gone.append(f"{relative}: image unreadable")
+            continue
+        if found == size:
+            same += 1
+        else:
+            other.append(f"{relative} is {found[0]}x{found[1]}, not the {size[0]}x{size[1]} recorded")
+    if not checked or (same and len(other) <= same):
+        return None
+    return f"{checked - same} of {checked} images checked are missing or differ, e.g. {(other or gone)[0]}"
+
+
 def open_image(folder: str, relative, size: int, mode: str) -> Image.Image:
     """The entry's image decoded as RGB, or SkipSample with the reason: outside the folder,
     missing, unreadable (corrupt, or a decompression bomb), empty, or too large for

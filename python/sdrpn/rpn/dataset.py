@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import numbers
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -13,7 +14,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from ..labels.folder import LabelFolder
-from ..llava.data import SkipSample, check_image_folder, folder_problem, open_image
+from ..llava.data import SkipSample, check_image_folder, folder_problem, image_folder_problem, open_image
 from ..llava.inputs import left_pad, preprocess_image, prompt_token_ids
 from ..ops import IGNORE_INDEX
 from ..options import is_int
@@ -109,6 +110,14 @@ class LabelShardDataset(Dataset):
         self.rows, self.labels = [rows[i] for i in keep], [labels[i] for i in keep]
         if not self.rows:
             raise ValueError(f"{label_dir} has no labelled samples in split {split!r}")
+        recorded = self.config.image_folder
+        if image_folder and recorded and os.path.realpath(image_folder) != os.path.realpath(recorded):
+            # Another folder than the labels were made from: the same images moved, or others.
+            if problem := image_folder_problem(image_folder, self.rows):
+                raise ValueError(
+                    f"image_folder {image_folder!r} does not hold the images {label_dir} was labelled from "
+                    f"({problem}): pass the folder they are in now"
+                )
 
     def __len__(self) -> int:
         return len(self.rows)

@@ -36,7 +36,7 @@ from ..llava.geometry import model_grid
 from ..llava.loading import fingerprints_match, model_identity, pad_token_id, same_model_name
 from ..llava.presets import get_preset, preset_from_dict
 from ..ops import IGNORE_INDEX
-from ..options import Options, RoiOptions, option, require_at_least, setting_changes
+from ..options import Options, RoiOptions, changes_and_moves, option, require_at_least
 from ..prefetch import prefetch
 from ..progress import show_progress
 from .checkpoints import (
@@ -118,6 +118,9 @@ class TrainConfig(Options):
     # What may change between a run and its resumption: how long it goes on, how it loads
     # data and how often it saves. Everything else shapes the weights.
     RESUMABLE_CHANGES = ("resume", "stop_after_steps", "num_workers", "save_every", "keep_checkpoints")
+    # Where the files lie, not what they hold: a run, label or image folder moved or copied
+    # elsewhere resumes. The label folder's content is compared instead (its recorded
+    # settings and the train split's sample ids); images are checked against their labels'.
     _PATHS = ("labels", "out", "image_folder")
 
     def recorded(self) -> dict:
@@ -128,13 +131,14 @@ class TrainConfig(Options):
                 values[name] = os.path.realpath(values[name])
         return json.loads(json.dumps(values))
 
-    def differences(self, recorded: dict, **run) -> list[str]:
-        """The settings that differ from a checkpoint's and may not change on resume, as
-        "name: recorded -> now"; ``run`` adds facts of the run that shape the weights as
-        settings do (the world size). A name the checkpoint does not record is not compared."""
+    def differences(self, recorded: dict, **run) -> tuple[list[str], list[str]]:
+        """The settings that differ from a checkpoint's and may not change on resume, and the
+        folders that moved, each as "name: recorded -> now"; ``run`` adds facts of the run that
+        shape the weights as settings do (the world size, the labels' settings). A name the
+        checkpoint does not record is not compared."""
         now = {**self.recorded(), **run}
         kept = [k for k in now if k not in self.RESUMABLE_CHANGES and k in recorded]
-        return setting_changes({k: recorded[k] for k in kept}, {k: now[k] for k in kept})
+        return changes_and_moves({k: recorded[k] for k in kept}, {k: now[k] for k in kept}, self._PATHS)
 
 
 def accumulation_steps(effective_batch: int, batch_size: int, world_size: int) -> int:
@@ -484,12 +488,19 @@ class RPNTrainer:
         rpn = self._rpn()
         optimizer, scheduler, total = self._schedule(rpn, len(train_set))
         progress = {"epoch": 0, "step_in_epoch": 0, "global_step": 0}
-        # What checkpoints record: the settings, and which samples the steps walk.
-        self._recorded = {**cfg.recorded(), "world_size": self.world, "train_split": train_set.ids_digest()}
+        # What checkpoints record: the settings, the labels' own (wherever the folder lies),
+        # and which samples the steps walk.
+        label_config = json.loads(json.dumps(train_set.config.to_dict()))
+        self._recorded = {
+            **cfg.recorded(),
+            "world_size": self.world,
+            "label_config": label_config,
+            "train_split": train_set.ids_digest(),
+        }
         if cfg.resume and (ckpt := latest_checkpoint(cfg.out)) is not None:
             recorded = checkpoint_settings(ckpt) or {}
             # Another world size splits the samples and the effective batch otherwise.
-            diff = cfg.differences(recorded, world_size=self.world)
+            diff, moved = cfg.differences(recorded, world_size=self.world, label_config=label_config)
             split = self._recorded["train_split"]
             if not diff and recorded.get("train_split", split) != split:  # (other settings change it too)
                 diff.append("the train split's samples (the label folder changed since the run began)")
@@ -498,6 +509,8 @@ class RPNTrainer:
                     f"{cfg.out} holds a run with other settings ({'; '.join(diff)}): resume with the "
                     "same settings, or train into another --out"
                 )
+            if moved:
+                log.info("resuming with folders elsewhere than when the run began: %s", "; ".join(moved))
             progress = load_checkpoint(ckpt, rpn, optimizer, scheduler)
             log.info("resumed from %s at step %d", ckpt, progress["global_step"])
         if self.rank == 0:  # the checkpoints' one writer, holding the lock
