@@ -138,8 +138,18 @@ def read_json_as(path: str, parse):
 
 
 def read_jsonl(path: str) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The JSON values of ``path``'s lines; a line that does not parse (damaged, or no UTF-8)
+    raises ValueError naming the file and the line."""
+    values = []
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                values.append(json.loads(line.decode("utf-8")))
+            except (ValueError, RecursionError) as err:  # UnicodeDecodeError is a ValueError
+                raise ValueError(f"{path} line {number} is not JSON ({err})") from None
+    return values
 
 
 class FolderBusy(RuntimeError):

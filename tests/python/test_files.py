@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sdrpn.io_utils import read_json, write_atomic, write_json
+from sdrpn.io_utils import read_json, read_jsonl, write_atomic, write_json
 from sdrpn.rpn.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 
 
@@ -206,3 +206,13 @@ def test_what_a_kill_left_half_written_is_removed_by_its_writer(tmp_path):
     (tmp_path / "checkpoints" / ".tmp-latest.json.k2j3").write_text("{")
     remove_unfinished(str(tmp_path))
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-00000002"]
+
+
+def test_a_damaged_json_line_is_named_by_file_and_line(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes(b'{"id": 1}\n\n[2, 3]\n')
+    assert read_jsonl(str(path)) == [{"id": 1}, [2, 3]]
+    for damaged in (b'{"id": "s1", "broken\n', b'{"id": "\xff"}\n'):
+        path.write_bytes(b'{"id": 1}\n' + damaged)
+        with pytest.raises(ValueError, match=rf"^{path} line 2 is not JSON \("):
+            read_jsonl(str(path))

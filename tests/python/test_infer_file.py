@@ -441,11 +441,12 @@ def test_answer_file_refuses_to_mix_settings(infer_ws, tmp_path):
     elsewhere = ("--data", str(moved / "data.json"), "--image-folder", str(moved / "images"), *data[4:])
     assert infer_cli(infer_ws, *elsewhere, "--max-new-tokens", "2") == 0
     assert json.loads((tmp_path / "answers.jsonl.summary.json").read_text())["already_done"] == 3
-    with pytest.raises(ValueError, match=r"answers about other images: .* \(3 of 3 images checked are missing or"):
+    refused = r"answers about the images in .*moved/images, and --image-folder .* is not shown to hold them \(%s\)"
+    with pytest.raises(ValueError, match=refused % r"3 of 3 images checked are missing or differ, e\.g\. 0\.png: .*"):
         infer_cli(infer_ws, *data[:2], "--image-folder", str(tmp_path), *data[4:], "--max-new-tokens", "2")
-    # Rows of older versions record no image: their folder is compared by its path.
+    # Rows of older versions record no image size: they cannot show another folder to be theirs.
     out.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "image_size"}) + "\n" for r in rows))
-    with pytest.raises(ValueError, match=r"other settings \(image_folder: .*moved/images\" -> "):
+    with pytest.raises(ValueError, match=refused % "no finished sample records its image's size to check it by"):
         infer_cli(infer_ws, *data, "--max-new-tokens", "2")
     out.write_text("".join(json.dumps(row) + "\n" for row in rows))  # and with them, moved back
     assert infer_cli(infer_ws, *data, "--max-new-tokens", "2") == 0

@@ -435,12 +435,17 @@ def test_resume_refuses_changed_settings(workspace, tmp_path, caplog):
     with pytest.raises(ValueError, match=changed):
         run_label(workspace, out, "--answers", "given", "--prompt-template", "USER: <image> {question} A:")
     # Files are compared by what they hold, not where they lie: a data file and an image
-    # folder moved elsewhere resume; another folder of images is refused.
-    refused = r"made from other images: .* does not hold them \(3 of 3 images checked are missing or differ, e\.g\. img"
+    # folder moved elsewhere resume (an image lost on the way is a skipped sample); another
+    # folder of images is refused.
+    refused = (
+        r"holds labels made from the images in .*images, and --image-folder .* is not shown to hold them "
+        r"\((\d+) of \1 images checked are missing or differ, e\.g\. img"
+    )
     with pytest.raises(ValueError, match=refused):
         run_label(workspace, out, "--answers", "given", "--image-folder", str(tmp_path))
     moved = tmp_path / "moved"
     shutil.copytree(workspace / "images", moved / "images")
+    (moved / "images" / json.loads((workspace / "data.json").read_text())[0]["image"]).unlink()
     (moved / "data.json").write_text((workspace / "data.json").read_text())
     with caplog.at_level(logging.INFO, logger="sdrpn.labels.folder"):
         assert (

@@ -397,5 +397,16 @@ def test_an_image_folder_is_told_from_another_by_its_images_sizes(tmp_path):
     assert image_folder_problem(str(made), half[1:]) == (
         "2 of 3 images checked are missing or differ, e.g. 0.png is 10x7, not the 1x1 recorded"
     )
-    # Rows without an image or its size say nothing.
-    assert image_folder_problem(str(tmp_path), [{"image": "0.png"}, {"image_size": [1, 1]}, "row", None]) is None
+    # Spread evenly over the rows: 20 rows whose first 16 images are gone still find 4 of theirs.
+    for i in range(16):
+        (made / f"{i}.png").unlink()
+    assert image_folder_problem(str(made), rows) is None
+    assert image_folder_problem(str(made), rows[:16]).startswith("16 of 16")
+    # Rows that record no image or no well-formed size show nothing; with none, that is the problem.
+    malformed = [{"image": "0.png"}, {"image_size": [1, 1]}, "row", None, {"image": "0.png", "image_size": None}]
+    malformed += [{"image": "0.png", "image_size": v} for v in ("30x25", [1, 2, 3], [True, 1], [1.5, 2])]
+    assert image_folder_problem(str(resized), malformed) == "no finished sample records its image's size to check it by"
+    # A long image path is shown cut in the middle.
+    long = "d" * 100 + ".png"
+    problem = image_folder_problem(str(tmp_path), [{"image": long, "image_size": [1, 1]}])
+    assert problem == f"1 of 1 images checked are missing or differ, e.g. {long[:38]}...{long[-39:]}: image missing"

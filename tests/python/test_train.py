@@ -200,14 +200,18 @@ def test_resume_gives_the_same_weights(ws, tmp_path, caplog):
     killed = [".tmp-rpn.safetensors.k1", ".tmp-metrics-epoch0.json.k2", ".tmp-train_config.json.k3"]
     for name in [*killed, ".tmp-notes.txt.k4"]:
         (part / name).write_text("half")
-    # The run and its labels moved elsewhere resume; labels made with other settings do not.
-    part, labels = tmp_path / "moved" / "part", tmp_path / "moved" / "labels"
+    # The run, its labels and images moved elsewhere resume, the labels recording their
+    # inputs' new places (as a label job resumed there does); labels made with other
+    # settings do not.
+    part, labels, images = tmp_path / "moved" / "part", tmp_path / "moved" / "labels", tmp_path / "moved" / "images"
     shutil.copytree(ws / "labels", labels)
+    shutil.copytree(ws / "images", images)
     shutil.move(tmp_path / "part", part)
     resumed = train_args(ws, part, *common, "--resume", "--num-workers", "0")
     resumed[resumed.index("--labels") + 1] = str(labels)
     folder = LabelFolder(str(labels))
     config = folder.config
+    config.image_folder, config.data = str(images), str(tmp_path / "moved" / "data.json")
     made_with = config.options
     config.options = dataclasses.replace(made_with, fg_ratio=0.75)
     folder.write_config(config)
@@ -218,7 +222,8 @@ def test_resume_gives_the_same_weights(ws, tmp_path, caplog):
     folder.write_config(config)
     with caplog.at_level(logging.INFO, logger="sdrpn.rpn.train"):
         assert main(resumed) == 0
-    assert f'folders elsewhere than when the run began: labels: "{ws / "labels"}" -> "{labels}"' in caplog.text
+    assert f'folders elsewhere than when the run began: image_folder: "{ws / "images"}" -> "{images}"' in caplog.text
+    assert f'; labels: "{ws / "labels"}" -> "{labels}"' in caplog.text
     assert not any((part / name).exists() for name in killed) and (part / ".tmp-notes.txt.k4").exists()
     card = (part / "README.md").read_text()
     assert "## Held-out metrics" in card
@@ -457,7 +462,8 @@ def test_an_image_folder_of_other_images_is_refused_and_a_moved_one_taken(ws, tm
     side = 14 * GRID
     with pytest.raises(
         ValueError,
-        match=rf"does not hold the images .* \(16 of 16 images checked are missing or differ, e\.g\. "
+        match=rf"labels made from the images in .*, and image_folder '.*halved' is not shown to hold them "
+        rf"\(16 of 16 images checked are missing or differ, e\.g\. "
         rf"0\.png is {side // 2}x{side // 2}, not the {side}x{side} recorded\): pass the folder",
     ):
         LabelShardDataset(str(ws / "labels"), make_tokenizer(), IMAGE, image_folder=str(tmp_path / "halved"))
@@ -465,6 +471,24 @@ def test_an_image_folder_of_other_images_is_refused_and_a_moved_one_taken(ws, tm
     assert (
         len(LabelShardDataset(str(ws / "labels"), make_tokenizer(), IMAGE, image_folder=str(tmp_path / "moved"))) == 240
     )
+
+
+def test_labels_without_image_sizes_keep_their_image_folders_path_on_resume(ws, tmp_path):
+    """Rows converted from the reference's pickles record no image sizes: nothing tells a
+    moved image folder from another, so a resumed run keeps the one it began with."""
+    labels = tmp_path / "labels"
+    shutil.copytree(ws / "labels", labels)
+    for shard in labels.glob("*.jsonl"):
+        rows = [json.loads(line) for line in shard.read_text().splitlines()]
+        shard.write_text("".join(json.dumps({**row, "image_size": None, "preprocessing": None}) + "\n" for row in rows))
+    (tmp_path / "halved").mkdir()
+    for i in range(240):
+        Image.new("RGB", (7 * GRID, 7 * GRID)).save(tmp_path / "halved" / f"{i}.png")
+    args = train_args(ws, tmp_path / "run", *QUICK)
+    args[args.index("--labels") + 1] = str(labels)
+    assert main([*args, "--stop-after-steps", "1"]) == 0
+    with pytest.raises(ValueError, match=rf"other settings \(image_folder: \"{ws / 'images'}\" -> \".*halved\"\)"):
+        main([*args, "--resume", "--image-folder", str(tmp_path / "halved")])
 
 
 def test_a_missing_image_folder_is_refused_up_front(ws, tmp_path):

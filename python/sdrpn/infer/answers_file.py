@@ -81,10 +81,10 @@ def _is_row(row) -> bool:
     return isinstance(index, int) and not isinstance(index, bool) and index >= 0
 
 
-def read_rows(path: str, rewrite: bool) -> list[dict]:
+def read_rows(path: str, rewrite: bool, warn: bool = True) -> list[dict]:
     """The rows in ``path``. A line that is not a JSON object with an id (a torn last line
-    after a crash, or a damaged one) is dropped with a warning naming it; every other row
-    is kept. ``rewrite``: the file's writer rewrites it without the bad lines."""
+    after a crash, or a damaged one) is dropped with a warning naming it (``warn``); every
+    other row is kept. ``rewrite``: the file's writer rewrites it without the bad lines."""
     if not os.path.exists(path):
         return []
     rows = []
@@ -97,7 +97,8 @@ def read_rows(path: str, rewrite: bool) -> list[dict]:
             except (ValueError, RecursionError):
                 row = None
             if not _is_row(row):
-                log.warning("%s line %d is not an answer row: dropped (it will be answered again)", path, number)
+                if warn:
+                    log.warning("%s line %d is not an answer row: dropped (it will be answered again)", path, number)
                 continue
             rows.append(row)
     if rewrite:

@@ -89,10 +89,9 @@ def _answers_so_far(out: str) -> list[str]:
     return [p for p in [out, *part_paths(out)] if os.path.exists(p) and os.path.getsize(p) > 0]
 
 
-def _rows_with_images(out: str) -> list[dict]:
-    """The answers so far that record their image and its size."""
-    rows = (row for path in [out, *part_paths(out)] for row in read_rows(path, rewrite=False))
-    return [row for row in rows if "image_size" in row]
+def _rows(out: str) -> list[dict]:
+    """The answers so far, read without a word about bad lines (the job's own read warns)."""
+    return [row for path in [out, *part_paths(out)] for row in read_rows(path, rewrite=False, warn=False)]
 
 
 def _start(pipe: SDRPNLlava, cfg: InferFileConfig) -> None:
@@ -112,10 +111,8 @@ def _start(pipe: SDRPNLlava, cfg: InferFileConfig) -> None:
         if same_model(recorded.get("model"), settings["model"]):  # one model named by another path
             settings["model"] = recorded["model"]
         # Where a file lies is not what it holds: the data file is compared by its content
-        # where that is recorded, the image folder by the sizes of the images the answers
-        # record (rows of older versions record none: then by its path).
-        imaged = [] if recorded.get("image_folder") == settings["image_folder"] else _rows_with_images(cfg.out)
-        paths = ("data",) * ("data_sha256" in recorded) + ("image_folder",) * bool(imaged)
+        # where that is recorded, the image folder by the images the answers record.
+        paths = ("data", "image_folder") if "data_sha256" in recorded else ("image_folder",)
         for key in ("rpn_weights", "data_sha256"):  # answers from before these were recorded
             recorded.setdefault(key, settings[key])
         diff, moved = changes_and_moves(recorded, settings, paths)
@@ -124,11 +121,12 @@ def _start(pipe: SDRPNLlava, cfg: InferFileConfig) -> None:
                 f"{cfg.out} holds answers made with other settings ({'; '.join(diff)}): rerun with "
                 "the same settings, pass --restart to answer everything again, or pass another --out"
             )
-        if imaged and (problem := image_folder_problem(cfg.image_folder, imaged)):
+        images = recorded.get("image_folder")
+        if images != settings["image_folder"] and (problem := image_folder_problem(cfg.image_folder, _rows(cfg.out))):
             raise ValueError(
-                f"{cfg.out} holds answers about other images: {cfg.image_folder} does not hold them ({problem}); "
-                "pass the image folder they were answered from, --restart to answer everything again, "
-                "or another --out"
+                f"{cfg.out} holds answers about the images in {images}, and --image-folder {cfg.image_folder} is "
+                f"not shown to hold them ({problem}): pass the folder they are in, --restart to answer "
+                "everything again, or another --out"
             )
         if moved:
             log.info("resuming %s with files elsewhere than when it began: %s", cfg.out, "; ".join(moved))

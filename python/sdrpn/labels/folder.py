@@ -164,12 +164,20 @@ class LabelFolderConfig:
             format_version=1,
         )
 
+    # Where the inputs lay: not what the labels are (the data's content has its digest).
+    _PATHS = ("data", "image_folder")
+
+    def without_paths(self) -> dict:
+        """The recorded settings but the inputs' paths: what a job using the labels compares,
+        so that a label folder whose inputs moved, and was resumed there, is still the same."""
+        return {k: v for k, v in self.to_dict().items() if k not in self._PATHS}
+
     def differences(self, other: LabelFolderConfig) -> tuple[list[str], list[str]]:
         """The recorded settings that differ in ``other``, and the paths that moved, each as
         "name: this -> other". The data file is compared by its content where that is
         recorded, the image folder not here (``LabelFolder.check_images_in`` looks at its
         images): a job moved elsewhere resumes."""
-        paths = ("image_folder", "data") if self.data_sha256 is not None else ("image_folder",)
+        paths = self._PATHS if self.data_sha256 is not None else ("image_folder",)
         return changes_and_moves(self.to_dict(), other.to_dict(), paths)
 
 
@@ -237,25 +245,25 @@ class LabelFolder:
                     f"resume with the same settings, or pass another --out"
                 )
             if old.image_folder != config.image_folder:
-                self.check_images_in(config.image_folder)
+                self.check_images_in(old.image_folder, config.image_folder)
             if moved:
                 log.info("resuming %s with files elsewhere than when it began: %s", self.path, "; ".join(moved))
         self.check_shard_ranks(config.world_size)
         if record:
             self.write_config(config)
 
-    def check_images_in(self, image_folder: str, shards_read: int = 16) -> None:
-        """Refuse an image folder that is not the one the labels were made from: the images
-        of a row from each of up to ``shards_read`` complete shards, spread over them, must
-        be found there at the sizes recorded (a folder moved elsewhere has them)."""
+    def check_images_in(self, recorded: str | None, image_folder: str, shards_read: int = 16) -> None:
+        """Refuse an image folder not shown to be the one the labels were made from (in
+        ``recorded``, as the folder records it): the rows of up to ``shards_read`` complete
+        shards, spread over them, give the images to look for (``image_folder_problem``)."""
         names = self.complete_shards()
-        picked = names[:: max(1, len(names) // shards_read)][:shards_read]
-        rows = [rows[len(rows) // 2] for rows in (read_jsonl(self.file(n + ".jsonl")) for n in picked) if rows]
-        problem = image_folder_problem(image_folder, rows)
-        if problem:
+        count = min(shards_read, len(names))
+        picked = [names[i * len(names) // count] for i in range(count)]
+        rows = [row for name in picked for row in read_jsonl(self.file(name + ".jsonl"))]
+        if problem := image_folder_problem(image_folder, rows):
             raise ValueError(
-                f"{self.path} holds labels made from other images: {image_folder} does not hold them "
-                f"({problem}); pass the image folder they were made from, or pass another --out"
+                f"{self.path} holds labels made from the images in {recorded}, and --image-folder {image_folder} "
+                f"is not shown to hold them ({problem}): pass the folder they are in, or another --out"
             )
 
     # ---- shards ---------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from PIL import Image
 
+from ..options import is_int
 from .inputs import is_text, load_rgb, question_text, too_large_to_preprocess
 
 
@@ -135,36 +136,47 @@ def resolve_image(folder: str, relative) -> str:
     return path
 
 
+def recorded_image_sizes(rows: list) -> list[tuple[str, list[int]]]:
+    """(image, [width, height]) of the rows that record both, well-formed."""
+    pairs = []
+    for row in rows:
+        image, size = (row.get("image"), row.get("image_size")) if isinstance(row, dict) else (None, None)
+        if isinstance(image, str) and isinstance(size, list) and len(size) == 2 and all(is_int(v) for v in size):
+            pairs.append((image, size))
+    return pairs
+
+
 def image_folder_problem(folder: str, rows: list, most: int = 16) -> str | None:
-    """Why ``folder`` is not the image folder that ``rows`` were made from, or None. Each row
-    records its image's path in the folder and its size (``image_size``: [width, height]);
-    up to ``most`` images, spread over the rows, are looked up and their sizes read from the
-    file headers, so that a job can tell a moved folder from another one cheaply. A folder
-    is another when none of them is there at its size, or more are there at another size
-    than at theirs; images gone from the same folder are skipped samples, not another
-    dataset. Rows that record neither are passed over."""
-    checked, same, other, gone = 0, 0, [], []
-    for row in rows[:: max(1, len(rows) // most)][:most]:
-        relative, size = (row.get("image"), row.get("image_size")) if isinstance(row, dict) else (None, None)
-        if not isinstance(size, list) or len(size) != 2 or not isinstance(relative, str):
-            continue
-        checked += 1
+    """Why ``folder`` is not shown to be the image folder that ``rows`` were made from, or
+    None. Rows record their image's path in the folder and its size (``image_size``); up to
+    ``most`` images, spread evenly over the rows, are looked up and their sizes read from
+    the file headers, so that a job tells a moved folder from another cheaply. A folder is
+    another when none of them is there at its size, or more are there at other sizes than
+    at theirs; images gone from the same folder are skipped samples, not another dataset.
+    Rows that record no size show nothing: with none, that is the problem."""
+    pairs = recorded_image_sizes(rows)
+    if not pairs:
+        return "no finished sample records its image's size to check it by"
+    count = min(most, len(pairs))
+    same, other, gone = 0, [], []
+    for relative, size in (pairs[i * len(pairs) // count] for i in range(count)):
+        shown = relative if len(relative) <= 80 else f"{relative[:38]}...{relative[-39:]}"
         try:
             with Image.open(resolve_image(folder, relative)) as image:
                 found = list(image.size)
         except SkipSample as err:
-            gone.append(f"{relative}: {err}")
+            gone.append(f"{shown}: {err}")
             continue
         except Exception:  # whatever the decoder raises on a header it does not read
-            gone.append(f"{relative}: image unreadable")
+            gone.append(f"{shown}: image unreadable")
             continue
         if found == size:
             same += 1
         else:
-            other.append(f"{relative} is {found[0]}x{found[1]}, not the {size[0]}x{size[1]} recorded")
-    if not checked or (same and len(other) <= same):
+            other.append(f"{shown} is {found[0]}x{found[1]}, not the {size[0]}x{size[1]} recorded")
+    if same and len(other) <= same:
         return None
-    return f"{checked - same} of {checked} images checked are missing or differ, e.g. {(other or gone)[0]}"
+    return f"{count - same} of {count} images checked are missing or differ, e.g. {(other or gone)[0]}"
 
 
 def open_image(folder: str, relative, size: int, mode: str) -> Image.Image:

@@ -14,7 +14,14 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from ..labels.folder import LabelFolder
-from ..llava.data import SkipSample, check_image_folder, folder_problem, image_folder_problem, open_image
+from ..llava.data import (
+    SkipSample,
+    check_image_folder,
+    folder_problem,
+    image_folder_problem,
+    open_image,
+    recorded_image_sizes,
+)
 from ..llava.inputs import left_pad, preprocess_image, prompt_token_ids
 from ..ops import IGNORE_INDEX
 from ..options import is_int
@@ -110,14 +117,17 @@ class LabelShardDataset(Dataset):
         self.rows, self.labels = [rows[i] for i in keep], [labels[i] for i in keep]
         if not self.rows:
             raise ValueError(f"{label_dir} has no labelled samples in split {split!r}")
+        # Whether the rows tell the images they were made from (labels converted from the
+        # reference's pickles record no sizes): then another folder than the labels' own is
+        # checked to hold them, the same images moved rather than others.
+        self.records_image_sizes = bool(recorded_image_sizes(self.rows))
         recorded = self.config.image_folder
-        if image_folder and recorded and os.path.realpath(image_folder) != os.path.realpath(recorded):
-            # Another folder than the labels were made from: the same images moved, or others.
-            if problem := image_folder_problem(image_folder, self.rows):
-                raise ValueError(
-                    f"image_folder {image_folder!r} does not hold the images {label_dir} was labelled from "
-                    f"({problem}): pass the folder they are in now"
-                )
+        moved = image_folder and recorded and os.path.realpath(image_folder) != os.path.realpath(recorded)
+        if moved and self.records_image_sizes and (problem := image_folder_problem(image_folder, self.rows)):
+            raise ValueError(
+                f"{label_dir} holds labels made from the images in {recorded}, and image_folder {image_folder!r} "
+                f"is not shown to hold them ({problem}): pass the folder they are in"
+            )
 
     def __len__(self) -> int:
         return len(self.rows)

@@ -120,7 +120,8 @@ class TrainConfig(Options):
     RESUMABLE_CHANGES = ("resume", "stop_after_steps", "num_workers", "save_every", "keep_checkpoints")
     # Where the files lie, not what they hold: a run, label or image folder moved or copied
     # elsewhere resumes. The label folder's content is compared instead (its recorded
-    # settings and the train split's sample ids); images are checked against their labels'.
+    # settings and the train split's sample ids), and the images by their recorded sizes
+    # (LabelShardDataset); labels that record none compare the image folder's path.
     _PATHS = ("labels", "out", "image_folder")
 
     def recorded(self) -> dict:
@@ -131,14 +132,16 @@ class TrainConfig(Options):
                 values[name] = os.path.realpath(values[name])
         return json.loads(json.dumps(values))
 
-    def differences(self, recorded: dict, **run) -> tuple[list[str], list[str]]:
+    def differences(self, recorded: dict, images_checked: bool = True, **run) -> tuple[list[str], list[str]]:
         """The settings that differ from a checkpoint's and may not change on resume, and the
         folders that moved, each as "name: recorded -> now"; ``run`` adds facts of the run that
-        shape the weights as settings do (the world size, the labels' settings). A name the
-        checkpoint does not record is not compared."""
+        shape the weights as settings do (the world size, the labels' settings, the image
+        folder used). ``images_checked``: whether the image folder is known by its images, or
+        must keep its path. A name the checkpoint does not record is not compared."""
         now = {**self.recorded(), **run}
         kept = [k for k in now if k not in self.RESUMABLE_CHANGES and k in recorded]
-        return changes_and_moves({k: recorded[k] for k in kept}, {k: now[k] for k in kept}, self._PATHS)
+        paths = self._PATHS if images_checked else tuple(p for p in self._PATHS if p != "image_folder")
+        return changes_and_moves({k: recorded[k] for k in kept}, {k: now[k] for k in kept}, paths)
 
 
 def accumulation_steps(effective_batch: int, batch_size: int, world_size: int) -> int:
@@ -490,17 +493,15 @@ class RPNTrainer:
         progress = {"epoch": 0, "step_in_epoch": 0, "global_step": 0}
         # What checkpoints record: the settings, the labels' own (wherever the folder lies),
         # and which samples the steps walk.
-        label_config = json.loads(json.dumps(train_set.config.to_dict()))
-        self._recorded = {
-            **cfg.recorded(),
-            "world_size": self.world,
-            "label_config": label_config,
-            "train_split": train_set.ids_digest(),
+        facts = {
+            "world_size": self.world,  # another splits the samples and the effective batch otherwise
+            "label_config": json.loads(json.dumps(train_set.config.without_paths())),
+            "image_folder": os.path.realpath(train_set.image_folder),  # the one used, named or not
         }
+        self._recorded = {**cfg.recorded(), **facts, "train_split": train_set.ids_digest()}
         if cfg.resume and (ckpt := latest_checkpoint(cfg.out)) is not None:
             recorded = checkpoint_settings(ckpt) or {}
-            # Another world size splits the samples and the effective batch otherwise.
-            diff, moved = cfg.differences(recorded, world_size=self.world, label_config=label_config)
+            diff, moved = cfg.differences(recorded, train_set.records_image_sizes, **facts)
             split = self._recorded["train_split"]
             if not diff and recorded.get("train_split", split) != split:  # (other settings change it too)
                 diff.append("the train split's samples (the label folder changed since the run began)")
