@@ -462,7 +462,8 @@ def test_an_image_folder_of_other_images_is_refused_and_a_moved_one_taken(ws, tm
     side = 14 * GRID
     with pytest.raises(
         ValueError,
-        match=rf"labels made from the images in .*, and image_folder '.*halved' is not shown to hold them "
+        match=rf"labels made from the images in .*, and image_folder \(--image-folder\) '.*halved' is not shown to "
+        rf"hold them "
         rf"\(16 of 16 images checked are missing or differ, e\.g\. "
         rf"0\.png is {side // 2}x{side // 2}, not the {side}x{side} recorded\): pass the folder",
     ):

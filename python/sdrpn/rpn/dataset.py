@@ -125,8 +125,8 @@ class LabelShardDataset(Dataset):
         moved = image_folder and recorded and os.path.realpath(image_folder) != os.path.realpath(recorded)
         if moved and self.records_image_sizes and (problem := image_folder_problem(image_folder, self.rows)):
             raise ValueError(
-                f"{label_dir} holds labels made from the images in {recorded}, and image_folder {image_folder!r} "
-                f"is not shown to hold them ({problem}): pass the folder they are in"
+                f"{label_dir} holds labels made from the images in {recorded}, and image_folder (--image-folder) "
+                f"{image_folder!r} is not shown to hold them ({problem}): pass the folder they are in"
             )
 
     def __len__(self) -> int:
