@@ -474,6 +474,23 @@ def test_resume_refuses_changed_settings(workspace, tmp_path, caplog):
     assert json.loads((out / "label_config.json").read_text())["options"]["prompt_template"] == template
 
 
+def test_an_image_folder_named_by_a_link_is_the_folder_it_leads_to(workspace, tmp_path):
+    """The label folder records where a link leads: the same link re-pointed at other
+    images is another folder, checked by their sizes."""
+    others = tmp_path / "others"
+    others.mkdir()
+    for image in (workspace / "images").glob("img*.png"):
+        Image.open(image).resize((7, 7)).save(others / image.name)
+    link, out = tmp_path / "link", tmp_path / "labels"
+    link.symlink_to(workspace / "images")
+    assert run_label(workspace, out, "--answers", "given", "--image-folder", str(link)) == 0
+    assert json.loads((out / "label_config.json").read_text())["image_folder"] == str(workspace / "images")
+    link.unlink()
+    link.symlink_to(others)
+    with pytest.raises(ValueError, match=r"images checked are missing or differ, e\.g\. img\d\.png is 7x7, not the "):
+        run_label(workspace, out, "--answers", "given", "--image-folder", str(link))
+
+
 def test_labels_that_are_all_ignore_are_warned_of(workspace, tmp_path, caplog):
     out = tmp_path / "labels"
     # Any foreground box covers a thousandth of the grid: every sample carries no signal.

@@ -492,6 +492,31 @@ def test_labels_without_image_sizes_keep_their_image_folders_path_on_resume(ws, 
         main([*args, "--resume", "--image-folder", str(tmp_path / "halved")])
 
 
+def test_checkpoints_of_earlier_versions_resume_in_place(ws, tmp_path, caplog):
+    """Settings that earlier versions recorded otherwise: an unnamed image folder as null
+    (the labels' own), a label config with its inputs' paths, and labels' settings recorded
+    only since (None in a folder from before, filled in by a label job resumed since)."""
+    shutil.copytree(ws / "labels", tmp_path / "labels")
+    labels = LabelFolder(str(tmp_path / "labels"))
+    assert labels.config.world_size is None
+    args = train_args(ws, tmp_path / "run", *QUICK)
+    args[args.index("--labels") + 1] = labels.path
+    assert main([*args, "--stop-after-steps", "1"]) == 0
+    for path in (tmp_path / "run" / "checkpoints").glob("step-*/trainer_state.json"):
+        state = json.loads(path.read_text())
+        settings = state["settings"]
+        assert settings["image_folder"] == str(ws / "images")  # the folder used, though unnamed
+        settings["image_folder"] = None
+        settings["label_config"].update(data="/then/data.json", image_folder="/then/images", world_size=None)
+        path.write_text(json.dumps(state))
+    config = labels.config
+    config.world_size = 1  # recorded by the label job resumed since
+    labels.write_config(config)
+    with caplog.at_level(logging.INFO, logger="sdrpn.rpn.train"):
+        assert main([*args, "--resume", "--stop-after-steps", "2"]) == 0
+    assert "resumed from" in caplog.text and "folders elsewhere" not in caplog.text
+
+
 def test_a_missing_image_folder_is_refused_up_front(ws, tmp_path):
     with pytest.raises(ValueError, match=f"image_folder \\(--image-folder\\) '{tmp_path / 'nope'}' does not exist"):
         main(train_args(ws, tmp_path / "a", "--image-folder", str(tmp_path / "nope")))

@@ -170,7 +170,7 @@ def convert_reference_pickle(
     records = load_reference_pickle(path)
     if not records:
         raise ValueError(f"{path} holds no records")
-    image_folder = os.path.abspath(image_folder) if image_folder else None
+    image_folder = os.path.realpath(image_folder) if image_folder else None
     if image_folder and not os.path.isdir(image_folder):
         raise ValueError(f"image_folder must be a directory, got {image_folder!r}")
     kept, grounding, sink, skipped = [], [], [], []

@@ -77,10 +77,10 @@ class LabelFolderConfig:
     preset: dict | None = None  # the whole preset (None: imported labels)
     model: dict | None = None  # llava.loading.model_identity of the base model
     dtype: str | None = None  # the model's dtype while labelling
-    data: str | None = None  # the data file, absolute
+    data: str | None = None  # the data file, its real path (links resolved)
     data_sha256: str | None = None  # its content: samples resume by index, so it may not change
     world_size: int | None = None  # ranks: each resumes its own share (index % world_size), so it may not change
-    image_folder: str | None = None  # absolute
+    image_folder: str | None = None  # its real path (links resolved)
     image_size: int | None = None  # the encoder's input side
     grid: list[int] | None = None  # [grid_h, grid_w]
     image_token_id: int | None = None
@@ -165,19 +165,28 @@ class LabelFolderConfig:
         )
 
     # Where the inputs lay: not what the labels are (the data's content has its digest).
-    _PATHS = ("data", "image_folder")
+    PATHS = ("data", "image_folder")
+    # Recorded since a later version: a folder from before holds None, and is not checked on them.
+    LATER_RECORDED = ("data_sha256", "world_size")
 
-    def without_paths(self) -> dict:
+    def without_paths(self, earlier: dict | None = None) -> dict:
         """The recorded settings but the inputs' paths: what a job using the labels compares,
-        so that a label folder whose inputs moved, and was resumed there, is still the same."""
-        return {k: v for k, v in self.to_dict().items() if k not in self._PATHS}
+        so that a label folder whose inputs moved, and was resumed there, is still the same.
+        ``earlier``: such a record of the folder from before; what it holds as None of the
+        later recorded settings is None here too, as a label job resuming it does not check
+        them (and fills them in)."""
+        values = {k: v for k, v in self.to_dict().items() if k not in self.PATHS}
+        for name in self.LATER_RECORDED:
+            if isinstance(earlier, dict) and name in earlier and earlier[name] is None:
+                values[name] = None
+        return values
 
     def differences(self, other: LabelFolderConfig) -> tuple[list[str], list[str]]:
         """The recorded settings that differ in ``other``, and the paths that moved, each as
         "name: this -> other". The data file is compared by its content where that is
         recorded, the image folder not here (``LabelFolder.check_images_in`` looks at its
         images): a job moved elsewhere resumes."""
-        paths = self._PATHS if self.data_sha256 is not None else ("image_folder",)
+        paths = self.PATHS if self.data_sha256 is not None else ("image_folder",)
         return changes_and_moves(self.to_dict(), other.to_dict(), paths)
 
 
@@ -237,7 +246,7 @@ class LabelFolder:
             config = replace(config, model=old.model)  # one model named by another path: keep the record
         if old is not None and self.done_markers():
             # Folders labelled before these were recorded are not checked on them.
-            unrecorded = {name: None for name in ("data_sha256", "world_size") if getattr(old, name) is None}
+            unrecorded = {name: None for name in old.LATER_RECORDED if getattr(old, name) is None}
             diff, moved = old.differences(replace(config, **unrecorded))
             if diff:
                 raise ValueError(

@@ -246,10 +246,10 @@ class LabelJob:
             preset=self.preset.to_dict(),
             model=model_identity(self.model),
             dtype=dtype,
-            data=os.path.abspath(self.cfg.data),
+            data=os.path.realpath(self.cfg.data),
             data_sha256=file_sha256(self.cfg.data),
             world_size=self.cfg.world_size,
-            image_folder=os.path.abspath(self.cfg.image_folder),
+            image_folder=os.path.realpath(self.cfg.image_folder),  # a link re-pointed is another folder
             image_size=self.image_size,
             grid=list(self.grid),
             image_token_id=self.image_token_id,

@@ -29,7 +29,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from ..distributed import barrier, check_initialized, check_rank, gather_objects, peers_may_stop
 from ..io_utils import exclusive_lock, read_json, remove_temporaries, write_json
-from ..labels.folder import LabelFolder
+from ..labels.folder import LabelFolder, LabelFolderConfig
 from ..llava.backbone import branch_hidden_states
 from ..llava.data import skip_reasons
 from ..llava.geometry import model_grid
@@ -142,6 +142,18 @@ class TrainConfig(Options):
         kept = [k for k in now if k not in self.RESUMABLE_CHANGES and k in recorded]
         paths = self._PATHS if images_checked else tuple(p for p in self._PATHS if p != "image_folder")
         return changes_and_moves({k: recorded[k] for k in kept}, {k: now[k] for k in kept}, paths)
+
+
+def _as_recorded_now(recorded: dict, labels: LabelFolderConfig) -> dict:
+    """A checkpoint's settings as this version records them: an image folder left unnamed
+    (null) was the labels' own, and a label config recorded with its inputs' paths is
+    compared without them."""
+    recorded = dict(recorded)
+    if "image_folder" in recorded and recorded["image_folder"] is None and labels.image_folder:
+        recorded["image_folder"] = os.path.realpath(labels.image_folder)
+    if isinstance(recorded.get("label_config"), dict):
+        recorded["label_config"] = {k: v for k, v in recorded["label_config"].items() if k not in labels.PATHS}
+    return recorded
 
 
 def accumulation_steps(effective_batch: int, batch_size: int, world_size: int) -> int:
@@ -500,7 +512,9 @@ class RPNTrainer:
         }
         self._recorded = {**cfg.recorded(), **facts, "train_split": train_set.ids_digest()}
         if cfg.resume and (ckpt := latest_checkpoint(cfg.out)) is not None:
-            recorded = checkpoint_settings(ckpt) or {}
+            recorded = _as_recorded_now(checkpoint_settings(ckpt) or {}, train_set.config)
+            earlier = train_set.config.without_paths(recorded.get("label_config"))
+            facts["label_config"] = json.loads(json.dumps(earlier))
             diff, moved = cfg.differences(recorded, train_set.records_image_sizes, **facts)
             split = self._recorded["train_split"]
             if not diff and recorded.get("train_split", split) != split:  # (other settings change it too)
