@@ -421,7 +421,7 @@ def test_infer_file_config_checks_its_ranks(infer_ws, tmp_path, monkeypatch):
         infer_cli(infer_ws, "--image", str(infer_ws / "images" / "0.png"), "--question", "q", "--model", "none")
 
 
-def test_answer_file_refuses_to_mix_settings(infer_ws, tmp_path):
+def test_answer_file_refuses_to_mix_settings(infer_ws, tmp_path, caplog):
     out = tmp_path / "answers.jsonl"
     data = ("--data", str(infer_ws / "data.json"), "--image-folder", str(infer_ws / "images"), "--out", str(out))
     assert infer_cli(infer_ws, *data, "--max-new-tokens", "2") == 0
@@ -448,8 +448,13 @@ def test_answer_file_refuses_to_mix_settings(infer_ws, tmp_path):
     out.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "image_size"}) + "\n" for r in rows))
     with pytest.raises(ValueError, match=refused % "no finished sample records its image's size to check it by"):
         infer_cli(infer_ws, *data, "--max-new-tokens", "2")
-    out.write_text("".join(json.dumps(row) + "\n" for row in rows))  # and with them, moved back
-    assert infer_cli(infer_ws, *data, "--max-new-tokens", "2") == 0
+    # Moved back, with a damaged line: the job's own read drops it with one warning (the
+    # check reads the rows quietly, and leaves the file to its writer).
+    out.write_text("".join(json.dumps(row) + "\n" for row in rows) + "{damaged\n")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="sdrpn.infer.answers_file"):
+        assert infer_cli(infer_ws, *data, "--max-new-tokens", "2") == 0
+    assert caplog.text.count("line 4 is not an answer row") == 1
     # Another RPN of the same configuration, trained apart: only its weights differ.
     from safetensors.torch import load_file, save_file
 

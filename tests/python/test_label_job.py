@@ -491,6 +491,23 @@ def test_an_image_folder_named_by_a_link_is_the_folder_it_leads_to(workspace, tm
         run_label(workspace, out, "--answers", "given", "--image-folder", str(link))
 
 
+def test_an_image_folder_is_checked_on_sixteen_shards_spread_over_them(tmp_path, monkeypatch):
+    import sdrpn.labels.folder as folder_module
+    from synthetic_labels import write_region_labels
+
+    write_region_labels(tmp_path / "labels", tmp_path / "images", num=40, grid=4, image_size=56, shard_size=1)
+    original, read = folder_module.read_jsonl, []
+
+    def counted(path):
+        read.append(os.path.basename(path))
+        return original(path)
+
+    monkeypatch.setattr(folder_module, "read_jsonl", counted)
+    images = str(tmp_path / "images")
+    LabelFolder(str(tmp_path / "labels")).check_images_in(images, images)
+    assert read == [f"rank000-shard{40 * i // 16:05d}.jsonl" for i in range(16)]
+
+
 def test_labels_that_are_all_ignore_are_warned_of(workspace, tmp_path, caplog):
     out = tmp_path / "labels"
     # Any foreground box covers a thousandth of the grid: every sample carries no signal.

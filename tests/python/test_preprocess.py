@@ -391,6 +391,13 @@ def test_an_image_folder_is_told_from_another_by_its_images_sizes(tmp_path):
     empty = image_folder_problem(str(tmp_path), rows)
     assert empty == "16 of 16 images checked are missing or differ, e.g. 0.png: image missing"
     assert image_folder_problem(str(resized), rows, most=40).startswith("20 of 20")
+    unreadable = tmp_path / "unreadable"
+    unreadable.mkdir()
+    for i in range(20):
+        (unreadable / f"{i}.png").write_bytes(b"no image")
+    assert image_folder_problem(str(unreadable), rows) == (
+        "16 of 16 images checked are missing or differ, e.g. 0.png: image unreadable"
+    )
     # As many at their sizes as at others is still the folder; more at others is another.
     half = rows[:2] + [{"image": "0.png", "image_size": [1, 1]}, {"image": "1.png", "image_size": [1, 1]}]
     assert image_folder_problem(str(made), half) is None
