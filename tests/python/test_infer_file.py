@@ -439,8 +439,11 @@ def test_answer_file_refuses_to_mix_settings(infer_ws, tmp_path, caplog):
     shutil.copytree(infer_ws / "images", moved / "images")
     (moved / "data.json").write_text((infer_ws / "data.json").read_text())
     elsewhere = ("--data", str(moved / "data.json"), "--image-folder", str(moved / "images"), *data[4:])
-    assert infer_cli(infer_ws, *elsewhere, "--max-new-tokens", "2") == 0
+    with caplog.at_level(logging.INFO, logger="sdrpn.infer.job"):
+        assert infer_cli(infer_ws, *elsewhere, "--max-new-tokens", "2") == 0
     assert json.loads((tmp_path / "answers.jsonl.summary.json").read_text())["already_done"] == 3
+    assert f'with files elsewhere than when it began: data: "{infer_ws / "data.json"}" -> ' in caplog.text
+    assert f'image_folder: "{infer_ws / "images"}" -> "{moved / "images"}"' in caplog.text
     refused = r"answers about the images in .*moved/images, and --image-folder .* is not shown to hold them \(%s\)"
     with pytest.raises(ValueError, match=refused % r"3 of 3 images checked are missing or differ, e\.g\. 0\.png: .*"):
         infer_cli(infer_ws, *data[:2], "--image-folder", str(tmp_path), *data[4:], "--max-new-tokens", "2")
@@ -464,10 +467,11 @@ def test_answer_file_refuses_to_mix_settings(infer_ws, tmp_path, caplog):
     save_file({k: v + 0.01 if v.is_floating_point() else v for k, v in weights.items()}, other / "rpn.safetensors")
     with pytest.raises(ValueError, match=r"other settings \(rpn_weights: "):
         infer_cli(infer_ws, *data, "--max-new-tokens", "2", "--rpn", str(other))
-    # Answers recorded before the weights were: they resume with the RPN named.
+    # Answers recorded before the weights and the data's digest were: they resume with the
+    # RPN and data named.
     settings_file = tmp_path / "answers.jsonl.settings.json"
     settings = json.loads(settings_file.read_text())
-    del settings["rpn_weights"]
+    del settings["rpn_weights"], settings["data_sha256"]
     settings_file.write_text(json.dumps(settings))
     assert infer_cli(infer_ws, *data, "--max-new-tokens", "2") == 0
     assert infer_cli(infer_ws, *data, "--max-new-tokens", "3", "--restart") == 0
