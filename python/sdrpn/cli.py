@@ -71,6 +71,12 @@ def text_arg(text: str) -> str:
     return text
 
 
+def path_arg(text: str) -> str:
+    """A file or folder: text_arg with a leading ``~`` taken as the home folder, as the
+    shell takes it everywhere but in quotes and after ``--flag=``."""
+    return os.path.expanduser(text_arg(text))
+
+
 def number_in(low: float, high: float = math.inf, *, low_open: bool = False):
     """An argparse type: a finite float in [low, high] ((low, high] with ``low_open``)."""
 
@@ -136,7 +142,8 @@ def add_options(parser: argparse.ArgumentParser, cls, *, overrides_from: str | N
         if kind is bool:
             kwargs.update(action=argparse.BooleanOptionalAction)
         else:  # text must not be blank: an empty path names the current folder
-            kwargs.update(type=text_arg if kind is str else kind, choices=f.metadata.get("choices"))
+            text = path_arg if f.metadata.get("path") else text_arg
+            kwargs.update(type=text if kind is str else kind, choices=f.metadata.get("choices"))
         group.add_argument("--" + f.name.replace("_", "-"), default=None if overrides_from else default, **kwargs)
 
 
@@ -164,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("label-demo", help="label synthetic attention maps and draw them")
-    demo.add_argument("--out", type=text_arg, default="outputs/label-demo", help="output folder (default: %(default)s)")
+    demo.add_argument("--out", type=path_arg, default="outputs/label-demo", help="output folder (default: %(default)s)")
     demo.add_argument("--batch", type=positive_int, default=12, help="number of maps (default: %(default)s)")
     demo.add_argument("--grid", type=_grid, default=(24, 24), help="grid as HxW (default: 24x24)")
     demo.add_argument("--seed", type=non_negative_int, default=0, help="(default: %(default)s)")
@@ -172,14 +179,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     label = sub.add_parser("label", help="pseudo labels from a LLaVA model's own attention")
     label.add_argument("--model", type=text_arg, required=True, help="LLaVA model (HF format): a folder or a Hub id")
-    label.add_argument("--data", type=text_arg, required=True, help="LLaVA-format JSON list of samples")
+    label.add_argument("--data", type=path_arg, required=True, help="LLaVA-format JSON list of samples")
     label.add_argument(
-        "--image-folder", type=text_arg, required=True, help="the folder the data's image paths are relative to"
+        "--image-folder", type=path_arg, required=True, help="the folder the data's image paths are relative to"
     )
-    label.add_argument("--out", type=text_arg, required=True, help="label folder (resumable with the same settings)")
+    label.add_argument("--out", type=path_arg, required=True, help="label folder (resumable with the same settings)")
     label.add_argument(
         "--preset",
-        type=text_arg,
+        type=path_arg,
         default="auto",
         help="heads, sink threshold and template: a preset name, a JSON file, or 'auto' (the "
         "model folder's sdrpn_preset.json, else the LLaVA-1.5 preset of its depth) "
@@ -216,21 +223,21 @@ def build_parser() -> argparse.ArgumentParser:
     infer = sub.add_parser("infer", help="answer with RoI crops (one image, or a whole file)")
     infer.add_argument("--model", type=text_arg, required=True, help="LLaVA model (HF format): a folder or a Hub id")
     infer.add_argument(
-        "--rpn", type=text_arg, required=True, help="a trained RPN: its folder (sdrpn train --out) or a Hub id"
+        "--rpn", type=path_arg, required=True, help="a trained RPN: its folder (sdrpn train --out) or a Hub id"
     )
-    infer.add_argument("--image", type=text_arg, default=None, help="one image to answer about (with --question)")
+    infer.add_argument("--image", type=path_arg, default=None, help="one image to answer about (with --question)")
     infer.add_argument("--question", default=None, help="the question about --image")
-    infer.add_argument("--data", type=text_arg, default=None, help="LLaVA-format JSON list to answer as a whole")
+    infer.add_argument("--data", type=path_arg, default=None, help="LLaVA-format JSON list to answer as a whole")
     infer.add_argument(
         "--image-folder",
-        type=text_arg,
+        type=path_arg,
         default=None,
         help="with --data: the folder the data's image paths are relative to",
     )
-    infer.add_argument("--out", type=text_arg, default=None, help="JSONL answers for --data (resumable)")
+    infer.add_argument("--out", type=path_arg, default=None, help="JSONL answers for --data (resumable)")
     infer.add_argument(
         "--viz",
-        type=text_arg,
+        type=path_arg,
         default=None,
         help="with --image: a picture of the RoI heat map and boxes (PNG, or the format the extension names)",
     )
@@ -268,12 +275,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_options(infer, RoiOptions, overrides_from="the RPN folder")
 
     convert = sub.add_parser("convert-labels", help="import a reference-implementation label pickle")
-    convert.add_argument("pickle", type=text_arg, help="IN.pkl")
-    convert.add_argument("out", type=text_arg, help="OUT_DIR")
+    convert.add_argument("pickle", type=path_arg, help="IN.pkl")
+    convert.add_argument("out", type=path_arg, help="OUT_DIR")
     convert.add_argument("--grid", type=_grid, default=None, help="HxW when the maps are not square")
     convert.add_argument(
         "--image-folder",
-        type=text_arg,
+        type=path_arg,
         default=None,
         help="where the images are: each record's path is matched against it (prefix stripped, or its "
         "longest tail found there) and records whose image is not found are skipped",
@@ -295,15 +302,15 @@ def build_parser() -> argparse.ArgumentParser:
         "import-checkpoint", help="make an RPN folder from the reference implementation's released RPN checkpoint"
     )
     imp.add_argument(
-        "src", type=text_arg, help="the reference's checkpoint folder (original LLaVA layout, config.json with twig_*)"
+        "src", type=path_arg, help="the reference's checkpoint folder (original LLaVA layout, config.json with twig_*)"
     )
     imp.add_argument(
         "--model", type=text_arg, required=True, help="the LLaVA model (HF format) it was trained on: folder or Hub id"
     )
-    imp.add_argument("--out", type=text_arg, required=True, help="RPN folder to write (must not exist, or be empty)")
+    imp.add_argument("--out", type=path_arg, required=True, help="RPN folder to write (must not exist, or be empty)")
     imp.add_argument(
         "--preset",
-        type=text_arg,
+        type=path_arg,
         default="auto",
         help="prompt template and RoI options to record: a preset name, a JSON file, or 'auto' (default: %(default)s)",
     )
@@ -312,10 +319,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     viz = sub.add_parser("viz-labels", help="draw the first samples of a label folder")
-    viz.add_argument("labels", type=text_arg, help="label folder")
-    viz.add_argument("--out", type=text_arg, required=True, help="PNG folder")
+    viz.add_argument("labels", type=path_arg, help="label folder")
+    viz.add_argument("--out", type=path_arg, required=True, help="PNG folder")
     viz.add_argument("--num", type=positive_int, default=16, help="(default: %(default)s)")
-    viz.add_argument("--image-folder", type=text_arg, default=None, help="default: the one the labels record")
+    viz.add_argument("--image-folder", type=path_arg, default=None, help="default: the one the labels record")
     return parser
 
 

@@ -23,7 +23,8 @@ INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # what the ops' int64_t arguments an
 
 
 def option(default: Any, help: str, **kwargs) -> Any:
-    """A dataclass field with its documentation (shown by --help)."""
+    """A dataclass field with its documentation (shown by --help); ``path=True`` marks a file
+    or folder, whose leading ``~`` the command line takes as the home folder."""
     return field(default=default, metadata={"help": help, **kwargs})
 
 
@@ -145,27 +146,45 @@ def setting_changes(recorded: dict, now: dict) -> list[str]:
     return changes
 
 
-def changes_and_moves(recorded: dict, now: dict, paths) -> tuple[list[str], list[str]]:
+def changes_and_moves(recorded: dict, now: dict, paths, digests: dict | None = None) -> tuple[list[str], list[str]]:
     """setting_changes with the settings named in ``paths`` set apart: where a file or folder
-    lies is not what it holds (its content is compared through a setting of its own, such as
-    a digest), so a job moved to another disk or machine resumes. Returns (the changes that
-    refuse a resume, the paths that moved)."""
-    paths = set(paths)
+    lies is not what it holds (its content is compared otherwise), so a job moved to another
+    disk or machine resumes. ``digests`` maps a path setting to the setting holding its
+    content's digest: the path is set apart where that digest is recorded, and its change is
+    named as the file's; a record from before the digest compares the path instead. Returns
+    (the changes that refuse a resume, the paths that moved)."""
+    paths, digested = set(paths), {}
+    for path, digest in (digests or {}).items():
+        if recorded.get(digest) is None:  # recorded before its content was: its path stands for it
+            recorded = {**recorded, digest: now.get(digest)}
+        else:
+            paths.add(path)
+            digested[digest] = path
     kept = {k: v for k, v in recorded.items() if k not in paths}, {k: v for k, v in now.items() if k not in paths}
+    changes = [
+        f"{change} ({digested[name]} holds other content)" if (name := change.split(":")[0]) in digested else change
+        for change in setting_changes(*kept)
+    ]
     both = [k for k in paths if k in recorded and k in now]
-    return setting_changes(*kept), setting_changes({k: recorded[k] for k in both}, {k: now[k] for k in both})
+    return changes, setting_changes({k: recorded[k] for k in both}, {k: now[k] for k in both})
 
 
 _ABSENT = object()  # a setting one side does not have
 
 
-def _shown(value, limit: int = 80) -> str:
-    """The value as JSON; a long one cut in the middle (paths differ at their ends)."""
-    if value is _ABSENT:
-        return "(absent)"
-    text = json.dumps(value)
-    half = (limit - 3) // 2
-    return text if len(text) <= limit else f"{text[:half]}...{text[-half:]}"
+def _shown(value) -> str:
+    """The value as JSON; a long one cut in the middle."""
+    return "(absent)" if value is _ABSENT else shortened(json.dumps(value))
+
+
+def shortened(text: str, limit: int = 80) -> str:
+    """``text`` cut in the middle to at most ``limit`` characters: paths differ at their ends."""
+    if len(text) <= limit:
+        return text
+    if limit <= 3:
+        return text[:limit]
+    head = (limit - 3) // 2
+    return f"{text[:head]}...{text[len(text) - (limit - 3 - head) :]}"
 
 
 CROP_MODES = ("mask", "bbox")

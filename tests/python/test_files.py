@@ -212,7 +212,8 @@ def test_a_damaged_json_line_is_named_by_file_and_line(tmp_path):
     path = tmp_path / "rows.jsonl"
     path.write_bytes(b'{"id": 1}\n\n[2, 3]\n')
     assert read_jsonl(str(path)) == [{"id": 1}, [2, 3]]
-    for damaged in (b'{"id": "s1", "broken\n', b'{"id": "\xff"}\n'):
+    # A line nested past the parser's recursion limit is named as a damaged one is.
+    for damaged in (b'{"id": "s1", "broken\n', b'{"id": "\xff"}\n', b"[" * 100_000 + b"]" * 100_000 + b"\n"):
         path.write_bytes(b'{"id": 1}\n' + damaged)
         with pytest.raises(ValueError, match=rf"^{path} line 2 is not JSON \("):
             read_jsonl(str(path))

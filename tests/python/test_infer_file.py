@@ -444,6 +444,11 @@ def test_answer_file_refuses_to_mix_settings(infer_ws, tmp_path, caplog):
     assert json.loads((tmp_path / "answers.jsonl.summary.json").read_text())["already_done"] == 3
     assert f'with files elsewhere than when it began: data: "{infer_ws / "data.json"}" -> ' in caplog.text
     assert f'image_folder: "{infer_ws / "images"}" -> "{moved / "images"}"' in caplog.text
+    entries = json.loads((moved / "data.json").read_text())  # rows name their entries by index
+    (moved / "data.json").write_text(json.dumps(entries[::-1]))
+    edited = r"other settings \(data_sha256: \"[0-9a-f]{64}\" -> \"[0-9a-f]{64}\" \(data holds other content\)\)"
+    with pytest.raises(ValueError, match=edited):
+        infer_cli(infer_ws, *elsewhere, "--max-new-tokens", "2")
     refused = r"answers about the images in .*moved/images, and --image-folder .* is not shown to hold them \(%s\)"
     with pytest.raises(ValueError, match=refused % r"3 of 3 images checked are missing or differ, e\.g\. 0\.png: .*"):
         infer_cli(infer_ws, *data[:2], "--image-folder", str(tmp_path), *data[4:], "--max-new-tokens", "2")
@@ -473,10 +478,38 @@ def test_answer_file_refuses_to_mix_settings(infer_ws, tmp_path, caplog):
     settings = json.loads(settings_file.read_text())
     del settings["rpn_weights"], settings["data_sha256"]
     settings_file.write_text(json.dumps(settings))
+    moved = tmp_path / "moved.json"  # without its digest, the data file is known by its path
+    shutil.copy(infer_ws / "data.json", moved)
+    with pytest.raises(ValueError, match=rf'other settings \(data: "{infer_ws / "data.json"}" -> "{moved}"\)'):
+        infer_cli(infer_ws, "--data", str(moved), *data[2:], "--max-new-tokens", "2")
     assert infer_cli(infer_ws, *data, "--max-new-tokens", "2") == 0
     assert infer_cli(infer_ws, *data, "--max-new-tokens", "3", "--restart") == 0
     summary = json.loads((tmp_path / "answers.jsonl.summary.json").read_text())
     assert summary["already_done"] == 0 and summary["answered"] == 3
+    # A settings file that is not a JSON object says nothing of the answers: refused, not guessed at.
+    settings_file.write_text("[2]")
+    with pytest.raises(ValueError, match=r"answers\.jsonl\.settings\.json must hold a JSON object of settings"):
+        infer_cli(infer_ws, *data, "--max-new-tokens", "3")
+    assert infer_cli(infer_ws, *data, "--max-new-tokens", "3", "--restart") == 0
+
+
+def test_only_rank_0_records_the_settings_and_removes_old_answers(tmp_path, monkeypatch):
+    # Every rank checks the recorded settings; one writes them: another rank removing answers
+    # or rewriting the settings would race rank 0, which does both before the ranks meet.
+    from sdrpn.infer import job
+    from sdrpn.infer.answers_file import part_path
+
+    out = tmp_path / "answers.jsonl"
+    old = [out, Path(str(out) + ".summary.json"), Path(part_path(str(out), 1))]
+    monkeypatch.setattr(job, "run_settings", lambda pipe, cfg: {"max_new_tokens": cfg.max_new_tokens})
+    files = dict(data=str(tmp_path / "d.json"), image_folder=str(tmp_path), out=str(out), restart=True)
+    for path in old:
+        path.write_text("{}\n")
+    job._start(None, job.InferFileConfig(**files, max_new_tokens=3, rank=1, world_size=2))
+    assert all(path.exists() for path in old) and not Path(str(out) + ".settings.json").exists()
+    job._start(None, job.InferFileConfig(**files, max_new_tokens=3, rank=0, world_size=2))
+    assert not any(path.exists() for path in old)
+    assert json.loads(Path(str(out) + ".settings.json").read_text()) == {"max_new_tokens": 3}
 
 
 def test_the_command_reports_user_mistakes_in_one_line(infer_ws, tmp_path, capsys):

@@ -524,7 +524,8 @@ def test_resume_refuses_a_data_file_edited_in_place(workspace, tmp_path):
     data.write_text(json.dumps(entries))
     assert run_label(workspace, out, "--answers", "given", "--data", str(data), "--limit", "4") == 0
     data.write_text(json.dumps(entries[::-1]))
-    with pytest.raises(ValueError, match=r"other settings \(data_sha256: \"[0-9a-f]{64}\" -> \"[0-9a-f]{64}\"\)"):
+    edited = r"other settings \(data_sha256: \"[0-9a-f]{64}\" -> \"[0-9a-f]{64}\" \(data holds other content\)\)"
+    with pytest.raises(ValueError, match=edited):
         run_label(workspace, out, "--answers", "given", "--data", str(data))
     # A folder labelled before the digest was recorded resumes unchecked, and records it.
     config = json.loads((out / "label_config.json").read_text())

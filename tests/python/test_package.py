@@ -206,6 +206,40 @@ def test_help_states_each_default_once():
         assert not re.search(r"\(default: [^)]*\)\s+\(default:", text), command
 
 
+def test_paths_on_the_command_line_take_a_leading_tilde_as_home(monkeypatch, tmp_path, capsys):
+    # The shell leaves "~" alone after "--flag=" and in quotes: a folder named "~" would be made.
+    from sdrpn.cli import path_arg
+
+    monkeypatch.setenv("HOME", "/home/u")
+    parser = build_parser()
+    args = parser.parse_args(["train", "--model", "m", "--labels=~/l", "--out=~/o", "--image-folder", "~/i"])
+    assert (args.labels, args.out, args.image_folder) == ("/home/u/l", "/home/u/o", "/home/u/i")
+    args = parser.parse_args(["infer", "--model=~/m", "--rpn=~/r", "--data=~/d", "--image-folder=~/i", "--out=~/o"])
+    assert (args.rpn, args.data, args.image_folder, args.out) == ("/home/u/r", "/home/u/d", "/home/u/i", "/home/u/o")
+    assert args.model == "~/m"  # a folder or a Hub id: the loader tells which, and expands a folder's
+    assert parser.parse_args(["viz-labels", "x~", "--out", "~"]).out == "/home/u"
+    from sdrpn.synth.cli import build_parser as synth_parser
+
+    files = {"data", "image_folder", "out", "labels", "rpn", "image", "viz", "pickle", "src", "preset"}
+    files |= {"init", "to", "json"}
+    for commands in (parser, synth_parser()):
+        for command, sub in commands._subparsers._group_actions[0].choices.items():
+            for action in sub._actions:
+                takes_value = action.nargs != 0  # not a switch such as infer --json
+                assert action.dest not in files or not takes_value or action.type is path_arg, (command, action.dest)
+    args = synth_parser().parse_args(["eval-base", "--model=~/b", "--json=~/j"])
+    assert (args.model, args.json) == ("/home/u/b", "/home/u/j")  # a synth model is a folder
+    from sdrpn.integrations.paper import main as paper
+
+    monkeypatch.chdir(tmp_path)
+    assert paper(["table", "~/nowhere", "--out=~/t.md"]) != 0 and not (tmp_path / "~").exists()
+    # Text that is no file keeps its "~".
+    args = parser.parse_args(["infer", "--model", "m", "--rpn", "r", "--image", "i", "--question", "~/q",
+                              "--prompt-template", "~{question}"])  # fmt: skip
+    assert (args.question, args.prompt_template) == ("~/q", "~{question}")
+    assert parser.parse_args(["convert-labels", "p", "o", "--strip-prefix", "~/data"]).strip_prefix == "~/data"
+
+
 def test_setting_changes_name_each_value_nested_and_long():
     from sdrpn.options import setting_changes
 
@@ -216,6 +250,10 @@ def test_setting_changes_name_each_value_nested_and_long():
     assert data.startswith('data: "/a/xxx') and '/one.json" -> "/a/' in data and data.endswith('x/two.json"')
     assert "..." in data and len(data) < 180
     assert setting_changes({"a": None}, {"b": 2}) == ["a: null -> (absent)", "b: (absent) -> 2"]
+    from sdrpn.options import shortened
+
+    assert [len(shortened("x" * 100, n)) for n in (0, 2, 3, 4, 9, 80)] == [0, 2, 3, 4, 9, 80]
+    assert shortened("abcdefghij", 9) == "abc...hij" and shortened("abcdefghij", 8) == "ab...hij"
     # A group of settings on one side only (an artefact from before it was recorded) is one change.
     assert setting_changes({"roi": {"sigma": 1.0}}, {}) == ['roi: {"sigma": 1.0} -> (absent)']
     assert setting_changes({"roi": None}, {"roi": {"sigma": 1.0}}) == ['roi: null -> {"sigma": 1.0}']
@@ -231,6 +269,15 @@ def test_paths_that_changed_are_moves_not_changes():
     # A path on one side only is neither: its job records it since a later version.
     assert moves == ['data: "/a/d.json" -> "/b/d.json"', 'images: "/a/img" -> "/b/img"']
     assert changes_and_moves(old, {**old, "sha": "2"}, ("data",)) == (['sha: "1" -> "2"'], [])
+    # A path whose content has a digest is set apart where the digest is recorded; its change
+    # is named as the file's. A record from before the digest compares the path instead.
+    old.pop("out")
+    moved = {**new, "lr": 1.0}
+    assert changes_and_moves(old, moved, ("images",), {"data": "sha"}) == ([], moves)
+    changed = changes_and_moves(old, {**moved, "sha": "2"}, (), {"data": "sha"})
+    assert changed == (['images: "/a/img" -> "/b/img"', 'sha: "1" -> "2" (data holds other content)'], [moves[0]])
+    for before in ({k: v for k, v in old.items() if k != "sha"}, {**old, "sha": None}):
+        assert changes_and_moves(before, moved, ("images",), {"data": "sha"}) == ([moves[0]], [moves[1]])
 
 
 def test_roi_options_take_the_ends_of_their_ranges():

@@ -131,6 +131,25 @@ def test_pipeline_runs_every_stage_and_resumes(tmp_path):
     run_pipeline(dataclasses.replace(cfg, eval_batch=4, model=os.path.relpath(cfg.model) + "/"))
 
 
+def test_a_model_folder_is_one_model_however_it_is_named(tmp_path, monkeypatch):
+    from sdrpn.synth.pipeline import PIPELINE_CONFIG, record_settings
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    base = os.path.realpath(tmp_path / "base")
+    os.makedirs(base), os.makedirs(tmp_path / "other"), os.makedirs(tmp_path / "run")
+    cfg = PipelineConfig(out=str(tmp_path / "run"), model="~/base")  # the loader takes "~" as home
+    record_settings(cfg)
+    path = cfg.path(PIPELINE_CONFIG)
+    recorded = json.load(open(path))
+    assert recorded["model"] == base
+    record_settings(dataclasses.replace(cfg, model=base + "/"))
+    # Earlier versions recorded a "~" they were given as typed: the same folder still.
+    json.dump({**recorded, "model": "~/base"}, open(path, "w"))
+    record_settings(dataclasses.replace(cfg, model=base))
+    with pytest.raises(ValueError, match=r'other settings \(model: ".*/base" -> ".*/other"\)'):
+        record_settings(dataclasses.replace(cfg, model="~/other"))
+
+
 def test_markdown_reports_the_gain():
     acc = {
         k: {"read": r, "colour": 1.0, "where": 1.0, "count": 0.5, "all": 0.8}

@@ -112,10 +112,8 @@ def _start(pipe: SDRPNLlava, cfg: InferFileConfig) -> None:
             settings["model"] = recorded["model"]
         # Where a file lies is not what it holds: the data file is compared by its content
         # where that is recorded, the image folder by the images the answers record.
-        paths = ("data", "image_folder") if "data_sha256" in recorded else ("image_folder",)
-        for key in ("rpn_weights", "data_sha256"):  # answers from before these were recorded
-            recorded.setdefault(key, settings[key])
-        diff, moved = changes_and_moves(recorded, settings, paths)
+        recorded.setdefault("rpn_weights", settings["rpn_weights"])  # answers from before it was recorded
+        diff, moved = changes_and_moves(recorded, settings, ("image_folder",), {"data": "data_sha256"})
         if diff:
             raise ValueError(
                 f"{cfg.out} holds answers made with other settings ({'; '.join(diff)}): rerun with "

@@ -15,7 +15,7 @@ import os
 import sys
 from dataclasses import dataclass
 
-from ..cli import Parser
+from ..cli import Parser, path_arg
 from ..io_utils import read_json, write_text
 from ..options import TASK_THRESHOLDS
 
@@ -114,8 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("tasks", help="the tasks: lmms-eval task, benchmark, RoI threshold, score")
     table = sub.add_parser("table", help="the Markdown table of a results folder")
-    table.add_argument("results", help="the folder eval_paper.sh writes (one subfolder per row)")
-    table.add_argument("--out", default=None, help="also write the table here")
+    table.add_argument("results", type=path_arg, help="the folder eval_paper.sh writes (one subfolder per row)")
+    table.add_argument("--out", type=path_arg, default=None, help="also write the table here")
     args = parser.parse_args(argv)
     if args.command == "tasks":
         print(task_table())

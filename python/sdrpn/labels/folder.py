@@ -186,8 +186,7 @@ class LabelFolderConfig:
         "name: this -> other". The data file is compared by its content where that is
         recorded, the image folder not here (``LabelFolder.check_images_in`` looks at its
         images): a job moved elsewhere resumes."""
-        paths = self.PATHS if self.data_sha256 is not None else ("image_folder",)
-        return changes_and_moves(self.to_dict(), other.to_dict(), paths)
+        return changes_and_moves(self.to_dict(), other.to_dict(), ("image_folder",), {"data": "data_sha256"})
 
 
 @dataclass

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from ..options import is_int
+from ..options import is_int, shortened
 from .inputs import is_text, load_rgb, question_text, too_large_to_preprocess
 
 
@@ -160,7 +160,7 @@ def image_folder_problem(folder: str, rows: list, most: int = 16) -> str | None:
     count = min(most, len(pairs))
     same, other, gone = 0, [], []
     for relative, size in (pairs[i * len(pairs) // count] for i in range(count)):
-        shown = relative if len(relative) <= 80 else f"{relative[:38]}...{relative[-39:]}"
+        shown = shortened(relative)
         try:
             with Image.open(resolve_image(folder, relative)) as image:
                 found = list(image.size)

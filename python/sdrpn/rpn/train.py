@@ -57,10 +57,10 @@ log = logging.getLogger(__name__)
 class TrainConfig(Options):
     """One RPN training run. Fields left at None take the preset's values."""
 
-    labels: str = option(None, "label folder of sdrpn label / convert-labels", required=True)
-    out: str = option(None, "output folder: the RPN, checkpoints and metrics", required=True)
-    image_folder: str | None = option(None, "image folder (default: the one the labels record)")
-    preset: str | None = option(None, "preset name or JSON file (default: the one the labels record)")
+    labels: str = option(None, "label folder of sdrpn label / convert-labels", required=True, path=True)
+    out: str = option(None, "output folder: the RPN, checkpoints and metrics", required=True, path=True)
+    image_folder: str | None = option(None, "image folder (default: the one the labels record)", path=True)
+    preset: str | None = option(None, "preset name or JSON file (default: the one the labels record)", path=True)
     branch_layer: int | None = option(
         None, "K: the RPN reads the hidden states entering layer K (default: the preset's)"
     )

@@ -17,9 +17,9 @@ from ..cli import (
     device_arg,
     non_negative_int,
     number_in,
+    path_arg,
     positive_int,
     run_command,
-    text_arg,
 )
 from .task import TAG_CLEARANCE
 
@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train-base", help="train the tiny LLaVA stand-in on the synthetic task")
-    train.add_argument("--out", type=text_arg, required=True, help="folder for the model, checkpoint and history")
+    train.add_argument("--out", type=path_arg, required=True, help="folder for the model, checkpoint and history")
     train.add_argument("--steps", type=positive_int, default=2200, help="(default: %(default)s)")
     train.add_argument("--batch-size", type=positive_int, default=32, help="(default: %(default)s)")
     train.add_argument("--lr", type=number_in(0.0, 1.0, low_open=True), default=1e-3, help="(default: %(default)s)")
@@ -101,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument(
         "--init",
-        type=text_arg,
+        type=path_arg,
         default=None,
         help="start from this trained base model's weights (a later stage; default: random)",
     )
@@ -145,23 +145,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     score = sub.add_parser("eval-base", help="accuracy by question kind: thumbnail, true crop, random crop")
-    score.add_argument("--model", type=text_arg, required=True)
+    score.add_argument("--model", type=path_arg, required=True)
     score.add_argument("--count", type=positive_int, default=400, help="(default: %(default)s)")
     score.add_argument("--split", default="test", choices=["val", "test"], help="(default: %(default)s)")
     add_device(score)
-    score.add_argument("--json", type=text_arg, default=None, help="also write the table here")
+    score.add_argument("--json", type=path_arg, default=None, help="also write the table here")
     inspect = sub.add_parser(
         "inspect", help="where a base model's answer attention lands, per layer and head, and the heads to ground on"
     )
-    inspect.add_argument("--model", type=text_arg, required=True)
+    inspect.add_argument("--model", type=path_arg, required=True)
     inspect.add_argument("--count", type=positive_int, default=512, help="validation samples (default: %(default)s)")
 
     export = sub.add_parser(
         "export-base",
         help="ship a trained base model: float16 weights, tokenizer, training record and the preset SD-RPN reads",
     )
-    export.add_argument("--model", type=text_arg, required=True, help="train-base output folder")
-    export.add_argument("--to", type=text_arg, required=True)
+    export.add_argument("--model", type=path_arg, required=True, help="train-base output folder")
+    export.add_argument("--to", type=path_arg, required=True)
     export.add_argument(
         "--grounding",
         type=head_pairs,
@@ -176,11 +176,11 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="SD-RPN on the task: label, train the RPN, evaluate, write the report")
     run.add_argument(
         "--out",
-        type=text_arg,
+        type=path_arg,
         default="outputs/synth",
         help="working folder (resumable) and report (default: %(default)s)",
     )
-    run.add_argument("--model", type=text_arg, default=None, help="base model folder (default: the shipped one)")
+    run.add_argument("--model", type=path_arg, default=None, help="base model folder (default: the shipped one)")
     run.add_argument(
         "--train-count", type=positive_int, default=10_000, help="samples labelled for the RPN (default: %(default)s)"
     )

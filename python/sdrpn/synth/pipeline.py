@@ -76,10 +76,12 @@ def record_settings(cfg: PipelineConfig) -> None:
     fewer samples, for one) and the report would describe neither."""
     path = cfg.path(PIPELINE_CONFIG)
     settings = {k: v for k, v in asdict(cfg).items() if k not in RUN_ONLY}
-    if os.path.isdir(cfg.model):  # one folder however it is named
-        settings["model"] = os.path.realpath(cfg.model)
+    settings["model"] = _model_folder(cfg.model)
     if os.path.exists(path):
-        diff = setting_changes(read_json(path), settings)
+        recorded = read_json(path)
+        if isinstance(recorded, dict) and isinstance(recorded.get("model"), str):  # "~/x" as typed, before
+            recorded["model"] = _model_folder(recorded["model"])
+        diff = setting_changes(recorded, settings)
         if diff:
             raise ValueError(
                 f"{cfg.out} holds a run with other settings ({'; '.join(diff)}): rerun with the same "
@@ -87,6 +89,12 @@ def record_settings(cfg: PipelineConfig) -> None:
             )
     else:
         write_json(path, settings)
+
+
+def _model_folder(model: str) -> str:
+    """A model folder's real path, however it is named (the loader takes "~" as home)."""
+    folder = os.path.expanduser(model)
+    return os.path.realpath(folder) if os.path.isdir(folder) else model
 
 
 # ---- stages -----------------------------------------------------------------------------------
