@@ -22,7 +22,7 @@ from transformers import Trainer, TrainingArguments
 from sdrpn.llava.loading import load_llava
 from sdrpn.rpn import LabelShardDataset, rpn_for_labels
 from sdrpn.rpn.hf_trainer import RPNForTraining, label_collator
-from sdrpn.rpn.train import accumulation_steps
+from sdrpn.rpn.train_config import accumulation_steps
 
 
 def main() -> None:

@@ -1,7 +1,7 @@
 """The ``sdrpn`` command line: flags in, option objects out, stage packages called.
 
 Option flags are made from the fields of the option dataclasses (sdrpn.options,
-labels.options, rpn.train), so every field has a flag and --help shows its default.
+labels.options, rpn.train_config), so every field has a flag and --help shows its default.
 """
 
 from __future__ import annotations
@@ -215,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--device", type=device_arg, default=None, help="default: cuda:LOCAL_RANK if available, else cpu"
     )
-    from .rpn.train import TrainConfig
+    from .rpn.train_config import TrainConfig
 
     add_options(train, TrainConfig)
     add_options(train, RoiOptions, overrides_from="the preset")
@@ -329,7 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _run_train(args) -> dict:
     from .distributed import finish, from_environment
     from .llava.loading import load_llava
-    from .rpn.train import RPNTrainer, TrainConfig
+    from .rpn.train import RPNTrainer
+    from .rpn.train_config import TrainConfig
 
     cfg = options_from_args(TrainConfig, args)  # the flags checked before the model's slow load
     options_from_args(RoiOptions, args)

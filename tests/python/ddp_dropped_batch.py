@@ -16,7 +16,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from sdrpn.llava.loading import load_llava
 from sdrpn.rpn.model import rpn_loss
-from sdrpn.rpn.train import RPNTrainer, TrainConfig, _forward
+from sdrpn.rpn.train import RPNTrainer, _forward
+from sdrpn.rpn.train_config import TrainConfig
 
 model_dir, labels, out = sys.argv[1:4]
 dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))

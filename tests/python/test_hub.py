@@ -16,7 +16,8 @@ from safetensors.torch import load_file, save_file
 from sdrpn.llava.loading import ModelNotFoundError, load_llava, model_not_found
 from sdrpn.rpn.card import GENERATED_MARK
 from sdrpn.rpn.model import RegionProposalNetwork
-from sdrpn.rpn.train import RPNTrainer, TrainConfig
+from sdrpn.rpn.train import RPNTrainer
+from sdrpn.rpn.train_config import TrainConfig
 from synthetic_labels import write_region_labels
 from tiny_llava import make_tiny_llava, make_tokenizer, save_tiny_llava
 

@@ -19,8 +19,10 @@ from sdrpn.labels.folder import LabelFolder
 from sdrpn.llava.backbone import branch_hidden_states
 from sdrpn.llava.loading import load_llava, model_identity
 from sdrpn.rpn.dataset import LabelCollator, LabelShardDataset
+from sdrpn.rpn.for_labels import rpn_for_labels, rpn_settings
 from sdrpn.rpn.model import RegionProposalNetwork, rpn_loss
-from sdrpn.rpn.train import RPNTrainer, TrainConfig, accumulation_steps, evaluate, rpn_for_labels, rpn_settings
+from sdrpn.rpn.train import RPNTrainer, evaluate
+from sdrpn.rpn.train_config import TrainConfig, accumulation_steps
 from synthetic_labels import write_region_labels
 from tiny_llava import IMAGE, make_tokenizer, save_tiny_llava
 

@@ -29,14 +29,10 @@ from transformers import get_cosine_schedule_with_warmup
 
 from ..distributed import barrier, check_initialized, check_rank, gather_objects, peers_may_stop
 from ..io_utils import exclusive_lock, read_json, remove_temporaries, write_json
-from ..labels.folder import LabelFolder, LabelFolderConfig
 from ..llava.backbone import branch_hidden_states
 from ..llava.data import skip_reasons
-from ..llava.geometry import model_grid
-from ..llava.loading import fingerprints_match, model_identity, pad_token_id, same_model_name
-from ..llava.presets import get_preset, preset_from_dict
+from ..llava.loading import pad_token_id
 from ..ops import IGNORE_INDEX
-from ..options import Options, RoiOptions, changes_and_moves, option, require_at_least
 from ..prefetch import prefetch
 from ..progress import show_progress
 from .checkpoints import (
@@ -48,160 +44,11 @@ from .checkpoints import (
     save_checkpoint,
 )
 from .dataset import LabelBatch, LabelCollator, LabelShardDataset
+from .for_labels import rpn_settings
 from .model import CONFIG_NAME, HUB_CONFIG_NAME, WEIGHTS_NAME, RegionProposalNetwork, rpn_loss
+from .train_config import TrainConfig, accumulation_steps, as_recorded_now
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class TrainConfig(Options):
-    """One RPN training run. Fields left at None take the preset's values."""
-
-    labels: str = option(None, "label folder of sdrpn label / convert-labels", required=True, path=True)
-    out: str = option(None, "output folder: the RPN, checkpoints and metrics", required=True, path=True)
-    image_folder: str | None = option(None, "image folder (default: the one the labels record)", path=True)
-    preset: str | None = option(None, "preset name or JSON file (default: the one the labels record)", path=True)
-    branch_layer: int | None = option(
-        None, "K: the RPN reads the hidden states entering layer K (default: the preset's)"
-    )
-    depth: int | None = option(None, "T: backbone layers K .. K+T-1 copied into the RPN (default: the preset's)")
-    epochs: int = option(1, "passes over the train split")
-    lr: float = option(5e-5, "peak learning rate")
-    batch_size: int = option(8, "samples per micro-batch and rank")
-    effective_batch: int = option(
-        512,
-        "samples per optimiser step over all ranks; accumulation = effective_batch / (batch_size * "
-        "world size). The reference's: 8 per GPU x 16 accumulation x 4 GPUs",
-    )
-    grad_accum: int | None = option(None, "micro-batches per optimiser step, instead of deriving it")
-    max_samples: int | None = option(None, "train on a seeded random subset of this many samples")
-    bf16: bool = option(False, "backbone in bf16, RPN under bf16 autocast")
-    gradient_checkpointing: bool = option(False, "recompute the RPN's layers in the backward pass")
-    resume: bool = option(False, "continue from the last checkpoint in --out")
-    warmup_ratio: float = option(0.03, "fraction of the steps spent warming up")
-    weight_decay: float = option(0.0, "AdamW weight decay")
-    betas: tuple[float, float] = option((0.9, 0.98), "AdamW betas", cli=False)
-    max_grad_norm: float = option(1.0, "gradient clipping norm")
-    seed: int = option(0, "shuffling and initialisation seed")
-    held_out_fraction: float = option(0.05, "share of the labels held out for per-epoch metrics")
-    save_every: int = option(200, "optimiser steps between checkpoints")
-    keep_checkpoints: int = option(2, "checkpoints kept")
-    stop_after_steps: int | None = option(None, "stop (checkpointed) after this many steps in all")
-    num_workers: int = option(0, "DataLoader worker processes (0: one loader thread of the training process)")
-
-    def __post_init__(self):
-        for name in ("labels", "out"):
-            if not getattr(self, name):
-                raise ValueError(f"{name} is required")
-        self.check_types()
-        require_at_least(1, self, "epochs", "batch_size", "effective_batch", "save_every", "keep_checkpoints")
-        optional = ("branch_layer", "depth", "max_samples", "stop_after_steps", "grad_accum")
-        require_at_least(1, self, *optional, optional=True)
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if not 0 <= self.held_out_fraction < 1:
-            raise ValueError(f"held_out_fraction must lie in [0, 1), got {self.held_out_fraction}")
-        if not 0 <= self.warmup_ratio <= 1:
-            raise ValueError(f"warmup_ratio must lie in [0, 1], got {self.warmup_ratio}")
-        if not 0 <= self.weight_decay * self.lr < 1:  # AdamW scales the weights by 1 - lr * decay a step
-            raise ValueError(f"weight_decay must be >= 0 with lr * weight_decay < 1, got {self.weight_decay}")
-        if not self.max_grad_norm > 0:
-            raise ValueError(f"max_grad_norm must be > 0, got {self.max_grad_norm}")
-        require_at_least(0, self, "num_workers", "seed")
-        betas = tuple(self.betas) if isinstance(self.betas, (tuple, list)) else ()
-        if len(betas) != 2 or not all(
-            isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas
-        ):  # NaN fails the range
-            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
-        self.betas = tuple(float(b) for b in betas)
-
-    # What may change between a run and its resumption: how long it goes on, how it loads
-    # data and how often it saves. Everything else shapes the weights.
-    RESUMABLE_CHANGES = ("resume", "stop_after_steps", "num_workers", "save_every", "keep_checkpoints")
-    # Where the files lie, not what they hold: a run, label or image folder moved or copied
-    # elsewhere resumes. The label folder's content is compared instead (its recorded
-    # settings and the train split's sample ids), and the images by their recorded sizes
-    # (LabelShardDataset); labels that record none compare the image folder's path.
-    _PATHS = ("labels", "out", "image_folder")
-
-    def recorded(self) -> dict:
-        """The settings a checkpoint records, paths made absolute, as JSON reads them back."""
-        values = self.to_dict()
-        for name in self._PATHS:
-            if values[name]:
-                values[name] = os.path.realpath(values[name])
-        return json.loads(json.dumps(values))
-
-    def differences(self, recorded: dict, images_checked: bool = True, **run) -> tuple[list[str], list[str]]:
-        """The settings that differ from a checkpoint's and may not change on resume, and the
-        folders that moved, each as "name: recorded -> now"; ``run`` adds facts of the run that
-        shape the weights as settings do (the world size, the labels' settings, the image
-        folder used). ``images_checked``: whether the image folder is known by its images, or
-        must keep its path. A name the checkpoint does not record is not compared."""
-        now = {**self.recorded(), **run}
-        kept = [k for k in now if k not in self.RESUMABLE_CHANGES and k in recorded]
-        paths = self._PATHS if images_checked else tuple(p for p in self._PATHS if p != "image_folder")
-        return changes_and_moves({k: recorded[k] for k in kept}, {k: now[k] for k in kept}, paths)
-
-
-def _as_recorded_now(recorded: dict, labels: LabelFolderConfig) -> dict:
-    """A checkpoint's settings as this version records them: an image folder left unnamed
-    (null) was the labels' own, and a label config recorded with its inputs' paths is
-    compared without them."""
-    recorded = dict(recorded)
-    if "image_folder" in recorded and recorded["image_folder"] is None and labels.image_folder:
-        recorded["image_folder"] = os.path.realpath(labels.image_folder)
-    if isinstance(recorded.get("label_config"), dict):
-        recorded["label_config"] = {k: v for k, v in recorded["label_config"].items() if k not in labels.PATHS}
-    return recorded
-
-
-def accumulation_steps(effective_batch: int, batch_size: int, world_size: int) -> int:
-    """Micro-batches per optimiser step that make the effective batch; refuses one that the
-    per-rank batch and the world size do not divide."""
-    per_step = batch_size * world_size
-    if effective_batch % per_step:
-        raise ValueError(
-            f"effective_batch={effective_batch} is not a multiple of batch_size * world size = "
-            f"{batch_size} * {world_size}: pick sizes that divide it (or pass grad_accum)"
-        )
-    return effective_batch // per_step
-
-
-def check_labels_base_model(labels: str, recorded: dict | None, model: nn.Module) -> None:
-    """Refuse labels made by another base model: they are that model's attention, and an
-    RPN trained on them fits neither model. The label folder records the architecture's
-    fingerprint and (since this check) a weights fingerprint; a folder without the latter
-    is only warned about when the model's name differs."""
-    theirs = (recorded or {}).get("config_fingerprint")
-    if theirs is None:
-        # Converted from the reference's pickles, or labelled before the fingerprint was recorded.
-        log.info("%s records no base-model fingerprint: not checked", labels)
-        return
-    ours = model_identity(model)
-    advice = "train with the model the labels were made by, or label with this one"
-    if theirs != ours["config_fingerprint"]:
-        raise ValueError(
-            f"the labels in {labels} were made by another base model: {recorded.get('name')!r} (architecture "
-            f"fingerprint {theirs}), while --model {ours['name']!r} has another architecture (fingerprint "
-            f"{ours['config_fingerprint']}): {advice}"
-        )
-    weights = recorded.get("weights_fingerprint")
-    if weights is not None:
-        if not fingerprints_match(weights, ours["weights_fingerprint"]):
-            raise ValueError(
-                f"the labels in {labels} were made by another base model: {recorded.get('name')!r}, of the same "
-                f"architecture as --model {ours['name']!r} but with other weights: {advice}"
-            )
-    elif not same_model_name(recorded.get("name"), ours["name"]):
-        log.warning(
-            "the labels in %s were made by %r and --model is %r: the same architecture, but the label folder "
-            "records no weights to compare; %s",
-            labels,
-            recorded.get("name"),
-            ours["name"],
-            advice,
-        )
 
 
 TRAIN_CONFIG_NAME = "train_config.json"
@@ -232,63 +79,6 @@ def check_fresh_out(cfg: TrainConfig) -> None:
         raise ValueError(
             f"--out {cfg.out} holds a run already ({held[0]}): pass --resume to go on with it, or choose another --out"
         )
-
-
-def check_labels_fit(labels: str, config, model: nn.Module) -> None:
-    """Refuse labels on another grid or image size than the model's (a folder that records
-    no base model, or records it without them, passes the fingerprint check): its samples
-    would fail one by one in the model, or train an RPN on cells that are not its own."""
-    grid, size = list(model_grid(model.config)), model.config.vision_config.image_size
-    if config.grid is not None and list(config.grid) != grid:
-        raise ValueError(
-            f"the labels in {labels} are on a {config.grid[0]}x{config.grid[1]} grid, but --model's images "
-            f"make {grid[0]}x{grid[1]} cells: train with the model the labels were made by"
-        )
-    if config.image_size is not None and config.image_size != size:
-        raise ValueError(
-            f"the labels in {labels} were made at image size {config.image_size}, but --model takes {size}: "
-            f"train with the model the labels were made by"
-        )
-
-
-def rpn_settings(
-    model: nn.Module,
-    labels: str,
-    *,
-    preset: str | None = None,
-    branch_layer: int | None = None,
-    depth: int | None = None,
-    roi_overrides: dict | None = None,
-) -> dict:
-    """``RegionProposalNetwork.from_llava``'s arguments for an RPN trained on the labels in
-    ``labels``: the preset's branch layer, depth and RoI options (``preset`` if given, else
-    the one the labels record, else 15, 3 and SPEC's RoI defaults), any of which the other
-    arguments override, and the labels' prompt template and preprocessing, so that the RPN
-    prompts at inference as its labels were made. Refuses labels made by another base model."""
-    config = LabelFolder(labels).config
-    check_labels_base_model(labels, config.model, model)
-    check_labels_fit(labels, config, model)
-    if preset is not None:
-        chosen = get_preset(preset)
-    else:
-        chosen = preset_from_dict(config.preset) if config.preset else None
-    if chosen is not None:
-        chosen.check_fits(model.config)
-    return {
-        "branch_layer": branch_layer if branch_layer is not None else (chosen.branch_layer if chosen else 15),
-        "depth": depth if depth is not None else (chosen.depth if chosen else 3),
-        "preset": chosen.name if chosen else None,
-        "prompt_template": config.prompt_template,
-        "preprocessing": config.options.preprocessing,
-        "roi": (chosen.roi if chosen else RoiOptions()).updated(**(roi_overrides or {})),
-    }
-
-
-def rpn_for_labels(model: nn.Module, labels: str, **overrides) -> RegionProposalNetwork:
-    """A new RPN on ``model`` for the labels in ``labels``, set up as ``sdrpn train`` sets it
-    up (``rpn_settings``; ``overrides`` are its keyword arguments). For training loops of
-    one's own, such as a Hugging Face Trainer's."""
-    return RegionProposalNetwork.from_llava(model, **rpn_settings(model, labels, **overrides))
 
 
 # ---- metrics --------------------------------------------------------------------------------
@@ -512,7 +302,7 @@ class RPNTrainer:
         }
         self._recorded = {**cfg.recorded(), **facts, "train_split": train_set.ids_digest()}
         if cfg.resume and (ckpt := latest_checkpoint(cfg.out)) is not None:
-            recorded = _as_recorded_now(checkpoint_settings(ckpt) or {}, train_set.config)
+            recorded = as_recorded_now(checkpoint_settings(ckpt) or {}, train_set.config)
             earlier = train_set.config.without_paths(recorded.get("label_config"))
             facts["label_config"] = json.loads(json.dumps(earlier))
             diff, moved = cfg.differences(recorded, train_set.records_image_sizes, **facts)

@@ -32,7 +32,8 @@ from ..llava.geometry import grid_box_to_pixels, model_grid
 from ..llava.presets import resolve_preset
 from ..options import setting_changes
 from ..rpn.model import RegionProposalNetwork
-from ..rpn.train import TRAIN_CONFIG_NAME, RPNTrainer, TrainConfig
+from ..rpn.train import TRAIN_CONFIG_NAME, RPNTrainer
+from ..rpn.train_config import TrainConfig
 from .attention_check import collect_head_maps, layer_localisation, selection_scores
 from .cells import cell_box
 from .evaluate import answer_with_views
