@@ -1,9 +1,26 @@
 """SD-RPN: self-distilled region proposal networks for fine-grained MLLM perception."""
 
-import torch  # noqa: F401  (loads libtorch before the extension that links against it)
+import warnings
 
-from . import _C, ops
-from ._C import __version__
+import torch  # loads libtorch before the extension that links against it
+
+_REBUILD = "rebuild it against this torch: pip install --no-build-isolation . in sdrpn's source folder"
+
+try:
+    from . import _C
+except ImportError as err:  # most often a torch upgraded under a build made for another
+    raise ImportError(
+        f"sdrpn's compiled extension does not load into torch {torch.__version__} ({err}): {_REBUILD}"
+    ) from err
+# Loaded, but built for another torch whose ABI may differ (the build records no local part, +cu130).
+if _C.torch_version != torch.__version__.split("+")[0]:
+    warnings.warn(
+        f"sdrpn was built against torch {_C.torch_version} and runs in torch {torch.__version__}: {_REBUILD}",
+        stacklevel=2,
+    )
+
+from . import ops  # noqa: E402  (after the extension: its ops are registered by loading it)
+from ._C import __version__  # noqa: E402
 
 __all__ = ["ops", "__version__", "build_info"]
 

@@ -21,8 +21,6 @@ from safetensors import SafetensorError
 
 from .distributed import RankStopped
 from .io_utils import FolderBusy
-from .labels.demo import LabelDemoConfig, run_label_demo, summary_line
-from .labels.options import LabelOptions
 from .options import DECODERS, INT64_MAX, TASK_THRESHOLDS, RoiOptions
 from .prefetch import DEFAULT_WORKERS
 from .subsets import SUBSET_SEED
@@ -208,6 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     label.add_argument(
         "--device", type=device_arg, default=None, help="default: cuda:LOCAL_RANK if available, else cpu"
     )
+    from .labels.options import LabelOptions  # the stages import transformers: only where needed
+
     add_options(label, LabelOptions)
 
     train = sub.add_parser("train", help="train the RPN on a label folder")
@@ -476,6 +476,7 @@ def _run_label(args) -> dict:
     from .distributed import MEET_AT_END_TIMEOUT, barrier, finish, from_environment
     from .labels.folder import LabelFolder
     from .labels.job import LabelJob, LabelJobConfig
+    from .labels.options import LabelOptions
     from .llava.loading import load_llava
     from .llava.presets import resolve_preset
 
@@ -531,6 +532,9 @@ def _version() -> str:
 # than a traceback.
 USER_ERRORS = (ValueError, OSError, FolderBusy, NotImplementedError, SafetensorError, RankStopped)
 
+# What the commands need beyond the ops: the `llava` extra, which `pip install .` alone leaves out.
+LLAVA_EXTRA = ("transformers", "accelerate", "tokenizers", "huggingface_hub")
+
 
 # What an interrupted command has kept, and how to go on.
 RESUME_HINTS = {
@@ -557,6 +561,15 @@ def run_command(main: Callable[[list[str]], int], prog: str, argv: list[str] | N
             raise
         print(f"{command}: error: {err} (--debug shows the traceback)", file=sys.stderr)
         return 2
+    except ModuleNotFoundError as err:
+        if debug or (err.name or "").split(".")[0] not in LLAVA_EXTRA:
+            raise
+        print(
+            f"{command}: error: the commands need {err.name}, which the llava extra installs: "
+            "pip install --no-build-isolation '.[llava]' in sdrpn's source folder (the ops alone need torch only)",
+            file=sys.stderr,
+        )
+        return 2
     except KeyboardInterrupt:
         if debug:
             raise
@@ -574,6 +587,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     if args.command == "label-demo":
+        from .labels.demo import LabelDemoConfig, run_label_demo, summary_line
+
         _check_files(out_folder=args.out)
         cfg = LabelDemoConfig(
             out=args.out, batch=args.batch, grid_h=args.grid[0], grid_w=args.grid[1], seed=args.seed, device=args.device

@@ -1,0 +1,86 @@
+"""What users install: the source distribution holds everything the build compiles, and an
+install of the ops alone (no `llava` extra) says in one line what the commands need."""
+
+import glob
+import os
+import subprocess
+import sys
+import tarfile
+
+import pytest
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+# The llava extra's packages made unimportable, as in an environment that never had them.
+WITHOUT_EXTRA = "import sys\nfor m in ('transformers', 'accelerate', 'tokenizers'):\n    sys.modules[m] = None\n"
+
+
+def test_the_source_distribution_holds_every_file_the_build_needs(tmp_path):
+    env = dict(os.environ, SDRPN_CPU_ONLY="1")
+    cmd = [sys.executable, "setup.py", "-q", "egg_info", "--egg-base", str(tmp_path), "sdist", "-d", str(tmp_path)]
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (archive,) = glob.glob(str(tmp_path / "sdrpn-*.tar.gz"))
+    with tarfile.open(archive) as tar:
+        held = {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
+    needed = ["CMakeLists.txt", "setup.py", "pyproject.toml", "LICENSE", "README.md", "requirements.txt"]
+    for pattern in ("include/**/*.h", "csrc/**/*.h", "csrc/**/*.cpp", "csrc/**/*.cu", "cmake/*", "python/**/*.py"):
+        needed += [os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern), recursive=True)]
+    needed += [os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "python/sdrpn/synth/base_model/*"))]
+    assert len(needed) > 100 and not sorted(set(needed) - held)
+    assert not [name for name in held if name.endswith((".so", ".pyc"))]  # no build of this machine's
+
+
+@pytest.mark.parametrize(
+    "module, argv, command",
+    [
+        ("sdrpn.cli", ["--version"], "sdrpn"),
+        ("sdrpn.cli", ["label-demo", "--out", "x"], "sdrpn label-demo"),
+        ("sdrpn.cli", ["infer", "--model", "m", "--rpn", "r", "--image", "i.png", "--question", "q"], "sdrpn infer"),
+        ("sdrpn.synth.cli", ["run", "--out", "x"], "sdrpn-synth run"),
+    ],
+)
+def test_without_the_llava_extra_a_command_says_so_in_one_line(tmp_path, module, argv, command):
+    code = WITHOUT_EXTRA + f"from {module} import entry\nsys.exit(entry({argv!r}))\n"
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith(f"{command}: error: the commands need transformers") and "'.[llava]'" in line
+    assert not os.listdir(tmp_path)  # refused before anything is written
+    # --debug shows the traceback; the ops work without the extra.
+    debug = subprocess.run([sys.executable, "-c", code.replace(f"{argv!r}", f"{argv + ['--debug']!r}")],
+                           cwd=tmp_path, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert debug.returncode == 1 and "Traceback" in debug.stderr and "ModuleNotFoundError" in debug.stderr
+
+
+def test_the_ops_need_no_llava_extra():
+    code = WITHOUT_EXTRA + (
+        "import torch, sdrpn\n"
+        "labels = sdrpn.ops.pseudo_labels(torch.rand(2, 16), torch.zeros(2, 16), 4, 4)\n"
+        "print(tuple(labels.shape))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "(2, 16)", done.stderr[-3000:]
+
+
+def test_a_missing_module_outside_the_extra_is_not_taken_for_it():
+    from sdrpn.cli import run_command
+
+    def main(argv):
+        import sdrpn_no_such_module  # noqa: F401
+
+    with pytest.raises(ModuleNotFoundError):
+        run_command(main, "sdrpn", [])
+
+
+def test_a_build_for_another_torch_says_to_rebuild_it():
+    def run(code):
+        return subprocess.run([sys.executable, "-W", "error", "-c", code], capture_output=True, text=True, timeout=120)
+
+    assert run("import sdrpn").returncode == 0  # the build matches the torch it runs in: no warning
+    # A build that no longer loads (a torch upgraded under it; here, made unimportable).
+    done = run("import sys\nsys.modules['sdrpn._C'] = None\nimport sdrpn\n")
+    assert done.returncode == 1 and "sdrpn's compiled extension does not load into torch " in done.stderr
+    assert "pip install --no-build-isolation . in sdrpn's source folder" in done.stderr
+    # One that loads into another version of torch.
+    done = run("import torch\ntorch.__version__ = '9.9.9+cu999'\nimport sdrpn\n")
+    assert "UserWarning: sdrpn was built against torch 2." in done.stderr and "runs in torch 9.9.9+cu999" in done.stderr
