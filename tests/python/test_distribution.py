@@ -62,14 +62,24 @@ def test_the_ops_need_no_llava_extra():
     assert done.returncode == 0 and done.stdout.strip() == "(2, 16)", done.stderr[-3000:]
 
 
-def test_a_missing_module_outside_the_extra_is_not_taken_for_it():
+def test_a_missing_module_is_taken_for_the_extras_by_its_package_alone(capsys):
     from sdrpn.cli import run_command
 
-    def main(argv):
+    def outside(argv):
         import sdrpn_no_such_module  # noqa: F401
 
-    with pytest.raises(ModuleNotFoundError):
-        run_command(main, "sdrpn", [])
+    def nameless(argv):  # raised by hand, without a module's name
+        raise ModuleNotFoundError("something is missing")
+
+    def submodule(argv):  # a transformers without a module these commands import
+        raise ModuleNotFoundError("No module named 'transformers.models.llava'", name="transformers.models.llava")
+
+    for main in (outside, nameless):
+        with pytest.raises(ModuleNotFoundError):
+            run_command(main, "sdrpn", ["label"])
+    assert run_command(submodule, "sdrpn", ["label"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("sdrpn label: error: the commands need transformers.models.llava") and "'.[llava]'" in line
 
 
 def test_a_build_for_another_torch_says_to_rebuild_it():
@@ -77,10 +87,23 @@ def test_a_build_for_another_torch_says_to_rebuild_it():
         return subprocess.run([sys.executable, "-W", "error", "-c", code], capture_output=True, text=True, timeout=120)
 
     assert run("import sdrpn").returncode == 0  # the build matches the torch it runs in: no warning
-    # A build that no longer loads (a torch upgraded under it; here, made unimportable).
-    done = run("import sys\nsys.modules['sdrpn._C'] = None\nimport sdrpn\n")
-    assert done.returncode == 1 and "sdrpn's compiled extension does not load into torch " in done.stderr
-    assert "pip install --no-build-isolation . in sdrpn's source folder" in done.stderr
-    # One that loads into another version of torch.
-    done = run("import torch\ntorch.__version__ = '9.9.9+cu999'\nimport sdrpn\n")
-    assert "UserWarning: sdrpn was built against torch 2." in done.stderr and "runs in torch 9.9.9+cu999" in done.stderr
+    # A build that no longer loads: a torch upgraded under it leaves symbols undefined.
+    unlinkable = (
+        "import importlib.abc, sys\n"
+        "class Unlinkable(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        if name == 'sdrpn._C':\n"
+        "            raise ImportError('sdrpn/_C.so: undefined symbol: _ZN3c104impl')\n"
+        "sys.meta_path.insert(0, Unlinkable())\n"
+        "import sdrpn\n"
+    )
+    for code in (unlinkable, "import sys\nsys.modules['sdrpn._C'] = None\nimport sdrpn\n"):
+        done = run(code)
+        assert done.returncode == 1 and "sdrpn's compiled extension does not load into torch " in done.stderr
+        assert "pip install --no-build-isolation . in sdrpn's source folder" in done.stderr
+    assert "undefined symbol" in run(unlinkable).stderr
+    # One that loads into another version of torch: the warning points at the user's import.
+    done = subprocess.run([sys.executable, "-c", "import torch\ntorch.__version__ = '9.9.9+cu999'\nimport sdrpn\n"],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0 and done.stderr.startswith("<string>:3: UserWarning: sdrpn was built against torch 2.")
+    assert "runs in torch 9.9.9+cu999" in done.stderr

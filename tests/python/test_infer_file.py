@@ -571,5 +571,11 @@ def test_infer_file_resumes_with_the_same_model_by_another_path(infer_ws, tmp_pa
     data = ("--data", str(infer_ws / "data.json"), "--image-folder", str(infer_ws / "images"), "--out", str(out))
     assert infer_cli(infer_ws, *data, "--max-new-tokens", "2", "--limit", "3") == 0
     assert infer_cli(infer_ws, *data, "--max-new-tokens", "2", "--model", str(infer_ws / "model") + "/") == 0
-    recorded = json.loads((tmp_path / "answers.jsonl.settings.json").read_text())["model"]["name"]
+    path = tmp_path / "answers.jsonl.settings.json"
+    recorded = json.loads(path.read_text())["model"]["name"]
     assert recorded == str(infer_ws / "model")  # the first name is kept
+    settings = json.loads(path.read_text())  # answers made by a model of another name are another's
+    settings["model"]["name"] = str(tmp_path / "another-model")
+    path.write_text(json.dumps(settings))
+    with pytest.raises(ValueError, match=r"other settings \(model\.name: "):
+        infer_cli(infer_ws, *data, "--max-new-tokens", "2")

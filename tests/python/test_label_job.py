@@ -517,6 +517,22 @@ def test_labels_that_are_all_ignore_are_warned_of(workspace, tmp_path, caplog):
     assert "all 7 labelled samples are all-ignore" in caplog.text
 
 
+def test_a_label_folder_from_before_the_data_digest_compares_the_data_path():
+    from dataclasses import replace
+
+    from sdrpn.labels.folder import LabelFolderConfig
+    from sdrpn.labels.options import LabelOptions
+
+    old = LabelFolderConfig(options=LabelOptions(), data="/a/d.json", image_folder="/a/img")
+    moved = ['data: "/a/d.json" -> "/b/d.json"']
+    assert old.differences(replace(old, data="/b/d.json", image_folder="/b/img")) == (
+        moved, ['image_folder: "/a/img" -> "/b/img"'])  # fmt: skip
+    digested = replace(old, data_sha256="1")
+    assert digested.differences(replace(digested, data="/b/d.json")) == ([], moved)
+    changed = digested.differences(replace(digested, data="/b/d.json", data_sha256="2"))
+    assert changed == (['data_sha256: "1" -> "2" (data holds other content)'], moved)
+
+
 def test_resume_refuses_a_data_file_edited_in_place(workspace, tmp_path):
     # Samples resume by their index in the data file: reordered, they would be labelled twice or never.
     data, out = tmp_path / "data.json", tmp_path / "labels"

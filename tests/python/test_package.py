@@ -238,6 +238,9 @@ def test_paths_on_the_command_line_take_a_leading_tilde_as_home(monkeypatch, tmp
                               "--prompt-template", "~{question}"])  # fmt: skip
     assert (args.question, args.prompt_template) == ("~/q", "~{question}")
     assert parser.parse_args(["convert-labels", "p", "o", "--strip-prefix", "~/data"]).strip_prefix == "~/data"
+    label = ["label", "--model", "m", "--data", "~/d", "--image-folder", "i", "--out", "o"]
+    args = parser.parse_args(label + ["--prompt-template", "~/<image> {question}"])  # an option field, not a path
+    assert args.data == "/home/u/d" and args.prompt_template == "~/<image> {question}"
 
 
 def test_setting_changes_name_each_value_nested_and_long():
@@ -254,6 +257,8 @@ def test_setting_changes_name_each_value_nested_and_long():
 
     assert [len(shortened("x" * 100, n)) for n in (0, 2, 3, 4, 9, 80)] == [0, 2, 3, 4, 9, 80]
     assert shortened("abcdefghij", 9) == "abc...hij" and shortened("abcdefghij", 8) == "ab...hij"
+    assert shortened("abcdefghi", 9) == "abcdefghi" and shortened("abcdef", 3) == "abc"
+    assert shortened("abcdefghij", 4) == "...j"  # room for the cut and one character
     # A group of settings on one side only (an artefact from before it was recorded) is one change.
     assert setting_changes({"roi": {"sigma": 1.0}}, {}) == ['roi: {"sigma": 1.0} -> (absent)']
     assert setting_changes({"roi": None}, {"roi": {"sigma": 1.0}}) == ['roi: null -> {"sigma": 1.0}']
@@ -269,6 +274,7 @@ def test_paths_that_changed_are_moves_not_changes():
     # A path on one side only is neither: its job records it since a later version.
     assert moves == ['data: "/a/d.json" -> "/b/d.json"', 'images: "/a/img" -> "/b/img"']
     assert changes_and_moves(old, {**old, "sha": "2"}, ("data",)) == (['sha: "1" -> "2"'], [])
+    assert changes_and_moves({"lr": 1.0}, {"lr": 1.0, "data": "/b/d.json"}, ("data",)) == ([], [])
     # A path whose content has a digest is set apart where the digest is recorded; its change
     # is named as the file's. A record from before the digest compares the path instead.
     old.pop("out")

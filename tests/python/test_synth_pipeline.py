@@ -148,6 +148,15 @@ def test_a_model_folder_is_one_model_however_it_is_named(tmp_path, monkeypatch):
     record_settings(dataclasses.replace(cfg, model=base))
     with pytest.raises(ValueError, match=r'other settings \(model: ".*/base" -> ".*/other"\)'):
         record_settings(dataclasses.replace(cfg, model="~/other"))
+    os.symlink(base, tmp_path / "link")  # a folder is known by where its links lead
+    record_settings(dataclasses.replace(cfg, model=str(tmp_path / "link")))
+    # A record whose model is no name is compared as it is; one that is no object is refused.
+    json.dump({**recorded, "model": None}, open(path, "w"))
+    with pytest.raises(ValueError, match=r"other settings \(model: null -> "):
+        record_settings(cfg)
+    json.dump([recorded], open(path, "w"))
+    with pytest.raises(ValueError, match=r"pipeline_config\.json must hold a JSON object of settings"):
+        record_settings(cfg)
 
 
 def test_markdown_reports_the_gain():

@@ -494,6 +494,22 @@ def test_labels_without_image_sizes_keep_their_image_folders_path_on_resume(ws, 
         main([*args, "--resume", "--image-folder", str(tmp_path / "halved")])
 
 
+def test_settings_a_checkpoint_does_not_record_are_not_compared(tmp_path):
+    # A checkpoint of an earlier version, without a setting or fact recorded since, resumes;
+    # one recording no label config, or none at all, is read as it is.
+    from sdrpn.labels.folder import LabelFolderConfig
+    from sdrpn.labels.options import LabelOptions
+    from sdrpn.rpn.train_config import as_recorded_now
+
+    cfg = TrainConfig(labels=str(tmp_path / "labels"), out=str(tmp_path / "out"))
+    earlier = {k: v for k, v in cfg.recorded().items() if k != "max_grad_norm"}
+    assert cfg.differences(earlier, world_size=2) == ([], [])
+    assert cfg.differences({**earlier, "lr": 1.0})[0] == [f"lr: 1.0 -> {cfg.lr}"]
+    labels = LabelFolderConfig(options=LabelOptions())
+    assert as_recorded_now({}, labels) == {}
+    assert as_recorded_now({"lr": 1.0, "label_config": None}, labels) == {"lr": 1.0, "label_config": None}
+
+
 def test_checkpoints_of_earlier_versions_resume_in_place(ws, tmp_path, caplog):
     """Settings that earlier versions recorded otherwise: an unnamed image folder as null
     (the labels' own), a label config with its inputs' paths, and labels' settings recorded

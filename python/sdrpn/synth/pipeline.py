@@ -80,7 +80,9 @@ def record_settings(cfg: PipelineConfig) -> None:
     settings["model"] = _model_folder(cfg.model)
     if os.path.exists(path):
         recorded = read_json(path)
-        if isinstance(recorded, dict) and isinstance(recorded.get("model"), str):  # "~/x" as typed, before
+        if not isinstance(recorded, dict):
+            raise ValueError(f"{path} must hold a JSON object of settings: pass another --out")
+        if isinstance(recorded.get("model"), str):  # "~/x" as typed, before
             recorded["model"] = _model_folder(recorded["model"])
         diff = setting_changes(recorded, settings)
         if diff:
