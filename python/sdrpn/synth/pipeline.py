@@ -29,6 +29,7 @@ from ..labels.folder import LabelFolder
 from ..labels.job import LabelJob, LabelJobConfig
 from ..labels.options import LabelOptions
 from ..llava.geometry import grid_box_to_pixels, model_grid
+from ..llava.loading import is_local_folder
 from ..llava.presets import resolve_preset
 from ..options import setting_changes
 from ..rpn.model import RegionProposalNetwork
@@ -95,9 +96,8 @@ def record_settings(cfg: PipelineConfig) -> None:
 
 
 def _model_folder(model: str) -> str:
-    """A model folder's real path, however it is named (the loader takes "~" as home)."""
-    folder = os.path.expanduser(model)
-    return os.path.realpath(folder) if os.path.isdir(folder) else model
+    """A model folder's real path, however it is named ("~" included, as the loader takes it)."""
+    return os.path.realpath(os.path.expanduser(model)) if is_local_folder(model) else model
 
 
 # ---- stages -----------------------------------------------------------------------------------
