@@ -3,15 +3,19 @@ install of the ops alone (no `llava` extra) says in one line what the commands n
 
 import glob
 import os
+import pickle
 import subprocess
 import sys
 import tarfile
 
+import numpy as np
 import pytest
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 # The llava extra's packages made unimportable, as in an environment that never had them.
-WITHOUT_EXTRA = "import sys\nfor m in ('transformers', 'accelerate', 'tokenizers'):\n    sys.modules[m] = None\n"
+WITHOUT_EXTRA = (
+    "import sys\nfor m in ('transformers', 'accelerate', 'tokenizers', 'huggingface_hub'):\n    sys.modules[m] = None\n"
+)
 
 
 def test_the_source_distribution_holds_every_file_the_build_needs(tmp_path):
@@ -33,8 +37,8 @@ def test_the_source_distribution_holds_every_file_the_build_needs(tmp_path):
 @pytest.mark.parametrize(
     "module, argv, command",
     [
-        ("sdrpn.cli", ["--version"], "sdrpn"),
-        ("sdrpn.cli", ["label-demo", "--out", "x"], "sdrpn label-demo"),
+        ("sdrpn.cli", ["label", "--model", "m", "--data", "d", "--image-folder", ".", "--out", "x"], "sdrpn label"),
+        ("sdrpn.cli", ["train", "--model", "m", "--labels", "l", "--out", "x"], "sdrpn train"),
         ("sdrpn.cli", ["infer", "--model", "m", "--rpn", "r", "--image", "i.png", "--question", "q"], "sdrpn infer"),
         ("sdrpn.synth.cli", ["run", "--out", "x"], "sdrpn-synth run"),
     ],
@@ -44,12 +48,53 @@ def test_without_the_llava_extra_a_command_says_so_in_one_line(tmp_path, module,
     done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
     (line,) = done.stderr.strip().splitlines()
-    assert line.startswith(f"{command}: error: the commands need transformers") and "'.[llava]'" in line
+    needs = line.removeprefix(f"{command}: error: the commands need ").split(",")[0]
+    assert needs in ("transformers", "huggingface_hub") and "'.[llava]'" in line, line
     assert not os.listdir(tmp_path)  # refused before anything is written
     # --debug shows the traceback; the ops work without the extra.
     debug = subprocess.run([sys.executable, "-c", code.replace(f"{argv!r}", f"{argv + ['--debug']!r}")],
                            cwd=tmp_path, capture_output=True, text=True, timeout=120)  # fmt: skip
     assert debug.returncode == 1 and "Traceback" in debug.stderr and "ModuleNotFoundError" in debug.stderr
+
+
+def test_without_the_llava_extra_the_commands_that_load_no_model_work(tmp_path):
+    # The parser is built from the stages' option classes: they, and the label folder they
+    # read, need torch only, so help and version come out; so do the commands without a model.
+    records = [
+        {"question_id": q, "image": f"{q}.jpg", "prompt": "what?", "text": "K7",
+         "sink_attn": np.full(16, 1e-3, np.float32), "grounding_attn_o2i": np.eye(16, dtype=np.float32)[q][None]}
+        for q in range(3)
+    ]  # fmt: skip
+    with open(tmp_path / "in.pkl", "wb") as f:
+        pickle.dump(records, f)
+    runs = [
+        ["--version"],
+        ["--help"],
+        ["label", "--help"],
+        ["train", "--help"],
+        ["infer", "--help"],
+        ["label-demo", "--out", "demo", "--batch", "2"],
+        ["convert-labels", "in.pkl", "labels"],
+        ["viz-labels", "labels", "--out", "pictures", "--num", "2"],
+    ]
+    code = WITHOUT_EXTRA + (
+        "import contextlib, io\nfrom sdrpn.cli import entry\n"
+        f"for argv in {runs!r}:\n"
+        "    out = io.StringIO()\n"
+        "    try:\n"
+        "        with contextlib.redirect_stdout(out):\n"
+        "            status = entry(argv)\n"
+        "    except SystemExit as done:  # --help and --version exit\n"
+        "        status = done.code\n"
+        "    print(argv[0], status, repr(out.getvalue()[:60]))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and not done.stderr.count("error"), done.stderr[-3000:]
+    lines = done.stdout.strip().splitlines()
+    assert [line.split()[:2] for line in lines] == [[argv[0], "0"] for argv in runs], done.stdout
+    assert "'sdrpn 0.1" in lines[0] and all("'usage: sdrpn" in line for line in lines[1:5])
+    assert "labelled 2 maps" in lines[5] and '"labelled": 3' in lines[6] and "wrote 2 pictures" in lines[7]
+    assert len(os.listdir(tmp_path / "pictures")) == 2
 
 
 def test_the_ops_need_no_llava_extra():

@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
 SCRIPT = os.path.join(ROOT, "scripts", "check_imports.py")
 
@@ -29,3 +31,37 @@ def test_an_upward_import_fails(tmp_path):
     assert result.returncode == 1
     assert "llava/maps.py:2" in result.stdout and "labels/job.py:2" in result.stdout
     assert "rpn/model.py:2" in result.stdout and "3 upward import(s)" in result.stdout
+
+
+def test_every_name_a_stage_package_exports_is_found_where_it_says():
+    # The stage packages import their names on first use (sdrpn.lazy_exports): each must be
+    # found in the module it names, and be listed by dir() before it is.
+    import importlib
+
+    for package in ("sdrpn.llava", "sdrpn.labels", "sdrpn.rpn", "sdrpn.infer", "sdrpn.synth"):
+        module = importlib.import_module(package)
+        assert set(module.__all__) <= set(dir(module)), package
+        for name in module.__all__:
+            value = getattr(module, name)
+            assert vars(module)[name] is value  # kept after the first lookup
+        with pytest.raises(AttributeError, match=f"module '{package}' has no attribute 'nothing_here'"):
+            _ = module.nothing_here
+
+
+def test_a_lazy_name_is_imported_only_when_asked_for(tmp_path):
+    package = tmp_path / "pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text(
+        "from sdrpn.lazy_exports import lazy_exports\n"
+        "__getattr__, __dir__ = lazy_exports(__name__, {'VALUE': '.heavy'})\n"
+    )
+    (package / "heavy.py").write_text("VALUE = 7\n")
+    code = (
+        "import sys, pkg\n"
+        "assert 'pkg.heavy' not in sys.modules and 'VALUE' in dir(pkg)\n"
+        "from pkg import VALUE\n"
+        "assert VALUE == 7 and 'pkg.heavy' in sys.modules\n"
+    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), os.path.join(ROOT, "python")]))
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr

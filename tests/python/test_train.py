@@ -17,7 +17,8 @@ from transformers import LlavaConfig, LlavaForConditionalGeneration
 from sdrpn.cli import main
 from sdrpn.labels.folder import LabelFolder
 from sdrpn.llava.backbone import branch_hidden_states
-from sdrpn.llava.loading import load_llava, model_identity
+from sdrpn.llava.loading import load_llava
+from sdrpn.llava.model_facts import model_identity
 from sdrpn.rpn.dataset import LabelCollator, LabelShardDataset
 from sdrpn.rpn.for_labels import rpn_for_labels, rpn_settings
 from sdrpn.rpn.model import RegionProposalNetwork, rpn_loss

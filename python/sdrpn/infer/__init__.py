@@ -1,7 +1,13 @@
 """Stage 3: answering with RoI crops, for batches of images or a whole data file; and the
 base model's answers without them (the baseline rows)."""
 
-from .baseline import BaseLlava
-from .pipeline import RoiPrediction, SDRPNAnswer, SDRPNLlava
+from ..lazy_exports import lazy_exports
 
-__all__ = ["BaseLlava", "RoiPrediction", "SDRPNAnswer", "SDRPNLlava"]
+_HOMES = {
+    "BaseLlava": ".baseline",
+    "RoiPrediction": ".pipeline",
+    "SDRPNAnswer": ".pipeline",
+    "SDRPNLlava": ".pipeline",
+}
+__getattr__, __dir__ = lazy_exports(__name__, _HOMES)
+__all__ = sorted(_HOMES)

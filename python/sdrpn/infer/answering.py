@@ -24,7 +24,7 @@ from ..llava.inputs import (
     question_text,
     to_rgb,
 )
-from ..llava.loading import checked_max_new_tokens, context_length, model_device, model_dtype, pad_token_id
+from ..llava.model_facts import checked_max_new_tokens, context_length, model_device, model_dtype, pad_token_id
 from ..prefetch import thread_map
 
 

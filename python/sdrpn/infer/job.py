@@ -23,7 +23,7 @@ from ..llava.data import (
     parse_entry,
     skip_reasons,
 )
-from ..llava.loading import model_identity, same_model
+from ..llava.model_facts import model_identity, same_model
 from ..options import changes_and_moves, require_at_least
 from ..prefetch import DEFAULT_WORKERS, prefetch
 from ..progress import show_progress

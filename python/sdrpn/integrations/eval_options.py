@@ -8,7 +8,7 @@ import dataclasses
 import os
 from dataclasses import dataclass
 
-from ..llava.loading import DTYPES
+from ..llava.model_facts import DTYPES
 from ..options import CROP_MODES, TASK_THRESHOLDS
 
 # lmms-eval model_args spell dtypes as torch does; sdrpn's own names are accepted too.

@@ -1,7 +1,13 @@
 """Stage 1: pseudo labels from a model's own attention, and the label folder that holds them."""
 
-from .folder import LabelFolder, LabelFolderConfig
-from .job import LabelJob, LabelJobConfig
-from .options import LabelOptions
+from ..lazy_exports import lazy_exports
 
-__all__ = ["LabelFolder", "LabelFolderConfig", "LabelJob", "LabelJobConfig", "LabelOptions"]
+_HOMES = {
+    "LabelFolder": ".folder",
+    "LabelFolderConfig": ".folder",
+    "LabelJob": ".job",
+    "LabelJobConfig": ".job",
+    "LabelOptions": ".options",
+}
+__getattr__, __dir__ = lazy_exports(__name__, _HOMES)
+__all__ = sorted(_HOMES)

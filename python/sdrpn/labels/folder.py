@@ -36,7 +36,7 @@ from ..distributed import rank_name, rank_of
 from ..io_utils import read_json, read_json_as, read_jsonl, remove_temporaries, write_atomic, write_json, write_jsonl
 from ..llava.data import image_folder_problem, skip_reasons
 from ..llava.inputs import PREPROCESSING_MODES, PROMPT_TEMPLATE, is_text
-from ..llava.loading import check_model_identity, same_model
+from ..llava.model_facts import check_model_identity, same_model
 from ..llava.presets import PRESETS
 from ..ops import IGNORE_INDEX, SINK_THRESHOLD
 from ..options import changes_and_moves, check_field_types
@@ -75,7 +75,7 @@ class LabelFolderConfig:
 
     options: LabelOptions  # resolved: sink threshold and template filled in
     preset: dict | None = None  # the whole preset (None: imported labels)
-    model: dict | None = None  # llava.loading.model_identity of the base model
+    model: dict | None = None  # llava.model_facts.model_identity of the base model
     dtype: str | None = None  # the model's dtype while labelling
     data: str | None = None  # the data file, its real path (links resolved)
     data_sha256: str | None = None  # its content: samples resume by index, so it may not change

@@ -18,7 +18,8 @@ from ..llava.data import PAST_CONTEXT, QASample, SkipSample, check_image_folder,
 from ..llava.decode import DecoderPool, answer_limits, resolve_decoder
 from ..llava.geometry import model_grid
 from ..llava.inputs import Preprocessing, check_rpn_template, left_pad, preprocess_image, prompt_token_ids
-from ..llava.loading import (
+from ..llava.maps import AttentionMaps, given_answer_maps, self_answer_maps
+from ..llava.model_facts import (
     DTYPES,
     checked_max_new_tokens,
     context_length,
@@ -27,7 +28,6 @@ from ..llava.loading import (
     model_identity,
     pad_token_id,
 )
-from ..llava.maps import AttentionMaps, given_answer_maps, self_answer_maps
 from ..llava.presets import LlavaPreset
 from ..options import require_at_least
 from ..prefetch import DEFAULT_WORKERS, prefetch

@@ -1,21 +1,21 @@
 """Hooks into Hugging Face LLaVA-1.5 (transformers' LlavaForConditionalGeneration)."""
 
-from .maps import AttentionMaps, TeacherForcedBatch, attention_maps, given_answer_maps
-from .presets import LLAVA15_7B, LLAVA15_13B, PRESETS, HeadSelection, LlavaPreset, get_preset
-from .probe import AttentionProbe, EarlyExit, probe_once
+from ..lazy_exports import lazy_exports
 
-__all__ = [
-    "AttentionMaps",
-    "AttentionProbe",
-    "EarlyExit",
-    "HeadSelection",
-    "LLAVA15_13B",
-    "LLAVA15_7B",
-    "LlavaPreset",
-    "PRESETS",
-    "TeacherForcedBatch",
-    "attention_maps",
-    "get_preset",
-    "given_answer_maps",
-    "probe_once",
-]
+_HOMES = {
+    "AttentionMaps": ".maps",
+    "TeacherForcedBatch": ".maps",
+    "attention_maps": ".maps",
+    "given_answer_maps": ".maps",
+    "LLAVA15_7B": ".presets",
+    "LLAVA15_13B": ".presets",
+    "PRESETS": ".presets",
+    "HeadSelection": ".presets",
+    "LlavaPreset": ".presets",
+    "get_preset": ".presets",
+    "AttentionProbe": ".probe",
+    "EarlyExit": ".probe",
+    "probe_once": ".probe",
+}
+__getattr__, __dir__ = lazy_exports(__name__, _HOMES)
+__all__ = sorted(_HOMES)

@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from .attention_kernels import without_cudnn_attention
 from .inputs import position_ids_from_mask
-from .loading import model_dtype
+from .model_facts import model_dtype
 from .probe import EarlyExit, capture_outputs, decoder_layers
 
 

@@ -41,7 +41,7 @@ from ..options import DECODERS
 from .attention_kernels import without_cudnn_attention
 from .hf_version import cache_kwarg
 from .inputs import position_ids_from_mask
-from .loading import model_device
+from .model_facts import model_device
 
 SLOT_ROUNDING = 64  # cache slots per graph shape step: calls a few tokens apart share a graph
 

@@ -20,7 +20,7 @@ from .. import ops
 from .decode import DecoderPool, greedy_decode, prefill
 from .hf_version import cache_kwarg
 from .inputs import left_pad, position_ids_from_mask, right_pad
-from .loading import model_device
+from .model_facts import model_device
 from .presets import HeadSelection, LlavaPreset
 from .probe import probe_once
 

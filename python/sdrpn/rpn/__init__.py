@@ -1,19 +1,17 @@
 """Stage 2: the Region Proposal Network, its training data and its training."""
 
-from .dataset import LabelBatch, LabelCollator, LabelShardDataset
-from .for_labels import rpn_for_labels
-from .model import RegionProposalNetwork, RPNConfig, rpn_loss
-from .train import RPNTrainer
-from .train_config import TrainConfig
+from ..lazy_exports import lazy_exports
 
-__all__ = [
-    "LabelBatch",
-    "LabelCollator",
-    "LabelShardDataset",
-    "RPNConfig",
-    "RPNTrainer",
-    "RegionProposalNetwork",
-    "TrainConfig",
-    "rpn_for_labels",
-    "rpn_loss",
-]
+_HOMES = {
+    "LabelBatch": ".dataset",
+    "LabelCollator": ".dataset",
+    "LabelShardDataset": ".dataset",
+    "rpn_for_labels": ".for_labels",
+    "RPNConfig": ".model",
+    "RegionProposalNetwork": ".model",
+    "rpn_loss": ".model",
+    "RPNTrainer": ".train",
+    "TrainConfig": ".train_config",
+}
+__getattr__, __dir__ = lazy_exports(__name__, _HOMES)
+__all__ = sorted(_HOMES)

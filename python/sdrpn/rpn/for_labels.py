@@ -10,7 +10,7 @@ from torch import nn
 
 from ..labels.folder import LabelFolder
 from ..llava.geometry import model_grid
-from ..llava.loading import fingerprints_match, model_identity, same_model_name
+from ..llava.model_facts import fingerprints_match, model_identity, same_model_name
 from ..llava.presets import get_preset, preset_from_dict
 from ..options import RoiOptions
 from .model import RegionProposalNetwork

@@ -36,14 +36,8 @@ from ..io_utils import read_json_as, read_safetensors, write_atomic, write_json
 from ..llava.attention_kernels import without_cudnn_attention
 from ..llava.geometry import model_grid
 from ..llava.inputs import PREPROCESSING_MODES, PROMPT_TEMPLATE, check_rpn_template, check_template
-from ..llava.loading import (
-    config_fingerprint,
-    fingerprints_match,
-    hub_folder,
-    model_device,
-    model_dtype,
-    weights_fingerprint,
-)
+from ..llava.loading import hub_folder
+from ..llava.model_facts import config_fingerprint, fingerprints_match, model_device, model_dtype, weights_fingerprint
 from ..ops import IGNORE_INDEX
 from ..options import TASK_THRESHOLDS, Options, RoiOptions, is_int
 from .card import GENERATED_MARK, rpn_card
@@ -63,7 +57,7 @@ class RPNConfig(Options):
     depth: int = 3  # T: copies of layers K .. K+T-1
     preset: str | None = None  # name of the preset it was trained with
     base_model: str | None = None  # the base model's name or Hub id, as it was given
-    base_config_fingerprint: str | None = None  # llava.loading.config_fingerprint
+    base_config_fingerprint: str | None = None  # llava.model_facts.config_fingerprint
     grid: list[int] | None = None  # [grid_h, grid_w] of the base model's image tokens
     image_size: int | None = None  # the encoder's input side
     num_heads: int = 0

@@ -31,7 +31,7 @@ from ..distributed import barrier, check_initialized, check_rank, gather_objects
 from ..io_utils import exclusive_lock, read_json, remove_temporaries, write_json
 from ..llava.backbone import branch_hidden_states
 from ..llava.data import skip_reasons
-from ..llava.loading import pad_token_id
+from ..llava.model_facts import pad_token_id
 from ..ops import IGNORE_INDEX
 from ..prefetch import prefetch
 from ..progress import show_progress

@@ -1,20 +1,14 @@
 """A synthetic fine-detail task: high-resolution images whose answer hides in a small tag."""
 
-import importlib
-
+from ..lazy_exports import lazy_exports
 from .metrics import accuracy, box_iou, hit
 from .task import COLOURS, SynthSample, make_sample, split_seeds, write_dataset
 
 # The model and its tokenizer need transformers and tokenizers: imported when first asked for,
 # so that the task's data and metrics (and `sdrpn-synth`'s one-line error without them) do not.
-_LAZY = {"TinyLlavaSpec": ".model", "build_tiny_llava": ".model", "make_char_tokenizer": ".tokenizer"}
-
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name], __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
+__getattr__, __dir__ = lazy_exports(
+    __name__, {"TinyLlavaSpec": ".model", "build_tiny_llava": ".model", "make_char_tokenizer": ".tokenizer"}
+)
 
 __all__ = [
     "COLOURS",

@@ -14,8 +14,8 @@ from torch import Tensor
 from .. import ops
 from ..llava.geometry import model_grid
 from ..llava.inputs import left_pad, preprocess_image, prompt_token_ids
-from ..llava.loading import model_device, pad_token_id
 from ..llava.maps import TeacherForcedBatch, attention_maps, head_maps
+from ..llava.model_facts import model_device, pad_token_id
 from ..llava.presets import HeadSelection, LlavaPreset
 from .cells import tag_cells
 from .task import TAG_KINDS

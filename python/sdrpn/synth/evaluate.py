@@ -13,7 +13,7 @@ import torch
 from ..llava.attention_kernels import without_cudnn_attention
 from ..llava.geometry import model_grid
 from ..llava.inputs import crop_pixels, left_pad, preprocess_image, prompt_token_ids
-from ..llava.loading import model_device, model_dtype, pad_token_id
+from ..llava.model_facts import model_device, model_dtype, pad_token_id
 from .cells import cell_box
 from .metrics import accuracy_by_kind
 from .task import make_sample, split_seeds

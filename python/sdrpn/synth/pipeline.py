@@ -29,7 +29,7 @@ from ..labels.folder import LabelFolder
 from ..labels.job import LabelJob, LabelJobConfig
 from ..labels.options import LabelOptions
 from ..llava.geometry import grid_box_to_pixels, model_grid
-from ..llava.loading import is_local_folder
+from ..llava.model_facts import is_local_folder
 from ..llava.presets import resolve_preset
 from ..options import setting_changes
 from ..rpn.model import RegionProposalNetwork
