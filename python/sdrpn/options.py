@@ -132,17 +132,19 @@ def require_at_least(minimum: int, settings, *names: str, optional: bool = False
             raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
 
 
-def setting_changes(recorded: dict, now: dict) -> list[str]:
+def setting_changes(recorded: dict, now: dict, notes: dict[str, str] | None = None) -> list[str]:
     """What differs between an artefact's recorded settings and a run's, one item per
     setting as "name: recorded -> now" (nested settings by dotted name), for the message
-    that refuses to resume: the user sees which values to restore, not only which names."""
+    that refuses to resume: the user sees which values to restore, not only which names.
+    ``notes`` adds "(note)" to a top-level setting's change, to say what it means."""
     changes = []
     for key in sorted(recorded.keys() | now.keys()):
         old, new = recorded.get(key, _ABSENT), now.get(key, _ABSENT)
         if isinstance(old, dict) and isinstance(new, dict):
             changes += [f"{key}.{change}" for change in setting_changes(old, new)]
         elif old != new:
-            changes.append(f"{key}: {_shown(old)} -> {_shown(new)}")
+            note = f" ({notes[key]})" if notes and key in notes else ""
+            changes.append(f"{key}: {_shown(old)} -> {_shown(new)}{note}")
     return changes
 
 
@@ -153,18 +155,15 @@ def changes_and_moves(recorded: dict, now: dict, paths, digests: dict | None = N
     content's digest: the path is set apart where that digest is recorded, and its change is
     named as the file's; a record from before the digest compares the path instead. Returns
     (the changes that refuse a resume, the paths that moved)."""
-    paths, digested = set(paths), {}
+    paths, notes = set(paths), {}
     for path, digest in (digests or {}).items():
         if recorded.get(digest) is None:  # recorded before its content was: its path stands for it
             recorded = {**recorded, digest: now.get(digest)}
         else:
             paths.add(path)
-            digested[digest] = path
+            notes[digest] = f"{path} holds other content"
     kept = {k: v for k, v in recorded.items() if k not in paths}, {k: v for k, v in now.items() if k not in paths}
-    changes = [
-        f"{change} ({digested[name]} holds other content)" if (name := change.split(":")[0]) in digested else change
-        for change in setting_changes(*kept)
-    ]
+    changes = setting_changes(*kept, notes)
     both = [k for k in paths if k in recorded and k in now]
     return changes, setting_changes({k: recorded[k] for k in both}, {k: now[k] for k in both})
 

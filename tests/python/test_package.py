@@ -262,6 +262,10 @@ def test_setting_changes_name_each_value_nested_and_long():
     # A group of settings on one side only (an artefact from before it was recorded) is one change.
     assert setting_changes({"roi": {"sigma": 1.0}}, {}) == ['roi: {"sigma": 1.0} -> (absent)']
     assert setting_changes({"roi": None}, {"roi": {"sigma": 1.0}}) == ['roi: null -> {"sigma": 1.0}']
+    # A note says what a top-level change means; a nested setting of the same name gets none.
+    notes = {"sha": "data holds other content"}
+    noted = setting_changes({"sha": "1", "x": {"sha": "1"}}, {"sha": "2", "x": {"sha": "2"}}, notes)
+    assert noted == ['sha: "1" -> "2" (data holds other content)', 'x.sha: "1" -> "2"']
 
 
 def test_paths_that_changed_are_moves_not_changes():
@@ -284,6 +288,21 @@ def test_paths_that_changed_are_moves_not_changes():
     assert changed == (['images: "/a/img" -> "/b/img"', 'sha: "1" -> "2" (data holds other content)'], [moves[0]])
     for before in ({k: v for k, v in old.items() if k != "sha"}, {**old, "sha": None}):
         assert changes_and_moves(before, moved, ("images",), {"data": "sha"}) == ([moves[0]], [moves[1]])
+
+
+def test_model_names_are_one_model_where_they_are_one_folder(tmp_path, monkeypatch):
+    from sdrpn.llava.model_facts import same_model_name
+
+    (tmp_path / "m").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "m")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    folder = str(tmp_path / "m")
+    for name in (folder, folder + "/", "m", "./m", "~/m", "~/link"):
+        assert same_model_name(folder, name) and same_model_name(name, folder), name
+    # Hub ids, and folders that do not exist, are compared as written.
+    assert same_model_name("org/m", "org/m") and not same_model_name("org/m", "org/m/")
+    assert not same_model_name("~/gone", str(tmp_path / "gone")) and not same_model_name(folder, None)
 
 
 def test_roi_options_take_the_ends_of_their_ranges():

@@ -140,11 +140,11 @@ def is_local_folder(name: str) -> bool:
 
 def same_model_name(a: str | None, b: str | None) -> bool:
     """Two names of one model: equal, or local folders that resolve to the same path (a
-    resumed job may name it from another directory, or with a trailing slash)."""
+    resumed job may name it from another directory, with a trailing slash, or by `~`)."""
     if a == b:
         return True
-    if a and b and os.path.isdir(a) and os.path.isdir(b):
-        return os.path.realpath(a) == os.path.realpath(b)
+    if a and b and is_local_folder(a) and is_local_folder(b):
+        return os.path.realpath(os.path.expanduser(a)) == os.path.realpath(os.path.expanduser(b))
     return False
 
 
