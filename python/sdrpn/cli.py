@@ -565,7 +565,7 @@ def run_command(main: Callable[[list[str]], int], prog: str, argv: list[str] | N
         if debug or (err.name or "").split(".")[0] not in LLAVA_EXTRA:
             raise
         print(
-            f"{command}: error: the commands need {err.name}, which the llava extra installs: "
+            f"{command}: error: this command needs the llava extra ({err.name} is missing): "
             "pip install --no-build-isolation '.[llava]' in sdrpn's source folder (the ops alone need torch only)",
             file=sys.stderr,
         )

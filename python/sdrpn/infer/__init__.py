@@ -10,4 +10,5 @@ _HOMES = {
     "SDRPNLlava": ".pipeline",
 }
 __getattr__, __dir__ = lazy_exports(__name__, _HOMES)
+del lazy_exports  # not a name of the package
 __all__ = sorted(_HOMES)

@@ -18,4 +18,5 @@ _HOMES = {
     "probe_once": ".probe",
 }
 __getattr__, __dir__ = lazy_exports(__name__, _HOMES)
+del lazy_exports  # not a name of the package
 __all__ = sorted(_HOMES)

@@ -14,4 +14,5 @@ _HOMES = {
     "TrainConfig": ".train_config",
 }
 __getattr__, __dir__ = lazy_exports(__name__, _HOMES)
+del lazy_exports  # not a name of the package
 __all__ = sorted(_HOMES)

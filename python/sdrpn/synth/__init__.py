@@ -9,6 +9,7 @@ from .task import COLOURS, SynthSample, make_sample, split_seeds, write_dataset
 __getattr__, __dir__ = lazy_exports(
     __name__, {"TinyLlavaSpec": ".model", "build_tiny_llava": ".model", "make_char_tokenizer": ".tokenizer"}
 )
+del lazy_exports  # not a name of the package
 
 __all__ = [
     "COLOURS",
