@@ -51,17 +51,39 @@ def test_every_name_a_stage_package_exports_is_found_where_it_says():
 def test_a_lazy_name_is_imported_only_when_asked_for(tmp_path):
     package = tmp_path / "pkg"
     package.mkdir()
-    (package / "__init__.py").write_text(
+    init = (
+        "from typing import TYPE_CHECKING\n"
         "from sdrpn.lazy_exports import lazy_exports\n"
-        "__getattr__, __dir__ = lazy_exports(__name__, {'VALUE': '.heavy'})\n"
+        "if TYPE_CHECKING:\n"
+        "    from .heavy import VALUE, other as renamed\n"
+        "__getattr__, __dir__, __all__ = lazy_exports(__name__, __file__)\n"
     )
-    (package / "heavy.py").write_text("VALUE = 7\n")
+    (package / "__init__.py").write_text(init)
+    (package / "heavy.py").write_text("VALUE = 7\nother = 8\n")
     code = (
         "import sys, pkg\n"
-        "assert 'pkg.heavy' not in sys.modules and 'VALUE' in dir(pkg)\n"
+        "assert 'pkg.heavy' not in sys.modules and {'VALUE', 'renamed'} <= set(dir(pkg))\n"
+        "assert pkg.__all__ == ['VALUE', 'renamed']\n"
         "from pkg import VALUE\n"
         "assert VALUE == 7 and 'pkg.heavy' in sys.modules\n"
     )
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), os.path.join(ROOT, "python")]))
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+
+    def run():
+        return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+
+    done = run()
     assert done.returncode == 0, done.stderr
+    # Anything but "from .module import names" in the block, or no names at all, is refused.
+    for block, message in [
+        ("    import os\n", "__init__.py:4: only 'from .module import name' goes here"),
+        ("    from os import path\n", "__init__.py:4: only 'from .module import name' goes here"),
+        ("    pass\n", "__init__.py:4: only 'from .module import name' goes here"),
+        ("    from . import heavy\n", "__init__.py:4: only 'from .module import name' goes here"),
+    ]:
+        (package / "__init__.py").write_text(init.replace("    from .heavy import VALUE, other as renamed\n", block))
+        done = run()
+        assert done.returncode == 1 and message in done.stderr, done.stderr
+    (package / "__init__.py").write_text(init.replace("if TYPE_CHECKING:", "if False:"))
+    done = run()
+    assert done.returncode == 1 and "imports no names under 'if TYPE_CHECKING:'" in done.stderr, done.stderr

@@ -1,14 +1,13 @@
 """Stage 3: answering with RoI crops, for batches of images or a whole data file; and the
 base model's answers without them (the baseline rows)."""
 
+from typing import TYPE_CHECKING
+
 from ..lazy_exports import lazy_exports
 
-_HOMES = {
-    "BaseLlava": ".baseline",
-    "RoiPrediction": ".pipeline",
-    "SDRPNAnswer": ".pipeline",
-    "SDRPNLlava": ".pipeline",
-}
-__getattr__, __dir__ = lazy_exports(__name__, _HOMES)
-del lazy_exports  # not a name of the package
-__all__ = sorted(_HOMES)
+if TYPE_CHECKING:  # the package's names, imported on first use (sdrpn.lazy_exports)
+    from .baseline import BaseLlava  # noqa: F401
+    from .pipeline import RoiPrediction, SDRPNAnswer, SDRPNLlava  # noqa: F401
+
+__getattr__, __dir__, __all__ = lazy_exports(__name__, __file__)
+del lazy_exports, TYPE_CHECKING  # not names of the package

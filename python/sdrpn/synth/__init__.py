@@ -1,15 +1,20 @@
 """A synthetic fine-detail task: high-resolution images whose answer hides in a small tag."""
 
+from typing import TYPE_CHECKING
+
 from ..lazy_exports import lazy_exports
 from .metrics import accuracy, box_iou, hit
 from .task import COLOURS, SynthSample, make_sample, split_seeds, write_dataset
 
-# The model and its tokenizer need transformers and tokenizers: imported when first asked for,
-# so that the task's data and metrics (and `sdrpn-synth`'s one-line error without them) do not.
-__getattr__, __dir__ = lazy_exports(
-    __name__, {"TinyLlavaSpec": ".model", "build_tiny_llava": ".model", "make_char_tokenizer": ".tokenizer"}
-)
-del lazy_exports  # not a name of the package
+# The model and its tokenizer need transformers and tokenizers: imported when first asked for
+# (sdrpn.lazy_exports), so that the task's data and metrics (and `sdrpn-synth`'s one-line
+# error without them) do not.
+if TYPE_CHECKING:
+    from .model import TinyLlavaSpec, build_tiny_llava
+    from .tokenizer import make_char_tokenizer
+
+__getattr__, __dir__, _ = lazy_exports(__name__, __file__)
+del lazy_exports, TYPE_CHECKING, _  # not names of the package
 
 __all__ = [
     "COLOURS",
