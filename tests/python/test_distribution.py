@@ -97,6 +97,12 @@ def test_without_the_llava_extra_the_commands_that_load_no_model_work(tmp_path):
     assert len(os.listdir(tmp_path / "pictures")) == 2
 
 
+def test_the_stage_packages_import_without_the_llava_extra():
+    code = WITHOUT_EXTRA + "import sdrpn.llava, sdrpn.labels, sdrpn.rpn, sdrpn.infer, sdrpn.synth, sdrpn.infer.viz\n"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
 def test_the_ops_need_no_llava_extra():
     code = WITHOUT_EXTRA + (
         "import torch, sdrpn\n"

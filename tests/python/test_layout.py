@@ -33,19 +33,47 @@ def test_an_upward_import_fails(tmp_path):
     assert "rpn/model.py:2" in result.stdout and "3 upward import(s)" in result.stdout
 
 
+# The stage packages' public names: a name dropped from a package's TYPE_CHECKING block would
+# leave its __all__ as well, so the list is written out here.
+EXPORTS = {
+    "sdrpn.llava": ["AttentionMaps", "AttentionProbe", "EarlyExit", "HeadSelection", "LLAVA15_13B", "LLAVA15_7B",
+                    "LlavaPreset", "PRESETS", "TeacherForcedBatch", "attention_maps", "get_preset",
+                    "given_answer_maps", "probe_once"],
+    "sdrpn.labels": ["LabelFolder", "LabelFolderConfig", "LabelJob", "LabelJobConfig", "LabelOptions"],
+    "sdrpn.rpn": ["LabelBatch", "LabelCollator", "LabelShardDataset", "RPNConfig", "RPNTrainer",
+                  "RegionProposalNetwork", "TrainConfig", "rpn_for_labels", "rpn_loss"],
+    "sdrpn.infer": ["BaseLlava", "RoiPrediction", "SDRPNAnswer", "SDRPNLlava"],
+    "sdrpn.synth": ["COLOURS", "SynthSample", "TinyLlavaSpec", "accuracy", "box_iou", "build_tiny_llava", "hit",
+                    "make_char_tokenizer", "make_sample", "split_seeds", "write_dataset"],
+}  # fmt: skip
+
+
 def test_every_name_a_stage_package_exports_is_found_where_it_says():
     # The stage packages import their names on first use (sdrpn.lazy_exports): each must be
     # found in the module it names, and be listed by dir() before it is.
     import importlib
 
-    for package in ("sdrpn.llava", "sdrpn.labels", "sdrpn.rpn", "sdrpn.infer", "sdrpn.synth"):
+    for package, names in EXPORTS.items():
         module = importlib.import_module(package)
-        assert set(module.__all__) <= set(dir(module)) and "lazy_exports" not in dir(module), package
+        assert sorted(module.__all__) == sorted(names), package
+        assert set(names) <= set(dir(module)) and not {"lazy_exports", "TYPE_CHECKING"} & set(dir(module)), package
         for name in module.__all__:
             value = getattr(module, name)
             assert vars(module)[name] is value  # kept after the first lookup
         with pytest.raises(AttributeError, match=f"module '{package}' has no attribute 'nothing_here'"):
             _ = module.nothing_here
+
+
+def test_a_stage_package_imports_none_of_its_modules_until_a_name_is_asked_for():
+    code = (
+        "import sys, sdrpn.llava, sdrpn.labels, sdrpn.rpn, sdrpn.infer\n"
+        "stages = ('llava', 'labels', 'rpn', 'infer')\n"
+        "loaded = [m for m in sys.modules if m.count('.') == 2 and m.split('.')[1] in stages]\n"
+        "assert not loaded, loaded\n"
+    )
+    env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "python"))
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
 
 
 def test_a_lazy_name_is_imported_only_when_asked_for(tmp_path):
@@ -84,6 +112,13 @@ def test_a_lazy_name_is_imported_only_when_asked_for(tmp_path):
         (package / "__init__.py").write_text(init.replace("    from .heavy import VALUE, other as renamed\n", block))
         done = run()
         assert done.returncode == 1 and message in done.stderr, done.stderr
-    (package / "__init__.py").write_text(init.replace("if TYPE_CHECKING:", "if False:"))
+    # A parent package's module would be looked up as the package's own.
+    (package / "__init__.py").write_text(init.replace("from .heavy", "from ..heavy"))
     done = run()
-    assert done.returncode == 1 and "imports no names under 'if TYPE_CHECKING:'" in done.stderr, done.stderr
+    assert done.returncode == 1 and "__init__.py:4: only 'from .module import name' goes here" in done.stderr
+    # Only the top-level block lists names: one inside a function lists none.
+    nested = init.replace("if TYPE_CHECKING:\n    from", "def f():\n  if TYPE_CHECKING:\n    from")
+    for text in (init.replace("if TYPE_CHECKING:", "if False:"), nested):
+        (package / "__init__.py").write_text(text)
+        done = run()
+        assert done.returncode == 1 and "imports no names under 'if TYPE_CHECKING:'" in done.stderr, done.stderr

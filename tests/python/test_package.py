@@ -300,6 +300,10 @@ def test_model_names_are_one_model_where_they_are_one_folder(tmp_path, monkeypat
     folder = str(tmp_path / "m")
     for name in (folder, folder + "/", "m", "./m", "~/m", "~/link"):
         assert same_model_name(folder, name) and same_model_name(name, folder), name
+    # A file is no model folder, even where two names lead to it.
+    (tmp_path / "weights.bin").write_text("")
+    (tmp_path / "link.bin").symlink_to(tmp_path / "weights.bin")
+    assert not same_model_name(str(tmp_path / "weights.bin"), str(tmp_path / "link.bin"))
     # Hub ids, and folders that do not exist, are compared as written.
     assert same_model_name("org/m", "org/m") and not same_model_name("org/m", "org/m/")
     assert not same_model_name("~/gone", str(tmp_path / "gone")) and not same_model_name(folder, None)
