@@ -138,14 +138,18 @@ def is_local_folder(name: str) -> bool:
     return os.path.isdir(os.path.expanduser(name))
 
 
+def model_folder_path(name: str) -> str:
+    """A local model folder's real path however it is named (from another directory, with a
+    trailing slash, by `~` or through a link); any other name, a Hub id, as written."""
+    return os.path.realpath(os.path.expanduser(name)) if is_local_folder(name) else name
+
+
 def same_model_name(a: str | None, b: str | None) -> bool:
     """Two names of one model: equal, or local folders that resolve to the same path (a
-    resumed job may name it from another directory, with a trailing slash, or by `~`)."""
-    if a == b:
-        return True
-    if a and b and is_local_folder(a) and is_local_folder(b):
-        return os.path.realpath(os.path.expanduser(a)) == os.path.realpath(os.path.expanduser(b))
-    return False
+    resumed job may name it otherwise than the one that began)."""
+    # A real path is absolute and names a folder that exists, so it never equals a Hub id or
+    # a name of no folder: only two local folders can meet here.
+    return a == b or (bool(a and b) and model_folder_path(a) == model_folder_path(b))
 
 
 def same_model(recorded: dict | None, now: dict | None) -> bool:

@@ -29,7 +29,7 @@ from ..labels.folder import LabelFolder
 from ..labels.job import LabelJob, LabelJobConfig
 from ..labels.options import LabelOptions
 from ..llava.geometry import grid_box_to_pixels, model_grid
-from ..llava.model_facts import is_local_folder
+from ..llava.model_facts import model_folder_path
 from ..llava.presets import resolve_preset
 from ..options import setting_changes
 from ..rpn.model import RegionProposalNetwork
@@ -78,13 +78,13 @@ def record_settings(cfg: PipelineConfig) -> None:
     fewer samples, for one) and the report would describe neither."""
     path = cfg.path(PIPELINE_CONFIG)
     settings = {k: v for k, v in asdict(cfg).items() if k not in RUN_ONLY}
-    settings["model"] = _model_folder(cfg.model)
+    settings["model"] = model_folder_path(cfg.model)
     if os.path.exists(path):
         recorded = read_json(path)
         if not isinstance(recorded, dict):
             raise ValueError(f"{path} must hold a JSON object of settings: pass another --out")
         if isinstance(recorded.get("model"), str):  # "~/x" as typed, before
-            recorded["model"] = _model_folder(recorded["model"])
+            recorded["model"] = model_folder_path(recorded["model"])
         diff = setting_changes(recorded, settings)
         if diff:
             raise ValueError(
@@ -93,11 +93,6 @@ def record_settings(cfg: PipelineConfig) -> None:
             )
     else:
         write_json(path, settings)
-
-
-def _model_folder(model: str) -> str:
-    """A model folder's real path, however it is named ("~" included, as the loader takes it)."""
-    return os.path.realpath(os.path.expanduser(model)) if is_local_folder(model) else model
 
 
 # ---- stages -----------------------------------------------------------------------------------
