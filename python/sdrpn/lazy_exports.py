@@ -9,7 +9,9 @@ for instead (PEP 562).
 
 A package lists its names once, as the imports of an ``if TYPE_CHECKING:`` block: type
 checkers and editors read them there, and ``lazy_exports`` reads the block's source to know
-where each name lives.
+where each name lives. The package calls it in the block's ``else:`` branch, out of type
+checkers' sight: to them a module ``__getattr__`` would make every name exist, a misspelt one
+too.
 """
 
 from __future__ import annotations

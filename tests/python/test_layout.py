@@ -64,6 +64,31 @@ def test_every_name_a_stage_package_exports_is_found_where_it_says():
             _ = module.nothing_here
 
 
+def test_type_checkers_see_each_stage_packages_names_and_no_module_getattr():
+    # What mypy and pyright read: a module-level __getattr__ would make any name, a misspelt
+    # one too, type as Any, so it sits in the TYPE_CHECKING block's else branch; the names
+    # they may import are the block's "import X as X" ones (PEP 484's explicit re-export)
+    # or a literal __all__'s.
+    import ast
+
+    for package, names in EXPORTS.items():
+        path = os.path.join(ROOT, "python", *package.split("."), "__init__.py")
+        with open(path, encoding="utf-8") as f:
+            tree = ast.parse(f.read())
+        seen_by_checkers, exported = [], set()
+        for node in tree.body:
+            if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
+                seen_by_checkers += node.body
+                exported |= {a.name for n in node.body for a in n.names if a.asname == a.name}
+            else:
+                seen_by_checkers.append(node)
+            if isinstance(node, ast.Assign) and ast.unparse(node.targets[0]) == "__all__":
+                exported |= set(ast.literal_eval(node.value))
+        bound = {ast.unparse(t) for n in seen_by_checkers if isinstance(n, ast.Assign) for t in n.targets}
+        assert not any("__getattr__" in b for b in bound), package
+        assert exported == set(names), package
+
+
 def test_a_stage_package_imports_none_of_its_modules_until_a_name_is_asked_for():
     code = (
         "import sys, sdrpn.llava, sdrpn.labels, sdrpn.rpn, sdrpn.infer\n"

@@ -5,9 +5,11 @@ from typing import TYPE_CHECKING
 from ..lazy_exports import lazy_exports
 
 if TYPE_CHECKING:  # the package's names, imported on first use (sdrpn.lazy_exports)
-    from .folder import LabelFolder, LabelFolderConfig  # noqa: F401
-    from .job import LabelJob, LabelJobConfig  # noqa: F401
-    from .options import LabelOptions  # noqa: F401
-
-__getattr__, __dir__, __all__ = lazy_exports(__name__, __file__)
+    from .folder import LabelFolder as LabelFolder
+    from .folder import LabelFolderConfig as LabelFolderConfig
+    from .job import LabelJob as LabelJob
+    from .job import LabelJobConfig as LabelJobConfig
+    from .options import LabelOptions as LabelOptions
+else:  # hidden from type checkers, which would take any name through __getattr__
+    __getattr__, __dir__, __all__ = lazy_exports(__name__, __file__)
 del lazy_exports, TYPE_CHECKING  # not names of the package

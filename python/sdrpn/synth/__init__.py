@@ -12,9 +12,10 @@ from .task import COLOURS, SynthSample, make_sample, split_seeds, write_dataset
 if TYPE_CHECKING:
     from .model import TinyLlavaSpec, build_tiny_llava
     from .tokenizer import make_char_tokenizer
-
-__getattr__, __dir__, _ = lazy_exports(__name__, __file__)
-del lazy_exports, TYPE_CHECKING, _  # not names of the package
+else:  # hidden from type checkers, which would take any name through __getattr__
+    __getattr__, __dir__, _ = lazy_exports(__name__, __file__)
+    del _
+del lazy_exports, TYPE_CHECKING  # not names of the package
 
 __all__ = [
     "COLOURS",
