@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import gzip
 import os
-import shutil
 import statistics
 import sys
 import time
@@ -32,7 +30,7 @@ from sdrpn.llava.decode import DecoderPool, greedy_answers
 from sdrpn.llava.inputs import crop_pixels, preprocess_image
 from sdrpn.options import DECODERS
 from sdrpn.rpn.model import RegionProposalNetwork
-from timing import count_ops, emit, machine, save, sync
+from timing import count_ops, emit, machine, profile_call, save, sync
 
 
 class IdTokenizer:
@@ -260,48 +258,17 @@ def reference_way(pipe, imgs, questions, tokens):
 
 
 def profile(pipe, model, args) -> dict:
-    """One batch-1 answer of each kind under torch.profiler: the tables sorted by device
-    time and by host time, and the gzipped Chrome trace, in args.profile."""
-    from torch.profiler import ProfilerActivity, profile
-
-    os.makedirs(args.profile, exist_ok=True)
+    """One batch-1 answer of each kind under torch.profiler (timing.profile_call), in args.profile."""
     img = [Image.fromarray((torch.rand(480, 640, 3) * 255).byte().numpy())]
     q = ["what is written on the small red tag in the corner of the picture ?"]
     ids = torch.tensor([sum(pipe._split_prompt(q[0]), [])], device=args.device)
     pixels = preprocess_image(img[0], 336)[0][None].to(args.device, pipe.dtype)
     tokens = args.answer_tokens[0]
     force(pipe, "bbox", 1, 1, args.device)
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device.startswith("cuda") else [])
-    out = {}
-    for name, fn in (
-        ("sdrpn", lambda: pipe.generate(img, q, tokens)),
-        ("baseline", lambda: plain_generate(model, ids, pixels, tokens)),
-    ):
-        fn()
-        sync(args.device)
-        with profile(activities=activities) as prof:
-            start = time.perf_counter()
-            fn()
-            sync(args.device)
-            out[f"{name}_s"] = round(time.perf_counter() - start, 5)
-        averages = prof.key_averages()
-        tables = [averages.table(sort_by="self_cpu_time_total", row_limit=30)]
-        if args.device.startswith("cuda"):
-            tables.insert(0, averages.table(sort_by="self_cuda_time_total", row_limit=30))
-        with open(os.path.join(args.profile, f"{name}_tables.txt"), "w") as f:
-            f.write("\n\n".join(tables))
-        trace = os.path.join(args.profile, f"{name}_trace.json")
-        prof.export_chrome_trace(trace)
-        with open(trace, "rb") as src, gzip.open(trace + ".gz", "wb") as dst:
-            shutil.copyfileobj(src, dst)
-        os.remove(trace)
-        # What makes the host wait for the device: synchronisations (a blocking copy between
-        # host and device is followed by the runtime's cudaStreamSynchronize) and reads of a
-        # device value; the runtime's copies are listed apart (device-to-device ones do not wait).
-        waits = [e for e in averages if "synchronize" in e.key.lower() or e.key == "aten::_local_scalar_dense"]
-        out[f"{name}_host_syncs"] = {e.key: e.count for e in waits}
-        out[f"{name}_memcpy_calls"] = {e.key: e.count for e in averages if e.key.startswith("cudaMemcpy")}
-    return out
+    return {
+        **profile_call(lambda: pipe.generate(img, q, tokens), "sdrpn", args.profile, args.device),
+        **profile_call(lambda: plain_generate(model, ids, pixels, tokens), "baseline", args.profile, args.device),
+    }
 
 
 def interleaved(run, settings, repeats: int, device: str) -> dict:

@@ -3,7 +3,8 @@ SDPA pass through the probed layers, batched) against the reference way (generat
 output_attentions=True on eager attention at batch 1, reading each step's attention),
 same prompts and answer lengths, measured side by side in one run.
 
-    python benchmarks/bench_label_pipeline.py --size 7b --device cuda --answer-tokens 8 32
+    python benchmarks/bench_label_pipeline.py --size 7b --device cuda --answer-tokens 8 32 \
+        --profile build/label_profile
     python benchmarks/bench_label_pipeline.py --size tiny            # a quick CPU smoke run
 """
 
@@ -26,7 +27,7 @@ from sdrpn.llava.decode import DecoderPool, resolve_decoder
 from sdrpn.llava.inputs import left_pad
 from sdrpn.llava.maps import given_answer_maps, self_answer_maps
 from sdrpn.options import DECODERS
-from timing import emit, machine, save, sync
+from timing import emit, machine, profile_call, save, sync
 
 IMAGE_TOKEN = 32000
 TINY_PRESET = LlavaPreset(
@@ -162,6 +163,9 @@ def main() -> None:
     parser.add_argument("--question-tokens", type=int, default=20)
     parser.add_argument("--decoder", choices=DECODERS, default="auto", help="self answers' decoder (default: auto)")
     parser.add_argument("--json", default=None)
+    parser.add_argument(
+        "--profile", default=None, help="folder for torch.profiler traces and tables of one batch of each way"
+    )
     args = parser.parse_args()
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[
         args.dtype or ("fp16" if args.device.startswith("cuda") else "fp32")
@@ -216,6 +220,15 @@ def main() -> None:
             }
             report["graphs"] = pool.graph_counts()  # a failed capture decodes without graphs
             save(report, args.json)
+    if args.profile:  # after the figures: one batch of the largest size each way, one reference sample
+        n, tokens = min(max(args.batch_sizes), args.samples), args.answer_tokens[0]
+        report["profile"] = {"batch_size": n, "answer_tokens": tokens}
+        for mode, mode_decoder in modes.items():
+            run = lambda: ours(model, preset, prompts[:n], pixels[:n], tokens, n, mode_decoder, gen, pool)  # noqa: E731
+            report["profile"] |= profile_call(run, mode, args.profile, args.device)
+            save(report, args.json)
+        run = lambda: reference_way(model, preset, prompts[:1], pixels[:1], tokens)  # noqa: E731
+        report["profile"] |= profile_call(run, "reference_batch1", args.profile, args.device)
     emit(report, args.json)
 
 

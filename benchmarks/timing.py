@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import platform
+import shutil
 import statistics
 import time
 from collections.abc import Callable
@@ -47,6 +49,43 @@ def count_ops(fn: Callable[[], object]) -> int:
     with _OpCounter() as counter:
         fn()
     return counter.count
+
+
+def profile_call(fn: Callable[[], object], name: str, folder: str, device: str) -> dict:
+    """One call of ``fn`` (after one unprofiled call) under torch.profiler: its tables sorted
+    by device time and by host time, and its gzipped Chrome trace, in ``folder``; returns
+    its seconds, what made the host wait for the device and the runtime's copies."""
+    from torch.profiler import ProfilerActivity, profile
+
+    os.makedirs(folder, exist_ok=True)
+    cuda = device.startswith("cuda")
+    fn()
+    sync(device)
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        seconds = time.perf_counter() - start
+    averages = prof.key_averages()
+    tables = [averages.table(sort_by="self_cpu_time_total", row_limit=30)]
+    if cuda:
+        tables.insert(0, averages.table(sort_by="self_cuda_time_total", row_limit=30))
+    with open(os.path.join(folder, f"{name}_tables.txt"), "w") as f:
+        f.write("\n\n".join(tables))
+    trace = os.path.join(folder, f"{name}_trace.json")
+    prof.export_chrome_trace(trace)
+    with open(trace, "rb") as src, gzip.open(trace + ".gz", "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    os.remove(trace)
+    # What makes the host wait for the device: synchronisations (a blocking copy between host
+    # and device is followed by the runtime's cudaStreamSynchronize) and reads of a device
+    # value; the runtime's copies are listed apart (device-to-device ones do not wait).
+    waits = [e for e in averages if "synchronize" in e.key.lower() or e.key == "aten::_local_scalar_dense"]
+    return {
+        f"{name}_s": round(seconds, 5),
+        f"{name}_host_syncs": {e.key: e.count for e in waits},
+        f"{name}_memcpy_calls": {e.key: e.count for e in averages if e.key.startswith("cudaMemcpy")},
+    }
 
 
 def machine(device: str) -> dict:

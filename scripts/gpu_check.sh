@@ -90,7 +90,7 @@ step bench_infer_7b 240 python3 benchmarks/bench_infer.py --size 7b --device cud
   --batch-sizes 1 8 --repeats 3 --profile "$LOGS/infer_profile" --json "$LOGS/bench_infer_7b.json"
 step bench_label_pipeline_7b 150 python3 benchmarks/bench_label_pipeline.py --size 7b --device cuda \
   --samples 32 --reference-samples 4 --answer-tokens 8 32 --batch-sizes 1 32 \
-  --json "$LOGS/bench_label_pipeline_7b.json"
+  --profile "$LOGS/label_profile" --json "$LOGS/bench_label_pipeline_7b.json"
 step bench_train_rpn_7b 90 python3 benchmarks/bench_train_rpn.py --size 7b --device cuda --batch 8 \
   --json "$LOGS/bench_train_rpn_7b.json"
 # The CPU kernels at the machine's full thread count, against batched PyTorch.

@@ -1,6 +1,7 @@
 """The benchmark scripts must keep running: each is run once on a small size and must print
 its keys. No timing is asserted: on a busy machine any ratio can round to zero."""
 
+import gzip
 import json
 import os
 import subprocess
@@ -39,13 +40,19 @@ def test_attention_backends_benchmark_runs_sdrpns_side_on_the_cpu():
 
 
 @pytest.fixture(scope="module")
-def pipeline_results():
+def profiles(tmp_path_factory):
+    return tmp_path_factory.mktemp("profiles")
+
+
+@pytest.fixture(scope="module")
+def pipeline_results(profiles):
     """The pipeline benchmarks on a tiny model, under the step names scripts/gpu_check.sh
     gives their JSON in results.json."""
     label = ["--size", "tiny", "--samples", "4", "--reference-samples", "1", "--batch-sizes", "1", "2"]
+    infer = ["--answer-tokens", "2", "--batch-sizes", "2", "--repeats", "1", "--profile", str(profiles / "infer")]
     return {
-        "bench_infer_7b": run("bench_infer.py", "--answer-tokens", "2", "--batch-sizes", "2", "--repeats", "1"),
-        "bench_label_pipeline_7b": run("bench_label_pipeline.py", *label),
+        "bench_infer_7b": run("bench_infer.py", *infer),
+        "bench_label_pipeline_7b": run("bench_label_pipeline.py", *label, "--profile", str(profiles / "label")),
         "bench_train_rpn_7b": run("bench_train_rpn.py", "--batch", "2", "--steps", "1"),
         "bench_labels_cpu": run("bench_labels.py", "--batch", "64"),
         "bench_sinks_cpu": run("bench_sinks.py", "--batch", "1", "--seq-len", "32"),
@@ -59,6 +66,22 @@ def test_label_pipeline_benchmark_runs_on_a_tiny_model(pipeline_results):
     row = pipeline_results["bench_label_pipeline_7b"]["results"][0]
     assert row["given"]["best_batch_size"] in (1, 2)
     assert "speedup_best_vs_reference" in row["self"]
+
+
+def test_pipeline_benchmarks_keep_a_profile_of_each_way(pipeline_results, profiles):
+    steps = {"infer": "bench_infer_7b", "label": "bench_label_pipeline_7b"}
+    label_ways = ["given", "self", "reference_batch1"]  # and self_hf_decoder where self's decoder is not HF's
+    label_ways += ["self_hf_decoder"] if pipeline_results[steps["label"]]["decoder"] != "hf" else []
+    ways = {"infer": ["sdrpn", "baseline"], "label": label_ways}
+    for bench, names in ways.items():
+        profile = pipeline_results[steps[bench]]["profile"]
+        for name in names:
+            assert profile[f"{name}_s"] > 0 and isinstance(profile[f"{name}_host_syncs"], dict), (bench, name)
+            with gzip.open(profiles / bench / f"{name}_trace.json.gz") as f:
+                assert json.load(f)["traceEvents"], (bench, name)
+            assert "Self CPU" in (profiles / bench / f"{name}_tables.txt").read_text()
+        files = [f"{name}_{kind}" for name in names for kind in ("tables.txt", "trace.json.gz")]
+        assert sorted(os.listdir(profiles / bench)) == sorted(files)
 
 
 def test_figures_table_reads_every_pipeline_benchmark(pipeline_results, tmp_path):
