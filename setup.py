@@ -125,10 +125,11 @@ def _extension():
 setup(
     version=VERSION,
     # The synthetic task's trained stand-in model (a few MB) ships as package data, so the
-    # demo starts at once; its folder is listed as a package of its own for that.
+    # demo starts at once; its folder is listed as a package of its own for that. py.typed
+    # tells type checkers to read the package's annotations (PEP 561).
     packages=find_packages("python") + ["sdrpn.synth.base_model"],
     package_dir={"": "python"},
-    package_data={"sdrpn.synth.base_model": ["*.json", "*.safetensors"]},
+    package_data={"sdrpn": ["py.typed"], "sdrpn.synth.base_model": ["*.json", "*.safetensors"]},
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension},
 )

@@ -30,8 +30,21 @@ def test_the_source_distribution_holds_every_file_the_build_needs(tmp_path):
     for pattern in ("include/**/*.h", "csrc/**/*.h", "csrc/**/*.cpp", "csrc/**/*.cu", "cmake/*", "python/**/*.py"):
         needed += [os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern), recursive=True)]
     needed += [os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "python/sdrpn/synth/base_model/*"))]
+    needed.append("python/sdrpn/py.typed")
     assert len(needed) > 100 and not sorted(set(needed) - held)
     assert not [name for name in held if name.endswith((".so", ".pyc"))]  # no build of this machine's
+
+
+def test_an_install_holds_the_typed_marker_and_the_shipped_model(tmp_path):
+    # What pip installs from the package folders (a wheel's build_py step): without py.typed,
+    # a user's type checker skips sdrpn's annotations and takes every name as Any (PEP 561).
+    env = dict(os.environ, SDRPN_CPU_ONLY="1")
+    cmd = [sys.executable, "setup.py", "-q", "build_py", "--build-lib", str(tmp_path)]
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "sdrpn" / "py.typed").is_file()
+    shipped = {os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "python/sdrpn/synth/base_model/*"))}
+    assert shipped and shipped <= set(os.listdir(tmp_path / "sdrpn" / "synth" / "base_model"))
 
 
 @pytest.mark.parametrize(

@@ -314,7 +314,7 @@ class RegionProposalNetwork(
         self.gradient_checkpointing = True
 
     @without_cudnn_attention()
-    def run_layers(self, hidden_states: Tensor, attention_mask: Tensor, position_ids: Tensor) -> Tensor:
+    def run_layers(self, hidden_states: Tensor, attention_mask: Tensor | None, position_ids: Tensor) -> Tensor:
         """The copied decoder layers on the branch-point hidden states (B, L, D)."""
         # No positions for the mask: from them it would look for packed sequences, which an
         # RPN input never holds, with a device read.
