@@ -10,6 +10,8 @@ import os
 from collections import Counter
 from dataclasses import dataclass
 
+from PIL import Image
+
 from ..distributed import barrier, check_initialized, check_rank, gather_objects
 from ..io_utils import exclusive_lock, file_sha256, read_json, write_json
 from ..llava.data import (
@@ -186,7 +188,7 @@ def _answer_file(pipe: SDRPNLlava, cfg: InferFileConfig, own: str) -> dict:
     barrier(cfg.world_size)  # every rank has read the others' rows before any appends to its own
     skipped: Counter = Counter()
     answered = 0
-    pending: list[tuple[QASample, object]] = []
+    pending: list[tuple[QASample, Image.Image]] = []
     # Counted as samples are answered, not as their images load ahead of the model.
     desc = "infer" if cfg.world_size == 1 else f"infer rank {cfg.rank}"
     progress = show_progress(total=len(mine), desc=desc, unit="sample")

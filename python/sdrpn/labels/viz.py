@@ -28,7 +28,7 @@ def label_grid(
     labels: Tensor,
     grid_h: int,
     grid_w: int,
-    regions: Sequence[Sequence[int]] | None = None,
+    regions: Tensor | Sequence[Sequence[int]] | None = None,
     cell: int = 6,
 ) -> Image.Image:
     """One row per sample: attention map, sink tokens, labels (planted region outlined)."""

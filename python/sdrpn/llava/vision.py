@@ -11,6 +11,8 @@ registered on the vision modules, as the graph decoder's do on the decoder's.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 
@@ -39,7 +41,8 @@ class ImageEncoder:
         self.model = model
         self.graph = graph  # asked for
         self.use_graph = graph  # still so: False after a failed capture
-        self._graphs: dict[tuple, tuple[Tensor, object]] = {}  # input shape, dtype -> (input buffer, replay)
+        # input shape, dtype -> (input buffer, replay)
+        self._graphs: dict[tuple, tuple[Tensor, Callable[[], Tensor]]] = {}
         self._pool = None
         self._weights: WeightsWatch | None = None  # on the weights the graphs were captured for
 
