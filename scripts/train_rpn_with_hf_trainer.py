@@ -20,6 +20,7 @@ import os
 from transformers import Trainer, TrainingArguments
 
 from sdrpn.llava.loading import load_llava
+from sdrpn.llava.model_facts import pad_token_id
 from sdrpn.rpn import LabelShardDataset, rpn_for_labels
 from sdrpn.rpn.hf_trainer import RPNForTraining, label_collator
 from sdrpn.rpn.train_config import accumulation_steps
@@ -72,7 +73,7 @@ def main() -> None:
             use_cpu=not llava.device.type == "cuda",
         ),
         train_dataset=data,
-        data_collator=label_collator(tokenizer.pad_token_id),
+        data_collator=label_collator(pad_token_id(tokenizer)),  # the end-of-sequence id where there is no pad
     )
     trainer.train()
     if trainer.is_world_process_zero():

@@ -3,7 +3,10 @@ preprocessing and normalisation SDRPNLlava uses, so that the two differ only by 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
+from PIL import Image
 from torch import nn
 
 from ..llava.attention_kernels import without_cudnn_attention
@@ -26,7 +29,7 @@ class BaseLlava(LlavaAnswering):
 
     @torch.no_grad()
     @without_cudnn_attention()
-    def generate(self, images, questions, max_new_tokens: int = 128) -> list[str]:
+    def generate(self, images: Sequence[Image.Image], questions: Sequence[str], max_new_tokens: int = 128) -> list[str]:
         """One greedy answer per (image, question); a sample stops at its end-of-sequence token."""
         max_new_tokens = self.checked_max_new_tokens(max_new_tokens)
         if not self._batch_size(images, questions):

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import inspect
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -262,7 +262,7 @@ class SDRPNLlava(LlavaAnswering):
         lengths = [len(p) + len(s) for p, s in prompts]
         return _Pass1(cache, prefix_mask, [s for _, s in prompts], lengths, rois, clock), images
 
-    def predict_rois(self, images, questions) -> list[RoiPrediction]:
+    def predict_rois(self, images: Sequence[Image.Image], questions: Sequence[str]) -> list[RoiPrediction]:
         """RoIs for a batch: boxes in source pixels and grid cells, probabilities, kept tokens."""
         if not self._batch_size(images, questions):
             return []
@@ -306,7 +306,9 @@ class SDRPNLlava(LlavaAnswering):
         return out[0].permute(1, 2, 0).reshape(th * tw, -1).to(features.dtype)
 
     @torch.no_grad()
-    def generate(self, images, questions, max_new_tokens: int = 128, **generate_kwargs) -> list[SDRPNAnswer]:
+    def generate(
+        self, images: Sequence[Image.Image], questions: Sequence[str], max_new_tokens: int = 128, **generate_kwargs
+    ) -> list[SDRPNAnswer]:
         """Greedy answers with the RoI crops; one SDRPNAnswer per sample.
 
         Decoding is greedy (as SD-RPN evaluates); other `generate` options are refused

@@ -17,7 +17,6 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 from huggingface_hub.utils import validate_repo_id
-from torch import nn
 from transformers import AutoTokenizer, LlavaForConditionalGeneration, PreTrainedTokenizerBase
 
 from .model_facts import is_local_folder, parse_dtype
@@ -138,7 +137,9 @@ def hub_folder(
     return os.path.dirname(paths[0])
 
 
-def load_llava(model_dir: str, dtype: str = "bf16", device: str = "cpu") -> tuple[nn.Module, PreTrainedTokenizerBase]:
+def load_llava(
+    model_dir: str, dtype: str = "bf16", device: str = "cpu"
+) -> tuple[LlavaForConditionalGeneration, PreTrainedTokenizerBase]:
     """A frozen LlavaForConditionalGeneration in eval mode on SDPA attention, and its tokenizer.
 
     `model_dir` is a local folder or a Hub id; a Hub id is read from the local Hub cache, and

@@ -104,8 +104,19 @@ def rpn_settings(
     }
 
 
-def rpn_for_labels(model: nn.Module, labels: str, **overrides) -> RegionProposalNetwork:
+def rpn_for_labels(
+    model: nn.Module,
+    labels: str,
+    *,
+    preset: str | None = None,
+    branch_layer: int | None = None,
+    depth: int | None = None,
+    roi_overrides: dict | None = None,
+) -> RegionProposalNetwork:
     """A new RPN on ``model`` for the labels in ``labels``, set up as ``sdrpn train`` sets it
-    up (``rpn_settings``; ``overrides`` are its keyword arguments). For training loops of
+    up (``rpn_settings`` says what the other arguments override). For training loops of
     one's own, such as a Hugging Face Trainer's."""
-    return RegionProposalNetwork.from_llava(model, **rpn_settings(model, labels, **overrides))
+    settings = rpn_settings(
+        model, labels, preset=preset, branch_layer=branch_layer, depth=depth, roi_overrides=roi_overrides
+    )
+    return RegionProposalNetwork.from_llava(model, **settings)

@@ -1,5 +1,6 @@
 """SD-RPN inside a Hugging Face `Trainer` loop.
 
+from sdrpn.llava.model_facts import pad_token_id
 from sdrpn.rpn import LabelShardDataset, rpn_for_labels
 from sdrpn.rpn.hf_trainer import RPNForTraining, label_collator
 
@@ -7,7 +8,7 @@ rpn = rpn_for_labels(llava, "labels/")      # the labels' preset, template and p
 module = RPNForTraining(llava, rpn)          # only the RPN's parameters train
 data = LabelShardDataset("labels/", tokenizer, llava.config.image_token_id, split="train")
 Trainer(model=module, args=TrainingArguments(..., remove_unused_columns=False),
-        train_dataset=data, data_collator=label_collator(tokenizer.pad_token_id)).train()
+        train_dataset=data, data_collator=label_collator(pad_token_id(tokenizer))).train()
 rpn.save_pretrained("runs/rpn")             # an RPN folder, for SDRPNLlava and `sdrpn infer`
 """
 
