@@ -1,6 +1,7 @@
 import json
 import logging
 import os
+import re
 import shutil
 
 import numpy as np
@@ -570,6 +571,27 @@ def test_resume_refuses_another_number_of_ranks(workspace, tmp_path):
         del record["world_size"]
         path.write_text(json.dumps(record))
     folder.start(replace(folder.config, world_size=2))
+
+
+def test_a_resume_without_an_image_folder_or_on_one_unrecorded_is_named(workspace, tmp_path):
+    from dataclasses import replace
+
+    from sdrpn.labels.folder import LabelFolder
+
+    out = tmp_path / "labels"
+    assert run_label(workspace, out, "--answers", "given", "--limit", "4") == 0
+    folder = LabelFolder(str(out))
+    recorded = folder.config.image_folder
+    unnamed = rf"images in {re.escape(recorded)}: config\.image_folder must name .* got None"
+    with pytest.raises(ValueError, match=unnamed):
+        folder.start(replace(folder.config, image_folder=None), record=False)
+    # A folder whose config does not record its images is checked on their sizes alone.
+    config = json.loads((out / "label_config.json").read_text())
+    del config["image_folder"]
+    (out / "label_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"made from the images in a folder it does not record, and --image-folder "):
+        run_label(workspace, out, "--answers", "given", "--limit", "4", "--image-folder", str(tmp_path))
+    assert run_label(workspace, out, "--answers", "given", "--limit", "4") == 0
 
 
 def test_shards_of_a_job_on_another_number_of_ranks_are_refused(workspace, tmp_path):

@@ -253,6 +253,11 @@ class LabelFolder:
                     f"resume with the same settings, or pass another --out"
                 )
             if old.image_folder != config.image_folder:
+                if config.image_folder is None:
+                    raise ValueError(
+                        f"{self.path} holds labels made from the images in {old.image_folder}: "
+                        f"config.image_folder must name the folder they are in, got None"
+                    )
                 self.check_images_in(old.image_folder, config.image_folder)
             if moved:
                 log.info("resuming %s with files elsewhere than when it began: %s", self.path, "; ".join(moved))
@@ -269,8 +274,9 @@ class LabelFolder:
         picked = [names[i * len(names) // count] for i in range(count)]
         rows = [row for name in picked for row in read_jsonl(self.file(name + ".jsonl"))]
         if problem := image_folder_problem(image_folder, rows):
+            made_from = recorded or "a folder it does not record"
             raise ValueError(
-                f"{self.path} holds labels made from the images in {recorded}, and --image-folder {image_folder} "
+                f"{self.path} holds labels made from the images in {made_from}, and --image-folder {image_folder} "
                 f"is not shown to hold them ({problem}): pass the folder they are in, or another --out"
             )
 
