@@ -314,14 +314,21 @@ def test_a_failed_capture_names_the_error_inside_it():
         )
 
 
-def test_a_consumed_cache_is_emptied_once_copied(tiny):
+def test_a_cache_keeps_only_the_layers_its_caller_reads_once_copied(tiny):
     want = decode(tiny.model, "hf")
     cache, logits, mask, nxt = prompt_cache(tiny.model, PROMPTS)
-    got = greedy_decode(tiny.model, cache, logits, mask, nxt, 12, -1, "static", consume_cache=True)
+    got = greedy_decode(tiny.model, cache, logits, mask, nxt, 12, -1, "static", keep_layers=0)
     assert got == want and len(cache.layers) == 0
+    cache, logits, mask, nxt = prompt_cache(tiny.model, PROMPTS)
+    first = cache.layers[0]
+    assert greedy_decode(tiny.model, cache, logits, mask, nxt, 12, -1, "static", keep_layers=2) == want
+    assert len(cache.layers) == 2 and cache.layers[0] is first
     cache, logits, mask, nxt = prompt_cache(tiny.model, PROMPTS)
     greedy_decode(tiny.model, cache, logits, mask, nxt, 12, -1, "static")
     assert len(cache.layers) == len(tiny.model.get_decoder().layers)  # the caller's, kept
+    cache, logits, mask, nxt = prompt_cache(tiny.model, PROMPTS)
+    assert greedy_decode(tiny.model, cache, logits, mask, nxt, 12, -1, "hf", keep_layers=0) == want
+    assert len(cache.layers) == len(tiny.model.get_decoder().layers)  # decoded on: every layer
 
 
 def encoder_inputs(model, counts, seed=0):
@@ -411,6 +418,34 @@ def test_graph_decoder_in_half_precision_on_cuda(dtype):
     assert any(t != 0 for answer in static for t in answer)
     if dtype == torch.float16:
         assert sum(a == b for a, b in zip(static, hf)) >= 2, (static, hf)
+
+
+def test_self_answer_maps_through_the_static_decoder_keep_only_the_probed_layers(tiny, monkeypatch):
+    """The label job's self answers through a static decoder: the prompt's cache keeps the
+    layers the maps read (up to the deepest probed one) while decoding, and the answers and
+    maps are the model's own forward's."""
+    import sdrpn.llava.maps as maps_module
+    from sdrpn.llava import HeadSelection, LlavaPreset
+
+    preset = LlavaPreset("tiny", grounding=HeadSelection(((1, 1), (1, 0))), sink=HeadSelection(((0, None),)))
+    gen = torch.Generator().manual_seed(0)
+    prompts = [prompt_ids(tiny.num_cells, torch.randint(7, 64, (n,), generator=gen).tolist()) for n in (4, 1, 6)]
+    pixels = torch.randn(3, 3, tiny.image_size, tiny.image_size, generator=gen)
+    ids, mask = left_pad(prompts, PAD)
+    options = {"max_new_tokens": 6, "eos_id": -1, "pad_id": PAD}
+    caches, real = [], maps_module.prefill
+
+    def recorded(*args):
+        caches.append(real(*args))
+        return caches[-1]
+
+    monkeypatch.setattr(maps_module, "prefill", recorded)
+    want, want_maps = maps_module.self_answer_maps(tiny.model, ids, mask, pixels, preset, 16, decoder="hf", **options)
+    got, maps = maps_module.self_answer_maps(tiny.model, ids, mask, pixels, preset, 16, decoder="static", **options)
+    assert got == want
+    torch.testing.assert_close(maps.grounding, want_maps.grounding, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(maps.sink, want_maps.sink, rtol=1e-4, atol=1e-6)
+    assert [len(cache.layers) for cache, *_ in caches] == [4, 2]
 
 
 @needs_cuda

@@ -347,7 +347,7 @@ class SDRPNLlava(LlavaAnswering):
             self.eos_id,
             self.decoder,
             self.decoders,
-            consume_cache=True,
+            keep_layers=0,
             limits=answer_limits(lengths, max_new_tokens, self.context),
         )
         clock.lap("pass2_decode")

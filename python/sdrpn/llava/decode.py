@@ -385,9 +385,7 @@ def greedy_answers(
     """Greedy answers to left-padded prompts (B, L) with their images, each up to and with
     its end token: what ``generate(do_sample=False)`` returns, through ``decoder``."""
     cache, logits, mask, positions = prefill(model, ids, mask, pixels)
-    return greedy_decode(
-        model, cache, logits, mask, positions, max_new_tokens, eos_id, decoder, pool, consume_cache=True
-    )
+    return greedy_decode(model, cache, logits, mask, positions, max_new_tokens, eos_id, decoder, pool, keep_layers=0)
 
 
 @torch.no_grad()
@@ -403,7 +401,7 @@ def greedy_decode(
     decoder: str = "hf",
     pool: DecoderPool | None = None,
     *,
-    consume_cache: bool = False,
+    keep_layers: int | None = None,
     limits: list[int] | None = None,
 ) -> list[list[int]]:
     """Greedy tokens after a forward that filled ``cache`` and returned ``logits`` (B, V) of
@@ -411,8 +409,10 @@ def greedy_decode(
     (B, 1) is each sample's next position. A sample stops at its end-of-sequence token
     (kept in its output), after ``max_new_tokens`` tokens, or after ``limits[b]`` tokens
     (answer_limits: where its context ends). ``decoder`` is resolved already (see resolve_decoder).
-    ``consume_cache``: the caller no longer needs ``cache``, so the static decoders empty
-    it once copied (at 7B and batch 8 it can hold 7 GiB, else held twice while decoding)."""
+    ``keep_layers``: the caller reads only the cache's first ``keep_layers`` layers after
+    this call (0: none of it), so the static decoders drop the others once copied (at 7B and
+    batch 8 it can hold 7 GiB, else held twice while decoding); None keeps them all. The
+    ``hf`` decoder decodes on the cache itself, which keeps every layer."""
     if decoder not in ("hf", "static", "graph"):
         raise ValueError(f"decoder must be resolved to 'hf', 'static' or 'graph', got {decoder!r}")
     batch = logits.shape[0]
@@ -429,8 +429,8 @@ def greedy_decode(
         pool = pool or DecoderPool()
         static = pool.get(model, batch, mask.shape[1] + max_new_tokens - 1, graph=decoder == "graph")
         static.load(cache, mask, positions, nxt, max_new_tokens - 1)
-        if consume_cache:
-            cache.layers.clear()
+        if keep_layers is not None:
+            del cache.layers[keep_layers:]
 
         def step(_token: Tensor) -> Tensor:
             return static.step()

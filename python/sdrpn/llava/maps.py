@@ -326,7 +326,12 @@ def self_answer_maps(
     answers' maps (attention_maps_on_cache) read. ``limits``: each answer's most tokens
     (greedy_decode's)."""
     cache, logits, mask, nxt = prefill(model, ids, mask, pixels)
-    answers = greedy_decode(model, cache, logits, mask, nxt, max_new_tokens, eos_id, decoder, pool, limits=limits)
+    # The maps read the cache up to the deepest probed layer. A static decoder holds its own
+    # copy of every layer, so the others go once copied rather than be held twice.
+    probed = max(preset.probed_layers) + 1
+    answers = greedy_decode(
+        model, cache, logits, mask, nxt, max_new_tokens, eos_id, decoder, pool, keep_layers=probed, limits=limits
+    )
     return answers, attention_maps_on_cache(model, cache, ids, mask, answers, preset, num_cells, pad_id)
 
 
