@@ -121,6 +121,50 @@ def test_the_held_out_split_takes_its_fraction_of_the_samples():
     assert not any(in_held_out(i, 0) for i in ids)
 
 
+def test_packed_rows_give_back_the_rows_they_were_made_of():
+    from sdrpn.rpn.packed_rows import PackedRows
+
+    rows = [{"id": "a", "image": "x/ü.png", "size": [3, 4]}, {}, {"id": "c", "nested": {"k": None, "f": 0.5}}]
+    packed = PackedRows(rows)
+    assert len(packed) == 3 and list(packed) == rows and packed[-1] == rows[2] and packed[np.int64(1)] == {}
+    assert packed[::2] == [rows[0], rows[2]] and packed[5:] == []
+    for bad in (3, -4):
+        with pytest.raises(IndexError, match=rf"row {bad} out of range for 3 rows"):
+            packed[bad]
+    assert len(PackedRows([])) == 0 and list(PackedRows([])) == []
+
+
+def test_a_label_dataset_holds_its_samples_without_a_python_object_each(tmp_path):
+    """Forked DataLoader workers read the dataset's per-sample data: objects of their own
+    would be copied into every worker as their reference counts change. The labels and rows
+    read back are the shards' own."""
+    import gc
+
+    sizes = {}
+    for num in (24, 240):
+        write_region_labels(
+            tmp_path / f"l{num}", tmp_path / f"i{num}", num=num, grid=GRID, image_size=14, shard_size=16
+        )
+        gc.collect()
+        before = len(gc.get_objects())
+        ds = LabelShardDataset(str(tmp_path / f"l{num}"), make_tokenizer(), IMAGE, max_samples=num - 4)
+        gc.collect()
+        sizes[num] = len(gc.get_objects()) - before
+        folder = LabelFolder(str(tmp_path / f"l{num}"))
+        shards = {
+            row["id"]: (row, shard.tensors["labels"][row["row"]]) for shard in folder.shards() for row in shard.rows
+        }
+        assert len(ds) == num - 4
+        for i in range(len(ds)):
+            row, labels = shards[ds.rows[i]["id"]]
+            assert ds.rows[i] == {k: row[k] for k in ("id", "image", "question", "image_size", "preprocessing")}
+            assert torch.equal(ds.labels(i), labels.long()) and ds.labels(i).dtype == torch.int64
+        sample = ds[len(ds) - 1]
+        assert torch.equal(sample.labels, ds.labels(len(ds) - 1)) and sample.id == ds.rows[-1]["id"]
+        del ds
+    assert sizes[240] - sizes[24] < 40, sizes  # a shard's labels tensor each, not objects per sample
+
+
 def test_labels_holding_the_shards_of_another_job_are_refused(ws, tmp_path):
     """Shards of a second labelling job on more ranks would be trained on beside the first
     job's: its samples twice."""

@@ -9,6 +9,7 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
@@ -26,8 +27,12 @@ from ..llava.inputs import left_pad, preprocess_image, prompt_token_ids
 from ..ops import IGNORE_INDEX
 from ..options import is_int
 from ..subsets import SUBSET_SEED, seeded_subset
+from .packed_rows import PackedRows
 
 log = logging.getLogger(__name__)
+
+# What a sample is rebuilt from and its image checked by: the rest of a label row is not kept.
+ROW_FIELDS = ("id", "image", "question", "image_size", "preprocessing")
 
 
 def in_held_out(sample_id: str, fraction: float) -> bool:
@@ -105,29 +110,42 @@ class LabelShardDataset(Dataset):
         self.template = self.config.prompt_template
         self.tokenizer = tokenizer
         self.image_token_id = image_token_id
+        # Per sample, the row's fields a sample is rebuilt and checked from and where its labels
+        # lie: (the shard's labels in shard_labels, the row in them). The labels stay int8, as
+        # the shards hold them (values 0, 1 and ignore, checked by the folder).
         rows: list[dict] = []
-        labels: list[Tensor] = []
+        where: list[tuple[int, int]] = []
+        shard_labels: list[Tensor] = []
         for shard in folder.shards():
+            taken = []
             for row in shard.rows:
                 held = in_held_out(row["id"], held_out_fraction)
                 if split == "all" or (split == "held_out") == held:
-                    rows.append(row)
-                    labels.append(shard.tensors["labels"][row["row"]].long())
+                    rows.append({k: row[k] for k in ROW_FIELDS if k in row})
+                    where.append((len(shard_labels), len(taken)))
+                    taken.append(row["row"])
+            if taken:
+                shard_labels.append(shard.tensors["labels"][taken].to(torch.int8))
         keep = seeded_subset(len(rows), max_samples, subset_seed)
-        self.rows, self.labels = [rows[i] for i in keep], [labels[i] for i in keep]
-        if not self.rows:
+        rows = [rows[i] for i in keep]
+        if not rows:
             raise ValueError(f"{label_dir} has no labelled samples in split {split!r}")
         # Whether the rows tell the images they were made from (labels converted from the
         # reference's pickles record no sizes): then another folder than the labels' own is
         # checked to hold them, the same images moved rather than others.
-        self.records_image_sizes = bool(recorded_image_sizes(self.rows))
+        self.records_image_sizes = bool(recorded_image_sizes(rows))
         recorded = self.config.image_folder
         moved = image_folder and recorded and os.path.realpath(image_folder) != os.path.realpath(recorded)
-        if moved and self.records_image_sizes and (problem := image_folder_problem(image_folder, self.rows)):
+        if moved and self.records_image_sizes and (problem := image_folder_problem(image_folder, rows)):
             raise ValueError(
                 f"{label_dir} holds labels made from the images in {recorded}, and image_folder (--image-folder) "
                 f"{image_folder!r} is not shown to hold them ({problem}): pass the folder they are in"
             )
+        self._ids_digest = hashlib.sha256("\n".join(str(row["id"]) for row in rows).encode()).hexdigest()[:16]
+        # No Python object per sample: forked DataLoader workers read these pages without copying them.
+        self.rows = PackedRows(rows)
+        self._shard_labels = shard_labels
+        self._where = np.array([where[i] for i in keep], dtype=np.int64)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -135,12 +153,18 @@ class LabelShardDataset(Dataset):
     def ids_digest(self) -> str:
         """A short hash of the samples' ids in order: a resumed run must see the samples its
         checkpoint's steps were counted over."""
-        return hashlib.sha256("\n".join(str(row["id"]) for row in self.rows).encode()).hexdigest()[:16]
+        return self._ids_digest
+
+    def labels(self, i: int) -> Tensor:
+        """Sample ``i``'s labels, (N,) int64 with IGNORE_INDEX on ignored cells."""
+        shard, row = self._where[i]
+        return self._shard_labels[shard][row].long()
 
     def __getitem__(self, i: int) -> LabelledSample | SkippedSample:
         row = self.rows[i]
+        labels = self.labels(i)
         prep = row.get("preprocessing") or {}
-        num_cells = int(self.labels[i].numel())
+        num_cells = int(labels.numel())
         size, mode = prep.get("size") or self.config.image_size or self.image_size, prep.get("mode", "pad")
         try:
             image = open_image(self.image_folder, row.get("image"), size, mode)
@@ -150,7 +174,7 @@ class LabelShardDataset(Dataset):
             return _skipped(row["id"], "image changed since it was labelled")
         pixels, _ = preprocess_image(image, size, mode=mode)
         ids = prompt_token_ids(self.tokenizer, row["question"], self.image_token_id, num_cells, self.template)
-        return LabelledSample(ids, pixels, self.labels[i], row["id"])
+        return LabelledSample(ids, pixels, labels, row["id"])
 
 
 def _skipped(sample_id: str, reason: str) -> SkippedSample:
