@@ -95,7 +95,9 @@ def _extension():
     # No contraction of a * b + c into an FMA (aarch64 compilers would fuse by default): the
     # CPU kernels round one operation at a time, as the CUDA kernels' explicit _rn ones do.
     # -g0: Python's CFLAGS carry -g, whose debug information was 97% of the library (29 MB).
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=off", "-g0"]
+    # No -std: torch's builder adds the standard its headers need where none is given (C++17
+    # up to torch 2.11, C++20 after), for nvcc too.
+    cxx_flags = ["-O3", "-fopenmp", "-ffp-contract=off", "-g0"]
     extra = {"cxx": cxx_flags}
     if with_cuda:
         # torch's builder reads the architecture list from this variable.
@@ -103,7 +105,7 @@ def _extension():
         sources += _sources("csrc/ops/cuda/*.cu")
         define_macros += [("SDRPN_WITH_CUDA", None), ("SDRPN_CUDA_ARCHS", f'"{archs}"')]
         # The .cu files' host code too (the blur weights are computed there).
-        extra["nvcc"] = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo", "-Xcompiler=-ffp-contract=off"]
+        extra["nvcc"] = ["-O3", "--expt-relaxed-constexpr", "-lineinfo", "-Xcompiler=-ffp-contract=off"]
     libstdcxx = _libstdcxx_link_args()
     print(
         f"sdrpn build: version={VERSION} torch={torch.__version__} torch.cuda={torch.version.cuda} "
