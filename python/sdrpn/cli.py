@@ -559,23 +559,29 @@ def run_command(main: Callable[[list[str]], int], prog: str, argv: list[str] | N
     except USER_ERRORS as err:
         if debug:
             raise
-        print(f"{command}: error: {err} (--debug shows the traceback)", file=sys.stderr)
+        _say(f"{command}: error: {err} (--debug shows the traceback)")
         return 2
     except ModuleNotFoundError as err:
         if debug or (err.name or "").split(".")[0] not in LLAVA_EXTRA:
             raise
-        print(
+        _say(
             f"{command}: error: this command needs the llava extra ({err.name} is missing): "
-            "pip install --no-build-isolation '.[llava]' in sdrpn's source folder (the ops alone need torch only)",
-            file=sys.stderr,
+            "pip install --no-build-isolation '.[llava]' in sdrpn's source folder (the ops alone need torch only)"
         )
         return 2
     except KeyboardInterrupt:
         if debug:
             raise
         hint = RESUME_HINTS.get(words[0] if words else "")
-        print(f"{command}: interrupted" + (f"; {hint}" if hint else ""), file=sys.stderr)
+        _say(f"{command}: interrupted" + (f"; {hint}" if hint else ""))
         return 130
+
+
+def _say(line: str) -> None:
+    """One line on stderr in one write: torchrun's ranks share the stream, and print's two
+    writes (the text, then its newline) of ranks stopping at once interleave."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 def entry(argv: list[str] | None = None) -> int:

@@ -112,6 +112,34 @@ def barrier(world_size: int) -> None:
             dist.barrier()
 
 
+@contextlib.contextmanager
+def together(world_size: int, device: torch.device | str):
+    """A block that every rank runs before the ranks go on together: a barrier that carries
+    failures. Where the block fails on some rank, every rank stops: those ranks with their
+    own error, the others with RankStopped naming the first of them. (A rank left to learn
+    of another's failure from the lost connection may be stopped by torchrun before it
+    says so.)"""
+    if world_size == 1:
+        yield
+        return
+    error = None
+    try:
+        yield
+    except Exception as err:  # reported to the other ranks, then raised here as it was
+        error = err
+    try:
+        outcomes = gather_objects(None if error is None else f"{type(error).__name__}: {error}", world_size, device)
+    except RankStopped:
+        if error is not None:
+            raise error from None  # this rank's own reason, whatever stopped the others
+        raise
+    if error is not None:
+        raise error
+    failed = [(rank, text) for rank, text in enumerate(outcomes) if text is not None]
+    if failed:
+        raise RankStopped(f"another rank stopped (rank {failed[0][0]}: {failed[0][1]})")
+
+
 def gather_objects(obj, world_size: int, device: torch.device | str) -> list:
     """Every rank's ``obj`` (picklable), in rank order; [obj] alone. Under NCCL objects
     travel through a tensor on the current CUDA device, which must be this rank's

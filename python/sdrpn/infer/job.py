@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from ..distributed import barrier, check_initialized, check_rank, gather_objects
+from ..distributed import barrier, check_initialized, check_rank, gather_objects, together
 from ..io_utils import exclusive_lock, file_sha256, read_json, write_json
 from ..llava.data import (
     PAST_CONTEXT,
@@ -148,16 +148,17 @@ def answer_file(pipe: SDRPNLlava, cfg: InferFileConfig) -> dict:
     pipe.checked_max_new_tokens(cfg.max_new_tokens)  # refused before anything is written
     own = writer_path(cfg.out, cfg.rank, cfg.world_size)
     with contextlib.ExitStack() as held:
-        # Rank 0 writes out (its settings, summary, the merged rows, and so the rank files no
-        # rank of this job owns); every rank its own rows.
-        if cfg.rank == 0:
-            for path in ownerless_parts(cfg.out, cfg.world_size):
+        # Past it, the settings are recorded and, with --restart, the old answers gone.
+        with together(cfg.world_size, pipe.device):
+            # Rank 0 writes out (its settings, summary, the merged rows, and so the rank files
+            # no rank of this job owns); every rank its own rows.
+            if cfg.rank == 0:
+                for path in ownerless_parts(cfg.out, cfg.world_size):
+                    held.enter_context(exclusive_lock(path + ".lock"))
+            for path in dict.fromkeys([cfg.out] * (cfg.rank == 0) + [own]):
                 held.enter_context(exclusive_lock(path + ".lock"))
-        for path in dict.fromkeys([cfg.out] * (cfg.rank == 0) + [own]):
-            held.enter_context(exclusive_lock(path + ".lock"))
-            remove_unfinished(cfg.out, path)
-        _start(pipe, cfg)
-        barrier(cfg.world_size)  # the settings are recorded and, with --restart, the old answers gone
+                remove_unfinished(cfg.out, path)
+            _start(pipe, cfg)
         summary = _answer_file(pipe, cfg, own)
         summary = _summed(gather_objects(summary, cfg.world_size, pipe.device))  # every rank is done
         if cfg.rank == 0:
