@@ -288,7 +288,7 @@ def test_ranks_waiting_on_one_that_refused_say_so_in_one_line(infer_ws, tmp_path
     assert done.returncode != 0
     errors = [line for line in done.stderr.splitlines() if "sdrpn infer: error: " in line]
     assert len(errors) == 2 and "answers.jsonl.lock is held by another running job" in errors[0] + errors[1]
-    # Rank 1 learns why from rank 0 itself, before either leaves.
+    # Rank 1 learns why from rank 0 itself, through the start's exchange, not from a lost connection.
     stopped = [line for line in errors if "another rank stopped (rank 0: FolderBusy: " in line]
     assert len(stopped) == 1 and "answers.jsonl.lock is held by another running job" in stopped[0], done.stderr[-3000:]
     assert "sdrpn/distributed.py" not in done.stderr  # no rank's traceback
