@@ -38,11 +38,12 @@ TINY_PRESET = LlavaPreset(
 SIZES = ("7b", "7b-narrow", "tiny")
 
 
-def build_model(size: str, device: str, dtype: torch.dtype):
+def build_model(size: str, device: str, dtype: torch.dtype, text_layers: int | None = None):
     """LLaVA-1.5-7B's shapes with random weights; "tiny" narrows and shortens them for smoke
     runs; "7b-narrow" keeps 7B's depth (layers, tokens, launches) at tiny widths, so that
     its time is the host's work per forward with next to no arithmetic: a CPU stand-in for
-    a GPU run bound by the host's launching of kernels."""
+    a GPU run bound by the host's launching of kernels. ``text_layers``: another depth of
+    the text model (the preset may then name layers it lacks)."""
     deep = size in ("7b", "7b-narrow")
     wide = size == "7b"
     vision = CLIPVisionConfig(
@@ -59,7 +60,7 @@ def build_model(size: str, device: str, dtype: torch.dtype):
         vocab_size=32064,
         hidden_size={"7b": 4096, "7b-narrow": 128}.get(size, 64),
         intermediate_size={"7b": 11008, "7b-narrow": 256}.get(size, 128),
-        num_hidden_layers=32 if deep else 4,
+        num_hidden_layers=text_layers or (32 if deep else 4),
         num_attention_heads=heads,
         num_key_value_heads=heads if deep else 2,
         max_position_embeddings=4096,

@@ -31,6 +31,13 @@ def test_op_benchmarks_print_ratios(script, args, key):
     assert isinstance(run(script, *args)[key], float)
 
 
+def test_label_memory_benchmark_measures_both_ways_at_each_batch_size():
+    result = run("bench_label_memory.py", "--size", "tiny", "--text-layers", "4", "--batch-sizes", "1", "2")
+    for way in ("held_qk_whole_mlp", "sdrpn"):
+        assert set(result["peak_MiB"][way]) == {"1", "2"} and result["seconds"][way]["2"] > 0
+    assert "sdrpn_vs_held_per_sample" in result and result["probed_layers"] == [1, 2]
+
+
 def test_attention_backends_benchmark_runs_sdrpns_side_on_the_cpu():
     """cuDNN's side needs a GPU; on the CPU every case runs through sdrpn's kernels, and
     the backward's query gradient is finite."""

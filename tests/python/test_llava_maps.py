@@ -1,8 +1,10 @@
 import json
+import weakref
 
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import sdrpn
 from sdrpn.llava import AttentionProbe, HeadSelection, LlavaPreset, attention_maps, get_preset, probe_once
@@ -108,6 +110,84 @@ def test_probe_once_stops_at_the_deepest_probed_query_and_key(tiny):
             torch.testing.assert_close(got, want)
     assert tiny.model.get_decoder().config._attn_implementation == "sdpa"
     assert tiny.model.get_decoder().config.num_hidden_layers == len(layers)
+
+
+def _probe_inputs(batch):
+    return dict(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        pixel_values=batch.pixel_values,
+        position_ids=position_ids_from_mask(batch.attention_mask),
+    )
+
+
+@pytest.mark.parametrize("reduce", [False, True])
+def test_a_reducing_probe_holds_no_probed_layers_query_or_key(tiny, reduce):
+    """With ``reduce`` the probe keeps what it returns, not the layer's q and k: by the time
+    the deepest probed layer runs, the first one's are freed (without, they are held)."""
+    alive_at_deepest = []
+    refs = {}
+
+    def keep(layer, query, key):
+        refs[layer] = weakref.ref(query), weakref.ref(key)
+        if layer == 2:
+            alive_at_deepest.extend(ref() is not None for ref in refs[0])
+        return query.sum()
+
+    probe = AttentionProbe(tiny.model, [0, 2], reduce=keep if reduce else None)
+    with torch.no_grad(), probe:
+        tiny.model(**_probe_inputs(sample_batch(tiny)))
+    if reduce:
+        assert alive_at_deepest == [False, False] and probe.captured[0].dim() == 0
+    else:
+        assert not alive_at_deepest and probe.captured[0][0].dim() == 4
+
+
+def test_mlps_in_chunks_compute_the_same_pass_with_smaller_intermediates(tiny):
+    """probe_once's MLPs run on a few tokens at a time: the same q and k, no MLP intermediate
+    wider than a chunk's, and the model's own forward (or one a library set on the module,
+    as accelerate's hooks do) back in place after."""
+    batch = sample_batch(tiny)
+    inputs = _probe_inputs(batch)
+    text = tiny.model.get_decoder()
+    mlp = text.layers[0].mlp
+    widest, inside = [], []  # rows of the text MLPs' intermediates; whether one runs
+    hooks = [layer.mlp.register_forward_pre_hook(lambda *_: inside.append(1)) for layer in text.layers]
+    hooks += [layer.mlp.register_forward_hook(lambda *_: inside.clear()) for layer in text.layers]
+
+    class Widest(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            new = isinstance(out, torch.Tensor) and not func.is_view  # not a view (a weight's transpose)
+            if inside and new and out.shape[-1:] == (mlp.intermediate_size,):
+                widest.append(out.numel() // mlp.intermediate_size)
+            return out
+
+    whole = probe_once(tiny.model, [1, 2], mlp_chunk_tokens=None, **inputs)
+    with Widest():
+        probe_once(tiny.model, [1, 2], mlp_chunk_tokens=None, **inputs)
+    assert max(widest) == batch.input_ids.numel()
+    widest.clear()
+    own_calls = []
+    own = mlp.forward
+    text.layers[1].mlp.forward = lambda x: own_calls.append(x.shape[0]) or type(mlp).forward(text.layers[1].mlp, x)
+    try:
+        with Widest():
+            chunked = probe_once(tiny.model, [1, 2], mlp_chunk_tokens=5, **inputs)
+        tokens = batch.input_ids.numel()
+        assert max(widest) == 5 and own_calls == [min(5, tokens - start) for start in range(0, tokens, 5)]
+        assert "forward" not in mlp.__dict__ and mlp.forward == own
+        assert "forward" in text.layers[1].mlp.__dict__
+    finally:
+        del text.layers[1].mlp.forward
+        for hook in hooks:
+            hook.remove()
+    for layer in (1, 2):
+        for got, want in zip(chunked[layer], whole[layer]):
+            torch.testing.assert_close(got, want)
+    for bad in (0, -1, 2.5):
+        with pytest.raises(ValueError, match=f"tokens must be an int >= 1, got {bad}"):
+            probe_once(tiny.model, [1, 2], mlp_chunk_tokens=bad, **inputs)
 
 
 def test_maps_match_a_hand_average_of_eager_attention(tiny):

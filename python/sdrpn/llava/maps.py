@@ -4,11 +4,14 @@ Feed [prompt, answer] once; for every probed layer take the post-RoPE queries of
 answer queries (answer tokens a_0 .. a_{n-2}, or the last prompt token when the answer
 has a single token) and all keys, and let ``sdrpn.ops.attention_rows`` return their
 softmax rows on the image columns. Averaging over queries and selected heads gives G and
-S. Only the layers up to the deepest probed one run, and that one only up to its q and k.
+S. Only the layers up to the deepest probed one run, and that one only up to its q and k;
+each probed layer's rows are summed as the layer runs, so the pass holds the sums, not q
+and k (at 7B, 10 MB a sample and probed layer).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -161,26 +164,53 @@ class AnswerRows(NamedTuple):
     query_offset: int = 0  # the captured queries start at this key
 
 
-def _selection_map(captured: dict, selection: HeadSelection, rows: AnswerRows) -> Tensor:
-    """A head selection's map (B, N): its heads' rows summed, averaged over heads and queries."""
-    total = None
-    for layer in selection.layers:
-        query, key = captured[layer]
-        heads = selection.heads_of(layer, rows.num_heads)
-        group = query.shape[1] // key.shape[1]
-        idx = (rows.positions - rows.query_offset)[:, None, :, None].expand(-1, len(heads), -1, query.shape[-1])
-        q = query[:, heads].gather(2, idx)  # (B, Hs, Q, d)
-        k = key[:, [h // group for h in heads]]  # (B, Hs, L, d)
-        attn = ops.attention_rows(q, k, rows.positions, rows.image_start, rows.num_cells, key_padding_mask=rows.mask)
-        per_query = attn.sum(1)  # (B, Q, N): summed over heads
-        summed = (per_query * rows.valid[..., None]).sum(1)  # (B, N)
-        total = summed if total is None else total + summed
-    return total / (rows.valid.sum(1, keepdim=True) * selection.count(rows.num_heads))
+def _rows_on_image(query: Tensor, key: Tensor, heads: list[int], rows: AnswerRows) -> Tensor:
+    """(B, len(heads), Q, N) float32: the answer queries' softmax rows of ``heads`` on the
+    image columns. Only the queries' rows of q are gathered, and k's heads are indexed only
+    for a subset: at 7B a copy of a layer's whole q or k is 5 MB a sample."""
+    group = query.shape[1] // key.shape[1]
+    idx = (rows.positions - rows.query_offset)[:, None, :, None].expand(-1, query.shape[1], -1, query.shape[-1])
+    q = query.gather(2, idx)  # (B, H, Q, d)
+    kv_heads = [h // group for h in heads]
+    if heads != list(range(query.shape[1])):
+        q = q[:, heads]
+    k = key if kv_heads == list(range(key.shape[1])) else key[:, kv_heads]
+    return ops.attention_rows(q, k, rows.positions, rows.image_start, rows.num_cells, key_padding_mask=rows.mask)
 
 
-def _probe_batch(model: nn.Module, batch: TeacherForcedBatch, layers, num_cells: int) -> tuple[dict, AnswerRows]:
-    """The teacher-forced pass over ``batch`` with ``layers`` probed: the captured q and k,
-    and where the answer queries' rows are."""
+def _selection_sums(selections: dict[str, HeadSelection], rows: AnswerRows) -> Callable:
+    """A probe's reduction (AttentionProbe's ``reduce``): a layer's q and k -> {name: (B, N)}
+    for each selection reading that layer, its heads' rows summed over heads and real
+    queries. The pass keeps these rather than q and k, which at 7B are 10 MB a sample and
+    layer, held while the deeper layers run."""
+
+    def reduce(layer: int, query: Tensor, key: Tensor) -> dict[str, Tensor]:
+        sums = {}
+        for name, selection in selections.items():
+            if layer in selection.layers:
+                attn = _rows_on_image(query, key, selection.heads_of(layer, rows.num_heads), rows)
+                sums[name] = (attn.sum(1) * rows.valid[..., None]).sum(1)
+        return sums
+
+    return reduce
+
+
+def _selection_means(captured: dict, selections: dict[str, HeadSelection], rows: AnswerRows) -> dict[str, Tensor]:
+    """Each selection's map (B, N): the sums _selection_sums kept, over its layers, averaged
+    over its heads and the real queries."""
+    queries = rows.valid.sum(1, keepdim=True)
+    return {
+        name: sum(captured[layer][name] for layer in selection.layers) / (queries * selection.count(rows.num_heads))
+        for name, selection in selections.items()
+    }
+
+
+def _probe_batch(
+    model: nn.Module, batch: TeacherForcedBatch, layers, num_cells: int, reducer: Callable[[AnswerRows], Callable]
+) -> tuple[dict, AnswerRows]:
+    """The teacher-forced pass over ``batch`` with ``layers`` probed: what the probe's
+    reduction ``reducer(rows)`` made of each probed layer's q and k, and ``rows``, where the
+    answer queries' rows are."""
     config = model.config
     if isinstance(num_cells, bool) or not isinstance(num_cells, int) or num_cells < 1:
         raise ValueError(f"num_cells must be an int >= 1, got {num_cells!r}")
@@ -188,31 +218,35 @@ def _probe_batch(model: nn.Module, batch: TeacherForcedBatch, layers, num_cells:
     vocab = model.get_input_embeddings().num_embeddings
     problems = _batch_problems(batch, image_start + num_cells, vocab)
     positions, valid = answer_queries(batch.answer_start, batch.answer_length, problems)
+    num_heads = config.text_config.num_attention_heads
+    rows = AnswerRows(num_heads, positions, valid, image_start, num_cells, batch.attention_mask.bool())
     captured = probe_once(
         model,
         layers,
+        reduce=reducer(rows),
         input_ids=batch.input_ids,
         attention_mask=batch.attention_mask,
         pixel_values=batch.pixel_values,
         position_ids=position_ids_from_mask(batch.attention_mask),
     )
-    num_heads = config.text_config.num_attention_heads
-    return captured, AnswerRows(num_heads, positions, valid, image_start, num_cells, batch.attention_mask.bool())
+    return captured, rows
+
+
+def _preset_selections(preset: LlavaPreset) -> dict[str, HeadSelection]:
+    return {"grounding": preset.grounding, "sink": preset.sink}
+
+
+def _preset_maps(captured: dict, rows: AnswerRows, preset: LlavaPreset) -> AttentionMaps:
+    """G and S from the sums the pass kept (_selection_sums of the preset's selections)."""
+    means = _selection_means(captured, _preset_selections(preset), rows)
+    return AttentionMaps(grounding=means["grounding"], sink=means["sink"], image_start=rows.image_start)
 
 
 @torch.no_grad()
 def attention_maps(model: nn.Module, batch: TeacherForcedBatch, preset: LlavaPreset, num_cells: int) -> AttentionMaps:
     """G and S for a teacher-forced batch (SPEC Stage 1) with the preset's head selections."""
-    return _preset_maps(*_probe_batch(model, batch, preset.probed_layers, num_cells), preset)
-
-
-def _preset_maps(captured: dict, rows: AnswerRows, preset: LlavaPreset) -> AttentionMaps:
-    """G and S of the captured queries and keys."""
-    return AttentionMaps(
-        grounding=_selection_map(captured, preset.grounding, rows),
-        sink=_selection_map(captured, preset.sink, rows),
-        image_start=rows.image_start,
-    )
+    reducer = functools.partial(_selection_sums, _preset_selections(preset))
+    return _preset_maps(*_probe_batch(model, batch, preset.probed_layers, num_cells, reducer), preset)
 
 
 @torch.no_grad()
@@ -247,20 +281,21 @@ def attention_maps_on_cache(
     suffixes = [[t] + a[:-1] for t, a in zip(last, answers)]
     suffix_ids, suffix_mask = right_pad(suffixes, pad_id, prompt_ids.device)
     mask = torch.cat([prompt_mask[:, :-1], suffix_mask], 1)
-    steps = torch.arange(suffix_ids.shape[1], device=prompt_ids.device)
-    captured = probe_once(
-        model,
-        preset.probed_layers,
-        input_ids=suffix_ids,
-        attention_mask=mask,
-        position_ids=prompt_mask.sum(1, keepdim=True) - 1 + steps,
-        **cache_kwarg(cache),
-    )
     lengths = torch.tensor([len(a) for a in answers], device=prompt_ids.device)
     positions, valid = answer_queries(torch.full_like(lengths, width), lengths)
     image_start = image_columns(prompt_ids, config.image_token_id, num_cells)
     num_heads = config.text_config.num_attention_heads
     rows = AnswerRows(num_heads, positions, valid, image_start, num_cells, mask.bool(), query_offset=width - 1)
+    steps = torch.arange(suffix_ids.shape[1], device=prompt_ids.device)
+    captured = probe_once(
+        model,
+        preset.probed_layers,
+        reduce=_selection_sums(_preset_selections(preset), rows),
+        input_ids=suffix_ids,
+        attention_mask=mask,
+        position_ids=prompt_mask.sum(1, keepdim=True) - 1 + steps,
+        **cache_kwarg(cache),
+    )
     return _preset_maps(captured, rows, preset)
 
 
@@ -341,12 +376,14 @@ def head_maps(model: nn.Module, batch: TeacherForcedBatch, num_cells: int) -> Te
     through every layer; what a head selection is chosen from (a selection's G is the mean
     of its heads' maps)."""
     layers = range(model.config.text_config.num_hidden_layers)
-    num_heads = model.config.text_config.num_attention_heads
-    captured, rows = _probe_batch(model, batch, layers, num_cells)
-    return torch.stack(
-        [
-            torch.stack([_selection_map(captured, HeadSelection(((layer, h),)), rows) for h in range(num_heads)], 1)
-            for layer in layers
-        ],
-        1,
-    ).float()
+
+    def reducer(rows: AnswerRows) -> Callable:
+        every_head = list(range(rows.num_heads))
+        # Per head, its rows summed over the real queries (as _selection_sums for one head)
+        return lambda layer, query, key: (
+            _rows_on_image(query, key, every_head, rows) * rows.valid[:, None, :, None]
+        ).sum(2)
+
+    captured, rows = _probe_batch(model, batch, layers, num_cells, reducer)
+    queries = rows.valid.sum(1)[:, None, None, None]
+    return (torch.stack([captured[layer] for layer in layers], 1) / queries).float()

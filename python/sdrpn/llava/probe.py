@@ -9,13 +9,15 @@ exactly what it computes with SDPA, and the probe keeps q and k of the probed la
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.models.llama.modeling_llama import LlamaMLP
 
 from .attention_kernels import without_cudnn_attention
 
@@ -48,9 +50,11 @@ class ProbeDone(Exception):
 
 class AttentionProbe:
     """Context manager: while active, ``captured[layer]`` holds (query, key) of the last
-    forward through each probed layer, shapes (B, H, L, d) and (B, Hk, L, d). With
-    ``stop=True`` the forward ends there, raising ProbeDone (the caller catches it): the
-    deepest layer's attention and MLP, and every layer after it, never run.
+    forward through each probed layer, shapes (B, H, L, d) and (B, Hk, L, d), or with
+    ``reduce`` what ``reduce(layer, query, key)`` made of them, so that a forward need not
+    hold every probed layer's q and k until it ends. With ``stop=True`` the forward ends
+    there, raising ProbeDone (the caller catches it): the deepest layer's attention and
+    MLP, and every layer after it, never run.
 
     Example::
 
@@ -59,11 +63,18 @@ class AttentionProbe:
         q14, k14 = probe.captured[14]
     """
 
-    def __init__(self, model: nn.Module, layers: Iterable[int], stop: bool = False):
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: Iterable[int],
+        stop: bool = False,
+        reduce: Callable[[int, Tensor, Tensor], Any] | None = None,
+    ):
         self.model = model
         self.layers = sorted(set(layers))
         self.stop = stop
-        self.captured: dict[int, tuple[Tensor, Tensor]] = {}
+        self.reduce = reduce
+        self.captured: dict[int, Any] = {}
         n = len(decoder_layers(model))
         bad = [layer for layer in self.layers if not 0 <= layer < n]
         if bad:
@@ -92,7 +103,8 @@ class AttentionProbe:
         last = self.stop and layer == self.layers[-1]
 
         def capture(query: Tensor, key: Tensor) -> None:
-            self.captured[layer] = (query.detach(), key.detach())
+            query, key = query.detach(), key.detach()
+            self.captured[layer] = (query, key) if self.reduce is None else self.reduce(layer, query, key)
             if last:
                 raise ProbeDone
 
@@ -132,13 +144,69 @@ class EarlyExit:
         self.config.num_hidden_layers = self._saved
 
 
+# Tokens per MLP call in a probe's pass (mlp_in_chunks): at 7B a chunk's three
+# 11008-wide intermediates are 270 MB, each matrix product still thousands of rows.
+MLP_CHUNK_TOKENS = 4096
+
+
+@contextlib.contextmanager
+def mlp_in_chunks(model: nn.Module, num_layers: int, tokens: int = MLP_CHUNK_TOKENS):
+    """Context manager: the MLPs of decoder layers [0, num_layers) run on at most
+    ``tokens`` tokens at a time (Llama's MLP, which reads each token alone; other kinds run
+    whole). Without a cache to hold, a forward peaks in the MLP, whose three intermediates
+    are 42 MB a sample at 7B (634 tokens of 11008 values): in chunks that part stops growing
+    with the batch, and the peak moves to the attention's q, k, v and rotary temporaries
+    (benchmarks/bench_label_memory.py)."""
+    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
+        raise ValueError(f"tokens must be an int >= 1, got {tokens!r}")
+    mlps = [layer.mlp for layer in decoder_layers(model)[:num_layers] if isinstance(layer.mlp, LlamaMLP)]
+    own = [mlp.__dict__.get("forward") for mlp in mlps]  # a forward set on the instance (accelerate's hooks)
+    for mlp in mlps:
+        mlp.forward = _in_chunks(mlp.forward, tokens)
+    try:
+        yield
+    finally:
+        for mlp, forward in zip(mlps, own):
+            if forward is None:
+                del mlp.forward
+            else:
+                mlp.forward = forward
+
+
+def _in_chunks(forward: Callable[[Tensor], Tensor], tokens: int) -> Callable[[Tensor], Tensor]:
+    def chunked(x: Tensor) -> Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        if flat.shape[0] <= tokens:
+            return forward(x)
+        out = None
+        for start in range(0, flat.shape[0], tokens):
+            part = forward(flat[start : start + tokens])
+            if out is None:
+                out = part.new_empty(flat.shape[0], part.shape[-1])
+            out[start : start + tokens] = part
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    return chunked
+
+
 @torch.no_grad()
 @without_cudnn_attention()
-def probe_once(model: nn.Module, layers: Iterable[int], **inputs) -> dict[int, tuple[Tensor, Tensor]]:
+def probe_once(
+    model: nn.Module,
+    layers: Iterable[int],
+    reduce: Callable[[int, Tensor, Tensor], Any] | None = None,
+    mlp_chunk_tokens: int | None = MLP_CHUNK_TOKENS,
+    **inputs,
+) -> dict[int, Any]:
     """One forward of the LLaVA backbone (no LM head), up to the deepest probed layer's
-    query and key. A cache passed in ``inputs`` receives the new keys and values of every
-    layer up to that one, as the forward would have left them."""
-    with AttentionProbe(model, layers, stop=True) as probe:  # no layer past the deepest runs
+    query and key: each probed layer's (query, key), or ``reduce(layer, query, key)`` (see
+    AttentionProbe). A cache passed in ``inputs`` receives the new keys and values of every
+    layer up to that one, as the forward would have left them. The MLPs run on at most
+    ``mlp_chunk_tokens`` tokens at a time (mlp_in_chunks; None: whole)."""
+    probe = AttentionProbe(model, layers, stop=True, reduce=reduce)  # no layer past the deepest runs
+    whole = mlp_chunk_tokens is None
+    chunks = contextlib.nullcontext() if whole else mlp_in_chunks(model, probe.layers[-1], mlp_chunk_tokens)
+    with probe, chunks:
         try:
             model.model(**inputs, use_cache=False)
         except ProbeDone:
