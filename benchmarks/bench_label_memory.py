@@ -43,9 +43,14 @@ class PeakMemory:
     def __init__(self, device: str):
         self.cuda = device.startswith("cuda")
         if not self.cuda:
+            if not os.path.exists("/proc/self/clear_refs"):
+                raise SystemExit("the CPU's peak memory is read from Linux's /proc/self; use --device cuda")
             # M_MMAP_THRESHOLD (-3): every block above 64 KiB is its own mapping, returned
             # when freed, rather than glibc raising the threshold after the first large free.
-            ctypes.CDLL("libc.so.6").mallopt(-3, 65536)
+            try:
+                self.exact = ctypes.CDLL("libc.so.6").mallopt(-3, 65536) == 1
+            except OSError:  # not glibc: freed memory may stay resident, peaks read high
+                self.exact = False
 
     def start(self) -> None:
         if self.cuda:
@@ -57,6 +62,8 @@ class PeakMemory:
             self.base = self._status("VmRSS")
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")  # the peak resident set restarts from the current one
+            if self._status("VmHWM") > self._status("VmRSS") + 2**20:
+                raise SystemExit("this kernel did not reset the peak resident set (/proc/self/clear_refs)")
 
     def peak_mib(self) -> float:
         if self.cuda:
@@ -123,6 +130,7 @@ def main() -> None:
         "sequence_tokens": len(prompts[0]) + args.answer_tokens,
         "probed_layers": list(preset.probed_layers),
         "mlp_chunk_tokens": MLP_CHUNK_TOKENS,
+        "cpu_peaks_exact": None if memory.cuda else memory.exact,
         "peak_MiB": {},
         "seconds": {},
     }

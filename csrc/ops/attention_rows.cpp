@@ -83,7 +83,7 @@ at::Tensor attention_rows_by_chunks(const at::Tensor& query, const at::Tensor& k
                                     int64_t key_length,
                                     const std::optional<at::Tensor>& key_padding_mask,
                                     std::optional<double> scale, WindowSoftmaxFn window_softmax,
-                                    int64_t score_budget) {
+                                    int64_t chunk_budget) {
   check_attention_rows_inputs(query, key, query_positions, key_start, key_length, key_padding_mask,
                               scale);
   const int64_t batch = query.size(0), heads = query.size(1), rows = query.size(2);
@@ -96,15 +96,23 @@ at::Tensor attention_rows_by_chunks(const at::Tensor& query, const at::Tensor& k
   // Query heads sharing a key head are contiguous (h = kv * group + g), so a chunk of
   // whole key heads needs no repeated keys: (B, Hk, group*Q, d) x (B, Hk, d, L).
   const int64_t group = heads / kv_heads;
-  const int64_t per_kv_head = batch * group * rows * seq_len;
-  const int64_t kv_chunk = std::max<int64_t>(1, std::min(kv_heads, score_budget / per_kv_head));
+  const int64_t scores_per_kv_head = batch * group * rows * seq_len;
+  const int64_t keys_per_kv_head = std::max<int64_t>(1, batch * seq_len * head_dim);  // d may be 0
+  const int64_t kv_chunk = std::max<int64_t>(
+      1, std::min({kv_heads, chunk_budget / scores_per_kv_head, chunk_budget / keys_per_kv_head}));
   for (int64_t kv0 = 0; kv0 < kv_heads; kv0 += kv_chunk) {
     const int64_t kvc = std::min(kv_chunk, kv_heads - kv0);
     const auto q = query.narrow(1, kv0 * group, kvc * group)
                        .to(compute)
                        .mul(s)
                        .reshape({batch, kvc, group * rows, head_dim});
-    const auto k = key.narrow(1, kv0, kvc).to(compute);
+    // One copy, in the compute type and contiguous: a model's keys arrive as a (B, L, Hk, d)
+    // buffer seen as (B, Hk, L, d), which the batched GEMM would otherwise copy once more.
+    const auto key_chunk = key.narrow(1, kv0, kvc);
+    const auto k =
+        key_chunk.scalar_type() == compute && key_chunk.is_contiguous()
+            ? key_chunk
+            : at::empty(key_chunk.sizes(), key_chunk.options().dtype(compute)).copy_(key_chunk);
     auto scores = at::matmul(q, k.transpose(2, 3))
                       .view({batch, kvc * group, rows, seq_len})
                       .to(at::kFloat)

@@ -29,18 +29,20 @@ void window_softmax_cpu(const at::Tensor& scores, const at::Tensor& query_positi
                         const at::Tensor& key_start,
                         const std::optional<at::Tensor>& key_padding_mask, at::Tensor& out);
 
-// Float32 elements one chunk of heads may hold in its score buffer (64 Mi).
-constexpr int64_t kAttentionRowsScoreBudget = int64_t{1} << 26;
+// Float32 elements that each buffer of one chunk of heads, its scores and its copy of
+// the keys, may hold (16 Mi, 64 MB): the op runs inside a model's forward (the label pass
+// reduces each probed layer as it runs), beside the layer's own activations.
+constexpr int64_t kAttentionRowsChunkBudget = int64_t{1} << 24;
 
 // The device-independent half: validates, then walks the key heads in chunks whose
-// float32 score buffer stays within `score_budget` elements (at least one key head a
-// chunk), computing scores with one batched GEMM per chunk (ATen: cuBLAS on CUDA) and
-// handing them to `window_softmax`.
+// float32 scores and float32 keys each stay within `chunk_budget` elements (at least one
+// key head a chunk), computing scores with one batched GEMM per chunk (ATen: cuBLAS on
+// CUDA) and handing them to `window_softmax`.
 at::Tensor attention_rows_by_chunks(const at::Tensor& query, const at::Tensor& key,
                                     const at::Tensor& query_positions, const at::Tensor& key_start,
                                     int64_t key_length,
                                     const std::optional<at::Tensor>& key_padding_mask,
                                     std::optional<double> scale, WindowSoftmaxFn window_softmax,
-                                    int64_t score_budget = kAttentionRowsScoreBudget);
+                                    int64_t chunk_budget = kAttentionRowsChunkBudget);
 
 }  // namespace sdrpn::ops

@@ -62,6 +62,20 @@ TEST(AttentionRows, ChunkingOverKeyHeadsChangesNothing) {
   EXPECT_TRUE(torch::equal(whole, chunked));
 }
 
+TEST(AttentionRows, StridedKeysInChunksOfTheKeysBudgetChangeNothing) {
+  const auto in = make_inputs(6, 3);
+  auto whole = sdrpn::attention_rows(in.query, in.key, in.positions, in.starts, 6, in.mask);
+  // A model's keys: a (B, L, Hk, d) buffer seen as (B, Hk, L, d).
+  const auto strided = in.key.transpose(1, 2).contiguous().transpose(1, 2);
+  ASSERT_FALSE(strided.is_contiguous());
+  // Room for two key heads' keys a chunk: 3 key heads walk in chunks of 2 and 1.
+  const int64_t keys_per_head = in.key.size(0) * in.key.size(2) * in.key.size(3);
+  auto chunked = sdrpn::ops::attention_rows_by_chunks(
+      in.query, strided, in.positions, in.starts, 6, in.mask, std::nullopt,
+      &sdrpn::ops::window_softmax_cpu, 2 * keys_per_head);
+  EXPECT_TRUE(torch::equal(whole, chunked));
+}
+
 TEST(AttentionRows, WindowOutsideTheKeysIsRejected) {
   const auto in = make_inputs(2, 2);
   const auto message = sdrpn::testing::error_of([&] {

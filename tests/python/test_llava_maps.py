@@ -11,6 +11,7 @@ from sdrpn.llava import AttentionProbe, HeadSelection, LlavaPreset, attention_ma
 from sdrpn.llava.decode import prefill
 from sdrpn.llava.inputs import left_pad, position_ids_from_mask
 from sdrpn.llava.maps import answer_queries, attention_maps_on_cache, given_answer_maps, image_columns
+from sdrpn.llava.probe import mlp_in_chunks
 from tiny_llava import EOS, IMAGE, PAD, make_tiny_llava, prompt_ids, random_tokens, row_slice, teacher_forced_batch
 
 PRESET = LlavaPreset("tiny", grounding=HeadSelection(((2, 1), (2, 3), (1, 0))), sink=HeadSelection(((0, None),)))
@@ -121,10 +122,9 @@ def _probe_inputs(batch):
     )
 
 
-@pytest.mark.parametrize("reduce", [False, True])
-def test_a_reducing_probe_holds_no_probed_layers_query_or_key(tiny, reduce):
+def test_a_reducing_probe_holds_no_probed_layers_query_or_key(tiny):
     """With ``reduce`` the probe keeps what it returns, not the layer's q and k: by the time
-    the deepest probed layer runs, the first one's are freed (without, they are held)."""
+    the deepest probed layer runs, the first one's are freed. Without, it keeps (q, k)."""
     alive_at_deepest = []
     refs = {}
 
@@ -134,13 +134,14 @@ def test_a_reducing_probe_holds_no_probed_layers_query_or_key(tiny, reduce):
             alive_at_deepest.extend(ref() is not None for ref in refs[0])
         return query.sum()
 
-    probe = AttentionProbe(tiny.model, [0, 2], reduce=keep if reduce else None)
-    with torch.no_grad(), probe:
-        tiny.model(**_probe_inputs(sample_batch(tiny)))
-    if reduce:
-        assert alive_at_deepest == [False, False] and probe.captured[0].dim() == 0
-    else:
-        assert not alive_at_deepest and probe.captured[0][0].dim() == 4
+    inputs = _probe_inputs(sample_batch(tiny))
+    with torch.no_grad(), AttentionProbe(tiny.model, [0, 2], reduce=keep) as probe:
+        tiny.model(**inputs)
+    assert alive_at_deepest == [False, False] and probe.captured[0].dim() == 0
+    with torch.no_grad(), AttentionProbe(tiny.model, [0, 2]) as probe:
+        tiny.model(**inputs)
+    assert [t.dim() for t in probe.captured[0]] == [4, 4]
+    assert probe_once(tiny.model, [], **inputs) == {}  # nothing probed: the whole forward, nothing kept
 
 
 def test_mlps_in_chunks_compute_the_same_pass_with_smaller_intermediates(tiny):
@@ -170,14 +171,15 @@ def test_mlps_in_chunks_compute_the_same_pass_with_smaller_intermediates(tiny):
     widest.clear()
     own_calls = []
     own = mlp.forward
-    text.layers[1].mlp.forward = lambda x: own_calls.append(x.shape[0]) or type(mlp).forward(text.layers[1].mlp, x)
+    instance_forward = lambda x: own_calls.append(x.shape[0]) or type(mlp).forward(text.layers[1].mlp, x)  # noqa: E731
+    text.layers[1].mlp.forward = instance_forward
     try:
         with Widest():
             chunked = probe_once(tiny.model, [1, 2], mlp_chunk_tokens=5, **inputs)
         tokens = batch.input_ids.numel()
         assert max(widest) == 5 and own_calls == [min(5, tokens - start) for start in range(0, tokens, 5)]
         assert "forward" not in mlp.__dict__ and mlp.forward == own
-        assert "forward" in text.layers[1].mlp.__dict__
+        assert text.layers[1].mlp.__dict__["forward"] is instance_forward
     finally:
         del text.layers[1].mlp.forward
         for hook in hooks:
@@ -185,6 +187,10 @@ def test_mlps_in_chunks_compute_the_same_pass_with_smaller_intermediates(tiny):
     for layer in (1, 2):
         for got, want in zip(chunked[layer], whole[layer]):
             torch.testing.assert_close(got, want)
+    with pytest.raises(RuntimeError, match="stop"), mlp_in_chunks(tiny.model, 3, 5):
+        assert "forward" in mlp.__dict__
+        raise RuntimeError("stop")
+    assert "forward" not in mlp.__dict__  # put back on the way out of an error too
     for bad in (0, -1, 2.5):
         with pytest.raises(ValueError, match=f"tokens must be an int >= 1, got {bad}"):
             probe_once(tiny.model, [1, 2], mlp_chunk_tokens=bad, **inputs)

@@ -166,16 +166,19 @@ class AnswerRows(NamedTuple):
 
 def _rows_on_image(query: Tensor, key: Tensor, heads: list[int], rows: AnswerRows) -> Tensor:
     """(B, len(heads), Q, N) float32: the answer queries' softmax rows of ``heads`` on the
-    image columns. Only the queries' rows of q are gathered, and k's heads are indexed only
-    for a subset: at 7B a copy of a layer's whole q or k is 5 MB a sample."""
-    group = query.shape[1] // key.shape[1]
+    image columns. Only the queries' rows of q are gathered, and k is copied only for a
+    subset of heads (the op maps every query head to its key head itself): the reductions
+    run inside the forward, where a copy of a layer's k is 5 MB a sample at 7B."""
     idx = (rows.positions - rows.query_offset)[:, None, :, None].expand(-1, query.shape[1], -1, query.shape[-1])
     q = query.gather(2, idx)  # (B, H, Q, d)
+    if heads == list(range(query.shape[1])):
+        return ops.attention_rows(q, key, rows.positions, rows.image_start, rows.num_cells, key_padding_mask=rows.mask)
+    group = query.shape[1] // key.shape[1]
     kv_heads = [h // group for h in heads]
-    if heads != list(range(query.shape[1])):
-        q = q[:, heads]
     k = key if kv_heads == list(range(key.shape[1])) else key[:, kv_heads]
-    return ops.attention_rows(q, k, rows.positions, rows.image_start, rows.num_cells, key_padding_mask=rows.mask)
+    return ops.attention_rows(
+        q[:, heads], k, rows.positions, rows.image_start, rows.num_cells, key_padding_mask=rows.mask
+    )
 
 
 def _selection_sums(selections: dict[str, HeadSelection], rows: AnswerRows) -> Callable:

@@ -159,7 +159,8 @@ def mlp_in_chunks(model: nn.Module, num_layers: int, tokens: int = MLP_CHUNK_TOK
     (benchmarks/bench_label_memory.py)."""
     if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
         raise ValueError(f"tokens must be an int >= 1, got {tokens!r}")
-    mlps = [layer.mlp for layer in decoder_layers(model)[:num_layers] if isinstance(layer.mlp, LlamaMLP)]
+    found = (getattr(layer, "mlp", None) for layer in decoder_layers(model)[:num_layers])
+    mlps = list({id(mlp): mlp for mlp in found if isinstance(mlp, LlamaMLP)}.values())  # each once
     own = [mlp.__dict__.get("forward") for mlp in mlps]  # a forward set on the instance (accelerate's hooks)
     for mlp in mlps:
         mlp.forward = _in_chunks(mlp.forward, tokens)
@@ -205,7 +206,8 @@ def probe_once(
     ``mlp_chunk_tokens`` tokens at a time (mlp_in_chunks; None: whole)."""
     probe = AttentionProbe(model, layers, stop=True, reduce=reduce)  # no layer past the deepest runs
     whole = mlp_chunk_tokens is None
-    chunks = contextlib.nullcontext() if whole else mlp_in_chunks(model, probe.layers[-1], mlp_chunk_tokens)
+    upto = probe.layers[-1] if probe.layers else len(decoder_layers(model))  # no layers: the whole forward
+    chunks = contextlib.nullcontext() if whole else mlp_in_chunks(model, upto, mlp_chunk_tokens)
     with probe, chunks:
         try:
             model.model(**inputs, use_cache=False)
