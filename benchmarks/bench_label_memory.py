@@ -1,16 +1,18 @@
-"""Peak memory a sample of the label job's teacher-forced pass (given answers) at
-LLaVA-1.5-7B's widths: sdrpn's pass (each probed layer's q and k reduced to the maps' sums
-as the layer runs, the MLPs on MLP_CHUNK_TOKENS tokens at a time) against the same pass
-holding every probed layer's q and k to its end with whole MLPs, side by side in one run.
+"""Peak memory of the label job's teacher-forced pass (given answers) at LLaVA-1.5-7B's
+widths: sdrpn's pass (each probed layer's q and k reduced to the maps' sums as the layer
+runs, a batch beyond PASS_TOKENS tokens in slices of whole samples) against the same pass
+holding every probed layer's q and k to its end, the whole batch in one forward, side by
+side in one run.
 
 On CUDA the peak is the allocator's; on the CPU the process's peak resident memory (Linux),
 with glibc's mmap threshold fixed low so that a freed tensor leaves it at once. A sample's
-share is the slope between the smallest and the largest batch. ``--text-layers`` shortens
+share is the slope between the smallest and the largest batch (with slices, the largest
+batches stop growing). ``--text-layers`` shortens
 the text model to fit a CPU's memory: the widths stay 7B's, the sink heads stay at layer 2
 and the grounding heads move to the last layer (the peak a sample is a layer's working set
 and the probed layers' q and k, whatever the depth).
 
-    python benchmarks/bench_label_memory.py --text-layers 6 --batch-sizes 1 4   # CPU: fp32, 9 GB
+    python benchmarks/bench_label_memory.py --text-layers 6 --batch-sizes 1 8 16   # CPU: fp32, 10 GB
     python benchmarks/bench_label_memory.py --device cuda --text-layers 32 --batch-sizes 1 32
 """
 
@@ -30,8 +32,8 @@ sys.path.insert(0, HERE)
 from bench_label_pipeline import build_model, make_prompts
 from sdrpn.llava import HeadSelection, LlavaPreset
 from sdrpn.llava.inputs import left_pad, position_ids_from_mask
-from sdrpn.llava.maps import given_answer_maps
-from sdrpn.llava.probe import MLP_CHUNK_TOKENS, probe_once
+from sdrpn.llava.maps import PASS_TOKENS, given_answer_maps
+from sdrpn.llava.probe import probe_once
 from timing import emit, machine, save, sync
 
 NUM_CELLS = 576
@@ -82,11 +84,11 @@ class PeakMemory:
 
 def held_pass(model, preset, prompts, answers, pixels) -> None:
     """The pass as it ran before: every probed layer's q and k held until the pass ends, the
-    MLPs on the whole batch at once."""
+    whole batch in one forward."""
     ids, mask = left_pad([p + a for p, a in zip(prompts, answers)], 0, pixels.device)
     position_ids = position_ids_from_mask(mask)
     inputs = {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels, "position_ids": position_ids}
-    probe_once(model, preset.probed_layers, mlp_chunk_tokens=None, **inputs)
+    probe_once(model, preset.probed_layers, **inputs)
 
 
 def sdrpn_pass(model, preset, prompts, answers, pixels) -> None:
@@ -129,12 +131,12 @@ def main() -> None:
         "dtype": str(dtype).replace("torch.", ""),
         "sequence_tokens": len(prompts[0]) + args.answer_tokens,
         "probed_layers": list(preset.probed_layers),
-        "mlp_chunk_tokens": MLP_CHUNK_TOKENS,
+        "pass_tokens": PASS_TOKENS,
         "cpu_peaks_exact": None if memory.cuda else memory.exact,
         "peak_MiB": {},
         "seconds": {},
     }
-    ways = {"held_qk_whole_mlp": held_pass, "sdrpn": sdrpn_pass}
+    ways = {"held_qk_one_forward": held_pass, "sdrpn": sdrpn_pass}
     for run in ways.values():  # warm-up: first calls allocate libraries' workspaces
         run(model, preset, prompts[:1], answers[:1], pixels[:1])
     for bs in sorted(set(args.batch_sizes)):
@@ -151,7 +153,7 @@ def main() -> None:
         name: round((peaks[large] - peaks[small]) / (large - small), 1) for name, peaks in report["peak_MiB"].items()
     }
     report["MiB_per_sample"] = per_sample
-    held = per_sample["held_qk_whole_mlp"]  # a tiny model's may round to nothing
+    held = per_sample["held_qk_one_forward"]  # a tiny model's may round to nothing
     report["sdrpn_vs_held_per_sample"] = round(per_sample["sdrpn"] / held, 3) if held > 0 else None
     emit(report, args.json)
 

@@ -33,7 +33,7 @@ def test_op_benchmarks_print_ratios(script, args, key):
 
 def test_label_memory_benchmark_measures_both_ways_at_each_batch_size():
     result = run("bench_label_memory.py", "--size", "tiny", "--text-layers", "4", "--batch-sizes", "1", "2")
-    for way in ("held_qk_whole_mlp", "sdrpn"):
+    for way in ("held_qk_one_forward", "sdrpn"):
         assert set(result["peak_MiB"][way]) == {"1", "2"} and result["seconds"][way]["2"] > 0
     assert "sdrpn_vs_held_per_sample" in result and result["probed_layers"] == [1, 2]
 

@@ -1,17 +1,17 @@
+import dataclasses
 import json
 import weakref
 
 import numpy as np
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import sdrpn
 from sdrpn.llava import AttentionProbe, HeadSelection, LlavaPreset, attention_maps, get_preset, probe_once
+from sdrpn.llava import maps as maps_module
 from sdrpn.llava.decode import prefill
 from sdrpn.llava.inputs import left_pad, position_ids_from_mask
-from sdrpn.llava.maps import answer_queries, attention_maps_on_cache, given_answer_maps, image_columns
-from sdrpn.llava.probe import mlp_in_chunks
+from sdrpn.llava.maps import answer_queries, attention_maps_on_cache, given_answer_maps, head_maps, image_columns
 from tiny_llava import EOS, IMAGE, PAD, make_tiny_llava, prompt_ids, random_tokens, row_slice, teacher_forced_batch
 
 PRESET = LlavaPreset("tiny", grounding=HeadSelection(((2, 1), (2, 3), (1, 0))), sink=HeadSelection(((0, None),)))
@@ -144,56 +144,32 @@ def test_a_reducing_probe_holds_no_probed_layers_query_or_key(tiny):
     assert probe_once(tiny.model, [], **inputs) == {}  # nothing probed: the whole forward, nothing kept
 
 
-def test_mlps_in_chunks_compute_the_same_pass_with_smaller_intermediates(tiny):
-    """probe_once's MLPs run on a few tokens at a time: the same q and k, no MLP intermediate
-    wider than a chunk's, and the model's own forward (or one a library set on the module,
-    as accelerate's hooks do) back in place after."""
+def test_a_batch_beyond_the_pass_tokens_runs_in_slices_with_the_same_maps(tiny, monkeypatch):
+    """A batch of more than PASS_TOKENS tokens runs in slices of whole samples: the same maps
+    and per-head maps as in one forward, no forward of more samples than fit, and a bad
+    sample in a later slice named by its place in the batch before any slice runs."""
     batch = sample_batch(tiny)
-    inputs = _probe_inputs(batch)
-    text = tiny.model.get_decoder()
-    mlp = text.layers[0].mlp
-    widest, inside = [], []  # rows of the text MLPs' intermediates; whether one runs
-    hooks = [layer.mlp.register_forward_pre_hook(lambda *_: inside.append(1)) for layer in text.layers]
-    hooks += [layer.mlp.register_forward_hook(lambda *_: inside.clear()) for layer in text.layers]
-
-    class Widest(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            new = isinstance(out, torch.Tensor) and not func.is_view  # not a view (a weight's transpose)
-            if inside and new and out.shape[-1:] == (mlp.intermediate_size,):
-                widest.append(out.numel() // mlp.intermediate_size)
-            return out
-
-    whole = probe_once(tiny.model, [1, 2], mlp_chunk_tokens=None, **inputs)
-    with Widest():
-        probe_once(tiny.model, [1, 2], mlp_chunk_tokens=None, **inputs)
-    assert max(widest) == batch.input_ids.numel()
-    widest.clear()
-    own_calls = []
-    own = mlp.forward
-    instance_forward = lambda x: own_calls.append(x.shape[0]) or type(mlp).forward(text.layers[1].mlp, x)  # noqa: E731
-    text.layers[1].mlp.forward = instance_forward
+    whole = attention_maps(tiny.model, batch, PRESET, tiny.num_cells)
+    whole_heads = head_maps(tiny.model, batch, tiny.num_cells)
+    width = batch.input_ids.shape[1]
+    monkeypatch.setattr(maps_module, "PASS_TOKENS", 2 * width + 1)  # two samples a forward
+    seen = []
+    record = lambda _module, _args, kwargs: seen.append(kwargs["input_ids"].shape[0])  # noqa: E731
+    hook = tiny.model.model.register_forward_pre_hook(record, with_kwargs=True)
     try:
-        with Widest():
-            chunked = probe_once(tiny.model, [1, 2], mlp_chunk_tokens=5, **inputs)
-        tokens = batch.input_ids.numel()
-        assert max(widest) == 5 and own_calls == [min(5, tokens - start) for start in range(0, tokens, 5)]
-        assert "forward" not in mlp.__dict__ and mlp.forward == own
-        assert text.layers[1].mlp.__dict__["forward"] is instance_forward
+        sliced = attention_maps(tiny.model, batch, PRESET, tiny.num_cells)
+        assert seen == [2, 1]
+        torch.testing.assert_close(head_maps(tiny.model, batch, tiny.num_cells), whole_heads)
+        seen.clear()
+        bad = dataclasses.replace(batch, answer_length=batch.answer_length.clone())
+        bad.answer_length[2] = width
+        with pytest.raises(ValueError, match=r"answer_start\[2\] = \d+ and answer_length\[2\] = "):
+            attention_maps(tiny.model, bad, PRESET, tiny.num_cells)
+        assert seen == []
     finally:
-        del text.layers[1].mlp.forward
-        for hook in hooks:
-            hook.remove()
-    for layer in (1, 2):
-        for got, want in zip(chunked[layer], whole[layer]):
-            torch.testing.assert_close(got, want)
-    with pytest.raises(RuntimeError, match="stop"), mlp_in_chunks(tiny.model, 3, 5):
-        assert "forward" in mlp.__dict__
-        raise RuntimeError("stop")
-    assert "forward" not in mlp.__dict__  # put back on the way out of an error too
-    for bad in (0, -1, 2.5):
-        with pytest.raises(ValueError, match=f"tokens must be an int >= 1, got {bad}"):
-            probe_once(tiny.model, [1, 2], mlp_chunk_tokens=bad, **inputs)
+        hook.remove()
+    for field in ("grounding", "sink", "image_start"):
+        torch.testing.assert_close(getattr(sliced, field), getattr(whole, field))
 
 
 def test_maps_match_a_hand_average_of_eager_attention(tiny):

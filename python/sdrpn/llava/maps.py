@@ -208,12 +208,21 @@ def _selection_means(captured: dict, selections: dict[str, HeadSelection], rows:
     }
 
 
+# Tokens ([prompt, answer] x samples, padding included) that one teacher-forced forward runs
+# at most; a larger batch runs in slices of whole samples. A forward's working set grows with
+# its tokens (at 7B about 80 KB a token in float16: a layer's q, k, v and rotary temporaries,
+# or the MLP's intermediates), while 8,192 tokens already fill a GPU's matrix units: slices
+# bound the pass's peak, whatever the batch size, at no cost in speed.
+PASS_TOKENS = 8192
+
+
 def _probe_batch(
     model: nn.Module, batch: TeacherForcedBatch, layers, num_cells: int, reducer: Callable[[AnswerRows], Callable]
-) -> tuple[dict, AnswerRows]:
-    """The teacher-forced pass over ``batch`` with ``layers`` probed: what the probe's
-    reduction ``reducer(rows)`` made of each probed layer's q and k, and ``rows``, where the
-    answer queries' rows are."""
+) -> list[tuple[dict, AnswerRows]]:
+    """The teacher-forced pass over ``batch`` with ``layers`` probed, in slices of at most
+    PASS_TOKENS tokens (whole samples, at least one): per slice, what the probe's reduction
+    ``reducer(rows)`` made of each probed layer's q and k, and ``rows``, where that slice's
+    answer queries' rows are. The whole batch is checked before any slice runs."""
     config = model.config
     if isinstance(num_cells, bool) or not isinstance(num_cells, int) or num_cells < 1:
         raise ValueError(f"num_cells must be an int >= 1, got {num_cells!r}")
@@ -223,16 +232,26 @@ def _probe_batch(
     positions, valid = answer_queries(batch.answer_start, batch.answer_length, problems)
     num_heads = config.text_config.num_attention_heads
     rows = AnswerRows(num_heads, positions, valid, image_start, num_cells, batch.attention_mask.bool())
-    captured = probe_once(
-        model,
-        layers,
-        reduce=reducer(rows),
-        input_ids=batch.input_ids,
-        attention_mask=batch.attention_mask,
-        pixel_values=batch.pixel_values,
-        position_ids=position_ids_from_mask(batch.attention_mask),
-    )
-    return captured, rows
+    position_ids = position_ids_from_mask(batch.attention_mask)
+    size, width = batch.input_ids.shape
+    step = max(1, PASS_TOKENS // max(width, 1))
+    passes = []
+    for first in range(0, size, step):
+        part = slice(first, first + step)
+        part_rows = rows._replace(
+            positions=positions[part], valid=valid[part], image_start=image_start[part], mask=rows.mask[part]
+        )
+        captured = probe_once(
+            model,
+            layers,
+            reduce=reducer(part_rows),
+            input_ids=batch.input_ids[part],
+            attention_mask=batch.attention_mask[part],
+            pixel_values=batch.pixel_values[part],
+            position_ids=position_ids[part],
+        )
+        passes.append((captured, part_rows))
+    return passes
 
 
 def _preset_selections(preset: LlavaPreset) -> dict[str, HeadSelection]:
@@ -249,7 +268,14 @@ def _preset_maps(captured: dict, rows: AnswerRows, preset: LlavaPreset) -> Atten
 def attention_maps(model: nn.Module, batch: TeacherForcedBatch, preset: LlavaPreset, num_cells: int) -> AttentionMaps:
     """G and S for a teacher-forced batch (SPEC Stage 1) with the preset's head selections."""
     reducer = functools.partial(_selection_sums, _preset_selections(preset))
-    return _preset_maps(*_probe_batch(model, batch, preset.probed_layers, num_cells, reducer), preset)
+    parts = [
+        _preset_maps(*done, preset) for done in _probe_batch(model, batch, preset.probed_layers, num_cells, reducer)
+    ]
+    return AttentionMaps(
+        grounding=torch.cat([maps.grounding for maps in parts]),
+        sink=torch.cat([maps.sink for maps in parts]),
+        image_start=torch.cat([maps.image_start for maps in parts]),
+    )
 
 
 @torch.no_grad()
@@ -387,6 +413,8 @@ def head_maps(model: nn.Module, batch: TeacherForcedBatch, num_cells: int) -> Te
             _rows_on_image(query, key, every_head, rows) * rows.valid[:, None, :, None]
         ).sum(2)
 
-    captured, rows = _probe_batch(model, batch, layers, num_cells, reducer)
-    queries = rows.valid.sum(1)[:, None, None, None]
-    return (torch.stack([captured[layer] for layer in layers], 1) / queries).float()
+    parts = [
+        torch.stack([captured[layer] for layer in layers], 1) / rows.valid.sum(1)[:, None, None, None]
+        for captured, rows in _probe_batch(model, batch, layers, num_cells, reducer)
+    ]
+    return torch.cat(parts).float()

@@ -17,7 +17,6 @@ from torch import Tensor, nn
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-from transformers.models.llama.modeling_llama import LlamaMLP
 
 from .attention_kernels import without_cudnn_attention
 
@@ -144,71 +143,16 @@ class EarlyExit:
         self.config.num_hidden_layers = self._saved
 
 
-# Tokens per MLP call in a probe's pass (mlp_in_chunks): at 7B a chunk's three
-# 11008-wide intermediates are 270 MB, each matrix product still thousands of rows.
-MLP_CHUNK_TOKENS = 4096
-
-
-@contextlib.contextmanager
-def mlp_in_chunks(model: nn.Module, num_layers: int, tokens: int = MLP_CHUNK_TOKENS):
-    """Context manager: the MLPs of decoder layers [0, num_layers) run on at most
-    ``tokens`` tokens at a time (Llama's MLP, which reads each token alone; other kinds run
-    whole). Without a cache to hold, a forward peaks in the MLP, whose three intermediates
-    are 42 MB a sample at 7B (634 tokens of 11008 values): in chunks that part stops growing
-    with the batch, and the peak moves to the attention's q, k, v and rotary temporaries
-    (benchmarks/bench_label_memory.py)."""
-    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
-        raise ValueError(f"tokens must be an int >= 1, got {tokens!r}")
-    found = (getattr(layer, "mlp", None) for layer in decoder_layers(model)[:num_layers])
-    mlps = list({id(mlp): mlp for mlp in found if isinstance(mlp, LlamaMLP)}.values())  # each once
-    own = [mlp.__dict__.get("forward") for mlp in mlps]  # a forward set on the instance (accelerate's hooks)
-    for mlp in mlps:
-        mlp.forward = _in_chunks(mlp.forward, tokens)
-    try:
-        yield
-    finally:
-        for mlp, forward in zip(mlps, own):
-            if forward is None:
-                del mlp.forward
-            else:
-                mlp.forward = forward
-
-
-def _in_chunks(forward: Callable[[Tensor], Tensor], tokens: int) -> Callable[[Tensor], Tensor]:
-    def chunked(x: Tensor) -> Tensor:
-        flat = x.reshape(-1, x.shape[-1])
-        if flat.shape[0] <= tokens:
-            return forward(x)
-        out = None
-        for start in range(0, flat.shape[0], tokens):
-            part = forward(flat[start : start + tokens])
-            if out is None:
-                out = part.new_empty(flat.shape[0], part.shape[-1])
-            out[start : start + tokens] = part
-        return out.view(*x.shape[:-1], out.shape[-1])
-
-    return chunked
-
-
 @torch.no_grad()
 @without_cudnn_attention()
 def probe_once(
-    model: nn.Module,
-    layers: Iterable[int],
-    reduce: Callable[[int, Tensor, Tensor], Any] | None = None,
-    mlp_chunk_tokens: int | None = MLP_CHUNK_TOKENS,
-    **inputs,
+    model: nn.Module, layers: Iterable[int], reduce: Callable[[int, Tensor, Tensor], Any] | None = None, **inputs
 ) -> dict[int, Any]:
     """One forward of the LLaVA backbone (no LM head), up to the deepest probed layer's
     query and key: each probed layer's (query, key), or ``reduce(layer, query, key)`` (see
     AttentionProbe). A cache passed in ``inputs`` receives the new keys and values of every
-    layer up to that one, as the forward would have left them. The MLPs run on at most
-    ``mlp_chunk_tokens`` tokens at a time (mlp_in_chunks; None: whole)."""
-    probe = AttentionProbe(model, layers, stop=True, reduce=reduce)  # no layer past the deepest runs
-    whole = mlp_chunk_tokens is None
-    upto = probe.layers[-1] if probe.layers else len(decoder_layers(model))  # no layers: the whole forward
-    chunks = contextlib.nullcontext() if whole else mlp_in_chunks(model, upto, mlp_chunk_tokens)
-    with probe, chunks:
+    layer up to that one, as the forward would have left them."""
+    with AttentionProbe(model, layers, stop=True, reduce=reduce) as probe:  # no layer past the deepest runs
         try:
             model.model(**inputs, use_cache=False)
         except ProbeDone:
