@@ -166,6 +166,9 @@ def test_a_batch_beyond_the_pass_tokens_runs_in_slices_with_the_same_maps(tiny, 
         with pytest.raises(ValueError, match=r"answer_start\[2\] = \d+ and answer_length\[2\] = "):
             attention_maps(tiny.model, bad, PRESET, tiny.num_cells)
         assert seen == []
+        empty = dataclasses.replace(batch, **{f.name: getattr(batch, f.name)[:0] for f in dataclasses.fields(batch)})
+        with pytest.raises(ValueError, match="the teacher-forced batch must hold at least one sample, got 0"):
+            attention_maps(tiny.model, empty, PRESET, tiny.num_cells)
     finally:
         hook.remove()
     for field in ("grounding", "sink", "image_start"):

@@ -226,6 +226,8 @@ def _probe_batch(
     config = model.config
     if isinstance(num_cells, bool) or not isinstance(num_cells, int) or num_cells < 1:
         raise ValueError(f"num_cells must be an int >= 1, got {num_cells!r}")
+    if not batch.input_ids.shape[0]:
+        raise ValueError("the teacher-forced batch must hold at least one sample, got 0")
     image_start = image_columns(batch.input_ids, config.image_token_id, num_cells)
     vocab = model.get_input_embeddings().num_embeddings
     problems = _batch_problems(batch, image_start + num_cells, vocab)
