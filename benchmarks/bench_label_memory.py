@@ -7,10 +7,10 @@ side in one run.
 On CUDA the peak is the allocator's; on the CPU the process's peak resident memory (Linux),
 with glibc's mmap threshold fixed low so that a freed tensor leaves it at once. A sample's
 share is the slope between the smallest and the largest batch (with slices, the largest
-batches stop growing). ``--text-layers`` shortens
-the text model to fit a CPU's memory: the widths stay 7B's, the sink heads stay at layer 2
-and the grounding heads move to the last layer (the peak a sample is a layer's working set
-and the probed layers' q and k, whatever the depth).
+batches stop growing). ``--text-layers`` shortens the text model to fit a CPU's memory: the
+widths stay 7B's, the sink heads stay at layer 2 and the grounding heads move to the last
+layer (the peak a sample is a layer's working set and the probed layers' q and k, whatever
+the depth).
 
     python benchmarks/bench_label_memory.py --text-layers 6 --batch-sizes 1 8 16   # CPU: fp32, 10 GB
     python benchmarks/bench_label_memory.py --device cuda --text-layers 32 --batch-sizes 1 32

@@ -233,16 +233,14 @@ def _probe_batch(
     problems = _batch_problems(batch, image_start + num_cells, vocab)
     positions, valid = answer_queries(batch.answer_start, batch.answer_length, problems)
     num_heads = config.text_config.num_attention_heads
-    rows = AnswerRows(num_heads, positions, valid, image_start, num_cells, batch.attention_mask.bool())
+    mask = batch.attention_mask.bool()
     position_ids = position_ids_from_mask(batch.attention_mask)
     size, width = batch.input_ids.shape
     step = max(1, PASS_TOKENS // max(width, 1))
     passes = []
     for first in range(0, size, step):
         part = slice(first, first + step)
-        part_rows = rows._replace(
-            positions=positions[part], valid=valid[part], image_start=image_start[part], mask=rows.mask[part]
-        )
+        part_rows = AnswerRows(num_heads, positions[part], valid[part], image_start[part], num_cells, mask[part])
         captured = probe_once(
             model,
             layers,
