@@ -145,20 +145,29 @@ def test_a_reducing_probe_holds_no_probed_layers_query_or_key(tiny):
 
 
 def test_a_batch_beyond_the_pass_tokens_runs_in_slices_with_the_same_maps(tiny, monkeypatch):
-    """A batch of more than PASS_TOKENS tokens runs in slices of whole samples: the same maps
-    and per-head maps as in one forward, no forward of more samples than fit, and a bad
-    sample in a later slice named by its place in the batch before any slice runs."""
+    """A batch of more than PASS_TOKENS tokens runs in as few slices of whole samples as fit,
+    as even as can be: the same maps and per-head maps as in one forward, no forward of more
+    samples than fit, and a bad sample in a later slice named by its place in the batch
+    before any slice runs."""
     batch = sample_batch(tiny)
-    whole = attention_maps(tiny.model, batch, PRESET, tiny.num_cells)
+    more = sample_batch(tiny, seed=1)  # the same lengths, so the same width
+    five = type(batch)(
+        *(torch.cat([getattr(batch, f.name), getattr(more, f.name)[:2]]) for f in dataclasses.fields(batch))
+    )
+    whole, whole_five = (attention_maps(tiny.model, b, PRESET, tiny.num_cells) for b in (batch, five))
     whole_heads = head_maps(tiny.model, batch, tiny.num_cells)
     width = batch.input_ids.shape[1]
-    monkeypatch.setattr(maps_module, "PASS_TOKENS", 2 * width + 1)  # two samples a forward
     seen = []
     record = lambda _module, _args, kwargs: seen.append(kwargs["input_ids"].shape[0])  # noqa: E731
     hook = tiny.model.model.register_forward_pre_hook(record, with_kwargs=True)
     try:
+        monkeypatch.setattr(maps_module, "PASS_TOKENS", 4 * width + 1)  # four samples a forward
+        sliced_five = attention_maps(tiny.model, five, PRESET, tiny.num_cells)
+        assert seen == [2, 3]  # not 4 + 1
+        seen.clear()
+        monkeypatch.setattr(maps_module, "PASS_TOKENS", 2 * width + 1)  # two samples a forward
         sliced = attention_maps(tiny.model, batch, PRESET, tiny.num_cells)
-        assert seen == [2, 1]
+        assert seen == [1, 2]
         torch.testing.assert_close(head_maps(tiny.model, batch, tiny.num_cells), whole_heads)
         seen.clear()
         bad = dataclasses.replace(batch, answer_length=batch.answer_length.clone())
@@ -173,6 +182,7 @@ def test_a_batch_beyond_the_pass_tokens_runs_in_slices_with_the_same_maps(tiny, 
         hook.remove()
     for field in ("grounding", "sink", "image_start"):
         torch.testing.assert_close(getattr(sliced, field), getattr(whole, field))
+        torch.testing.assert_close(getattr(sliced_five, field), getattr(whole_five, field))
 
 
 def test_maps_match_a_hand_average_of_eager_attention(tiny):
