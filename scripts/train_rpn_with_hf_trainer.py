@@ -23,7 +23,7 @@ from sdrpn.llava.loading import load_llava
 from sdrpn.llava.model_facts import pad_token_id
 from sdrpn.rpn import LabelShardDataset, rpn_for_labels
 from sdrpn.rpn.hf_trainer import RPNForTraining, label_collator
-from sdrpn.rpn.train_config import accumulation_steps
+from sdrpn.rpn.train_config import REFERENCE_EFFECTIVE_BATCH, accumulation_steps
 
 
 def main() -> None:
@@ -35,13 +35,15 @@ def main() -> None:
     parser.add_argument("--depth", type=int, help="default: the labels' preset's, else 3")
     parser.add_argument("--steps", type=int, help="optimiser steps (default: one epoch)")
     parser.add_argument("--batch-size", type=int, default=8, help="per device")
-    parser.add_argument("--effective-batch", type=int, default=512, help="samples per optimiser step")
+    parser.add_argument(
+        "--effective-batch", type=int, default=REFERENCE_EFFECTIVE_BATCH, help="samples per optimiser step"
+    )
     parser.add_argument("--grad-accum", type=int, help="micro-batches per optimiser step (default: derived)")
     parser.add_argument("--lr", type=float, default=5e-5)
     parser.add_argument("--bf16", action="store_true", help="backbone in bf16, RPN under bf16 autocast")
     args = parser.parse_args()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))  # set by accelerate launch and torchrun
-    grad_accum = args.grad_accum or accumulation_steps(args.effective_batch, args.batch_size, world_size)
+    grad_accum = accumulation_steps(args.effective_batch, args.batch_size, world_size, args.grad_accum)
 
     llava, tokenizer = load_llava(args.model, "bf16" if args.bf16 else "fp32")
     rpn = rpn_for_labels(llava, args.labels, branch_layer=args.branch_layer, depth=args.depth)

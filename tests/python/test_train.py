@@ -19,6 +19,7 @@ from sdrpn.labels.folder import LabelFolder
 from sdrpn.llava.backbone import branch_hidden_states
 from sdrpn.llava.loading import load_llava
 from sdrpn.llava.model_facts import model_identity
+from sdrpn.llava.presets import PRESET_FILE
 from sdrpn.rpn.dataset import LabelCollator, LabelShardDataset
 from sdrpn.rpn.for_labels import rpn_for_labels, rpn_settings
 from sdrpn.rpn.model import RegionProposalNetwork, rpn_loss
@@ -198,7 +199,18 @@ def test_the_rpn_learns_the_region(ws, tmp_path):
 
 def test_resume_gives_the_same_weights(ws, tmp_path, caplog):
     whole, part = tmp_path / "whole", tmp_path / "part"
-    common = ("--epochs", "2", "--max-samples", "96", "--save-every", "3", "--grad-accum", "2")
+    common = (
+        "--epochs",
+        "2",
+        "--max-samples",
+        "96",
+        "--save-every",
+        "3",
+        "--grad-accum",
+        "2",
+        "--effective-batch",
+        "32",
+    )
     assert main(train_args(ws, whole, *common)) == 0
     assert main(train_args(ws, part, *common, "--stop-after-steps", "4")) == 0
     assert not (part / "rpn.safetensors").exists()
@@ -218,6 +230,8 @@ def test_resume_gives_the_same_weights(ws, tmp_path, caplog):
                 "1e-4",
                 "--grad-accum",
                 "2",
+                "--effective-batch",
+                "32",
                 "--resume",
             )
         )
@@ -419,6 +433,12 @@ def test_bad_config():
         ValueError, match="effective_batch=512 is not a multiple of batch_size \\* world size = 12 \\* 2"
     ):
         accumulation_steps(512, 12, 2)
+    # grad_accum is the answer; an effective batch other than the default must be the one it makes.
+    assert accumulation_steps(512, 8, 1, grad_accum=2) == accumulation_steps(16, 8, 1, grad_accum=2) == 2
+    with pytest.raises(
+        ValueError, match=r"grad_accum=2 with batch_size=8 on 1 rank\(s\) makes an effective batch of 16"
+    ):
+        accumulation_steps(32, 8, 1, grad_accum=2)
 
 
 # The HF Trainer example as a training script is run: directly, and through accelerate's
@@ -943,6 +963,22 @@ def test_fewer_samples_than_the_effective_batch_are_warned_about(ws, tmp_path, c
     assert not [r for r in caplog.records if "optimiser step" in r.getMessage()]
 
 
+def test_a_run_records_the_effective_batch_it_used_and_refuses_two_that_disagree(ws, tmp_path):
+    """--grad-accum sets the accumulation: train_config.json and the model card record the
+    effective batch it makes, not the default it replaced; an --effective-batch that
+    disagrees with it is refused before anything is written."""
+    out = tmp_path / "run"
+    default = ("--effective-batch", "512")  # train_args passes 16: the last flag counts
+    assert main(train_args(ws, out, *QUICK, *default, "--batch-size", "4", "--grad-accum", "2")) == 0
+    recorded = json.loads((out / "train_config.json").read_text())
+    assert (recorded["effective_batch"], recorded["grad_accum"], recorded["batch_size"]) == (8, 2, 4)
+    assert "| effective_batch | `8` |" in (out / "README.md").read_text()
+    refused = tmp_path / "refused"
+    with pytest.raises(ValueError, match="makes an effective batch of 8, not effective_batch=16: pass one of the two"):
+        main(train_args(ws, refused, *QUICK, "--batch-size", "4", "--grad-accum", "2"))
+    assert not refused.exists() or not os.listdir(refused)
+
+
 def test_held_out_samples_that_were_skipped_are_counted(ws, tmp_path, caplog):
     """Metrics over a held-out split that lost its images say so, instead of reading as
     the figures of the whole split."""
@@ -959,7 +995,7 @@ def test_held_out_samples_that_were_skipped_are_counted(ws, tmp_path, caplog):
     assert "epoch 0 held-out: skipped 3 samples (3 image missing)" in caplog.text
 
 
-def test_rpn_for_labels_takes_the_labels_settings_and_refuses_a_zero_branch_layer(ws):
+def test_rpn_for_labels_takes_the_labels_settings_and_refuses_a_zero_branch_layer(ws, tmp_path):
     model, _ = load_llava(str(ws / "model"), "fp32")
     rpn = rpn_for_labels(model, str(ws / "labels"), branch_layer=1, depth=2)
     labels = LabelFolder(str(ws / "labels")).config
@@ -967,6 +1003,15 @@ def test_rpn_for_labels_takes_the_labels_settings_and_refuses_a_zero_branch_laye
     assert (rpn.config.prompt_template, rpn.config.preprocessing) == (labels.prompt_template, "pad")
     with pytest.raises(ValueError, match="got K=0, depth=2"):  # 0 is a value, not "the preset's"
         rpn_for_labels(model, str(ws / "labels"), branch_layer=0, depth=2)
-    # Labels that record no preset (converted from the reference's pickles): SPEC's K=15, T=3.
+    # Labels that record no preset (converted from the reference's pickles), on a model
+    # without one of its own and of no LLaVA-1.5 depth: SPEC's K=15, T=3.
     settings = rpn_settings(model, str(ws / "labels"))
     assert (settings["branch_layer"], settings["depth"], settings["preset"]) == (15, 3, None)
+    # A model folder with its own preset: that one, as "auto" (the label job's default) takes it.
+    (tmp_path / PRESET_FILE).write_text(
+        json.dumps({"name": "own", "grounding": [[1, 0]], "sink": [[0, None]], "branch_layer": 1, "depth": 2})
+    )
+    model.config._name_or_path = str(tmp_path)
+    for preset in (None, "auto"):
+        settings = rpn_settings(model, str(ws / "labels"), preset=preset)
+        assert (settings["branch_layer"], settings["depth"], settings["preset"]) == (1, 2, "own")

@@ -226,24 +226,24 @@ def get_preset(name: str, *, auto: bool = False) -> LlavaPreset:
     raise ValueError(f"preset must be one of {sorted(PRESETS)}{also} or a JSON file, got {name!r}")
 
 
+def model_preset(model) -> LlavaPreset | None:
+    """A loaded model's own preset ("auto"): its folder's PRESET_FILE, else the LLaVA-1.5
+    preset of its depth, else None. Not checked against the model."""
+    own = os.path.join(getattr(model.config, "_name_or_path", "") or "", PRESET_FILE)
+    if os.path.isfile(own):
+        return get_preset(own)
+    return _BY_LAYERS.get(model.config.get_text_config().num_hidden_layers)
+
+
 def resolve_preset(name: str | None, model) -> LlavaPreset:
     """The preset to use with a loaded model: the named one, or for None / "auto" the
-    model folder's own PRESET_FILE, else the LLaVA-1.5 preset of its depth. Checked against
-    the model either way."""
-    if name not in (None, "auto"):
-        preset = get_preset(name, auto=True)
-    else:
+    model's own (model_preset). Checked against the model either way."""
+    preset = get_preset(name, auto=True) if name not in (None, "auto") else model_preset(model)
+    if preset is None:
         folder = getattr(model.config, "_name_or_path", "") or ""
-        own = os.path.join(folder, PRESET_FILE)
-        layers = model.config.get_text_config().num_hidden_layers
-        if os.path.isfile(own):
-            preset = get_preset(own)
-        elif layers in _BY_LAYERS:
-            preset = _BY_LAYERS[layers]
-        else:
-            raise ValueError(
-                f"no preset for a model with {layers} decoder layers and no {PRESET_FILE} in "
-                f"{folder!r}: pass --preset (a name among {sorted(PRESETS)} or a JSON file)"
-            )
+        raise ValueError(
+            f"no preset for a model with {model.config.get_text_config().num_hidden_layers} decoder layers and no "
+            f"{PRESET_FILE} in {folder!r}: pass --preset (a name among {sorted(PRESETS)} or a JSON file)"
+        )
     preset.check_fits(model.config)
     return preset

@@ -11,7 +11,7 @@ from torch import nn
 from ..labels.folder import LabelFolder
 from ..llava.geometry import model_grid
 from ..llava.model_facts import fingerprints_match, model_identity, same_model_name
-from ..llava.presets import get_preset, preset_from_dict
+from ..llava.presets import get_preset, model_preset, preset_from_dict
 from ..options import RoiOptions
 from .model import RegionProposalNetwork
 
@@ -81,17 +81,21 @@ def rpn_settings(
     roi_overrides: dict | None = None,
 ) -> dict:
     """``RegionProposalNetwork.from_llava``'s arguments for an RPN trained on the labels in
-    ``labels``: the preset's branch layer, depth and RoI options (``preset`` if given, else
-    the one the labels record, else 15, 3 and SPEC's RoI defaults), any of which the other
+    ``labels``: the preset's branch layer, depth and RoI options (``preset`` if given, a name,
+    a JSON file or "auto"; else the one the labels record; else, as for "auto", the model
+    folder's own or the LLaVA-1.5 preset of its depth; else 15, 3 and SPEC's RoI defaults),
+    any of which the other
     arguments override, and the labels' prompt template and preprocessing, so that the RPN
     prompts at inference as its labels were made. Refuses labels made by another base model."""
     config = LabelFolder(labels).config
     check_labels_base_model(labels, config.model, model)
     check_labels_fit(labels, config, model)
-    if preset is not None:
-        chosen = get_preset(preset)
-    else:
-        chosen = preset_from_dict(config.preset) if config.preset else None
+    if preset not in (None, "auto"):
+        chosen = get_preset(preset, auto=True)
+    elif preset is None and config.preset:
+        chosen = preset_from_dict(config.preset)
+    else:  # "auto", or labels that record none (converted from the reference's pickles)
+        chosen = model_preset(model)
     if chosen is not None:
         chosen.check_fits(model.config)
     return {

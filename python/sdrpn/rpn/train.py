@@ -203,7 +203,8 @@ class RPNTrainer:
             roi_overrides=roi_overrides,
         )  # fmt: skip
         self.branch_layer = self.rpn_settings["branch_layer"]
-        self.grad_accum = cfg.grad_accum or accumulation_steps(cfg.effective_batch, cfg.batch_size, world_size)
+        self.grad_accum = accumulation_steps(cfg.effective_batch, cfg.batch_size, world_size, cfg.grad_accum)
+        self.effective_batch = cfg.batch_size * self.grad_accum * world_size  # the one used, whichever was given
 
     def _autocast(self):
         if self.cfg.bf16:
@@ -381,7 +382,8 @@ class RPNTrainer:
         if self.rank == 0:
             card = {"metrics": metrics or None, "training": self._card_settings(len(train_set))}
             rpn.save_pretrained(cfg.out, model_card_kwargs=card)
-            write_json(os.path.join(cfg.out, TRAIN_CONFIG_NAME), cfg.to_dict())
+            used = {"effective_batch": self.effective_batch, "grad_accum": self.grad_accum}
+            write_json(os.path.join(cfg.out, TRAIN_CONFIG_NAME), {**cfg.to_dict(), **used})
         return metrics
 
     def _card_settings(self, train_size: int) -> dict:
@@ -390,7 +392,7 @@ class RPNTrainer:
         run_only = {"labels", "out", "image_folder", "resume", "save_every", "keep_checkpoints", "num_workers"}
         settings = {"labels": os.path.basename(os.path.normpath(cfg.labels)), "train_samples": train_size}
         settings.update((k, v) for k, v in cfg.to_dict().items() if k not in run_only and v is not None)
-        settings.update(world_size=self.world, grad_accum=self.grad_accum)
+        settings.update(world_size=self.world, grad_accum=self.grad_accum, effective_batch=self.effective_batch)
         return settings
 
     def _metrics_path(self, epoch: int) -> str:

@@ -10,6 +10,9 @@ from dataclasses import dataclass
 from ..labels.folder import LabelFolderConfig
 from ..options import Options, changes_and_moves, option, require_at_least
 
+# The reference's effective batch: 8 per GPU x 16 accumulation x 4 GPUs.
+REFERENCE_EFFECTIVE_BATCH = 512
+
 
 @dataclass
 class TrainConfig(Options):
@@ -18,7 +21,12 @@ class TrainConfig(Options):
     labels: str = option(None, "label folder of sdrpn label / convert-labels", required=True, path=True)
     out: str = option(None, "output folder: the RPN, checkpoints and metrics", required=True, path=True)
     image_folder: str | None = option(None, "image folder (default: the one the labels record)", path=True)
-    preset: str | None = option(None, "preset name or JSON file (default: the one the labels record)", path=True)
+    preset: str | None = option(
+        None,
+        "preset name, JSON file or 'auto' (the model folder's sdrpn_preset.json, else the LLaVA-1.5 preset of "
+        "its depth) (default: the one the labels record, else 'auto')",
+        path=True,
+    )
     branch_layer: int | None = option(
         None, "K: the RPN reads the hidden states entering layer K (default: the preset's)"
     )
@@ -27,11 +35,13 @@ class TrainConfig(Options):
     lr: float = option(5e-5, "peak learning rate")
     batch_size: int = option(8, "samples per micro-batch and rank")
     effective_batch: int = option(
-        512,
+        REFERENCE_EFFECTIVE_BATCH,
         "samples per optimiser step over all ranks; accumulation = effective_batch / (batch_size * "
         "world size). The reference's: 8 per GPU x 16 accumulation x 4 GPUs",
     )
-    grad_accum: int | None = option(None, "micro-batches per optimiser step, instead of deriving it")
+    grad_accum: int | None = option(
+        None, "micro-batches per optimiser step, instead of deriving it (effective_batch then left as is or agreeing)"
+    )
     max_samples: int | None = option(None, "train on a seeded random subset of this many samples")
     bf16: bool = option(False, "backbone in bf16, RPN under bf16 autocast")
     gradient_checkpointing: bool = option(False, "recompute the RPN's layers in the backward pass")
@@ -114,10 +124,19 @@ def as_recorded_now(recorded: dict, labels: LabelFolderConfig) -> dict:
     return recorded
 
 
-def accumulation_steps(effective_batch: int, batch_size: int, world_size: int) -> int:
+def accumulation_steps(effective_batch: int, batch_size: int, world_size: int, grad_accum: int | None = None) -> int:
     """Micro-batches per optimiser step that make the effective batch; refuses one that the
-    per-rank batch and the world size do not divide."""
+    per-rank batch and the world size do not divide. ``grad_accum``, where given, is the
+    answer, and an effective batch other than the default must then be the one it makes."""
     per_step = batch_size * world_size
+    if grad_accum is not None:
+        made = grad_accum * per_step
+        if effective_batch not in (made, REFERENCE_EFFECTIVE_BATCH):
+            raise ValueError(
+                f"grad_accum={grad_accum} with batch_size={batch_size} on {world_size} rank(s) makes an effective "
+                f"batch of {made}, not effective_batch={effective_batch}: pass one of the two"
+            )
+        return grad_accum
     if effective_batch % per_step:
         raise ValueError(
             f"effective_batch={effective_batch} is not a multiple of batch_size * world size = "
