@@ -192,7 +192,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     label.add_argument("--batch-size", type=positive_int, default=8, help="(default: %(default)s)")
     label.add_argument("--limit", type=positive_int, default=None, help="only the first N entries")
-    label.add_argument("--shard-size", type=positive_int, default=1000, help="(default: %(default)s)")
+    label.add_argument(
+        "--shard-size",
+        type=positive_int,
+        default=1000,
+        help="samples a shard holds at least: it closes after the batch that reaches this (default: %(default)s)",
+    )
     label.add_argument(
         "--workers", type=non_negative_int, default=DEFAULT_WORKERS, help=WORKERS_HELP + " (default: %(default)s)"
     )
@@ -538,7 +543,7 @@ LLAVA_EXTRA = ("transformers", "accelerate", "tokenizers", "huggingface_hub")
 
 # What an interrupted command has kept, and how to go on.
 RESUME_HINTS = {
-    "label": "the finished shards are kept: rerun the same command to go on",
+    "label": "every shard finished so far is kept: rerun the same command to go on",
     "infer": "with --data, the answers written so far are kept: rerun the same command to go on",
     "train": "the checkpoints are kept: rerun with --resume to go on from the last one",
     "train-base": "the checkpoints are kept: rerun with --resume to go on from the last one",
@@ -589,8 +594,16 @@ def entry(argv: list[str] | None = None) -> int:
     return run_command(main, "sdrpn", argv)
 
 
-def main(argv: list[str] | None = None) -> int:
+def configure_logging() -> None:
+    """INFO and up on stderr as "LEVEL name: message", each record once: huggingface_hub's
+    loggers print through a handler of their own and also reached the root's, so each of its
+    warnings (a Hub retry, say) came twice."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("huggingface_hub").propagate = False  # its own handler prints them
+
+
+def main(argv: list[str] | None = None) -> int:
+    configure_logging()
     args = build_parser().parse_args(argv)
     if args.command == "label-demo":
         from .labels.demo import LabelDemoConfig, run_label_demo, summary_line

@@ -5,8 +5,11 @@ shipped synthetic model, an RPN built on it and two of its images; "ops", "label
 (a LLaVA-1.5-7B-shaped model of tiny width stands in for the 7B); a name with "(not run: ...)"
 says why it is not run."""
 
+import json
 import os
 import re
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -139,3 +142,20 @@ def test_train_step_example(llava_7b_shaped):
     }
     loss = run("train-step", **names)["loss"]
     assert loss.ndim == 0 and torch.isfinite(loss) and loss.requires_grad
+
+
+def test_the_synthetic_stages_by_hand_run_as_written(tmp_path):
+    """The shell block of the synthetic task's stages, with fewer images and one epoch: each
+    command runs, and the answers file holds an answer per test question."""
+    with open(README) as f:
+        block = re.search(r"<!-- example: synth-stages -->\n```sh\n(.*?)```", f.read(), re.S).group(1)
+    small = (
+        block.replace("'train', 300", "'train', 48")
+        .replace("'test', 40", "'test', 4")
+        .replace("--epochs 3", "--epochs 1")
+    )
+    assert small != block
+    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"], OMP_NUM_THREADS="1")
+    subprocess.run(["bash", "-euo", "pipefail", "-c", small], cwd=tmp_path, env=env, check=True, capture_output=True)
+    with open(tmp_path / "answers.jsonl") as f:
+        assert [json.loads(line)["index"] for line in f] == [0, 1, 2, 3]

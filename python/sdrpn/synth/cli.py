@@ -1,11 +1,11 @@
-"""`sdrpn-synth`: the synthetic fine-detail task's own commands (train the stand-in base
-model, score it). The SD-RPN pipeline on top of it runs through `sdrpn` itself."""
+"""`sdrpn-synth`: the synthetic fine-detail task's own commands: train the stand-in base
+model, score it, and `run`, SD-RPN on the task end to end (labels, RPN training and
+evaluation through `sdrpn`'s own stages)."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import time
 
@@ -14,6 +14,7 @@ import torch
 from ..cli import (
     Parser,
     check_output_kind,
+    configure_logging,
     device_arg,
     non_negative_int,
     number_in,
@@ -201,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "eval-base":
         check_output_kind(args.json, "--json", folder=False)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # batch-making processes fork
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    configure_logging()
     if args.command == "train-base":
         from .train_base import BaseTrainConfig, BaseTrainer
 
