@@ -19,6 +19,7 @@ import os
 
 from transformers import Trainer, TrainingArguments
 
+from sdrpn.cli import positive_int
 from sdrpn.llava.loading import load_llava
 from sdrpn.llava.model_facts import pad_token_id
 from sdrpn.rpn import LabelShardDataset, rpn_for_labels
@@ -31,14 +32,14 @@ def main() -> None:
     parser.add_argument("--model", required=True)
     parser.add_argument("--labels", required=True)
     parser.add_argument("--out", required=True)
-    parser.add_argument("--branch-layer", type=int, help="default: the labels' preset's, else 15")
-    parser.add_argument("--depth", type=int, help="default: the labels' preset's, else 3")
+    parser.add_argument("--branch-layer", type=int, help="default: the labels' preset's, else the model's own, else 15")
+    parser.add_argument("--depth", type=int, help="default: the labels' preset's, else the model's own, else 3")
     parser.add_argument("--steps", type=int, help="optimiser steps (default: one epoch)")
-    parser.add_argument("--batch-size", type=int, default=8, help="per device")
+    parser.add_argument("--batch-size", type=positive_int, default=8, help="per device")
     parser.add_argument(
-        "--effective-batch", type=int, default=REFERENCE_EFFECTIVE_BATCH, help="samples per optimiser step"
+        "--effective-batch", type=positive_int, default=REFERENCE_EFFECTIVE_BATCH, help="samples per optimiser step"
     )
-    parser.add_argument("--grad-accum", type=int, help="micro-batches per optimiser step (default: derived)")
+    parser.add_argument("--grad-accum", type=positive_int, help="micro-batches per optimiser step (default: derived)")
     parser.add_argument("--lr", type=float, default=5e-5)
     parser.add_argument("--bf16", action="store_true", help="backbone in bf16, RPN under bf16 autocast")
     args = parser.parse_args()

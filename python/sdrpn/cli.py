@@ -196,7 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--shard-size",
         type=positive_int,
         default=1000,
-        help="samples a shard holds at least: it closes after the batch that reaches this (default: %(default)s)",
+        help="samples a shard holds at least (the last may hold fewer): it closes after the batch that reaches "
+        "this (default: %(default)s)",
     )
     label.add_argument(
         "--workers", type=non_negative_int, default=DEFAULT_WORKERS, help=WORKERS_HELP + " (default: %(default)s)"
@@ -595,11 +596,17 @@ def entry(argv: list[str] | None = None) -> int:
 
 
 def configure_logging() -> None:
-    """INFO and up on stderr as "LEVEL name: message", each record once: huggingface_hub's
-    loggers print through a handler of their own and also reached the root's, so each of its
-    warnings (a Hub retry, say) came twice."""
+    """INFO and up on stderr as "LEVEL name: message", each record once: huggingface_hub
+    gives its loggers a stderr handler of their own on import, and they also reach the
+    root's, so each of its warnings (a Hub retry, say) came twice, once bare."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("huggingface_hub").propagate = False  # its own handler prints them
+    try:
+        import huggingface_hub.utils.logging  # noqa: F401  (adds that handler: 0.07 s)
+    except ImportError:  # without the llava extra nothing reaches the Hub
+        return
+    hub = logging.getLogger("huggingface_hub")
+    for handler in list(hub.handlers):
+        hub.removeHandler(handler)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -148,14 +148,18 @@ def test_the_synthetic_stages_by_hand_run_as_written(tmp_path):
     """The shell block of the synthetic task's stages, with fewer images and one epoch: each
     command runs, and the answers file holds an answer per test question."""
     with open(README) as f:
-        block = re.search(r"<!-- example: synth-stages -->\n```sh\n(.*?)```", f.read(), re.S).group(1)
-    small = (
-        block.replace("'train', 300", "'train', 48")
-        .replace("'test', 40", "'test', 4")
-        .replace("--epochs 3", "--epochs 1")
-    )
-    assert small != block
+        small = re.search(r"<!-- example: synth-stages -->\n```sh\n(.*?)```", f.read(), re.S).group(1)
+    for as_written, smaller in (
+        ("'train', 300", "'train', 48"),
+        ("'test', 40", "'test', 4"),
+        ("--epochs 3", "--epochs 1"),
+    ):
+        assert as_written in small, as_written
+        small = small.replace(as_written, smaller)
     env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"], OMP_NUM_THREADS="1")
-    subprocess.run(["bash", "-euo", "pipefail", "-c", small], cwd=tmp_path, env=env, check=True, capture_output=True)
+    done = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", small], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
     with open(tmp_path / "answers.jsonl") as f:
         assert [json.loads(line)["index"] for line in f] == [0, 1, 2, 3]

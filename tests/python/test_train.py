@@ -254,7 +254,7 @@ def test_resume_gives_the_same_weights(ws, tmp_path, caplog):
             path.write_text(json.dumps(state))
 
     record_world_size(2)
-    with pytest.raises(ValueError, match=r"other settings \(world_size: 2 -> 1\)"):
+    with pytest.raises(ValueError, match=r"other settings \(effective_batch: 64 -> 32; world_size: 2 -> 1\)"):
         main(train_args(ws, part, *common, "--resume"))
     record_world_size(1)
     # What a kill left half-written at the root goes; another program's temporary stays.
@@ -573,6 +573,16 @@ def test_settings_a_checkpoint_does_not_record_are_not_compared(tmp_path):
     labels = LabelFolderConfig(options=LabelOptions())
     assert as_recorded_now({}, labels) == {}
     assert as_recorded_now({"lr": 1.0, "label_config": None}, labels) == {"lr": 1.0, "label_config": None}
+    # Before the effective batch used was recorded, a run with grad_accum recorded the flag's
+    # value beside it: it compares as the batch the run used, so the same accumulation resumes.
+    old = {**cfg.recorded(), "batch_size": 16, "effective_batch": 16, "grad_accum": 2, "world_size": 1}
+    now = TrainConfig(labels=cfg.labels, out=cfg.out, batch_size=16, grad_accum=2)  # effective_batch left at 512
+    assert now.differences(as_recorded_now(old, labels), world_size=1, effective_batch=32) == ([], [])
+    assert now.differences(as_recorded_now(old, labels), world_size=1, effective_batch=64)[0] == [
+        "effective_batch: 32 -> 64"
+    ]
+    # The RPN's layers, whichever preset gave them, are compared where a checkpoint records them.
+    assert now.differences({"rpn_layers": [15, 3]}, rpn_layers=[1, 2])[0] == ["rpn_layers: [15, 3] -> [1, 2]"]
 
 
 def test_checkpoints_of_earlier_versions_resume_in_place(ws, tmp_path, caplog):
@@ -955,7 +965,7 @@ def test_fewer_samples_than_the_effective_batch_are_warned_about(ws, tmp_path, c
     warned = [r.getMessage() for r in caplog.records if "optimiser step" in r.getMessage()]
     assert warned == [
         "32 training samples make one optimiser step of 32 samples per epoch, not the 64 the effective batch "
-        "asks for (steps in all: 1): lower --effective-batch for more steps"
+        "asks for (steps in all: 1): lower --effective-batch (or --grad-accum) for more steps"
     ]
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="sdrpn.rpn.train"):
@@ -1015,3 +1025,16 @@ def test_rpn_for_labels_takes_the_labels_settings_and_refuses_a_zero_branch_laye
     for preset in (None, "auto"):
         settings = rpn_settings(model, str(ws / "labels"), preset=preset)
         assert (settings["branch_layer"], settings["depth"], settings["preset"]) == (1, 2, "own")
+    # One that does not fit the model: refused where named ("auto"), SPEC's K and T where
+    # the labels name none (a preset taken by depth alone may be another model's).
+    (tmp_path / PRESET_FILE).write_text(
+        json.dumps({"name": "own", "grounding": [[1, 99]], "sink": [[0, None]], "branch_layer": 1, "depth": 2})
+    )
+    with pytest.raises(ValueError, match="preset 'own': head 99 of layer 1"):
+        rpn_settings(model, str(ws / "labels"), preset="auto")
+    settings = rpn_settings(model, str(ws / "labels"))
+    assert (settings["branch_layer"], settings["depth"], settings["preset"]) == (15, 3, None)
+    # "auto" on a model with no preset of its own and of no LLaVA-1.5 depth: refused, as the label job does.
+    model.config._name_or_path = str(ws / "model")
+    with pytest.raises(ValueError, match="no preset for a model with 4 decoder layers"):
+        rpn_settings(model, str(ws / "labels"), preset="auto")

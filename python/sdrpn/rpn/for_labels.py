@@ -11,7 +11,7 @@ from torch import nn
 from ..labels.folder import LabelFolder
 from ..llava.geometry import model_grid
 from ..llava.model_facts import fingerprints_match, model_identity, same_model_name
-from ..llava.presets import get_preset, model_preset, preset_from_dict
+from ..llava.presets import LlavaPreset, model_preset, preset_from_dict, resolve_preset
 from ..options import RoiOptions
 from .model import RegionProposalNetwork
 
@@ -71,6 +71,20 @@ def check_labels_fit(labels: str, config, model: nn.Module) -> None:
         )
 
 
+def _fitting(preset: LlavaPreset | None, model: nn.Module) -> LlavaPreset | None:
+    """The model's own preset for labels that name none, where it fits the model: a preset
+    taken by the model's depth alone may not (another 32-layer model), and what training
+    takes of it (the branch layer, depth and RoI options) then falls back to SPEC's."""
+    if preset is None:
+        return None
+    try:
+        preset.check_fits(model.config)
+    except ValueError as err:
+        log.info("the labels record no preset and the model's own does not fit it (%s): SPEC's K=15, T=3", err)
+        return None
+    return preset
+
+
 def rpn_settings(
     model: nn.Module,
     labels: str,
@@ -82,22 +96,21 @@ def rpn_settings(
 ) -> dict:
     """``RegionProposalNetwork.from_llava``'s arguments for an RPN trained on the labels in
     ``labels``: the preset's branch layer, depth and RoI options (``preset`` if given, a name,
-    a JSON file or "auto"; else the one the labels record; else, as for "auto", the model
-    folder's own or the LLaVA-1.5 preset of its depth; else 15, 3 and SPEC's RoI defaults),
-    any of which the other
+    a JSON file or "auto" as ``resolve_preset`` takes them; else the one the labels record;
+    else the model's own, its folder's or the LLaVA-1.5 preset of its depth, where it fits;
+    else 15, 3 and SPEC's RoI defaults), any of which the other
     arguments override, and the labels' prompt template and preprocessing, so that the RPN
     prompts at inference as its labels were made. Refuses labels made by another base model."""
     config = LabelFolder(labels).config
     check_labels_base_model(labels, config.model, model)
     check_labels_fit(labels, config, model)
-    if preset not in (None, "auto"):
-        chosen = get_preset(preset, auto=True)
-    elif preset is None and config.preset:
+    if preset is not None:  # a name, a file or "auto", as `sdrpn label` takes them
+        chosen = resolve_preset(preset, model)
+    elif config.preset:
         chosen = preset_from_dict(config.preset)
-    else:  # "auto", or labels that record none (converted from the reference's pickles)
-        chosen = model_preset(model)
-    if chosen is not None:
         chosen.check_fits(model.config)
+    else:  # labels that record none (converted from the reference's pickles)
+        chosen = _fitting(model_preset(model), model)
     return {
         "branch_layer": branch_layer if branch_layer is not None else (chosen.branch_layer if chosen else 15),
         "depth": depth if depth is not None else (chosen.depth if chosen else 3),

@@ -260,7 +260,8 @@ class RPNTrainer:
         if train_size < per_step and self.rank == 0:  # e.g. a smoke test left at the default 512
             log.warning(
                 "%d training samples make one optimiser step of %d samples per epoch, not the %d the "
-                "effective batch asks for (steps in all: %d): lower --effective-batch for more steps",
+                "effective batch asks for (steps in all: %d): lower --effective-batch (or --grad-accum) for more "
+                "steps",
                 train_size,
                 train_size // self.world * self.world,
                 per_step,
@@ -298,6 +299,10 @@ class RPNTrainer:
         # and which samples the steps walk.
         facts = {
             "world_size": self.world,  # another splits the samples and the effective batch otherwise
+            "effective_batch": self.effective_batch,  # the one used, whichever flag made it
+            # The layers the RPN copies, from whichever preset gave them: a model folder's own
+            # preset may differ from the one a run began with.
+            "rpn_layers": [self.rpn_settings["branch_layer"], self.rpn_settings["depth"]],
             "label_config": json.loads(json.dumps(train_set.config.without_paths())),
             "image_folder": os.path.realpath(train_set.image_folder),  # the one used, named or not
         }

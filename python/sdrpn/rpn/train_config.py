@@ -24,7 +24,7 @@ class TrainConfig(Options):
     preset: str | None = option(
         None,
         "preset name, JSON file or 'auto' (the model folder's sdrpn_preset.json, else the LLaVA-1.5 preset of "
-        "its depth) (default: the one the labels record, else 'auto')",
+        "its depth) (default: the one the labels record, else the model's own where it fits, else K=15, T=3)",
         path=True,
     )
     branch_layer: int | None = option(
@@ -114,9 +114,13 @@ class TrainConfig(Options):
 
 def as_recorded_now(recorded: dict, labels: LabelFolderConfig) -> dict:
     """A checkpoint's settings as this version records them: an image folder left unnamed
-    (null) was the labels' own, and a label config recorded with its inputs' paths is
-    compared without them."""
+    (null) was the labels' own, a label config recorded with its inputs' paths is compared
+    without them, and the effective batch is the one used (grad_accum made it, whatever
+    effective_batch was recorded beside it)."""
     recorded = dict(recorded)
+    made_of = [recorded.get(k) for k in ("grad_accum", "batch_size", "world_size")]
+    if all(isinstance(v, int) for v in made_of):
+        recorded["effective_batch"] = made_of[0] * made_of[1] * made_of[2]
     if "image_folder" in recorded and recorded["image_folder"] is None and labels.image_folder:
         recorded["image_folder"] = os.path.realpath(labels.image_folder)
     if isinstance(recorded.get("label_config"), dict):
