@@ -7,6 +7,7 @@
 # The full-size run behind the README's numbers: python -m sdrpn.synth run --out outputs/synth
 set -euo pipefail
 cd "$(dirname "$0")/.."
+echo "demo: checking the environment (a first run installs it: several minutes)" >&2
 SDRPN_EVAL=${SDRPN_EVAL:-0} scripts/setup.sh >/dev/null  # the demo needs no lmms-eval
 source "${SDRPN_VENV:-.venv}/bin/activate"
 python -m sdrpn.synth run --out outputs/demo --train-count 1000 --test-count 96 --rpn-epochs 3 \
