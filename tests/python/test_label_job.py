@@ -552,6 +552,17 @@ def test_resume_refuses_a_data_file_edited_in_place(workspace, tmp_path):
     assert json.loads((out / "label_config.json").read_text())["data_sha256"]
 
 
+def test_a_data_file_of_no_samples_or_no_json_is_refused_before_the_folder_is_written(workspace, tmp_path):
+    data, out = tmp_path / "data.json", tmp_path / "labels"
+    for text, message in (("[]", "holds no samples \\(an empty list\\)"), ('[{"id": 1', "is not a JSON file")):
+        data.write_text(text)
+        with pytest.raises(ValueError, match=f"--data {data} {message}"):
+            run_label(workspace, out, "--answers", "given", "--data", str(data))
+        assert not (out / "label_config.json").exists()
+    data.write_text((workspace / "data.json").read_text())  # the fixed file goes on
+    assert run_label(workspace, out, "--answers", "given", "--data", str(data), "--limit", "2") == 0
+
+
 def test_resume_refuses_another_number_of_ranks(workspace, tmp_path):
     # Each rank resumes its own share (index % world size): another count would label twice or never.
     from dataclasses import replace

@@ -267,8 +267,8 @@ class LabelJob:
 
     def _run(self) -> dict:
         cfg = self.cfg
+        entries = load_entries(cfg.data)  # a file that is no data list is refused before the folder is written
         self.folder.start(self.folder_config(), record=cfg.rank == 0)
-        entries = load_entries(cfg.data)
         if cfg.limit is not None:
             entries = entries[: cfg.limit]
         markers = self.folder.done_markers(cfg.rank)

@@ -79,6 +79,8 @@ def load_entries(path: str) -> list:
         raise ValueError(f"--data {path} is not a JSON file ({err})") from None
     if not isinstance(data, list):
         raise ValueError(f"--data must hold a JSON list of samples, got {type(data).__name__}")
+    if not data:
+        raise ValueError(f"--data {path} holds no samples (an empty list)")
     return data
 
 
