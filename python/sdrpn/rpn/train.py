@@ -256,7 +256,7 @@ class RPNTrainer:
         optimizer = torch.optim.AdamW(rpn.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
         micro_per_epoch = math.ceil(train_size // self.world / cfg.batch_size)
         total = math.ceil(micro_per_epoch / self.grad_accum) * cfg.epochs
-        per_step = cfg.batch_size * self.grad_accum * self.world
+        per_step = self.effective_batch
         if train_size < per_step and self.rank == 0:  # e.g. a smoke test left at the default 512
             log.warning(
                 "%d training samples make one optimiser step of %d samples per epoch, not the %d the "
