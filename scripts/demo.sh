@@ -6,14 +6,27 @@
 #   scripts/demo.sh [--out DIR] [--train-count N] [--test-count N] [--rpn-epochs N] [--device cuda]
 # The full-size run behind the README's numbers: python -m sdrpn.synth run --out outputs/synth
 set -euo pipefail
+# A relative --out names a folder under the directory the demo was started from, as any
+# command's would, though the demo runs from the repository root.
+caller=$PWD
+args=("$@")
+for ((i = 0; i < ${#args[@]}; i++)); do
+  case ${args[i]} in
+  --out)
+    if ((i + 1 < ${#args[@]})) && [[ -n ${args[i + 1]} && ${args[i + 1]} != /* ]]; then
+      args[i + 1]=$caller/${args[i + 1]}
+    fi
+    ;;
+  --out=?*) [[ ${args[i]} == --out=/* ]] || args[i]=--out=$caller/${args[i]#--out=} ;;
+  esac
+done
 cd "$(dirname "$0")/.."
 echo "demo: checking the environment (a first run installs it: several minutes)" >&2
 SDRPN_EVAL=${SDRPN_EVAL:-0} scripts/setup.sh >/dev/null  # the demo needs no lmms-eval
 source "${SDRPN_VENV:-.venv}/bin/activate"
 python -m sdrpn.synth run --out outputs/demo --train-count 1000 --test-count 96 --rpn-epochs 3 \
-  --title "SD-RPN demo: the synthetic fine-detail task" "$@"
+  --title "SD-RPN demo: the synthetic fine-detail task" "${args[@]}"
 out=outputs/demo  # where the run wrote: the last --out given, as argparse takes it
-args=("$@")
 for ((i = 0; i < ${#args[@]}; i++)); do
   case ${args[i]} in
   --out) out=${args[i + 1]:-$out} ;;
