@@ -156,6 +156,26 @@ def test_infer_cli_whole_file_is_resumable(infer_ws, tmp_path, capsys):
         infer_cli(infer_ws)
 
 
+def test_a_resumed_file_counts_its_earlier_rows_from_the_start(infer_ws, tmp_path, monkeypatch):
+    """The progress line's rate and time left are this run's: the rows an earlier run wrote
+    start the count rather than being counted as answered in no time."""
+    import sdrpn.infer.job as job
+    from sdrpn.progress import LogProgress
+
+    bars = []
+
+    def recorded(**kwargs):
+        bars.append(LogProgress(**kwargs))
+        return bars[-1]
+
+    monkeypatch.setattr(job, "show_progress", recorded)
+    data = ("--data", str(infer_ws / "data.json"), "--image-folder", str(infer_ws / "images"))
+    data += ("--out", str(tmp_path / "answers.jsonl"))
+    assert infer_cli(infer_ws, *data, "--limit", "3") == 0  # q0 answered, "gone" skipped, q1 answered
+    assert infer_cli(infer_ws, *data, "--limit", "4") == 0
+    assert (bars[1].total, bars[1].first, bars[1].n) == (4, 2, 4)  # 2 done before, 1 skipped, 1 answered
+
+
 def test_edited_or_damaged_answer_files_are_answered_again_or_refused(infer_ws, tmp_path, caplog):
     import json
 

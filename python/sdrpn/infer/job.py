@@ -190,9 +190,10 @@ def _answer_file(pipe: SDRPNLlava, cfg: InferFileConfig, own: str) -> dict:
     skipped: Counter = Counter()
     answered = 0
     pending: list[tuple[QASample, Image.Image]] = []
-    # Counted as samples are answered, not as their images load ahead of the model.
+    # Counted as samples are answered, not as their images load ahead of the model; an earlier
+    # run's rows start the count, so the rate and the time left are this run's own.
     desc = "infer" if cfg.world_size == 1 else f"infer rank {cfg.rank}"
-    progress = show_progress(total=len(mine), desc=desc, unit="sample")
+    progress = show_progress(total=len(mine), initial=len(done), desc=desc, unit="sample")
 
     def flush(f) -> None:
         nonlocal answered
@@ -223,8 +224,7 @@ def _answer_file(pipe: SDRPNLlava, cfg: InferFileConfig, own: str) -> dict:
                 skipped[str(skip)] += 1
                 progress.update(1)
                 continue
-            if image is None:  # answered by an earlier run
-                progress.update(1)
+            if image is None:  # answered by an earlier run: counted from the start
                 continue
             if pipe.prompt_too_long(sample.question):  # tokenized here: the tokenizer is not shared across threads
                 skipped[PAST_CONTEXT] += 1
