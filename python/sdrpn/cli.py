@@ -596,10 +596,13 @@ def entry(argv: list[str] | None = None) -> int:
 
 
 def configure_logging() -> None:
-    """INFO and up on stderr as "LEVEL name: message", each record once: huggingface_hub
-    gives its loggers a stderr handler of their own on import, and they also reach the
-    root's, so each of its warnings (a Hub retry, say) came twice, once bare."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    """sdrpn's INFO and up, and other libraries' warnings, on stderr as "LEVEL name:
+    message", each record once. Other libraries' INFO lines stay out: they say nothing
+    about the job (numexpr's thread count on every command, through transformers' pandas
+    import). huggingface_hub gives its loggers a stderr handler of their own on import, and
+    they also reach the root's, so each of its warnings (a Hub retry, say) came twice."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("sdrpn").setLevel(logging.INFO)
     try:
         import huggingface_hub.utils.logging  # noqa: F401  (adds that handler: 0.07 s)
     except ImportError:  # without the llava extra nothing reaches the Hub

@@ -3,6 +3,7 @@ Hub ids read offline from a Hub cache laid out by the test, the model card, and 
 a model that is neither a local folder nor a usable Hub id. Nothing here reaches the network."""
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -15,6 +16,7 @@ from huggingface_hub import ModelCard
 from huggingface_hub.errors import LocalEntryNotFoundError
 from safetensors.torch import load_file, save_file
 
+import sdrpn.llava.loading
 from sdrpn.llava.loading import ModelNotFoundError, load_llava, model_not_found
 from sdrpn.rpn.card import GENERATED_MARK
 from sdrpn.rpn.model import RegionProposalNetwork
@@ -156,7 +158,8 @@ def test_hub_ids_load_offline_from_the_hub_cache(tmp_path, offline_cache):
     assert_same_weights(rpn, RegionProposalNetwork.from_pretrained("org/elsewhere", model=model, cache_dir=other))
 
 
-def test_a_missing_model_says_what_was_tried(tiny, tmp_path, offline_cache, monkeypatch):
+def test_a_missing_model_says_what_was_tried(tiny, tmp_path, offline_cache, monkeypatch, caplog):
+    caplog.set_level(logging.INFO, logger="sdrpn")
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ModelNotFoundError) as err:
         load_llava("org/missing", "fp32")
@@ -175,8 +178,19 @@ def test_a_missing_model_says_what_was_tried(tiny, tmp_path, offline_cache, monk
     with pytest.raises(ValueError, match="afile is a file: give the model's folder or its Hub id"):
         load_llava("afile", "fp32")
 
-    # Online, a Hub that cannot be reached ends in the same missing cache entry.
+    assert "no local folder" not in caplog.text  # offline the cache answers at once
+
+    # Online, a Hub that cannot be reached ends in the same missing cache entry, after the
+    # Hub client's retries: a line says first that the name is read as a Hub id.
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+
+    def unreachable(*args, **kwargs):
+        raise LocalEntryNotFoundError("no connection")
+
+    monkeypatch.setattr(sdrpn.llava.loading, "hf_hub_download", unreachable)
+    with pytest.raises(ModelNotFoundError, match="the Hub could not be reached"):
+        RegionProposalNetwork.from_pretrained("org/typo-rpn", model=tiny.model)
+    assert "RPN 'org/typo-rpn' is no local folder: reading it as a Hugging Face Hub id" in caplog.text
     online = model_not_found("org/missing", "base model", LocalEntryNotFoundError("no connection"))
     assert "the Hub could not be reached: this machine may be offline" in str(online)
     assert "set HF_HUB_OFFLINE=1" in str(online)
@@ -207,6 +221,12 @@ def test_model_card(tiny, tmp_path):
     assert "## Training" in text and "| lr | `5e-05` |" in text
     assert "## Held-out metrics" in text and "| bce | `0.1235` |" in text and "| iou | `0.75` |" in text
     assert "decoder layer 1, runs copies of layers 1..3" in text
+
+    rpn.config.base_model = str(tmp_path / "models" / "llava-local") + "/"
+    text = rpn.generate_model_card().text
+    assert "# SD-RPN region proposal network for llava-local\n" in text  # the path stays in the table
+    assert f"| base model | `{tmp_path}/models/llava-local/` |" in text
+    assert rpn.generate_model_card().data.base_model is None  # a path is no Hub id for the metadata
 
     # A re-save describes the new weights; without metrics there is no metrics section.
     rpn.save_pretrained(tmp_path / "rpn")
@@ -273,12 +293,14 @@ def test_the_trainer_writes_a_card_with_its_settings_and_held_out_metrics(tmp_pa
 def test_the_command_lines_print_a_hub_warning_once():
     """huggingface_hub's loggers print through a handler of their own; under the commands'
     logging they printed each warning (a Hub retry without a network) a second time through
-    the root's handler. It prints once, as the commands' own lines do."""
+    the root's handler. It prints once, as the commands' own lines do; other libraries'
+    INFO lines (numexpr's thread count) stay out."""
     code = (
         "import logging, sys; from sdrpn.cli import configure_logging; configure_logging(); import huggingface_hub; "
         "logging.getLogger('huggingface_hub.utils._http').warning('retrying in 1s'); "
-        "logging.getLogger('sdrpn.x').info('ours')"
+        "logging.getLogger('sdrpn.x').info('ours'); logging.getLogger('numexpr.utils').info('NumExpr defaulting')"
     )
     err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stderr
     assert err.count("retrying in 1s") == 1, err
     assert "WARNING huggingface_hub.utils._http: retrying in 1s" in err and "INFO sdrpn.x: ours" in err, err
+    assert "NumExpr" not in err, err

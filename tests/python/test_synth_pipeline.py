@@ -173,6 +173,9 @@ def test_markdown_reports_the_gain():
     text = markdown({"accuracy": acc, "localisation": loc, "test_samples": 100, "questions": questions}, "t", None)
     assert "Questions per kind: colour 26, count 25, read 25, where 24. With 24 questions" in text
     assert "standard error is at most 10.2 points" in text
+    few = {"read": 1, "count": 3}
+    text = markdown({"accuracy": acc, "localisation": loc, "test_samples": 4, "questions": few}, "t", None)
+    assert "With 1 question an accuracy's standard error is at most 50.0 points" in text
 
 
 def test_shipped_base_model_loads_with_its_preset():

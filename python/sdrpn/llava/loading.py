@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 from huggingface_hub import constants as hub_constants
@@ -20,6 +21,8 @@ from huggingface_hub.utils import validate_repo_id
 from transformers import AutoTokenizer, LlavaForConditionalGeneration, PreTrainedTokenizerBase
 
 from .model_facts import is_local_folder, parse_dtype
+
+log = logging.getLogger(__name__)
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -93,6 +96,20 @@ def _refuse_a_file(name: str, what: str) -> None:
         raise ValueError(f"{name} is a file: give the {what}'s folder or its Hub id")
 
 
+def _as_hub_id(name: str, what: str, local_files_only: bool = False) -> None:
+    """Checks `name` as a Hub id and says it is read as one: without a network the Hub
+    client retries for up to a minute before the not-found error, and a mistyped local
+    folder would otherwise look like a hang."""
+    validate_repo_id(name)
+    if not (hub_constants.HF_HUB_OFFLINE or local_files_only):
+        log.info(
+            "%s %r is no local folder: reading it as a Hugging Face Hub id (HF_HUB_OFFLINE=1 reads the local cache "
+            "alone, at once)",
+            what,
+            name,
+        )
+
+
 def hub_folder(
     name: str,
     filenames: tuple[str, ...],
@@ -119,7 +136,7 @@ def hub_folder(
         token=token,
     )
     try:
-        validate_repo_id(name)
+        _as_hub_id(name, what, local_files_only)
         paths = [hf_hub_download(name, f, **hub) for f in filenames]
     except (HFValidationError, EntryNotFoundError, OSError) as e:
         error = model_not_found(
@@ -152,7 +169,7 @@ def load_llava(
         _refuse_a_file(model_dir, "model")
     try:
         if not local:
-            validate_repo_id(name)
+            _as_hub_id(name, "base model")
         model = LlavaForConditionalGeneration.from_pretrained(
             name, dtype=parse_dtype(dtype), attn_implementation="sdpa", local_files_only=local
         )

@@ -58,10 +58,13 @@ def rpn_card(
     base = config.base_model
     data = ModelCardData(library_name="sdrpn", base_model=hub_id(base), tags=sorted(set(tags or [])))
     k, t = config.branch_layer, config.depth
+    # A local base model is named in the title by its folder: the path is this machine's
+    # (the table below keeps it whole).
+    short = hub_id(base) or (os.path.basename(os.path.normpath(base)) if base else None)
     lines = [
         GENERATED_MARK,
         "",
-        "# SD-RPN region proposal network" + (f" for {base}" if base else ""),
+        "# SD-RPN region proposal network" + (f" for {short}" if short else ""),
         "",
         "A Region Proposal Network trained by self-distillation (SD-RPN) on a frozen LLaVA"
         + (f" (`{base}`)" if base else "")

@@ -51,7 +51,7 @@ def spread_note(questions: dict) -> str:
     counts = ", ".join(f"{k} {n}" for k, n in questions.items())
     fewest = min(questions.values())
     return (
-        f"Questions per kind: {counts}. With {fewest} questions an accuracy's standard error is at "
+        f"Questions per kind: {counts}. With {fewest} question{'s' * (fewest != 1)} an accuracy's standard error is at "
         f"most {50 / fewest**0.5:.1f} points (binomial, p = 0.5): differences between settings "
         "smaller than about twice that are within chance."
     )
