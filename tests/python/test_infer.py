@@ -504,6 +504,25 @@ def test_the_pipelines_objects_are_checked(tiny):
         BaseLlava(tiny.model, bare, **kw)
 
 
+def test_an_rpn_that_can_answer_nothing_is_refused(tiny):
+    """An RPN with non-finite weights would find no region anywhere, and a crop budget that
+    fills the context would refuse every question: each is refused when the pipeline is made."""
+    rpn = RegionProposalNetwork.from_llava(tiny.model, branch_layer=2, depth=2)
+    with torch.no_grad():
+        rpn.q_proj.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"rpn's weights hold NaN or Inf values: \['q_proj.weight'\]"):
+        SDRPNLlava(tiny.model, make_tokenizer(), rpn, prompt_template=TEMPLATE)
+    rpn = RegionProposalNetwork.from_llava(tiny.model, branch_layer=2, depth=2)
+    cells = GRID * GRID  # the tiny model's context is 512 positions
+    fits = 512 // cells - 2  # with the image's cells, one position short of filling it
+    make = lambda boxes: SDRPNLlava(  # noqa: E731
+        tiny.model, make_tokenizer(), rpn, prompt_template=TEMPLATE, roi={"crop_mode": "bbox", "max_boxes": boxes}
+    )
+    make(fits)
+    with pytest.raises(ValueError, match=rf"max_boxes={fits + 1} crops of {cells} tokens and the image's {cells} fill"):
+        make(fits + 1)
+
+
 def test_bad_inputs(tiny):
     sd = pipeline(tiny, blob_logits(None))
     with pytest.raises(ValueError, match=r"questions\[1\] must be a string with text besides the image placeholder"):
@@ -514,11 +533,13 @@ def test_bad_inputs(tiny):
         sd.predict_rois(images(2), QUESTIONS[:1])
     with pytest.raises(TypeError, match=r"images\[0\] must be a PIL image"):
         sd.predict_rois([torch.zeros(3, 4, 4)], QUESTIONS[:1])
-    with pytest.raises(NotImplementedError, match="only greedy decoding is supported, got {'do_sample': True}"):
+    with pytest.raises(NotImplementedError, match="only greedy decoding is supported, .* got {'do_sample': True}"):
         sd.generate(images(1), QUESTIONS[:1], do_sample=True)
+    with pytest.raises(NotImplementedError, match=r"end-of-sequence token; .* got {'eos_token_id': 5}"):
+        sd.generate(images(1), QUESTIONS[:1], eos_token_id=5)
     with pytest.raises(TypeError, match=r"generate\(\) got unexpected keyword arguments \['max_tokens'\]"):
         sd.generate(images(1), QUESTIONS[:1], max_tokens=3)  # a typo, not a decoding choice
-    with pytest.raises(NotImplementedError, match="only greedy decoding is supported, got {'streamer': 1}"):
+    with pytest.raises(NotImplementedError, match="only greedy decoding is supported, .* got {'streamer': 1}"):
         sd.generate(images(1), QUESTIONS[:1], streamer=1)  # generate's own argument, not a config field
     for length in (0, 2.5, "3", True):
         with pytest.raises(

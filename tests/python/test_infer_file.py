@@ -217,6 +217,10 @@ def test_a_prompt_past_the_models_context_is_skipped(infer_ws, tmp_path):
     assert [json.loads(line)["id"] for line in open(out)] == ["q0"]
     summary = json.loads((tmp_path / "answers.jsonl.summary.json").read_text())
     assert summary["skipped_by_reason"] == {"prompt past the model's context": 1}
+    (tmp_path / "wordy.json").write_text(json.dumps([wordy]))  # the image folder is not the cause there
+    with pytest.raises(ValueError, match=r"all 1 were skipped \(1 prompt past the model's context\)$"):
+        infer_cli(infer_ws, "--data", str(tmp_path / "wordy.json"), "--image-folder", str(infer_ws / "images"),
+                  "--out", str(tmp_path / "wordy.jsonl"))  # fmt: skip
     message = "argument --max-new-tokens: max_new_tokens must be an int from 1 to the model's context of 512"
     with pytest.raises(ValueError, match=message):
         infer_cli(infer_ws, "--data", str(tmp_path / "data.json"), "--image-folder", str(infer_ws / "images"),
@@ -581,7 +585,8 @@ def test_infer_file_refuses_a_wrong_image_folder(infer_ws, tmp_path):
         infer_cli(infer_ws, *data, "--image-folder", str(tmp_path / "nowhere"))
     assert not out.exists()
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match=r"no sample of .* could be answered: all 7 were skipped \(5 image missing"):
+    all_skipped = r"no sample of .* could be answered: all 7 were skipped \(5 image missing.*\); check --image-folder$"
+    with pytest.raises(ValueError, match=all_skipped):
         infer_cli(infer_ws, *data, "--image-folder", str(tmp_path / "empty"))
     assert json.loads((tmp_path / "answers.jsonl.summary.json").read_text())["answered"] == 0
 

@@ -1,5 +1,7 @@
 import dataclasses
 import json
+import os
+import re
 import weakref
 
 import numpy as np
@@ -427,6 +429,9 @@ def test_presets_and_head_selection():
         get_preset("llava-2")
     with pytest.raises(ValueError, match=r"preset must be one of \[.*\] or a JSON file, got 'auto'"):
         get_preset("auto")  # resolve_preset's: the refusal listed it as valid
+    for path in ("/no/such/preset.json", "mine.json", os.path.join("presets", "mine")):  # meant as files
+        with pytest.raises(ValueError, match=f"preset file {re.escape(path)}: no such file"):
+            get_preset(path)
     with pytest.raises(TypeError, match="preset must be a name or a JSON file's path, got NoneType"):
         get_preset(None)
     with pytest.raises(ValueError, match="head 40 of layer 13 does not exist"):

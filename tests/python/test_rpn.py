@@ -325,6 +325,13 @@ def test_rpn_folders_record_their_settings_and_refuse_contradictions(tiny, tmp_p
     save_file(weights, str(folder / "rpn.safetensors"))
     with pytest.raises(ValueError, match=r"NaN or Inf values: \['q_proj.weight'\]"):
         RegionProposalNetwork.load(str(folder), tiny.model)
+    # What load refuses is not written in the first place.
+    diverged = RegionProposalNetwork.from_llava(tiny.model, branch_layer=1, depth=2)
+    with torch.no_grad():
+        diverged.norm.weight[3] = float("inf")
+    with pytest.raises(ValueError, match=rf"NaN or Inf values: \['norm.weight'\]; not saved to {tmp_path}/diverged"):
+        diverged.save(str(tmp_path / "diverged"))
+    assert not (tmp_path / "diverged").exists()
     weights["q_proj.weight"] = torch.zeros(3, 3)
     save_file(weights, str(folder / "rpn.safetensors"))
     with pytest.raises(ValueError, match=r"do not fit this model: q_proj.weight \(3, 3\) \(the model's \(64, 64\)\)"):

@@ -165,9 +165,12 @@ def answer_file(pipe: SDRPNLlava, cfg: InferFileConfig) -> dict:
             merge_rows(cfg.out)
             write_json(cfg.out + SUMMARY_SUFFIX, summary)
     if summary["skipped"] and not summary["answered"] and not summary["already_done"]:
+        # The folder is the usual cause where images were not found; a reason of another
+        # kind (prompts past the context, unusable entries) says what to change itself.
+        image_reasons = any(reason.startswith("image") for reason in summary["skipped_by_reason"])
         raise ValueError(
             f"no sample of {cfg.data} could be answered: all {summary['skipped']} were skipped "
-            f"({skip_reasons(summary['skipped_by_reason'])}); check --image-folder"
+            f"({skip_reasons(summary['skipped_by_reason'])})" + ("; check --image-folder" * image_reasons)
         )
     return summary
 

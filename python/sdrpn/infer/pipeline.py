@@ -41,7 +41,7 @@ from ..llava.probe import capture_outputs, decoder_layers
 from ..llava.vision import ImageEncoder
 from ..options import RoiOptions
 from ..prefetch import thread_map
-from ..rpn.model import RegionProposalNetwork
+from ..rpn.model import RegionProposalNetwork, non_finite_tensors
 from .answering import LlavaAnswering
 from .pass2 import GROUP_COST_TOKENS, prefill_new_tokens
 
@@ -179,6 +179,12 @@ class SDRPNLlava(LlavaAnswering):
             named = f": {rpn.config.base_model!r}" if rpn.config.base_model else ""
             raise ValueError(f"rpn was made on another base model than model ({what}){named}")
         check_rpn_template(self.template)
+        # An RPN whose weights went non-finite (a diverged run still in memory) maps every
+        # cell to NaN: no region passes, and every question would be answered as by the base
+        # model without a word. A saved one is refused on loading.
+        bad = non_finite_tensors(rpn.trainable_state_dict())
+        if bad:
+            raise ValueError(f"rpn's weights hold NaN or Inf values: {bad[:3]}{' ...' if len(bad) > 3 else ''}")
         self.rpn = rpn.eval()
         self.branch = rpn.config.branch_layer
         self.eos_id = self.tokenizer.eos_token_id
@@ -188,6 +194,15 @@ class SDRPNLlava(LlavaAnswering):
         if isinstance(pass2_group_cost, bool) or not isinstance(pass2_group_cost, int) or pass2_group_cost < 0:
             raise ValueError(f"pass2_group_cost must be an int >= 0, got {pass2_group_cost!r}")
         self.pass2_group_cost = pass2_group_cost
+        crops = self.most_crop_tokens()
+        if self.context is not None and self.num_cells + crops >= self.context:
+            # Each prompt is checked against its most crop tokens before pass 1 picks its boxes.
+            budget = f"max_boxes={self.roi.max_boxes} crops" if self.roi.crop_mode == "bbox" else "one crop"
+            raise ValueError(
+                f"{budget} of {self.num_cells} tokens and the image's {self.num_cells} fill the model's context of "
+                f"{self.context} positions: no question could be answered"
+                + (" (lower max_boxes)" if self.roi.crop_mode == "bbox" and self.roi.max_boxes > 1 else "")
+            )
 
     # ---- inputs ---------------------------------------------------------------------------
     def most_crop_tokens(self) -> int:
@@ -320,7 +335,10 @@ class SDRPNLlava(LlavaAnswering):
         greedy = {"do_sample": False, "num_beams": 1}
         other = {k: v for k, v in generate_kwargs.items() if greedy.get(k, object()) != v}
         if other:
-            raise NotImplementedError(f"only greedy decoding is supported, got {other}")
+            raise NotImplementedError(
+                "only greedy decoding is supported, up to max_new_tokens and ending at the tokenizer's "
+                f"end-of-sequence token; other generate options are not, got {other}"
+            )
         max_new_tokens = self.checked_max_new_tokens(max_new_tokens)
         if not self._batch_size(images, questions):
             return []

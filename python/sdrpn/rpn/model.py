@@ -48,6 +48,16 @@ HUB_CONFIG_NAME = "config.json"
 CARD_NAME = "README.md"
 
 
+def non_finite_tensors(tensors: dict[str, Tensor]) -> list[str]:
+    """The names of the floating tensors holding NaN or Inf, sorted; one read from the device."""
+    names = sorted(k for k, v in tensors.items() if v.is_floating_point())
+    if not names:
+        return []
+    finite = [torch.isfinite(tensors[k]).all() for k in names]
+    flags = torch.stack([f.to(finite[0].device) for f in finite]).tolist()
+    return [k for k, ok in zip(names, flags) if not ok]
+
+
 @dataclass
 class RPNConfig(Options):
     """rpn_config.json: everything needed to use the RPN on its base model. Fields missing
@@ -435,8 +445,12 @@ class RegionProposalNetwork(
 
     def save(self, folder: str) -> None:
         """Only the RPN's weights (safetensors) and its config (rpn_config.json); each file
-        atomic. A config.json that save_pretrained left there is kept equal to it."""
+        atomic. A config.json that save_pretrained left there is kept equal to it. Weights
+        holding NaN or Inf are refused, as ``load`` would refuse them."""
         tensors = {k: v.cpu() for k, v in self.trainable_state_dict().items()}
+        bad = non_finite_tensors(tensors)
+        if bad:
+            raise ValueError(f"the RPN's weights hold NaN or Inf values: {bad}; not saved to {folder}")
         write_atomic(os.path.join(folder, WEIGHTS_NAME), lambda tmp: save_file(tensors, tmp))
         if os.path.isfile(os.path.join(folder, HUB_CONFIG_NAME)):
             write_json(os.path.join(folder, HUB_CONFIG_NAME), self.config.to_dict())
@@ -535,7 +549,7 @@ class RegionProposalNetwork(
                     f"has {getattr(derived, name)!r}"
                 )
         weights = read_safetensors(os.path.join(folder, WEIGHTS_NAME))
-        bad = sorted(k for k, v in weights.items() if v.is_floating_point() and not bool(torch.isfinite(v).all()))
+        bad = non_finite_tensors(weights)
         if bad:
             raise ValueError(f"RPN weights in {folder} hold NaN or Inf values: {bad}")
         own = rpn.state_dict()
