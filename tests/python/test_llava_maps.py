@@ -172,6 +172,10 @@ def test_a_batch_beyond_the_pass_tokens_runs_in_slices_with_the_same_maps(tiny, 
         assert seen == [1, 2]
         torch.testing.assert_close(head_maps(tiny.model, batch, tiny.num_cells), whole_heads)
         seen.clear()
+        monkeypatch.setattr(maps_module, "PASS_TOKENS", width + 1)  # a sample wider than half a pass runs alone
+        torch.testing.assert_close(attention_maps(tiny.model, batch, PRESET, tiny.num_cells).grounding, whole.grounding)
+        assert seen == [1, 1, 1]
+        seen.clear()
         bad = dataclasses.replace(batch, answer_length=batch.answer_length.clone())
         bad.answer_length[2] = width
         with pytest.raises(ValueError, match=r"answer_start\[2\] = \d+ and answer_length\[2\] = "):
@@ -398,8 +402,9 @@ def test_answers_outside_the_sequence_or_on_padding_are_refused_before_the_model
             attention_maps(tiny.model, bad, PRESET, tiny.num_cells)
     # Two tokens there are one query, the first of them: taken.
     attention_maps(tiny.model, _edited(left, answer_start=_set(2, image_end_2), answer_length=_set(2, 2)), PRESET, 16)
-    with pytest.raises(ValueError, match="num_cells must be an int >= 1, got 16.0"):
-        attention_maps(tiny.model, left, PRESET, float(tiny.num_cells))
+    for cells in (float(tiny.num_cells), 0):
+        with pytest.raises(ValueError, match=f"num_cells must be an int >= 1, got {cells}"):
+            attention_maps(tiny.model, left, PRESET, cells)
     with pytest.raises(ValueError, match="input_ids must hold integers, got torch.float32"):
         sdrpn.llava.TeacherForcedBatch(**{**vars(left), "input_ids": left.input_ids.float()})
     # A boolean mask is a mask of 0s and 1s.
@@ -432,6 +437,26 @@ def test_presets_and_head_selection():
     for path in ("/no/such/preset.json", "mine.json", os.path.join("presets", "mine")):  # meant as files
         with pytest.raises(ValueError, match=f"preset file {re.escape(path)}: no such file"):
             get_preset(path)
+
+
+def test_a_models_own_preset_is_its_folders_file_else_llava15s_of_its_depth(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from sdrpn.llava.presets import LLAVA15_7B, PRESET_FILE, model_preset, resolve_preset
+
+    def model(name, layers=32):
+        text = SimpleNamespace(num_hidden_layers=layers)
+        return SimpleNamespace(config=SimpleNamespace(_name_or_path=name, get_text_config=lambda: text))
+
+    stray = {"name": "stray", "grounding": [[1, 0]], "sink": [[0, None]], "branch_layer": 1, "depth": 2}
+    (tmp_path / PRESET_FILE).write_text(json.dumps(stray))
+    monkeypatch.chdir(tmp_path)  # a preset file in the working directory is no model's
+    for name in ("", None, "llava-hf/llava-1.5-7b-hf"):
+        assert model_preset(model(name)) is LLAVA15_7B
+    assert model_preset(model(str(tmp_path))).name == "stray"  # the model's own folder
+    assert model_preset(model("", layers=5)) is None
+    with pytest.raises(ValueError, match=r"preset must be one of \[.*\], 'auto' or a JSON file, got 'no-such'"):
+        resolve_preset("no-such", model(""))
     with pytest.raises(TypeError, match="preset must be a name or a JSON file's path, got NoneType"):
         get_preset(None)
     with pytest.raises(ValueError, match="head 40 of layer 13 does not exist"):

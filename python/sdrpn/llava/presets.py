@@ -228,12 +228,20 @@ def get_preset(name: str, *, auto: bool = False) -> LlavaPreset:
     raise ValueError(f"preset must be one of {sorted(PRESETS)}{also} or a JSON file, got {name!r}")
 
 
+def _model_folder(model) -> str | None:
+    """The local folder the model was loaded from; None for a model built in code (whose
+    empty name would otherwise make PRESET_FILE a path in the working directory) or read
+    from the Hub."""
+    name = getattr(model.config, "_name_or_path", "") or ""
+    return name if name and os.path.isdir(name) else None
+
+
 def model_preset(model) -> LlavaPreset | None:
     """A loaded model's own preset ("auto"): its folder's PRESET_FILE, else the LLaVA-1.5
     preset of its depth, else None. Not checked against the model."""
-    own = os.path.join(getattr(model.config, "_name_or_path", "") or "", PRESET_FILE)
-    if os.path.isfile(own):
-        return get_preset(own)
+    folder = _model_folder(model)
+    if folder and os.path.isfile(os.path.join(folder, PRESET_FILE)):
+        return get_preset(os.path.join(folder, PRESET_FILE))
     return _BY_LAYERS.get(model.config.get_text_config().num_hidden_layers)
 
 
@@ -242,10 +250,10 @@ def resolve_preset(name: str | None, model) -> LlavaPreset:
     model's own (model_preset). Checked against the model either way."""
     preset = get_preset(name, auto=True) if name not in (None, "auto") else model_preset(model)
     if preset is None:
-        folder = getattr(model.config, "_name_or_path", "") or ""
+        where = f"in {_model_folder(model)!r}" if _model_folder(model) else "in a model folder"
         raise ValueError(
             f"no preset for a model with {model.config.get_text_config().num_hidden_layers} decoder layers and no "
-            f"{PRESET_FILE} in {folder!r}: pass --preset (a name among {sorted(PRESETS)} or a JSON file)"
+            f"{PRESET_FILE} {where}: pass --preset (a name among {sorted(PRESETS)} or a JSON file)"
         )
     preset.check_fits(model.config)
     return preset
