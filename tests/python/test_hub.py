@@ -296,7 +296,8 @@ def test_the_command_lines_print_a_hub_warning_once():
     the root's handler. It prints once, as the commands' own lines do; other libraries'
     INFO lines (numexpr's thread count) stay out."""
     code = (
-        "import logging, sys; from sdrpn.cli import configure_logging; configure_logging(); import huggingface_hub; "
+        "import logging, sys; from sdrpn.cli import configure_logging; configure_logging(); "
+        "import huggingface_hub.utils.logging; "  # where the Hub's handler comes from: after, as a command imports it
         "logging.getLogger('huggingface_hub.utils._http').warning('retrying in 1s'); "
         "logging.getLogger('sdrpn.x').info('ours'); logging.getLogger('numexpr.utils').info('NumExpr defaulting')"
     )

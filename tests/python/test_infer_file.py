@@ -176,6 +176,33 @@ def test_a_resumed_file_counts_its_earlier_rows_from_the_start(infer_ws, tmp_pat
     assert (bars[1].total, bars[1].first, bars[1].n) == (4, 2, 4)  # 2 done before, 1 skipped, 1 answered
 
 
+def test_a_killed_writes_temporaries_are_removed_at_the_start(infer_ws, tmp_path):
+    out = tmp_path / "answers.jsonl"
+    left = [tmp_path / ".tmp-answers.jsonl.abc123", tmp_path / ".tmp-answers.jsonl.settings.json.def456"]
+    for path in left:
+        path.write_text("half")
+    kept = tmp_path / ".tmp-notes.txt.x1"  # another program's
+    kept.write_text("mine")
+    data = ("--data", str(infer_ws / "data.json"), "--image-folder", str(infer_ws / "images"), "--out", str(out))
+    assert infer_cli(infer_ws, *data, "--limit", "2") == 0
+    assert not [p for p in left if p.exists()] and kept.exists()
+
+
+def test_ranks_starting_together_raise_their_own_error_when_the_exchange_fails(monkeypatch):
+    from sdrpn import distributed
+
+    def lost(*args, **kwargs):
+        raise distributed.RankStopped("a peer is gone")
+
+    monkeypatch.setattr(distributed, "gather_objects", lost)
+    with pytest.raises(KeyError, match="mine"):
+        with distributed.together(2, "cpu"):
+            raise KeyError("mine")
+    with pytest.raises(distributed.RankStopped, match="a peer is gone"):  # a rank with no error of its own
+        with distributed.together(2, "cpu"):
+            pass
+
+
 def test_edited_or_damaged_answer_files_are_answered_again_or_refused(infer_ws, tmp_path, caplog):
     import json
 

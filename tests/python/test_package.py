@@ -133,6 +133,27 @@ def test_cli_rejects_bad_arguments(argv, message, capsys):
     assert message in err and len(err.strip().splitlines()) == 1 and err.endswith("(--help lists the flags)\n")
 
 
+def test_count_flags_take_64_bit_ints_from_their_minimum():
+    import argparse
+
+    from sdrpn.cli import INT64_MAX, non_negative_int, positive_int
+
+    assert (positive_int("1"), non_negative_int("0"), positive_int(str(INT64_MAX))) == (1, 0, INT64_MAX)
+    for parse, text in ((positive_int, "0"), (non_negative_int, "-1"), (positive_int, str(INT64_MAX + 1))):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse(text)
+
+
+def test_the_command_sets_up_its_logging_first(monkeypatch):
+    import sdrpn.cli
+
+    called = []
+    monkeypatch.setattr(sdrpn.cli, "configure_logging", lambda: called.append(1))
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert called == [1]
+
+
 @pytest.mark.parametrize(
     "device,message",
     [

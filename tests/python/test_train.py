@@ -127,7 +127,8 @@ def test_packed_rows_give_back_the_rows_they_were_made_of():
 
     rows = [{"id": "a", "image": "x/ü.png", "size": [3, 4]}, {}, {"id": "c", "nested": {"k": None, "f": 0.5}}]
     packed = PackedRows(rows)
-    assert len(packed) == 3 and list(packed) == rows and packed[-1] == rows[2] and packed[np.int64(1)] == {}
+    assert len(packed) == 3 and list(packed) == rows and packed[np.int64(1)] == {}
+    assert [packed[-i] for i in (1, 2, 3)] == rows[::-1]
     assert packed[::2] == [rows[0], rows[2]] and packed[5:] == []
     for bad in (3, -4):
         with pytest.raises(IndexError, match=rf"row {bad} out of range for 3 rows"):
@@ -439,6 +440,9 @@ def test_bad_config():
         ValueError, match=r"grad_accum=2 with batch_size=8 on 1 rank\(s\) makes an effective batch of 16"
     ):
         accumulation_steps(32, 8, 1, grad_accum=2)
+    assert accumulation_steps(64, 8, 2, grad_accum=4) == 4  # each step takes a batch from every rank
+    with pytest.raises(ValueError, match=r"on 2 rank\(s\) makes an effective batch of 64, not effective_batch=32"):
+        accumulation_steps(32, 8, 2, grad_accum=4)
 
 
 # The HF Trainer example as a training script is run: directly, and through accelerate's
@@ -970,7 +974,24 @@ def test_fewer_samples_than_the_effective_batch_are_warned_about(ws, tmp_path, c
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="sdrpn.rpn.train"):
         assert main(train_args(ws, tmp_path / "enough", *QUICK, "--effective-batch", "16")) == 0
+        assert main(train_args(ws, tmp_path / "one", *QUICK, "--effective-batch", "32")) == 0  # exactly one step
+        # --grad-accum makes 4 x 2 = 8 of the 32 samples; the default 512 beside it is not the one used.
+        accumulated = ("--effective-batch", "512", "--batch-size", "4", "--grad-accum", "2")
+        assert main(train_args(ws, tmp_path / "accumulated", *QUICK, *accumulated)) == 0
     assert not [r for r in caplog.records if "optimiser step" in r.getMessage()]
+
+
+def test_a_trainer_on_two_ranks_counts_them_in_its_batch_and_its_warning(ws, tmp_path, caplog):
+    model, tok = load_llava(str(ws / "model"), "fp32")
+    for extra in ({"effective_batch": 16}, {"grad_accum": 2}):
+        cfg = TrainConfig(labels=str(ws / "labels"), out=str(tmp_path / "o"), batch_size=4, **extra)
+        trainer = RPNTrainer(cfg, model, tok, rank=0, world_size=2)
+        assert (trainer.grad_accum, trainer.effective_batch) == (2, 16)
+    cfg = TrainConfig(labels=str(ws / "labels"), out=str(tmp_path / "o"), batch_size=4, effective_batch=64)
+    trainer = RPNTrainer(cfg, model, tok, rank=0, world_size=2)
+    with caplog.at_level(logging.WARNING, logger="sdrpn.rpn.train"):
+        trainer._schedule(torch.nn.Linear(1, 1), 33)  # the ranks share 32 of 33 samples
+    assert "33 training samples make one optimiser step of 32 samples per epoch" in caplog.text
 
 
 def test_a_run_records_the_effective_batch_it_used_and_refuses_two_that_disagree(ws, tmp_path):
@@ -983,6 +1004,10 @@ def test_a_run_records_the_effective_batch_it_used_and_refuses_two_that_disagree
     recorded = json.loads((out / "train_config.json").read_text())
     assert (recorded["effective_batch"], recorded["grad_accum"], recorded["batch_size"]) == (8, 2, 4)
     assert "| effective_batch | `8` |" in (out / "README.md").read_text()
+    derived = tmp_path / "derived"  # the accumulation --effective-batch makes is recorded too
+    assert main(train_args(ws, derived, *QUICK, "--batch-size", "4", "--effective-batch", "16")) == 0
+    recorded = json.loads((derived / "train_config.json").read_text())
+    assert (recorded["effective_batch"], recorded["grad_accum"], recorded["batch_size"]) == (16, 4, 4)
     refused = tmp_path / "refused"
     with pytest.raises(ValueError, match="makes an effective batch of 8, not effective_batch=16: pass one of the two"):
         main(train_args(ws, refused, *QUICK, "--batch-size", "4", "--grad-accum", "2"))
@@ -1003,6 +1028,64 @@ def test_held_out_samples_that_were_skipped_are_counted(ws, tmp_path, caplog):
     metrics = json.loads((out / "metrics-epoch0.json").read_text())
     assert (metrics["samples"], metrics["skipped"]) == (len(held) - 3, 3)
     assert "epoch 0 held-out: skipped 3 samples (3 image missing)" in caplog.text
+
+
+def test_rpn_for_labels_passes_its_preset_and_roi_overrides_on(ws, tmp_path):
+    model, _ = load_llava(str(ws / "model"), "fp32")
+    path = tmp_path / "mine.json"
+    path.write_text(
+        json.dumps({"name": "mine", "grounding": [[1, 0]], "sink": [[0, None]], "branch_layer": 1, "depth": 3})
+    )
+    rpn = rpn_for_labels(model, str(ws / "labels"), preset=str(path))
+    assert (rpn.config.branch_layer, rpn.config.depth, rpn.config.preset) == (1, 3, "mine")
+    rpn = rpn_for_labels(model, str(ws / "labels"), branch_layer=1, depth=1, roi_overrides={"threshold": 0.3})
+    assert rpn.config.roi_options.threshold == 0.3
+
+
+def test_the_preset_labels_record_is_taken_where_it_fits_the_model(ws, tmp_path):
+    model, _ = load_llava(str(ws / "model"), "fp32")
+    labels = tmp_path / "labels"
+    shutil.copytree(ws / "labels", labels)
+    config = json.loads((labels / "label_config.json").read_text())
+    recorded = {"name": "recorded", "grounding": [[1, 0]], "sink": [[0, None]], "branch_layer": 1, "depth": 3}
+    (labels / "label_config.json").write_text(json.dumps({**config, "preset": recorded}))
+    settings = rpn_settings(model, str(labels))
+    assert (settings["branch_layer"], settings["depth"], settings["preset"]) == (1, 3, "recorded")
+    recorded["grounding"] = [[1, 99]]  # a head the model does not have
+    (labels / "label_config.json").write_text(json.dumps({**config, "preset": recorded}))
+    with pytest.raises(ValueError, match="head 99 of layer 1"):
+        rpn_settings(model, str(labels))
+
+
+def test_a_resume_keeps_what_the_first_run_used(ws, tmp_path):
+    """A run with --grad-accum (the effective batch left at its default) resumes; a model
+    folder whose preset changed the RPN's layers since is refused, naming them."""
+    common = ("--epochs", "2", "--max-samples", "96", "--save-every", "3")
+    accumulated = (*common, "--grad-accum", "2", "--effective-batch", "512")
+    assert main(train_args(ws, tmp_path / "accumulated", *accumulated, "--stop-after-steps", "4")) == 0
+    assert main(train_args(ws, tmp_path / "accumulated", *accumulated, "--resume")) == 0
+
+    model = tmp_path / "model"
+    shutil.copytree(ws / "model", model)
+    preset = {"name": "own", "grounding": [[1, 0]], "sink": [[0, None]], "branch_layer": 1, "depth": 2}
+    (model / PRESET_FILE).write_text(json.dumps(preset))
+    args = train_args(ws, tmp_path / "own", *common, "--preset", "auto")
+    args[args.index("--model") + 1] = str(model)
+    for flag in ("--branch-layer", "--depth"):  # left to the model's preset
+        del args[args.index(flag) : args.index(flag) + 2]
+    assert main([*args, "--stop-after-steps", "4"]) == 0
+    (model / PRESET_FILE).write_text(json.dumps({**preset, "depth": 1}))
+    with pytest.raises(ValueError, match=r"rpn_layers: \[1, 2\] -> \[1, 1\]"):
+        main([*args, "--resume"])
+
+
+def test_the_training_splits_digest_is_its_ids_in_order(ws):
+    """Checkpoints record it and resumes compare it: its formula is part of the format."""
+    import hashlib
+
+    data = LabelShardDataset(str(ws / "labels"), make_tokenizer(), IMAGE, split="all", max_samples=20)
+    ids = "\n".join(str(row["id"]) for row in data.rows)
+    assert data.ids_digest() == hashlib.sha256(ids.encode()).hexdigest()[:16]
 
 
 def test_rpn_for_labels_takes_the_labels_settings_and_refuses_a_zero_branch_layer(ws, tmp_path):
