@@ -7,17 +7,15 @@
 # The full-size run behind the README's numbers: python -m sdrpn.synth run --out outputs/synth
 set -euo pipefail
 # A relative --out names a folder under the directory the demo was started from, as any
-# command's would, though the demo runs from the repository root.
+# command's would, though the demo runs from the repository root (a leading ~ is left to
+# the command, which takes it as home).
 caller=$PWD
+relative() { [[ -n $1 && $1 != /* && $1 != "~"* ]]; }
 args=("$@")
 for ((i = 0; i < ${#args[@]}; i++)); do
   case ${args[i]} in
-  --out)
-    if ((i + 1 < ${#args[@]})) && [[ -n ${args[i + 1]} && ${args[i + 1]} != /* ]]; then
-      args[i + 1]=$caller/${args[i + 1]}
-    fi
-    ;;
-  --out=?*) [[ ${args[i]} == --out=/* ]] || args[i]=--out=$caller/${args[i]#--out=} ;;
+  --out) ((i + 1 < ${#args[@]})) && relative "${args[i + 1]}" && args[i + 1]=$caller/${args[i + 1]} ;;
+  --out=*) relative "${args[i]#--out=}" && args[i]=--out=$caller/${args[i]#--out=} ;;
   esac
 done
 cd "$(dirname "$0")/.."

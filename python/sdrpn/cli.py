@@ -601,8 +601,9 @@ def configure_logging() -> None:
     about the job (numexpr's thread count on every command, through transformers' pandas
     import). huggingface_hub gives its loggers a stderr handler of their own on import, and
     they also reach the root's, so each of its warnings (a Hub retry, say) came twice."""
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("sdrpn").setLevel(logging.INFO)
+    if not logging.getLogger().handlers:  # an application (or pytest) that set up logging keeps its own
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+        logging.getLogger("sdrpn").setLevel(logging.INFO)
     try:
         import huggingface_hub.utils.logging  # noqa: F401  (adds that handler: 0.07 s)
     except ImportError:  # without the llava extra nothing reaches the Hub

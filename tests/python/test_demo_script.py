@@ -59,6 +59,9 @@ def test_absolute_and_default_outs_are_kept(demo, tmp_path):
     assert argv[-2:] == ["--out", str(tmp_path / "abs")]
     argv, said = run("--out=/x/y")
     assert argv[-1] == "--out=/x/y"
+    for flags in (["--out", "~/x"], ["--out=~/x"]):  # home, which the command expands (a quoted ~ too)
+        argv, said = run(*flags)
+        assert argv[-len(flags) :] == flags
     argv, said = run()
     assert argv[:5] == ["-m", "sdrpn.synth", "run", "--out", "outputs/demo"]  # the default, in the repository
     assert said.startswith("report: outputs/demo/report.md")

@@ -178,7 +178,7 @@ def test_a_missing_model_says_what_was_tried(tiny, tmp_path, offline_cache, monk
     with pytest.raises(ValueError, match="afile is a file: give the model's folder or its Hub id"):
         load_llava("afile", "fp32")
 
-    assert "no local folder" not in caplog.text  # offline the cache answers at once
+    assert "as a Hugging Face Hub id" not in caplog.text  # offline the cache answers at once
 
     # Online, a Hub that cannot be reached ends in the same missing cache entry, after the
     # Hub client's retries: a line says first that the name is read as a Hub id.
@@ -190,7 +190,7 @@ def test_a_missing_model_says_what_was_tried(tiny, tmp_path, offline_cache, monk
     monkeypatch.setattr(sdrpn.llava.loading, "hf_hub_download", unreachable)
     with pytest.raises(ModelNotFoundError, match="the Hub could not be reached"):
         RegionProposalNetwork.from_pretrained("org/typo-rpn", model=tiny.model)
-    assert "RPN 'org/typo-rpn' is no local folder: reading it as a Hugging Face Hub id" in caplog.text
+    assert "reading RPN 'org/typo-rpn' as a Hugging Face Hub id, no local folder having that name" in caplog.text
     online = model_not_found("org/missing", "base model", LocalEntryNotFoundError("no connection"))
     assert "the Hub could not be reached: this machine may be offline" in str(online)
     assert "set HF_HUB_OFFLINE=1" in str(online)

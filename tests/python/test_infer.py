@@ -514,13 +514,21 @@ def test_an_rpn_that_can_answer_nothing_is_refused(tiny):
         SDRPNLlava(tiny.model, make_tokenizer(), rpn, prompt_template=TEMPLATE)
     rpn = RegionProposalNetwork.from_llava(tiny.model, branch_layer=2, depth=2)
     cells = GRID * GRID  # the tiny model's context is 512 positions
-    fits = 512 // cells - 2  # with the image's cells, one position short of filling it
-    make = lambda boxes: SDRPNLlava(  # noqa: E731
-        tiny.model, make_tokenizer(), rpn, prompt_template=TEMPLATE, roi={"crop_mode": "bbox", "max_boxes": boxes}
-    )
+    fits = 512 // cells - 2  # with the image's cells, one crop short of filling it
+    make = lambda boxes, ratio=-1.0: SDRPNLlava(  # noqa: E731
+        tiny.model, make_tokenizer(), rpn, prompt_template=TEMPLATE,
+        roi={"crop_mode": "bbox", "max_boxes": boxes, "token_ratio": ratio},
+    )  # fmt: skip
     make(fits)
-    with pytest.raises(ValueError, match=rf"max_boxes={fits + 1} crops of {cells} tokens and the image's {cells} fill"):
+    refusal = (
+        rf"max_boxes={fits + 1} crops of up to {cells} tokens and the image's {cells} take 512 of the model's 512 "
+    )
+    with pytest.raises(ValueError, match=refusal + r"positions: no question could be answered \(lower max_boxes\)"):
         make(fits + 1)
+    # Resampled to half a side, a crop is at most 2 x 2 tokens: four times the crops fit.
+    assert make(4 * fits + 3, 0.5).most_crop_tokens() == 4 * (4 * fits + 3)
+    with pytest.raises(ValueError, match=rf"max_boxes={4 * fits + 4} crops of up to 4 tokens"):
+        make(4 * fits + 4, 0.5)
 
 
 def test_bad_inputs(tiny):

@@ -437,6 +437,12 @@ def test_presets_and_head_selection():
     for path in ("/no/such/preset.json", "mine.json", os.path.join("presets", "mine")):  # meant as files
         with pytest.raises(ValueError, match=f"preset file {re.escape(path)}: no such file"):
             get_preset(path)
+    with pytest.raises(TypeError, match="preset must be a name or a JSON file's path, got NoneType"):
+        get_preset(None)
+    with pytest.raises(ValueError, match="head 40 of layer 13 does not exist"):
+        HeadSelection(((13, 40),)).heads_of(13, 40)
+    with pytest.raises(ValueError, match="layers must lie in"):
+        AttentionProbe(make_tiny_llava(num_layers=3).model, [3])
 
 
 def test_a_models_own_preset_is_its_folders_file_else_llava15s_of_its_depth(tmp_path, monkeypatch):
@@ -457,12 +463,6 @@ def test_a_models_own_preset_is_its_folders_file_else_llava15s_of_its_depth(tmp_
     assert model_preset(model("", layers=5)) is None
     with pytest.raises(ValueError, match=r"preset must be one of \[.*\], 'auto' or a JSON file, got 'no-such'"):
         resolve_preset("no-such", model(""))
-    with pytest.raises(TypeError, match="preset must be a name or a JSON file's path, got NoneType"):
-        get_preset(None)
-    with pytest.raises(ValueError, match="head 40 of layer 13 does not exist"):
-        HeadSelection(((13, 40),)).heads_of(13, 40)
-    with pytest.raises(ValueError, match="layers must lie in"):
-        AttentionProbe(make_tiny_llava(num_layers=3).model, [3])
 
 
 def test_presets_built_in_python_check_their_fields():

@@ -15,6 +15,7 @@ from PIL import Image
 from ..distributed import barrier, check_initialized, check_rank, gather_objects, together
 from ..io_utils import exclusive_lock, file_sha256, read_json, write_json
 from ..llava.data import (
+    FOLDER_REASONS,
     PAST_CONTEXT,
     QASample,
     SkipSample,
@@ -165,12 +166,13 @@ def answer_file(pipe: SDRPNLlava, cfg: InferFileConfig) -> dict:
             merge_rows(cfg.out)
             write_json(cfg.out + SUMMARY_SUFFIX, summary)
     if summary["skipped"] and not summary["answered"] and not summary["already_done"]:
-        # The folder is the usual cause where images were not found; a reason of another
-        # kind (prompts past the context, unusable entries) says what to change itself.
-        image_reasons = any(reason.startswith("image") for reason in summary["skipped_by_reason"])
+        # A wrong folder is the usual cause where images were not found there; a reason of
+        # another kind (prompts past the context, entries the data file got wrong) says what
+        # to change itself.
+        wrong_folder = not FOLDER_REASONS.isdisjoint(summary["skipped_by_reason"])
         raise ValueError(
             f"no sample of {cfg.data} could be answered: all {summary['skipped']} were skipped "
-            f"({skip_reasons(summary['skipped_by_reason'])})" + ("; check --image-folder" * image_reasons)
+            f"({skip_reasons(summary['skipped_by_reason'])})" + ("; check --image-folder" * wrong_folder)
         )
     return summary
 

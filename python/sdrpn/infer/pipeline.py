@@ -199,15 +199,23 @@ class SDRPNLlava(LlavaAnswering):
             # Each prompt is checked against its most crop tokens before pass 1 picks its boxes.
             budget = f"max_boxes={self.roi.max_boxes} crops" if self.roi.crop_mode == "bbox" else "one crop"
             raise ValueError(
-                f"{budget} of {self.num_cells} tokens and the image's {self.num_cells} fill the model's context of "
-                f"{self.context} positions: no question could be answered"
+                f"{budget} of up to {self._most_tokens_a_crop()} tokens and the image's {self.num_cells} take "
+                f"{self.num_cells + crops} of the model's {self.context} positions: no question could be answered"
                 + (" (lower max_boxes)" if self.roi.crop_mode == "bbox" and self.roi.max_boxes > 1 else "")
             )
 
     # ---- inputs ---------------------------------------------------------------------------
+    def _most_tokens_a_crop(self) -> int:
+        """A whole crop's tokens; in bbox mode with token_ratio, the whole grid resampled,
+        the most any box can give (a box within the grid gives no more)."""
+        if self.roi.crop_mode != "bbox" or self.roi.token_ratio <= 0:
+            return self.num_cells
+        h, w = resampled_grid(self.grid_h, self.grid_w, self.roi.token_ratio, self.grid_h, self.grid_w)
+        return h * w
+
     def most_crop_tokens(self) -> int:
-        """Every token of up to max_boxes whole crops (bbox mode) or of one crop (mask mode)."""
-        return self.num_cells * (self.roi.max_boxes if self.roi.crop_mode == "bbox" else 1)
+        """The tokens of up to max_boxes crops (bbox mode) or of one crop (mask mode)."""
+        return self._most_tokens_a_crop() * (self.roi.max_boxes if self.roi.crop_mode == "bbox" else 1)
 
     def _split_prompt(self, question: str) -> tuple[list[int], list[int]]:
         return split_prompt_ids(self.tokenizer, question, self.image_token_id, self.num_cells, self.template)

@@ -19,6 +19,9 @@ class SkipSample(Exception):
 # The reason a job counts a sample whose prompt (with what follows it) does not fit the
 # model's context.
 PAST_CONTEXT = "prompt past the model's context"
+# The reasons a wrong --image-folder gives: images not found, or not images, where the
+# data's paths lead inside it.
+FOLDER_REASONS = frozenset({"image missing", "image path is a folder", "image unreadable", "image empty"})
 
 
 @dataclass(frozen=True)

@@ -103,8 +103,8 @@ def _as_hub_id(name: str, what: str, local_files_only: bool = False) -> None:
     validate_repo_id(name)
     if not (hub_constants.HF_HUB_OFFLINE or local_files_only):
         log.info(
-            "%s %r is no local folder: reading it as a Hugging Face Hub id (HF_HUB_OFFLINE=1 reads the local cache "
-            "alone, at once)",
+            "reading %s %r as a Hugging Face Hub id, no local folder having that name (HF_HUB_OFFLINE=1 reads the "
+            "local cache alone, at once)",
             what,
             name,
         )
