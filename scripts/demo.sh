@@ -9,13 +9,21 @@ set -euo pipefail
 # A relative --out names a folder under the directory the demo was started from, as any
 # command's would, though the demo runs from the repository root (a leading ~ is left to
 # the command, which takes it as home).
+# `out` is where the run writes: the last --out given, as argparse takes it.
 caller=$PWD
 relative() { [[ -n $1 && $1 != /* && $1 != "~"* ]]; }
 args=("$@")
+out=outputs/demo
 for ((i = 0; i < ${#args[@]}; i++)); do
   case ${args[i]} in
-  --out) ((i + 1 < ${#args[@]})) && relative "${args[i + 1]}" && args[i + 1]=$caller/${args[i + 1]} ;;
-  --out=*) relative "${args[i]#--out=}" && args[i]=--out=$caller/${args[i]#--out=} ;;
+  --out)
+    ((i + 1 < ${#args[@]})) && relative "${args[i + 1]}" && args[i + 1]=$caller/${args[i + 1]}
+    out=${args[i + 1]:-$out}
+    ;;
+  --out=*)
+    relative "${args[i]#--out=}" && args[i]=--out=$caller/${args[i]#--out=}
+    out=${args[i]#--out=}
+    ;;
   esac
 done
 cd "$(dirname "$0")/.."
@@ -24,11 +32,4 @@ SDRPN_EVAL=${SDRPN_EVAL:-0} scripts/setup.sh >/dev/null  # the demo needs no lmm
 source "${SDRPN_VENV:-.venv}/bin/activate"
 python -m sdrpn.synth run --out outputs/demo --train-count 1000 --test-count 96 --rpn-epochs 3 \
   --title "SD-RPN demo: the synthetic fine-detail task" "${args[@]}"
-out=outputs/demo  # where the run wrote: the last --out given, as argparse takes it
-for ((i = 0; i < ${#args[@]}; i++)); do
-  case ${args[i]} in
-  --out) out=${args[i + 1]:-$out} ;;
-  --out=*) out=${args[i]#--out=} ;;
-  esac
-done
 echo "report: $out/report.md (examples.png, metrics.json beside it)"

@@ -250,7 +250,8 @@ def resolve_preset(name: str | None, model) -> LlavaPreset:
     model's own (model_preset). Checked against the model either way."""
     preset = get_preset(name, auto=True) if name not in (None, "auto") else model_preset(model)
     if preset is None:
-        where = f"in {_model_folder(model)!r}" if _model_folder(model) else "in a model folder"
+        folder = _model_folder(model)
+        where = f"in {folder!r}" if folder else "in a model folder"
         raise ValueError(
             f"no preset for a model with {model.config.get_text_config().num_hidden_layers} decoder layers and no "
             f"{PRESET_FILE} {where}: pass --preset (a name among {sorted(PRESETS)} or a JSON file)"

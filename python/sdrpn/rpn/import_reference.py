@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from ..io_utils import fsync_dir, read_json
 from ..llava.presets import LlavaPreset, resolve_preset
-from .model import RegionProposalNetwork
+from .model import RegionProposalNetwork, non_finite_tensors
 
 log = logging.getLogger(__name__)
 
@@ -296,7 +296,7 @@ def check_twig_layers(keys: list[str], depth: int) -> None:
 
 
 def check_tensors(tensors: dict[str, Tensor]) -> None:
-    bad = sorted(k for k, v in tensors.items() if not v.is_floating_point() or not bool(torch.isfinite(v).all()))
+    bad = sorted({k for k, v in tensors.items() if not v.is_floating_point()} | set(non_finite_tensors(tensors)))
     if bad:
         raise ReferenceCheckpointError(f"the RPN tensors {bad} are not floating point or hold NaN or Inf")
 
