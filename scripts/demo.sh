@@ -3,11 +3,12 @@
 # LLaVA: pseudo labels from the model's own attention (sdrpn label --answers self), a short
 # RPN training, then test images answered with and without RoI crops. Writes outputs/demo/
 # (report.md, examples.png, metrics.json); a few minutes on 2 CPU cores.
-#   scripts/demo.sh [--out DIR] [--train-count N] [--test-count N] [--rpn-epochs N] [--device cuda]
+#   scripts/demo.sh [--out DIR] [--model DIR] [--train-count N] [--test-count N]
+#                   [--rpn-epochs N] [--device cuda]
 # The full-size run behind the README's numbers: python -m sdrpn.synth run --out outputs/synth
 set -euo pipefail
-# A relative --out names a folder under the directory the demo was started from, as any
-# command's would, though the demo runs from the repository root (a leading ~ is left to
+# A relative --out or --model names a path under the directory the demo was started from, as
+# any command's would, though the demo runs from the repository root (a leading ~ is left to
 # the command, which takes it as home).
 # `out` is where the run writes: the last --out given, as argparse takes it.
 caller=$PWD
@@ -16,13 +17,14 @@ args=("$@")
 out=outputs/demo
 for ((i = 0; i < ${#args[@]}; i++)); do
   case ${args[i]} in
-  --out)
+  --out | --model)
     ((i + 1 < ${#args[@]})) && relative "${args[i + 1]}" && args[i + 1]=$caller/${args[i + 1]}
-    out=${args[i + 1]:-$out}
+    [[ ${args[i]} == --out ]] && out=${args[i + 1]:-$out}
     ;;
-  --out=*)
-    relative "${args[i]#--out=}" && args[i]=--out=$caller/${args[i]#--out=}
-    out=${args[i]#--out=}
+  --out=* | --model=*)
+    flag=${args[i]%%=*} value=${args[i]#*=}
+    relative "$value" && args[i]=$flag=$caller/$value
+    [[ $flag == --out ]] && out=${args[i]#--out=}
     ;;
   esac
 done

@@ -51,6 +51,10 @@ def test_a_relative_out_lands_where_the_demo_was_started(demo):
     argv, said = run("--out=sub/dir")
     assert argv[-1] == f"--out={caller}/sub/dir"
     assert said.startswith(f"report: {caller}/sub/dir/report.md")
+    # --model is a folder too; the report's line still names --out's.
+    argv, said = run("--model", "base", "--out=o", "--model=b2")
+    assert argv[-4:] == ["--model", f"{caller}/base", f"--out={caller}/o", f"--model={caller}/b2"]
+    assert said.startswith(f"report: {caller}/o/report.md")
 
 
 def test_absolute_and_default_outs_are_kept(demo, tmp_path):

@@ -437,6 +437,8 @@ def test_presets_and_head_selection():
     for path in ("/no/such/preset.json", "mine.json", os.path.join("presets", "mine")):  # meant as files
         with pytest.raises(ValueError, match=f"preset file {re.escape(path)}: no such file"):
             get_preset(path)
+    with pytest.raises(ValueError, match=r"preset file \.: is a folder \(name a preset's JSON file\)"):
+        get_preset(".")
     with pytest.raises(TypeError, match="preset must be a name or a JSON file's path, got NoneType"):
         get_preset(None)
     with pytest.raises(ValueError, match="head 40 of layer 13 does not exist"):

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from host_reads import NoHostSync
 from sdrpn.llava.inputs import position_ids_from_mask
 from sdrpn.options import RoiOptions
-from sdrpn.rpn.model import RegionProposalNetwork, gather_visual, last_real_token, rpn_loss
+from sdrpn.rpn.model import RegionProposalNetwork, gather_visual, last_real_token, non_finite_tensors, rpn_loss
 from tiny_llava import IMAGE, make_tiny_llava, random_tokens, teacher_forced_batch
 
 K, T = 1, 3
@@ -335,6 +335,13 @@ def test_rpn_folders_record_their_settings_and_refuse_contradictions(tiny, tmp_p
     ):
         diverged.save(str(tmp_path / "diverged"))
     assert not (tmp_path / "diverged").exists()
+    # Meta tensors (a model built without weights) hold no values to check.
+    meta = {
+        "w": torch.empty(2, device="meta"),
+        "bad": torch.tensor([float("nan")]),
+        "ids": torch.zeros(2, dtype=torch.long),
+    }
+    assert non_finite_tensors(meta) == ["bad"]
     weights["q_proj.weight"] = torch.zeros(3, 3)
     save_file(weights, str(folder / "rpn.safetensors"))
     with pytest.raises(ValueError, match=r"do not fit this model: q_proj.weight \(3, 3\) \(the model's \(64, 64\)\)"):

@@ -184,7 +184,7 @@ class SDRPNLlava(LlavaAnswering):
         # model without a word. A saved one is refused on loading.
         bad = non_finite_tensors(rpn.trainable_state_dict())
         if bad:
-            raise ValueError(f"rpn's weights hold NaN or Inf values: {bad[:3]}{' ...' if len(bad) > 3 else ''}")
+            raise ValueError(f"rpn's weights hold NaN or Inf values: {bad}")
         self.rpn = rpn.eval()
         self.branch = rpn.config.branch_layer
         self.eos_id = self.tokenizer.eos_token_id

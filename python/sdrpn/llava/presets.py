@@ -222,6 +222,8 @@ def get_preset(name: str, *, auto: bool = False) -> LlavaPreset:
             return preset_from_dict(spec, name=os.path.basename(name))
         except (OSError, ValueError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
             raise ValueError(f"preset file {name}: {err}") from None
+    if os.path.isdir(name):
+        raise ValueError(f"preset file {name}: is a folder (name a preset's JSON file)")
     if name.endswith(".json") or os.sep in name:  # meant as a file: say that one is missing
         raise ValueError(f"preset file {name}: no such file")
     also = ", 'auto'" if auto else ""  # resolve_preset's: it needs the model

@@ -49,8 +49,9 @@ CARD_NAME = "README.md"
 
 
 def non_finite_tensors(tensors: dict[str, Tensor]) -> list[str]:
-    """The names of the floating tensors holding NaN or Inf, sorted; one read from the device."""
-    names = sorted(k for k, v in tensors.items() if v.is_floating_point())
+    """The names of the floating tensors holding NaN or Inf, sorted; one read from the device.
+    Meta tensors (a model built without weights, before they are loaded) hold no values."""
+    names = sorted(k for k, v in tensors.items() if v.is_floating_point() and not v.is_meta)
     if not names:
         return []
     finite = [torch.isfinite(tensors[k]).all() for k in names]
