@@ -246,6 +246,18 @@ def test_sixteen_bit_images_keep_their_high_byte(tmp_path):
     torch.testing.assert_close(pixels, preprocess_image(Image.fromarray(rgb), 32)[0], rtol=0, atol=0)
 
 
+def test_every_pillow_mode_becomes_rgb():
+    from sdrpn.llava.inputs import to_rgb
+
+    gray = np.arange(48, dtype=np.uint8).reshape(6, 8) * 5
+    opaque = Image.merge("LA", (Image.fromarray(gray), Image.new("L", (8, 6), 255)))
+    for mode in ("1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "CMYK", "YCbCr", "LAB", "HSV", "I", "F"):
+        image = to_rgb((opaque if mode.startswith("L") else opaque.convert("RGB")).convert(mode))
+        assert image.mode == "RGB" and image.size == (8, 6), mode
+    # Premultiplied with full alpha is the gray itself (Pillow converts La to nothing but LA).
+    assert (np.asarray(to_rgb(opaque.convert("La"))) == gray[..., None]).all()
+
+
 def test_a_question_keeps_no_image_placeholder():
     from sdrpn.llava.inputs import question_text
 

@@ -62,9 +62,12 @@ def to_rgb(image: Image.Image) -> Image.Image:
     """The image as 8-bit RGB. Grayscale, palette and CMYK convert as Pillow converts them
     (as LLaVA's ``convert("RGB")`` does), RGBA drops its alpha; 16-bit grayscale (a 16-bit
     PNG's ``I;16``) keeps its high byte, where Pillow's own conversion clips every value
-    above 255 to white."""
+    above 255 to white. Premultiplied ``La`` goes through ``LA``: Pillow converts it to
+    nothing else."""
     if image.mode.startswith("I;16"):
         image = Image.fromarray((np.asarray(image, dtype=np.uint16) >> 8).astype(np.uint8))
+    if image.mode == "La":
+        image = image.convert("LA")
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
