@@ -29,9 +29,10 @@ void window_softmax_cpu(const at::Tensor& scores, const at::Tensor& query_positi
                         const at::Tensor& key_start,
                         const std::optional<at::Tensor>& key_padding_mask, at::Tensor& out);
 
-// Float32 elements that each buffer of one chunk of heads, its scores and its copy of
-// the keys, may hold (16 Mi, 64 MB): the op runs inside a model's forward (the label pass
-// reduces each probed layer as it runs), beside the layer's own activations.
+// Elements that each buffer of one chunk of heads, its scores and its copy of the keys,
+// may hold (16 Mi: 64 MB in float32, the compute type of every input but float64): the op
+// runs inside a model's forward (the label pass reduces each probed layer as it runs),
+// beside the layer's own activations.
 constexpr int64_t kAttentionRowsChunkBudget = int64_t{1} << 24;
 
 // The device-independent half: validates, then walks the key heads in chunks whose

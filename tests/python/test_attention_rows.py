@@ -156,6 +156,18 @@ def test_cuda_matches_cpu_on_llava_shapes(dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_chunks_of_key_heads_match_reference(device):
+    # The op's budget is 2^24 scores a chunk: one key head's group of 8 query heads over 256
+    # rows and 3072 keys is 6.3 Mi, so 3 key heads run as chunks of 2 and 1, as a 7B label
+    # pass does past about 4,096 tokens a slice.
+    inputs = make_attention_inputs(
+        batch=1, heads=24, kv_heads=3, rows=256, seq_len=3072, head_dim=8, key_length=576,
+        padding="left", device=device, seed=11,
+    )  # fmt: skip
+    check_parity(inputs)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 @pytest.mark.parametrize("where", ["query", "key"])
 def test_non_finite_rows_are_nan_as_in_eager_attention(device, bad, where):

@@ -21,6 +21,18 @@ def test_parity_with_reference(device, dtype, strided):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("count", [33, 64])
+def test_more_dims_than_a_warp_has_lanes_match_reference(device, count):
+    # Past 32 dims a CUDA lane reads a second one: tokens planted there are found too.
+    dims = list(range(3, 16 * count, 16))
+    hidden = make_hidden(2, 97, dims=dims, device=device, seed=count)
+    got = sdrpn.ops.massive_activation_sinks(hidden, dims)
+    assert torch.equal(got.cpu(), reference.massive_activation_sinks(hidden.cpu(), dims))
+    last = hidden[..., dims[32:]].abs().amax(-1).cpu() > 100  # planted past the first 32
+    assert last.any() and got.cpu()[last].all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_only_the_probed_dims_count(device):
     hidden = torch.randn(1, 4, 1024, device=device)
     hidden[0, 1, 5] = 1000.0
