@@ -149,7 +149,9 @@ def attention_rows(
     The attention weights that eager attention would return for these rows, without
     materialising them for every query: the softmax runs over ALL visible keys, and only
     columns ``key_start[b] .. key_start[b] + key_length - 1`` are kept (no
-    renormalisation). Scores are accumulated in float32 (float64 for float64 inputs).
+    renormalisation). Scores are accumulated in float32 (float64 for float64 inputs) and
+    the softmax runs on float32 scores for every input dtype: float64 inputs get float32
+    attention, and a score beyond float32's range makes its row NaN.
 
     Args:
         query: (B, H, Q, d) post-RoPE queries of the wanted rows.
