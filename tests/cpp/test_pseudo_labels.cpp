@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "error_text.h"
+#include "ops/pseudo_labels_impl.h"
 
 namespace {
 
@@ -129,6 +130,24 @@ TEST(PseudoLabels, UndefinedTensorsAreNamed) {  // it had said "sink must be (B,
     sdrpn::pseudo_labels(torch::rand({1, 4}), at::Tensor(), 2, 2);
   });
   EXPECT_NE(message.find("sink must be a defined tensor"), std::string::npos) << message;
+}
+
+// The device check, reached without a GPU: the argument check runs on tensors of two
+// devices (cpu and meta), which the dispatcher itself would never hand to one kernel.
+TEST(PseudoLabels, ATensorOnAnotherDeviceIsNamed) {
+  const auto grounding = torch::zeros({1, 4});
+  const auto sink = torch::zeros({1, 4}, torch::TensorOptions().device(torch::kMeta));
+  const auto message = error_of([&] {
+    sdrpn::ops::check_pseudo_labels_inputs(grounding, sink, 2, 2, 1e-3, 0.2, 0.1, 0.5, -100);
+  });
+  EXPECT_NE(message.find("sink must be on the device of grounding (cpu), got meta"),
+            std::string::npos)
+      << message;
+  EXPECT_EQ(error_of([&] {
+              sdrpn::ops::check_pseudo_labels_inputs(grounding, grounding, 2, 2, 1e-3, 0.2, 0.1,
+                                                     0.5, -100);
+            }),
+            "");
 }
 
 }  // namespace

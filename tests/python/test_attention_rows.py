@@ -212,3 +212,33 @@ def test_the_rows_are_not_differentiable():
     torch._dynamo.reset()
     compiled = torch.compile(rows, fullgraph=True, backend="aot_eager")(query)
     assert not compiled.requires_grad and torch.equal(compiled, rows(query))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("padding", ["left", "right"])
+def test_non_contiguous_padding_mask(device, padding):
+    inputs = make_attention_inputs(device=device, seed=8, padding=padding)
+    mask = inputs.key_padding_mask
+    # The same values, every other column of a wider buffer whose other columns are the
+    # opposite: reading it as contiguous would see the wrong tokens as padding.
+    wide = torch.stack([mask, ~mask], dim=-1).flatten(1)
+    strided = wide[:, ::2]
+    assert not strided.is_contiguous() and torch.equal(strided, mask)
+    got = sdrpn.ops.attention_rows(*inputs.args(), key_padding_mask=strided)
+    want = reference.attention_rows(*inputs.args(), mask)
+    torch.testing.assert_close(got.cpu(), want, rtol=2e-5, atol=2e-6)
+    assert torch.equal(got, sdrpn.ops.attention_rows(*inputs.args(), key_padding_mask=mask))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_float64_scores_are_accumulated_in_float64(device):
+    # The first key's score is 1e8 - (1e8 - 1.5) = 1.5 in float64; in float32 its second
+    # component rounds to -1e8 and the score to 0. The second key scores 0 either way, so
+    # the row is softmax([1.5, 0]) = [0.818, 0.182], not [0.5, 0.5].
+    query = torch.ones(1, 1, 1, 2, dtype=torch.float64, device=device)
+    key = torch.tensor([[1e8, -1e8 + 1.5], [0.0, 0.0]], dtype=torch.float64, device=device).view(1, 1, 2, 2)
+    positions = torch.tensor([[1]], device=device)
+    start = torch.tensor([0], device=device)
+    got = sdrpn.ops.attention_rows(query, key, positions, start, 2, scale=1.0)
+    want = torch.softmax(torch.tensor([1.5, 0.0], dtype=torch.float64), 0).float()
+    torch.testing.assert_close(got.view(2).cpu(), want, rtol=1e-6, atol=1e-7)

@@ -114,3 +114,61 @@ def test_a_token_holding_nan_is_never_a_sink(device, dtype):
     expected = torch.ones(2, 6, dtype=torch.bool)
     expected[0, 2] = expected[1, 4] = False
     assert torch.equal(sinks.cpu(), expected)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_eps_is_added_to_the_mean_square(device):
+    # h = (1, 0, 0, 0): mean(h^2) = 0.25. Without eps, |h_0| / rms = 2 > 1.9: a sink. With
+    # eps = 1 the rms is sqrt(1.25) and the ratio 0.89: not a sink.
+    hidden = torch.tensor([[[1.0, 0.0, 0.0, 0.0]]], device=device)
+    assert sdrpn.ops.massive_activation_sinks(hidden, [0], tau=1.9, eps=0.0).tolist() == [[True]]
+    assert sdrpn.ops.massive_activation_sinks(hidden, [0], tau=1.9, eps=1.0).tolist() == [[False]]
+    assert torch.equal(
+        sdrpn.ops.massive_activation_sinks(hidden, [0], tau=1.9, eps=1.0).cpu(),
+        reference.massive_activation_sinks(hidden, [0], 1.9, 1.0),
+    )
+
+
+LAYOUTS = {
+    # The float64 and non-contiguous rows take one summation, contiguous float32, float16 and
+    # bfloat16 rows another (vectorised where the CPU allows).
+    "float64": (torch.float64, False),
+    "strided": (torch.float32, True),
+    "float32": (torch.float32, False),
+    "float16": (torch.float16, False),
+    "bfloat16": (torch.bfloat16, False),
+}
+# (D, position of the second value): the eighth lane of a group of 8, past every group of 8,
+# the last quarter of a group of 32, past every group of 32.
+POSITIONS = [(8, 7), (9, 8), (40, 27), (33, 32)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("size,last", POSITIONS, ids=["lane8", "tail8", "quarter32", "tail32"])
+def test_every_element_of_a_row_counts_squared(device, layout, size, last):
+    # h = (3, 0, ..., 0, 3): |h_0| / rms = sqrt(D / 2). Leaving the second 3 out gives
+    # sqrt(D), adding it unsquared sqrt(3 D / 4); tau = sqrt(0.6 D) lies between.
+    dtype, strided = LAYOUTS[layout]
+    row = torch.zeros(size, dtype=torch.float64)
+    row[0] = 3.0
+    row[last] = 3.0
+    if strided:
+        wide = torch.zeros(1, 1, 2 * size, dtype=dtype)
+        wide[..., ::2] = row.to(dtype)
+        hidden = wide[..., ::2]
+        assert hidden.stride(2) == 2
+    else:
+        hidden = row.to(dtype).view(1, 1, size)
+    hidden = hidden.to(device)
+    tau = (0.6 * size) ** 0.5
+    got = sdrpn.ops.massive_activation_sinks(hidden, [0], tau=tau, eps=0.0)
+    assert got.tolist() == [[False]]
+    assert torch.equal(got.cpu(), reference.massive_activation_sinks(hidden, [0], tau, 0.0))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_mean_square_divides_by_the_hidden_size(device):
+    # h = (30, 0, 0, 0): rms = sqrt(900 / 4) = 15, normalised 2 (dividing by 3 would give 1.73).
+    hidden = torch.tensor([[[30.0, 0.0, 0.0, 0.0]]], device=device)
+    assert sdrpn.ops.massive_activation_sinks(hidden, [0], tau=1.9, eps=0.0).tolist() == [[True]]

@@ -210,3 +210,61 @@ def test_cuda_matches_cpu_on_a_large_batch(dtype):
     cpu = sdrpn.ops.pseudo_labels(inputs.grounding, inputs.sink, 24, 24)
     cuda = sdrpn.ops.pseudo_labels(inputs.grounding.cuda(), inputs.sink.cuda(), 24, 24)
     assert torch.equal(cpu, cuda.cpu())
+
+
+def labelled_sample(device):
+    """A 4x4 map whose foreground is one cell: labelled (1 FG, 15 BG), not all-ignore."""
+    g = torch.zeros(1, 16, device=device)
+    g[0, 5] = 1.0
+    s = torch.zeros(1, 16, device=device)
+    return g, s
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_sink_value_ignores_a_labelled_sample(device, bad):
+    g, s = labelled_sample(device)
+    assert (sdrpn.ops.pseudo_labels(g, s, 4, 4) != -100).any()
+    s[0, 10] = bad  # a cell that is background when the sink map is finite
+    assert (sdrpn.ops.pseudo_labels(g, s, 4, 4) == -100).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_negative_maps_take_their_own_maximum(device):
+    # All values negative: m = max(Gs) = -1, so fg_ratio 1.5 puts the threshold at -1.5
+    # (foreground: the -1 cell) and bg_ratio 3 at -3 (background: the -4 cells outside the
+    # box; the -2 cell is neither).
+    g = torch.tensor([[-1.0, -2.0, -4.0, -4.0, -4.0, -4.0, -4.0, -4.0, -4.0]], device=device)
+    s = torch.zeros_like(g)
+    kwargs = dict(fg_ratio=1.5, bg_ratio=3.0, max_box_fraction=1.0)
+    got = sdrpn.ops.pseudo_labels(g, s, 3, 3, **kwargs)
+    want = reference.pseudo_labels(g, s, 3, 3, **kwargs)
+    assert torch.equal(got.cpu(), want)
+    assert got.tolist() == [[1, -100, 0, 0, 0, 0, 0, 0, 0]]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_tie_with_the_foreground_threshold_stays_out_of_the_box(device):
+    # (0, 0) is the only foreground cell; (3, 3) equals fg_ratio * max exactly, so it is not
+    # foreground and must not stretch the box over the whole grid (which would make the
+    # box too large and the sample all-ignore).
+    g = torch.zeros(1, 16, device=device)
+    g[0, 0] = 1.0
+    g[0, 15] = 0.25
+    s = torch.zeros_like(g)
+    got = sdrpn.ops.pseudo_labels(g, s, 4, 4, fg_ratio=0.25, bg_ratio=0.125)
+    want = reference.pseudo_labels(g, s, 4, 4, fg_ratio=0.25, bg_ratio=0.125)
+    assert torch.equal(got.cpu(), want)
+    assert got[0, 0] == 1 and got[0, 15] == -100 and (got[0, 1:15] == 0).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("ratios", [dict(fg_ratio=0.0), dict(bg_ratio=0.0)], ids=["fg0", "bg0"])
+def test_zero_ratios_are_accepted(device, ratios):
+    # The ratios must be finite and non-negative: 0 itself is allowed.
+    g = torch.zeros(1, 16, device=device)
+    g[0, 5] = 1.0
+    g[0, 6] = 0.5
+    s = torch.zeros_like(g)
+    got = sdrpn.ops.pseudo_labels(g, s, 4, 4, **ratios)
+    assert torch.equal(got.cpu(), reference.pseudo_labels(g, s, 4, 4, **ratios))

@@ -124,6 +124,7 @@ BAD = [
     (dict(prob=torch.rand(24, 24)), "prob must be (B, H, W), got shape [24, 24]"),
     (dict(prob=torch.ones(1, 4, 4, dtype=torch.long)), "prob must be float32, float64, float16 or bfloat16, got Long"),
     (dict(prob=torch.rand(1, 0, 4)), "prob's grid must be at least 1x1, got 0x4"),
+    (dict(prob=torch.rand(1, 4, 0)), "prob's grid must be at least 1x1, got 4x0"),
     # An empty batch of a grid over 2^30 cells: refused before any buffer is sized by it.
     (dict(prob=torch.empty(0, 2**30 + 1, 1)), "prob's grid must have at most 2^30 cells, got 1073741825x1"),
     (dict(prob=torch.empty(0, 2**31 - 200, 1)), "prob's grid must have at most 2^30 cells, got 2147483448x1"),

@@ -208,3 +208,25 @@ def test_mask_resize_matches_interpolate_for_every_cut_size(device, grid):
     settings = dict(sigma=0.1, threshold=0.5, drop_singletons=False, min_area=0, max_area=h * w)
     _, _, keep = check(prob, **settings)
     assert keep.shape[0] > 48
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("faint", [(2, 12), (11, 12)], ids=["above-the-blobs", "between-them"])
+def test_a_cell_exactly_at_the_threshold_is_not_above_it(device, faint):
+    # Two 3x3 blobs (two boxes: mask mode's union crop) and one faint cell whose blurred value
+    # is the threshold itself. Above the blobs, it must not stretch the tight box; between
+    # them, inside the box, the resized mask reads it as 0 and keeps no crop token near it.
+    prob = torch.zeros(1, 24, 24)
+    prob[0, 10:13, 2:5] = 1.0
+    prob[0, 10:13, 18:21] = 1.0
+    prob[0, faint[0], faint[1]] = 0.3
+    prob = prob.to(device)
+    blurred = sdrpn.ops.roi_boxes(prob)[2]  # this device's own blur
+    threshold = float(blurred[0, faint[0], faint[1]])
+    assert float(blurred[0, 9, 3]) > threshold
+    boxes, index, keep = sdrpn.ops.roi_crops(prob, threshold=threshold)
+    want_boxes, _, want_keep = reference.roi_crops(prob.cpu(), threshold=threshold)
+    assert index.tolist() == [0] and boxes.tolist() == [[1, 9, 22, 14]]
+    assert torch.equal(boxes.cpu(), want_boxes) and torch.equal(keep.cpu(), want_keep)
+    if faint == (11, 12):
+        assert not bool(keep[0, :, 8:16].any())

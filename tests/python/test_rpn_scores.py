@@ -219,3 +219,27 @@ def test_a_second_order_gradient_is_refused():
     (gq,) = torch.autograd.grad(scores.pow(2).sum(), args[0], create_graph=True)
     with pytest.raises(RuntimeError, match="derivative for sdrpn::rpn_scores_backward is not implemented"):
         gq.sum().backward()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_masked_cells_pass_no_gradient(device):
+    gen = torch.Generator().manual_seed(0)
+    batch, cells, hidden, heads, head_dim = 2, 5, 8, 2, 4
+    query = torch.randn(batch, hidden, generator=gen, dtype=torch.float64)
+    visual = torch.randn(batch, cells, hidden, generator=gen, dtype=torch.float64)
+    q_weight = torch.randn(heads * head_dim, hidden, generator=gen, dtype=torch.float64)
+    k_weight = torch.randn(heads * head_dim, hidden, generator=gen, dtype=torch.float64)
+    mask = torch.tensor([[True, True, False, True, False], [True, True, True, True, True]])
+    tensors = [t.to(device).requires_grad_() for t in (query, visual, q_weight, k_weight)]
+    out = sdrpn.ops.rpn_scores(*tensors, heads, visual_mask=mask.to(device))
+    assert torch.isneginf(out[~mask.to(device)]).all()
+    # Every cell gets an upstream gradient of 1, the masked ones included.
+    got = torch.autograd.grad(out, tensors, torch.ones_like(out))
+    # The same scores with the masked cells' gradient cut: only the real cells count.
+    want = torch.autograd.grad(
+        sdrpn.ops.rpn_scores(*tensors, heads, visual_mask=mask.to(device))[mask.to(device)].sum(), tensors
+    )
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+    # The masked cells' visual states receive nothing.
+    assert (got[1][~mask.to(device)] == 0).all()
