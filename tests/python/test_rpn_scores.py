@@ -229,17 +229,14 @@ def test_masked_cells_pass_no_gradient(device):
     visual = torch.randn(batch, cells, hidden, generator=gen, dtype=torch.float64)
     q_weight = torch.randn(heads * head_dim, hidden, generator=gen, dtype=torch.float64)
     k_weight = torch.randn(heads * head_dim, hidden, generator=gen, dtype=torch.float64)
-    mask = torch.tensor([[True, True, False, True, False], [True, True, True, True, True]])
+    mask = torch.tensor([[True, True, False, True, False], [True, True, True, True, True]], device=device)
     tensors = [t.to(device).requires_grad_() for t in (query, visual, q_weight, k_weight)]
-    out = sdrpn.ops.rpn_scores(*tensors, heads, visual_mask=mask.to(device))
-    assert torch.isneginf(out[~mask.to(device)]).all()
+    out = sdrpn.ops.rpn_scores(*tensors, heads, visual_mask=mask)
+    assert torch.isneginf(out[~mask]).all()
     # Every cell gets an upstream gradient of 1, the masked ones included.
     got = torch.autograd.grad(out, tensors, torch.ones_like(out))
     # The same scores with the masked cells' gradient cut: only the real cells count.
-    want = torch.autograd.grad(
-        sdrpn.ops.rpn_scores(*tensors, heads, visual_mask=mask.to(device))[mask.to(device)].sum(), tensors
-    )
+    want = torch.autograd.grad(sdrpn.ops.rpn_scores(*tensors, heads, visual_mask=mask)[mask].sum(), tensors)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w)
-    # The masked cells' visual states receive nothing.
-    assert (got[1][~mask.to(device)] == 0).all()
+    assert (got[1][~mask] == 0).all()  # the masked cells' visual states receive nothing
