@@ -172,7 +172,7 @@ def answer_file(pipe: SDRPNLlava, cfg: InferFileConfig) -> dict:
         wrong_folder = not FOLDER_REASONS.isdisjoint(summary["skipped_by_reason"])
         raise ValueError(
             f"no sample of {cfg.data} could be answered: all {summary['skipped']} were skipped "
-            f"({skip_reasons(summary['skipped_by_reason'])})" + ("; check --image-folder" * wrong_folder)
+            f"({skip_reasons(summary['skipped_by_reason'])})" + ("; check --image-folder" if wrong_folder else "")
         )
     return summary
 
