@@ -3,7 +3,6 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/aminmax.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/matmul.h>
 #include <ATen/ops/stack.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
@@ -104,8 +103,7 @@ at::Tensor attention_rows_by_chunks(const at::Tensor& query, const at::Tensor& k
     const int64_t kvc = std::min(kv_chunk, kv_heads - kv0);
     const auto q = query.narrow(1, kv0 * group, kvc * group)
                        .to(compute)
-                       .mul(s)
-                       .reshape({batch, kvc, group * rows, head_dim});
+                       .reshape({batch * kvc, group * rows, head_dim});
     // One copy, in the compute type and contiguous: a model's keys arrive as a (B, L, Hk, d)
     // buffer seen as (B, Hk, L, d), which the batched GEMM would otherwise copy once more.
     const auto key_chunk = key.narrow(1, kv0, kvc);
@@ -113,7 +111,12 @@ at::Tensor attention_rows_by_chunks(const at::Tensor& query, const at::Tensor& k
         key_chunk.scalar_type() == compute && key_chunk.is_contiguous()
             ? key_chunk
             : at::empty(key_chunk.sizes(), key_chunk.options().dtype(compute)).copy_(key_chunk);
-    auto scores = at::matmul(q, k.transpose(2, 3))
+    // The GEMM applies the scale to its sums (alpha; beta = 0 never reads the empty buffer)
+    // rather than to the query: half-precision inputs are exact in TF32, so the scores do not
+    // change when the caller allows TF32 matmuls, as a pre-scaled query would.
+    auto scores = at::empty({batch * kvc, group * rows, seq_len}, q.options())
+                      .baddbmm_(q, k.reshape({batch * kvc, seq_len, head_dim}).transpose(1, 2),
+                                /*beta=*/0, /*alpha=*/s)
                       .view({batch, kvc * group, rows, seq_len})
                       .to(at::kFloat)
                       .contiguous();

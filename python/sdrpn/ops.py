@@ -151,7 +151,9 @@ def attention_rows(
     columns ``key_start[b] .. key_start[b] + key_length - 1`` are kept (no
     renormalisation). Scores are accumulated in float32 (float64 for float64 inputs) and
     the softmax runs on float32 scores for every input dtype: float64 inputs get float32
-    attention, and a score beyond float32's range makes its row NaN.
+    attention, and a score beyond float32's range makes its row NaN. The scale multiplies
+    the GEMM's sums, not the query, so float16 and bfloat16 inputs lose nothing when TF32
+    matmuls are allowed (their values are exact in TF32).
 
     Args:
         query: (B, H, Q, d) post-RoPE queries of the wanted rows.

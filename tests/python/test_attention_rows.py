@@ -156,6 +156,41 @@ def test_cuda_matches_cpu_on_llava_shapes(dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_the_scale_multiplies_the_scores_not_the_query(device):
+    # query * scale would overflow float32 (2^100 * 2^29 = 2^129), while each score,
+    # (q . k) * scale with keys just above 2^-126, lies within +-64: the GEMM scales its sums.
+    g = torch.Generator().manual_seed(12)
+    query = (torch.rand(2, 2, 3, 4, generator=g) * 2 - 1) * 2.0**100
+    key = (torch.rand(2, 1, 5, 4, generator=g) + 1) * 2.0**-126
+    positions = torch.tensor([[4, 2, 0], [3, 4, 1]])
+    start = torch.tensor([0, 1])
+    args = (query, key, positions, start, 4)
+    got = sdrpn.ops.attention_rows(*(t.to(device) if isinstance(t, torch.Tensor) else t for t in args), scale=2.0**29)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got.cpu(), reference.attention_rows(*args, scale=2.0**29), rtol=2e-5, atol=2e-6)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_inputs_give_the_same_rows_when_tf32_is_allowed(dtype):
+    # Training scripts often allow TF32 matmuls. Half-precision values are exact in TF32 and
+    # the scale is applied to the GEMM's float32 sums, so the rows must not change (a scaled
+    # query would round to TF32: about 1e-3 relative).
+    inputs = make_attention_inputs(
+        batch=2, heads=32, kv_heads=32, rows=16, seq_len=640, head_dim=128, key_length=576,
+        padding="left", dtype=dtype, device="cuda",
+    )  # fmt: skip
+    strict = sdrpn.ops.attention_rows(*inputs.args(), key_padding_mask=inputs.key_padding_mask)
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        tf32 = sdrpn.ops.attention_rows(*inputs.args(), key_padding_mask=inputs.key_padding_mask)
+    finally:
+        torch.set_float32_matmul_precision(before)
+    torch.testing.assert_close(tf32, strict, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_chunks_of_key_heads_match_reference(device):
     # The op's budget is 2^24 scores a chunk: one key head's group of 8 query heads over 256
     # rows and 3072 keys is 6.3 Mi, so 3 key heads run as chunks of 2 and 1, as a 7B label
