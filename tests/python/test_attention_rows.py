@@ -66,6 +66,12 @@ def test_empty_outputs(device, shape):
     assert out.shape == (inputs.query.shape[0], inputs.query.shape[1], inputs.query.shape[2], inputs.key_length)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_zero_head_dim_scores_zero(device):
+    # Every score is 0 (an empty GEMM with beta = 0): each row is uniform over its visible keys.
+    check_parity(make_attention_inputs(device=device, head_dim=0, padding="left", seed=13), scale=1.0)
+
+
 BAD_INPUTS = [
     (lambda i: dict(query=i.query[0]), "query must be (B, H, Q, d), got shape [4, 5, 8]"),
     (lambda i: dict(key=i.key[0]), "key must be (B, Hk, L, d), got shape [2, 23, 8]"),
