@@ -265,6 +265,8 @@ def contract_attention_rows(r: Rules) -> None:
     if mask is not None:
         r.need(tuple(mask.shape) == (batch, seq_len), "key_padding_mask", "key_padding_mask must be (B, L)")
     scale = r.finite("scale", optional=True)
+    if scale is not None and query.dtype != torch.float64:
+        r.need(abs(scale) <= torch.finfo(torch.float32).max, "scale", "scale must lie within float32's range")
     if start_ok and start.dtype == torch.int64 and batch > 0:
         lo, hi = int(start.min()), int(start.max())
         r.need(
@@ -272,7 +274,6 @@ def contract_attention_rows(r: Rules) -> None:
             ("key_start", "key_length"),
             f"key_start in [{lo}, {hi}] + key_length {length} leaves [0, {seq_len}]",
         )
-    r.edge(head_dim == 0 and scale is None, "query", "head dim 0: the default scale 1/sqrt(d) is infinite")
     # float32 scores cannot follow a float64 reference that far.
     r.loose(scale is not None and abs(scale) > 1e4, f"scale {scale} overflows float32 scores")
 

@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 
 #include "attention_rows_impl.h"
 #include "checks.h"
@@ -61,6 +62,10 @@ void check_attention_rows_inputs(const at::Tensor& query, const at::Tensor& key,
   }
   if (scale.has_value()) {
     TORCH_CHECK(std::isfinite(*scale), "scale must be finite, got ", *scale);
+    // The GEMM takes the scale in its compute type, float32 for every input but float64.
+    TORCH_CHECK(
+        query.scalar_type() == at::kDouble || std::abs(*scale) <= std::numeric_limits<float>::max(),
+        "scale must lie within float32's range for ", query.scalar_type(), " inputs, got ", *scale);
   }
   if (batch > 0) {
     // The one host synchronisation of the op: a window outside the keys would read
@@ -89,7 +94,9 @@ at::Tensor attention_rows_by_chunks(const at::Tensor& query, const at::Tensor& k
   const int64_t kv_heads = key.size(1), seq_len = key.size(2), head_dim = query.size(3);
   auto out = at::empty({batch, heads, rows, key_length}, query.options().dtype(at::kFloat));
   if (out.numel() == 0) return out;
-  const double s = scale.value_or(1.0 / std::sqrt(static_cast<double>(head_dim)));
+  // With d = 0 every score is 0 whatever the scale (the default 1/sqrt(0) is infinite).
+  const double s =
+      head_dim == 0 ? 1.0 : scale.value_or(1.0 / std::sqrt(static_cast<double>(head_dim)));
   const auto compute = query.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 
   // Query heads sharing a key head are contiguous (h = kv * group + g), so a chunk of

@@ -13,7 +13,8 @@ namespace sdrpn {
 //   query_positions: (B, Q) int64 sequence position of each query: key j is visible to it
 //   iff j <= position and key_padding_mask[b, j] (True = real token).
 //   key_start: (B,) int64 first kept column per sample; key_length: kept columns.
-//   scale: defaults to 1/sqrt(d).
+//   scale: defaults to 1/sqrt(d); finite, and within float32's range for inputs other
+//   than float64.
 // Returns float32 (B, H, Q, key_length): the softmax over ALL visible keys, restricted to
 // columns key_start .. key_start + key_length - 1 (no renormalisation); 0 where not visible.
 at::Tensor attention_rows(const at::Tensor& query, const at::Tensor& key,

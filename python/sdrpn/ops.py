@@ -163,7 +163,8 @@ def attention_rows(
         key_start: (B,) int64 first kept column of each sample (moves with left padding).
         key_length: number of kept columns.
         key_padding_mask: optional (B, L) bool, True for real tokens.
-        scale: score scale, default ``1 / sqrt(d)``.
+        scale: score scale, default ``1 / sqrt(d)``; finite, and within float32's range
+            for inputs other than float64.
 
     Returns:
         (B, H, Q, key_length) float32; 0 for columns a query cannot see.

@@ -105,7 +105,8 @@ def attention_rows(
     b_size, heads, rows, d = q_all.shape
     group = heads // k_all.shape[1]
     seq_len = k_all.shape[2]
-    scale = d**-0.5 if scale is None else scale
+    if scale is None:
+        scale = d**-0.5 if d else 1.0  # with d = 0 every score is 0 whatever the scale
     out = torch.zeros(b_size, heads, rows, key_length, dtype=torch.float64)
     for b in range(b_size):
         real = torch.ones(seq_len, dtype=torch.bool) if key_padding_mask is None else key_padding_mask[b].cpu()

@@ -69,7 +69,12 @@ def test_empty_outputs(device, shape):
 @pytest.mark.parametrize("device", DEVICES)
 def test_zero_head_dim_scores_zero(device):
     # Every score is 0 (an empty GEMM with beta = 0): each row is uniform over its visible keys.
-    check_parity(make_attention_inputs(device=device, head_dim=0, padding="left", seed=13), scale=1.0)
+    inputs = make_attention_inputs(device=device, head_dim=0, padding="left", seed=13)
+    check_parity(inputs, scale=1.0)
+    assert torch.equal(
+        sdrpn.ops.attention_rows(*inputs.args(), key_padding_mask=inputs.key_padding_mask),
+        sdrpn.ops.attention_rows(*inputs.args(), key_padding_mask=inputs.key_padding_mask, scale=1.0),
+    )  # the default scale, 1/sqrt(0), is infinite
 
 
 BAD_INPUTS = [
@@ -107,6 +112,7 @@ BAD_INPUTS = [
     ),
     (lambda i: dict(key_padding_mask=torch.ones(3, 23)), "key_padding_mask must be bool, got Float"),
     (lambda i: dict(scale=float("nan")), "scale must be finite, got nan"),
+    (lambda i: dict(scale=-1e300), "scale must lie within float32's range for Float inputs, got -1e+300"),
 ]
 
 
