@@ -29,6 +29,7 @@ for ((i = 0; i < ${#args[@]}; i++)); do
   esac
 done
 cd "$(dirname "$0")/.."
+relative "$out" && out=$PWD/$out  # the default, in the repository: named whole, wherever the caller is
 echo "demo: checking the environment (a first run installs it: several minutes)" >&2
 SDRPN_EVAL=${SDRPN_EVAL:-0} scripts/setup.sh >/dev/null  # the demo needs no lmms-eval
 source "${SDRPN_VENV:-.venv}/bin/activate"

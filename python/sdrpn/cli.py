@@ -109,7 +109,10 @@ def device_arg(text: str) -> str:
     return text
 
 
-WORKERS_HELP = "threads that load images ahead of the model (0: on the main thread)"
+WORKERS_HELP = (
+    "threads that load images ahead of the model (0: on the main thread) (default: the CPU count, at most 8: "
+    "%(default)s here)"
+)
 
 
 def _plain_type(hint):
@@ -161,8 +164,13 @@ def options_from_args(cls, args: argparse.Namespace, base=None, **extra):
         raise
 
 
+DESCRIPTION = """SD-RPN for LLaVA-1.5: pseudo labels from the model's own attention (label), a region
+proposal network trained on them (train), and answers that read a crop of the predicted
+region (infer). `sdrpn COMMAND --help` lists a command's flags and their defaults."""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="sdrpn", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(prog="sdrpn", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=_version())
     parser.add_argument(
         "--debug", action="store_true", help="show the traceback of an error (also accepted after the command)"
@@ -172,8 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", type=path_arg, default="outputs/label-demo", help="output folder (default: %(default)s)")
     demo.add_argument("--batch", type=positive_int, default=12, help="number of maps (default: %(default)s)")
     demo.add_argument("--grid", type=_grid, default=(24, 24), help="grid as HxW (default: 24x24)")
-    demo.add_argument("--seed", type=non_negative_int, default=0, help="(default: %(default)s)")
-    demo.add_argument("--device", type=device_arg, default="cpu", help="(default: %(default)s)")
+    demo.add_argument("--seed", type=non_negative_int, default=0, help="the maps' seed (default: %(default)s)")
+    demo.add_argument("--device", type=device_arg, default="cpu", help="where the op runs (default: %(default)s)")
 
     label = sub.add_parser("label", help="pseudo labels from a LLaVA model's own attention")
     label.add_argument("--model", type=text_arg, required=True, help="LLaVA model (HF format): a folder or a Hub id")
@@ -190,7 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
         "model folder's sdrpn_preset.json, else the LLaVA-1.5 preset of its depth) "
         "(default: %(default)s)",
     )
-    label.add_argument("--batch-size", type=positive_int, default=8, help="(default: %(default)s)")
+    label.add_argument(
+        "--batch-size", type=positive_int, default=8, help="samples per teacher-forced pass (default: %(default)s)"
+    )
     label.add_argument("--limit", type=positive_int, default=None, help="only the first N entries")
     label.add_argument(
         "--shard-size",
@@ -199,9 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="samples a shard holds at least (the last may hold fewer): it closes after the batch that reaches "
         "this (default: %(default)s)",
     )
-    label.add_argument(
-        "--workers", type=non_negative_int, default=DEFAULT_WORKERS, help=WORKERS_HELP + " (default: %(default)s)"
-    )
+    label.add_argument("--workers", type=non_negative_int, default=DEFAULT_WORKERS, help=WORKERS_HELP)
     label.add_argument(
         "--dtype",
         choices=["bf16", "fp16", "fp32"],
@@ -260,16 +268,26 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="use the RoI threshold the reference evaluated this benchmark with (--threshold overrides)",
     )
-    infer.add_argument("--max-new-tokens", type=positive_int, default=128, help="(default: %(default)s)")
-    infer.add_argument("--batch-size", type=positive_int, default=8, help="(default: %(default)s)")
     infer.add_argument(
-        "--workers", type=non_negative_int, default=DEFAULT_WORKERS, help=WORKERS_HELP + " (default: %(default)s)"
+        "--max-new-tokens", type=positive_int, default=128, help="longest answer, in tokens (default: %(default)s)"
     )
+    infer.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=8,
+        help="with --data: questions answered together (default: %(default)s)",
+    )
+    infer.add_argument("--workers", type=non_negative_int, default=DEFAULT_WORKERS, help=WORKERS_HELP)
     infer.add_argument("--limit", type=positive_int, default=None, help="with --data: only the first N entries")
     infer.add_argument(
         "--restart", action="store_true", help="with --data: answer every entry again, discarding what --out holds"
     )
-    infer.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="fp16", help="(default: %(default)s)")
+    infer.add_argument(
+        "--dtype",
+        choices=["bf16", "fp16", "fp32"],
+        default="fp16",
+        help="the model's and the RPN's dtype (default: %(default)s; fp32 is faster on a CPU)",
+    )
     infer.add_argument("--device", type=device_arg, default=None, help="default: cuda if available, else cpu")
     infer.add_argument(
         "--decoder",
@@ -327,7 +345,9 @@ def build_parser() -> argparse.ArgumentParser:
     viz = sub.add_parser("viz-labels", help="draw the first samples of a label folder")
     viz.add_argument("labels", type=path_arg, help="label folder")
     viz.add_argument("--out", type=path_arg, required=True, help="PNG folder")
-    viz.add_argument("--num", type=positive_int, default=16, help="(default: %(default)s)")
+    viz.add_argument(
+        "--num", type=positive_int, default=16, help="samples drawn, the first ones (default: %(default)s)"
+    )
     viz.add_argument("--image-folder", type=path_arg, default=None, help="default: the one the labels record")
     return parser
 
@@ -335,12 +355,15 @@ def build_parser() -> argparse.ArgumentParser:
 def _run_train(args) -> dict:
     from .distributed import finish, from_environment
     from .llava.loading import load_llava
+    from .rpn.dataset import check_labels_finished
     from .rpn.train import RPNTrainer
     from .rpn.train_config import TrainConfig
 
     cfg = options_from_args(TrainConfig, args)  # the flags checked before the model's slow load
     options_from_args(RoiOptions, args)
     _check_files(image_folder=args.image_folder, out_folder=args.out)
+    if not cfg.partial_labels:
+        check_labels_finished(cfg.labels)
     rank, world, device = from_environment(args.device)
     model, tokenizer = load_llava(args.model, "bf16" if args.bf16 else "fp32", device)
     roi_overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(RoiOptions)}
@@ -381,8 +404,9 @@ def _run_infer(args) -> None:
         other = ["--viz"] if args.viz else []
     if other:
         raise ValueError(f"{', '.join(other)}: only with {'--data' if single else '--image'}")
-    if not single and (not args.image_folder or not args.out):
-        raise ValueError("--data needs --image-folder and --out")
+    missing = [flag for flag, value in (("--image-folder", args.image_folder), ("--out", args.out)) if not value]
+    if not single and missing:
+        raise ValueError(f"--data needs --image-folder and --out: {' and '.join(missing)} missing")
     options_from_args(RoiOptions, args)  # the RoI flags' values (they apply on the RPN folder's)
     if not single:
         _check_files(args.data, args.image_folder)
@@ -442,6 +466,8 @@ def _run_infer(args) -> None:
         print(f"answer: {record['answer']}")
         print(f"boxes (pixels): {record['boxes'] or 'none (answered as the base model)'}")
         print("timing: " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in record["timings_s"].items()))
+        if args.viz:
+            print(f"wrote {args.viz}")
 
 
 def _check_files(data: str | None = None, image_folder: str | None = None, out_folder: str | None = None) -> None:
@@ -600,7 +626,8 @@ def configure_logging() -> None:
     message", each record once. Other libraries' INFO lines stay out: they say nothing
     about the job (numexpr's thread count on every command, through transformers' pandas
     import). huggingface_hub gives its loggers a stderr handler of their own on import, and
-    they also reach the root's, so each of its warnings (a Hub retry, say) came twice."""
+    they also reach the root's, so each of its warnings (a Hub retry, say) came twice. With
+    stderr not a terminal, the libraries' progress bars are off."""
     if not logging.getLogger().handlers:  # an application (or pytest) that set up logging keeps its own
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
         logging.getLogger("sdrpn").setLevel(logging.INFO)
@@ -611,6 +638,15 @@ def configure_logging() -> None:
     hub = logging.getLogger("huggingface_hub")
     for handler in list(hub.handlers):
         hub.removeHandler(handler)
+    if not sys.stderr.isatty():  # a log file: the libraries' bars (downloads, "Loading weights") would be
+        # lines of carriage returns; sdrpn's own bars log plain lines there instead
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()  # transformers reads this when it is imported
+        if "transformers" in sys.modules:
+            from transformers.utils import logging as transformers_logging
+
+            transformers_logging.disable_progress_bar()
 
 
 def main(argv: list[str] | None = None) -> int:

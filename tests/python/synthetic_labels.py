@@ -7,7 +7,8 @@ import os
 import torch
 from PIL import Image
 
-from sdrpn.labels.folder import LabelFolder, LabelFolderConfig, shard_name
+from sdrpn.io_utils import write_json
+from sdrpn.labels.folder import SUMMARY_NAME, LabelFolder, LabelFolderConfig, shard_name
 from sdrpn.labels.options import LabelOptions
 from sdrpn.ops import IGNORE_INDEX
 
@@ -61,6 +62,7 @@ def write_region_labels(
                 fg=int((cells == 1).sum()), bg=int((cells == 0).sum()), ignore=int((cells == IGNORE_INDEX).sum())
             )
         labels_folder.write_shard(shard_name(0, shard), part, tensors, [], start, start + len(part) - 1, shard)
+    write_json(labels_folder.file(SUMMARY_NAME), labels_folder.summary())  # the job finished
     labels_folder.write_config(
         LabelFolderConfig(
             options=LabelOptions(answers="given"),

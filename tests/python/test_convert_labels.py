@@ -94,6 +94,25 @@ def test_a_file_that_is_no_pickle_is_refused_naming_it(tmp_path, capsys, content
     assert re.search(error, err)
 
 
+def test_a_missing_pickle_or_image_folder_is_named_before_the_load(tmp_path, monkeypatch):
+    import sdrpn.labels.convert as convert
+
+    write_pickle(tmp_path / "in.pkl", [record(1)])
+    monkeypatch.setattr(convert, "load_reference_pickle", lambda path: pytest.fail("loaded the pickle"))
+    for pickle_path, extra, message in (
+        (tmp_path / "nope.pkl", [], f"pickle '{tmp_path / 'nope.pkl'}' does not exist"),
+        (tmp_path, [], f"pickle '{tmp_path}' is a folder"),
+        (
+            tmp_path / "in.pkl",
+            ["--image-folder", "imgs"],
+            "image_folder (--image-folder) 'imgs' does not exist",
+        ),
+    ):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            main(["convert-labels", str(pickle_path), str(tmp_path / "out"), *extra])
+    assert not (tmp_path / "out").exists()
+
+
 def test_non_square_maps_need_a_grid(tmp_path):
     records = [
         {

@@ -349,6 +349,14 @@ def test_broken_index_config_and_shards_are_named(base, model, tmp_path):
         import_reference_checkpoint(src, model, str(tmp_path / "rpn"))
     with pytest.raises(ReferenceCheckpointError, match=r"config.json is not a folder: give the reference"):
         import_reference_checkpoint(os.path.join(src, "config.json"), model, str(tmp_path / "rpn"))
+    # A folder of another kind (a base model, an sdrpn RPN) is named as not a reference checkpoint.
+    other = tmp_path / "base"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"model_type": "llava", "hidden_size": 64}))
+    with pytest.raises(
+        ReferenceCheckpointError, match=rf"{re.escape(str(other))} is not a reference SD-RPN checkpoint"
+    ):
+        import_reference_checkpoint(str(other), model, str(tmp_path / "rpn"))
     assert not os.path.exists(tmp_path / "rpn")
 
 

@@ -92,7 +92,11 @@ def test_infer_cli_single_image_with_viz(infer_ws, tmp_path, capsys):
     with Image.open(viz) as im:
         assert im.size == (120, 60)
     assert infer_cli(infer_ws, "--image", str(infer_ws / "images" / "0.png"), "--question", QUESTIONS[0]) == 0
-    assert "answer:" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "answer:" in said and "wrote" not in said
+    argv = ("--image", str(infer_ws / "images" / "0.png"), "--question", QUESTIONS[0], "--viz", str(viz))
+    assert infer_cli(infer_ws, *argv) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == f"wrote {viz}"
 
 
 def test_infer_cli_refuses_an_image_too_large_for_its_preprocessing(infer_ws, tmp_path, capsys, monkeypatch):
@@ -582,7 +586,14 @@ def test_the_command_reports_user_mistakes_in_one_line(infer_ws, tmp_path, capsy
         (["--image", image], "--image and --question go together"),
         # Invalid UTF-8 on the command line reaches Python as a lone surrogate.
         (["--image", image, "--question", "what \udcff ?"], "--question must be valid UTF-8 text"),
-        (["--data", str(infer_ws / "data.json")], "--data needs --image-folder and --out"),
+        (
+            ["--data", str(infer_ws / "data.json")],
+            "--data needs --image-folder and --out: --image-folder and --out missing",
+        ),
+        (
+            ["--data", str(infer_ws / "data.json"), "--out", "a.jsonl"],
+            "--image-folder and --out: --image-folder missing",
+        ),
         (["--image", image, "--question", " <image> "], "--question must hold text besides the image placeholder"),
         # A flag of the other mode had been ignored without a word.
         (["--image", image, "--question", "q", "--out", "a.jsonl", "--restart"], "--out, --restart: only with --data"),

@@ -554,11 +554,13 @@ def test_resume_refuses_a_data_file_edited_in_place(workspace, tmp_path):
 
 def test_a_data_file_of_no_samples_or_no_json_is_refused_before_the_folder_is_written(workspace, tmp_path):
     data, out = tmp_path / "data.json", tmp_path / "labels"
-    for text, message in (("[]", "holds no samples \\(an empty list\\)"), ('[{"id": 1', "is not a JSON file")):
+    empty = "holds no samples \\(an empty list\\)"
+    for text, message in (("[]", empty), (" [\n ]\n", empty), ('[{"id": 1', "is not a JSON file")):
         data.write_text(text)
         with pytest.raises(ValueError, match=f"--data {data} {message}"):
             run_label(workspace, out, "--answers", "given", "--data", str(data))
         assert not (out / "label_config.json").exists()
+        assert out.exists() == (message != empty)  # an empty list is seen before the folder is made
     data.write_text((workspace / "data.json").read_text())  # the fixed file goes on
     assert run_label(workspace, out, "--answers", "given", "--data", str(data), "--limit", "2") == 0
 

@@ -14,12 +14,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from PIL import Image
 
 from attention_samples import make_attention_inputs
 from label_samples import make_label_inputs
 from rpn_samples import make_rpn_inputs
 from sink_samples import make_hidden
-from tiny_llava import EOS, make_tiny_llava, one_thread, teacher_forced_batch
+from tiny_llava import EOS, make_tiny_llava, make_tokenizer, one_thread, teacher_forced_batch
 
 README = os.path.join(os.path.dirname(__file__), "..", "..", "README.md")
 MARKER = re.compile(r"<!-- example: ([\w-]+)(?: \((not run: [^)]+)\))? -->\n```python\n(.*?)```", re.S)
@@ -123,9 +124,11 @@ def llava_7b_shaped():
     return tiny.model, batch
 
 
-def test_label_maps_example(llava_7b_shaped):
+def test_label_maps_example(llava_7b_shaped, capsys):
     model, batch = llava_7b_shaped
-    maps = run("label-maps", model=model, batch=batch)["maps"]
+    image = Image.fromarray(torch.randint(0, 256, (200, 300, 3), dtype=torch.uint8).numpy())
+    maps = run("label-maps", model=model, batch=batch, tokenizer=make_tokenizer(), image=image)["maps"]
+    assert capsys.readouterr().out == "torch.Size([1, 576]) torch.Size([1, 576])\n"
     assert maps.grounding.shape == maps.sink.shape == (2, 576)
 
 

@@ -22,7 +22,7 @@ from sdrpn.llava.model_facts import model_identity
 from sdrpn.llava.presets import PRESET_FILE
 from sdrpn.rpn.dataset import LabelCollator, LabelShardDataset
 from sdrpn.rpn.for_labels import rpn_for_labels, rpn_settings
-from sdrpn.rpn.model import RegionProposalNetwork, rpn_loss
+from sdrpn.rpn.model import RegionProposalNetwork, read_rpn_config, rpn_loss
 from sdrpn.rpn.train import RPNTrainer, evaluate
 from sdrpn.rpn.train_config import TrainConfig, accumulation_steps
 from synthetic_labels import write_region_labels
@@ -431,7 +431,9 @@ def test_bad_config():
     assert accumulation_steps(512, 8, 4) == 16  # the reference: 8 per GPU x 16 steps x 4 GPUs
     assert accumulation_steps(512, 8, 1) == 64
     with pytest.raises(
-        ValueError, match="effective_batch=512 is not a multiple of batch_size \\* world size = 12 \\* 2"
+        ValueError,
+        match=r"effective_batch=512 is not a multiple of batch_size \* world size = 12 \* 2: pick sizes that divide "
+        r"it \(--effective-batch, --batch-size\), or pass grad_accum \(--grad-accum\)",
     ):
         accumulation_steps(512, 12, 2)
     # grad_accum is the answer; an effective batch other than the default must be the one it makes.
@@ -441,7 +443,10 @@ def test_bad_config():
     ):
         accumulation_steps(32, 8, 1, grad_accum=2)
     assert accumulation_steps(64, 8, 2, grad_accum=4) == 4  # each step takes a batch from every rank
-    with pytest.raises(ValueError, match=r"on 2 rank\(s\) makes an effective batch of 64, not effective_batch=32"):
+    with pytest.raises(
+        ValueError,
+        match=r"on 2 rank\(s\) makes an effective batch of 64, not effective_batch=32: pass one of the two \(--grad",
+    ):
         accumulation_steps(32, 8, 2, grad_accum=4)
 
 
@@ -926,6 +931,52 @@ def test_a_run_in_out_is_not_restarted_without_resume(ws, tmp_path):
     shutil.rmtree(out / "checkpoints")
     with pytest.raises(ValueError, match=r"holds a run already \(.*rpn.safetensors\)"):
         main(train_args(ws, out, *QUICK, "--effective-batch", "16"))
+
+
+def test_labels_whose_job_has_not_finished_are_refused_unless_partial(ws, tmp_path):
+    # An interrupted (or still running) label job: two complete shards, no summary.json.
+    labels = tmp_path / "labels"
+    write_region_labels(labels, tmp_path / "images", num=48, grid=GRID, image_size=14 * GRID, shard_size=16)
+    os.remove(labels / "summary.json")
+    args = train_args(ws, tmp_path / "out", *QUICK, "--stop-after-steps", "1")
+    args[args.index("--labels") + 1] = str(labels)
+    message = f"{labels}: its label job has not finished (no summary.json, 3 complete shard(s))"
+    with pytest.raises(ValueError, match=re.escape(message) + ".*pass --partial-labels"):
+        main(args)
+    assert not (tmp_path / "out").exists()  # refused before the model loads
+    with pytest.raises(ValueError, match=re.escape(message)):
+        LabelShardDataset(str(labels), make_tokenizer(), IMAGE)
+    assert main([*args, "--partial-labels"]) == 0
+    assert len(LabelShardDataset(str(labels), make_tokenizer(), IMAGE, partial=True)) == 48
+
+
+def test_labels_that_record_no_image_folder_are_told_the_flag(tmp_path):
+    labels = tmp_path / "labels"
+    write_region_labels(labels, tmp_path / "images", num=8, grid=GRID, image_size=14 * GRID)
+    folder = LabelFolder(str(labels))
+    folder.write_config(dataclasses.replace(folder.config, image_folder=None))  # as converted without one
+    with pytest.raises(ValueError, match=re.escape(f"{labels} records no image folder: pass --image-folder")):
+        LabelShardDataset(str(labels), make_tokenizer(), IMAGE)
+    assert len(LabelShardDataset(str(labels), make_tokenizer(), IMAGE, image_folder=str(tmp_path / "images"))) == 8
+
+
+def test_resume_without_a_checkpoint_starts_a_new_run_and_says_so(ws, tmp_path, caplog):
+    out = tmp_path / "typo"
+    with caplog.at_level(logging.WARNING, logger="sdrpn.rpn.train"):
+        assert main(train_args(ws, out, *QUICK, "--resume", "--stop-after-steps", "1")) == 0
+    assert f"--resume: {out} holds no checkpoint: starting a new run" in caplog.text
+    # The unfinished run is no RPN folder yet; the refusal names what to pass instead.
+    latest = out / "checkpoints" / "step-00000001"
+    with pytest.raises(
+        FileNotFoundError,
+        match=re.escape(f"resume it with sdrpn train --resume, or pass its latest checkpoint, {latest})"),
+    ):
+        read_rpn_config(str(out))
+    assert read_rpn_config(str(latest)).branch_layer == 1
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="sdrpn.rpn.train"):
+        assert main(train_args(ws, out, *QUICK, "--resume", "--stop-after-steps", "2")) == 0
+    assert "resumed from" in caplog.text and "holds no checkpoint" not in caplog.text
 
 
 def test_metrics_over_nothing_are_undefined(ws):

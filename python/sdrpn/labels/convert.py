@@ -21,7 +21,7 @@ import torch
 
 from .. import ops
 from ..io_utils import exclusive_lock
-from ..llava.data import SkipSample, resolve_image
+from ..llava.data import SkipSample, check_image_folder, resolve_image
 from ..llava.inputs import is_text, question_text
 from ..ops import SINK_THRESHOLD
 from ..subsets import SUBSET_SEED, seeded_subset
@@ -166,13 +166,16 @@ def convert_reference_pickle(
     takes a seeded random subset (the reference's rule), not the first rows. A record
     without usable maps is skipped and counted; the summary says how many and why.
     """
-    _check_new_folder(LabelFolder(out))  # before the pickle's load, which may take minutes
+    # What the command reads and writes, checked before the pickle's load, which may take minutes.
+    _check_new_folder(LabelFolder(out))
+    if not os.path.isfile(path):
+        raise ValueError(f"pickle {path!r} {'is a folder' if os.path.isdir(path) else 'does not exist'}")
+    if image_folder:
+        check_image_folder(image_folder)
     records = load_reference_pickle(path)
     if not records:
         raise ValueError(f"{path} holds no records")
     image_folder = os.path.realpath(image_folder) if image_folder else None
-    if image_folder and not os.path.isdir(image_folder):
-        raise ValueError(f"image_folder must be a directory, got {image_folder!r}")
     kept, grounding, sink, skipped = [], [], [], []
     for i in seeded_subset(len(records), max_samples, seed):
         r = records[i]

@@ -401,6 +401,13 @@ class LabelFolder:
             yield self.read_shard(name)
 
     # ---- summary --------------------------------------------------------------------------
+    def finished(self) -> bool:
+        """Whether the job that writes the folder has finished: sdrpn label and convert-labels
+        record their settings first and the summary once every rank is done (a LabelJob's
+        caller writes it). A folder without recorded settings (convert-labels before format
+        2) holds complete shards alone."""
+        return os.path.isfile(self.file(SUMMARY_NAME)) or not os.path.isfile(self.file(CONFIG_NAME))
+
     def summary(self) -> dict:
         """Counts over every rank's complete shards."""
         return summarize(self.done_markers())

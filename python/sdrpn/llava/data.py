@@ -57,8 +57,8 @@ def check_image_folder(folder: str) -> None:
 
 
 def check_data_file(path: str) -> None:
-    """Refuses, before a job's slow start, a data file that is missing or plainly not a JSON
-    list (JSON Lines among them): only its first characters are read."""
+    """Refuses, before a job's slow start, a data file that is missing, plainly not a JSON
+    list (JSON Lines among them) or an empty one: only its first characters are read."""
     if os.path.isdir(path):
         raise ValueError(f"--data {path} is a folder: it must be a JSON file")
     if not os.path.isfile(path):
@@ -68,6 +68,8 @@ def check_data_file(path: str) -> None:
     if not head.startswith(b"["):
         lines = " (an object, or JSON Lines: put the samples in one list)" if head.startswith(b"{") else ""
         raise ValueError(f"--data {path} must hold a JSON list of samples, it starts with {head[:16]!r}{lines}")
+    if head[1:].lstrip().startswith(b"]"):
+        raise ValueError(f"--data {path} holds no samples (an empty list)")
 
 
 _BOM = b"\xef\xbb\xbf"  # what some editors put before UTF-8 text

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from ..labels.folder import LabelFolder
+from ..labels.folder import SUMMARY_NAME, LabelFolder
 from ..llava.data import (
     SkipSample,
     check_image_folder,
@@ -58,6 +58,18 @@ class SkippedSample:
     reason: str
 
 
+def check_labels_finished(label_dir: str) -> None:
+    """Refuses a label folder whose label job has not finished (interrupted, or still
+    running): training on it would use a part of the data without a word."""
+    folder = LabelFolder(label_dir)
+    if not folder.finished():
+        raise ValueError(
+            f"{label_dir}: its label job has not finished (no {SUMMARY_NAME}, {len(folder.complete_shards())} "
+            "complete shard(s)): rerun it with the same flags to finish it, or pass --partial-labels (partial=True) "
+            "to train on the complete shards"
+        )
+
+
 class LabelShardDataset(Dataset):
     """Samples of a label folder, each rebuilt as it was labelled: the image re-read and
     preprocessed with its recorded preprocessing, the prompt rebuilt with the recorded
@@ -75,11 +87,14 @@ class LabelShardDataset(Dataset):
         max_samples: int | None = None,
         subset_seed: int = SUBSET_SEED,
         image_size: int = 336,
+        partial: bool = False,
     ):
         """max_samples: a random subset of that many samples of the split (seeded, as the
         reference takes its "trained on N samples" subsets), not the first ones.
         image_size: the encoder's input side for labels that record none (converted from the
-        reference's pickles, made for LLaVA-1.5's 336); pass the model's."""
+        reference's pickles, made for LLaVA-1.5's 336); pass the model's.
+        partial: read a folder whose label job has not finished (interrupted or still
+        running: no summary.json), its complete shards; otherwise such a folder is refused."""
         if split not in ("all", "train", "held_out"):
             raise ValueError(f"split must be 'all', 'train' or 'held_out', got {split!r}")
         fraction_ok = isinstance(held_out_fraction, numbers.Real) and not isinstance(held_out_fraction, bool)
@@ -89,10 +104,12 @@ class LabelShardDataset(Dataset):
             raise ValueError(f"max_samples must be an int >= 1 or None, got {max_samples!r}")
         folder = LabelFolder(label_dir)
         self.config = folder.config
+        if not partial:
+            check_labels_finished(label_dir)
         folder.check_shard_ranks(self.config.world_size)  # shards of two jobs would repeat samples
         self.image_folder = image_folder or self.config.image_folder
         if self.image_folder is None:
-            raise ValueError(f"{label_dir} records no image folder: pass image_folder")
+            raise ValueError(f"{label_dir} records no image folder: pass --image-folder (image_folder)")
         # A folder that is gone would have every sample skipped one by one: refuse it here.
         if image_folder:
             check_image_folder(image_folder)

@@ -73,6 +73,11 @@ def read_reference_config(src: str) -> dict:
         raise ReferenceCheckpointError(str(err)) from None
     if not isinstance(config, dict):
         raise ReferenceCheckpointError(f"{path} must hold a JSON object, got {type(config).__name__}")
+    if not any(key.startswith(("twig_", "enable_twig")) for key in config):
+        raise ReferenceCheckpointError(
+            f"{src} is not a reference SD-RPN checkpoint: its {CONFIG_FILE} has no twig settings (the reference "
+            "saves a whole LLaVA model whose config carries enable_twig, twig_K and twig_T)"
+        )
     return config
 
 

@@ -41,6 +41,7 @@ from ..llava.model_facts import config_fingerprint, fingerprints_match, model_de
 from ..ops import IGNORE_INDEX
 from ..options import TASK_THRESHOLDS, Options, RoiOptions, is_int
 from .card import GENERATED_MARK, rpn_card
+from .checkpoints import latest_checkpoint
 
 WEIGHTS_NAME = "rpn.safetensors"
 CONFIG_NAME = "rpn_config.json"
@@ -123,12 +124,26 @@ def _config_object(value) -> RPNConfig:
     return RPNConfig.from_dict(value)
 
 
+def _unfinished_run(folder: str) -> str:
+    """Where `folder` is the --out of a training run that has not finished: what to pass."""
+    try:
+        checkpoint = latest_checkpoint(folder)
+    except (OSError, ValueError):  # a damaged run: the plain refusal says enough
+        return ""
+    if checkpoint is None:
+        return ""
+    return (
+        f" (it holds a training run that has not finished: resume it with sdrpn train --resume, or pass its "
+        f"latest checkpoint, {checkpoint})"
+    )
+
+
 def read_rpn_config(folder: str) -> RPNConfig:
     """The RPNConfig of a folder. rpn_config.json is the RPN's own; config.json, where there
     is one, must say the same (folders written before it existed have none)."""
     path = os.path.join(folder, CONFIG_NAME)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{folder} is not an RPN folder: it has no {CONFIG_NAME}")
+        raise FileNotFoundError(f"{folder} is not an RPN folder: it has no {CONFIG_NAME}{_unfinished_run(folder)}")
     config = read_json_as(path, _config_object)
     hub_path = os.path.join(folder, HUB_CONFIG_NAME)
     if os.path.isfile(hub_path):

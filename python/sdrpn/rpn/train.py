@@ -228,6 +228,7 @@ class RPNTrainer:
             image_folder=cfg.image_folder,
             held_out_fraction=cfg.held_out_fraction,
             image_size=self.model.config.vision_config.image_size,  # for labels that record none
+            partial=cfg.partial_labels,
         )
         train_set = LabelShardDataset(
             cfg.labels, self.tokenizer, self.image_token_id, split="train", max_samples=cfg.max_samples, **common
@@ -324,6 +325,8 @@ class RPNTrainer:
                 log.info("resuming with folders elsewhere than when the run began: %s", "; ".join(moved))
             progress = load_checkpoint(ckpt, rpn, optimizer, scheduler)
             log.info("resumed from %s at step %d", ckpt, progress["global_step"])
+        elif cfg.resume and self.rank == 0:  # a script may always pass --resume; a mistyped --out shows here
+            log.warning("--resume: %s holds no checkpoint: starting a new run", cfg.out)
         if self.rank == 0:  # the checkpoints' one writer, holding the lock
             remove_unfinished_outputs(cfg.out)
         with peers_may_stop(mixed=True):  # DDP starts by broadcasting rank 0's weights

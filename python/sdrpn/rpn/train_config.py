@@ -56,6 +56,9 @@ class TrainConfig(Options):
     keep_checkpoints: int = option(2, "checkpoints kept")
     stop_after_steps: int | None = option(None, "stop (checkpointed) after this many steps in all")
     num_workers: int = option(0, "DataLoader worker processes (0: one loader thread of the training process)")
+    partial_labels: bool = option(
+        False, "train on the complete shards of a label folder whose label job has not finished (no summary.json)"
+    )
 
     def __post_init__(self):
         for name in ("labels", "out"):
@@ -85,7 +88,14 @@ class TrainConfig(Options):
 
     # What may change between a run and its resumption: how long it goes on, how it loads
     # data and how often it saves. Everything else shapes the weights.
-    RESUMABLE_CHANGES = ("resume", "stop_after_steps", "num_workers", "save_every", "keep_checkpoints")
+    RESUMABLE_CHANGES = (
+        "resume",
+        "stop_after_steps",
+        "num_workers",
+        "save_every",
+        "keep_checkpoints",
+        "partial_labels",
+    )
     # Where the files lie, not what they hold: a run, label or image folder moved or copied
     # elsewhere resumes. The label folder's content is compared instead (its recorded
     # settings and the train split's sample ids), and the images by their recorded sizes
@@ -138,12 +148,14 @@ def accumulation_steps(effective_batch: int, batch_size: int, world_size: int, g
         if effective_batch not in (made, REFERENCE_EFFECTIVE_BATCH):
             raise ValueError(
                 f"grad_accum={grad_accum} with batch_size={batch_size} on {world_size} rank(s) makes an effective "
-                f"batch of {made}, not effective_batch={effective_batch}: pass one of the two"
+                f"batch of {made}, not effective_batch={effective_batch}: pass one of the two (--grad-accum or "
+                "--effective-batch)"
             )
         return grad_accum
     if effective_batch % per_step:
         raise ValueError(
             f"effective_batch={effective_batch} is not a multiple of batch_size * world size = "
-            f"{batch_size} * {world_size}: pick sizes that divide it (or pass grad_accum)"
+            f"{batch_size} * {world_size}: pick sizes that divide it (--effective-batch, --batch-size), or pass "
+            "grad_accum (--grad-accum)"
         )
     return effective_batch // per_step

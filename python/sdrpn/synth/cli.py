@@ -55,7 +55,7 @@ def add_device(parser: argparse.ArgumentParser) -> None:
         "--device",
         type=device_arg,
         default="cuda" if torch.cuda.is_available() else "cpu",
-        help="(default: %(default)s)",
+        help="where the model runs (default: %(default)s)",
     )
 
 
@@ -65,15 +65,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train-base", help="train the tiny LLaVA stand-in on the synthetic task")
     train.add_argument("--out", type=path_arg, required=True, help="folder for the model, checkpoint and history")
-    train.add_argument("--steps", type=positive_int, default=2200, help="(default: %(default)s)")
-    train.add_argument("--batch-size", type=positive_int, default=32, help="(default: %(default)s)")
-    train.add_argument("--lr", type=number_in(0.0, 1.0, low_open=True), default=1e-3, help="(default: %(default)s)")
-    train.add_argument("--seed", type=non_negative_int, default=0, help="(default: %(default)s)")
+    train.add_argument("--steps", type=positive_int, default=2200, help="optimiser steps (default: %(default)s)")
+    train.add_argument("--batch-size", type=positive_int, default=32, help="samples a step (default: %(default)s)")
+    train.add_argument(
+        "--lr", type=number_in(0.0, 1.0, low_open=True), default=1e-3, help="peak learning rate (default: %(default)s)"
+    )
+    train.add_argument(
+        "--seed", type=non_negative_int, default=0, help="data and initialisation seed (default: %(default)s)"
+    )
     add_device(train)
     train.add_argument(
         "--workers", type=workers_arg, default=min(8, os.cpu_count() or 1), help="processes making batches"
     )
-    train.add_argument("--save-every", type=positive_int, default=500, help="(default: %(default)s)")
+    train.add_argument(
+        "--save-every", type=positive_int, default=500, help="steps between checkpoints (default: %(default)s)"
+    )
     train.add_argument(
         "--max-minutes",
         type=number_in(0.0, low_open=True),
@@ -146,15 +152,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     score = sub.add_parser("eval-base", help="accuracy by question kind: thumbnail, true crop, random crop")
-    score.add_argument("--model", type=path_arg, required=True)
-    score.add_argument("--count", type=positive_int, default=400, help="(default: %(default)s)")
-    score.add_argument("--split", default="test", choices=["val", "test"], help="(default: %(default)s)")
+    score.add_argument(
+        "--model", type=path_arg, required=True, help="base model folder (train-base's or export-base's)"
+    )
+    score.add_argument("--count", type=positive_int, default=400, help="samples scored (default: %(default)s)")
+    score.add_argument(
+        "--split", default="test", choices=["val", "test"], help="where they come from (default: %(default)s)"
+    )
     add_device(score)
     score.add_argument("--json", type=path_arg, default=None, help="also write the table here")
     inspect = sub.add_parser(
         "inspect", help="where a base model's answer attention lands, per layer and head, and the heads to ground on"
     )
-    inspect.add_argument("--model", type=path_arg, required=True)
+    inspect.add_argument(
+        "--model", type=path_arg, required=True, help="base model folder (train-base's or export-base's)"
+    )
     inspect.add_argument("--count", type=positive_int, default=512, help="validation samples (default: %(default)s)")
 
     export = sub.add_parser(
@@ -162,17 +174,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="ship a trained base model: float16 weights, tokenizer, training record and the preset SD-RPN reads",
     )
     export.add_argument("--model", type=path_arg, required=True, help="train-base output folder")
-    export.add_argument("--to", type=path_arg, required=True)
+    export.add_argument("--to", type=path_arg, required=True, help="the shipped model's folder")
     export.add_argument(
         "--grounding",
         type=head_pairs,
         required=True,
         help="heads whose attention grounds the labels: 'L' (every head of layer L) or 'L:H', comma-separated",
     )
-    export.add_argument("--sink-layer", type=non_negative_int, default=0, help="(default: %(default)s)")
-    export.add_argument("--sink-threshold", type=number_in(0.0, low_open=True), required=True)
-    export.add_argument("--branch-layer", type=positive_int, required=True)
-    export.add_argument("--depth", type=positive_int, default=2, help="(default: %(default)s)")
+    export.add_argument(
+        "--sink-layer",
+        type=non_negative_int,
+        default=0,
+        help="layer whose attention (all heads) gives the sink map (default: %(default)s)",
+    )
+    export.add_argument(
+        "--sink-threshold",
+        type=number_in(0.0, low_open=True),
+        required=True,
+        help="sink-map value above which a cell is ignored",
+    )
+    export.add_argument("--branch-layer", type=positive_int, required=True, help="K: the RPN's branch layer")
+    export.add_argument("--depth", type=positive_int, default=2, help="T: the RPN's depth (default: %(default)s)")
 
     run = sub.add_parser("run", help="SD-RPN on the task: label, train the RPN, evaluate, write the report")
     run.add_argument(

@@ -149,6 +149,7 @@ def raw_labels(labels_dir: str, out: str, fg_ratio: float = 0.2) -> None:
             marker["shard"],
             marker.get("world_size", 1),
         )
+    target.write_summary()
 
 
 def train_rpn(cfg: PipelineConfig, model, tokenizer, labels_dir: str, out: str) -> None:
