@@ -565,6 +565,22 @@ def test_a_data_file_of_no_samples_or_no_json_is_refused_before_the_folder_is_wr
     assert run_label(workspace, out, "--answers", "given", "--data", str(data), "--limit", "2") == 0
 
 
+def test_a_rerun_leaves_the_folder_unfinished_until_its_own_summary(workspace, tmp_path):
+    # A rerun may label further (a larger --limit): while it runs, or once interrupted, the
+    # earlier run's summary must not make the folder pass as finished (training refuses it).
+    from sdrpn.labels.folder import LabelFolder
+
+    out = tmp_path / "labels"
+    assert run_label(workspace, out, "--answers", "given", "--limit", "2") == 0
+    folder = LabelFolder(str(out))
+    assert folder.finished()
+    folder.start(folder.config)  # what the rerun does first
+    assert not folder.finished()
+    assert run_label(workspace, out, "--answers", "given", "--limit", "4") == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert folder.finished() and summary["labelled"] + summary["skipped"] == 4
+
+
 def test_resume_refuses_another_number_of_ranks(workspace, tmp_path):
     # Each rank resumes its own share (index % world size): another count would label twice or never.
     from dataclasses import replace

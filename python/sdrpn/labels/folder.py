@@ -20,6 +20,7 @@ settings they lack take the reference defaults.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import logging
 import os
@@ -264,6 +265,10 @@ class LabelFolder:
         self.check_shard_ranks(config.world_size)
         if record:
             self.write_config(config)
+            # The folder is being written again (a rerun may go further, with a larger --limit):
+            # it counts as finished once this job writes its summary.
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self.file(SUMMARY_NAME))
 
     def check_images_in(self, recorded: str | None, image_folder: str, shards_read: int = 16) -> None:
         """Refuse an image folder not shown to be the one the labels were made from (in
