@@ -355,15 +355,14 @@ def build_parser() -> argparse.ArgumentParser:
 def _run_train(args) -> dict:
     from .distributed import finish, from_environment
     from .llava.loading import load_llava
-    from .rpn.dataset import check_labels_finished
+    from .rpn.dataset import check_label_folder
     from .rpn.train import RPNTrainer
     from .rpn.train_config import TrainConfig
 
     cfg = options_from_args(TrainConfig, args)  # the flags checked before the model's slow load
     options_from_args(RoiOptions, args)
     _check_files(image_folder=args.image_folder, out_folder=args.out)
-    if not cfg.partial_labels:
-        check_labels_finished(cfg.labels)
+    check_label_folder(cfg.labels, cfg.partial_labels)
     rank, world, device = from_environment(args.device)
     model, tokenizer = load_llava(args.model, "bf16" if args.bf16 else "fp32", device)
     roi_overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(RoiOptions)}
@@ -404,6 +403,8 @@ def _run_infer(args) -> None:
         other = ["--viz"] if args.viz else []
     if other:
         raise ValueError(f"{', '.join(other)}: only with {'--data' if single else '--image'}")
+    if single:
+        check_output_kind(args.viz, "--viz", folder=False)
     missing = [flag for flag, value in (("--image-folder", args.image_folder), ("--out", args.out)) if not value]
     if not single and missing:
         raise ValueError(f"--data needs --image-folder and --out: {' and '.join(missing)} missing")

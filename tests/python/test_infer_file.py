@@ -598,6 +598,10 @@ def test_the_command_reports_user_mistakes_in_one_line(infer_ws, tmp_path, capsy
         # A flag of the other mode had been ignored without a word.
         (["--image", image, "--question", "q", "--out", "a.jsonl", "--restart"], "--out, --restart: only with --data"),
         (["--image", image, "--question", "q", "--limit", "1"], "--limit: only with --data"),
+        (
+            ["--image", image, "--question", "q", "--viz", str(tmp_path)],
+            f"--viz {tmp_path} is a folder: it must be a file",
+        ),
         (["--image", image, "--question", "q", "--image-folder", missing], "--image-folder: only with --data"),
         (
             ["--data", str(infer_ws / "data.json"), "--image-folder", missing, "--out", "a.jsonl", "--viz", "v.png"],

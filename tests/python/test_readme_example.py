@@ -127,9 +127,13 @@ def llava_7b_shaped():
 def test_label_maps_example(llava_7b_shaped, capsys):
     model, batch = llava_7b_shaped
     image = Image.fromarray(torch.randint(0, 256, (200, 300, 3), dtype=torch.uint8).numpy())
-    maps = run("label-maps", model=model, batch=batch, tokenizer=make_tokenizer(), image=image)["maps"]
+    maps = run("label-maps", model=model, tokenizer=make_tokenizer(), image=image)["maps"]
     assert capsys.readouterr().out == "torch.Size([1, 576]) torch.Size([1, 576])\n"
-    assert maps.grounding.shape == maps.sink.shape == (2, 576)
+    assert maps.grounding.shape == maps.sink.shape == (1, 576)
+    # The commented call, on a hand-made batch.
+    from sdrpn.llava import LLAVA15_7B, attention_maps
+
+    assert attention_maps(model, batch, LLAVA15_7B, num_cells=576).grounding.shape == (2, 576)
 
 
 def test_train_step_example(llava_7b_shaped):

@@ -933,21 +933,39 @@ def test_a_run_in_out_is_not_restarted_without_resume(ws, tmp_path):
         main(train_args(ws, out, *QUICK, "--effective-batch", "16"))
 
 
-def test_labels_whose_job_has_not_finished_are_refused_unless_partial(ws, tmp_path):
-    # An interrupted (or still running) label job: two complete shards, no summary.json.
+def test_labels_whose_job_has_not_finished_are_refused_unless_partial(ws, tmp_path, caplog):
+    # An interrupted (or still running) label job: three complete shards, no summary.json.
     labels = tmp_path / "labels"
     write_region_labels(labels, tmp_path / "images", num=48, grid=GRID, image_size=14 * GRID, shard_size=16)
     os.remove(labels / "summary.json")
     args = train_args(ws, tmp_path / "out", *QUICK, "--stop-after-steps", "1")
     args[args.index("--labels") + 1] = str(labels)
-    message = f"{labels}: its label job has not finished (no summary.json, 3 complete shard(s))"
-    with pytest.raises(ValueError, match=re.escape(message) + ".*pass --partial-labels"):
+    message = f"{labels}: its label job has not finished (no summary.json; 3 complete shard(s)): let it finish"
+    with pytest.raises(ValueError, match=re.escape(message) + ".*sdrpn train --partial-labels"):
         main(args)
     assert not (tmp_path / "out").exists()  # refused before the model loads
     with pytest.raises(ValueError, match=re.escape(message)):
         LabelShardDataset(str(labels), make_tokenizer(), IMAGE)
-    assert main([*args, "--partial-labels"]) == 0
+    with caplog.at_level(logging.WARNING, logger="sdrpn.rpn.train"):
+        assert main([*args, "--partial-labels"]) == 0
+    assert "its label job has not finished: training on its complete shards (32 samples" in caplog.text
     assert len(LabelShardDataset(str(labels), make_tokenizer(), IMAGE, partial=True)) == 48
+    # No complete shard: --partial-labels is not offered, nor taken.
+    for name in os.listdir(labels):
+        if name.endswith(".done.json"):
+            os.remove(labels / name)
+    for extra in ((), ("--partial-labels",)):
+        with pytest.raises(
+            ValueError,
+            match=r"\(no summary.json; 0 complete shard\(s\)\): let it finish, or rerun it "
+            r"with the same flags if it stopped$",
+        ):
+            main([*args, *extra])
+    # A mistyped --labels is named before the model loads too.
+    args[args.index("--labels") + 1] = str(tmp_path / "lables")
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'lables'} is not a label folder: it does not exist")):
+        main(args)
+    assert not (tmp_path / "out" / "rpn.safetensors").exists()
 
 
 def test_labels_that_record_no_image_folder_are_told_the_flag(tmp_path):

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from ..labels.folder import SUMMARY_NAME, LabelFolder
+from ..labels.folder import SUMMARY_NAME, LabelFolder, LabelFolderConfig
 from ..llava.data import (
     SkipSample,
     check_image_folder,
@@ -58,16 +58,22 @@ class SkippedSample:
     reason: str
 
 
-def check_labels_finished(label_dir: str) -> None:
-    """Refuses a label folder whose label job has not finished (interrupted, or still
-    running): training on it would use a part of the data without a word."""
+def check_label_folder(label_dir: str, partial: bool = False) -> LabelFolderConfig:
+    """The folder's config, refusing what is no label folder, and one whose label job has not
+    finished (interrupted, or still running) unless ``partial``: training on it would use a
+    part of the data without a word."""
     folder = LabelFolder(label_dir)
-    if not folder.finished():
+    config = folder.config  # names a missing folder, a file, a folder without labels
+    if folder.finished():
+        return config
+    shards = len(folder.complete_shards())
+    if not partial or not shards:
+        partly = "train on its complete shards (sdrpn train --partial-labels; partial=True in Python)"
         raise ValueError(
-            f"{label_dir}: its label job has not finished (no {SUMMARY_NAME}, {len(folder.complete_shards())} "
-            "complete shard(s)): rerun it with the same flags to finish it, or pass --partial-labels (partial=True) "
-            "to train on the complete shards"
+            f"{label_dir}: its label job has not finished (no {SUMMARY_NAME}; {shards} complete shard(s)): let it "
+            f"finish, or rerun it with the same flags if it stopped{', or ' + partly if shards else ''}"
         )
+    return config
 
 
 class LabelShardDataset(Dataset):
@@ -103,9 +109,7 @@ class LabelShardDataset(Dataset):
         if max_samples is not None and (not is_int(max_samples) or max_samples < 1):
             raise ValueError(f"max_samples must be an int >= 1 or None, got {max_samples!r}")
         folder = LabelFolder(label_dir)
-        self.config = folder.config
-        if not partial:
-            check_labels_finished(label_dir)
+        self.config = check_label_folder(label_dir, partial)
         folder.check_shard_ranks(self.config.world_size)  # shards of two jobs would repeat samples
         self.image_folder = image_folder or self.config.image_folder
         if self.image_folder is None:

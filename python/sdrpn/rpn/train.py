@@ -29,6 +29,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from ..distributed import barrier, check_initialized, check_rank, gather_objects, peers_may_stop
 from ..io_utils import exclusive_lock, read_json, remove_temporaries, write_json
+from ..labels.folder import LabelFolder
 from ..llava.backbone import branch_hidden_states
 from ..llava.data import skip_reasons
 from ..llava.model_facts import pad_token_id
@@ -233,6 +234,12 @@ class RPNTrainer:
         train_set = LabelShardDataset(
             cfg.labels, self.tokenizer, self.image_token_id, split="train", max_samples=cfg.max_samples, **common
         )
+        if cfg.partial_labels and self.rank == 0 and not LabelFolder(cfg.labels).finished():
+            log.warning(
+                "%s: its label job has not finished: training on its complete shards (%d samples in the train split)",
+                cfg.labels,
+                len(train_set),
+            )
         if len(train_set) < self.world:
             raise ValueError(f"the train split has {len(train_set)} samples, fewer than the {self.world} ranks")
         held_out = None

@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="checkpoint and stop after this long; --resume goes on",
     )
-    train.add_argument("--resume", action="store_true")
+    train.add_argument("--resume", action="store_true", help="go on from --out's checkpoint")
     train.add_argument(
         "--bf16",
         action=argparse.BooleanOptionalAction,
@@ -207,12 +207,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--train-count", type=positive_int, default=10_000, help="samples labelled for the RPN (default: %(default)s)"
     )
-    run.add_argument("--test-count", type=positive_int, default=400, help="(default: %(default)s)")
-    run.add_argument("--rpn-epochs", type=positive_int, default=2, help="(default: %(default)s)")
+    run.add_argument("--test-count", type=positive_int, default=400, help="test images answered (default: %(default)s)")
+    run.add_argument("--rpn-epochs", type=positive_int, default=2, help="RPN training epochs (default: %(default)s)")
     run.add_argument(
         "--examples", type=non_negative_int, default=8, help="test images drawn in examples.png (default: %(default)s)"
     )
-    run.add_argument("--title", default="SD-RPN on the synthetic fine-detail task", help="(default: %(default)s)")
+    run.add_argument(
+        "--title", default="SD-RPN on the synthetic fine-detail task", help="report.md's title (default: %(default)s)"
+    )
     add_device(run)
     return parser
 
