@@ -32,6 +32,7 @@ from ..llava.geometry import grid_box_to_pixels, model_grid
 from ..llava.model_facts import model_folder_path
 from ..llava.presets import resolve_preset
 from ..options import setting_changes
+from ..rpn.checkpoints import latest_checkpoint
 from ..rpn.model import RegionProposalNetwork
 from ..rpn.train import TRAIN_CONFIG_NAME, RPNTrainer
 from ..rpn.train_config import TrainConfig
@@ -166,7 +167,7 @@ def train_rpn(cfg: PipelineConfig, model, tokenizer, labels_dir: str, out: str) 
         effective_batch=cfg.rpn_batch,
         seed=cfg.seed,
         save_every=10_000,
-        resume=True,
+        resume=latest_checkpoint(out) is not None,  # an interrupted run goes on
     )
     RPNTrainer(train, model, tokenizer, device=cfg.device).run()
 
