@@ -405,9 +405,10 @@ def _run_infer(args) -> None:
         raise ValueError(f"{', '.join(other)}: only with {'--data' if single else '--image'}")
     if single:
         check_output_kind(args.viz, "--viz", folder=False)
-    missing = [flag for flag, value in (("--image-folder", args.image_folder), ("--out", args.out)) if not value]
-    if not single and missing:
-        raise ValueError(f"--data needs --image-folder and --out: {' and '.join(missing)} missing")
+    if not single:
+        missing = [flag for flag, value in (("--image-folder", args.image_folder), ("--out", args.out)) if not value]
+        if missing:
+            raise ValueError(f"--data needs --image-folder and --out: {' and '.join(missing)} missing")
     options_from_args(RoiOptions, args)  # the RoI flags' values (they apply on the RPN folder's)
     if not single:
         _check_files(args.data, args.image_folder)

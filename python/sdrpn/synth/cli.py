@@ -191,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--sink-threshold",
         type=number_in(0.0, low_open=True),
         required=True,
-        help="sink-map value above which a cell is ignored",
+        help="sink-map value from which a cell is a sink (tau_sink)",
     )
     export.add_argument("--branch-layer", type=positive_int, required=True, help="K: the RPN's branch layer")
     export.add_argument("--depth", type=positive_int, default=2, help="T: the RPN's depth (default: %(default)s)")
