@@ -579,7 +579,9 @@ def test_the_command_reports_user_mistakes_in_one_line(infer_ws, tmp_path, capsy
     assert err.startswith("sdrpn infer: error: ") and "nowhere" in err and len(err.splitlines()) == 1
     with pytest.raises((OSError, ValueError)):
         entry(["infer", "--debug", "--model", missing, "--rpn", missing, "--image", image, "--question", "q"])
-    # The flags and the image are checked before the model loads (the model is missing too).
+    # The flags, the image and the data file are checked before the model loads (the model is missing too).
+    cut = tmp_path / "cut.json"
+    cut.write_text('[{"id": "a"}, {"id": "b"')  # a copy that stopped part way
     for flags, message in [
         (["--image", str(tmp_path / "x.png"), "--question", "q"], "--image " + str(tmp_path / "x.png")),
         (["--image", str(infer_ws / "data.json"), "--question", "q"], "cannot read it as an image"),
@@ -603,6 +605,10 @@ def test_the_command_reports_user_mistakes_in_one_line(infer_ws, tmp_path, capsy
             f"--viz {tmp_path} is a folder: it must be a file",
         ),
         (["--image", image, "--question", "q", "--image-folder", missing], "--image-folder: only with --data"),
+        (
+            ["--data", str(cut), "--image-folder", str(infer_ws / "images"), "--out", str(tmp_path / "a.jsonl")],
+            f"--data {cut} is not a JSON file",
+        ),
         (
             ["--data", str(infer_ws / "data.json"), "--image-folder", missing, "--out", "a.jsonl", "--viz", "v.png"],
             "--viz: only with --image",

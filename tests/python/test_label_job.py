@@ -552,15 +552,14 @@ def test_resume_refuses_a_data_file_edited_in_place(workspace, tmp_path):
     assert json.loads((out / "label_config.json").read_text())["data_sha256"]
 
 
-def test_a_data_file_of_no_samples_or_no_json_is_refused_before_the_folder_is_written(workspace, tmp_path):
+def test_a_data_file_of_no_samples_or_no_json_is_refused_before_the_folder_is_made(workspace, tmp_path):
     data, out = tmp_path / "data.json", tmp_path / "labels"
     empty = "holds no samples \\(an empty list\\)"
     for text, message in (("[]", empty), (" [\n ]\n", empty), ('[{"id": 1', "is not a JSON file")):
         data.write_text(text)
         with pytest.raises(ValueError, match=f"--data {data} {message}"):
             run_label(workspace, out, "--answers", "given", "--data", str(data))
-        assert not (out / "label_config.json").exists()
-        assert out.exists() == (message != empty)  # an empty list is seen before the folder is made
+        assert not out.exists()  # seen before the folder is made
     data.write_text((workspace / "data.json").read_text())  # the fixed file goes on
     assert run_label(workspace, out, "--answers", "given", "--data", str(data), "--limit", "2") == 0
 
@@ -852,11 +851,13 @@ def test_files_are_checked_before_the_model_loads(workspace, tmp_path, capsys):
 
     (tmp_path / "afile").write_text("x")
     (tmp_path / "lines.jsonl").write_text('{"id": "a"}\n{"id": "b"}\n')
+    (tmp_path / "cut.json").write_text('[{"id": "a"}, {"id": "b"')  # a copy that stopped part way
     missing_model = ["--model", str(tmp_path / "no-model")]
     for flags, message in [
         (["--data", str(tmp_path / "nope.json")], f"--data {tmp_path / 'nope.json'}: no such file"),
         (["--data", str(tmp_path)], f"--data {tmp_path} is a folder: it must be a JSON file"),
         (["--data", str(tmp_path / "lines.jsonl")], "JSON Lines: put the samples in one list"),
+        (["--data", str(tmp_path / "cut.json")], f"--data {tmp_path / 'cut.json'} is not a JSON file"),
         (["--out", str(tmp_path / "afile")], f"--out {tmp_path / 'afile'} is a file: it must be a folder"),
     ]:
         argv = ["label", "--data", str(workspace / "data.json"), "--image-folder", str(workspace / "images")]
