@@ -24,7 +24,7 @@ from bench_label_pipeline import IMAGE_TOKEN, SIZES, build_model, make_prompts
 from sdrpn.llava.backbone import branch_hidden_states
 from sdrpn.llava.inputs import left_pad, position_ids_from_mask
 from sdrpn.rpn.model import RegionProposalNetwork, rpn_loss
-from timing import emit, machine, sync
+from timing import emit, machine, save, sync
 
 
 def main() -> None:
@@ -46,6 +46,15 @@ def main() -> None:
     labels[labels == -1] = -100
     early_exit = lambda: branch_hidden_states(model, ids, mask, pixels, branch)  # noqa: E731
     results = {}
+    report = {
+        "benchmark": "train_rpn",
+        "machine": machine(args.device),
+        "size": args.size,
+        "batch": args.batch,
+        "branch_layer": branch,
+        "depth": depth,
+        "results": results,  # filled in below, saved after each way
+    }
 
     @torch.no_grad()
     def full_backbone():
@@ -94,24 +103,14 @@ def main() -> None:
             "peak_GiB": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
             "epoch_10k_minutes": round(10_000 / per_s / 60, 2),
         }
+        save(report, args.json)
         del rpn, opt
         if cuda:
             torch.cuda.empty_cache()
     results["early_exit_speedup_vs_full_backbone"] = round(
         results["plain"]["samples_per_s"] / results["full_backbone"]["samples_per_s"], 2
     )
-    emit(
-        {
-            "benchmark": "train_rpn",
-            "machine": machine(args.device),
-            "size": args.size,
-            "batch": args.batch,
-            "branch_layer": branch,
-            "depth": depth,
-            "results": results,
-        },
-        args.json,
-    )
+    emit(report, args.json)
 
 
 if __name__ == "__main__":

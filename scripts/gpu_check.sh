@@ -2,17 +2,19 @@
 # On the GPU machine: its python3 already has torch with CUDA; there is no network, so
 # nothing is downloaded (scripts/gpu_prepare.sh, run beforehand elsewhere, fills
 # .gpu_carry/). Builds the extension for this GPU's architecture only, then runs, most
-# important first, each within its own time budget: the 7B pipeline benchmarks (answering,
-# labelling, RPN training), the CPU kernels at full thread count, the CUDA tests, the op
-# benchmarks, the label job on JPEG files and last the C++ suite. Keeps under $OUT,
-# refreshed after every step so that a run cut short still reports: results.json (every
-# benchmark's JSON), figures.md (the headline figures against their targets,
-# benchmarks/figures.py), summary.txt (each step's tail) and logs.tar.gz (logs, profiler
-# tables and traces).
+# important first, each within its own time budget: the CUDA tests of the graph decoder
+# and the host waits (what the pipeline benchmarks rest on, a minute at most), the 7B
+# pipeline benchmarks (answering, labelling, RPN training), the CPU kernels at full thread
+# count, the other CUDA tests, the op benchmarks, the label job on JPEG files and last the
+# C++ suite. Keeps under $OUT, refreshed after every step so that a run cut short still
+# reports: results.json (every benchmark's JSON), figures.md (the headline figures against
+# their targets, benchmarks/figures.py), summary.txt (each step's tail), logs.tar.gz (logs
+# and profiler tables) and traces_infer.tar.gz, traces_label.tar.gz (the profiler traces,
+# apart: a few MB each, and a file over the 16 MiB a file the machine returns is lost whole).
 #
 # With SDRPN_TRAIN_BASE_STEPS=N it also trains the synthetic task's base model (N steps at
-# batch 256) in the background after the benchmarks, while the tests run, scores it, and
-# leaves it as $OUT/base_model.tar.gz.
+# batch 256) in the background after the timed steps, while the C++ suite builds and runs,
+# scores it, and leaves it as $OUT/base_model.tar.gz.
 # GPU_CHECK_SECONDS (default 540) bounds the whole run.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -25,7 +27,7 @@ export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16}
 DEADLINE=$((SECONDS + ${GPU_CHECK_SECONDS:-540}))
 failed=()
 
-pack() {  # results.json, summary.txt and logs.tar.gz from what the steps have left so far
+pack() {  # results.json, summary.txt and the archives from what the steps have left so far
   python3 - "$LOGS" "$OUT/results.json" <<'PY'
 import glob, json, os, sys
 logs, out = sys.argv[1], sys.argv[2]
@@ -39,7 +41,12 @@ json.dump(merged, open(out, "w"), indent=1)
 PY
   python3 benchmarks/figures.py "$OUT/results.json" >"$OUT/figures.md" 2>&1
   (cat "$LOGS/gpu.txt" "$LOGS/steps.txt" 2>/dev/null; for f in "$LOGS"/*.log; do echo "=== $f"; tail -n 40 "$f"; done) >"$OUT/summary.txt"
-  tar -czf "$OUT/logs.tar.gz" -C "$LOGS" .
+  tar -czf "$OUT/logs.tar.gz" -C "$LOGS" --exclude '*_trace.json.gz' .
+  local dir
+  for dir in "$LOGS"/*_profile; do
+    ls "$dir"/*_trace.json.gz >/dev/null 2>&1 &&
+      (cd "$LOGS" && tar -czf "$OUT/traces_$(basename "$dir" _profile).tar.gz" "$(basename "$dir")"/*_trace.json.gz)
+  done
 }
 
 step() {  # step NAME BUDGET COMMAND...: run within its budget and the time left, keep the log
@@ -85,7 +92,19 @@ else
 fi
 python3 -c "import sdrpn; print(sdrpn.build_info())" | tee -a "$LOGS/gpu.txt"
 
-# The figures users choose a method by, first.
+# The CUDA cases (bad inputs included; tests/python/conftest.py marks every test that needs
+# a GPU `cuda`, whatever its name); CI runs the rest on every change. Each named as it ends
+# (-v), so that a run cut short says which passed; a hung test fails alone where
+# pytest-timeout is there, and under pytest-xdist a test that kills its process is reported
+# as a failure and the others run.
+pytest_flags=(-v -p no:cacheprovider -m cuda)
+python3 -c "import pytest_timeout" 2>/dev/null && pytest_flags+=(--timeout 60)
+graph_tests=(tests/python/test_decode.py tests/python/test_host_syncs.py)
+# First, the graph decoder, the image encoder's graphs, the stage timings and the host waits
+# on this GPU: the answering and labelling figures below are taken through them.
+step pytest_graphs 60 python3 -m pytest "${graph_tests[@]}" "${pytest_flags[@]}"
+
+# The figures users choose a method by.
 step bench_infer_7b 240 python3 benchmarks/bench_infer.py --size 7b --device cuda --answer-tokens 8 32 \
   --batch-sizes 1 8 --repeats 3 --profile "$LOGS/infer_profile" --json "$LOGS/bench_infer_7b.json"
 step bench_label_pipeline_7b 150 python3 benchmarks/bench_label_pipeline.py --size 7b --device cuda \
@@ -101,20 +120,9 @@ step bench_sinks_cpu 40 python3 benchmarks/bench_sinks.py --device cpu --json "$
 step bench_attention_backends 40 python3 benchmarks/bench_attention_backends.py --device cuda \
   --json "$LOGS/bench_attention_backends.json"
 
-train_pid=
-if [ -n "${SDRPN_TRAIN_BASE_STEPS:-}" ] && [[ ! " ${failed[*]} " =~ " build_python " ]]; then
-  budget=$(python3 -c "print(max(1, $DEADLINE - $SECONDS - 60) / 60)")
-  python3 -m sdrpn.synth train-base --out build/base_model --steps "$SDRPN_TRAIN_BASE_STEPS" \
-    --batch-size 256 --workers 12 --max-minutes "$budget" >"$LOGS/train_base.log" 2>&1 &
-  train_pid=$!
-fi
-
-# The CUDA cases (bad inputs included; tests/python/conftest.py marks every test that needs
-# a GPU `cuda`, whatever its name); CI runs the rest on every change. Under
-# pytest-xdist a test that kills its process is reported as a failure and the others run.
 xdist=()
 python3 -c "import xdist" 2>/dev/null && xdist=(-n 4)
-step pytest_cuda 150 python3 -m pytest tests/python -q -p no:cacheprovider -m cuda "${xdist[@]}"
+step pytest_cuda 150 python3 -m pytest tests/python "${pytest_flags[@]}" "${graph_tests[@]/#/--ignore=}" "${xdist[@]}"
 for bench in bench_labels bench_sinks bench_rpn_scores; do
   step "${bench}_cuda" 30 python3 "benchmarks/$bench.py" --device cuda --json "$LOGS/${bench}_cuda.json"
 done
@@ -123,6 +131,22 @@ step bench_rpn_scores_cpu 30 python3 benchmarks/bench_rpn_scores.py --device cpu
 # user labelling a real dataset sees), where time is left.
 step bench_label_job_7b 90 python3 benchmarks/bench_label_job.py --size 7b --device cuda --images 128 \
   --batch-size 16 --repeats 1 --json "$LOGS/bench_label_job_7b.json"
+
+# After every timed step: its loader processes and its GPU work would share their machine.
+train_pid=
+if [ -n "${SDRPN_TRAIN_BASE_STEPS:-}" ] && [[ ! " ${failed[*]} " =~ " build_python " ]]; then
+  budget=$(python3 -c "print(max(1, $DEADLINE - $SECONDS - 150) / 60)")
+  python3 -m sdrpn.synth train-base --out build/base_model --steps "$SDRPN_TRAIN_BASE_STEPS" \
+    --batch-size 256 --workers 12 --max-minutes "$budget" >"$LOGS/train_base.log" 2>&1 &
+  train_pid=$!
+fi
+
+gtest_arg=()
+[ -d .gpu_carry/googletest ] && gtest_arg=(-DSDRPN_GTEST_SOURCE_DIR="$ROOT/.gpu_carry/googletest")
+step build_cpp 240 bash -c "cmake -S . -B build/gpu -G Ninja -DCMAKE_BUILD_TYPE=Release \
+  -DPython3_EXECUTABLE=$(command -v python3) -DSDRPN_WITH_CUDA=ON -DSDRPN_CUDA_ARCHS=$SDRPN_CUDA_ARCHS \
+  ${gtest_arg[*]} && cmake --build build/gpu -j $MAX_JOBS"
+step ctest 120 ctest --test-dir build/gpu --output-on-failure --no-tests=error
 
 if [ -n "$train_pid" ]; then
   wait "$train_pid"
@@ -133,13 +157,6 @@ if [ -n "$train_pid" ]; then
     --json "$LOGS/eval_base.json"
   tar -czf "$OUT/base_model.tar.gz" --exclude base_model/checkpoint -C build base_model
 fi
-
-gtest_arg=()
-[ -d .gpu_carry/googletest ] && gtest_arg=(-DSDRPN_GTEST_SOURCE_DIR="$ROOT/.gpu_carry/googletest")
-step build_cpp 240 bash -c "cmake -S . -B build/gpu -G Ninja -DCMAKE_BUILD_TYPE=Release \
-  -DPython3_EXECUTABLE=$(command -v python3) -DSDRPN_WITH_CUDA=ON -DSDRPN_CUDA_ARCHS=$SDRPN_CUDA_ARCHS \
-  ${gtest_arg[*]} && cmake --build build/gpu -j $MAX_JOBS"
-step ctest 120 ctest --test-dir build/gpu --output-on-failure --no-tests=error
 
 pack
 if ((${#failed[@]})); then

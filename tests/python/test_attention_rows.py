@@ -186,8 +186,9 @@ def test_the_scale_multiplies_the_scores_not_the_query(device):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_inputs_give_the_same_rows_when_tf32_is_allowed(dtype):
     # Training scripts often allow TF32 matmuls. Half-precision values are exact in TF32 and
-    # the scale is applied to the GEMM's float32 sums, so the rows must not change (a scaled
-    # query would round to TF32: about 1e-3 relative).
+    # the scale is applied to the GEMM's float32 sums, so the rows change only by the tensor
+    # cores' order of summation (a few float32 ulps of a score; the tolerance of the CUDA
+    # against CPU test), where a scaled query would round to TF32: about 1e-3 relative.
     inputs = make_attention_inputs(
         batch=2, heads=32, kv_heads=32, rows=16, seq_len=640, head_dim=128, key_length=576,
         padding="left", dtype=dtype, device="cuda",
@@ -199,7 +200,7 @@ def test_half_inputs_give_the_same_rows_when_tf32_is_allowed(dtype):
         tf32 = sdrpn.ops.attention_rows(*inputs.args(), key_padding_mask=inputs.key_padding_mask)
     finally:
         torch.set_float32_matmul_precision(before)
-    torch.testing.assert_close(tf32, strict, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(tf32, strict, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("device", DEVICES)

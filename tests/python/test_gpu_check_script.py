@@ -18,13 +18,32 @@ ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
 SCRIPT = os.path.join(ROOT, "scripts", "gpu_check.sh")
 # Values for the shell variables the command lines use; their real values do not change
 # what the parsers accept.
-SHELL_VARS = {"LOGS": "/logs", "OUT": "/out", "ROOT": ROOT, "SDRPN_TRAIN_BASE_STEPS": "100", "budget": "5", "xdist": ""}
+SHELL_VARS = {"LOGS": "/logs", "OUT": "/out", "ROOT": ROOT, "SDRPN_TRAIN_BASE_STEPS": "100", "budget": "5"}
+
+
+def shell_arrays(lines: list[str]) -> dict[str, list[str]]:
+    """The script's arrays, `NAME=(...)` and `NAME+=(...)` in the order written, each
+    addition taken as if its condition held."""
+    arrays: dict[str, list[str]] = {}
+    for line in lines:
+        for name, add, body in re.findall(r"\b(\w+)(\+?)=\(([^)]*)\)", line):
+            arrays[name] = (arrays.get(name, []) if add else []) + shlex.split(body)
+    return arrays
+
+
+def expand(text: str, env: dict, arrays: dict) -> str:
+    """`"${NAME[@]}"` and `"${NAME[@]/#/PREFIX}"` as the words of the array (each prefixed),
+    then `$NAME` and `${NAME}` from env."""
+    words = lambda m: " ".join(shlex.quote((m.group(2) or "") + v) for v in arrays[m.group(1)])  # noqa: E731
+    text = re.sub(r"\"\$\{(\w+)\[@\](?:/#/([^}]*))?\}\"", words, text)
+    return re.sub(r"\$\{?(\w+)\}?", lambda m: env[m.group(1)], text)
 
 
 def command_lines() -> list[list[str]]:
     """Each `python3 benchmarks/... ` or `python3 -m ...` command of the script, as argv after
     `python3`, with `for NAME in A B; do ... done` loops unrolled."""
     lines = open(SCRIPT).read().replace("\\\n", " ").splitlines()
+    arrays = shell_arrays(lines)
     commands, loop = [], None
     for line in lines:
         header = re.match(r"\s*for (\w+) in ([^;]+); do", line)
@@ -38,7 +57,7 @@ def command_lines() -> list[list[str]]:
             continue
         for value in loop[1] if loop else [None]:
             env = dict(SHELL_VARS, **({loop[0]: value} if loop else {}))
-            text = re.sub(r"\$\{?(\w+)(?:\[@\])?\}?", lambda m: env[m.group(1)], line[line.index("python3 ") + 8 :])
+            text = expand(line[line.index("python3 ") + 8 :], env, arrays)
             argv = []
             for token in shlex.split(text):
                 if token[:1] in (">", "&") or token.startswith("2>"):
@@ -84,7 +103,16 @@ def parse_benchmark(script: str, argv: list[str]) -> argparse.Namespace:
 def test_the_script_has_its_steps():
     scripts = [argv[0] for argv in COMMANDS]
     assert scripts.count("benchmarks/bench_infer.py") == 1 and "benchmarks/bench_rpn_scores.py" in scripts
-    assert ["-m", "pytest"] in [a[:2] for a in COMMANDS] and ["-m", "sdrpn.synth"] in [a[:2] for a in COMMANDS]
+    assert ["-m", "sdrpn.synth"] in [a[:2] for a in COMMANDS]
+    # The graph tests first, then every other test file: between them, each CUDA case once.
+    graphs, rest = [a for a in COMMANDS if a[:2] == ["-m", "pytest"]]
+    assert scripts.index("-m") < scripts.index("benchmarks/bench_infer.py")
+    first = [a for a in graphs[2:] if a.startswith("tests/")]
+    assert (
+        first
+        and rest[2] == "tests/python"
+        and [f"--ignore={t}" for t in first] == [a for a in rest if a.startswith("--ignore=")]
+    )
 
 
 @pytest.mark.parametrize("argv", COMMANDS, ids=[" ".join(a[:3]) for a in COMMANDS])
@@ -97,7 +125,9 @@ def test_every_command_line_parses(argv, monkeypatch):
     elif argv[:2] == ["-m", "sdrpn.synth"]:
         synth_cli.build_parser().parse_args(argv[2:])
     elif argv[:2] == ["-m", "pytest"]:
-        assert argv[2] == "tests/python" and "cuda" in argv
+        assert argv[argv.index("-m", 2) + 1] == "cuda", argv  # the CUDA cases only
+        paths = [a.removeprefix("--ignore=") for a in argv[2:] if a.startswith(("tests/", "--ignore=tests/"))]
+        assert paths and all(os.path.exists(os.path.join(ROOT, p)) for p in paths), argv
     else:
         pytest.fail(f"no parser known for {argv}")
 
