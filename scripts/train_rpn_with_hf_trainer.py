@@ -41,7 +41,9 @@ def main() -> None:
     )
     parser.add_argument("--grad-accum", type=positive_int, help="micro-batches per optimiser step (default: derived)")
     parser.add_argument("--lr", type=float, default=5e-5)
-    parser.add_argument("--bf16", action="store_true", help="backbone in bf16, RPN under bf16 autocast")
+    parser.add_argument(
+        "--bf16", action="store_true", help="backbone in bf16, RPN under bf16 autocast (its weights stay float32)"
+    )
     args = parser.parse_args()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))  # set by accelerate launch and torchrun
     grad_accum = accumulation_steps(args.effective_batch, args.batch_size, world_size, args.grad_accum)

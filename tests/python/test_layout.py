@@ -38,7 +38,7 @@ def test_an_upward_import_fails(tmp_path):
 EXPORTS = {
     "sdrpn.llava": ["AttentionMaps", "AttentionProbe", "EarlyExit", "HeadSelection", "LLAVA15_13B", "LLAVA15_7B",
                     "LlavaPreset", "PRESETS", "TeacherForcedBatch", "attention_maps", "get_preset",
-                    "given_answer_maps", "probe_once"],
+                    "given_answer_maps", "probe_once", "model_turn"],
     "sdrpn.labels": ["LabelFolder", "LabelFolderConfig", "LabelJob", "LabelJobConfig", "LabelOptions"],
     "sdrpn.rpn": ["LabelBatch", "LabelCollator", "LabelShardDataset", "RPNConfig", "RPNTrainer",
                   "RegionProposalNetwork", "TrainConfig", "rpn_for_labels", "rpn_loss"],

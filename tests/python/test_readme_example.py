@@ -5,6 +5,7 @@ shipped synthetic model, an RPN built on it and two of its images; "ops", "label
 (a LLaVA-1.5-7B-shaped model of tiny width stands in for the 7B); a name with "(not run: ...)"
 says why it is not run."""
 
+import copy
 import json
 import os
 import re
@@ -136,19 +137,24 @@ def test_label_maps_example(llava_7b_shaped, capsys):
     assert attention_maps(model, batch, LLAVA15_7B, num_cells=576).grounding.shape == (2, 576)
 
 
-def test_train_step_example(llava_7b_shaped):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_train_step_example(llava_7b_shaped, dtype):
     llava, batch = llava_7b_shaped
     labels = torch.randint(-1, 2, (2, 576), generator=torch.Generator().manual_seed(0))
     labels[labels == -1] = -100
     names = {
-        "llava": llava,
+        "llava": copy.deepcopy(llava).to(dtype),  # load_llava's default is bf16
         "input_ids": batch.input_ids,
         "attention_mask": batch.attention_mask,
         "pixel_values": batch.pixel_values,
         "labels": labels,
     }
-    loss = run("train-step", **names)["loss"]
+    done = run("train-step", **names)
+    loss = done["loss"]
     assert loss.ndim == 0 and torch.isfinite(loss) and loss.requires_grad
+    loss.backward()  # float32 gradients for float32 weights, whatever the backbone's dtype
+    assert {p.dtype for p in done["rpn"].parameters()} == {torch.float32}
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in done["rpn"].parameters())
 
 
 def test_the_synthetic_stages_by_hand_run_as_written(tmp_path):

@@ -470,6 +470,30 @@ LAUNCHERS = {
 }
 
 
+def test_the_trainer_module_trains_float32_weights_on_a_bf16_backbone():
+    # Copied from a bf16 backbone the RPN is bf16, where an update at these learning rates
+    # mostly rounds away: the module trains it in float32, under the Trainer's autocast.
+    from sdrpn.rpn.hf_trainer import RPNForTraining
+    from tiny_llava import make_tiny_llava, teacher_forced_batch
+
+    tiny = make_tiny_llava(num_layers=3, grid=4)
+    tiny.model.to(torch.bfloat16)
+    rpn = RegionProposalNetwork.from_llava(tiny.model, 2, 1)
+    module = RPNForTraining(tiny.model, rpn)
+    assert module.rpn is rpn and {p.dtype for p in rpn.parameters()} == {torch.float32}
+    batch = teacher_forced_batch(tiny, [[7, 8], [9, 10, 11]], [[12], [13]])
+    labels = torch.tensor([[1, 0, -100, 0] * 4, [0, 1, 1, -100] * 4])
+    before = [p.detach().clone() for p in rpn.parameters()]
+    opt = torch.optim.AdamW(rpn.parameters(), lr=5e-5, betas=(0.9, 0.98), weight_decay=0.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = module(batch.input_ids, batch.attention_mask, batch.pixel_values.to(torch.bfloat16), labels)["loss"]
+    loss.backward()
+    opt.step()
+    # Adam's first step moves every weight by about lr, which bf16 would round to nothing
+    # for all but the smallest weights.
+    assert all((p != b).float().mean() > 0.9 for p, b in zip(rpn.parameters(), before))
+
+
 @pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
 def test_hf_trainer_example(ws, tmp_path, launcher):
     out = tmp_path / "hf"

@@ -38,6 +38,7 @@ from ..llava.inputs import (
     split_prompt_ids,
 )
 from ..llava.probe import capture_outputs, decoder_layers
+from ..llava.turns import model_turn
 from ..llava.vision import ImageEncoder
 from ..options import RoiOptions
 from ..prefetch import thread_map
@@ -289,7 +290,8 @@ class SDRPNLlava(LlavaAnswering):
         """RoIs for a batch: boxes in source pixels and grid cells, probabilities, kept tokens."""
         if not self._batch_size(images, questions):
             return []
-        p1, _ = self._pass1(images, questions)
+        with model_turn(self.model):
+            p1, _ = self._pass1(images, questions)
         return p1.rois
 
     # ---- pass 2 ---------------------------------------------------------------------------
@@ -350,6 +352,10 @@ class SDRPNLlava(LlavaAnswering):
         max_new_tokens = self.checked_max_new_tokens(max_new_tokens)
         if not self._batch_size(images, questions):
             return []
+        with model_turn(self.model):
+            return self._answer(images, questions, max_new_tokens)
+
+    def _answer(self, images, questions, max_new_tokens: int) -> list[SDRPNAnswer]:
         p1, images = self._pass1(images, questions)
         clock = p1.clock
         # On the device before any pass-2 work is queued (a copy there waits for that work).

@@ -95,13 +95,12 @@ class SDRPNLlavaEval(lmms):
             log.info("sdrpn_llava: task %s answered with %s", task, roi)
         return self._pipes[preset]
 
+    def _answerer(self, task: str) -> BaseLlava | SDRPNLlava:
+        return self.baseline if self.baseline is not None else self._pipe(task)
+
     def _answer(self, task: str, images: list[Image.Image], questions: list[str], decoding: Decoding) -> list[str]:
-        if self.baseline is not None:
-            texts = self.baseline.generate(images, questions, decoding.max_new_tokens)
-        else:
-            answers = self._pipe(task).generate(images, questions, decoding.max_new_tokens)
-            texts = [a.text for a in answers]
-        return [decoding.cut(t) for t in texts]
+        answers = self._answerer(task).generate(images, questions, decoding.max_new_tokens)
+        return [decoding.cut(a if isinstance(a, str) else a.text) for a in answers]
 
     def _sample(self, request: Instance) -> tuple[Image.Image, str]:
         """The image and question of one request: its document's single image, and its
@@ -121,7 +120,10 @@ class SDRPNLlavaEval(lmms):
 
     def generate_until(self, requests: list[Instance]) -> list[str]:
         """Greedy answers, each cut at its task's stop strings, in the order of `requests`.
-        Requests are batched within groups of one task and one set of generation kwargs."""
+        Requests are batched within groups of one task and one set of generation kwargs. A
+        question whose prompt does not fit the model's context (with the most crop tokens
+        it could get) is answered with an empty string and named in a warning, as `sdrpn
+        infer --data` skips and counts it: one such document does not end the evaluation."""
         groups: dict[tuple[str, str], list[int]] = defaultdict(list)
         for index, request in enumerate(requests):
             _, gen_kwargs, _, _, task, _ = request.args
@@ -133,14 +135,35 @@ class SDRPNLlavaEval(lmms):
                 (task, decoding, indices[i : i + self.batch_size]) for i in range(0, len(indices), self.batch_size)
             ]
         out: list[str | None] = [None] * len(requests)
+        unanswered = 0
         bar = show_progress(total=len(requests), desc="sdrpn_llava", unit="sample", disable=self.rank != 0)
         for task, decoding, indices in batches:
-            images, questions = zip(*(self._sample(requests[i]) for i in indices))
-            for i, text in zip(indices, self._answer(task, list(images), list(questions), decoding)):
-                out[i] = text
-                self.cache_hook.add_partial("generate_until", requests[i].args[:2], text)
+            samples = {i: self._sample(requests[i]) for i in indices}
+            for i, (_, question) in list(samples.items()):
+                problem = self._answerer(task).prompt_too_long(question)
+                if problem:
+                    log.warning(
+                        "sdrpn_llava: task %r document %s answered empty: its question %s",
+                        task,
+                        requests[i].args[3],
+                        problem,
+                    )
+                    out[i] = ""
+                    unanswered += 1
+                    del samples[i]
+            if samples:
+                images, questions = zip(*samples.values())
+                for i, text in zip(samples, self._answer(task, list(images), list(questions), decoding)):
+                    out[i] = text
+                    self.cache_hook.add_partial("generate_until", requests[i].args[:2], text)
             bar.update(len(indices))
         bar.close()
+        if unanswered:
+            log.warning(
+                "sdrpn_llava: %d of %d questions answered empty, their prompts past the model's context",
+                unanswered,
+                len(requests),
+            )
         return out
 
     def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:

@@ -18,6 +18,7 @@ if TYPE_CHECKING:  # the package's names, imported on first use (sdrpn.lazy_expo
     from .probe import AttentionProbe as AttentionProbe
     from .probe import EarlyExit as EarlyExit
     from .probe import probe_once as probe_once
+    from .turns import model_turn as model_turn
 else:  # hidden from type checkers, which would take any name through __getattr__
     __getattr__, __dir__, __all__ = lazy_exports(__name__, __file__)
 del lazy_exports, TYPE_CHECKING  # not names of the package

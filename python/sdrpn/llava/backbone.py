@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from .attention_kernels import without_cudnn_attention
 from .inputs import position_ids_from_mask
 from .model_facts import model_dtype
-from .probe import EarlyExit, capture_outputs, decoder_layers
+from .probe import ProbeDone, capture_outputs, decoder_layers
 
 
 @torch.no_grad()
@@ -20,18 +20,22 @@ def branch_hidden_states(
     """(hidden states entering layer K (B, L, D), position ids (B, L)).
 
     Equal to ``hidden_states[K]`` of a full forward, but layers >= K never run: the output
-    of layer K-1 is taken by a forward hook, and the decoder stops there.
+    of layer K-1 is taken by a forward hook of this thread, which ends the forward there
+    (the model is not changed: a thread sharing it runs its own forwards meanwhile).
     """
     layers = len(decoder_layers(model))
     if isinstance(branch_layer, bool) or not isinstance(branch_layer, int) or not 1 <= branch_layer <= layers:
         raise ValueError(f"branch_layer must be an int in [1, {layers}] (the decoder's layers), got {branch_layer!r}")
     position_ids = position_ids_from_mask(attention_mask)
-    with capture_outputs(decoder_layers(model)[branch_layer - 1]) as captured, EarlyExit(model, branch_layer):
-        model.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            pixel_values=pixel_values.to(model_dtype(model)),
-            position_ids=position_ids,
-            use_cache=False,
-        )
+    with capture_outputs(decoder_layers(model)[branch_layer - 1], stop=True) as captured:
+        try:
+            model.model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                pixel_values=pixel_values.to(model_dtype(model)),
+                position_ids=position_ids,
+                use_cache=False,
+            )
+        except ProbeDone:
+            pass
     return captured[-1], position_ids

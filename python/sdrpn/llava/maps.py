@@ -26,6 +26,7 @@ from .inputs import left_pad, position_ids_from_mask, right_pad
 from .model_facts import model_device
 from .presets import HeadSelection, LlavaPreset
 from .probe import probe_once
+from .turns import model_turn
 
 
 @dataclass
@@ -392,15 +393,17 @@ def self_answer_maps(
     """The model's greedy answers to left-padded prompts (B, W) with their images, and
     their G and S: the prompt runs once, into the cache that both decoding and the
     answers' maps (attention_maps_on_cache) read. ``limits``: each answer's most tokens
-    (greedy_decode's)."""
-    cache, logits, mask, nxt = prefill(model, ids, mask, pixels)
-    # The maps read the cache up to the deepest probed layer. A static decoder holds its own
-    # copy of every layer, so the others go once copied rather than be held twice.
-    probed = max(preset.probed_layers) + 1
-    answers = greedy_decode(
-        model, cache, logits, mask, nxt, max_new_tokens, eos_id, decoder, pool, keep_layers=probed, limits=limits
-    )
-    return answers, attention_maps_on_cache(model, cache, ids, mask, answers, preset, num_cells, pad_id)
+    (greedy_decode's). Holds the model's turn (``turns``): ``pool``'s decoders serve one call
+    at a time."""
+    with model_turn(model):
+        cache, logits, mask, nxt = prefill(model, ids, mask, pixels)
+        # The maps read the cache up to the deepest probed layer. A static decoder holds its own
+        # copy of every layer, so the others go once copied rather than be held twice.
+        probed = max(preset.probed_layers) + 1
+        answers = greedy_decode(
+            model, cache, logits, mask, nxt, max_new_tokens, eos_id, decoder, pool, keep_layers=probed, limits=limits
+        )
+        return answers, attention_maps_on_cache(model, cache, ids, mask, answers, preset, num_cells, pad_id)
 
 
 @torch.no_grad()

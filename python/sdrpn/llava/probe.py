@@ -4,11 +4,15 @@ The probe registers one attention function with transformers' AttentionInterface
 the SDPA mask builder under the same name with AttentionMaskInterface), selects it for
 the text decoder only, and delegates the real attention to SDPA: the model computes
 exactly what it computes with SDPA, and the probe keeps q and k of the probed layers.
+
+Hooks set here act on the forwards of the thread that set them alone: a thread sharing the
+model runs its own forwards meanwhile unread and unstopped (``turns``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -19,6 +23,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .attention_kernels import without_cudnn_attention
+from .turns import model_turn
 
 PROBE_ATTENTION = "sdrpn_probe"
 _CAPTURE_ATTR = "_sdrpn_capture"
@@ -43,8 +48,9 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 
 class ProbeDone(Exception):
-    """Raised by a probe made with ``stop=True`` once the deepest probed layer's query and
-    key are kept: the rest of that forward would compute nothing the probe reads."""
+    """Raised inside a forward by a probe or capture made with ``stop=True`` once it holds
+    what it reads (the deepest probed layer's query and key, the layer's output): the rest
+    of that forward would compute nothing it reads."""
 
 
 class AttentionProbe:
@@ -53,7 +59,11 @@ class AttentionProbe:
     ``reduce`` what ``reduce(layer, query, key)`` made of them, so that a forward need not
     hold every probed layer's q and k until it ends. With ``stop=True`` the forward ends
     there, raising ProbeDone (the caller catches it): the deepest layer's attention and
-    MLP, and every layer after it, never run.
+    MLP, and every layer after it, never run. Only the forwards of the thread that entered it
+    are read (and stopped), and it holds the model's turn (``turns.model_turn``) while active:
+    it selects its attention function in the model's config, which every thread reads, and
+    delegates to SDPA, so a model loaded with another attention implementation runs SDPA
+    in every thread meanwhile.
 
     Example::
 
@@ -84,24 +94,32 @@ class AttentionProbe:
         return decoder_layers(self.model)[layer].self_attn
 
     def __enter__(self) -> AttentionProbe:
+        self._turn = model_turn(self.model)
+        self._turn.acquire()
         config = self.model.get_decoder().config
         self._saved_impl = config._attn_implementation
         config._attn_implementation = PROBE_ATTENTION
+        owner = threading.get_ident()
         for layer in self.layers:
-            setattr(self._attention_module(layer), _CAPTURE_ATTR, self._capturer(layer))
+            setattr(self._attention_module(layer), _CAPTURE_ATTR, self._capturer(layer, owner))
         return self
 
     def __exit__(self, *exc) -> None:
-        for layer in self.layers:
-            module = self._attention_module(layer)
-            if hasattr(module, _CAPTURE_ATTR):
-                delattr(module, _CAPTURE_ATTR)
-        self.model.get_decoder().config._attn_implementation = self._saved_impl
+        try:
+            for layer in self.layers:
+                module = self._attention_module(layer)
+                if hasattr(module, _CAPTURE_ATTR):
+                    delattr(module, _CAPTURE_ATTR)
+            self.model.get_decoder().config._attn_implementation = self._saved_impl
+        finally:
+            self._turn.release()
 
-    def _capturer(self, layer: int):
+    def _capturer(self, layer: int, owner: int):
         last = self.stop and layer == self.layers[-1]
 
         def capture(query: Tensor, key: Tensor) -> None:
+            if threading.get_ident() != owner:
+                return
             query, key = query.detach(), key.detach()
             self.captured[layer] = (query, key) if self.reduce is None else self.reduce(layer, query, key)
             if last:
@@ -111,11 +129,21 @@ class AttentionProbe:
 
 
 @contextlib.contextmanager
-def capture_outputs(module: nn.Module):
+def capture_outputs(module: nn.Module, stop: bool = False):
     """Context manager yielding a list that receives the module's output tensor (the hidden
-    states, for a decoder layer) at each forward while the context lasts."""
+    states, for a decoder layer) at each forward of this thread while the context lasts.
+    With ``stop=True`` the forward ends there, raising ProbeDone (the caller catches it)."""
     captured: list[Tensor] = []
-    hook = module.register_forward_hook(lambda _m, _i, out: captured.append(out[0] if isinstance(out, tuple) else out))
+    owner = threading.get_ident()
+
+    def keep(_module, _inputs, out) -> None:
+        if threading.get_ident() != owner:
+            return
+        captured.append(out[0] if isinstance(out, tuple) else out)
+        if stop:
+            raise ProbeDone
+
+    hook = module.register_forward_hook(keep)
     try:
         yield captured
     finally:
@@ -124,9 +152,14 @@ def capture_outputs(module: nn.Module):
 
 class EarlyExit:
     """Context manager: run only decoder layers [0, num_layers) (later layers are skipped;
-    the decoder's final norm still runs on the last computed hidden state)."""
+    the decoder's final norm still runs on the last computed hidden state). It lowers the
+    layer count in the model's config, which every thread reads: it holds the model's turn
+    (``turns.model_turn``), and a forward of the model in another thread meanwhile runs as
+    few layers. sdrpn's own calls stop a forward by a hook of their thread instead
+    (``capture_outputs(..., stop=True)``)."""
 
     def __init__(self, model: nn.Module, num_layers: int):
+        self.model = model
         self.config = model.get_decoder().config
         total = len(decoder_layers(model))
         if not 1 <= num_layers <= total:
@@ -135,12 +168,15 @@ class EarlyExit:
         self._saved: int | None = None
 
     def __enter__(self) -> EarlyExit:
+        self._turn = model_turn(self.model)
+        self._turn.acquire()
         self._saved = self.config.num_hidden_layers
         self.config.num_hidden_layers = self.num_layers
         return self
 
     def __exit__(self, *exc) -> None:
         self.config.num_hidden_layers = self._saved
+        self._turn.release()
 
 
 @torch.no_grad()

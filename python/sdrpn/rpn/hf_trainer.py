@@ -29,12 +29,16 @@ class RPNForTraining(nn.Module):
     """The RPN with the frozen backbone that feeds it, as one module for `Trainer`.
 
     The backbone is held outside the module's parameters and state dict, so `Trainer`
-    optimises and saves the RPN alone; place the backbone on its device yourself.
+    optimises and saves the RPN alone; place the backbone on its device yourself. The RPN
+    is cast to float32 in place, as `sdrpn train` keeps it: the optimiser updates float32
+    weights, and `TrainingArguments(bf16=True)` computes in bf16 by autocast. An RPN copied
+    from a bf16 backbone would otherwise train in bf16, where most of an update at these
+    learning rates rounds away.
     """
 
     def __init__(self, backbone: nn.Module, rpn: RegionProposalNetwork):
         super().__init__()
-        self.rpn = rpn
+        self.rpn = rpn.float()
         backbone.requires_grad_(False).eval()
         self._backbone = (backbone,)  # a tuple: not registered as a submodule
         self.image_token_id = backbone.config.image_token_id
