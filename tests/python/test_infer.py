@@ -471,6 +471,19 @@ def test_the_pipelines_objects_are_checked(tiny):
         BaseLlava(tiny.model.get_decoder(), tok, **kw)
     with pytest.raises(TypeError, match="processor must be a Hugging Face processor or tokenizer, got NoneType"):
         BaseLlava(tiny.model, None, **kw)
+    # A LLaVA that feeds the class token beside the patches has one image token more than its
+    # grid: named, where it failed on a tensor size deep in the first answer.
+    tiny.model.config.vision_feature_select_strategy = "full"
+    try:
+        for make in (
+            lambda: RegionProposalNetwork.from_llava(tiny.model, branch_layer=2, depth=2),
+            lambda: SDRPNLlava(tiny.model, tok, rpn, **kw),
+            lambda: BaseLlava(tiny.model, tok, **kw),
+        ):
+            with pytest.raises(ValueError, match="vision_feature_select_strategy 'full' is not supported"):
+                make()
+    finally:
+        tiny.model.config.vision_feature_select_strategy = "default"
     # Half a tokenizer is none: a call without decode (an image processor's), decode without a call.
     for half, name in ((lambda text: text, "function"), (types.SimpleNamespace(decode=str), "SimpleNamespace")):
         with pytest.raises(TypeError, match=f"processor must be a Hugging Face processor or tokenizer, got {name}"):
@@ -600,6 +613,9 @@ def test_bad_inputs(tiny):
     with pytest.raises(TypeError, match=r"questions must be a list of strings, got str: pass \[question\]"):
         sd.predict_rois(images(1), QUESTIONS[0])
     assert len(sd.generate(images(1), QUESTIONS[:1], max_new_tokens=1, do_sample=False)[0].tokens) == 1
+    assert len(sd.generate(images(1), QUESTIONS[:1], max_new_tokens=1, temperature=0.0)[0].tokens) == 1
+    with pytest.raises(NotImplementedError, match="only greedy decoding is supported, .* got {'temperature': 0.7}"):
+        sd.generate(images(1), QUESTIONS[:1], temperature=0.7)
     with pytest.raises(ValueError, match="mode must be one of"):
         grid_box_to_pixels((0, 0, 1, 1), 4, 4, 10, 10, mode="stretch")
     with pytest.raises(ValueError, match="pass2_group_cost must be an int >= 0, got -1"):

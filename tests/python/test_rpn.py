@@ -198,6 +198,7 @@ def test_save_load_round_trip_and_refusal(tiny, tmp_path):
     for (k1, v1), (k2, v2) in zip(rpn.trainable_state_dict().items(), loaded.trainable_state_dict().items()):
         assert k1 == k2 and torch.equal(v1, v2)
     assert loaded.config.preset == "tiny" and loaded.config.grid == [4, 4]
+    assert not any(m.training for m in loaded.modules())  # for inference, as from_pretrained gives a model
     other = make_tiny_llava(num_layers=4, seed=1)
     with pytest.raises(ValueError, match=r"another base model \(the same architecture, other weights\)"):
         RegionProposalNetwork.load(str(tmp_path / "rpn"), other.model)

@@ -947,7 +947,10 @@ def test_a_run_in_out_is_not_restarted_without_resume(ws, tmp_path):
     out.mkdir()  # an empty --out is fine
     assert main(train_args(ws, out, *QUICK, "--effective-batch", "16", "--stop-after-steps", "1")) == 0
     kept = sorted(os.listdir(out / "checkpoints"))
-    with pytest.raises(ValueError, match=f"--out {out} holds a run already .*pass --resume to go on with it"):
+    with pytest.raises(
+        ValueError,
+        match=f"--out {out} holds a run already .*pass --resume to go on with it.*resume=True .* TrainConfig",
+    ):
         main(train_args(ws, out, *QUICK, "--effective-batch", "16"))
     assert sorted(os.listdir(out / "checkpoints")) == kept
     assert main(train_args(ws, out, *QUICK, "--effective-batch", "16", "--resume")) == 0

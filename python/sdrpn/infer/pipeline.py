@@ -337,12 +337,14 @@ class SDRPNLlava(LlavaAnswering):
         """Greedy answers with the RoI crops; one SDRPNAnswer per sample.
 
         Decoding is greedy (as SD-RPN evaluates); other `generate` options are refused
-        rather than silently ignored.
+        rather than silently ignored. ``do_sample=False``, ``num_beams=1`` and
+        ``temperature=0`` (greedy in evaluation harnesses' terms, lmms-eval's among them) are
+        taken as the greedy decoding they name.
         """
         unknown = sorted(k for k in generate_kwargs if k not in _GENERATE_ARGUMENTS)
         if unknown:
             raise TypeError(f"generate() got unexpected keyword arguments {unknown}")
-        greedy = {"do_sample": False, "num_beams": 1}
+        greedy = {"do_sample": False, "num_beams": 1, "temperature": 0}
         other = {k: v for k, v in generate_kwargs.items() if greedy.get(k, object()) != v}
         if other:
             raise NotImplementedError(

@@ -11,7 +11,16 @@ from .inputs import PREPROCESSING_MODES, centre_crop_offset, shortest_edge_size
 
 
 def model_grid(config) -> tuple[int, int]:
-    """(grid_h, grid_w) of the vision tower's patch tokens: image_size // patch_size a side."""
+    """(grid_h, grid_w) of the vision tower's patch tokens: image_size // patch_size a side.
+    Refuses a model that feeds its image otherwise than as that grid (LLaVA-1.5's "default"
+    feature selection, the patch tokens alone)."""
+    strategy = getattr(config, "vision_feature_select_strategy", "default")
+    if strategy != "default":
+        raise ValueError(
+            f"vision_feature_select_strategy {strategy!r} is not supported: sdrpn reads a model's image "
+            "tokens as a grid of its patches, as LLaVA-1.5 feeds them ('default'); 'full' feeds the class "
+            "token too"
+        )
     vision = config.vision_config
     side = vision.image_size // vision.patch_size
     return side, side

@@ -583,4 +583,6 @@ class RegionProposalNetwork(
         rpn.config = dataclasses.replace(
             config, num_heads=derived.num_heads, grid=derived.grid, image_size=derived.image_size
         )
-        return rpn.to(device=model_device(model), dtype=model_dtype(model))
+        # In eval mode throughout, as Hugging Face's from_pretrained returns a model (the copied
+        # layers were, the new module around them was not).
+        return rpn.to(device=model_device(model), dtype=model_dtype(model)).eval()

@@ -78,7 +78,8 @@ def check_fresh_out(cfg: TrainConfig) -> None:
     ]
     if held:
         raise ValueError(
-            f"--out {cfg.out} holds a run already ({held[0]}): pass --resume to go on with it, or choose another --out"
+            f"--out {cfg.out} holds a run already ({held[0]}): pass --resume to go on with it, or choose another "
+            "--out (resume=True or another out, in TrainConfig)"
         )
 
 
@@ -326,7 +327,7 @@ class RPNTrainer:
             if diff:
                 raise ValueError(
                     f"{cfg.out} holds a run with other settings ({'; '.join(diff)}): resume with the "
-                    "same settings, or train into another --out"
+                    "same settings, or train into another --out (out, in TrainConfig)"
                 )
             if moved:
                 log.info("resuming with folders elsewhere than when the run began: %s", "; ".join(moved))
