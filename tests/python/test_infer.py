@@ -614,6 +614,7 @@ def test_bad_inputs(tiny):
         sd.predict_rois(images(1), QUESTIONS[0])
     assert len(sd.generate(images(1), QUESTIONS[:1], max_new_tokens=1, do_sample=False)[0].tokens) == 1
     assert len(sd.generate(images(1), QUESTIONS[:1], max_new_tokens=1, temperature=0.0)[0].tokens) == 1
+    assert len(sd.generate(images(1), QUESTIONS[:1], max_new_tokens=1, temperature=None, top_p=None)[0].tokens) == 1
     with pytest.raises(NotImplementedError, match="only greedy decoding is supported, .* got {'temperature': 0.7}"):
         sd.generate(images(1), QUESTIONS[:1], temperature=0.7)
     with pytest.raises(ValueError, match="mode must be one of"):

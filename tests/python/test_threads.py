@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from infer_samples import QUESTIONS, images, pipeline
-from sdrpn.llava import HeadSelection, LlavaPreset, attention_maps
+from sdrpn.llava import AttentionProbe, HeadSelection, LlavaPreset, attention_maps, model_turn
 from sdrpn.llava.backbone import branch_hidden_states
 from tiny_llava import make_tiny_llava, one_thread, teacher_forced_batch
 
@@ -56,35 +56,38 @@ def run_together(*works) -> None:
         raise errors[0]
 
 
-def test_threads_sharing_a_pipeline_get_the_rois_each_would_get_alone(tiny):
-    sd = pipeline(tiny)
+@pytest.mark.parametrize("decoder", ["hf", "static"])  # static: the pipeline's kept decoders are shared
+def test_threads_sharing_a_pipeline_get_what_each_would_get_alone(tiny, decoder):
+    sd = pipeline(tiny, decoder=decoder)
     work = {"a": images(2, seed=1), "b": images(2, seed=7)}
+    ask = lambda ims: [a.tokens for a in sd.generate(ims, QUESTIONS[:2], max_new_tokens=4)]  # noqa: E731
     with one_thread():
-        alone = {k: [sd.predict_rois([im], QUESTIONS[:1])[0].prob for im in ims] for k, ims in work.items()}
-        answers_alone = [a.tokens for a in sd.generate(work["a"], QUESTIONS[:2], max_new_tokens=3)]
-    got = {"a": [], "b": [], "answers": []}
+        rois_alone = [sd.predict_rois([im], QUESTIONS[:1])[0].prob for im in work["a"]]
+        answers_alone = {k: ask(ims) for k, ims in work.items()}
+    got = {"rois": [], "a": [], "b": []}
 
-    def rois(name):
+    def rois():
         for _ in range(ROUNDS):
-            got[name].append([sd.predict_rois([im], QUESTIONS[:1])[0].prob for im in work[name]])
+            got["rois"].append([sd.predict_rois([im], QUESTIONS[:1])[0].prob for im in work["a"]])
 
-    def answers():
+    def answers(name):
         for _ in range(ROUNDS // 3):
-            got["answers"].append([a.tokens for a in sd.generate(work["a"], QUESTIONS[:2], max_new_tokens=3)])
+            got[name].append(ask(work[name]))
 
-    run_together(lambda: rois("a"), lambda: rois("b"), answers)
+    run_together(rois, lambda: answers("a"), lambda: answers("b"))
+    assert len(got["rois"]) == ROUNDS
+    for probs in got["rois"]:
+        for p, q in zip(probs, rois_alone):
+            assert torch.equal(p, q)
     for name in ("a", "b"):
-        assert len(got[name]) == ROUNDS
-        for probs in got[name]:
-            for p, q in zip(probs, alone[name]):
-                assert torch.equal(p, q)
-    assert got["answers"] == [answers_alone] * (ROUNDS // 3)
+        assert got[name] == [answers_alone[name]] * (ROUNDS // 3)
 
 
 def test_rpn_training_beside_an_evaluation_leaves_both_as_alone(tiny):
-    # The backbone's early exit (RPN training) in one thread, label maps in another and the
-    # model's own forward in a third: each as alone, and the model's config as it was.
+    # The backbone's early exit (RPN training) in one thread, label maps in two others and
+    # the model's own forward in a fourth: each as alone, and the model's config as it was.
     batch = teacher_forced_batch(tiny, [[7, 8, 9], [10, 11, 12]], [[13, 14], [15, 16]])
+    other = teacher_forced_batch(tiny, [[20, 21], [22, 23, 24, 25]], [[26], [27, 28, 29]], seed=3)
     model = tiny.model
     config = model.get_decoder().config
     settings = (config.num_hidden_layers, config._attn_implementation)
@@ -97,8 +100,9 @@ def test_rpn_training_beside_an_evaluation_leaves_both_as_alone(tiny):
         model, batch.input_ids, batch.attention_mask, batch.pixel_values, 2
     )[0]
     maps = lambda: attention_maps(model, batch, PRESET, tiny.num_cells).grounding  # noqa: E731
+    more_maps = lambda: attention_maps(model, other, PRESET, tiny.num_cells).grounding  # noqa: E731
     with one_thread(), torch.no_grad():
-        alone = {"forward": forward(), "branch": branch(), "maps": maps()}
+        alone = {"forward": forward(), "branch": branch(), "maps": maps(), "more_maps": more_maps()}
     got = {name: [] for name in alone}
 
     def repeat(name, fn):
@@ -109,9 +113,76 @@ def test_rpn_training_beside_an_evaluation_leaves_both_as_alone(tiny):
 
         return work
 
-    run_together(repeat("forward", forward), repeat("branch", branch), repeat("maps", maps))
+    run_together(
+        repeat("forward", forward), repeat("branch", branch), repeat("maps", maps), repeat("more_maps", more_maps)
+    )
     for name, values in got.items():
         assert len(values) == ROUNDS, name
         for value in values:
             torch.testing.assert_close(value, alone[name], rtol=0, atol=0, msg=name)
     assert (config.num_hidden_layers, config._attn_implementation) == settings
+
+
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+def test_a_forward_beside_a_probe_keeps_the_models_attention(implementation):
+    # Another thread's forward builds its mask while a probe is active and attends after it
+    # has left: both by the model's own implementation (eager attention given SDPA's mask,
+    # None for "causal", attended to every position).
+    tiny = make_tiny_llava(num_layers=4, grid=4, attn_implementation=implementation)
+    model = tiny.model
+    batch = teacher_forced_batch(tiny, [[7, 8, 9]], [[13, 14]])  # one sample: no padding mask
+    forward = lambda: model(input_ids=batch.input_ids, pixel_values=batch.pixel_values).logits  # noqa: E731
+    with torch.no_grad():
+        alone = forward()
+    mask_built, probe_left, got = threading.Event(), threading.Event(), {}
+
+    def wait_for_the_probe(_module, _args):  # the other thread, at its first layer: its mask is built
+        if threading.current_thread().name == "other":
+            mask_built.set()
+            probe_left.wait(timeout=60)
+
+    hook = model.get_decoder().layers[0].register_forward_pre_hook(wait_for_the_probe)
+    try:
+        with torch.no_grad():
+            other = threading.Thread(target=lambda: got.setdefault("logits", forward()), name="other")
+            with AttentionProbe(model, [1]):
+                other.start()
+                assert mask_built.wait(timeout=60)
+            probe_left.set()
+            other.join(timeout=60)
+    finally:
+        hook.remove()
+    torch.testing.assert_close(got["logits"], alone, rtol=0, atol=0)
+    assert model.get_decoder().config._attn_implementation == implementation
+
+
+def test_one_probe_at_a_time_and_a_failed_start_leaves_the_model_free(tiny, monkeypatch):
+    model = tiny.model
+    config = model.get_decoder().config
+    before = config._attn_implementation
+    with AttentionProbe(model, [1]):
+        with pytest.raises(RuntimeError, match="an AttentionProbe is active on this model already"):
+            with AttentionProbe(model, [2]):
+                pass
+    assert config._attn_implementation == before
+
+    def interrupted(self, layer, owner):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(AttentionProbe, "_capturer", interrupted)  # stopped part way through its start
+    with pytest.raises(KeyboardInterrupt):
+        with AttentionProbe(model, [1]):
+            pass
+    monkeypatch.undo()
+    assert config._attn_implementation == before
+    taken = []
+
+    def take_the_turn():  # from another thread: this one's re-entrant hold would pass anyway
+        taken.append(model_turn(model).acquire(timeout=5))
+        if taken[0]:
+            model_turn(model).release()
+
+    free = threading.Thread(target=take_the_turn)
+    free.start()
+    free.join()
+    assert taken == [True]

@@ -492,6 +492,9 @@ def test_the_trainer_module_trains_float32_weights_on_a_bf16_backbone():
     # Adam's first step moves every weight by about lr, which bf16 would round to nothing
     # for all but the smallest weights.
     assert all((p != b).float().mean() > 0.9 for p, b in zip(rpn.parameters(), before))
+    # Without autocast (TrainingArguments' default) the RPN computes in float32.
+    loss = module(batch.input_ids, batch.attention_mask, batch.pixel_values.to(torch.bfloat16), labels)["loss"]
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
 
 
 @pytest.mark.parametrize("launcher", sorted(LAUNCHERS))

@@ -345,7 +345,8 @@ class SDRPNLlava(LlavaAnswering):
         if unknown:
             raise TypeError(f"generate() got unexpected keyword arguments {unknown}")
         greedy = {"do_sample": False, "num_beams": 1, "temperature": 0}
-        other = {k: v for k, v in generate_kwargs.items() if greedy.get(k, object()) != v}
+        # None is Hugging Face's "unset": the default, greedy here.
+        other = {k: v for k, v in generate_kwargs.items() if v is not None and greedy.get(k, object()) != v}
         if other:
             raise NotImplementedError(
                 "only greedy decoding is supported, up to max_new_tokens and ending at the tokenizer's "

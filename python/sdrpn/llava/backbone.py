@@ -10,6 +10,7 @@ from .attention_kernels import without_cudnn_attention
 from .inputs import position_ids_from_mask
 from .model_facts import model_dtype
 from .probe import ProbeDone, capture_outputs, decoder_layers
+from .turns import model_turn
 
 
 @torch.no_grad()
@@ -19,15 +20,17 @@ def branch_hidden_states(
 ) -> tuple[Tensor, Tensor]:
     """(hidden states entering layer K (B, L, D), position ids (B, L)).
 
-    Equal to ``hidden_states[K]`` of a full forward, but layers >= K never run: the output
-    of layer K-1 is taken by a forward hook of this thread, which ends the forward there
-    (the model is not changed: a thread sharing it runs its own forwards meanwhile).
+    Equal to ``hidden_states[K]`` of a full forward for K below the decoder's depth (the
+    last of Hugging Face's hidden states is normed; this is layer K-1's output), but layers
+    >= K never run: that output is taken by a forward hook of this thread, which ends the
+    forward there. The model is not changed, so a forward of another thread meanwhile runs
+    whole; the call takes the model's turn (``turns``) among sdrpn's calls.
     """
     layers = len(decoder_layers(model))
     if isinstance(branch_layer, bool) or not isinstance(branch_layer, int) or not 1 <= branch_layer <= layers:
         raise ValueError(f"branch_layer must be an int in [1, {layers}] (the decoder's layers), got {branch_layer!r}")
     position_ids = position_ids_from_mask(attention_mask)
-    with capture_outputs(decoder_layers(model)[branch_layer - 1], stop=True) as captured:
+    with model_turn(model), capture_outputs(decoder_layers(model)[branch_layer - 1], stop=True) as captured:
         try:
             model.model(
                 input_ids=input_ids,

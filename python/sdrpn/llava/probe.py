@@ -12,6 +12,7 @@ model runs its own forwards meanwhile unread and unstopped (``turns``).
 from __future__ import annotations
 
 import contextlib
+import sys
 import threading
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -20,7 +21,8 @@ import torch
 from torch import Tensor, nn
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .attention_kernels import without_cudnn_attention
 from .turns import model_turn
@@ -28,18 +30,47 @@ from .turns import model_turn
 PROBE_ATTENTION = "sdrpn_probe"
 _CAPTURE_ATTR = "_sdrpn_capture"
 
+# A probe selects its attention in the model's config, which every thread reads. Another
+# thread's forward meanwhile runs the implementation the probe replaced, for its mask and
+# its attention alike: a forward that builds its mask on one side of the probe's entry or
+# exit and attends on the other stays consistent (eager attention given SDPA's mask, which
+# may be None for "causal", would attend to every position). id(text config) -> (the
+# probing thread, the implementation replaced).
+_REPLACED: dict[int, tuple[int, str]] = {}
+
+
+def _replaced_elsewhere(config) -> str | None:
+    """The implementation this thread runs on ``config`` while a probe is active there, or
+    None for the probe's own (SDPA): the probing thread's, and any thread's where the probe
+    replaced SDPA itself."""
+    entry = _REPLACED.get(id(config))
+    if entry is None or entry[0] == threading.get_ident() or entry[1] == "sdpa":
+        return None
+    return entry[1]
+
 
 def _probe_attention(
     module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None, **kwargs
 ):
+    replaced = _replaced_elsewhere(module.config)
+    if replaced is not None:
+        eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+        attend = ALL_ATTENTION_FUNCTIONS.get_interface(replaced, eager)
+        return attend(module, query, key, value, attention_mask, **kwargs)
     capture = getattr(module, _CAPTURE_ATTR, None)
     if capture is not None:
         capture(query, key)
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
+def _probe_mask(*args, config=None, **kwargs):
+    replaced = _replaced_elsewhere(config)
+    build = sdpa_mask if replaced is None else ALL_MASK_ATTENTION_FUNCTIONS[replaced]
+    return build(*args, config=config, **kwargs)
+
+
 AttentionInterface.register(PROBE_ATTENTION, _probe_attention)
-AttentionMaskInterface.register(PROBE_ATTENTION, sdpa_mask)
+AttentionMaskInterface.register(PROBE_ATTENTION, _probe_mask)
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -62,8 +93,9 @@ class AttentionProbe:
     MLP, and every layer after it, never run. Only the forwards of the thread that entered it
     are read (and stopped), and it holds the model's turn (``turns.model_turn``) while active:
     it selects its attention function in the model's config, which every thread reads, and
-    delegates to SDPA, so a model loaded with another attention implementation runs SDPA
-    in every thread meanwhile.
+    delegates to SDPA for its thread, while another thread's forward runs the model's own
+    implementation. One probe on a model at a time: a second, in the same thread too, is
+    refused (it would take the first's captures away when it left).
 
     Example::
 
@@ -97,11 +129,19 @@ class AttentionProbe:
         self._turn = model_turn(self.model)
         self._turn.acquire()
         config = self.model.get_decoder().config
+        if config._attn_implementation == PROBE_ATTENTION:
+            self._turn.release()
+            raise RuntimeError("an AttentionProbe is active on this model already: one probe at a time")
         self._saved_impl = config._attn_implementation
-        config._attn_implementation = PROBE_ATTENTION
-        owner = threading.get_ident()
-        for layer in self.layers:
-            setattr(self._attention_module(layer), _CAPTURE_ATTR, self._capturer(layer, owner))
+        try:  # whatever stops it here (a KeyboardInterrupt too) leaves the model and the turn as found
+            owner = threading.get_ident()
+            _REPLACED[id(config)] = (owner, self._saved_impl or "eager")
+            config._attn_implementation = PROBE_ATTENTION
+            for layer in self.layers:
+                setattr(self._attention_module(layer), _CAPTURE_ATTR, self._capturer(layer, owner))
+        except BaseException:
+            self.__exit__()
+            raise
         return self
 
     def __exit__(self, *exc) -> None:
@@ -110,8 +150,10 @@ class AttentionProbe:
                 module = self._attention_module(layer)
                 if hasattr(module, _CAPTURE_ATTR):
                     delattr(module, _CAPTURE_ATTR)
-            self.model.get_decoder().config._attn_implementation = self._saved_impl
         finally:
+            config = self.model.get_decoder().config
+            config._attn_implementation = self._saved_impl
+            _REPLACED.pop(id(config), None)
             self._turn.release()
 
     def _capturer(self, layer: int, owner: int):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 
+import torch
 from torch import Tensor, nn
 
 from ..llava.backbone import branch_hidden_states
@@ -31,9 +32,10 @@ class RPNForTraining(nn.Module):
     The backbone is held outside the module's parameters and state dict, so `Trainer`
     optimises and saves the RPN alone; place the backbone on its device yourself. The RPN
     is cast to float32 in place, as `sdrpn train` keeps it: the optimiser updates float32
-    weights, and `TrainingArguments(bf16=True)` computes in bf16 by autocast. An RPN copied
-    from a bf16 backbone would otherwise train in bf16, where most of an update at these
-    learning rates rounds away.
+    weights, and `TrainingArguments(bf16=True)` computes in bf16 by autocast (without it, in
+    float32, a bf16 backbone's hidden states cast up). An RPN copied from a bf16 backbone
+    would otherwise train in bf16, where most of an update at these learning rates rounds
+    away.
     """
 
     def __init__(self, backbone: nn.Module, rpn: RegionProposalNetwork):
@@ -53,6 +55,8 @@ class RPNForTraining(nn.Module):
         hidden, pos = branch_hidden_states(
             self.backbone, input_ids, attention_mask, pixel_values, self.rpn.config.branch_layer
         )
+        if not torch.is_autocast_enabled(hidden.device.type):  # a bf16 backbone without bf16=True
+            hidden = hidden.float()
         logits = self.rpn(hidden, attention_mask, pos, input_ids == self.image_token_id)
         out = {"logits": logits}
         if labels is not None:
