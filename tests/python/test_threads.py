@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from infer_samples import QUESTIONS, images, pipeline
-from sdrpn.llava import AttentionProbe, HeadSelection, LlavaPreset, attention_maps, model_turn
+from sdrpn.llava import AttentionProbe, EarlyExit, HeadSelection, LlavaPreset, attention_maps, model_turn
 from sdrpn.llava.backbone import branch_hidden_states
 from tiny_llava import make_tiny_llava, one_thread, teacher_forced_batch
 
@@ -186,3 +186,37 @@ def test_one_probe_at_a_time_and_a_failed_start_leaves_the_model_free(tiny, monk
     free.start()
     free.join()
     assert taken == [True]
+
+
+def test_early_exit_takes_its_turn_beside_rpn_training(tiny):
+    # EarlyExit lowers the model's layer count for its forwards: it and the RPN's backbone
+    # pass take turns, so that neither runs while the other's count is in force.
+    batch = teacher_forced_batch(tiny, [[7, 8, 9], [10, 11, 12]], [[13, 14], [15, 16]])
+    model = tiny.model
+    config = model.get_decoder().config
+    layers = config.num_hidden_layers
+    inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "pixel_values": batch.pixel_values}
+
+    def exited():
+        with EarlyExit(model, 1):
+            return model.model(**inputs).last_hidden_state
+
+    branch = lambda: branch_hidden_states(model, *inputs.values(), 3)[0]  # noqa: E731
+    with one_thread(), torch.no_grad():
+        alone = {"exited": exited(), "branch": branch()}
+        full = model.model(**inputs, output_hidden_states=True).hidden_states
+    torch.testing.assert_close(alone["exited"], model.get_decoder().norm(full[1]), rtol=0, atol=0)
+    got = {name: [] for name in alone}
+
+    def repeat(name, fn):
+        def work():
+            with torch.no_grad():
+                for _ in range(ROUNDS):
+                    got[name].append(fn())
+
+        return work
+
+    run_together(repeat("exited", exited), repeat("branch", branch))
+    for name, values in got.items():
+        assert len(values) == ROUNDS and all(torch.equal(v, alone[name]) for v in values), name
+    assert config.num_hidden_layers == layers
