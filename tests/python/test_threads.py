@@ -56,6 +56,20 @@ def run_together(*works) -> None:
         raise errors[0]
 
 
+def repeated_together(calls: dict) -> dict[str, list]:
+    """Each call ROUNDS times without grad, each name in a thread of its own, all at once:
+    the results by name."""
+    got = {name: [] for name in calls}
+
+    def repeat(name):
+        with torch.no_grad():
+            for _ in range(ROUNDS):
+                got[name].append(calls[name]())
+
+    run_together(*(lambda name=name: repeat(name) for name in calls))
+    return got
+
+
 @pytest.mark.parametrize("decoder", ["hf", "static"])  # static: the pipeline's kept decoders are shared
 def test_threads_sharing_a_pipeline_get_what_each_would_get_alone(tiny, decoder):
     sd = pipeline(tiny, decoder=decoder)
@@ -103,19 +117,7 @@ def test_rpn_training_beside_an_evaluation_leaves_both_as_alone(tiny):
     more_maps = lambda: attention_maps(model, other, PRESET, tiny.num_cells).grounding  # noqa: E731
     with one_thread(), torch.no_grad():
         alone = {"forward": forward(), "branch": branch(), "maps": maps(), "more_maps": more_maps()}
-    got = {name: [] for name in alone}
-
-    def repeat(name, fn):
-        def work():
-            with torch.no_grad():
-                for _ in range(ROUNDS):
-                    got[name].append(fn())
-
-        return work
-
-    run_together(
-        repeat("forward", forward), repeat("branch", branch), repeat("maps", maps), repeat("more_maps", more_maps)
-    )
+    got = repeated_together({"forward": forward, "branch": branch, "maps": maps, "more_maps": more_maps})
     for name, values in got.items():
         assert len(values) == ROUNDS, name
         for value in values:
@@ -206,17 +208,7 @@ def test_early_exit_takes_its_turn_beside_rpn_training(tiny):
         alone = {"exited": exited(), "branch": branch()}
         full = model.model(**inputs, output_hidden_states=True).hidden_states
     torch.testing.assert_close(alone["exited"], model.get_decoder().norm(full[1]), rtol=0, atol=0)
-    got = {name: [] for name in alone}
-
-    def repeat(name, fn):
-        def work():
-            with torch.no_grad():
-                for _ in range(ROUNDS):
-                    got[name].append(fn())
-
-        return work
-
-    run_together(repeat("exited", exited), repeat("branch", branch))
+    got = repeated_together({"exited": exited, "branch": branch})
     for name, values in got.items():
         assert len(values) == ROUNDS and all(torch.equal(v, alone[name]) for v in values), name
     assert config.num_hidden_layers == layers

@@ -139,8 +139,9 @@ class SDRPNLlavaEval(lmms):
         bar = show_progress(total=len(requests), desc="sdrpn_llava", unit="sample", disable=self.rank != 0)
         for task, decoding, indices in batches:
             samples = {i: self._sample(requests[i]) for i in indices}
+            answerer = self._answerer(task)
             for i, (_, question) in list(samples.items()):
-                problem = self._answerer(task).prompt_too_long(question)
+                problem = answerer.prompt_too_long(question)
                 if problem:
                     log.warning(
                         "sdrpn_llava: task %r document %s answered empty: its question %s",
