@@ -42,6 +42,13 @@ def main() -> None:
     parser.add_argument("--grad-accum", type=positive_int, help="micro-batches per optimiser step (default: derived)")
     parser.add_argument("--lr", type=float, default=5e-5)
     parser.add_argument(
+        "--held-out-fraction",
+        type=float,
+        default=0.0,
+        help="share of the labels left out, as sdrpn train holds them out (default 0: the Trainer evaluates "
+        "nothing here, and the reference trains on all of them)",
+    )
+    parser.add_argument(
         "--bf16", action="store_true", help="backbone in bf16, RPN under bf16 autocast (its weights stay float32)"
     )
     args = parser.parse_args()
@@ -55,8 +62,10 @@ def main() -> None:
         tokenizer,
         llava.config.image_token_id,
         split="train",
+        held_out_fraction=args.held_out_fraction,
         image_size=llava.config.vision_config.image_size,  # for converted labels, which record none
     )
+    print(f"training on {len(data)} labelled samples (held out: {args.held_out_fraction:g} of the labels)")
     trainer = Trainer(
         model=RPNForTraining(llava, rpn),
         args=TrainingArguments(

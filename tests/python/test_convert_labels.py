@@ -1,6 +1,7 @@
 import json
 import os
 import pickle
+import random
 import re
 
 import numpy as np
@@ -264,6 +265,22 @@ def test_max_samples_takes_the_seeded_subset(tmp_path, capsys):
     rows = [json.loads(line) for line in open(tmp_path / "out" / "rank000-shard00000.jsonl")]
     assert [r["index"] for r in rows] == seeded_subset(20, 5) != list(range(5))
     assert [r["id"] for r in rows] == [str(i) for i in seeded_subset(20, 5)]
+
+
+@pytest.mark.parametrize(("count", "n"), [(20, 5), (1000, 100), (152_000, 10_000)])
+def test_the_seeded_subset_is_the_references(count, n):
+    # The reference's training script: random.seed(42); random.shuffle(records); records[:n].
+    from sdrpn.subsets import seeded_subset
+
+    state = random.getstate()
+    try:
+        records = [{"id": f"r{i}"} for i in range(count)]
+        random.seed(42)
+        random.shuffle(records)
+        theirs = sorted(int(r["id"][1:]) for r in records[:n])
+    finally:
+        random.setstate(state)
+    assert seeded_subset(count, n) == theirs
 
 
 def test_converted_labels_rebuild_their_images_at_the_models_size(tmp_path, capsys):

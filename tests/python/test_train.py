@@ -539,6 +539,8 @@ def test_hf_trainer_example(ws, tmp_path, launcher):
         timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
+    # The Trainer evaluates nothing, so no label is held out unless asked for.
+    assert f"training on {sum(len(s.rows) for s in labels.shards())} labelled samples" in done.stdout
     weights = load_file(out / "rpn.safetensors")
     model, _ = load_llava(str(ws / "model"), "fp32")
     fresh = RegionProposalNetwork.from_llava(model, 1, 2).trainable_state_dict()
