@@ -1,10 +1,12 @@
 import math
+import warnings
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from conftest import DEVICES
 from sdrpn.llava.data import SkipSample, parse_entry, resolve_image
 from sdrpn.llava.geometry import grid_box_to_pixels
 from sdrpn.llava.inputs import (
@@ -13,6 +15,7 @@ from sdrpn.llava.inputs import (
     check_template,
     crop_pixels,
     pad_to_square,
+    pixel_batch,
     preprocess_image,
     prompt_token_ids,
 )
@@ -429,3 +432,29 @@ def test_an_image_folder_is_told_from_another_by_its_images_sizes(tmp_path):
     long = "d" * 100 + ".png"
     problem = image_folder_problem(str(tmp_path), [{"image": long, "image_size": [1, 1]}])
     assert problem == f"1 of 1 images checked are missing or differ, e.g. {long[:38]}...{long[-39:]}: image missing"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_a_pixel_batch_holds_each_images_values_rounded_as_torch_rounds(device, dtype):
+    pixels = [torch.randn(3, 12, 12, generator=torch.Generator().manual_seed(i)) * 3 for i in range(5)]
+    got = pixel_batch(pixels, device, dtype)
+    assert got.device.type == device and got.dtype == dtype
+    assert torch.equal(got.cpu(), torch.stack(pixels).to(dtype))  # round to nearest even, either side
+
+
+@pytest.mark.parametrize("device", [d for d in DEVICES if d != "cpu"])
+def test_a_pixel_batch_goes_to_the_gpu_without_the_host_waiting(device):
+    pixels = [torch.rand(3, 336, 336) for _ in range(4)]
+    pixel_batch(pixels, device, torch.float16)  # the pinned allocator's first use is not the call's
+    torch.cuda.synchronize()
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            got = pixel_batch(pixels, device, torch.float16)
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+    assert not [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+    assert torch.equal(got.cpu(), torch.stack(pixels).half())

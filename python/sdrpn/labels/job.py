@@ -17,7 +17,14 @@ from ..io_utils import exclusive_lock, file_sha256
 from ..llava.data import PAST_CONTEXT, QASample, SkipSample, check_image_folder, load_entries, open_image, parse_entry
 from ..llava.decode import DecoderPool, answer_limits, resolve_decoder
 from ..llava.geometry import model_grid
-from ..llava.inputs import Preprocessing, check_rpn_template, left_pad, preprocess_image, prompt_token_ids
+from ..llava.inputs import (
+    Preprocessing,
+    check_rpn_template,
+    left_pad,
+    pixel_batch,
+    preprocess_image,
+    prompt_token_ids,
+)
 from ..llava.maps import AttentionMaps, given_answer_maps, self_answer_maps
 from ..llava.model_facts import (
     DTYPES,
@@ -155,7 +162,7 @@ class LabelJob:
         return Prepared(sample, pixels, prep, prompt, answer)
 
     def _pixels(self, items: list[Prepared]) -> Tensor:
-        return torch.stack([p.pixels for p in items]).to(self.device, self.dtype)
+        return pixel_batch([p.pixels for p in items], self.device, self.dtype)
 
     @torch.no_grad()
     def _given_answers_and_maps(self, items: list[Prepared]) -> tuple[list[list[int]], AttentionMaps]:

@@ -136,9 +136,18 @@ def normalise(image: Image.Image, mean=CLIP_MEAN, std=CLIP_STD) -> Tensor:
 
 
 def pixel_batch(pixels: list[Tensor], device, dtype: torch.dtype) -> Tensor:
-    """(B, 3, H, W) on `device` in `dtype` from per-image CPU pixel values, stacked by numpy
-    on the calling thread for the reason given in `normalise`."""
-    return torch.from_numpy(np.stack([p.numpy() for p in pixels])).to(device, dtype)
+    """(B, 3, H, W) on `device` in `dtype` from per-image CPU float32 pixel values, stacked by
+    numpy on the calling thread for the reason given in `normalise`. On CUDA the stack is
+    made in pinned memory and copied without the host waiting, then converted to `dtype` on
+    the device: a copy from pageable memory waits for the work queued on the device, and a
+    blocking copy converts on the host (32 images on 2 cores: 19 ms stacked and converted by
+    torch, 4 ms stacked by numpy)."""
+    arrays = [p.numpy() for p in pixels]
+    if torch.device(device).type != "cuda" or not arrays:
+        return torch.from_numpy(np.stack(arrays)).to(device, dtype)
+    host = torch.empty((len(arrays), *arrays[0].shape), dtype=torch.float32, pin_memory=True)
+    np.stack(arrays, out=host.numpy())
+    return host.to(device, dtype, non_blocking=True)
 
 
 def preprocess_image(
