@@ -52,6 +52,8 @@ def main() -> None:
         "--bf16", action="store_true", help="backbone in bf16, RPN under bf16 autocast (its weights stay float32)"
     )
     args = parser.parse_args()
+    if not 0 <= args.held_out_fraction < 1:  # before the model loads (NaN fails too)
+        parser.error(f"argument --held-out-fraction: must lie in [0, 1), got {args.held_out_fraction}")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))  # set by accelerate launch and torchrun
     grad_accum = accumulation_steps(args.effective_batch, args.batch_size, world_size, args.grad_accum)
 

@@ -244,7 +244,7 @@ def test_resume_gives_the_same_weights(ws, tmp_path, caplog):
     assert main([*args, "--stop-after-steps", "1"]) == 0
     for path in labels.glob("rank000-shard00000*"):
         path.unlink()  # the first shard gone
-    with pytest.raises(ValueError, match=r"other settings \(the train split's samples \(the label folder changed"):
+    with pytest.raises(ValueError, match=r"other settings \(the train split's samples \(the label folder's, or"):
         main([*args, "--resume"])
 
     # A run begun on 2 ranks: resumed on 1, its samples and effective batch would split otherwise.
@@ -553,6 +553,9 @@ def test_hf_trainer_example(ws, tmp_path, launcher):
         args = done.args[:-2] + ["--effective-batch", "6"]
         refused = subprocess.run(args, capture_output=True, text=True, timeout=600)
         assert refused.returncode != 0 and "effective_batch=6 is not a multiple of batch_size" in refused.stderr
+        refused = subprocess.run([*done.args, "--held-out-fraction", "1"], capture_output=True, text=True, timeout=600)
+        assert refused.returncode == 2
+        assert "argument --held-out-fraction: must lie in [0, 1), got 1.0" in refused.stderr
 
 
 # ---- a new user's mistakes ------------------------------------------------------------------

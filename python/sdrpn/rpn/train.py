@@ -323,7 +323,9 @@ class RPNTrainer:
             diff, moved = cfg.differences(recorded, train_set.records_image_sizes, **facts)
             split = self._recorded["train_split"]
             if not diff and recorded.get("train_split", split) != split:  # (other settings change it too)
-                diff.append("the train split's samples (the label folder changed since the run began)")
+                # The folder's samples changed, or the subset drawn from them: this version
+                # draws --max-samples as the reference does, which earlier ones did not.
+                diff.append("the train split's samples (the label folder's, or the subset drawn from them, differ)")
             if diff:
                 raise ValueError(
                     f"{cfg.out} holds a run with other settings ({'; '.join(diff)}): resume with the "
