@@ -1,6 +1,7 @@
 """How often each op makes the host wait for the GPU: what the README promises (none for
 the per-sample ops, one read of a size or bound for the others), counted by torch's sync
-debug mode, which warns at every synchronising CUDA call."""
+debug mode, which warns at every synchronising CUDA call. A batch of images goes over
+without a wait too."""
 
 import warnings
 
@@ -12,6 +13,7 @@ from attention_samples import make_attention_inputs
 from conftest import needs_cuda
 from label_samples import make_label_inputs
 from rpn_samples import make_rpn_inputs
+from sdrpn.llava.inputs import pixel_batch
 from sink_samples import SINK_DIMS, make_hidden
 
 
@@ -21,7 +23,9 @@ def _calls():
     rows = make_attention_inputs(padding="left", device="cuda")
     rpn_args, rpn_kwargs = make_rpn_inputs(device="cuda")
     prob = torch.rand(8, 24, 24, device="cuda") ** 4
+    images = [torch.rand(3, 336, 336) for _ in range(4)]
     return {
+        "pixel_batch": (0, lambda: pixel_batch(images, "cuda", torch.float16)),
         "pseudo_labels": (0, lambda: sdrpn.ops.pseudo_labels(labels.grounding, labels.sink, 24, 24)),
         "massive_activation_sinks": (0, lambda: sdrpn.ops.massive_activation_sinks(hidden, SINK_DIMS)),
         "rpn_scores": (0, lambda: sdrpn.ops.rpn_scores(*rpn_args, **rpn_kwargs)),
@@ -39,6 +43,7 @@ def _calls():
 @pytest.mark.parametrize(
     "op",
     [
+        "pixel_batch",
         "pseudo_labels",
         "massive_activation_sinks",
         "rpn_scores",

@@ -1,5 +1,4 @@
 import math
-import warnings
 
 import numpy as np
 import pytest
@@ -441,20 +440,3 @@ def test_a_pixel_batch_holds_each_images_values_rounded_as_torch_rounds(device, 
     got = pixel_batch(pixels, device, dtype)
     assert got.device.type == device and got.dtype == dtype
     assert torch.equal(got.cpu(), torch.stack(pixels).to(dtype))  # round to nearest even, either side
-
-
-@pytest.mark.parametrize("device", [d for d in DEVICES if d != "cpu"])
-def test_a_pixel_batch_goes_to_the_gpu_without_the_host_waiting(device):
-    pixels = [torch.rand(3, 336, 336) for _ in range(4)]
-    pixel_batch(pixels, device, torch.float16)  # the pinned allocator's first use is not the call's
-    torch.cuda.synchronize()
-    previous = torch.cuda.get_sync_debug_mode()
-    torch.cuda.set_sync_debug_mode("warn")
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            got = pixel_batch(pixels, device, torch.float16)
-    finally:
-        torch.cuda.set_sync_debug_mode(previous)
-    assert not [str(w.message) for w in caught if "synchroniz" in str(w.message)]
-    assert torch.equal(got.cpu(), torch.stack(pixels).half())
