@@ -67,7 +67,6 @@ def main() -> None:
         held_out_fraction=args.held_out_fraction,
         image_size=llava.config.vision_config.image_size,  # for converted labels, which record none
     )
-    print(f"training on {len(data)} labelled samples (held out: {args.held_out_fraction:g} of the labels)")
     trainer = Trainer(
         model=RPNForTraining(llava, rpn),
         args=TrainingArguments(
@@ -91,6 +90,8 @@ def main() -> None:
         train_dataset=data,
         data_collator=label_collator(pad_token_id(tokenizer)),  # the end-of-sequence id where there is no pad
     )
+    if trainer.is_world_process_zero():
+        print(f"training on {len(data)} labelled samples (held out: {args.held_out_fraction:g} of the labels)")
     trainer.train()
     if trainer.is_world_process_zero():
         rpn.save_pretrained(args.out)
