@@ -98,8 +98,11 @@ class SDRPNLlavaEval(lmms):
     def _answerer(self, task: str) -> BaseLlava | SDRPNLlava:
         return self.baseline if self.baseline is not None else self._pipe(task)
 
-    def _answer(self, task: str, images: list[Image.Image], questions: list[str], decoding: Decoding) -> list[str]:
-        answers = self._answerer(task).generate(images, questions, decoding.max_new_tokens)
+    @staticmethod
+    def _answer(
+        answerer: BaseLlava | SDRPNLlava, images: list[Image.Image], questions: list[str], decoding: Decoding
+    ) -> list[str]:
+        answers = answerer.generate(images, questions, decoding.max_new_tokens)
         return [decoding.cut(a if isinstance(a, str) else a.text) for a in answers]
 
     def _sample(self, request: Instance) -> tuple[Image.Image, str]:
@@ -154,7 +157,7 @@ class SDRPNLlavaEval(lmms):
                     del samples[i]
             if samples:
                 images, questions = zip(*samples.values())
-                for i, text in zip(samples, self._answer(task, list(images), list(questions), decoding)):
+                for i, text in zip(samples, self._answer(answerer, list(images), list(questions), decoding)):
                     out[i] = text
                     self.cache_hook.add_partial("generate_until", requests[i].args[:2], text)
             bar.update(len(indices))
