@@ -1,7 +1,8 @@
 """How often each op makes the host wait for the GPU: what the README promises (none for
 the per-sample ops, one read of a size or bound for the others), counted by torch's sync
 debug mode, which warns at every synchronising CUDA call. A batch of images goes over
-without a wait too."""
+without a wait too, and the label pass's rows of a subset of heads wait only in
+attention_rows."""
 
 import warnings
 
@@ -14,6 +15,7 @@ from conftest import needs_cuda
 from label_samples import make_label_inputs
 from rpn_samples import make_rpn_inputs
 from sdrpn.llava.inputs import pixel_batch
+from sdrpn.llava.maps import AnswerRows, _rows_on_image
 from sink_samples import SINK_DIMS, make_hidden
 
 
@@ -24,8 +26,14 @@ def _calls():
     rpn_args, rpn_kwargs = make_rpn_inputs(device="cuda")
     prob = torch.rand(8, 24, 24, device="cuda") ** 4
     images = [torch.rand(3, 336, 336) for _ in range(4)]
+    # A probed layer's q (every position) and k: some heads' rows of it wait only in attention_rows.
+    probed = make_attention_inputs(heads=8, kv_heads=4, padding="left", device="cuda")
+    full_query = torch.randn(*probed.key.shape[:1], 8, *probed.key.shape[2:], device="cuda")
+    positions = probed.query_positions.clamp(min=0)
+    answer_rows = AnswerRows(8, positions, positions >= 0, probed.key_start, probed.key_length, probed.key_padding_mask)
     return {
         "pixel_batch": (0, lambda: pixel_batch(images, "cuda", torch.float16)),
+        "rows of some heads": (1, lambda: _rows_on_image(full_query, probed.key, [1, 2, 7], answer_rows)),
         "pseudo_labels": (0, lambda: sdrpn.ops.pseudo_labels(labels.grounding, labels.sink, 24, 24)),
         "massive_activation_sinks": (0, lambda: sdrpn.ops.massive_activation_sinks(hidden, SINK_DIMS)),
         "rpn_scores": (0, lambda: sdrpn.ops.rpn_scores(*rpn_args, **rpn_kwargs)),
@@ -48,6 +56,7 @@ def _calls():
         "massive_activation_sinks",
         "rpn_scores",
         "attention_rows",
+        "rows of some heads",
         "roi_boxes",
         "roi_crops mask",
         "roi_crops bbox",

@@ -209,6 +209,10 @@ class LabelJob:
             bg_ratio=opts.bg_ratio,
             max_box_fraction=opts.max_box_fraction,
         )
+        # One read of the batch's results rather than one per tensor (each waits for the
+        # device); float32 holds the labels' -100, 0 and 1 exactly. Counted on the host.
+        grounding, sink, labels = torch.stack([maps.grounding.float(), maps.sink.float(), labels.float()]).cpu()
+        labels = labels.to(torch.int8)
         stats = ops.pseudo_label_stats(labels).tolist()
         for b, (p, answer) in enumerate(zip(items, answers)):
             fg, bg, ignore = stats[b]
@@ -227,9 +231,9 @@ class LabelJob:
                     "ignore": ignore,
                 }
             )
-        buf.tensors["grounding"].append(maps.grounding.float().cpu())
-        buf.tensors["sink"].append(maps.sink.float().cpu())
-        buf.tensors["labels"].append(labels.to(torch.int8).cpu())
+        buf.tensors["grounding"].append(grounding)
+        buf.tensors["sink"].append(sink)
+        buf.tensors["labels"].append(labels)
         buf.tensors["grid"].append(torch.tensor([list(self.grid)] * len(items)))
 
     def _flush(self, shard: int, buf: ShardBuffer) -> dict:
