@@ -1,6 +1,11 @@
 """The label job end to end (JPEG files decoded and preprocessed, the teacher-forced pass,
 the labels, the shards written) with its images loaded by threads ahead of the model
 against on the main thread, measured side by side in one run (settings in turns, medians).
+Each setting also reports the share of the batches' span (the first batch's start to the
+last one's end) that the main thread spent between batches: tokenising, building rows,
+writing shards, waiting for images. A batch ends reading its results back, so on a GPU
+that share is time the device sat idle, what overlapping the host's work with the next
+batch could win at most.
 
     python benchmarks/bench_label_job.py --size 7b --device cuda --images 128 --batch-size 16
     python benchmarks/bench_label_job.py --size tiny            # a quick CPU run
@@ -57,8 +62,32 @@ def write_images(folder: str, count: int, width: int, height: int, seed: int = 0
     return entries
 
 
-def summarize(times: dict[int, list[float]], images: int, base_workers: int) -> dict:
-    """Median seconds, samples/s and the gain over ``base_workers`` of each setting timed."""
+class BatchClock:
+    """Wall time inside a job's batch calls and the span from the first one's start to the
+    last one's end: the rest of the span is the main thread's work between batches."""
+
+    def __init__(self, job: LabelJob):
+        self.inside = 0.0
+        self.first = self.last = None
+        label_batch = job._label_batch
+
+        def timed(*args):
+            start = time.perf_counter()
+            label_batch(*args)
+            self.last = time.perf_counter()
+            self.first = start if self.first is None else self.first
+            self.inside += self.last - start
+
+        job._label_batch = timed
+
+    def between_share(self) -> float:
+        span = (self.last - self.first) if self.first is not None else 0.0
+        return (span - self.inside) / span if span > 0 else 0.0
+
+
+def summarize(times: dict[int, list[float]], between: dict[int, list[float]], images: int, base_workers: int) -> dict:
+    """Median seconds, samples/s and share of the batches' span between batches, and the
+    gain over ``base_workers``, of each setting timed."""
     timed = {w: statistics.median(t) for w, t in times.items() if t}
     base = timed.get(base_workers)
     return {
@@ -66,6 +95,7 @@ def summarize(times: dict[int, list[float]], images: int, base_workers: int) -> 
             "seconds": round(t, 4),
             "samples_per_s": round(images / t, 2),
             f"speedup_vs_workers_{base_workers}": round(base / t, 3) if base else None,
+            "between_batches_share": round(statistics.median(between[w]), 4),
         }
         for w, t in timed.items()
     }
@@ -104,10 +134,11 @@ def main() -> None:
             json.dump(write_images(images, args.images, *args.image_size), f)
         options = LabelOptions(answers="given", prompt_template=TEMPLATE)
 
-        def run(workers: int, tag: str) -> float:
+        def run(workers: int, tag: str) -> tuple[float, float]:
             out = os.path.join(root, f"labels-{workers}-{tag}")
             cfg = LabelJobConfig(data, images, out, options, batch_size=args.batch_size, workers=workers)
             job = LabelJob(cfg, model, LabelTokenizer(), preset)
+            clock = BatchClock(job)
             sync(args.device)
             start = time.perf_counter()
             summary = job.run()
@@ -116,14 +147,17 @@ def main() -> None:
             if summary["labelled"] != args.images:
                 raise RuntimeError(f"labelled {summary['labelled']} of {args.images} images: {summary}")
             shutil.rmtree(out)
-            return seconds
+            return seconds, clock.between_share()
 
         run(args.workers[0], "warmup")
         times = {w: [] for w in args.workers}
+        between = {w: [] for w in args.workers}
         for r in range(args.repeats):
             for workers in args.workers:
-                times[workers].append(run(workers, str(r)))
-                report["results"] = summarize(times, args.images, args.workers[0])
+                seconds, share = run(workers, str(r))
+                times[workers].append(seconds)
+                between[workers].append(share)
+                report["results"] = summarize(times, between, args.images, args.workers[0])
                 save(report, args.json)  # a run cut short keeps what it measured
     finally:
         shutil.rmtree(root, ignore_errors=True)

@@ -96,8 +96,9 @@ def train_rows(train: dict | None) -> list[tuple]:
 
 
 def label_job_rows(job: dict | None) -> list[tuple]:
-    """The label job end to end on JPEG files: with the most loader threads measured, and
-    its gain over loading on the main thread (reported; no target)."""
+    """The label job end to end on JPEG files: with the most loader threads measured, its
+    gain over loading on the main thread, and the share of its batches' span the main
+    thread spent between batches, the device idle (reported; no target)."""
     results = (job or {}).get("results") or {}
     if not results:
         return [("label job end to end on JPEG files, samples/s", None, None, True)]
@@ -107,6 +108,12 @@ def label_job_rows(job: dict | None) -> list[tuple]:
     return [
         (f"{name}, samples/s", most, None, True),
         (f"{name} vs {by_workers[0]}", round(most / fewest, 3), None, True),
+        (
+            f"{name}, share of the batches' span between batches",
+            results[by_workers[-1]].get("between_batches_share"),
+            None,
+            True,
+        ),
     ]
 
 

@@ -99,7 +99,8 @@ def test_figures_table_reads_every_pipeline_benchmark(pipeline_results, tmp_path
     )
     assert out.returncode == 0, out.stderr
     rows = [line for line in out.stdout.splitlines() if line.startswith("| ") and "figure" not in line]
-    assert len(rows) == 18
+    assert len(rows) == 19
+    assert [r for r in rows if "share of the batches' span between batches" in r][0].endswith("| - | reported |")
     assert "| CUDA graph captures that failed in the pipeline benchmarks (0 expected) | 0 | - | reported |" in rows
     assert [r for r in rows if "not measured" in r] == [  # a CPU run has no device memory to compare
         "| label job, given answers, peak GiB (target: the reference's) | - | - | not measured |"
@@ -170,3 +171,5 @@ def test_label_job_benchmark_runs_on_a_tiny_model(pipeline_results):
     result = pipeline_results["bench_label_job_7b"]
     assert set(result["results"]) == {"workers_0", "workers_2"}
     assert result["results"]["workers_0"]["speedup_vs_workers_0"] == 1.0
+    # Decoding on the main thread happens between batches: the share is above 0, and below 1.
+    assert all(0 < row["between_batches_share"] < 1 for row in result["results"].values())
