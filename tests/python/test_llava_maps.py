@@ -543,5 +543,12 @@ def test_maps_label_on_a_non_square_grid(tiny):
 
     batch = sample_batch(tiny, "left", seed=5)
     maps = attention_maps(tiny.model, batch, PRESET, 16)
-    labels = sdrpn.ops.pseudo_labels(maps.grounding, maps.sink, 2, 8, sink_threshold=0.2)
-    assert torch.equal(labels, reference.pseudo_labels(maps.grounding, maps.sink, 2, 8, sink_threshold=0.2))
+    # Ratios under which every sample has foreground and background cells (SPEC's leave the
+    # tiny model's maps all ignored: their foreground box covers over half the grid).
+    ratios = {"sink_threshold": 0.2, "fg_ratio": 0.8, "bg_ratio": 0.5}
+    labels = sdrpn.ops.pseudo_labels(maps.grounding, maps.sink, 2, 8, **ratios)
+    assert torch.equal(labels, reference.pseudo_labels(maps.grounding, maps.sink, 2, 8, **ratios))
+    stats = sdrpn.ops.pseudo_label_stats(labels)
+    assert (stats[:, 0] > 0).all() and (stats[:, 1] > 0).all(), stats.tolist()
+    # The grid's shape decides these labels: read as 8x2, the same maps label otherwise.
+    assert not torch.equal(labels, reference.pseudo_labels(maps.grounding, maps.sink, 8, 2, **ratios))

@@ -44,9 +44,15 @@ def test_only_the_probed_dims_count(device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_tau_and_eps(device):
     hidden = make_hidden(2, 16, device=device, seed=2)
+    sinks = {}
     for tau in (0.0, 5.0, 20.0, 40.0):
-        got = sdrpn.ops.massive_activation_sinks(hidden, SINK_DIMS, tau=tau, eps=1e-3)
-        assert torch.equal(got.cpu(), reference.massive_activation_sinks(hidden, SINK_DIMS, tau, 1e-3))
+        # eps = 2e3 outweighs the planted tokens' mean square (about 977): 1000 / sqrt(977 + 2e3)
+        # = 18.3 falls under tau = 20, where eps = 1e-3 leaves them sinks.
+        for eps in (1e-3, 2e3):
+            got = sdrpn.ops.massive_activation_sinks(hidden, SINK_DIMS, tau=tau, eps=eps)
+            assert torch.equal(got.cpu(), reference.massive_activation_sinks(hidden, SINK_DIMS, tau, eps)), (tau, eps)
+            sinks[tau, eps] = got
+    assert sinks[20.0, 1e-3].any() and not torch.equal(sinks[20.0, 1e-3], sinks[20.0, 2e3])
     # A zero hidden state is never a sink (0 > tau * sqrt(eps) is false).
     zero = torch.zeros(1, 2, 8, device=device)
     assert not sdrpn.ops.massive_activation_sinks(zero, [0], tau=0.0).any()

@@ -195,7 +195,9 @@ def test_save_load_round_trip_and_refusal(tiny, tmp_path):
         rpn.q_proj.weight.add_(0.5)
     rpn.save(str(tmp_path / "rpn"))
     loaded = RegionProposalNetwork.load(str(tmp_path / "rpn"), tiny.model)
-    for (k1, v1), (k2, v2) in zip(rpn.trainable_state_dict().items(), loaded.trainable_state_dict().items()):
+    for (k1, v1), (k2, v2) in zip(
+        rpn.trainable_state_dict().items(), loaded.trainable_state_dict().items(), strict=True
+    ):
         assert k1 == k2 and torch.equal(v1, v2)
     assert loaded.config.preset == "tiny" and loaded.config.grid == [4, 4]
     assert not any(m.training for m in loaded.modules())  # for inference, as from_pretrained gives a model

@@ -338,7 +338,7 @@ def test_a_later_stage_starts_from_a_trained_model_and_reads_through_the_lm(tmp_
         out=str(tmp_path / "b"), steps=2, batch_size=4, spec=spec, bf16=False, init=str(tmp_path / "a"), char_head="lm"
     )
     second = BaseTrainer(cfg)
-    for (k, v), w in zip(first.model.state_dict().items(), second.model.state_dict().values()):
+    for (k, v), w in zip(first.model.state_dict().items(), second.model.state_dict().values(), strict=True):
         assert torch.equal(v, w), k
     assert torch.equal(first.heads.tag.weight, second.heads.tag.weight)
     lm_head = second.model.lm_head.weight.clone()
