@@ -1,5 +1,6 @@
 import os
 import sys
+import threading
 
 import pytest
 import torch
@@ -21,3 +22,17 @@ def pytest_collection_modifyitems(config, items):
         on_cuda = params is not None and "cuda" in [str(v) for v in params.params.values()]
         if on_cuda or needs_cuda.mark in item.iter_markers("skipif"):
             item.add_marker(pytest.mark.cuda)
+
+
+def main_thread_opens(monkeypatch, module) -> list[bool]:
+    """For each image a job in ``module`` opens from now on, whether the main thread opened
+    it: with --workers 0 it opens every one, with loader threads none."""
+    opened = []
+    open_image = module.open_image
+
+    def recording(*args, **kwargs):
+        opened.append(threading.current_thread() is threading.main_thread())
+        return open_image(*args, **kwargs)
+
+    monkeypatch.setattr(module, "open_image", recording)
+    return opened

@@ -19,19 +19,27 @@ def write_pickle(path, records):
         pickle.dump(records, f)
 
 
+def blob_record(q: int, rng) -> dict:
+    """A record whose labels hold foreground and background: a 3x4 blob over faint noise
+    in its grounding map, and 20 sinks (over the 1e-3 threshold) in its sink map."""
+    grounding = (rng.random((24, 24)) * 0.05).astype(np.float32)
+    r, c = rng.integers(2, 18, size=2)
+    grounding[r : r + 3, c : c + 4] = 1.0
+    sink = np.zeros(576, np.float32)
+    sink[rng.choice(576, 20, replace=False)] = 0.01
+    return {
+        "question_id": q,
+        "image": f"{q}.jpg",
+        "prompt": "what?",
+        "text": "K7",
+        "sink_attn": sink,
+        "grounding_attn_o2i": grounding.reshape(1, 576),
+    }
+
+
 def test_valid_pickle_is_imported(tmp_path, capsys):
     rng = np.random.default_rng(0)
-    records = [
-        {
-            "question_id": q,
-            "image": f"{q}.jpg",
-            "prompt": "what?",
-            "text": "K7",
-            "sink_attn": (rng.random(576) * 2e-3).astype(np.float32),
-            "grounding_attn_o2i": rng.random((1, 576)).astype(np.float32) ** 6,
-        }
-        for q in (10, 11, 12)
-    ]
+    records = [blob_record(q, rng) for q in (10, 11, 12)]
     write_pickle(tmp_path / "in.pkl", records)
     assert main(["convert-labels", str(tmp_path / "in.pkl"), str(tmp_path / "out")]) == 0
     summary = json.loads(capsys.readouterr().out)
@@ -45,9 +53,14 @@ def test_valid_pickle_is_imported(tmp_path, capsys):
     tensors = load_file(tmp_path / "out" / "rank000-shard00000.safetensors")
     g = torch.from_numpy(np.stack([r["grounding_attn_o2i"].reshape(-1) for r in records]))
     s = torch.from_numpy(np.stack([r["sink_attn"] for r in records]))
-    assert torch.equal(tensors["labels"].long(), reference.pseudo_labels(g, s, 24, 24))
+    want = reference.pseudo_labels(g, s, 24, 24)
+    assert ((want == 1).sum(1) > 0).all() and ((want == 0).sum(1) > 0).all()  # labels to compare
+    assert torch.equal(tensors["labels"].long(), want)
     rows = [json.loads(line) for line in open(tmp_path / "out" / "rank000-shard00000.jsonl")]
     assert [r["id"] for r in rows] == ["10", "11", "12"] and rows[0]["answer"] == "K7"
+    assert [[r["fg"], r["bg"], r["ignore"]] for r in rows] == [
+        [int((w == v).sum()) for v in (1, 0, -100)] for w in want
+    ]
     # What earlier versions wrote had no label_config.json: it still reads, with SPEC's defaults.
     from sdrpn.labels.folder import LabelFolder
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import main_thread_opens
 from infer_samples import GRID, QUESTIONS, TEMPLATE, images
 from sdrpn.rpn.model import RegionProposalNetwork
 
@@ -283,14 +284,16 @@ def test_the_token_ratio_flag_applies_in_the_rpn_folders_crop_mode(infer_ws, tmp
     assert infer_cli(infer_ws, *ask, "--rpn", str(bbox), "--crop-mode", "bbox") == 0
 
 
-def test_infer_file_answers_alike_with_or_without_loader_threads(infer_ws, tmp_path):
-    import json
+def test_infer_file_answers_alike_with_or_without_loader_threads(infer_ws, tmp_path, monkeypatch):
+    from sdrpn.infer import job as infer_job
 
     rows = {}
     for workers in ("0", "2"):
         out = tmp_path / f"answers{workers}.jsonl"
         args = ["--data", str(infer_ws / "data.json"), "--image-folder", str(infer_ws / "images"), "--out", str(out)]
+        on_main = main_thread_opens(monkeypatch, infer_job)
         assert infer_cli(infer_ws, *args, "--batch-size", "2", "--workers", workers) == 0
+        assert on_main and (all(on_main) if workers == "0" else not any(on_main)), on_main
         rows[workers] = [{k: v for k, v in json.loads(line).items() if k != "timings_s"} for line in open(out)]
         summary = json.loads((tmp_path / f"answers{workers}.jsonl.summary.json").read_text())
         assert summary["answered"] == 3 and summary["skipped"] == 4

@@ -10,8 +10,11 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from conftest import main_thread_opens
 from sdrpn.cli import main
+from sdrpn.labels import job as label_job
 from sdrpn.labels.folder import LabelFolder
+from sdrpn.labels.job import LabelJob
 from sdrpn.llava.inputs import PROMPT_TEMPLATE
 from tiny_llava import save_tiny_llava
 
@@ -204,7 +207,7 @@ def test_label_job_writes_shards_and_counts_skips(workspace, tmp_path, answers, 
 
 
 @pytest.mark.parametrize("crash", [True, False])
-def test_interrupted_run_resumes_without_duplicates(workspace, tmp_path, crash):
+def test_interrupted_run_resumes_without_duplicates(workspace, tmp_path, monkeypatch, crash):
     whole = tmp_path / "whole"
     run_label(workspace, whole, "--answers", "given")
     part = tmp_path / "part"
@@ -214,11 +217,23 @@ def test_interrupted_run_resumes_without_duplicates(workspace, tmp_path, crash):
     assert len(markers) == 2  # the resume numbers its shards after the last
     if crash:  # between a shard's files and its completion marker: that shard is redone
         os.unlink(part / markers[-1])
+    kept = [m[: -len(".done.json")] for m in markers[: 1 if crash else 2]]
+    done = {json.loads(line)["id"] for name in kept for line in open(part / f"{name}.jsonl")}
+    # The rerun labels only what no complete shard holds (relabelling everything from shard 0
+    # would leave the same rows and tensors behind).
+    labelled = []
+    label_batch = LabelJob._label_batch
+    monkeypatch.setattr(
+        LabelJob,
+        "_label_batch",
+        lambda self, items, buf: labelled.extend(p.sample.id for p in items) or label_batch(self, items, buf),
+    )
     run_label(workspace, part, "--answers", "given")
     rows = read_rows(part)
     ids = [r["id"] for r in rows]
     assert len(ids) == len(set(ids)) == 7
     assert len(first) < 7
+    assert done and labelled == [i for i in ids if i not in done]
     assert json.loads((part / "summary.json").read_text()) == json.loads((whole / "summary.json").read_text())
     a, b = all_tensors(part), all_tensors(whole)
     for key in a:
@@ -328,11 +343,13 @@ def test_a_prompt_past_the_models_context_is_skipped(workspace, tmp_path):
         run_label(workspace, tmp_path / "more", "--max-new-tokens", "100000")
 
 
-def test_loader_threads_change_nothing(workspace, tmp_path):
+def test_loader_threads_change_nothing(workspace, tmp_path, monkeypatch):
     """Images loaded ahead by threads or on the main thread: the same shards, rows, skips."""
     outs = {w: tmp_path / f"workers{w}" for w in ("0", "3")}
     for workers, out in outs.items():
+        on_main = main_thread_opens(monkeypatch, label_job)
         assert run_label(workspace, out, "--answers", "given", "--workers", workers) == 0
+        assert on_main and (all(on_main) if workers == "0" else not any(on_main)), on_main
     inline, threaded = outs.values()
     assert sorted(os.listdir(inline)) == sorted(os.listdir(threaded))
     for name in os.listdir(inline):

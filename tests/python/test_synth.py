@@ -155,7 +155,7 @@ def test_base_training_learns_and_evaluates(tmp_path):
     assert (x1 - x0, y1 - y0) == (g[2] - g[0], g[3] - g[1]) and 0 <= x0 and x1 <= 448
 
 
-def test_base_training_resumes_where_it_stopped(tmp_path):
+def test_base_training_resumes_where_it_stopped(tmp_path, monkeypatch):
     import torch
     from safetensors.torch import load_file
 
@@ -177,9 +177,14 @@ def test_base_training_resumes_where_it_stopped(tmp_path):
         f.write('{"step": 1, "loss": 9.0}\n{"step": 2, "loss": 9.0}\n')
     (checkpoint / "state-00000003.safetensors").write_bytes(b"half")
     (checkpoint / ".tmp-state-00000004.safetensors.k1ll3d").write_bytes(b"")
+    # The resumed run takes steps 1 to 3 only (one that restored nothing would rerun the
+    # seeded run from step 0 to the same weights and history).
+    taken = []
+    step = BaseTrainer.step
+    monkeypatch.setattr(BaseTrainer, "step", lambda self, batch: taken.append(self.done_steps) or step(self, batch))
     second = BaseTrainer(cut)
     second.run(resume=True)
-    assert second.done_steps == 4
+    assert second.done_steps == 4 and taken == [1, 2, 3]
     assert sorted(os.listdir(checkpoint)) == ["state-00000001.safetensors", "state.json"]  # the named one
     steps = [json.loads(line)["step"] for line in open(tmp_path / "cut" / "history.jsonl")]
     assert steps == [0, 1, 2, 3]

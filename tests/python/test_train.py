@@ -198,7 +198,7 @@ def test_the_rpn_learns_the_region(ws, tmp_path):
     assert loaded.config.branch_layer == 1
 
 
-def test_resume_gives_the_same_weights(ws, tmp_path, caplog):
+def test_resume_gives_the_same_weights(ws, tmp_path, caplog, monkeypatch):
     whole, part = tmp_path / "whole", tmp_path / "part"
     common = (
         "--epochs",
@@ -282,8 +282,15 @@ def test_resume_gives_the_same_weights(ws, tmp_path, caplog):
         main(resumed)
     config.options = made_with
     folder.write_config(config)
+    # The resumed run takes only the steps left (a restart from step 0 would end at the same
+    # weights: the seed fixes them).
+    steps = []
+    step = RPNTrainer._step
+    monkeypatch.setattr(RPNTrainer, "_step", lambda self, *args: steps.append(1) or step(self, *args))
     with caplog.at_level(logging.INFO, logger="sdrpn.rpn.train"):
         assert main(resumed) == 0
+    monkeypatch.undo()
+    assert len(steps) == 6 - 4 and "at step 4" in caplog.text
     assert f'folders elsewhere than when the run began: image_folder: "{ws / "images"}" -> "{images}"' in caplog.text
     assert f'; labels: "{ws / "labels"}" -> "{labels}"' in caplog.text
     assert not any((part / name).exists() for name in killed) and (part / ".tmp-notes.txt.k4").exists()
