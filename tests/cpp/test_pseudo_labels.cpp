@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "blob_maps.h"
 #include "error_text.h"
 #include "ops/pseudo_labels_impl.h"
 
@@ -114,12 +115,26 @@ TEST(PseudoLabels, BadInputsNameTheArgument) {
       << collides;
 }
 
+// Every sample of a labelled batch has foreground and background cells.
+bool every_sample_labelled(const at::Tensor& labels) {
+  return ((labels == 1).sum(1) > 0).all().item<bool>() &&
+         ((labels == 0).sum(1) > 0).all().item<bool>();
+}
+
+TEST(PseudoLabels, BlobMapsLabelEverySampleInEveryDtype) {  // what the comparison below compares
+  auto [g, s] = sdrpn::testing::blob_label_maps(512);
+  for (auto dtype : {torch::kFloat, torch::kDouble, torch::kHalf, torch::kBFloat16}) {
+    EXPECT_TRUE(every_sample_labelled(sdrpn::pseudo_labels(g.to(dtype), s.to(dtype), 24, 24)))
+        << dtype;
+  }
+}
+
 TEST(PseudoLabelsCuda, MatchesCpu) {
   if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
-  auto g = torch::rand({512, 576}).pow(4);
-  auto s = (torch::rand({512, 576}) < 0.02).to(torch::kFloat) * 0.01;
+  auto [g, s] = sdrpn::testing::blob_label_maps(512);
   for (auto dtype : {torch::kFloat, torch::kDouble, torch::kHalf, torch::kBFloat16}) {
     auto cpu = sdrpn::pseudo_labels(g.to(dtype), s.to(dtype), 24, 24);
+    ASSERT_TRUE(every_sample_labelled(cpu)) << dtype;
     auto cuda = sdrpn::pseudo_labels(g.to(dtype).cuda(), s.to(dtype).cuda(), 24, 24);
     EXPECT_TRUE(torch::equal(cpu, cuda.cpu())) << dtype;
   }

@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <string>
 
+#include "blob_maps.h"
 #include "error_text.h"
 
 namespace {
@@ -54,11 +55,17 @@ TEST(RoiBoxes, BadSigmaIsNamed) {
       << message;
 }
 
+TEST(RoiBoxes, BlobMapsKeepABoxInEverySample) {  // what the device comparison below compares
+  const auto index = std::get<1>(sdrpn::roi_boxes(sdrpn::testing::blob_maps(64)));
+  EXPECT_EQ(sdrpn::testing::samples_named(index, 64), 64);
+  EXPECT_GT(index.size(0), 64);  // odd samples keep two
+}
+
 TEST(RoiBoxesCuda, MatchesCpu) {
   if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
-  torch::manual_seed(0);
-  auto prob = torch::rand({64, 24, 24}).pow(8);
+  auto prob = sdrpn::testing::blob_maps(64);
   auto cpu = sdrpn::roi_boxes(prob);
+  ASSERT_EQ(sdrpn::testing::samples_named(std::get<1>(cpu), 64), 64);
   auto cuda = sdrpn::roi_boxes(prob.cuda());
   EXPECT_TRUE(torch::equal(std::get<0>(cpu), std::get<0>(cuda).cpu()));
   EXPECT_TRUE(torch::equal(std::get<1>(cpu), std::get<1>(cuda).cpu()));

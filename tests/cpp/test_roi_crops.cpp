@@ -6,6 +6,7 @@
 
 #include <string>
 
+#include "blob_maps.h"
 #include "error_text.h"
 
 namespace {
@@ -64,15 +65,25 @@ TEST(RoiCrops, BadModeIsNamed) {
       << message;
 }
 
+TEST(RoiCrops, BlobMapsGiveACropOfEverySampleInBothModes) {  // what the comparison below compares
+  for (const char* mode : {"mask", "bbox"}) {
+    sdrpn::RoiCropOptions options;
+    options.threshold = 0.3;
+    options.mode = mode;
+    const auto index = std::get<1>(sdrpn::roi_crops(sdrpn::testing::blob_maps(64), options));
+    EXPECT_EQ(sdrpn::testing::samples_named(index, 64), 64) << mode;
+  }
+}
+
 TEST(RoiCropsCuda, MatchesCpu) {
   if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
-  torch::manual_seed(0);
-  auto prob = torch::rand({64, 24, 24}).pow(4);
+  auto prob = sdrpn::testing::blob_maps(64);
   for (const char* mode : {"mask", "bbox"}) {
     sdrpn::RoiCropOptions options;
     options.threshold = 0.3;
     options.mode = mode;
     auto cpu = sdrpn::roi_crops(prob, options);
+    ASSERT_EQ(sdrpn::testing::samples_named(std::get<1>(cpu), 64), 64) << mode;  // crops to compare
     auto cuda = sdrpn::roi_crops(prob.cuda(), options);
     EXPECT_TRUE(torch::equal(std::get<0>(cpu), std::get<0>(cuda).cpu())) << mode;
     EXPECT_TRUE(torch::equal(std::get<1>(cpu), std::get<1>(cuda).cpu())) << mode;
