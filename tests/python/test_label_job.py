@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+import sdrpn
 from conftest import main_thread_opens
 from sdrpn.cli import main
 from sdrpn.labels import job as label_job
@@ -238,6 +239,38 @@ def test_interrupted_run_resumes_without_duplicates(workspace, tmp_path, monkeyp
     a, b = all_tensors(part), all_tensors(whole)
     for key in a:
         torch.testing.assert_close(a[key], b[key])
+
+
+@pytest.mark.parametrize("answers", ["given", "self"])
+def test_the_shards_hold_each_batchs_maps_and_labels_exactly(workspace, tmp_path, monkeypatch, answers):
+    # What the batches computed, kept as they come out, against what the shards hold: the one
+    # read-back of maps and labels together must not swap, round or drop any of them.
+    made = {"grounding": [], "sink": [], "labels": []}
+    given, self_made, pseudo_labels = label_job.given_answer_maps, label_job.self_answer_maps, sdrpn.ops.pseudo_labels
+
+    def keep(maps):
+        made["grounding"].append(maps.grounding.float().clone())
+        made["sink"].append(maps.sink.float().clone())
+        return maps
+
+    def keep_labels(*args, **kwargs):
+        made["labels"].append(pseudo_labels(*args, **kwargs))
+        return made["labels"][-1]
+
+    monkeypatch.setattr(label_job, "given_answer_maps", lambda *a, **k: keep(given(*a, **k)))
+    monkeypatch.setattr(
+        label_job, "self_answer_maps", lambda *a, **k: (lambda r: (r[0], keep(r[1])))(self_made(*a, **k))
+    )
+    monkeypatch.setattr(sdrpn.ops, "pseudo_labels", keep_labels)
+    out = tmp_path / "labels"
+    assert run_label(workspace, out, "--answers", answers, "--max-new-tokens", "4") == 0
+    tensors = all_tensors(out)
+    assert torch.equal(tensors["grounding"], torch.cat(made["grounding"]))
+    assert torch.equal(tensors["sink"], torch.cat(made["sink"]))
+    labels = torch.cat(made["labels"])
+    assert tensors["labels"].dtype == torch.int8 and torch.equal(tensors["labels"], labels.to(torch.int8))
+    counts = [[int((row == v).sum()) for v in (1, 0, -100)] for row in labels]
+    assert [[r["fg"], r["bg"], r["ignore"]] for r in read_rows(out)] == counts
 
 
 def test_a_redone_shard_that_labels_nothing_keeps_no_tensors_of_the_killed_run(tmp_path):

@@ -188,12 +188,12 @@ def test_generate_until_is_greedy_and_cuts_at_stop_strings(baseline_model):
 
 def test_a_question_past_the_context_is_answered_empty_and_named(baseline_model, caplog):
     model = baseline_model
-    samples = [make_sample(seed, kind="colour") for seed in split_seeds("test", 3)]
+    samples = [make_sample(seed, kind="colour") for seed in split_seeds("test", 5)]
     model.task_dict = {"synth": {"test": [{"sample": s} for s in samples]}}
     greedy = {"max_new_tokens": 4, "until": ["\n\n"]}
     long_question = " ".join(["colour"] * (model.model.config.text_config.max_position_embeddings + 1))
     with one_thread():
-        alone = model.generate_until([request(greedy, i) for i in (0, 2)])
+        alone = model.generate_until([request(greedy, i) for i in (0, 2, 4)])
         with caplog.at_level("WARNING", logger="sdrpn.integrations.lmms_eval"):
             got = model.generate_until(
                 [request(greedy, 0), request(greedy, 1, question=long_question), request(greedy, 2)]
@@ -201,6 +201,16 @@ def test_a_question_past_the_context_is_answered_empty_and_named(baseline_model,
     assert got == [alone[0], "", alone[1]]
     assert "task 'synth' document 1 answered empty: its question makes a prompt of" in caplog.text
     assert "1 of 3 questions answered empty" in caplog.text
+    # A whole batch (of 4) past the context, then one more: the batch answers nothing, the
+    # next is answered, and the count covers both batches.
+    assert model.batch_size == 4
+    caplog.clear()
+    with one_thread(), caplog.at_level("WARNING", logger="sdrpn.integrations.lmms_eval"):
+        got = model.generate_until(
+            [request(greedy, i, question=long_question) for i in range(4)] + [request(greedy, 4)]
+        )
+    assert got == ["", "", "", "", alone[2]]
+    assert "4 of 5 questions answered empty" in caplog.text
 
 
 def test_a_document_with_two_images_is_refused(baseline_model):

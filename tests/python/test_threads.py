@@ -212,3 +212,128 @@ def test_early_exit_takes_its_turn_beside_rpn_training(tiny):
     for name, values in got.items():
         assert len(values) == ROUNDS and all(torch.equal(v, alone[name]) for v in values), name
     assert config.num_hidden_layers == layers
+
+
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+def test_a_forward_run_whole_while_a_probe_is_active_keeps_the_models_attention(implementation):
+    # The other thread builds its mask and attends while the probe is active: both by the
+    # model's own implementation, and the probe reads nothing of it.
+    tiny = make_tiny_llava(num_layers=4, grid=4, attn_implementation=implementation)
+    model = tiny.model
+    batch = teacher_forced_batch(tiny, [[7, 8, 9], [10, 11, 12, 13]], [[13, 14], [15]])
+    inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "pixel_values": batch.pixel_values}
+    got = {}
+    with torch.no_grad():
+        alone = model(**inputs).logits
+        with AttentionProbe(model, [1, 2]) as probe:
+            other = threading.Thread(target=lambda: got.setdefault("logits", model(**inputs).logits))
+            other.start()
+            other.join(timeout=60)
+    assert not other.is_alive()
+    torch.testing.assert_close(got["logits"], alone, rtol=0, atol=0)
+    assert probe.captured == {}
+
+
+def test_the_turn_is_the_text_decoders_whichever_part_of_the_model_is_passed(tiny):
+    # A probe entered on the LlavaModel holds the turn sdrpn's calls on the whole model take.
+    model = tiny.model
+    assert model_turn(model) is model_turn(model.model) is model_turn(model.get_decoder())
+    taken = []
+
+    def try_the_turn():
+        lock = model_turn(model)
+        taken.append(lock.acquire(timeout=0.2))
+        if taken[-1]:
+            lock.release()
+
+    with AttentionProbe(model.model, [1]):
+        other = threading.Thread(target=try_the_turn)
+        other.start()
+        other.join()
+    assert taken == [False]
+
+
+def test_threads_asking_at_once_for_a_new_models_turn_get_one_lock():
+    # Threads switching every microsecond race to make the lock of a model no one has asked
+    # about yet: one lock must come out (by chance a broken guard may pass a round; 200 rounds
+    # of 8 threads catch it).
+    from torch import nn
+
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        for _ in range(200):
+            model, got, start = nn.Linear(1, 1), [], threading.Barrier(8)
+
+            def ask(model=model, got=got, start=start):
+                start.wait()
+                got.append(model_turn(model))
+
+            threads = [threading.Thread(target=ask) for _ in range(8)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            assert all(lock is got[0] for lock in got)
+    finally:
+        sys.setswitchinterval(before)
+
+
+@pytest.mark.parametrize("decoder", ["hf", "static"])  # static: the pool's kept decoders are shared
+def test_threads_answering_for_labels_with_one_decoder_pool_get_what_each_would_get_alone(tiny, decoder):
+    # The label job's self answers (prefill, greedy decoding, the maps on the cache) in two
+    # threads at once, through one pool of decoders.
+    from sdrpn.llava.decode import DecoderPool
+    from sdrpn.llava.inputs import left_pad
+    from sdrpn.llava.maps import self_answer_maps
+    from tiny_llava import PAD, prompt_ids
+
+    pool, gen = DecoderPool(), torch.Generator().manual_seed(0)
+
+    def work(lengths):
+        prompts = [prompt_ids(tiny.num_cells, torch.randint(7, 64, (n,), generator=gen).tolist()) for n in lengths]
+        ids, mask = left_pad(prompts, PAD)
+        pixels = torch.randn(len(lengths), 3, tiny.image_size, tiny.image_size, generator=gen)
+        options = {"max_new_tokens": 6, "eos_id": -1, "pad_id": PAD, "decoder": decoder, "pool": pool}
+        return lambda: self_answer_maps(tiny.model, ids, mask, pixels, PRESET, tiny.num_cells, **options)
+
+    calls = {"a": work((4, 1, 6)), "b": work((3, 5, 2))}
+    with one_thread(), torch.no_grad():
+        alone = {name: call() for name, call in calls.items()}
+    for name, results in repeated_together(calls).items():
+        for answers, maps in results:
+            assert answers == alone[name][0], name
+            assert torch.equal(maps.grounding, alone[name][1].grounding), name
+            assert torch.equal(maps.sink, alone[name][1].sink), name
+
+
+def test_rois_beside_an_early_exit_are_as_alone(tiny):
+    # An EarlyExit in another thread lowers the layer count below the RPN's branch layer (2)
+    # only while no RoI pass runs: predict_rois takes the model's turn.
+    sd = pipeline(tiny)
+    model = tiny.model
+    batch = teacher_forced_batch(tiny, [[7, 8, 9]], [[13, 14]])
+
+    def exited():
+        with EarlyExit(model, 1):
+            return model.model(input_ids=batch.input_ids, pixel_values=batch.pixel_values).last_hidden_state
+
+    rois = lambda: sd.predict_rois(images(1), QUESTIONS[:1])[0].prob  # noqa: E731
+    with one_thread(), torch.no_grad():
+        alone = {"rois": rois(), "exited": exited()}
+    for name, values in repeated_together({"rois": rois, "exited": exited}).items():
+        assert all(torch.equal(v, alone[name]) for v in values), name
+
+
+def test_a_model_dropped_after_taking_its_turn_is_freed():
+    # The turns hold their models weakly: sdrpn keeps alive no model its caller dropped.
+    import gc
+    import weakref
+
+    model = make_tiny_llava(num_layers=2, grid=4).model
+    with AttentionProbe(model, [1]):
+        pass
+    decoder = weakref.ref(model.get_decoder())
+    del model
+    gc.collect()
+    assert decoder() is None

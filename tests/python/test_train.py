@@ -20,6 +20,7 @@ from sdrpn.llava.backbone import branch_hidden_states
 from sdrpn.llava.loading import load_llava
 from sdrpn.llava.model_facts import model_identity
 from sdrpn.llava.presets import PRESET_FILE
+from sdrpn.llava.probe import decoder_layers
 from sdrpn.rpn.dataset import LabelCollator, LabelShardDataset
 from sdrpn.rpn.for_labels import rpn_for_labels, rpn_settings
 from sdrpn.rpn.model import RegionProposalNetwork, read_rpn_config, rpn_loss
@@ -80,7 +81,18 @@ def test_early_exit_features_equal_full_forward_hidden_states(ws):
             LabelShardDataset(str(ws / "labels"), tok, **{"image_token_id": IMAGE, name: value})
     with pytest.raises(ValueError, match=r"pad_id must be a token id \(an int >= 0\), got None"):
         LabelCollator(None)
-    hidden, pos = branch_hidden_states(model, batch.input_ids, batch.attention_mask, batch.pixel_values, 2)
+    # The pass stops at the branch layer: layers 2 and 3 never run (they would not change the result).
+    ran = []
+    hooks = [
+        layer.register_forward_pre_hook(lambda _module, _args, i=i: ran.append(i))
+        for i, layer in enumerate(decoder_layers(model))
+    ]
+    try:
+        hidden, pos = branch_hidden_states(model, batch.input_ids, batch.attention_mask, batch.pixel_values, 2)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert ran == [0, 1]
     with torch.no_grad():
         full = model.model(
             input_ids=batch.input_ids,
@@ -560,9 +572,24 @@ def test_hf_trainer_example(ws, tmp_path, launcher):
         args = done.args[:-2] + ["--effective-batch", "6"]
         refused = subprocess.run(args, capture_output=True, text=True, timeout=600)
         assert refused.returncode != 0 and "effective_batch=6 is not a multiple of batch_size" in refused.stderr
-        refused = subprocess.run([*done.args, "--held-out-fraction", "1"], capture_output=True, text=True, timeout=600)
-        assert refused.returncode == 2
-        assert "argument --held-out-fraction: must lie in [0, 1), got 1.0" in refused.stderr
+        for fraction in ("1", "nan"):
+            refused = subprocess.run(
+                [*done.args, "--held-out-fraction", fraction], capture_output=True, text=True, timeout=600
+            )
+            assert refused.returncode == 2
+            assert f"argument --held-out-fraction: must lie in [0, 1), got {float(fraction)}" in refused.stderr
+
+
+def test_hf_trainer_example_on_two_ranks_prints_its_sample_count_once(ws, tmp_path):
+    script = os.path.join(os.path.dirname(__file__), "..", "..", "scripts", "train_rpn_with_hf_trainer.py")
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", script]
+    args = ["--model", str(ws / "model"), "--labels", str(ws / "labels"), "--out", str(tmp_path / "hf")]
+    args += ["--branch-layer", "1", "--depth", "2", "--steps", "1", "--batch-size", "4", "--effective-batch", "8"]
+    done = subprocess.run(
+        [*launch, *args], env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("training on ") == 1
 
 
 # ---- a new user's mistakes ------------------------------------------------------------------
