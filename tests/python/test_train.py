@@ -228,7 +228,11 @@ def test_resume_gives_the_same_weights(ws, tmp_path, caplog, monkeypatch):
     assert main(train_args(ws, part, *common, "--stop-after-steps", "4")) == 0
     assert not (part / "rpn.safetensors").exists()
     # Other settings would make weights that neither run describes: refused, naming them.
-    with pytest.raises(ValueError, match=r"other settings \(lr: 0\.002 -> 0\.0001; max_samples: 96 -> 64\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"other settings \(lr: 0\.002 -> 0\.0001; max_samples: 96 -> 64\): resume with the same settings, "
+        r"or train into another --out \(out, in TrainConfig\)",
+    ):
         main(
             train_args(
                 ws,
