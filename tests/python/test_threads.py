@@ -24,11 +24,11 @@ def tiny():
 
 
 @contextmanager
-def switching_often():
-    """Threads switch every few microseconds (CPython's default is 5 ms), so that calls
+def switching_often(interval: float = 1e-5):
+    """Threads switch every ``interval`` seconds (CPython's default is 5 ms), so that calls
     interleave inside a forward as they would on a busy machine."""
     before = sys.getswitchinterval()
-    sys.setswitchinterval(1e-5)
+    sys.setswitchinterval(interval)
     try:
         yield
     finally:
@@ -259,9 +259,7 @@ def test_threads_asking_at_once_for_a_new_models_turn_get_one_lock():
     # of 8 threads catch it).
     from torch import nn
 
-    before = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)
-    try:
+    with switching_often(1e-6):
         for _ in range(200):
             model, got, start = nn.Linear(1, 1), [], threading.Barrier(8)
 
@@ -275,8 +273,6 @@ def test_threads_asking_at_once_for_a_new_models_turn_get_one_lock():
             for t in threads:
                 t.join()
             assert all(lock is got[0] for lock in got)
-    finally:
-        sys.setswitchinterval(before)
 
 
 @pytest.mark.parametrize("decoder", ["hf", "static"])  # static: the pool's kept decoders are shared

@@ -475,6 +475,7 @@ def test_bad_config():
 
 # The HF Trainer example as a training script is run: directly, and through accelerate's
 # launcher (on the CPU here; the same command takes --num_processes N on GPUs).
+HF_TRAINER_SCRIPT = os.path.join(os.path.dirname(__file__), "..", "..", "scripts", "train_rpn_with_hf_trainer.py")
 LAUNCHERS = {
     "python": [],
     "accelerate": [
@@ -532,12 +533,11 @@ def test_hf_trainer_example(ws, tmp_path, launcher):
         prompt_template="USER: <image>\n{question} ASSISTANT:", preprocessing="crop"
     )
     labels.write_config(config)
-    script = os.path.join(os.path.dirname(__file__), "..", "..", "scripts", "train_rpn_with_hf_trainer.py")
     done = subprocess.run(
         [
             sys.executable,
             *LAUNCHERS[launcher],
-            script,
+            HF_TRAINER_SCRIPT,
             "--model",
             str(ws / "model"),
             "--labels",
@@ -585,8 +585,7 @@ def test_hf_trainer_example(ws, tmp_path, launcher):
 
 
 def test_hf_trainer_example_on_two_ranks_prints_its_sample_count_once(ws, tmp_path):
-    script = os.path.join(os.path.dirname(__file__), "..", "..", "scripts", "train_rpn_with_hf_trainer.py")
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", script]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", HF_TRAINER_SCRIPT]
     args = ["--model", str(ws / "model"), "--labels", str(ws / "labels"), "--out", str(tmp_path / "hf")]
     args += ["--branch-layer", "1", "--depth", "2", "--steps", "1", "--batch-size", "4", "--effective-batch", "8"]
     done = subprocess.run(

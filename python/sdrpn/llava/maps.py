@@ -176,21 +176,18 @@ def _rows_on_image(query: Tensor, key: Tensor, heads: list[int], rows: AnswerRow
         return ops.attention_rows(q, key, rows.positions, rows.image_start, rows.num_cells, key_padding_mask=rows.mask)
     group = query.shape[1] // key.shape[1]
     kv_heads = [h // group for h in heads]
-    k = key if kv_heads == list(range(key.shape[1])) else key.index_select(1, _head_index(kv_heads, key.device))
-    q = q.index_select(1, _head_index(heads, q.device))
-    return ops.attention_rows(q, k, rows.positions, rows.image_start, rows.num_cells, key_padding_mask=rows.mask)
+    if kv_heads != list(range(key.shape[1])):
+        key = key.index_select(1, _head_index(tuple(kv_heads), key.device))
+    q = q.index_select(1, _head_index(tuple(heads), q.device))
+    return ops.attention_rows(q, key, rows.positions, rows.image_start, rows.num_cells, key_padding_mask=rows.mask)
 
 
 @functools.lru_cache(maxsize=64)
-def _head_index_of(heads: tuple[int, ...], device: torch.device) -> Tensor:
-    return torch.tensor(heads, dtype=torch.long, device=device)
-
-
-def _head_index(heads: list[int], device: torch.device) -> Tensor:
+def _head_index(heads: tuple[int, ...], device: torch.device) -> Tensor:
     """``heads`` as an index tensor on ``device``, made once: indexing a CUDA tensor with a
     Python list copies the list to the device each time, a copy that waits for the work
     queued there, inside the forward."""
-    return _head_index_of(tuple(heads), device)
+    return torch.tensor(heads, dtype=torch.long, device=device)
 
 
 def _selection_sums(selections: dict[str, HeadSelection], rows: AnswerRows) -> Callable:
